@@ -1,0 +1,205 @@
+"""Streaming splitter: a Hugging Face checkpoint -> one shard directory per rank.
+
+``OUT/rank-K/`` holds ``layer-XXX.safetensors`` (rank K's slice of layer XXX), on rank 0 also
+``embed.safetensors``, ``head.safetensors`` and the tokenizer files, and ``manifest.json``.
+Tensors are read one slice at a time, so the splitter's memory stays near one layer's slice
+whatever the checkpoint's size. Files stay standard safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from edgetp.checkpoint import Checkpoint, hf_name
+from edgetp.config import ConfigError, ModelConfig, load_model_config
+from edgetp.manifest import FileEntry, Manifest, ShardError, read_manifest, tensor_entries
+from edgetp.plan import ShardPlan, layer_slices, make_plan, master_tensors
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja", "config.json")
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+ProgressFn = Callable[[str, int], None]  # (file just written, its size in bytes)
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    out_dir: Path
+    rank_dirs: list[Path]
+    skipped: bool  # True when an identical split was already there
+    bytes_written: int
+
+
+def rank_dir(out_dir: Path, rank: int) -> Path:
+    return out_dir / f"rank-{rank}"
+
+
+def layer_file(index: int) -> str:
+    return f"layer-{index:03d}.safetensors"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identify a checkpoint cheaply: config.json plus every weight file's header and size."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for name in sorted(set(Checkpoint(model_dir).weight_map.values())):
+        path = model_dir / name
+        with path.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            digest.update(name.encode() + handle.read(min(header_len, 100 << 20)))
+        digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:32]
+
+
+def split_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    n_ranks: int,
+    shares: tuple[float, ...] | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> SplitResult:
+    """Split ``model_dir`` for ``n_ranks`` nodes into ``out_dir`` (see the module docstring).
+
+    Splitting again with the same model, plan and dtype is a no-op; with anything different it
+    is an error unless ``force``.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = load_model_config(model_dir)
+    checkpoint = Checkpoint(model_dir)
+    plan = make_plan(config, n_ranks, shares)
+    store_dtype = dtype or _source_dtype(checkpoint)
+    if store_dtype not in STORE_DTYPES:
+        raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    fingerprint = model_fingerprint(model_dir)
+    dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
+    if _existing_split_matches(out_dir, fingerprint, plan, store_dtype, force):
+        return SplitResult(out_dir, dirs, True, 0)
+    writer = _SplitWriter(checkpoint, config, plan, STORE_DTYPES[store_dtype], progress)
+    for directory in dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+    for layer in range(config.num_hidden_layers):
+        for rank in range(n_ranks):
+            writer.write_layer(dirs[rank], rank, layer)
+    for stem, names in master_tensors(config).items():
+        writer.write_master_file(dirs[0], f"{stem}.safetensors", names)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, dirs[0] / name)
+    for rank, directory in enumerate(dirs):
+        Manifest(rank, fingerprint, store_dtype, config, plan, writer.files[rank]).write(directory)
+    return SplitResult(out_dir, dirs, False, writer.bytes_written)
+
+
+def _source_dtype(checkpoint: Checkpoint) -> str:
+    dtype = checkpoint.get(checkpoint.names[0]).dtype
+    return {v: k for k, v in STORE_DTYPES.items()}.get(dtype, "float32")
+
+
+def _existing_split_matches(
+    out_dir: Path, fingerprint: str, plan: ShardPlan, dtype: str, force: bool
+) -> bool:
+    """True if ``out_dir`` already holds this exact split; clears a different one if forced."""
+    existing = sorted(out_dir.glob("rank-*/manifest.json")) if out_dir.is_dir() else []
+    if not existing:
+        return False
+    try:
+        manifests = [read_manifest(path.parent) for path in existing]
+    except ShardError:
+        manifests = []
+    same = (
+        len(manifests) == plan.n_ranks
+        and all(m.fingerprint == fingerprint and m.plan == plan and m.dtype == dtype
+                for m in manifests)
+        and all(_files_present(path.parent, m) for path, m in zip(existing, manifests))
+    )
+    if same:
+        return True
+    if not force:
+        raise ShardError(
+            f"{out_dir} already holds a split of another model, plan or dtype; choose another "
+            "--out directory or pass --force to replace it"
+        )
+    for path in existing:
+        shutil.rmtree(path.parent)
+    return False
+
+
+def _files_present(directory: Path, manifest: Manifest) -> bool:
+    return all(
+        (directory / name).is_file() and (directory / name).stat().st_size == entry.size
+        for name, entry in manifest.files.items()
+    )
+
+
+class _SplitWriter:
+    """Reads slices from the checkpoint and writes one safetensors file at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, config: ModelConfig, plan: ShardPlan,
+                 dtype: torch.dtype, progress: ProgressFn | None) -> None:
+        self.checkpoint = checkpoint
+        self.config = config
+        self.plan = plan
+        self.dtype = dtype
+        self.progress = progress
+        self.files: list[dict[str, FileEntry]] = [{} for _ in range(plan.n_ranks)]
+        self.bytes_written = 0
+        self._slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
+
+    def write_layer(self, directory: Path, rank: int, layer: int) -> None:
+        tensors = {}
+        for name, part in self._slices[rank].items():
+            source = hf_name(f"layers.{layer}.{name}")
+            if part.dim is None:
+                tensor = self.checkpoint.get(source)
+            else:
+                tensor = self.checkpoint.get_slice(source, part.dim, part.start, part.stop)
+            tensors[name] = tensor.to(self.dtype).contiguous()
+        self._write(directory, rank, layer_file(layer), tensors)
+
+    def write_master_file(self, directory: Path, file_name: str, names: list[str]) -> None:
+        tensors = {name: self.checkpoint.get(hf_name(name)).to(self.dtype) for name in names}
+        self._write(directory, 0, file_name, tensors)
+
+    def _write(self, directory: Path, rank: int, file_name: str,
+               tensors: dict[str, torch.Tensor]) -> None:
+        blob = save(tensors, metadata={"format": "pt", "producer": "edgetp"})
+        tmp = directory / (file_name + ".tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, directory / file_name)
+        entry = FileEntry(len(blob), hashlib.sha256(blob).hexdigest(), tensor_entries(blob))
+        self.files[rank][file_name] = entry
+        self.bytes_written += len(blob)
+        if self.progress is not None:
+            self.progress(str(directory / file_name), len(blob))
+
+
+def expected_files(config: ModelConfig, n_ranks: int) -> int:
+    """How many weight files a split writes (for progress bars)."""
+    return config.num_hidden_layers * n_ranks + len(master_tensors(config))
+
+
+def describe_split(result: SplitResult) -> str:
+    manifest = read_manifest(result.rank_dirs[0])
+    lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
+             f"directories in {result.out_dir} (dtype {manifest.dtype})"]
+    for directory in result.rank_dirs:
+        m = read_manifest(directory)
+        size = sum(f.size for f in m.files.values())
+        share = m.plan.share(m.rank)
+        lines.append(
+            f"  {directory.name}: {size / 2**20:8.1f} MiB, heads {share.q_heads[0]}-"
+            f"{share.q_heads[1] - 1}, kv heads {share.kv_heads[0]}-{share.kv_heads[1] - 1}, "
+            f"mlp columns {share.mlp_columns[0]}-{share.mlp_columns[1] - 1}"
+        )
+    return "\n".join(lines)
+

@@ -1,0 +1,170 @@
+"""Message encoding: a versioned msgpack header frame followed by raw tensor frames.
+
+Nothing is ever unpickled. Every field of a header is checked against the op's schema, every
+tensor's dtype and shape against its payload's length, and sizes against fixed limits, so a
+malformed or hostile message raises :class:`WireError` and nothing else.
+
+Frames on the wire (after ZeroMQ's own routing frames)::
+
+    [header: msgpack map] [tensor 0 bytes] [tensor 1 bytes] ...
+
+The header's ``tensors`` entry lists ``[dtype, shape]`` for each tensor frame, in order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import torch
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSOR_BYTES = 256 * 1024 * 1024
+MAX_TENSORS = 4
+MAX_DIMS = 4
+
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "f32": torch.float32,
+    "bf16": torch.bfloat16,
+    "f16": torch.float16,
+    "i8": torch.int8,
+}
+DTYPE_CODES = {v: k for k, v in WIRE_DTYPES.items()}
+
+# op -> {field: type}; every field listed is required, no other field is allowed.
+_INT, _STR, _FLOAT, _DICT, _BOOL = int, str, float, dict, bool
+SCHEMAS: dict[str, dict[str, type]] = {
+    "hello": {"rank": _INT, "fingerprint": _STR, "plan": _STR, "dtype": _STR, "pid": _INT,
+              "host": _STR, "version": _STR, "time": _FLOAT},
+    "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT},
+    "refuse": {"reason": _STR},
+    "rejoin": {},
+    "step": {"seq": _INT, "step": _INT, "start": _INT},
+    "partial": {"seq": _INT, "step": _INT, "index": _INT},
+    "sum": {"seq": _INT, "step": _INT, "index": _INT},
+    "abort": {"seq": _INT},
+    "ping": {"time": _FLOAT},
+    "pong": {"time": _FLOAT, "echo": _FLOAT},
+    "stats": {"seq": _INT, "stats": _DICT},
+    "error": {"message": _STR},
+    "shutdown": {},
+}
+TENSOR_COUNTS: dict[str, tuple[int, int]] = {
+    "step": (1, 1), "partial": (1, 2), "sum": (1, 2),
+}
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class WireError(ValueError):
+    """A message that does not follow the protocol; it is dropped, never acted on."""
+
+
+@dataclass
+class Message:
+    op: str
+    fields: dict[str, Any]
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+def encode(op: str, fields: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> list[Any]:
+    """Frames for one message: the header bytes, then each tensor's memory (no copy)."""
+    specs, payloads = [], []
+    for tensor in tensors:
+        if tensor.dtype not in DTYPE_CODES:
+            raise WireError(f"tensor dtype {tensor.dtype} cannot be sent")
+        tensor = tensor.contiguous()
+        specs.append([DTYPE_CODES[tensor.dtype], list(tensor.shape)])
+        payloads.append(_tensor_bytes(tensor))
+    header = {"v": PROTOCOL_VERSION, "op": op, "tensors": specs, **fields}
+    return [msgpack.packb(header, use_bin_type=True), *payloads]
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def decode(frames: Sequence[Any]) -> Message:
+    """Parse and validate frames (bytes, memoryviews or zmq Frames) into a :class:`Message`."""
+    if not frames:
+        raise WireError("empty message")
+    header = _unpack_header(_buffer(frames[0]))
+    op = header.pop("op", None)
+    if op not in SCHEMAS:
+        raise WireError(f"unknown op {op!r}")
+    specs = header.pop("tensors", None)
+    _check_fields(op, header)
+    tensors = _decode_tensors(op, specs, frames[1:])
+    return Message(op, header, tensors)
+
+
+def _buffer(frame: Any) -> memoryview:
+    if hasattr(frame, "buffer"):  # zmq.Frame
+        return frame.buffer
+    return memoryview(frame)
+
+
+def _unpack_header(raw: memoryview) -> dict[str, Any]:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"header is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError("header is not a map")
+    version = header.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}; "
+                        "run the same edgetp version on every node")
+    return header
+
+
+def _check_fields(op: str, header: dict[str, Any]) -> None:
+    schema = SCHEMAS[op]
+    extra = set(header) - set(schema)
+    if extra:
+        raise WireError(f"{op}: unexpected fields {sorted(extra)}")
+    for name, kind in schema.items():
+        value = header.get(name)
+        if kind is _FLOAT and isinstance(value, int) and not isinstance(value, bool):
+            header[name] = value = float(value)
+        if not isinstance(value, kind) or (kind is _INT and isinstance(value, bool)):
+            raise WireError(f"{op}: field {name!r} must be {kind.__name__}")
+        if kind is _INT and not 0 <= value < 2**62:
+            raise WireError(f"{op}: field {name!r} out of range")
+
+
+def _decode_tensors(op: str, specs: Any, payloads: Sequence[Any]) -> list[torch.Tensor]:
+    low, high = TENSOR_COUNTS.get(op, (0, 0))
+    if not isinstance(specs, list) or not low <= len(specs) <= min(high, MAX_TENSORS):
+        raise WireError(f"{op}: expected {low}..{high} tensors")
+    if len(specs) != len(payloads):
+        raise WireError(f"{op}: header lists {len(specs)} tensors but {len(payloads)} frames came")
+    return [_decode_tensor(op, spec, payload) for spec, payload in zip(specs, payloads)]
+
+
+def _decode_tensor(op: str, spec: Any, payload: Any) -> torch.Tensor:
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in WIRE_DTYPES
+            and isinstance(spec[1], list) and 1 <= len(spec[1]) <= MAX_DIMS
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31
+                    for d in spec[1])):
+        raise WireError(f"{op}: malformed tensor spec {spec!r:.80}")
+    dtype, shape = WIRE_DTYPES[spec[0]], spec[1]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise WireError(f"{op}: tensor of {nbytes} bytes exceeds {MAX_TENSOR_BYTES}")
+    data = _buffer(payload)
+    if len(data) != nbytes:
+        raise WireError(f"{op}: shape {shape} {spec[0]} needs {nbytes} bytes, got {len(data)}")
+    if dtype == torch.bfloat16:
+        return torch.frombuffer(data, dtype=torch.int16).view(torch.bfloat16).view(shape)
+    return torch.frombuffer(data, dtype=dtype).view(shape)
