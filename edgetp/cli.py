@@ -27,7 +27,7 @@ def user_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except (ValueError, FileNotFoundError, TimeoutError, ConnectionError) as exc:
+        except (ValueError, FileNotFoundError, TimeoutError, ConnectionError, RuntimeError) as exc:
             raise click.ClickException(str(exc)) from exc
 
     return wrapper  # type: ignore[return-value]
@@ -61,7 +61,7 @@ def generation_options(func: F) -> F:
     return func
 
 
-def run_generation(master: Any, prompt_text: str, chat: bool, opts: dict[str, Any]) -> None:
+def run_generation(master: Any, prompt_text: str, chat: bool, opts: dict[str, Any]) -> Any:
     """Generate with ``master`` and print the stream (or one JSON object)."""
     from edgetp.config import GenerationConfig, SamplingConfig
     from edgetp.master import Prompt
@@ -76,7 +76,7 @@ def run_generation(master: Any, prompt_text: str, chat: bool, opts: dict[str, An
     result = master.generate(Prompt(prompt_text, chat=chat), sampling, gen, stream)
     if opts["as_json"]:
         click.echo(json.dumps(result.to_json()))
-    else:
+    elif not opts.get("quiet_summary"):
         click.echo()
         click.echo(
             f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated, "
@@ -84,6 +84,7 @@ def run_generation(master: Any, prompt_text: str, chat: bool, opts: dict[str, An
             f"stopped: {result.finish_reason}]",
             err=True,
         )
+    return result
 
 
 def _print_piece(piece: str) -> None:
@@ -91,34 +92,161 @@ def _print_piece(piece: str) -> None:
     sys.stdout.flush()
 
 
+def cluster_options(func: F) -> F:
+    """Options for running as (or starting) a cluster."""
+    options = [
+        click.option("--wire-dtype", type=click.Choice(["f32", "bf16"]), default="f32",
+                     show_default=True, help="activation dtype on the wire"),
+        click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
+                     help="seconds to wait for a node before failing the request"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", required=True, help="the prompt text")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
+@click.option("--nodes", type=int, default=1, show_default=True,
+              help="run as a local cluster of this many processes on loopback")
+@click.option("--shares", default=None, help="relative work per node, e.g. 2,1,1")
+@click.option("--private-layers", type=int, default=0, show_default=True,
+              help="the master runs the first and last K layers whole")
 @generation_options
+@cluster_options
 @user_errors
-def generate(model_dir: Path, prompt: str, chat: bool, **opts: Any) -> None:
+def generate(model_dir: Path, prompt: str, chat: bool, nodes: int, shares: str | None,
+             private_layers: int, **opts: Any) -> None:
     """Generate a continuation of PROMPT with the model in MODEL_DIR."""
     from edgetp.master import Master
 
-    master = Master.local(model_dir, dtype=opts["dtype"], max_seq_len=opts["max_seq_len"])
-    run_generation(master, prompt, chat, opts)
+    if nodes == 1 and private_layers == 0:
+        master = Master.local(model_dir, dtype=opts["dtype"], max_seq_len=opts["max_seq_len"])
+        run_generation(master, prompt, chat, opts)
+        return
+    with local_cluster(model_dir, nodes, shares, private_layers, opts) as master:
+        run_generation(master, prompt, chat, opts)
+
+
+def local_cluster(model_dir: Path, nodes: int, shares: str | None, private_layers: int,
+                  opts: dict[str, Any]) -> Any:
+    from edgetp.cluster import LocalCluster
+    from edgetp.plan import parse_shares
+
+    return LocalCluster(model_dir, nodes, parse_shares(shares, nodes) if shares else None,
+                        dtype=opts["dtype"], max_seq_len=opts["max_seq_len"],
+                        private_layers=private_layers, wire_dtype=opts["wire_dtype"],
+                        timeout_s=opts["timeout_s"])
+
+
+@main.command()
+@click.option("--shard", "shard_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="this node's rank-K directory from `edgetp split`")
+@click.option("--master", "master_address", required=True, help="tcp://HOST:PORT of the master")
+@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--max-seq-len", type=int, default=None)
+@click.option("--capture-frames", type=click.Path(path_type=Path), default=None, hidden=True,
+              help="append every received frame to this file (privacy tests)")
+@user_errors
+def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
+           max_seq_len: int | None, capture_frames: Path | None) -> None:
+    """Serve one rank's share of the model to the master at MASTER."""
+    from edgetp.master import parse_dtype
+    from edgetp.worker import Worker, frame_recorder
+
+    setup_logging()
+    frame_log = frame_recorder(capture_frames) if capture_frames else None
+    Worker(shard_dir, master_address, timeout_s, parse_dtype(dtype), max_seq_len,
+           frame_log).serve()
+
+
+@main.command(name="master")
+@click.option("--shards", "shard_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="rank-0 directory from `edgetp split` (or its parent)")
+@click.option("--bind", default="tcp://0.0.0.0:5555", show_default=True)
+@click.option("--prompt", "prompts", multiple=True,
+              help="prompt(s) to run; without it, one prompt per line of standard input")
+@click.option("--chat", is_flag=True)
+@generation_options
+@cluster_options
+@user_errors
+def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: bool,
+                   **opts: Any) -> None:
+    """Run the master: load rank 0, wait for the workers, answer prompts."""
+    from edgetp.master import Master
+
+    setup_logging()
+    if (shard_dir / "rank-0").is_dir():
+        shard_dir = shard_dir / "rank-0"
+    master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
+                            opts["wire_dtype"], opts["timeout_s"])
+    try:
+        click.echo(f"master listening on {master.runner.transport.address}", err=True)
+        for line in prompts or (line.rstrip("\n") for line in sys.stdin):
+            if line.strip():
+                try:
+                    run_generation(master, line, chat, opts)
+                except RuntimeError as exc:  # a failed request; the master goes on
+                    click.echo(f"error: {exc}", err=True)
+    finally:
+        master.close(shutdown_workers=False)
+
+
+def setup_logging() -> None:
+    import logging
+    import os
+
+    logging.basicConfig(level=os.environ.get("EDGETP_LOG", "INFO"),
+                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
 
 
 @main.command()
 @click.option("--prompt", default=DEMO_PROMPT, show_default=True)
+@click.option("--nodes", type=int, default=4, show_default=True)
 @user_errors
-def demo(prompt: str) -> None:
-    """Run the bundled known-answer model ("count by K : A" continues A+K, A+2K, ...)."""
-    from edgetp.demo import DEMO_MODEL_DIR
-    from edgetp.master import Master
+def demo(prompt: str, nodes: int) -> None:
+    """Run the bundled known-answer model on a local cluster of NODES processes.
 
-    click.echo(f"model: {DEMO_MODEL_DIR.name} (rule: 'count by K : A' continues A+K A+2K ...)")
-    click.echo(f"prompt: {prompt}")
-    master = Master.local(DEMO_MODEL_DIR)
+    The model was trained on one rule: "count by K : A" continues A+K, A+2K, ... up to 99.
+    """
+    from edgetp.demo import DEMO_MODEL_DIR
+
+    click.echo(f"model: bundled demo ({DEMO_MODEL_DIR}); rule: 'count by K : A' continues "
+               "A+K A+2K ... up to 99")
+    click.echo(f"starting {nodes} nodes on loopback (1 master + {nodes - 1} workers) ...")
     opts = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-            "seed": None, "max_new_tokens": 128, "stop_strings": (), "as_json": False}
-    run_generation(master, prompt, False, opts)
+            "seed": None, "max_new_tokens": 128, "stop_strings": (), "as_json": False,
+            "dtype": "float32", "max_seq_len": None, "wire_dtype": "f32", "timeout_s": 10.0,
+            "quiet_summary": True}
+    with local_cluster(DEMO_MODEL_DIR, nodes, None, 0, opts) as master:
+        click.echo(f"prompt: {prompt}")
+        click.echo("output: ", nl=False)
+        result = run_generation(master, prompt, False, opts)
+        click.echo()
+        traffic = master.runner.transport.traffic if nodes > 1 else None
+    click.echo(latency_summary(result, nodes, traffic))
+
+
+def latency_summary(result: Any, nodes: int, traffic: Any) -> str:
+    tokens = max(len(result.token_ids), 1)
+    lines = [
+        f"nodes: {nodes}   prompt tokens: {result.prompt_tokens}   generated: "
+        f"{len(result.token_ids)} ({result.finish_reason})",
+        f"time to first token: {result.ttft_ms:.1f} ms   decode: {result.ms_per_token:.2f} "
+        f"ms/token ({1000 / result.ms_per_token if result.ms_per_token else 0:.0f} tokens/s)",
+    ]
+    if traffic is not None:
+        messages = sum(traffic.sent.values()) + sum(traffic.received.values())
+        nbytes = traffic.bytes_sent + traffic.bytes_received
+        lines.append(f"master traffic: {messages / tokens:.0f} messages and "
+                     f"{nbytes / tokens / 1024:.1f} KiB per token")
+    return "\n".join(lines)
 
 
 @main.command()

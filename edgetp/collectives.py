@@ -8,9 +8,19 @@ implementation sums partials in rank order, so a result never depends on arrival
 from __future__ import annotations
 
 import threading
+import time
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from edgetp.transport import (
+    ClusterError,
+    MasterTransport,
+    ShutdownRequested,
+    StepAborted,
+    WorkerTransport,
+)
 
 
 class Communicator(Protocol):
@@ -69,3 +79,128 @@ class InProcessCommunicator:
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:
         return self.group._allreduce(self.rank, x)
+
+
+# -- the star over ZeroMQ ----------------------------------------------------------------------
+
+WIRE_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepPosition:
+    """Which allreduce of which step of which request a communicator is at."""
+
+    seq: int = 0
+    step: int = 0
+    index: int = 0
+    total: int = 0  # allreduces per step; the last one is a reduce to the master only
+
+    def begin(self, seq: int, step: int, total: int) -> None:
+        self.seq, self.step, self.index, self.total = seq, step, 0, total
+
+    def advance(self) -> tuple[int, bool]:
+        """The current allreduce's index and whether it is the step's last; moves on."""
+        if self.index >= self.total:
+            raise RuntimeError(f"allreduce {self.index} beyond the {self.total} of this step")
+        index, self.index = self.index, self.index + 1
+        return index, index == self.total - 1
+
+
+class StarMaster:
+    """Rank 0 of the star: gathers partials, sums them in rank order, sends the sum back."""
+
+    rank = 0
+
+    def __init__(self, transport: MasterTransport, wire_dtype: str = "f32",
+                 timeout_s: float = 10.0) -> None:
+        self.transport = transport
+        self.world_size = transport.n_ranks
+        self.wire_dtype = WIRE_TORCH_DTYPES[wire_dtype]
+        self.timeout_s = timeout_s
+        self.position = StepPosition()
+        self.wait_s = 0.0  # time spent waiting for partials (for the reports)
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
+        index, last = self.position.advance()
+        parts = self._gather(index, x.shape)
+        total = x.to(self.wire_dtype).float()  # every rank's partial rounded alike
+        for rank in self.transport.worker_ranks:  # rank order: independent of arrival
+            total += parts[rank].float()
+        total = total.to(self.wire_dtype)
+        if not last:
+            pos = self.position
+            self.transport.broadcast("sum", {"seq": pos.seq, "step": pos.step, "index": index},
+                                     [total])
+        return total.to(x.dtype)
+
+    def _gather(self, index: int, shape: torch.Size) -> dict[int, torch.Tensor]:
+        pos, parts = self.position, {}
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        while len(parts) < self.world_size - 1:
+            got = self.transport.receive(max(0.0, deadline - time.monotonic()))
+            if got is None:
+                late = [self.transport.describe(r) for r in self.transport.worker_ranks
+                        if r not in parts]
+                raise ClusterError(f"{', '.join(late)} did not answer within {self.timeout_s:g} s "
+                                   "(dead, overloaded or cut off); the request was abandoned")
+            rank, message = got
+            if message.op == "error":
+                raise ClusterError(f"{self.transport.describe(rank)} failed: "
+                                   f"{message.fields['message']}")
+            f = message.fields
+            if message.op != "partial" or (f["seq"], f["step"], f["index"]) != (
+                pos.seq, pos.step, index):
+                continue  # stale: from an abandoned request or step
+            if tuple(message.tensors[0].shape) != tuple(shape):
+                raise ClusterError(f"{self.transport.describe(rank)} sent a partial of shape "
+                                   f"{list(message.tensors[0].shape)}, expected {list(shape)}")
+            parts[rank] = message.tensors[0]
+        self.wait_s += time.perf_counter() - started
+        return parts
+
+
+class StarWorker:
+    """A worker rank of the star: sends its partial, waits for the sum (except for the last)."""
+
+    def __init__(self, transport: WorkerTransport, rank: int, world_size: int,
+                 timeout_s: float = 10.0) -> None:
+        self.transport = transport
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.position = StepPosition()
+        self.wait_s = 0.0
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
+        index, last = self.position.advance()
+        pos = self.position
+        wire_dtype = WIRE_TORCH_DTYPES[self.transport.wire_dtype]
+        self.transport.send("partial", {"seq": pos.seq, "step": pos.step, "index": index},
+                            [x.to(wire_dtype)])
+        if last:
+            return x  # a reduce: only the master needs the final sum
+        started = time.perf_counter()
+        total = self._wait_for_sum(index, x.shape)
+        self.wait_s += time.perf_counter() - started
+        return total.to(x.dtype)
+
+    def _wait_for_sum(self, index: int, shape: torch.Size) -> torch.Tensor:
+        pos = self.position
+        deadline = time.monotonic() + self.timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self.transport.receive(remaining)
+            if message is None:
+                break
+            if message.op == "abort" and message.fields["seq"] == pos.seq:
+                raise StepAborted(f"the master abandoned request {pos.seq}")
+            if message.op == "shutdown":
+                raise ShutdownRequested("the master is shutting down")
+            f = message.fields
+            if message.op == "sum" and (f["seq"], f["step"], f["index"]) == (
+                    pos.seq, pos.step, index):
+                if tuple(message.tensors[0].shape) != tuple(shape):
+                    raise ClusterError(f"sum of shape {list(message.tensors[0].shape)}, "
+                                       f"expected {list(shape)}")
+                return message.tensors[0]
+        raise ClusterError(f"no sum from the master within {self.timeout_s:g} s")

@@ -38,6 +38,8 @@ def load_rank(
         model = Transformer(manifest.model_config, max_seq_len=max_seq_len)
     shard_model(model, manifest.plan, manifest.rank, comm)
     for index in range(manifest.model_config.num_hidden_layers):
+        if manifest.plan.is_private(index) and manifest.rank != 0:
+            continue
         _load_file(model, shard_dir, manifest, layer_file(index), f"layers.{index}.", dtype, verify)
     if manifest.rank == 0:
         for name in ("embed.safetensors", "head.safetensors"):

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import torch
 
+from edgetp.collectives import StarMaster
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.engine import Engine, GenerationResult, LocalRunner, Runner
+from edgetp.model import Transformer
+from edgetp.plan import ShardPlan
 from edgetp.tokenizer import Tokenizer
+from edgetp.transport import ClusterError, MasterTransport, NodeIdentity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAX_STEP_BYTES = 4 << 20  # a prefill chunk's hidden state stays under this on the wire
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -33,6 +38,66 @@ class Prompt:
     text: str
     chat: bool = False
     system: str | None = None
+
+
+class ClusterRunner:
+    """The master's runner: embeds, drives the workers through each step, applies the head.
+
+    One step: the master runs its private first layers, sends the hidden state to every worker
+    (``step``), runs the shared layers with the star allreduce, runs its private last layers,
+    and only then the final norm and the lm_head. Prompts go in chunks of at most
+    ``prefill_chunk`` tokens so no message outgrows the link.
+    """
+
+    def __init__(self, model: Transformer, transport: MasterTransport, comm: StarMaster,
+                 plan: ShardPlan, prefill_chunk: int = 128, join_timeout_s: float = 10.0) -> None:
+        self.model = model
+        self.transport = transport
+        self.comm = comm
+        self.plan = plan
+        self.max_seq_len = model.max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.join_timeout_s = join_timeout_s
+        n = plan.num_layers
+        k = plan.private_layers
+        self.first, self.shared, self.last = range(0, k), plan.shared_layers, range(n - k, n)
+        self.seq = 0
+        self.step = 0
+
+    def reset(self) -> None:
+        self.seq += 1
+        self.step = 0
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        with self.transport.lock:
+            self.transport.wait_for_workers(self.join_timeout_s)
+            try:
+                h = None
+                for offset in range(0, tokens.numel(), self.prefill_chunk):
+                    chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
+                    h = self._step(self.model.embed(chunk), start_pos + offset)
+                assert h is not None, "logits() needs at least one token"
+                return self.model.head(h[-1:])[0]  # [V]
+            except ClusterError:
+                self._abort()
+                raise
+
+    def _step(self, h: torch.Tensor, start: int) -> torch.Tensor:  # h: [C, d] -> [C, d]
+        self.step += 1
+        h = self.model.forward_layers(h, start, self.first)
+        self.comm.position.begin(self.seq, self.step, 2 * len(self.shared))
+        self.transport.broadcast("step", {"seq": self.seq, "step": self.step, "start": start},
+                                 [h])
+        h = self.model.forward_layers(h, start, self.shared)
+        return self.model.forward_layers(h, start, self.last)
+
+    def _abort(self) -> None:
+        for rank in list(self.transport.peers):
+            try:
+                self.transport.send(rank, "abort", {"seq": self.seq})
+            except ClusterError:
+                pass
 
 
 class Master:
@@ -52,6 +117,35 @@ class Master:
 
         model = load_model(model_dir, parse_dtype(dtype), max_seq_len)
         return cls(Tokenizer.from_dir(model_dir), LocalRunner(model))
+
+    @classmethod
+    def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
+                max_seq_len: int | None = None, wire_dtype: str = "f32",
+                timeout_s: float = 10.0, prefill_chunk: int = 128) -> Master:
+        """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``."""
+        from edgetp.loader import load_rank
+        from edgetp.manifest import read_manifest
+
+        manifest = read_manifest(shard_dir)
+        if manifest.rank != 0:
+            raise ValueError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
+                             "rank-0 (it holds the embedding, the head and the tokenizer)")
+        identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
+        transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s)
+        try:
+            comm = StarMaster(transport, wire_dtype, timeout_s)
+            model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len)
+            chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * model.config.hidden_size)))
+            runner = ClusterRunner(model, transport, comm, manifest.plan, chunk, timeout_s)
+            return cls(Tokenizer.from_dir(shard_dir), runner)
+        except BaseException:
+            transport.close()
+            raise
+
+    def close(self, shutdown_workers: bool = False) -> None:
+        transport = getattr(self.runner, "transport", None)
+        if transport is not None:
+            transport.close(shutdown_workers)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         if not prompt.chat:

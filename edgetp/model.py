@@ -202,16 +202,20 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].input_layernorm.weight.dtype
+        return self.local_layers()[0].input_layernorm.weight.dtype
+
+    def local_layers(self) -> list[DecoderLayer]:
+        """The layers this process holds (a worker holds none of the master's private ones)."""
+        return [layer for layer in self.layers if layer is not None]
 
     def allocate_cache(self, dtype: torch.dtype | None = None) -> None:
-        """Preallocate every layer's KV cache for ``max_seq_len`` positions."""
-        for layer in self.layers:
+        """Preallocate every local layer's KV cache for ``max_seq_len`` positions."""
+        for layer in self.local_layers():
             layer.self_attn.allocate_cache(self.max_seq_len, dtype or self.dtype)
 
     def cache_bytes(self) -> int:
         total = 0
-        for layer in self.layers:
+        for layer in self.local_layers():
             attn = layer.self_attn
             for cache in (attn.k_cache, attn.v_cache):
                 total += 0 if cache is None else cache.numel() * cache.element_size()
@@ -220,8 +224,10 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [T] -> [T, d]
         return self.embed_tokens(tokens)
 
-    def forward_layers(self, h: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Run every decoder layer on h [T, d] at positions start_pos.. ; returns [T, d]."""
+    def forward_layers(
+        self, h: torch.Tensor, start_pos: int, layers: range | None = None
+    ) -> torch.Tensor:
+        """Run decoder layers (default: all) on h [T, d] at positions start_pos..; -> [T, d]."""
         end = start_pos + h.shape[0]
         if end > self.max_seq_len:
             raise ValueError(
@@ -229,8 +235,8 @@ class Transformer(nn.Module):
                 "raise --max-seq-len or shorten the prompt"
             )
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        for layer in self.layers:
-            h = layer(h, start_pos, cos, sin)
+        for index in layers if layers is not None else range(len(self.layers)):
+            h = self.layers[index](h, start_pos, cos, sin)
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, d] -> logits [T, vocab] fp32

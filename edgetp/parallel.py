@@ -67,12 +67,15 @@ def shard_layer(
     attn, mlp = layer.self_attn, layer.mlp
 
     def column(prefix: str) -> ColumnParallelLinear:
-        return ColumnParallelLinear.from_tensors(local[prefix + ".weight"], local.get(prefix + ".bias"))
+        weight, bias = local[prefix + ".weight"], local.get(prefix + ".bias")
+        return ColumnParallelLinear.from_tensors(weight, bias)
 
     def row(prefix: str) -> RowParallelLinear:
         return RowParallelLinear(local[prefix + ".weight"], local.get(prefix + ".bias"), comm)
 
-    attn.q_proj, attn.k_proj, attn.v_proj = (column(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj"))
+    attn.q_proj, attn.k_proj, attn.v_proj = (
+        column(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")
+    )
     attn.o_proj = row("self_attn.o_proj")
     attn.set_head_layout(torch.tensor(kv_of_head, dtype=torch.int64, device="cpu"))
     attn.k_cache = attn.v_cache = None
@@ -84,15 +87,19 @@ def shard_model(model: Transformer, plan: ShardPlan, rank: int, comm: Communicat
     """Rewrite ``model`` in place into rank ``rank``'s share and return it.
 
     Works on a loaded model and on one built on the ``meta`` device (whose local shapes the
-    loader then fills). Rank 0 keeps the embedding, the final norm and the lm_head; other ranks
-    drop them. Allocate the KV cache afterwards (``model.allocate_cache()``).
+    loader then fills). Rank 0 keeps the embedding, the final norm, the lm_head and the private
+    layers whole; other ranks drop them. Allocate the KV cache afterwards
+    (``model.allocate_cache()``).
     """
     if comm.world_size != plan.n_ranks:
         raise ValueError(f"communicator of {comm.world_size} ranks for a {plan.n_ranks}-rank plan")
     slices = layer_slices(plan, rank, model.config)
     kv_of_head = plan.share(rank).kv_of_head(plan.group_size)
-    for layer in model.layers:
-        shard_layer(layer, slices, kv_of_head, comm)
+    for index, layer in enumerate(model.layers):
+        if not plan.is_private(index):
+            shard_layer(layer, slices, kv_of_head, comm)
+        elif rank != 0:
+            model.layers[index] = None  # private layers run on the master only
     if rank != 0:
         model.embed_tokens = None  # type: ignore[assignment]
         model.lm_head = None  # type: ignore[assignment]

@@ -66,11 +66,21 @@ class ShardPlan:
     intermediate_size: int
     mlp_alignment: int
     ranks: tuple[RankShare, ...]
+    num_layers: int = 0
+    private_layers: int = 0  # the master runs this many first and last layers whole
     version: int = PLAN_VERSION
 
     @property
     def group_size(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def shared_layers(self) -> range:
+        """The layers split across all ranks (the others are the master's alone)."""
+        return range(self.private_layers, self.num_layers - self.private_layers)
+
+    def is_private(self, layer: int) -> bool:
+        return layer not in self.shared_layers
 
     def share(self, rank: int) -> RankShare:
         if not 0 <= rank < self.n_ranks:
@@ -155,10 +165,24 @@ def parse_shares(text: str | None, n_ranks: int) -> tuple[float, ...]:
     return shares
 
 
-def make_plan(config: ModelConfig, n_ranks: int, shares: Sequence[float] | None = None) -> ShardPlan:
-    """Split ``config``'s heads and MLP columns over ``n_ranks`` in proportion to ``shares``."""
+def make_plan(
+    config: ModelConfig,
+    n_ranks: int,
+    shares: Sequence[float] | None = None,
+    private_layers: int = 0,
+) -> ShardPlan:
+    """Split ``config``'s heads and MLP columns over ``n_ranks`` in proportion to ``shares``.
+
+    With ``private_layers`` K, the first K and last K layers stay whole on the master.
+    """
     shares = tuple(float(s) for s in (shares or (1.0,) * n_ranks))
     _check_request(config, n_ranks, shares)
+    if not 0 <= 2 * private_layers < config.num_hidden_layers:
+        raise PlanError(
+            f"--private-layers {private_layers} keeps {2 * private_layers} of the model's "
+            f"{config.num_hidden_layers} layers on the master and leaves none to share; use at "
+            f"most {(config.num_hidden_layers - 1) // 2}"
+        )
     q_ranges, kv_ranges = _split_attention(config, shares)
     alignment = mlp_alignment(config.intermediate_size, n_ranks)
     units = apportion(config.intermediate_size // alignment, shares)
@@ -175,6 +199,8 @@ def make_plan(config: ModelConfig, n_ranks: int, shares: Sequence[float] | None 
         intermediate_size=config.intermediate_size,
         mlp_alignment=alignment,
         ranks=ranks,
+        num_layers=config.num_hidden_layers,
+        private_layers=private_layers,
     )
 
 

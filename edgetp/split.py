@@ -16,12 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from edgetp.checkpoint import Checkpoint, hf_name
 from edgetp.config import ConfigError, ModelConfig, load_model_config
-from edgetp.manifest import FileEntry, Manifest, ShardError, read_manifest, tensor_entries
-from edgetp.plan import ShardPlan, layer_slices, make_plan, master_tensors
+from edgetp.manifest import (
+    FileEntry,
+    Manifest,
+    ShardError,
+    read_manifest,
+    sha256_file,
+    tensor_entries,
+)
+from edgetp.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "config.json")
@@ -67,6 +74,7 @@ def split_checkpoint(
     dtype: str | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
+    private_layers: int = 0,
 ) -> SplitResult:
     """Split ``model_dir`` for ``n_ranks`` nodes into ``out_dir`` (see the module docstring).
 
@@ -76,7 +84,7 @@ def split_checkpoint(
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = load_model_config(model_dir)
     checkpoint = Checkpoint(model_dir)
-    plan = make_plan(config, n_ranks, shares)
+    plan = make_plan(config, n_ranks, shares, private_layers)
     store_dtype = dtype or _source_dtype(checkpoint)
     if store_dtype not in STORE_DTYPES:
         raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
@@ -88,7 +96,7 @@ def split_checkpoint(
     for directory in dirs:
         directory.mkdir(parents=True, exist_ok=True)
     for layer in range(config.num_hidden_layers):
-        for rank in range(n_ranks):
+        for rank in range(1 if plan.is_private(layer) else n_ranks):
             writer.write_layer(dirs[rank], rank, layer)
     for stem, names in master_tensors(config).items():
         writer.write_master_file(dirs[0], f"{stem}.safetensors", names)
@@ -120,7 +128,7 @@ def _existing_split_matches(
         len(manifests) == plan.n_ranks
         and all(m.fingerprint == fingerprint and m.plan == plan and m.dtype == dtype
                 for m in manifests)
-        and all(_files_present(path.parent, m) for path, m in zip(existing, manifests))
+        and all(_files_present(path.parent, m) for path, m in zip(existing, manifests, strict=True))
     )
     if same:
         return True
@@ -154,10 +162,12 @@ class _SplitWriter:
         self.files: list[dict[str, FileEntry]] = [{} for _ in range(plan.n_ranks)]
         self.bytes_written = 0
         self._slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
+        self._whole = {name: TensorSlice(None) for name in self._slices[0]}
 
     def write_layer(self, directory: Path, rank: int, layer: int) -> None:
         tensors = {}
-        for name, part in self._slices[rank].items():
+        slices = self._whole if self.plan.is_private(layer) else self._slices[rank]
+        for name, part in slices.items():
             source = hf_name(f"layers.{layer}.{name}")
             if part.dim is None:
                 tensor = self.checkpoint.get(source)
@@ -172,20 +182,31 @@ class _SplitWriter:
 
     def _write(self, directory: Path, rank: int, file_name: str,
                tensors: dict[str, torch.Tensor]) -> None:
-        blob = save(tensors, metadata={"format": "pt", "producer": "edgetp"})
+        # save_file streams straight from the tensors; safetensors' save() would hold the whole
+        # file in memory twice more (its buffer and a bytes copy), tripling the peak.
         tmp = directory / (file_name + ".tmp")
-        tmp.write_bytes(blob)
+        save_file(tensors, tmp, metadata={"format": "pt", "producer": "edgetp"})
+        tensors.clear()
+        size = tmp.stat().st_size
+        entry = FileEntry(size, sha256_file(tmp), tensor_entries(_read_header(tmp)))
         os.replace(tmp, directory / file_name)
-        entry = FileEntry(len(blob), hashlib.sha256(blob).hexdigest(), tensor_entries(blob))
         self.files[rank][file_name] = entry
-        self.bytes_written += len(blob)
+        self.bytes_written += size
         if self.progress is not None:
-            self.progress(str(directory / file_name), len(blob))
+            self.progress(str(directory / file_name), size)
 
 
-def expected_files(config: ModelConfig, n_ranks: int) -> int:
+def _read_header(path: Path) -> bytes:
+    """A safetensors file's length prefix and JSON header (all ``tensor_entries`` reads)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        return prefix + handle.read(int.from_bytes(prefix, "little"))
+
+
+def expected_files(config: ModelConfig, n_ranks: int, private_layers: int = 0) -> int:
     """How many weight files a split writes (for progress bars)."""
-    return config.num_hidden_layers * n_ranks + len(master_tensors(config))
+    shared = config.num_hidden_layers - 2 * private_layers
+    return shared * n_ranks + 2 * private_layers + len(master_tensors(config))
 
 
 def describe_split(result: SplitResult) -> str:

@@ -115,7 +115,7 @@ def _unpack_header(raw: memoryview) -> dict[str, Any]:
     if len(raw) > MAX_HEADER_BYTES:
         raise WireError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
-        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_buffer_size=MAX_HEADER_BYTES)
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise WireError(f"header is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):

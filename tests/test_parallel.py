@@ -137,7 +137,7 @@ def test_sharded_matches_unsharded(full_model, n, shares):
     ref_tokens, ref_logits = unsharded_greedy(full_model, tokens, DECODE_STEPS)
     our_tokens, our_logits = sharded_greedy(ranks, n, tokens, DECODE_STEPS)
     assert our_tokens == ref_tokens
-    step_diff = max((a - b).abs().max().item() for a, b in zip(our_logits, ref_logits))
+    step_diff = max((a - b).abs().max().item() for a, b in zip(our_logits, ref_logits, strict=True))
     assert step_diff <= ATOL, f"decode logits differ by {step_diff:.3g}"
 
 

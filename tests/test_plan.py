@@ -60,12 +60,12 @@ def test_apportion_properties(total, shares):
     exact = [total * s / sum(shares) for s in shares]
     # Largest-remainder rounding never gives a part more than its exact share rounded up (or
     # the minimum of one unit)...
-    for part, e in zip(parts, exact):
+    for part, e in zip(parts, exact, strict=True):
         assert part < max(1.0, e) + 1 + 1e-9, (parts, exact)
     # ...and when every exact share is at least one unit no part needs the minimum, so every
     # part is within one unit of its exact proportional share.
     if min(exact) >= 1:
-        for part, e in zip(parts, exact):
+        for part, e in zip(parts, exact, strict=True):
             assert abs(part - e) < 1 + 1e-9, (parts, exact)
 
 
@@ -130,7 +130,7 @@ def check_plan(config: ModelConfig, plan: ShardPlan) -> None:
     if n <= config.num_key_value_heads:  # whole groups: no KV head is stored twice
         kv = [share.kv_heads for share in plan.ranks]
         assert kv[0][0] == 0 and kv[-1][1] == config.num_key_value_heads
-        assert all(a[1] == b[0] for a, b in zip(kv, kv[1:]))
+        assert all(a[1] == b[0] for a, b in zip(kv[:-1], kv[1:], strict=True))
         assert all(s.n_q_heads == s.n_kv_heads * group for s in plan.ranks)
     assert plan.num_attention_heads == config.num_attention_heads
     assert plan.num_key_value_heads == config.num_key_value_heads
@@ -224,7 +224,12 @@ def test_layer_slices_match_the_plan():
 
 @pytest.mark.parametrize(
     "heads, kv, intermediate, n, shares",
-    [(8, 2, 96, 1, None), (8, 2, 96, 3, (2, 1, 1)), (8, 2, 96, 8, None), (32, 8, 1000, 3, (3.5, 1, 0.25))],
+    [
+        (8, 2, 96, 1, None),
+        (8, 2, 96, 3, (2, 1, 1)),
+        (8, 2, 96, 8, None),
+        (32, 8, 1000, 3, (3.5, 1, 0.25)),
+    ],
 )
 def test_json_round_trip(heads, kv, intermediate, n, shares):
     plan = make_plan(model_config(heads, kv, intermediate), n, shares)

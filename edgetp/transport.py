@@ -1,0 +1,419 @@
+"""ZeroMQ sockets between the master (ROUTER, binds) and the workers (DEALER, connect).
+
+The transport knows nothing of models. It owns the handshake (protocol version, model
+fingerprint, plan, rank, shard dtype), heartbeats, timeouts and message counters. Every
+receive has a deadline; a peer that sends garbage is logged and its message dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from edgetp import wire
+from edgetp.wire import Message, WireError
+
+log = logging.getLogger("edgetp.transport")
+
+HEARTBEAT_S = 1.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot serve the request (a node is missing, dead or misbehaving)."""
+
+
+class HandshakeRefused(ClusterError):
+    """The master refused this worker; the reason says what does not match."""
+
+
+class StepAborted(RuntimeError):
+    """The master abandoned the request this worker was computing."""
+
+
+class ShutdownRequested(RuntimeError):
+    """The master told this worker to exit."""
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What a worker proves about itself in the handshake."""
+
+    rank: int
+    fingerprint: str
+    plan: str  # the plan's canonical JSON
+    dtype: str
+
+    def hello_fields(self) -> dict[str, Any]:
+        from edgetp import __version__
+
+        return {"rank": self.rank, "fingerprint": self.fingerprint, "plan": self.plan,
+                "dtype": self.dtype, "pid": os.getpid(), "host": socket.gethostname(),
+                "version": __version__, "time": time.time()}
+
+
+@dataclass
+class Traffic:
+    """Messages and bytes by op, each way."""
+
+    sent: Counter[str] = field(default_factory=Counter)
+    received: Counter[str] = field(default_factory=Counter)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    dropped: int = 0
+
+    def count_sent(self, op: str, frames: Sequence[Any]) -> None:
+        self.sent[op] += 1
+        self.bytes_sent += sum(len(memoryview(f)) for f in frames)
+
+    def count_received(self, op: str, frames: Sequence[Any]) -> None:
+        self.received[op] += 1
+        self.bytes_received += sum(len(f.buffer) if hasattr(f, "buffer") else len(f)
+                                   for f in frames)
+
+
+def make_context() -> zmq.Context:
+    return zmq.Context.instance()
+
+
+def _configure(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
+
+
+@dataclass
+class Peer:
+    rank: int
+    identity: bytes
+    host: str
+    pid: int
+    last_seen: float
+    clock_offset_s: float  # master clock minus worker clock (estimated at handshake)
+
+
+class MasterTransport:
+    """The master's ROUTER socket and its view of the workers.
+
+    Thread use: the socket is guarded by :attr:`lock`. The request thread holds it for the
+    whole request and services control messages while it waits; a heartbeat thread services
+    them in between requests.
+    """
+
+    def __init__(self, bind: str, expected: NodeIdentity, n_ranks: int, wire_dtype: str = "f32",
+                 timeout_s: float = 10.0) -> None:
+        self.expected = expected
+        self.n_ranks = n_ranks
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.session = uuid.uuid4().hex
+        self.peers: dict[int, Peer] = {}
+        self.traffic = Traffic()
+        self.lock = threading.RLock()
+        self.sock = make_context().socket(zmq.ROUTER)
+        _configure(self.sock)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(bind)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                           name="edgetp-master-heartbeat")
+        self._heartbeat.start()
+
+    # -- membership -------------------------------------------------------------------------
+
+    @property
+    def worker_ranks(self) -> range:
+        return range(1, self.n_ranks)
+
+    def missing_ranks(self) -> list[int]:
+        return [r for r in self.worker_ranks if r not in self.peers]
+
+    def wait_for_workers(self, timeout_s: float | None = None) -> None:
+        """Block until every worker rank has joined, or raise naming the missing ones."""
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        with self.lock:
+            while self.missing_ranks():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClusterError(
+                        f"worker rank(s) {self.missing_ranks()} have not joined the master at "
+                        f"{self.address}; start them with `edgetp worker --shard DIR/rank-K "
+                        f"--master tcp://HOST:PORT` and check the network"
+                    )
+                self._service(min(remaining, 0.1))
+
+    def describe(self, rank: int) -> str:
+        peer = self.peers.get(rank)
+        return f"rank {rank}" + (f" ({peer.host}, pid {peer.pid})" if peer else "")
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, rank: int, op: str, fields: dict[str, Any],
+             tensors: Sequence[torch.Tensor] = ()) -> None:
+        peer = self.peers.get(rank)
+        if peer is None:
+            raise ClusterError(f"{self.describe(rank)} is not connected")
+        self._send_to(peer.identity, op, fields, tensors, rank)
+
+    def broadcast(self, op: str, fields: dict[str, Any],
+                  tensors: Sequence[torch.Tensor] = ()) -> None:
+        frames = wire.encode(op, fields, tensors)
+        for rank in self.worker_ranks:
+            peer = self.peers.get(rank)
+            if peer is None:
+                raise ClusterError(f"{self.describe(rank)} left the cluster")
+            self._send_frames(peer.identity, op, frames, rank)
+
+    def _send_to(self, identity: bytes, op: str, fields: dict[str, Any],
+                 tensors: Sequence[torch.Tensor] = (), rank: int | None = None) -> None:
+        self._send_frames(identity, op, wire.encode(op, fields, tensors), rank)
+
+    def _send_frames(self, identity: bytes, op: str, frames: list[Any], rank: int | None) -> None:
+        try:
+            self.sock.send_multipart([identity, *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if rank is not None and self.peers.get(rank) and self.peers[rank].identity == identity:
+                del self.peers[rank]
+            raise ClusterError(f"cannot reach {self.describe(rank) if rank else 'peer'}: "
+                               f"{exc}; the worker has disconnected") from exc
+        self.traffic.count_sent(op, frames)
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def receive(self, timeout_s: float) -> tuple[int, Message] | None:
+        """The next data message (partial, stats, error) from a joined worker, or None.
+
+        Control messages (hello, ping) are handled here; malformed ones are dropped.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.sock.poll(max(0, int(remaining * 1000))):
+                return None
+            got = self._receive_one()
+            if got is not None:
+                return got
+            if time.monotonic() > deadline and not self.sock.poll(0):
+                return None
+
+    def _receive_one(self) -> tuple[int, Message] | None:
+        frames = self.sock.recv_multipart(copy=False)
+        identity = bytes(frames[0])
+        try:
+            message = wire.decode(frames[1:])
+        except WireError as exc:
+            self.traffic.dropped += 1
+            log.warning("dropped a malformed message from %s: %s", self._who(identity), exc)
+            return None
+        self.traffic.count_received(message.op, frames[1:])
+        rank = self._rank_of(identity)
+        if message.op == "hello":
+            self._handle_hello(identity, message)
+            return None
+        if rank is None:
+            self._send_to(identity, "rejoin", {})
+            return None
+        self.peers[rank].last_seen = time.monotonic()
+        if message.op == "ping":
+            self._send_to(identity, "pong", {"time": time.time(), "echo": message.fields["time"]},
+                          rank=rank)
+            return None
+        if message.op in ("partial", "stats", "error"):
+            return rank, message
+        self.traffic.dropped += 1
+        log.warning("dropped an unexpected %r message from %s", message.op, self.describe(rank))
+        return None
+
+    def _rank_of(self, identity: bytes) -> int | None:
+        for rank, peer in self.peers.items():
+            if peer.identity == identity:
+                return rank
+        return None
+
+    def _who(self, identity: bytes) -> str:
+        rank = self._rank_of(identity)
+        return self.describe(rank) if rank is not None else f"unknown peer {identity.hex()[:8]}"
+
+    def _handle_hello(self, identity: bytes, message: Message) -> None:
+        fields = message.fields
+        reason = self._refusal(fields)
+        if reason:
+            log.warning("refused worker %s (rank %s): %s", fields["host"], fields["rank"], reason)
+            self._send_to(identity, "refuse", {"reason": reason})
+            return
+        rank = fields["rank"]
+        self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
+                                time.time() - fields["time"])
+        log.info("worker rank %d joined from %s (pid %d)", rank, fields["host"], fields["pid"])
+        self._send_to(identity, "welcome", {"session": self.session,
+                                            "wire_dtype": self.wire_dtype, "time": time.time()},
+                      rank=rank)
+
+    def _refusal(self, fields: dict[str, Any]) -> str | None:
+        expected = self.expected
+        if fields["rank"] not in self.worker_ranks:
+            return (f"rank {fields['rank']} is not a worker rank of this {self.n_ranks}-node "
+                    f"cluster (expected 1..{self.n_ranks - 1})")
+        if fields["fingerprint"] != expected.fingerprint:
+            return ("the shard is of a different model than the master's (fingerprint "
+                    f"{fields['fingerprint'][:12]} != {expected.fingerprint[:12]}); re-split")
+        if fields["plan"] != expected.plan:
+            return "the shard was split with a different plan (nodes, shares or private layers)"
+        if fields["dtype"] != expected.dtype:
+            return f"the shard is stored as {fields['dtype']}, the master's as {expected.dtype}"
+        return None
+
+    def _service(self, timeout_s: float) -> None:
+        """Handle control messages for up to ``timeout_s``; data messages now are stale."""
+        got = self.receive(timeout_s)
+        if got is not None:
+            rank, message = got
+            if message.op == "error":
+                log.error("%s reported: %s", self.describe(rank), message.fields["message"])
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S / 4):
+            if self.lock.acquire(blocking=False):
+                try:
+                    if not self._stop.is_set():
+                        self._service(0)
+                        self._forget_silent_peers()
+                except (zmq.ZMQError, ClusterError) as exc:
+                    log.debug("heartbeat: %s", exc)
+                finally:
+                    self.lock.release()
+
+    def _forget_silent_peers(self) -> None:
+        limit = time.monotonic() - max(self.timeout_s, 4 * HEARTBEAT_S)
+        for rank, peer in list(self.peers.items()):
+            if peer.last_seen < limit:
+                log.warning("%s has been silent for %.0f s; dropping it",
+                            self.describe(rank), time.monotonic() - peer.last_seen)
+                del self.peers[rank]
+
+    def close(self, shutdown_workers: bool = False) -> None:
+        self._stop.set()
+        with self.lock:
+            if shutdown_workers:
+                for rank in list(self.peers):
+                    try:
+                        self.send(rank, "shutdown", {})
+                    except ClusterError:
+                        pass
+            self.sock.close(linger=0)
+        self._heartbeat.join(timeout=2)
+
+
+class WorkerTransport:
+    """A worker's DEALER socket: handshake, heartbeats and reconnection to the master."""
+
+    def __init__(self, master: str, identity: NodeIdentity, timeout_s: float = 10.0,
+                 frame_log: Callable[[list[bytes]], None] | None = None) -> None:
+        self.master = master
+        self.identity = identity
+        self.timeout_s = timeout_s
+        self.frame_log = frame_log
+        self.traffic = Traffic()
+        self.wire_dtype = "f32"
+        self.clock_offset_s = 0.0
+        self.sock: zmq.Socket | None = None
+        self.last_heard = 0.0
+        self.last_sent = 0.0
+
+    def connect(self, give_up_s: float | None = None) -> None:
+        """(Re)connect and complete the handshake; retries until ``give_up_s`` (None: forever)."""
+        deadline = None if give_up_s is None else time.monotonic() + give_up_s
+        self._new_socket()
+        while True:
+            self.send("hello", self.identity.hello_fields())
+            message = self._wait_for_handshake_reply()
+            if message is not None:
+                if message.op == "refuse":
+                    raise HandshakeRefused(f"master refused rank {self.identity.rank}: "
+                                           f"{message.fields['reason']}")
+                self.wire_dtype = message.fields["wire_dtype"]
+                self.clock_offset_s = message.fields["time"] - time.time()
+                log.info("rank %d joined master %s", self.identity.rank, self.master)
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClusterError(f"no answer from the master at {self.master}")
+            self._new_socket()  # a fresh connection (the master may have restarted)
+
+    def _new_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = make_context().socket(zmq.DEALER)
+        _configure(self.sock)
+        self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.sock.connect(self.master)
+
+    def _wait_for_handshake_reply(self) -> Message | None:
+        deadline = time.monotonic() + 2 * HEARTBEAT_S
+        while (remaining := deadline - time.monotonic()) > 0:
+            message = self._poll_one(remaining)
+            if message is not None and message.op in ("welcome", "refuse"):
+                return message
+        return None
+
+    def send(self, op: str, fields: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> None:
+        assert self.sock is not None, "connect() first"
+        frames = wire.encode(op, fields, tensors)
+        self.sock.send_multipart(frames, copy=False)
+        self.traffic.count_sent(op, frames)
+        self.last_sent = time.monotonic()
+
+    def receive(self, timeout_s: float) -> Message | None:
+        """The next message for the compute loop (step, sum, abort, shutdown), or None.
+
+        Pings the master while idle; raises :class:`ClusterError` when the master has been
+        silent for longer than the timeout (the caller reconnects).
+        """
+        deadline = time.monotonic() + timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if time.monotonic() - self.last_sent > HEARTBEAT_S:
+                self.send("ping", {"time": time.time()})
+            if time.monotonic() - self.last_heard > max(self.timeout_s, 3 * HEARTBEAT_S):
+                raise ClusterError(f"the master at {self.master} stopped answering")
+            message = self._poll_one(min(remaining, HEARTBEAT_S / 2))
+            if message is None:
+                continue
+            if message.op == "rejoin":
+                raise ClusterError("the master does not know this worker (it restarted)")
+            if message.op in ("step", "sum", "abort", "shutdown"):
+                return message
+        return None
+
+    def _poll_one(self, timeout_s: float) -> Message | None:
+        assert self.sock is not None
+        if not self.sock.poll(max(0, int(timeout_s * 1000))):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        if self.frame_log is not None:
+            self.frame_log([bytes(f.buffer) for f in frames])
+        try:
+            message = wire.decode(frames)
+        except WireError as exc:
+            self.traffic.dropped += 1
+            log.warning("dropped a malformed message from the master: %s", exc)
+            return None
+        self.traffic.count_received(message.op, frames)
+        self.last_heard = time.monotonic()
+        return message
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None

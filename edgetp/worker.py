@@ -1,0 +1,110 @@
+"""The worker role: holds one rank's shard, computes its share of every step the master sends.
+
+A worker never sees text, token ids, logits or sampling settings: it receives hidden states
+(``step``) and sums (``sum``) and sends partial sums back. It survives the master going away:
+it notices through heartbeats and reconnects until the master is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from edgetp.collectives import StarWorker
+from edgetp.loader import load_rank
+from edgetp.manifest import read_manifest
+from edgetp.model import Transformer
+from edgetp.transport import (
+    ClusterError,
+    HandshakeRefused,
+    NodeIdentity,
+    ShutdownRequested,
+    StepAborted,
+    WorkerTransport,
+)
+from edgetp.wire import Message
+
+log = logging.getLogger("edgetp.worker")
+
+
+class Worker:
+    """Rank K's compute loop over a :class:`WorkerTransport`."""
+
+    def __init__(self, shard_dir: str | Path, master: str, timeout_s: float = 10.0,
+                 dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+                 frame_log: Callable[[list[bytes]], None] | None = None) -> None:
+        manifest = read_manifest(shard_dir)
+        if manifest.rank == 0:
+            raise ValueError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
+        identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
+                                manifest.dtype)
+        self.transport = WorkerTransport(master, identity, timeout_s, frame_log)
+        self.comm = StarWorker(self.transport, manifest.rank, manifest.plan.n_ranks, timeout_s)
+        self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len)
+        self.layers = manifest.plan.shared_layers
+        self.n_allreduce = 2 * len(self.layers)
+        self.rank = manifest.rank
+
+    def serve(self) -> None:
+        """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
+        self.transport.connect()
+        try:
+            while True:
+                try:
+                    message = self.transport.receive(timeout_s=3600.0)
+                    if message is None:
+                        continue
+                    if message.op == "shutdown":
+                        return
+                    if message.op == "step":
+                        self._run_step(message)
+                except StepAborted as exc:
+                    log.info("rank %d: %s", self.rank, exc)
+                except ShutdownRequested:
+                    return
+                except HandshakeRefused:
+                    raise
+                except ClusterError as exc:
+                    log.warning("rank %d: %s; reconnecting", self.rank, exc)
+                    self.transport.connect()
+        finally:
+            self.transport.close()
+
+    @torch.inference_mode()
+    def _run_step(self, message: Message) -> None:
+        fields = message.fields
+        h = message.tensors[0]  # [T, d]
+        problem = self._check_step(h, fields["start"])
+        if problem:
+            log.warning("rank %d: rejected a step: %s", self.rank, problem)
+            self.transport.send("error", {"message": f"rank {self.rank}: {problem}"})
+            return
+        self.comm.position.begin(fields["seq"], fields["step"], self.n_allreduce)
+        try:
+            self.model.forward_layers(h.to(self.model.dtype), fields["start"], self.layers)
+        except (RuntimeError, ValueError) as exc:
+            if isinstance(exc, ClusterError | StepAborted | ShutdownRequested):
+                raise
+            log.exception("rank %d: step failed", self.rank)
+            self.transport.send("error", {"message": f"rank {self.rank}: {exc}"})
+
+    def _check_step(self, h: torch.Tensor, start: int) -> str | None:
+        if h.dim() != 2 or h.shape[1] != self.model.config.hidden_size:
+            return f"hidden state of shape {list(h.shape)}, expected [T, {self.model.config.hidden_size}]"
+        if start + h.shape[0] > self.model.max_seq_len:
+            return f"positions up to {start + h.shape[0]} exceed the context of {self.model.max_seq_len}"
+        return None
+
+
+def frame_recorder(path: Path) -> Callable[[list[bytes]], None]:
+    """A frame log appending each received message as one msgpack list of frames."""
+    import msgpack
+
+    def record(frames: list[bytes]) -> None:
+        with path.open("ab") as handle:
+            handle.write(msgpack.packb(frames, use_bin_type=True))
+
+    return record
