@@ -1,7 +1,7 @@
 """The ``edgetp`` command line: thin click commands over library calls.
 
 torch and the heavy modules are imported inside the commands, so ``edgetp --help`` is instant.
-Errors a user can cause are printed as one line (``error: ...``) with exit status 2.
+Errors a user can cause are printed as one line (``Error: ...``) with exit status 1.
 """
 
 from __future__ import annotations
@@ -92,6 +92,12 @@ def _print_piece(piece: str) -> None:
     sys.stdout.flush()
 
 
+memory_budget_option = click.option(
+    "--memory-budget", default=None,
+    help="bytes this node may use for weights, KV cache and buffers (e.g. 1.5GiB); "
+         "weights that do not fit stream from disk")
+
+
 def cluster_options(func: F) -> F:
     """Options for running as (or starting) a cluster."""
     options = [
@@ -99,6 +105,7 @@ def cluster_options(func: F) -> F:
                      show_default=True, help="activation dtype on the wire"),
         click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
                      help="seconds to wait for a node before failing the request"),
+        memory_budget_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -122,7 +129,7 @@ def generate(model_dir: Path, prompt: str, chat: bool, nodes: int, shares: str |
     """Generate a continuation of PROMPT with the model in MODEL_DIR."""
     from edgetp.master import Master
 
-    if nodes == 1 and private_layers == 0:
+    if nodes == 1 and private_layers == 0 and opts["memory_budget"] is None:
         master = Master.local(model_dir, dtype=opts["dtype"], max_seq_len=opts["max_seq_len"])
         run_generation(master, prompt, chat, opts)
         return
@@ -138,7 +145,14 @@ def local_cluster(model_dir: Path, nodes: int, shares: str | None, private_layer
     return LocalCluster(model_dir, nodes, parse_shares(shares, nodes) if shares else None,
                         dtype=opts["dtype"], max_seq_len=opts["max_seq_len"],
                         private_layers=private_layers, wire_dtype=opts["wire_dtype"],
-                        timeout_s=opts["timeout_s"])
+                        timeout_s=opts["timeout_s"],
+                        memory_budget=_budget(opts.get("memory_budget")))
+
+
+def _budget(text: str | None) -> int | None:
+    from edgetp.config import parse_bytes
+
+    return None if text is None else parse_bytes(text)
 
 
 @main.command()
@@ -150,11 +164,13 @@ def local_cluster(model_dir: Path, nodes: int, shares: str | None, private_layer
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True)
 @click.option("--max-seq-len", type=int, default=None)
+@memory_budget_option
 @click.option("--capture-frames", type=click.Path(path_type=Path), default=None, hidden=True,
               help="append every received frame to this file (privacy tests)")
 @user_errors
 def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
-           max_seq_len: int | None, capture_frames: Path | None) -> None:
+           max_seq_len: int | None, memory_budget: str | None,
+           capture_frames: Path | None) -> None:
     """Serve one rank's share of the model to the master at MASTER."""
     from edgetp.master import parse_dtype
     from edgetp.worker import Worker, frame_recorder
@@ -162,7 +178,7 @@ def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
     setup_logging()
     frame_log = frame_recorder(capture_frames) if capture_frames else None
     Worker(shard_dir, master_address, timeout_s, parse_dtype(dtype), max_seq_len,
-           frame_log).serve()
+           frame_log, _budget(memory_budget)).serve()
 
 
 @main.command(name="master")
@@ -185,7 +201,8 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
     if (shard_dir / "rank-0").is_dir():
         shard_dir = shard_dir / "rank-0"
     master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
-                            opts["wire_dtype"], opts["timeout_s"])
+                            opts["wire_dtype"], opts["timeout_s"],
+                            memory_budget=_budget(opts["memory_budget"]))
     try:
         click.echo(f"master listening on {master.runner.transport.address}", err=True)
         for line in prompts or (line.rstrip("\n") for line in sys.stdin):
@@ -223,6 +240,7 @@ def demo(prompt: str, nodes: int) -> None:
     opts = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
             "seed": None, "max_new_tokens": 128, "stop_strings": (), "as_json": False,
             "dtype": "float32", "max_seq_len": None, "wire_dtype": "f32", "timeout_s": 10.0,
+            "memory_budget": None,
             "quiet_summary": True}
     with local_cluster(DEMO_MODEL_DIR, nodes, None, 0, opts) as master:
         click.echo(f"prompt: {prompt}")
@@ -258,15 +276,18 @@ def latency_summary(result: Any, nodes: int, traffic: Any) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="stored weight dtype (default: the checkpoint's)")
 @click.option("--force", is_flag=True, help="replace a different split in --out")
+@click.option("--private-layers", type=int, default=0, show_default=True,
+              help="keep the first and last K layers whole on the master (rank 0)")
 @user_errors
 def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype: str | None,
-          force: bool) -> None:
+          force: bool, private_layers: int) -> None:
     """Split MODEL_DIR into one shard directory per rank."""
     from edgetp.config import load_model_config
     from edgetp.plan import parse_shares
     from edgetp.split import describe_split, expected_files, split_checkpoint
 
-    total = expected_files(load_model_config(model_dir), nodes)
+    share_values = parse_shares(shares, nodes)
+    total = expected_files(load_model_config(model_dir), nodes, private_layers)
     written = {"bytes": 0}
     with click.progressbar(length=total, label="splitting", file=sys.stderr,
                            item_show_func=lambda _: f"{written['bytes'] / 2**20:.1f} MiB") as bar:
@@ -274,8 +295,8 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
             written["bytes"] += size
             bar.update(1, _path)
 
-        result = split_checkpoint(model_dir, out_dir, nodes, parse_shares(shares, nodes), dtype,
-                                  force, progress)
+        result = split_checkpoint(model_dir, out_dir, nodes, share_values, dtype, force, progress,
+                                  private_layers)
     click.echo(describe_split(result))
 
 

@@ -45,7 +45,8 @@ class LocalCluster:
                  shares: tuple[float, ...] | None = None, dtype: str = "float32",
                  max_seq_len: int | None = None, private_layers: int = 0,
                  wire_dtype: str = "f32", timeout_s: float = 10.0,
-                 split_dir: Path | None = None, worker_args: list[str] | None = None) -> None:
+                 split_dir: Path | None = None, worker_args: list[str] | None = None,
+                 capture_dir: Path | None = None, memory_budget: int | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -57,6 +58,8 @@ class LocalCluster:
         self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares, None,
                                                       private_layers)
         self.worker_args = worker_args or []
+        self.capture_dir = capture_dir  # tests: each worker records every frame it receives
+        self.memory_budget = memory_budget  # per node, bytes
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.master: Master | None = None
         self.address = ""
@@ -76,7 +79,8 @@ class LocalCluster:
                                   private_layers=self.private_layers)
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
-                                     self.max_seq_len, self.wire_dtype, self.timeout_s)
+                                     self.max_seq_len, self.wire_dtype, self.timeout_s,
+                                     memory_budget=self.memory_budget)
         for rank in range(1, self.n_nodes):
             self.start_worker(rank)
         self.wait_until_joined()
@@ -91,6 +95,10 @@ class LocalCluster:
                    "--timeout", str(self.timeout_s), "--dtype", self.dtype]
         if self.max_seq_len:
             command += ["--max-seq-len", str(self.max_seq_len)]
+        if self.memory_budget is not None:
+            command += ["--memory-budget", str(self.memory_budget)]
+        if self.capture_dir is not None:
+            command += ["--capture-frames", str(self.capture_dir / f"rank-{rank}.frames")]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.log_path(rank).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(rank).open("ab") as log_file:

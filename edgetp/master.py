@@ -121,7 +121,8 @@ class Master:
     @classmethod
     def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
                 max_seq_len: int | None = None, wire_dtype: str = "f32",
-                timeout_s: float = 10.0, prefill_chunk: int = 128) -> Master:
+                timeout_s: float = 10.0, prefill_chunk: int = 128,
+                memory_budget: int | None = None) -> Master:
         """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``."""
         from edgetp.loader import load_rank
         from edgetp.manifest import read_manifest
@@ -134,8 +135,10 @@ class Master:
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s)
         try:
             comm = StarMaster(transport, wire_dtype, timeout_s)
-            model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len)
-            chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * model.config.hidden_size)))
+            hidden = manifest.model_config.hidden_size
+            chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * hidden)))
+            model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,
+                              memory_budget=memory_budget, prefill_chunk=chunk)
             runner = ClusterRunner(model, transport, comm, manifest.plan, chunk, timeout_s)
             return cls(Tokenizer.from_dir(shard_dir), runner)
         except BaseException:

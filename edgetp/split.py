@@ -213,6 +213,10 @@ def describe_split(result: SplitResult) -> str:
     manifest = read_manifest(result.rank_dirs[0])
     lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
              f"directories in {result.out_dir} (dtype {manifest.dtype})"]
+    if manifest.plan.private_layers:
+        k = manifest.plan.private_layers
+        lines.append(f"  layers 0-{k - 1} and {manifest.plan.num_layers - k}-"
+                     f"{manifest.plan.num_layers - 1} are private to rank-0 (the master)")
     for directory in result.rank_dirs:
         m = read_manifest(directory)
         size = sum(f.size for f in m.files.values())

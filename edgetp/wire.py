@@ -97,7 +97,7 @@ def decode(frames: Sequence[Any]) -> Message:
         raise WireError("empty message")
     header = _unpack_header(_buffer(frames[0]))
     op = header.pop("op", None)
-    if op not in SCHEMAS:
+    if not isinstance(op, str) or op not in SCHEMAS:  # an unhashable op would raise TypeError
         raise WireError(f"unknown op {op!r}")
     specs = header.pop("tensors", None)
     _check_fields(op, header)
@@ -121,7 +121,7 @@ def _unpack_header(raw: memoryview) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise WireError("header is not a map")
     version = header.pop("v", None)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True == 1.0 == 1 in Python
         raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}; "
                         "run the same edgetp version on every node")
     return header
@@ -152,7 +152,8 @@ def _decode_tensors(op: str, specs: Any, payloads: Sequence[Any]) -> list[torch.
 
 
 def _decode_tensor(op: str, spec: Any, payload: Any) -> torch.Tensor:
-    if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in WIRE_DTYPES
+    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+            and spec[0] in WIRE_DTYPES
             and isinstance(spec[1], list) and 1 <= len(spec[1]) <= MAX_DIMS
             and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31
                     for d in spec[1])):

@@ -35,7 +35,8 @@ class Worker:
 
     def __init__(self, shard_dir: str | Path, master: str, timeout_s: float = 10.0,
                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
-                 frame_log: Callable[[list[bytes]], None] | None = None) -> None:
+                 frame_log: Callable[[list[bytes]], None] | None = None,
+                 memory_budget: int | None = None) -> None:
         manifest = read_manifest(shard_dir)
         if manifest.rank == 0:
             raise ValueError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
@@ -43,7 +44,8 @@ class Worker:
                                 manifest.dtype)
         self.transport = WorkerTransport(master, identity, timeout_s, frame_log)
         self.comm = StarWorker(self.transport, manifest.rank, manifest.plan.n_ranks, timeout_s)
-        self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len)
+        self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len,
+                                            memory_budget=memory_budget)
         self.layers = manifest.plan.shared_layers
         self.n_allreduce = 2 * len(self.layers)
         self.rank = manifest.rank

@@ -1,0 +1,505 @@
+"""Star allreduce latency of the real edgetp transport, against a raw ZeroMQ ping-pong floor.
+
+Run::
+
+    .venv/bin/python benchmarks/allreduce.py [--sizes 1K,4K,...] [--nodes 2,4,8] [--repeat R]
+                                             [--budget S] [--quick] [--json]
+
+For each message size (float32 tensors of shape ``[1, size/4]``) and each cluster size N:
+
+* **allreduce**: this process is rank 0 (:class:`~edgetp.transport.MasterTransport` +
+  :class:`~edgetp.collectives.StarMaster`, ROUTER bound on ``tcp://127.0.0.1:<free port>``);
+  N-1 worker processes (multiprocessing ``spawn``) each run
+  :class:`~edgetp.transport.WorkerTransport` + :class:`~edgetp.collectives.StarWorker`, after
+  the real handshake with a fake fingerprint and plan that both sides agree on. Rounds are
+  driven like the real master drives them: the master broadcasts a ``step`` message carrying a
+  tensor of the benchmark shape, whose ``start`` field holds the number of allreduces in the
+  step; every rank then runs that many allreduces on a tensor of that shape. The first
+  allreduce of a step (it includes the step broadcast) and the last one (a reduce-only, as in
+  the model) are not timed; each one in between is timed on the master, which in steady state
+  is the full cycle worker partial -> master gather + sum -> sum broadcast -> worker.
+* **ping-pong**: the floor. One child process echoes the same payload over a raw ZeroMQ
+  ROUTER/DEALER pair on tcp loopback (``send_multipart(copy=False)``, no header, no decoding);
+  the median round trip is reported.
+* **ratio**: allreduce median / ping-pong median.
+
+Small messages (<= 16 KiB) get a verdict line per N: is the star allreduce under 1.5x the
+ping-pong, and if not by how much.
+
+Caveat: every rank is a process on this one machine. With N processes on 2 CPU cores the
+workers compete for CPU, so the figures for N greater than the core count (N=4 and N=8 on a
+2-core machine) include scheduling delay, not only transport cost. The output says so.
+
+Workers are told to ``shutdown`` at the end; any child still alive (Ctrl-C, error) is
+terminated in a ``finally``, and a worker whose parent disappears exits on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+# The repository's own edgetp first: spawned children inherit sys.path, and this venv's editable
+# install (made before edgetp/__init__.py existed) imports edgetp as a namespace package from
+# any other directory, where ``from edgetp import __version__`` in the handshake fails.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# torch and edgetp are imported lazily so the ping-pong child stays a light process.
+
+DEFAULT_SIZES = "1K,4K,16K,64K,256K,1M,4M"
+DEFAULT_NODES = "2,4,8"
+QUICK_SIZES = "1K,64K"
+QUICK_NODES = "2,4"
+SMALL_BYTES = 16 * 1024  # the verdict covers sizes up to this
+TARGET_RATIO = 1.5
+FINGERPRINT = "benchmark-allreduce-fingerprint"
+PLAN = '{"benchmark":"allreduce"}'
+DTYPE = "float32"
+STEP_CHUNK = 100  # timed allreduces per step message at most
+MIN_SAMPLES = 10  # even past the time budget
+JOIN_TIMEOUT_S = 120.0  # spawning workers imports torch: slow with 7 of them on 2 cores
+TIMEOUT_S = 60.0
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if text.endswith("K"):
+        scale, text = 1024, text[:-1]
+    elif text.endswith("M"):
+        scale, text = 1024 * 1024, text[:-1]
+    size = int(float(text) * scale)
+    if size <= 0 or size % 4:
+        raise argparse.ArgumentTypeError(f"size {size} B is not a positive multiple of 4")
+    return size
+
+
+def format_size(size: int) -> str:
+    if size % (1024 * 1024) == 0:
+        return f"{size // (1024 * 1024)}M"
+    if size % 1024 == 0:
+        return f"{size // 1024}K"
+    return f"{size}B"
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """Nearest-rank percentile."""
+    ordered = sorted(samples)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def summarize(samples_s: list[float]) -> dict[str, float]:
+    us = [s * 1e6 for s in samples_s]
+    return {"median": statistics.median(us), "p90": percentile(us, 90), "min": min(us),
+            "n": len(us)}
+
+
+def identity(rank: int):  # -> NodeIdentity
+    from edgetp.transport import NodeIdentity
+
+    return NodeIdentity(rank, FINGERPRINT, PLAN, DTYPE)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _parent_gone(parent_pid: int) -> bool:
+    return os.getppid() != parent_pid
+
+
+# -- child processes ----------------------------------------------------------------------------
+
+
+def star_worker(address: str, rank: int, n_ranks: int, parent_pid: int) -> None:
+    """Rank ``rank``: join the master, run the allreduces of every step until ``shutdown``."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from edgetp.collectives import StarWorker
+        from edgetp.transport import ClusterError, ShutdownRequested, WorkerTransport
+
+        transport = WorkerTransport(address, identity(rank), timeout_s=TIMEOUT_S)
+        comm = StarWorker(transport, rank, n_ranks, timeout_s=TIMEOUT_S)
+        try:
+            transport.connect(give_up_s=JOIN_TIMEOUT_S)
+            while not _parent_gone(parent_pid):
+                message = transport.receive(timeout_s=1.0)
+                if message is None:
+                    continue
+                if message.op == "shutdown":
+                    return
+                if message.op != "step":
+                    continue
+                f = message.fields
+                x = message.tensors[0].clone()  # own memory, like a real partial
+                comm.position.begin(f["seq"], f["step"], f["start"])
+                for _ in range(f["start"]):
+                    comm.allreduce(x)
+        except ShutdownRequested:
+            return
+        except ClusterError as exc:
+            log(f"worker rank {rank}: {exc}; exiting")
+            sys.exit(1)
+        finally:
+            transport.close()
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: exit quietly
+        pass
+
+
+def pingpong_child(address: str, parent_pid: int) -> None:
+    """Echo every message back until an empty one arrives."""
+    try:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        sock.send(b"hello")
+        try:
+            while not _parent_gone(parent_pid):
+                if not sock.poll(1000):
+                    continue
+                frames = sock.recv_multipart(copy=False)
+                if len(frames[0]) == 0:
+                    return
+                sock.send_multipart(frames, copy=False)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+    except KeyboardInterrupt:
+        pass
+
+
+class Children:
+    """Spawned processes, reaped for sure."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.procs: list[Any] = []
+
+    def start(self, target: Any, *args: Any) -> Any:
+        proc = self.ctx.Process(target=target, args=(*args, os.getpid()), daemon=True)
+        proc.start()
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        dead = [p for p in self.procs if p.exitcode is not None and p.exitcode != 0]
+        if dead:
+            raise RuntimeError(f"child process(es) died: "
+                               f"{[(p.name, p.exitcode) for p in dead]}")
+
+    def join(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self.reap()
+
+    def reap(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        self.procs = [p for p in self.procs if p.is_alive()]
+
+
+# -- the floor: raw ping-pong -------------------------------------------------------------------
+
+
+def measure_pingpong(sizes: list[int], repeat: int, warmup: int, budget_s: float,
+                     children: Children) -> dict[int, dict[str, float]]:
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(TIMEOUT_S * 1000))
+    sock.bind("tcp://127.0.0.1:*")
+    address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    child = children.start(pingpong_child, address)
+    results: dict[int, dict[str, float]] = {}
+    try:
+        if not sock.poll(int(JOIN_TIMEOUT_S * 1000)):
+            raise RuntimeError("the ping-pong child never connected")
+        peer, _ = sock.recv_multipart()
+        for size in sizes:
+            payload = memoryview(bytearray(os.urandom(64)) * (size // 64 + 1)).cast("B")[:size]
+            samples = []
+            deadline = time.monotonic() + budget_s
+            for i in range(warmup + repeat):
+                started = time.perf_counter()
+                sock.send_multipart([peer, payload], copy=False)
+                frames = sock.recv_multipart(copy=False)
+                elapsed = time.perf_counter() - started
+                assert len(frames[1]) == size
+                if i >= warmup:
+                    samples.append(elapsed)
+                    if len(samples) >= MIN_SAMPLES and time.monotonic() > deadline:
+                        break
+            results[size] = summarize(samples)
+            log(f"  ping-pong {format_size(size):>5}: median "
+                f"{results[size]['median']:9.1f} us ({len(samples)} round trips)")
+        sock.send_multipart([peer, b""])
+        child.join(10)
+    finally:
+        sock.close(linger=0)
+    return results
+
+
+# -- the star allreduce -------------------------------------------------------------------------
+
+
+@dataclass
+class StarRun:
+    """Rank 0 of an N-node benchmark cluster."""
+
+    n_ranks: int
+    children: Children
+    seq: int = 0
+    step: int = 0
+    transport: Any = None
+    comm: Any = None
+    procs: list[Any] = field(default_factory=list)
+
+    def start(self) -> None:
+        from edgetp.collectives import StarMaster
+        from edgetp.transport import ClusterError, MasterTransport
+
+        self.transport = MasterTransport("tcp://127.0.0.1:*", identity(0), self.n_ranks,
+                                         wire_dtype="f32", timeout_s=TIMEOUT_S)
+        self.comm = StarMaster(self.transport, "f32", timeout_s=TIMEOUT_S)
+        for rank in range(1, self.n_ranks):
+            self.procs.append(self.children.start(star_worker, self.transport.address, rank,
+                                                  self.n_ranks))
+        deadline = time.monotonic() + JOIN_TIMEOUT_S
+        while True:
+            try:
+                self.transport.wait_for_workers(timeout_s=1.0)
+                return
+            except ClusterError:
+                self.children.check_alive()
+                if time.monotonic() > deadline:
+                    raise
+
+    def run_step(self, x: Any, timed: int) -> tuple[list[float], list[float]]:
+        """One step of ``timed + 2`` allreduces; the per-call times of the middle ones.
+
+        Returns (allreduce seconds, of which gather seconds) per timed call.
+        """
+        total = timed + 2
+        self.step += 1
+        times, gathers = [], []
+        with self.transport.lock:  # as the real master: keeps the heartbeat thread out
+            self.comm.position.begin(self.seq, self.step, total)
+            self.transport.broadcast("step", {"seq": self.seq, "step": self.step,
+                                              "start": total}, [x])
+            self.comm.allreduce(x)  # includes the step broadcast: not timed
+            for _ in range(timed):
+                waited = self.comm.wait_s
+                started = time.perf_counter()
+                self.comm.allreduce(x)
+                times.append(time.perf_counter() - started)
+                gathers.append(self.comm.wait_s - waited)
+            self.comm.allreduce(x)  # the step's reduce-only last allreduce: not timed
+        return times, gathers
+
+    def measure(self, size: int, repeat: int, warmup: int,
+                budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
+        import torch
+
+        self.seq += 1
+        self.step = 0
+        # NB: StarMaster sums into its (float32) input in place, so x drifts upward over the
+        # run; harmless for timing (no overflow, no denormals at these magnitudes).
+        x = torch.full((1, size // 4), 1e-3, dtype=torch.float32)
+        self.run_step(x, warmup)
+        samples: list[float] = []
+        gathers: list[float] = []
+        deadline = time.monotonic() + budget_s
+        while len(samples) < repeat:
+            times, waits = self.run_step(x, min(STEP_CHUNK, repeat - len(samples)))
+            samples += times
+            gathers += waits
+            if len(samples) >= MIN_SAMPLES and time.monotonic() > deadline:
+                break
+        return summarize(samples), summarize(gathers)
+
+    def stop(self) -> None:
+        if self.transport is not None:
+            self.transport.close(shutdown_workers=True)
+            self.transport = None
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        self.children.reap()
+        unclean = [p.exitcode for p in self.procs if p.exitcode != 0]
+        if unclean:
+            log(f"  warning: worker exit codes {unclean}")
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def cpu_note(nodes: list[int]) -> str | None:
+    cores = os.cpu_count() or 1
+    crowded = [n for n in nodes if n > cores]
+    if not crowded:
+        return None
+    return (f"this machine has {cores} CPU core(s): with N processes on {cores} cores the "
+            f"workers compete for CPU, so the N={','.join(map(str, crowded))} figures include "
+            f"scheduling delay, not only transport cost")
+
+
+def verdicts(rows: list[dict[str, Any]], nodes: list[int]) -> list[dict[str, Any]]:
+    out = []
+    for n in nodes:
+        small = [r for r in rows if r["nodes"] == n and r["size_bytes"] <= SMALL_BYTES]
+        if not small:
+            continue
+        worst = max(small, key=lambda r: r["ratio"])
+        ok = worst["ratio"] < TARGET_RATIO
+        sizes = ", ".join(f"{r['size']} {r['ratio']:.2f}x" for r in small)
+        if ok:
+            text = (f"N={n}: star allreduce is under {TARGET_RATIO}x the ping-pong for messages "
+                    f"<= {format_size(SMALL_BYTES)} (worst {worst['ratio']:.2f}x; {sizes})")
+        else:
+            excess_us = worst["allreduce_us"]["median"] - TARGET_RATIO * worst["pingpong_us"][
+                "median"]
+            text = (f"N={n}: star allreduce is NOT under {TARGET_RATIO}x the ping-pong for "
+                    f"messages <= {format_size(SMALL_BYTES)}: worst {worst['ratio']:.2f}x at "
+                    f"{worst['size']}, {worst['ratio'] / TARGET_RATIO - 1:.0%} over the target "
+                    f"({excess_us:.0f} us per allreduce above {TARGET_RATIO}x ping-pong; {sizes})")
+        out.append({"nodes": n, "under_target": ok, "worst_ratio": worst["ratio"],
+                    "worst_size": worst["size"], "text": text})
+    return out
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(f"star allreduce vs raw ZeroMQ ping-pong (tcp loopback, float32 [1, size/4]; "
+          f"{report['cpu_count']} cores)")
+    print("latencies in microseconds; allreduce = median per allreduce (p90 in brackets)")
+    print()
+    header = (f"{'size':>6} {'N':>3} {'ping-pong us':>13} {'allreduce us':>13} {'(p90)':>10} "
+              f"{'ratio':>7} {'gather %':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in report["results"]:
+        gather_pct = 100 * r["master_gather_us"]["median"] / r["allreduce_us"]["median"]
+        print(f"{r['size']:>6} {r['nodes']:>3} {r['pingpong_us']['median']:13.1f} "
+              f"{r['allreduce_us']['median']:13.1f} {r['allreduce_us']['p90']:>10.1f} "
+              f"{r['ratio']:6.2f}x {gather_pct:8.0f}%")
+    print()
+    print("gather % = share of the master's allreduce spent in gather (waiting for and decoding "
+          "the partials); the rest is its sum, encode and broadcast")
+    for v in report["verdicts"]:
+        print(v["text"])
+    if report["note"]:
+        print(f"note: {report['note']}")
+    print(f"total time {report['elapsed_s']:.1f} s")
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", help=f"comma-separated message sizes (default {DEFAULT_SIZES})")
+    parser.add_argument("--nodes", help=f"comma-separated cluster sizes N (default "
+                                        f"{DEFAULT_NODES})")
+    parser.add_argument("--repeat", type=int, help="timed allreduces / round trips per "
+                                                   "configuration, at most (default 500)")
+    parser.add_argument("--budget", type=float, help="seconds per configuration before the "
+                                                     "repeat count is cut short (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"sizes {QUICK_SIZES}, nodes {QUICK_NODES}, few repeats (< 30 s)")
+    parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
+    args = parser.parse_args(argv)
+    args.sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick
+                                                         else DEFAULT_SIZES)).split(",")]
+    args.nodes = [int(n) for n in (args.nodes or (QUICK_NODES if args.quick
+                                                  else DEFAULT_NODES)).split(",")]
+    if any(n < 2 for n in args.nodes):
+        parser.error("every N must be at least 2 (the master and one worker)")
+    if args.repeat is None:
+        args.repeat = 50 if args.quick else 500
+    if args.budget is None:
+        args.budget = 0.5 if args.quick else 3.0
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    args.warmup = max(5, min(50, args.repeat // 5))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    began = time.monotonic()
+    children = Children()
+    rows: list[dict[str, Any]] = []
+    try:
+        log("raw ZeroMQ ping-pong (the floor)")
+        floor = measure_pingpong(args.sizes, args.repeat, args.warmup, args.budget / 2,
+                                 children)
+        children.reap()
+        for n in args.nodes:
+            log(f"star allreduce, N={n}: starting {n - 1} worker process(es)")
+            run = StarRun(n, children)
+            try:
+                run.start()
+                for size in args.sizes:
+                    latency, gather = run.measure(size, args.repeat, args.warmup, args.budget)
+                    row = {"size": format_size(size), "size_bytes": size, "nodes": n,
+                           "pingpong_us": floor[size], "allreduce_us": latency,
+                           "master_gather_us": gather,
+                           "ratio": latency["median"] / floor[size]["median"]}
+                    rows.append(row)
+                    log(f"  N={n} {row['size']:>5}: median {latency['median']:9.1f} us, p90 "
+                        f"{latency['p90']:9.1f} us ({latency['n']} allreduces), "
+                        f"{row['ratio']:.2f}x ping-pong")
+            finally:
+                run.stop()
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        children.reap()
+    report = {
+        "benchmark": "star allreduce (edgetp MasterTransport/StarMaster + WorkerTransport/"
+                     "StarWorker) vs raw ZeroMQ ROUTER/DEALER ping-pong, tcp loopback",
+        "units": "microseconds",
+        "cpu_count": os.cpu_count(),
+        "repeat": args.repeat,
+        "budget_s": args.budget,
+        "results": rows,
+        "verdicts": verdicts(rows, args.nodes),
+        "note": cpu_note(args.nodes),
+        "elapsed_s": time.monotonic() - began,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
