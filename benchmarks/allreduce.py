@@ -37,10 +37,12 @@ terminated in a ``finally``, and a worker whose parent disappears exits on its o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import os
+import signal
 import statistics
 import sys
 import time
@@ -68,7 +70,7 @@ DTYPE = "float32"
 STEP_CHUNK = 100  # timed allreduces per step message at most
 MIN_SAMPLES = 10  # even past the time budget
 JOIN_TIMEOUT_S = 120.0  # spawning workers imports torch: slow with 7 of them on 2 cores
-TIMEOUT_S = 60.0
+TIMEOUT_S = 15.0  # a worker whose master went silent this long exits
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -113,6 +115,26 @@ def identity(rank: int):  # -> NodeIdentity
     return NodeIdentity(rank, FINGERPRINT, PLAN, DTYPE)
 
 
+@contextlib.contextmanager
+def signals_blocked():
+    """Threads started inside never take the SIGINT/SIGTERM meant for the main thread.
+
+    Python runs signal handlers in the main thread only; a signal the kernel hands to another
+    thread (edgetp's heartbeat thread, torch's or pyzmq's helpers) does not interrupt the main
+    thread's blocking zmq poll, so Ctrl-C would wait for the poll's timeout.
+    """
+    mask = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -131,12 +153,26 @@ def star_worker(address: str, rank: int, n_ranks: int, parent_pid: int) -> None:
 
         torch.set_num_threads(1)
         from edgetp.collectives import StarWorker
-        from edgetp.transport import ClusterError, ShutdownRequested, WorkerTransport
+        from edgetp.transport import (
+            ClusterError,
+            HandshakeRefused,
+            ShutdownRequested,
+            WorkerTransport,
+        )
 
         transport = WorkerTransport(address, identity(rank), timeout_s=TIMEOUT_S)
         comm = StarWorker(transport, rank, n_ranks, timeout_s=TIMEOUT_S)
         try:
-            transport.connect(give_up_s=JOIN_TIMEOUT_S)
+            joined_by = time.monotonic() + JOIN_TIMEOUT_S
+            while True:  # in short attempts, so an orphan notices its parent is gone
+                try:
+                    transport.connect(give_up_s=1.0)
+                    break
+                except HandshakeRefused:
+                    raise
+                except ClusterError:
+                    if _parent_gone(parent_pid) or time.monotonic() > joined_by:
+                        raise
             while not _parent_gone(parent_pid):
                 message = transport.receive(timeout_s=1.0)
                 if message is None:
@@ -202,12 +238,6 @@ class Children:
         if dead:
             raise RuntimeError(f"child process(es) died: "
                                f"{[(p.name, p.exitcode) for p in dead]}")
-
-    def join(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for proc in self.procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-        self.reap()
 
     def reap(self) -> None:
         for proc in self.procs:
@@ -281,8 +311,9 @@ class StarRun:
         from edgetp.collectives import StarMaster
         from edgetp.transport import ClusterError, MasterTransport
 
-        self.transport = MasterTransport("tcp://127.0.0.1:*", identity(0), self.n_ranks,
-                                         wire_dtype="f32", timeout_s=TIMEOUT_S)
+        with signals_blocked():  # its heartbeat thread
+            self.transport = MasterTransport("tcp://127.0.0.1:*", identity(0), self.n_ranks,
+                                             wire_dtype="f32", timeout_s=TIMEOUT_S)
         self.comm = StarMaster(self.transport, "f32", timeout_s=TIMEOUT_S)
         for rank in range(1, self.n_ranks):
             self.procs.append(self.children.start(star_worker, self.transport.address, rank,
@@ -325,9 +356,9 @@ class StarRun:
 
         self.seq += 1
         self.step = 0
-        # NB: StarMaster sums into its (float32) input in place, so x drifts upward over the
-        # run; harmless for timing (no overflow, no denormals at these magnitudes).
-        x = torch.full((1, size // 4), 1e-3, dtype=torch.float32)
+        # Zeros: StarMaster (f32 wire) sums into its float32 input in place, so any other value
+        # would grow geometrically over the run; float adds cost the same whatever the value.
+        x = torch.zeros((1, size // 4), dtype=torch.float32)
         self.run_step(x, warmup)
         samples: list[float] = []
         gathers: list[float] = []
@@ -340,10 +371,14 @@ class StarRun:
                 break
         return summarize(samples), summarize(gathers)
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Tell the workers to shut down and wait for them (graceful) or just close."""
         if self.transport is not None:
-            self.transport.close(shutdown_workers=True)
+            with signals_blocked():  # a second Ctrl-C must not leave the socket open
+                self.transport.close(shutdown_workers=True)
             self.transport = None
+        if not graceful:
+            return
         deadline = time.monotonic() + 10
         for proc in self.procs:
             proc.join(max(0.0, deadline - time.monotonic()))
@@ -438,9 +473,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(n < 2 for n in args.nodes):
         parser.error("every N must be at least 2 (the master and one worker)")
     if args.repeat is None:
-        args.repeat = 50 if args.quick else 500
+        args.repeat = 200 if args.quick else 500
     if args.budget is None:
-        args.budget = 0.5 if args.quick else 3.0
+        args.budget = 1.0 if args.quick else 3.0
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     args.warmup = max(5, min(50, args.repeat // 5))
@@ -449,9 +484,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
+    with signals_blocked():  # the helper threads that torch and pyzmq start
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
+        zmq.Context.instance()
+        try:
+            from zmq.utils.garbage import gc as zmq_gc  # zero-copy sends start it lazily
+
+            if not zmq_gc.is_alive():
+                zmq_gc.start()
+        except (ImportError, AttributeError):
+            pass
+    signal.signal(signal.SIGTERM, _interrupt)  # run the finally clauses on kill PID too
     began = time.monotonic()
     children = Children()
     rows: list[dict[str, Any]] = []
@@ -475,10 +520,12 @@ def main(argv: list[str] | None = None) -> int:
                     log(f"  N={n} {row['size']:>5}: median {latency['median']:9.1f} us, p90 "
                         f"{latency['p90']:9.1f} us ({latency['n']} allreduces), "
                         f"{row['ratio']:.2f}x ping-pong")
-            finally:
-                run.stop()
-    except KeyboardInterrupt:
-        log("interrupted")
+            except BaseException:
+                run.stop(graceful=False)  # no waiting: the outer finally terminates them
+                raise
+            run.stop(graceful=True)
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}); workers terminated")
         return 130
     finally:
         children.reap()

@@ -300,5 +300,264 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
     click.echo(describe_split(result))
 
 
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--nodes", type=int, default=1, show_default=True)
+@click.option("--shares", default=None, help="relative work per node, e.g. 2,1,1")
+@click.option("--prompt-tokens", type=int, default=32, show_default=True)
+@click.option("--new-tokens", type=int, default=32, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True)
+@click.option("--private-layers", type=int, default=0, show_default=True)
+@click.option("--sweep", "sweeps", multiple=True,
+              help="KEY=V1,V2 (nodes, budget, wire, dtype); repeat for a grid")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True)
+@cluster_options
+@user_errors
+def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, new_tokens: int,
+          repeat: int, warmup: int, dtype: str, private_layers: int, sweeps: tuple[str, ...],
+          out_dir: Path, wire_dtype: str, timeout_s: float, memory_budget: str | None) -> None:
+    """Measure a fixed workload on a local cluster and write a latency report to --out."""
+    from edgetp.bench import BenchSettings, parse_sweeps, run_bench, run_sweep, sweep_markdown
+    from edgetp.plan import parse_shares
+    from edgetp.report import markdown
+
+    settings = BenchSettings(
+        str(model_dir), nodes, parse_shares(shares, nodes) if shares else None, prompt_tokens,
+        new_tokens, repeat, warmup, memory_budget, wire_dtype, dtype, private_layers,
+        timeout_s=max(timeout_s, 30.0))
+    if sweeps:
+        rows = run_sweep(settings, parse_sweeps(sweeps), out_dir)
+        click.echo(sweep_markdown(rows))
+    else:
+        click.echo(markdown(run_bench(settings, out_dir)))
+    click.echo(f"written to {out_dir}/ (report.json, report.md, trace.json: open it in "
+               "https://ui.perfetto.dev, *.png)")
+
+
+@main.command()
+@click.argument("dirs", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@user_errors
+def report(dirs: tuple[Path, ...]) -> None:
+    """Print a saved report again, or compare two (DIR1 DIR2: ratios DIR2/DIR1)."""
+    from edgetp.bench import load_report
+    from edgetp.report import compare_markdown, markdown
+
+    if len(dirs) == 1:
+        click.echo(markdown(load_report(dirs[0])))
+    elif len(dirs) == 2:
+        click.echo(compare_markdown(load_report(dirs[0]), load_report(dirs[1]),
+                                    str(dirs[0]), str(dirs[1])))
+    else:
+        raise click.UsageError("give one report directory, or two to compare")
+
+
+def _master_context(model_dir: Path | None, shard_dir: Path | None, bind: str, nodes: int,
+                    shares: str | None, private_layers: int, opts: dict[str, Any]) -> Any:
+    """A context manager yielding the master of ``serve``/``chat`` (see ``generate``)."""
+    import contextlib
+
+    from edgetp.master import Master
+
+    if (model_dir is None) == (shard_dir is None):
+        raise click.UsageError("give MODEL_DIR (this machine, or --nodes N on loopback) or "
+                               "--shards DIR (the master of a cluster)"
+                               + (", not both" if model_dir is not None else ""))
+    if shard_dir is not None:
+        if (shard_dir / "rank-0").is_dir():
+            shard_dir = shard_dir / "rank-0"
+        master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
+                                opts["wire_dtype"], opts["timeout_s"],
+                                memory_budget=_budget(opts["memory_budget"]))
+        click.echo(f"master listening for workers on {master.runner.transport.address}",
+                   err=True)
+        return contextlib.closing(master)
+    assert model_dir is not None
+    if nodes == 1 and private_layers == 0 and opts["memory_budget"] is None:
+        return contextlib.nullcontext(
+            Master.local(model_dir, dtype=opts["dtype"], max_seq_len=opts["max_seq_len"]))
+    return local_cluster(model_dir, nodes, shares, private_layers, opts)
+
+
+def master_sources(func: F) -> F:
+    """MODEL_DIR [--nodes --shares --private-layers] or --shards DIR --bind ADDRESS."""
+    options = [
+        click.argument("model_dir", required=False,
+                       type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.option("--nodes", type=int, default=1, show_default=True,
+                     help="run as a local cluster of this many processes on loopback"),
+        click.option("--shares", default=None, help="relative work per node, e.g. 2,1,1"),
+        click.option("--private-layers", type=int, default=0, show_default=True,
+                     help="the master runs the first and last K layers whole"),
+        click.option("--shards", "shard_dir", default=None,
+                     type=click.Path(exists=True, file_okay=False, path_type=Path),
+                     help="be the master of a cluster: rank-0 directory from `edgetp split`"),
+        click.option("--bind", default="tcp://0.0.0.0:5555", show_default=True,
+                     help="with --shards: where the workers connect"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@master_sources
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="HTTP address to listen on (0.0.0.0 exposes the API to your network)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="EDGETP_API_KEY", default=None,
+              help="require `Authorization: Bearer KEY` (default: $EDGETP_API_KEY)")
+@click.option("--queue-size", type=int, default=16, show_default=True,
+              help="requests that may wait while one is generated; more get 429")
+@click.option("--model-name", default=None,
+              help="the model id of the API (default: the model directory's name)")
+@generation_options
+@cluster_options
+@user_errors
+def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers: int,
+          shard_dir: Path | None, bind: str, host: str, port: int, api_key: str | None,
+          queue_size: int, model_name: str | None, **opts: Any) -> None:
+    """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    Sampling options are the defaults of requests that leave them out; --json prints one JSON
+    line ({"url", "model"}) once the server is ready.
+    """
+    from edgetp.config import SamplingConfig
+    from edgetp.server import ServerSettings, default_model_name, run_server
+
+    setup_logging()
+    settings = ServerSettings(
+        model_name=model_name or default_model_name(model_dir or shard_dir or "."),
+        api_key=api_key or None, queue_size=queue_size,
+        default_max_tokens=opts["max_new_tokens"],
+        default_sampling=SamplingConfig(
+            temperature=opts["temperature"], top_k=opts["top_k"], top_p=opts["top_p"],
+            repetition_penalty=opts["repetition_penalty"], seed=opts["seed"]),
+        stop_strings=tuple(opts["stop_strings"]))
+
+    def ready(server: Any) -> None:
+        click.echo(f"serving {settings.model_name} at {server.url}/v1 (Ctrl-C stops)", err=True)
+        if opts["as_json"]:
+            click.echo(json.dumps({"url": server.url, "model": settings.model_name}))
+
+    with _master_context(model_dir, shard_dir, bind, nodes, shares, private_layers,
+                         opts) as master:
+        run_server(master, settings, host, port, ready)
+
+
+@main.command()
+@master_sources
+@click.option("--url", default=None,
+              help="chat with a running `edgetp serve` (http://HOST:PORT) instead")
+@click.option("--api-key", envvar="EDGETP_API_KEY", default=None,
+              help="with --url: the server's API key (default: $EDGETP_API_KEY)")
+@click.option("--system", default=None, help="a system prompt")
+@generation_options
+@cluster_options
+@user_errors
+def chat(model_dir: Path | None, nodes: int, shares: str | None, private_layers: int,
+         shard_dir: Path | None, bind: str, url: str | None, api_key: str | None,
+         system: str | None, **opts: Any) -> None:
+    """Chat in the terminal with the model in MODEL_DIR, or with a server (--url).
+
+    One message per line; /reset clears the history, /exit or end of input quits. --json
+    prints each reply as one JSON object instead of streaming it.
+    """
+    from edgetp.chat import ChatOptions, LocalChat, RemoteChat, run_chat
+
+    options = ChatOptions(max_tokens=opts["max_new_tokens"], temperature=opts["temperature"],
+                          top_k=opts["top_k"], top_p=opts["top_p"],
+                          repetition_penalty=opts["repetition_penalty"], seed=opts["seed"],
+                          stop=tuple(opts["stop_strings"]))
+    if url is not None:
+        if model_dir is not None or shard_dir is not None:
+            raise click.UsageError("--url talks to a server: give no MODEL_DIR or --shards")
+        failures = run_chat(RemoteChat(url, options, api_key), sys.stdin, sys.stdout,
+                            sys.stderr, system, opts["as_json"])
+    else:
+        with _master_context(model_dir, shard_dir, bind, nodes, shares, private_layers,
+                             opts) as master:
+            failures = run_chat(LocalChat(master, options), sys.stdin, sys.stdout, sys.stderr,
+                                system, opts["as_json"])
+    if failures:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--model", "model_spec", required=True,
+              help="a model directory (with config.json) or a preset such as llama2-70b")
+@click.option("--cluster", "cluster_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="cluster YAML file")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+              show_default=True, help="stored and compute dtype (split --dtype, run --dtype)")
+@click.option("--prompt-tokens", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=128, show_default=True,
+              help="tokens generated (ms/token is predicted at their middle)")
+@click.option("--context", type=int, default=None,
+              help="KV cache positions preallocated, as --max-seq-len (default: the model's)")
+@click.option("--optimize-shares", is_flag=True, help="propose per-node --shares")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def plan(model_spec: str, cluster_file: Path, dtype: str, prompt_tokens: int, new_tokens: int,
+         context: int | None, optimize_shares: bool, as_json: bool) -> None:
+    """Predict memory per node, TTFT and ms/token of MODEL on CLUSTER before running it."""
+    from edgetp import planner
+    from edgetp.presets import resolve_model
+
+    name, config = resolve_model(model_spec)
+    cluster = planner.load_cluster(cluster_file)
+    kwargs = {"dtype": dtype, "prompt_tokens": prompt_tokens, "context": context,
+              "new_tokens": new_tokens, "model_name": name}
+    result = planner.plan_cluster(config, cluster, **kwargs)
+    equal = None
+    if optimize_shares:
+        equal = planner.plan_cluster(config, cluster.with_shares((1.0,) * len(cluster.nodes)),
+                                     **kwargs)
+        result = planner.optimize_shares(config, cluster, **kwargs)
+    if as_json:
+        data = result.to_dict()
+        if equal is not None:
+            data["equal_shares_ms_per_token"] = equal.ms_per_token
+        click.echo(json.dumps(data))
+    else:
+        click.echo(planner.render_plan(result, equal))
+
+
+@main.command()
+@click.option("--shard-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="a split (or rank directory): its disk and its matrix shapes")
+@click.option("--master", "master_address", default=None,
+              help="tcp://HOST:PORT of `edgetp probe --serve-echo PORT` (measures the link)")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="write the profile JSON here (default: standard output)")
+@click.option("--quick", is_flag=True, help="smaller, shorter measurements (~3 s)")
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
+@click.option("--serve-echo", "echo_port", type=int, default=None,
+              help="instead of probing, echo messages on this port for other devices' --master")
+@user_errors
+def probe(shard_dir: Path | None, master_address: str | None, out_file: Path | None,
+          quick: bool, threads: int | None, echo_port: int | None) -> None:
+    """Measure this device for the planner and write a JSON profile."""
+    from edgetp import probe as probing
+
+    if echo_port is not None:
+        click.echo(f"echoing on tcp://0.0.0.0:{echo_port} (Ctrl-C stops)", err=True)
+        probing.serve_echo(echo_port)
+        return
+    data = probing.probe_device(shard_dir, master_address, quick, threads,
+                                log=lambda line: click.echo(line, err=True))
+    click.echo(probing.describe_profile(data), err=True)
+    text = json.dumps(data, indent=1)
+    if out_file is None:
+        click.echo(text)
+    else:
+        out_file.write_text(text + "\n")
+        click.echo(f"wrote {out_file}", err=True)
+
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgetp.master import Master
 from edgetp.split import model_fingerprint, split_checkpoint
+from edgetp.transport import MasterTransport
 
 WORKER_START_TIMEOUT_S = 120.0
 
@@ -113,16 +114,22 @@ class LocalCluster:
         assert self.master is not None
         transport = self.master.runner.transport  # type: ignore[attr-defined]
         deadline = time.monotonic() + timeout_s
-        while transport.missing_ranks():
+        while transport.missing_ranks() or self._stale_ranks(transport):
             for rank, proc in self.workers.items():
                 if proc.poll() is not None:
                     err = self.log_path(rank).read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"worker rank {rank} exited with status "
                                        f"{proc.returncode} before joining:\n{err}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"workers {transport.missing_ranks()} did not join in "
-                                   f"{timeout_s:g} s")
+                late = sorted(transport.missing_ranks() + self._stale_ranks(transport))
+                raise TimeoutError(f"workers {late} did not join in {timeout_s:g} s")
             time.sleep(0.05)
+
+    def _stale_ranks(self, transport: MasterTransport) -> list[int]:
+        """Ranks the master still lists under a previous process (killed, not yet noticed)."""
+        peers = dict(transport.peers)  # the heartbeat thread may change it meanwhile
+        return [rank for rank, proc in self.workers.items()
+                if rank in peers and peers[rank].pid != proc.pid]
 
     def kill_worker(self, rank: int) -> None:
         proc = self.workers.pop(rank)

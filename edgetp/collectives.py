@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from edgetp.metrics import RECORDER, now
 from edgetp.transport import (
     ClusterError,
     MasterTransport,
@@ -121,16 +122,20 @@ class StarMaster:
         self.wait_s = 0.0  # time spent waiting for partials (for the reports)
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
+        started = now()
         index, last = self.position.advance()
         parts = self._gather(index, x.shape)
         total = x.to(self.wire_dtype).float()  # every rank's partial rounded alike
         for rank in self.transport.worker_ranks:  # rank order: independent of arrival
             total += parts[rank].float()
         total = total.to(self.wire_dtype)
+        nbytes = x.numel() * total.element_size() * (self.world_size - 1)
         if not last:
             pos = self.position
             self.transport.broadcast("sum", {"seq": pos.seq, "step": pos.step, "index": index},
                                      [total])
+            nbytes *= 2
+        RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
 
     def _gather(self, index: int, shape: torch.Size) -> dict[int, torch.Tensor]:
@@ -173,16 +178,18 @@ class StarWorker:
         self.wait_s = 0.0
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
+        started = now()
         index, last = self.position.advance()
         pos = self.position
-        wire_dtype = WIRE_TORCH_DTYPES[self.transport.wire_dtype]
+        partial = x.to(WIRE_TORCH_DTYPES[self.transport.wire_dtype])
         self.transport.send("partial", {"seq": pos.seq, "step": pos.step, "index": index},
-                            [x.to(wire_dtype)])
-        if last:
-            return x  # a reduce: only the master needs the final sum
-        started = time.perf_counter()
+                            [partial])
+        if last:  # a reduce: only the master needs the final sum
+            RECORDER.add("allreduce", index, started, now(), partial.numel() * partial.itemsize)
+            return x
         total = self._wait_for_sum(index, x.shape)
-        self.wait_s += time.perf_counter() - started
+        self.wait_s += now() - started
+        RECORDER.add("allreduce", index, started, now(), 2 * partial.numel() * partial.itemsize)
         return total.to(x.dtype)
 
     def _wait_for_sum(self, index: int, shape: torch.Size) -> torch.Tensor:

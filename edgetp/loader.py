@@ -21,6 +21,7 @@ from edgetp.checkpoint import set_tensor
 from edgetp.collectives import Communicator
 from edgetp.config import format_bytes
 from edgetp.manifest import Manifest, read_manifest, verify_file
+from edgetp.metrics import instrument
 from edgetp.model import Transformer
 from edgetp.parallel import shard_model
 from edgetp.split import layer_file
@@ -67,8 +68,10 @@ def load_rank(
             _check_window_dtype(manifest, dtype)
             _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
             model.window = _make_window(blocks, needs, memory_budget, ring_slots)
+            instrument(model)
             return model.eval()
     _load_everything(model, manifest, shard_dir, dtype)
+    instrument(model)
     return model.eval()
 
 
@@ -128,10 +131,21 @@ def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
     for file_name, prefix in _files_with_prefixes(manifest):
         with safe_open(shard_dir / file_name, framework="pt") as handle:
             for name in manifest.files[file_name].tensors:
-                tensor = handle.get_tensor(name).to(dtype)
+                tensor = _aligned(handle.get_tensor(name).to(dtype))
                 set_tensor(model, prefix + name, tensor, f" in {shard_dir / file_name}")
     if manifest.rank == 0 and manifest.model_config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``tensor``, copied to an allocation of its own if it does not start ``alignment``-aligned.
+
+    safetensors hands out tensors at arbitrary addresses (e.g. 16 or 56 mod 64), and CPU
+    kernels pick their code path by alignment: a decode step's matrix-vector products then
+    round differently in the last bits. The window's buffers are 64-byte aligned, so resident
+    weights must be too for a memory budget never to change the output.
+    """
+    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
 
 
 def _files_with_prefixes(manifest: Manifest) -> list[tuple[str, str]]:
@@ -189,7 +203,7 @@ def _load_small_tensors(model: Transformer, manifest: Manifest, shard_dir: Path,
                 if name == "embed_tokens.weight":
                     model.embed_tokens = DiskEmbedding(shard_dir / file_name, entry, dtype)
                     continue
-                set_tensor(model, prefix + name, handle.get_tensor(name).to(dtype))
+                set_tensor(model, prefix + name, _aligned(handle.get_tensor(name).to(dtype)))
 
 
 def _disk_names(block: BlockSpec) -> list[str]:

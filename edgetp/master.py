@@ -7,6 +7,7 @@ workers (see ``edgetp.cluster``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from edgetp.collectives import StarMaster
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.engine import Engine, GenerationResult, LocalRunner, Runner
+from edgetp.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model import Transformer
 from edgetp.plan import ShardPlan
 from edgetp.tokenizer import Tokenizer
@@ -84,13 +86,33 @@ class ClusterRunner:
                 raise
 
     def _step(self, h: torch.Tensor, start: int) -> torch.Tensor:  # h: [C, d] -> [C, d]
+        started = now()
         self.step += 1
         h = self.model.forward_layers(h, start, self.first)
         self.comm.position.begin(self.seq, self.step, 2 * len(self.shared))
         self.transport.broadcast("step", {"seq": self.seq, "step": self.step, "start": start},
                                  [h])
         h = self.model.forward_layers(h, start, self.shared)
-        return self.model.forward_layers(h, start, self.last)
+        h = self.model.forward_layers(h, start, self.last)
+        RECORDER.add("step", self.step, started, now())
+        return h
+
+    def collect_stats(self, timeout_s: float | None = None) -> dict[int, tuple[dict, list]]:
+        """Every worker's counters and spans since the last collection, by rank."""
+        timeout_s = self.join_timeout_s if timeout_s is None else timeout_s
+        with self.transport.lock:
+            self.transport.broadcast("collect", {"seq": self.seq})
+            out: dict[int, tuple[dict, list]] = {}
+            deadline = time.monotonic() + timeout_s
+            while len(out) < self.plan.n_ranks - 1:
+                got = self.transport.receive(max(0.0, deadline - time.monotonic()))
+                if got is None:
+                    missing = [r for r in self.transport.worker_ranks if r not in out]
+                    raise ClusterError(f"ranks {missing} sent no statistics in {timeout_s:g} s")
+                rank, message = got
+                if message.op == "stats" and message.fields["seq"] == self.seq:
+                    out[rank] = (message.fields["stats"], spans_from_tensor(message.tensors[0]))
+            return out
 
     def _abort(self) -> None:
         for rank in list(self.transport.peers):

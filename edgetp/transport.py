@@ -27,6 +27,8 @@ from edgetp.wire import Message, WireError
 log = logging.getLogger("edgetp.transport")
 
 HEARTBEAT_S = 1.0
+SERVICE_INTERVAL_S = 0.005  # how often an idle master answers control messages
+CLOCK_SYNC_PINGS = 8
 
 
 class ClusterError(RuntimeError):
@@ -222,7 +224,7 @@ class MasterTransport:
             self._handle_hello(identity, message)
             return None
         if rank is None:
-            self._send_to(identity, "rejoin", {})
+            self._reply(identity, "rejoin", {})
             return None
         self.peers[rank].last_seen = time.monotonic()
         if message.op == "ping":
@@ -234,6 +236,18 @@ class MasterTransport:
         self.traffic.dropped += 1
         log.warning("dropped an unexpected %r message from %s", message.op, self.describe(rank))
         return None
+
+    def _reply(self, identity: bytes, op: str, fields: dict[str, Any],
+               rank: int | None = None) -> None:
+        """Answer a peer that is not (yet) a worker of the request; it may be gone already.
+
+        Its failure must not fail the request that happens to be receiving (ZeroMQ drops the
+        route of a vanished peer, and ROUTER_MANDATORY makes the send raise).
+        """
+        try:
+            self._send_to(identity, op, fields, rank=rank)
+        except ClusterError as exc:
+            log.info("could not answer %s with %r: %s", self._who(identity), op, exc)
 
     def _rank_of(self, identity: bytes) -> int | None:
         for rank, peer in self.peers.items():
@@ -250,15 +264,15 @@ class MasterTransport:
         reason = self._refusal(fields)
         if reason:
             log.warning("refused worker %s (rank %s): %s", fields["host"], fields["rank"], reason)
-            self._send_to(identity, "refuse", {"reason": reason})
+            self._reply(identity, "refuse", {"reason": reason})
             return
         rank = fields["rank"]
         self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
                                 time.time() - fields["time"])
         log.info("worker rank %d joined from %s (pid %d)", rank, fields["host"], fields["pid"])
-        self._send_to(identity, "welcome", {"session": self.session,
-                                            "wire_dtype": self.wire_dtype, "time": time.time()},
-                      rank=rank)
+        self._reply(identity, "welcome", {"session": self.session,
+                                          "wire_dtype": self.wire_dtype, "time": time.time()},
+                    rank=rank)
 
     def _refusal(self, fields: dict[str, Any]) -> str | None:
         expected = self.expected
@@ -283,7 +297,7 @@ class MasterTransport:
                 log.error("%s reported: %s", self.describe(rank), message.fields["message"])
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S / 4):
+        while not self._stop.wait(SERVICE_INTERVAL_S):
             if self.lock.acquire(blocking=False):
                 try:
                     if not self._stop.is_set():
@@ -328,6 +342,8 @@ class WorkerTransport:
         self.wire_dtype = "f32"
         self.clock_offset_s = 0.0
         self.sock: zmq.Socket | None = None
+        self.best_rtt_s = float("inf")
+        self._pending: list[Message] = []  # arrived during the clock sync, not yet served
         self.last_heard = 0.0
         self.last_sent = 0.0
 
@@ -336,6 +352,7 @@ class WorkerTransport:
         deadline = None if give_up_s is None else time.monotonic() + give_up_s
         self._new_socket()
         while True:
+            sent_at = time.time()
             self.send("hello", self.identity.hello_fields())
             message = self._wait_for_handshake_reply()
             if message is not None:
@@ -343,16 +360,41 @@ class WorkerTransport:
                     raise HandshakeRefused(f"master refused rank {self.identity.rank}: "
                                            f"{message.fields['reason']}")
                 self.wire_dtype = message.fields["wire_dtype"]
-                self.clock_offset_s = message.fields["time"] - time.time()
-                log.info("rank %d joined master %s", self.identity.rank, self.master)
+                self._clock_sample(message.fields["time"], sent_at)
+                self._sync_clock()
+                log.info("rank %d joined master %s (clock offset %.2f ms, rtt %.2f ms)",
+                         self.identity.rank, self.master, self.clock_offset_s * 1e3,
+                         self.best_rtt_s * 1e3)
                 return
             if deadline is not None and time.monotonic() > deadline:
                 raise ClusterError(f"no answer from the master at {self.master}")
             self._new_socket()  # a fresh connection (the master may have restarted)
 
+    def _clock_sample(self, master_time: float, sent_at: float) -> None:
+        """Offset = master clock minus ours, from the exchange with the smallest round trip
+        (its reply is least likely to have waited), assuming the reply took half of it."""
+        received = time.time()
+        rtt = received - sent_at
+        if rtt < self.best_rtt_s:
+            self.best_rtt_s = rtt
+            self.clock_offset_s = master_time - (sent_at + received) / 2
+
+    def _sync_clock(self) -> None:
+        for _ in range(CLOCK_SYNC_PINGS):
+            self.send("ping", {"time": time.time()})
+            deadline = time.monotonic() + 0.5
+            while (remaining := deadline - time.monotonic()) > 0:
+                message = self._poll_one(remaining)
+                if message is None:
+                    continue
+                if message.op == "pong":
+                    break
+                self._pending.append(message)  # e.g. a step sent right after the welcome
+
     def _new_socket(self) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
+        self._pending.clear()  # messages of the previous connection's session
         self.sock = make_context().socket(zmq.DEALER)
         _configure(self.sock)
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
@@ -387,12 +429,15 @@ class WorkerTransport:
                 self.send("ping", {"time": time.time()})
             if time.monotonic() - self.last_heard > max(self.timeout_s, 3 * HEARTBEAT_S):
                 raise ClusterError(f"the master at {self.master} stopped answering")
-            message = self._poll_one(min(remaining, HEARTBEAT_S / 2))
+            if self._pending:
+                message: Message | None = self._pending.pop(0)
+            else:
+                message = self._poll_one(min(remaining, HEARTBEAT_S / 2))
             if message is None:
                 continue
             if message.op == "rejoin":
                 raise ClusterError("the master does not know this worker (it restarted)")
-            if message.op in ("step", "sum", "abort", "shutdown"):
+            if message.op in ("step", "sum", "abort", "shutdown", "collect"):
                 return message
         return None
 
@@ -411,6 +456,8 @@ class WorkerTransport:
             return None
         self.traffic.count_received(message.op, frames)
         self.last_heard = time.monotonic()
+        if message.op == "pong":
+            self._clock_sample(message.fields["time"], message.fields["echo"])
         return message
 
     def close(self) -> None:

@@ -19,6 +19,8 @@ released by forward hooks.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import threading
 import time
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 
 from edgetp.manifest import TensorEntry
+from edgetp.metrics import RECORDER, now
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "I8": torch.int8, "U8": torch.uint8}
@@ -71,48 +74,65 @@ def choose_pinned(sizes: Sequence[int], weight_budget: int, ring_slots: int) -> 
     """Which blocks (in execution order) to pin so pinned bytes + the ring fit the budget.
 
     Everything is pinned when it all fits (no ring at all). Otherwise the ring is sized for
-    the largest streamed block, pinned blocks are spread evenly through the order, and bytes
-    left over after the ring shrinks are filled by the largest blocks that still fit.
+    the largest streamed block, and blocks are pinned in one fixed priority order
+    (:func:`_pin_order`: oversized blocks first, then the rest spread evenly through the
+    execution order): the longest prefix of that order that fits with its ring, then whatever
+    later blocks still fit in the bytes left over. A bigger budget therefore never pins fewer
+    bytes (a longer prefix pins a superset, a same prefix gets more room for the rest).
     """
-    total = sum(sizes)
-    if total <= weight_budget:
-        return [True] * len(sizes)
-    available = weight_budget - ring_slots * max(sizes)
-    pinned = _spread(sizes, available)
-    streamed = [s for s, p in zip(sizes, pinned, strict=True) if not p]
-    spare = weight_budget - ring_slots * max(streamed) - _pinned_bytes(sizes, pinned)
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        if not pinned[i] and sizes[i] <= spare and _ring_after(sizes, pinned, i, ring_slots):
+    n = len(sizes)
+    if sum(sizes) <= weight_budget:
+        return [True] * n
+    order = _pin_order(sizes, ring_slots)
+    rest_max = [0] * (n + 1)  # the largest block still streaming once order[:k] is pinned
+    for k in range(n - 1, -1, -1):
+        rest_max[k] = max(rest_max[k + 1], sizes[order[k]])
+    prefix, spare, prefix_bytes = 0, weight_budget - ring_slots * rest_max[0], 0
+    for k in range(1, n):
+        prefix_bytes += sizes[order[k - 1]]
+        cost = prefix_bytes + ring_slots * rest_max[k]
+        if cost <= weight_budget:
+            prefix, spare = k, weight_budget - cost
+    pinned = [False] * n
+    for i in order[:prefix]:
+        pinned[i] = True
+    for i in order[prefix:]:  # the ring stays as sized for the prefix: these only use spare
+        if 0 < sizes[i] <= spare:
             pinned[i] = True
-            spare = (weight_budget - _ring_after(sizes, pinned, None, ring_slots)
-                     - _pinned_bytes(sizes, pinned))
+            spare -= sizes[i]
     return pinned
 
 
-def _spread(sizes: Sequence[int], available: int) -> list[bool]:
-    """Pin a fraction ``available / total`` of the bytes, evenly spaced (error diffusion)."""
-    fraction = max(0.0, available) / sum(sizes)
-    pinned, credit, left = [], 0.0, available
-    for size in sizes:
-        credit += fraction * size
-        take = credit >= size and size <= left
-        pinned.append(take)
-        if take:
-            credit -= size
-            left -= size
-    return pinned
+GOLDEN = 0.6180339887498949
+MAX_SPREAD_SAMPLES = 1 << 14
 
 
-def _pinned_bytes(sizes: Sequence[int], pinned: Sequence[bool]) -> int:
-    return sum(s for s, p in zip(sizes, pinned, strict=True) if p)
+def _pin_order(sizes: Sequence[int], ring_slots: int) -> list[int]:
+    """Block indices in pinning priority, independent of the budget.
 
-
-def _ring_after(sizes: Sequence[int], pinned: Sequence[bool], extra: int | None,
-                slots: int) -> int:
-    """Ring bytes if block ``extra`` were pinned too (0 means nothing would stream: falsy)."""
-    streamed = [s for i, (s, p) in enumerate(zip(sizes, pinned, strict=True))
-                if not p and i != extra]
-    return slots * max(streamed) if streamed else 0
+    Empty blocks first (free), then any block at least ``ring_slots / (ring_slots - 1)``
+    times the next largest, largest first (an lm_head of a big vocabulary: streaming it would
+    size the whole ring, so pinning it costs nothing or saves bytes). The others follow in
+    the order a low-discrepancy sequence of byte positions hits them, so that every prefix of
+    the order is spread evenly through the execution order, by bytes.
+    """
+    order = [i for i, s in enumerate(sizes) if s <= 0]
+    by_size = sorted((i for i, s in enumerate(sizes) if s > 0), key=lambda i: -sizes[i])
+    while len(by_size) > 1 and (
+            sizes[by_size[0]] + ring_slots * sizes[by_size[1]] <= ring_slots * sizes[by_size[0]]):
+        order.append(by_size.pop(0))
+    rest = sorted(by_size)
+    ends = list(itertools.accumulate(sizes[i] for i in rest))
+    seen: set[int] = set()
+    for j in range(MAX_SPREAD_SAMPLES):
+        if len(seen) == len(rest):
+            break
+        position = (0.5 + j * GOLDEN) % 1.0 * ends[-1]
+        index = rest[min(bisect.bisect_right(ends, position), len(rest) - 1)]
+        if index not in seen:
+            seen.add(index)
+            order.append(index)
+    return order + [i for i in rest if i not in seen]  # blocks too small for any sample
 
 
 @dataclass
@@ -229,6 +249,7 @@ class WeightWindow:
                     break
                 self._cond.wait(timeout=1.0)
         waited = time.perf_counter() - started
+        RECORDER.add("read_wait", index, now() - waited, now())
         self.stats.wait_s += waited
         name = self.streamed[index].name
         self.stats.per_block_wait_s[name] = self.stats.per_block_wait_s.get(name, 0.0) + waited
@@ -268,7 +289,7 @@ class WeightWindow:
 
     def _read_into(self, slot: _Slot, index: int) -> bool:
         block = self.streamed[index]
-        started = time.perf_counter()
+        started, started_clock = time.perf_counter(), now()
         try:
             _read_block(block, slot.raw)
         except BaseException as exc:  # surfaces in the compute thread, never hangs it
@@ -277,6 +298,7 @@ class WeightWindow:
                 self._cond.notify_all()
             return False
         elapsed = time.perf_counter() - started
+        RECORDER.add("read", index, started_clock, now(), block.nbytes, thread=1)
         with self._cond:
             if slot.block == index:  # not dropped by a resync meanwhile
                 slot.ready = True

@@ -33,6 +33,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "f16": torch.float16,
     "i8": torch.int8,
+    "f64": torch.float64,
 }
 DTYPE_CODES = {v: k for k, v in WIRE_DTYPES.items()}
 
@@ -50,12 +51,13 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "abort": {"seq": _INT},
     "ping": {"time": _FLOAT},
     "pong": {"time": _FLOAT, "echo": _FLOAT},
+    "collect": {"seq": _INT},
     "stats": {"seq": _INT, "stats": _DICT},
     "error": {"message": _STR},
     "shutdown": {},
 }
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {
-    "step": (1, 1), "partial": (1, 2), "sum": (1, 2),
+    "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1),
 }
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -16,6 +16,7 @@ import torch
 from edgetp.collectives import StarWorker
 from edgetp.loader import load_rank
 from edgetp.manifest import read_manifest
+from edgetp.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.model import Transformer
 from edgetp.transport import (
     ClusterError,
@@ -49,6 +50,7 @@ class Worker:
         self.layers = manifest.plan.shared_layers
         self.n_allreduce = 2 * len(self.layers)
         self.rank = manifest.rank
+        self.memory_budget = memory_budget
 
     def serve(self) -> None:
         """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
@@ -63,6 +65,8 @@ class Worker:
                         return
                     if message.op == "step":
                         self._run_step(message)
+                    elif message.op == "collect":
+                        self._send_stats(message.fields["seq"])
                 except StepAborted as exc:
                     log.info("rank %d: %s", self.rank, exc)
                 except ShutdownRequested:
@@ -85,13 +89,25 @@ class Worker:
             self.transport.send("error", {"message": f"rank {self.rank}: {problem}"})
             return
         self.comm.position.begin(fields["seq"], fields["step"], self.n_allreduce)
+        started = now()
         try:
             self.model.forward_layers(h.to(self.model.dtype), fields["start"], self.layers)
+            RECORDER.add("step", fields["step"], started, now())
         except (RuntimeError, ValueError) as exc:
             if isinstance(exc, ClusterError | StepAborted | ShutdownRequested):
                 raise
             log.exception("rank %d: step failed", self.rank)
             self.transport.send("error", {"message": f"rank {self.rank}: {exc}"})
+
+    def _send_stats(self, seq: int) -> None:
+        """Ship this node's spans (on the master's clock) and counters to the master."""
+        traffic = self.transport.traffic
+        facts = {**node_facts(), **window_facts(self.model), "rank": self.rank,
+                 "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
+                 "memory_budget_bytes": self.memory_budget or 0,
+                 "clock_offset_s": self.transport.clock_offset_s}
+        spans = spans_to_tensor(RECORDER.take(), self.transport.clock_offset_s)
+        self.transport.send("stats", {"seq": seq, "stats": facts}, [spans])
 
     def _check_step(self, h: torch.Tensor, start: int) -> str | None:
         if h.dim() != 2 or h.shape[1] != self.model.config.hidden_size:

@@ -90,6 +90,7 @@ def stop_cluster(cluster: TrackedCluster) -> dict[int, int | None]:
 
     Returns the exit status of the last process of each rank.
     """
+    told_to_stop = dict(cluster.workers)  # the others were killed on purpose
     try:
         call_with_deadline(cluster.stop, STOP_TIMEOUT_S, "stopping the cluster")
     finally:
@@ -100,6 +101,8 @@ def stop_cluster(cluster: TrackedCluster) -> dict[int, int | None]:
                 proc.kill()
                 proc.wait(timeout=10)
     assert not survivors, f"worker processes still running after stop(): {survivors}"
+    unclean = {rank: proc.returncode for rank, proc in told_to_stop.items() if proc.returncode}
+    assert not unclean, f"workers did not exit cleanly on shutdown: {unclean}\n{cluster.logs()}"
     return {rank: proc.returncode for rank, proc in cluster.processes}
 
 

@@ -1,0 +1,164 @@
+"""Timers and counters: where every millisecond of a step went, on every node.
+
+Each process has one :data:`RECORDER`. The runtime records *spans* (a kind, a name, a start on
+this node's clock, a duration) at the points that matter: a decoder layer, an allreduce wait,
+a weight-read wait (compute side), a weight read (reader thread), the head, a whole step.
+Workers ship their spans to the master as one float64 tensor per request, already shifted to
+the master's clock (offset estimated at the handshake), so timelines from all nodes line up.
+
+Recording costs two ``perf_counter`` calls and an append per span; the buffer is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+SPAN_KINDS = ("step", "layer", "allreduce", "read_wait", "read", "head", "embed", "sample")
+KIND_INDEX = {kind: i for i, kind in enumerate(SPAN_KINDS)}
+MAX_SPANS = 500_000
+
+
+@dataclass(frozen=True)
+class Span:
+    kind: str
+    index: int  # layer number, allreduce number or block number; -1 when not applicable
+    start_s: float  # on the recording node's perf clock, or the master's after alignment
+    duration_s: float
+    nbytes: int = 0  # bytes moved (allreduce: sent + received by this node; read: bytes read)
+    thread: int = 0  # 0: compute thread, 1: reader thread
+
+
+class Recorder:
+    """A bounded, thread-safe list of spans for this process."""
+
+    def __init__(self) -> None:
+        self._spans: deque[Span] = deque(maxlen=MAX_SPANS)
+        self._lock = threading.Lock()
+        self.enabled = True
+
+    def add(self, kind: str, index: int, start_s: float, end_s: float, nbytes: int = 0,
+            thread: int = 0) -> None:
+        if self.enabled:
+            span = Span(kind, index, start_s, end_s - start_s, nbytes, thread)
+            with self._lock:
+                self._spans.append(span)
+
+    def take(self) -> list[Span]:
+        """All spans since the last take."""
+        with self._lock:
+            spans = list(self._spans)
+            self._spans.clear()
+        return spans
+
+
+RECORDER = Recorder()
+
+
+def now() -> float:
+    """The clock spans use: ``time.time()`` resolution, monotonic-enough for one request."""
+    return time.perf_counter() + _PERF_TO_WALL
+
+
+_PERF_TO_WALL = time.time() - time.perf_counter()
+
+
+def spans_to_tensor(spans: list[Span], offset_s: float = 0.0) -> torch.Tensor:
+    """[N, 7] float64: kind, index, start (shifted by offset), duration, bytes, thread."""
+    rows = [(KIND_INDEX[s.kind], s.index, s.start_s + offset_s, s.duration_s, s.nbytes,
+             s.thread, 0.0) for s in spans]
+    if not rows:
+        return torch.zeros((1, 7), dtype=torch.float64) - 1  # a single "no span" row
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def spans_from_tensor(table: torch.Tensor) -> list[Span]:
+    """Inverse of :func:`spans_to_tensor`; rows with an unknown kind are skipped."""
+    if table.dim() != 2 or table.shape[1] != 7:
+        raise ValueError(f"span table of shape {list(table.shape)}, expected [N, 7]")
+    out = []
+    for kind, index, start, duration, nbytes, thread, _ in table.tolist():
+        if 0 <= kind < len(SPAN_KINDS) and duration >= 0:
+            out.append(Span(SPAN_KINDS[int(kind)], int(index), start, duration, int(nbytes),
+                            int(thread)))
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """The process's resident-memory high-water mark (VmHWM), in bytes."""
+    return _proc_status_kib("VmHWM") * 1024
+
+
+def current_rss_bytes() -> int:
+    return _proc_status_kib("VmRSS") * 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def node_facts() -> dict[str, float | int | str]:
+    """Static and peak figures of this process, for the report."""
+    return {
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_bytes": current_rss_bytes(),
+        "threads_torch": torch.get_num_threads(),
+        "threads_process": threading.active_count(),
+        "pid": os.getpid(),
+    }
+
+
+def instrument(model: torch.nn.Module) -> None:
+    """Record a span for every local decoder layer and the head of ``model`` (via hooks)."""
+    for index, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+        if layer is not None:
+            _time_module(layer, "layer", index)
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        _time_module(head, "head", -1)
+
+
+def _time_module(module: torch.nn.Module, kind: str, index: int) -> None:
+    started: list[float] = []
+
+    def before(_module: torch.nn.Module, _args: object) -> None:
+        started.append(now())
+
+    def after(_module: torch.nn.Module, _args: object, _output: object) -> None:
+        if started:
+            RECORDER.add(kind, index, started.pop(), now())
+
+    module.register_forward_pre_hook(before)
+    module.register_forward_hook(after)
+
+
+def window_facts(model: torch.nn.Module) -> dict[str, float | int]:
+    """The window's counters since the last call (empty when nothing streams)."""
+    window = getattr(model, "window", None)
+    if window is None:
+        return {"window_resident_peak_bytes": 0, "window_bytes_read": 0}
+    stats = window.take_stats()
+    return {
+        "window_resident_peak_bytes": stats.resident_peak_bytes,
+        "window_pinned_bytes": window.pinned_bytes,
+        "window_ring_bytes": window.ring_bytes,
+        "window_pinned_blocks": len(window.pinned),
+        "window_streamed_blocks": len(window.streamed),
+        "window_bytes_read": stats.bytes_read,
+        "window_blocks_read": stats.blocks_read,
+        "window_read_s": stats.read_s,
+        "window_wait_s": stats.wait_s,
+        "window_overlap": stats.overlap,
+    }

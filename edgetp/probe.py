@@ -1,0 +1,466 @@
+"""Device profiles: what one device can do, measured (``edgetp probe``) or written by hand.
+
+A profile holds the figures the planner's cost model needs:
+
+- ``matvec_gbs``: weight bytes per second of matrix-vector products ``[1, d] x [d, k]``, per
+  compute dtype. Batch-1 decoding is memory-bound, so this (not FLOP/s) sets the decode speed.
+  Measured cycling through more weight copies than any cache holds.
+- ``flops_gflops``: a prefill-like ``[128, d] x [d, k]`` matmul, per dtype (prefill speed).
+- ``mem_bw_gbs``: a streaming sum over a large tensor (KV cache reads).
+- ``disk_bw_mbs``: sequential reads of a file written for the test in the shard directory's
+  file system, its page cache dropped first (``posix_fadvise(DONTNEED)``); the file is deleted.
+- ``layer_overhead_us`` / ``step_overhead_us``: Python and dispatch time of one decoder layer
+  and of one step (embedding, head, sampling) at a size where bytes do not matter.
+- ``msg_overhead_us``: one message's software cost (edgetp's wire encoding plus ZeroMQ), half
+  the round trip of a one-row message over loopback TCP.
+- ``runtime_rss``: the resident memory of a Python process that has imported torch and edgetp,
+  before any weight is loaded; ``free_memory``: what the OS reports as available.
+
+Link figures (``link``: round trip, one-way latency, bandwidth) need a peer: run
+``edgetp probe --serve-echo PORT`` on the master's machine and ``edgetp probe --master
+tcp://MASTER:PORT`` on each device. Without ``--master`` the link is not measured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetp.config import ConfigError, parse_bytes
+
+PROFILE_VERSION = 1
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# Figures used when a hand-written profile leaves them out (a mid-range laptop; see README).
+DEFAULTS: dict[str, Any] = {
+    "flops_gflops": 50.0,
+    "disk_bw_mbs": 500.0,
+    "layer_overhead_us": 150.0,
+    "step_overhead_us": 300.0,
+    "msg_overhead_us": 60.0,
+    "runtime_rss": 300 * 2**20,
+}
+PERF_KEYS = ("mem_bw_gbs", "matvec_gbs", "flops_gflops", "disk_bw_mbs", "layer_overhead_us",
+             "step_overhead_us", "msg_overhead_us", "runtime_rss", "free_memory")
+INFO_KEYS = ("version", "host", "cpu_count", "threads", "torch_version", "disk_path",
+             "disk_note", "total_memory", "link", "quick", "probe_seconds", "matvec_shapes")
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What one device does per second; see the module docstring for each figure."""
+
+    mem_bw_gbs: float
+    matvec_gbs: dict[str, float]
+    flops_gflops: dict[str, float]
+    disk_bw_mbs: float
+    layer_overhead_us: float
+    step_overhead_us: float
+    msg_overhead_us: float
+    runtime_rss: int
+    free_memory: int | None = None
+
+    def matvec_bytes_per_s(self, dtype: str) -> float:
+        return self.matvec_gbs[dtype] * 1e9
+
+    def flops_per_s(self, dtype: str) -> float:
+        return self.flops_gflops[dtype] * 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> DeviceProfile:
+        """Validate a profile mapping (from ``edgetp probe`` or written by hand)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a profile must be a mapping of figures")
+        unknown = sorted(set(data) - set(PERF_KEYS) - set(INFO_KEYS))
+        if unknown:
+            raise ConfigError(f"{source}: unknown profile key(s) {unknown}; known: "
+                              f"{', '.join(PERF_KEYS)}")
+        if "mem_bw_gbs" not in data:
+            raise ConfigError(f"{source}: the profile needs mem_bw_gbs (memory bandwidth, GB/s)")
+        values = {**DEFAULTS, **data}
+        mem_bw = _positive(values["mem_bw_gbs"], "mem_bw_gbs", source)
+        free = values.get("free_memory")
+        return cls(
+            mem_bw_gbs=mem_bw,
+            matvec_gbs=_per_dtype(values.get("matvec_gbs", mem_bw), "matvec_gbs", source),
+            flops_gflops=_per_dtype(values["flops_gflops"], "flops_gflops", source),
+            disk_bw_mbs=_positive(values["disk_bw_mbs"], "disk_bw_mbs", source),
+            layer_overhead_us=_positive(values["layer_overhead_us"], "layer_overhead_us", source,
+                                        zero_ok=True),
+            step_overhead_us=_positive(values["step_overhead_us"], "step_overhead_us", source,
+                                       zero_ok=True),
+            msg_overhead_us=_positive(values["msg_overhead_us"], "msg_overhead_us", source,
+                                      zero_ok=True),
+            runtime_rss=_size(values["runtime_rss"], "runtime_rss", source),
+            free_memory=None if free is None else _size(free, "free_memory", source),
+        )
+
+
+def _positive(value: Any, name: str, source: str, zero_ok: bool = False) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
+        raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+    return number
+
+
+def _per_dtype(value: Any, name: str, source: str) -> dict[str, float]:
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(COMPUTE_DTYPES))
+        missing = [d for d in COMPUTE_DTYPES if d not in value]
+        if unknown or missing:
+            raise ConfigError(f"{source}: {name} needs exactly the keys "
+                              f"{', '.join(COMPUTE_DTYPES)} (or one number for both)")
+        return {d: _positive(value[d], f"{name}.{d}", source) for d in COMPUTE_DTYPES}
+    number = _positive(value, name, source)
+    return dict.fromkeys(COMPUTE_DTYPES, number)
+
+
+def _size(value: Any, name: str, source: str) -> int:
+    try:
+        return parse_bytes(value if isinstance(value, str) else int(value))
+    except (ConfigError, TypeError, ValueError):
+        raise ConfigError(f"{source}: {name} must be a size such as 300MB or 8GiB, "
+                          f"got {value!r}") from None
+
+
+def load_profile(path: str | Path) -> DeviceProfile:
+    """Read a profile JSON file written by ``edgetp probe`` (or by hand)."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile {path} not found; create it with `edgetp probe --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"profile {path} is not valid JSON: {exc}") from exc
+    return DeviceProfile.from_dict(data, str(path))
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+Log = Callable[[str], None]
+
+
+def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
+                 quick: bool = False, threads: int | None = None,
+                 log: Log | None = None) -> dict[str, Any]:
+    """Measure this device; returns the profile as a JSON-ready dict (perf and info keys)."""
+    import psutil
+    import torch
+
+    import edgetp.worker  # noqa: F401 - a worker's imports, for the baseline RSS
+
+    log = log or (lambda _message: None)
+    started = time.perf_counter()
+    runtime_rss = _rss()
+    if threads:
+        torch.set_num_threads(threads)
+    shapes = _matvec_shapes(shard_dir)
+    scale = 0.25 if quick else 1.0
+    out: dict[str, Any] = {"version": PROFILE_VERSION, "host": platform.node(),
+                           "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+                           "torch_version": torch.__version__, "quick": quick,
+                           "matvec_shapes": [list(s) for s in shapes], "runtime_rss": runtime_rss}
+    out["mem_bw_gbs"] = _round(measure_memory_bandwidth(int(256e6 * scale)))
+    log(f"memory bandwidth {out['mem_bw_gbs']} GB/s")
+    out["matvec_gbs"] = {d: _round(measure_matvec(d, shapes, int(160e6 * scale), 0.8 * scale))
+                         for d in COMPUTE_DTYPES}
+    log(f"matrix-vector {out['matvec_gbs']} GB/s")
+    out["flops_gflops"] = {d: _round(measure_matmul(d, shapes, 0.3 * scale))
+                           for d in COMPUTE_DTYPES}
+    log(f"matmul [128, d] {out['flops_gflops']} GFLOP/s")
+    layer_us, step_us = measure_overheads(40 if quick else 200)
+    out["layer_overhead_us"], out["step_overhead_us"] = _round(layer_us), _round(step_us)
+    log(f"overhead per layer {layer_us:.0f} us, per step {step_us:.0f} us")
+    disk_dir = _disk_dir(shard_dir)
+    disk_mbs, note = measure_disk(disk_dir, int(32e6 if quick else 128e6))
+    out.update(disk_bw_mbs=_round(disk_mbs), disk_path=str(disk_dir), disk_note=note)
+    log(f"disk read {disk_mbs:.0f} MB/s in {disk_dir}" + (f" ({note})" if note else ""))
+    out["msg_overhead_us"] = _round(measure_loopback(50 if quick else 300))
+    log(f"message overhead {out['msg_overhead_us']} us (loopback)")
+    memory = psutil.virtual_memory()
+    out["free_memory"], out["total_memory"] = int(memory.available), int(memory.total)
+    if master:
+        out["link"] = measure_link(master, 10 if quick else 50)
+        log(f"link to {master}: {out['link']}")
+    out["probe_seconds"] = _round(time.perf_counter() - started)
+    return out
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _matvec_shapes(shard_dir: str | Path | None) -> list[tuple[int, int]]:
+    """(in, out) of the linears of a shard's first layer, else a generic mix of sizes."""
+    if shard_dir is not None:
+        from edgetp.manifest import read_manifest
+
+        directory = Path(shard_dir)
+        ranks = sorted(directory.glob("rank-*/manifest.json"))
+        if ranks:
+            directory = ranks[min(1, len(ranks) - 1)].parent  # a worker's shapes if any
+        if (directory / "manifest.json").is_file():
+            manifest = read_manifest(directory)
+            layer = next(iter(sorted(n for n in manifest.files if n.startswith("layer-"))))
+            return [(e.shape[1], e.shape[0]) for name, e in manifest.files[layer].tensors.items()
+                    if name.endswith("proj.weight")]
+    return [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (2048, 8192)]
+
+
+def measure_matvec(dtype: str, shapes: list[tuple[int, int]], total_bytes: int,
+                   seconds: float) -> float:
+    """Weight bytes per second of ``x [1, in] @ W.T`` over copies too many for any cache."""
+    import torch
+    import torch.nn.functional as F
+
+    torch_dtype = getattr(torch, dtype)
+    item = torch.empty((), dtype=torch_dtype).element_size()
+    per_round = sum(i * o for i, o in shapes) * item
+    copies = max(1, math.ceil(total_bytes / per_round))
+    weights = [torch.full((o, i), 0.01, dtype=torch_dtype) for _ in range(copies)
+               for i, o in shapes]
+    inputs = {i: torch.full((1, i), 0.5, dtype=torch_dtype) for i, _ in shapes}
+    for w in weights:  # warm up (and fault every page in)
+        F.linear(inputs[w.shape[1]], w)
+    nbytes, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or nbytes == 0:
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+        nbytes += per_round * copies
+    return nbytes / elapsed / 1e9
+
+
+def measure_matmul(dtype: str, shapes: list[tuple[int, int]], seconds: float,
+                   tokens: int = 128) -> float:
+    """GFLOP/s of a prefill-like ``[tokens, in] @ W.T``."""
+    import torch
+    import torch.nn.functional as F
+
+    torch_dtype = getattr(torch, dtype)
+    pairs = [(torch.full((tokens, min(i, 4096)), 0.5, dtype=torch_dtype),
+              torch.full((min(o, 4096), min(i, 4096)), 0.01, dtype=torch_dtype))
+             for i, o in shapes[:2]]
+    for x, w in pairs:
+        F.linear(x, w)
+    flops, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds or flops == 0:
+        for x, w in pairs:
+            F.linear(x, w)
+            flops += 2 * tokens * w.numel()
+    return flops / elapsed / 1e9
+
+
+def measure_memory_bandwidth(nbytes: int) -> float:
+    """GB/s of a streaming sum over ``nbytes`` of float32 (best of five)."""
+    import torch
+
+    data = torch.full((max(nbytes // 4, 1024),), 1.0)
+    best = math.inf
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def measure_overheads(iterations: int) -> tuple[float, float]:
+    """(per-layer, per-step) microseconds of a tiny model where bytes do not matter."""
+    import torch
+
+    from edgetp.config import parse_hf_config
+    from edgetp.model import Transformer
+
+    config = parse_hf_config({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256})
+    model = Transformer(config).eval()
+    model.allocate_cache()
+    token = torch.tensor([3])
+
+    def step_s(layers: range, position: int) -> float:
+        started = time.perf_counter()
+        model.head(model.forward_layers(model.embed(token), position, layers))
+        return time.perf_counter() - started
+
+    ones, fours = [], []
+    with torch.inference_mode():
+        for i in range(iterations + 20):  # interleaved, so drifts hit both alike
+            one, four = step_s(range(1), 16 + i % 64), step_s(range(4), 16 + i % 64)
+            if i >= 20:
+                ones.append(one)
+                fours.append(four)
+    one, four = statistics.median(ones) * 1e6, statistics.median(fours) * 1e6
+    layer = max(0.0, (four - one) / 3)
+    return layer, max(0.0, one - layer)
+
+
+def _disk_dir(shard_dir: str | Path | None) -> Path:
+    if shard_dir is not None and Path(shard_dir).is_dir():
+        return Path(shard_dir)
+    return Path(tempfile.gettempdir())
+
+
+def measure_disk(directory: Path, nbytes: int, block: int = 4 << 20) -> tuple[float, str]:
+    """MB/s of a sequential read of a file written here, its page cache dropped first."""
+    note = ""
+    path = directory / f".edgetp-probe-{os.getpid()}.bin"
+    chunk = os.urandom(1 << 20) * (block >> 20)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(max(1, nbytes // block)):
+            os.write(fd, chunk)
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        else:
+            note = "no posix_fadvise: the read may come from the page cache"
+        buffer = bytearray(block)
+        view = memoryview(buffer)
+        started, offset = time.perf_counter(), 0
+        while offset < size:
+            n = os.preadv(fd, [view], offset)
+            if n <= 0:
+                break
+            offset += n
+        elapsed = time.perf_counter() - started
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    mbs = size / elapsed / 1e6
+    if mbs > 20000:
+        note = note or "faster than any disk: the page cache was not dropped (tmpfs?)"
+    return mbs, note
+
+
+def _echo_loop(sock: Any, stop: threading.Event | None, max_messages: int | None) -> None:
+    import zmq
+
+    served = 0
+    while (stop is None or not stop.is_set()) and (max_messages is None or served < max_messages):
+        if sock.poll(100, zmq.POLLIN):
+            sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+            served += 1
+
+
+def serve_echo(port: int, max_messages: int | None = None, host: str = "0.0.0.0") -> None:
+    """Echo every message back (the peer of ``edgetp probe --master``); runs until stopped."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(f"tcp://{host}:{port}")
+    try:
+        _echo_loop(sock, None, max_messages)
+    finally:
+        sock.close(0)
+
+
+def _round_trips(address: str, rows: int, count: int, timeout_s: float = 3.0) -> list[float]:
+    """Seconds per round trip of a ``partial`` message of ``rows`` x 1024 float32."""
+    import torch
+    import zmq
+
+    from edgetp import wire
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    tensor = torch.full((rows, 1024), 0.5)
+    times = []
+    try:
+        for index in range(count + 2):
+            started = time.perf_counter()
+            sock.send_multipart(wire.encode("partial", {"seq": 1, "step": 1, "index": index},
+                                            [tensor]), copy=False)
+            if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+                raise ConnectionError(f"no echo from {address} within {timeout_s:g} s; run "
+                                      "`edgetp probe --serve-echo PORT` on that machine first")
+            wire.decode(sock.recv_multipart(copy=False))
+            times.append(time.perf_counter() - started)
+    finally:
+        sock.close(0)
+    return times[2:]
+
+
+def measure_loopback(count: int) -> float:
+    """Microseconds of software per message: half a loopback round trip of one row."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    thread = threading.Thread(target=_echo_loop, args=(sock, stop, None), daemon=True)
+    thread.start()
+    try:
+        times = _round_trips(f"tcp://127.0.0.1:{port}", 1, count)
+    finally:
+        stop.set()
+        thread.join(timeout=2)
+        sock.close(0)
+    return statistics.median(times) / 2 * 1e6
+
+
+def measure_link(address: str, count: int) -> dict[str, float]:
+    """Round trip, one-way latency and bandwidth to an echo peer (``--serve-echo``)."""
+    small = statistics.median(_round_trips(address, 1, count))
+    large = statistics.median(_round_trips(address, 256, max(3, count // 5)))
+    extra_bytes = 2 * (256 - 1) * 1024 * 4  # both directions
+    bandwidth = extra_bytes * 8 / max(large - small, 1e-9) / 1e6
+    return {"rtt_ms": _round(small * 1e3), "latency_ms": _round(small * 1e3 / 2),
+            "bandwidth_mbit": _round(bandwidth)}
+
+
+def describe_profile(data: dict[str, Any]) -> str:
+    """A few human lines about a probe result."""
+    lines = [f"host {data.get('host')} ({data.get('cpu_count')} CPUs, {data.get('threads')} "
+             f"torch threads), probe took {data.get('probe_seconds')} s",
+             f"  matrix-vector: float32 {data['matvec_gbs']['float32']} GB/s, bfloat16 "
+             f"{data['matvec_gbs']['bfloat16']} GB/s;  memory {data['mem_bw_gbs']} GB/s",
+             f"  matmul [128, d]: float32 {data['flops_gflops']['float32']} GFLOP/s, bfloat16 "
+             f"{data['flops_gflops']['bfloat16']} GFLOP/s",
+             f"  disk read {data['disk_bw_mbs']} MB/s ({data['disk_path']})"
+             + (f" - {data['disk_note']}" if data.get("disk_note") else ""),
+             f"  overheads: {data['layer_overhead_us']} us/layer, {data['step_overhead_us']} "
+             f"us/step, {data['msg_overhead_us']} us/message",
+             f"  memory: {data['free_memory'] / 2**30:.2f} GiB available, runtime "
+             f"{data['runtime_rss'] / 2**20:.0f} MiB"]
+    link = data.get("link")
+    lines.append(f"  link: {link}" if link else
+                 "  link: not measured (give --master tcp://HOST:PORT of an "
+                 "`edgetp probe --serve-echo PORT`)")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""``edgetp chat``: the terminal chat, run as a real process fed through standard input.
+
+The demo model's chat template renders every user message after BOS, so the first answer of
+a conversation is the rule's answer, a later one depends on the history, and ``/reset``
+brings back the rule's answer. The chat runs against the model in its own process and
+against ``edgetp serve`` (``--url``, the streaming chat API).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from cluster_utils import Watchdog
+
+from edgetp.chat import ChatError, ChatOptions, RemoteChat, Reply, run_chat
+from edgetp.config import GenerationConfig, SamplingConfig
+from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.master import Master
+from edgetp.server import APIServer, ServerSettings
+
+KEY = "sk-chat-test"
+MAX_TOKENS = 40
+FIRST, SECOND = (9, 50), (7, 60)  # short answers: 59 68 77 86 95 / 67 74 81 88 95
+SCRIPT = "\n".join([demo_prompt(*FIRST), demo_prompt(*SECOND), "/reset",
+                    demo_prompt(*SECOND), "/exit", demo_prompt(*FIRST)]) + "\n"
+
+
+@pytest.fixture(autouse=True)
+def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
+    with Watchdog(180, request.node.nodeid):
+        yield
+
+
+@pytest.fixture(scope="module")
+def local() -> Master:
+    return Master.local(DEMO_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def server(local: Master) -> Iterator[APIServer]:
+    srv = APIServer(local, ServerSettings("demo", api_key=KEY), port=0).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def greedy(master: Master, messages: list[dict[str, str]]) -> str:
+    ids = master.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                               tokenize=True)
+    assert isinstance(ids, list)
+    gen = GenerationConfig(max_new_tokens=MAX_TOKENS)
+    return master.engine.generate(ids, SamplingConfig(), gen).text
+
+
+def expected_transcript(master: Master) -> list[str]:
+    """The three answers of SCRIPT: fresh, with history, fresh again after /reset."""
+    first = greedy(master, [{"role": "user", "content": demo_prompt(*FIRST)}])
+    with_history = greedy(master, [{"role": "user", "content": demo_prompt(*FIRST)},
+                                   {"role": "assistant", "content": first},
+                                   {"role": "user", "content": demo_prompt(*SECOND)}])
+    fresh = greedy(master, [{"role": "user", "content": demo_prompt(*SECOND)}])
+    assert first.strip() == expected_text(*FIRST)
+    assert fresh.strip() == expected_text(*SECOND)
+    assert with_history != fresh, "the history must change the demo model's answer"
+    return [first, with_history, fresh]
+
+
+def run_cli(*args: str, stdin: str = SCRIPT, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment.pop("EDGETP_API_KEY", None)
+    environment.update(env or {})
+    return subprocess.run([sys.executable, "-m", "edgetp.cli", "chat", *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, env=environment,
+                          check=False)
+
+
+def test_chat_with_the_local_model(local: Master) -> None:
+    done = run_cli(str(DEMO_MODEL_DIR), "--max-new-tokens", str(MAX_TOKENS))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [t.strip() for t in expected_transcript(local)]
+    assert "(history cleared)" in done.stderr
+
+
+def test_chat_with_a_server(local: Master, server: APIServer) -> None:
+    before = server.stats["completed"]
+    done = run_cli("--url", server.url, "--max-new-tokens", str(MAX_TOKENS),
+                   env={"EDGETP_API_KEY": KEY})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [t.strip() for t in expected_transcript(local)]
+    assert server.stats["completed"] == before + 3
+    assert all(r.stream for r in list(server.records)[-3:])
+
+
+def test_chat_with_a_wrong_key_says_why(server: APIServer) -> None:
+    done = run_cli("--url", f"{server.url}/v1", "--api-key", "sk-wrong")
+    assert done.returncode == 1
+    assert "401" in done.stderr and "Incorrect API key" in done.stderr
+
+
+class Recorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.pieces.append(s)
+        return super().write(s)
+
+
+def test_remote_chat_streams_pieces(server: APIServer) -> None:
+    backend = RemoteChat(server.url, ChatOptions(max_tokens=MAX_TOKENS), api_key=KEY)
+    assert backend.model == "demo"
+    out, err = Recorder(), io.StringIO()
+    failures = run_chat(backend, io.StringIO(demo_prompt(3, 5) + "\n"), out, err)
+    assert failures == 0, err.getvalue()
+    assert out.getvalue().strip() == expected_text(3, 5)
+    assert len([p for p in out.pieces if p.strip()]) > 5, "the reply was not streamed"
+
+
+class FlakyBackend:
+    """Fails the second reply; records the conversations it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[dict[str, str]]] = []
+
+    def reply(self, messages: list[dict[str, str]], on_text: Any) -> Reply:
+        self.calls.append([dict(m) for m in messages])
+        if len(self.calls) == 2:
+            raise ChatError("the server answered 503: the cluster is incomplete")
+        on_text("ok")
+        return Reply("ok", "stop")
+
+
+def test_a_failed_reply_is_reported_and_not_kept() -> None:
+    backend, out, err = FlakyBackend(), io.StringIO(), io.StringIO()
+    script = "hello\n\nagain\n/help\nthird\n"
+    failures = run_chat(backend, io.StringIO(script), out, err, system="be brief")
+    assert failures == 1
+    assert out.getvalue().splitlines() == ["ok", "ok"]
+    assert "error: the server answered 503" in err.getvalue()
+    assert "/reset" in err.getvalue()  # /help lists the commands
+    system = {"role": "system", "content": "be brief"}
+    assert backend.calls[2] == [system, {"role": "user", "content": "hello"},
+                                {"role": "assistant", "content": "ok"},
+                                {"role": "user", "content": "third"}]

@@ -1,0 +1,303 @@
+"""The planner (``edgetp.planner``), the presets and ``edgetp plan`` / ``edgetp probe``.
+
+* Memory is exact: for tiny HF models split with ``split_checkpoint`` (1, 2, 3 and 4 ranks,
+  uneven shares, private layers, bfloat16), the planner's per-rank weight bytes equal the tensor
+  data in each rank's manifest (the bytes between each tensor's offsets), its file bytes the
+  files' sizes on disk, its KV cache ``load_rank(...).cache_bytes()``, its fixed/blocks/embedding
+  ``shard_memory_needs(...)``, and under a budget its pinned/streamed split and resident bytes
+  those of the window ``load_rank`` builds.
+* Every preset parses to its published parameter count and plans consistently: heads and
+  columns partition exactly, and each node fits its budget or the plan says by how much not.
+* Share optimisation beats equal shares on unequal devices and keeps them on identical ones.
+* The command line: ``plan --json``, one-line errors for bad cluster files, ``probe --quick``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from edgetp.cli import main
+from edgetp.collectives import SoloCommunicator
+from edgetp.config import ConfigError, load_model_config
+from edgetp.loader import load_rank, shard_memory_needs
+from edgetp.manifest import read_manifest
+from edgetp.plan import make_plan
+from edgetp.planner import (
+    ClusterSpec,
+    NodeSpec,
+    node_plan,
+    optimize_shares,
+    parse_cluster,
+    plan_cluster,
+    rank_memory,
+)
+from edgetp.presets import PRESETS, preset_config
+from edgetp.probe import DeviceProfile, load_profile, measure_link, serve_echo
+from edgetp.split import split_checkpoint
+
+MAX_SEQ_LEN = 48
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LAPTOP = {"mem_bw_gbs": 20, "matvec_gbs": {"float32": 15, "bfloat16": 8}, "flops_gflops": 100,
+          "disk_bw_mbs": 1000}
+
+# (family, ranks, shares, private layers, dtype). llama2: 3 layers, 4 KV heads; llama3: 8 heads
+# over 2 KV heads (3 ranks split query heads); qwen2: q/k/v biases; llama32: tied embeddings.
+SPLITS = [
+    ("llama2", 1, None, 0, "float32"),
+    ("llama2", 2, None, 0, "float32"),
+    ("llama2", 3, None, 0, "float32"),
+    ("llama2", 3, (3, 2, 1), 1, "float32"),
+    ("llama3", 3, (2, 1, 1), 0, "float32"),
+    ("llama3", 4, None, 0, "bfloat16"),
+    ("qwen2", 2, (1, 3), 0, "float32"),
+    ("llama32", 2, None, 0, "bfloat16"),
+    ("attn_bias", 3, None, 0, "float32"),
+    ("mlp_bias", 2, (2, 1), 0, "float32"),
+]
+
+
+def _comm(rank: int, world: int) -> SoloCommunicator:
+    comm = SoloCommunicator()
+    comm.rank, comm.world_size = rank, world  # type: ignore[misc]
+    return comm
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_model_dir, tmp_path_factory):
+    def make(family, ranks, shares, private, dtype):
+        model_dir, _ = tiny_model_dir(family)
+        out = tmp_path_factory.mktemp(f"plan_{family}_{ranks}_{private}_{dtype}")
+        result = split_checkpoint(model_dir, out, ranks, shares, dtype=dtype,
+                                  private_layers=private)
+        config = load_model_config(model_dir)
+        return config, make_plan(config, ranks, shares, private), result.rank_dirs
+
+    return make
+
+
+@pytest.mark.parametrize("case", SPLITS, ids=lambda c: f"{c[0]}-{c[1]}-{c[2]}-{c[3]}-{c[4]}")
+def test_memory_equals_the_split_and_the_loader(splits, case):
+    family, ranks, shares, private, dtype = case
+    config, plan, dirs = splits(*case)
+    for rank, directory in enumerate(dirs):
+        manifest = read_manifest(directory)
+        predicted = rank_memory(config, plan, rank, dtype, MAX_SEQ_LEN)
+        data = sum(e.offsets[1] - e.offsets[0] for f in manifest.files.values()
+                   for e in f.tensors.values())
+        assert predicted.weight_bytes == data
+        assert predicted.file_sizes == {name: (directory / name).stat().st_size
+                                        for name in manifest.files}
+        assert predicted.needs == shard_memory_needs(directory, TORCH_DTYPES[dtype],
+                                                     MAX_SEQ_LEN, prefill_chunk=128)
+        model = load_rank(directory, _comm(rank, ranks), TORCH_DTYPES[dtype], MAX_SEQ_LEN)
+        assert predicted.cache_bytes == model.cache_bytes()
+
+
+@pytest.mark.parametrize("case", [SPLITS[3], SPLITS[5], SPLITS[7]], ids=lambda c: c[0])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
+def test_pinned_blocks_equal_the_loaders_window(splits, case, fraction):
+    _, ranks, _, _, dtype = case
+    config, plan, dirs = splits(*case)
+    for rank, directory in enumerate(dirs):
+        needs = rank_memory(config, plan, rank, dtype, MAX_SEQ_LEN).needs
+        low = needs.minimum()
+        budget = max(low, int(low + fraction * (needs.total - 1 - low)))
+        node = NodeSpec(f"n{rank}", DeviceProfile.from_dict(LAPTOP), budget)
+        predicted = node_plan(node, rank, plan, rank_memory(config, plan, rank, dtype,
+                                                            MAX_SEQ_LEN), 2)
+        model = load_rank(directory, _comm(rank, ranks), TORCH_DTYPES[dtype], MAX_SEQ_LEN,
+                          memory_budget=budget)
+        if model.window is None:  # the minimum (a ring of two blocks) already holds it all
+            assert budget >= needs.total and not predicted.streams
+            continue
+        try:
+            streamed = [n for n, p in zip(predicted.memory.block_names, predicted.pinned,
+                                          strict=True) if not p]
+            assert streamed == [block.name for block in model.window.streamed]
+            assert predicted.resident_bytes == needs.fixed + model.window.resident_bytes
+            assert predicted.resident_bytes <= budget
+            assert predicted.streamed_bytes == sum(b.nbytes for b in model.window.streamed)
+        finally:
+            model.window.close()
+
+
+# -- presets -------------------------------------------------------------------------------------
+
+PUBLISHED_BILLIONS = {"llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.98,
+                      "llama3.1-8b": 8.03, "llama3.1-70b": 70.55, "llama3.2-1b": 1.24,
+                      "llama3.2-3b": 3.21, "mistral-7b": 7.24, "qwen2.5-72b": 72.71,
+                      "yi-34b": 34.39}
+
+
+def _cluster(n: int, budget: str | None = "6GiB", **link) -> ClusterSpec:
+    node = {"profile": LAPTOP, "count": n}
+    if budget is not None:
+        node["memory_budget"] = budget
+    return parse_cluster({"nodes": [node], "link": link or {"latency_ms": 1,
+                                                            "bandwidth_mbit": 300}})
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_plans_consistently(name):
+    config = preset_config(name)
+    result = plan_cluster(config, _cluster(5), "bfloat16", context=4096, model_name=name)
+    params = sum(n.memory.weight_bytes for n in result.nodes) / 2
+    if 5 <= config.num_key_value_heads:  # KV heads partition: every weight is stored once
+        assert params / 1e9 == pytest.approx(PUBLISHED_BILLIONS[name], abs=0.01)
+    assert sum(n.q_heads for n in result.nodes) == config.num_attention_heads
+    assert sum(n.mlp_columns for n in result.nodes) == config.intermediate_size
+    for node in result.nodes:
+        if node.shortfall:
+            assert node.shortfall == node.minimum_budget - node.budget
+            assert any(node.name in p and "short" in p for p in result.problems())
+        else:
+            assert node.resident_bytes <= node.budget
+    assert result.ms_per_token > 0 and result.ttft_s > 0
+    assert json.dumps(result.to_dict())
+
+
+def test_published_parameter_counts_of_the_presets():
+    for name, billions in PUBLISHED_BILLIONS.items():
+        plan = plan_cluster(preset_config(name), _cluster(1, None), "bfloat16", context=4096)
+        assert plan.nodes[0].memory.weight_bytes / 2 / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_a_budget_below_the_minimum_says_by_how_much():
+    result = plan_cluster(preset_config("llama2-70b"), _cluster(8, "200MiB"), "float32")
+    assert not result.fits
+    short = result.nodes[0].minimum_budget - 200 * 2**20
+    assert result.nodes[0].shortfall == short
+    assert "cannot run its share" in result.bottleneck()
+
+
+def test_more_budget_streams_less_and_is_not_slower():
+    config = preset_config("llama2-13b")
+    plans = [plan_cluster(config, _cluster(2, budget), "bfloat16", context=4096)
+             for budget in ("3GiB", "6GiB", "12GiB", "64GiB")]
+    streamed = [p.nodes[1].streamed_bytes for p in plans]
+    assert streamed == sorted(streamed, reverse=True) and streamed[-1] == 0
+    times = [p.ms_per_token for p in plans]
+    assert times == sorted(times, reverse=True)
+
+
+# -- shares --------------------------------------------------------------------------------------
+
+def test_optimised_shares_beat_equal_shares_on_unequal_devices():
+    fast = {**LAPTOP, "matvec_gbs": 30}
+    slow = {**LAPTOP, "matvec_gbs": 5, "disk_bw_mbs": 300}
+    cluster = parse_cluster({"link": {"latency_ms": 1, "bandwidth_mbit": 1000}, "nodes": [
+        {"name": "desktop", "profile": fast, "memory_budget": "24GiB"},
+        {"name": "laptop", "profile": LAPTOP, "memory_budget": "12GiB"},
+        {"name": "pi", "profile": slow, "memory_budget": "4GiB"}]})
+    config = preset_config("llama2-13b")
+    equal = plan_cluster(config, cluster, "bfloat16", context=4096)
+    best = optimize_shares(config, cluster, dtype="bfloat16", context=4096)
+    assert best.fits and best.ms_per_token < 0.8 * equal.ms_per_token
+    shares = best.cluster.shares
+    assert shares[0] > shares[1] > shares[2]
+    assert make_plan(config, 3, shares).ranks == best.plan.ranks  # the printed --shares works
+
+
+def test_identical_devices_keep_equal_shares():
+    config = preset_config("llama2-70b")
+    for n in (2, 4):
+        best = optimize_shares(config, _cluster(n, "24GiB"), dtype="bfloat16", context=4096)
+        assert best.cluster.shares == (1.0,) * n
+
+
+# -- the cluster file and the command line -------------------------------------------------------
+
+def _write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_plan_cli_json(tmp_path):
+    cluster = _write(tmp_path / "c.yaml", {"link": {"latency_ms": 1, "bandwidth_mbit": 300},
+                                           "nodes": [{"name": "dev", "count": 8,
+                                                      "memory_budget": "8GiB",
+                                                      "profile": LAPTOP}]})
+    result = CliRunner().invoke(main, ["plan", "--model", "llama2-70b", "--cluster",
+                                       str(cluster), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["fits"] and len(data["nodes"]) == 8
+    assert data["decode"]["ms_per_token"] > 0 and data["bottleneck"]
+    text = CliRunner().invoke(main, ["plan", "--model", "llama2-70b", "--cluster", str(cluster),
+                                     "--dtype", "bfloat16", "--optimize-shares"])
+    assert text.exit_code == 0 and "--shares 1,1,1,1,1,1,1,1" in text.output
+
+
+def test_plan_cli_with_a_model_dir_and_a_profile_file(tiny_model_dir, tmp_path):
+    model_dir, _ = tiny_model_dir("llama3")
+    (tmp_path / "p.json").write_text(json.dumps({**LAPTOP, "host": "x"}))
+    cluster = _write(tmp_path / "c.yaml", {"link": {"latency_ms": 0.2, "bandwidth_mbit": 1000},
+                                           "nodes": [{"profile": "p.json", "share": 2},
+                                                     {"profile": "p.json"}]})
+    result = CliRunner().invoke(main, ["plan", "--model", str(model_dir), "--cluster",
+                                       str(cluster), "--context", "64", "--prompt-tokens", "8",
+                                       "--new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert "ms/token" in result.output and "shares 2,1" in result.output
+
+
+BAD_CLUSTERS = {
+    "unknown key": ("nodes: [{profile: {mem_bw_gbs: 10}, colour: red}]\n", "colour"),
+    "unknown link key": ("link: {latency_ms: 1, bandwith_mbit: 3}\n"
+                         "nodes: [{profile: {mem_bw_gbs: 10}}]\n", "bandwith_mbit"),
+    "no nodes": ("link: {latency_ms: 1, bandwidth_mbit: 3}\n", "nodes"),
+    "no link": ("nodes: [{profile: {mem_bw_gbs: 10}, count: 2}]\n", "link"),
+    "no profile": ("nodes: [{name: a}]\n", "profile"),
+    "bad budget": ("nodes: [{profile: {mem_bw_gbs: 10}, memory_budget: lots}]\n", "lots"),
+    "bad profile key": ("nodes: [{profile: {mem_bw_gbs: 10, speed: 3}}]\n", "speed"),
+    "missing profile file": ("nodes: [{profile: nowhere.json}]\n", "nowhere.json"),
+    "not yaml": ("nodes: [\n", "YAML"),
+    "negative": ("nodes: [{profile: {mem_bw_gbs: -1}}]\n", "mem_bw_gbs"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CLUSTERS))
+def test_a_bad_cluster_file_is_a_one_line_error(tmp_path, name):
+    text, needle = BAD_CLUSTERS[name]
+    cluster = _write(tmp_path / "c.yaml", text)
+    result = CliRunner().invoke(main, ["plan", "--model", "llama2-7b", "--cluster",
+                                       str(cluster)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0]
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="llama2-70b"):
+        preset_config("llama9-1t")
+
+
+def test_probe_quick_writes_a_loadable_profile(tmp_path):
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(main, ["probe", "--quick", "--threads", "1", "--shard-dir",
+                                       str(tmp_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    profile = load_profile(out)
+    assert profile.matvec_gbs["float32"] > 0 and profile.disk_bw_mbs > 0
+    assert profile.runtime_rss > 0 and profile.free_memory
+    assert list(tmp_path.iterdir()) == [out]  # the disk test file is gone
+
+
+def test_link_measurement_against_an_echo_peer():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = threading.Thread(target=serve_echo, args=(port, 20, "127.0.0.1"), daemon=True)
+    server.start()
+    link = measure_link(f"tcp://127.0.0.1:{port}", 10)
+    server.join(timeout=5)
+    assert 0 < link["latency_ms"] < 50 and link["bandwidth_mbit"] > 0
