@@ -69,6 +69,7 @@ PLAN = '{"benchmark":"allreduce"}'
 DTYPE = "float32"
 STEP_CHUNK = 100  # timed allreduces per step message at most
 MIN_SAMPLES = 10  # even past the time budget
+WARMUP_S = 0.2  # per configuration, before timing
 JOIN_TIMEOUT_S = 120.0  # spawning workers imports torch: slow with 7 of them on 2 cores
 TIMEOUT_S = 15.0  # a worker whose master went silent this long exits
 
@@ -359,7 +360,11 @@ class StarRun:
         # Zeros: StarMaster (f32 wire) sums into its float32 input in place, so any other value
         # would grow geometrically over the run; float adds cost the same whatever the value.
         x = torch.zeros((1, size // 4), dtype=torch.float32)
-        self.run_step(x, warmup)
+        warm_until = time.monotonic() + WARMUP_S
+        while True:  # at least `warmup` allreduces and WARMUP_S seconds
+            self.run_step(x, warmup)
+            if time.monotonic() > warm_until:
+                break
         samples: list[float] = []
         gathers: list[float] = []
         deadline = time.monotonic() + budget_s
@@ -473,9 +478,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(n < 2 for n in args.nodes):
         parser.error("every N must be at least 2 (the master and one worker)")
     if args.repeat is None:
-        args.repeat = 200 if args.quick else 500
+        args.repeat = 100 if args.quick else 500
     if args.budget is None:
-        args.budget = 1.0 if args.quick else 3.0
+        args.budget = 0.5 if args.quick else 3.0
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     args.warmup = max(5, min(50, args.repeat // 5))
@@ -509,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
             log(f"star allreduce, N={n}: starting {n - 1} worker process(es)")
             run = StarRun(n, children)
             try:
+                started = time.monotonic()
                 run.start()
+                log(f"  all {n - 1} joined in {time.monotonic() - started:.1f} s")
                 for size in args.sizes:
                     latency, gather = run.measure(size, args.repeat, args.warmup, args.budget)
                     row = {"size": format_size(size), "size_bytes": size, "nodes": n,

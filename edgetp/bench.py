@@ -25,7 +25,7 @@ from edgetp.config import GenerationConfig, SamplingConfig, format_bytes, parse_
 from edgetp.metrics import RECORDER, node_facts, window_facts
 from edgetp.report import NodeRecord, build_report, chrome_trace, markdown, write_json
 
-SWEEP_KEYS = ("nodes", "budget", "wire", "dtype")
+SWEEP_KEYS = ("nodes", "budget", "wire", "dtype", "allreduce")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class BenchSettings:
     private_layers: int = 0
     max_seq_len: int | None = None
     timeout_s: float = 30.0
+    allreduce: str = "star"
 
     def label(self) -> str:
         parts = [f"nodes={self.nodes}"]
@@ -52,6 +53,8 @@ class BenchSettings:
             parts.append(f"wire={self.wire_dtype}")
         if self.dtype != "float32":
             parts.append(f"dtype={self.dtype}")
+        if self.allreduce != "star":
+            parts.append(f"allreduce={self.allreduce}")
         return ",".join(parts)
 
 
@@ -70,7 +73,8 @@ def run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
     max_seq = settings.max_seq_len or settings.prompt_tokens + settings.new_tokens + 8
     cluster = LocalCluster(settings.model_dir, settings.nodes, settings.shares, settings.dtype,
                            max_seq, settings.private_layers, settings.wire_dtype,
-                           settings.timeout_s, memory_budget=budget)
+                           settings.timeout_s, memory_budget=budget,
+                           allreduce=settings.allreduce)
     with cluster as master:
         runner = master.runner
         avoid = set(master.tokenizer.special_ids) | set(master.tokenizer.eos_token_ids)
@@ -201,6 +205,8 @@ def _apply(base: BenchSettings, point: dict[str, str]) -> BenchSettings:
         changes["wire_dtype"] = point["wire"]
     if "dtype" in point:
         changes["dtype"] = point["dtype"]
+    if "allreduce" in point:
+        changes["allreduce"] = point["allreduce"]
     return replace(base, **changes)
 
 

@@ -106,6 +106,8 @@ def cluster_options(func: F) -> F:
         click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
                      help="seconds to wait for a node before failing the request"),
         memory_budget_option,
+        click.option("--allreduce", type=click.Choice(["star", "ring"]), default="star",
+                     show_default=True, help="allreduce algorithm (the master decides)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -146,7 +148,8 @@ def local_cluster(model_dir: Path, nodes: int, shares: str | None, private_layer
                         dtype=opts["dtype"], max_seq_len=opts["max_seq_len"],
                         private_layers=private_layers, wire_dtype=opts["wire_dtype"],
                         timeout_s=opts["timeout_s"],
-                        memory_budget=_budget(opts.get("memory_budget")))
+                        memory_budget=_budget(opts.get("memory_budget")),
+                        allreduce=opts.get("allreduce", "star"))
 
 
 def _budget(text: str | None) -> int | None:
@@ -202,7 +205,8 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
         shard_dir = shard_dir / "rank-0"
     master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
                             opts["wire_dtype"], opts["timeout_s"],
-                            memory_budget=_budget(opts["memory_budget"]))
+                            memory_budget=_budget(opts["memory_budget"]),
+                            allreduce=opts["allreduce"])
     try:
         click.echo(f"master listening on {master.runner.transport.address}", err=True)
         for line in prompts or (line.rstrip("\n") for line in sys.stdin):
@@ -240,7 +244,7 @@ def demo(prompt: str, nodes: int) -> None:
     opts = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
             "seed": None, "max_new_tokens": 128, "stop_strings": (), "as_json": False,
             "dtype": "float32", "max_seq_len": None, "wire_dtype": "f32", "timeout_s": 10.0,
-            "memory_budget": None,
+            "memory_budget": None, "allreduce": "star",
             "quiet_summary": True}
     with local_cluster(DEMO_MODEL_DIR, nodes, None, 0, opts) as master:
         click.echo(f"prompt: {prompt}")
@@ -319,7 +323,8 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
 @user_errors
 def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, new_tokens: int,
           repeat: int, warmup: int, dtype: str, private_layers: int, sweeps: tuple[str, ...],
-          out_dir: Path, wire_dtype: str, timeout_s: float, memory_budget: str | None) -> None:
+          out_dir: Path, wire_dtype: str, timeout_s: float, memory_budget: str | None,
+          allreduce: str) -> None:
     """Measure a fixed workload on a local cluster and write a latency report to --out."""
     from edgetp.bench import BenchSettings, parse_sweeps, run_bench, run_sweep, sweep_markdown
     from edgetp.plan import parse_shares
@@ -328,7 +333,7 @@ def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, n
     settings = BenchSettings(
         str(model_dir), nodes, parse_shares(shares, nodes) if shares else None, prompt_tokens,
         new_tokens, repeat, warmup, memory_budget, wire_dtype, dtype, private_layers,
-        timeout_s=max(timeout_s, 30.0))
+        timeout_s=max(timeout_s, 30.0), allreduce=allreduce)
     if sweeps:
         rows = run_sweep(settings, parse_sweeps(sweeps), out_dir)
         click.echo(sweep_markdown(rows))
@@ -372,7 +377,8 @@ def _master_context(model_dir: Path | None, shard_dir: Path | None, bind: str, n
             shard_dir = shard_dir / "rank-0"
         master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
                                 opts["wire_dtype"], opts["timeout_s"],
-                                memory_budget=_budget(opts["memory_budget"]))
+                                memory_budget=_budget(opts["memory_budget"]),
+                            allreduce=opts["allreduce"])
         click.echo(f"master listening for workers on {master.runner.transport.address}",
                    err=True)
         return contextlib.closing(master)

@@ -47,7 +47,8 @@ class LocalCluster:
                  max_seq_len: int | None = None, private_layers: int = 0,
                  wire_dtype: str = "f32", timeout_s: float = 10.0,
                  split_dir: Path | None = None, worker_args: list[str] | None = None,
-                 capture_dir: Path | None = None, memory_budget: int | None = None) -> None:
+                 capture_dir: Path | None = None, memory_budget: int | None = None,
+                 allreduce: str = "star") -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -61,6 +62,7 @@ class LocalCluster:
         self.worker_args = worker_args or []
         self.capture_dir = capture_dir  # tests: each worker records every frame it receives
         self.memory_budget = memory_budget  # per node, bytes
+        self.allreduce = allreduce
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.master: Master | None = None
         self.address = ""
@@ -81,7 +83,8 @@ class LocalCluster:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
                                      self.max_seq_len, self.wire_dtype, self.timeout_s,
-                                     memory_budget=self.memory_budget)
+                                     memory_budget=self.memory_budget,
+                                     allreduce=self.allreduce)
         for rank in range(1, self.n_nodes):
             self.start_worker(rank)
         self.wait_until_joined()

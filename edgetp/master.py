@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from edgetp.collectives import StarMaster
+from edgetp.collectives import StarMaster, StepPosition
+from edgetp.ring import RingAllreduce, RingLink, successor_addresses
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.metrics import RECORDER, now, spans_from_tensor
@@ -42,6 +43,17 @@ class Prompt:
     system: str | None = None
 
 
+def _master_communicator(transport: MasterTransport, allreduce: str, wire_dtype: str,
+                         timeout_s: float) -> StarMaster | RingAllreduce:
+    if allreduce == "star":
+        return StarMaster(transport, wire_dtype, timeout_s)
+    if allreduce != "ring":
+        raise ValueError(f"--allreduce {allreduce!r}: choose star or ring")
+    link = RingLink()
+    transport.allreduce, transport.ring_port = "ring", link.port
+    return RingAllreduce(0, transport.n_ranks, link, StepPosition(), wire_dtype, timeout_s)
+
+
 class ClusterRunner:
     """The master's runner: embeds, drives the workers through each step, applies the head.
 
@@ -65,6 +77,7 @@ class ClusterRunner:
         self.first, self.shared, self.last = range(0, k), plan.shared_layers, range(n - k, n)
         self.seq = 0
         self.step = 0
+        self._ring_members: tuple[bytes, ...] = ()
 
     def reset(self) -> None:
         self.seq += 1
@@ -75,6 +88,8 @@ class ClusterRunner:
         with self.transport.lock:
             self.transport.wait_for_workers(self.join_timeout_s)
             try:
+                if isinstance(self.comm, RingAllreduce) and self.plan.n_ranks > 1:
+                    self._link_ring(self.comm.link)
                 h = None
                 for offset in range(0, tokens.numel(), self.prefill_chunk):
                     chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
@@ -114,6 +129,20 @@ class ClusterRunner:
                     out[rank] = (message.fields["stats"], spans_from_tensor(message.tensors[0]))
             return out
 
+    def _link_ring(self, link: RingLink) -> None:
+        """Tell every worker its ring successor, whenever the membership changed."""
+        peers = self.transport.peers
+        members = tuple(peers[r].identity for r in self.transport.worker_ranks)
+        if members == self._ring_members:
+            return
+        addresses = {r: peers[r].ring_address for r in self.transport.worker_ranks}
+        for rank, address in successor_addresses(addresses, self.plan.n_ranks).items():
+            if rank == 0:
+                link.connect(address)
+            else:
+                self.transport.send(rank, "link", {"address": address})
+        self._ring_members = members
+
     def _abort(self) -> None:
         for rank in list(self.transport.peers):
             try:
@@ -144,7 +173,7 @@ class Master:
     def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
                 max_seq_len: int | None = None, wire_dtype: str = "f32",
                 timeout_s: float = 10.0, prefill_chunk: int = 128,
-                memory_budget: int | None = None) -> Master:
+                memory_budget: int | None = None, allreduce: str = "star") -> Master:
         """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``."""
         from edgetp.loader import load_rank
         from edgetp.manifest import read_manifest
@@ -156,7 +185,7 @@ class Master:
         identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s)
         try:
-            comm = StarMaster(transport, wire_dtype, timeout_s)
+            comm = _master_communicator(transport, allreduce, wire_dtype, timeout_s)
             hidden = manifest.model_config.hidden_size
             chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * hidden)))
             model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,

@@ -14,8 +14,9 @@ the master's link, then the same for the sum coming back; the step's last one is
 a step starts with one broadcast. Streamed blocks are read from disk by a thread that never
 waits for compute, so a node's disk time overlaps its compute and the communication:
 ``token = max(compute + communication, max over nodes of streamed bytes / disk bandwidth)``.
-Prefill is the same per chunk of the master's prefill size, with matmuls at
-``max(bytes / matvec bandwidth, flops / matmul rate)``.
+Prefill is the same per chunk of the master's prefill size; a T-token product costs
+``bytes / matvec bandwidth + 2 (T - 1) params / matmul rate`` (the probe measures that rate
+as the time a 128-token product adds over a 1-token one).
 
 The cluster file (YAML)::
 
@@ -398,11 +399,11 @@ def _layer_times(node: NodePlan, profile: DeviceProfile, dtype: str, tokens: int
     elem, end = ELEMENT_BYTES[dtype], start + tokens
     out = {}
     for part in node.memory.layers:
-        matmul = 2 * tokens / elem  # flops per weight byte
-        attn = max(part.attn_bytes / mv, part.attn_bytes * matmul / flops)
+        extra = 2 * (tokens - 1) / elem / flops  # seconds per weight byte beyond one token
+        attn = part.attn_bytes * (1 / mv + extra)
         scores = 4 * tokens * end * config.head_dim * part.q_heads  # QK^T and AV
         attn += part.kv_bytes_per_position * end / mem + (scores / flops if tokens > 1 else 0)
-        mlp = max(part.mlp_bytes / mv, part.mlp_bytes * matmul / flops)
+        mlp = part.mlp_bytes * (1 / mv + extra)
         out[part.index] = (half + attn, half + mlp)
     return out
 

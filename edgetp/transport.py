@@ -56,12 +56,12 @@ class NodeIdentity:
     plan: str  # the plan's canonical JSON
     dtype: str
 
-    def hello_fields(self) -> dict[str, Any]:
+    def hello_fields(self, ring_port: int = 0) -> dict[str, Any]:
         from edgetp import __version__
 
         return {"rank": self.rank, "fingerprint": self.fingerprint, "plan": self.plan,
                 "dtype": self.dtype, "pid": os.getpid(), "host": socket.gethostname(),
-                "version": __version__, "time": time.time()}
+                "version": __version__, "time": time.time(), "ring_port": ring_port}
 
 
 @dataclass
@@ -102,6 +102,7 @@ class Peer:
     pid: int
     last_seen: float
     clock_offset_s: float  # master clock minus worker clock (estimated at handshake)
+    ring_address: str = ""  # where its ring PULL socket listens (ring allreduce only)
 
 
 class MasterTransport:
@@ -119,6 +120,8 @@ class MasterTransport:
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.session = uuid.uuid4().hex
+        self.allreduce = "star"  # or "ring": announced to workers in the welcome
+        self.ring_port = 0
         self.peers: dict[int, Peer] = {}
         self.traffic = Traffic()
         self.lock = threading.RLock()
@@ -221,7 +224,7 @@ class MasterTransport:
         self.traffic.count_received(message.op, frames[1:])
         rank = self._rank_of(identity)
         if message.op == "hello":
-            self._handle_hello(identity, message)
+            self._handle_hello(identity, message, _peer_ip(frames[1]))
             return None
         if rank is None:
             self._reply(identity, "rejoin", {})
@@ -259,7 +262,7 @@ class MasterTransport:
         rank = self._rank_of(identity)
         return self.describe(rank) if rank is not None else f"unknown peer {identity.hex()[:8]}"
 
-    def _handle_hello(self, identity: bytes, message: Message) -> None:
+    def _handle_hello(self, identity: bytes, message: Message, peer_ip: str) -> None:
         fields = message.fields
         reason = self._refusal(fields)
         if reason:
@@ -267,12 +270,14 @@ class MasterTransport:
             self._reply(identity, "refuse", {"reason": reason})
             return
         rank = fields["rank"]
+        ring = f"tcp://{peer_ip}:{fields['ring_port']}" if fields["ring_port"] else ""
         self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
-                                time.time() - fields["time"])
+                                time.time() - fields["time"], ring)
         log.info("worker rank %d joined from %s (pid %d)", rank, fields["host"], fields["pid"])
         self._reply(identity, "welcome", {"session": self.session,
-                                          "wire_dtype": self.wire_dtype, "time": time.time()},
-                    rank=rank)
+                                          "wire_dtype": self.wire_dtype, "time": time.time(),
+                                          "allreduce": self.allreduce,
+                                          "ring_port": self.ring_port}, rank=rank)
 
     def _refusal(self, fields: dict[str, Any]) -> str | None:
         expected = self.expected
@@ -329,6 +334,14 @@ class MasterTransport:
         self._heartbeat.join(timeout=2)
 
 
+def _peer_ip(frame: Any) -> str:
+    """The sender's IP address as ZeroMQ saw it (for the ring), or loopback if unknown."""
+    try:
+        return str(frame.get("Peer-Address")) or "127.0.0.1"
+    except (zmq.ZMQError, AttributeError):
+        return "127.0.0.1"
+
+
 class WorkerTransport:
     """A worker's DEALER socket: handshake, heartbeats and reconnection to the master."""
 
@@ -343,6 +356,9 @@ class WorkerTransport:
         self.clock_offset_s = 0.0
         self.sock: zmq.Socket | None = None
         self.best_rtt_s = float("inf")
+        self.ring_port = 0  # set by the worker when it has a ring socket
+        self.allreduce = "star"
+        self.master_ring_port = 0
         self._pending: list[Message] = []  # arrived during the clock sync, not yet served
         self.last_heard = 0.0
         self.last_sent = 0.0
@@ -353,13 +369,15 @@ class WorkerTransport:
         self._new_socket()
         while True:
             sent_at = time.time()
-            self.send("hello", self.identity.hello_fields())
+            self.send("hello", self.identity.hello_fields(self.ring_port))
             message = self._wait_for_handshake_reply()
             if message is not None:
                 if message.op == "refuse":
                     raise HandshakeRefused(f"master refused rank {self.identity.rank}: "
                                            f"{message.fields['reason']}")
                 self.wire_dtype = message.fields["wire_dtype"]
+                self.allreduce = message.fields["allreduce"]
+                self.master_ring_port = message.fields["ring_port"]
                 self._clock_sample(message.fields["time"], sent_at)
                 self._sync_clock()
                 log.info("rank %d joined master %s (clock offset %.2f ms, rtt %.2f ms)",
@@ -425,19 +443,19 @@ class WorkerTransport:
         """
         deadline = time.monotonic() + timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
-            if time.monotonic() - self.last_sent > HEARTBEAT_S:
-                self.send("ping", {"time": time.time()})
-            if time.monotonic() - self.last_heard > max(self.timeout_s, 3 * HEARTBEAT_S):
-                raise ClusterError(f"the master at {self.master} stopped answering")
-            if self._pending:
+            if self._pending:  # served first: they came before any silence
                 message: Message | None = self._pending.pop(0)
             else:
+                if time.monotonic() - self.last_sent > HEARTBEAT_S:
+                    self.send("ping", {"time": time.time()})
+                if time.monotonic() - self.last_heard > max(self.timeout_s, 3 * HEARTBEAT_S):
+                    raise ClusterError(f"the master at {self.master} stopped answering")
                 message = self._poll_one(min(remaining, HEARTBEAT_S / 2))
             if message is None:
                 continue
             if message.op == "rejoin":
                 raise ClusterError("the master does not know this worker (it restarted)")
-            if message.op in ("step", "sum", "abort", "shutdown", "collect"):
+            if message.op in ("step", "sum", "abort", "shutdown", "collect", "link"):
                 return message
         return None
 

@@ -238,6 +238,7 @@ class WeightWindow:
     def _wait_for(self, index: int) -> _Slot:
         started = time.perf_counter()
         with self._cond:
+            self._release_aborted()
             if index != self._expected:
                 self._resync(index)
             while True:
@@ -255,11 +256,23 @@ class WeightWindow:
         self.stats.per_block_wait_s[name] = self.stats.per_block_wait_s.get(name, 0.0) + waited
         return slot
 
-    def _resync(self, index: int) -> None:
-        """The compute side jumped (an aborted step): drop what was read ahead, restart."""
+    def _release_aborted(self) -> None:
+        """Free a slot still in use from a forward that raised inside its block (e.g. a failed
+        allreduce): its release hook never ran. Blocks never nest, so no other is in use."""
         for slot in self._slots:
-            if slot.ready and not slot.in_use:
-                slot.block, slot.ready = None, False
+            if slot.in_use:
+                _clear(self.streamed[slot.block])  # type: ignore[index]
+                slot.in_use = False
+
+    def _resync(self, index: int) -> None:
+        """The compute side jumped (an aborted step): drop what was read ahead, restart.
+
+        A read still in flight is dropped too (it will not be marked ready): were it kept, its
+        slot would hold a block the compute side no longer expects, the reader could find no
+        free slot for ``index`` and both sides would wait forever.
+        """
+        for slot in self._slots:
+            slot.block, slot.ready = None, False
         self._next_read = index
         self._expected = index
         self._cond.notify_all()

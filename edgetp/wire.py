@@ -41,8 +41,11 @@ DTYPE_CODES = {v: k for k, v in WIRE_DTYPES.items()}
 _INT, _STR, _FLOAT, _DICT, _BOOL = int, str, float, dict, bool
 SCHEMAS: dict[str, dict[str, type]] = {
     "hello": {"rank": _INT, "fingerprint": _STR, "plan": _STR, "dtype": _STR, "pid": _INT,
-              "host": _STR, "version": _STR, "time": _FLOAT},
-    "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT},
+              "host": _STR, "version": _STR, "time": _FLOAT, "ring_port": _INT},
+    "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT, "allreduce": _STR,
+                "ring_port": _INT},
+    "link": {"address": _STR},
+    "ring": {"seq": _INT, "step": _INT, "index": _INT, "hop": _INT},
     "refuse": {"reason": _STR},
     "rejoin": {},
     "step": {"seq": _INT, "step": _INT, "start": _INT},
@@ -57,7 +60,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "shutdown": {},
 }
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {
-    "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1),
+    "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1), "ring": (1, 1),
 }
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")

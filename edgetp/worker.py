@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from edgetp.collectives import StarWorker
+from edgetp.collectives import StarWorker, StepPosition
+from edgetp.ring import WIRE_TORCH_DTYPES, RingAllreduce, RingError, RingLink, master_ring_address
 from edgetp.loader import load_rank
 from edgetp.manifest import read_manifest
 from edgetp.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
@@ -44,7 +45,10 @@ class Worker:
         identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
                                 manifest.dtype)
         self.transport = WorkerTransport(master, identity, timeout_s, frame_log)
-        self.comm = StarWorker(self.transport, manifest.rank, manifest.plan.n_ranks, timeout_s)
+        self.ring = RingLink()
+        self.transport.ring_port = self.ring.port
+        self.comm = WorkerCommunicator(self.transport, self.ring, manifest.rank,
+                                       manifest.plan.n_ranks, timeout_s)
         self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len,
                                             memory_budget=memory_budget)
         self.layers = manifest.plan.shared_layers
@@ -67,17 +71,29 @@ class Worker:
                         self._run_step(message)
                     elif message.op == "collect":
                         self._send_stats(message.fields["seq"])
+                    elif message.op == "link":
+                        self._link(message.fields["address"])
                 except StepAborted as exc:
                     log.info("rank %d: %s", self.rank, exc)
                 except ShutdownRequested:
                     return
                 except HandshakeRefused:
                     raise
+                except RingError as exc:  # a neighbour failed: the step fails, we stay up
+                    log.warning("%s", exc)
+                    self.transport.send("error", {"message": str(exc)})
                 except ClusterError as exc:
                     log.warning("rank %d: %s; reconnecting", self.rank, exc)
                     self.transport.connect()
         finally:
             self.transport.close()
+            self.ring.close()
+
+    def _link(self, address: str) -> None:
+        """Connect the ring to our successor ("" means the master)."""
+        if not address:
+            address = master_ring_address(self.transport.master, self.transport.master_ring_port)
+        self.ring.connect(address)
 
     @torch.inference_mode()
     def _run_step(self, message: Message) -> None:
@@ -115,6 +131,26 @@ class Worker:
         if start + h.shape[0] > self.model.max_seq_len:
             return f"positions up to {start + h.shape[0]} exceed the context of {self.model.max_seq_len}"
         return None
+
+
+class WorkerCommunicator:
+    """The worker's allreduce: star or ring, as the master announced in the welcome."""
+
+    def __init__(self, transport: WorkerTransport, ring: RingLink, rank: int, world_size: int,
+                 timeout_s: float) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.transport = transport
+        self.position = StepPosition()
+        self.star = StarWorker(transport, rank, world_size, timeout_s)
+        self.star.position = self.position
+        self.ring = RingAllreduce(rank, world_size, ring, self.position, "f32", timeout_s)
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transport.allreduce == "ring":
+            self.ring.wire_dtype = WIRE_TORCH_DTYPES[self.transport.wire_dtype]
+            return self.ring.allreduce(x)
+        return self.star.allreduce(x)
 
 
 def frame_recorder(path: Path) -> Callable[[list[bytes]], None]:

@@ -351,12 +351,15 @@ def test_full_queue_answers_429_and_loses_nothing(cluster: TrackedCluster,
     burst = 6
     settings = ServerSettings(MODEL, queue_size=1, default_max_tokens=20)
     with APIServer(cluster.master, settings, port=0) as small, \
-            slow_generation(cluster.master, 0.05):
-        def ask(start: int) -> Any:
-            with make_client(small, key="unused") as c:
-                return c.completions.create(model=MODEL, prompt=demo_prompt(1, start))
-
-        results = run_threads([lambda a=a: ask(a) for a in range(1, burst + 1)])
+            slow_generation(cluster.master, 0.03):
+        clients = [make_client(small, key="unused") for _ in range(burst)]
+        try:
+            results = run_threads([
+                lambda c=c, a=a: c.completions.create(model=MODEL, prompt=demo_prompt(1, a))
+                for c, a in zip(clients, range(1, burst + 1), strict=True)])
+        finally:
+            for c in clients:
+                c.close()
         stats = dict(small.stats)
     ok = [(a, r) for a, r in zip(range(1, burst + 1), results, strict=True)
           if not isinstance(r, Exception)]

@@ -20,10 +20,12 @@ memory_budget=...)``, running them as threads of this process (``parallel_utils`
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +49,13 @@ from edgetp.manifest import read_manifest
 from edgetp.model import Transformer
 from edgetp.plan import ShardPlan
 from edgetp.split import layer_file, split_checkpoint
-from edgetp.window import DEFAULT_RING_SLOTS, DiskEmbedding, WindowError, choose_pinned
+from edgetp.window import (
+    DEFAULT_RING_SLOTS,
+    DiskEmbedding,
+    WeightWindow,
+    WindowError,
+    choose_pinned,
+)
 
 MAX_SEQ_LEN = 64
 DECODE_STEPS = 16
@@ -180,24 +188,36 @@ def call_with_deadline(fn: Callable[[], Any], timeout_s: float = ERROR_DEADLINE_
 
     def body() -> None:
         try:
-            box["value"] = fn()
+            with torch.inference_mode():  # as a worker runs its steps
+                box["value"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             box["error"] = exc
 
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     thread.join(timeout_s)
-    assert not thread.is_alive(), f"the call did not return within {timeout_s:g} s (hung)"
+    if thread.is_alive():
+        faulthandler.dump_traceback(file=sys.stderr)
+        raise AssertionError(f"the call did not return within {timeout_s:g} s (hung)")
     if "error" in box:
         raise box["error"]
     return box["value"]
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+def wait_until(condition: Callable[[], bool], what: Callable[[], str],
+               timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"not reached in {timeout_s:g} s: {what()}"
         time.sleep(0.005)
+
+
+def settle(window: WeightWindow) -> None:
+    """Wait until the reader is idle: every ring slot holds a block read ahead."""
+    wait_until(lambda: all(s.block is not None and s.ready for s in window._slots),
+               lambda: "a full ring; slots (block, ready, in use): "
+                       f"{[(s.block, s.ready, s.in_use) for s in window._slots]}, "
+                       f"next read {window._next_read}")
 
 
 def pinned_bytes(sizes: Sequence[int], pinned: Sequence[bool]) -> int:
@@ -240,7 +260,7 @@ def test_budget_gives_identical_output(split_model, reference_runs, layout, mode
     elif mode == "stream-100%":
         assert fractions == [1.0] * ranks
     else:
-        assert all(0.3 <= f <= 0.7 for f in fractions), fractions
+        assert all(0.25 <= f <= 0.75 for f in fractions), fractions
     models = load_ranks(dirs, budgets)
     try:
         for model, fraction in zip(models, fractions, strict=True):
@@ -391,7 +411,7 @@ def test_choose_pinned_spreads_pinned_blocks(sizes):
     budget = slots * max(sizes) + sum(sizes) // 2
     pinned = choose_pinned(sizes, budget, slots)
     share = pinned_bytes(sizes, pinned) / sum(sizes)
-    assert 0.35 <= share <= 0.5, share
+    assert 0.35 <= share <= 0.6, share
     n = len(sizes)
     first, second = pinned[: n // 2], pinned[n // 2 :]
     assert any(first) and any(second), pinned
@@ -446,24 +466,20 @@ def test_counters_with_everything_streamed(split_model):
     window = model.window
     try:
         assert not window.pinned
-        slots, n_streamed = DEFAULT_RING_SLOTS, len(window.streamed)
+        n_streamed = len(window.streamed)
         streamed_bytes = sum(b.nbytes for b in window.streamed)
-        # the reader fills the ring right away; start counting once it is idle
-        wait_until(lambda: window.stats.blocks_read >= slots)
-        time.sleep(0.05)
+        settle(window)  # the reader fills the ring right away; count from when it is idle
         window.take_stats()
         n_passes = 5
         with torch.no_grad():
             for step in range(n_passes):
                 model(prompt_tokens(1, seed=step), step)
         # reads since the reset: the rest of pass 1, passes 2..N, and the read-ahead of pass
-        # N+1 (the first ``slots`` blocks, as before pass 1): N passes' worth in all
-        wait_until(lambda: window.stats.blocks_read >= n_passes * n_streamed)
-        time.sleep(0.05)
+        # N+1 (the first ``slots`` blocks, as before pass 1): exactly N passes' worth
+        settle(window)
         stats = window.take_stats()
-        assert n_passes * n_streamed <= stats.blocks_read <= n_passes * n_streamed + slots
-        assert stats.bytes_read >= n_passes * streamed_bytes
-        assert stats.bytes_read <= n_passes * streamed_bytes + slots * max(needs.blocks)
+        assert stats.blocks_read == n_passes * n_streamed
+        assert stats.bytes_read == n_passes * streamed_bytes
         assert stats.read_s > 0 and stats.wait_s >= 0
         assert 0.0 <= stats.overlap <= 1.0
         assert set(stats.per_block_wait_s) <= {b.name for b in window.streamed}
@@ -485,16 +501,14 @@ def test_counters_on_both_ranks(split_model):
     models = load_ranks(dirs, [needs_of(d).minimum() for d in dirs])
     try:
         for model in models:
-            wait_until(lambda m=model: m.window.stats.blocks_read >= DEFAULT_RING_SLOTS)
-        time.sleep(0.05)
-        for model in models:
+            settle(model.window)
             model.window.take_stats()
         greedy(models, plan_of(dirs), prompt_tokens(), steps=4)
         for model in models:
-            n = len(model.window.streamed)
-            wait_until(lambda m=model, n=n: m.window.stats.blocks_read >= 4 * n)
+            settle(model.window)
             stats = model.window.take_stats()
-            assert 4 * n <= stats.blocks_read <= 4 * n + DEFAULT_RING_SLOTS
+            assert stats.blocks_read == 4 * len(model.window.streamed)
+            assert stats.bytes_read == 4 * sum(b.nbytes for b in model.window.streamed)
             assert 0.0 <= stats.overlap <= 1.0 and stats.wait_s >= 0 and stats.read_s >= 0
     finally:
         close_all(models)
@@ -632,19 +646,27 @@ def test_interrupted_forward_then_full_forward_is_correct(split_model, name, mod
     model = load_rank(d, SoloCommunicator(), max_seq_len=MAX_SEQ_LEN,
                       memory_budget=budget_for(needs_of(d), mode))
     tokens = prompt_tokens()
+    window = model.window
     try:
         with torch.no_grad():
             want = reference(tokens, 0)
             for attempt in range(3):
                 call_with_deadline(lambda: INTERRUPTIONS[name](model, tokens))
+                got = call_with_deadline(lambda: model(tokens, 0))
+                assert torch.equal(got, want), f"attempt {attempt}: first pass after"
+                # back to normal: each further pass reads each streamed block exactly once
+                settle(window)
+                window.take_stats()
                 for repeat in range(2):
                     got = call_with_deadline(lambda: model(tokens, 0))
-                    assert torch.equal(got, want), f"attempt {attempt}, pass {repeat}"
+                    assert torch.equal(got, want), f"attempt {attempt}, pass {repeat + 2}"
+                settle(window)
+                assert window.take_stats().blocks_read == 2 * len(window.streamed)
             # and decoding continues correctly from there
             assert torch.equal(call_with_deadline(lambda: model(tokens[:1], len(tokens))),
                                reference(tokens[:1], len(tokens)))
     finally:
-        model.window.close()
+        window.close()
 
 
 # -- the embedding stays on disk ----------------------------------------------------------------
