@@ -471,10 +471,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"sizes {QUICK_SIZES}, nodes {QUICK_NODES}, few repeats (< 30 s)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     args = parser.parse_args(argv)
-    args.sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick
-                                                         else DEFAULT_SIZES)).split(",")]
-    args.nodes = [int(n) for n in (args.nodes or (QUICK_NODES if args.quick
-                                                  else DEFAULT_NODES)).split(",")]
+    try:
+        args.sizes = [parse_size(s) for s in (args.sizes or (QUICK_SIZES if args.quick
+                                                             else DEFAULT_SIZES)).split(",")]
+        args.nodes = [int(n) for n in (args.nodes or (QUICK_NODES if args.quick
+                                                      else DEFAULT_NODES)).split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(str(exc))
     if any(n < 2 for n in args.nodes):
         parser.error("every N must be at least 2 (the master and one worker)")
     if args.repeat is None:

@@ -168,20 +168,69 @@ def _budget(text: str | None) -> int | None:
               show_default=True)
 @click.option("--max-seq-len", type=int, default=None)
 @memory_budget_option
+@click.option("--key", "key_file", type=click.Path(path_type=Path), default=None,
+              help="this worker's NAME.key_secret (from `edgetp keys`)")
+@click.option("--master-key", "master_key_file", type=click.Path(path_type=Path), default=None,
+              help="the master's public NAME.key: the only master this worker talks to")
+@click.option("--insecure", is_flag=True, help="no encryption or authentication (trusted "
+              "networks only; required to run without keys on a non-loopback address)")
 @click.option("--capture-frames", type=click.Path(path_type=Path), default=None, hidden=True,
               help="append every received frame to this file (privacy tests)")
 @user_errors
 def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
-           max_seq_len: int | None, memory_budget: str | None,
-           capture_frames: Path | None) -> None:
+           max_seq_len: int | None, memory_budget: str | None, key_file: Path | None,
+           master_key_file: Path | None, insecure: bool, capture_frames: Path | None) -> None:
     """Serve one rank's share of the model to the master at MASTER."""
     from edgetp.master import parse_dtype
     from edgetp.worker import Worker, frame_recorder
 
     setup_logging()
     frame_log = frame_recorder(capture_frames) if capture_frames else None
+    security = worker_security(master_address, key_file, master_key_file, insecure)
     Worker(shard_dir, master_address, timeout_s, parse_dtype(dtype), max_seq_len,
-           frame_log, _budget(memory_budget)).serve()
+           frame_log, _budget(memory_budget), security).serve()
+
+
+def worker_security(address: str, key_file: Path | None, master_key_file: Path | None,
+                    insecure: bool) -> Any:
+    from edgetp.security import KeyPair, SecurityError, WorkerSecurity, is_loopback
+
+    if key_file and master_key_file:
+        return WorkerSecurity(KeyPair.load(key_file), KeyPair.load(master_key_file).public)
+    if key_file or master_key_file:
+        raise SecurityError("give both --key (this worker's secret) and --master-key")
+    if not insecure and not is_loopback(address):
+        raise SecurityError(f"{address} is not loopback: give --key and --master-key (see "
+                            "`edgetp keys`), or --insecure on a network you trust")
+    return None
+
+
+def master_security(bind: str, key_file: Path | None, authorized: Path | None,
+                    insecure: bool) -> Any:
+    from edgetp.security import KeyPair, MasterSecurity, SecurityError, is_loopback
+
+    if key_file and authorized:
+        return MasterSecurity(KeyPair.load(key_file), authorized)
+    if key_file or authorized:
+        raise SecurityError("give both --keys (the master's secret) and --authorized DIR")
+    if not insecure and not is_loopback(bind):
+        raise SecurityError(f"{bind} is not loopback: give --keys and --authorized (see "
+                            "`edgetp keys`), or --insecure on a network you trust")
+    return None
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True)
+@click.option("--name", required=True, help="e.g. master, or the device's name")
+@user_errors
+def keys(out_dir: Path, name: str) -> None:
+    """Create a CURVE key pair: NAME.key (public, share it) and NAME.key_secret (keep it)."""
+    from edgetp.security import create_keys
+
+    public, secret = create_keys(out_dir, name)
+    click.echo(f"public key: {public}   (give it to the master's --authorized directory, "
+               f"or to workers as --master-key)\nsecret key: {secret}   (stays on this device)")
 
 
 @main.command(name="master")
@@ -192,10 +241,17 @@ def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
 @click.option("--prompt", "prompts", multiple=True,
               help="prompt(s) to run; without it, one prompt per line of standard input")
 @click.option("--chat", is_flag=True)
+@click.option("--keys", "keys_file", type=click.Path(path_type=Path), default=None,
+              help="the master's NAME.key_secret (from `edgetp keys`)")
+@click.option("--authorized", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="directory of the invited workers' public NAME.key files")
+@click.option("--insecure", is_flag=True, help="no encryption or authentication (trusted "
+              "networks only; required to bind a non-loopback address without keys)")
 @generation_options
 @cluster_options
 @user_errors
 def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: bool,
+                   keys_file: Path | None, authorized: Path | None, insecure: bool,
                    **opts: Any) -> None:
     """Run the master: load rank 0, wait for the workers, answer prompts."""
     from edgetp.master import Master
@@ -203,10 +259,11 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
     setup_logging()
     if (shard_dir / "rank-0").is_dir():
         shard_dir = shard_dir / "rank-0"
+    security = master_security(bind, keys_file, authorized, insecure)
     master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
                             opts["wire_dtype"], opts["timeout_s"],
                             memory_budget=_budget(opts["memory_budget"]),
-                            allreduce=opts["allreduce"])
+                            allreduce=opts["allreduce"], security=security)
     try:
         click.echo(f"master listening on {master.runner.transport.address}", err=True)
         for line in prompts or (line.rstrip("\n") for line in sys.stdin):

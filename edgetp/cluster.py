@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from edgetp.master import Master
+from edgetp.security import KeyPair, MasterSecurity, create_keys
 from edgetp.split import model_fingerprint, split_checkpoint
 from edgetp.transport import MasterTransport
 
@@ -48,7 +50,7 @@ class LocalCluster:
                  wire_dtype: str = "f32", timeout_s: float = 10.0,
                  split_dir: Path | None = None, worker_args: list[str] | None = None,
                  capture_dir: Path | None = None, memory_budget: int | None = None,
-                 allreduce: str = "star") -> None:
+                 allreduce: str = "star", secure: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -63,6 +65,8 @@ class LocalCluster:
         self.capture_dir = capture_dir  # tests: each worker records every frame it receives
         self.memory_budget = memory_budget  # per node, bytes
         self.allreduce = allreduce
+        self.secure = secure  # CURVE on loopback too (keys made in split_dir/keys)
+        self.worker_address = ""  # tests: where workers connect, if not the master itself
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.master: Master | None = None
         self.address = ""
@@ -81,26 +85,43 @@ class LocalCluster:
         result = split_checkpoint(self.model_dir, self.split_dir, self.n_nodes, self.shares,
                                   private_layers=self.private_layers)
         self.address = f"tcp://127.0.0.1:{free_port()}"
+        security = self._make_keys() if self.secure else None
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
                                      self.max_seq_len, self.wire_dtype, self.timeout_s,
                                      memory_budget=self.memory_budget,
-                                     allreduce=self.allreduce)
+                                     allreduce=self.allreduce, security=security)
         for rank in range(1, self.n_nodes):
             self.start_worker(rank)
         self.wait_until_joined()
         return self.master
+
+    def _make_keys(self) -> MasterSecurity:
+        """A key pair for the master and each worker; workers' public keys authorized."""
+        keys = self.split_dir / "keys"
+        if keys.exists():
+            shutil.rmtree(keys)
+        create_keys(keys, "master")
+        for rank in range(1, self.n_nodes):
+            public, _ = create_keys(keys, f"worker-{rank}")
+            (keys / "authorized").mkdir(exist_ok=True)
+            shutil.copy(public, keys / "authorized" / public.name)
+        return MasterSecurity(KeyPair.load(keys / "master.key_secret"), keys / "authorized")
 
     def rank_dir(self, rank: int) -> Path:
         return self.split_dir / f"rank-{rank}"
 
     def start_worker(self, rank: int) -> None:
         command = [sys.executable, "-m", "edgetp.cli", "worker", "--shard",
-                   str(self.rank_dir(rank)), "--master", self.address,
+                   str(self.rank_dir(rank)), "--master", self.worker_address or self.address,
                    "--timeout", str(self.timeout_s), "--dtype", self.dtype]
         if self.max_seq_len:
             command += ["--max-seq-len", str(self.max_seq_len)]
         if self.memory_budget is not None:
             command += ["--memory-budget", str(self.memory_budget)]
+        if self.secure:
+            keys = self.split_dir / "keys"
+            command += ["--key", str(keys / f"worker-{rank}.key_secret"),
+                        "--master-key", str(keys / "master.key")]
         if self.capture_dir is not None:
             command += ["--capture-frames", str(self.capture_dir / f"rank-{rank}.frames")]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}

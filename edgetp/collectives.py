@@ -31,7 +31,10 @@ class Communicator(Protocol):
     world_size: int
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the element-wise sum of ``x`` over all ranks (same shape and dtype)."""
+        """Return the element-wise sum of ``x`` over all ranks (same shape and dtype).
+
+        ``x`` is a temporary partial sum: an implementation may sum into it and return it.
+        """
 
 
 class SoloCommunicator:

@@ -20,7 +20,7 @@ from torch import nn
 from edgetp.checkpoint import set_tensor
 from edgetp.collectives import Communicator
 from edgetp.config import format_bytes
-from edgetp.manifest import Manifest, read_manifest, verify_file
+from edgetp.manifest import Manifest, read_manifest, verify_directory
 from edgetp.metrics import instrument
 from edgetp.model import Transformer
 from edgetp.parallel import shard_model
@@ -59,8 +59,7 @@ def load_rank(
         raise ValueError(
             f"{shard_dir} holds rank {manifest.rank}'s shard but this node is rank {comm.rank}"
         )
-    for name, entry in manifest.files.items():
-        verify_file(shard_dir, name, entry, check_hash=verify)
+    verify_directory(shard_dir, manifest, check_hash=verify)
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
     if memory_budget is not None:
         needs = _memory_needs(model, manifest, blocks, prefill_chunk)

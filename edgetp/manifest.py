@@ -153,6 +153,31 @@ def verify_file(directory: Path, name: str, entry: FileEntry, check_hash: bool =
         )
 
 
+VERIFIED_NAME = ".verified.json"
+
+
+def verify_directory(directory: Path, manifest: Manifest, check_hash: bool = True) -> None:
+    """Verify every file of a shard directory; hash only files not verified before at their
+    current size and modification time (the record lives in ``.verified.json``)."""
+    record_path = directory / VERIFIED_NAME
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        record = {}
+    fresh = {}
+    for name, entry in manifest.files.items():
+        path = directory / name
+        stamp = [entry.sha256, path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+        known = stamp is not None and record.get(name) == stamp
+        verify_file(directory, name, entry, check_hash=check_hash and not known)
+        fresh[name] = stamp
+    if check_hash and fresh != record:
+        try:
+            record_path.write_text(json.dumps(fresh))
+        except OSError:
+            pass  # a read-only shard directory is verified again next time
+
+
 def tensor_entries(blob: bytes | memoryview) -> dict[str, TensorEntry]:
     """Parse a serialised safetensors file's header into absolute tensor byte ranges."""
     (header_len,) = struct.unpack("<Q", bytes(blob[:8]))

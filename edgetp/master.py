@@ -16,6 +16,7 @@ import torch
 
 from edgetp.collectives import StarMaster, StepPosition
 from edgetp.ring import RingAllreduce, RingLink, successor_addresses
+from edgetp.security import MasterSecurity
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.metrics import RECORDER, now, spans_from_tensor
@@ -173,7 +174,8 @@ class Master:
     def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
                 max_seq_len: int | None = None, wire_dtype: str = "f32",
                 timeout_s: float = 10.0, prefill_chunk: int = 128,
-                memory_budget: int | None = None, allreduce: str = "star") -> Master:
+                memory_budget: int | None = None, allreduce: str = "star",
+                security: MasterSecurity | None = None) -> Master:
         """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``."""
         from edgetp.loader import load_rank
         from edgetp.manifest import read_manifest
@@ -183,7 +185,11 @@ class Master:
             raise ValueError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
                              "rank-0 (it holds the embedding, the head and the tokenizer)")
         identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
-        transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s)
+        if security is not None and allreduce == "ring":
+            raise ValueError("the ring allreduce has no CURVE encryption yet: use --allreduce "
+                             "star with keys, or the ring on a trusted network with --insecure")
+        transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
+                                    security)
         try:
             comm = _master_communicator(transport, allreduce, wire_dtype, timeout_s)
             hidden = manifest.model_config.hidden_size

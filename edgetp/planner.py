@@ -261,9 +261,12 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str,
     """Rank ``rank``'s bytes for weights stored and computed in ``dtype`` (see RankMemory)."""
     elem, seq = ELEMENT_BYTES[dtype], max_seq_len or config.max_position_embeddings
     files = rank_files(config, plan, rank)
-    sizes = {name: safetensors_size(shapes, dtype) for name, shapes in files.items()}
-    nbytes = {name: {t: math.prod(s) * elem for t, s in shapes.items()}
-              for name, shapes in files.items()}
+    distinct = {id(shapes): shapes for shapes in files.values()}  # shared layers: one dict
+    size_of = {key: safetensors_size(shapes, dtype) for key, shapes in distinct.items()}
+    bytes_of = {key: {t: math.prod(s) * elem for t, s in shapes.items()}
+                for key, shapes in distinct.items()}
+    sizes = {name: size_of[id(shapes)] for name, shapes in files.items()}
+    nbytes = {name: bytes_of[id(shapes)] for name, shapes in files.items()}
     share, hd = plan.share(rank), config.head_dim
     layers, blocks, names = [], [], []
     for index in range(config.num_hidden_layers):

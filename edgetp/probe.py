@@ -416,12 +416,12 @@ def serve_echo(port: int, max_messages: int | None = None, host: str = "0.0.0.0"
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.LINGER, 1000)  # the last echo still leaves after the loop ends
     sock.bind(f"tcp://{host}:{port}")
     try:
         _echo_loop(sock, None, max_messages)
     finally:
-        sock.close(0)
+        sock.close()
 
 
 def _round_trips(address: str, rows: int, count: int, timeout_s: float = 3.0) -> list[float]:

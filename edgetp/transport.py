@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -22,6 +23,14 @@ import torch
 import zmq
 
 from edgetp import wire
+from edgetp.security import (
+    MasterSecurity,
+    WorkerSecurity,
+    make_client,
+    make_server,
+    authorize,
+    warn_if_insecure,
+)
 from edgetp.wire import Message, WireError
 
 log = logging.getLogger("edgetp.transport")
@@ -88,8 +97,14 @@ def make_context() -> zmq.Context:
     return zmq.Context.instance()
 
 
+MAX_MESSAGE_BYTES = 32 << 20  # a peer sending a bigger frame is disconnected by ZeroMQ
+RECEIVE_QUEUE = 64  # messages queued per peer before ZeroMQ drops (bounds hostile floods)
+
+
 def _configure(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
 
@@ -114,7 +129,7 @@ class MasterTransport:
     """
 
     def __init__(self, bind: str, expected: NodeIdentity, n_ranks: int, wire_dtype: str = "f32",
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, security: MasterSecurity | None = None) -> None:
         self.expected = expected
         self.n_ranks = n_ranks
         self.wire_dtype = wire_dtype
@@ -128,6 +143,10 @@ class MasterTransport:
         self.sock = make_context().socket(zmq.ROUTER)
         _configure(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if security is not None:
+            authorize(self.sock, security.authorized_dir)
+            make_server(self.sock, security.keys)
+        warn_if_insecure(bind, security is not None)
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
@@ -302,6 +321,8 @@ class MasterTransport:
                 log.error("%s reported: %s", self.describe(rank), message.fields["message"])
 
     def _heartbeat_loop(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):  # Ctrl-C goes to the main thread, not here
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not self._stop.wait(SERVICE_INTERVAL_S):
             if self.lock.acquire(blocking=False):
                 try:
@@ -346,8 +367,10 @@ class WorkerTransport:
     """A worker's DEALER socket: handshake, heartbeats and reconnection to the master."""
 
     def __init__(self, master: str, identity: NodeIdentity, timeout_s: float = 10.0,
-                 frame_log: Callable[[list[bytes]], None] | None = None) -> None:
+                 frame_log: Callable[[list[bytes]], None] | None = None,
+                 security: WorkerSecurity | None = None) -> None:
         self.master = master
+        self.security = security
         self.identity = identity
         self.timeout_s = timeout_s
         self.frame_log = frame_log
@@ -418,6 +441,8 @@ class WorkerTransport:
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self.security is not None:
+            make_client(self.sock, self.security.keys, self.security.master_public)
         self.sock.connect(self.master)
 
     def _wait_for_handshake_reply(self) -> Message | None:

@@ -19,11 +19,13 @@ released by forward hooks.
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import itertools
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +163,23 @@ class _Slot:
         self.in_use = False
 
 
+_OPEN_WINDOWS: weakref.WeakSet[WeightWindow] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_windows() -> None:
+    """Stop every reader thread before the interpreter finalizes.
+
+    The reader is a daemon thread that calls torch (slicing a ring buffer); a daemon thread
+    that re-takes the GIL after finalization has begun is ended by ``pthread_exit`` from inside
+    a pybind11 GIL guard's destructor, and that aborts the whole process ("terminate called
+    without an active exception", status 134) - typically a master or worker exiting normally
+    while the reader fills the ring for a step that will never come.
+    """
+    for window in list(_OPEN_WINDOWS):
+        window.close(timeout_s=60.0)
+
+
 class WeightWindow:
     """Pins some blocks, streams the others through a ring, swaps weights in by hooks."""
 
@@ -187,6 +206,7 @@ class WeightWindow:
                                         name="edgetp-window-reader")
         if self.streamed:
             self._reader.start()
+            _OPEN_WINDOWS.add(self)
 
     @property
     def resident_bytes(self) -> int:
@@ -199,12 +219,13 @@ class WeightWindow:
                 resident_bytes=self.resident_bytes, resident_peak_bytes=self.resident_bytes)
         return stats
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._reader.is_alive():
-            self._reader.join(timeout=5)
+            self._reader.join(timeout=timeout_s)
+        _OPEN_WINDOWS.discard(self)
 
     # -- pinned blocks ----------------------------------------------------------------------
 

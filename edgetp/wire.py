@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # bump whenever a schema below changes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
@@ -153,7 +153,8 @@ def _decode_tensors(op: str, specs: Any, payloads: Sequence[Any]) -> list[torch.
         raise WireError(f"{op}: expected {low}..{high} tensors")
     if len(specs) != len(payloads):
         raise WireError(f"{op}: header lists {len(specs)} tensors but {len(payloads)} frames came")
-    return [_decode_tensor(op, spec, payload) for spec, payload in zip(specs, payloads)]
+    pairs = zip(specs, payloads, strict=True)  # equal lengths: checked above
+    return [_decode_tensor(op, spec, payload) for spec, payload in pairs]
 
 
 def _decode_tensor(op: str, spec: Any, payload: Any) -> torch.Tensor:
@@ -164,7 +165,7 @@ def _decode_tensor(op: str, spec: Any, payload: Any) -> torch.Tensor:
                     for d in spec[1])):
         raise WireError(f"{op}: malformed tensor spec {spec!r:.80}")
     dtype, shape = WIRE_DTYPES[spec[0]], spec[1]
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     nbytes = math.prod(shape) * itemsize
     if nbytes > MAX_TENSOR_BYTES:
         raise WireError(f"{op}: tensor of {nbytes} bytes exceeds {MAX_TENSOR_BYTES}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from edgetp.collectives import StarWorker, StepPosition
+from edgetp.security import WorkerSecurity
 from edgetp.ring import WIRE_TORCH_DTYPES, RingAllreduce, RingError, RingLink, master_ring_address
 from edgetp.loader import load_rank
 from edgetp.manifest import read_manifest
@@ -38,13 +39,14 @@ class Worker:
     def __init__(self, shard_dir: str | Path, master: str, timeout_s: float = 10.0,
                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
                  frame_log: Callable[[list[bytes]], None] | None = None,
-                 memory_budget: int | None = None) -> None:
+                 memory_budget: int | None = None,
+                 security: WorkerSecurity | None = None) -> None:
         manifest = read_manifest(shard_dir)
         if manifest.rank == 0:
             raise ValueError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
         identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
                                 manifest.dtype)
-        self.transport = WorkerTransport(master, identity, timeout_s, frame_log)
+        self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security)
         self.ring = RingLink()
         self.transport.ring_port = self.ring.port
         self.comm = WorkerCommunicator(self.transport, self.ring, manifest.rank,
@@ -54,6 +56,7 @@ class Worker:
         self.layers = manifest.plan.shared_layers
         self.n_allreduce = 2 * len(self.layers)
         self.rank = manifest.rank
+        self._last_step: tuple[int, int] = (-1, -1)
         self.memory_budget = memory_budget
 
     def serve(self) -> None:
@@ -99,7 +102,7 @@ class Worker:
     def _run_step(self, message: Message) -> None:
         fields = message.fields
         h = message.tensors[0]  # [T, d]
-        problem = self._check_step(h, fields["start"])
+        problem = self._check_step(h, fields["start"]) or self._check_order(fields)
         if problem:
             log.warning("rank %d: rejected a step: %s", self.rank, problem)
             self.transport.send("error", {"message": f"rank {self.rank}: {problem}"})
@@ -125,11 +128,20 @@ class Worker:
         spans = spans_to_tensor(RECORDER.take(), self.transport.clock_offset_s)
         self.transport.send("stats", {"seq": seq, "stats": facts}, [spans])
 
+    def _check_order(self, fields: dict) -> str | None:
+        """Steps of a request come in increasing order; an older one is a replay or stale."""
+        key = (fields["seq"], fields["step"])
+        if key <= self._last_step:
+            return f"out-of-order step {key} after {self._last_step}"
+        self._last_step = key
+        return None
+
     def _check_step(self, h: torch.Tensor, start: int) -> str | None:
-        if h.dim() != 2 or h.shape[1] != self.model.config.hidden_size:
-            return f"hidden state of shape {list(h.shape)}, expected [T, {self.model.config.hidden_size}]"
-        if start + h.shape[0] > self.model.max_seq_len:
-            return f"positions up to {start + h.shape[0]} exceed the context of {self.model.max_seq_len}"
+        hidden, context = self.model.config.hidden_size, self.model.max_seq_len
+        if h.dim() != 2 or h.shape[1] != hidden:
+            return f"hidden state of shape {list(h.shape)}, expected [T, {hidden}]"
+        if start + h.shape[0] > context:
+            return f"positions up to {start + h.shape[0]} exceed the context of {context}"
         return None
 
 

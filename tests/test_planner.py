@@ -296,7 +296,7 @@ def test_link_measurement_against_an_echo_peer():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = threading.Thread(target=serve_echo, args=(port, 20, "127.0.0.1"), daemon=True)
+    server = threading.Thread(target=serve_echo, args=(port, 17, "127.0.0.1"), daemon=True)
     server.start()
     link = measure_link(f"tcp://127.0.0.1:{port}", 10)
     server.join(timeout=5)

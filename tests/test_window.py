@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -573,6 +574,44 @@ def test_budget_below_the_minimum_names_the_minimum(split_model):
     with pytest.raises(WindowError, match=re.escape(format_bytes(needs.minimum(3)))):
         load_rank(d, SoloCommunicator(), max_seq_len=MAX_SEQ_LEN,
                   memory_budget=needs.minimum(3) - 1, ring_slots=3)
+
+
+# -- exiting with a busy reader -----------------------------------------------------------------
+
+# Loads a shard at its minimum budget with reads slowed down (each tensor read is followed by
+# half a second of torch calls, as reading into slices of a ring buffer makes), then exits
+# while the reader thread is still reading ahead.
+EXIT_SCRIPT = r"""
+import sys, time, torch
+import edgetp.window as window
+from edgetp.collectives import SoloCommunicator
+from edgetp.loader import load_rank, shard_memory_needs
+
+real_pread = window._pread_exact
+def slow_pread(fd, target, offset, path):
+    real_pread(fd, target, offset, path)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        target[:64].view(torch.uint8).numpy()
+window._pread_exact = slow_pread
+
+shard = sys.argv[1]
+budget = shard_memory_needs(shard, max_seq_len=64).minimum()
+model = load_rank(shard, SoloCommunicator(), max_seq_len=64, memory_budget=budget)
+time.sleep(0.3)
+assert model.window._reader.is_alive()
+print("exiting", flush=True)
+"""
+
+
+def test_process_exits_cleanly_while_the_reader_is_busy(split_model):
+    """Regression: a daemon reader thread inside torch at interpreter exit aborted the process
+    ("terminate called without an active exception", status 134, after a normal run)."""
+    [d] = split_model("llama3", 1, 0)
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(d)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "exiting" in proc.stdout
 
 
 # -- resynchronisation after an interrupted forward ---------------------------------------------
