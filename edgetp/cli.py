@@ -432,10 +432,12 @@ def _master_context(model_dir: Path | None, shard_dir: Path | None, bind: str, n
     if shard_dir is not None:
         if (shard_dir / "rank-0").is_dir():
             shard_dir = shard_dir / "rank-0"
+        security = master_security(bind, opts["keys_file"], opts["authorized"],
+                                   opts["insecure"])
         master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
                                 opts["wire_dtype"], opts["timeout_s"],
                                 memory_budget=_budget(opts["memory_budget"]),
-                            allreduce=opts["allreduce"])
+                                allreduce=opts["allreduce"], security=security)
         click.echo(f"master listening for workers on {master.runner.transport.address}",
                    err=True)
         return contextlib.closing(master)
@@ -447,7 +449,7 @@ def _master_context(model_dir: Path | None, shard_dir: Path | None, bind: str, n
 
 
 def master_sources(func: F) -> F:
-    """MODEL_DIR [--nodes --shares --private-layers] or --shards DIR --bind ADDRESS."""
+    """MODEL_DIR [--nodes --shares --private-layers] or --shards DIR --bind ADDRESS [keys]."""
     options = [
         click.argument("model_dir", required=False,
                        type=click.Path(exists=True, file_okay=False, path_type=Path)),
@@ -461,6 +463,14 @@ def master_sources(func: F) -> F:
                      help="be the master of a cluster: rank-0 directory from `edgetp split`"),
         click.option("--bind", default="tcp://0.0.0.0:5555", show_default=True,
                      help="with --shards: where the workers connect"),
+        click.option("--keys", "keys_file", type=click.Path(path_type=Path), default=None,
+                     help="with --shards: the master's NAME.key_secret (from `edgetp keys`)"),
+        click.option("--authorized", type=click.Path(file_okay=False, path_type=Path),
+                     default=None,
+                     help="with --shards: directory of the invited workers' public keys"),
+        click.option("--insecure", is_flag=True,
+                     help="with --shards: no encryption or authentication of the workers "
+                          "(trusted networks only)"),
     ]
     for option in reversed(options):
         func = option(func)
@@ -620,6 +630,136 @@ def probe(shard_dir: Path | None, master_address: str | None, out_file: Path | N
     else:
         out_file.write_text(text + "\n")
         click.echo(f"wrote {out_file}", err=True)
+
+
+# -- launching on home machines and the emulated testbeds (edgetp.launch, edgetp.testbed) --------
+
+def _generation_options_but_stop(func: F) -> F:
+    """``generation_options`` without ``--stop TEXT``: for ``launch``, --stop stops the cluster."""
+    params = generation_options(lambda: None).__click_params__  # type: ignore[attr-defined]
+    func.__click_params__ = [  # type: ignore[attr-defined]
+        *getattr(func, "__click_params__", []), *(p for p in params if p.name != "stop_strings")]
+    return func
+
+
+@main.command()
+@click.argument("cluster_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--stop", is_flag=True, help="stop the cluster's workers (and a --serve master)")
+@click.option("--serve", is_flag=True,
+              help="start `edgetp serve` on node 0, detached, instead of a master in this terminal")
+@click.option("--port", type=int, default=8000, show_default=True, help="with --serve: API port")
+@click.option("--transfer", type=click.Choice(["auto", "rsync", "stream"]), default="auto",
+              show_default=True, help="how shards are copied (auto: rsync when both ends have it)")
+@click.option("--no-ship", is_flag=True, help="do not check or copy the shards")
+@click.option("--emulate-links", is_flag=True,
+              help="delay every node's sends by its link profile (the transport hook)")
+@click.option("--join-timeout", type=float, default=300.0, show_default=True)
+@click.option("--prompt", "prompts", multiple=True,
+              help="prompt(s) to run; without it, one prompt per line of standard input")
+@click.option("--chat", is_flag=True)
+@_generation_options_but_stop
+@user_errors
+def launch(cluster_file: Path, stop: bool, serve: bool, port: int, transfer: str, no_ship: bool,
+           emulate_links: bool, join_timeout: float, prompts: tuple[str, ...], chat: bool,
+           **opts: Any) -> None:
+    """Start the cluster CLUSTER_FILE describes: check, ship shards, workers, then the master."""
+    from edgetp import launch as launching
+    from edgetp.clusterconfig import load_cluster_config
+
+    config = load_cluster_config(cluster_file)
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    opts["stop_strings"] = ()
+    if stop:
+        launching.stop_cluster(config, log)
+        return
+    try:
+        rsync_output: int | None = sys.stderr.fileno()  # rsync shows its own progress
+    except (AttributeError, OSError, ValueError):
+        rsync_output = None
+    launcher = launching.Launcher(config, log, transfer, not no_ship, emulate_links,
+                                  progress=_transfer_progress, rsync_output=rsync_output)
+    launcher.prepare()
+    if serve:
+        click.echo(f"serving at {launcher.serve(port, join_timeout)}")
+        return
+    with launcher.running_master(opts["dtype"], opts["max_seq_len"], join_timeout) as master:
+        for line in prompts or (line.rstrip("\n") for line in sys.stdin):
+            if line.strip():
+                run_generation(master, line, chat, opts)
+
+
+def _transfer_progress(node: str, name: str, done: int, total: int) -> None:
+    end = "\n" if done >= total else ""
+    click.echo(f"\r  {node}: {name} {done / 2**20:.1f}/{total / 2**20:.1f} MiB{end}", nl=False,
+               err=True)
+
+
+@main.command()
+@click.argument("cluster_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+@user_errors
+def status(cluster_file: Path, as_json: bool) -> None:
+    """Show which nodes of CLUSTER_FILE are up: versions, memory, processes, round trip."""
+    from edgetp import launch as launching
+    from edgetp.clusterconfig import load_cluster_config
+
+    config = load_cluster_config(cluster_file)
+    rows = launching.cluster_status(config)
+    click.echo(json.dumps(rows) if as_json else launching.render_status(config, rows))
+
+
+@main.command()
+@click.argument("model_dir", required=False,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--nodes", type=int, default=3, show_default=True)
+@click.option("--profile", default="home-wifi", show_default=True,
+              help="link profile of every node (tpi-llm, home-wifi, gigabit, or --profiles)")
+@click.option("--profiles", "profiles_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="YAML file of link profiles")
+@click.option("--memory-budget", default=None, help="edgetp's budget per node, e.g. 256MiB")
+@click.option("--memory-limit", default=None,
+              help="cgroup limit per node (default: budget + 1.5GiB, or 4GiB)")
+@click.option("--config", "cluster_file", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="a cluster file (configs/local-testbed.yaml) instead of flags")
+@click.option("--prompt", default=DEMO_PROMPT, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="also bench a fixed workload and write its report to OUT/bench")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("build/testbed"), show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
+@click.option("--cleanup", is_flag=True, help="remove leftover testbed namespaces, links, cgroups")
+@click.option("--compose", "compose_from", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="print docker/compose.yaml for this cluster file and exit")
+@click.option("--master-role", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              hidden=True, help="internal: run as the testbed's master (inside namespace 0)")
+@user_errors
+def testbed(model_dir: Path | None, nodes: int, profile: str, profiles_file: Path | None,
+            memory_budget: str | None, memory_limit: str | None, cluster_file: Path | None,
+            prompt: str, max_new_tokens: int, bench: bool, out_dir: Path, as_json: bool,
+            cleanup: bool, compose_from: Path | None, master_role: Path | None) -> None:
+    """An emulated cluster on this machine: N network namespaces (root, Linux) running MODEL_DIR."""
+    from edgetp import testbed as tb
+    from edgetp.clusterconfig import load_cluster_config
+
+    log = lambda line: click.echo(line, err=True)  # noqa: E731
+    if master_role is not None:
+        sys.exit(tb.master_role(master_role))
+    if compose_from is not None:
+        click.echo(tb.compose_text(load_cluster_config(compose_from)), nl=False)
+        return
+    if cleanup:
+        click.echo(f"removed {tb.cleanup_leftovers(log)} leftover testbed resources", err=True)
+        return
+    if cluster_file is not None:
+        config = load_cluster_config(cluster_file)
+    elif model_dir is not None:
+        config = tb.flags_config(model_dir, nodes, profile or None, memory_budget, memory_limit,
+                                 profiles_file, out_dir.resolve())
+    else:
+        raise click.UsageError("give MODEL_DIR (with --nodes, --profile ...) or --config FILE")
+    report = tb.run_testbed(tb.TestbedRun(config, out_dir, prompt, max_new_tokens, bench), log)
+    click.echo(json.dumps(report) if as_json else tb.testbed_markdown(report))
 
 
 if __name__ == "__main__":

@@ -727,12 +727,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str, app: APIServer) -> None:
         path = unquote(urlsplit(self.path).path).rstrip("/") or "/"
         body = self._read_body() if method in ("POST", "PUT") else b""
-        self._check_auth(app.settings.api_key)
-        if path == "/health":
+        if path == "/health":  # without the key: only the status, for liveness probes
             self._only(method, "GET")
             report = app.health()
+            try:
+                self._check_auth(app.settings.api_key)
+            except APIError:
+                report = {"status": report["status"]}
             self._send_json(200 if report["status"] == "ok" else 503, report)
-        elif path == "/v1/models":
+            return
+        self._check_auth(app.settings.api_key)
+        if path == "/v1/models":
             self._only(method, "GET")
             self._send_json(200, {"object": "list", "data": [_model_card(app)]})
         elif path.startswith("/v1/models/"):

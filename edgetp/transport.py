@@ -23,6 +23,7 @@ import torch
 import zmq
 
 from edgetp import wire
+from edgetp.linkemu import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
 from edgetp.security import (
     MasterSecurity,
     WorkerSecurity,
@@ -134,6 +135,7 @@ class MasterTransport:
         self.n_ranks = n_ranks
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
+        self.link_delay = LinkDelay.from_env()  # link emulation hook, off unless set
         self.session = uuid.uuid4().hex
         self.allreduce = "star"  # or "ring": announced to workers in the welcome
         self.ring_port = 0
@@ -149,6 +151,8 @@ class MasterTransport:
         warn_if_insecure(bind, security is not None)
         self.sock.bind(bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                            name="edgetp-master-heartbeat")
@@ -188,11 +192,13 @@ class MasterTransport:
         peer = self.peers.get(rank)
         if peer is None:
             raise ClusterError(f"{self.describe(rank)} is not connected")
+        self.link_delay.before_send(op)  # link emulation: one traversal (edgetp.linkemu)
         self._send_to(peer.identity, op, fields, tensors, rank)
 
     def broadcast(self, op: str, fields: dict[str, Any],
                   tensors: Sequence[torch.Tensor] = ()) -> None:
         frames = wire.encode(op, fields, tensors)
+        self.link_delay.before_send(op)  # link emulation: once (the links are parallel)
         for rank in self.worker_ranks:
             peer = self.peers.get(rank)
             if peer is None:
@@ -222,17 +228,14 @@ class MasterTransport:
         """
         deadline = time.monotonic() + timeout_s
         while True:
-            remaining = deadline - time.monotonic()
-            if not self.sock.poll(max(0, int(remaining * 1000))):
+            frames = receive_frames(self.sock, self._poller, deadline - time.monotonic())
+            if frames is None:
                 return None
-            got = self._receive_one()
+            got = self._receive_one(frames)
             if got is not None:
                 return got
-            if time.monotonic() > deadline and not self.sock.poll(0):
-                return None
 
-    def _receive_one(self) -> tuple[int, Message] | None:
-        frames = self.sock.recv_multipart(copy=False)
+    def _receive_one(self, frames: list[Any]) -> tuple[int, Message] | None:
         identity = bytes(frames[0])
         try:
             message = wire.decode(frames[1:])
@@ -355,6 +358,21 @@ class MasterTransport:
         self._heartbeat.join(timeout=2)
 
 
+def receive_frames(sock: zmq.Socket, poller: zmq.Poller, timeout_s: float) -> list[Any] | None:
+    """One multipart message, waiting up to ``timeout_s``; None on timeout.
+
+    Tries a non-blocking receive first (a message is often already queued) and polls with a
+    reused poller otherwise (``Socket.poll`` builds a new one on every call).
+    """
+    try:
+        return sock.recv_multipart(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        pass
+    if timeout_s <= 0 or not poller.poll(max(1, int(timeout_s * 1000))):
+        return None
+    return sock.recv_multipart(copy=False)
+
+
 def _peer_ip(frame: Any) -> str:
     """The sender's IP address as ZeroMQ saw it (for the ring), or loopback if unknown."""
     try:
@@ -373,6 +391,7 @@ class WorkerTransport:
         self.security = security
         self.identity = identity
         self.timeout_s = timeout_s
+        self.link_delay = LinkDelay.from_env()  # link emulation hook, off unless set
         self.frame_log = frame_log
         self.traffic = Traffic()
         self.wire_dtype = "f32"
@@ -444,6 +463,8 @@ class WorkerTransport:
         if self.security is not None:
             make_client(self.sock, self.security.keys, self.security.master_public)
         self.sock.connect(self.master)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
 
     def _wait_for_handshake_reply(self) -> Message | None:
         deadline = time.monotonic() + 2 * HEARTBEAT_S
@@ -456,6 +477,7 @@ class WorkerTransport:
     def send(self, op: str, fields: dict[str, Any], tensors: Sequence[torch.Tensor] = ()) -> None:
         assert self.sock is not None, "connect() first"
         frames = wire.encode(op, fields, tensors)
+        self.link_delay.before_send(op)  # link emulation: one traversal (edgetp.linkemu)
         self.sock.send_multipart(frames, copy=False)
         self.traffic.count_sent(op, frames)
         self.last_sent = time.monotonic()
@@ -486,9 +508,9 @@ class WorkerTransport:
 
     def _poll_one(self, timeout_s: float) -> Message | None:
         assert self.sock is not None
-        if not self.sock.poll(max(0, int(timeout_s * 1000))):
+        frames = receive_frames(self.sock, self._poller, timeout_s)
+        if frames is None:
             return None
-        frames = self.sock.recv_multipart(copy=False)
         if self.frame_log is not None:
             self.frame_log([bytes(f.buffer) for f in frames])
         try:

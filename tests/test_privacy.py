@@ -24,7 +24,8 @@ from edgetp.master import Prompt
 PROMPT = demo_prompt(7, 2)
 SAMPLING = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.1,
                           seed=4242)
-ALLOWED_OPS = {"welcome", "step", "sum", "abort", "shutdown", "pong", "rejoin"}
+ALLOWED_OPS = {"welcome", "step", "sum", "abort", "shutdown", "pong", "rejoin", "collect",
+               "link"}
 
 
 def captured_messages(path: Path) -> list[list[bytes]]:
@@ -62,7 +63,8 @@ def check_frames_carry_no_private_data(messages, result, prompt_ids, hidden, voc
         message = wire.decode(frames)  # every frame a worker got is a valid protocol message
         assert message.op in ALLOWED_OPS
         assert set(message.fields) <= {"seq", "step", "start", "index", "session",
-                                       "wire_dtype", "time", "echo"}
+                                       "wire_dtype", "time", "echo", "allreduce", "ring_port",
+                                       "address"}
         for tensor in message.tensors:
             assert tensor.dtype in (torch.float32, torch.bfloat16)  # never integer ids
             assert tensor.dim() == 2 and tensor.shape[1] == hidden != vocab  # never logits

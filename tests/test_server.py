@@ -284,12 +284,15 @@ def test_api_key_is_required(server: APIServer) -> None:
             openai.AuthenticationError) as info:
         wrong.chat.completions.create(model=MODEL, messages=chat_messages(3, 5))
     assert "Incorrect API key" in info.value.message
-    for path in ("/v1/models", "/health"):
+    for path in ("/v1/models", "/v1/chat/completions"):
         status, body = raw_request(server, "GET", path, key=None)
         assert status == 401, path
         assert assert_error_shape(body)["code"] == "invalid_api_key"
     status, _ = raw_request(server, "GET", "/v1/models", key=KEY)
     assert status == 200
+    # /health tells a probe without the key only whether the server can answer
+    assert raw_request(server, "GET", "/health", key=None) == (200, {"status": "ok"})
+    assert raw_request(server, "GET", "/health", key="sk-wrong") == (200, {"status": "ok"})
 
 
 # -- the queue --------------------------------------------------------------------------------

@@ -184,7 +184,11 @@ def rejects(frames: list[Any], match: str | None = None) -> WireError:
     return info.value
 
 
-@pytest.mark.parametrize("version", [0, 2, None, "1", 1.0, 1.0001, True, [1]])
+@pytest.mark.parametrize(
+    "version",
+    [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, None, str(PROTOCOL_VERSION),
+     float(PROTOCOL_VERSION) + 0.0001, [PROTOCOL_VERSION]],
+)
 def test_wrong_version(version: Any) -> None:
     raw = {"v": version, "op": "ping", "tensors": [], "time": 1.0}
     if version is None:
@@ -317,7 +321,7 @@ def test_tensor_list_not_a_list(specs: Any) -> None:
 
 
 def test_missing_tensor_list() -> None:
-    rejects([msgpack.packb({"v": 1, "op": "ping", "time": 1.0})], "tensors")
+    rejects([msgpack.packb({"v": PROTOCOL_VERSION, "op": "ping", "time": 1.0})], "tensors")
 
 
 def test_frame_count_mismatch() -> None:

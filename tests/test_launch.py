@@ -1,0 +1,278 @@
+"""`edgetp launch` / `status` / `launch --stop` against SSH to this machine.
+
+Real SSH when possible: as root with apt, OpenSSH's server is installed if missing and an sshd
+is started on a free loopback port with a temporary config, host key and client key (and
+stopped afterwards: the test fails if any process of it survives). Otherwise (not root, no apt,
+or EDGETP_TEST_SSH=fake) a fake ``ssh`` on PATH runs the command locally. Every test prints
+which one ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from edgetp.clusterconfig import load_cluster_config
+from edgetp.demo import DEMO_MODEL_DIR, expected_text
+from edgetp.launch import NodeShell, choose_method, local_files, ship, stop_cluster
+from edgetp.split import split_checkpoint
+
+FAKE_SSH = """#!/bin/sh
+# a fake ssh for tests: skip the options and the host, run the command here
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -o|-p|-i|-l|-F|-E|-J) shift 2 ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+shift
+exec sh -c "$*"
+"""
+
+
+@dataclass
+class SshSetup:
+    kind: str  # "openssh" or "fake"
+    options: list[str] = field(default_factory=list)
+    port: int | None = None
+    user: str = ""
+    path_prefix: str = ""  # prepended to PATH (the fake ssh)
+    why: str = ""
+
+    def target(self, host: str = "127.0.0.1") -> str:
+        return f"{self.user}@{host}" + (f":{self.port}" if self.port else "")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _apt_install(package: str) -> bool:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for attempt in range(2):
+        result = subprocess.run(["apt-get", "install", "-y", "-q", package], env=env,
+                                capture_output=True, timeout=900, check=False)
+        if result.returncode == 0:
+            return True
+        if attempt == 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=900,
+                           check=False)
+    return False
+
+
+def _sshd_binary() -> str | None:
+    if os.environ.get("EDGETP_TEST_SSH") == "fake":
+        return None
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return None
+    found = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
+    if found is None and shutil.which("apt-get") and _apt_install("openssh-server"):
+        found = "/usr/sbin/sshd"
+    return found
+
+
+def _our_processes(marker: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+    return pids
+
+
+@contextlib.contextmanager
+def openssh(sshd: str, root: Path) -> Iterator[SshSetup]:
+    root.mkdir(mode=0o700)
+    for name in ("host_key", "client_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / name)],
+                       check=True)
+    (root / "authorized_keys").write_text((root / "client_key.pub").read_text())
+    (root / "authorized_keys").chmod(0o600)
+    port = free_port()
+    config = root / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_key'}",
+        f"AuthorizedKeysFile {root / 'authorized_keys'}", "PubkeyAuthentication yes",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password", "StrictModes no", "UsePAM no",
+        f"PidFile {root / 'sshd.pid'}", "LogLevel ERROR", ""]))
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
+    proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdout=subprocess.DEVNULL,
+                            stderr=open(root / "sshd.log", "wb"))  # noqa: SIM115
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("sshd did not start: " + (root / "sshd.log").read_text())
+            time.sleep(0.05)
+        yield SshSetup("openssh", ["-i", str(root / "client_key"), "-o",
+                                   "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                                   "-o", "LogLevel=ERROR"], port, getpass.getuser())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        survivors = _our_processes(str(config))  # per-connection children of this sshd
+        for pid in survivors:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"sshd processes survived the test: {survivors}"
+
+
+@pytest.fixture(scope="module")
+def ssh_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshSetup]:
+    root = tmp_path_factory.mktemp("ssh")
+    sshd = _sshd_binary()
+    if sshd is not None:
+        with openssh(sshd, root / "sshd") as setup:
+            yield setup
+        return
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    why = ("EDGETP_TEST_SSH=fake" if os.environ.get("EDGETP_TEST_SSH") == "fake"
+           else "not root, or no apt to install openssh-server")
+    yield SshSetup("fake", [], None, getpass.getuser(), str(bin_dir), why)
+
+
+@pytest.fixture
+def ssh(ssh_setup: SshSetup, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> SshSetup:
+    if ssh_setup.path_prefix:
+        monkeypatch.setenv("PATH", ssh_setup.path_prefix + os.pathsep + os.environ["PATH"])
+    with capsys.disabled():
+        print(f"\n[ssh path: {ssh_setup.kind}"
+              + (f" sshd on 127.0.0.1:{ssh_setup.port}]" if ssh_setup.port
+                 else f": {ssh_setup.why}]"))
+    return ssh_setup
+
+
+def write_cluster(root: Path, ssh: SshSetup, n: int, **extra: Any) -> Path:
+    nodes = [{"name": "here", "address": "127.0.0.1", "shard_dir": str(root / "n0" / "rank-0"),
+              "memory_budget": "64MiB"}]
+    for k in range(1, n):
+        nodes.append({"name": f"box{k}", "address": f"127.0.0.{k + 1}", "ssh": ssh.target(),
+                      "python": sys.executable, "shard_dir": str(root / f"n{k}" / "shard"),
+                      "cache_dir": str(root / f"n{k}" / "cache"), "threads": 1,
+                      "link": "gigabit"})
+    port = free_port()
+    data = {"name": "t", "model": str(DEMO_MODEL_DIR), "split_dir": str(root / "split"),
+            "master": {"address": "127.0.0.1", "port": port, "bind": f"tcp://127.0.0.1:{port}"},
+            "ssh_options": ssh.options, "timeout": 5, "nodes": nodes, **extra}
+    path = root / "cluster.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "edgetp.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, check=False)
+
+
+def test_ship_copies_only_what_differs_and_resumes(ssh: SshSetup, tmp_path: Path) -> None:
+    config = load_cluster_config(write_cluster(tmp_path, ssh, 2))
+    split_checkpoint(DEMO_MODEL_DIR, tmp_path / "split", 2)
+    source = tmp_path / "split" / "rank-1"
+    shell = NodeShell(config, config.nodes[1])
+    dest = config.nodes[1].shard_dir
+    files = local_files(source)
+    assert list(files)[-1] == "manifest.json"
+
+    first = ship(shell, source, dest, "stream")
+    assert first.copied == list(files) and first.method == "ssh stream (resumable)"
+    assert ship(shell, source, dest, "stream").copied == []  # checksums equal: nothing to send
+
+    layer = Path(dest) / "layer-002.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    layer.write_bytes(bytes(data))
+    assert ship(shell, source, dest, "stream").copied == ["layer-002.safetensors"]
+
+    # an interrupted copy: half of the file as .part resumes from there
+    layer.unlink()
+    full = (source / "layer-002.safetensors").read_bytes()
+    (Path(dest) / ".layer-002.safetensors.part").write_bytes(full[: len(full) // 2])
+    resumed = ship(shell, source, dest, "stream")
+    assert resumed.copied == ["layer-002.safetensors"]
+    assert resumed.bytes_sent == len(full) - len(full) // 2
+    assert layer.read_bytes() == full
+
+    if shutil.which("rsync"):
+        layer.unlink()
+        method = choose_method(shell, True, "auto")
+        assert method == "rsync"
+        result = ship(shell, source, dest, method)
+        assert result.copied == ["layer-002.safetensors"] and "rsync" in result.method
+        assert layer.read_bytes() == full
+
+
+def test_launch_status_stop_end_to_end(ssh: SshSetup, tmp_path: Path) -> None:
+    cluster = write_cluster(tmp_path, ssh, 3)
+    config = load_cluster_config(cluster)
+    try:
+        before = run_cli("status", str(cluster), "--json")
+        assert before.returncode == 0, before.stderr
+        assert "| box1 |" in run_cli("status", str(cluster)).stdout
+        import json
+
+        rows = json.loads(before.stdout)
+        assert [r["up"] for r in rows] == [True, True, True]
+        assert all(r["edgetp"] and r["python"] for r in rows)
+        assert rows[1]["rtt_ms"] is not None and not rows[1]["running"]
+
+        launched = run_cli("launch", str(cluster), "--prompt", "count by 3 : 5",
+                           "--max-new-tokens", "40", "--transfer", "stream")
+        assert launched.returncode == 0, launched.stderr
+        assert launched.stdout.strip() == expected_text(3, 5)
+        assert "copied" in launched.stderr and "ssh stream" in launched.stderr
+        assert "all workers joined" in launched.stderr
+
+        rows = json.loads(run_cli("status", str(cluster), "--json").stdout)
+        assert [bool(r["running"]) for r in rows] == [False, True, True]  # workers stay up
+        assert all(r["shard_present"] for r in rows)
+        log = Path(config.nodes[1].cache_dir) / "logs" / "t-box1.log"
+        assert "joined master" in log.read_text()
+
+        again = run_cli("launch", str(cluster), "--prompt", "count by 4 : 3",
+                        "--max-new-tokens", "40")  # restarts the workers, ships nothing
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == expected_text(4, 3)
+        assert "all 6 files up to date" in again.stderr or "up to date" in again.stderr
+
+        stopped = run_cli("launch", "--stop", str(cluster))
+        assert stopped.returncode == 0 and "stopped pid" in stopped.stderr
+        rows = json.loads(run_cli("status", str(cluster), "--json").stdout)
+        assert not any(r["running"] for r in rows)
+    finally:
+        stop_cluster(config, lambda line: None, grace_s=2)
+
+
+def test_unreachable_node_and_missing_python_are_clear(ssh: SshSetup, tmp_path: Path) -> None:
+    cluster = write_cluster(tmp_path, ssh, 2)
+    data = yaml.safe_load(cluster.read_text())
+    data["nodes"][1]["python"] = "/nonexistent/python3"
+    cluster.write_text(yaml.safe_dump(data))
+    result = run_cli("launch", str(cluster), "--prompt", "x")
+    assert result.returncode == 1
+    assert "/nonexistent/python3 not found" in result.stderr and "python:" in result.stderr
