@@ -44,6 +44,8 @@ class BenchSettings:
     max_seq_len: int | None = None
     timeout_s: float = 30.0
     allreduce: str = "star"
+    weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
+    group_size: int = 32  # int4's group
 
     def label(self) -> str:
         parts = [f"nodes={self.nodes}"]
@@ -55,6 +57,8 @@ class BenchSettings:
             parts.append(f"dtype={self.dtype}")
         if self.allreduce != "star":
             parts.append(f"allreduce={self.allreduce}")
+        if self.weight_dtype is not None:
+            parts.append(f"weights={self.weight_dtype}")
         return ",".join(parts)
 
 
@@ -74,7 +78,8 @@ def run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
     cluster = LocalCluster(settings.model_dir, settings.nodes, settings.shares, settings.dtype,
                            max_seq, settings.private_layers, settings.wire_dtype,
                            settings.timeout_s, memory_budget=budget,
-                           allreduce=settings.allreduce)
+                           allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
+                           group_size=settings.group_size)
     with cluster as master:
         runner = master.runner
         avoid = set(master.tokenizer.special_ids) | set(master.tokenizer.eos_token_ids)
@@ -133,7 +138,7 @@ def _per_token_figures(report: dict[str, Any]) -> None:
 def _settings_json(settings: BenchSettings, budget: int | None) -> dict[str, Any]:
     values = asdict(settings)
     values["memory_budget_bytes"] = budget or 0
-    values["weight_dtype"] = settings.dtype
+    values["weight_dtype"] = settings.weight_dtype or settings.dtype
     values["link_emulation"] = os.environ.get("EDGETP_LINK_EMULATION", "none")
     return values
 

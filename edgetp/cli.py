@@ -101,8 +101,9 @@ memory_budget_option = click.option(
 def cluster_options(func: F) -> F:
     """Options for running as (or starting) a cluster."""
     options = [
-        click.option("--wire-dtype", type=click.Choice(["f32", "bf16"]), default="f32",
-                     show_default=True, help="activation dtype on the wire"),
+        click.option("--wire-dtype", type=click.Choice(["f32", "bf16", "int8"]), default="f32",
+                     show_default=True,
+                     help="activation dtype on the wire (int8: one float32 scale per row)"),
         click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
                      help="seconds to wait for a node before failing the request"),
         memory_budget_option,
@@ -112,6 +113,22 @@ def cluster_options(func: F) -> F:
     for option in reversed(options):
         func = option(func)
     return func
+
+
+WEIGHT_DTYPES = ["float32", "bfloat16", "float16", "int8", "int4"]  # edgetp.split's
+group_size_option = click.option(
+    "--group-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+    callback=lambda _ctx, _param, value: int(value),
+    help="int4: input columns per scale (shrunk per tensor to divide its slices)")
+
+
+def weight_options(func: F) -> F:
+    """How a local cluster stores the weights it splits (``generate --nodes N``)."""
+    func = group_size_option(func)
+    return click.option(
+        "--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
+        help="split the weights in this dtype: int8 (per-channel) or int4 (group-wise) "
+             "quantize the linears (default: the checkpoint's)")(func)
 
 
 @main.command()
@@ -125,13 +142,15 @@ def cluster_options(func: F) -> F:
               help="the master runs the first and last K layers whole")
 @generation_options
 @cluster_options
+@weight_options
 @user_errors
 def generate(model_dir: Path, prompt: str, chat: bool, nodes: int, shares: str | None,
              private_layers: int, **opts: Any) -> None:
     """Generate a continuation of PROMPT with the model in MODEL_DIR."""
     from edgetp.master import Master
 
-    if nodes == 1 and private_layers == 0 and opts["memory_budget"] is None:
+    if (nodes == 1 and private_layers == 0 and opts["memory_budget"] is None
+            and opts["weight_dtype"] is None):
         master = Master.local(model_dir, dtype=opts["dtype"], max_seq_len=opts["max_seq_len"])
         run_generation(master, prompt, chat, opts)
         return
@@ -149,7 +168,9 @@ def local_cluster(model_dir: Path, nodes: int, shares: str | None, private_layer
                         private_layers=private_layers, wire_dtype=opts["wire_dtype"],
                         timeout_s=opts["timeout_s"],
                         memory_budget=_budget(opts.get("memory_budget")),
-                        allreduce=opts.get("allreduce", "star"))
+                        allreduce=opts.get("allreduce", "star"),
+                        weight_dtype=opts.get("weight_dtype"),
+                        group_size=opts.get("group_size") or 32)
 
 
 def _budget(text: str | None) -> int | None:
@@ -334,14 +355,17 @@ def latency_summary(result: Any, nodes: int, traffic: Any) -> str:
 @click.option("--shares", default=None, help="relative work per rank, e.g. 2,1,1")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="output directory (gets rank-0 ... rank-N-1)")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="stored weight dtype (default: the checkpoint's)")
+@click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
+              help="stored weight dtype (default: the checkpoint's); int8: symmetric "
+                   "per-channel, int4: group-wise (--group-size); norms, embedding and biases "
+                   "stay float")
+@group_size_option
 @click.option("--force", is_flag=True, help="replace a different split in --out")
 @click.option("--private-layers", type=int, default=0, show_default=True,
               help="keep the first and last K layers whole on the master (rank 0)")
 @user_errors
 def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype: str | None,
-          force: bool, private_layers: int) -> None:
+          group_size: int, force: bool, private_layers: int) -> None:
     """Split MODEL_DIR into one shard directory per rank."""
     from edgetp.config import load_model_config
     from edgetp.plan import parse_shares
@@ -357,7 +381,7 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
             bar.update(1, _path)
 
         result = split_checkpoint(model_dir, out_dir, nodes, share_values, dtype, force, progress,
-                                  private_layers)
+                                  private_layers, group_size)
     click.echo(describe_split(result))
 
 
@@ -377,11 +401,12 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True)
 @cluster_options
+@weight_options
 @user_errors
 def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, new_tokens: int,
           repeat: int, warmup: int, dtype: str, private_layers: int, sweeps: tuple[str, ...],
           out_dir: Path, wire_dtype: str, timeout_s: float, memory_budget: str | None,
-          allreduce: str) -> None:
+          allreduce: str, weight_dtype: str | None, group_size: int) -> None:
     """Measure a fixed workload on a local cluster and write a latency report to --out."""
     from edgetp.bench import BenchSettings, parse_sweeps, run_bench, run_sweep, sweep_markdown
     from edgetp.plan import parse_shares
@@ -390,7 +415,8 @@ def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, n
     settings = BenchSettings(
         str(model_dir), nodes, parse_shares(shares, nodes) if shares else None, prompt_tokens,
         new_tokens, repeat, warmup, memory_budget, wire_dtype, dtype, private_layers,
-        timeout_s=max(timeout_s, 30.0), allreduce=allreduce)
+        timeout_s=max(timeout_s, 30.0), allreduce=allreduce, weight_dtype=weight_dtype,
+        group_size=group_size)
     if sweeps:
         rows = run_sweep(settings, parse_sweeps(sweeps), out_dir)
         click.echo(sweep_markdown(rows))

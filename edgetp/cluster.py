@@ -29,8 +29,11 @@ def cache_root() -> Path:
 
 
 def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | None,
-                    dtype: str | None, private_layers: int) -> Path:
-    key = f"{n_nodes}|{shares}|{dtype}|{private_layers}".encode()
+                    dtype: str | None, private_layers: int, group_size: int = 32) -> Path:
+    key = f"{n_nodes}|{shares}|{dtype}|{private_layers}"
+    if dtype == "int4":
+        key += f"|g{group_size}"
+    key = key.encode()
     name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key).hexdigest()[:12]}"
     return cache_root() / name
 
@@ -50,7 +53,8 @@ class LocalCluster:
                  wire_dtype: str = "f32", timeout_s: float = 10.0,
                  split_dir: Path | None = None, worker_args: list[str] | None = None,
                  capture_dir: Path | None = None, memory_budget: int | None = None,
-                 allreduce: str = "star", secure: bool = False) -> None:
+                 allreduce: str = "star", secure: bool = False,
+                 weight_dtype: str | None = None, group_size: int = 32) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -59,8 +63,10 @@ class LocalCluster:
         self.private_layers = private_layers
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
-        self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares, None,
-                                                      private_layers)
+        self.weight_dtype = weight_dtype  # stored weights: None (the checkpoint's), int8, ...
+        self.group_size = group_size  # int4's group
+        self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares,
+                                                      weight_dtype, private_layers, group_size)
         self.worker_args = worker_args or []
         self.capture_dir = capture_dir  # tests: each worker records every frame it receives
         self.memory_budget = memory_budget  # per node, bytes
@@ -83,7 +89,8 @@ class LocalCluster:
 
     def start(self) -> Master:
         result = split_checkpoint(self.model_dir, self.split_dir, self.n_nodes, self.shares,
-                                  private_layers=self.private_layers)
+                                  self.weight_dtype, private_layers=self.private_layers,
+                                  group_size=self.group_size)
         self.address = f"tcp://127.0.0.1:{free_port()}"
         security = self._make_keys() if self.secure else None
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,

@@ -22,6 +22,7 @@ from edgetp.transport import (
     StepAborted,
     WorkerTransport,
 )
+from edgetp.wirecodec import check_format, check_payload, decode, encode, payload_bytes, star_sum
 
 
 class Communicator(Protocol):
@@ -119,7 +120,7 @@ class StarMaster:
                  timeout_s: float = 10.0) -> None:
         self.transport = transport
         self.world_size = transport.n_ranks
-        self.wire_dtype = WIRE_TORCH_DTYPES[wire_dtype]
+        self.wire = check_format(wire_dtype)  # f32, bf16 or int8 (edgetp.wirecodec)
         self.timeout_s = timeout_s
         self.position = StepPosition()
         self.wait_s = 0.0  # time spent waiting for partials (for the reports)
@@ -128,20 +129,18 @@ class StarMaster:
         started = now()
         index, last = self.position.advance()
         parts = self._gather(index, x.shape)
-        total = x.to(self.wire_dtype).float()  # every rank's partial rounded alike
-        for rank in self.transport.worker_ranks:  # rank order: independent of arrival
-            total += parts[rank].float()
-        total = total.to(self.wire_dtype)
-        nbytes = x.numel() * total.element_size() * (self.world_size - 1)
+        # the master's partial is rounded like the workers'; rank order: independent of arrival
+        total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks], self.wire)
+        nbytes = sum(payload_bytes(p) for p in parts.values())
         if not last:
             pos = self.position
             self.transport.broadcast("sum", {"seq": pos.seq, "step": pos.step, "index": index},
-                                     [total])
-            nbytes *= 2
+                                     frames)
+            nbytes += payload_bytes(frames) * (self.world_size - 1)
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
 
-    def _gather(self, index: int, shape: torch.Size) -> dict[int, torch.Tensor]:
+    def _gather(self, index: int, shape: torch.Size) -> dict[int, list[torch.Tensor]]:
         pos, parts = self.position, {}
         started = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
@@ -160,10 +159,10 @@ class StarMaster:
             if message.op != "partial" or (f["seq"], f["step"], f["index"]) != (
                 pos.seq, pos.step, index):
                 continue  # stale: from an abandoned request or step
-            if tuple(message.tensors[0].shape) != tuple(shape):
-                raise ClusterError(f"{self.transport.describe(rank)} sent a partial of shape "
-                                   f"{list(message.tensors[0].shape)}, expected {list(shape)}")
-            parts[rank] = message.tensors[0]
+            problem = check_payload(message.tensors, self.wire, shape)
+            if problem:
+                raise ClusterError(f"{self.transport.describe(rank)} sent a partial {problem}")
+            parts[rank] = message.tensors
         self.wait_s += time.perf_counter() - started
         return parts
 
@@ -184,18 +183,19 @@ class StarWorker:
         started = now()
         index, last = self.position.advance()
         pos = self.position
-        partial = x.to(WIRE_TORCH_DTYPES[self.transport.wire_dtype])
+        wire = self.transport.wire_dtype  # as the master announced in the welcome
+        frames = encode(x, wire)
         self.transport.send("partial", {"seq": pos.seq, "step": pos.step, "index": index},
-                            [partial])
+                            frames)
         if last:  # a reduce: only the master needs the final sum
-            RECORDER.add("allreduce", index, started, now(), partial.numel() * partial.itemsize)
+            RECORDER.add("allreduce", index, started, now(), payload_bytes(frames))
             return x
-        total = self._wait_for_sum(index, x.shape)
+        total = decode(self._wait_for_sum(index, x.shape, wire), wire)
         self.wait_s += now() - started
-        RECORDER.add("allreduce", index, started, now(), 2 * partial.numel() * partial.itemsize)
+        RECORDER.add("allreduce", index, started, now(), 2 * payload_bytes(frames))
         return total.to(x.dtype)
 
-    def _wait_for_sum(self, index: int, shape: torch.Size) -> torch.Tensor:
+    def _wait_for_sum(self, index: int, shape: torch.Size, wire: str) -> list[torch.Tensor]:
         pos = self.position
         deadline = time.monotonic() + self.timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
@@ -209,8 +209,8 @@ class StarWorker:
             f = message.fields
             if message.op == "sum" and (f["seq"], f["step"], f["index"]) == (
                     pos.seq, pos.step, index):
-                if tuple(message.tensors[0].shape) != tuple(shape):
-                    raise ClusterError(f"sum of shape {list(message.tensors[0].shape)}, "
-                                       f"expected {list(shape)}")
-                return message.tensors[0]
+                problem = check_payload(message.tensors, wire, shape)
+                if problem:
+                    raise ClusterError(f"the master sent a sum {problem}")
+                return message.tensors
         raise ClusterError(f"no sum from the master within {self.timeout_s:g} s")

@@ -9,9 +9,9 @@
 3. **ship** each node only its own ``rank-K/``: the manifest's sha256 of every file is compared
    with the node's copy (which the node re-hashes only when a file's size or mtime changed), and
    only the files that differ are copied, ``manifest.json`` last. With rsync on both ends:
-   ``rsync --partial-dir`` (an interrupted file resumes); otherwise one ssh stream per file
-   (``cat >> .NAME.part``) that resumes from the partial file's size. Either way the node then
-   checks the sha256 before a file takes its place;
+   ``rsync --partial-dir`` (an interrupted file resumes); otherwise the files go through one
+   ssh session per node into ``.NAME.part`` files, each resuming from its partial size. Either
+   way the node then checks the sha256 before a file takes its place;
 4. **(re)start the workers** detached (``nohup``, own session): ``python -m edgetp.cli worker``,
    output in ``CACHE/logs/CLUSTER-NODE.log``, pid in ``CACHE/run/CLUSTER-NODE.pid`` (CACHE is
    the node's ``cache_dir``, ``~/.cache/edgetp`` by default);
@@ -171,18 +171,31 @@ os.replace(cache_path + ".tmp", cache_path)
 print(json.dumps(out))
 '''
 
-FINALIZE = _COMMON + r'''
+RECEIVE = _COMMON + r'''
 d = P(A["dir"])
+os.makedirs(d, exist_ok=True)
+src = sys.stdin.buffer
+for name, offset in A["send"]:  # each file from offset to its end, in this order
+    size = A["files"][name][0]
+    with open(os.path.join(d, "." + name + ".part"), "ab" if offset else "wb") as f:
+        left = size - offset
+        while left:
+            block = src.read(min(left, 1 << 20))
+            if not block:
+                break
+            f.write(block)
+            left -= len(block)
 out = {}
-for name, (size, digest) in A["files"].items():
+for name, (size, digest) in A["files"].items():  # verified, then moved into place in order
     part = os.path.join(d, "." + name + ".part")
-    if not os.path.isfile(part) or os.path.getsize(part) != size or sha(part) != digest:
+    if not os.path.isfile(part) or os.path.getsize(part) < size:
+        out[name] = "incomplete; launch again to resume"
+    elif os.path.getsize(part) > size or sha(part) != digest:
         out[name] = "bad copy (size or sha256 differ); it will be sent again"
-        if os.path.isfile(part):
-            os.remove(part)
-        continue
-    os.replace(part, os.path.join(d, name))
-    out[name] = "ok"
+        os.remove(part)
+    else:
+        os.replace(part, os.path.join(d, name))
+        out[name] = "ok"
 print(json.dumps(out))
 '''
 
@@ -307,6 +320,9 @@ class NodeShell:
         return err
 
 
+_MULTIPLEXED: set[str] = set()  # ssh targets with an open shared session
+
+
 def _control_dir() -> Path:
     path = Path(tempfile.gettempdir()) / f"edgetp-ssh-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
@@ -320,7 +336,9 @@ def multiplexed(config: ClusterConfig) -> Iterator[None]:
     The session is opened on its own (``-M -N -f``, no pipes), so that no command waits on a
     pipe the persisting session would hold open.
     """
-    shells = {n.ssh_host: NodeShell(config, n) for n in config.nodes if not n.is_local}
+    shells = {n.ssh: NodeShell(config, n) for n in config.nodes
+              if n.ssh is not None and n.ssh not in _MULTIPLEXED}  # (nested: already open)
+    _MULTIPLEXED.update(shells)
 
     def run(shell: NodeShell, *args: str) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired, OSError):
@@ -334,8 +352,9 @@ def multiplexed(config: ClusterConfig) -> Iterator[None]:
     try:
         yield
     finally:
-        for shell in shells.values():
+        for target, shell in shells.items():
             run(shell, "-O", "exit")
+            _MULTIPLEXED.discard(target)
 
 
 # -- names on a node ---------------------------------------------------------------------------
@@ -425,7 +444,7 @@ def _sha256(path: Path) -> str:
 @dataclass
 class ShipResult:
     node: str
-    method: str  # "rsync --partial-dir" or "ssh stream (resumable)"
+    method: str  # "rsync --partial-dir" or "one ssh stream (resumable files)"
     copied: list[str] = field(default_factory=list)
     bytes_sent: int = 0
     up_to_date: int = 0
@@ -451,7 +470,7 @@ def ship(shell: NodeShell, source: Path, dest: str, method: str,
     expected = local_files(source)
     state = shell.script(CHECK, {"dir": dest, "files": expected})
     todo = {name: expected[name] for name in expected if state[name][0] != "ok"}
-    label = "rsync --partial-dir" if method == "rsync" else "ssh stream (resumable)"
+    label = "rsync --partial-dir" if method == "rsync" else "one ssh stream (resumable files)"
     result = ShipResult(shell.node.name, label, up_to_date=len(expected) - len(todo))
     if not todo:
         return result
@@ -461,10 +480,10 @@ def ship(shell: NodeShell, source: Path, dest: str, method: str,
         state = shell.script(CHECK, {"dir": dest, "files": todo})
         bad = {name: s[0] for name, s in state.items() if s[0] != "ok"}
     else:
-        for name, (size, _) in todo.items():
-            partial = state[name][1] if 0 < state[name][1] < size else 0
-            result.bytes_sent += _stream(shell, source / name, dest, name, partial, progress)
-        answers = shell.script(FINALIZE, {"dir": dest, "files": todo})
+        offsets = {name: state[name][1] if 0 < state[name][1] < size else 0
+                   for name, (size, _) in todo.items()}
+        answers = _stream(shell, source, dest, todo, offsets, progress)
+        result.bytes_sent = sum(size - offsets[name] for name, (size, _) in todo.items())
         bad = {name: answer for name, answer in answers.items() if answer != "ok"}
     if bad:
         raise LaunchError(f"{shell.where}: copies failed their check: {bad}; launch again")
@@ -472,33 +491,33 @@ def ship(shell: NodeShell, source: Path, dest: str, method: str,
     return result
 
 
-def _stream(shell: NodeShell, path: Path, dest: str, name: str, offset: int,
-            progress: Progress | None) -> int:
-    """Send ``path`` from ``offset`` into ``dest/.name.part`` on the node; bytes sent."""
-    part = f"{sh_path(dest)}/{shlex.quote('.' + name + '.part')}"
-    redirect = ">>" if offset else ">"
-    command = f"mkdir -p {sh_path(dest)} && cat {redirect} {part}"
-    size = path.stat().st_size
-    proc = subprocess.Popen(shell.argv(command), stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _stream(shell: NodeShell, source: Path, dest: str, todo: dict[str, tuple[int, str]],
+            offsets: dict[str, int], progress: Progress | None) -> dict[str, str]:
+    """Send the files (each from its offset) through one ssh session into ``.NAME.part`` files
+    that the node verifies (sha256) and moves into place; the node's answer per file."""
+    args = {"dir": dest, "files": todo, "send": [[name, offsets[name]] for name in todo]}
+    proc = subprocess.Popen(shell.argv(shell.python_command(RECEIVE, args)),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None
-    done = offset
     try:
-        with path.open("rb") as handle:
-            handle.seek(offset)
-            for block in iter(lambda: handle.read(CHUNK), b""):
-                proc.stdin.write(block)
-                done += len(block)
-                if progress:
-                    progress(shell.node.name, name, done, size)
+        for name, (size, _) in todo.items():
+            done = offsets[name]
+            with (source / name).open("rb") as handle:
+                handle.seek(done)
+                for block in iter(lambda: handle.read(CHUNK), b""):
+                    proc.stdin.write(block)
+                    done += len(block)
+                    if progress:
+                        progress(shell.node.name, name, done, size)
     except BrokenPipeError:
         pass  # the node's side failed: its message follows
-    _, err = proc.communicate(timeout=600)  # closes stdin: the end of the file
-    if proc.returncode != 0:
-        raise LaunchError(f"{shell.where}: sending {name} failed: "
-                          f"{err.decode(errors='replace').strip()[-300:]} (launch again to "
-                          f"resume from {done} bytes)")
-    return done - offset
+    out, err = proc.communicate(timeout=600)  # closes stdin: the end of the stream
+    lines = out.decode(errors="replace").strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise LaunchError(f"{shell.where}: sending the shard failed: "
+                          f"{err.decode(errors='replace').strip()[-300:]} (launch again: "
+                          "files resume where they stopped)")
+    return dict(json.loads(lines[-1]))
 
 
 def _rsync(shell: NodeShell, source: Path, dest: str, names: list[str],
@@ -625,6 +644,10 @@ class Launcher:
 
     def prepare(self) -> None:
         """Check the nodes, split, ship the shards and (re)start the workers."""
+        with multiplexed(self.config):
+            self._prepare()
+
+    def _prepare(self) -> None:
         config = self.config
         self.log(f"checking {len(config.nodes)} nodes ...")
         split = prepare_split(config, self.log)
@@ -638,9 +661,10 @@ class Launcher:
         if config.security.curve:
             self._prepare_keys()
         stop_cluster(config, self.log, workers_only=False)
-        for node in config.workers:
-            self._start(node, self._worker_argv(node), pid_file(config, node),
-                        log_file(config, node), self._env(node))
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(config.workers)))) as pool:
+            list(pool.map(lambda node: self._start(
+                node, self._worker_argv(node), pid_file(config, node), log_file(config, node),
+                self._env(node)), config.workers))
 
     def _ship(self, node: NodeConfig, source: Path, facts: dict[str, Any]) -> None:
         shell = NodeShell(self.config, node)
@@ -830,6 +854,12 @@ def _health(shell: NodeShell, port: int) -> dict[str, Any]:
 def stop_cluster(config: ClusterConfig, log: Log, workers_only: bool = False,
                  grace_s: float = 10.0) -> dict[str, dict[str, str]]:
     """Stop the processes the pid files name (workers, and node 0's detached master)."""
+    with multiplexed(config):
+        return _stop_cluster(config, log, workers_only, grace_s)
+
+
+def _stop_cluster(config: ClusterConfig, log: Log, workers_only: bool,
+                  grace_s: float) -> dict[str, dict[str, str]]:
     nodes = config.workers if workers_only else config.nodes
 
     def stop(node: NodeConfig) -> dict[str, str]:
@@ -849,6 +879,11 @@ def stop_cluster(config: ClusterConfig, log: Log, workers_only: bool = False,
 
 
 def cluster_status(config: ClusterConfig, rtt: bool = True) -> list[dict[str, Any]]:
+    with multiplexed(config):
+        return _cluster_status(config, rtt)
+
+
+def _cluster_status(config: ClusterConfig, rtt: bool) -> list[dict[str, Any]]:
     facts = probe_all(config)
     rows = []
     for node in config.nodes:

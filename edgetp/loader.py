@@ -24,6 +24,7 @@ from edgetp.manifest import Manifest, read_manifest, verify_directory
 from edgetp.metrics import instrument
 from edgetp.model import Transformer
 from edgetp.parallel import shard_model
+from edgetp.qlinear import is_quantized, keeps_stored_dtype, mark_streamed, quantize_skeleton
 from edgetp.split import layer_file
 from edgetp.window import (
     DEFAULT_RING_SLOTS,
@@ -67,6 +68,7 @@ def load_rank(
             _check_window_dtype(manifest, dtype)
             _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
             model.window = _make_window(blocks, needs, memory_budget, ring_slots)
+            mark_streamed(model.window.streamed)
             instrument(model)
             return model.eval()
     _load_everything(model, manifest, shard_dir, dtype)
@@ -110,6 +112,7 @@ def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: to
     with torch.device("meta"):
         model = Transformer(manifest.model_config, max_seq_len=max_seq_len)
     shard_model(model, manifest.plan, manifest.rank, comm)
+    quantize_skeleton(model, manifest, comm)  # int8/int4 shards: quantized linears
     model.window = None  # type: ignore[assignment]
     if cache:
         model.allocate_cache(dtype)
@@ -130,9 +133,12 @@ def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
     for file_name, prefix in _files_with_prefixes(manifest):
         with safe_open(shard_dir / file_name, framework="pt") as handle:
             for name in manifest.files[file_name].tensors:
-                tensor = _aligned(handle.get_tensor(name).to(dtype))
-                set_tensor(model, prefix + name, tensor, f" in {shard_dir / file_name}")
-    if manifest.rank == 0 and manifest.model_config.tie_word_embeddings:
+                tensor = handle.get_tensor(name)
+                if not keeps_stored_dtype(name, tensor):
+                    tensor = tensor.to(dtype)
+                set_tensor(model, prefix + name, _aligned(tensor), f" in {shard_dir / file_name}")
+    if (manifest.rank == 0 and manifest.model_config.tie_word_embeddings
+            and not is_quantized(manifest)):
         model.lm_head.weight = model.embed_tokens.weight
 
 
@@ -176,6 +182,11 @@ def _blocks(model: Transformer, manifest: Manifest, shard_dir: Path) -> list[Blo
 
 
 def _head_block(model: Transformer, manifest: Manifest, shard_dir: Path) -> BlockSpec:
+    if is_quantized(manifest):  # quantized head (and scales), even with tied embeddings
+        return BlockSpec("lm_head", model.lm_head, shard_dir / "head.safetensors",
+                         {n.removeprefix("lm_head."): e for n, e in
+                          manifest.files["head.safetensors"].tensors.items()
+                          if n.startswith("lm_head.")})
     if manifest.model_config.tie_word_embeddings:
         entry = manifest.files["embed.safetensors"].tensors["embed_tokens.weight"]
         path = shard_dir / "embed.safetensors"
@@ -207,12 +218,14 @@ def _load_small_tensors(model: Transformer, manifest: Manifest, shard_dir: Path,
 
 def _disk_names(block: BlockSpec) -> list[str]:
     if block.name == "lm_head":
-        return ["lm_head.weight"]
+        return [f"lm_head.{n}" for n in block.tensors]
     module_name = block.name.rsplit(".", 1)[1]
     return [f"{module_name}.{n}" for n in block.tensors]
 
 
 def _check_window_dtype(manifest: Manifest, dtype: torch.dtype) -> None:
+    if is_quantized(manifest):  # codes and scales are used as stored, whatever the dtype
+        return
     stored = STORED_DTYPES.get(manifest.dtype)
     if stored != dtype:
         raise ValueError(

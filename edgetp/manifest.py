@@ -50,6 +50,7 @@ class Manifest:
     model_config: ModelConfig
     plan: ShardPlan
     files: dict[str, FileEntry] = field(default_factory=dict)
+    group_size: int = 0  # int4: the requested group (per tensor: in / scale.shape[0])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +60,7 @@ class Manifest:
             "n_ranks": self.plan.n_ranks,
             "fingerprint": self.fingerprint,
             "dtype": self.dtype,
+            **({"group_size": self.group_size} if self.group_size else {}),
             "model_config": self.model_config.to_dict(),
             "plan": self.plan.to_dict(),
             "files": {
@@ -100,6 +102,7 @@ class Manifest:
                 model_config=ModelConfig.from_dict(data["model_config"]),
                 plan=ShardPlan.from_dict(data["plan"]),
                 files=files,
+                group_size=int(data.get("group_size", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ShardError(f"{source} is malformed ({exc!r}); split the model again") from exc

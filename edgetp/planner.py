@@ -462,7 +462,7 @@ class ClusterPlan:
     def bottleneck(self) -> str:
         """One sentence naming what bounds ms/token."""
         if not self.fits:
-            return self.problems()[0]
+            return f"memory: {self.problems()[0]}"
         step, nodes = self.decode, self.nodes
         slow = max(range(len(nodes)), key=lambda i: step.node_compute_s[i])
         if step.disk_s >= step.compute_s + step.comm_s:
@@ -638,7 +638,12 @@ def render_plan(result: ClusterPlan, equal: ClusterPlan | None = None) -> str:
               f"~{result.prompt_tokens + result.new_tokens // 2}",
               f"TTFT for a {result.prompt_tokens}-token prompt: {result.ttft_s * 1e3:.0f} ms",
               f"bottleneck: {result.bottleneck()}"]
-    lines += [f"problem: {p}" for p in result.problems()]
+    lines += [f"problem: {p}" for p in result.problems() if p not in lines[-1]]
+    cache = max(n.memory.cache_bytes for n in result.nodes)
+    if result.context == config.max_position_embeddings and cache > 2**30:
+        lines.append(f"note: the KV cache for the model's full context of {result.context} "
+                     f"positions takes up to {format_bytes(cache)} per node; plan with "
+                     "--context N (run with --max-seq-len N) for less")
     if equal is not None:
         same = equal.cluster.shares == result.cluster.shares
         lines.append(f"proposed: --shares {shares_arg(result.cluster.shares)} "

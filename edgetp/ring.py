@@ -23,8 +23,9 @@ from edgetp import wire
 from edgetp.metrics import RECORDER, now
 from edgetp.transport import ClusterError, _configure, make_context
 from edgetp.wire import WireError
+from edgetp.wirecodec import check_format, check_payload, decode, encode, payload_bytes
 
-WIRE_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+WIRE_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}  # kept for older callers
 
 
 class RingError(ClusterError):
@@ -55,10 +56,11 @@ class RingLink:
         self.push.connect(address)
         self.successor = address
 
-    def send(self, fields: dict[str, Any], tensor: torch.Tensor) -> None:
+    def send(self, fields: dict[str, Any], tensors: torch.Tensor | list[torch.Tensor]) -> None:
         if self.push is None:
             raise RingError("the ring is not set up (no successor address from the master)")
-        self.push.send_multipart(wire.encode("ring", fields, [tensor]), copy=False)
+        frames = [tensors] if isinstance(tensors, torch.Tensor) else tensors
+        self.push.send_multipart(wire.encode("ring", fields, frames), copy=False)
 
     def receive(self, timeout_s: float) -> wire.Message | None:
         if not self.pull.poll(max(0, int(timeout_s * 1000))):
@@ -85,7 +87,7 @@ class RingAllreduce:
         self.world_size = world_size
         self.link = link
         self.position = position  # a StepPosition shared with the step loop
-        self.wire_dtype = WIRE_TORCH_DTYPES[wire_dtype]
+        self.wire = check_format(wire_dtype)  # f32, bf16 or int8 (edgetp.wirecodec)
         self.timeout_s = timeout_s
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d]
@@ -96,23 +98,26 @@ class RingAllreduce:
         n, r = self.world_size, self.rank
         moved = 0
         for hop in range(n - 1):  # reduce-scatter
-            moved += self._pass(parts[(r - hop) % n], index, hop)
-            parts[(r - hop - 1) % n] += self._take(index, hop)
+            moved += self._pass(encode(parts[(r - hop) % n], self.wire), index, hop)
+            target = parts[(r - hop - 1) % n]
+            target += decode(self._take(index, hop, target.shape), self.wire)
         own = parts[(r + 1) % n]
-        own.copy_(own.to(self.wire_dtype).float())  # every rank keeps the same rounding
-        for hop in range(n - 1):  # all-gather
-            moved += self._pass(parts[(r + 1 - hop) % n], index, n - 1 + hop)
-            parts[(r - hop) % n].copy_(self._take(index, n - 1 + hop))
+        frames = encode(own, self.wire)
+        own.copy_(decode(frames, self.wire))  # every rank keeps the same rounding
+        for hop in range(n - 1):  # all-gather: pass on the very frames received
+            moved += self._pass(frames, index, n - 1 + hop)
+            target = parts[(r - hop) % n]
+            frames = self._take(index, n - 1 + hop, target.shape)
+            target.copy_(decode(frames, self.wire))
         RECORDER.add("allreduce", index, started, now(), 2 * moved)
         return total.to(x.dtype)
 
-    def _pass(self, chunk: torch.Tensor, index: int, hop: int) -> int:
+    def _pass(self, frames: list[torch.Tensor], index: int, hop: int) -> int:
         pos = self.position
-        payload = chunk.to(self.wire_dtype).contiguous()
-        self.link.send({"seq": pos.seq, "step": pos.step, "index": index, "hop": hop}, payload)
-        return payload.numel() * payload.element_size()
+        self.link.send({"seq": pos.seq, "step": pos.step, "index": index, "hop": hop}, frames)
+        return payload_bytes(frames)
 
-    def _take(self, index: int, hop: int) -> torch.Tensor:
+    def _take(self, index: int, hop: int, shape: torch.Size) -> list[torch.Tensor]:
         pos = self.position
         wanted = (pos.seq, pos.step, index, hop)
         deadline = time.monotonic() + self.timeout_s
@@ -122,7 +127,11 @@ class RingAllreduce:
                 continue
             f = message.fields
             if (f["seq"], f["step"], f["index"], f["hop"]) == wanted:
-                return message.tensors[0].float()
+                problem = check_payload(message.tensors, self.wire, shape)
+                if problem:
+                    raise RingError(f"rank {self.rank}: the ring predecessor sent a chunk "
+                                    f"{problem}")
+                return message.tensors
         raise RingError(f"rank {self.rank}: rank {(self.rank - 1) % self.world_size} sent "
                         f"nothing on the ring within {self.timeout_s:g} s")
 

@@ -29,10 +29,13 @@ from edgetp.manifest import (
     tensor_entries,
 )
 from edgetp.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
+from edgetp.quant import QUANT_DTYPES
+from edgetp.quantsplit import TensorStore
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "config.json")
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = (*STORE_DTYPES, *QUANT_DTYPES)  # --dtype: float, or quantized (edgetp.quant)
 
 ProgressFn = Callable[[str, int], None]  # (file just written, its size in bytes)
 
@@ -75,24 +78,29 @@ def split_checkpoint(
     force: bool = False,
     progress: ProgressFn | None = None,
     private_layers: int = 0,
+    group_size: int = 32,
 ) -> SplitResult:
     """Split ``model_dir`` for ``n_ranks`` nodes into ``out_dir`` (see the module docstring).
 
-    Splitting again with the same model, plan and dtype is a no-op; with anything different it
-    is an error unless ``force``.
+    ``dtype`` int8/int4 quantizes the linear weights (``group_size``: int4's group); norms,
+    the embedding and biases then keep the checkpoint's float dtype. Splitting again with the
+    same model, plan and dtype is a no-op; with anything different it is an error unless
+    ``force``.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = load_model_config(model_dir)
     checkpoint = Checkpoint(model_dir)
     plan = make_plan(config, n_ranks, shares, private_layers)
     store_dtype = dtype or _source_dtype(checkpoint)
-    if store_dtype not in STORE_DTYPES:
-        raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    if store_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    float_dtype = STORE_DTYPES.get(store_dtype) or STORE_DTYPES[_source_dtype(checkpoint)]
+    store = TensorStore(store_dtype, float_dtype, group_size, checkpoint, config, plan)
     fingerprint = model_fingerprint(model_dir)
     dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
-    if _existing_split_matches(out_dir, fingerprint, plan, store_dtype, force):
+    if _existing_split_matches(out_dir, fingerprint, plan, store_dtype, force, store.group_size):
         return SplitResult(out_dir, dirs, True, 0)
-    writer = _SplitWriter(checkpoint, config, plan, STORE_DTYPES[store_dtype], progress)
+    writer = _SplitWriter(checkpoint, config, plan, store, progress)
     for directory in dirs:
         directory.mkdir(parents=True, exist_ok=True)
     for layer in range(config.num_hidden_layers):
@@ -104,7 +112,8 @@ def split_checkpoint(
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, dirs[0] / name)
     for rank, directory in enumerate(dirs):
-        Manifest(rank, fingerprint, store_dtype, config, plan, writer.files[rank]).write(directory)
+        Manifest(rank, fingerprint, store_dtype, config, plan, writer.files[rank],
+                 store.group_size).write(directory)
     return SplitResult(out_dir, dirs, False, writer.bytes_written)
 
 
@@ -114,7 +123,8 @@ def _source_dtype(checkpoint: Checkpoint) -> str:
 
 
 def _existing_split_matches(
-    out_dir: Path, fingerprint: str, plan: ShardPlan, dtype: str, force: bool
+    out_dir: Path, fingerprint: str, plan: ShardPlan, dtype: str, force: bool,
+    group_size: int = 0,
 ) -> bool:
     """True if ``out_dir`` already holds this exact split; clears a different one if forced."""
     existing = sorted(out_dir.glob("rank-*/manifest.json")) if out_dir.is_dir() else []
@@ -127,7 +137,7 @@ def _existing_split_matches(
     same = (
         len(manifests) == plan.n_ranks
         and all(m.fingerprint == fingerprint and m.plan == plan and m.dtype == dtype
-                for m in manifests)
+                and m.group_size == group_size for m in manifests)
         and all(_files_present(path.parent, m) for path, m in zip(existing, manifests, strict=True))
     )
     if same:
@@ -153,11 +163,11 @@ class _SplitWriter:
     """Reads slices from the checkpoint and writes one safetensors file at a time."""
 
     def __init__(self, checkpoint: Checkpoint, config: ModelConfig, plan: ShardPlan,
-                 dtype: torch.dtype, progress: ProgressFn | None) -> None:
+                 store: TensorStore, progress: ProgressFn | None) -> None:
         self.checkpoint = checkpoint
         self.config = config
         self.plan = plan
-        self.dtype = dtype
+        self.store = store
         self.progress = progress
         self.files: list[dict[str, FileEntry]] = [{} for _ in range(plan.n_ranks)]
         self.bytes_written = 0
@@ -173,11 +183,18 @@ class _SplitWriter:
                 tensor = self.checkpoint.get(source)
             else:
                 tensor = self.checkpoint.get_slice(source, part.dim, part.start, part.stop)
-            tensors[name] = tensor.to(self.dtype).contiguous()
+            tensors.update(self.store.convert(layer, name, part, tensor))
         self._write(directory, rank, layer_file(layer), tensors)
 
     def write_master_file(self, directory: Path, file_name: str, names: list[str]) -> None:
-        tensors = {name: self.checkpoint.get(hf_name(name)).to(self.dtype) for name in names}
+        sources = {name: hf_name(name) for name in names}
+        tied_head = file_name == "head.safetensors" and "lm_head.weight" not in sources
+        if tied_head and self.store.quantized:  # the head is quantized, the embedding not
+            sources["lm_head.weight"] = hf_name("embed_tokens.weight")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, source in sources.items():
+            tensors.update(self.store.convert(None, name, TensorSlice(None),
+                                              self.checkpoint.get(source)))
         self._write(directory, 0, file_name, tensors)
 
     def _write(self, directory: Path, rank: int, file_name: str,
@@ -212,7 +229,8 @@ def expected_files(config: ModelConfig, n_ranks: int, private_layers: int = 0) -
 def describe_split(result: SplitResult) -> str:
     manifest = read_manifest(result.rank_dirs[0])
     lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
-             f"directories in {result.out_dir} (dtype {manifest.dtype})"]
+             f"directories in {result.out_dir} (dtype {manifest.dtype}"
+             + (f", group {manifest.group_size}" if manifest.group_size else "") + ")"]
     if manifest.plan.private_layers:
         k = manifest.plan.private_layers
         lines.append(f"  layers 0-{k - 1} and {manifest.plan.num_layers - k}-"

@@ -60,8 +60,9 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "shutdown": {},
 }
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {
-    "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1), "ring": (1, 1),
+    "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1), "ring": (1, 2),
 }
+SCALED_OPS = ("partial", "sum", "ring")  # two tensors: int8 codes [T, d], float32 scales [T, 1]
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -154,7 +155,19 @@ def _decode_tensors(op: str, specs: Any, payloads: Sequence[Any]) -> list[torch.
     if len(specs) != len(payloads):
         raise WireError(f"{op}: header lists {len(specs)} tensors but {len(payloads)} frames came")
     pairs = zip(specs, payloads, strict=True)  # equal lengths: checked above
-    return [_decode_tensor(op, spec, payload) for spec, payload in pairs]
+    tensors = [_decode_tensor(op, spec, payload) for spec, payload in pairs]
+    if len(tensors) == 2 and op in SCALED_OPS:
+        _check_scaled(op, *tensors)
+    return tensors
+
+
+def _check_scaled(op: str, codes: torch.Tensor, scale: torch.Tensor) -> None:
+    """An int8 activation: codes [..., d] int8 and one float32 scale per row, [..., 1]."""
+    if codes.dtype != torch.int8 or scale.dtype != torch.float32:
+        raise WireError(f"{op}: two tensors must be int8 codes and float32 scales")
+    if tuple(scale.shape) != (*codes.shape[:-1], 1):
+        raise WireError(f"{op}: scales of shape {list(scale.shape)} for codes of shape "
+                        f"{list(codes.shape)}; expected {[*codes.shape[:-1], 1]}")
 
 
 def _decode_tensor(op: str, spec: Any, payload: Any) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from edgetp.collectives import StarWorker, StepPosition
 from edgetp.security import WorkerSecurity
-from edgetp.ring import WIRE_TORCH_DTYPES, RingAllreduce, RingError, RingLink, master_ring_address
+from edgetp.ring import RingAllreduce, RingError, RingLink, master_ring_address
 from edgetp.loader import load_rank
 from edgetp.manifest import read_manifest
 from edgetp.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
@@ -160,7 +160,7 @@ class WorkerCommunicator:
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.transport.allreduce == "ring":
-            self.ring.wire_dtype = WIRE_TORCH_DTYPES[self.transport.wire_dtype]
+            self.ring.wire = self.transport.wire_dtype
             return self.ring.allreduce(x)
         return self.star.allreduce(x)
 

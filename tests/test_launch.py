@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ FAKE_SSH = """#!/bin/sh
 # a fake ssh for tests: skip the options and the host, run the command here
 while [ $# -gt 0 ]; do
     case "$1" in
-        -o|-p|-i|-l|-F|-E|-J) shift 2 ;;
+        -o|-p|-i|-l|-F|-E|-J|-O) shift 2 ;;
         -*) shift ;;
         *) break ;;
     esac
@@ -88,14 +89,27 @@ def _sshd_binary() -> str | None:
     return found
 
 
-def _our_processes(marker: str) -> list[int]:
-    pids = []
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (sshd's per-connection sessions)."""
+    parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-    return pids
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @contextlib.contextmanager
@@ -129,13 +143,17 @@ def openssh(sshd: str, root: Path) -> Iterator[SshSetup]:
                                    "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                                    "-o", "LogLevel=ERROR"], port, getpass.getuser())
     finally:
+        sessions = _descendants(proc.pid)  # sessions outlive the listener: they must be over
         proc.terminate()
         proc.wait(timeout=10)
-        survivors = _our_processes(str(config))  # per-connection children of this sshd
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in sessions) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = [pid for pid in sessions if _alive(pid)]
         for pid in survivors:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        assert not survivors, f"sshd processes survived the test: {survivors}"
+        assert not survivors, f"sshd sessions survived the test: {survivors}"
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +218,7 @@ def test_ship_copies_only_what_differs_and_resumes(ssh: SshSetup, tmp_path: Path
     assert list(files)[-1] == "manifest.json"
 
     first = ship(shell, source, dest, "stream")
-    assert first.copied == list(files) and first.method == "ssh stream (resumable)"
+    assert first.copied == list(files) and first.method == "one ssh stream (resumable files)"
     assert ship(shell, source, dest, "stream").copied == []  # checksums equal: nothing to send
 
     layer = Path(dest) / "layer-002.safetensors"
@@ -227,17 +245,19 @@ def test_ship_copies_only_what_differs_and_resumes(ssh: SshSetup, tmp_path: Path
         assert layer.read_bytes() == full
 
 
-def test_launch_status_stop_end_to_end(ssh: SshSetup, tmp_path: Path) -> None:
-    cluster = write_cluster(tmp_path, ssh, 3)
+def status_rows(cluster: Path) -> list[dict[str, Any]]:
+    result = run_cli("status", str(cluster), "--json")
+    assert result.returncode == 0, result.stderr
+    return list(json.loads(result.stdout))
+
+
+def test_launch_status_stop(ssh: SshSetup, tmp_path: Path) -> None:
+    """Two nodes: status, launch (ship, start the worker over ssh, generate), status, stop."""
+    cluster = write_cluster(tmp_path, ssh, 2)
     config = load_cluster_config(cluster)
     try:
-        before = run_cli("status", str(cluster), "--json")
-        assert before.returncode == 0, before.stderr
-        assert "| box1 |" in run_cli("status", str(cluster)).stdout
-        import json
-
-        rows = json.loads(before.stdout)
-        assert [r["up"] for r in rows] == [True, True, True]
+        rows = status_rows(cluster)
+        assert [r["up"] for r in rows] == [True, True]
         assert all(r["edgetp"] and r["python"] for r in rows)
         assert rows[1]["rtt_ms"] is not None and not rows[1]["running"]
 
@@ -245,27 +265,39 @@ def test_launch_status_stop_end_to_end(ssh: SshSetup, tmp_path: Path) -> None:
                            "--max-new-tokens", "40", "--transfer", "stream")
         assert launched.returncode == 0, launched.stderr
         assert launched.stdout.strip() == expected_text(3, 5)
-        assert "copied" in launched.stderr and "ssh stream" in launched.stderr
+        assert "copied 5 file(s)" in launched.stderr and "ssh stream" in launched.stderr
         assert "all workers joined" in launched.stderr
 
-        rows = json.loads(run_cli("status", str(cluster), "--json").stdout)
-        assert [bool(r["running"]) for r in rows] == [False, True, True]  # workers stay up
+        rows = status_rows(cluster)
+        assert [bool(r["running"]) for r in rows] == [False, True]  # the worker stays up
         assert all(r["shard_present"] for r in rows)
         log = Path(config.nodes[1].cache_dir) / "logs" / "t-box1.log"
         assert "joined master" in log.read_text()
 
-        again = run_cli("launch", str(cluster), "--prompt", "count by 4 : 3",
-                        "--max-new-tokens", "40")  # restarts the workers, ships nothing
-        assert again.returncode == 0, again.stderr
-        assert again.stdout.strip() == expected_text(4, 3)
-        assert "all 6 files up to date" in again.stderr or "up to date" in again.stderr
-
         stopped = run_cli("launch", "--stop", str(cluster))
-        assert stopped.returncode == 0 and "stopped pid" in stopped.stderr
-        rows = json.loads(run_cli("status", str(cluster), "--json").stdout)
-        assert not any(r["running"] for r in rows)
+        assert stopped.returncode == 0 and "box1: worker stopped pid" in stopped.stderr
+        assert not any(r["running"] for r in status_rows(cluster))
     finally:
         stop_cluster(config, lambda line: None, grace_s=2)
+
+
+@pytest.mark.slow
+def test_launch_three_nodes_twice(ssh: SshSetup, tmp_path: Path) -> None:
+    """Three nodes; launching again restarts the workers and ships nothing."""
+    cluster = write_cluster(tmp_path, ssh, 3)
+    config = load_cluster_config(cluster)
+    try:
+        for step, start in ((3, 5), (4, 3)):
+            launched = run_cli("launch", str(cluster), "--prompt", f"count by {step} : {start}",
+                               "--max-new-tokens", "40")
+            assert launched.returncode == 0, launched.stderr
+            assert launched.stdout.strip() == expected_text(step, start)
+        assert "box1: all 5 files up to date" in launched.stderr
+        assert "box2: all 5 files up to date" in launched.stderr
+        assert [bool(r["running"]) for r in status_rows(cluster)] == [False, True, True]
+    finally:
+        stop_cluster(config, lambda line: None, grace_s=2)
+    assert not any(r["running"] for r in status_rows(cluster))
 
 
 def test_unreachable_node_and_missing_python_are_clear(ssh: SshSetup, tmp_path: Path) -> None:

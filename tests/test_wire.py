@@ -61,6 +61,7 @@ MULTI_TENSOR_OPS = sorted(op for op, (_, high) in TENSOR_OPS.items() if high >= 
 # the four the protocol was built on first, then whatever else it supports
 DTYPES = list(dict.fromkeys([torch.float32, torch.bfloat16, torch.float16, torch.int8,
                              *WIRE_DTYPES.values()]))
+SCALED_OPS = sorted(getattr(wire, "SCALED_OPS", ()))
 UNSENDABLE = next(d for d in (torch.complex64, torch.int64, torch.bool, torch.int32)
                   if d not in DTYPE_CODES)
 
@@ -73,6 +74,15 @@ def test_the_core_ops_exist() -> None:
 
 def n_tensors(op: str) -> int:
     return TENSOR_COUNTS.get(op, (0, 0))[0]
+
+
+def valid_tensors(op: str, n: int) -> list[torch.Tensor]:
+    """``n`` tensors that ``op`` accepts (a pair on a scaled op is int8 codes + row scales)."""
+    if n == 2 and op in SCALED_OPS:
+        return [sample_tensor(torch.int8, (3, 4)), torch.rand(3, 1)]
+    if n == 2:
+        return [sample_tensor(torch.bfloat16, (3, 4)), sample_tensor(torch.int8, (7,))]
+    return [sample_tensor(torch.float32, (2, 4)) for _ in range(n)]
 
 
 def sample_tensor(dtype: torch.dtype, shape: tuple[int, ...] = (3, 5)) -> torch.Tensor:
@@ -120,11 +130,20 @@ def test_tensor_round_trip_is_bit_exact(dtype: torch.dtype, shape: tuple[int, ..
 
 @pytest.mark.parametrize("op", MULTI_TENSOR_OPS)
 def test_two_tensors_of_different_dtypes(op: str) -> None:
-    a, b = sample_tensor(torch.bfloat16, (3, 4)), sample_tensor(torch.int8, (7,))
+    a, b = valid_tensors(op, 2)
     frames = wire.encode(op, VALID_FIELDS[op], [a, b])
     assert len(frames) == 3  # header + one frame per tensor
     message = wire.decode(frames)
     assert torch.equal(message.tensors[0], a) and torch.equal(message.tensors[1], b)
+
+
+@pytest.mark.parametrize("op", SCALED_OPS)
+def test_scaled_pairs_must_be_int8_codes_with_one_float32_scale_per_row(op: str) -> None:
+    codes, scales = sample_tensor(torch.int8, (3, 8)), torch.rand(3, 1)
+    assert len(wire.decode(wire.encode(op, VALID_FIELDS[op], [codes, scales])).tensors) == 2
+    for pair in ([codes.float(), scales], [codes, scales.half()], [scales, codes],
+                 [codes, torch.rand(3, 2)], [codes, torch.rand(2, 1)], [codes, torch.rand(3)]):
+        rejects(wire.encode(op, VALID_FIELDS[op], pair))
 
 
 def test_non_contiguous_tensor_is_sent_in_logical_order() -> None:
@@ -187,7 +206,7 @@ def rejects(frames: list[Any], match: str | None = None) -> WireError:
 @pytest.mark.parametrize(
     "version",
     [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, None, str(PROTOCOL_VERSION),
-     float(PROTOCOL_VERSION) + 0.0001, [PROTOCOL_VERSION]],
+     float(PROTOCOL_VERSION), float(PROTOCOL_VERSION) + 0.0001, [PROTOCOL_VERSION], True],
 )
 def test_wrong_version(version: Any) -> None:
     raw = {"v": version, "op": "ping", "tensors": [], "time": 1.0}
@@ -379,11 +398,13 @@ def test_tensors_on_ops_that_take_none(op: str) -> None:
 @pytest.mark.parametrize("op", sorted(TENSOR_OPS))
 def test_tensor_ops_take_only_their_number_of_tensors(op: str) -> None:
     low, high = TENSOR_OPS[op]
-    t = sample_tensor(torch.float32, (2,))
     if low > 0:
-        rejects(wire.encode(op, VALID_FIELDS[op], [t] * (low - 1)), "tensors")
-    rejects(wire.encode(op, VALID_FIELDS[op], [t] * (high + 1)), "tensors")
-    assert len(wire.decode(wire.encode(op, VALID_FIELDS[op], [t] * high)).tensors) == high
+        rejects(wire.encode(op, VALID_FIELDS[op], valid_tensors(op, low - 1)), "tensors")
+    too_many = [*valid_tensors(op, high), sample_tensor(torch.float32, (2,))]
+    rejects(wire.encode(op, VALID_FIELDS[op], too_many), "tensors")
+    for n in range(low, high + 1):
+        message = wire.decode(wire.encode(op, VALID_FIELDS[op], valid_tensors(op, n)))
+        assert len(message.tensors) == n
 
 
 def test_error_is_a_value_error() -> None:
