@@ -560,8 +560,7 @@ def probe_all(config: ClusterConfig, with_logs: bool = False) -> dict[int, dict[
                         strict=True))
 
 
-def check_nodes(config: ClusterConfig, facts: dict[int, dict[str, Any]],
-                rank_bytes: dict[int, int], log: Log) -> None:
+def check_nodes(config: ClusterConfig, facts: dict[int, dict[str, Any]], log: Log) -> None:
     """Log each node's facts; raise listing every blocking problem at once."""
     problems = []
     for node in config.nodes:
@@ -580,14 +579,23 @@ def check_nodes(config: ClusterConfig, facts: dict[int, dict[str, Any]],
                             "(pip install edgetp there, or set `python:` for the node)")
         elif f["edgetp"] != __version__:
             log(f"  warning: {where} runs edgetp {f['edgetp']}, this machine {__version__}")
-        need = rank_bytes.get(node.rank, 0)
-        if not f["shard_present"] and f["disk_free"] < need:
-            problems.append(f"{where}: {_gib(f['disk_free'])} free disk for a "
-                            f"{_gib(need)} shard; free some space or change shard_dir")
         if node.memory_budget and (f.get("mem_available") or node.memory_budget) < \
                 node.memory_budget:
             log(f"  warning: {where} has {_gib(f.get('mem_available'))} free memory, less than "
                 f"its memory_budget {_gib(node.memory_budget)}")
+    if problems:
+        raise LaunchError("cannot launch:\n  " + "\n  ".join(problems))
+
+
+def check_disks(config: ClusterConfig, facts: dict[int, dict[str, Any]],
+                rank_bytes: dict[int, int]) -> None:
+    """A node without its shard needs the disk space for it."""
+    problems = []
+    for node in config.nodes:
+        f, need = facts[node.rank], rank_bytes.get(node.rank, 0)
+        if not f["shard_present"] and f["disk_free"] < need:
+            problems.append(f"node {node.rank} ({node.name}): {_gib(f['disk_free'])} free disk "
+                            f"for a {_gib(need)} shard; free some space or change shard_dir")
     if problems:
         raise LaunchError("cannot launch:\n  " + "\n  ".join(problems))
 
@@ -650,11 +658,11 @@ class Launcher:
     def _prepare(self) -> None:
         config = self.config
         self.log(f"checking {len(config.nodes)} nodes ...")
-        split = prepare_split(config, self.log)
-        sizes = {n.rank: sum(s for s, _ in local_files(split / f"rank-{n.rank}").values())
-                 for n in config.nodes}
         facts = probe_all(config)
-        check_nodes(config, facts, sizes, self.log)
+        check_nodes(config, facts, self.log)
+        split = prepare_split(config, self.log)
+        check_disks(config, facts, {n.rank: sum(s for s, _ in local_files(
+            split / f"rank-{n.rank}").values()) for n in config.nodes})
         if self.ship_shards:
             for node in config.nodes:
                 self._ship(node, split / f"rank-{node.rank}", facts[node.rank])
@@ -697,17 +705,19 @@ class Launcher:
                                       f"keys: {result.stderr.strip()[-300:]}")
 
     def _security_args(self, role: str, node: NodeConfig) -> list[str]:
-        """Flags of the CURVE feature when the local CLI has them (see `edgetp keys`)."""
+        """The CURVE flags of ``edgetp ROLE`` (worker or serve), or ``--insecure`` without."""
         from edgetp import cli
 
-        command = cli.main.commands["master" if role == "serve" else role]
-        params = {p.name for p in command.params}
+        params = {p.name for p in cli.main.commands[role].params}
         if not self.config.security.curve:
             return ["--insecure"] if "insecure" in params else []
-        keys = self.config.local_path(self.config.security.keys_dir or "")
+        if not {"key_file", "keys_file"} & params:
+            raise LaunchError(f"security.curve is on, but `edgetp {role}` of this edgetp has "
+                              "no CURVE options")
         if role == "worker":
             return ["--key", f"{_cache(node)}/keys/{node.name}.key_secret",
                     "--master-key", f"{_cache(node)}/keys/master.key"]
+        keys = self.config.local_path(self.config.security.keys_dir or "")
         return ["--keys", str(keys / "master.key_secret"), "--authorized",
                 str(keys / "authorized")]
 

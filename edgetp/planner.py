@@ -635,7 +635,8 @@ def render_plan(result: ClusterPlan, equal: ClusterPlan | None = None) -> str:
               "covers; peak RSS adds the Python runtime)", "",
               f"ms/token: {result.ms_per_token:.1f} = max(compute {step.compute_s * 1e3:.1f} + "
               f"communication {step.comm_s * 1e3:.1f}, disk {step.disk_s * 1e3:.1f}) at position "
-              f"~{result.prompt_tokens + result.new_tokens // 2}",
+              f"~{result.prompt_tokens + result.new_tokens // 2}"
+              + ("" if result.fits else " (were every node to fit)"),
               f"TTFT for a {result.prompt_tokens}-token prompt: {result.ttft_s * 1e3:.0f} ms",
               f"bottleneck: {result.bottleneck()}"]
     lines += [f"problem: {p}" for p in result.problems() if p not in lines[-1]]
@@ -646,9 +647,10 @@ def render_plan(result: ClusterPlan, equal: ClusterPlan | None = None) -> str:
                      "--context N (run with --max-seq-len N) for less")
     if equal is not None:
         same = equal.cluster.shares == result.cluster.shares
+        versus = (f"vs {equal.ms_per_token:.1f} with equal shares" if equal.fits
+                  else "equal shares do not fit")
         lines.append(f"proposed: --shares {shares_arg(result.cluster.shares)} "
-                     f"({result.ms_per_token:.1f} ms/token vs {equal.ms_per_token:.1f} with equal "
-                     "shares)" if not same else
+                     f"({result.ms_per_token:.1f} ms/token; {versus})" if not same else
                      f"proposed: --shares {shares_arg(result.cluster.shares)} (equal shares are "
                      f"already within {MIN_GAIN:.0%} of the best found)")
     return "\n".join(lines)

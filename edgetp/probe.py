@@ -189,7 +189,11 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
     out["layer_overhead_us"], out["step_overhead_us"] = _round(layer_us), _round(step_us)
     log(f"overhead per layer {layer_us:.0f} us, per step {step_us:.0f} us")
     disk_dir = _disk_dir(shard_dir)
-    disk_mbs, note = measure_disk(disk_dir, int(32e6 if quick else 128e6))
+    try:
+        disk_mbs, note = measure_disk(disk_dir, int(32e6 if quick else 128e6))
+    except OSError as exc:
+        raise RuntimeError(f"the disk test in {disk_dir} failed ({exc}); give --shard-dir a "
+                           "writable directory with 128 MB free") from exc
     out.update(disk_bw_mbs=_round(disk_mbs), disk_path=str(disk_dir), disk_note=note)
     log(f"disk read {disk_mbs:.0f} MB/s in {disk_dir}" + (f" ({note})" if note else ""))
     out["msg_overhead_us"] = _round(measure_loopback(50 if quick else 300))
@@ -371,7 +375,11 @@ def measure_disk(directory: Path, nbytes: int, block: int = 4 << 20) -> tuple[fl
     note = ""
     path = directory / f".edgetp-probe-{os.getpid()}.bin"
     chunk = os.urandom(1 << 20) * (block >> 20)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as exc:
+        raise RuntimeError(f"cannot write a test file in {directory} ({exc.strerror}); give "
+                           "--shard-dir a writable directory on the disk the shards use") from exc
     try:
         for _ in range(max(1, nbytes // block)):
             os.write(fd, chunk)

@@ -3,20 +3,23 @@
 Which code computes ``x @ W^T`` (measured on the development CPU, see
 ``benchmarks/quant_kernels.py`` and the README):
 
-* int8, a few rows (decode): ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations
-  and scales. It is several times faster than a float32 or bfloat16 matrix-vector product of
-  the same shape; with float32 activations the same op is ~20x slower, so float32 activations
-  are converted to bfloat16 for it and the result back (activations and the output of each
-  projection are rounded to bfloat16: the quality figures include that).
+* int8, a few rows (decode), input width a multiple of 16:
+  ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations and scales. It is several
+  times faster than a float32 or bfloat16 matrix-vector product of the same shape; with float32
+  activations the same op is ~20x slower, so float32 activations are converted to bfloat16 for
+  it and the result back (activations and the output of each projection are rounded to
+  bfloat16: the quality figures include that). On torch 2.13 it returns garbage, or crashes,
+  for other input widths: those take the fallback.
 * int4 in the tiled layout, a few rows: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
   bfloat16 activations, straight on the bytes from disk when the CPU's kernel layout is the
   tiled one (:func:`~edgetp.quant.native_int4_tiled`, true on AVX-512). Elsewhere resident
   and pinned weights are repacked once with torch's converter on first use, and streamed
   ones use the fallback (a per-use repack costs ~100x the matmul).
-* Many rows (prefill chunks of at least :data:`GEMM_ROWS` tokens), int4 in the rows layout,
-  and ``EDGETP_QUANT_KERNELS=0``: the fallback, dequantize to bfloat16 (float32 activations)
-  or to the activations' dtype, then a dense matmul (per-channel int8 scales are applied to
-  the output).
+* Otherwise (prefill chunks of at least :data:`GEMM_ROWS` / :data:`INT4_GEMM_ROWS` tokens, int4 in the rows layout,
+  int8 of other widths): the fallback, dequantize then a dense matmul, in bfloat16 (float32
+  activations are converted) since that is faster; with ``EDGETP_QUANT_KERNELS=0`` in the
+  activations' own dtype, the exact reference. Per-channel int8 scales are applied to the
+  output rather than to the weight.
 
 :class:`QuantColumnParallelLinear` and :class:`QuantRowParallelLinear` keep the semantics of
 ``edgetp.parallel``: a row-parallel linear computes its partial, allreduces it in plain sight,
@@ -45,7 +48,9 @@ from edgetp.quant import (
 from edgetp.split import layer_file
 
 KERNEL_DTYPE = torch.bfloat16
-GEMM_ROWS = 16  # from this many rows on, dequantize + dense matmul beats the matvec kernels
+GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
+INT4_GEMM_ROWS = 64  # ... and the int4 kernel (int4 dequantization costs more)
+INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm returns garbage (or crashes) for other widths
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -58,7 +63,7 @@ def kernels_enabled() -> bool:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 kernel: bool = True) -> torch.Tensor:
     """x [T, in] @ (q int8 [out, in] * scale [out])^T -> [T, out] in x's dtype."""
-    if kernel and x.shape[0] < GEMM_ROWS:
+    if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,
                                                scale.to(KERNEL_DTYPE))
         return y.to(x.dtype)
@@ -74,7 +79,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     ``kernel_layout``: ``packed`` is in the layout of this CPU's int4 kernel; ``repacked``: it
     is *only* that (converted by torch, not our tiled layout), so every row count uses the kernel.
     """
-    if kernel_layout and (x.shape[0] < GEMM_ROWS or repacked):
+    if kernel_layout and (x.shape[0] < INT4_GEMM_ROWS or repacked):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), packed,
                                                        group, scale_zero.to(KERNEL_DTYPE))
         return y.to(x.dtype)

@@ -395,6 +395,7 @@ class WorkerTransport:
         self.frame_log = frame_log
         self.traffic = Traffic()
         self.wire_dtype = "f32"
+        self.session = ""  # the master's session id, from its welcome
         self.clock_offset_s = 0.0
         self.sock: zmq.Socket | None = None
         self.best_rtt_s = float("inf")
@@ -418,6 +419,7 @@ class WorkerTransport:
                     raise HandshakeRefused(f"master refused rank {self.identity.rank}: "
                                            f"{message.fields['reason']}")
                 self.wire_dtype = message.fields["wire_dtype"]
+                self.session = message.fields["session"]
                 self.allreduce = message.fields["allreduce"]
                 self.master_ring_port = message.fields["ring_port"]
                 self._clock_sample(message.fields["time"], sent_at)

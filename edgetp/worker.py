@@ -57,11 +57,12 @@ class Worker:
         self.n_allreduce = 2 * len(self.layers)
         self.rank = manifest.rank
         self._last_step: tuple[int, int] = (-1, -1)
+        self._order_session = ""  # the master session _last_step belongs to
         self.memory_budget = memory_budget
 
     def serve(self) -> None:
         """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
-        self.transport.connect()
+        self._connect()
         try:
             while True:
                 try:
@@ -87,10 +88,15 @@ class Worker:
                     self.transport.send("error", {"message": str(exc)})
                 except ClusterError as exc:
                     log.warning("rank %d: %s; reconnecting", self.rank, exc)
-                    self.transport.connect()
+                    self._connect()
         finally:
             self.transport.close()
             self.ring.close()
+
+    def _connect(self) -> None:
+        """Join (or rejoin) the master; a new master session numbers its requests afresh."""
+        self.transport.connect()
+        self._last_step = (-1, -1)
 
     def _link(self, address: str) -> None:
         """Connect the ring to our successor ("" means the master)."""
@@ -131,6 +137,8 @@ class Worker:
     def _check_order(self, fields: dict) -> str | None:
         """Steps of a request come in increasing order; an older one is a replay or stale."""
         key = (fields["seq"], fields["step"])
+        if self._order_session != self.transport.session:  # a new (restarted) master counts
+            self._order_session, self._last_step = self.transport.session, (-1, -1)  # from 1
         if key <= self._last_step:
             return f"out-of-order step {key} after {self._last_step}"
         self._last_step = key

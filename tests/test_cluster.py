@@ -48,6 +48,7 @@ from edgetp.engine import GenerationResult, LocalRunner
 from edgetp.master import Master, Prompt
 from edgetp.split import split_checkpoint
 from edgetp.transport import ClusterError
+from edgetp.wire import PROTOCOL_VERSION as V
 
 ATOL = 1e-5
 DECODE_STEPS = 32
@@ -350,16 +351,16 @@ def malformed_messages(hidden: int) -> list[list[bytes]]:
     return [
         [b"\xff\x00garbage"],
         [b""],
-        [msgpack.packb({"v": 99, "op": "partial", "tensors": [["f32", [1, hidden]]], **step}),
+        [msgpack.packb({"v": V + 1, "op": "partial", "tensors": [["f32", [1, hidden]]], **step}),
          bytes(good_partial[1])],  # wrong version
         [bytes(good_partial[0]), bytes(good_partial[1])[:10]],  # truncated tensor
         [bytes(good_partial[0])],  # tensor frame missing
         [bytes(good_partial[0]), bytes(good_partial[1]), b"extra"],
-        [msgpack.packb({"v": 1, "op": "partial", "tensors": [["f32", [2**30, 2**30]]], **step}),
+        [msgpack.packb({"v": V, "op": "partial", "tensors": [["f32", [2**30, 2**30]]], **step}),
          b"\x00" * 16],  # huge declared tensor
-        [msgpack.packb({"v": 1, "op": "launch", "tensors": []})],  # unknown op
-        [msgpack.packb({"v": 1, "op": "error", "tensors": [], "message": "x" * 70_000})],
-        [msgpack.packb({"v": 1, "op": "hello", "tensors": [], "rank": "1"})],  # bad hello
+        [msgpack.packb({"v": V, "op": "launch", "tensors": []})],  # unknown op
+        [msgpack.packb({"v": V, "op": "error", "tensors": [], "message": "x" * 70_000})],
+        [msgpack.packb({"v": V, "op": "hello", "tensors": [], "rank": "1"})],  # bad hello
     ]
 
 
@@ -444,16 +445,16 @@ def test_worker_drops_malformed_frames_and_keeps_serving(demo_cluster: TrackedCl
             for frames in [
                 [b"\xff\x00garbage"],
                 [b""],
-                [msgpack.packb({"v": 2, **step, "op": "step",
+                [msgpack.packb({"v": V + 1, **step, "op": "step",
                                 "tensors": [["f32", [2, hidden]]]}), bytes(good[1])],
                 [bytes(good[0]), bytes(good[1])[:-4]],  # truncated tensor
                 [bytes(good[0])],  # tensor frame missing
-                [msgpack.packb({"v": 1, "op": "step", "tensors": [["f32", [2**20, 2**20]]],
+                [msgpack.packb({"v": V, "op": "step", "tensors": [["f32", [2**20, 2**20]]],
                                 **step}), b"\x00" * 8],
-                [msgpack.packb({"v": 1, "op": "step", "tensors": [], "seq": -1, "step": 1,
+                [msgpack.packb({"v": V, "op": "step", "tensors": [], "seq": -1, "step": 1,
                                 "start": 0})],
-                [msgpack.packb({"v": 1, "op": "shutdown", "tensors": [], "now": True})],
-                [msgpack.packb({"v": 1, "op": "sum", "tensors": [["f32", [2, hidden]]],
+                [msgpack.packb({"v": V, "op": "shutdown", "tensors": [], "now": True})],
+                [msgpack.packb({"v": V, "op": "sum", "tensors": [["f32", [2, hidden]]],
                                 "seq": 1, "step": 1, "index": 0})],  # frame missing
             ]:
                 fake.send_raw(identity, frames)

@@ -308,3 +308,25 @@ def test_unreachable_node_and_missing_python_are_clear(ssh: SshSetup, tmp_path: 
     result = run_cli("launch", str(cluster), "--prompt", "x")
     assert result.returncode == 1
     assert "/nonexistent/python3 not found" in result.stderr and "python:" in result.stderr
+
+
+@pytest.mark.slow
+def test_launch_with_curve_keys(ssh: SshSetup, tmp_path: Path) -> None:
+    """security.curve: key pairs are made, the worker's secret and the master's public key go
+    to the worker over ssh, and the worker joins over an encrypted, authenticated link."""
+    keys = tmp_path / "keys"
+    cluster = write_cluster(tmp_path, ssh, 2, security={"curve": True, "keys_dir": str(keys)})
+    config = load_cluster_config(cluster)
+    try:
+        launched = run_cli("launch", str(cluster), "--prompt", "count by 5 : 2",
+                           "--max-new-tokens", "40")
+        assert launched.returncode == 0, launched.stderr
+        assert launched.stdout.strip() == expected_text(5, 2)
+        assert (keys / "authorized" / "box1.key").is_file()
+        shipped = Path(config.nodes[1].cache_dir) / "keys"
+        assert (shipped / "box1.key_secret").stat().st_mode & 0o077 == 0
+        assert (shipped / "master.key").is_file()
+        log = (Path(config.nodes[1].cache_dir) / "logs" / "t-box1.log").read_text()
+        assert "--key" in log and "--insecure" not in log
+    finally:
+        stop_cluster(config, lambda line: None, grace_s=2)

@@ -579,7 +579,7 @@ def test_budget_below_the_minimum_names_the_minimum(split_model):
 # -- exiting with a busy reader -----------------------------------------------------------------
 
 # Loads a shard at its minimum budget with reads slowed down (each tensor read is followed by
-# half a second of torch calls, as reading into slices of a ring buffer makes), then exits
+# a quarter of a second of torch calls, as reading into slices of a ring buffer makes), then exits
 # while the reader thread is still reading ahead.
 EXIT_SCRIPT = r"""
 import sys, time, torch
@@ -590,7 +590,7 @@ from edgetp.loader import load_rank, shard_memory_needs
 real_pread = window._pread_exact
 def slow_pread(fd, target, offset, path):
     real_pread(fd, target, offset, path)
-    end = time.monotonic() + 0.5
+    end = time.monotonic() + 0.25
     while time.monotonic() < end:
         target[:64].view(torch.uint8).numpy()
 window._pread_exact = slow_pread

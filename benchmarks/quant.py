@@ -1,0 +1,276 @@
+"""Quantized weights and compressed activations: ms/token and bytes per token, measured.
+
+Run::
+
+    .venv/bin/python benchmarks/quant.py [--quick] [--layers L] [--tokens N] [--dir DIR]
+                                         [--no-wire] [--json]
+
+1. **Model.** A seeded float32 Llama checkpoint (hidden 1024, MLP 2816, 16 query / 4 KV heads,
+   4 layers: ~180 MB in float32, ~45 MB in int8; 2 layers with ``--quick``), written tensor by
+   tensor, with the demo model's tokenizer (vocabulary 107) so a real cluster can run it.
+2. **Weights.** Split for one node in float32, bfloat16, int8 and int4 (group 32): bytes on
+   disk of the rank directory's weight files.
+3. **Resident.** One process loads the rank with no budget and decodes greedily: median
+   ms/token, weight bytes in memory. Compute dtype float32, except bfloat16 weights (computed
+   in bfloat16, as ``--dtype bfloat16`` runs them).
+4. **Streamed.** The same with the smallest budget (``MemoryNeeds.minimum()``): nearly every
+   block streams from disk through the window each token (page cache dropped before the run
+   and by the window as it reads): median ms/token, bytes read per token, weight bytes
+   resident (pinned blocks + ring).
+5. **Wire.** A 2-node :class:`~edgetp.cluster.LocalCluster` (real processes on loopback) with
+   int8 weights and ``--wire-dtype`` f32, bf16, int8: bytes the master sent and received per
+   decoded token (the prefill's traffic, measured separately, subtracted), and ms/token. The
+   master's per-step hidden state to the workers stays float32 whatever the wire dtype; the
+   partials and sums of every allreduce use it.
+
+Every ratio is against float32 on the same model and the same machine. Timings are medians
+over the generated tokens; on a shared 2-core machine they are noisy: run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from edgetp.collectives import SoloCommunicator  # noqa: E402
+from edgetp.demo import DEMO_MODEL_DIR  # noqa: E402
+from edgetp.loader import load_rank, shard_memory_needs  # noqa: E402
+from edgetp.manifest import read_manifest  # noqa: E402
+from edgetp.split import split_checkpoint  # noqa: E402
+
+MB = 1e6
+FORMATS = ("float32", "bfloat16", "int8", "int4")
+WIRES = ("f32", "bf16", "int8")
+MAX_SEQ_LEN = 128
+PROMPT_LEN = 8
+SEED = 0
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def model_config(layers: int) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 107,
+        "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": layers,
+        "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    d, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    hd = d // heads
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d),
+                                          "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (heads * hd, d),
+            p + "self_attn.k_proj.weight": (kv * hd, d),
+            p + "self_attn.v_proj.weight": (kv * hd, d),
+            p + "self_attn.o_proj.weight": (d, heads * hd),
+            p + "mlp.gate_proj.weight": (inner, d), p + "mlp.up_proj.weight": (inner, d),
+            p + "mlp.down_proj.weight": (d, inner),
+        })
+    return shapes
+
+
+def write_model(model_dir: Path, layers: int) -> None:
+    """config.json, a seeded float32 model.safetensors (tensor by tensor), the demo tokenizer."""
+    config = model_config(layers)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    for name in TOKENIZER_FILES:
+        if (DEMO_MODEL_DIR / name).is_file():
+            shutil.copyfile(DEMO_MODEL_DIR / name, model_dir / name)
+    shapes = tensor_shapes(config)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = 4 * torch.Size(shape).numel()
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    gen = torch.Generator().manual_seed(SEED)
+    with (model_dir / "model.safetensors").open("wb") as handle:
+        handle.write(len(blob).to_bytes(8, "little") + blob)
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+            elif "embed_tokens" in name:
+                tensor = torch.randn(shape, generator=gen)
+            else:
+                tensor = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+            handle.write(tensor.numpy().tobytes())
+
+
+def drop_page_cache(shard: Path) -> None:
+    for path in shard.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def disk_bytes(shard: Path) -> int:
+    return sum(f.size for f in read_manifest(shard).files.values())
+
+
+def decode_run(shard: Path, dtype: torch.dtype, budget: int | None, tokens: int) -> dict:
+    """Greedy decoding on one node in this process: median ms/token and byte counts."""
+    drop_page_cache(shard)
+    model = load_rank(shard, SoloCommunicator(), dtype, MAX_SEQ_LEN, verify=False,
+                      memory_budget=budget)
+    window = model.window
+    try:
+        with torch.inference_mode():
+            prompt = torch.randint(3, 107, (PROMPT_LEN,),
+                                   generator=torch.Generator().manual_seed(SEED))
+            logits = model(prompt, 0)[-1]
+            position = PROMPT_LEN
+            for _ in range(2):  # warm up
+                logits = model(logits.argmax().view(1), position)[-1]
+                position += 1
+            if window is not None:
+                window.take_stats()
+            times = []
+            for _ in range(tokens):
+                started = time.perf_counter()
+                logits = model(logits.argmax().view(1), position)[-1]
+                times.append(time.perf_counter() - started)
+                position += 1
+        run = {"ms_per_token": 1000 * statistics.median(times)}
+        if window is None:
+            run["weight_bytes_resident"] = sum(p.numel() * p.element_size()
+                                               for p in model.parameters())
+            run["read_bytes_per_token"] = 0
+        else:
+            stats = window.take_stats()
+            small = sum(p.numel() * p.element_size() for p in model.parameters())
+            run["weight_bytes_resident"] = window.resident_bytes + small
+            run["read_bytes_per_token"] = stats.bytes_read / tokens
+            run["streamed_blocks"] = len(window.streamed)
+            run["blocks"] = len(window.streamed) + len(window.pinned)
+        return run
+    finally:
+        if window is not None:
+            window.close()
+        del model
+
+
+def wire_run(model_dir: Path, root: Path, wire: str, tokens: int) -> dict:
+    """A 2-node local cluster with int8 weights: master traffic per token and ms/token."""
+    from edgetp.cluster import LocalCluster
+    from edgetp.config import GenerationConfig, SamplingConfig
+
+    os.environ.setdefault("EDGETP_CACHE", str(root / "cache"))
+    cluster = LocalCluster(model_dir, 2, max_seq_len=MAX_SEQ_LEN, wire_dtype=wire,
+                           timeout_s=60.0, split_dir=root / "wire-split", weight_dtype="int8")
+    with cluster as master:
+        prompt = list(range(3, 3 + PROMPT_LEN))
+        master.engine.generate(prompt, SamplingConfig(), GenerationConfig(  # warm up
+            max_new_tokens=tokens, stop_on_eos=False))
+        traffic = master.runner.transport.traffic
+        moved = []
+        for new_tokens in (1, tokens):  # the prefill alone, then prefill + decode
+            before = traffic.bytes_sent + traffic.bytes_received
+            result = master.engine.generate(prompt, SamplingConfig(), GenerationConfig(
+                max_new_tokens=new_tokens, stop_on_eos=False))
+            moved.append(traffic.bytes_sent + traffic.bytes_received - before)
+    return {"ms_per_token": result.ms_per_token,
+            "wire_bytes_per_token": (moved[1] - moved[0]) / (tokens - 1),
+            "prefill_wire_bytes_per_token": moved[0] / PROMPT_LEN}
+
+
+def measure(root: Path, layers: int, tokens: int, wire: bool) -> dict[str, Any]:
+    model_dir = root / "model"
+    if not (model_dir / "model.safetensors").is_file():
+        write_model(model_dir, layers)
+    out: dict[str, Any] = {"layers": layers, "formats": {}, "wire": {}}
+    for fmt in FORMATS:
+        split = split_checkpoint(model_dir, root / f"split-{fmt}", 1, dtype=fmt, force=True)
+        shard = split.rank_dirs[0]
+        dtype = torch.bfloat16 if fmt == "bfloat16" else torch.float32
+        needs = shard_memory_needs(shard, dtype, MAX_SEQ_LEN)
+        row: dict[str, Any] = {"disk_bytes": disk_bytes(shard)}
+        row["resident"] = decode_run(shard, dtype, None, tokens)
+        row["streamed"] = decode_run(shard, dtype, needs.minimum(), tokens)
+        out["formats"][fmt] = row
+        print(f"  {fmt}: resident {row['resident']['ms_per_token']:.1f} ms/token, streamed "
+              f"{row['streamed']['ms_per_token']:.1f} ms/token", file=sys.stderr)
+    if wire:
+        for name in WIRES:
+            out["wire"][name] = wire_run(model_dir, root, name, tokens)
+            print(f"  wire {name}: {out['wire'][name]['wire_bytes_per_token']:.0f} B/token",
+                  file=sys.stderr)
+    return out
+
+
+def report(data: dict[str, Any]) -> str:
+    base = data["formats"]["float32"]
+    lines = [f"synthetic Llama, {data['layers']} layers, hidden 1024, MLP 2816; torch "
+             f"{torch.__version__}, {torch.get_num_threads()} thread(s)", "",
+             "| weights | disk MB | resident ms/token (x f32) | resident weight MB | "
+             "streamed ms/token (x f32) | read MB/token | streamed resident MB |",
+             "|---|---|---|---|---|---|---|"]
+    for fmt, row in data["formats"].items():
+        res, st = row["resident"], row["streamed"]
+        lines.append(
+            f"| {fmt} | {row['disk_bytes'] / MB:.1f} | {res['ms_per_token']:.1f} "
+            f"({res['ms_per_token'] / base['resident']['ms_per_token']:.2f}x) | "
+            f"{res['weight_bytes_resident'] / MB:.1f} | {st['ms_per_token']:.1f} "
+            f"({st['ms_per_token'] / base['streamed']['ms_per_token']:.2f}x) | "
+            f"{st['read_bytes_per_token'] / MB:.1f} | {st['weight_bytes_resident'] / MB:.1f} |")
+    if data["wire"]:
+        f32 = data["wire"]["f32"]["wire_bytes_per_token"]
+        lines += ["", "2 nodes, int8 weights, master traffic per generated token:", "",
+                  "| wire | bytes/token (x f32) | ms/token |", "|---|---|---|"]
+        for name, row in data["wire"].items():
+            lines.append(f"| {name} | {row['wire_bytes_per_token']:.0f} "
+                         f"({row['wire_bytes_per_token'] / f32:.2f}x) | "
+                         f"{row['ms_per_token']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, fewer tokens")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--dir", type=Path, default=None, help="keep the model and splits here")
+    parser.add_argument("--no-wire", action="store_true", help="skip the 2-node wire runs")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as edgetp worker processes run
+    layers = args.layers or (2 if args.quick else 4)
+    tokens = args.tokens or (8 if args.quick else 24)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="edgetp-quant-"))
+    try:
+        data = measure(root, layers, tokens, not args.no_wire)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(data, indent=1) if args.json else report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Microseconds per matrix-vector product for each weight format and code path, on this CPU.
+
+Run::
+
+    .venv/bin/python benchmarks/quant_kernels.py [--threads 1] [--quick] [--json]
+
+For each shape ``[out, in]`` (a 1B-ish attention projection, its MLP up and down, a 7B-ish
+square) and one activation row, the best-of-rounds time of:
+
+* ``f32``: ``F.linear`` on float32 weights and activations (the baseline);
+* ``bf16``: ``F.linear`` on bfloat16 weights and activations;
+* ``int8 kernel``: ``edgetp.qlinear.int8_matmul`` (``_weight_int8pack_mm``, float32 in and out,
+  bfloat16 inside); ``int8 kernel f32``: the same op fed float32 activations (why edgetp does
+  not); ``int8 fallback``: dequantize to float32 + ``F.linear`` (``EDGETP_QUANT_KERNELS=0``);
+* ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
+  ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.
+
+Then, for prefill, the rows at which dequantize + a bfloat16 matmul beats the int8/int4
+kernels (``edgetp.qlinear.GEMM_ROWS``). Weight bytes per format are printed too. Numbers
+are noisy on a shared machine: every figure is the best of several rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from edgetp.qlinear import int4_matmul, int8_matmul
+from edgetp.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
+
+SHAPES = {"attn 2048x2048": (2048, 2048), "mlp up 5632x2048": (5632, 2048),
+          "mlp down 2048x5632": (2048, 5632), "square 4096x4096": (4096, 4096)}
+QUICK_SHAPES = {"attn 1024x1024": (1024, 1024), "mlp up 2816x1024": (2816, 1024)}
+ROWS = (1, 4, 8, 16, 32, 64)
+
+
+def best_us(fn: Callable[[], object], budget_s: float) -> float:
+    """Best mean time per call over several rounds, in microseconds."""
+    fn()
+    started = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - started, 1e-6)
+    calls = max(1, min(200, int(budget_s / 5 / once)))
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best * 1e6
+
+
+def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    x = torch.randn(1, in_features, generator=gen)
+    wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
+    q, scale = quantize_int8(w)
+    packed, scale_zero = quantize_int4(w, 32)
+    tiled = native_int4_tiled()
+
+    def int4_fallback() -> torch.Tensor:
+        return F.linear(x, dequantize_int4(packed, scale_zero))
+
+    paths: dict[str, Callable[[], object]] = {
+        "f32": lambda: F.linear(x, w),
+        "bf16": lambda: F.linear(xb, wb),
+        "int8 kernel": lambda: int8_matmul(x, q, scale, kernel=True),
+        "int8 kernel f32": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale.float()),
+        "int8 fallback": lambda: int8_matmul(x, q, scale, kernel=False),
+        "int4 kernel": (lambda: int4_matmul(x, packed, scale_zero, 32, kernel_layout=True))
+        if tiled else None,
+        "int4 fallback": int4_fallback,
+    }
+    return {name: best_us(fn, budget_s) for name, fn in paths.items() if fn is not None}
+
+
+def crossover(out_features: int, in_features: int, budget_s: float) -> dict[str, dict]:
+    """Per row count: kernel vs dequantize + bf16 matmul, int8 and int4 (microseconds)."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    q, scale = quantize_int8(w)
+    packed, scale_zero = quantize_int4(w, 32)
+    out: dict[str, dict] = {}
+    for rows in ROWS:
+        xb = torch.randn(rows, in_features, generator=gen).to(torch.bfloat16)
+        out[str(rows)] = paths_for_rows(xb, q, scale, packed, scale_zero, budget_s)
+    return out
+
+
+def paths_for_rows(xb: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                   packed: torch.Tensor, scale_zero: torch.Tensor, budget_s: float) -> dict:
+    int4_kernel = float("nan")
+    if native_int4_tiled():
+        int4_kernel = best_us(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            xb, packed, 32, scale_zero), budget_s)
+    return {
+        "int8 kernel": best_us(lambda: torch.ops.aten._weight_int8pack_mm(xb, q, scale),
+                               budget_s),
+        "int8 gemm": best_us(lambda: F.linear(xb, q.to(torch.bfloat16)) * scale, budget_s),
+        "int4 kernel": int4_kernel,
+        "int4 gemm": best_us(lambda: F.linear(xb, dequantize_int4(
+            packed, scale_zero, torch.bfloat16)), budget_s),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    budget = 0.1 if args.quick else 0.5
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    results = {label: one_shape(*shape, budget) for label, shape in shapes.items()}
+    cross_shape = next(iter(shapes.values()))
+    cross = crossover(*cross_shape, budget)
+    if args.json:
+        print(json.dumps({"threads": args.threads, "per_matvec_us": results,
+                          "rows": {"shape": cross_shape, "us": cross}}, indent=1))
+        return
+    print(f"torch {torch.__version__}, {args.threads} thread(s), cpu {os.cpu_count()} cores, "
+          f"int4 tiled layout native: {native_int4_tiled()}")
+    names = list(next(iter(results.values())))
+    print(f"\n| shape | {' | '.join(names)} |")
+    print("|---" * (len(names) + 1) + "|")
+    for label, row in results.items():
+        cells = " | ".join(f"{row[n]:.0f}" + (f" ({row['f32'] / row[n]:.1f}x)"
+                                                if n != "f32" else "") for n in names)
+        print(f"| {label} | {cells} |")
+    print("\nus per matvec (speed-up over f32). Weight bytes per parameter: f32 4, bf16 2, "
+          "int8 1 (+2/row), int4 0.5 (+4 per group of 32).")
+    print(f"\nrows per call on {cross_shape[0]}x{cross_shape[1]} (us): kernel vs dequantize + "
+          "bf16 matmul")
+    print("| rows | int8 kernel | int8 gemm | int4 kernel | int4 gemm |\n|---|---|---|---|---|")
+    for rows, row in cross.items():
+        print(f"| {rows} | {row['int8 kernel']:.0f} | {row['int8 gemm']:.0f} | "
+              f"{row['int4 kernel']:.0f} | {row['int4 gemm']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
