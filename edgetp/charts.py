@@ -20,21 +20,26 @@ def _pyplot() -> Any:
     return plt
 
 
+def _stacked_bars(ax: Any, labels: list[str], parts: list[dict[str, float]]) -> None:
+    """One horizontal bar per label, split into the four parts of a token's time."""
+    left = [0.0] * len(labels)
+    for part, color in COLORS.items():
+        widths = [p[part] for p in parts]
+        ax.barh(labels, widths, left=left, color=color, label=LABELS[part])
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    ax.invert_yaxis()
+
+
 def breakdown_chart(report: dict[str, Any], path: Path) -> None:
     """Stacked horizontal bars: one decode token's time on each node."""
     plt = _pyplot()
     nodes = report["nodes"]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(nodes)))
-    names = [f"rank {n['rank']}" for n in nodes]
-    left = [0.0] * len(nodes)
-    for part in COLORS:
-        widths = [n["breakdown_ms_per_token"][part] for n in nodes]
-        ax.barh(names, widths, left=left, color=COLORS[part], label=LABELS[part])
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.invert_yaxis()
+    _stacked_bars(ax, [f"rank {n['rank']}" for n in nodes],
+                  [n["breakdown_ms_per_token"] for n in nodes])
+    mean = report["summary"]["decode_ms_per_token"]["mean"]
     ax.set_xlabel("ms per decoded token")
-    ax.set_title(f"Where a token's time goes ({report['summary']['decode_ms_per_token']['mean']:.1f}"
-                 " ms/token)")
+    ax.set_title(f"Where a token's time goes ({mean:.1f} ms/token)")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.15), ncol=4, frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -62,16 +67,11 @@ def tokens_chart(report: dict[str, Any], path: Path) -> None:
 
 
 def sweep_chart(rows: list[dict[str, Any]], path: Path) -> None:
-    """ms/token for every configuration of a sweep, split into the four parts (slowest node)."""
+    """ms/token for every configuration of a sweep, split into the four parts (the master's)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
-    labels = [row["label"] for row in rows]
-    left = [0.0] * len(rows)
-    for part in COLORS:
-        widths = [row["breakdown_ms_per_token"][part] for row in rows]
-        ax.barh(labels, widths, left=left, color=COLORS[part], label=LABELS[part])
-        left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.invert_yaxis()
+    _stacked_bars(ax, [row["label"] for row in rows],
+                  [row["breakdown_ms_per_token"] for row in rows])
     ax.set_xlabel("ms per decoded token (master's view)")
     ax.set_title("Sweep")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.1), ncol=4, frameon=False, fontsize=8)

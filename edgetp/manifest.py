@@ -170,7 +170,10 @@ def verify_directory(directory: Path, manifest: Manifest, check_hash: bool = Tru
     fresh = {}
     for name, entry in manifest.files.items():
         path = directory / name
-        stamp = [entry.sha256, path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else None
+        stamp = None
+        if path.is_file():
+            stat = path.stat()
+            stamp = [entry.sha256, stat.st_size, stat.st_mtime_ns]
         known = stamp is not None and record.get(name) == stamp
         verify_file(directory, name, entry, check_hash=check_hash and not known)
         fresh[name] = stamp

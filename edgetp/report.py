@@ -205,10 +205,9 @@ def compare_markdown(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: 
             vb = node_b["breakdown_ms_per_token"][part]
             lines.append(f"| rank {node_a['rank']} {part} (ms/token) | {va:.2f} | {vb:.2f} | "
                          f"{_ratio(va, vb)} |")
-        lines.append(f"| rank {node_a['rank']} peak RSS (MiB) | "
-                     f"{node_a.get('peak_rss_bytes', 0) / 2**20:.0f} | "
-                     f"{node_b.get('peak_rss_bytes', 0) / 2**20:.0f} | "
-                     f"{_ratio(node_a.get('peak_rss_bytes', 0), node_b.get('peak_rss_bytes', 0))} |")
+        peak_a, peak_b = node_a.get("peak_rss_bytes", 0), node_b.get("peak_rss_bytes", 0)
+        lines.append(f"| rank {node_a['rank']} peak RSS (MiB) | {peak_a / 2**20:.0f} | "
+                     f"{peak_b / 2**20:.0f} | {_ratio(peak_a, peak_b)} |")
     if len(a["nodes"]) != len(b["nodes"]):
         lines += ["", f"(node counts differ: {len(a['nodes'])} vs {len(b['nodes'])}; "
                   "only the common ranks are compared)"]

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from edgetp.collectives import StarWorker, StepPosition
-from edgetp.security import WorkerSecurity
-from edgetp.ring import RingAllreduce, RingError, RingLink, master_ring_address
 from edgetp.loader import load_rank
 from edgetp.manifest import read_manifest
 from edgetp.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.model import Transformer
+from edgetp.ring import RingAllreduce, RingError, RingLink, master_ring_address
+from edgetp.security import WorkerSecurity
 from edgetp.transport import (
     ClusterError,
     HandshakeRefused,

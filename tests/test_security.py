@@ -194,7 +194,8 @@ def valid_messages() -> list[list[bytes]]:
     messages = [
         wire.encode("partial", {"seq": 1, "step": 1, "index": 0}, [h]),
         wire.encode("ping", {"time": 1.0}),
-        wire.encode("stats", {"seq": 1, "stats": {"a": 1}}, [torch.zeros(1, 7, dtype=torch.float64)]),
+        wire.encode("stats", {"seq": 1, "stats": {"a": 1}},
+                    [torch.zeros(1, 7, dtype=torch.float64)]),
         wire.encode("step", {"seq": 1, "step": 1, "start": 0}, [h]),
         wire.encode("ring", {"seq": 1, "step": 1, "index": 0, "hop": 0}, [h]),
     ]
@@ -223,7 +224,10 @@ def test_fuzz_ten_thousand_frames_at_a_live_master_and_workers(tmp_path: Path) -
             sockets.append(sock)
         sent = 0
         for i in range(12_000):
-            frames = mutated(rng.choice(seeds), rng) if i % 3 else [rng.randbytes(rng.randrange(1, 200))]
+            if i % 3:
+                frames = mutated(rng.choice(seeds), rng)
+            else:
+                frames = [rng.randbytes(rng.randrange(1, 200))]
             sockets[i % len(sockets)].send_multipart(frames)
             sent += 1
         time.sleep(2.0)  # let the nodes chew through the queue
