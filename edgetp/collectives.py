@@ -51,9 +51,10 @@ class SoloCommunicator:
 class InProcessGroup:
     """Ranks as threads of one process, summing through shared slots and a barrier."""
 
-    def __init__(self, world_size: int, timeout_s: float = 60.0) -> None:
+    def __init__(self, world_size: int, timeout_s: float = 60.0, wire: str = "f32") -> None:
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.wire = check_format(wire)  # not f32: partials and sums rounded as the star's
         self._slots: list[torch.Tensor | None] = [None] * world_size
         self._result: torch.Tensor | None = None
         self._barrier = threading.Barrier(world_size, timeout=timeout_s)
@@ -64,10 +65,15 @@ class InProcessGroup:
     def _allreduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
         self._slots[rank] = x
         if self._barrier.wait() == 0:  # one thread sums, in rank order
-            total = self._slots[0].float().clone()  # type: ignore[union-attr]
-            for part in self._slots[1:]:
-                total += part.float()  # type: ignore[union-attr]
-            self._result = total.to(x.dtype)
+            if self.wire != "f32":  # as StarMaster: rank 0 is the master
+                own, *parts = self._slots
+                frames = [encode(p, self.wire) for p in parts]  # type: ignore[arg-type]
+                self._result = star_sum(own, frames, self.wire)[0].to(x.dtype)  # type: ignore
+            else:
+                total = self._slots[0].float().clone()  # type: ignore[union-attr]
+                for part in self._slots[1:]:
+                    total += part.float()  # type: ignore[union-attr]
+                self._result = total.to(x.dtype)
         self._barrier.wait()
         result = self._result
         assert result is not None

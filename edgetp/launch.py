@@ -778,7 +778,10 @@ class Launcher:
                                     allreduce=c.allreduce, **kwargs)
         finally:
             for key, value in saved.items():
-                os.environ.pop(key, None) if value is None else os.environ.update({key: value})
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         try:
             self.wait_for_join(lambda: master.runner.transport.missing_ranks(),
                                lambda: master.runner.transport.wait_for_workers(1.0),
@@ -828,7 +831,8 @@ class Launcher:
         argv = [shell.python, "-m", "edgetp.cli", "serve", "--shards", str(self.master_shard_dir())
                 if node0.is_local else node0.shard_dir, "--bind", c.master.bind, "--port",
                 str(port), "--wire-dtype", c.wire_dtype, "--allreduce", c.allreduce,
-                "--timeout", f"{c.timeout_s:g}", *(extra or [])]
+                "--timeout", f"{c.timeout_s:g}", "--model-name", Path(c.model).name,
+                *(extra or [])]
         if node0.memory_budget:
             argv += ["--memory-budget", str(node0.memory_budget)]
         argv += self._security_args("serve", node0)

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from edgetp.collectives import StarMaster, StepPosition
-from edgetp.ring import RingAllreduce, RingLink, successor_addresses
-from edgetp.security import MasterSecurity
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model import Transformer
 from edgetp.plan import ShardPlan
+from edgetp.ring import RingAllreduce, RingLink, successor_addresses
+from edgetp.security import MasterSecurity
 from edgetp.tokenizer import Tokenizer
 from edgetp.transport import ClusterError, MasterTransport, NodeIdentity
 

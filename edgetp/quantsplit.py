@@ -12,6 +12,7 @@ import torch
 
 from edgetp.checkpoint import Checkpoint, hf_name
 from edgetp.config import ConfigError, ModelConfig
+from edgetp.manifest import FileEntry, Manifest
 from edgetp.plan import ShardPlan, TensorSlice, layer_slices
 from edgetp.quant import (
     INT4_GROUP_SIZES,
@@ -86,3 +87,20 @@ class TensorStore:
                 widths = [config.hidden_size]
             groups[name] = int4_group(widths, self.group_size, name)
         return groups
+
+
+def shrunk_groups(manifest: Manifest) -> dict[str, int]:
+    """For an int4 split: the tensors whose group is smaller than requested, and their group."""
+    if manifest.dtype != "int4":
+        return {}
+    layers = sorted(n for n in manifest.files if n.startswith("layer-"))
+    tensors = {**(manifest.files[layers[0]].tensors if layers else {}),
+               **manifest.files.get("head.safetensors", FileEntry(0, "", {})).tensors}
+    out = {}
+    for name, entry in tensors.items():
+        scale = tensors.get(name + SCALE_SUFFIX)
+        if is_quantized_weight(name) and scale is not None:
+            group = 2 * entry.shape[1] // scale.shape[0]
+            if group != manifest.group_size:
+                out[name.removesuffix(".weight")] = group
+    return out

@@ -30,7 +30,7 @@ from edgetp.manifest import (
 )
 from edgetp.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
 from edgetp.quant import QUANT_DTYPES
-from edgetp.quantsplit import TensorStore
+from edgetp.quantsplit import TensorStore, shrunk_groups
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "chat_template.jinja", "config.json")
@@ -231,6 +231,9 @@ def describe_split(result: SplitResult) -> str:
     lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
              f"directories in {result.out_dir} (dtype {manifest.dtype}"
              + (f", group {manifest.group_size}" if manifest.group_size else "") + ")"]
+    if shrunk := shrunk_groups(manifest):
+        lines.append("  int4 groups shrunk to divide the slices: "
+                     + ", ".join(f"{name} {group}" for name, group in shrunk.items()))
     if manifest.plan.private_layers:
         k = manifest.plan.private_layers
         lines.append(f"  layers 0-{k - 1} and {manifest.plan.num_layers - k}-"

@@ -27,9 +27,9 @@ from edgetp.linkemu import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (t
 from edgetp.security import (
     MasterSecurity,
     WorkerSecurity,
+    authorize,
     make_client,
     make_server,
-    authorize,
     warn_if_insecure,
 )
 from edgetp.wire import Message, WireError

@@ -62,7 +62,7 @@ class Worker:
 
     def serve(self) -> None:
         """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
-        self._connect()
+        self.transport.connect()
         try:
             while True:
                 try:
@@ -88,15 +88,10 @@ class Worker:
                     self.transport.send("error", {"message": str(exc)})
                 except ClusterError as exc:
                     log.warning("rank %d: %s; reconnecting", self.rank, exc)
-                    self._connect()
+                    self.transport.connect()
         finally:
             self.transport.close()
             self.ring.close()
-
-    def _connect(self) -> None:
-        """Join (or rejoin) the master; a new master session numbers its requests afresh."""
-        self.transport.connect()
-        self._last_step = (-1, -1)
 
     def _link(self, address: str) -> None:
         """Connect the ring to our successor ("" means the master)."""

@@ -187,7 +187,7 @@ def ssh(ssh_setup: SshSetup, monkeypatch: pytest.MonkeyPatch,
 
 def write_cluster(root: Path, ssh: SshSetup, n: int, **extra: Any) -> Path:
     nodes = [{"name": "here", "address": "127.0.0.1", "shard_dir": str(root / "n0" / "rank-0"),
-              "memory_budget": "64MiB"}]
+              "cache_dir": str(root / "n0" / "cache"), "memory_budget": "64MiB"}]
     for k in range(1, n):
         nodes.append({"name": f"box{k}", "address": f"127.0.0.{k + 1}", "ssh": ssh.target(),
                       "python": sys.executable, "shard_dir": str(root / f"n{k}" / "shard"),
@@ -330,3 +330,17 @@ def test_launch_with_curve_keys(ssh: SshSetup, tmp_path: Path) -> None:
         assert "--key" in log and "--insecure" not in log
     finally:
         stop_cluster(config, lambda line: None, grace_s=2)
+
+
+def test_emulated_links_reach_the_processes_env(tmp_path: Path) -> None:
+    from edgetp.launch import Launcher
+
+    config = load_cluster_config(write_cluster(tmp_path, SshSetup("fake", user="me"), 2))
+    assert Launcher(config)._env(config.nodes[1]) == {"OMP_NUM_THREADS": "1"}
+    env = Launcher(config, emulate_links=True)._env(config.nodes[1])
+    assert env["EDGETP_LINK_DELAY_MS"] == "0.2"  # box1's gigabit profile
+    assert env["EDGETP_LINK_EMULATION"] == ("gigabit: bandwidth not limited + transport delay "
+                                            "0.2ms per traversal (launch --emulate-links: no tc)")
+    argv = Launcher(config)._worker_argv(config.nodes[1])
+    assert argv[1:5] == ["-m", "edgetp.cli", "worker", "--shard"]
+    assert argv[argv.index("--master") + 1] == config.master.url

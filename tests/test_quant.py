@@ -352,6 +352,23 @@ def test_window_gives_the_same_logits_as_resident(splits, dtype: str, fraction: 
         assert torch.equal(a, b)
 
 
+def test_tied_embeddings_quantize_the_head_and_keep_the_embedding(splits) -> None:
+    dirs = splits("llama32", 2, "int8")  # tie_word_embeddings: the head is written quantized
+    files = read_manifest(dirs[0]).files
+    assert files["head.safetensors"].tensors["lm_head.weight"].dtype == "I8"
+    assert files["embed.safetensors"].tensors["embed_tokens.weight"].dtype == "F32"
+    prompt = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(8)).tolist()
+    want = greedy(load_all(splits("llama32", 2, "float32")), prompt, 4)
+    resident = load_all(dirs)
+    assert resident[0].lm_head.weight is not resident[0].embed_tokens.weight
+    got = greedy(resident, prompt, 4)
+    assert all(close(a, b, 5e-2) for a, b in zip(got[1], want[1], strict=True))
+    streamed = load_all(dirs, budgets(dirs, 1.0))
+    assert torch.equal(torch.stack(greedy(streamed, prompt, 4)[1]), torch.stack(got[1]))
+    for m in streamed:
+        m.window.close()
+
+
 def test_int4_on_a_cpu_with_another_kernel_layout(splits, monkeypatch) -> None:
     """Resident weights are repacked by torch's converter, streamed ones use the fallback."""
     dirs = splits("llama3", 1, "int4")
@@ -407,3 +424,37 @@ def test_star_sum_is_the_float32_sum_of_the_decoded_partials(fmt: str) -> None:
     exact = round_trip(own, fmt) + decode(frames[0], fmt) + decode(frames[1], fmt)
     assert torch.equal(total, decode(encode(exact, fmt), fmt))
     assert torch.equal(decode(sent, fmt), total)  # workers decode exactly what the master uses
+
+
+def test_ring_allreduce_with_the_int8_wire() -> None:
+    """Three ring links in one process: the same int8-rounded sum, bitwise, on every rank."""
+    import threading
+
+    from edgetp.collectives import StepPosition
+    from edgetp.ring import RingAllreduce, RingLink, successor_addresses
+
+    links = [RingLink("127.0.0.1") for _ in range(3)]
+    addresses = {r: f"tcp://127.0.0.1:{links[r].port}" for r in range(3)}
+    for rank, address in successor_addresses(addresses, 3).items():
+        links[rank].connect(address or addresses[0])
+    inputs = [torch.randn(2, 11, generator=torch.Generator().manual_seed(r)) for r in range(3)]
+    outputs: dict[int, torch.Tensor] = {}
+
+    def run(rank: int) -> None:
+        position = StepPosition()
+        position.begin(1, 1, 2)
+        comm = RingAllreduce(rank, 3, links[rank], position, "int8", timeout_s=5.0)
+        outputs[rank] = comm.allreduce(inputs[rank])
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    for link in links:
+        link.close()
+    exact = inputs[0] + inputs[1] + inputs[2]
+    assert sorted(outputs) == [0, 1, 2]
+    for rank in range(3):
+        assert torch.equal(outputs[rank], outputs[0])
+    assert close(outputs[0], exact, 3e-2)
