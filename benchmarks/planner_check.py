@@ -19,8 +19,8 @@ Run::
 
 Every node here is a process on this one machine: with more nodes than CPU cores, nodes
 compete for cores and memory bandwidth. The planner assumes separate devices, so for those
-rows the profile's speeds are scaled by cores / nodes (said in the output); with a budget,
-every rank streams from the same disk, so each gets the disk bandwidth / nodes.
+rows the profile's speeds are scaled by cores / nodes (said in the output). The disk is not
+divided among streaming ranks: parallel reads scaled on the machine this was written on.
 
 Other work on a shared machine only ever slows a run (or a probe) down, so both sides take
 their best: the profile is the best figure of three probes, the measured ms/token the median
@@ -190,8 +190,6 @@ def predict(config: Any, profile: DeviceProfile, link: dict[str, float], nodes: 
                           layer_overhead_us=profile.layer_overhead_us / f,
                           step_overhead_us=profile.step_overhead_us / f,
                           msg_overhead_us=profile.msg_overhead_us / f)
-    if budget is not None:  # every rank streams, all from this one disk
-        profile = replace(profile, disk_bw_mbs=profile.disk_bw_mbs / nodes)
     cluster = ClusterSpec(tuple(NodeSpec(f"local-{r}", profile, budget) for r in range(nodes)),
                           latency_ms=0.0, bandwidth_mbit=link["bandwidth_mbit"])
     return plan_cluster(config, cluster, dtype, prompt, CONTEXT, new, "synthetic")

@@ -12,6 +12,9 @@ square) and one activation row, the best-of-rounds time of:
 * ``int8 kernel``: ``edgetp.qlinear.int8_matmul`` (``_weight_int8pack_mm``, float32 in and out,
   bfloat16 inside); ``int8 kernel f32``: the same op fed float32 activations (why edgetp does
   not); ``int8 fallback``: dequantize to float32 + ``F.linear`` (``EDGETP_QUANT_KERNELS=0``);
+* ``w8a8 _int_mm``: activations quantized to int8 per row, ``torch._int_mm`` (VNNI) and both
+  scales: measured for comparison, *not* used by edgetp (it quantizes the activations of
+  every linear, which real LLMs' outlier features make lossy);
 * ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
   ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 
 from edgetp.qlinear import int4_matmul, int8_matmul
 from edgetp.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
+from edgetp.wirecodec import quantize_rows
 
 SHAPES = {"attn 2048x2048": (2048, 2048), "mlp up 5632x2048": (5632, 2048),
           "mlp down 2048x5632": (2048, 5632), "square 4096x4096": (4096, 4096)}
@@ -56,6 +60,12 @@ def best_us(fn: Callable[[], object], budget_s: float) -> float:
     return best * 1e6
 
 
+def w8a8(x: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 activations (per-row scale) x int8 weights on VNNI: measured, not used by edgetp."""
+    codes, row_scale = quantize_rows(x)
+    return torch._int_mm(codes, q_t).float() * row_scale * scale.float()
+
+
 def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
@@ -64,6 +74,7 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
     q, scale = quantize_int8(w)
     packed, scale_zero = quantize_int4(w, 32)
     tiled = native_int4_tiled()
+    q_t = q.t()  # [in, out] view: what torch._int_mm wants
 
     def int4_fallback() -> torch.Tensor:
         return F.linear(x, dequantize_int4(packed, scale_zero))
@@ -74,6 +85,7 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
         "int8 kernel": lambda: int8_matmul(x, q, scale, kernel=True),
         "int8 kernel f32": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale.float()),
         "int8 fallback": lambda: int8_matmul(x, q, scale, kernel=False),
+        "w8a8 _int_mm": lambda: w8a8(x, q_t, scale),
         "int4 kernel": (lambda: int4_matmul(x, packed, scale_zero, 32, kernel_layout=True))
         if tiled else None,
         "int4 fallback": int4_fallback,

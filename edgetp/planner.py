@@ -21,7 +21,8 @@ as the time a 128-token product adds over a 1-token one).
 The cluster file (YAML)::
 
     link: {latency_ms: 1, bandwidth_mbit: 300}   # one-way latency; per-link bandwidth
-    wire_dtype: f32          # optional (f32 | bf16), as `--wire-dtype`
+    wire_dtype: f32          # optional (f32 | bf16 | int8), as `--wire-dtype`
+    allreduce: star          # optional (star | ring), as `--allreduce`
     private_layers: 0        # optional, as `--private-layers`
     nodes:                   # the first node is the master (rank 0)
       - name: desktop
@@ -50,10 +51,10 @@ from edgetp.window import DEFAULT_RING_SLOTS, _aligned, choose_pinned
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SAFETENSORS_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-WIRE_BYTES = {"f32": 4, "bf16": 2}
+WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int8 adds a float32 scale per row
 WORKER_PREFILL_CHUNK = 128  # load_rank's default, which workers use
 MIN_GAIN = 0.02  # unequal shares must beat equal shares by this fraction to be proposed
-CLUSTER_KEYS = {"nodes", "link", "wire_dtype", "private_layers", "ring_slots"}
+CLUSTER_KEYS = {"nodes", "link", "wire_dtype", "private_layers", "ring_slots", "allreduce"}
 NODE_KEYS = {"name", "memory_budget", "profile", "share", "count"}
 LINK_KEYS = {"latency_ms", "bandwidth_mbit"}
 
@@ -76,6 +77,7 @@ class ClusterSpec:
     wire_dtype: str = "f32"
     private_layers: int = 0
     ring_slots: int = DEFAULT_RING_SLOTS
+    allreduce: str = "star"  # or "ring" (edgetp.ring)
 
     @property
     def shares(self) -> tuple[float, ...]:
@@ -117,11 +119,15 @@ def parse_cluster(data: Any, base_dir: Path = Path("."), source: str = "cluster"
     wire = data.get("wire_dtype", "f32")
     if wire not in WIRE_BYTES:
         raise ConfigError(f"{source}: wire_dtype must be one of {', '.join(WIRE_BYTES)}")
+    allreduce = data.get("allreduce", "star")
+    if allreduce not in ("star", "ring"):
+        raise ConfigError(f"{source}: allreduce must be star or ring, got {allreduce!r}")
     return ClusterSpec(
         tuple(nodes), _number(link.get("latency_ms"), "link.latency_ms", source, zero_ok=True),
         _number(link.get("bandwidth_mbit"), "link.bandwidth_mbit", source), wire,
         int(_number(data.get("private_layers", 0), "private_layers", source, zero_ok=True)),
-        int(_number(data.get("ring_slots", DEFAULT_RING_SLOTS), "ring_slots", source)))
+        int(_number(data.get("ring_slots", DEFAULT_RING_SLOTS), "ring_slots", source)),
+        allreduce)
 
 
 def _parse_node(raw: Any, base_dir: Path, where: str, first_index: int) -> list[NodeSpec]:
@@ -385,9 +391,10 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig, 
         compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(dtype)
     comm = 0.0
     if n > 1:
-        wire = tokens * config.hidden_size * WIRE_BYTES[cluster.wire_dtype]
+        wire = tokens * (config.hidden_size * WIRE_BYTES[cluster.wire_dtype]
+                         + (4 if cluster.wire_dtype == "int8" else 0))
         step_msg = tokens * config.hidden_size * ELEMENT_BYTES[dtype]
-        comm = _hop(cluster, step_msg) + (2 * len(shared) * 2 - 1) * _hop(cluster, wire)
+        comm = _hop(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
     node_compute = tuple(sum(a + m for a, m in t.values()) for t in per_rank)
     node_disk = tuple(node.streamed_bytes / (cluster.nodes[i].profile.disk_bw_mbs * 1e6)
                       for i, node in enumerate(nodes))
@@ -409,6 +416,18 @@ def _layer_times(node: NodePlan, profile: DeviceProfile, dtype: str, tokens: int
         mlp = part.mlp_bytes * (1 / mv + extra)
         out[part.index] = (half + attn, half + mlp)
     return out
+
+
+def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:
+    """``count`` allreduces of ``nbytes``: the star's two traversals each (the last one a
+    reduce), or the ring's 2(N-1) traversals of a 1/N chunk between neighbours."""
+    if cluster.allreduce == "star":
+        return (2 * count - 1) * _hop(cluster, nbytes)
+    n = len(cluster.nodes)
+    overhead = 2 * max(node.profile.msg_overhead_us for node in cluster.nodes) * 1e-6
+    traversal = (cluster.latency_ms * 1e-3 + overhead
+                 + nbytes / n * 8 / (cluster.bandwidth_mbit * 1e6))
+    return count * 2 * (n - 1) * traversal
 
 
 def _hop(cluster: ClusterSpec, nbytes: int) -> float:
@@ -472,11 +491,12 @@ class ClusterPlan:
                     f"per token at {disk:g} MB/s ({step.disk_s * 1e3:.0f} ms), longer than "
                     f"compute and communication ({(step.compute_s + step.comm_s) * 1e3:.0f} ms)")
         if step.comm_s > step.compute_s:
-            latency = self.cluster.latency_ms
-            return (f"communication: {4 * len(self.plan.shared_layers)} link traversals per "
-                    f"token ({latency:g} ms one way each plus message costs) take "
-                    f"{step.comm_s * 1e3:.1f} ms, more than compute ({step.compute_s * 1e3:.1f} "
-                    "ms); fewer, faster-linked nodes would help")
+            cluster = self.cluster
+            return (f"communication: {2 * len(self.plan.shared_layers)} {cluster.allreduce} "
+                    f"allreduces and a step broadcast per token over {cluster.latency_ms:g} ms, "
+                    f"{cluster.bandwidth_mbit:g} Mbit/s links take {step.comm_s * 1e3:.1f} ms, "
+                    f"more than compute ({step.compute_s * 1e3:.1f} ms); fewer nodes, faster "
+                    "links or a smaller --wire-dtype would help")
         profile = self.cluster.nodes[slow].profile
         read = sum(nodes[slow].memory.needs.blocks)
         return (f"compute: {nodes[slow].name} reads {format_bytes(read)} of weights per token "
@@ -494,7 +514,7 @@ class ClusterPlan:
             "shares": list(self.cluster.shares), "shares_arg": shares_arg(self.cluster.shares),
             "link": {"latency_ms": self.cluster.latency_ms,
                      "bandwidth_mbit": self.cluster.bandwidth_mbit,
-                     "wire_dtype": self.cluster.wire_dtype},
+                     "wire_dtype": self.cluster.wire_dtype, "allreduce": self.cluster.allreduce},
             "nodes": [_node_dict(n) for n in self.nodes],
             "decode": {"ms_per_token": self.ms_per_token, "compute_ms": step.compute_s * 1e3,
                        "comm_ms": step.comm_s * 1e3, "disk_ms": step.disk_s * 1e3,
@@ -617,7 +637,8 @@ def render_plan(result: ClusterPlan, equal: ClusterPlan | None = None) -> str:
              f"{result.context}, {config.num_hidden_layers} layers "
              f"({len(result.plan.shared_layers)} shared)",
              f"cluster: {len(result.nodes)} nodes, link {cluster.latency_ms:g} ms one way, "
-             f"{cluster.bandwidth_mbit:g} Mbit/s, wire {cluster.wire_dtype}; shares "
+             f"{cluster.bandwidth_mbit:g} Mbit/s, {cluster.allreduce} allreduce, wire "
+             f"{cluster.wire_dtype}; shares "
              f"{shares_arg(cluster.shares)}", "",
              f"{'node':<12}{'heads':>6}{'kv':>4}{'mlp cols':>9}{'weights':>10}{'KV cache':>10}"
              f"{'budget':>9}{'minimum':>9}{'resident':>10}{'streamed':>10}{'peak RSS':>10}"

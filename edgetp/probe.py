@@ -14,8 +14,9 @@ A profile holds the figures the planner's cost model needs:
   profile's, since on some disks it is several times lower.
 - ``layer_overhead_us`` / ``step_overhead_us``: Python and dispatch time of one decoder layer
   and of one step (embedding, head, sampling) at a size where bytes do not matter.
-- ``msg_overhead_us``: one message's software cost (edgetp's wire encoding plus ZeroMQ), half
-  the round trip of a one-row message over loopback TCP.
+- ``msg_overhead_us``: one message's software cost (edgetp's wire encoding and decoding at
+  both ends plus ZeroMQ), half the round trip of a ``[1, 1024]`` float32 message over loopback
+  TCP to an echo that decodes it and encodes the reply, as a worker would.
 - ``runtime_rss``: the resident memory of a Python process that has imported torch and edgetp,
   before any weight is loaded; ``free_memory``: what the OS reports as available.
 
@@ -192,16 +193,18 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
     layer_us, step_us = measure_overheads(40 if quick else 200)
     out["layer_overhead_us"], out["step_overhead_us"] = _round(layer_us), _round(step_us)
     log(f"overhead per layer {layer_us:.0f} us, per step {step_us:.0f} us")
-    disk_dir = _disk_dir(shard_dir)
+    disk_dir, rank_dir = _disk_dir(shard_dir), _rank_dir(shard_dir)
+    window_mbs = None  # before the test file is written: its write-back would slow reads
+    if rank_dir is not None and hasattr(os, "posix_fadvise"):
+        window_mbs = measure_window_reads(rank_dir, int(32e6 if quick else 128e6))
     try:
         disk_mbs, note = measure_disk(disk_dir, int(32e6 if quick else 128e6))
     except OSError as exc:
         raise RuntimeError(f"the disk test in {disk_dir} failed ({exc}); give --shard-dir a "
                            "writable directory with 128 MB free") from exc
     out.update(disk_seq_mbs=_round(disk_mbs), disk_path=str(disk_dir), disk_note=note)
-    rank_dir = _rank_dir(shard_dir)
-    if rank_dir is not None and hasattr(os, "posix_fadvise"):
-        disk_mbs = measure_window_reads(rank_dir, int(32e6 if quick else 128e6))
+    if window_mbs is not None:
+        disk_mbs = window_mbs
         out["disk_note"] = (f"read as the window reads {rank_dir.name}'s tensors; a test file "
                             f"read sequentially at {out['disk_seq_mbs']} MB/s")
     out["disk_bw_mbs"] = _round(disk_mbs)
@@ -429,8 +432,9 @@ def measure_disk(directory: Path, nbytes: int, block: int = 4 << 20) -> tuple[fl
 
 def measure_window_reads(rank_dir: Path, nbytes: int) -> float:
     """MB/s reading a split's tensors the way the window streams them: one ``pread`` per
-    tensor, in file order, each range's page cache dropped right after (several times slower
-    than one long sequential read on some disks)."""
+    tensor, each range's page cache dropped right after, and no readahead (streamed blocks
+    lie between pinned ones, so what the kernel would read ahead is mostly not wanted). On
+    some disks this is half the rate of one long sequential read."""
     from edgetp.manifest import read_manifest
 
     manifest = read_manifest(rank_dir)
@@ -442,6 +446,7 @@ def measure_window_reads(rank_dir: Path, nbytes: int) -> float:
     try:
         for fd in fds.values():
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         done, started = 0, time.perf_counter()
         while done < nbytes:
             for name, (start, stop) in ranges:
@@ -454,12 +459,18 @@ def measure_window_reads(rank_dir: Path, nbytes: int) -> float:
 
 
 def _echo_loop(sock: Any, stop: threading.Event | None, max_messages: int | None) -> None:
+    """Answer each message as a worker would: decode it, encode the reply (a ``sum``)."""
     import zmq
+
+    from edgetp import wire
 
     served = 0
     while (stop is None or not stop.is_set()) and (max_messages is None or served < max_messages):
         if sock.poll(100, zmq.POLLIN):
-            sock.send_multipart(sock.recv_multipart(copy=False), copy=False)
+            identity, *frames = sock.recv_multipart(copy=False)
+            message = wire.decode(frames)
+            sock.send_multipart([identity, *wire.encode("sum", message.fields, message.tensors)],
+                                copy=False)
             served += 1
 
 

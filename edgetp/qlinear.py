@@ -15,11 +15,11 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
   tiled one (:func:`~edgetp.quant.native_int4_tiled`, true on AVX-512). Elsewhere resident
   and pinned weights are repacked once with torch's converter on first use, and streamed
   ones use the fallback (a per-use repack costs ~100x the matmul).
-* Otherwise (prefill chunks of at least :data:`GEMM_ROWS` / :data:`INT4_GEMM_ROWS` tokens, int4 in the rows layout,
-  int8 of other widths): the fallback, dequantize then a dense matmul, in bfloat16 (float32
-  activations are converted) since that is faster; with ``EDGETP_QUANT_KERNELS=0`` in the
-  activations' own dtype, the exact reference. Per-channel int8 scales are applied to the
-  output rather than to the weight.
+* Otherwise (prefill chunks of at least :data:`GEMM_ROWS` / :data:`INT4_GEMM_ROWS` tokens,
+  int4 in the rows layout, int8 of other widths): the fallback, dequantize then a dense
+  matmul, in bfloat16 (float32 activations are converted) since that is faster; with
+  ``EDGETP_QUANT_KERNELS=0`` in the activations' own dtype, the exact reference. Per-channel
+  int8 scales are applied to the output rather than to the weight.
 
 :class:`QuantColumnParallelLinear` and :class:`QuantRowParallelLinear` keep the semantics of
 ``edgetp.parallel``: a row-parallel linear computes its partial, allreduces it in plain sight,
@@ -49,7 +49,7 @@ from edgetp.split import layer_file
 
 KERNEL_DTYPE = torch.bfloat16
 GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
-INT4_GEMM_ROWS = 64  # ... and the int4 kernel (int4 dequantization costs more)
+INT4_GEMM_ROWS = 96  # ... and the int4 kernel (int4 dequantization costs more)
 INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm returns garbage (or crashes) for other widths
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -205,6 +205,11 @@ def native_int4_tiled() -> bool:
     matmul = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
     if convert is None or matmul is None:
         return False
+    with torch.device("cpu"):  # real tensors even if called while building on "meta"
+        return _probe_int4_kernel(convert, matmul)
+
+
+def _probe_int4_kernel(convert, matmul) -> bool:  # noqa: ANN001 - torch op handles
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(80, 64, generator=gen)  # one full 64-row block and a 16-row tail
     codes, scale_zero = int4_codes(w, 32)

@@ -187,6 +187,27 @@ def test_more_budget_streams_less_and_is_not_slower():
     assert times == sorted(times, reverse=True)
 
 
+def test_wire_dtype_and_allreduce_change_only_communication():
+    config = preset_config("llama2-70b")
+
+    def plan(**extra):
+        data = {"link": {"latency_ms": 1, "bandwidth_mbit": 300}, **extra,
+                "nodes": [{"profile": LAPTOP, "count": 8, "memory_budget": "64GiB"}]}
+        return plan_cluster(config, parse_cluster(data), "bfloat16", context=1024)
+
+    f32, bf16, int8 = plan(), plan(wire_dtype="bf16"), plan(wire_dtype="int8")
+    assert f32.decode.comm_s > bf16.decode.comm_s > int8.decode.comm_s > 0
+    assert f32.decode.compute_s == bf16.decode.compute_s == int8.decode.compute_s
+    # 1 ms links: the ring's 14 traversals per allreduce cost more than the star's 2
+    ring = plan(allreduce="ring")
+    assert ring.decode.comm_s > f32.decode.comm_s
+    fast = plan(allreduce="ring", link={"latency_ms": 0.01, "bandwidth_mbit": 100})
+    star_fast = plan(link={"latency_ms": 0.01, "bandwidth_mbit": 100})
+    assert fast.decode.comm_s < star_fast.decode.comm_s  # bandwidth-bound: the ring wins
+    with pytest.raises(ConfigError, match="allreduce"):
+        plan(allreduce="tree")
+
+
 # -- shares --------------------------------------------------------------------------------------
 
 def test_optimised_shares_beat_equal_shares_on_unequal_devices():
@@ -279,15 +300,20 @@ def test_unknown_preset_lists_the_presets():
         preset_config("llama9-1t")
 
 
-def test_probe_quick_writes_a_loadable_profile(tmp_path):
+def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
+    model_dir, _ = tiny_model_dir("llama3")
+    split = split_checkpoint(model_dir, tmp_path / "split", 2).out_dir
+    before = sorted(p.relative_to(split) for p in split.rglob("*"))
     out = tmp_path / "profile.json"
     result = CliRunner().invoke(main, ["probe", "--quick", "--threads", "1", "--shard-dir",
-                                       str(tmp_path), "--out", str(out)])
+                                       str(split), "--out", str(out)])
     assert result.exit_code == 0, result.output
     profile = load_profile(out)
     assert profile.matvec_gbs["float32"] > 0 and profile.disk_bw_mbs > 0
     assert profile.runtime_rss > 0 and profile.free_memory
-    assert list(tmp_path.iterdir()) == [out]  # the disk test file is gone
+    raw = json.loads(out.read_text())
+    assert raw["matvec_shapes"] and "window" in raw["disk_note"] and raw["disk_seq_mbs"] > 0
+    assert sorted(p.relative_to(split) for p in split.rglob("*")) == before  # test file gone
 
 
 def test_link_measurement_against_an_echo_peer():

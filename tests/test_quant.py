@@ -150,7 +150,7 @@ def test_int8_kernel_equals_fallback(rows: int, dtype: torch.dtype, width: int) 
         assert torch.allclose(fallback, exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 70])
+@pytest.mark.parametrize("rows", [1, 4, 100])
 @pytest.mark.parametrize(("out_features", "group"), [(128, 32), (80, 64), (48, 16)])
 def test_int4_kernel_equals_fallback(rows: int, out_features: int, group: int) -> None:
     w = weights(out_features, 128) / 10
@@ -317,10 +317,11 @@ def test_demo_known_answer_holds_quantized(splits, dtype: str) -> None:
 
 def test_int8_one_and_three_ranks_give_identical_tokens(splits) -> None:
     tokenizer = Tokenizer.from_dir(DEMO_MODEL_DIR)
+    eos = set(tokenizer.eos_token_ids)  # after EOS the demo model is off its rule: stop there
     one, three = load_all(splits("demo", 1, "int8")), load_all(splits("demo", 3, "int8"))
     for step, start in CASES:
         prompt = tokenizer.encode(demo_prompt(step, start))
-        assert greedy(one, prompt, 24)[0] == greedy(three, prompt, 24)[0]
+        assert greedy(one, prompt, 50, eos)[0] == greedy(three, prompt, 50, eos)[0]
     random_prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(3))
     one, three = load_all(splits("llama3", 1, "int8")), load_all(splits("llama3", 3, "int8"))
     assert greedy(one, random_prompt.tolist(), 12)[0] == greedy(three, random_prompt.tolist(),
