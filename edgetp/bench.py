@@ -13,6 +13,8 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from edgetp.config import GenerationConfig, SamplingConfig, format_bytes, parse_
 from edgetp.metrics import RECORDER, node_facts, window_facts
 from edgetp.report import NodeRecord, build_report, chrome_trace, markdown, write_json
 
-SWEEP_KEYS = ("nodes", "budget", "wire", "dtype", "allreduce")
+SWEEP_KEYS = ("nodes", "budget", "wire", "dtype", "allreduce", "link")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class BenchSettings:
     max_seq_len: int | None = None
     timeout_s: float = 30.0
     allreduce: str = "star"
+    link: str | None = None  # a link profile (configs/links.yaml), emulated by the transport
     weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
     group_size: int = 32  # int4's group
 
@@ -57,6 +60,8 @@ class BenchSettings:
             parts.append(f"dtype={self.dtype}")
         if self.allreduce != "star":
             parts.append(f"allreduce={self.allreduce}")
+        if self.link:
+            parts.append(f"link={self.link}")
         if self.weight_dtype is not None:
             parts.append(f"weights={self.weight_dtype}")
         return ",".join(parts)
@@ -70,6 +75,36 @@ def synthetic_prompt(vocab_size: int, length: int, avoid: set[int]) -> list[int]
 
 def run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
     """Run the workload and write report.json, report.md, trace.json and the PNG charts."""
+    with link_emulation(settings.link):
+        return _run_bench(settings, out_dir)
+
+
+@contextmanager
+def link_emulation(profile_name: str | None) -> Iterator[None]:
+    """Emulate a link profile for the processes started inside (the transport's send delay;
+    on loopback there is no tc, so bandwidth is not limited: the report says so)."""
+    if not profile_name or profile_name == "none":
+        yield
+        return
+    from edgetp.linkemu import load_profiles, transport_only
+
+    profiles = load_profiles()
+    if profile_name not in profiles:
+        raise ValueError(f"unknown link profile {profile_name!r}; known: {', '.join(profiles)}")
+    env = transport_only(profiles[profile_name], "local cluster on loopback, no tc").env()
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
     from edgetp.cluster import LocalCluster
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +247,8 @@ def _apply(base: BenchSettings, point: dict[str, str]) -> BenchSettings:
         changes["dtype"] = point["dtype"]
     if "allreduce" in point:
         changes["allreduce"] = point["allreduce"]
+    if "link" in point:
+        changes["link"] = None if point["link"] == "none" else point["link"]
     return replace(base, **changes)
 
 

@@ -397,7 +397,9 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
               show_default=True)
 @click.option("--private-layers", type=int, default=0, show_default=True)
 @click.option("--sweep", "sweeps", multiple=True,
-              help="KEY=V1,V2 (nodes, budget, wire, dtype); repeat for a grid")
+              help="KEY=V1,V2 (nodes, budget, wire, dtype, allreduce, link); repeat for a grid")
+@click.option("--link", default=None,
+              help="emulate a link profile (tpi-llm, home-wifi, gigabit; configs/links.yaml)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True)
 @cluster_options
@@ -405,8 +407,9 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
 @user_errors
 def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, new_tokens: int,
           repeat: int, warmup: int, dtype: str, private_layers: int, sweeps: tuple[str, ...],
-          out_dir: Path, wire_dtype: str, timeout_s: float, memory_budget: str | None,
-          allreduce: str, weight_dtype: str | None, group_size: int) -> None:
+          link: str | None, out_dir: Path, wire_dtype: str, timeout_s: float,
+          memory_budget: str | None, allreduce: str, weight_dtype: str | None,
+          group_size: int) -> None:
     """Measure a fixed workload on a local cluster and write a latency report to --out."""
     from edgetp.bench import BenchSettings, parse_sweeps, run_bench, run_sweep, sweep_markdown
     from edgetp.plan import parse_shares

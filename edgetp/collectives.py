@@ -146,6 +146,16 @@ class StarMaster:
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
 
+    def _describe_late(self, rank: int) -> str:
+        """A late worker with its timings: when it was last heard from, which allreduce."""
+        peer = self.transport.peers.get(rank)
+        if peer is None:
+            return self.transport.describe(rank) + " (disconnected)"
+        silent = time.monotonic() - peer.last_seen
+        pos = self.position
+        return (f"{self.transport.describe(rank)} (last message {silent:.1f} s ago; stuck at "
+                f"allreduce {pos.index - 1} of {pos.total} in step {pos.step})")
+
     def _gather(self, index: int, shape: torch.Size) -> dict[int, list[torch.Tensor]]:
         pos, parts = self.position, {}
         started = time.perf_counter()
@@ -153,7 +163,7 @@ class StarMaster:
         while len(parts) < self.world_size - 1:
             got = self.transport.receive(max(0.0, deadline - time.monotonic()))
             if got is None:
-                late = [self.transport.describe(r) for r in self.transport.worker_ranks
+                late = [self._describe_late(r) for r in self.transport.worker_ranks
                         if r not in parts]
                 raise ClusterError(f"{', '.join(late)} did not answer within {self.timeout_s:g} s "
                                    "(dead, overloaded or cut off); the request was abandoned")

@@ -351,9 +351,7 @@ def _read_block(block: BlockSpec, storage: torch.Tensor) -> None:
         raise WindowError(f"cannot open shard file {block.path}: {exc.strerror}; copy the "
                           "rank directory again") from exc
     try:
-        # in file order: sequential reads keep the kernel's readahead going (a quantized
-        # block interleaves large codes with small scales stored elsewhere in the file)
-        for _name, entry, cursor in sorted(block.placements(), key=lambda p: p[1].offsets[0]):
+        for _name, entry, cursor in block.placements():
             start, stop = entry.offsets
             _pread_exact(fd, storage[cursor : cursor + stop - start], start, block.path)
             drop_page_cache(fd, start, stop - start)
