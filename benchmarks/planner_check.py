@@ -10,7 +10,7 @@ Run::
 2. Profiles this machine with ``edgetp probe --threads 1`` (workers run one torch thread each)
    in a fresh process, on the split's disk, and measures the loopback link (latency, bandwidth)
    against an echo peer.
-3. For each configuration (1/2/3 nodes, float32/bfloat16, with and without a memory budget),
+3. For each configuration (1/2/3 nodes, float32/bfloat16/int8, with and without a budget),
    splits the model, runs a fresh process that starts a ``LocalCluster`` and generates a fixed
    workload (a warm-up, then a measured run: P prompt tokens, G new tokens, no early stop),
    and reads every process's peak RSS (VmHWM) before the cluster stops.
@@ -45,7 +45,8 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from edgetp.config import load_model_config  # noqa: E402
-from edgetp.planner import ClusterSpec, NodeSpec, plan_cluster  # noqa: E402
+from edgetp.linkemu import LinkProfile  # noqa: E402
+from edgetp.planner import ClusterSpec, NodeSpec, Storage, plan_cluster  # noqa: E402
 from edgetp.probe import DeviceProfile, measure_link, serve_echo  # noqa: E402
 
 CONFIG = {
@@ -59,7 +60,8 @@ CONTEXT = 256
 # (nodes, dtype, budget as a fraction of the biggest rank's no-streaming need, or None)
 CONFIGS = [(1, "float32", None), (2, "float32", None), (3, "float32", None),
            (1, "bfloat16", None), (2, "bfloat16", None), (3, "bfloat16", None),
-           (1, "float32", 0.5), (2, "float32", 0.6), (2, "bfloat16", 0.6)]
+           (1, "int8", None), (2, "int8", None),
+           (1, "float32", 0.5), (2, "float32", 0.6), (2, "bfloat16", 0.6), (2, "int8", 0.6)]
 QUICK_CONFIGS = [(1, "float32", None), (2, "float32", None), (2, "bfloat16", 0.6)]
 
 CHILD = r"""
@@ -78,9 +80,10 @@ def hwm(pid="self"):
 
 prompt = [3 + (i * 37) % 100 for i in range(args["prompt"])]
 gen = GenerationConfig(max_new_tokens=args["new"], stop_on_eos=False)
-cluster = LocalCluster(args["model"], args["nodes"], dtype=args["dtype"],
+cluster = LocalCluster(args["model"], args["nodes"], dtype=args["compute"],
                        max_seq_len=args["context"], memory_budget=args["budget"],
-                       split_dir=pathlib.Path(args["split"]), timeout_s=60.0)
+                       split_dir=pathlib.Path(args["split"]), timeout_s=60.0,
+                       weight_dtype=args["dtype"])
 try:
     master = cluster.start()
     runs = [master.engine.generate(prompt, SamplingConfig(), gen) for _ in range(args["runs"])]
@@ -170,7 +173,8 @@ def loopback_link() -> dict[str, float]:
 def measure(model_dir: Path, split_dir: Path, nodes: int, dtype: str, budget: int | None,
             prompt: int, new: int, runs: int) -> dict[str, Any]:
     args = {"model": str(model_dir), "split": str(split_dir), "nodes": nodes, "dtype": dtype,
-            "budget": budget, "context": CONTEXT, "prompt": prompt, "new": new, "runs": runs}
+            "compute": _float(dtype), "budget": budget, "context": CONTEXT, "prompt": prompt,
+            "new": new, "runs": runs}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EDGETP_LOG": "WARNING"}
     done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -190,9 +194,16 @@ def predict(config: Any, profile: DeviceProfile, link: dict[str, float], nodes: 
                           layer_overhead_us=profile.layer_overhead_us / f,
                           step_overhead_us=profile.step_overhead_us / f,
                           msg_overhead_us=profile.msg_overhead_us / f)
-    cluster = ClusterSpec(tuple(NodeSpec(f"local-{r}", profile, budget) for r in range(nodes)),
-                          latency_ms=0.0, bandwidth_mbit=link["bandwidth_mbit"])
-    return plan_cluster(config, cluster, dtype, prompt, CONTEXT, new, "synthetic")
+    loopback = LinkProfile("loopback", 0.0, 0.0, link["bandwidth_mbit"])
+    cluster = ClusterSpec(tuple(NodeSpec(f"local-{r}", profile, budget, link=loopback)
+                                for r in range(nodes)))
+    storage = Storage.of(dtype, _float(dtype))  # quantized: the float32 checkpoint's floats
+    return plan_cluster(config, cluster, storage, prompt, CONTEXT, new, "synthetic")
+
+
+def _float(dtype: str) -> str:
+    """The checkpoint (and compute) dtype of a row: int8 rows quantize the float32 model."""
+    return "float32" if dtype == "int8" else dtype
 
 
 def budget_for(config: Any, nodes: int, dtype: str, fraction: float | None) -> int | None:
@@ -203,7 +214,8 @@ def budget_for(config: Any, nodes: int, dtype: str, fraction: float | None) -> i
     from edgetp.planner import rank_memory
 
     plan = make_plan(config, nodes)
-    needs = [rank_memory(config, plan, r, dtype, CONTEXT).needs for r in range(nodes)]
+    storage = Storage.of(dtype, _float(dtype))
+    needs = [rank_memory(config, plan, r, storage, CONTEXT).needs for r in range(nodes)]
     worst = max(needs, key=lambda n: n.total)
     return max(max(n.minimum() for n in needs), int(worst.total * fraction))
 
@@ -230,7 +242,7 @@ def run(work: Path, configs: list, prompt: int, new: int, runs: int,
         probes: int) -> list[dict[str, Any]]:
     from edgetp.split import split_checkpoint
 
-    models = {d: write_model(work, d) for d in sorted({c[1] for c in configs})}
+    models = {d: write_model(work, _float(d)) for d in sorted({c[1] for c in configs})}
     config = load_model_config(next(iter(models.values())))
     probe_split = split_checkpoint(models[configs[0][1]], work / "split-probe", 2)
     raw = probe_profile(probe_split.out_dir, work / "profile.json", probes)
@@ -238,6 +250,7 @@ def run(work: Path, configs: list, prompt: int, new: int, runs: int,
     link = loopback_link()
     print(f"machine: {raw['cpu_count']} CPUs; probe (1 thread): matvec float32 "
           f"{raw['matvec_gbs']['float32']} GB/s, bfloat16 {raw['matvec_gbs']['bfloat16']} GB/s, "
+          f"int8 {raw['matvec_gbs']['int8']} GB/s, "
           f"memory {raw['mem_bw_gbs']} GB/s, disk {raw['disk_bw_mbs']} MB/s, "
           f"{raw['layer_overhead_us']} us/layer, {raw['msg_overhead_us']} us/message, runtime "
           f"{raw['runtime_rss'] / 2**20:.0f} MiB; loopback {link}")
@@ -253,7 +266,7 @@ def run(work: Path, configs: list, prompt: int, new: int, runs: int,
     for nodes, dtype, fraction in configs:
         budget = budget_for(config, nodes, dtype, fraction)
         split = work / f"split-{dtype}-{nodes}"
-        split_checkpoint(models[dtype], split, nodes)
+        split_checkpoint(models[dtype], split, nodes, dtype=dtype)
         load = os.getloadavg()[0]  # 1-minute average, before and after the run
         measured = measure(models[dtype], split, nodes, dtype, budget, prompt, new, runs)
         plan = predict(config, profile, link, nodes, dtype, budget, prompt, new)

@@ -590,12 +590,16 @@ def chat(model_dir: Path | None, nodes: int, shares: str | None, private_layers:
 
 
 @main.command()
-@click.option("--model", "model_spec", required=True,
-              help="a model directory (with config.json) or a preset such as llama2-70b")
+@click.option("--model", "model_spec", default=None,
+              help="a model directory (with config.json) or a preset such as llama2-70b "
+                   "(default: the cluster file's model)")
 @click.option("--cluster", "cluster_file", required=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="cluster YAML file")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
-              show_default=True, help="stored and compute dtype (split --dtype, run --dtype)")
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="cluster YAML file (the launch format, with a profile per node)")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8", "int4"]),
+              default="float32", show_default=True,
+              help="stored weights, as `edgetp split --dtype` (float: also the compute dtype)")
+@click.option("--group-size", type=int, default=32, show_default=True, help="int4's group")
 @click.option("--prompt-tokens", type=int, default=128, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True,
               help="tokens generated (ms/token is predicted at their middle)")
@@ -604,15 +608,25 @@ def chat(model_dir: Path | None, nodes: int, shares: str | None, private_layers:
 @click.option("--optimize-shares", is_flag=True, help="propose per-node --shares")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @user_errors
-def plan(model_spec: str, cluster_file: Path, dtype: str, prompt_tokens: int, new_tokens: int,
-         context: int | None, optimize_shares: bool, as_json: bool) -> None:
+def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int,
+         prompt_tokens: int, new_tokens: int, context: int | None, optimize_shares: bool,
+         as_json: bool) -> None:
     """Predict memory per node, TTFT and ms/token of MODEL on CLUSTER before running it."""
     from edgetp import planner
-    from edgetp.presets import resolve_model
+    from edgetp.clusterconfig import load_cluster_config
+    from edgetp.presets import resolve_model, stored_float_dtype
 
+    cluster_config = load_cluster_config(cluster_file, planning=True)
+    if model_spec is None:
+        if cluster_config.model == "-":
+            raise click.UsageError("give --model (a model directory or a preset) or model: "
+                                   "in the cluster file")
+        model_spec = str(cluster_config.local_path(cluster_config.model))
     name, config = resolve_model(model_spec)
-    cluster = planner.load_cluster(cluster_file)
-    kwargs = {"dtype": dtype, "prompt_tokens": prompt_tokens, "context": context,
+    cluster = planner.cluster_spec(cluster_config)
+    storage = planner.Storage.of(dtype, stored_float_dtype(model_spec) if dtype in ("int8", "int4")
+                                 else None, group_size=group_size)
+    kwargs = {"dtype": storage, "prompt_tokens": prompt_tokens, "context": context,
               "new_tokens": new_tokens, "model_name": name}
     result = planner.plan_cluster(config, cluster, **kwargs)
     equal = None

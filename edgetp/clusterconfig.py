@@ -15,6 +15,13 @@ the README has the reference)::
     allreduce: star
     wire_dtype: f32
 
+``edgetp plan --cluster`` reads the same file (:func:`load_cluster_config` with
+``planning=True``): each node then needs a ``profile`` (an ``edgetp probe`` JSON file, relative
+to the cluster file, or inline figures) and a link (per node, or ``link:`` at the top for all),
+while ``model``, ``address`` and ``shard_dir`` become optional, and ``count: 8`` stands for
+eight identical nodes. A launch ignores ``profile``; ``link`` may name a profile or give one
+inline (``{latency_ms: 1, bandwidth_mbit: 300}``).
+
 Validation is strict: an unknown key, a duplicate node name or address, shares that do not
 match the node count, a size that does not parse or a missing ``shard_dir`` is a
 :class:`~edgetp.config.ConfigError` naming the file, the place and the fix.
@@ -29,16 +36,22 @@ from pathlib import Path
 from typing import Any
 
 from edgetp.config import ConfigError, parse_bytes
-from edgetp.linkemu import BUILTIN_PROFILES, LinkProfile, load_profiles, parse_profiles
+from edgetp.linkemu import (
+    BUILTIN_PROFILES,
+    LinkProfile,
+    load_profiles,
+    parse_profile,
+    parse_profiles,
+)
 
 TOP_KEYS = ("name", "model", "split_dir", "private_layers", "master", "nodes", "link_profiles",
-            "security", "allreduce", "wire_dtype", "shares", "ssh_options", "timeout")
+            "link", "security", "allreduce", "wire_dtype", "shares", "ssh_options", "timeout")
 MASTER_KEYS = ("address", "port", "bind")
 NODE_KEYS = ("name", "address", "ssh", "shard_dir", "memory_budget", "memory_limit", "threads",
-             "share", "link", "python", "cache_dir")
+             "share", "link", "python", "cache_dir", "profile", "count")
 SECURITY_KEYS = ("curve", "keys_dir")
 ALLREDUCE = ("star", "ring")
-WIRE_DTYPES = ("f32", "bf16")
+WIRE_DTYPES = ("f32", "bf16", "int8")
 DEFAULT_PORT = 5555
 _SSH = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._:\[\]-]+?(?::(\d+))?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -69,6 +82,7 @@ class NodeConfig:
     link: str | None = None  # a link profile name
     python: str = "python3"  # the node's interpreter that has edgetp installed
     cache_dir: str = "~/.cache/edgetp"  # on the node: logs/ and run/ (pid files)
+    profile: str | dict[str, Any] | None = None  # for the planner: a probe file or figures
 
     @property
     def is_local(self) -> bool:
@@ -135,7 +149,7 @@ class ClusterConfig:
                           f"(nodes: {', '.join(n.name for n in self.nodes)})")
 
 
-def load_cluster_config(path: str | Path) -> ClusterConfig:
+def load_cluster_config(path: str | Path, planning: bool = False) -> ClusterConfig:
     import yaml
 
     path = Path(path)
@@ -145,25 +159,26 @@ def load_cluster_config(path: str | Path) -> ClusterConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return parse_cluster_config(data, str(path), path.parent, path.stem)
+    return parse_cluster_config(data, str(path), path.parent, path.stem, planning)
 
 
 def parse_cluster_config(data: Any, source: str = "cluster", base_dir: Path = Path("."),
-                         default_name: str = "cluster") -> ClusterConfig:
-    """Validate a cluster mapping (see the module docstring)."""
+                         default_name: str = "cluster", planning: bool = False) -> ClusterConfig:
+    """Validate a cluster mapping (see the module docstring); ``planning``: for the planner."""
     _check_keys(data, TOP_KEYS, source, "the cluster file")
-    if "model" not in data:
+    if "model" not in data and not planning:
         raise ConfigError(f"{source}: 'model' is required (a HF checkpoint directory or a split "
                           "directory with rank-0/ ... rank-N-1/)")
     profiles = _profiles(data.get("link_profiles"), source, base_dir)
-    nodes = _nodes(data.get("nodes"), source, profiles)
+    default_link = _link(data.get("link"), "cluster", f"{source}: link", profiles)
+    nodes = _nodes(data.get("nodes"), source, profiles, default_link, planning)
     nodes = _apply_shares(nodes, data.get("shares"), data.get("nodes"), source)
     master = _master(data.get("master"), nodes[0], source)
     name = _string(data.get("name", default_name), f"{source}: name")
     if not _NAME.match(name):
         raise ConfigError(f"{source}: name {name!r} may only use letters, digits, '.', '_', '-'")
     return ClusterConfig(
-        name=name, model=_string(data["model"], f"{source}: model"), master=master,
+        name=name, model=_string(data.get("model", "-"), f"{source}: model"), master=master,
         nodes=nodes, link_profiles=profiles, security=_security(data.get("security"), source),
         allreduce=_choice(data.get("allreduce", "star"), ALLREDUCE, f"{source}: allreduce"),
         wire_dtype=_choice(data.get("wire_dtype", "f32"), WIRE_DTYPES, f"{source}: wire_dtype"),
@@ -185,14 +200,35 @@ def _profiles(raw: Any, source: str, base_dir: Path) -> dict[str, LinkProfile]:
     return {**BUILTIN_PROFILES, **parse_profiles(raw, f"{source}: link_profiles")}
 
 
-def _nodes(raw: Any, source: str, profiles: dict[str, LinkProfile]) -> tuple[NodeConfig, ...]:
+def _link(raw: Any, owner: str, where: str, profiles: dict[str, LinkProfile]) -> str | None:
+    """A link profile's name; an inline mapping is added to ``profiles`` as ``OWNER-link``."""
+    if raw is None:
+        return None
+    if isinstance(raw, dict):
+        name = f"{owner}-link"
+        profiles[name] = parse_profile(name, raw, where)
+        return name
+    link = _string(raw, where)
+    if link not in profiles:
+        raise ConfigError(f"{where}: unknown link profile {link!r}; known: "
+                          f"{', '.join(sorted(profiles))} (define more under link_profiles, or "
+                          "give one inline: {latency_ms: 1, bandwidth_mbit: 300})")
+    return link
+
+
+def _nodes(raw: Any, source: str, profiles: dict[str, LinkProfile], default_link: str | None,
+           planning: bool) -> tuple[NodeConfig, ...]:
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"{source}: 'nodes' must be a non-empty list; node 0 is the master")
-    nodes = [_node(item, rank, source, profiles) for rank, item in enumerate(raw)]
+    nodes: list[NodeConfig] = []
+    for index, item in enumerate(raw):
+        nodes += _node(item, index, len(nodes), source, profiles, default_link, planning)
     for what in ("name", "address"):
         seen: dict[str, int] = {}
         for node in nodes:
             value = getattr(node, what)
+            if value == "" and planning:
+                continue
             if value in seen:
                 raise ConfigError(f"{source}: nodes[{node.rank}] and nodes[{seen[value]}] have "
                                   f"the same {what} {value!r}; every node needs its own")
@@ -200,39 +236,59 @@ def _nodes(raw: Any, source: str, profiles: dict[str, LinkProfile]) -> tuple[Nod
     return tuple(nodes)
 
 
-def _node(raw: Any, rank: int, source: str, profiles: dict[str, LinkProfile]) -> NodeConfig:
-    where = f"{source}: nodes[{rank}]"
+def _node(raw: Any, index: int, rank: int, source: str, profiles: dict[str, LinkProfile],
+          default_link: str | None, planning: bool) -> list[NodeConfig]:
+    """The node(s) of ``nodes[index]``: one, or ``count`` numbered copies when planning."""
+    where = f"{source}: nodes[{index}]"
     _check_keys(raw, NODE_KEYS, where, "a node")
     name = _string(raw.get("name", f"node-{rank}"), f"{where}.name")
     if not _NAME.match(name):
         raise ConfigError(f"{where}: name {name!r} may only use letters, digits, '.', '_', '-'")
     where = f"{where} ({name})"
-    if "address" not in raw:
-        raise ConfigError(f"{where}: 'address' is required (the node's IP or host name)")
-    address = _string(raw["address"], f"{where}.address")
-    if "://" in address or re.match(r"^[^:]+:\d+$", address):
-        raise ConfigError(f"{where}: address {address!r} is a host name or IP, without "
-                          "tcp:// or a port")
-    if "shard_dir" not in raw:
+    count = _int(raw.get("count", 1), f"{where}.count", 1)
+    if count > 1 and not planning:
+        raise ConfigError(f"{where}: count is for planning files (`edgetp plan`); a cluster "
+                          "that runs lists every node with its own address")
+    address = _address(raw, where, planning)
+    if "shard_dir" not in raw and not planning:
         raise ConfigError(f"{where}: 'shard_dir' is required: where rank-{rank}'s directory "
                           f"lives on that node (e.g. ~/edgetp/rank-{rank})")
     ssh = _optional_string(raw.get("ssh"), f"{where}.ssh")
     if ssh is not None and not _SSH.match(ssh):
         raise ConfigError(f"{where}: ssh {ssh!r} must look like user@host or user@host:port")
-    link = _optional_string(raw.get("link"), f"{where}.link")
-    if link is not None and link not in profiles:
-        raise ConfigError(f"{where}: unknown link profile {link!r}; known: "
-                          f"{', '.join(sorted(profiles))} (define more under link_profiles)")
-    return NodeConfig(
+    link = _link(raw.get("link"), name, f"{where}.link", profiles) or default_link
+    profile = raw.get("profile")
+    if profile is not None and not isinstance(profile, str | dict):
+        raise ConfigError(f"{where}.profile must be a profile file (from `edgetp probe`) or a "
+                          f"mapping of figures, got {profile!r}")
+    node = NodeConfig(
         rank=rank, name=name, address=address,
-        shard_dir=_string(raw["shard_dir"], f"{where}.shard_dir"), ssh=ssh,
+        shard_dir=_string(raw.get("shard_dir", "-"), f"{where}.shard_dir"), ssh=ssh,
         memory_budget=_size(raw.get("memory_budget"), f"{where}: memory_budget"),
         memory_limit=_size(raw.get("memory_limit"), f"{where}: memory_limit"),
         threads=None if raw.get("threads") is None else _int(raw["threads"],
                                                               f"{where}.threads", 1),
         share=_positive(raw.get("share", 1.0), f"{where}.share"), link=link,
         python=_string(raw.get("python", "python3"), f"{where}.python"),
-        cache_dir=_string(raw.get("cache_dir", "~/.cache/edgetp"), f"{where}.cache_dir"))
+        cache_dir=_string(raw.get("cache_dir", "~/.cache/edgetp"), f"{where}.cache_dir"),
+        profile=profile)
+    if count == 1:
+        return [node]
+    from dataclasses import replace
+
+    return [replace(node, rank=rank + i, name=f"{name}-{i}") for i in range(count)]
+
+
+def _address(raw: dict[str, Any], where: str, planning: bool) -> str:
+    if "address" not in raw:
+        if planning:
+            return ""
+        raise ConfigError(f"{where}: 'address' is required (the node's IP or host name)")
+    address = _string(raw["address"], f"{where}.address")
+    if "://" in address or re.match(r"^[^:]+:\d+$", address):
+        raise ConfigError(f"{where}: address {address!r} is a host name or IP, without "
+                          "tcp:// or a port")
+    return address
 
 
 def _apply_shares(nodes: tuple[NodeConfig, ...], raw: Any, raw_nodes: list[Any],
@@ -256,7 +312,8 @@ def _apply_shares(nodes: tuple[NodeConfig, ...], raw: Any, raw_nodes: list[Any],
 def _master(raw: Any, first: NodeConfig, source: str) -> MasterConfig:
     raw = {} if raw is None else raw
     _check_keys(raw, MASTER_KEYS, f"{source}: master", "master")
-    address = _string(raw.get("address", first.address), f"{source}: master.address")
+    address = _string(raw.get("address", first.address or "127.0.0.1"),
+                      f"{source}: master.address")
     port = _int(raw.get("port", DEFAULT_PORT), f"{source}: master.port", 1)
     if port > 65535:
         raise ConfigError(f"{source}: master.port {port} is not a TCP port (1-65535)")

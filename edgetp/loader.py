@@ -63,7 +63,7 @@ def load_rank(
     verify_directory(shard_dir, manifest, check_hash=verify)
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
     if memory_budget is not None:
-        needs = _memory_needs(model, manifest, blocks, prefill_chunk)
+        needs = _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
         if needs.total > memory_budget:
             _check_window_dtype(manifest, dtype)
             _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
@@ -103,7 +103,7 @@ def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32
     comm = SoloCommunicator()
     comm.rank, comm.world_size = manifest.rank, manifest.plan.n_ranks  # type: ignore[misc]
     model, blocks = _skeleton(manifest, Path(shard_dir), comm, dtype, max_seq_len, cache=False)
-    return _memory_needs(model, manifest, blocks, prefill_chunk)
+    return _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
 
 
 def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: torch.dtype,
@@ -120,8 +120,8 @@ def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: to
 
 
 def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec],
-                  prefill_chunk: int) -> MemoryNeeds:
-    element = STORED_DTYPES.get(manifest.dtype, torch.float32).itemsize
+                  dtype: torch.dtype, prefill_chunk: int) -> MemoryNeeds:
+    element = dtype.itemsize  # the KV cache is allocated in the compute dtype
     cache = sum(2 * layer.self_attn.n_kv_heads * model.max_seq_len * layer.self_attn.head_dim
                 for layer in model.local_layers()) * element
     fixed = cache + _small_bytes(model, manifest, blocks) + _work_bytes(model, prefill_chunk)

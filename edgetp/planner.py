@@ -18,18 +18,21 @@ Prefill is the same per chunk of the master's prefill size; a T-token product co
 ``bytes / matvec bandwidth + 2 (T - 1) params / matmul rate`` (the probe measures that rate
 as the time a 128-token product adds over a 1-token one).
 
-The cluster file (YAML)::
+The cluster file is the one ``edgetp launch`` reads (:mod:`edgetp.clusterconfig`), with a
+``profile`` per node (a JSON file from ``edgetp probe`` or inline figures) and a link per node
+or for all; for planning alone, ``address`` and ``shard_dir`` may be left out and
+``count: 8`` stands for eight identical nodes::
 
-    link: {latency_ms: 1, bandwidth_mbit: 300}   # one-way latency; per-link bandwidth
+    link: tpi-llm            # a link profile for all nodes (or {latency_ms, bandwidth_mbit})
     wire_dtype: f32          # optional (f32 | bf16 | int8), as `--wire-dtype`
     allreduce: star          # optional (star | ring), as `--allreduce`
-    private_layers: 0        # optional, as `--private-layers`
     nodes:                   # the first node is the master (rank 0)
-      - name: desktop
-        profile: desktop.json          # from `edgetp probe` (relative to this file) or inline
-        memory_budget: 12GiB           # optional; default: the profile's free memory
-        share: 2                       # optional relative share (default 1)
+      - {name: desktop, profile: desktop.json, memory_budget: 12GiB, share: 2}
       - {name: pi, count: 2, memory_budget: 3GiB, profile: {mem_bw_gbs: 8, disk_bw_mbs: 300}}
+
+A link profile shapes what its node sends (as the link emulation does): a gather to the master
+waits for the slowest worker's latency, a broadcast for the master's, and every message of a
+traversal crosses the master's link, at the slower of the two ends' bandwidth.
 """
 
 from __future__ import annotations
@@ -41,25 +44,30 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from edgetp.config import ConfigError, ModelConfig, format_bytes, parse_bytes
+from edgetp.clusterconfig import ClusterConfig, load_cluster_config
+from edgetp.config import ConfigError, ModelConfig, format_bytes
+from edgetp.linkemu import LinkProfile
 from edgetp.loader import MemoryNeeds, _work_bytes
 from edgetp.master import MAX_STEP_BYTES
 from edgetp.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
 from edgetp.probe import DeviceProfile, load_profile
+from edgetp.quant import QUANT_DTYPES, SCALE_SUFFIX, QuantError, is_quantized_weight
+from edgetp.quantsplit import int4_groups
 from edgetp.split import layer_file
 from edgetp.window import DEFAULT_RING_SLOTS, _aligned, choose_pinned
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FLOAT_DTYPES = tuple(ELEMENT_BYTES)
+WEIGHT_DTYPES = (*FLOAT_DTYPES, *QUANT_DTYPES)  # as `edgetp split --dtype`
 SAFETENSORS_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+CODE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
+PARAMETERS_PER_BYTE = {"float32": 0.25, "bfloat16": 0.5, "float16": 0.5, "int8": 1.0, "int4": 2.0}
 WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int8 adds a float32 scale per row
 WORKER_PREFILL_CHUNK = 128  # load_rank's default, which workers use
 MIN_GAIN = 0.02  # unequal shares must beat equal shares by this fraction to be proposed
-CLUSTER_KEYS = {"nodes", "link", "wire_dtype", "private_layers", "ring_slots", "allreduce"}
-NODE_KEYS = {"name", "memory_budget", "profile", "share", "count"}
-LINK_KEYS = {"latency_ms", "bandwidth_mbit"}
 
 
-# -- the cluster file ---------------------------------------------------------------------------
+# -- the cluster ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class NodeSpec:
@@ -67,13 +75,21 @@ class NodeSpec:
     profile: DeviceProfile
     memory_budget: int | None  # bytes for weights, KV cache and buffers; None: no limit
     share: float = 1.0
+    link: LinkProfile | None = None  # what this node's sends cross; None: an ideal link
+
+    @property
+    def latency_s(self) -> float:
+        return 0.0 if self.link is None else self.link.latency_ms * 1e-3
+
+    @property
+    def bits_per_s(self) -> float:
+        rate = None if self.link is None else self.link.bandwidth_mbit
+        return math.inf if rate is None else rate * 1e6
 
 
 @dataclass(frozen=True)
 class ClusterSpec:
     nodes: tuple[NodeSpec, ...]
-    latency_ms: float = 0.0  # one way
-    bandwidth_mbit: float = math.inf
     wire_dtype: str = "f32"
     private_layers: int = 0
     ring_slots: int = DEFAULT_RING_SLOTS
@@ -83,98 +99,117 @@ class ClusterSpec:
     def shares(self) -> tuple[float, ...]:
         return tuple(n.share for n in self.nodes)
 
+    @property
+    def latency_ms(self) -> float:
+        """The slowest link's one-way latency."""
+        return max(n.latency_s for n in self.nodes) * 1e3
+
+    @property
+    def bandwidth_mbit(self) -> float:
+        """The narrowest link's bandwidth (inf: unlimited)."""
+        return min(n.bits_per_s for n in self.nodes) / 1e6
+
+    def link_summary(self) -> str:
+        links = {n.link for n in self.nodes[1:] or self.nodes}
+        if len(links) == 1 and (link := links.pop()) is not None:
+            return f"link {link.name} ({_link_figures(link)})"
+        if links == {None}:
+            return "ideal links"
+        return "links " + ", ".join(f"{n.name}: {_link_figures(n.link)}" for n in self.nodes)
+
     def with_shares(self, shares: tuple[float, ...]) -> ClusterSpec:
         nodes = tuple(replace(n, share=float(s)) for n, s in zip(self.nodes, shares, strict=True))
         return replace(self, nodes=nodes)
 
 
+def _link_figures(link: LinkProfile | None) -> str:
+    if link is None:
+        return "ideal"
+    rate = "unlimited" if link.bandwidth_mbit is None else f"{link.bandwidth_mbit:g} Mbit/s"
+    return f"{link.latency_ms:g} ms one way, {rate}"
+
+
 def load_cluster(path: str | Path) -> ClusterSpec:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"cluster file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return parse_cluster(data, path.parent, str(path))
+    """The cluster file (:mod:`edgetp.clusterconfig`'s format) as the planner needs it."""
+    return cluster_spec(load_cluster_config(path, planning=True))
 
 
-def parse_cluster(data: Any, base_dir: Path = Path("."), source: str = "cluster") -> ClusterSpec:
-    """Validate a cluster mapping (see the module docstring); unknown keys are errors."""
-    _check_keys(data, CLUSTER_KEYS, source)
-    nodes_raw = data.get("nodes")
-    if not isinstance(nodes_raw, list) or not nodes_raw:
-        raise ConfigError(f"{source}: 'nodes' must be a non-empty list of nodes")
-    nodes: list[NodeSpec] = []
-    for index, raw in enumerate(nodes_raw):
-        nodes += _parse_node(raw, base_dir, f"{source}: nodes[{index}]", len(nodes))
-    link = data.get("link")
-    if link is None and len(nodes) > 1:
-        raise ConfigError(f"{source}: a cluster of {len(nodes)} nodes needs "
-                          "link: {latency_ms: ..., bandwidth_mbit: ...}")
-    link = link or {"latency_ms": 0, "bandwidth_mbit": math.inf}
-    _check_keys(link, LINK_KEYS, f"{source}: link")
-    wire = data.get("wire_dtype", "f32")
-    if wire not in WIRE_BYTES:
-        raise ConfigError(f"{source}: wire_dtype must be one of {', '.join(WIRE_BYTES)}")
-    allreduce = data.get("allreduce", "star")
-    if allreduce not in ("star", "ring"):
-        raise ConfigError(f"{source}: allreduce must be star or ring, got {allreduce!r}")
-    return ClusterSpec(
-        tuple(nodes), _number(link.get("latency_ms"), "link.latency_ms", source, zero_ok=True),
-        _number(link.get("bandwidth_mbit"), "link.bandwidth_mbit", source), wire,
-        int(_number(data.get("private_layers", 0), "private_layers", source, zero_ok=True)),
-        int(_number(data.get("ring_slots", DEFAULT_RING_SLOTS), "ring_slots", source)),
-        allreduce)
+def cluster_spec(config: ClusterConfig) -> ClusterSpec:
+    """Every node's profile, budget, share and link; a missing profile or link is an error."""
+    profiles: dict[str, DeviceProfile] = {}
+    nodes = []
+    for node in config.nodes:
+        where = f"{config.source}: node {node.name}"
+        profile = _node_profile(node.profile, config, where, profiles)
+        link = config.link_profile(node)
+        if link is None and len(config.nodes) > 1:
+            raise ConfigError(f"{where} has no link: give it link: PROFILE (e.g. "
+                              "home-wifi, gigabit, tpi-llm, or one under link_profiles), or "
+                              "link: {latency_ms: 1, bandwidth_mbit: 300} at the top for all")
+        budget = node.memory_budget
+        if budget is None and profile.free_memory is not None:
+            budget = max(0, profile.free_memory - profile.runtime_rss)
+        nodes.append(NodeSpec(node.name, profile, budget, node.share, link))
+    return ClusterSpec(tuple(nodes), config.wire_dtype, config.private_layers,
+                       allreduce=config.allreduce)
 
 
-def _parse_node(raw: Any, base_dir: Path, where: str, first_index: int) -> list[NodeSpec]:
-    _check_keys(raw, NODE_KEYS, where)
-    if "profile" not in raw:
-        raise ConfigError(f"{where}: needs a profile (a JSON file from `edgetp probe` or an "
-                          "inline mapping with at least mem_bw_gbs)")
-    profile_raw = raw["profile"]
-    if isinstance(profile_raw, str):
-        profile = load_profile(base_dir / profile_raw)
-    else:
-        profile = DeviceProfile.from_dict(profile_raw, f"{where}.profile")
-    budget_raw = raw.get("memory_budget")
-    if budget_raw is None:
-        free = profile.free_memory
-        budget = None if free is None else max(0, free - profile.runtime_rss)
-    else:
-        try:
-            budget = parse_bytes(budget_raw)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.memory_budget: {exc}") from None
-    share = _number(raw.get("share", 1.0), "share", where)
-    count = int(_number(raw.get("count", 1), "count", where))
-    name = str(raw.get("name", f"node-{first_index}"))
-    names = [name] if count == 1 else [f"{name}-{i}" for i in range(count)]
-    return [NodeSpec(n, profile, budget, share) for n in names]
-
-
-def _check_keys(data: Any, known: set[str], where: str) -> None:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where} must be a mapping with keys {', '.join(sorted(known))}")
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
-
-
-def _number(value: Any, name: str, where: str, zero_ok: bool = False) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if math.isnan(number) or number < 0 or (number == 0 and not zero_ok):
-        raise ConfigError(f"{where}: {name} must be a positive number, got {value!r}")
-    return number
+def _node_profile(raw: str | dict[str, Any] | None, config: ClusterConfig, where: str,
+                  loaded: dict[str, DeviceProfile]) -> DeviceProfile:
+    if raw is None:
+        raise ConfigError(f"{where} has no profile: run `edgetp probe --out NAME.json` on that "
+                          "device and add profile: NAME.json, or give figures inline "
+                          "(profile: {mem_bw_gbs: 8, disk_bw_mbs: 300})")
+    if isinstance(raw, dict):
+        return DeviceProfile.from_dict(raw, f"{where}: profile")
+    if raw not in loaded:
+        loaded[raw] = load_profile(config.local_path(raw))
+    return loaded[raw]
 
 
 # -- exact memory of one rank -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Storage:
+    """How a split stores its tensors and a run computes with them.
+
+    ``weights`` is ``edgetp split --dtype``: a float dtype, or int8/int4 for the linear
+    weights; ``floats`` the dtype of everything else (norms, embedding, biases: a quantized
+    split keeps the checkpoint's); ``compute`` the run's ``--dtype`` (activations, KV cache);
+    ``group_size`` int4's requested group.
+    """
+
+    weights: str = "float32"
+    floats: str = "float32"
+    compute: str = "float32"
+    group_size: int = 32
+
+    @classmethod
+    def of(cls, dtype: str, float_dtype: str | None = None, compute_dtype: str | None = None,
+           group_size: int = 32) -> Storage:
+        if dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"--dtype {dtype!r}: plan one of {', '.join(WEIGHT_DTYPES)}")
+        quantized = dtype in QUANT_DTYPES
+        floats = (float_dtype or "bfloat16") if quantized else dtype  # a float split: all dtype
+        compute = compute_dtype or ("float32" if quantized else dtype)
+        for what, value in (("float dtype", floats), ("compute dtype", compute)):
+            if value not in FLOAT_DTYPES:
+                raise ConfigError(f"{what} {value!r}: one of {', '.join(FLOAT_DTYPES)}")
+        return cls(dtype, floats, compute, group_size)
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights in QUANT_DTYPES
+
+    @property
+    def compute_bytes(self) -> int:
+        return ELEMENT_BYTES[self.compute]
+
+    @property
+    def kernel_dtype(self) -> str:
+        """The dtype whose figures time the matrix products (quantized: bfloat16 kernels)."""
+        return "bfloat16" if self.quantized else self.compute
+
 
 @dataclass(frozen=True)
 class LayerPart:
@@ -201,11 +236,16 @@ class RankMemory:
     block_names: tuple[str, ...]
     layers: tuple[LayerPart, ...]
     head_bytes: int  # lm_head (0 on workers)
+    parameters: int  # weights stored (codes count as parameters, scales do not)
     file_sizes: dict[str, int] = field(default_factory=dict)
 
 
-def rank_files(config: ModelConfig, plan: ShardPlan, rank: int) -> dict[str, dict[str, tuple]]:
-    """File name -> tensor name -> shape, for every weight file ``split`` writes for ``rank``."""
+Shapes = dict[str, tuple[tuple[int, ...], str]]  # tensor -> (shape, safetensors dtype code)
+
+
+def rank_files(config: ModelConfig, plan: ShardPlan, rank: int,
+               storage: Storage = Storage()) -> dict[str, Shapes]:
+    """File name -> tensor -> (shape, dtype code), for every weight file ``split`` writes."""
     d, hd, inner = config.hidden_size, config.head_dim, config.intermediate_size
     q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
     full = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
@@ -215,22 +255,43 @@ def rank_files(config: ModelConfig, plan: ShardPlan, rank: int) -> dict[str, dic
             "self_attn.o_proj.weight": (d, q), "self_attn.o_proj.bias": (d,),
             "mlp.gate_proj.weight": (inner, d), "mlp.gate_proj.bias": (inner,),
             "mlp.up_proj.weight": (inner, d), "mlp.up_proj.bias": (inner,),
-            "mlp.down_proj.weight": (d, inner), "mlp.down_proj.bias": (d,)}
+            "mlp.down_proj.weight": (d, inner), "mlp.down_proj.bias": (d,),
+            "embed_tokens.weight": (config.vocab_size, d), "norm.weight": (d,),
+            "lm_head.weight": (config.vocab_size, d)}
+    groups = int4_groups(config, plan, storage.group_size) if storage.weights == "int4" else {}
     parts = layer_slices(plan, rank, config)
-    sliced = {name: _slice_shape(full[name], part) for name, part in parts.items()}
-    whole = {name: full[name] for name in parts}
-    files: dict[str, dict[str, tuple]] = {}
+    sliced = _stored({name: _slice_shape(full[name], part) for name, part in parts.items()},
+                     storage, groups)
+    whole = _stored({name: full[name] for name in parts}, storage, groups)
+    files: dict[str, Shapes] = {}
     for layer in range(config.num_hidden_layers):
         if not plan.is_private(layer):
             files[layer_file(layer)] = sliced
         elif rank == 0:
             files[layer_file(layer)] = whole
     if rank == 0:
-        shapes = {"embed_tokens.weight": (config.vocab_size, d), "norm.weight": (d,),
-                  "lm_head.weight": (config.vocab_size, d)}
         for stem, names in master_tensors(config).items():
-            files[f"{stem}.safetensors"] = {name: shapes[name] for name in names}
+            if stem == "head" and storage.quantized and "lm_head.weight" not in names:
+                names = [*names, "lm_head.weight"]  # a quantized split stores a tied head too
+            files[f"{stem}.safetensors"] = _stored({n: full[n] for n in names}, storage, groups)
     return files
+
+
+def _stored(shapes: dict[str, tuple[int, ...]], storage: Storage,
+            groups: dict[str, int]) -> Shapes:
+    """Logical shapes -> what the splitter writes (edgetp.quant's formats for int8/int4)."""
+    out: Shapes = {}
+    float_code = SAFETENSORS_CODES[storage.floats]
+    for name, shape in shapes.items():
+        if not (storage.quantized and is_quantized_weight(name)):
+            out[name] = (shape, float_code)
+        elif storage.weights == "int8":  # I8 [out, in], BF16 scale [out]
+            out[name] = (shape, "I8")
+            out[name + SCALE_SUFFIX] = ((shape[0],), "BF16")
+        else:  # U8 [out, in / 2], BF16 (scale, zero) [in / group, out, 2]
+            out[name] = ((shape[0], shape[1] // 2), "U8")
+            out[name + SCALE_SUFFIX] = ((shape[1] // groups[name], shape[0], 2), "BF16")
+    return out
 
 
 def _slice_shape(shape: tuple[int, ...], part: TensorSlice) -> tuple[int, ...]:
@@ -241,14 +302,20 @@ def _slice_shape(shape: tuple[int, ...], part: TensorSlice) -> tuple[int, ...]:
     return tuple(out)
 
 
-def safetensors_size(shapes: dict[str, tuple], dtype: str) -> int:
-    """The size of the file ``save_file`` writes for these tensors (one dtype) and edgetp's
-    metadata: 8-byte length, JSON header padded to 8 bytes, data in name order."""
+def _nbytes(shape: tuple[int, ...], code: str) -> int:
+    return math.prod(shape) * CODE_BYTES[code]
+
+
+def safetensors_size(shapes: Shapes) -> int:
+    """The size of the file ``save_file`` writes for these tensors and edgetp's metadata:
+    8-byte length, JSON header padded to 8 bytes, data by element size (largest first), then
+    by name (the offsets' digits count in the header)."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "edgetp"}}
     offset = 0
-    for name in sorted(shapes):
-        nbytes = math.prod(shapes[name]) * ELEMENT_BYTES[dtype]
-        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shapes[name]),
+    for name in sorted(shapes, key=lambda n: (-CODE_BYTES[shapes[n][1]], n)):
+        shape, code = shapes[name]
+        nbytes = _nbytes(shape, code)
+        header[name] = {"dtype": code, "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     length = len(json.dumps(header, separators=(",", ":")).encode())
@@ -262,18 +329,17 @@ def prefill_chunk(config: ModelConfig, rank: int, requested: int = 128) -> int:
     return max(1, min(requested, MAX_STEP_BYTES // (4 * config.hidden_size)))
 
 
-def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str,
+def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | Storage,
                 max_seq_len: int | None = None, chunk: int | None = None) -> RankMemory:
-    """Rank ``rank``'s bytes for weights stored and computed in ``dtype`` (see RankMemory)."""
-    elem, seq = ELEMENT_BYTES[dtype], max_seq_len or config.max_position_embeddings
-    files = rank_files(config, plan, rank)
+    """Rank ``rank``'s bytes for a split stored as ``dtype`` (see RankMemory)."""
+    storage = dtype if isinstance(dtype, Storage) else Storage.of(dtype)
+    seq = max_seq_len or config.max_position_embeddings
+    files = rank_files(config, plan, rank, storage)
     distinct = {id(shapes): shapes for shapes in files.values()}  # shared layers: one dict
-    size_of = {key: safetensors_size(shapes, dtype) for key, shapes in distinct.items()}
-    bytes_of = {key: {t: math.prod(s) * elem for t, s in shapes.items()}
-                for key, shapes in distinct.items()}
+    size_of = {key: safetensors_size(shapes) for key, shapes in distinct.items()}
     sizes = {name: size_of[id(shapes)] for name, shapes in files.items()}
-    nbytes = {name: bytes_of[id(shapes)] for name, shapes in files.items()}
-    share, hd = plan.share(rank), config.head_dim
+    nbytes = {name: {t: _nbytes(*s) for t, s in shapes.items()} for name, shapes in files.items()}
+    share, hd, elem = plan.share(rank), config.head_dim, storage.compute_bytes
     layers, blocks, names = [], [], []
     for index in range(config.num_hidden_layers):
         tensors = nbytes.get(layer_file(index))
@@ -289,7 +355,12 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str,
         names += [f"layers.{index}.self_attn", f"layers.{index}.mlp"]
     head = 0
     if rank == 0:
-        head = _aligned(config.vocab_size * config.hidden_size * elem)
+        head_file = nbytes["head.safetensors"] if storage.quantized else {
+            t: b for f in ("head.safetensors", "embed.safetensors")
+            for t, b in nbytes[f].items()}
+        head_names = ("lm_head.",) if storage.quantized or not config.tie_word_embeddings \
+            else ("embed_tokens.",)
+        head = sum(_aligned(b) for t, b in head_file.items() if t.startswith(head_names))
         blocks.append(head)
         names.append("lm_head")
     in_blocks = ("self_attn.", "mlp.", "lm_head.", "embed_tokens.")
@@ -303,8 +374,11 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str,
     needs = MemoryNeeds(cache + norms + rope + work, tuple(blocks),
                         sizes.get("embed.safetensors", 0))
     weight = sum(sum(tensors.values()) for tensors in nbytes.values())
+    parameters = sum(math.prod(shape) * (2 if code == "U8" else 1)
+                     for shapes in files.values() for t, (shape, code) in shapes.items()
+                     if not t.endswith(SCALE_SUFFIX))
     return RankMemory(rank, weight, sum(sizes.values()), cache, norms, needs, tuple(names),
-                      tuple(layers), head, sizes)
+                      tuple(layers), head, parameters, sizes)
 
 
 # -- one node: what stays in memory, what streams -----------------------------------------------
@@ -373,11 +447,11 @@ class StepTime:
         return max(self.compute_s + self.comm_s, self.disk_s)
 
 
-def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig, dtype: str,
-              tokens: int, start: int, with_head: bool = True) -> StepTime:
+def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig,
+              storage: Storage, tokens: int, start: int, with_head: bool = True) -> StepTime:
     """The critical path of one step of ``tokens`` tokens at positions ``start``.."""
     n = len(nodes)
-    per_rank = [_layer_times(node, cluster.nodes[i].profile, dtype, tokens, start, config)
+    per_rank = [_layer_times(node, cluster.nodes[i].profile, storage, tokens, start, config)
                 for i, node in enumerate(nodes)]
     master = cluster.nodes[0].profile
     compute = master.step_overhead_us * 1e-6 if with_head else 0.0
@@ -388,28 +462,29 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig, 
     for index in shared:
         compute += max(t[index][0] for t in per_rank) + max(t[index][1] for t in per_rank)
     if with_head:
-        compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(dtype)
+        compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.weights)
     comm = 0.0
     if n > 1:
         wire = tokens * (config.hidden_size * WIRE_BYTES[cluster.wire_dtype]
                          + (4 if cluster.wire_dtype == "int8" else 0))
-        step_msg = tokens * config.hidden_size * ELEMENT_BYTES[dtype]
-        comm = _hop(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
+        step_msg = tokens * config.hidden_size * storage.compute_bytes
+        comm = _broadcast(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
     node_compute = tuple(sum(a + m for a, m in t.values()) for t in per_rank)
     node_disk = tuple(node.streamed_bytes / (cluster.nodes[i].profile.disk_bw_mbs * 1e6)
                       for i, node in enumerate(nodes))
     return StepTime(compute, comm, max(node_disk), node_compute, node_disk)
 
 
-def _layer_times(node: NodePlan, profile: DeviceProfile, dtype: str, tokens: int, start: int,
-                 config: ModelConfig) -> dict[int, tuple[float, float]]:
+def _layer_times(node: NodePlan, profile: DeviceProfile, storage: Storage, tokens: int,
+                 start: int, config: ModelConfig) -> dict[int, tuple[float, float]]:
     """layer index -> (attention, MLP) seconds of this node for one step."""
-    mv, flops = profile.matvec_bytes_per_s(dtype), profile.flops_per_s(dtype)
+    mv = profile.matvec_bytes_per_s(storage.weights)
+    flops = profile.flops_per_s(storage.kernel_dtype)
     mem, half = profile.mem_bw_gbs * 1e9, profile.layer_overhead_us * 0.5e-6
-    elem, end = ELEMENT_BYTES[dtype], start + tokens
+    params_per_byte, end = PARAMETERS_PER_BYTE[storage.weights], start + tokens
     out = {}
     for part in node.memory.layers:
-        extra = 2 * (tokens - 1) / elem / flops  # seconds per weight byte beyond one token
+        extra = 2 * (tokens - 1) * params_per_byte / flops  # s per weight byte beyond 1 token
         attn = part.attn_bytes * (1 / mv + extra)
         scores = 4 * tokens * end * config.head_dim * part.q_heads  # QK^T and AV
         attn += part.kv_bytes_per_position * end / mem + (scores / flops if tokens > 1 else 0)
@@ -419,24 +494,35 @@ def _layer_times(node: NodePlan, profile: DeviceProfile, dtype: str, tokens: int
 
 
 def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:
-    """``count`` allreduces of ``nbytes``: the star's two traversals each (the last one a
-    reduce), or the ring's 2(N-1) traversals of a 1/N chunk between neighbours."""
+    """``count`` allreduces of ``nbytes``: a gather to the master and a broadcast of the sum
+    each (the step's last one a reduce: no broadcast), or the ring's 2(N-1) traversals of a 1/N
+    chunk between neighbours."""
     if cluster.allreduce == "star":
-        return (2 * count - 1) * _hop(cluster, nbytes)
+        return count * _gather(cluster, nbytes) + (count - 1) * _broadcast(cluster, nbytes)
     n = len(cluster.nodes)
     overhead = 2 * max(node.profile.msg_overhead_us for node in cluster.nodes) * 1e-6
-    traversal = (cluster.latency_ms * 1e-3 + overhead
-                 + nbytes / n * 8 / (cluster.bandwidth_mbit * 1e6))
+    traversal = (max(node.latency_s for node in cluster.nodes) + overhead
+                 + nbytes / n * 8 / min(node.bits_per_s for node in cluster.nodes))
     return count * 2 * (n - 1) * traversal
 
 
-def _hop(cluster: ClusterSpec, nbytes: int) -> float:
-    """One traversal of the star: N-1 messages through the master's link."""
-    k = len(cluster.nodes) - 1
-    master = cluster.nodes[0].profile.msg_overhead_us * 1e-6
-    worker = max(n.profile.msg_overhead_us for n in cluster.nodes[1:]) * 1e-6
-    per_message = master + nbytes * 8 / (cluster.bandwidth_mbit * 1e6)
-    return cluster.latency_ms * 1e-3 + worker + k * per_message
+def _gather(cluster: ClusterSpec, nbytes: int) -> float:
+    """Every worker sends ``nbytes`` to the master: the slowest worker's latency."""
+    return max(n.latency_s for n in cluster.nodes[1:]) + _through_master(cluster, nbytes)
+
+
+def _broadcast(cluster: ClusterSpec, nbytes: int) -> float:
+    """The master sends ``nbytes`` to every worker: the master's latency."""
+    return cluster.nodes[0].latency_s + _through_master(cluster, nbytes)
+
+
+def _through_master(cluster: ClusterSpec, nbytes: int) -> float:
+    """One traversal's software and wire time: the N-1 messages queue at the master's link,
+    each at the slower end's bandwidth, with the master's and one worker's per-message cost."""
+    master = cluster.nodes[0]
+    worker_cost = max(n.profile.msg_overhead_us for n in cluster.nodes[1:]) * 1e-6
+    wire = sum(nbytes * 8 / min(master.bits_per_s, n.bits_per_s) for n in cluster.nodes[1:])
+    return worker_cost + len(cluster.nodes[1:]) * master.profile.msg_overhead_us * 1e-6 + wire
 
 
 # -- the cluster -------------------------------------------------------------------------------
@@ -454,6 +540,11 @@ class ClusterPlan:
     nodes: tuple[NodePlan, ...]
     decode: StepTime  # one token at the middle of the generated stretch
     ttft_s: float
+    storage: Storage = Storage()
+
+    @property
+    def parameters(self) -> int:
+        return sum(n.memory.parameters for n in self.nodes)
 
     @property
     def fits(self) -> bool:
@@ -493,8 +584,8 @@ class ClusterPlan:
         if step.comm_s > step.compute_s:
             cluster = self.cluster
             return (f"communication: {2 * len(self.plan.shared_layers)} {cluster.allreduce} "
-                    f"allreduces and a step broadcast per token over {cluster.latency_ms:g} ms, "
-                    f"{cluster.bandwidth_mbit:g} Mbit/s links take {step.comm_s * 1e3:.1f} ms, "
+                    f"allreduces and a step broadcast per token over {cluster.link_summary()} "
+                    f"take {step.comm_s * 1e3:.1f} ms, "
                     f"more than compute ({step.compute_s * 1e3:.1f} ms); fewer nodes, faster "
                     "links or a smaller --wire-dtype would help")
         profile = self.cluster.nodes[slow].profile
@@ -508,12 +599,13 @@ class ClusterPlan:
         return {
             "model": self.model, "dtype": self.dtype, "context": self.context,
             "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-            "parameters": sum(n.memory.weight_bytes for n in self.nodes)
-            // ELEMENT_BYTES[self.dtype],
+            "parameters": self.parameters, "float_dtype": self.storage.floats,
+            "compute_dtype": self.storage.compute,
             "fits": self.fits, "problems": self.problems(),
             "shares": list(self.cluster.shares), "shares_arg": shares_arg(self.cluster.shares),
             "link": {"latency_ms": self.cluster.latency_ms,
-                     "bandwidth_mbit": self.cluster.bandwidth_mbit,
+                     "bandwidth_mbit": _finite(self.cluster.bandwidth_mbit),
+                     "summary": self.cluster.link_summary(),
                      "wire_dtype": self.cluster.wire_dtype, "allreduce": self.cluster.allreduce},
             "nodes": [_node_dict(n) for n in self.nodes],
             "decode": {"ms_per_token": self.ms_per_token, "compute_ms": step.compute_s * 1e3,
@@ -522,6 +614,11 @@ class ClusterPlan:
                        "node_disk_ms": [t * 1e3 for t in step.node_disk_s]},
             "ttft_ms": self.ttft_s * 1e3, "bottleneck": self.bottleneck(),
         }
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an unlimited figure is null."""
+    return None if math.isinf(value) else value
 
 
 def _node_dict(node: NodePlan) -> dict[str, Any]:
@@ -540,31 +637,32 @@ def _node_dict(node: NodePlan) -> dict[str, Any]:
     }
 
 
-def plan_cluster(config: ModelConfig, cluster: ClusterSpec, dtype: str = "float32",
+def plan_cluster(config: ModelConfig, cluster: ClusterSpec, dtype: str | Storage = "float32",
                  prompt_tokens: int = 128, context: int | None = None, new_tokens: int = 128,
                  model_name: str = "model") -> ClusterPlan:
     """Predict memory per node and TTFT and ms/token for ``config`` on ``cluster``."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"--dtype {dtype!r}: plan float32 or bfloat16")
+    storage = dtype if isinstance(dtype, Storage) else Storage.of(dtype)
     context = context or config.max_position_embeddings
     if prompt_tokens < 1 or prompt_tokens + new_tokens > context:
         raise ConfigError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit a "
                           f"context of {context}; raise --context or lower --prompt-tokens")
     plan = make_plan(config, len(cluster.nodes), cluster.shares, cluster.private_layers)
-    nodes = [node_plan(node, rank, plan, rank_memory(config, plan, rank, dtype, context),
+    nodes = [node_plan(node, rank, plan, rank_memory(config, plan, rank, storage, context),
                        cluster.ring_slots) for rank, node in enumerate(cluster.nodes)]
-    decode = step_time(cluster, nodes, config, dtype, 1, prompt_tokens + new_tokens // 2)
+    decode = step_time(cluster, nodes, config, storage, 1, prompt_tokens + new_tokens // 2)
     chunk = prefill_chunk(config, 0)
-    ttft = sum(step_time(cluster, nodes, config, dtype, min(chunk, prompt_tokens - start), start,
-                         with_head=start + chunk >= prompt_tokens).total_s
+    ttft = sum(step_time(cluster, nodes, config, storage, min(chunk, prompt_tokens - start),
+                         start, with_head=start + chunk >= prompt_tokens).total_s
                for start in range(0, prompt_tokens, chunk))
-    return ClusterPlan(model_name, config, dtype, context, prompt_tokens, new_tokens, cluster,
-                       plan, tuple(nodes), decode, ttft)
+    return ClusterPlan(model_name, config, storage.weights, context, prompt_tokens, new_tokens,
+                       cluster, plan, tuple(nodes), decode, ttft, storage)
 
 
 # -- choosing shares ----------------------------------------------------------------------------
 
-def _score(result: ClusterPlan) -> tuple[int, float]:
+def _score(result: ClusterPlan | None) -> tuple[int, float]:
+    if result is None:  # an int4 split these shares cannot make
+        return (2, math.inf)
     shortfall = sum(n.shortfall for n in result.nodes)
     return (1, shortfall) if shortfall else (0, result.decode.total_s)
 
@@ -575,10 +673,13 @@ def optimize_shares(config: ModelConfig, cluster: ClusterSpec, **kwargs: Any) ->
     Start from shares proportional to each node's speed at equal shares, rebalance a few
     times, then refine one node at a time. Unequal shares must beat equal ones by MIN_GAIN.
     """
-    def evaluate(shares: tuple[float, ...]) -> ClusterPlan:
-        return plan_cluster(config, cluster.with_shares(shares), **kwargs)
+    def evaluate(shares: tuple[float, ...]) -> ClusterPlan | None:
+        try:
+            return plan_cluster(config, cluster.with_shares(shares), **kwargs)
+        except QuantError:  # no int4 group divides these slice widths
+            return None
 
-    equal = evaluate((1.0,) * len(cluster.nodes))
+    equal = plan_cluster(config, cluster.with_shares((1.0,) * len(cluster.nodes)), **kwargs)
     best, shares = equal, (1.0,) * len(cluster.nodes)
     for _ in range(12):  # rebalance: each node's share divided by its time per share
         times = [max(c, d, 1e-12) for c, d in zip(best.decode.node_compute_s,
@@ -587,7 +688,7 @@ def optimize_shares(config: ModelConfig, cluster: ClusterSpec, **kwargs: Any) ->
         shares = _normalised(tuple(s * (mean / t) ** 0.7 for s, t in zip(shares, times,
                                                                         strict=True)))
         candidate = evaluate(shares)
-        if _score(candidate) < _score(best):
+        if candidate is not None and _score(candidate) < _score(best):
             best = candidate
     shares = best.cluster.shares
     for step in (0.3, 0.1, 0.03, 0.01):
@@ -599,11 +700,11 @@ def optimize_shares(config: ModelConfig, cluster: ClusterSpec, **kwargs: Any) ->
                     trial = list(shares)
                     trial[i] *= factor
                     candidate = evaluate(_normalised(tuple(trial)))
-                    if _score(candidate) < _score(best):
+                    if candidate is not None and _score(candidate) < _score(best):
                         best, shares, improved = candidate, candidate.cluster.shares, True
     gain = _score(equal)[0] > _score(best)[0] or (
         best.decode.total_s < equal.decode.total_s * (1 - MIN_GAIN))
-    return evaluate(simplest_shares(config, best.plan)) if gain else equal
+    return (evaluate(simplest_shares(config, best.plan)) or best) if gain else equal
 
 
 def _normalised(shares: tuple[float, ...]) -> tuple[float, ...]:
@@ -632,12 +733,12 @@ def shares_arg(shares: tuple[float, ...]) -> str:
 def render_plan(result: ClusterPlan, equal: ClusterPlan | None = None) -> str:
     """The plan as a table and a few lines (``edgetp plan`` without --json)."""
     config, cluster, gib = result.config, result.cluster, 2**30
-    params = sum(n.memory.weight_bytes for n in result.nodes) / ELEMENT_BYTES[result.dtype]
+    params = result.parameters
     lines = [f"{result.model}: {params / 1e9:.2f} B parameters, {result.dtype}, context "
              f"{result.context}, {config.num_hidden_layers} layers "
              f"({len(result.plan.shared_layers)} shared)",
-             f"cluster: {len(result.nodes)} nodes, link {cluster.latency_ms:g} ms one way, "
-             f"{cluster.bandwidth_mbit:g} Mbit/s, {cluster.allreduce} allreduce, wire "
+             f"cluster: {len(result.nodes)} nodes, {cluster.link_summary()}, "
+             f"{cluster.allreduce} allreduce, wire "
              f"{cluster.wire_dtype}; shares "
              f"{shares_arg(cluster.shares)}", "",
              f"{'node':<12}{'heads':>6}{'kv':>4}{'mlp cols':>9}{'weights':>10}{'KV cache':>10}"

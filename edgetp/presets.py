@@ -92,3 +92,15 @@ def resolve_model(spec: str | Path) -> tuple[str, ModelConfig]:
         return str(spec).lower(), preset_config(str(spec))
     raise ConfigError(f"{spec!r} is neither a model directory (with config.json) nor a preset; "
                       f"presets: {', '.join(PRESETS)}")
+
+
+def stored_float_dtype(spec: str | Path) -> str:
+    """The float dtype a checkpoint stores (a quantized split keeps it for norms, embedding and
+    biases): its first tensor's, for a model directory; bfloat16, as published, for a preset."""
+    path = Path(spec)
+    if not path.is_dir():
+        return "bfloat16"
+    from edgetp.checkpoint import Checkpoint
+    from edgetp.split import source_dtype
+
+    return source_dtype(Checkpoint(path))

@@ -43,6 +43,11 @@ from edgetp.config import ConfigError, parse_bytes
 
 PROFILE_VERSION = 1
 COMPUTE_DTYPES = ("float32", "bfloat16")
+QUANT_FORMATS = ("int8", "int4")
+MATVEC_DTYPES = (*COMPUTE_DTYPES, *QUANT_FORMATS)  # weights a product reads
+# A hand-written profile without int8/int4 figures gets these fractions of its float32 one
+# (torch 2.13's CPU kernels on the development machine; `edgetp probe` measures them).
+QUANT_MATVEC_FRACTION = {"int8": 0.55, "int4": 0.6}
 
 # Figures used when a hand-written profile leaves them out (a mid-range laptop; see README).
 DEFAULTS: dict[str, Any] = {
@@ -99,7 +104,7 @@ class DeviceProfile:
         free = values.get("free_memory")
         return cls(
             mem_bw_gbs=mem_bw,
-            matvec_gbs=_per_dtype(values.get("matvec_gbs", mem_bw), "matvec_gbs", source),
+            matvec_gbs=_matvec_figures(values.get("matvec_gbs", mem_bw), source),
             flops_gflops=_per_dtype(values["flops_gflops"], "flops_gflops", source),
             disk_bw_mbs=_positive(values["disk_bw_mbs"], "disk_bw_mbs", source),
             layer_overhead_us=_positive(values["layer_overhead_us"], "layer_overhead_us", source,
@@ -133,6 +138,20 @@ def _per_dtype(value: Any, name: str, source: str) -> dict[str, float]:
         return {d: _positive(value[d], f"{name}.{d}", source) for d in COMPUTE_DTYPES}
     number = _positive(value, name, source)
     return dict.fromkeys(COMPUTE_DTYPES, number)
+
+
+def _matvec_figures(value: Any, source: str) -> dict[str, float]:
+    """float32 and bfloat16 (one number for both), int8 and int4 optional (else fractions of
+    the float32 figure, :data:`QUANT_MATVEC_FRACTION`)."""
+    quant = {}
+    if isinstance(value, dict):
+        value = dict(value)
+        quant = {f: _positive(value.pop(f), f"matvec_gbs.{f}", source)
+                 for f in QUANT_FORMATS if f in value}
+    figures = _per_dtype(value, "matvec_gbs", source)
+    for fmt in QUANT_FORMATS:
+        figures[fmt] = quant.get(fmt, figures["float32"] * QUANT_MATVEC_FRACTION[fmt])
+    return figures
 
 
 def _size(value: Any, name: str, source: str) -> int:
@@ -185,7 +204,7 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
     out["mem_bw_gbs"] = _round(measure_memory_bandwidth(int(256e6 * scale)))
     log(f"memory bandwidth {out['mem_bw_gbs']} GB/s")
     out["matvec_gbs"] = {d: _round(measure_matvec(d, shapes, int(160e6 * scale), 0.8 * scale))
-                         for d in COMPUTE_DTYPES}
+                         for d in MATVEC_DTYPES}
     log(f"matrix-vector {out['matvec_gbs']} GB/s")
     out["flops_gflops"] = {d: _round(measure_matmul(d, shapes, 0.3 * scale))
                            for d in COMPUTE_DTYPES}
@@ -269,7 +288,9 @@ def _matvec_shapes(shard_dir: str | Path | None) -> list[tuple[int, int]]:
 
         manifest = read_manifest(directory)
         layer = min(n for n in manifest.files if n.startswith("layer-"))
-        return [(e.shape[1], e.shape[0]) for name, e in manifest.files[layer].tensors.items()
+        per_byte = 2 if manifest.dtype == "int4" else 1  # int4: two codes per stored byte
+        return [(e.shape[1] * per_byte, e.shape[0])
+                for name, e in manifest.files[layer].tensors.items()
                 if name.endswith("proj.weight")]
     return [(4096, 4096), (4096, 1024), (4096, 11008), (11008, 4096), (2048, 8192)]
 
@@ -277,28 +298,71 @@ def _matvec_shapes(shard_dir: str | Path | None) -> list[tuple[int, int]]:
 def measure_matvec(dtype: str, shapes: list[tuple[int, int]], total_bytes: int,
                    seconds: float, rounds: int = 8) -> float:
     """Weight bytes per second of ``x [1, in] @ W.T`` over copies too many for any cache
-    (the best of ``rounds`` rounds, so a burst of other load on the machine is left out)."""
+    (the best of ``rounds`` rounds, so a burst of other load on the machine is left out).
+    ``dtype`` int8/int4 runs the quantized kernels the runtime uses (edgetp.qlinear), with the
+    scales counted as weight bytes, as a split stores them."""
+    import torch
+
+    per_round = sum(_matvec_product(dtype, shape, sizes_only=True)[1] for shape in shapes)
+    copies = max(1, math.ceil(total_bytes / per_round))
+    products = [_matvec_product(dtype, shape) for _ in range(copies) for shape in shapes]
+    for product, _ in products:  # warm up (and fault every page in)
+        product()
+    best = 0.0
+    with torch.inference_mode():
+        for _ in range(rounds):
+            nbytes, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds / rounds or nbytes == 0:
+                for product, _ in products:
+                    product()
+                nbytes += per_round * copies
+            best = max(best, nbytes / elapsed / 1e9)
+    return best
+
+
+def _matvec_product(dtype: str, shape: tuple[int, int], sizes_only: bool = False
+                    ) -> tuple[Callable[[], Any], int]:
+    """A ``[1, in] @ W.T`` product for weights of ``shape`` (in, out) in ``dtype``, and its
+    weight bytes; ``sizes_only``: no tensors (just the bytes)."""
     import torch
     import torch.nn.functional as F
 
-    torch_dtype = getattr(torch, dtype)
-    item = torch.empty((), dtype=torch_dtype).element_size()
-    per_round = sum(i * o for i, o in shapes) * item
-    copies = max(1, math.ceil(total_bytes / per_round))
-    weights = [torch.full((o, i), 0.01, dtype=torch_dtype) for _ in range(copies)
-               for i, o in shapes]
-    inputs = {i: torch.full((1, i), 0.5, dtype=torch_dtype) for i, _ in shapes}
-    for w in weights:  # warm up (and fault every page in)
-        F.linear(inputs[w.shape[1]], w)
-    best = 0.0
-    for _ in range(rounds):
-        nbytes, started = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - started) < seconds / rounds or nbytes == 0:
-            for w in weights:
-                F.linear(inputs[w.shape[1]], w)
-            nbytes += per_round * copies
-        best = max(best, nbytes / elapsed / 1e9)
-    return best
+    from edgetp.qlinear import int4_matmul, int8_matmul
+    from edgetp.quant import (
+        int4_group,
+        int4_tiled,
+        native_int4_pack,
+        native_int4_tiled,
+        pack_int4,
+    )
+
+    n_in, n_out = shape
+    if dtype == "int8":
+        nbytes = n_out * n_in + 2 * n_out  # I8 codes, a BF16 scale per row
+    elif dtype == "int4":
+        group = int4_group([n_in], 32)
+        nbytes = n_out * n_in // 2 + 4 * (n_in // group) * n_out  # U8 codes, BF16 pairs
+    else:
+        nbytes = n_out * n_in * getattr(torch, dtype).itemsize
+    if sizes_only:
+        return (lambda: None), nbytes
+    x = torch.full((1, n_in), 0.5)  # [1, in] float32, as a quantized run's activations
+    if dtype == "int8":
+        q = torch.ones((n_out, n_in), dtype=torch.int8)
+        scale = torch.full((n_out,), 0.01, dtype=torch.bfloat16)
+        return (lambda: int8_matmul(x, q, scale)), nbytes
+    if dtype == "int4":
+        tiled = int4_tiled(n_out, group)  # else the runtime's fallback, as for such a split
+        packed = pack_int4(torch.full((n_out, n_in), 9, dtype=torch.uint8), tiled)
+        native = tiled and native_int4_tiled()
+        if tiled and not native:  # resident weights are repacked once for this CPU
+            packed = native_int4_pack(packed)
+        scale_zero = torch.full((n_in // group, n_out, 2), 0.01, dtype=torch.bfloat16)
+        return (lambda: int4_matmul(x, packed, scale_zero, group, tiled,
+                                    repacked=tiled and not native)), nbytes
+    w = torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))
+    xd = x.to(w.dtype)
+    return (lambda: F.linear(xd, w)), nbytes
 
 
 def measure_matmul(dtype: str, shapes: list[tuple[int, int]], seconds: float,

@@ -40,7 +40,7 @@ class TensorStore:
             raise ConfigError(f"--group-size {group_size}: choose one of "
                               f"{', '.join(map(str, INT4_GROUP_SIZES))}")
         self._slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
-        self.groups = self._int4_groups(config) if fmt == "int4" else {}
+        self.groups = int4_groups(config, plan, group_size) if fmt == "int4" else {}
         self._row_amax: dict[str, torch.Tensor] = {}  # this layer's row-parallel amax, int8
 
     def convert(self, layer: int | None, name: str, part: TensorSlice,
@@ -72,21 +72,21 @@ class TensorStore:
             self._row_amax[key] = amax  # type: ignore[assignment]
         return self._row_amax[key]
 
-    def _int4_groups(self, config: ModelConfig) -> dict[str, int]:
-        """Per tensor name, the int4 group: it must divide every rank's slice width."""
-        groups = {"lm_head.weight": int4_group([config.hidden_size], self.group_size,
-                                               "lm_head.weight")}
-        full = {"self_attn.o_proj.weight": config.num_attention_heads * config.head_dim,
-                "mlp.down_proj.weight": config.intermediate_size}
-        for name in self._slices[0]:
-            if not is_quantized_weight(name):
-                continue
-            if name in full:  # row-parallel: the input is split
-                widths = [s[name].stop - s[name].start for s in self._slices] + [full[name]]
-            else:
-                widths = [config.hidden_size]
-            groups[name] = int4_group(widths, self.group_size, name)
-        return groups
+def int4_groups(config: ModelConfig, plan: ShardPlan, group_size: int) -> dict[str, int]:
+    """Per quantized tensor name, its int4 group: it must divide every rank's slice width."""
+    slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
+    groups = {"lm_head.weight": int4_group([config.hidden_size], group_size, "lm_head.weight")}
+    full = {"self_attn.o_proj.weight": config.num_attention_heads * config.head_dim,
+            "mlp.down_proj.weight": config.intermediate_size}
+    for name in slices[0]:
+        if not is_quantized_weight(name):
+            continue
+        if name in full:  # row-parallel: the input is split
+            widths = [s[name].stop - s[name].start for s in slices] + [full[name]]
+        else:
+            widths = [config.hidden_size]
+        groups[name] = int4_group(widths, group_size, name)
+    return groups
 
 
 def shrunk_groups(manifest: Manifest) -> dict[str, int]:

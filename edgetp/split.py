@@ -91,10 +91,10 @@ def split_checkpoint(
     config = load_model_config(model_dir)
     checkpoint = Checkpoint(model_dir)
     plan = make_plan(config, n_ranks, shares, private_layers)
-    store_dtype = dtype or _source_dtype(checkpoint)
+    store_dtype = dtype or source_dtype(checkpoint)
     if store_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    float_dtype = STORE_DTYPES.get(store_dtype) or STORE_DTYPES[_source_dtype(checkpoint)]
+    float_dtype = STORE_DTYPES.get(store_dtype) or STORE_DTYPES[source_dtype(checkpoint)]
     store = TensorStore(store_dtype, float_dtype, group_size, checkpoint, config, plan)
     fingerprint = model_fingerprint(model_dir)
     dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
@@ -117,7 +117,7 @@ def split_checkpoint(
     return SplitResult(out_dir, dirs, False, writer.bytes_written)
 
 
-def _source_dtype(checkpoint: Checkpoint) -> str:
+def source_dtype(checkpoint: Checkpoint) -> str:
     dtype = checkpoint.get(checkpoint.names[0]).dtype
     return {v: k for k, v in STORE_DTYPES.items()}.get(dtype, "float32")
 

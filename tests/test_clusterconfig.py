@@ -157,6 +157,12 @@ ERRORS = {
     "bad name": (with_changes(name="my cluster"), ["name 'my cluster'"]),
     "ssh options": (with_changes(ssh_options="-i key"), ["list of strings"]),
     "negative latency": (with_changes(link_profiles={"x": {"latency_ms": -1}}), [">= 0"]),
+    "count when launching": (with_node_change(1, count=3), ["count is for planning files"]),
+    "bad count": (with_node_change(1, count=0), ["count", ">= 1"]),
+    "profile not a mapping": (with_node_change(1, profile=[3]), ["profile", "edgetp probe"]),
+    "bad inline link": (with_node_change(1, link={"latency_ms": 1, "rate": 3}),
+                        ["nodes[1] (pi).link", "'rate'"]),
+    "unknown default link": (with_changes(link="5g"), ["c.yaml: link", "unknown link profile"]),
 }
 
 
@@ -180,3 +186,25 @@ def test_file_errors(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(with_changes(link_profiles="nope.yaml")))
     with pytest.raises(ConfigError, match="nope.yaml not found"):
         load_cluster_config(tmp_path / "c.yaml")
+
+
+def test_planning_files_need_no_addresses_and_expand_counts() -> None:
+    data = {"link": {"latency_ms": 1, "bandwidth_mbit": 300},
+            "nodes": [{"name": "desk", "profile": "desk.json"},
+                      {"name": "pi", "count": 3, "profile": {"mem_bw_gbs": 8}, "link": "gigabit",
+                       "memory_budget": "3GiB"}]}
+    config = parse_cluster_config(data, "plan.yaml", Path("/configs"), planning=True)
+    assert [n.name for n in config.nodes] == ["desk", "pi-0", "pi-1", "pi-2"]
+    assert [n.rank for n in config.nodes] == [0, 1, 2, 3]
+    assert config.nodes[0].profile == "desk.json" and config.nodes[3].profile == {"mem_bw_gbs": 8}
+    assert config.nodes[3].memory_budget == 3 * 2**30
+    assert config.link_profile(config.nodes[0]).bandwidth_mbit == 300  # the top-level link
+    assert config.link_profile(config.nodes[2]) == BUILTIN_PROFILES["gigabit"]
+    with pytest.raises(ConfigError, match="'model' is required"):
+        parse_cluster_config(data, "plan.yaml")  # the same file cannot be launched
+
+
+def test_a_launch_file_takes_profiles_and_int8_wire() -> None:
+    config = parse(with_node_change(1, profile="pi.json") | {"wire_dtype": "int8"})
+    assert config.nodes[1].profile == "pi.json" and config.nodes[0].profile is None
+    assert config.wire_dtype == "int8"

@@ -23,7 +23,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from edgetp import probe as probing
 from edgetp.cli import main
+from edgetp.clusterconfig import parse_cluster_config
 from edgetp.collectives import SoloCommunicator
 from edgetp.config import ConfigError, load_model_config
 from edgetp.loader import load_rank, shard_memory_needs
@@ -32,9 +34,10 @@ from edgetp.plan import make_plan
 from edgetp.planner import (
     ClusterSpec,
     NodeSpec,
+    Storage,
+    cluster_spec,
     node_plan,
     optimize_shares,
-    parse_cluster,
     plan_cluster,
     rank_memory,
 )
@@ -60,7 +63,21 @@ SPLITS = [
     ("llama32", 2, None, 0, "bfloat16"),
     ("attn_bias", 3, None, 0, "float32"),
     ("mlp_bias", 2, (2, 1), 0, "float32"),
+    ("llama3", 2, None, 0, "int8"),
+    ("llama32", 2, (2, 1), 0, "int8"),  # tied embeddings: the quantized head is stored
+    ("llama2", 2, None, 1, "int4"),
+    ("qwen2", 2, None, 0, "int4"),
 ]
+QUANT_SPLITS = [case for case in SPLITS if case[4] in ("int8", "int4")]
+
+
+def _storage(dtype: str) -> Storage:
+    """The tiny checkpoints are float32: a quantized split keeps float32 norms and biases."""
+    return Storage.of(dtype, "float32")
+
+
+def _compute(dtype: str) -> torch.dtype:
+    return TORCH_DTYPES.get(dtype, torch.float32)
 
 
 def _comm(rank: int, world: int) -> SoloCommunicator:
@@ -88,31 +105,32 @@ def test_memory_equals_the_split_and_the_loader(splits, case):
     config, plan, dirs = splits(*case)
     for rank, directory in enumerate(dirs):
         manifest = read_manifest(directory)
-        predicted = rank_memory(config, plan, rank, dtype, MAX_SEQ_LEN)
+        predicted = rank_memory(config, plan, rank, _storage(dtype), MAX_SEQ_LEN)
         data = sum(e.offsets[1] - e.offsets[0] for f in manifest.files.values()
                    for e in f.tensors.values())
         assert predicted.weight_bytes == data
         assert predicted.file_sizes == {name: (directory / name).stat().st_size
                                         for name in manifest.files}
-        assert predicted.needs == shard_memory_needs(directory, TORCH_DTYPES[dtype],
+        assert predicted.needs == shard_memory_needs(directory, _compute(dtype),
                                                      MAX_SEQ_LEN, prefill_chunk=128)
-        model = load_rank(directory, _comm(rank, ranks), TORCH_DTYPES[dtype], MAX_SEQ_LEN)
+        model = load_rank(directory, _comm(rank, ranks), _compute(dtype), MAX_SEQ_LEN)
         assert predicted.cache_bytes == model.cache_bytes()
 
 
-@pytest.mark.parametrize("case", [SPLITS[3], SPLITS[5], SPLITS[7]], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [SPLITS[3], SPLITS[5], SPLITS[7], *QUANT_SPLITS[1:3]],
+                         ids=lambda c: f"{c[0]}-{c[4]}")
 @pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9])
 def test_pinned_blocks_equal_the_loaders_window(splits, case, fraction):
     _, ranks, _, _, dtype = case
     config, plan, dirs = splits(*case)
     for rank, directory in enumerate(dirs):
-        needs = rank_memory(config, plan, rank, dtype, MAX_SEQ_LEN).needs
+        needs = rank_memory(config, plan, rank, _storage(dtype), MAX_SEQ_LEN).needs
         low = needs.minimum()
         budget = max(low, int(low + fraction * (needs.total - 1 - low)))
         node = NodeSpec(f"n{rank}", DeviceProfile.from_dict(LAPTOP), budget)
-        predicted = node_plan(node, rank, plan, rank_memory(config, plan, rank, dtype,
-                                                            MAX_SEQ_LEN), 2)
-        model = load_rank(directory, _comm(rank, ranks), TORCH_DTYPES[dtype], MAX_SEQ_LEN,
+        predicted = node_plan(node, rank, plan, rank_memory(config, plan, rank,
+                                                            _storage(dtype), MAX_SEQ_LEN), 2)
+        model = load_rank(directory, _comm(rank, ranks), _compute(dtype), MAX_SEQ_LEN,
                           memory_budget=budget)
         if model.window is None:  # the minimum (a ring of two blocks) already holds it all
             assert budget >= needs.total and not predicted.streams
@@ -136,11 +154,16 @@ PUBLISHED_BILLIONS = {"llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.9
                       "yi-34b": 34.39}
 
 
+def _spec(data: dict) -> ClusterSpec:
+    """A planning cluster mapping (edgetp.clusterconfig's format) as the planner sees it."""
+    return cluster_spec(parse_cluster_config(data, planning=True))
+
+
 def _cluster(n: int, budget: str | None = "6GiB", **link) -> ClusterSpec:
     node = {"profile": LAPTOP, "count": n}
     if budget is not None:
         node["memory_budget"] = budget
-    return parse_cluster({"nodes": [node], "link": link or {"latency_ms": 1,
+    return _spec({"nodes": [node], "link": link or {"latency_ms": 1,
                                                             "bandwidth_mbit": 300}})
 
 
@@ -193,7 +216,7 @@ def test_wire_dtype_and_allreduce_change_only_communication():
     def plan(**extra):
         data = {"link": {"latency_ms": 1, "bandwidth_mbit": 300}, **extra,
                 "nodes": [{"profile": LAPTOP, "count": 8, "memory_budget": "64GiB"}]}
-        return plan_cluster(config, parse_cluster(data), "bfloat16", context=1024)
+        return plan_cluster(config, _spec(data), "bfloat16", context=1024)
 
     f32, bf16, int8 = plan(), plan(wire_dtype="bf16"), plan(wire_dtype="int8")
     assert f32.decode.comm_s > bf16.decode.comm_s > int8.decode.comm_s > 0
@@ -213,7 +236,7 @@ def test_wire_dtype_and_allreduce_change_only_communication():
 def test_optimised_shares_beat_equal_shares_on_unequal_devices():
     fast = {**LAPTOP, "matvec_gbs": 30}
     slow = {**LAPTOP, "matvec_gbs": 5, "disk_bw_mbs": 300}
-    cluster = parse_cluster({"link": {"latency_ms": 1, "bandwidth_mbit": 1000}, "nodes": [
+    cluster = _spec({"link": {"latency_ms": 1, "bandwidth_mbit": 1000}, "nodes": [
         {"name": "desktop", "profile": fast, "memory_budget": "24GiB"},
         {"name": "laptop", "profile": LAPTOP, "memory_budget": "12GiB"},
         {"name": "pi", "profile": slow, "memory_budget": "4GiB"}]})
@@ -269,13 +292,90 @@ def test_plan_cli_with_a_model_dir_and_a_profile_file(tiny_model_dir, tmp_path):
     assert "ms/token" in result.output and "shares 2,1" in result.output
 
 
+def test_quantized_plans_store_fewer_bytes_for_the_same_parameters():
+    config = preset_config("llama2-7b")
+    plans = {d: plan_cluster(config, _cluster(2, None), d, context=1024)
+             for d in ("bfloat16", "int8", "int4")}
+    weights = {d: sum(n.memory.weight_bytes for n in p.nodes) for d, p in plans.items()}
+    assert weights["int4"] < weights["int8"] < weights["bfloat16"]
+    assert weights["int8"] == pytest.approx(weights["bfloat16"] / 2, rel=0.05)  # + embedding
+    assert len({p.parameters for p in plans.values()}) == 1
+    assert plans["int8"].parameters / 1e9 == pytest.approx(PUBLISHED_BILLIONS["llama2-7b"],
+                                                           abs=0.01)
+    slow_int8 = {**LAPTOP, "matvec_gbs": {"float32": 15, "bfloat16": 8, "int8": 1, "int4": 1}}
+    slow = plan_cluster(config, _spec({"nodes": [{"profile": slow_int8}]}), "int8",
+                        context=1024)
+    assert slow.decode.compute_s > plans["int8"].decode.compute_s  # its own kernel figure
+    assert plans["int8"].to_dict()["float_dtype"] == "bfloat16"
+    assert DeviceProfile.from_dict(LAPTOP).matvec_gbs["int8"] == pytest.approx(15 * 0.55)
+
+
+def test_a_launch_file_plans_once_it_has_profiles(tmp_path):
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs/home-4node.yaml").read_text())
+    data["link_profiles"] = {}
+    cluster = _write(tmp_path / "home.yaml", data)
+    result = CliRunner().invoke(main, ["plan", "--model", "llama3.2-3b", "--cluster",
+                                       str(cluster)])
+    assert result.exit_code == 1 and "node laptop has no profile" in result.output
+    assert "edgetp probe" in result.output
+    (tmp_path / "laptop.json").write_text(json.dumps(LAPTOP))
+    for node in data["nodes"]:
+        node["profile"] = "laptop.json"
+    _write(tmp_path / "home.yaml", data)
+    result = CliRunner().invoke(main, ["plan", "--model", "llama3.2-3b", "--cluster",
+                                       str(cluster), "--context", "2048", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert [n["name"] for n in plan["nodes"]] == ["laptop", "desktop", "pi5", "old-laptop"]
+    assert plan["shares"] == [2, 2, 1, 1]  # the file's shares
+    assert plan["link"]["latency_ms"] == 5 and plan["link"]["bandwidth_mbit"] == 100
+    assert "laptop: 5 ms" in plan["link"]["summary"] and "gigabit" not in plan["link"]["summary"]
+    assert plan["nodes"][3]["budget"] == int(1.5 * 2**30)
+
+
+def test_per_node_links_set_gather_and_broadcast_latencies():
+    config = preset_config("llama3.2-1b")
+
+    def comm_ms(master_link, worker_links):
+        nodes = [{"name": "m", "profile": LAPTOP, "link": master_link}]
+        nodes += [{"name": f"w{i}", "profile": LAPTOP, "link": link}
+                  for i, link in enumerate(worker_links)]
+        return plan_cluster(config, _spec({"nodes": nodes}), "bfloat16",
+                            context=1024).decode.comm_s * 1e3
+
+    fast = {"latency_ms": 0.1}
+    slow = {"latency_ms": 10.1}
+    base = comm_ms(fast, [fast, fast])
+    # a slow worker delays each of the 2 x 16 gathers by 10 ms
+    assert comm_ms(fast, [fast, slow]) - base == pytest.approx(2 * 16 * 10, rel=1e-6)
+    # a slow master delays the step broadcast and the 2 x 16 - 1 sums it sends back
+    assert comm_ms(slow, [fast, fast]) - base == pytest.approx(2 * 16 * 10, rel=1e-6)
+
+
+def test_plan_cli_takes_the_model_from_the_cluster_file(tiny_model_dir, tmp_path):
+    model_dir, _ = tiny_model_dir("llama3")
+    cluster = _write(tmp_path / "c.yaml", {"model": str(model_dir),
+                                           "nodes": [{"profile": LAPTOP, "count": 2}],
+                                           "link": "gigabit"})
+    result = CliRunner().invoke(main, ["plan", "--cluster", str(cluster), "--context", "64",
+                                       "--prompt-tokens", "8", "--new-tokens", "8", "--dtype",
+                                       "int8", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["model"] == model_dir.name and data["dtype"] == "int8"
+    assert data["float_dtype"] == "float32"  # the checkpoint's, kept for norms and biases
+    no_model = _write(tmp_path / "d.yaml", {"nodes": [{"profile": LAPTOP}]})
+    result = CliRunner().invoke(main, ["plan", "--cluster", str(no_model)])
+    assert result.exit_code == 2 and "give --model" in result.output
+
+
 BAD_CLUSTERS = {
     "unknown key": ("nodes: [{profile: {mem_bw_gbs: 10}, colour: red}]\n", "colour"),
     "unknown link key": ("link: {latency_ms: 1, bandwith_mbit: 3}\n"
                          "nodes: [{profile: {mem_bw_gbs: 10}}]\n", "bandwith_mbit"),
     "no nodes": ("link: {latency_ms: 1, bandwidth_mbit: 3}\n", "nodes"),
-    "no link": ("nodes: [{profile: {mem_bw_gbs: 10}, count: 2}]\n", "link"),
-    "no profile": ("nodes: [{name: a}]\n", "profile"),
+    "no link": ("nodes: [{profile: {mem_bw_gbs: 10}, count: 2}]\n", "has no link"),
+    "no profile": ("nodes: [{name: a}]\n", "node a has no profile"),
     "bad budget": ("nodes: [{profile: {mem_bw_gbs: 10}, memory_budget: lots}]\n", "lots"),
     "bad profile key": ("nodes: [{profile: {mem_bw_gbs: 10, speed: 3}}]\n", "speed"),
     "missing profile file": ("nodes: [{profile: nowhere.json}]\n", "nowhere.json"),
@@ -313,7 +413,20 @@ def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
     assert profile.runtime_rss > 0 and profile.free_memory
     raw = json.loads(out.read_text())
     assert raw["matvec_shapes"] and "window" in raw["disk_note"] and raw["disk_seq_mbs"] > 0
+    assert set(raw["matvec_gbs"]) == {"float32", "bfloat16", "int8", "int4"}  # all measured
+    assert all(v > 0 for v in raw["matvec_gbs"].values())
     assert sorted(p.relative_to(split) for p in split.rglob("*")) == before  # test file gone
+
+
+def test_probe_reads_an_int4_splits_true_widths(tiny_model_dir, tmp_path):
+    model_dir, _ = tiny_model_dir("llama3")
+    split = split_checkpoint(model_dir, tmp_path / "q4", 2, dtype="int4").out_dir
+    config = load_model_config(model_dir)
+    shapes = probing._matvec_shapes(split)
+    assert (config.hidden_size, config.num_attention_heads * config.head_dim // 2) in shapes
+    assert all(n_in in (config.hidden_size, config.intermediate_size // 2,
+                        config.num_attention_heads * config.head_dim // 2)
+               for n_in, _ in shapes)
 
 
 def test_link_measurement_against_an_echo_peer():
