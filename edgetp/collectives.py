@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from edgetp.dataplane import OP_PARTIAL, OP_SUM, DataLink, DataLinkError
 from edgetp.metrics import RECORDER, now
 from edgetp.transport import (
     ClusterError,
@@ -22,6 +23,7 @@ from edgetp.transport import (
     StepAborted,
     WorkerTransport,
 )
+from edgetp.wire import Message
 from edgetp.wirecodec import check_format, check_payload, decode, encode, payload_bytes, star_sum
 
 
@@ -140,9 +142,8 @@ class StarMaster:
         nbytes = sum(payload_bytes(p) for p in parts.values())
         if not last:
             pos = self.position
-            self.transport.broadcast("sum", {"seq": pos.seq, "step": pos.step, "index": index},
-                                     frames)
-            nbytes += payload_bytes(frames) * (self.world_size - 1)
+            nbytes += self.transport.send_sum({"seq": pos.seq, "step": pos.step, "index": index},
+                                              frames)
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
 
@@ -157,30 +158,62 @@ class StarMaster:
                 f"allreduce {pos.index - 1} of {pos.total} in step {pos.step})")
 
     def _gather(self, index: int, shape: torch.Size) -> dict[int, list[torch.Tensor]]:
-        pos, parts = self.position, {}
+        """Every worker's partial of allreduce ``index``: from its data link or from ZeroMQ."""
+        parts: dict[int, list[torch.Tensor]] = {}
         started = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
+        transport = self.transport
         while len(parts) < self.world_size - 1:
-            got = self.transport.receive(max(0.0, deadline - time.monotonic()))
-            if got is None:
-                late = [self._describe_late(r) for r in self.transport.worker_ranks
-                        if r not in parts]
-                raise ClusterError(f"{', '.join(late)} did not answer within {self.timeout_s:g} s "
-                                   "(dead, overloaded or cut off); the request was abandoned")
-            rank, message = got
-            if message.op == "error":
-                raise ClusterError(f"{self.transport.describe(rank)} failed: "
-                                   f"{message.fields['message']}")
-            f = message.fields
-            if message.op != "partial" or (f["seq"], f["step"], f["index"]) != (
-                pos.seq, pos.step, index):
-                continue  # stale: from an abandoned request or step
-            problem = check_payload(message.tensors, self.wire, shape)
-            if problem:
-                raise ClusterError(f"{self.transport.describe(rank)} sent a partial {problem}")
-            parts[rank] = message.tensors
+            remaining = deadline - time.monotonic()
+            ready = dict(transport.data_poller.poll(max(1, int(remaining * 1000)))
+                         if remaining > 0 else ())
+            if not ready:
+                raise self._timeout(parts)
+            for rank, link in list(transport.data_links.items()):
+                if rank not in parts and link.fileno() in ready:
+                    self._read_link(rank, link, index, shape, deadline, parts)
+            while transport.sock in ready and (got := transport.receive(0)) is not None:
+                self._take_message(*got, index, shape, parts)  # ZeroMQ: errors, other ranks
         self.wait_s += time.perf_counter() - started
         return parts
+
+    def _timeout(self, parts: dict[int, list[torch.Tensor]]) -> ClusterError:
+        late = [self._describe_late(r) for r in self.transport.worker_ranks if r not in parts]
+        return ClusterError(f"{', '.join(late)} did not answer within {self.timeout_s:g} s "
+                            "(dead, overloaded or cut off); the request was abandoned")
+
+    def _read_link(self, rank: int, link: DataLink, index: int, shape: torch.Size,
+                   deadline: float, parts: dict[int, list[torch.Tensor]]) -> None:
+        try:
+            got = link.receive(self.wire, shape, deadline)
+        except DataLinkError as exc:
+            self.transport.drop_data_link(rank)
+            raise ClusterError(f"{self.transport.describe(rank)}: {exc}; the request was "
+                               "abandoned (the worker rejoins)") from exc
+        self.transport.heard_from(rank)
+        self.transport.traffic.count_link("partial", payload_bytes(got.tensors), sent=False)
+        pos = self.position
+        if got.op != OP_PARTIAL or (got.seq, got.step, got.index) != (pos.seq, pos.step, index):
+            return  # stale: from an abandoned request or step
+        self._accept(rank, got.tensors, shape, parts)
+
+    def _take_message(self, rank: int, message: Message, index: int, shape: torch.Size,
+                      parts: dict[int, list[torch.Tensor]]) -> None:
+        if message.op == "error":
+            raise ClusterError(f"{self.transport.describe(rank)} failed: "
+                               f"{message.fields['message']}")
+        f, pos = message.fields, self.position
+        if message.op != "partial" or (f["seq"], f["step"], f["index"]) != (
+                pos.seq, pos.step, index):
+            return  # stale: from an abandoned request or step
+        self._accept(rank, message.tensors, shape, parts)
+
+    def _accept(self, rank: int, tensors: list[torch.Tensor], shape: torch.Size,
+                parts: dict[int, list[torch.Tensor]]) -> None:
+        problem = check_payload(tensors, self.wire, shape)
+        if problem:
+            raise ClusterError(f"{self.transport.describe(rank)} sent a partial {problem}")
+        parts[rank] = tensors
 
 
 class StarWorker:
@@ -201,32 +234,54 @@ class StarWorker:
         pos = self.position
         wire = self.transport.wire_dtype  # as the master announced in the welcome
         frames = encode(x, wire)
-        self.transport.send("partial", {"seq": pos.seq, "step": pos.step, "index": index},
-                            frames)
+        sent = self.transport.send_partial({"seq": pos.seq, "step": pos.step, "index": index},
+                                           frames)
         if last:  # a reduce: only the master needs the final sum
-            RECORDER.add("allreduce", index, started, now(), payload_bytes(frames))
+            RECORDER.add("allreduce", index, started, now(), sent)
             return x
-        total = decode(self._wait_for_sum(index, x.shape, wire), wire)
+        tensors = self._wait_for_sum(index, x.shape, wire)
+        # f32 on the data link: the link's buffer itself, valid until the next sum but one
+        total = tensors[0] if wire == "f32" and self.transport.data_link else decode(tensors,
+                                                                                     wire)
         self.wait_s += now() - started
-        RECORDER.add("allreduce", index, started, now(), 2 * payload_bytes(frames))
+        RECORDER.add("allreduce", index, started, now(), 2 * sent)
         return total.to(x.dtype)
 
     def _wait_for_sum(self, index: int, shape: torch.Size, wire: str) -> list[torch.Tensor]:
-        pos = self.position
+        pos, transport = self.position, self.transport
         deadline = time.monotonic() + self.timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
-            message = self.transport.receive(remaining)
-            if message is None:
-                break
-            if message.op == "abort" and message.fields["seq"] == pos.seq:
-                raise StepAborted(f"the master abandoned request {pos.seq}")
-            if message.op == "shutdown":
-                raise ShutdownRequested("the master is shutting down")
-            f = message.fields
-            if message.op == "sum" and (f["seq"], f["step"], f["index"]) == (
-                    pos.seq, pos.step, index):
-                problem = check_payload(message.tensors, wire, shape)
+            if transport.data_link is None:
+                message = transport.receive(remaining)
+                if message is None:
+                    break
+                tensors = self._sum_in(message, index)
+            else:
+                ready = dict(transport.data_poller.poll(max(1, int(remaining * 1000))))
+                tensors = None
+                if transport.data_link.fileno() in ready:
+                    got = transport.receive_sum(wire, shape, deadline)
+                    if got.op == OP_SUM and (got.seq, got.step, got.index) == (
+                            pos.seq, pos.step, index):
+                        tensors = got.tensors
+                while tensors is None and (message := transport.receive_now()) is not None:
+                    self._sum_in(message, index)  # aborts and shutdowns raise; others: stale
+            if tensors is not None:
+                problem = check_payload(tensors, wire, shape)
                 if problem:
                     raise ClusterError(f"the master sent a sum {problem}")
-                return message.tensors
+                return tensors
         raise ClusterError(f"no sum from the master within {self.timeout_s:g} s")
+
+    def _sum_in(self, message: Message, index: int) -> list[torch.Tensor] | None:
+        """The tensors of ``message`` if it is this allreduce's sum; raises on abort/shutdown."""
+        pos = self.position
+        if message.op == "abort" and message.fields["seq"] == pos.seq:
+            raise StepAborted(f"the master abandoned request {pos.seq}")
+        if message.op == "shutdown":
+            raise ShutdownRequested("the master is shutting down")
+        f = message.fields
+        if message.op == "sum" and (f["seq"], f["step"], f["index"]) == (
+                pos.seq, pos.step, index):
+            return message.tensors
+        return None

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 import zmq
 
-from edgetp import wire
+from edgetp import dataplane, wire
+from edgetp.dataplane import DataLink, DataLinkError, DataListener
 from edgetp.linkemu import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
 from edgetp.security import (
     MasterSecurity,
@@ -66,12 +67,14 @@ class NodeIdentity:
     plan: str  # the plan's canonical JSON
     dtype: str
 
-    def hello_fields(self, ring_port: int = 0) -> dict[str, Any]:
+    def hello_fields(self, ring_port: int = 0, data_port: int = 0,
+                     data_token: str = "") -> dict[str, Any]:
         from edgetp import __version__
 
         return {"rank": self.rank, "fingerprint": self.fingerprint, "plan": self.plan,
                 "dtype": self.dtype, "pid": os.getpid(), "host": socket.gethostname(),
-                "version": __version__, "time": time.time(), "ring_port": ring_port}
+                "version": __version__, "time": time.time(), "ring_port": ring_port,
+                "data_port": data_port, "data_token": data_token}
 
 
 @dataclass
@@ -92,6 +95,15 @@ class Traffic:
         self.received[op] += 1
         self.bytes_received += sum(len(f.buffer) if hasattr(f, "buffer") else len(f)
                                    for f in frames)
+
+    def count_link(self, op: str, nbytes: int, sent: bool) -> None:
+        """A message over a data link (edgetp.dataplane)."""
+        if sent:
+            self.sent[op] += 1
+            self.bytes_sent += nbytes
+        else:
+            self.received[op] += 1
+            self.bytes_received += nbytes
 
 
 def make_context() -> zmq.Context:
@@ -140,6 +152,8 @@ class MasterTransport:
         self.allreduce = "star"  # or "ring": announced to workers in the welcome
         self.ring_port = 0
         self.peers: dict[int, Peer] = {}
+        self.data_links: dict[int, DataLink] = {}  # the allreduce's TCP links (edgetp.dataplane)
+        self.use_data_links = security is None and dataplane.enabled()  # no CURVE over them
         self.traffic = Traffic()
         self.lock = threading.RLock()
         self.sock = make_context().socket(zmq.ROUTER)
@@ -153,6 +167,7 @@ class MasterTransport:
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
+        self.data_poller = self._poller  # the socket and every data link (see _relink)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
                                            name="edgetp-master-heartbeat")
@@ -204,6 +219,51 @@ class MasterTransport:
             if peer is None:
                 raise ClusterError(f"{self.describe(rank)} left the cluster")
             self._send_frames(peer.identity, op, frames, rank)
+
+    def send_sum(self, fields: dict[str, Any], frames: Sequence[torch.Tensor]) -> int:
+        """An allreduce's sum to every worker: over its data link if it has one, else ZeroMQ.
+        Returns the bytes sent."""
+        self.link_delay.before_send("sum")  # one traversal: the links are parallel
+        encoded: list[Any] | None = None
+        nbytes = 0
+        position = (fields["seq"], fields["step"], fields["index"])
+        for rank in self.worker_ranks:
+            link = self.data_links.get(rank)
+            if link is not None:
+                try:
+                    sent = link.send(dataplane.OP_SUM, self.wire_dtype, position, frames)
+                except DataLinkError as exc:
+                    self.drop_data_link(rank)
+                    raise ClusterError(f"{self.describe(rank)}: {exc}") from exc
+                self.traffic.count_link("sum", sent, sent=True)
+                nbytes += sent
+                continue
+            peer = self.peers.get(rank)
+            if peer is None:
+                raise ClusterError(f"{self.describe(rank)} left the cluster")
+            encoded = encoded or wire.encode("sum", fields, frames)
+            self._send_frames(peer.identity, "sum", encoded, rank)
+            nbytes += sum(len(memoryview(f)) for f in encoded)
+        return nbytes
+
+    def heard_from(self, rank: int) -> None:
+        peer = self.peers.get(rank)
+        if peer is not None:
+            peer.last_seen = time.monotonic()
+
+    def drop_data_link(self, rank: int) -> None:
+        link = self.data_links.pop(rank, None)
+        if link is not None:
+            link.close()
+            self._relink()
+
+    def _relink(self) -> None:
+        """Rebuild the poller of gathers: the socket and every data link."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        for link in self.data_links.values():
+            poller.register(link.fileno(), zmq.POLLIN)
+        self.data_poller = poller
 
     def _send_to(self, identity: bytes, op: str, fields: dict[str, Any],
                  tensors: Sequence[torch.Tensor] = (), rank: int | None = None) -> None:
@@ -295,11 +355,26 @@ class MasterTransport:
         ring = f"tcp://{peer_ip}:{fields['ring_port']}" if fields["ring_port"] else ""
         self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
                                 time.time() - fields["time"], ring)
-        log.info("worker rank %d joined from %s (pid %d)", rank, fields["host"], fields["pid"])
+        data = self._open_data_link(rank, peer_ip, fields["data_port"], fields["data_token"])
+        log.info("worker rank %d joined from %s (pid %d)%s", rank, fields["host"], fields["pid"],
+                 "" if data else "; allreduce over ZeroMQ")
         self._reply(identity, "welcome", {"session": self.session,
                                           "wire_dtype": self.wire_dtype, "time": time.time(),
                                           "allreduce": self.allreduce,
-                                          "ring_port": self.ring_port}, rank=rank)
+                                          "ring_port": self.ring_port, "data": data}, rank=rank)
+
+    def _open_data_link(self, rank: int, peer_ip: str, port: int, token: str) -> bool:
+        """Connect to the worker's data listener (replacing an older link); False if none."""
+        self.drop_data_link(rank)
+        if not (port and self.use_data_links and self.allreduce == "star"):
+            return False
+        try:
+            self.data_links[rank] = dataplane.connect(peer_ip, port, token)
+        except DataLinkError as exc:
+            log.warning("rank %d: %s; its allreduce goes over ZeroMQ", rank, exc)
+            return False
+        self._relink()
+        return True
 
     def _refusal(self, fields: dict[str, Any]) -> str | None:
         expected = self.expected
@@ -344,6 +419,7 @@ class MasterTransport:
                 log.warning("%s has been silent for %.0f s; dropping it",
                             self.describe(rank), time.monotonic() - peer.last_seen)
                 del self.peers[rank]
+                self.drop_data_link(rank)
 
     def close(self, shutdown_workers: bool = False) -> None:
         self._stop.set()
@@ -354,6 +430,8 @@ class MasterTransport:
                         self.send(rank, "shutdown", {})
                     except ClusterError:
                         pass
+            for rank in list(self.data_links):
+                self.drop_data_link(rank)
             self.sock.close(linger=0)
         self._heartbeat.join(timeout=2)
 
@@ -405,6 +483,8 @@ class WorkerTransport:
         self._pending: list[Message] = []  # arrived during the clock sync, not yet served
         self.last_heard = 0.0
         self.last_sent = 0.0
+        self.data_link: DataLink | None = None  # the allreduce's TCP link (edgetp.dataplane)
+        self.data_poller: zmq.Poller | None = None  # the socket and the data link
 
     def connect(self, give_up_s: float | None = None) -> None:
         """(Re)connect and complete the handshake; retries until ``give_up_s`` (None: forever)."""
@@ -412,8 +492,16 @@ class WorkerTransport:
         self._new_socket()
         while True:
             sent_at = time.time()
-            self.send("hello", self.identity.hello_fields(self.ring_port))
+            listener = self._data_listener()
+            self.send("hello", self.identity.hello_fields(
+                self.ring_port, listener.port if listener else 0,
+                listener.token if listener else ""))
             message = self._wait_for_handshake_reply()
+            if message is not None and message.op == "welcome" and not self._join_data_link(
+                    listener, message.fields["data"]):
+                message = None  # the master's link did not arrive: say hello again
+            if listener is not None:
+                listener.close()
             if message is not None:
                 if message.op == "refuse":
                     raise HandshakeRefused(f"master refused rank {self.identity.rank}: "
@@ -431,6 +519,67 @@ class WorkerTransport:
             if deadline is not None and time.monotonic() > deadline:
                 raise ClusterError(f"no answer from the master at {self.master}")
             self._new_socket()  # a fresh connection (the master may have restarted)
+
+    def _data_listener(self) -> DataListener | None:
+        """Where the master may open the data link (None: the allreduce stays on ZeroMQ)."""
+        if self.security is not None or not dataplane.enabled():
+            return None
+        try:
+            return DataListener()
+        except OSError as exc:
+            log.warning("no data link (%s); the allreduce goes over ZeroMQ", exc)
+            return None
+
+    def _join_data_link(self, listener: DataListener | None, offered: bool) -> bool:
+        """Accept the master's data link if its welcome offers one; False if it never came."""
+        self._close_data_link()
+        if not offered or listener is None:
+            return not offered
+        try:
+            self.data_link = listener.accept()
+        except DataLinkError as exc:
+            log.warning("rank %d: %s; joining again", self.identity.rank, exc)
+            return False
+        assert self.sock is not None
+        self.data_poller = zmq.Poller()
+        self.data_poller.register(self.sock, zmq.POLLIN)
+        self.data_poller.register(self.data_link.fileno(), zmq.POLLIN)
+        return True
+
+    def _close_data_link(self) -> None:
+        if self.data_link is not None:
+            self.data_link.close()
+        self.data_link, self.data_poller = None, None
+
+    def send_partial(self, fields: dict[str, Any], frames: Sequence[torch.Tensor]) -> int:
+        """An allreduce's partial to the master, over the data link if there is one; bytes."""
+        if self.data_link is None:
+            self.send("partial", fields, frames)
+            return sum(t.numel() * t.element_size() for t in frames)
+        self.link_delay.before_send("partial")
+        try:
+            sent = self.data_link.send(dataplane.OP_PARTIAL, self.wire_dtype,
+                                       (fields["seq"], fields["step"], fields["index"]), frames)
+        except DataLinkError as exc:
+            raise ClusterError(str(exc)) from exc
+        self.traffic.count_link("partial", sent, sent=True)
+        return sent
+
+    def receive_sum(self, wire_dtype: str, shape: Sequence[int], deadline: float
+                    ) -> dataplane.Received | None:
+        """The next message on the data link (read within ``deadline``)."""
+        assert self.data_link is not None
+        try:
+            got = self.data_link.receive(wire_dtype, shape, deadline)
+        except DataLinkError as exc:
+            raise ClusterError(f"{exc}; rejoining the master") from exc
+        self.last_heard = time.monotonic()
+        self.traffic.count_link("sum", dataplane.HEADER.size + sum(
+            t.numel() * t.element_size() for t in got.tensors), sent=False)
+        if self.frame_log is not None:  # as the same sum over ZeroMQ (--capture-frames)
+            fields = {"seq": got.seq, "step": got.step, "index": got.index}
+            self.frame_log([bytes(f) for f in wire.encode("sum", fields, got.tensors)])
+        return got
 
     def _clock_sample(self, master_time: float, sent_at: float) -> None:
         """Offset = master clock minus ours, from the exchange with the smallest round trip
@@ -454,6 +603,7 @@ class WorkerTransport:
                 self._pending.append(message)  # e.g. a step sent right after the welcome
 
     def _new_socket(self) -> None:
+        self._close_data_link()
         if self.sock is not None:
             self.sock.close(linger=0)
         self._pending.clear()  # messages of the previous connection's session
@@ -502,11 +652,20 @@ class WorkerTransport:
                 message = self._poll_one(min(remaining, HEARTBEAT_S / 2))
             if message is None:
                 continue
-            if message.op == "rejoin":
-                raise ClusterError("the master does not know this worker (it restarted)")
-            if message.op in ("step", "sum", "abort", "shutdown", "collect", "link"):
+            if self._for_compute_loop(message):
                 return message
         return None
+
+    def receive_now(self) -> Message | None:
+        """A message for the compute loop if one is queued (no waiting, no pings)."""
+        message = self._pending.pop(0) if self._pending else self._poll_one(0)
+        return message if message is not None and self._for_compute_loop(message) else None
+
+    @staticmethod
+    def _for_compute_loop(message: Message) -> bool:
+        if message.op == "rejoin":
+            raise ClusterError("the master does not know this worker (it restarted)")
+        return message.op in ("step", "sum", "abort", "shutdown", "collect", "link")
 
     def _poll_one(self, timeout_s: float) -> Message | None:
         assert self.sock is not None
@@ -528,6 +687,7 @@ class WorkerTransport:
         return message
 
     def close(self) -> None:
+        self._close_data_link()
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None

@@ -22,7 +22,7 @@ from typing import Any
 import msgpack
 import torch
 
-PROTOCOL_VERSION = 2  # bump whenever a schema below changes
+PROTOCOL_VERSION = 3  # bump whenever a schema below changes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
@@ -41,9 +41,10 @@ DTYPE_CODES = {v: k for k, v in WIRE_DTYPES.items()}
 _INT, _STR, _FLOAT, _DICT, _BOOL = int, str, float, dict, bool
 SCHEMAS: dict[str, dict[str, type]] = {
     "hello": {"rank": _INT, "fingerprint": _STR, "plan": _STR, "dtype": _STR, "pid": _INT,
-              "host": _STR, "version": _STR, "time": _FLOAT, "ring_port": _INT},
+              "host": _STR, "version": _STR, "time": _FLOAT, "ring_port": _INT,
+              "data_port": _INT, "data_token": _STR},
     "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT, "allreduce": _STR,
-                "ring_port": _INT},
+                "ring_port": _INT, "data": _BOOL},
     "link": {"address": _STR},
     "ring": {"seq": _INT, "step": _INT, "index": _INT, "hop": _INT},
     "refuse": {"reason": _STR},

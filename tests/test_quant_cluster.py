@@ -79,18 +79,17 @@ def test_int8_weights_and_wire_on_three_nodes(tmp_path: Path) -> None:
 def record_star_sums(comm, transport) -> dict[str, int]:  # noqa: ANN001 - test helper
     """Wrap the master's gather, sum and broadcast to check every allreduce as it happens."""
     counts = {"allreduces": 0, "broadcast": 0}
-    gather, allreduce, broadcast = comm._gather, comm.allreduce, transport.broadcast
+    gather, allreduce, send_sum = comm._gather, comm.allreduce, transport.send_sum
     seen: dict[str, object] = {}
 
     def spy_gather(index, shape):  # noqa: ANN001, ANN202
         seen["parts"] = gather(index, shape)
         return seen["parts"]
 
-    def spy_broadcast(op, fields, tensors=()):  # noqa: ANN001, ANN202
-        if op == "sum":
-            seen["sent"] = [t.clone() for t in tensors]
-            counts["broadcast"] += 1
-        return broadcast(op, fields, tensors)
+    def spy_send_sum(fields, tensors):  # noqa: ANN001, ANN202
+        seen["sent"] = [t.clone() for t in tensors]
+        counts["broadcast"] += 1
+        return send_sum(fields, tensors)
 
     def spy_allreduce(x: torch.Tensor) -> torch.Tensor:
         seen.pop("sent", None)
@@ -106,5 +105,5 @@ def record_star_sums(comm, transport) -> dict[str, int]:  # noqa: ANN001 - test 
         counts["allreduces"] += 1
         return total
 
-    comm._gather, comm.allreduce, transport.broadcast = spy_gather, spy_allreduce, spy_broadcast
+    comm._gather, comm.allreduce, transport.send_sum = spy_gather, spy_allreduce, spy_send_sum
     return counts

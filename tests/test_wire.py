@@ -42,7 +42,7 @@ NICE_FIELDS: dict[str, dict[str, Any]] = {
     "error": {"message": "rank 1: out of memory"},
     "shutdown": {},
 }
-_SAMPLE_VALUES: dict[type, Any] = {int: 3, str: "x", float: 1.5, dict: {"k": [1, "v"]}}
+_SAMPLE_VALUES: dict[type, Any] = {int: 3, str: "x", float: 1.5, dict: {"k": [1, "v"]}, bool: True}
 CORE_OPS = ["hello", "welcome", "refuse", "rejoin", "step", "partial", "sum", "abort", "ping",
             "pong", "stats", "error", "shutdown"]
 

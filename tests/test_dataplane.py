@@ -1,0 +1,148 @@
+"""The allreduce's TCP data link: framing, joining, bad input, and a cluster that uses it."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+from edgetp import dataplane
+from edgetp.cluster import LocalCluster
+from edgetp.config import GenerationConfig, SamplingConfig
+from edgetp.dataplane import (
+    HEADER,
+    MAGIC,
+    OP_PARTIAL,
+    OP_SUM,
+    DataLink,
+    DataLinkError,
+    DataListener,
+)
+from edgetp.demo import DEMO_MODEL_DIR, demo_prompt
+from edgetp.master import Prompt
+from edgetp.wirecodec import encode
+
+
+def _pair() -> tuple[DataLink, DataLink]:
+    listener = DataListener()
+    master = dataplane.connect("127.0.0.1", listener.port, listener.token)
+    worker = listener.accept()
+    listener.close()
+    return master, worker
+
+
+def _soon(seconds: float = 2.0) -> float:
+    return time.monotonic() + seconds
+
+
+@pytest.mark.parametrize("wire", ["f32", "bf16", "int8"])
+def test_a_message_arrives_whole_in_a_reused_buffer(wire):
+    master, worker = _pair()
+    try:
+        x = torch.randn(3, 64)
+        frames = encode(x, wire)
+        sent = worker.send(OP_PARTIAL, wire, (7, 9, 11), frames)
+        got = master.receive(wire, (3, 64), _soon())
+        assert (got.op, got.seq, got.step, got.index) == (OP_PARTIAL, 7, 9, 11)
+        assert sent == HEADER.size + sum(t.numel() * t.element_size() for t in frames)
+        for a, b in zip(got.tensors, frames, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        buffers = set()
+        for _ in range(4):  # two buffers, used in turn: no allocation per message
+            worker.send(OP_PARTIAL, wire, (7, 9, 12), frames)
+            buffers.add(master.receive(wire, (3, 64), _soon()).tensors[0].data_ptr())
+        assert len(buffers) == 2
+    finally:
+        master.close()
+        worker.close()
+
+
+def test_a_large_payload_is_sent_in_pieces():
+    master, worker = _pair()
+    try:
+        x = torch.randn(128, 8192)  # 4 MiB: more than one sendmsg / recv_into
+        thread = threading.Thread(target=master.send, args=(OP_SUM, "f32", (1, 2, 3), [x]))
+        thread.start()
+        got = worker.receive("f32", (128, 8192), _soon(10))
+        thread.join()
+        assert torch.equal(got.tensors[0], x)
+    finally:
+        master.close()
+        worker.close()
+
+
+BAD_HEADERS = {
+    "magic": (b"HTTP", OP_SUM, 1, 256, "not the data-link protocol"),
+    "op": (MAGIC, 9, 1, 256, "not the data-link protocol"),
+    "wire": (MAGIC, OP_SUM, 2, 256, "not the data-link protocol"),
+    "size": (MAGIC, OP_SUM, 1, 255, "payload of 255 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADERS))
+def test_a_malformed_message_closes_the_link_with_a_clear_error(case):
+    magic, op, code, size, message = BAD_HEADERS[case]
+    master, worker = _pair()
+    try:
+        worker.sock.sendall(struct.pack("<4sBBxxIIII", magic, op, code, 1, 2, 3, size))
+        with pytest.raises(DataLinkError, match=message):
+            master.receive("f32", (1, 64), _soon())
+    finally:
+        master.close()
+        worker.close()
+
+
+def test_a_truncated_message_or_a_closed_peer_is_an_error_not_a_hang():
+    master, worker = _pair()
+    worker.sock.sendall(HEADER.pack(MAGIC, OP_SUM, 1, 1, 2, 3, 256) + b"\0" * 100)
+    started = time.monotonic()
+    with pytest.raises(DataLinkError, match="stalled"):
+        master.receive("f32", (1, 64), _soon(0.3))
+    assert time.monotonic() - started < 2
+    worker.close()
+    with pytest.raises(DataLinkError, match="closed"):
+        master.receive("f32", (1, 64), _soon())
+    master.close()
+
+
+def test_only_the_token_opens_a_workers_listener():
+    listener = DataListener()
+    try:
+        intruder = socket.create_connection(("127.0.0.1", listener.port))
+        intruder.sendall(MAGIC + b"0" * 32)  # a wrong token: closed, the wait goes on
+        master = dataplane.connect("127.0.0.1", listener.port, listener.token)
+        link = listener.accept()
+        master.send(OP_SUM, "f32", (1, 1, 1), [torch.ones(1, 8)])
+        assert torch.equal(link.receive("f32", (1, 8), _soon()).tensors[0], torch.ones(1, 8))
+        assert intruder.recv(1) == b""  # the listener hung up on it
+        for end in (intruder, master, link):
+            end.close()
+        with pytest.raises(DataLinkError, match="did not open"):
+            listener.accept(timeout_s=0.2)
+    finally:
+        listener.close()
+
+
+def _generate(monkeypatch, tmp_path, link: str) -> tuple[list[int], dict[int, int]]:
+    monkeypatch.setenv(dataplane.ENV_SWITCH, link)
+    cluster = LocalCluster(DEMO_MODEL_DIR, 3, timeout_s=10.0, split_dir=tmp_path / "split")
+    with cluster as master:
+        result = master.generate(Prompt(demo_prompt(3, 11)), SamplingConfig(),
+                                 GenerationConfig(max_new_tokens=10))
+        transport = master.runner.transport  # type: ignore[attr-defined]
+        links = {rank: link.bytes_received for rank, link in transport.data_links.items()}
+        ops = dict(transport.traffic.received)
+    assert ops.get("partial", 0) > 0
+    return result.token_ids, links
+
+
+def test_the_cluster_allreduce_runs_over_the_link_with_the_same_tokens(monkeypatch, tmp_path):
+    tokens, links = _generate(monkeypatch, tmp_path, "1")
+    assert sorted(links) == [1, 2] and all(n > 0 for n in links.values())
+    zmq_tokens, zmq_links = _generate(monkeypatch, tmp_path, "0")  # EDGETP_DATA_LINK=0
+    assert zmq_links == {}
+    assert tokens == zmq_tokens
