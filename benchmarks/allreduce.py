@@ -43,6 +43,7 @@ import math
 import multiprocessing as mp
 import os
 import signal
+import socket
 import statistics
 import sys
 import time
@@ -50,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+
+from edgetp import dataplane
 
 # The repository's own edgetp first: spawned children inherit sys.path, and this venv's editable
 # install (made before edgetp/__init__.py existed) imports edgetp as a namespace package from
@@ -221,6 +224,39 @@ def pingpong_child(address: str, parent_pid: int) -> None:
         pass
 
 
+def tcp_pingpong_child(port: int, parent_pid: int) -> None:
+    """Echo fixed-size messages over a plain TCP socket (TCP_NODELAY): the data link's floor.
+    Each message is an 8-byte length then the payload; a zero length ends it."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(1.0)
+        try:
+            while not _parent_gone(parent_pid):
+                try:
+                    size = int.from_bytes(_read_exactly(sock, 8), "little")
+                except TimeoutError:
+                    continue
+                if size == 0:
+                    return
+                sock.sendall(_read_exactly(sock, size))
+        finally:
+            sock.close()
+    except (KeyboardInterrupt, OSError):
+        pass
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytearray:
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the peer closed the connection")
+        got += n
+    return buffer
+
+
 class Children:
     """Spawned processes, reaped for sure."""
 
@@ -290,6 +326,40 @@ def measure_pingpong(sizes: list[int], repeat: int, warmup: int, budget_s: float
         child.join(10)
     finally:
         sock.close(linger=0)
+    return results
+
+
+def measure_tcp_pingpong(sizes: list[int], repeat: int, warmup: int, budget_s: float,
+                         children: Children) -> dict[int, dict[str, float]]:
+    """Round trips over a plain TCP socket, as the data link (edgetp.dataplane) makes them."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(JOIN_TIMEOUT_S)
+    child = children.start(tcp_pingpong_child, listener.getsockname()[1])
+    results: dict[int, dict[str, float]] = {}
+    conn, _ = listener.accept()
+    listener.close()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.settimeout(TIMEOUT_S)
+    try:
+        for size in sizes:
+            message = size.to_bytes(8, "little") + os.urandom(size)
+            samples: list[float] = []
+            deadline = time.monotonic() + budget_s
+            for i in range(warmup + repeat):
+                started = time.perf_counter()
+                conn.sendall(message)
+                _read_exactly(conn, size)
+                if i >= warmup:
+                    samples.append(time.perf_counter() - started)
+                    if len(samples) >= MIN_SAMPLES and time.monotonic() > deadline:
+                        break
+            results[size] = summarize(samples)
+            log(f"  tcp ping-pong {format_size(size):>5}: median "
+                f"{results[size]['median']:9.1f} us ({len(samples)} round trips)")
+        conn.sendall((0).to_bytes(8, "little"))
+        child.join(10)
+    finally:
+        conn.close()
     return results
 
 
@@ -431,18 +501,21 @@ def verdicts(rows: list[dict[str, Any]], nodes: list[int]) -> list[dict[str, Any
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print(f"star allreduce vs raw ZeroMQ ping-pong (tcp loopback, float32 [1, size/4]; "
-          f"{report['cpu_count']} cores)")
-    print("latencies in microseconds; allreduce = median per allreduce (p90 in brackets)")
+    print(f"star allreduce vs raw ZeroMQ and plain TCP ping-pongs (loopback, float32 "
+          f"[1, size/4]; {report['cpu_count']} cores); the allreduce went over "
+          f"{report['channel']}")
+    print("latencies in microseconds; allreduce = median per allreduce (p90 in brackets); "
+          "ratio = allreduce / ZeroMQ ping-pong")
     print()
-    header = (f"{'size':>6} {'N':>3} {'ping-pong us':>13} {'allreduce us':>13} {'(p90)':>10} "
-              f"{'ratio':>7} {'gather %':>9}")
+    header = (f"{'size':>6} {'N':>3} {'ping-pong us':>13} {'tcp us':>8} {'allreduce us':>13} "
+              f"{'(p90)':>10} {'ratio':>7} {'gather %':>9}")
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         gather_pct = 100 * r["master_gather_us"]["median"] / r["allreduce_us"]["median"]
         print(f"{r['size']:>6} {r['nodes']:>3} {r['pingpong_us']['median']:13.1f} "
-              f"{r['allreduce_us']['median']:13.1f} {r['allreduce_us']['p90']:>10.1f} "
+              f"{r['tcp_pingpong_us']['median']:8.1f} {r['allreduce_us']['median']:13.1f} "
+              f"{r['allreduce_us']['p90']:>10.1f} "
               f"{r['ratio']:6.2f}x {gather_pct:8.0f}%")
     print()
     print("gather % = share of the master's allreduce spent in gather (waiting for and decoding "
@@ -512,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
         log("raw ZeroMQ ping-pong (the floor)")
         floor = measure_pingpong(args.sizes, args.repeat, args.warmup, args.budget / 2,
                                  children)
+        log("plain TCP ping-pong (the data link's floor)")
+        tcp = measure_tcp_pingpong(args.sizes, args.repeat, args.warmup, args.budget / 2,
+                                   children)
         children.reap()
         for n in args.nodes:
             log(f"star allreduce, N={n}: starting {n - 1} worker process(es)")
@@ -523,7 +599,8 @@ def main(argv: list[str] | None = None) -> int:
                 for size in args.sizes:
                     latency, gather = run.measure(size, args.repeat, args.warmup, args.budget)
                     row = {"size": format_size(size), "size_bytes": size, "nodes": n,
-                           "pingpong_us": floor[size], "allreduce_us": latency,
+                           "pingpong_us": floor[size], "tcp_pingpong_us": tcp[size],
+                           "allreduce_us": latency,
                            "master_gather_us": gather,
                            "ratio": latency["median"] / floor[size]["median"]}
                     rows.append(row)
@@ -544,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                      "StarWorker) vs raw ZeroMQ ROUTER/DEALER ping-pong, tcp loopback",
         "units": "microseconds",
         "cpu_count": os.cpu_count(),
+        "channel": ("the data link (plain TCP)" if dataplane.enabled()
+                    else "ZeroMQ (EDGETP_DATA_LINK=0)"),
         "repeat": args.repeat,
         "budget_s": args.budget,
         "results": rows,

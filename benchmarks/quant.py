@@ -7,7 +7,8 @@ Run::
 
 1. **Model.** A seeded float32 Llama checkpoint (hidden 1024, MLP 2816, 16 query / 4 KV heads,
    4 layers: ~180 MB in float32, ~45 MB in int8; 2 layers with ``--quick``), written tensor by
-   tensor, with the demo model's tokenizer (vocabulary 107) so a real cluster can run it.
+   tensor by :func:`edgetp.synthetic.write_model`, with the demo model's tokenizer (vocabulary
+   107) so a real cluster can run it.
 2. **Weights.** Split for one node in float32, bfloat16, int8 and int4 (group 32): bytes on
    disk of the rank directory's weight files.
 3. **Resident.** One process loads the rank with no budget and decodes greedily: median
@@ -47,10 +48,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from edgetp.collectives import SoloCommunicator  # noqa: E402
-from edgetp.demo import DEMO_MODEL_DIR  # noqa: E402
 from edgetp.loader import load_rank, shard_memory_needs  # noqa: E402
 from edgetp.manifest import read_manifest  # noqa: E402
 from edgetp.split import split_checkpoint  # noqa: E402
+from edgetp.synthetic import llama_config, write_model  # noqa: E402
 
 MB = 1e6
 FORMATS = ("float32", "bfloat16", "int8", "int4")
@@ -58,68 +59,12 @@ WIRES = ("f32", "bf16", "int8")
 MAX_SEQ_LEN = 128
 PROMPT_LEN = 8
 SEED = 0
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def model_config(layers: int) -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 107,
-        "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": layers,
-        "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 1024,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
-    }
-
-
-def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    hd = d // heads
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, d),
-                                          "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (heads * hd, d),
-            p + "self_attn.k_proj.weight": (kv * hd, d),
-            p + "self_attn.v_proj.weight": (kv * hd, d),
-            p + "self_attn.o_proj.weight": (d, heads * hd),
-            p + "mlp.gate_proj.weight": (inner, d), p + "mlp.up_proj.weight": (inner, d),
-            p + "mlp.down_proj.weight": (d, inner),
-        })
-    return shapes
-
-
-def write_model(model_dir: Path, layers: int) -> None:
-    """config.json, a seeded float32 model.safetensors (tensor by tensor), the demo tokenizer."""
-    config = model_config(layers)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(config))
-    for name in TOKENIZER_FILES:
-        if (DEMO_MODEL_DIR / name).is_file():
-            shutil.copyfile(DEMO_MODEL_DIR / name, model_dir / name)
-    shapes = tensor_shapes(config)
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        nbytes = 4 * torch.Size(shape).numel()
-        header[name] = {"dtype": "F32", "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    gen = torch.Generator().manual_seed(SEED)
-    with (model_dir / "model.safetensors").open("wb") as handle:
-        handle.write(len(blob).to_bytes(8, "little") + blob)
-        for name, shape in shapes.items():
-            if name.endswith("norm.weight"):
-                tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif "embed_tokens" in name:
-                tensor = torch.randn(shape, generator=gen)
-            else:
-                tensor = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-            handle.write(tensor.numpy().tobytes())
+    """The demo tokenizer's vocabulary (107), so a real cluster can run the model."""
+    return llama_config(hidden=1024, intermediate=2816, layers=layers, heads=16, kv_heads=4,
+                        vocab=107, max_position_embeddings=1024)
 
 
 def drop_page_cache(shard: Path) -> None:
@@ -205,7 +150,7 @@ def wire_run(model_dir: Path, root: Path, wire: str, tokens: int) -> dict:
 def measure(root: Path, layers: int, tokens: int, wire: bool, rounds: int) -> dict[str, Any]:
     model_dir = root / "model"
     if not (model_dir / "model.safetensors").is_file():
-        write_model(model_dir, layers)
+        write_model(model_dir, model_config(layers), SEED)
     out: dict[str, Any] = {"layers": layers, "rounds": rounds, "formats": {}, "wire": {}}
     shards = {}
     for fmt in FORMATS:

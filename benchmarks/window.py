@@ -9,7 +9,8 @@ What it does, on one node (one process), through edgetp's real loading path
 (:func:`~edgetp.split.split_checkpoint` + :func:`~edgetp.loader.load_rank` with
 ``memory_budget``):
 
-1. **Model.** Writes a seeded float32 Llama checkpoint tensor by tensor (hidden 1024, MLP 4096,
+1. **Model.** Writes a seeded float32 Llama checkpoint tensor by tensor
+   (:func:`edgetp.synthetic.write_model`: hidden 1024, MLP 4096,
    16 query / 4 KV heads, vocab 8000; 16 layers, ~1 GB, or 6 layers, ~430 MB, with
    ``--quick``) and splits it for one node.
 2. **Disk.** Sequential read bandwidth of the shard's files with the page cache dropped first
@@ -56,6 +57,7 @@ from edgetp.collectives import SoloCommunicator  # noqa: E402
 from edgetp.loader import MemoryNeeds, load_rank, shard_memory_needs  # noqa: E402
 from edgetp.manifest import read_manifest  # noqa: E402
 from edgetp.split import split_checkpoint  # noqa: E402
+from edgetp.synthetic import llama_config, write_model  # noqa: E402
 
 MB = 1e6
 MAX_SEQ_LEN = 256
@@ -68,72 +70,8 @@ SEED = 0
 
 
 def model_config(layers: int) -> dict[str, Any]:
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": 8000,
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 4,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    }
-
-
-def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    hd = d // heads
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, d),
-        "model.norm.weight": (d,),
-        "lm_head.weight": (vocab, d),
-    }
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (heads * hd, d),
-            p + "self_attn.k_proj.weight": (kv * hd, d),
-            p + "self_attn.v_proj.weight": (kv * hd, d),
-            p + "self_attn.o_proj.weight": (d, heads * hd),
-            p + "mlp.gate_proj.weight": (inner, d),
-            p + "mlp.up_proj.weight": (inner, d),
-            p + "mlp.down_proj.weight": (d, inner),
-        })
-    return shapes
-
-
-def write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """A seeded float32 safetensors file, one tensor at a time (never whole in memory)."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        nbytes = 4 * torch.Size(shape).numel()
-        header[name] = {"dtype": "F32", "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    gen = torch.Generator().manual_seed(SEED)
-    with path.open("wb") as handle:
-        handle.write(len(blob).to_bytes(8, "little") + blob)
-        for name, shape in shapes.items():
-            if name.endswith("norm.weight"):
-                tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif "embed_tokens" in name:
-                tensor = torch.randn(shape, generator=gen)
-            else:
-                tensor = 0.03 * torch.randn(shape, generator=gen)
-            handle.write(tensor.numpy().tobytes())
+    return llama_config(hidden=1024, intermediate=4096, layers=layers, heads=16, kv_heads=4,
+                        vocab=8000)
 
 
 def build_shard(root: Path, layers: int) -> Path:
@@ -145,10 +83,7 @@ def build_shard(root: Path, layers: int) -> Path:
         if manifest.model_config.num_hidden_layers == layers:
             return shard
         shutil.rmtree(root / "split")
-    model_dir = root / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "config.json").write_text(json.dumps(config))
-    write_checkpoint(model_dir / "model.safetensors", tensor_shapes(config))
+    model_dir = write_model(root / "model", config, SEED)
     split_checkpoint(model_dir, root / "split", 1)
     shutil.rmtree(model_dir)
     return shard

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import select
 import socket
 import struct
 import time
@@ -88,6 +89,8 @@ class DataLink:
         self._header = bytearray(HEADER.size)
         self._buffers: dict[int, list[bytearray]] = {}  # payload bytes -> two, used in turn
         self._turn = 0
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -112,19 +115,25 @@ class DataLink:
         return HEADER.size + size
 
     def receive(self, wire: str, shape: Sequence[int], deadline: float) -> Received:
-        """The next message, whose payload must be a ``[T, d]`` of ``wire`` (``shape``)."""
-        self._read_into(memoryview(self._header), deadline)
-        magic, op, code, seq, step, index, size = HEADER.unpack(self._header)
+        """The next message, whose payload must be a ``[T, d]`` of ``wire`` (``shape``).
+
+        The header and the payload are read together (one ``recvmsg_into`` in the usual case)
+        into the header buffer and one of the reused payload buffers of the expected size.
+        """
         layout = payload_layout(wire, shape)
         expected = _nbytes(layout)
+        buffer = self._buffer(expected)
+        header, payload = memoryview(self._header), memoryview(buffer)
+        got = self._read_into([header, payload], deadline, stop_at=HEADER.size)
+        magic, op, code, seq, step, index, size = HEADER.unpack(self._header)
         if magic != MAGIC or op not in (OP_PARTIAL, OP_SUM) or code != WIRE_CODES[wire]:
             raise DataLinkError(f"a message that is not the data-link protocol (magic {magic!r}, "
                                 f"op {op}, wire {code})")
         if size != expected:
             raise DataLinkError(f"a payload of {size} bytes where {list(shape)} in {wire} "
                                 f"takes {expected}")
-        buffer = self._buffer(size)
-        self._read_into(memoryview(buffer), deadline)
+        if got < HEADER.size + size:
+            self._read_into([payload[got - HEADER.size:]], deadline)
         self.bytes_received += HEADER.size + size
         return Received(op, seq, step, index, _tensors(buffer, layout))
 
@@ -137,26 +146,32 @@ class DataLink:
         self._turn ^= 1
         return pair[self._turn]
 
-    def _read_into(self, view: memoryview, deadline: float) -> None:
-        got = 0
+    def _read_into(self, views: list[memoryview], deadline: float, stop_at: int = 0) -> int:
+        """Fill ``views`` in order, or only their first ``stop_at`` bytes (more may come in the
+        same read); returns the bytes read. Reads without blocking and waits with poll(2)."""
+        total = sum(len(v) for v in views)
+        want, got = (stop_at or total), 0
         try:
-            while got < len(view):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DataLinkError("the data link stalled in the middle of a message")
-                self.sock.settimeout(remaining)
-                n = self.sock.recv_into(view[got:])
+            while got < want:
+                try:
+                    n = self.sock.recvmsg_into(views, 0, socket.MSG_DONTWAIT)[0]
+                except BlockingIOError:
+                    self._wait_readable(deadline)
+                    continue
                 if n == 0:
                     raise DataLinkError("the peer closed the data link")
                 got += n
-        except TimeoutError:
-            raise DataLinkError("the data link stalled in the middle of a message") from None
+                views = _advance(views, n)
+        except DataLinkError:
+            raise
         except OSError as exc:
-            if isinstance(exc, DataLinkError):
-                raise
             raise DataLinkError(f"the data link broke ({exc})") from exc
-        finally:
-            self.sock.settimeout(None)
+        return got
+
+    def _wait_readable(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._poll.poll(max(1, int(remaining * 1000))):
+            raise DataLinkError("the data link stalled in the middle of a message")
 
     def close(self) -> None:
         self.sock.close()

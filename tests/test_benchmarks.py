@@ -29,3 +29,45 @@ def test_allreduce_benchmark_quick_json() -> None:
         assert abs(row["ratio"] - row["allreduce_us"]["median"]
                    / row["pingpong_us"]["median"]) < 1e-9
     assert {v["nodes"] for v in report["verdicts"]} == {2, 4}
+
+
+def test_decode_benchmark_tiny_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--runs", "1",
+         "--new-tokens", "4", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    bandwidth = report["bandwidth"]
+    for key in ("read_gbps_1", "read_gbps_2_per_stream"):
+        assert bandwidth[key] > 0, bandwidth
+    for key in ("kernel_gbps_1", "kernel_gbps_2_per_stream"):
+        assert set(bandwidth[key]) == {"float32", "bfloat16", "int8", "int4"}
+        assert all(rate > 0 for rate in bandwidth[key].values()), bandwidth
+    assert abs(bandwidth["read_gbps_2_total"] - 2 * bandwidth["read_gbps_2_per_stream"]) < 1e-9
+    points = {(p["nodes"], p["weights"]): p for p in report["results"]}
+    assert set(points) == {(n, w) for n in (1, 2)
+                           for w in ("float32", "bfloat16", "int8", "int4")}
+    for (nodes, _), point in points.items():
+        assert point["ms_per_token"] > 0 and point["floor_ms"] > 0, point
+        assert point["head_ms"] > 0, point
+        assert abs(point["ratio"] - point["ms_per_token"] / point["floor_ms"]) < 1e-9
+        assert len(point["run_ms_per_token"]) == 1
+        assert len(point["read_bytes_per_token"]) == nodes
+        assert all(b > 0 for b in point["read_bytes_per_token"])
+        gbps = bandwidth["read_gbps_1" if nodes == 1 else "read_gbps_2_per_stream"]
+        assert point["bandwidth_gbps"] == gbps
+        assert [n["rank"] for n in point["node_breakdown"]] == list(range(nodes))
+        for node in point["node_breakdown"]:
+            assert node["compute_ms"] > 0 and node["floor_ms"] > 0 and node["other_ms"] >= 0
+        assert point["outside_ms"] == point["node_breakdown"][0]["other_ms"]
+    # the master also reads the lm_head: of two nodes it reads more
+    two = points[(2, "float32")]["read_bytes_per_token"]
+    assert two[0] > two[1]
+    assert {t["name"] for t in report["targets"]} >= {"2 nodes float32 <= 1.25x floor"}
+    for target in report["targets"]:
+        assert target["status"] == "met" or target["status"].startswith(("missed by", "n/a"))
+    assert len(report["reference"]) == 7
+    assert 0 <= report["others_cpu_share"] <= 1
+    assert "ms/token" in proc.stderr and "targets:" in proc.stderr

@@ -37,34 +37,18 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from cgroup_utils import CgroupUnavailable, MemoryCgroup, cgroup_support, memory_cgroup
 
 from edgetp.cluster import free_port
-from edgetp.demo import DEMO_MODEL_DIR
 from edgetp.loader import shard_memory_needs
 from edgetp.split import split_checkpoint
+from edgetp.synthetic import llama_config, write_model
 
 pytestmark = pytest.mark.slow
 
 MiB = 1 << 20
-CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "vocab_size": 8000,
-    "hidden_size": 1024,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-    "torch_dtype": "float32",
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+CONFIG = llama_config(hidden=1024, intermediate=8192, layers=12, heads=16, kv_heads=4,
+                      vocab=8000)
 MAX_SEQ_LEN = 64
 PROMPT = [1, 734, 2981, 77, 5120, 4410, 19, 7777]
 DECODE_STEPS = 4
@@ -123,59 +107,6 @@ finally:
 """
 
 
-# -- the model --------------------------------------------------------------------------------
-
-
-def tensor_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    d, inner, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
-    hd = d // heads
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (vocab, d),
-        "model.norm.weight": (d,),
-        "lm_head.weight": (vocab, d),
-    }
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,),
-            p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (heads * hd, d),
-            p + "self_attn.k_proj.weight": (kv * hd, d),
-            p + "self_attn.v_proj.weight": (kv * hd, d),
-            p + "self_attn.o_proj.weight": (d, heads * hd),
-            p + "mlp.gate_proj.weight": (inner, d),
-            p + "mlp.up_proj.weight": (inner, d),
-            p + "mlp.down_proj.weight": (d, inner),
-        })
-    return shapes
-
-
-def write_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> int:
-    """A float32 safetensors file written one seeded tensor at a time (never whole in memory)."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, shape in shapes.items():
-        nbytes = 4 * torch.Size(shape).numel()
-        header[name] = {"dtype": "F32", "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    gen = torch.Generator().manual_seed(seed)
-    with path.open("wb") as handle:
-        handle.write(len(blob).to_bytes(8, "little") + blob)
-        for name, shape in shapes.items():
-            if name.endswith("norm.weight"):
-                tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif "embed_tokens" in name:
-                tensor = torch.randn(shape, generator=gen)
-            else:
-                tensor = 0.03 * torch.randn(shape, generator=gen)
-            handle.write(tensor.numpy().tobytes())
-    return path.stat().st_size
-
-
 @pytest.fixture(scope="module")
 def cgroups_here() -> tuple[int, Path]:
     try:
@@ -188,13 +119,8 @@ def cgroups_here() -> tuple[int, Path]:
 def big_split(cgroups_here, tmp_path_factory):
     """The 2-node split of the big model (rank directories); deleted after the module."""
     root = tmp_path_factory.mktemp("cgroup_model")
-    model_dir = root / "model"
-    model_dir.mkdir()
     try:
-        (model_dir / "config.json").write_text(json.dumps(CONFIG))
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # Master.cluster wants one
-            shutil.copy(DEMO_MODEL_DIR / name, model_dir / name)
-        write_checkpoint(model_dir / "model.safetensors", tensor_shapes(CONFIG))
+        model_dir = write_model(root / "model", CONFIG)  # with the tokenizer Master.cluster needs
         dirs = split_checkpoint(model_dir, root / "split", 2).rank_dirs
         (model_dir / "model.safetensors").unlink()
         yield dirs
