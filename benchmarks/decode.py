@@ -33,8 +33,7 @@ Run::
    and each allreduce, not single matmuls. So *outside* = the master's (rank 0's) ms/token -
    (layer + head time) - allreduce wait, from the bench report's breakdown (embedding row,
    final norm, step broadcast, Python glue between layers). The report files the master's
-   lm_head under its "other" (the head's span lies outside the step span it counts within),
-   so the head's time, taken from the bench trace, is moved back to compute. What layers do
+   lm_head in the master's compute (its step span holds the head). What layers do
    besides reading their weights (norms, RoPE, attention, activations, matmul kernels slower
    than the stream) shows as *above floor* = rank 0's layer + head time - its own bytes /
    bandwidth. A missed target's "why" line adds up rank 0's parts and gives the kernel's own
@@ -318,13 +317,14 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
     bytes_by_rank = [read_bytes_per_token(d) for d in rank_dirs]
     gbps = bw["read_gbps_1" if nodes == 1 else "read_gbps_2_per_stream"]
     floor_ms = max(bytes_by_rank) / (gbps * GB) * 1000
-    head_ms = head_ms_per_token(out_dir / "trace.json")
+    kernel = bw["kernel_gbps_1" if nodes == 1 else "kernel_gbps_2_per_stream"][weights]
+    kernel_floor_ms = max(bytes_by_rank) / (kernel * GB) * 1000
     point = {"nodes": nodes, "weights": weights, "compute_dtype": compute,
              "ms_per_token": ms, "run_ms_per_token": runs, "floor_ms": floor_ms,
              "ratio": ms / floor_ms, "bandwidth_gbps": gbps,
-             "read_bytes_per_token": bytes_by_rank, "head_ms": head_ms,
-             "node_breakdown": [breakdown(node, bytes_by_rank[node["rank"]], gbps,
-                                          head_ms if node["rank"] == 0 else 0.0)
+             "kernel_floor_ms": kernel_floor_ms, "kernel_ratio": ms / kernel_floor_ms,
+             "read_bytes_per_token": bytes_by_rank,
+             "node_breakdown": [breakdown(node, bytes_by_rank[node["rank"]], gbps)
                                 for node in report["nodes"]],
              "report_dir": str(out_dir)}
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
@@ -333,26 +333,15 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
     return point
 
 
-def head_ms_per_token(trace_path: Path) -> float:
-    """The master's mean lm_head time (ms) per call, one call per token, from the bench trace.
-
-    The report's breakdown counts spans inside the master's step span, and the head runs after
-    it (``ClusterRunner.logits``), so the report files the head under "other".
-    """
-    events = json.loads(trace_path.read_text())["traceEvents"]
-    heads = [e["dur"] for e in events if e.get("cat") == "head" and e.get("pid") == 0]
-    return statistics.fmean(heads) / 1000 if heads else 0.0
-
-
-def breakdown(node: dict[str, Any], nbytes: int, gbps: float, head_ms: float) -> dict[str, Any]:
-    """One node's per-token parts (ms) from the bench report (the master's lm_head moved from
-    other to compute), and its own floor."""
+def breakdown(node: dict[str, Any], nbytes: int, gbps: float) -> dict[str, Any]:
+    """One node's per-token parts (ms) from the bench report (the master's step span holds its
+    lm_head: compute) and its own floor."""
     parts = node["breakdown_ms_per_token"]
     floor_ms = nbytes / (gbps * GB) * 1000
-    compute = parts["compute"] + head_ms
+    compute = parts["compute"]
     return {"rank": node["rank"], "compute_ms": compute,
             "allreduce_ms": parts["allreduce"], "read_wait_ms": parts["read_wait"],
-            "other_ms": max(0.0, parts["other"] - head_ms), "floor_ms": floor_ms,
+            "other_ms": parts["other"], "floor_ms": floor_ms,
             "above_floor_ms": compute - floor_ms, "peak_rss_bytes": node.get("peak_rss_bytes", 0)}
 
 
@@ -437,15 +426,19 @@ def describe(data: dict[str, Any]) -> list[str]:
 
 
 def results_table(points: list[dict[str, Any]]) -> list[str]:
-    lines = ["", "floor = slowest node's bytes per token / read bandwidth", OUTSIDE_METHOD, "",
-             "| nodes | weights | ms/token | floor ms | ratio | MB/token (slowest node) | "
-             "rank 0 compute | above floor | allreduce wait | outside |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", "floor = slowest node's bytes per token / read bandwidth; kernel floor = the "
+             "same bytes / the rate of the dtype's matrix-vector kernel alone (what torch's "
+             "kernel allows)", OUTSIDE_METHOD, "",
+             "| nodes | weights | ms/token | floor ms | ratio | kernel floor ms | ratio | "
+             "MB/token (slowest node) | rank 0 compute | above floor | allreduce wait | "
+             "outside |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         master, slowest = p["node_breakdown"][0], max(p["read_bytes_per_token"])
         lines.append(
             f"| {p['nodes']} | {p['weights']} | {p['ms_per_token']:.1f} | {p['floor_ms']:.1f} | "
-            f"{p['ratio']:.2f} | {slowest / 1e6:.0f} | {master['compute_ms']:.1f} | "
+            f"{p['ratio']:.2f} | {p['kernel_floor_ms']:.1f} | {p['kernel_ratio']:.2f} | "
+            f"{slowest / 1e6:.0f} | {master['compute_ms']:.1f} | "
             f"{master['above_floor_ms']:.1f} | {master['allreduce_ms']:.1f} | "
             f"{p['outside_ms']:.1f} |")
     lines += ["", "per node (ms/token): compute = layers + head minus waits; own floor = own "

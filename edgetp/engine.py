@@ -162,6 +162,7 @@ class Engine:
         self.runner.reset()
         start = time.perf_counter()
         logits = self.runner.logits(torch.tensor(list(prompt_ids), dtype=torch.int64), 0)
+        tick = time.perf_counter()
         generated: list[int] = []
         decode_ms: list[float] = []
         ttft_ms, position = 0.0, len(prompt_ids)
@@ -179,9 +180,9 @@ class Engine:
                 return GenerationResult(
                     generated, stream.text, len(prompt_ids), reason, ttft_ms, decode_ms
                 )
-            step_start = time.perf_counter()
             logits = self.runner.logits(torch.tensor([token], dtype=torch.int64), position)
-            decode_ms.append((time.perf_counter() - step_start) * 1000)
+            tick, last = time.perf_counter(), tick  # a token's time: sampling and text included
+            decode_ms.append((tick - last) * 1000)
             position += 1
 
     def _limit_reason(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from edgetp.collectives import StarMaster, StepPosition
+from edgetp.collectives import SoloCommunicator, StarMaster, StepPosition
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.metrics import RECORDER, now, spans_from_tensor
@@ -91,27 +91,30 @@ class ClusterRunner:
             try:
                 if isinstance(self.comm, RingAllreduce) and self.plan.n_ranks > 1:
                     self._link_ring(self.comm.link)
-                h = None
+                h, started = None, now()
                 for offset in range(0, tokens.numel(), self.prefill_chunk):
+                    if h is not None:  # a prefill chunk's step span ends here; the last one's
+                        RECORDER.add("step", self.step, started, now())  # after the head
+                        started = now()
                     chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
                     h = self._step(self.model.embed(chunk), start_pos + offset)
                 assert h is not None, "logits() needs at least one token"
-                return self.model.head(h[-1:])[0]  # [V]
+                logits = self.model.head(h[-1:])[0]  # [V]
+                RECORDER.add("step", self.step, started, now())
+                return logits
             except ClusterError:
                 self._abort()
                 raise
 
     def _step(self, h: torch.Tensor, start: int) -> torch.Tensor:  # h: [C, d] -> [C, d]
-        started = now()
         self.step += 1
         h = self.model.forward_layers(h, start, self.first)
-        self.comm.position.begin(self.seq, self.step, 2 * len(self.shared))
-        self.transport.broadcast("step", {"seq": self.seq, "step": self.step, "start": start},
-                                 [h])
+        if self.plan.n_ranks > 1:
+            self.comm.position.begin(self.seq, self.step, 2 * len(self.shared))
+            self.transport.broadcast("step", {"seq": self.seq, "step": self.step,
+                                              "start": start}, [h])
         h = self.model.forward_layers(h, start, self.shared)
-        h = self.model.forward_layers(h, start, self.last)
-        RECORDER.add("step", self.step, started, now())
-        return h
+        return self.model.forward_layers(h, start, self.last)
 
     def collect_stats(self, timeout_s: float | None = None) -> dict[int, tuple[dict, list]]:
         """Every worker's counters and spans since the last collection, by rank."""
@@ -191,7 +194,8 @@ class Master:
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
                                     security)
         try:
-            comm = _master_communicator(transport, allreduce, wire_dtype, timeout_s)
+            comm = (SoloCommunicator() if manifest.plan.n_ranks == 1  # no allreduce at all
+                    else _master_communicator(transport, allreduce, wire_dtype, timeout_s))
             hidden = manifest.model_config.hidden_size
             chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * hidden)))
             model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,

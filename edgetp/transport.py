@@ -39,6 +39,7 @@ log = logging.getLogger("edgetp.transport")
 
 HEARTBEAT_S = 1.0
 SERVICE_INTERVAL_S = 0.005  # how often an idle master answers control messages
+BUSY_INTERVAL_S = 0.05  # ... and looks again while a request runs (less GIL contention)
 CLOCK_SYNC_PINGS = 8
 
 
@@ -401,8 +402,11 @@ class MasterTransport:
     def _heartbeat_loop(self) -> None:
         if hasattr(signal, "pthread_sigmask"):  # Ctrl-C goes to the main thread, not here
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        while not self._stop.wait(SERVICE_INTERVAL_S):
+        interval = SERVICE_INTERVAL_S
+        while not self._stop.wait(interval):
+            interval = BUSY_INTERVAL_S  # a request holds the lock: it serves the socket itself
             if self.lock.acquire(blocking=False):
+                interval = SERVICE_INTERVAL_S
                 try:
                     if not self._stop.is_set():
                         self._service(0)
