@@ -94,6 +94,7 @@ class ClusterSpec:
     private_layers: int = 0
     ring_slots: int = DEFAULT_RING_SLOTS
     allreduce: str = "star"  # or "ring" (edgetp.ring)
+    data_link: bool = True  # partials and sums over edgetp.dataplane (not with CURVE)
 
     @property
     def shares(self) -> tuple[float, ...]:
@@ -151,7 +152,7 @@ def cluster_spec(config: ClusterConfig) -> ClusterSpec:
             budget = max(0, profile.free_memory - profile.runtime_rss)
         nodes.append(NodeSpec(node.name, profile, budget, node.share, link))
     return ClusterSpec(tuple(nodes), config.wire_dtype, config.private_layers,
-                       allreduce=config.allreduce)
+                       allreduce=config.allreduce, data_link=not config.security.curve)
 
 
 def _node_profile(raw: str | dict[str, Any] | None, config: ClusterConfig, where: str,
@@ -498,7 +499,9 @@ def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:
     each (the step's last one a reduce: no broadcast), or the ring's 2(N-1) traversals of a 1/N
     chunk between neighbours."""
     if cluster.allreduce == "star":
-        return count * _gather(cluster, nbytes) + (count - 1) * _broadcast(cluster, nbytes)
+        data = cluster.data_link
+        return (count * _gather(cluster, nbytes, data)
+                + (count - 1) * _broadcast(cluster, nbytes, data))
     n = len(cluster.nodes)
     overhead = 2 * max(node.profile.msg_overhead_us for node in cluster.nodes) * 1e-6
     traversal = (max(node.latency_s for node in cluster.nodes) + overhead
@@ -506,23 +509,28 @@ def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:
     return count * 2 * (n - 1) * traversal
 
 
-def _gather(cluster: ClusterSpec, nbytes: int) -> float:
+def _gather(cluster: ClusterSpec, nbytes: int, data: bool) -> float:
     """Every worker sends ``nbytes`` to the master: the slowest worker's latency."""
-    return max(n.latency_s for n in cluster.nodes[1:]) + _through_master(cluster, nbytes)
+    return max(n.latency_s for n in cluster.nodes[1:]) + _through_master(cluster, nbytes, data)
 
 
-def _broadcast(cluster: ClusterSpec, nbytes: int) -> float:
+def _broadcast(cluster: ClusterSpec, nbytes: int, data: bool = False) -> float:
     """The master sends ``nbytes`` to every worker: the master's latency."""
-    return cluster.nodes[0].latency_s + _through_master(cluster, nbytes)
+    return cluster.nodes[0].latency_s + _through_master(cluster, nbytes, data)
 
 
-def _through_master(cluster: ClusterSpec, nbytes: int) -> float:
+def _message_cost(profile: DeviceProfile, data: bool) -> float:
+    """Seconds of software per message: over the data link, or over ZeroMQ."""
+    return (profile.data_msg_overhead_us if data else profile.msg_overhead_us) * 1e-6
+
+
+def _through_master(cluster: ClusterSpec, nbytes: int, data: bool) -> float:
     """One traversal's software and wire time: the N-1 messages queue at the master's link,
     each at the slower end's bandwidth, with the master's and one worker's per-message cost."""
     master = cluster.nodes[0]
-    worker_cost = max(n.profile.msg_overhead_us for n in cluster.nodes[1:]) * 1e-6
+    worker_cost = max(_message_cost(n.profile, data) for n in cluster.nodes[1:])
     wire = sum(nbytes * 8 / min(master.bits_per_s, n.bits_per_s) for n in cluster.nodes[1:])
-    return worker_cost + len(cluster.nodes[1:]) * master.profile.msg_overhead_us * 1e-6 + wire
+    return worker_cost + len(cluster.nodes[1:]) * _message_cost(master.profile, data) + wire
 
 
 # -- the cluster -------------------------------------------------------------------------------

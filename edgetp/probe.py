@@ -14,6 +14,10 @@ A profile holds the figures the planner's cost model needs:
   profile's, since on some disks it is several times lower.
 - ``layer_overhead_us`` / ``step_overhead_us``: Python and dispatch time of one decoder layer
   and of one step (embedding, head, sampling) at a size where bytes do not matter.
+- ``data_msg_overhead_us``: the same for an allreduce message over the data link
+  (``edgetp.dataplane``: a plain TCP socket, fixed header) to an echo in another process, which
+  the star allreduce uses
+  unless CURVE is on; left out of a hand-written profile, 55% of ``msg_overhead_us``.
 - ``msg_overhead_us``: one message's software cost (edgetp's wire encoding and decoding at
   both ends plus ZeroMQ), half the round trip of a ``[1, 1024]`` float32 message over loopback
   TCP to an echo that decodes it and encodes the reply, as a worker would.
@@ -59,7 +63,9 @@ DEFAULTS: dict[str, Any] = {
     "runtime_rss": 300 * 2**20,
 }
 PERF_KEYS = ("mem_bw_gbs", "matvec_gbs", "flops_gflops", "disk_bw_mbs", "layer_overhead_us",
-             "step_overhead_us", "msg_overhead_us", "runtime_rss", "free_memory")
+             "step_overhead_us", "msg_overhead_us", "data_msg_overhead_us", "runtime_rss",
+             "free_memory")
+DATA_LINK_FRACTION = 0.55  # a data-link message's cost over a ZeroMQ one, when not measured
 INFO_KEYS = ("version", "host", "cpu_count", "threads", "torch_version", "disk_path",
              "disk_seq_mbs", "disk_note", "total_memory", "link", "quick", "probe_seconds",
              "matvec_shapes")
@@ -78,6 +84,7 @@ class DeviceProfile:
     msg_overhead_us: float
     runtime_rss: int
     free_memory: int | None = None
+    data_msg_overhead_us: float = 0.0  # 0: DATA_LINK_FRACTION of msg_overhead_us
 
     def matvec_bytes_per_s(self, dtype: str) -> float:
         return self.matvec_gbs[dtype] * 1e9
@@ -113,6 +120,11 @@ class DeviceProfile:
                                        zero_ok=True),
             msg_overhead_us=_positive(values["msg_overhead_us"], "msg_overhead_us", source,
                                       zero_ok=True),
+            data_msg_overhead_us=_positive(
+                values.get("data_msg_overhead_us",
+                           DATA_LINK_FRACTION * _positive(values["msg_overhead_us"],
+                                                          "msg_overhead_us", source, True)),
+                "data_msg_overhead_us", source, zero_ok=True),
             runtime_rss=_size(values["runtime_rss"], "runtime_rss", source),
             free_memory=None if free is None else _size(free, "free_memory", source),
         )
@@ -230,7 +242,9 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
     log(f"disk read {disk_mbs:.0f} MB/s in {disk_dir}"
         + (f" ({out['disk_note']})" if out["disk_note"] else ""))
     out["msg_overhead_us"] = _round(measure_loopback(50 if quick else 300))
-    log(f"message overhead {out['msg_overhead_us']} us (loopback)")
+    out["data_msg_overhead_us"] = _round(measure_data_link(50 if quick else 300))
+    log(f"message overhead {out['msg_overhead_us']} us over ZeroMQ, "
+        f"{out['data_msg_overhead_us']} us over the data link (loopback)")
     memory = psutil.virtual_memory()
     out["free_memory"], out["total_memory"] = int(memory.available), int(memory.total)
     if master:
@@ -597,6 +611,51 @@ def measure_loopback(count: int) -> float:
     return statistics.median(times) / 2 * 1e6
 
 
+def measure_data_link(count: int) -> float:
+    """Microseconds of software per allreduce message over the data link: half a loopback
+    round trip of one row to another process that receives it and answers with a sum, as a
+    worker does (a thread of this process would share its interpreter lock and wake-ups, and
+    read less than half the real cost)."""
+    import multiprocessing
+
+    import torch
+
+    from edgetp import dataplane
+
+    listener = dataplane.DataListener()
+    child = multiprocessing.get_context("spawn").Process(
+        target=_data_echo, args=(listener.port, listener.token, count + 2), daemon=True)
+    child.start()
+    try:
+        link = listener.accept(timeout_s=60.0)  # the child imports torch first
+        row, times = torch.full((1, 1024), 0.5), []
+        for index in range(count + 2):
+            started = time.perf_counter()
+            link.send(dataplane.OP_PARTIAL, "f32", (1, 1, index), [row])
+            link.receive("f32", (1, 1024), time.monotonic() + 5.0)
+            times.append(time.perf_counter() - started)
+        link.close()
+    finally:
+        listener.close()
+        child.join(timeout=5)
+        if child.is_alive():
+            child.terminate()
+    return statistics.median(times[2:]) / 2 * 1e6
+
+
+def _data_echo(port: int, token: str, count: int) -> None:
+    """The other process of :func:`measure_data_link`."""
+    from edgetp import dataplane
+
+    link = dataplane.connect("127.0.0.1", port, token)
+    try:
+        for _ in range(count):
+            got = link.receive("f32", (1, 1024), time.monotonic() + 10.0)
+            link.send(dataplane.OP_SUM, "f32", (got.seq, got.step, got.index), got.tensors)
+    finally:
+        link.close()
+
+
 def measure_link(address: str, count: int) -> dict[str, float]:
     """Round trip, one-way latency and bandwidth to an echo peer (``--serve-echo``)."""
     small = statistics.median(_round_trips(address, 1, count))
@@ -618,7 +677,8 @@ def describe_profile(data: dict[str, Any]) -> str:
              f"  disk read {data['disk_bw_mbs']} MB/s ({data['disk_path']})"
              + (f" - {data['disk_note']}" if data.get("disk_note") else ""),
              f"  overheads: {data['layer_overhead_us']} us/layer, {data['step_overhead_us']} "
-             f"us/step, {data['msg_overhead_us']} us/message",
+             f"us/step, {data['msg_overhead_us']} us/message "
+             f"({data.get('data_msg_overhead_us', '-')} over the data link)",
              f"  memory: {data['free_memory'] / 2**30:.2f} GiB available, runtime "
              f"{data['runtime_rss'] / 2**20:.0f} MiB"]
     link = data.get("link")

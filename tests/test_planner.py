@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -352,6 +353,30 @@ def test_per_node_links_set_gather_and_broadcast_latencies():
     assert comm_ms(slow, [fast, fast]) - base == pytest.approx(2 * 16 * 10, rel=1e-6)
 
 
+def test_allreduces_over_the_data_link_cost_its_own_message_figure():
+    config = preset_config("llama3.2-1b")
+    profile = {**LAPTOP, "msg_overhead_us": 400, "data_msg_overhead_us": 40}
+
+    def comm_ms(curve: bool) -> float:
+        data = {"link": "gigabit", "nodes": [{"profile": profile, "count": 3}]}
+        spec = cluster_spec(parse_cluster_config(data, planning=True))
+        spec = replace(spec, data_link=not curve)
+        return plan_cluster(config, spec, "bfloat16", context=1024).decode.comm_s * 1e3
+
+    # 2 x 16 allreduces, each a gather and (but the last) a broadcast: 63 traversals, each
+    # one worker's and two master's messages
+    assert comm_ms(True) - comm_ms(False) == pytest.approx(63 * 3 * 0.36, rel=1e-6)
+    assert DeviceProfile.from_dict(LAPTOP).data_msg_overhead_us == pytest.approx(0.55 * 60)
+
+
+def test_a_curve_cluster_file_plans_its_allreduce_over_zeromq(tmp_path):
+    data = {"link": "gigabit", "security": {"curve": True, "keys_dir": "keys"},
+            "nodes": [{"profile": LAPTOP, "count": 2}]}
+    assert not cluster_spec(parse_cluster_config(data, planning=True)).data_link
+    del data["security"]
+    assert cluster_spec(parse_cluster_config(data, planning=True)).data_link
+
+
 def test_plan_cli_takes_the_model_from_the_cluster_file(tiny_model_dir, tmp_path):
     model_dir, _ = tiny_model_dir("llama3")
     cluster = _write(tmp_path / "c.yaml", {"model": str(model_dir),
@@ -415,6 +440,7 @@ def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
     assert raw["matvec_shapes"] and "window" in raw["disk_note"] and raw["disk_seq_mbs"] > 0
     assert set(raw["matvec_gbs"]) == {"float32", "bfloat16", "int8", "int4"}  # all measured
     assert all(v > 0 for v in raw["matvec_gbs"].values())
+    assert 0 < raw["data_msg_overhead_us"] and profile.data_msg_overhead_us > 0
     assert sorted(p.relative_to(split) for p in split.rglob("*")) == before  # test file gone
 
 
