@@ -23,7 +23,13 @@ import torch
 
 from edgetp import __version__
 from edgetp.charts import breakdown_chart, sweep_chart, tokens_chart
-from edgetp.config import GenerationConfig, SamplingConfig, format_bytes, parse_bytes
+from edgetp.config import (
+    GenerationConfig,
+    SamplingConfig,
+    environment,
+    format_bytes,
+    parse_bytes,
+)
 from edgetp.metrics import RECORDER, node_facts, window_facts
 from edgetp.report import NodeRecord, build_report, chrome_trace, markdown, write_json
 
@@ -91,17 +97,9 @@ def link_emulation(profile_name: str | None) -> Iterator[None]:
     profiles = load_profiles()
     if profile_name not in profiles:
         raise ValueError(f"unknown link profile {profile_name!r}; known: {', '.join(profiles)}")
-    env = transport_only(profiles[profile_name], "local cluster on loopback, no tc").env()
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
+    with environment(transport_only(profiles[profile_name],
+                                    "local cluster on loopback, no tc").env()):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:

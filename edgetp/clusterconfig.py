@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgetp.config import ConfigError, parse_bytes
+from edgetp.config import ConfigError, parse_bytes, read_yaml
 from edgetp.linkemu import (
     BUILTIN_PROFILES,
     LinkProfile,
@@ -150,15 +150,8 @@ class ClusterConfig:
 
 
 def load_cluster_config(path: str | Path, planning: bool = False) -> ClusterConfig:
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"cluster file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = read_yaml(path, "cluster file")
     return parse_cluster_config(data, str(path), path.parent, path.stem, planning)
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from edgetp import __version__
 from edgetp.clusterconfig import ClusterConfig, NodeConfig
+from edgetp.config import environment
 from edgetp.linkemu import transport_only
 
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
@@ -762,9 +763,6 @@ class Launcher:
         if not node0.is_local:
             raise LaunchError("node 0 is the master and has ssh: run `edgetp launch` on it, or "
                               "use --serve to start `edgetp serve` there")
-        env = self._env(node0)
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the transport reads the link hook when it is made
         kwargs: dict[str, Any] = {}
         if c.security.curve and "security" in inspect.signature(Master.cluster).parameters:
             from edgetp.security import KeyPair, MasterSecurity
@@ -772,16 +770,10 @@ class Launcher:
             keys = c.local_path(c.security.keys_dir or "")
             kwargs["security"] = MasterSecurity(KeyPair.load(keys / "master.key_secret"),
                                                 keys / "authorized")
-        try:
+        with environment(self._env(node0)):  # the transport reads the link hook when made
             master = Master.cluster(self.master_shard_dir(), c.master.bind, dtype, max_seq_len,
                                     c.wire_dtype, c.timeout_s, memory_budget=node0.memory_budget,
                                     allreduce=c.allreduce, **kwargs)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         try:
             self.wait_for_join(lambda: master.runner.transport.missing_ranks(),
                                lambda: master.runner.transport.wait_for_workers(1.0),

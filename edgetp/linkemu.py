@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetp.config import ConfigError
+from edgetp.config import ConfigError, read_yaml
 
 ENV_DELAY = "EDGETP_LINK_DELAY_MS"
 ENV_JITTER = "EDGETP_LINK_JITTER_MS"
@@ -114,15 +114,7 @@ def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
     profiles = dict(BUILTIN_PROFILES)
     if path is None:
         return profiles
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"link profile file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = read_yaml(path, "link profile file")
     if isinstance(data, dict) and set(data) == {"link_profiles"}:
         data = data["link_profiles"]
     profiles.update(parse_profiles(data, str(path)))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster_utils import ring_sums
 from hf_models import VOCAB
 from parallel_utils import RankContext, run_sharded
 from safetensors import safe_open
@@ -429,31 +430,8 @@ def test_star_sum_is_the_float32_sum_of_the_decoded_partials(fmt: str) -> None:
 
 def test_ring_allreduce_with_the_int8_wire() -> None:
     """Three ring links in one process: the same int8-rounded sum, bitwise, on every rank."""
-    import threading
-
-    from edgetp.collectives import StepPosition
-    from edgetp.ring import RingAllreduce, RingLink, successor_addresses
-
-    links = [RingLink("127.0.0.1") for _ in range(3)]
-    addresses = {r: f"tcp://127.0.0.1:{links[r].port}" for r in range(3)}
-    for rank, address in successor_addresses(addresses, 3).items():
-        links[rank].connect(address or addresses[0])
     inputs = [torch.randn(2, 11, generator=torch.Generator().manual_seed(r)) for r in range(3)]
-    outputs: dict[int, torch.Tensor] = {}
-
-    def run(rank: int) -> None:
-        position = StepPosition()
-        position.begin(1, 1, 2)
-        comm = RingAllreduce(rank, 3, links[rank], position, "int8", timeout_s=5.0)
-        outputs[rank] = comm.allreduce(inputs[rank])
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    for link in links:
-        link.close()
+    outputs = ring_sums(inputs, "int8")
     exact = inputs[0] + inputs[1] + inputs[2]
     assert sorted(outputs) == [0, 1, 2]
     for rank in range(3):

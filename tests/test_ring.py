@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cluster_utils import ring_sums
 
 from edgetp.cluster import LocalCluster
 from edgetp.config import GenerationConfig, SamplingConfig
 from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.master import Master, Prompt
-from edgetp.ring import RingAllreduce, RingLink, successor_addresses
 
 
 def generate(master: Master, prompt: str, tokens: int = 32) -> list[int]:
@@ -36,31 +36,9 @@ def test_ring_and_star_give_identical_generations(tmp_path: Path, nodes: int) ->
 
 def test_ring_allreduce_sums_chunks_over_threads() -> None:
     """Three ring links in one process: every rank gets the same sum, for odd widths too."""
-    import threading
-
-    from edgetp.collectives import StepPosition
-
-    links = [RingLink("127.0.0.1") for _ in range(3)]
-    addresses = {r: f"tcp://127.0.0.1:{links[r].port}" for r in range(3)}
-    for rank, address in successor_addresses(addresses, 3).items():
-        links[rank].connect(address or addresses[0])
     inputs = [torch.randn(2, 11, generator=torch.Generator().manual_seed(r)) for r in range(3)]
-    outputs: dict[int, torch.Tensor] = {}
-
-    def run(rank: int) -> None:
-        position = StepPosition()
-        position.begin(1, 1, 2)
-        comm = RingAllreduce(rank, 3, links[rank], position, timeout_s=5.0)
-        outputs[rank] = comm.allreduce(inputs[rank])
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
+    outputs = ring_sums(inputs)
     expected = inputs[0] + inputs[1] + inputs[2]
     for rank in range(3):
         assert torch.allclose(outputs[rank], expected, atol=1e-6)
         assert torch.equal(outputs[rank], outputs[0])  # bitwise identical on every rank
-    for link in links:
-        link.close()
