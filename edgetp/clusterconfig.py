@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -267,8 +267,6 @@ def _node(raw: Any, index: int, rank: int, source: str, profiles: dict[str, Link
         profile=profile)
     if count == 1:
         return [node]
-    from dataclasses import replace
-
     return [replace(node, rank=rank + i, name=f"{name}-{i}") for i in range(count)]
 
 
@@ -296,8 +294,6 @@ def _apply_shares(nodes: tuple[NodeConfig, ...], raw: Any, raw_nodes: list[Any],
         raise ConfigError(f"{source}: shares has {count} values but there are {len(nodes)} "
                           f"nodes; give one relative share per node, e.g. "
                           f"[{', '.join(['1'] * len(nodes))}]")
-    from dataclasses import replace
-
     return tuple(replace(node, share=_positive(value, f"{source}: shares[{node.rank}]"))
                  for node, value in zip(nodes, raw, strict=True))
 

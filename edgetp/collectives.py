@@ -191,7 +191,7 @@ class StarMaster:
             raise ClusterError(f"{self.transport.describe(rank)}: {exc}; the request was "
                                "abandoned (the worker rejoins)") from exc
         self.transport.heard_from(rank)
-        self.transport.traffic.count_link("partial", payload_bytes(got.tensors), sent=False)
+        self.transport.traffic.count_link("partial", got.nbytes, sent=False)
         pos = self.position
         if got.op != OP_PARTIAL or (got.seq, got.step, got.index) != (pos.seq, pos.step, index):
             return  # stale: from an abandoned request or step

@@ -21,6 +21,7 @@ buffer. A header that does not match closes the link (:class:`DataLinkError`).
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import select
@@ -59,6 +60,7 @@ class Received:
     step: int
     index: int
     tensors: list[torch.Tensor]  # views on the link's buffer: valid until its next receive
+    nbytes: int  # the message's bytes on the wire, header included
 
 
 def payload_layout(wire: str, shape: Sequence[int]) -> list[tuple[torch.dtype, tuple[int, ...]]]:
@@ -70,13 +72,7 @@ def payload_layout(wire: str, shape: Sequence[int]) -> list[tuple[torch.dtype, t
 
 
 def _nbytes(layout: list[tuple[torch.dtype, tuple[int, ...]]]) -> int:
-    total = 0
-    for dtype, shape in layout:
-        count = 1
-        for n in shape:
-            count *= n
-        total += count * dtype.itemsize
-    return total
+    return sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout)
 
 
 class DataLink:
@@ -135,7 +131,7 @@ class DataLink:
         if got < HEADER.size + size:
             self._read_into([payload[got - HEADER.size:]], deadline)
         self.bytes_received += HEADER.size + size
-        return Received(op, seq, step, index, _tensors(buffer, layout))
+        return Received(op, seq, step, index, _tensors(buffer, layout), HEADER.size + size)
 
     def _buffer(self, size: int) -> bytearray:
         """One of two reused buffers of ``size`` bytes, in turn (a result stays valid while the

@@ -198,6 +198,11 @@ class Storage:
                 raise ConfigError(f"{what} {value!r}: one of {', '.join(FLOAT_DTYPES)}")
         return cls(dtype, floats, compute, group_size)
 
+    @classmethod
+    def coerce(cls, dtype: str | Storage) -> Storage:
+        """``dtype`` as given, or the storage of a split in ``dtype`` with the defaults."""
+        return dtype if isinstance(dtype, Storage) else cls.of(dtype)
+
     @property
     def quantized(self) -> bool:
         return self.weights in QUANT_DTYPES
@@ -333,7 +338,7 @@ def prefill_chunk(config: ModelConfig, rank: int, requested: int = 128) -> int:
 def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | Storage,
                 max_seq_len: int | None = None, chunk: int | None = None) -> RankMemory:
     """Rank ``rank``'s bytes for a split stored as ``dtype`` (see RankMemory)."""
-    storage = dtype if isinstance(dtype, Storage) else Storage.of(dtype)
+    storage = Storage.coerce(dtype)
     seq = max_seq_len or config.max_position_embeddings
     files = rank_files(config, plan, rank, storage)
     distinct = {id(shapes): shapes for shapes in files.values()}  # shared layers: one dict
@@ -649,7 +654,7 @@ def plan_cluster(config: ModelConfig, cluster: ClusterSpec, dtype: str | Storage
                  prompt_tokens: int = 128, context: int | None = None, new_tokens: int = 128,
                  model_name: str = "model") -> ClusterPlan:
     """Predict memory per node and TTFT and ms/token for ``config`` on ``cluster``."""
-    storage = dtype if isinstance(dtype, Storage) else Storage.of(dtype)
+    storage = Storage.coerce(dtype)
     context = context or config.max_position_embeddings
     if prompt_tokens < 1 or prompt_tokens + new_tokens > context:
         raise ConfigError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit a "

@@ -34,6 +34,7 @@ from edgetp.security import (
     warn_if_insecure,
 )
 from edgetp.wire import Message, WireError
+from edgetp.wirecodec import payload_bytes
 
 log = logging.getLogger("edgetp.transport")
 
@@ -559,7 +560,7 @@ class WorkerTransport:
         """An allreduce's partial to the master, over the data link if there is one; bytes."""
         if self.data_link is None:
             self.send("partial", fields, frames)
-            return sum(t.numel() * t.element_size() for t in frames)
+            return payload_bytes(frames)
         self.link_delay.before_send("partial")
         try:
             sent = self.data_link.send(dataplane.OP_PARTIAL, self.wire_dtype,
@@ -578,8 +579,7 @@ class WorkerTransport:
         except DataLinkError as exc:
             raise ClusterError(f"{exc}; rejoining the master") from exc
         self.last_heard = time.monotonic()
-        self.traffic.count_link("sum", dataplane.HEADER.size + sum(
-            t.numel() * t.element_size() for t in got.tensors), sent=False)
+        self.traffic.count_link("sum", got.nbytes, sent=False)
         if self.frame_log is not None:  # as the same sum over ZeroMQ (--capture-frames)
             fields = {"seq": got.seq, "step": got.step, "index": got.index}
             self.frame_log([bytes(f) for f in wire.encode("sum", fields, got.tensors)])
