@@ -16,8 +16,9 @@ Run::
    any node loads: ``torch.sum`` over a 256 MiB float32 buffer (8x the L3 cache) on one
    thread, in one process, then in two processes at once; the sustained rate of the best of 3
    rounds. The same for each weight dtype's matrix-vector product as edgetp computes it
-   (``F.linear``, ``edgetp.qlinear.int8_matmul`` / ``int4_matmul``) over copies of one
-   MLP-shaped weight, 256 MiB in all: what the kernel streams alone, for the "why" of a miss.
+   (``edgetp.kernels.linear`` / ``int8_linear``, the C decode kernels, or torch's where they
+   are unavailable; ``edgetp.qlinear.int4_matmul``) over copies of one MLP-shaped weight,
+   256 MiB in all: what the kernel streams alone, for the "why" of a miss.
 3. **Runs.** For each node count and weight dtype: split as ``edgetp split --dtype`` does
    (int4: group 32), then :func:`edgetp.bench.run_bench` (a :class:`~edgetp.cluster.LocalCluster`:
    the master in this process, each worker an ``edgetp worker`` process on loopback, one
@@ -218,6 +219,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     weight dtype the matrix-vector product decode runs (``[1, in] x [out, in]^T`` as edgetp's
     linears compute it) cycling over copies of one weight, ``nbytes`` in all (beyond the cache).
     """
+    from edgetp import kernels
     from edgetp.qlinear import int4_matmul, int8_matmul
     from edgetp.quant import native_int4_tiled, quantize_int4, quantize_int8
 
@@ -228,9 +230,12 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
         "read": (lambda i: buffer.sum(), buffer.numel() * 4)}
     stored = {"float32": (w,), "bfloat16": (w.to(torch.bfloat16),),
               "int8": quantize_int8(w), "int4": quantize_int4(w, GROUP_SIZE)}
-    calls = {"float32": lambda x, w: torch.nn.functional.linear(x, w),
-             "bfloat16": lambda x, w: torch.nn.functional.linear(x.to(torch.bfloat16), w),
-             "int8": int8_matmul,
+    out = torch.empty(1, shape[0])  # [1, out]: the step buffer a decode linear keeps
+    x16, out16 = x.to(torch.bfloat16), out.to(torch.bfloat16)  # a bfloat16 model's activations
+    calls = {"float32": lambda x, w: kernels.linear(x, w, out),
+             "bfloat16": lambda x, w: kernels.linear(x16, w, out16),
+             "int8": lambda x, q, s: (kernels.int8_linear(x, q, s, out)
+                                      if kernels.available() else int8_matmul(x, q, s)),
              "int4": lambda x, q, sz: int4_matmul(x, q, sz, GROUP_SIZE, native_int4_tiled())}
     for dtype in dtypes:
         size = sum(t.numel() * t.element_size() for t in stored[dtype])
@@ -427,7 +432,7 @@ def describe(data: dict[str, Any]) -> list[str]:
 
 def results_table(points: list[dict[str, Any]]) -> list[str]:
     lines = ["", "floor = slowest node's bytes per token / read bandwidth; kernel floor = the "
-             "same bytes / the rate of the dtype's matrix-vector kernel alone (what torch's "
+             "same bytes / the rate of the dtype's matrix-vector kernel alone (what the "
              "kernel allows)", OUTSIDE_METHOD, "",
              "| nodes | weights | ms/token | floor ms | ratio | kernel floor ms | ratio | "
              "MB/token (slowest node) | rank 0 compute | above floor | allreduce wait | "

@@ -12,16 +12,19 @@ empty local shapes that the loader fills from a rank's shard directory).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from edgetp import kernels
 from edgetp.collectives import Communicator
 from edgetp.model import DecoderLayer, Transformer
 from edgetp.plan import ShardPlan, TensorSlice, layer_slices
 
 
-class ColumnParallelLinear(nn.Linear):
-    """y_local = x @ W[rows]^T (+ b[rows]); no communication. x: [T, in] -> [T, out_local]."""
+class ColumnParallelLinear(kernels.StepOutput, nn.Linear):
+    """y_local = x @ W[rows]^T (+ b[rows]); no communication. x: [T, in] -> [T, out_local].
+
+    Also the unsplit linears of rank 0 (private layers, lm_head), for the decode kernels.
+    """
 
     @classmethod
     def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> ColumnParallelLinear:
@@ -32,8 +35,12 @@ class ColumnParallelLinear(nn.Linear):
             layer.bias = nn.Parameter(bias, requires_grad=False)  # [out_local]
         return layer
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.keep_output(kernels.linear(x, self.weight, self.output_buffer()))  # [T, out]
+        return y if self.bias is None else y + self.bias
 
-class RowParallelLinear(nn.Module):
+
+class RowParallelLinear(kernels.StepOutput, nn.Module):
     """y = allreduce(x_local @ W[:, cols]^T) + b.   x_local: [T, in_local] -> y: [T, out].
 
     The bias is added after the sum, so every rank adds it exactly once to the full result.
@@ -46,8 +53,8 @@ class RowParallelLinear(nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)  # [T, out], this rank's share of the sum
-        total = self.comm.allreduce(partial)  # [T, out], identical on every rank
+        partial = kernels.linear(x, self.weight, self.output_buffer())  # [T, out], own share
+        total = self.comm.allreduce(self.keep_output(partial))  # [T, out], identical on every rank
         return total if self.bias is None else total + self.bias
 
 
@@ -81,6 +88,25 @@ def shard_layer(
     attn.k_cache = attn.v_cache = None
     mlp.gate_proj, mlp.up_proj = column("mlp.gate_proj"), column("mlp.up_proj")
     mlp.down_proj = row("mlp.down_proj")
+    for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                   mlp.up_proj, mlp.down_proj):
+        linear.reuse_output = True  # consumed within the step: its buffer serves the next
+
+
+def unsplit(linear: nn.Linear, reuse_output: bool) -> ColumnParallelLinear:
+    """A rank-0 linear kept whole, as a ColumnParallelLinear (the decode kernels' path)."""
+    whole = ColumnParallelLinear.from_tensors(linear.weight, linear.bias)
+    whole.reuse_output = reuse_output
+    return whole
+
+
+def keep_whole(layer: DecoderLayer) -> None:
+    """A private layer's linears, unsplit but on the decode kernels' path."""
+    attn, mlp = layer.self_attn, layer.mlp
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = (
+        unsplit(getattr(attn, p), True) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+        unsplit(getattr(mlp, p), True) for p in ("gate_proj", "up_proj", "down_proj"))
 
 
 def shard_model(model: Transformer, plan: ShardPlan, rank: int, comm: Communicator) -> Transformer:
@@ -98,9 +124,13 @@ def shard_model(model: Transformer, plan: ShardPlan, rank: int, comm: Communicat
     for index, layer in enumerate(model.layers):
         if not plan.is_private(index):
             shard_layer(layer, slices, kv_of_head, comm)
-        elif rank != 0:
+        elif rank == 0:
+            keep_whole(layer)
+        else:
             model.layers[index] = None  # private layers run on the master only
-    if rank != 0:
+    if rank == 0:
+        model.lm_head = unsplit(model.lm_head, False)  # callers keep the logits
+    else:
         model.embed_tokens = None  # type: ignore[assignment]
         model.lm_head = None  # type: ignore[assignment]
         model.norm = None  # type: ignore[assignment]

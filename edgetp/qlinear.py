@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetp import kernels
 from edgetp.collectives import Communicator
 from edgetp.manifest import Manifest, TensorEntry
 from edgetp.parallel import ColumnParallelLinear, RowParallelLinear
@@ -87,7 +88,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     return F.linear(x.to(dtype), dequantize_int4(packed, scale_zero, dtype)).to(x.dtype)
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(kernels.StepOutput, nn.Module):
     """y = x @ dequant(weight, weight_scale)^T (+ bias). x: [T, in] -> [T, out].
 
     ``weight`` and ``weight_scale`` are parameters (integer and bfloat16) so the loader and the
@@ -125,6 +126,10 @@ class QuantLinear(nn.Module):
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
         if self.fmt == "int8":
+            if kernel and x.shape[0] == 1:
+                y = kernels.int8_linear(x, self.weight, self.weight_scale, self.output_buffer())
+                if y is not None:
+                    return self.keep_output(y)
             return int8_matmul(x, self.weight, self.weight_scale, kernel)
         if kernel and self.tiled and not self.native and not self.streamed:
             self.weight.data = native_int4_pack(self.weight.data)  # once, for resident weights
@@ -188,6 +193,7 @@ def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEn
     args = (fmt, tuple(weight.shape), tuple(scale.shape), old.bias is not None)
     new = (QuantRowParallelLinear(*args, comm) if isinstance(old, RowParallelLinear)
            else QuantColumnParallelLinear(*args))
+    new.reuse_output = getattr(old, "reuse_output", False)
     owner_name, _, attr = name.rpartition(".")
     owner = parent.get_submodule(owner_name) if owner_name else parent
     setattr(owner, attr, new)

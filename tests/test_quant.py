@@ -312,6 +312,10 @@ def test_demo_known_answer_holds_quantized(splits, dtype: str) -> None:
     models = load_all(splits("demo", 2, dtype))
     assert isinstance(models[0].layers[0].mlp.down_proj, QuantRowParallelLinear)
     assert isinstance(models[0].lm_head, QuantLinear)
+    # quantized linears keep the buffer rule of the float ones they replace
+    assert models[0].layers[0].mlp.down_proj.reuse_output
+    assert models[0].layers[0].self_attn.q_proj.reuse_output
+    assert not models[0].lm_head.reuse_output  # greedy() below keeps every step's logits
     for step, start in CASES:
         assert demo_answer(models, step, start) == expected_text(step, start)
 

@@ -1,0 +1,171 @@
+"""The native decode kernels (edgetp/csrc/matvec.c through edgetp.kernels): same products as
+torch, their fallbacks, their buffers, and their place in the tensor-parallel model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetp import kernels
+from edgetp.collectives import SoloCommunicator
+from edgetp.config import ModelConfig
+from edgetp.model import Transformer
+from edgetp.parallel import ColumnParallelLinear, RowParallelLinear, shard_model
+from edgetp.plan import make_plan
+from edgetp.qlinear import QuantColumnParallelLinear
+from edgetp.quant import dequantize_int8, quantize_int8
+
+pytestmark = pytest.mark.skipif(not kernels.available(),
+                                reason="no C compiler: the torch path is all there is")
+
+SHAPES = [(1, 1), (3, 16), (7, 37), (96, 160), (130, 64), (64, 1000)]  # tails of rows and cols
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    error = (got.double() - want.double()).abs().max()
+    return float(error / want.double().abs().max().clamp(min=1e-30))
+
+
+@pytest.mark.parametrize(("rows", "cols"), SHAPES)
+def test_float32_matches_torch(rows: int, cols: int) -> None:
+    x, w = torch.randn(1, cols), torch.randn(rows, cols)
+    assert relative_error(kernels.linear(x, w), x.double() @ w.double().T) < 1e-6
+
+
+@pytest.mark.parametrize(("rows", "cols"), SHAPES)
+def test_bfloat16_matches_torch(rows: int, cols: int) -> None:
+    x, w = torch.randn(1, cols).bfloat16(), torch.randn(rows, cols).bfloat16()
+    got, want = kernels.linear(x, w), F.linear(x, w)
+    assert got.dtype == torch.bfloat16
+    # both sum in float32 and round once to bfloat16: at most one bfloat16 step apart
+    assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize(("rows", "cols"), SHAPES)
+def test_int8_is_within_the_int16_activation_rounding(rows: int, cols: int) -> None:
+    w = torch.randn(rows, cols) / 10
+    q, scale = quantize_int8(w)
+    x = torch.randn(1, cols)
+    exact = x.double() @ dequantize_int8(q, scale).double().T  # [1, rows]
+    got = kernels.int8_linear(x, q, scale)
+    assert got is not None and got.shape == (1, rows) and got.dtype == torch.float32
+    # x is rounded to 2^-16 of its block's peak, so each product errs at most that much
+    bound = (x.abs().max() * 2.0 ** -16 * dequantize_int8(q, scale).abs().sum(1)).max()
+    assert float((got.double() - exact).abs().max()) <= float(bound) * 1.01 + 1e-6
+    bfloat16_activation = x.bfloat16().double() @ dequantize_int8(q, scale).double().T
+    assert relative_error(got, exact) <= relative_error(bfloat16_activation, exact) + 1e-7
+
+
+def test_int8_column_blocks_do_not_depend_on_the_split() -> None:
+    """A row-parallel rank whose columns start at a multiple of 64 quantizes x as the whole row
+    would, so the partial sums add up to the one-device product (to float32 rounding)."""
+    w = torch.randn(48, 320) / 10
+    q, scale = quantize_int8(w)
+    x = torch.randn(1, 320) * torch.linspace(0.01, 30, 320)  # very unequal block peaks
+    whole = kernels.int8_linear(x, q, scale)
+    parts = [kernels.int8_linear(x[:, a:b].contiguous(), q[:, a:b].contiguous(), scale)
+             for a, b in ((0, 128), (128, 192), (192, 320))]
+    assert whole is not None and all(p is not None for p in parts)
+    assert torch.allclose(sum(parts), whole, rtol=1e-5, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_int8_propagates_nan_and_inf() -> None:
+    q, scale = quantize_int8(torch.randn(5, 128))
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 128)
+        x[0, 77] = bad
+        got = kernels.int8_linear(x, q, scale)
+        assert got is not None and bool(torch.isnan(got).all())
+
+
+def test_other_products_go_to_torch() -> None:
+    w = torch.randn(8, 16)
+    two_rows = torch.randn(2, 16)
+    assert torch.equal(kernels.linear(two_rows, w), F.linear(two_rows, w))
+    strided = torch.randn(16, 2)[:, :1].T  # [1, 16], not contiguous
+    assert torch.allclose(kernels.linear(strided, w), F.linear(strided, w))
+    mixed = torch.randn(1, 16).bfloat16()
+    assert kernels.linear(mixed, w.bfloat16().float().bfloat16()).dtype == torch.bfloat16
+    q, scale = quantize_int8(w)
+    assert kernels.int8_linear(torch.randn(2, 16), q, scale) is None
+    assert kernels.int8_linear(torch.randn(1, 16).bfloat16(), q, scale) is None
+
+
+def test_output_goes_into_the_buffer_it_is_given() -> None:
+    x, w = torch.randn(1, 32), torch.randn(24, 32)
+    buffer = torch.empty(1, 24)
+    assert kernels.linear(x, w, buffer).data_ptr() == buffer.data_ptr()
+    wrong = torch.empty(1, 23)
+    assert kernels.linear(x, w, wrong).data_ptr() != wrong.data_ptr()
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, max_position_embeddings=64)
+
+
+def test_layer_linears_reuse_their_output_and_the_head_does_not() -> None:
+    torch.manual_seed(0)
+    model = shard_model(Transformer(tiny_config()), make_plan(tiny_config(), 1), 0,
+                        SoloCommunicator())
+    attn = model.layers[0].self_attn
+    assert isinstance(attn.q_proj, ColumnParallelLinear) and attn.q_proj.reuse_output
+    assert isinstance(attn.o_proj, RowParallelLinear) and attn.o_proj.reuse_output
+    assert isinstance(model.lm_head, ColumnParallelLinear) and not model.lm_head.reuse_output
+    x = torch.randn(1, 128)
+    first = attn.q_proj(x).data_ptr()
+    assert attn.q_proj(torch.randn(1, 128)).data_ptr() == first  # the step's buffer, reused
+    logits = model.lm_head(x)
+    assert not torch.equal(model.lm_head(torch.randn(1, 128)), logits)  # kept logits survive
+    prefill = attn.q_proj(torch.randn(3, 128))  # more than one row: torch, nothing kept
+    assert prefill.shape == (3, 128) and attn.q_proj(x).data_ptr() == first
+
+
+def test_int8_linear_decodes_natively_into_its_buffer() -> None:
+    layer = QuantColumnParallelLinear("int8", (8, 64), (8,), False)
+    q, scale = quantize_int8(torch.randn(8, 64))
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+    layer.reuse_output = True  # as shard_model's layers (test_quant checks the inheritance)
+    x = torch.randn(1, 64)
+    y = layer(x)
+    assert torch.equal(y, kernels.int8_linear(x, q, scale))  # type: ignore[arg-type]
+    assert layer(torch.randn(1, 64)).data_ptr() == y.data_ptr()
+
+
+def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_switched_off_it_is_torch_everywhere() -> None:
+    result = run_isolated("from edgetp import kernels; print(kernels.available())",
+                          EDGETP_NATIVE_KERNELS="0")
+    assert result.stdout.strip() == "False"
+
+
+def test_a_failed_build_warns_once_and_falls_back(tmp_path: Path) -> None:
+    code = ("import torch; from edgetp import kernels; x, w = torch.randn(1, 8), torch.randn(4, 8);"
+            "print(kernels.available(), torch.allclose(kernels.linear(x, w), x @ w.T))")
+    result = run_isolated(code, CC="/bin/false", EDGETP_KERNEL_CACHE=str(tmp_path))
+    assert result.stdout.strip() == "False True", result.stderr
+    assert "native decode kernels unavailable" in result.stderr
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_build_lands_in_the_cache_keyed_by_cpu_and_source(tmp_path: Path) -> None:
+    code = "from edgetp import kernels; print(kernels.available())"
+    first = run_isolated(code, EDGETP_KERNEL_CACHE=str(tmp_path))
+    assert first.stdout.strip() == "True", first.stderr
+    built = list(tmp_path.glob("matvec-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert run_isolated(code, EDGETP_KERNEL_CACHE=str(tmp_path)).stdout.strip() == "True"
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
