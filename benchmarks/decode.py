@@ -54,6 +54,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import queue
 import shutil
 import statistics
 import sys
@@ -230,11 +231,11 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
         "read": (lambda i: buffer.sum(), buffer.numel() * 4)}
     stored = {"float32": (w,), "bfloat16": (w.to(torch.bfloat16),),
               "int8": quantize_int8(w), "int4": quantize_int4(w, GROUP_SIZE)}
-    out = torch.empty(1, shape[0])  # [1, out]: the step buffer a decode linear keeps
-    x16, out16 = x.to(torch.bfloat16), out.to(torch.bfloat16)  # a bfloat16 model's activations
-    calls = {"float32": lambda x, w: kernels.linear(x, w, out),
-             "bfloat16": lambda x, w: kernels.linear(x16, w, out16),
-             "int8": lambda x, q, s: (kernels.int8_linear(x, q, s, out)
+    step = torch.empty(1, shape[0])  # [1, out]: the step buffer a decode linear keeps
+    x16, step16 = x.to(torch.bfloat16), step.to(torch.bfloat16)  # a bfloat16 model's
+    calls = {"float32": lambda x, w: kernels.linear(x, w, step),
+             "bfloat16": lambda x, w: kernels.linear(x16, w, step16),
+             "int8": lambda x, q, s: (kernels.int8_linear(x, q, s, step)
                                       if kernels.available() else int8_matmul(x, q, s)),
              "int4": lambda x, q, sz: int4_matmul(x, q, sz, GROUP_SIZE, native_int4_tiled())}
     for dtype in dtypes:
@@ -275,9 +276,17 @@ def measure_rates(dtypes: list[str], nbytes: int, shape: tuple[int, int], second
              for i in range(2)]
     for proc in procs:
         proc.start()
+    deadline = time.monotonic() + 300 + 4 * (len(dtypes) + 1) * rounds * seconds
+    results: list[dict[str, list[float]]] = []
     try:
-        results = [out.get(timeout=300 + 4 * (len(dtypes) + 1) * rounds * seconds)
-                   for _ in procs]
+        while len(results) < len(procs):
+            try:
+                results.append(out.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"bandwidth stream process failed (exit codes {dead}; "
+                                       "its traceback is above)") from None
     finally:
         for proc in procs:
             proc.join(timeout=10)

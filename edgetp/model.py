@@ -130,6 +130,8 @@ class Attention(nn.Module):
             keys = keys.index_select(0, self.kv_of_head)  # [H, S, hd]
             values = values.index_select(0, self.kv_of_head)
         mask = self._mask(start_pos, t, end)
+        if t == 1 and mask is None and self.uniform_groups:
+            return self.o_proj(self._one_query(q, keys, values))
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # [H, T, hd]
             keys,
@@ -138,6 +140,17 @@ class Attention(nn.Module):
             enable_gqa=self.uniform_groups and self.n_heads != self.n_kv_heads,
         )  # [H, T, hd]
         return self.o_proj(out.transpose(0, 1).reshape(t, self.n_heads * hd))
+
+    def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                   ) -> torch.Tensor:
+        """Decode attention of one position, each KV head serving its group of query heads in
+        place (SDPA's GQA path copies K and V per query head). q: [1, H, hd]; keys, values:
+        [KV, S, hd] -> [1, H * hd]."""
+        kv, hd = keys.shape[0], self.head_dim
+        q = q.view(kv, self.n_heads // kv, hd)  # [KV, G, hd]
+        scores = torch.matmul(q, keys.transpose(1, 2)) * hd**-0.5  # [KV, G, S]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, values).view(1, self.n_heads * hd)  # [KV, G, hd] -> [1, H*hd]
 
     def _mask(self, start_pos: int, t: int, end: int) -> torch.Tensor | None:
         """Boolean [T, S] mask (True = attend), or None when every key is visible."""
