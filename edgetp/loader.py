@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from edgetp import kernels
 from edgetp.checkpoint import set_tensor
 from edgetp.collectives import Communicator
 from edgetp.config import format_bytes
@@ -61,6 +62,7 @@ def load_rank(
             f"{shard_dir} holds rank {manifest.rank}'s shard but this node is rank {comm.rank}"
         )
     verify_directory(shard_dir, manifest, check_hash=verify)
+    kernels.library()  # build the decode kernels now, while no weights share the memory limit
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
     if memory_budget is not None:
         needs = _memory_needs(model, manifest, blocks, dtype, prefill_chunk)

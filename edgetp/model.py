@@ -176,7 +176,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> [T, d]
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up are this call's own temporaries: activate and gate in place
+        gated = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, inner]
+        return self.down_proj(gated)
 
 
 class DecoderLayer(nn.Module):
