@@ -221,7 +221,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     linears compute it) cycling over copies of one weight, ``nbytes`` in all (beyond the cache).
     """
     from edgetp import kernels
-    from edgetp.qlinear import int4_matmul, int8_matmul
+    from edgetp.qlinear import int4_matmul, int8_product
     from edgetp.quant import native_int4_tiled, quantize_int4, quantize_int8
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
@@ -235,8 +235,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     x16, step16 = x.to(torch.bfloat16), step.to(torch.bfloat16)  # a bfloat16 model's
     calls = {"float32": lambda x, w: kernels.linear(x, w, step),
              "bfloat16": lambda x, w: kernels.linear(x16, w, step16),
-             "int8": lambda x, q, s: (kernels.int8_linear(x, q, s, step)
-                                      if kernels.available() else int8_matmul(x, q, s)),
+             "int8": lambda x, q, s: int8_product(x, q, s, out=step),
              "int4": lambda x, q, sz: int4_matmul(x, q, sz, GROUP_SIZE, native_int4_tiled())}
     for dtype in dtypes:
         size = sum(t.numel() * t.element_size() for t in stored[dtype])

@@ -15,6 +15,8 @@ square) and one activation row, the best-of-rounds time of:
 * ``w8a8 _int_mm``: activations quantized to int8 per row, ``torch._int_mm`` (VNNI) and both
   scales: measured for comparison, *not* used by edgetp (it quantizes the activations of
   every linear, which real LLMs' outlier features make lossy);
+* ``f32 / bf16 / int8 native``: edgetp's C decode kernels (``edgetp.kernels``; what a decode
+  step runs where a C compiler is available; int8 with int16 activation blocks);
 * ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
   ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.
 
@@ -34,6 +36,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from edgetp import kernels
 from edgetp.qlinear import int4_matmul, int8_matmul
 from edgetp.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
 from edgetp.wirecodec import quantize_rows
@@ -75,6 +78,8 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
     packed, scale_zero = quantize_int4(w, 32)
     tiled = native_int4_tiled()
     q_t = q.t()  # [in, out] view: what torch._int_mm wants
+    native = kernels.available()
+    step, step16 = torch.empty(1, out_features), torch.empty(1, out_features).bfloat16()
 
     def int4_fallback() -> torch.Tensor:
         return F.linear(x, dequantize_int4(packed, scale_zero))
@@ -86,6 +91,9 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
         "int8 kernel f32": lambda: torch.ops.aten._weight_int8pack_mm(x, q, scale.float()),
         "int8 fallback": lambda: int8_matmul(x, q, scale, kernel=False),
         "w8a8 _int_mm": lambda: w8a8(x, q_t, scale),
+        "f32 native": (lambda: kernels.linear(x, w, step)) if native else None,
+        "bf16 native": (lambda: kernels.linear(xb, wb, step16)) if native else None,
+        "int8 native": (lambda: kernels.int8_linear(x, q, scale, step)) if native else None,
         "int4 kernel": (lambda: int4_matmul(x, packed, scale_zero, 32, kernel_layout=True))
         if tiled else None,
         "int4 fallback": int4_fallback,

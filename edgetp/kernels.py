@@ -96,10 +96,10 @@ def _load() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler (set CC): decode uses torch's kernels, which are slower")
         return None
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(COMMON_FLAGS),
-                                    _cpu_identity()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"matvec-{key}.so"
     try:
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(COMMON_FLAGS),
+                                        _cpu_identity()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             build(compiler, target)

@@ -313,8 +313,8 @@ def measure_matvec(dtype: str, shapes: list[tuple[int, int]], total_bytes: int,
                    seconds: float, rounds: int = 8) -> float:
     """Weight bytes per second of ``x [1, in] @ W.T`` over copies too many for any cache
     (the best of ``rounds`` rounds, so a burst of other load on the machine is left out).
-    ``dtype`` int8/int4 runs the quantized kernels the runtime uses (edgetp.qlinear), with the
-    scales counted as weight bytes, as a split stores them."""
+    Each product runs the code a decode step runs (``edgetp.kernels``; int8/int4 as
+    edgetp.qlinear), with the scales counted as weight bytes, as a split stores them."""
     import torch
 
     per_round = sum(_matvec_product(dtype, shape, sizes_only=True)[1] for shape in shapes)
@@ -339,9 +339,9 @@ def _matvec_product(dtype: str, shape: tuple[int, int], sizes_only: bool = False
     """A ``[1, in] @ W.T`` product for weights of ``shape`` (in, out) in ``dtype``, and its
     weight bytes; ``sizes_only``: no tensors (just the bytes)."""
     import torch
-    import torch.nn.functional as F
 
-    from edgetp.qlinear import int4_matmul, int8_matmul
+    from edgetp import kernels
+    from edgetp.qlinear import int4_matmul, int8_product
     from edgetp.quant import (
         int4_group,
         int4_tiled,
@@ -361,10 +361,11 @@ def _matvec_product(dtype: str, shape: tuple[int, int], sizes_only: bool = False
     if sizes_only:
         return (lambda: None), nbytes
     x = torch.full((1, n_in), 0.5)  # [1, in] float32, as a quantized run's activations
+    step = torch.empty(1, n_out)  # [1, out]: the buffer a decode linear writes into
     if dtype == "int8":
         q = torch.ones((n_out, n_in), dtype=torch.int8)
         scale = torch.full((n_out,), 0.01, dtype=torch.bfloat16)
-        return (lambda: int8_matmul(x, q, scale)), nbytes
+        return (lambda: int8_product(x, q, scale, out=step)), nbytes
     if dtype == "int4":
         tiled = int4_tiled(n_out, group)  # else the runtime's fallback, as for such a split
         packed = pack_int4(torch.full((n_out, n_in), 9, dtype=torch.uint8), tiled)
@@ -375,8 +376,8 @@ def _matvec_product(dtype: str, shape: tuple[int, int], sizes_only: bool = False
         return (lambda: int4_matmul(x, packed, scale_zero, group, tiled,
                                     repacked=tiled and not native)), nbytes
     w = torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))
-    xd = x.to(w.dtype)
-    return (lambda: F.linear(xd, w)), nbytes
+    xd, step = x.to(w.dtype), step.to(w.dtype)
+    return (lambda: kernels.linear(xd, w, step)), nbytes  # the C decode kernels, or torch
 
 
 def measure_matmul(dtype: str, shapes: list[tuple[int, int]], seconds: float,

@@ -76,6 +76,17 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return y.to(x.dtype)
 
 
+def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """What a QuantLinear computes for int8: one float32 row through the native kernel (into
+    ``out`` when it fits) where it can, else :func:`int8_matmul`. x [T, in] -> [T, out]."""
+    if kernel and x.shape[0] == 1:
+        y = kernels.int8_linear(x, q, scale, out)
+        if y is not None:
+            return y
+    return int8_matmul(x, q, scale, kernel)
+
+
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
                 group: int, kernel_layout: bool, repacked: bool = False) -> torch.Tensor:
     """x [T, in] @ dequant(packed, scale_zero)^T -> [T, out].
@@ -129,11 +140,8 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
         if self.fmt == "int8":
-            if kernel and x.shape[0] == 1:
-                y = kernels.int8_linear(x, self.weight, self.weight_scale, self.output_buffer())
-                if y is not None:
-                    return self.keep_output(y)
-            return int8_matmul(x, self.weight, self.weight_scale, kernel)
+            return self.keep_output(int8_product(x, self.weight, self.weight_scale, kernel,
+                                                 self.output_buffer()))
         if kernel and self.tiled and not self.native and not self.streamed:
             self.weight.data = native_int4_pack(self.weight.data)  # once, for resident weights
             self.native = self.repacked = True
