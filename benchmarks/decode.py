@@ -15,7 +15,9 @@ Run::
 2. **Bandwidth.** This machine's own streaming test, after the model is written and before
    any node loads: ``torch.sum`` over a 256 MiB float32 buffer (8x the L3 cache) on one
    thread, in one process, then in two processes at once; the sustained rate of the best of 3
-   rounds. The same for each weight dtype's matrix-vector product as edgetp computes it
+   rounds (two streams: both streams' bytes over the time from the first start to the last
+   end, so streams the scheduler happened to run one after the other do not count double).
+   The same for each weight dtype's matrix-vector product as edgetp computes it
    (``edgetp.kernels.linear`` / ``int8_linear``, the C decode kernels, or torch's where they
    are unavailable; ``edgetp.qlinear.int4_matmul``) over copies of one MLP-shaped weight,
    256 MiB in all: what the kernel streams alone, for the "why" of a miss.
@@ -29,7 +31,9 @@ Run::
    their scales, norms) plus, on the master, ``head.safetensors`` (final norm, lm_head); not the
    embedding table, of which one row is read. Floor ms/token = the slowest node's bytes over
    the read bandwidth (one stream for 1 node; the per-stream rate of two concurrent streams for
-   2 nodes). Ratio = measured / floor.
+   2 nodes), measured again just before the point's runs: on the development VM the rate of
+   two concurrent streams flips between about 16 and 26 GB/s each over minutes, so a rate
+   from minutes earlier can be off by half. Ratio = measured / floor.
 5. **Outside matmuls and allreduce waits.** edgetp's spans time whole decoder layers, the head
    and each allreduce, not single matmuls. So *outside* = the master's (rank 0's) ms/token -
    (layer + head time) - allreduce wait, from the bench report's breakdown (embedding row,
@@ -229,8 +233,8 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     buffer = torch.ones(nbytes // 4)  # [N] float32
     out: dict[str, tuple[Callable[[int], object], int]] = {
         "read": (lambda i: buffer.sum(), buffer.numel() * 4)}
-    stored = {"float32": (w,), "bfloat16": (w.to(torch.bfloat16),),
-              "int8": quantize_int8(w), "int4": quantize_int4(w, GROUP_SIZE)}
+    stored = {"float32": lambda: (w,), "bfloat16": lambda: (w.to(torch.bfloat16),),
+              "int8": lambda: quantize_int8(w), "int4": lambda: quantize_int4(w, GROUP_SIZE)}
     step = torch.empty(1, shape[0])  # [1, out]: the step buffer a decode linear keeps
     x16, step16 = x.to(torch.bfloat16), step.to(torch.bfloat16)  # a bfloat16 model's
     calls = {"float32": lambda x, w: kernels.linear(x, w, step),
@@ -238,36 +242,45 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
              "int8": lambda x, q, s: int8_product(x, q, s, out=step),
              "int4": lambda x, q, sz: int4_matmul(x, q, sz, GROUP_SIZE, native_int4_tiled())}
     for dtype in dtypes:
-        size = sum(t.numel() * t.element_size() for t in stored[dtype])
-        copies = [tuple(t.clone() for t in stored[dtype]) for _ in range(max(1, nbytes // size))]
+        weight = stored[dtype]()
+        size = sum(t.numel() * t.element_size() for t in weight)
+        copies = [tuple(t.clone() for t in weight) for _ in range(max(1, nbytes // size))]
         out[dtype] = (lambda i, c=copies, f=calls[dtype]: f(x, *c[i % len(c)]), size)
     return out
 
 
 def _stream_child(index: int, dtypes: list[str], nbytes: int, shape: tuple[int, int],
                   seconds: float, rounds: int, barrier: Any, out: Any) -> None:
-    """Stream ``index`` of 2 (a spawned process, one thread): bytes/s per kernel and round,
-    first alone (stream 0 only, stream 1 idles at the barrier), then both at once."""
+    """Stream ``index`` of 2 (a spawned process, one thread): per kernel and round, the
+    (start, end, bytes) of its stream, first alone (stream 0 only, stream 1 idles at the
+    barrier), then both at once. Times are CLOCK_MONOTONIC, shared by the two processes."""
     torch.set_num_threads(1)
-    rates: dict[str, list[float]] = {}
+    spans: dict[str, list[tuple[float, float, int]]] = {}
     for name, (kernel, size) in _kernels(dtypes, nbytes, shape).items():
         kernel(0)
         for streams in (1, 2):
             for _ in range(rounds):
                 barrier.wait()  # the streams of a round start together
                 if index < streams:
-                    start, calls = time.perf_counter(), 0
-                    while (elapsed := time.perf_counter() - start) < seconds:
+                    start, calls = time.monotonic(), 0
+                    while time.monotonic() - start < seconds:
                         kernel(calls)
                         calls += 1
-                    rates.setdefault(f"{name}/{streams}", []).append(calls * size / elapsed)
-    out.put(rates)
+                    spans.setdefault(f"{name}/{streams}", []).append(
+                        (start, time.monotonic(), calls * size))
+    out.put(spans)
+
+
+def round_rate(spans: list[tuple[float, float, int]]) -> float:
+    """Bytes/s of one round's streams together: all their bytes over the time from the first
+    start to the last end (streams that did not overlap count as one, never as two)."""
+    return sum(b for _, _, b in spans) / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
 
 
 def measure_rates(dtypes: list[str], nbytes: int, shape: tuple[int, int], seconds: float,
                   rounds: int = 3) -> dict[str, float]:
     """Per-stream bytes/s of each kernel, ``"read/1"`` alone and ``"read/2"`` with two
-    streams at once (two processes; the best round's sum over the streams, halved)."""
+    streams at once (two processes; the best round's :func:`round_rate`, halved)."""
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(2), ctx.Queue()
     procs = [ctx.Process(target=_stream_child, args=(i, dtypes, nbytes, shape, seconds, rounds,
@@ -276,7 +289,7 @@ def measure_rates(dtypes: list[str], nbytes: int, shape: tuple[int, int], second
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + 300 + 4 * (len(dtypes) + 1) * rounds * seconds
-    results: list[dict[str, list[float]]] = []
+    results: list[dict[str, list[tuple[float, float, int]]]] = []
     try:
         while len(results) < len(procs):
             try:
@@ -292,8 +305,8 @@ def measure_rates(dtypes: list[str], nbytes: int, shape: tuple[int, int], second
             if proc.is_alive():
                 proc.terminate()
     keys = {key for r in results for key in r}
-    return {key: max(sum(r[key][i] for r in results if key in r) for i in range(rounds))
-            / int(key.split("/")[1]) for key in keys}
+    return {key: max(round_rate([r[key][i] for r in results if key in r])
+                     for i in range(rounds)) / int(key.split("/")[1]) for key in keys}
 
 
 def bandwidth(config: dict[str, Any], dtypes: list[str], tiny: bool) -> dict[str, Any]:
@@ -310,6 +323,14 @@ def bandwidth(config: dict[str, Any], dtypes: list[str], tiny: bool) -> dict[str
             "kernel_gbps_2_per_stream": {d: rates[f"{d}/2"] / GB for d in dtypes}}
 
 
+def read_rate_now(nodes: int, tiny: bool) -> float:
+    """The read rate (GB/s per stream) a point's floor uses, measured just before its runs:
+    one stream for 1 node, two at once for more (the sum of :func:`bandwidth`)."""
+    nbytes, seconds = (128 * MiB, 0.1) if tiny else (256 * MiB, 0.5)
+    rates = measure_rates([], nbytes, (1, 1), seconds)
+    return rates["read/1" if nodes == 1 else "read/2"] / GB
+
+
 # -- runs ---------------------------------------------------------------------------------------
 
 
@@ -323,12 +344,12 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
                              weight_dtype=weights, group_size=GROUP_SIZE)
     progress(f"run {nodes} node(s) {weights}: load, 1 warm-up + {args.runs} run(s) of "
              f"{args.new_tokens} tokens")
+    gbps = read_rate_now(nodes, args.tiny)  # this VM's bandwidth drifts: measure it here
     report = run_bench(settings, out_dir)
     gc.collect()  # the master's shard goes before the next point loads its own
     runs = [run["ms_per_token"] for run in report["runs"]]
     ms = statistics.median(runs)
     bytes_by_rank = [read_bytes_per_token(d) for d in rank_dirs]
-    gbps = bw["read_gbps_1" if nodes == 1 else "read_gbps_2_per_stream"]
     floor_ms = max(bytes_by_rank) / (gbps * GB) * 1000
     kernel = bw["kernel_gbps_1" if nodes == 1 else "kernel_gbps_2_per_stream"][weights]
     kernel_floor_ms = max(bytes_by_rank) / (kernel * GB) * 1000
@@ -442,14 +463,15 @@ def results_table(points: list[dict[str, Any]]) -> list[str]:
     lines = ["", "floor = slowest node's bytes per token / read bandwidth; kernel floor = the "
              "same bytes / the rate of the dtype's matrix-vector kernel alone (what the "
              "kernel allows)", OUTSIDE_METHOD, "",
-             "| nodes | weights | ms/token | floor ms | ratio | kernel floor ms | ratio | "
-             "MB/token (slowest node) | rank 0 compute | above floor | allreduce wait | "
+             "| nodes | weights | ms/token | read GB/s | floor ms | ratio | kernel floor ms | "
+             "ratio | MB/token (slowest node) | rank 0 compute | above floor | allreduce wait | "
              "outside |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         master, slowest = p["node_breakdown"][0], max(p["read_bytes_per_token"])
         lines.append(
-            f"| {p['nodes']} | {p['weights']} | {p['ms_per_token']:.1f} | {p['floor_ms']:.1f} | "
+            f"| {p['nodes']} | {p['weights']} | {p['ms_per_token']:.1f} | "
+            f"{p['bandwidth_gbps']:.1f} | {p['floor_ms']:.1f} | "
             f"{p['ratio']:.2f} | {p['kernel_floor_ms']:.1f} | {p['kernel_ratio']:.2f} | "
             f"{slowest / 1e6:.0f} | {master['compute_ms']:.1f} | "
             f"{master['above_floor_ms']:.1f} | {master['allreduce_ms']:.1f} | "
