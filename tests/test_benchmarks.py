@@ -56,8 +56,9 @@ def test_decode_benchmark_tiny_json() -> None:
         assert len(point["run_ms_per_token"]) == 1
         assert len(point["read_bytes_per_token"]) == nodes
         assert all(b > 0 for b in point["read_bytes_per_token"])
-        gbps = bandwidth["read_gbps_1" if nodes == 1 else "read_gbps_2_per_stream"]
-        assert point["bandwidth_gbps"] == gbps
+        assert point["bandwidth_gbps"] > 0  # measured again just before the point's runs
+        floor_s = max(point["read_bytes_per_token"]) / (point["bandwidth_gbps"] * 1e9)
+        assert abs(point["floor_ms"] - floor_s * 1000) < 1e-6
         assert [n["rank"] for n in point["node_breakdown"]] == list(range(nodes))
         for node in point["node_breakdown"]:
             assert node["compute_ms"] > 0 and node["floor_ms"] > 0 and node["other_ms"] >= 0
