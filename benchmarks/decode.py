@@ -18,8 +18,8 @@ Run::
    rounds (two streams: both streams' bytes over the time from the first start to the last
    end, so streams the scheduler happened to run one after the other do not count double).
    The same for each weight dtype's matrix-vector product as edgetp computes it
-   (``edgetp.kernels.linear`` / ``int8_linear``, the C decode kernels, or torch's where they
-   are unavailable; ``edgetp.qlinear.int4_matmul``) over copies of one MLP-shaped weight,
+   (``edgetp.kernels``' C decode kernels through ``edgetp.qlinear.int8_product`` /
+   ``int4_product``, or torch's where they are unavailable) over copies of one MLP-shaped weight,
    256 MiB in all: what the kernel streams alone, for the "why" of a miss.
 3. **Runs.** For each node count and weight dtype: split as ``edgetp split --dtype`` does
    (int4: group 32), then :func:`edgetp.bench.run_bench` (a :class:`~edgetp.cluster.LocalCluster`:
@@ -225,7 +225,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     linears compute it) cycling over copies of one weight, ``nbytes`` in all (beyond the cache).
     """
     from edgetp import kernels
-    from edgetp.qlinear import int4_matmul, int8_product
+    from edgetp.qlinear import int4_product, int8_product
     from edgetp.quant import native_int4_tiled, quantize_int4, quantize_int8
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
@@ -240,7 +240,8 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     calls = {"float32": lambda x, w: kernels.linear(x, w, step),
              "bfloat16": lambda x, w: kernels.linear(x16, w, step16),
              "int8": lambda x, q, s: int8_product(x, q, s, out=step),
-             "int4": lambda x, q, sz: int4_matmul(x, q, sz, GROUP_SIZE, native_int4_tiled())}
+             "int4": lambda x, q, sz: int4_product(x, q, sz, GROUP_SIZE, native_int4_tiled(),
+                                                   out=step)}
     for dtype in dtypes:
         weight = stored[dtype]()
         size = sum(t.numel() * t.element_size() for t in weight)

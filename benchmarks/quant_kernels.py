@@ -15,7 +15,7 @@ square) and one activation row, the best-of-rounds time of:
 * ``w8a8 _int_mm``: activations quantized to int8 per row, ``torch._int_mm`` (VNNI) and both
   scales: measured for comparison, *not* used by edgetp (it quantizes the activations of
   every linear, which real LLMs' outlier features make lossy);
-* ``f32 / bf16 / int8 native``: edgetp's C decode kernels (``edgetp.kernels``; what a decode
+* ``f32 / bf16 / int8 / int4 native``: edgetp's C decode kernels (``edgetp.kernels``; what a decode
   step runs where a C compiler is available; int8 with int16 activation blocks);
 * ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
   ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.
@@ -94,6 +94,8 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
         "f32 native": (lambda: kernels.linear(x, w, step)) if native else None,
         "bf16 native": (lambda: kernels.linear(xb, wb, step16)) if native else None,
         "int8 native": (lambda: kernels.int8_linear(x, q, scale, step)) if native else None,
+        "int4 native": (lambda: kernels.int4_linear(x, packed, scale_zero, 32, step))
+        if kernels.has_int4() else None,
         "int4 kernel": (lambda: int4_matmul(x, packed, scale_zero, 32, kernel_layout=True))
         if tiled else None,
         "int4 fallback": int4_fallback,

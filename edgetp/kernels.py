@@ -38,7 +38,7 @@ ABI_VERSION = 1
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
                 "-fno-signed-zeros", "-fno-trapping-math"]
-ARCH_FLAGS = (["-march=native"], ["-mcpu=native"], [])
+X86 = ("x86_64", "AMD64", "i686", "i386")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -61,10 +61,12 @@ def _cpu_identity() -> str:
     """What the compiled code depends on: architecture and (on Linux) the CPU's feature flags."""
     parts = [platform.machine()]
     try:
+        wanted = ["flags", "Features", "model name", "CPU part"]
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features", "model name")):
+            key = line.split(":", 1)[0].strip()
+            if key in wanted:  # the first core's line of each (all cores are alike)
                 parts.append(line)
-                break
+                wanted.remove(key)
     except OSError:
         pass
     return "\n".join(parts)
@@ -74,11 +76,21 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
+def arch_flags() -> tuple[list[str], ...]:
+    """What makes the build this CPU's own, in the order tried: ``-march=native``, and on ARM
+    ``-mcpu=native`` (some ARM compilers spell it so). Never a generic build: it would be
+    cached as this CPU's and quietly run without its vector instructions; gcc on x86 takes
+    ``-mcpu=native`` as a mere tuning hint, so it is not tried there."""
+    if platform.machine() in X86:
+        return (["-march=native"],)
+    return (["-march=native"], ["-mcpu=native"])
+
+
 def build(compiler: str, target: Path) -> list[str]:
     """Compile the source into ``target`` with the first flag set the compiler takes; returns
     those flags. Raises ``RuntimeError`` with the compiler's message when none works."""
     errors = []
-    for arch in ARCH_FLAGS:
+    for arch in arch_flags():
         flags = COMMON_FLAGS + arch
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
@@ -87,7 +99,7 @@ def build(compiler: str, target: Path) -> list[str]:
             if result.returncode == 0:
                 os.replace(out, target)  # atomic: concurrent builders all end with one file
                 return flags
-            errors.append(f"{' '.join(arch) or '(no arch flag)'}: {result.stderr.strip()[:300]}")
+            errors.append(f"{' '.join(arch)}: {result.stderr.strip()[:300]}")
     raise RuntimeError("; ".join(errors))
 
 
@@ -102,7 +114,8 @@ def _load() -> ctypes.CDLL | None:
         target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            build(compiler, target)
+            flags = build(compiler, target)
+            log.info("built the decode kernels with %s %s", compiler, " ".join(flags))
         library = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("native decode kernels unavailable (%s): decode uses torch's kernels", exc)
@@ -111,11 +124,12 @@ def _load() -> ctypes.CDLL | None:
         log.warning("native kernel library %s is stale: delete it to rebuild", target)
         return None
     library.et_matvec_f32.restype = None
-    for name in ("et_matvec_bf16", "et_matvec_i8"):
+    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i4", "et_has_int4"):
         getattr(library, name).restype = ctypes.c_int
     for name in ("et_matvec_f32", "et_matvec_bf16"):
         getattr(library, name).argtypes = [_P, _P, _P, _I64, _I64]
     library.et_matvec_i8.argtypes = [_P, _P, _P, _P, _I64, _I64]
+    library.et_matvec_i4.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
     return library
 
 
@@ -189,6 +203,35 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if lib.et_matvec_i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
                         cols) != 0:
         return None  # no memory for x's int16 copy
+    return y
+
+
+def has_int4() -> bool:
+    """Whether the int4 product is built here (AVX-512 with VNNI)."""
+    lib = library()
+    return lib is not None and bool(lib.et_has_int4())
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [1, in] float32 @ dequant(packed uint8 [out, in / 2] in the *tiled* layout,
+    scale_zero bfloat16 [in / group, out, 2])^T -> [1, out] float32.
+
+    x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
+    product (no AVX-512 VNNI build, a shape the tiled layout does not have)."""
+    lib = library()
+    if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1
+            or x.dtype != torch.float32 or not x.is_contiguous() or packed.dtype != torch.uint8
+            or not packed.is_contiguous() or scale_zero.dtype != torch.bfloat16
+            or not scale_zero.is_contiguous() or packed.dim() != 2
+            or x.shape[1] != 2 * packed.shape[1]
+            or tuple(scale_zero.shape) != (x.shape[1] // group, packed.shape[0], 2)):
+        return None
+    rows, cols = packed.shape[0], x.shape[1]
+    y = output(out, rows, torch.float32)
+    if lib.et_matvec_i4(packed.data_ptr(), scale_zero.data_ptr(), x.data_ptr(), y.data_ptr(),
+                        rows, cols, group) != 0:
+        return None
     return y
 
 

@@ -144,13 +144,12 @@ class Attention(nn.Module):
     def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                    ) -> torch.Tensor:
         """Decode attention of one position, each KV head serving its group of query heads in
-        place (SDPA's GQA path copies K and V per query head). q: [1, H, hd]; keys, values:
-        [KV, S, hd] -> [1, H * hd]."""
+        place: the group's queries are the rows of one SDPA batch entry (SDPA's GQA path would
+        copy K and V per query head). q: [1, H, hd]; keys, values: [KV, S, hd] -> [1, H * hd]."""
         kv, hd = keys.shape[0], self.head_dim
         q = q.view(kv, self.n_heads // kv, hd)  # [KV, G, hd]
-        scores = torch.matmul(q, keys.transpose(1, 2)) * hd**-0.5  # [KV, G, S]
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, values).view(1, self.n_heads * hd)  # [KV, G, hd] -> [1, H*hd]
+        out = F.scaled_dot_product_attention(q, keys, values)  # [KV, G, hd]
+        return out.reshape(1, self.n_heads * hd)
 
     def _mask(self, start_pos: int, t: int, end: int) -> torch.Tensor | None:
         """Boolean [T, S] mask (True = attend), or None when every key is visible."""

@@ -341,7 +341,7 @@ def _matvec_product(dtype: str, shape: tuple[int, int], sizes_only: bool = False
     import torch
 
     from edgetp import kernels
-    from edgetp.qlinear import int4_matmul, int8_product
+    from edgetp.qlinear import int4_product, int8_product
     from edgetp.quant import (
         int4_group,
         int4_tiled,
@@ -370,11 +370,12 @@ def _matvec_product(dtype: str, shape: tuple[int, int], sizes_only: bool = False
         tiled = int4_tiled(n_out, group)  # else the runtime's fallback, as for such a split
         packed = pack_int4(torch.full((n_out, n_in), 9, dtype=torch.uint8), tiled)
         native = tiled and native_int4_tiled()
-        if tiled and not native:  # resident weights are repacked once for this CPU
+        repacked = tiled and not native and not kernels.has_int4()
+        if repacked:  # resident weights are repacked once for this CPU
             packed = native_int4_pack(packed)
         scale_zero = torch.full((n_in // group, n_out, 2), 0.01, dtype=torch.bfloat16)
-        return (lambda: int4_matmul(x, packed, scale_zero, group, tiled,
-                                    repacked=tiled and not native)), nbytes
+        return (lambda: int4_product(x, packed, scale_zero, group, tiled, repacked,
+                                     out=step)), nbytes
     w = torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))
     xd, step = x.to(w.dtype), step.to(w.dtype)
     return (lambda: kernels.linear(xd, w, step)), nbytes  # the C decode kernels, or torch

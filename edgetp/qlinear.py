@@ -87,6 +87,18 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: 
     return int8_matmul(x, q, scale, kernel)
 
 
+def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                 kernel_layout: bool, repacked: bool = False, kernel: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """What a QuantLinear computes for int4: one float32 row of tiled codes through the native
+    kernel (into ``out`` when it fits) where it can, else :func:`int4_matmul`."""
+    if kernel and x.shape[0] == 1 and not repacked and int4_tiled(packed.shape[0], group):
+        y = kernels.int4_linear(x, packed, scale_zero, group, out)
+        if y is not None:
+            return y
+    return int4_matmul(x, packed, scale_zero, group, kernel_layout, repacked)
+
+
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
                 group: int, kernel_layout: bool, repacked: bool = False) -> torch.Tensor:
     """x [T, in] @ dequant(packed, scale_zero)^T -> [T, out].
@@ -142,11 +154,14 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         if self.fmt == "int8":
             return self.keep_output(int8_product(x, self.weight, self.weight_scale, kernel,
                                                  self.output_buffer()))
-        if kernel and self.tiled and not self.native and not self.streamed:
+        if (kernel and self.tiled and not self.native and not self.streamed
+                and not kernels.has_int4()):
             self.weight.data = native_int4_pack(self.weight.data)  # once, for resident weights
             self.native = self.repacked = True
-        return int4_matmul(x, self.weight, self.weight_scale, self.group,
-                           self.native and (kernel or self.repacked), self.repacked)
+        return self.keep_output(int4_product(
+            x, self.weight, self.weight_scale, self.group,
+            self.native and (kernel or self.repacked), self.repacked, kernel,
+            self.output_buffer()))
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -19,7 +19,13 @@ from edgetp.model import Transformer
 from edgetp.parallel import ColumnParallelLinear, RowParallelLinear, shard_model
 from edgetp.plan import make_plan
 from edgetp.qlinear import QuantColumnParallelLinear
-from edgetp.quant import dequantize_int8, quantize_int8
+from edgetp.quant import (
+    dequantize_int4,
+    dequantize_int8,
+    int4_tiled,
+    quantize_int4,
+    quantize_int8,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="no C compiler: the torch path is all there is")
@@ -84,6 +90,56 @@ def test_int8_propagates_nan_and_inf() -> None:
         assert got is not None and bool(torch.isnan(got).all())
 
 
+int4_only = pytest.mark.skipif(not kernels.has_int4(), reason="the int4 loops need AVX-512 VNNI")
+
+
+@int4_only
+@pytest.mark.parametrize(("rows", "cols", "group"),
+                         [(64, 64, 32), (128, 256, 64), (80, 128, 32), (112, 256, 128),
+                          (48, 512, 256), (16, 32, 32), (208, 192, 32)])  # tails: 16, 48, 16
+def test_int4_is_within_the_int16_activation_rounding(rows: int, cols: int, group: int) -> None:
+    w = torch.randn(rows, cols) / 10
+    packed, scale_zero = quantize_int4(w, group)
+    assert int4_tiled(rows, group)
+    x = torch.randn(1, cols)
+    deq = dequantize_int4(packed, scale_zero).double()
+    exact = x.double() @ deq.T  # [1, rows]
+    got = kernels.int4_linear(x, packed, scale_zero, group)
+    assert got is not None and got.shape == (1, rows) and got.dtype == torch.float32
+    # x rounded to 2^-16 of its block's peak; the codes' part of each weight is at most
+    # |w - zero| + 8 * scale <= |w| + 2 |zero| + 8 * scale, so bound by |deq| + 16 * scale
+    scale = scale_zero[..., 0].float().T.repeat_interleave(group, dim=1)  # [rows, cols]
+    bound = (x.abs().max() * 2.0**-16 * (deq.abs() + 2 * deq.abs().max() + 16 * scale).sum(1))
+    assert float((got.double() - exact).abs().max()) <= float(bound.max()) + 1e-6
+    assert relative_error(got, exact) < 1e-3
+
+
+@int4_only
+def test_int4_column_slices_add_up_to_the_whole_row() -> None:
+    w = torch.randn(64, 384) / 10
+    x = torch.randn(1, 384) * torch.linspace(0.01, 30, 384)
+    packed, scale_zero = quantize_int4(w, 64)
+    whole = kernels.int4_linear(x, packed, scale_zero, 64)
+    parts = []
+    for a, b in ((0, 128), (128, 192), (192, 384)):
+        part_packed, part_sz = quantize_int4(w[:, a:b].contiguous(), 64)
+        parts.append(kernels.int4_linear(x[:, a:b].contiguous(), part_packed, part_sz, 64))
+    assert whole is not None and all(p is not None for p in parts)
+    assert torch.allclose(sum(parts), whole, rtol=1e-5, atol=1e-4)  # type: ignore[arg-type]
+
+
+@int4_only
+def test_int4_takes_only_the_tiled_layout_and_propagates_nan() -> None:
+    packed, scale_zero = quantize_int4(torch.randn(24, 64), 32)  # 24 rows: rows layout
+    assert not int4_tiled(24, 32)
+    assert kernels.int4_linear(torch.randn(1, 64), packed, scale_zero, 32) is None
+    packed, scale_zero = quantize_int4(torch.randn(64, 64), 32)
+    x = torch.randn(1, 64)
+    x[0, 5] = float("nan")
+    got = kernels.int4_linear(x, packed, scale_zero, 32)
+    assert got is not None and bool(torch.isnan(got).all())
+
+
 def test_other_products_go_to_torch() -> None:
     w = torch.randn(8, 16)
     two_rows = torch.randn(2, 16)
@@ -140,6 +196,20 @@ def test_int8_linear_decodes_natively_into_its_buffer() -> None:
     assert layer(torch.randn(1, 64)).data_ptr() == y.data_ptr()
 
 
+@int4_only
+def test_int4_linear_decodes_natively_into_its_buffer() -> None:
+    packed, scale_zero = quantize_int4(torch.randn(64, 128), 32)
+    layer = QuantColumnParallelLinear("int4", tuple(packed.shape), tuple(scale_zero.shape), False)
+    layer.weight = torch.nn.Parameter(packed, requires_grad=False)
+    layer.weight_scale = torch.nn.Parameter(scale_zero, requires_grad=False)
+    layer.reuse_output = True
+    x = torch.randn(1, 128)
+    y = layer(x)
+    assert torch.equal(y, kernels.int4_linear(x, packed, scale_zero, 32))  # type: ignore[arg-type]
+    assert layer(torch.randn(1, 128)).data_ptr() == y.data_ptr()
+    assert torch.equal(layer.weight, packed)  # never repacked for torch's kernel
+
+
 def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=120)
@@ -169,3 +239,18 @@ def test_build_lands_in_the_cache_keyed_by_cpu_and_source(tmp_path: Path) -> Non
     stamp = built[0].stat().st_mtime_ns
     assert run_isolated(code, EDGETP_KERNEL_CACHE=str(tmp_path)).stdout.strip() == "True"
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_the_cache_key_sees_the_cpu_features() -> None:
+    identity = kernels._cpu_identity()
+    if Path("/proc/cpuinfo").exists() and "flags" in Path("/proc/cpuinfo").read_text():
+        assert any(line.startswith("flags") for line in identity.splitlines()), identity
+
+
+def test_int8_keeps_subnormal_blocks() -> None:
+    q, scale = quantize_int8(torch.randn(3, 64))
+    x = torch.full((1, 64), 1e-38) * torch.linspace(-1, 1, 64)  # a block of subnormals
+    got = kernels.int8_linear(x, q, scale)
+    want = x.double() @ dequantize_int8(q, scale).double().T
+    # the block scale is itself subnormal (a few bits short): close, and above all not 0
+    assert got is not None and torch.allclose(got.double(), want, rtol=1e-2, atol=1e-44)

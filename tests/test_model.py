@@ -226,3 +226,25 @@ def test_qwen2_sliding_window_respects_max_window_layers(
     stepped = torch.cat([model(tokens[i : i + 1], i) for i in range(PROMPT_LEN)])
     diff = (stepped - ref).abs().max().item()
     assert diff <= ATOL, f"max_window_layers={max_window_layers}: decode |logit diff| {diff:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_matches_the_exact_softmax(dtype: torch.dtype) -> None:
+    """Decode's grouped attention keeps SDPA's accuracy in bfloat16 too (scores of ~100 must
+    not be rounded to bfloat16 before the softmax)."""
+    from edgetp.config import ModelConfig
+    from edgetp.model import Attention
+
+    config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=256,
+                         intermediate_size=8, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=128)
+    attn = Attention(config)
+    gen = torch.Generator().manual_seed(0)
+    q = (3 * torch.randn(1, 8, 128, generator=gen)).to(dtype)  # [1, H, hd]
+    keys = (3 * torch.randn(2, 300, 128, generator=gen)).to(dtype)  # [KV, S, hd]
+    values = torch.randn(2, 300, 128, generator=gen).to(dtype)
+    got = attn._one_query(q, keys, values).view(2, 4, 128).double()  # [KV, G, hd]
+    scores = q.double().view(2, 4, 128) @ keys.double().transpose(1, 2) / 128**0.5
+    want = torch.softmax(scores, -1) @ values.double()  # [KV, G, hd]
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2  # bfloat16 output rounding
+    assert float((got - want).abs().max()) < tolerance

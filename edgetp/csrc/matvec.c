@@ -190,9 +190,10 @@ static int quantize_x(const float *restrict x, int64_t cols, int16_t *restrict x
             if (!(size <= FLT_MAX)) return -2; /* inf or NaN (a NaN fails every comparison) */
             peak = size > peak ? size : peak;
         }
-        float scale = peak / QMAX, inverse = peak > 0.f ? QMAX / peak : 0.f;
-        xs[b] = scale;
-        for (int64_t i = from; i < to; i++) xq[i] = (int16_t)lrintf(x[i] * inverse);
+        /* in double: for a block of subnormal x the inverse overflows a float */
+        double inverse = peak > 0.f ? (double)QMAX / (double)peak : 0.0;
+        xs[b] = (float)((double)peak / (double)QMAX);
+        for (int64_t i = from; i < to; i++) xq[i] = (int16_t)lrint((double)x[i] * inverse);
         for (int64_t i = to; i < from + QBLOCK; i++) xq[i] = 0; /* pad the last block */
     }
     return 0;
@@ -252,17 +253,34 @@ static float i8_row(const int8_t *restrict w, const int16_t *restrict xq,
 }
 #endif
 
+/* x quantized into the thread's scratch area: int16 codes (padded to whole blocks), a scale per
+ * block, and ``extra`` more floats for the caller. Returns 0, -1 (no memory) or -2 (inf/NaN). */
+static int quantized_x(const float *restrict x, int64_t cols, int64_t extra, int16_t **xq,
+                       float **xs, float **more) {
+    int64_t blocks = (cols + QBLOCK - 1) / QBLOCK;
+    char *area = scratch_bytes(blocks * QBLOCK * (int64_t)sizeof(int16_t)
+                               + (blocks + extra) * (int64_t)sizeof(float));
+    if (area == NULL) return -1;
+    *xq = (int16_t *)area;
+    *xs = (float *)(area + blocks * QBLOCK * sizeof(int16_t));
+    *more = *xs + blocks;
+    return quantize_x(x, cols, *xq, *xs);
+}
+
+static void fill_nan(float *y, int64_t rows) {
+    for (int64_t r = 0; r < rows; r++) y[r] = NAN;
+}
+
 /* Returns 0, or -1 when out of memory (the caller falls back). */
 int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
                  const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
-    int64_t blocks = (cols + QBLOCK - 1) / QBLOCK, full = cols / QBLOCK, tail = cols - full * QBLOCK;
-    char *area = scratch_bytes(blocks * QBLOCK * (int64_t)sizeof(int16_t)
-                               + blocks * (int64_t)sizeof(float));
-    if (area == NULL) return -1;
-    int16_t *xq = (int16_t *)area;
-    float *xs = (float *)(area + blocks * QBLOCK * sizeof(int16_t));
-    if (quantize_x(x, cols, xq, xs) != 0) { /* inf or NaN in x: every output is NaN */
-        for (int64_t r = 0; r < rows; r++) y[r] = NAN;
+    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
+    int16_t *xq;
+    float *xs, *unused;
+    int status = quantized_x(x, cols, 0, &xq, &xs, &unused);
+    if (status == -1) return -1;
+    if (status != 0) { /* inf or NaN in x: every output is NaN */
+        fill_nan(y, rows);
         return 0;
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -273,3 +291,143 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
     }
     return 0;
 }
+
+/* ---- int4 weights in the tiled layout (edgetp.quant), float32 x -> float32 y ----------------
+ *
+ * Codes q in 0..15 with a (scale, zero) bfloat16 pair per row and group of ``group`` columns:
+ * w = (q - 8) * scale + zero. Rows come in blocks of 64: per input column 32 bytes, byte j =
+ * row j | row j + 32 << 4; a last block of 16, 32 or 48 rows stores per column one byte per
+ * two adjacent rows. So per row and group
+ *     sum_i w_i x_i = scale * sum_i q_i x_i + (zero - 8 * scale) * sum_i x_i,
+ * with sum_i q_i x_i taken exactly in int32 against x quantized to int16 per 64 columns (as for
+ * int8), in units of min(group, 64) columns. Only the AVX-512 (BW + VNNI) build has it: two
+ * columns' bytes are interleaved so each 32-bit lane holds one row's two codes, and vpdpwssd
+ * multiplies them by the two columns' x at once.
+ */
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+int et_has_int4(void) { return 1; }
+
+static inline float scale_of(const uint16_t *scale_zero, int64_t rows, int64_t g, int64_t r) {
+    return bf16_to_f32(scale_zero[(g * rows + r) * 2]);
+}
+
+static inline float offset_of(const uint16_t *scale_zero, int64_t rows, int64_t g, int64_t r) {
+    /* zero - 8 * scale, the value of code 0 */
+    return bf16_to_f32(scale_zero[(g * rows + r) * 2 + 1]) - 8.f * scale_of(scale_zero, rows, g, r);
+}
+
+/* One block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. */
+static void i4_block(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                     const int16_t *restrict xq, const float *restrict xs,
+                     const float *restrict xg, int64_t rows, int64_t row0, int64_t cols,
+                     int64_t group, float *restrict y) {
+    const __m512i low_nibble = _mm512_set1_epi16(0x0f);
+    /* lanes of the unpacked accumulators -> rows in order (see below) */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    int64_t unit = group < QBLOCK ? group : QBLOCK;
+    __m512 total[4];
+    for (int k = 0; k < 4; k++) total[k] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < cols; c += unit) {
+        /* acc[0]: rows 0-7,16-23; acc[1]: 8-15,24-31; acc[2], acc[3]: the same + 32 */
+        __m512i acc[4];
+        for (int k = 0; k < 4; k++) acc[k] = _mm512_setzero_si512();
+        for (int64_t i = c; i < c + unit; i += 2) {
+            __m256i b0 = _mm256_loadu_si256((const __m256i *)(w + i * 32));
+            __m256i b1 = _mm256_loadu_si256((const __m256i *)(w + (i + 1) * 32));
+            int32_t pair;
+            memcpy(&pair, xq + i, sizeof pair); /* x[i] low, x[i + 1] high */
+            __m512i xv = _mm512_set1_epi32(pair);
+            __m512i p = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(b0, b1));
+            __m512i q = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(b0, b1));
+            acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_and_si512(p, low_nibble), xv);
+            acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_and_si512(q, low_nibble), xv);
+            acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_srli_epi16(p, 4), xv);
+            acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_srli_epi16(q, 4), xv);
+        }
+        int64_t g = c / group;
+        __m512 block_scale = _mm512_set1_ps(xs[c / QBLOCK]);
+        for (int half = 0; half < 2; half++) {
+            __m512i lo = acc[2 * half], hi = acc[2 * half + 1];
+            __m512i ordered[2] = {_mm512_permutex2var_epi32(lo, first, hi),
+                                  _mm512_permutex2var_epi32(lo, second, hi)};
+            for (int k = 0; k < 2; k++) {
+                int64_t r = row0 + half * 32 + k * 16;
+                /* 16 (scale, zero) pairs: scale in each lane's low half */
+                __m512i sz = _mm512_loadu_si512(scale_zero + (g * rows + r) * 2);
+                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(ordered[k]), block_scale);
+                total[2 * half + k] = _mm512_fmadd_ps(sum, scale, total[2 * half + k]);
+                if ((c + unit) % group == 0) { /* the group ends: its zero-point term */
+                    __m512 zero = _mm512_castsi512_ps(
+                        _mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000u)));
+                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);
+                    total[2 * half + k] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xg[g]),
+                                                          total[2 * half + k]);
+                }
+            }
+        }
+    }
+    for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + k * 16, total[k]);
+}
+
+/* The last 16, 32 or 48 rows (bytes: cols x tail / 2, two adjacent rows per byte). */
+static void i4_tail(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                    const int16_t *restrict xq, const float *restrict xs,
+                    const float *restrict xg, int64_t rows, int64_t row0, int64_t tail,
+                    int64_t cols, int64_t group, float *restrict y) {
+    int64_t unit = group < QBLOCK ? group : QBLOCK;
+    for (int64_t t = 0; t < tail; t++) {
+        int64_t r = row0 + t;
+        float total = 0.f;
+        for (int64_t c = 0; c < cols; c += unit) {
+            int32_t dot = 0;
+            for (int64_t i = c; i < c + unit; i++) {
+                uint8_t byte = w[i * (tail / 2) + t / 2];
+                dot += (int32_t)((t & 1) ? byte >> 4 : byte & 15) * xq[i];
+            }
+            int64_t g = c / group;
+            total += (float)dot * xs[c / QBLOCK] * scale_of(scale_zero, rows, g, r);
+            if ((c + unit) % group == 0) total += offset_of(scale_zero, rows, g, r) * xg[g];
+        }
+        y[t] = total;
+    }
+}
+
+/* Returns 0; -1 when out of memory; -3 when the shape is not one this kernel takes. */
+int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                 int64_t group) {
+    if (rows % 16 || group % 32 || cols % group) return -3;
+    int64_t groups = cols / group, full = rows - rows % 64;
+    int16_t *xq;
+    float *xs, *xg;
+    int status = quantized_x(x, cols, groups, &xq, &xs, &xg);
+    if (status == -1) return -1;
+    if (status != 0) {
+        fill_nan(y, rows);
+        return 0;
+    }
+    for (int64_t g = 0; g < groups; g++) { /* each group's plain sum of x */
+        float sum = 0.f;
+        for (int64_t i = g * group; i < (g + 1) * group; i++) sum += x[i];
+        xg[g] = sum;
+    }
+    for (int64_t r = 0; r < full; r += 64)
+        i4_block(w + r * cols / 2, scale_zero, xq, xs, xg, rows, r, cols, group, y + r);
+    if (rows > full)
+        i4_tail(w + full * cols / 2, scale_zero, xq, xs, xg, rows, full, rows - full, cols,
+                group, y + full);
+    return 0;
+}
+#else
+int et_has_int4(void) { return 0; }
+
+int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                 int64_t group) {
+    (void)w; (void)scale_zero; (void)x; (void)y; (void)rows; (void)cols; (void)group;
+    return -3; /* torch's int4 kernel is as fast without AVX-512 VNNI */
+}
+#endif
