@@ -19,6 +19,36 @@ from torch import nn
 from edgetp.config import ModelConfig, RopeScaling
 
 
+def one_float_row(x: torch.Tensor) -> bool:
+    """A decode step's float32 activations (one row, no autograd): these run allocation-free,
+    in buffers their module keeps from step to step (:func:`step_buffer`)."""
+    return x.shape[0] == 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def step_buffer(owner: nn.Module, name: str, shape: tuple[int, ...], like: torch.Tensor
+                ) -> torch.Tensor:
+    """The tensor ``owner`` keeps under ``name`` for one-row steps, made anew only when the
+    shape or dtype changes. Made outside inference mode, so the model can be called in it and
+    out of it. A step's buffers are used up within the step: nothing may keep them."""
+    buffer = owner.__dict__.get(name)
+    if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
+        with torch.inference_mode(False):
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        owner.__dict__[name] = buffer
+    return buffer
+
+
+def step_constant(owner: nn.Module, name: str, value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor holding ``value`` that ``owner`` keeps: an in-place op given a Python number
+    wraps it in a new tensor on every call."""
+    constant = owner.__dict__.get(name)
+    if constant is None or constant.dtype != like.dtype:
+        with torch.inference_mode(False):
+            constant = torch.tensor(value, dtype=like.dtype, device=like.device)
+        owner.__dict__[name] = constant
+    return constant
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 like the reference implementation."""
 
@@ -28,9 +58,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d]
+        if one_float_row(x) and self.weight.dtype == torch.float32:
+            return self._one_row(x)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, d] float32, kept buffers
+        out = step_buffer(self, "_out", tuple(x.shape), x)  # [1, d]
+        mean_square = step_buffer(self, "_mean_square", (1, 1), x)
+        torch.matmul(x, x.T, out=mean_square)  # [1, 1]: the sum of squares
+        mean_square.mul_(step_constant(self, "_inverse_dim", 1.0 / x.shape[1], x))
+        mean_square.add_(step_constant(self, "_eps", self.eps, x)).rsqrt_()
+        return torch.mul(x, mean_square, out=out).mul_(self.weight)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -61,6 +101,20 @@ def rope_tables(config: ModelConfig, max_seq_len: int) -> tuple[torch.Tensor, to
     freqs = positions[:, None] * inv_freq[None, :]  # [S, head_dim/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [S, head_dim]
     return angles.cos(), angles.sin()
+
+
+def apply_rope_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        scratch: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` written over ``x`` [T, heads, head_dim], with ``scratch`` [T, heads,
+    head_dim / 2] for the first half's old values. The tables repeat their first half, so with
+    c, s that half: x1' = x1 c - x2 s and x2' = x2 c + x1 s."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :half], sin[:, None, :half]  # [T, 1, hd/2]
+    x1, x2 = x[..., :half], x[..., half:]
+    torch.mul(x1, s, out=scratch)
+    x1.mul_(c).addcmul_(x2, s, value=-1)
+    x2.mul_(c).add_(scratch)
+    return x
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -119,8 +173,13 @@ class Attention(nn.Module):
             raise RuntimeError("KV cache not allocated: call Transformer.allocate_cache first")
         t, hd = x.shape[0], self.head_dim
         end = start_pos + t
-        q = apply_rope(self.q_proj(x).view(t, self.n_heads, hd), cos, sin)  # [T, H, hd]
-        k = apply_rope(self.k_proj(x).view(t, self.n_kv_heads, hd), cos, sin)  # [T, KV, hd]
+        q = self.q_proj(x).view(t, self.n_heads, hd)  # [T, H, hd]
+        k = self.k_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
+        if one_float_row(x):  # the projections' outputs are this step's own: rotate in place
+            apply_rope_in_place(q, cos, sin, step_buffer(self, "_rope_q", q[..., ::2].shape, q))
+            apply_rope_in_place(k, cos, sin, step_buffer(self, "_rope_k", k[..., ::2].shape, k))
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
         self.k_cache[:, start_pos:end] = k.transpose(0, 1)
         self.v_cache[:, start_pos:end] = v.transpose(0, 1)
@@ -148,8 +207,22 @@ class Attention(nn.Module):
         copy K and V per query head). q: [1, H, hd]; keys, values: [KV, S, hd] -> [1, H * hd]."""
         kv, hd = keys.shape[0], self.head_dim
         q = q.view(kv, self.n_heads // kv, hd)  # [KV, G, hd]
-        out = F.scaled_dot_product_attention(q, keys, values)  # [KV, G, hd]
-        return out.reshape(1, self.n_heads * hd)
+        if q.dtype != torch.float32 or torch.is_grad_enabled():
+            out = F.scaled_dot_product_attention(q, keys, values)  # [KV, G, hd]
+            return out.reshape(1, self.n_heads * hd)
+        group, seen = q.shape[1], keys.shape[1]
+        capacity = kv * group * self.k_cache.shape[1]  # type: ignore[union-attr]
+        scores = step_buffer(self, "_scores", (capacity,), q)[:kv * group * seen]
+        scores = scores.view(kv, group, seen)  # [KV, G, S]
+        torch.matmul(q, keys.transpose(1, 2), out=scores)
+        peak = step_buffer(self, "_peak", (kv, group, 1), q)
+        scores.mul_(step_constant(self, "_scale", hd**-0.5, q))
+        torch.amax(scores, -1, keepdim=True, out=peak)
+        scores.sub_(peak).exp_()  # softmax over the positions, in place
+        torch.sum(scores, -1, keepdim=True, out=peak)
+        out = step_buffer(self, "_attended", (kv, group, hd), q)
+        torch.matmul(scores.div_(peak), values, out=out)  # [KV, G, hd]
+        return out.view(1, self.n_heads * hd)
 
     def _mask(self, start_pos: int, t: int, end: int) -> torch.Tensor | None:
         """Boolean [T, S] mask (True = attend), or None when every key is visible."""
@@ -192,8 +265,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:  # h: [T, d]
-        h = h + self.self_attn(self.input_layernorm(h), start_pos, cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attended = self.self_attn(self.input_layernorm(h), start_pos, cos, sin)
+        if not one_float_row(h):
+            h = h + attended
+            return h + self.mlp(self.post_attention_layernorm(h))
+        mid = torch.add(h, attended, out=step_buffer(self, "_mid", tuple(h.shape), h))
+        out = step_buffer(self, "_out", tuple(h.shape), h)
+        return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
 
 
 class Transformer(nn.Module):

@@ -6,6 +6,8 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
 * int8, one float32 row (decode) with the native kernels available (``edgetp.kernels``):
   ``et_matvec_i8`` in C, x quantized to int16 per 64 columns, int8 x int16 products summed
   exactly; ~2x the torch kernel's rate below, and 60x closer to the exact product.
+* int4 in the tiled layout, one float32 row, where the native kernels have it (AVX-512 VNNI):
+  ``et_matvec_i4``, the same int16 activation blocks, codes straight from the tiled bytes.
 * int8, a few rows otherwise, input width a multiple of 16:
   ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations and scales. It is several
   times faster than a float32 or bfloat16 matrix-vector product of the same shape; with float32

@@ -254,3 +254,24 @@ def test_int8_keeps_subnormal_blocks() -> None:
     want = x.double() @ dequantize_int8(q, scale).double().T
     # the block scale is itself subnormal (a few bits short): close, and above all not 0
     assert got is not None and torch.allclose(got.double(), want, rtol=1e-2, atol=1e-44)
+
+
+def test_a_float32_decode_step_allocates_nothing_in_the_layers() -> None:
+    """After the first steps made their buffers, a one-token step through the layers of a
+    rank's model allocates no tensor memory (torch's profiler sees every allocation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = shard_model(Transformer(config), make_plan(config, 1), 0, SoloCommunicator())
+    model.allocate_cache()
+    with torch.inference_mode():
+        model.forward_layers(model.embed(torch.tensor([1, 2, 3])), 0)  # prefill (allocates)
+        for position in range(3, 6):
+            h = model.embed(torch.tensor([position]))
+            model.forward_layers(h, position)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = model.forward_layers(h, 6)
+    allocations = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocations == []
+    assert out.shape == (1, config.hidden_size) and bool(torch.isfinite(out).all())
