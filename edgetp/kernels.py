@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgetp.buffers import step_buffer
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
@@ -158,8 +160,7 @@ def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def output(buffer: torch.Tensor | None, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """``buffer`` if it is a [1, rows] tensor of ``dtype``, else a new one (the caller keeps
-    the result as its buffer for the next step)."""
+    """``buffer`` if it is a [1, rows] tensor of ``dtype``, else a new one."""
     if buffer is not None and buffer.shape == (1, rows) and buffer.dtype == dtype:
         return buffer
     return torch.empty(1, rows, dtype=dtype)
@@ -236,18 +237,16 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
 
 
 class StepOutput:
-    """Mixin for decode linears: the one-row result of a step is kept and the next step's
-    product is written into it. Only for linears whose output is used up within the step (a
-    layer's projections, set by ``edgetp.parallel.shard_model``); never the lm_head, whose
-    logits callers keep."""
+    """Mixin for decode linears: a one-row product is written into a buffer the linear keeps
+    from step to step. Only for linears whose output is used up within the step (a layer's
+    projections, set by ``edgetp.parallel.shard_model``); never the lm_head, whose logits
+    callers keep."""
 
     reuse_output = False
-    _step_output: torch.Tensor | None = None
 
-    def output_buffer(self) -> torch.Tensor | None:
-        return self._step_output if self.reuse_output else None
-
-    def keep_output(self, y: torch.Tensor) -> torch.Tensor:
-        if self.reuse_output and y.shape[0] == 1:
-            self._step_output = y
-        return y
+    def output_buffer(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The kept [1, rows] buffer (in x's dtype, the result's in every C product) for a
+        one-row ``x``; None when this linear does not reuse its output or x has more rows."""
+        if not self.reuse_output or x.shape[0] != 1:
+            return None
+        return step_buffer(self, "_step_output", (1, rows), x)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetp.buffers import step_buffer, step_constant
 from edgetp.config import ModelConfig, RopeScaling
 
 
@@ -23,30 +24,6 @@ def one_float_row(x: torch.Tensor) -> bool:
     """A decode step's float32 activations (one row, no autograd): these run allocation-free,
     in buffers their module keeps from step to step (:func:`step_buffer`)."""
     return x.shape[0] == 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
-
-
-def step_buffer(owner: nn.Module, name: str, shape: tuple[int, ...], like: torch.Tensor
-                ) -> torch.Tensor:
-    """The tensor ``owner`` keeps under ``name`` for one-row steps, made anew only when the
-    shape or dtype changes. Made outside inference mode, so the model can be called in it and
-    out of it. A step's buffers are used up within the step: nothing may keep them."""
-    buffer = owner.__dict__.get(name)
-    if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
-        with torch.inference_mode(False):
-            buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
-        owner.__dict__[name] = buffer
-    return buffer
-
-
-def step_constant(owner: nn.Module, name: str, value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor holding ``value`` that ``owner`` keeps: an in-place op given a Python number
-    wraps it in a new tensor on every call."""
-    constant = owner.__dict__.get(name)
-    if constant is None or constant.dtype != like.dtype:
-        with torch.inference_mode(False):
-            constant = torch.tensor(value, dtype=like.dtype, device=like.device)
-        owner.__dict__[name] = constant
-    return constant
 
 
 class RMSNorm(nn.Module):

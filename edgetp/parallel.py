@@ -36,7 +36,7 @@ class ColumnParallelLinear(kernels.StepOutput, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.keep_output(kernels.linear(x, self.weight, self.output_buffer()))  # [T, out]
+        y = kernels.linear(x, self.weight, self.output_buffer(x, self.out_features))  # [T, out]
         return y if self.bias is None else y + self.bias
 
 
@@ -53,8 +53,9 @@ class RowParallelLinear(kernels.StepOutput, nn.Module):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = kernels.linear(x, self.weight, self.output_buffer())  # [T, out], own share
-        total = self.comm.allreduce(self.keep_output(partial))  # [T, out], identical on every rank
+        buffer = self.output_buffer(x, self.weight.shape[0])
+        partial = kernels.linear(x, self.weight, buffer)  # [T, out], this rank's share
+        total = self.comm.allreduce(partial)  # [T, out], identical on every rank
         return total if self.bias is None else total + self.bias
 
 

@@ -154,16 +154,15 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
         if self.fmt == "int8":
-            return self.keep_output(int8_product(x, self.weight, self.weight_scale, kernel,
-                                                 self.output_buffer()))
+            return int8_product(x, self.weight, self.weight_scale, kernel,
+                                self.output_buffer(x, self.out_features))
         if (kernel and self.tiled and not self.native and not self.streamed
                 and not kernels.has_int4()):
             self.weight.data = native_int4_pack(self.weight.data)  # once, for resident weights
             self.native = self.repacked = True
-        return self.keep_output(int4_product(
-            x, self.weight, self.weight_scale, self.group,
-            self.native and (kernel or self.repacked), self.repacked, kernel,
-            self.output_buffer()))
+        return int4_product(x, self.weight, self.weight_scale, self.group,
+                            self.native and (kernel or self.repacked), self.repacked, kernel,
+                            self.output_buffer(x, self.out_features))
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)

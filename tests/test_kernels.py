@@ -275,3 +275,17 @@ def test_a_float32_decode_step_allocates_nothing_in_the_layers() -> None:
     allocations = [(e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0]
     assert allocations == []
     assert out.shape == (1, config.hidden_size) and bool(torch.isfinite(out).all())
+
+
+def test_a_model_run_in_inference_mode_still_runs_under_no_grad() -> None:
+    """Kept step buffers are normal tensors: ones made in inference mode would refuse the
+    in-place RoPE and MLP of a later step outside it."""
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = shard_model(Transformer(config), make_plan(config, 1), 0, SoloCommunicator())
+    model.allocate_cache()
+    with torch.inference_mode():
+        first = model.forward_layers(model.embed(torch.tensor([1])), 0).clone()
+    with torch.no_grad():
+        again = model.forward_layers(model.embed(torch.tensor([1])), 0)
+    assert torch.allclose(first, again)
