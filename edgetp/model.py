@@ -153,8 +153,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.n_heads, hd)  # [T, H, hd]
         k = self.k_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
         if one_float_row(x):  # the projections' outputs are this step's own: rotate in place
-            apply_rope_in_place(q, cos, sin, step_buffer(self, "_rope_q", q[..., ::2].shape, q))
-            apply_rope_in_place(k, cos, sin, step_buffer(self, "_rope_k", k[..., ::2].shape, k))
+            rope_q = step_buffer(self, "_rope_q", (1, self.n_heads, hd // 2), q)
+            rope_k = step_buffer(self, "_rope_k", (1, self.n_kv_heads, hd // 2), k)
+            apply_rope_in_place(q, cos, sin, rope_q)
+            apply_rope_in_place(k, cos, sin, rope_k)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = self.v_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
@@ -183,8 +185,9 @@ class Attention(nn.Module):
         place: the group's queries are the rows of one SDPA batch entry (SDPA's GQA path would
         copy K and V per query head). q: [1, H, hd]; keys, values: [KV, S, hd] -> [1, H * hd]."""
         kv, hd = keys.shape[0], self.head_dim
+        allocation_free = one_float_row(q)  # q: [1, H, hd]
         q = q.view(kv, self.n_heads // kv, hd)  # [KV, G, hd]
-        if q.dtype != torch.float32 or torch.is_grad_enabled():
+        if not allocation_free:
             out = F.scaled_dot_product_attention(q, keys, values)  # [KV, G, hd]
             return out.reshape(1, self.n_heads * hd)
         group, seen = q.shape[1], keys.shape[1]
