@@ -7,10 +7,10 @@ Run::
 
 For each message size (float32 tensors of shape ``[1, size/4]``) and each cluster size N:
 
-* **allreduce**: this process is rank 0 (:class:`~edgetp.transport.MasterTransport` +
-  :class:`~edgetp.collectives.StarMaster`, ROUTER bound on ``tcp://127.0.0.1:<free port>``);
+* **allreduce**: this process is rank 0 (:class:`~edgetp.net.transport.MasterTransport` +
+  :class:`~edgetp.net.collectives.StarMaster`, ROUTER bound on ``tcp://127.0.0.1:<free port>``);
   N-1 worker processes (multiprocessing ``spawn``) each run
-  :class:`~edgetp.transport.WorkerTransport` + :class:`~edgetp.collectives.StarWorker`, after
+  :class:`~edgetp.net.transport.WorkerTransport` + :class:`~edgetp.net.collectives.StarWorker`, after
   the real handshake with a fake fingerprint and plan that both sides agree on. Rounds are
   driven like the real master drives them: the master broadcasts a ``step`` message carrying a
   tensor of the benchmark shape, whose ``start`` field holds the number of allreduces in the
@@ -52,7 +52,7 @@ from typing import Any
 
 import zmq
 
-from edgetp import dataplane
+from edgetp.net import datalink as dataplane
 
 # The repository's own edgetp first: spawned children inherit sys.path, and this venv's editable
 # install (made before edgetp/__init__.py existed) imports edgetp as a namespace package from
@@ -114,7 +114,7 @@ def summarize(samples_s: list[float]) -> dict[str, float]:
 
 
 def identity(rank: int):  # -> NodeIdentity
-    from edgetp.transport import NodeIdentity
+    from edgetp.net.transport import NodeIdentity
 
     return NodeIdentity(rank, FINGERPRINT, PLAN, DTYPE)
 
@@ -156,8 +156,8 @@ def star_worker(address: str, rank: int, n_ranks: int, parent_pid: int) -> None:
         import torch
 
         torch.set_num_threads(1)
-        from edgetp.collectives import StarWorker
-        from edgetp.transport import (
+        from edgetp.net.collectives import StarWorker
+        from edgetp.net.transport import (
             ClusterError,
             HandshakeRefused,
             ShutdownRequested,
@@ -331,7 +331,7 @@ def measure_pingpong(sizes: list[int], repeat: int, warmup: int, budget_s: float
 
 def measure_tcp_pingpong(sizes: list[int], repeat: int, warmup: int, budget_s: float,
                          children: Children) -> dict[int, dict[str, float]]:
-    """Round trips over a plain TCP socket, as the data link (edgetp.dataplane) makes them."""
+    """Round trips over a plain TCP socket, as the data link (edgetp.net.datalink) makes them."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(JOIN_TIMEOUT_S)
     child = children.start(tcp_pingpong_child, listener.getsockname()[1])
@@ -379,8 +379,8 @@ class StarRun:
     procs: list[Any] = field(default_factory=list)
 
     def start(self) -> None:
-        from edgetp.collectives import StarMaster
-        from edgetp.transport import ClusterError, MasterTransport
+        from edgetp.net.collectives import StarMaster
+        from edgetp.net.transport import ClusterError, MasterTransport
 
         with signals_blocked():  # its heartbeat thread
             self.transport = MasterTransport("tcp://127.0.0.1:*", identity(0), self.n_ranks,

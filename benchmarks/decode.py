@@ -8,7 +8,7 @@ Run::
 
 1. **Model.** A TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, MLP 5632, 22
    layers, 32 query / 4 KV heads, vocab 32000, untied head; float32, 4.4 GB), written seeded
-   by :func:`edgetp.synthetic.write_model` into the work directory. ``--keep DIR`` keeps the
+   by :func:`edgetp.model.synthetic.write_model` into the work directory. ``--keep DIR`` keeps the
    directory (model, splits, reports) and reuses whatever it already holds; without it a
    temporary one is removed at the end. ``--tiny``: the same family at hidden 256, MLP 704,
    2 layers, 8 / 2 heads, vocab 512 (runs end to end in well under a minute).
@@ -18,11 +18,11 @@ Run::
    rounds (two streams: both streams' bytes over the time from the first start to the last
    end, so streams the scheduler happened to run one after the other do not count double).
    The same for each weight dtype's matrix-vector product as edgetp computes it
-   (``edgetp.kernels``' C decode kernels through ``edgetp.qlinear.int8_product`` /
+   (``edgetp.kernels.native``' C decode kernels through ``edgetp.parallel.qlinear.int8_product`` /
    ``int4_product``, or torch's where they are unavailable) over copies of one MLP-shaped weight,
    256 MiB in all: what the kernel streams alone, for the "why" of a miss.
 3. **Runs.** For each node count and weight dtype: split as ``edgetp split --dtype`` does
-   (int4: group 32), then :func:`edgetp.bench.run_bench` (a :class:`~edgetp.cluster.LocalCluster`:
+   (int4: group 32), then :func:`edgetp.perf.bench.run_bench` (a :class:`~edgetp.runtime.local.LocalCluster`:
    the master in this process, each worker an ``edgetp worker`` process on loopback, one
    torch thread each): 8-token prompt, ``--new-tokens`` generated tokens with no early stop, one
    warm-up, ``--runs`` runs; ms/token is the median over runs of each run's mean. Weights in
@@ -73,18 +73,18 @@ sys.path.insert(0, ROOT)  # the repository's own edgetp (as benchmarks/allreduce
 
 import torch  # noqa: E402
 
-from edgetp.bench import BenchSettings, run_bench  # noqa: E402
-from edgetp.cluster import split_cache_dir  # noqa: E402
-from edgetp.config import load_model_config  # noqa: E402
-from edgetp.manifest import read_manifest  # noqa: E402
-from edgetp.split import expected_files, split_checkpoint  # noqa: E402
-from edgetp.synthetic import (  # noqa: E402
+from edgetp.config.model import load_model_config  # noqa: E402
+from edgetp.model.synthetic import (  # noqa: E402
     WEIGHTS_FILE,
     ProgressFn,
     llama_config,
     model_bytes,
     write_model,
 )
+from edgetp.perf.bench import BenchSettings, run_bench  # noqa: E402
+from edgetp.runtime.local import split_cache_dir  # noqa: E402
+from edgetp.shard.manifest import read_manifest  # noqa: E402
+from edgetp.shard.split import expected_files, split_checkpoint  # noqa: E402
 
 GB = 1e9
 MiB = 1 << 20
@@ -224,9 +224,9 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     weight dtype the matrix-vector product decode runs (``[1, in] x [out, in]^T`` as edgetp's
     linears compute it) cycling over copies of one weight, ``nbytes`` in all (beyond the cache).
     """
-    from edgetp import kernels
-    from edgetp.qlinear import int4_product, int8_product
-    from edgetp.quant import native_int4_tiled, quantize_int4, quantize_int8
+    from edgetp.kernels import native as kernels
+    from edgetp.parallel.qlinear import int4_product, int8_product
+    from edgetp.shard.quant import native_int4_tiled, quantize_int4, quantize_int8
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
     x = torch.randn(1, shape[1])  # [1, in]

@@ -44,10 +44,10 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from edgetp.config import load_model_config  # noqa: E402
-from edgetp.linkemu import LinkProfile  # noqa: E402
-from edgetp.planner import ClusterSpec, NodeSpec, Storage, plan_cluster  # noqa: E402
-from edgetp.probe import DeviceProfile, measure_link, serve_echo  # noqa: E402
+from edgetp.config.links import LinkProfile  # noqa: E402
+from edgetp.config.model import load_model_config  # noqa: E402
+from edgetp.perf.planner import ClusterSpec, NodeSpec, Storage, plan_cluster  # noqa: E402
+from edgetp.perf.probe import DeviceProfile, measure_link, serve_echo  # noqa: E402
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
@@ -67,7 +67,7 @@ QUICK_CONFIGS = [(1, "float32", None), (2, "float32", None), (2, "bfloat16", 0.6
 CHILD = r"""
 import json, pathlib, sys, torch
 torch.set_num_threads(1)
-from edgetp.cluster import LocalCluster
+from edgetp.runtime.local import LocalCluster
 from edgetp.config import GenerationConfig, SamplingConfig
 
 args = json.loads(sys.argv[1])
@@ -101,9 +101,9 @@ def write_model(root: Path, dtype: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from edgetp.checkpoint import expected_tensor_names
-    from edgetp.config import parse_hf_config
-    from edgetp.demo import DEMO_MODEL_DIR
+    from edgetp.config.model import parse_hf_config
+    from edgetp.model.checkpoint import expected_tensor_names
+    from edgetp.model.demo import DEMO_MODEL_DIR
 
     path = root / f"synthetic-{dtype}"
     if (path / "model.safetensors").is_file():
@@ -212,8 +212,8 @@ def budget_for(config: Any, nodes: int, dtype: str, fraction: float | None) -> i
     """A budget that makes every rank stream: a fraction of the largest rank's full need."""
     if fraction is None:
         return None
-    from edgetp.plan import make_plan
-    from edgetp.planner import rank_memory
+    from edgetp.perf.planner import rank_memory
+    from edgetp.shard.plan import make_plan
 
     plan = make_plan(config, nodes)
     storage = Storage.of(dtype, _float(dtype))
@@ -242,7 +242,7 @@ def main() -> None:
 
 def run(work: Path, configs: list, prompt: int, new: int, runs: int,
         probes: int) -> list[dict[str, Any]]:
-    from edgetp.split import split_checkpoint
+    from edgetp.shard.split import split_checkpoint
 
     models = {d: write_model(work, _float(d)) for d in sorted({c[1] for c in configs})}
     config = load_model_config(next(iter(models.values())))

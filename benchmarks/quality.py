@@ -7,7 +7,7 @@ Run::
 Models: the bundled demo model (trained on one rule, so it has a known answer) and a tiny
 random Llama from ``tests/hf_models.py`` (family ``llama3``: GQA, 2 layers, hidden 64). Each
 is split for 2 nodes in every weight dtype (float32, bfloat16, int8, int4 with group 32),
-and run as two ranks (threads of this process, :class:`~edgetp.collectives.InProcessGroup`
+and run as two ranks (threads of this process, :class:`~edgetp.net.collectives.InProcessGroup`
 rounding partials and sums exactly as the star does) with every wire dtype (f32, bf16, int8).
 Compute dtype float32 throughout (bfloat16 weights are bfloat16-rounded weights).
 
@@ -41,12 +41,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import torch  # noqa: E402
 
-from edgetp.checkpoint import load_model  # noqa: E402
-from edgetp.collectives import InProcessGroup  # noqa: E402
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text  # noqa: E402
-from edgetp.loader import load_rank  # noqa: E402
-from edgetp.split import split_checkpoint  # noqa: E402
-from edgetp.tokenizer import Tokenizer  # noqa: E402
+from edgetp.model.checkpoint import load_model  # noqa: E402
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text  # noqa: E402
+from edgetp.model.tokenizer import Tokenizer  # noqa: E402
+from edgetp.net.collectives import InProcessGroup  # noqa: E402
+from edgetp.parallel.loader import load_rank  # noqa: E402
+from edgetp.shard.split import split_checkpoint  # noqa: E402
 
 WEIGHTS = ("float32", "bfloat16", "int8", "int4")
 WIRES = ("f32", "bf16", "int8")

@@ -7,7 +7,7 @@ Run::
 
 1. **Model.** A seeded float32 Llama checkpoint (hidden 1024, MLP 2816, 16 query / 4 KV heads,
    4 layers: ~180 MB in float32, ~45 MB in int8; 2 layers with ``--quick``), written tensor by
-   tensor by :func:`edgetp.synthetic.write_model`, with the demo model's tokenizer (vocabulary
+   tensor by :func:`edgetp.model.synthetic.write_model`, with the demo model's tokenizer (vocabulary
    107) so a real cluster can run it.
 2. **Weights.** Split for one node in float32, bfloat16, int8 and int4 (group 32): bytes on
    disk of the rank directory's weight files.
@@ -18,7 +18,7 @@ Run::
    block streams from disk through the window each token (page cache dropped before the run
    and by the window as it reads): median ms/token, bytes read per token, weight bytes
    resident (pinned blocks + ring).
-5. **Wire.** A 2-node :class:`~edgetp.cluster.LocalCluster` (real processes on loopback) with
+5. **Wire.** A 2-node :class:`~edgetp.runtime.local.LocalCluster` (real processes on loopback) with
    int8 weights and ``--wire-dtype`` f32, bf16, int8: bytes the master sent and received per
    decoded token (the prefill's traffic, measured separately, subtracted), and ms/token. The
    master's per-step hidden state to the workers stays float32 whatever the wire dtype; the
@@ -47,11 +47,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from edgetp.collectives import SoloCommunicator  # noqa: E402
-from edgetp.loader import load_rank, shard_memory_needs  # noqa: E402
-from edgetp.manifest import read_manifest  # noqa: E402
-from edgetp.split import split_checkpoint  # noqa: E402
-from edgetp.synthetic import llama_config, write_model  # noqa: E402
+from edgetp.model.synthetic import llama_config, write_model  # noqa: E402
+from edgetp.net.collectives import SoloCommunicator  # noqa: E402
+from edgetp.parallel.loader import load_rank, shard_memory_needs  # noqa: E402
+from edgetp.shard.manifest import read_manifest  # noqa: E402
+from edgetp.shard.split import split_checkpoint  # noqa: E402
 
 MB = 1e6
 FORMATS = ("float32", "bfloat16", "int8", "int4")
@@ -125,8 +125,8 @@ def decode_run(shard: Path, dtype: torch.dtype, budget: int | None, tokens: int)
 
 def wire_run(model_dir: Path, root: Path, wire: str, tokens: int) -> dict:
     """A 2-node local cluster with int8 weights: master traffic per token and ms/token."""
-    from edgetp.cluster import LocalCluster
-    from edgetp.config import GenerationConfig, SamplingConfig
+    from edgetp.config.generation import GenerationConfig, SamplingConfig
+    from edgetp.runtime.local import LocalCluster
 
     os.environ.setdefault("EDGETP_CACHE", str(root / "cache"))
     cluster = LocalCluster(model_dir, 2, max_seq_len=MAX_SEQ_LEN, wire_dtype=wire,

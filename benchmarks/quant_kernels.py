@@ -9,19 +9,19 @@ square) and one activation row, the best-of-rounds time of:
 
 * ``f32``: ``F.linear`` on float32 weights and activations (the baseline);
 * ``bf16``: ``F.linear`` on bfloat16 weights and activations;
-* ``int8 kernel``: ``edgetp.qlinear.int8_matmul`` (``_weight_int8pack_mm``, float32 in and out,
+* ``int8 kernel``: ``edgetp.parallel.qlinear.int8_matmul`` (``_weight_int8pack_mm``, float32 in and out,
   bfloat16 inside); ``int8 kernel f32``: the same op fed float32 activations (why edgetp does
   not); ``int8 fallback``: dequantize to float32 + ``F.linear`` (``EDGETP_QUANT_KERNELS=0``);
 * ``w8a8 _int_mm``: activations quantized to int8 per row, ``torch._int_mm`` (VNNI) and both
   scales: measured for comparison, *not* used by edgetp (it quantizes the activations of
   every linear, which real LLMs' outlier features make lossy);
-* ``f32 / bf16 / int8 / int4 native``: edgetp's C decode kernels (``edgetp.kernels``; what a decode
+* ``f32 / bf16 / int8 / int4 native``: edgetp's C decode kernels (``edgetp.kernels.native``; what a decode
   step runs where a C compiler is available; int8 with int16 activation blocks);
 * ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
   ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.
 
 Then, for prefill, the rows at which dequantize + a bfloat16 matmul beats the int8/int4
-kernels (``edgetp.qlinear.GEMM_ROWS``). Weight bytes per format are printed too. Numbers
+kernels (``edgetp.parallel.qlinear.GEMM_ROWS``). Weight bytes per format are printed too. Numbers
 are noisy on a shared machine: every figure is the best of several rounds.
 """
 
@@ -36,10 +36,10 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from edgetp import kernels
-from edgetp.qlinear import int4_matmul, int8_matmul
-from edgetp.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
-from edgetp.wirecodec import quantize_rows
+from edgetp.kernels import native as kernels
+from edgetp.net.codec import quantize_rows
+from edgetp.parallel.qlinear import int4_matmul, int8_matmul
+from edgetp.shard.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
 
 SHAPES = {"attn 2048x2048": (2048, 2048), "mlp up 5632x2048": (5632, 2048),
           "mlp down 2048x5632": (2048, 5632), "square 4096x4096": (4096, 4096)}

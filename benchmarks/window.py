@@ -6,11 +6,11 @@ Run::
                                           [--dir DIR] [--json]
 
 What it does, on one node (one process), through edgetp's real loading path
-(:func:`~edgetp.split.split_checkpoint` + :func:`~edgetp.loader.load_rank` with
+(:func:`~edgetp.shard.split.split_checkpoint` + :func:`~edgetp.parallel.loader.load_rank` with
 ``memory_budget``):
 
 1. **Model.** Writes a seeded float32 Llama checkpoint tensor by tensor
-   (:func:`edgetp.synthetic.write_model`: hidden 1024, MLP 4096,
+   (:func:`edgetp.model.synthetic.write_model`: hidden 1024, MLP 4096,
    16 query / 4 KV heads, vocab 8000; 16 layers, ~1 GB, or 6 layers, ~430 MB, with
    ``--quick``) and splits it for one node.
 2. **Disk.** Sequential read bandwidth of the shard's files with the page cache dropped first
@@ -53,11 +53,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from edgetp.collectives import SoloCommunicator  # noqa: E402
-from edgetp.loader import MemoryNeeds, load_rank, shard_memory_needs  # noqa: E402
-from edgetp.manifest import read_manifest  # noqa: E402
-from edgetp.split import split_checkpoint  # noqa: E402
-from edgetp.synthetic import llama_config, write_model  # noqa: E402
+from edgetp.model.synthetic import llama_config, write_model  # noqa: E402
+from edgetp.net.collectives import SoloCommunicator  # noqa: E402
+from edgetp.parallel.loader import MemoryNeeds, load_rank, shard_memory_needs  # noqa: E402
+from edgetp.shard.manifest import read_manifest  # noqa: E402
+from edgetp.shard.split import split_checkpoint  # noqa: E402
 
 MB = 1e6
 MAX_SEQ_LEN = 256

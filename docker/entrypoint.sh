@@ -2,7 +2,7 @@
 # The entrypoint of both testbeds: the Docker one (docker/compose.yaml) and the network-namespace
 # one (`edgetp testbed`, which runs this script inside each namespace). It shapes this node's
 # link with its profile (tc: netem where the kernel has it, else tbf plus edgetp's transport
-# delay; see edgetp/linkemu.py), then runs `edgetp ARGS...` in its place.
+# delay; see edgetp/ops/linkemu.py), then runs `edgetp ARGS...` in its place.
 #
 #   EDGETP_LINK_PROFILE   profile name (tpi-llm, home-wifi, gigabit, or one of
 #                         EDGETP_LINK_PROFILES); unset or empty: no emulation
@@ -15,7 +15,7 @@ PYTHON="${EDGETP_PYTHON:-python3}"
 
 if [ -n "${EDGETP_LINK_PROFILE:-}" ]; then
     # prints `export EDGETP_LINK_EMULATION=... EDGETP_LINK_DELAY_MS=...` lines (shell-quoted)
-    exports="$("$PYTHON" -m edgetp.linkemu apply --profile "$EDGETP_LINK_PROFILE" \
+    exports="$("$PYTHON" -m edgetp.ops.linkemu apply --profile "$EDGETP_LINK_PROFILE" \
         --dev "${EDGETP_LINK_DEV:-eth0}")"
     eval "$exports"
 else

@@ -3,7 +3,7 @@
 The rule (see ``edgetp/demo.py``): ``count by K : A`` continues ``A+K A+2K ...`` up to 99,
 then ends with ``</s>``. Anyone can check the output at a glance.
 
-Run: ``python scripts/make_demo_model.py --out edgetp/demo_model`` (a few minutes on a CPU).
+Run: ``python scripts/make_demo_model.py --out edgetp/model/demo_model`` (a few minutes on a CPU).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from edgetp.config import parse_hf_config
-from edgetp.demo import MAX_NUMBER, MAX_STEP, expected_continuation
-from edgetp.model import Transformer, apply_rope
+from edgetp.config.model import parse_hf_config
+from edgetp.model.demo import MAX_NUMBER, MAX_STEP, expected_continuation
+from edgetp.model.llama import Transformer, apply_rope
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 WORDS = ["count", "by", ":"]
@@ -168,7 +168,7 @@ def check(model: Transformer) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("edgetp/demo_model"))
+    parser.add_argument("--out", type=Path, default=Path("edgetp/model/demo_model"))
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Running real local clusters (worker processes on loopback) in tests, without leaks or hangs.
 
-* :func:`running_cluster` starts a :class:`~edgetp.cluster.LocalCluster` with its split, logs
+* :func:`running_cluster` starts a :class:`~edgetp.runtime.local.LocalCluster` with its split, logs
   and cache under a test's temporary directory and a short timeout, and always stops it: the
   workers are told to shut down, and after ``stop()`` every worker process ever started by the
   cluster (restarts included) must have exited; a survivor is killed and fails the test.
@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 import pytest
 import zmq
 
-from edgetp import wire
-from edgetp.cluster import LocalCluster
-from edgetp.wire import Message, WireError
+from edgetp.net import wire
+from edgetp.net.wire import Message, WireError
+from edgetp.runtime.local import LocalCluster
 
 T = TypeVar("T")
 
@@ -245,8 +245,8 @@ class FakeMaster:
 def ring_sums(inputs: list[Any], wire_dtype: str = "f32") -> dict[int, Any]:
     """Rank -> the sum of ``inputs`` (one tensor per rank) by ring links of one process,
     each rank in a thread, with the allreduce's first index of a two-allreduce step."""
-    from edgetp.collectives import StepPosition
-    from edgetp.ring import RingAllreduce, RingLink, successor_addresses
+    from edgetp.net.collectives import StepPosition
+    from edgetp.net.ring import RingAllreduce, RingLink, successor_addresses
 
     n = len(inputs)
     links = [RingLink("127.0.0.1") for _ in range(n)]

@@ -1,7 +1,7 @@
 """Running tensor-parallel ranks as threads of the test process (no network).
 
 ``run_sharded(models_or_factory, n, fn)`` starts ranks 0..n-1 as threads sharing one
-:class:`~edgetp.collectives.InProcessGroup`, calls ``fn(model, ctx)`` on each and returns rank
+:class:`~edgetp.net.collectives.InProcessGroup`, calls ``fn(model, ctx)`` on each and returns rank
 0's result. An exception in any rank is re-raised in the caller (the first real error, not the
 ``BrokenBarrierError`` it causes in the peers), and a rank that does not finish in time fails
 the test instead of hanging it.
@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from edgetp.collectives import Communicator, InProcessGroup
-from edgetp.model import Transformer
-from edgetp.parallel import RowParallelLinear, shard_model
-from edgetp.plan import ShardPlan
+from edgetp.model.llama import Transformer
+from edgetp.net.collectives import Communicator, InProcessGroup
+from edgetp.parallel.linears import RowParallelLinear, shard_model
+from edgetp.shard.plan import ShardPlan
 
 RankFactory = Callable[[int, Communicator], Transformer]
 DEFAULT_TIMEOUT_S = 60.0

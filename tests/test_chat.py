@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from cluster_utils import Watchdog
 
-from edgetp.chat import ChatError, ChatOptions, RemoteChat, Reply, run_chat
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.master import Master
-from edgetp.server import APIServer, ServerSettings
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.runtime.master import Master
+from edgetp.serve.chat import ChatError, ChatOptions, RemoteChat, Reply, run_chat
+from edgetp.serve.server import APIServer, ServerSettings
 
 KEY = "sk-chat-test"
 MAX_TOKENS = 40

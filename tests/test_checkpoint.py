@@ -1,4 +1,4 @@
-"""edgetp.checkpoint: sharded and single-file safetensors, dtypes, and every user-caused error."""
+"""edgetp.model.checkpoint: sharded and single-file safetensors, dtypes, and every user-caused error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import pytest
 import torch
 from hf_models import FAMILIES, VOCAB, read_tensors, save_sharded_hf, write_checkpoint
 
-from edgetp.checkpoint import (
+from edgetp.config.model import load_model_config
+from edgetp.core.errors import ConfigError
+from edgetp.model.checkpoint import (
     INDEX_FILE,
     SINGLE_FILE,
     Checkpoint,
@@ -17,7 +19,6 @@ from edgetp.checkpoint import (
     expected_tensor_names,
     load_model,
 )
-from edgetp.config import ConfigError, load_model_config
 
 TOKENS = torch.randint(0, VOCAB, (10,), generator=torch.Generator().manual_seed(7))
 

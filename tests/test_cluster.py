@@ -40,15 +40,15 @@ from cluster_utils import (
 from hf_models import VOCAB
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from edgetp import wire
-from edgetp.checkpoint import load_model
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.engine import GenerationResult, LocalRunner
-from edgetp.master import Master, Prompt
-from edgetp.split import split_checkpoint
-from edgetp.transport import ClusterError
-from edgetp.wire import PROTOCOL_VERSION as V
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.checkpoint import load_model
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.net import wire
+from edgetp.net.transport import ClusterError
+from edgetp.net.wire import PROTOCOL_VERSION as V
+from edgetp.runtime.engine import GenerationResult, LocalRunner
+from edgetp.runtime.master import Master, Prompt
+from edgetp.shard.split import split_checkpoint
 
 ATOL = 1e-5
 DECODE_STEPS = 32
@@ -490,7 +490,7 @@ def test_worker_drops_malformed_frames_and_keeps_serving(demo_cluster: TrackedCl
 def test_workers_of_another_split_are_refused(demo_cluster: TrackedCluster, tiny_model: Path,
                                               tmp_path: Path,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="edgetp.transport")
+    caplog.set_level(logging.WARNING, logger="edgetp.net.transport")
     cases = {  # shard -> what the refusal must say
         split_checkpoint(tiny_model, tmp_path / "other-model", 4).rank_dirs[1]:
             "different model",

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from edgetp.clusterconfig import load_cluster_config, parse_cluster_config
-from edgetp.config import ConfigError
-from edgetp.linkemu import BUILTIN_PROFILES, load_profiles
+from edgetp.config.cluster import load_cluster_config, parse_cluster_config
+from edgetp.config.links import BUILTIN_PROFILES, load_profiles
+from edgetp.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from edgetp import dataplane
-from edgetp.cluster import LocalCluster
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.dataplane import (
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt
+from edgetp.net import datalink as dataplane
+from edgetp.net.codec import encode
+from edgetp.net.datalink import (
     HEADER,
     MAGIC,
     OP_PARTIAL,
@@ -22,9 +23,8 @@ from edgetp.dataplane import (
     DataLinkError,
     DataListener,
 )
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt
-from edgetp.master import Prompt
-from edgetp.wirecodec import encode
+from edgetp.runtime.local import LocalCluster
+from edgetp.runtime.master import Prompt
 
 
 def _pair() -> tuple[DataLink, DataLink]:

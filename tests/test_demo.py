@@ -7,10 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from edgetp.cli import main
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, MAX_NUMBER, demo_prompt, expected_text
-from edgetp.master import Master, Prompt
+from edgetp.cli.main import main
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.demo import DEMO_MODEL_DIR, MAX_NUMBER, demo_prompt, expected_text
+from edgetp.runtime.master import Master, Prompt
 
 CASES = [(1, 80), (2, 7), (3, 5), (4, 0), (5, 11), (6, 3), (7, 20), (8, 1), (9, 9), (3, 96)]
 

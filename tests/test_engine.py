@@ -1,4 +1,4 @@
-"""edgetp.engine: TextStream's stop strings, the Engine loop over a scripted runner, LocalRunner."""
+"""edgetp.runtime.engine: TextStream's stop strings, the Engine loop over a scripted runner, LocalRunner."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.engine import Engine, GenerationResult, LocalRunner, TextStream
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, TextStream
 
 EOS = 0
 GREEDY = SamplingConfig(temperature=0.0)
@@ -305,7 +305,7 @@ class IdCodec:
 
 @torch.no_grad()
 def test_local_runner_chunked_prefill_gives_same_greedy_tokens(tiny_model_dir):
-    from edgetp.checkpoint import load_model
+    from edgetp.model.checkpoint import load_model
 
     path, _ = tiny_model_dir("llama3")
     model = load_model(path, max_seq_len=32)

@@ -1,4 +1,4 @@
-"""The native decode kernels (edgetp/csrc/matvec.c through edgetp.kernels): same products as
+"""The native decode kernels (edgetp/csrc/matvec.c through edgetp.kernels.native): same products as
 torch, their fallbacks, their buffers, and their place in the tensor-parallel model."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edgetp import kernels
-from edgetp.collectives import SoloCommunicator
-from edgetp.config import ModelConfig
-from edgetp.model import Transformer
-from edgetp.parallel import ColumnParallelLinear, RowParallelLinear, shard_model
-from edgetp.plan import make_plan
-from edgetp.qlinear import QuantColumnParallelLinear
-from edgetp.quant import (
+from edgetp.config.model import ModelConfig
+from edgetp.kernels import native as kernels
+from edgetp.model.llama import Transformer
+from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
+from edgetp.parallel.qlinear import QuantColumnParallelLinear
+from edgetp.shard.plan import make_plan
+from edgetp.shard.quant import (
     dequantize_int4,
     dequantize_int8,
     int4_tiled,
@@ -216,13 +216,13 @@ def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_switched_off_it_is_torch_everywhere() -> None:
-    result = run_isolated("from edgetp import kernels; print(kernels.available())",
+    result = run_isolated("from edgetp.kernels import native as kernels; print(kernels.available())",
                           EDGETP_NATIVE_KERNELS="0")
     assert result.stdout.strip() == "False"
 
 
 def test_a_failed_build_warns_once_and_falls_back(tmp_path: Path) -> None:
-    code = ("import torch; from edgetp import kernels; x, w = torch.randn(1, 8), torch.randn(4, 8);"
+    code = ("import torch; from edgetp.kernels import native as kernels; x, w = torch.randn(1, 8), torch.randn(4, 8);"
             "print(kernels.available(), torch.allclose(kernels.linear(x, w), x @ w.T))")
     result = run_isolated(code, CC="/bin/false", EDGETP_KERNEL_CACHE=str(tmp_path))
     assert result.stdout.strip() == "False True", result.stderr
@@ -231,7 +231,7 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path: Path) -> None:
 
 
 def test_build_lands_in_the_cache_keyed_by_cpu_and_source(tmp_path: Path) -> None:
-    code = "from edgetp import kernels; print(kernels.available())"
+    code = "from edgetp.kernels import native as kernels; print(kernels.available())"
     first = run_isolated(code, EDGETP_KERNEL_CACHE=str(tmp_path))
     assert first.stdout.strip() == "True", first.stderr
     built = list(tmp_path.glob("matvec-*.so"))

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
-from edgetp.clusterconfig import load_cluster_config
-from edgetp.demo import DEMO_MODEL_DIR, expected_text
-from edgetp.launch import NodeShell, choose_method, local_files, ship, stop_cluster
-from edgetp.split import split_checkpoint
+from edgetp.config.cluster import load_cluster_config
+from edgetp.model.demo import DEMO_MODEL_DIR, expected_text
+from edgetp.ops.launch import NodeShell, choose_method, local_files, ship, stop_cluster
+from edgetp.shard.split import split_checkpoint
 
 FAKE_SSH = """#!/bin/sh
 # a fake ssh for tests: skip the options and the host, run the command here
@@ -333,7 +333,7 @@ def test_launch_with_curve_keys(ssh: SshSetup, tmp_path: Path) -> None:
 
 
 def test_emulated_links_reach_the_processes_env(tmp_path: Path) -> None:
-    from edgetp.launch import Launcher
+    from edgetp.ops.launch import Launcher
 
     config = load_cluster_config(write_cluster(tmp_path, SshSetup("fake", user="me"), 2))
     assert Launcher(config)._env(config.nodes[1]) == {"OMP_NUM_THREADS": "1"}

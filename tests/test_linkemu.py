@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetp.collectives import StarMaster, StarWorker
-from edgetp.config import ConfigError
-from edgetp.linkemu import (
-    BUILTIN_PROFILES,
-    ENV_DELAY,
-    ENV_DESCRIPTION,
-    ENV_JITTER,
-    LinkDelay,
-    LinkProfile,
-    apply,
-    main,
-    transport_only,
-)
-from edgetp.transport import MasterTransport, NodeIdentity, WorkerTransport
+from edgetp.config.links import BUILTIN_PROFILES, LinkProfile
+from edgetp.core.errors import ConfigError
+from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER
+from edgetp.net.collectives import StarMaster, StarWorker
+from edgetp.net.delay import LinkDelay
+from edgetp.net.transport import MasterTransport, NodeIdentity, WorkerTransport
+from edgetp.ops.linkemu import apply, main, transport_only
 
 REPO = Path(__file__).resolve().parent.parent
 WIFI = BUILTIN_PROFILES["home-wifi"]
@@ -103,7 +96,7 @@ def test_the_entrypoint_applies_the_profile_then_runs_edgetp(tmp_path: Path) -> 
     """docker/entrypoint.sh, with a python that reports what edgetp would have been run with."""
     fake = tmp_path / "python"
     fake.write_text(f"""#!/bin/sh
-if [ "$1" = "-m" ] && [ "$2" = "edgetp.linkemu" ]; then exec {sys.executable} "$@"; fi
+if [ "$1" = "-m" ] && [ "$2" = "edgetp.ops.linkemu" ]; then exec {sys.executable} "$@"; fi
 echo "args=$*"; echo "delay=$EDGETP_LINK_DELAY_MS"; echo "emulation=$EDGETP_LINK_EMULATION"
 """)
     fake.chmod(0o755)
@@ -128,7 +121,7 @@ def test_real_tc_in_a_namespace() -> None:
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "edgetp.linkemu",
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-m", "edgetp.ops.linkemu",
                               "apply", "--profile", "home-wifi", "--dev", "lo"],
                              capture_output=True, text=True, check=True, cwd=REPO).stdout
         qdisc = subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "show", "dev", "lo"],

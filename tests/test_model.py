@@ -1,4 +1,4 @@
-"""edgetp.model against transformers (the oracle) on tiny random models of every family."""
+"""edgetp.model.llama against transformers (the oracle) on tiny random models of every family."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from hf_models import FAMILIES, VOCAB, write_checkpoint
 
-from edgetp.checkpoint import load_model
-from edgetp.config import RopeScaling, load_model_config
-from edgetp.model import rope_inv_freq
+from edgetp.config.model import RopeScaling, load_model_config
+from edgetp.model.checkpoint import load_model
+from edgetp.model.llama import rope_inv_freq
 
 FAMILY_NAMES = list(FAMILIES)
 PROMPT_LEN = 12
@@ -232,8 +232,8 @@ def test_qwen2_sliding_window_respects_max_window_layers(
 def test_one_query_attention_matches_the_exact_softmax(dtype: torch.dtype) -> None:
     """Decode's grouped attention keeps SDPA's accuracy in bfloat16 too (scores of ~100 must
     not be rounded to bfloat16 before the softmax)."""
-    from edgetp.config import ModelConfig
-    from edgetp.model import Attention
+    from edgetp.config.model import ModelConfig
+    from edgetp.model.llama import Attention
 
     config = ModelConfig(model_type="llama", vocab_size=8, hidden_size=256,
                          intermediate_size=8, num_hidden_layers=1, num_attention_heads=8,

@@ -1,4 +1,4 @@
-"""edgetp.parallel: N sharded ranks (threads, in-process allreduce) compute what one device does.
+"""edgetp.parallel.linears: N sharded ranks (threads, in-process allreduce) compute what one device does.
 
 Every case checks prompt logits (float32, max |diff| <= 1e-5) and 32 greedy decode steps, token
 by token through the KV cache, against the unsharded model.
@@ -23,12 +23,12 @@ from parallel_utils import (
     unsharded_logits,
 )
 
-from edgetp.checkpoint import load_model
-from edgetp.collectives import InProcessGroup, SoloCommunicator
-from edgetp.config import parse_hf_config
-from edgetp.model import Transformer
-from edgetp.parallel import ColumnParallelLinear, RowParallelLinear, shard_model
-from edgetp.plan import make_plan
+from edgetp.config.model import parse_hf_config
+from edgetp.model.checkpoint import load_model
+from edgetp.model.llama import Transformer
+from edgetp.net.collectives import InProcessGroup, SoloCommunicator
+from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
+from edgetp.shard.plan import make_plan
 
 ATOL = 1e-5
 PROMPT_LEN = 12

@@ -1,4 +1,4 @@
-"""edgetp.plan: apportioning, the shard plan's coverage properties, JSON, and its errors."""
+"""edgetp.shard.plan: apportioning, the shard plan's coverage properties, JSON, and its errors."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from edgetp.config import ModelConfig
-from edgetp.plan import (
+from edgetp.config.model import ModelConfig
+from edgetp.shard.plan import (
     PlanError,
     ShardPlan,
     apportion,

@@ -1,4 +1,4 @@
-"""The planner (``edgetp.planner``), the presets and ``edgetp plan`` / ``edgetp probe``.
+"""The planner (``edgetp.perf.planner``), the presets and ``edgetp plan`` / ``edgetp probe``.
 
 * Memory is exact: for tiny HF models split with ``split_checkpoint`` (1, 2, 3 and 4 ranks,
   uneven shares, private layers, bfloat16), the planner's per-rank weight bytes equal the tensor
@@ -24,15 +24,14 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from edgetp import probe as probing
-from edgetp.cli import main
-from edgetp.clusterconfig import parse_cluster_config
-from edgetp.collectives import SoloCommunicator
-from edgetp.config import ConfigError, load_model_config
-from edgetp.loader import load_rank, shard_memory_needs
-from edgetp.manifest import read_manifest
-from edgetp.plan import make_plan
-from edgetp.planner import (
+from edgetp.cli.main import main
+from edgetp.config.cluster import parse_cluster_config
+from edgetp.config.model import load_model_config
+from edgetp.core.errors import ConfigError
+from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.loader import load_rank, shard_memory_needs
+from edgetp.perf import probe as probing
+from edgetp.perf.planner import (
     ClusterSpec,
     NodeSpec,
     Storage,
@@ -42,9 +41,11 @@ from edgetp.planner import (
     plan_cluster,
     rank_memory,
 )
-from edgetp.presets import PRESETS, preset_config
-from edgetp.probe import DeviceProfile, load_profile, measure_link, serve_echo
-from edgetp.split import split_checkpoint
+from edgetp.perf.presets import PRESETS, preset_config
+from edgetp.perf.probe import DeviceProfile, load_profile, measure_link, serve_echo
+from edgetp.shard.manifest import read_manifest
+from edgetp.shard.plan import make_plan
+from edgetp.shard.split import split_checkpoint
 
 MAX_SEQ_LEN = 48
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -156,7 +157,7 @@ PUBLISHED_BILLIONS = {"llama2-7b": 6.74, "llama2-13b": 13.02, "llama2-70b": 68.9
 
 
 def _spec(data: dict) -> ClusterSpec:
-    """A planning cluster mapping (edgetp.clusterconfig's format) as the planner sees it."""
+    """A planning cluster mapping (edgetp.config.cluster's format) as the planner sees it."""
     return cluster_spec(parse_cluster_config(data, planning=True))
 
 

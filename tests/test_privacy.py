@@ -14,12 +14,12 @@ import msgpack
 import pytest
 import torch
 
-from edgetp import wire
-from edgetp.checkpoint import load_model
-from edgetp.cluster import LocalCluster
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt
-from edgetp.master import Prompt
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.checkpoint import load_model
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt
+from edgetp.net import wire
+from edgetp.runtime.local import LocalCluster
+from edgetp.runtime.master import Prompt
 
 PROMPT = demo_prompt(7, 2)
 SAMPLING = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.1,

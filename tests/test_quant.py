@@ -1,4 +1,4 @@
-"""Quantized weights (``edgetp.quant``, ``edgetp.qlinear``) and int8 activations on the wire.
+"""Quantized weights (``edgetp.shard.quant``, ``edgetp.parallel.qlinear``) and int8 activations on the wire.
 
 * int8 and int4 round trips stay within the format's error bound (half a scale, per channel or
   per group), for the tiled and the rows int4 layouts, and the layouts round-trip;
@@ -24,16 +24,19 @@ from hf_models import VOCAB
 from parallel_utils import RankContext, run_sharded
 from safetensors import safe_open
 
-from edgetp import wire
-from edgetp.collectives import InProcessGroup
-from edgetp.config import load_model_config
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.loader import load_rank, shard_memory_needs
-from edgetp.manifest import read_manifest
-from edgetp.model import Transformer
-from edgetp.plan import make_plan
-from edgetp.qlinear import QuantLinear, QuantRowParallelLinear, int4_matmul, int8_matmul
-from edgetp.quant import (
+from edgetp.config.model import load_model_config
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.model.llama import Transformer
+from edgetp.model.tokenizer import Tokenizer
+from edgetp.net import wire
+from edgetp.net.codec import check_payload, decode, encode, quantize_rows, round_trip, star_sum
+from edgetp.net.collectives import InProcessGroup
+from edgetp.net.wire import WireError
+from edgetp.parallel.loader import load_rank, shard_memory_needs
+from edgetp.parallel.qlinear import QuantLinear, QuantRowParallelLinear, int4_matmul, int8_matmul
+from edgetp.shard.manifest import read_manifest
+from edgetp.shard.plan import make_plan
+from edgetp.shard.quant import (
     QuantError,
     dequantize_int4,
     dequantize_int8,
@@ -45,10 +48,7 @@ from edgetp.quant import (
     quantize_int8,
     unpack_int4,
 )
-from edgetp.split import layer_file, split_checkpoint
-from edgetp.tokenizer import Tokenizer
-from edgetp.wire import WireError
-from edgetp.wirecodec import check_payload, decode, encode, quantize_rows, round_trip, star_sum
+from edgetp.shard.split import layer_file, split_checkpoint
 
 MAX_SEQ_LEN = 64
 
@@ -380,8 +380,8 @@ def test_int4_on_a_cpu_with_another_kernel_layout(splits, monkeypatch) -> None:
     dirs = splits("llama3", 1, "int4")
     prompt = torch.randint(0, VOCAB, (7,), generator=torch.Generator().manual_seed(6)).tolist()
     native = greedy(load_all(dirs), prompt, 6)
-    monkeypatch.setattr("edgetp.qlinear.native_int4_tiled", lambda: False)
-    monkeypatch.setattr("edgetp.kernels.has_int4", lambda: False)  # no AVX-512 VNNI there
+    monkeypatch.setattr("edgetp.parallel.qlinear.native_int4_tiled", lambda: False)
+    monkeypatch.setattr("edgetp.kernels.native.has_int4", lambda: False)  # no AVX-512 VNNI there
     for models in (load_all(dirs), load_all(dirs, budgets(dirs, 1.0))):
         got = greedy(models, prompt, 6)
         layers = [m for m in models[0].modules() if isinstance(m, QuantLinear) and m.tiled]

@@ -17,15 +17,15 @@ import torch
 from click.testing import CliRunner
 from cluster_utils import running_cluster
 
-from edgetp.cli import main
-from edgetp.collectives import SoloCommunicator
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.loader import load_rank
-from edgetp.master import Prompt
-from edgetp.split import split_checkpoint
-from edgetp.tokenizer import Tokenizer
-from edgetp.wirecodec import decode, round_trip
+from edgetp.cli.main import main
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.model.tokenizer import Tokenizer
+from edgetp.net.codec import decode, round_trip
+from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.loader import load_rank
+from edgetp.runtime.master import Prompt
+from edgetp.shard.split import split_checkpoint
 
 CASES = [(3, 5), (7, 2), (2, 7)]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgetp.bench import BenchSettings, parse_sweeps, run_bench, synthetic_prompt
-from edgetp.cli import main
-from edgetp.demo import DEMO_MODEL_DIR
-from edgetp.metrics import Span, spans_from_tensor, spans_to_tensor
-from edgetp.report import BREAKDOWN, percentile
+from edgetp.cli.main import main
+from edgetp.core.metrics import Span, spans_from_tensor, spans_to_tensor
+from edgetp.model.demo import DEMO_MODEL_DIR
+from edgetp.perf.bench import BenchSettings, parse_sweeps, run_bench, synthetic_prompt
+from edgetp.perf.report import BREAKDOWN, percentile
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

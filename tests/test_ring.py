@@ -8,10 +8,10 @@ import pytest
 import torch
 from cluster_utils import ring_sums
 
-from edgetp.cluster import LocalCluster
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.master import Master, Prompt
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.runtime.local import LocalCluster
+from edgetp.runtime.master import Master, Prompt
 
 
 def generate(master: Master, prompt: str, tokens: int = 32) -> list[int]:

@@ -1,4 +1,4 @@
-"""edgetp.sampling: greedy, seeded draws, top-k / top-p / repetition penalty (vs transformers)."""
+"""edgetp.model.sampling: greedy, seeded draws, top-k / top-p / repetition penalty (vs transformers)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from edgetp.config import ConfigError, GenerationConfig, SamplingConfig
-from edgetp.sampling import Sampler, apply_repetition_penalty, apply_top_k, apply_top_p
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.errors import ConfigError
+from edgetp.model.sampling import Sampler, apply_repetition_penalty, apply_top_k, apply_top_p
 
 V = 50
 NEG_INF = float("-inf")

@@ -13,14 +13,14 @@ import pytest
 import torch
 import zmq
 
-from edgetp import wire
-from edgetp.checkpoint import load_model
-from edgetp.cluster import LocalCluster, free_port
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.master import Master, Prompt
-from edgetp.metrics import peak_rss_bytes
-from edgetp.security import KeyPair, create_keys
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.metrics import peak_rss_bytes
+from edgetp.model.checkpoint import load_model
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.net import wire
+from edgetp.net.security import KeyPair, create_keys
+from edgetp.runtime.local import LocalCluster, free_port
+from edgetp.runtime.master import Master, Prompt
 
 PROMPT = demo_prompt(6, 4)
 
@@ -143,7 +143,7 @@ class _started:
         self.cluster, self.port = cluster, port
 
     def __enter__(self) -> Master:
-        import edgetp.cluster as module
+        import edgetp.runtime.local as module
 
         original = module.free_port
         module.free_port = lambda: self.port  # the master binds where the relay points

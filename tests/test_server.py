@@ -27,11 +27,11 @@ from cluster_utils import (
     wait_for,
 )
 
-from edgetp.config import GenerationConfig, SamplingConfig
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.engine import GenerationResult
-from edgetp.master import Master, Prompt
-from edgetp.server import APIServer, RequestRecord, ServerSettings
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.runtime.engine import GenerationResult
+from edgetp.runtime.master import Master, Prompt
+from edgetp.serve.server import APIServer, RequestRecord, ServerSettings
 
 MODEL = "edgetp-demo"
 KEY = "sk-test-0123456789"

@@ -1,4 +1,4 @@
-"""edgetp.split + edgetp.loader: split to disk, load every rank from its own directory, and get
+"""edgetp.shard.split + edgetp.parallel.loader: split to disk, load every rank from its own directory, and get
 the unsharded model's logits; plus idempotence, the manifest's integrity data, corruption
 handling and the ``edgetp split`` command."""
 
@@ -17,14 +17,14 @@ from hf_models import VOCAB, write_checkpoint
 from parallel_utils import sharded_greedy, sharded_logits, unsharded_greedy, unsharded_logits
 from safetensors import safe_open
 
-from edgetp.checkpoint import load_model
-from edgetp.cli import main
-from edgetp.collectives import InProcessGroup
-from edgetp.config import load_model_config
-from edgetp.loader import load_rank
-from edgetp.manifest import MANIFEST_NAME, ShardError, read_manifest
-from edgetp.plan import make_plan
-from edgetp.split import layer_file, split_checkpoint
+from edgetp.cli.main import main
+from edgetp.config.model import load_model_config
+from edgetp.model.checkpoint import load_model
+from edgetp.net.collectives import InProcessGroup
+from edgetp.parallel.loader import load_rank
+from edgetp.shard.manifest import MANIFEST_NAME, ShardError, read_manifest
+from edgetp.shard.plan import make_plan
+from edgetp.shard.split import layer_file, split_checkpoint
 
 ATOL = 1e-5
 MAX_SEQ_LEN = 64

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetp.checkpoint import expected_tensor_names
-from edgetp.config import parse_hf_config
+from edgetp.config.model import parse_hf_config
+from edgetp.model.checkpoint import expected_tensor_names
 
 MAX_INCREASE_FRACTION = 1 / 4
 CONFIG = {
@@ -52,8 +52,8 @@ def peak_rss():
                 return int(line.split()[1]) * 1024
 
 import torch
-import edgetp.split
-from edgetp.split import split_checkpoint
+import edgetp.shard.split
+from edgetp.shard.split import split_checkpoint
 
 baseline = peak_rss()
 result = split_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]))

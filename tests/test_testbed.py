@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgetp import cli
-from edgetp.clusterconfig import load_cluster_config
-from edgetp.config import parse_bytes
-from edgetp.linkemu import load_profiles
-from edgetp.testbed import _memory_limit, docker_compose, flags_config, node_command
+from edgetp.cli import main as cli
+from edgetp.config.cluster import load_cluster_config
+from edgetp.config.links import load_profiles
+from edgetp.core.units import parse_bytes
+from edgetp.ops.testbed import _memory_limit, docker_compose, flags_config, node_command
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -71,7 +71,7 @@ def test_compose_services_ports_shards_limits_and_profiles_agree() -> None:
             assert command[command.index("--master") + 1] == config.master.url
             assert service["depends_on"] == ["master"]
         # every command is a valid `edgetp` command line of this tree
-        cli.main.make_context("edgetp", list(command), resilient_parsing=False)
+        cli.make_context("edgetp", list(command), resilient_parsing=False)
 
 
 def test_dockerfile_and_entrypoint_agree_with_compose() -> None:
@@ -169,9 +169,9 @@ def test_cleanup_removes_leftovers_by_name() -> None:
 @pytest.mark.slow
 @needs_root
 def test_three_node_testbed_matches_the_single_process_output(tmp_path: Path) -> None:
-    from edgetp.config import GenerationConfig, SamplingConfig
-    from edgetp.demo import DEMO_MODEL_DIR, expected_text
-    from edgetp.master import Master, Prompt
+    from edgetp.config.generation import GenerationConfig, SamplingConfig
+    from edgetp.model.demo import DEMO_MODEL_DIR, expected_text
+    from edgetp.runtime.master import Master, Prompt
 
     prompt, tokens = "count by 3 : 5", 40
     proc = start_testbed_cli("--nodes", "3", "--profile", "home-wifi", "--memory-budget", "64MiB",
@@ -202,7 +202,7 @@ def test_three_node_testbed_matches_the_single_process_output(tmp_path: Path) ->
 @pytest.mark.slow
 @needs_root
 def test_interrupted_testbed_removes_everything(tmp_path: Path) -> None:
-    from edgetp.demo import DEMO_MODEL_DIR
+    from edgetp.model.demo import DEMO_MODEL_DIR
 
     proc = start_testbed_cli("--nodes", "3", "--out", str(tmp_path / "out"), str(DEMO_MODEL_DIR))
     assert proc.stderr is not None

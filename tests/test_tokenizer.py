@@ -1,4 +1,4 @@
-"""Tests for ``edgetp.tokenizer``: tokenizers built in tmp dirs, checked against transformers."""
+"""Tests for ``edgetp.model.tokenizer``: tokenizers built in tmp dirs, checked against transformers."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from tokenizers import (
 )
 from tokenizers import Tokenizer as RawTokenizer
 
-from edgetp.engine import TextStream
-from edgetp.tokenizer import ChatTemplateError, Tokenizer, TokenizerError
+from edgetp.model.tokenizer import ChatTemplateError, Tokenizer, TokenizerError
+from edgetp.runtime.engine import TextStream
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"

@@ -1,4 +1,4 @@
-"""The sliding-window weight scheduler (``edgetp.window``) through the real loading path.
+"""The sliding-window weight scheduler (``edgetp.parallel.window``) through the real loading path.
 
 Every test splits a tiny random model to disk and loads ranks with ``load_rank(...,
 memory_budget=...)``, running them as threads of this process (``parallel_utils``):
@@ -6,7 +6,7 @@ memory_budget=...)``, running them as threads of this process (``parallel_utils`
 * the output is bit-identical with and without a budget, whatever fraction of the blocks
   streams (none, about half, all), for 1 and 2 ranks and with private layers on the master;
 * the resident weight bytes never exceed the budget, and the split into pinned and streamed
-  blocks is :func:`~edgetp.window.choose_pinned`'s (itself unit-tested: everything pinned when
+  blocks is :func:`~edgetp.parallel.window.choose_pinned`'s (itself unit-tested: everything pinned when
   it fits, the ring fits next to the pinned blocks, pinned blocks are spread, more budget never
   pins fewer bytes);
 * without a budget (or with one that holds everything) there is no window and no disk read;
@@ -14,7 +14,7 @@ memory_budget=...)``, running them as threads of this process (``parallel_utils`
 * a read error in the reader thread fails the request, names the file, and never hangs;
 * an interrupted forward (an exception mid-way, a partial range of layers) is followed by
   correct output (the window resynchronises);
-* the master's embedding stays on disk (:class:`~edgetp.window.DiskEmbedding`), tied or not;
+* the master's embedding stays on disk (:class:`~edgetp.parallel.window.DiskEmbedding`), tied or not;
 * end to end: ``edgetp generate --nodes 2 --memory-budget <about the minimum>`` on the demo.
 """
 
@@ -41,22 +41,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parallel_utils import RankContext, run_sharded
 
-from edgetp.cli import main
-from edgetp.collectives import InProcessGroup, SoloCommunicator
-from edgetp.config import format_bytes
-from edgetp.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
-from edgetp.loader import MemoryNeeds, load_rank, shard_memory_needs
-from edgetp.manifest import read_manifest
-from edgetp.model import Transformer
-from edgetp.plan import ShardPlan
-from edgetp.split import layer_file, split_checkpoint
-from edgetp.window import (
+from edgetp.cli.main import main
+from edgetp.core.units import format_bytes
+from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
+from edgetp.model.llama import Transformer
+from edgetp.net.collectives import InProcessGroup, SoloCommunicator
+from edgetp.parallel.loader import MemoryNeeds, load_rank, shard_memory_needs
+from edgetp.parallel.window import (
     DEFAULT_RING_SLOTS,
     DiskEmbedding,
     WeightWindow,
     WindowError,
     choose_pinned,
 )
+from edgetp.shard.manifest import read_manifest
+from edgetp.shard.plan import ShardPlan
+from edgetp.shard.split import layer_file, split_checkpoint
 
 MAX_SEQ_LEN = 64
 DECODE_STEPS = 16
@@ -583,9 +583,9 @@ def test_budget_below_the_minimum_names_the_minimum(split_model):
 # while the reader thread is still reading ahead.
 EXIT_SCRIPT = r"""
 import sys, time, torch
-import edgetp.window as window
-from edgetp.collectives import SoloCommunicator
-from edgetp.loader import load_rank, shard_memory_needs
+import edgetp.parallel.window as window
+from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.loader import load_rank, shard_memory_needs
 
 real_pread = window._pread_exact
 def slow_pread(fd, target, offset, path):

@@ -2,7 +2,7 @@
 
 A float32 Llama (hidden 1024, MLP 8192, 12 layers, vocab 8000: a 1.4 GB checkpoint) is split
 over 2 nodes, so each rank's shard is 640-700 MB. The master (rank 0, a small driver script
-around :meth:`~edgetp.master.Master.cluster`) and the worker (``edgetp worker``, rank 1) run as
+around :meth:`~edgetp.runtime.master.Master.cluster`) and the worker (``edgetp worker``, rank 1) run as
 separate processes, each inside its own memory cgroup (cgroup v1 ``memory.limit_in_bytes`` or
 v2 ``memory.max``, no swap) whose limit is
 
@@ -39,10 +39,10 @@ from pathlib import Path
 import pytest
 from cgroup_utils import CgroupUnavailable, MemoryCgroup, cgroup_support, memory_cgroup
 
-from edgetp.cluster import free_port
-from edgetp.loader import shard_memory_needs
-from edgetp.split import split_checkpoint
-from edgetp.synthetic import llama_config, write_model
+from edgetp.model.synthetic import llama_config, write_model
+from edgetp.parallel.loader import shard_memory_needs
+from edgetp.runtime.local import free_port
+from edgetp.shard.split import split_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ OOM_DEADLINE_S = 120.0
 
 BASELINE_SCRIPT = r"""
 import torch, zmq
-import edgetp.cli, edgetp.loader, edgetp.master, edgetp.worker
+import edgetp.cli.main, edgetp.parallel.loader, edgetp.runtime.master, edgetp.runtime.worker
 torch.randn(256, 256) @ torch.randn(256, 256)
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
@@ -74,7 +74,7 @@ MASTER_SCRIPT = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-from edgetp.master import Master
+from edgetp.runtime.master import Master
 
 shard, address, budget, out, release, prompt, steps, max_seq_len, timeout = sys.argv[1:10]
 master = Master.cluster(shard, address, "float32", int(max_seq_len), "f32", float(timeout),

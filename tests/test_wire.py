@@ -1,4 +1,4 @@
-"""edgetp.wire: every op round-trips, and anything malformed raises WireError and nothing else."""
+"""edgetp.net.wire: every op round-trips, and anything malformed raises WireError and nothing else."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgetp import wire
-from edgetp.wire import (
+from edgetp.net import wire
+from edgetp.net.wire import (
     DTYPE_CODES,
     MAX_DIMS,
     MAX_HEADER_BYTES,

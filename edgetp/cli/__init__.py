@@ -1,0 +1,5 @@
+"""edgetp.cli."""
+
+from edgetp.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,252 @@
+"""Native decode kernels: one-token matrix-vector products in C, built on first use.
+
+At batch size 1 a linear is a matrix-vector product that only has to stream its weight at
+memory speed. torch's CPU kernels leave bandwidth on the table there (float32 ``F.linear``
+~16-17 GB/s on this machine against ~19-22 GB/s for ``csrc/matvec.c``; bfloat16 and int8 lose
+more, to widening), so a one-row product goes through the C loops when they are available,
+writing into a buffer its caller keeps (no allocation per step). Everything else (prefill,
+more than one row, non-contiguous weights, CPUs without a C compiler) stays with torch.
+
+The library is compiled with the machine's C compiler (``$CC``, else ``cc``) for this very CPU
+(``-march=native``, or ``-mcpu=native`` where that is the spelling) into
+``$EDGETP_KERNEL_CACHE`` (default ``~/.cache/edgetp/kernels``), keyed by the source, the
+compiler, the flags and the CPU, and loaded with ctypes (which drops the GIL during a call).
+A failed build logs one warning and leaves torch in charge. ``EDGETP_NATIVE_KERNELS=0`` turns
+the kernels off (for comparisons).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgetp.kernels.buffers import step_buffer
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
+ABI_VERSION = 1
+# reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
+COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
+                "-fno-signed-zeros", "-fno-trapping-math"]
+X86 = ("x86_64", "AMD64", "i686", "i386")
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def enabled() -> bool:
+    """``EDGETP_NATIVE_KERNELS=0`` turns the C kernels off."""
+    return os.environ.get("EDGETP_NATIVE_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    default = Path.home() / ".cache" / "edgetp" / "kernels"
+    return Path(os.environ.get("EDGETP_KERNEL_CACHE", default))
+
+
+def _cpu_identity() -> str:
+    """What the compiled code depends on: architecture and (on Linux) the CPU's feature flags."""
+    parts = [platform.machine()]
+    try:
+        wanted = ["flags", "Features", "model name", "CPU part"]
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key = line.split(":", 1)[0].strip()
+            if key in wanted:  # the first core's line of each (all cores are alike)
+                parts.append(line)
+                wanted.remove(key)
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def arch_flags() -> tuple[list[str], ...]:
+    """What makes the build this CPU's own, in the order tried: ``-march=native``, and on ARM
+    ``-mcpu=native`` (some ARM compilers spell it so). Never a generic build: it would be
+    cached as this CPU's and quietly run without its vector instructions; gcc on x86 takes
+    ``-mcpu=native`` as a mere tuning hint, so it is not tried there."""
+    if platform.machine() in X86:
+        return (["-march=native"],)
+    return (["-march=native"], ["-mcpu=native"])
+
+
+def build(compiler: str, target: Path) -> list[str]:
+    """Compile the source into ``target`` with the first flag set the compiler takes; returns
+    those flags. Raises ``RuntimeError`` with the compiler's message when none works."""
+    errors = []
+    for arch in arch_flags():
+        flags = COMMON_FLAGS + arch
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / target.name
+            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)],
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode == 0:
+                os.replace(out, target)  # atomic: concurrent builders all end with one file
+                return flags
+            errors.append(f"{' '.join(arch)}: {result.stderr.strip()[:300]}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler (set CC): decode uses torch's kernels, which are slower")
+        return None
+    try:
+        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(COMMON_FLAGS),
+                                        _cpu_identity()]).encode()).hexdigest()[:16]
+        target = cache_dir() / f"matvec-{key}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            flags = build(compiler, target)
+            log.info("built the decode kernels with %s %s", compiler, " ".join(flags))
+        library = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("native decode kernels unavailable (%s): decode uses torch's kernels", exc)
+        return None
+    if library.et_abi_version() != ABI_VERSION:
+        log.warning("native kernel library %s is stale: delete it to rebuild", target)
+        return None
+    library.et_matvec_f32.restype = None
+    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i4", "et_has_int4"):
+        getattr(library, name).restype = ctypes.c_int
+    for name in ("et_matvec_f32", "et_matvec_bf16"):
+        getattr(library, name).argtypes = [_P, _P, _P, _I64, _I64]
+    library.et_matvec_i8.argtypes = [_P, _P, _P, _P, _I64, _I64]
+    library.et_matvec_i4.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
+    return library
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; None when off or unavailable."""
+    global _library, _tried
+    if not enabled():
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _library = _load()
+                _tried = True
+    return _library
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A product the C loops take: one contiguous row against a contiguous 2-D CPU weight."""
+    return (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
+            and weight.is_contiguous() and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.shape[1] == weight.shape[1])
+
+
+def output(buffer: torch.Tensor | None, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """``buffer`` if it is a [1, rows] tensor of ``dtype``, else a new one."""
+    if buffer is not None and buffer.shape == (1, rows) and buffer.dtype == dtype:
+        return buffer
+    return torch.empty(1, rows, dtype=dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> [T, out] (no bias), like ``F.linear``.
+
+    One float32 or bfloat16 row with the weight's dtype goes through C into ``out`` (reused
+    when it fits, see :func:`output`); anything else is ``F.linear``.
+    """
+    lib = library()
+    if lib is None or not _one_row(x, weight) or x.dtype != weight.dtype:
+        return F.linear(x, weight)
+    rows, cols = weight.shape
+    if x.dtype == torch.float32:
+        y = output(out, rows, torch.float32)
+        lib.et_matvec_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols)
+        return y
+    if x.dtype == torch.bfloat16:
+        y = output(out, rows, torch.bfloat16)
+        if lib.et_matvec_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) == 0:
+            return y
+    return F.linear(x, weight)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [1, in] float32 @ (q int8 [out, in] * scale bfloat16 [out])^T -> [1, out] float32.
+
+    x is quantized to int16 per 64 columns (see ``csrc/matvec.c``); None when the C loops cannot
+    take the product."""
+    lib = library()
+    if (lib is None or not _one_row(x, q) or x.dtype != torch.float32 or q.dtype != torch.int8
+            or scale.dtype != torch.bfloat16 or not scale.is_contiguous()
+            or scale.numel() != q.shape[0]):
+        return None
+    rows, cols = q.shape
+    y = output(out, rows, torch.float32)
+    if lib.et_matvec_i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
+                        cols) != 0:
+        return None  # no memory for x's int16 copy
+    return y
+
+
+def has_int4() -> bool:
+    """Whether the int4 product is built here (AVX-512 with VNNI)."""
+    lib = library()
+    return lib is not None and bool(lib.et_has_int4())
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [1, in] float32 @ dequant(packed uint8 [out, in / 2] in the *tiled* layout,
+    scale_zero bfloat16 [in / group, out, 2])^T -> [1, out] float32.
+
+    x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
+    product (no AVX-512 VNNI build, a shape the tiled layout does not have)."""
+    lib = library()
+    if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1
+            or x.dtype != torch.float32 or not x.is_contiguous() or packed.dtype != torch.uint8
+            or not packed.is_contiguous() or scale_zero.dtype != torch.bfloat16
+            or not scale_zero.is_contiguous() or packed.dim() != 2
+            or x.shape[1] != 2 * packed.shape[1]
+            or tuple(scale_zero.shape) != (x.shape[1] // group, packed.shape[0], 2)):
+        return None
+    rows, cols = packed.shape[0], x.shape[1]
+    y = output(out, rows, torch.float32)
+    if lib.et_matvec_i4(packed.data_ptr(), scale_zero.data_ptr(), x.data_ptr(), y.data_ptr(),
+                        rows, cols, group) != 0:
+        return None
+    return y
+
+
+class StepOutput:
+    """Mixin for decode linears: a one-row product is written into a buffer the linear keeps
+    from step to step. Only for linears whose output is used up within the step (a layer's
+    projections, set by ``edgetp.parallel.linears.shard_model``); never the lm_head, whose logits
+    callers keep."""
+
+    reuse_output = False
+
+    def output_buffer(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """The kept [1, rows] buffer (in x's dtype, the result's in every C product) for a
+        one-row ``x``; None when this linear does not reuse its output or x has more rows."""
+        if not self.reuse_output or x.shape[0] != 1:
+            return None
+        return step_buffer(self, "_step_output", (1, rows), x)  # type: ignore[arg-type]

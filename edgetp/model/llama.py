@@ -1,0 +1,321 @@
+"""Single-device Llama-family decoder in plain torch (Llama 2/3/3.1/3.2, Mistral, Qwen2).
+
+The model knows nothing of networks. Hidden states have no batch dimension: edge inference
+decodes one sequence at a time, so ``h`` is ``[T, d]``. Module names follow the Hugging Face
+state-dict names without the ``model.`` prefix, so checkpoint tensors map one to one.
+
+Tensor parallelism (``edgetp.parallel.linears``) rewrites the linears and the per-rank head counts of
+this model; nothing here changes for it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetp.config.model import ModelConfig, RopeScaling
+from edgetp.kernels.buffers import step_buffer, step_constant
+
+
+def one_float_row(x: torch.Tensor) -> bool:
+    """A decode step's float32 activations (one row, no autograd): these run allocation-free,
+    in buffers their module keeps from step to step (:func:`step_buffer`)."""
+    return x.shape[0] == 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementation."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d]
+        if one_float_row(x) and self.weight.dtype == torch.float32:
+            return self._one_row(x)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, d] float32, kept buffers
+        out = step_buffer(self, "_out", tuple(x.shape), x)  # [1, d]
+        mean_square = step_buffer(self, "_mean_square", (1, 1), x)
+        torch.matmul(x, x.T, out=mean_square)  # [1, 1]: the sum of squares
+        mean_square.mul_(step_constant(self, "_inverse_dim", 1.0 / x.shape[1], x))
+        mean_square.add_(step_constant(self, "_eps", self.eps, x)).rsqrt_()
+        return torch.mul(x, mean_square, out=out).mul_(self.weight)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2], with linear or llama3 scaling applied."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    if scaling.rope_type != "llama3":
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(config: ModelConfig, max_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each [max_seq_len, head_dim], float32."""
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # [S, head_dim/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [S, head_dim]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        scratch: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` written over ``x`` [T, heads, head_dim], with ``scratch`` [T, heads,
+    head_dim / 2] for the first half's old values. The tables repeat their first half, so with
+    c, s that half: x1' = x1 c - x2 s and x2' = x2 c + x1 s."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :half], sin[:, None, :half]  # [T, 1, hd/2]
+    x1, x2 = x[..., :half], x[..., half:]
+    torch.mul(x1, s, out=scratch)
+    x1.mul_(c).addcmul_(x2, s, value=-1)
+    x2.mul_(c).add_(scratch)
+    return x
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """GQA attention with a preallocated KV cache.
+
+    ``n_heads`` and ``n_kv_heads`` are this module's own (local) head counts; ``kv_of_head``
+    maps each local query head to the local KV head it reads. In the unsharded model that is
+    ``head // group_size``; a tensor-parallel rank may own part of a group.
+    """
+
+    def __init__(self, config: ModelConfig, sliding_window: int | None = None) -> None:
+        super().__init__()
+        d, hd = config.hidden_size, config.head_dim
+        self.head_dim = hd
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.sliding_window = sliding_window
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.o_bias)
+        self.set_head_layout(torch.arange(self.n_heads, device="cpu") // config.group_size)
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def set_head_layout(self, kv_of_head: torch.Tensor) -> None:
+        """Set the local query-head -> local KV-head map ([n_heads] int64)."""
+        self.kv_of_head = kv_of_head.to(torch.int64)
+        self.n_heads = int(kv_of_head.numel())
+        self.n_kv_heads = int(kv_of_head.max().item()) + 1 if self.n_heads else 0
+        group = self.n_heads // max(self.n_kv_heads, 1)
+        regular = torch.arange(self.n_heads, device="cpu") // max(group, 1)
+        self.uniform_groups = bool(
+            self.n_heads % max(self.n_kv_heads, 1) == 0 and torch.equal(regular, self.kv_of_head)
+        )
+
+    def allocate_cache(self, max_seq_len: int, dtype: torch.dtype) -> None:
+        shape = (self.n_kv_heads, max_seq_len, self.head_dim)  # [kv_heads, S, head_dim]
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """x: [T, d] normed hidden states; returns [T, d] (a partial sum when sharded)."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("KV cache not allocated: call Transformer.allocate_cache first")
+        t, hd = x.shape[0], self.head_dim
+        end = start_pos + t
+        q = self.q_proj(x).view(t, self.n_heads, hd)  # [T, H, hd]
+        k = self.k_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
+        if one_float_row(x):  # the projections' outputs are this step's own: rotate in place
+            rope_q = step_buffer(self, "_rope_q", (1, self.n_heads, hd // 2), q)
+            rope_k = step_buffer(self, "_rope_k", (1, self.n_kv_heads, hd // 2), k)
+            apply_rope_in_place(q, cos, sin, rope_q)
+            apply_rope_in_place(k, cos, sin, rope_k)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        v = self.v_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
+        self.k_cache[:, start_pos:end] = k.transpose(0, 1)
+        self.v_cache[:, start_pos:end] = v.transpose(0, 1)
+        keys = self.k_cache[:, :end]  # [KV, S, hd]
+        values = self.v_cache[:, :end]  # [KV, S, hd]
+        if not self.uniform_groups:
+            keys = keys.index_select(0, self.kv_of_head)  # [H, S, hd]
+            values = values.index_select(0, self.kv_of_head)
+        mask = self._mask(start_pos, t, end)
+        if t == 1 and mask is None and self.uniform_groups:
+            return self.o_proj(self._one_query(q, keys, values))
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),  # [H, T, hd]
+            keys,
+            values,
+            attn_mask=mask,
+            enable_gqa=self.uniform_groups and self.n_heads != self.n_kv_heads,
+        )  # [H, T, hd]
+        return self.o_proj(out.transpose(0, 1).reshape(t, self.n_heads * hd))
+
+    def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+                   ) -> torch.Tensor:
+        """Decode attention of one position, each KV head serving its group of query heads in
+        place: the group's queries are the rows of one SDPA batch entry (SDPA's GQA path would
+        copy K and V per query head). q: [1, H, hd]; keys, values: [KV, S, hd] -> [1, H * hd]."""
+        kv, hd = keys.shape[0], self.head_dim
+        allocation_free = one_float_row(q)  # q: [1, H, hd]
+        q = q.view(kv, self.n_heads // kv, hd)  # [KV, G, hd]
+        if not allocation_free:
+            out = F.scaled_dot_product_attention(q, keys, values)  # [KV, G, hd]
+            return out.reshape(1, self.n_heads * hd)
+        group, seen = q.shape[1], keys.shape[1]
+        capacity = kv * group * self.k_cache.shape[1]  # type: ignore[union-attr]
+        scores = step_buffer(self, "_scores", (capacity,), q)[:kv * group * seen]
+        scores = scores.view(kv, group, seen)  # [KV, G, S]
+        torch.matmul(q, keys.transpose(1, 2), out=scores)
+        peak = step_buffer(self, "_peak", (kv, group, 1), q)
+        scores.mul_(step_constant(self, "_scale", hd**-0.5, q))
+        torch.amax(scores, -1, keepdim=True, out=peak)
+        scores.sub_(peak).exp_()  # softmax over the positions, in place
+        torch.sum(scores, -1, keepdim=True, out=peak)
+        out = step_buffer(self, "_attended", (kv, group, hd), q)
+        torch.matmul(scores.div_(peak), values, out=out)  # [KV, G, hd]
+        return out.view(1, self.n_heads * hd)
+
+    def _mask(self, start_pos: int, t: int, end: int) -> torch.Tensor | None:
+        """Boolean [T, S] mask (True = attend), or None when every key is visible."""
+        window = self.sliding_window
+        if t == 1 and (window is None or end <= window):
+            return None
+        q_pos = torch.arange(start_pos, end)[:, None]
+        k_pos = torch.arange(end)[None, :]
+        mask = k_pos <= q_pos
+        if window is not None:
+            mask &= k_pos > q_pos - window
+        return mask
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, inner, bias=bias)
+        self.up_proj = nn.Linear(d, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, d, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> [T, d]
+        # gate and up are this call's own temporaries: activate and gate in place
+        gated = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, inner]
+        return self.down_proj(gated)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        window = config.sliding_window if index in config.sliding_layers else None
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, window)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:  # h: [T, d]
+        attended = self.self_attn(self.input_layernorm(h), start_pos, cos, sin)
+        if not one_float_row(h):
+            h = h + attended
+            return h + self.mlp(self.post_attention_layernorm(h))
+        mid = torch.add(h, attended, out=step_buffer(self, "_mid", tuple(h.shape), h))
+        out = step_buffer(self, "_out", tuple(h.shape), h)
+        return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
+
+
+class Transformer(nn.Module):
+    """The whole decoder. ``forward(tokens, start_pos)`` = ``head(layers(embed(tokens)))``."""
+
+    def __init__(self, config: ModelConfig, max_seq_len: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.max_seq_len = max_seq_len or config.max_position_embeddings
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        with torch.device("cpu"):  # real tables even when the weights are built on "meta"
+            cos, sin = rope_tables(config, self.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [S, head_dim]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local_layers()[0].input_layernorm.weight.dtype
+
+    def local_layers(self) -> list[DecoderLayer]:
+        """The layers this process holds (a worker holds none of the master's private ones)."""
+        return [layer for layer in self.layers if layer is not None]
+
+    def allocate_cache(self, dtype: torch.dtype | None = None) -> None:
+        """Preallocate every local layer's KV cache for ``max_seq_len`` positions."""
+        for layer in self.local_layers():
+            layer.self_attn.allocate_cache(self.max_seq_len, dtype or self.dtype)
+
+    def cache_bytes(self) -> int:
+        total = 0
+        for layer in self.local_layers():
+            attn = layer.self_attn
+            for cache in (attn.k_cache, attn.v_cache):
+                total += 0 if cache is None else cache.numel() * cache.element_size()
+        return total
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [T] -> [T, d]
+        return self.embed_tokens(tokens)
+
+    def forward_layers(
+        self, h: torch.Tensor, start_pos: int, layers: range | None = None
+    ) -> torch.Tensor:
+        """Run decoder layers (default: all) on h [T, d] at positions start_pos..; -> [T, d]."""
+        end = start_pos + h.shape[0]
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"sequence of {end} tokens exceeds the context of {self.max_seq_len}; "
+                "raise --max-seq-len or shorten the prompt"
+            )
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        for index in layers if layers is not None else range(len(self.layers)):
+            h = self.layers[index](h, start_pos, cos, sin)
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, d] -> logits [T, vocab] fp32
+        return self.lm_head(self.norm(h)).float()
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """tokens: [T] int64 -> logits [T, vocab] (float32)."""
+        return self.head(self.forward_layers(self.embed(tokens), start_pos))

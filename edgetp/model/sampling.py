@@ -1,0 +1,70 @@
+"""Choosing the next token from logits: pure functions, seeded, master-only.
+
+Greedy when temperature is 0; otherwise repetition penalty, temperature, top-k and top-p are
+applied in that order (the order Hugging Face's logits processors use) and a token is drawn
+with the sampler's own ``torch.Generator`` so a seed reproduces a generation exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from edgetp.config.generation import SamplingConfig
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous_ids: Sequence[int], penalty: float
+) -> torch.Tensor:
+    """CTRL-style penalty: divide positive, multiply negative logits of seen tokens. [V] -> [V]."""
+    if penalty == 1.0 or not previous_ids:
+        return logits
+    ids = torch.tensor(sorted(set(previous_ids)), dtype=torch.int64)
+    seen = logits.index_select(0, ids)
+    penalised = torch.where(seen > 0, seen / penalty, seen * penalty)
+    out = logits.clone()
+    out[ids] = penalised
+    return out
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits, set the rest to -inf. [V] -> [V]; k = 0 keeps all."""
+    if k <= 0 or k >= logits.numel():
+        return logits
+    threshold = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of tokens whose probability reaches p. [V] -> [V]."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative - sorted_logits.softmax(-1) >= p  # mass before this token >= p
+    drop_sorted[0] = False  # always keep the most likely token
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+class Sampler:
+    """Turns a logits vector into the next token id according to a :class:`SamplingConfig`."""
+
+    def __init__(self, config: SamplingConfig) -> None:
+        self.config = config
+        self.generator = torch.Generator()
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor, previous_ids: Sequence[int] = ()) -> int:
+        """logits: [V] float -> token id."""
+        cfg = self.config
+        logits = apply_repetition_penalty(logits.float(), previous_ids, cfg.repetition_penalty)
+        if cfg.temperature == 0.0:
+            return int(torch.argmax(logits).item())
+        logits = apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+        probs = logits.softmax(-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())

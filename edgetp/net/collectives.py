@@ -1,0 +1,287 @@
+"""Collectives over a :class:`Communicator`: allreduce (sum) between the ranks of one model.
+
+Implementations: :class:`SoloCommunicator` (one rank: a no-op), :class:`InProcessGroup` (ranks
+as threads of one process, for tests) and the star over ZeroMQ (``edgetp.star``). Every
+implementation sums partials in rank order, so a result never depends on arrival order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from edgetp.core.metrics import RECORDER, now
+from edgetp.net.codec import check_format, check_payload, decode, encode, payload_bytes, star_sum
+from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLink, DataLinkError
+from edgetp.net.transport import (
+    ClusterError,
+    MasterTransport,
+    ShutdownRequested,
+    StepAborted,
+    WorkerTransport,
+)
+from edgetp.net.wire import Message
+
+
+class Communicator(Protocol):
+    """One rank's handle on the group."""
+
+    rank: int
+    world_size: int
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the element-wise sum of ``x`` over all ranks (same shape and dtype).
+
+        ``x`` is a temporary partial sum: an implementation may sum into it and return it.
+        """
+
+
+class SoloCommunicator:
+    """The group of one: allreduce is the identity."""
+
+    rank = 0
+    world_size = 1
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class InProcessGroup:
+    """Ranks as threads of one process, summing through shared slots and a barrier."""
+
+    def __init__(self, world_size: int, timeout_s: float = 60.0, wire: str = "f32") -> None:
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.wire = check_format(wire)  # not f32: partials and sums rounded as the star's
+        self._slots: list[torch.Tensor | None] = [None] * world_size
+        self._result: torch.Tensor | None = None
+        self._barrier = threading.Barrier(world_size, timeout=timeout_s)
+
+    def communicator(self, rank: int) -> InProcessCommunicator:
+        return InProcessCommunicator(self, rank)
+
+    def _allreduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
+        self._slots[rank] = x
+        if self._barrier.wait() == 0:  # one thread sums, in rank order
+            if self.wire != "f32":  # as StarMaster: rank 0 is the master
+                own, *parts = self._slots
+                frames = [encode(p, self.wire) for p in parts]  # type: ignore[arg-type]
+                self._result = star_sum(own, frames, self.wire)[0].to(x.dtype)  # type: ignore
+            else:
+                total = self._slots[0].float().clone()  # type: ignore[union-attr]
+                for part in self._slots[1:]:
+                    total += part.float()  # type: ignore[union-attr]
+                self._result = total.to(x.dtype)
+        self._barrier.wait()
+        result = self._result
+        assert result is not None
+        out = result.clone()
+        self._barrier.wait()  # nobody overwrites the slots before everyone has read
+        return out
+
+
+class InProcessCommunicator:
+    def __init__(self, group: InProcessGroup, rank: int) -> None:
+        self.group = group
+        self.rank = rank
+        self.world_size = group.world_size
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group._allreduce(self.rank, x)
+
+
+# -- the star over ZeroMQ ----------------------------------------------------------------------
+
+WIRE_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepPosition:
+    """Which allreduce of which step of which request a communicator is at."""
+
+    seq: int = 0
+    step: int = 0
+    index: int = 0
+    total: int = 0  # allreduces per step; the last one is a reduce to the master only
+
+    def begin(self, seq: int, step: int, total: int) -> None:
+        self.seq, self.step, self.index, self.total = seq, step, 0, total
+
+    def advance(self) -> tuple[int, bool]:
+        """The current allreduce's index and whether it is the step's last; moves on."""
+        if self.index >= self.total:
+            raise RuntimeError(f"allreduce {self.index} beyond the {self.total} of this step")
+        index, self.index = self.index, self.index + 1
+        return index, index == self.total - 1
+
+
+class StarMaster:
+    """Rank 0 of the star: gathers partials, sums them in rank order, sends the sum back."""
+
+    rank = 0
+
+    def __init__(self, transport: MasterTransport, wire_dtype: str = "f32",
+                 timeout_s: float = 10.0) -> None:
+        self.transport = transport
+        self.world_size = transport.n_ranks
+        self.wire = check_format(wire_dtype)  # f32, bf16 or int8 (edgetp.net.codec)
+        self.timeout_s = timeout_s
+        self.position = StepPosition()
+        self.wait_s = 0.0  # time spent waiting for partials (for the reports)
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
+        started = now()
+        index, last = self.position.advance()
+        parts = self._gather(index, x.shape)
+        # the master's partial is rounded like the workers'; rank order: independent of arrival
+        total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks], self.wire)
+        nbytes = sum(payload_bytes(p) for p in parts.values())
+        if not last:
+            pos = self.position
+            nbytes += self.transport.send_sum({"seq": pos.seq, "step": pos.step, "index": index},
+                                              frames)
+        RECORDER.add("allreduce", index, started, now(), nbytes)
+        return total.to(x.dtype)
+
+    def _describe_late(self, rank: int) -> str:
+        """A late worker with its timings: when it was last heard from, which allreduce."""
+        peer = self.transport.peers.get(rank)
+        if peer is None:
+            return self.transport.describe(rank) + " (disconnected)"
+        silent = time.monotonic() - peer.last_seen
+        pos = self.position
+        return (f"{self.transport.describe(rank)} (last message {silent:.1f} s ago; stuck at "
+                f"allreduce {pos.index - 1} of {pos.total} in step {pos.step})")
+
+    def _gather(self, index: int, shape: torch.Size) -> dict[int, list[torch.Tensor]]:
+        """Every worker's partial of allreduce ``index``: from its data link or from ZeroMQ."""
+        parts: dict[int, list[torch.Tensor]] = {}
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        transport = self.transport
+        while len(parts) < self.world_size - 1:
+            remaining = deadline - time.monotonic()
+            ready = dict(transport.data_poller.poll(max(1, int(remaining * 1000)))
+                         if remaining > 0 else ())
+            if not ready:
+                raise self._timeout(parts)
+            for rank, link in list(transport.data_links.items()):
+                if rank not in parts and link.fileno() in ready:
+                    self._read_link(rank, link, index, shape, deadline, parts)
+            while transport.sock in ready and (got := transport.receive(0)) is not None:
+                self._take_message(*got, index, shape, parts)  # ZeroMQ: errors, other ranks
+        self.wait_s += time.perf_counter() - started
+        return parts
+
+    def _timeout(self, parts: dict[int, list[torch.Tensor]]) -> ClusterError:
+        late = [self._describe_late(r) for r in self.transport.worker_ranks if r not in parts]
+        return ClusterError(f"{', '.join(late)} did not answer within {self.timeout_s:g} s "
+                            "(dead, overloaded or cut off); the request was abandoned")
+
+    def _read_link(self, rank: int, link: DataLink, index: int, shape: torch.Size,
+                   deadline: float, parts: dict[int, list[torch.Tensor]]) -> None:
+        try:
+            got = link.receive(self.wire, shape, deadline)
+        except DataLinkError as exc:
+            self.transport.drop_data_link(rank)
+            raise ClusterError(f"{self.transport.describe(rank)}: {exc}; the request was "
+                               "abandoned (the worker rejoins)") from exc
+        self.transport.heard_from(rank)
+        self.transport.traffic.count_link("partial", got.nbytes, sent=False)
+        pos = self.position
+        if got.op != OP_PARTIAL or (got.seq, got.step, got.index) != (pos.seq, pos.step, index):
+            return  # stale: from an abandoned request or step
+        self._accept(rank, got.tensors, shape, parts)
+
+    def _take_message(self, rank: int, message: Message, index: int, shape: torch.Size,
+                      parts: dict[int, list[torch.Tensor]]) -> None:
+        if message.op == "error":
+            raise ClusterError(f"{self.transport.describe(rank)} failed: "
+                               f"{message.fields['message']}")
+        f, pos = message.fields, self.position
+        if message.op != "partial" or (f["seq"], f["step"], f["index"]) != (
+                pos.seq, pos.step, index):
+            return  # stale: from an abandoned request or step
+        self._accept(rank, message.tensors, shape, parts)
+
+    def _accept(self, rank: int, tensors: list[torch.Tensor], shape: torch.Size,
+                parts: dict[int, list[torch.Tensor]]) -> None:
+        problem = check_payload(tensors, self.wire, shape)
+        if problem:
+            raise ClusterError(f"{self.transport.describe(rank)} sent a partial {problem}")
+        parts[rank] = tensors
+
+
+class StarWorker:
+    """A worker rank of the star: sends its partial, waits for the sum (except for the last)."""
+
+    def __init__(self, transport: WorkerTransport, rank: int, world_size: int,
+                 timeout_s: float = 10.0) -> None:
+        self.transport = transport
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        self.position = StepPosition()
+        self.wait_s = 0.0
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
+        started = now()
+        index, last = self.position.advance()
+        pos = self.position
+        wire = self.transport.wire_dtype  # as the master announced in the welcome
+        frames = encode(x, wire)
+        sent = self.transport.send_partial({"seq": pos.seq, "step": pos.step, "index": index},
+                                           frames)
+        if last:  # a reduce: only the master needs the final sum
+            RECORDER.add("allreduce", index, started, now(), sent)
+            return x
+        tensors = self._wait_for_sum(index, x.shape, wire)
+        # f32 on the data link: the link's buffer itself, valid until the next sum but one
+        total = tensors[0] if wire == "f32" and self.transport.data_link else decode(tensors,
+                                                                                     wire)
+        self.wait_s += now() - started
+        RECORDER.add("allreduce", index, started, now(), 2 * sent)
+        return total.to(x.dtype)
+
+    def _wait_for_sum(self, index: int, shape: torch.Size, wire: str) -> list[torch.Tensor]:
+        pos, transport = self.position, self.transport
+        deadline = time.monotonic() + self.timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            if transport.data_link is None:
+                message = transport.receive(remaining)
+                if message is None:
+                    break
+                tensors = self._sum_in(message, index)
+            else:
+                ready = dict(transport.data_poller.poll(max(1, int(remaining * 1000))))
+                tensors = None
+                if transport.data_link.fileno() in ready:
+                    got = transport.receive_sum(wire, shape, deadline)
+                    if got.op == OP_SUM and (got.seq, got.step, got.index) == (
+                            pos.seq, pos.step, index):
+                        tensors = got.tensors
+                while tensors is None and (message := transport.receive_now()) is not None:
+                    self._sum_in(message, index)  # aborts and shutdowns raise; others: stale
+            if tensors is not None:
+                problem = check_payload(tensors, wire, shape)
+                if problem:
+                    raise ClusterError(f"the master sent a sum {problem}")
+                return tensors
+        raise ClusterError(f"no sum from the master within {self.timeout_s:g} s")
+
+    def _sum_in(self, message: Message, index: int) -> list[torch.Tensor] | None:
+        """The tensors of ``message`` if it is this allreduce's sum; raises on abort/shutdown."""
+        pos = self.position
+        if message.op == "abort" and message.fields["seq"] == pos.seq:
+            raise StepAborted(f"the master abandoned request {pos.seq}")
+        if message.op == "shutdown":
+            raise ShutdownRequested("the master is shutting down")
+        f = message.fields
+        if message.op == "sum" and (f["seq"], f["step"], f["index"]) == (
+                pos.seq, pos.step, index):
+            return message.tensors
+        return None

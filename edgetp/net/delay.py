@@ -1,0 +1,55 @@
+"""edgetp.net.delay."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+
+from edgetp.core.errors import ConfigError
+from edgetp.core.settings import ENV_DELAY, ENV_JITTER
+
+DELAYED_OPS = frozenset({"step", "sum", "partial"})  # the data messages of a token
+
+
+# -- the transport hook ------------------------------------------------------------------------
+
+
+class LinkDelay:
+    """The send-side delay of the transport hook; :data:`NO_DELAY` when it is off."""
+
+    def __init__(self, delay_ms: float = 0.0, jitter_ms: float = 0.0, seed: int | None = None):
+        self.delay_s = delay_ms / 1000
+        self.jitter_s = jitter_ms / 1000
+        self._random = random.Random(seed)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LinkDelay:
+        """Read ``EDGETP_LINK_DELAY_MS`` / ``EDGETP_LINK_JITTER_MS`` (unset or 0: no delay)."""
+        environ = os.environ if environ is None else environ
+        values = []
+        for key in (ENV_DELAY, ENV_JITTER):
+            text = environ.get(key, "").strip() or "0"
+            try:
+                values.append(float(text))
+            except ValueError:
+                raise ConfigError(f"{key}={text!r} is not a number of milliseconds") from None
+            if values[-1] < 0:
+                raise ConfigError(f"{key}={text!r} must be >= 0")
+        if values[0] == 0 and values[1] == 0:
+            return NO_DELAY
+        return cls(values[0], values[1])
+
+    @property
+    def active(self) -> bool:
+        return self.delay_s > 0 or self.jitter_s > 0
+
+    def before_send(self, op: str) -> None:
+        """Sleep one traversal's delay if ``op`` is a data message (see :data:`DELAYED_OPS`)."""
+        if op in DELAYED_OPS and self.active:
+            jitter = self._random.uniform(-self.jitter_s, self.jitter_s) if self.jitter_s else 0
+            time.sleep(max(0.0, self.delay_s + jitter))
+
+
+NO_DELAY = LinkDelay()

@@ -1,0 +1,278 @@
+"""Building one rank's share of the model from its own shard directory alone.
+
+A worker needs nothing but ``rank-K/``: the manifest gives the model config and the plan, the
+layer files give its slices. Every file is checked against the manifest (size and sha256)
+before its tensors are used, so a corrupted shard is an error naming the file, not wrong output.
+
+With a memory budget smaller than the share, the blocks (attention and MLP slices, the head)
+go to a :class:`~edgetp.parallel.window.WeightWindow` that pins what fits and streams the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from edgetp.core.metrics import instrument
+from edgetp.core.units import format_bytes
+from edgetp.kernels import native as kernels
+from edgetp.model.checkpoint import set_tensor
+from edgetp.model.llama import Transformer
+from edgetp.net.collectives import Communicator
+from edgetp.parallel.linears import shard_model
+from edgetp.parallel.qlinear import (
+    is_quantized,
+    keeps_stored_dtype,
+    mark_streamed,
+    quantize_skeleton,
+)
+from edgetp.parallel.window import (
+    DEFAULT_RING_SLOTS,
+    BlockSpec,
+    DiskEmbedding,
+    WeightWindow,
+    WindowError,
+    choose_pinned,
+)
+from edgetp.shard.manifest import Manifest, read_manifest, verify_directory
+from edgetp.shard.split import layer_file
+
+BLOCK_PREFIXES = {"self_attn.": "self_attn", "mlp.": "mlp"}
+STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_rank(
+    shard_dir: str | Path,
+    comm: Communicator,
+    dtype: torch.dtype = torch.float32,
+    max_seq_len: int | None = None,
+    verify: bool = True,
+    memory_budget: int | None = None,
+    ring_slots: int = DEFAULT_RING_SLOTS,
+    prefill_chunk: int = 128,
+) -> Transformer:
+    """Rank ``manifest.rank``'s share, ready to run with ``comm``; KV cache allocated.
+
+    ``memory_budget`` (bytes) covers weights, the KV cache and working buffers; when the share
+    does not fit, blocks stream from disk through the window (``model.window``).
+    """
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    if comm.rank != manifest.rank:
+        raise ValueError(
+            f"{shard_dir} holds rank {manifest.rank}'s shard but this node is rank {comm.rank}"
+        )
+    verify_directory(shard_dir, manifest, check_hash=verify)
+    kernels.library()  # build the decode kernels now, while no weights share the memory limit
+    model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
+    if memory_budget is not None:
+        needs = _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
+        if needs.total > memory_budget:
+            _check_window_dtype(manifest, dtype)
+            _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
+            model.window = _make_window(blocks, needs, memory_budget, ring_slots)
+            mark_streamed(model.window.streamed)
+            instrument(model)
+            return model.eval()
+    _load_everything(model, manifest, shard_dir, dtype)
+    instrument(model)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class MemoryNeeds:
+    """What a rank's share needs in memory, in bytes."""
+
+    fixed: int  # KV cache, norms, RoPE tables, working buffers
+    blocks: tuple[int, ...]  # each streamable block, in execution order
+    embedding: int  # resident only when nothing streams
+
+    @property
+    def total(self) -> int:
+        """Everything resident (the budget at which nothing streams)."""
+        return self.fixed + sum(self.blocks) + self.embedding
+
+    def minimum(self, ring_slots: int = DEFAULT_RING_SLOTS) -> int:
+        """The smallest budget that works: everything fixed plus a ring of the largest block."""
+        return self.fixed + ring_slots * max(self.blocks)
+
+
+def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32,
+                       max_seq_len: int | None = None, prefill_chunk: int = 128) -> MemoryNeeds:
+    """A rank's memory needs, computed from its manifest without loading any weight."""
+    from edgetp.net.collectives import SoloCommunicator
+
+    manifest = read_manifest(shard_dir)
+    comm = SoloCommunicator()
+    comm.rank, comm.world_size = manifest.rank, manifest.plan.n_ranks  # type: ignore[misc]
+    model, blocks = _skeleton(manifest, Path(shard_dir), comm, dtype, max_seq_len, cache=False)
+    return _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
+
+
+def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: torch.dtype,
+              max_seq_len: int | None, cache: bool = True) -> tuple[Transformer, list[BlockSpec]]:
+    """The rank's model with no weights yet (``meta``), its KV cache, and its blocks."""
+    with torch.device("meta"):
+        model = Transformer(manifest.model_config, max_seq_len=max_seq_len)
+    shard_model(model, manifest.plan, manifest.rank, comm)
+    quantize_skeleton(model, manifest, comm)  # int8/int4 shards: quantized linears
+    model.window = None  # type: ignore[assignment]
+    if cache:
+        model.allocate_cache(dtype)
+    return model, _blocks(model, manifest, shard_dir)
+
+
+def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec],
+                  dtype: torch.dtype, prefill_chunk: int) -> MemoryNeeds:
+    element = dtype.itemsize  # the KV cache is allocated in the compute dtype
+    cache = sum(2 * layer.self_attn.n_kv_heads * model.max_seq_len * layer.self_attn.head_dim
+                for layer in model.local_layers()) * element
+    fixed = cache + _small_bytes(model, manifest, blocks) + _work_bytes(model, prefill_chunk)
+    return MemoryNeeds(fixed, tuple(b.nbytes for b in blocks), _embedding_bytes(manifest))
+
+
+def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
+                     dtype: torch.dtype) -> None:
+    for file_name, prefix in _files_with_prefixes(manifest):
+        with safe_open(shard_dir / file_name, framework="pt") as handle:
+            for name in manifest.files[file_name].tensors:
+                tensor = handle.get_tensor(name)
+                if not keeps_stored_dtype(name, tensor):
+                    tensor = tensor.to(dtype)
+                set_tensor(model, prefix + name, _aligned(tensor), f" in {shard_dir / file_name}")
+    if (manifest.rank == 0 and manifest.model_config.tie_word_embeddings
+            and not is_quantized(manifest)):
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``tensor``, copied to an allocation of its own if it does not start ``alignment``-aligned.
+
+    safetensors hands out tensors at arbitrary addresses (e.g. 16 or 56 mod 64), and CPU
+    kernels pick their code path by alignment: a decode step's matrix-vector products then
+    round differently in the last bits. The window's buffers are 64-byte aligned, so resident
+    weights must be too for a memory budget never to change the output.
+    """
+    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
+
+
+def _files_with_prefixes(manifest: Manifest) -> list[tuple[str, str]]:
+    out = []
+    for index in range(manifest.model_config.num_hidden_layers):
+        if manifest.rank == 0 or not manifest.plan.is_private(index):
+            out.append((layer_file(index), f"layers.{index}."))
+    if manifest.rank == 0:
+        out += [("embed.safetensors", ""), ("head.safetensors", "")]
+    return out
+
+
+def _blocks(model: Transformer, manifest: Manifest, shard_dir: Path) -> list[BlockSpec]:
+    """Every streamable block of this rank, in execution order."""
+    blocks = []
+    for file_name, prefix in _files_with_prefixes(manifest):
+        if not prefix:
+            continue
+        layer = model.get_submodule(prefix.rstrip("."))
+        tensors = manifest.files[file_name].tensors
+        for tensor_prefix, module_name in BLOCK_PREFIXES.items():
+            part = {n[len(tensor_prefix):]: e for n, e in tensors.items()
+                    if n.startswith(tensor_prefix)}
+            blocks.append(BlockSpec(prefix + module_name, layer.get_submodule(module_name),
+                                    shard_dir / file_name, part))
+    if manifest.rank == 0:
+        blocks.append(_head_block(model, manifest, shard_dir))
+    return blocks
+
+
+def _head_block(model: Transformer, manifest: Manifest, shard_dir: Path) -> BlockSpec:
+    if is_quantized(manifest):  # quantized head (and scales), even with tied embeddings
+        return BlockSpec("lm_head", model.lm_head, shard_dir / "head.safetensors",
+                         {n.removeprefix("lm_head."): e for n, e in
+                          manifest.files["head.safetensors"].tensors.items()
+                          if n.startswith("lm_head.")})
+    if manifest.model_config.tie_word_embeddings:
+        entry = manifest.files["embed.safetensors"].tensors["embed_tokens.weight"]
+        path = shard_dir / "embed.safetensors"
+    else:
+        entry = manifest.files["head.safetensors"].tensors["lm_head.weight"]
+        path = shard_dir / "head.safetensors"
+    return BlockSpec("lm_head", model.lm_head, path, {"weight": entry})
+
+
+def _load_small_tensors(model: Transformer, manifest: Manifest, shard_dir: Path,
+                        blocks: list[BlockSpec], dtype: torch.dtype) -> None:
+    """Norms stay resident; block tensors become empty placeholders; the embedding stays on disk."""
+    for block in blocks:
+        for name in block.tensors:
+            owner, _, attr = name.rpartition(".")
+            module = block.module.get_submodule(owner) if owner else block.module
+            module._parameters[attr] = nn.Parameter(torch.empty(0), requires_grad=False)
+    in_blocks = {(str(b.path.name), n) for b in blocks for n in _disk_names(b)}
+    for file_name, prefix in _files_with_prefixes(manifest):
+        with safe_open(shard_dir / file_name, framework="pt") as handle:
+            for name, entry in manifest.files[file_name].tensors.items():
+                if (file_name, name) in in_blocks:
+                    continue
+                if name == "embed_tokens.weight":
+                    model.embed_tokens = DiskEmbedding(shard_dir / file_name, entry, dtype)
+                    continue
+                set_tensor(model, prefix + name, _aligned(handle.get_tensor(name).to(dtype)))
+
+
+def _disk_names(block: BlockSpec) -> list[str]:
+    if block.name == "lm_head":
+        return [f"lm_head.{n}" for n in block.tensors]
+    module_name = block.name.rsplit(".", 1)[1]
+    return [f"{module_name}.{n}" for n in block.tensors]
+
+
+def _check_window_dtype(manifest: Manifest, dtype: torch.dtype) -> None:
+    if is_quantized(manifest):  # codes and scales are used as stored, whatever the dtype
+        return
+    stored = STORED_DTYPES.get(manifest.dtype)
+    if stored != dtype:
+        raise ValueError(
+            f"with --memory-budget, weights stream from disk straight into compute buffers, so "
+            f"the compute dtype ({str(dtype).removeprefix('torch.')}) must equal the stored "
+            f"dtype ({manifest.dtype}); pass --dtype {manifest.dtype} or re-split with --dtype"
+        )
+
+
+def _small_bytes(model: Transformer, manifest: Manifest, blocks: list[BlockSpec]) -> int:
+    """Resident bytes outside the blocks: norms and RoPE tables (the embedding stays on disk)."""
+    in_blocks = {(b.path.name, n) for b in blocks for n in _disk_names(b)}
+    norms = sum(e.offsets[1] - e.offsets[0] for f, entry in manifest.files.items()
+                for n, e in entry.tensors.items()
+                if (f, n) not in in_blocks and n != "embed_tokens.weight")
+    return norms + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _embedding_bytes(manifest: Manifest) -> int:
+    entry = manifest.files.get("embed.safetensors")
+    return 0 if entry is None else entry.size
+
+
+def _work_bytes(model: Transformer, prefill_chunk: int) -> int:
+    """Activations of one prefill chunk: a generous bound of a few [T, width] float32 tensors."""
+    config = model.config
+    width = config.hidden_size * 4 + config.intermediate_size + config.num_attention_heads * (
+        model.max_seq_len)
+    head = config.vocab_size if model.lm_head is not None else 0
+    return 4 * prefill_chunk * (width + head) + (1 << 20)
+
+
+def _make_window(blocks: list[BlockSpec], needs: MemoryNeeds, budget: int,
+                 ring_slots: int) -> WeightWindow:
+    fixed, sizes, minimum = needs.fixed, needs.blocks, needs.minimum(ring_slots)
+    if budget < minimum:
+        raise WindowError(
+            f"a memory budget of {format_bytes(budget)} cannot hold this shard's minimum of "
+            f"{format_bytes(minimum)} (KV cache and working buffers {format_bytes(fixed)} plus "
+            f"{ring_slots} buffers of the largest block, {format_bytes(max(sizes))}); raise "
+            "--memory-budget, lower --max-seq-len, or split over more nodes"
+        )
+    return WeightWindow(blocks, choose_pinned(sizes, budget - fixed, ring_slots), ring_slots)

@@ -1,0 +1,234 @@
+"""Linears over quantized weights (formats in ``edgetp.shard.quant``), and the loader's rewrite to them.
+
+Which code computes ``x @ W^T`` (measured on the development CPU, see
+``benchmarks/quant_kernels.py`` and the README):
+
+* int8, one float32 row (decode) with the native kernels available (``edgetp.kernels.native``):
+  ``et_matvec_i8`` in C, x quantized to int16 per 64 columns, int8 x int16 products summed
+  exactly; ~2x the torch kernel's rate below, and 60x closer to the exact product.
+* int4 in the tiled layout, one float32 row, where the native kernels have it (AVX-512 VNNI):
+  ``et_matvec_i4``, the same int16 activation blocks, codes straight from the tiled bytes.
+* int8, a few rows otherwise, input width a multiple of 16:
+  ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations and scales. It is several
+  times faster than a float32 or bfloat16 matrix-vector product of the same shape; with float32
+  activations the same op is ~20x slower, so float32 activations are converted to bfloat16 for
+  it and the result back (activations and the output of each projection are rounded to
+  bfloat16: the quality figures include that). On torch 2.13 it returns garbage, or crashes,
+  for other input widths: those take the fallback.
+* int4 in the tiled layout, a few rows: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
+  bfloat16 activations, straight on the bytes from disk when the CPU's kernel layout is the
+  tiled one (:func:`~edgetp.shard.quant.native_int4_tiled`, true on AVX-512). Elsewhere resident
+  and pinned weights are repacked once with torch's converter on first use, and streamed
+  ones use the fallback (a per-use repack costs ~100x the matmul).
+* Otherwise (prefill chunks of at least :data:`GEMM_ROWS` / :data:`INT4_GEMM_ROWS` tokens,
+  int4 in the rows layout, int8 of other widths): the fallback, dequantize then a dense
+  matmul, in bfloat16 (float32 activations are converted) since that is faster; with
+  ``EDGETP_QUANT_KERNELS=0`` in the activations' own dtype, the exact reference. Per-channel
+  int8 scales are applied to the output rather than to the weight.
+
+:class:`QuantColumnParallelLinear` and :class:`QuantRowParallelLinear` keep the semantics of
+``edgetp.parallel.linears``: a row-parallel linear computes its partial, allreduces it in plain sight,
+then adds its bias once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgetp.kernels import native as kernels
+from edgetp.net.collectives import Communicator
+from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear
+from edgetp.shard.manifest import Manifest, TensorEntry
+from edgetp.shard.quant import (
+    QUANT_DTYPES,
+    SCALE_SUFFIX,
+    dequantize_int4,
+    int4_tiled,
+    native_int4_pack,
+    native_int4_tiled,
+)
+from edgetp.shard.split import layer_file
+
+KERNEL_DTYPE = torch.bfloat16
+GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
+INT4_GEMM_ROWS = 96  # ... and the int4 kernel (int4 dequantization costs more)
+INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm returns garbage (or crashes) for other widths
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def kernels_enabled() -> bool:
+    """``EDGETP_QUANT_KERNELS=0`` forces the fallback everywhere (for comparisons)."""
+    return os.environ.get("EDGETP_QUANT_KERNELS", "1") != "0"
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                kernel: bool = True) -> torch.Tensor:
+    """x [T, in] @ (q int8 [out, in] * scale [out])^T -> [T, out] in x's dtype."""
+    if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
+        y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,
+                                               scale.to(KERNEL_DTYPE))
+        return y.to(x.dtype)
+    dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
+    y = F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)  # [T, out]
+    return y.to(x.dtype)
+
+
+def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """What a QuantLinear computes for int8: one float32 row through the native kernel (into
+    ``out`` when it fits) where it can, else :func:`int8_matmul`. x [T, in] -> [T, out]."""
+    if kernel and x.shape[0] == 1:
+        y = kernels.int8_linear(x, q, scale, out)
+        if y is not None:
+            return y
+    return int8_matmul(x, q, scale, kernel)
+
+
+def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                 kernel_layout: bool, repacked: bool = False, kernel: bool = True,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """What a QuantLinear computes for int4: one float32 row of tiled codes through the native
+    kernel (into ``out`` when it fits) where it can, else :func:`int4_matmul`."""
+    if kernel and x.shape[0] == 1 and not repacked and int4_tiled(packed.shape[0], group):
+        y = kernels.int4_linear(x, packed, scale_zero, group, out)
+        if y is not None:
+            return y
+    return int4_matmul(x, packed, scale_zero, group, kernel_layout, repacked)
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
+                group: int, kernel_layout: bool, repacked: bool = False) -> torch.Tensor:
+    """x [T, in] @ dequant(packed, scale_zero)^T -> [T, out].
+
+    ``kernel_layout``: ``packed`` is in the layout of this CPU's int4 kernel; ``repacked``: it
+    is *only* that (converted by torch, not our tiled layout), so every row count uses the kernel.
+    """
+    if kernel_layout and (x.shape[0] < INT4_GEMM_ROWS or repacked):
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), packed,
+                                                       group, scale_zero.to(KERNEL_DTYPE))
+        return y.to(x.dtype)
+    dtype = KERNEL_DTYPE if x.dtype == torch.float32 and kernels_enabled() else x.dtype
+    return F.linear(x.to(dtype), dequantize_int4(packed, scale_zero, dtype)).to(x.dtype)
+
+
+class QuantLinear(kernels.StepOutput, nn.Module):
+    """y = x @ dequant(weight, weight_scale)^T (+ bias). x: [T, in] -> [T, out].
+
+    ``weight`` and ``weight_scale`` are parameters (integer and bfloat16) so the loader and the
+    window bind them by name like any weight. ``streamed`` is set for modules whose weights the
+    window swaps in per use (they are never repacked).
+    """
+
+    def __init__(self, fmt: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...],
+                 bias: bool) -> None:
+        nn.Module.__init__(self)  # not the float parents' __init__: no float weight
+        if fmt not in QUANT_DTYPES:
+            raise ValueError(f"unknown quantized format {fmt!r}")
+        self.fmt = fmt
+        self.out_features = weight_shape[0]
+        self.in_features = weight_shape[1] * (2 if fmt == "int4" else 1)
+        self.group = self.in_features // scale_shape[0] if fmt == "int4" else self.in_features
+        stored = torch.int8 if fmt == "int8" else torch.uint8
+        self.weight = nn.Parameter(torch.empty(weight_shape, dtype=stored, device="meta"),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.empty(scale_shape, dtype=torch.bfloat16, device="meta"), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(self.out_features, device="meta"),
+                                  requires_grad=False) if bias else None)
+        self.streamed = False
+        self.tiled = fmt == "int4" and int4_tiled(self.out_features, self.group)
+        self.native = self.tiled and native_int4_tiled()  # weight bytes are the kernel's
+        self.repacked = False  # weight converted by torch for a CPU with another layout
+
+    def extra_repr(self) -> str:
+        group = f", group={self.group}" if self.fmt == "int4" else ""
+        return (f"{self.fmt}, in_features={self.in_features}, out_features={self.out_features}"
+                f"{group}, bias={self.bias is not None}")
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> [T, out] without the bias."""
+        kernel = kernels_enabled()
+        if self.fmt == "int8":
+            return int8_product(x, self.weight, self.weight_scale, kernel,
+                                self.output_buffer(x, self.out_features))
+        if (kernel and self.tiled and not self.native and not self.streamed
+                and not kernels.has_int4()):
+            self.weight.data = native_int4_pack(self.weight.data)  # once, for resident weights
+            self.native = self.repacked = True
+        return int4_product(x, self.weight, self.weight_scale, self.group,
+                            self.native and (kernel or self.repacked), self.repacked, kernel,
+                            self.output_buffer(x, self.out_features))
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.add_bias(self.matmul(x))
+
+
+class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):
+    """Column-parallel (or unsplit) quantized linear: no communication."""
+
+
+class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
+    """y = allreduce(x_local @ dequant(W[:, cols])^T) + b, as :class:`RowParallelLinear`."""
+
+    def __init__(self, fmt: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...],
+                 bias: bool, comm: Communicator) -> None:
+        super().__init__(fmt, weight_shape, scale_shape, bias)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = self.matmul(x)  # [T, out], this rank's share of the sum
+        total = self.comm.allreduce(partial)  # [T, out], identical on every rank
+        return self.add_bias(total)
+
+
+def is_quantized(manifest: Manifest) -> bool:
+    return manifest.dtype in QUANT_DTYPES
+
+
+def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
+    """Quantized codes and their scales load as stored; every float tensor is cast to compute."""
+    return not tensor.is_floating_point() or name.endswith(SCALE_SUFFIX)
+
+
+def quantize_skeleton(model: nn.Module, manifest: Manifest, comm: Communicator) -> None:
+    """Replace the float linears of a ``meta`` skeleton by quantized ones shaped as on disk."""
+    if not is_quantized(manifest):
+        return
+    for index, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+        if layer is None:
+            continue
+        tensors = manifest.files[layer_file(index)].tensors
+        for name in PROJECTIONS:
+            _replace(layer, name, manifest.dtype, tensors, comm)
+    if getattr(model, "lm_head", None) is not None:
+        _replace(model, "lm_head", manifest.dtype,
+                 manifest.files["head.safetensors"].tensors, comm)
+
+
+def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEntry],
+             comm: Communicator) -> None:
+    old = parent.get_submodule(name)
+    weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight{SCALE_SUFFIX}"]
+    args = (fmt, tuple(weight.shape), tuple(scale.shape), old.bias is not None)
+    new = (QuantRowParallelLinear(*args, comm) if isinstance(old, RowParallelLinear)
+           else QuantColumnParallelLinear(*args))
+    new.reuse_output = getattr(old, "reuse_output", False)
+    owner_name, _, attr = name.rpartition(".")
+    owner = parent.get_submodule(owner_name) if owner_name else parent
+    setattr(owner, attr, new)
+
+
+def mark_streamed(blocks: list) -> None:
+    """Flag the quantized linears of the window's streamed blocks (never repacked)."""
+    for block in blocks:
+        for module in block.module.modules():
+            if isinstance(module, QuantLinear):
+                module.streamed = True

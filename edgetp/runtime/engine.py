@@ -1,0 +1,198 @@
+"""The prefill/decode loop: runs a model (local or distributed) and stops when it should.
+
+The engine sees the model through :class:`Runner`: something that turns the tokens at
+``start_pos`` into the logits of the last position. A single process uses
+:class:`LocalRunner`; the master of a cluster provides a runner that drives its workers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.model.llama import Transformer
+from edgetp.model.sampling import Sampler
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Runner(Protocol):
+    """What the engine needs of a model."""
+
+    max_seq_len: int
+
+    def reset(self) -> None:
+        """Start a new sequence (the KV cache is overwritten from position 0)."""
+
+    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """tokens: [T] int64 at positions start_pos.. -> logits of the last position [V]."""
+
+
+class TextCodec(Protocol):
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+class LocalRunner:
+    """A whole model in this process; prompts are fed in chunks of ``prefill_chunk`` tokens."""
+
+    def __init__(self, model: Transformer, prefill_chunk: int = 256) -> None:
+        self.model = model
+        self.max_seq_len = model.max_seq_len
+        self.prefill_chunk = prefill_chunk
+
+    def reset(self) -> None:
+        return None  # positions restart at 0; stale cache entries are never attended to
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        h = None
+        for offset in range(0, tokens.numel(), self.prefill_chunk):
+            chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
+            h = self.model.forward_layers(self.model.embed(chunk), start_pos + offset)
+        assert h is not None, "logits() needs at least one token"
+        return self.model.head(h[-1:])[0]  # [V]
+
+
+@dataclass
+class GenerationResult:
+    """What one generation produced and how long it took."""
+
+    token_ids: list[int]
+    text: str
+    prompt_tokens: int
+    finish_reason: str  # "eos" | "stop" | "length" | "context"
+    ttft_ms: float
+    decode_ms: list[float] = field(default_factory=list)  # one entry per decoded token
+
+    @property
+    def ms_per_token(self) -> float:
+        return sum(self.decode_ms) / len(self.decode_ms) if self.decode_ms else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": len(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "ttft_ms": round(self.ttft_ms, 3),
+            "ms_per_token": round(self.ms_per_token, 3),
+        }
+
+
+class TextStream:
+    """Incremental text of a growing id list, holding back what may still change.
+
+    Held back: a trailing partial UTF-8 character (decoded as U+FFFD) and any suffix that is
+    the beginning of a stop string.
+    """
+
+    def __init__(self, codec: TextCodec, stop_strings: Sequence[str]) -> None:
+        self.codec = codec
+        self.stop_strings = [s for s in stop_strings if s]
+        self.emitted = 0
+        self.text = ""
+        self.stopped = False
+
+    def update(self, ids: list[int]) -> str:
+        """Decode ``ids`` (all generated so far) and return the newly safe text."""
+        self.text = self.codec.decode(ids)
+        cut = self._stop_index()
+        if cut is not None:
+            self.text, self.stopped = self.text[:cut], True
+            return self._emit(len(self.text))
+        safe = len(self.text)
+        if self.text.endswith(REPLACEMENT_CHAR):
+            safe = len(self.text.rstrip(REPLACEMENT_CHAR))
+        safe -= self._stop_prefix_len(self.text[:safe])
+        return self._emit(max(safe, self.emitted))
+
+    def finish(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        piece = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return piece
+
+    def _stop_index(self) -> int | None:
+        hits = [self.text.find(s) for s in self.stop_strings]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def _stop_prefix_len(self, text: str) -> int:
+        longest = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+class Engine:
+    """Generates from a prompt's token ids with a :class:`Runner` and a text codec."""
+
+    def __init__(self, runner: Runner, codec: TextCodec, eos_ids: Sequence[int]) -> None:
+        self.runner = runner
+        self.codec = codec
+        self.eos_ids = frozenset(eos_ids)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        sampling: SamplingConfig,
+        gen: GenerationConfig,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        if len(prompt_ids) >= self.runner.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room in a context of "
+                f"{self.runner.max_seq_len}; raise --max-seq-len or shorten the prompt"
+            )
+        sampler, stream = Sampler(sampling), TextStream(self.codec, gen.stop_strings)
+        emit = on_text or (lambda _piece: None)
+        self.runner.reset()
+        start = time.perf_counter()
+        logits = self.runner.logits(torch.tensor(list(prompt_ids), dtype=torch.int64), 0)
+        tick = time.perf_counter()
+        generated: list[int] = []
+        decode_ms: list[float] = []
+        ttft_ms, position = 0.0, len(prompt_ids)
+        while True:
+            token = sampler(logits, list(prompt_ids) + generated)
+            if not generated:
+                ttft_ms = (time.perf_counter() - start) * 1000
+            reason = "eos" if gen.stop_on_eos and token in self.eos_ids else None
+            if reason is None:
+                generated.append(token)
+                emit(stream.update(generated))
+                reason = self._limit_reason(stream, gen, len(generated), position)
+            if reason is not None:
+                emit(stream.finish())
+                return GenerationResult(
+                    generated, stream.text, len(prompt_ids), reason, ttft_ms, decode_ms
+                )
+            logits = self.runner.logits(torch.tensor([token], dtype=torch.int64), position)
+            tick, last = time.perf_counter(), tick  # a token's time: sampling and text included
+            decode_ms.append((tick - last) * 1000)
+            position += 1
+
+    def _limit_reason(
+        self, stream: TextStream, gen: GenerationConfig, n_generated: int, position: int
+    ) -> str | None:
+        """Why generation ends after this token (a stop string, a limit), or None to go on."""
+        if stream.stopped:
+            return "stop"
+        if n_generated >= gen.max_new_tokens:
+            return "length"
+        if position >= self.runner.max_seq_len:
+            return "context"
+        return None

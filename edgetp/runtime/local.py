@@ -1,0 +1,180 @@
+"""A whole cluster on this machine: N processes on loopback (``generate --nodes N``, ``demo``).
+
+The model is split into a cache directory (once per model and plan), workers start as
+``edgetp worker`` subprocesses, the master runs in this process, and everything is shut down
+on exit, even after an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from edgetp.net.security import KeyPair, MasterSecurity, create_keys
+from edgetp.net.transport import MasterTransport
+from edgetp.runtime.master import Master
+from edgetp.shard.split import model_fingerprint, split_checkpoint
+
+WORKER_START_TIMEOUT_S = 120.0
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EDGETP_CACHE", Path.home() / ".cache" / "edgetp")) / "splits"
+
+
+def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | None,
+                    dtype: str | None, private_layers: int, group_size: int = 32) -> Path:
+    key = f"{n_nodes}|{shares}|{dtype}|{private_layers}"
+    if dtype == "int4":
+        key += f"|g{group_size}"
+    key = key.encode()
+    name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key).hexdigest()[:12]}"
+    return cache_root() / name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalCluster:
+    """Context manager: a master (this process) and N-1 worker processes on loopback."""
+
+    def __init__(self, model_dir: str | Path, n_nodes: int,
+                 shares: tuple[float, ...] | None = None, dtype: str = "float32",
+                 max_seq_len: int | None = None, private_layers: int = 0,
+                 wire_dtype: str = "f32", timeout_s: float = 10.0,
+                 split_dir: Path | None = None, worker_args: list[str] | None = None,
+                 capture_dir: Path | None = None, memory_budget: int | None = None,
+                 allreduce: str = "star", secure: bool = False,
+                 weight_dtype: str | None = None, group_size: int = 32) -> None:
+        self.model_dir = Path(model_dir)
+        self.n_nodes = n_nodes
+        self.shares = shares
+        self.dtype = dtype
+        self.max_seq_len = max_seq_len
+        self.private_layers = private_layers
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.weight_dtype = weight_dtype  # stored weights: None (the checkpoint's), int8, ...
+        self.group_size = group_size  # int4's group
+        self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares,
+                                                      weight_dtype, private_layers, group_size)
+        self.worker_args = worker_args or []
+        self.capture_dir = capture_dir  # tests: each worker records every frame it receives
+        self.memory_budget = memory_budget  # per node, bytes
+        self.allreduce = allreduce
+        self.secure = secure  # CURVE on loopback too (keys made in split_dir/keys)
+        self.worker_address = ""  # tests: where workers connect, if not the master itself
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.master: Master | None = None
+        self.address = ""
+
+    def __enter__(self) -> Master:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Master:
+        result = split_checkpoint(self.model_dir, self.split_dir, self.n_nodes, self.shares,
+                                  self.weight_dtype, private_layers=self.private_layers,
+                                  group_size=self.group_size)
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        security = self._make_keys() if self.secure else None
+        self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
+                                     self.max_seq_len, self.wire_dtype, self.timeout_s,
+                                     memory_budget=self.memory_budget,
+                                     allreduce=self.allreduce, security=security)
+        for rank in range(1, self.n_nodes):
+            self.start_worker(rank)
+        self.wait_until_joined()
+        return self.master
+
+    def _make_keys(self) -> MasterSecurity:
+        """A key pair for the master and each worker; workers' public keys authorized."""
+        keys = self.split_dir / "keys"
+        if keys.exists():
+            shutil.rmtree(keys)
+        create_keys(keys, "master")
+        for rank in range(1, self.n_nodes):
+            public, _ = create_keys(keys, f"worker-{rank}")
+            (keys / "authorized").mkdir(exist_ok=True)
+            shutil.copy(public, keys / "authorized" / public.name)
+        return MasterSecurity(KeyPair.load(keys / "master.key_secret"), keys / "authorized")
+
+    def rank_dir(self, rank: int) -> Path:
+        return self.split_dir / f"rank-{rank}"
+
+    def start_worker(self, rank: int) -> None:
+        command = [sys.executable, "-m", "edgetp.cli", "worker", "--shard",
+                   str(self.rank_dir(rank)), "--master", self.worker_address or self.address,
+                   "--timeout", str(self.timeout_s), "--dtype", self.dtype]
+        if self.max_seq_len:
+            command += ["--max-seq-len", str(self.max_seq_len)]
+        if self.memory_budget is not None:
+            command += ["--memory-budget", str(self.memory_budget)]
+        if self.secure:
+            keys = self.split_dir / "keys"
+            command += ["--key", str(keys / f"worker-{rank}.key_secret"),
+                        "--master-key", str(keys / "master.key")]
+        if self.capture_dir is not None:
+            command += ["--capture-frames", str(self.capture_dir / f"rank-{rank}.frames")]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        self.log_path(rank).parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path(rank).open("ab") as log_file:
+            self.workers[rank] = subprocess.Popen(command + self.worker_args, env=env,
+                                                  stdin=subprocess.DEVNULL, stdout=log_file,
+                                                  stderr=subprocess.STDOUT)
+
+    def log_path(self, rank: int) -> Path:
+        return self.split_dir / "logs" / f"rank-{rank}.log"
+
+    def wait_until_joined(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
+        assert self.master is not None
+        transport = self.master.runner.transport  # type: ignore[attr-defined]
+        deadline = time.monotonic() + timeout_s
+        while transport.missing_ranks() or self._stale_ranks(transport):
+            for rank, proc in self.workers.items():
+                if proc.poll() is not None:
+                    err = self.log_path(rank).read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"worker rank {rank} exited with status "
+                                       f"{proc.returncode} before joining:\n{err}")
+            if time.monotonic() > deadline:
+                late = sorted(transport.missing_ranks() + self._stale_ranks(transport))
+                raise TimeoutError(f"workers {late} did not join in {timeout_s:g} s")
+            time.sleep(0.05)
+
+    def _stale_ranks(self, transport: MasterTransport) -> list[int]:
+        """Ranks the master still lists under a previous process (killed, not yet noticed)."""
+        peers = dict(transport.peers)  # the heartbeat thread may change it meanwhile
+        return [rank for rank, proc in self.workers.items()
+                if rank in peers and peers[rank].pid != proc.pid]
+
+    def kill_worker(self, rank: int) -> None:
+        proc = self.workers.pop(rank)
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        if self.master is not None:
+            self.master.close(shutdown_workers=True)
+            self.master = None
+        for proc in self.workers.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()

@@ -1,0 +1,231 @@
+"""The master role: the only node that sees text, token ids, logits and sampling settings.
+
+A :class:`Master` owns the tokenizer and an :class:`~edgetp.runtime.engine.Engine` over a runner. With
+no workers the runner is the whole model in this process; a cluster master's runner drives its
+workers (see ``edgetp.runtime.local``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.metrics import RECORDER, now, spans_from_tensor
+from edgetp.model.llama import Transformer
+from edgetp.model.tokenizer import Tokenizer
+from edgetp.net.collectives import SoloCommunicator, StarMaster, StepPosition
+from edgetp.net.ring import RingAllreduce, RingLink, successor_addresses
+from edgetp.net.security import MasterSecurity
+from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity
+from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
+from edgetp.shard.plan import ShardPlan
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAX_STEP_BYTES = 4 << 20  # a prefill chunk's hidden state stays under this on the wire
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown compute dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A user prompt: raw text, or (``chat=True``) one user message rendered by the template."""
+
+    text: str
+    chat: bool = False
+    system: str | None = None
+
+
+def _master_communicator(transport: MasterTransport, allreduce: str, wire_dtype: str,
+                         timeout_s: float) -> StarMaster | RingAllreduce:
+    if allreduce == "star":
+        return StarMaster(transport, wire_dtype, timeout_s)
+    if allreduce != "ring":
+        raise ValueError(f"--allreduce {allreduce!r}: choose star or ring")
+    link = RingLink()
+    transport.allreduce, transport.ring_port = "ring", link.port
+    return RingAllreduce(0, transport.n_ranks, link, StepPosition(), wire_dtype, timeout_s)
+
+
+class ClusterRunner:
+    """The master's runner: embeds, drives the workers through each step, applies the head.
+
+    One step: the master runs its private first layers, sends the hidden state to every worker
+    (``step``), runs the shared layers with the star allreduce, runs its private last layers,
+    and only then the final norm and the lm_head. Prompts go in chunks of at most
+    ``prefill_chunk`` tokens so no message outgrows the link.
+    """
+
+    def __init__(self, model: Transformer, transport: MasterTransport, comm: StarMaster,
+                 plan: ShardPlan, prefill_chunk: int = 128, join_timeout_s: float = 10.0) -> None:
+        self.model = model
+        self.transport = transport
+        self.comm = comm
+        self.plan = plan
+        self.max_seq_len = model.max_seq_len
+        self.prefill_chunk = prefill_chunk
+        self.join_timeout_s = join_timeout_s
+        n = plan.num_layers
+        k = plan.private_layers
+        self.first, self.shared, self.last = range(0, k), plan.shared_layers, range(n - k, n)
+        self.seq = 0
+        self.step = 0
+        self._ring_members: tuple[bytes, ...] = ()
+
+    def reset(self) -> None:
+        self.seq += 1
+        self.step = 0
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        with self.transport.lock:
+            self.transport.wait_for_workers(self.join_timeout_s)
+            try:
+                if isinstance(self.comm, RingAllreduce) and self.plan.n_ranks > 1:
+                    self._link_ring(self.comm.link)
+                h, started = None, now()
+                for offset in range(0, tokens.numel(), self.prefill_chunk):
+                    if h is not None:  # a prefill chunk's step span ends here; the last one's
+                        RECORDER.add("step", self.step, started, now())  # after the head
+                        started = now()
+                    chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
+                    h = self._step(self.model.embed(chunk), start_pos + offset)
+                assert h is not None, "logits() needs at least one token"
+                logits = self.model.head(h[-1:])[0]  # [V]
+                RECORDER.add("step", self.step, started, now())
+                return logits
+            except ClusterError:
+                self._abort()
+                raise
+
+    def _step(self, h: torch.Tensor, start: int) -> torch.Tensor:  # h: [C, d] -> [C, d]
+        self.step += 1
+        h = self.model.forward_layers(h, start, self.first)
+        if self.plan.n_ranks > 1:
+            self.comm.position.begin(self.seq, self.step, 2 * len(self.shared))
+            self.transport.broadcast("step", {"seq": self.seq, "step": self.step,
+                                              "start": start}, [h])
+        h = self.model.forward_layers(h, start, self.shared)
+        return self.model.forward_layers(h, start, self.last)
+
+    def collect_stats(self, timeout_s: float | None = None) -> dict[int, tuple[dict, list]]:
+        """Every worker's counters and spans since the last collection, by rank."""
+        timeout_s = self.join_timeout_s if timeout_s is None else timeout_s
+        with self.transport.lock:
+            self.transport.broadcast("collect", {"seq": self.seq})
+            out: dict[int, tuple[dict, list]] = {}
+            deadline = time.monotonic() + timeout_s
+            while len(out) < self.plan.n_ranks - 1:
+                got = self.transport.receive(max(0.0, deadline - time.monotonic()))
+                if got is None:
+                    missing = [r for r in self.transport.worker_ranks if r not in out]
+                    raise ClusterError(f"ranks {missing} sent no statistics in {timeout_s:g} s")
+                rank, message = got
+                if message.op == "stats" and message.fields["seq"] == self.seq:
+                    out[rank] = (message.fields["stats"], spans_from_tensor(message.tensors[0]))
+            return out
+
+    def _link_ring(self, link: RingLink) -> None:
+        """Tell every worker its ring successor, whenever the membership changed."""
+        peers = self.transport.peers
+        members = tuple(peers[r].identity for r in self.transport.worker_ranks)
+        if members == self._ring_members:
+            return
+        addresses = {r: peers[r].ring_address for r in self.transport.worker_ranks}
+        for rank, address in successor_addresses(addresses, self.plan.n_ranks).items():
+            if rank == 0:
+                link.connect(address)
+            else:
+                self.transport.send(rank, "link", {"address": address})
+        self._ring_members = members
+
+    def _abort(self) -> None:
+        for rank in list(self.transport.peers):
+            try:
+                self.transport.send(rank, "abort", {"seq": self.seq})
+            except ClusterError:
+                pass
+
+
+class Master:
+    """Tokenize, run the engine, detokenize."""
+
+    def __init__(self, tokenizer: Tokenizer, runner: Runner) -> None:
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.engine = Engine(runner, tokenizer, tokenizer.eos_token_ids)
+
+    @classmethod
+    def local(
+        cls, model_dir: str | Path, dtype: str = "float32", max_seq_len: int | None = None
+    ) -> Master:
+        """A single-process master holding the whole model."""
+        from edgetp.model.checkpoint import load_model
+
+        model = load_model(model_dir, parse_dtype(dtype), max_seq_len)
+        return cls(Tokenizer.from_dir(model_dir), LocalRunner(model))
+
+    @classmethod
+    def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
+                max_seq_len: int | None = None, wire_dtype: str = "f32",
+                timeout_s: float = 10.0, prefill_chunk: int = 128,
+                memory_budget: int | None = None, allreduce: str = "star",
+                security: MasterSecurity | None = None) -> Master:
+        """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``."""
+        from edgetp.parallel.loader import load_rank
+        from edgetp.shard.manifest import read_manifest
+
+        manifest = read_manifest(shard_dir)
+        if manifest.rank != 0:
+            raise ValueError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
+                             "rank-0 (it holds the embedding, the head and the tokenizer)")
+        identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
+        if security is not None and allreduce == "ring":
+            raise ValueError("the ring allreduce has no CURVE encryption yet: use --allreduce "
+                             "star with keys, or the ring on a trusted network with --insecure")
+        transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
+                                    security)
+        try:
+            comm = (SoloCommunicator() if manifest.plan.n_ranks == 1  # no allreduce at all
+                    else _master_communicator(transport, allreduce, wire_dtype, timeout_s))
+            hidden = manifest.model_config.hidden_size
+            chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * hidden)))
+            model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,
+                              memory_budget=memory_budget, prefill_chunk=chunk)
+            runner = ClusterRunner(model, transport, comm, manifest.plan, chunk, timeout_s)
+            return cls(Tokenizer.from_dir(shard_dir), runner)
+        except BaseException:
+            transport.close()
+            raise
+
+    def close(self, shutdown_workers: bool = False) -> None:
+        transport = getattr(self.runner, "transport", None)
+        if transport is not None:
+            transport.close(shutdown_workers)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if not prompt.chat:
+            return self.tokenizer.encode(prompt.text)
+        messages = [] if prompt.system is None else [{"role": "system", "content": prompt.system}]
+        messages.append({"role": "user", "content": prompt.text})
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        assert isinstance(ids, list)
+        return ids
+
+    def generate(
+        self,
+        prompt: Prompt,
+        sampling: SamplingConfig,
+        gen: GenerationConfig,
+        on_text: Callable[[str], None] | None = None,
+    ) -> GenerationResult:
+        return self.engine.generate(self.encode_prompt(prompt), sampling, gen, on_text)

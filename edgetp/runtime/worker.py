@@ -1,0 +1,179 @@
+"""The worker role: holds one rank's shard, computes its share of every step the master sends.
+
+A worker never sees text, token ids, logits or sampling settings: it receives hidden states
+(``step``) and sums (``sum``) and sends partial sums back. It survives the master going away:
+it notices through heartbeats and reconnects until the master is back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
+from edgetp.model.llama import Transformer
+from edgetp.net.collectives import StarWorker, StepPosition
+from edgetp.net.ring import RingAllreduce, RingError, RingLink, master_ring_address
+from edgetp.net.security import WorkerSecurity
+from edgetp.net.transport import (
+    ClusterError,
+    HandshakeRefused,
+    NodeIdentity,
+    ShutdownRequested,
+    StepAborted,
+    WorkerTransport,
+)
+from edgetp.net.wire import Message
+from edgetp.parallel.loader import load_rank
+from edgetp.shard.manifest import read_manifest
+
+log = logging.getLogger("edgetp.runtime.worker")
+
+
+class Worker:
+    """Rank K's compute loop over a :class:`WorkerTransport`."""
+
+    def __init__(self, shard_dir: str | Path, master: str, timeout_s: float = 10.0,
+                 dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+                 frame_log: Callable[[list[bytes]], None] | None = None,
+                 memory_budget: int | None = None,
+                 security: WorkerSecurity | None = None) -> None:
+        manifest = read_manifest(shard_dir)
+        if manifest.rank == 0:
+            raise ValueError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
+        identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
+                                manifest.dtype)
+        self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security)
+        self.ring = RingLink()
+        self.transport.ring_port = self.ring.port
+        self.comm = WorkerCommunicator(self.transport, self.ring, manifest.rank,
+                                       manifest.plan.n_ranks, timeout_s)
+        self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len,
+                                            memory_budget=memory_budget)
+        self.layers = manifest.plan.shared_layers
+        self.n_allreduce = 2 * len(self.layers)
+        self.rank = manifest.rank
+        self._last_step: tuple[int, int] = (-1, -1)
+        self._order_session = ""  # the master session _last_step belongs to
+        self.memory_budget = memory_budget
+
+    def serve(self) -> None:
+        """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
+        self.transport.connect()
+        try:
+            while True:
+                try:
+                    message = self.transport.receive(timeout_s=3600.0)
+                    if message is None:
+                        continue
+                    if message.op == "shutdown":
+                        return
+                    if message.op == "step":
+                        self._run_step(message)
+                    elif message.op == "collect":
+                        self._send_stats(message.fields["seq"])
+                    elif message.op == "link":
+                        self._link(message.fields["address"])
+                except StepAborted as exc:
+                    log.info("rank %d: %s", self.rank, exc)
+                except ShutdownRequested:
+                    return
+                except HandshakeRefused:
+                    raise
+                except RingError as exc:  # a neighbour failed: the step fails, we stay up
+                    log.warning("%s", exc)
+                    self.transport.send("error", {"message": str(exc)})
+                except ClusterError as exc:
+                    log.warning("rank %d: %s; reconnecting", self.rank, exc)
+                    self.transport.connect()
+        finally:
+            self.transport.close()
+            self.ring.close()
+
+    def _link(self, address: str) -> None:
+        """Connect the ring to our successor ("" means the master)."""
+        if not address:
+            address = master_ring_address(self.transport.master, self.transport.master_ring_port)
+        self.ring.connect(address)
+
+    @torch.inference_mode()
+    def _run_step(self, message: Message) -> None:
+        fields = message.fields
+        h = message.tensors[0]  # [T, d]
+        problem = self._check_step(h, fields["start"]) or self._check_order(fields)
+        if problem:
+            log.warning("rank %d: rejected a step: %s", self.rank, problem)
+            self.transport.send("error", {"message": f"rank {self.rank}: {problem}"})
+            return
+        self.comm.position.begin(fields["seq"], fields["step"], self.n_allreduce)
+        started = now()
+        try:
+            self.model.forward_layers(h.to(self.model.dtype), fields["start"], self.layers)
+            RECORDER.add("step", fields["step"], started, now())
+        except (RuntimeError, ValueError) as exc:
+            if isinstance(exc, ClusterError | StepAborted | ShutdownRequested):
+                raise
+            log.exception("rank %d: step failed", self.rank)
+            self.transport.send("error", {"message": f"rank {self.rank}: {exc}"})
+
+    def _send_stats(self, seq: int) -> None:
+        """Ship this node's spans (on the master's clock) and counters to the master."""
+        traffic = self.transport.traffic
+        facts = {**node_facts(), **window_facts(self.model), "rank": self.rank,
+                 "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
+                 "memory_budget_bytes": self.memory_budget or 0,
+                 "clock_offset_s": self.transport.clock_offset_s}
+        spans = spans_to_tensor(RECORDER.take(), self.transport.clock_offset_s)
+        self.transport.send("stats", {"seq": seq, "stats": facts}, [spans])
+
+    def _check_order(self, fields: dict) -> str | None:
+        """Steps of a request come in increasing order; an older one is a replay or stale."""
+        key = (fields["seq"], fields["step"])
+        if self._order_session != self.transport.session:  # a new (restarted) master counts
+            self._order_session, self._last_step = self.transport.session, (-1, -1)  # from 1
+        if key <= self._last_step:
+            return f"out-of-order step {key} after {self._last_step}"
+        self._last_step = key
+        return None
+
+    def _check_step(self, h: torch.Tensor, start: int) -> str | None:
+        hidden, context = self.model.config.hidden_size, self.model.max_seq_len
+        if h.dim() != 2 or h.shape[1] != hidden:
+            return f"hidden state of shape {list(h.shape)}, expected [T, {hidden}]"
+        if start + h.shape[0] > context:
+            return f"positions up to {start + h.shape[0]} exceed the context of {context}"
+        return None
+
+
+class WorkerCommunicator:
+    """The worker's allreduce: star or ring, as the master announced in the welcome."""
+
+    def __init__(self, transport: WorkerTransport, ring: RingLink, rank: int, world_size: int,
+                 timeout_s: float) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.transport = transport
+        self.position = StepPosition()
+        self.star = StarWorker(transport, rank, world_size, timeout_s)
+        self.star.position = self.position
+        self.ring = RingAllreduce(rank, world_size, ring, self.position, "f32", timeout_s)
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transport.allreduce == "ring":
+            self.ring.wire = self.transport.wire_dtype
+            return self.ring.allreduce(x)
+        return self.star.allreduce(x)
+
+
+def frame_recorder(path: Path) -> Callable[[list[bytes]], None]:
+    """A frame log appending each received message as one msgpack list of frames."""
+    import msgpack
+
+    def record(frames: list[bytes]) -> None:
+        with path.open("ab") as handle:
+            handle.write(msgpack.packb(frames, use_bin_type=True))
+
+    return record

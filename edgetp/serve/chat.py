@@ -1,0 +1,312 @@
+"""An interactive terminal chat (``edgetp chat``): history, the chat template, streamed replies.
+
+Two backends answer the conversation: :class:`LocalChat` runs a :class:`~edgetp.runtime.master.Master`
+in this process (one process or a local cluster), :class:`RemoteChat` talks to a running
+``edgetp serve`` through its streaming chat API with nothing but the standard library.
+
+:func:`run_chat` reads one user message per line. ``/reset`` clears the history, ``/exit``
+(or end of input) quits, ``/help`` lists the commands. Replies stream to ``output`` as they
+are generated; notices and errors go to ``errors``. Ctrl-C during a reply stops that reply.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TextIO
+from urllib.parse import urlsplit
+
+COMMANDS = "/reset clears the history, /exit quits, /help shows this"
+
+
+class ChatError(RuntimeError):
+    """A reply failed (the server refused the request, the cluster failed, ...)."""
+
+
+class ChatCancelled(Exception):
+    """Raised from the text callback to stop a reply (Ctrl-C)."""
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # OpenAI's: "stop" | "length"
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+class ChatBackend(Protocol):
+    def reply(self, messages: list[dict[str, str]], on_text: Callable[[str], None]) -> Reply:
+        """Generate the assistant's next message, passing text pieces to ``on_text``."""
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """Sampling and stopping settings of every reply."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class LocalChat:
+    """Replies from a master in this process (its tokenizer's chat template, its engine)."""
+
+    def __init__(self, master: Any, options: ChatOptions) -> None:
+        from edgetp.config.generation import GenerationConfig, SamplingConfig
+
+        self.master = master
+        self.sampling = SamplingConfig(temperature=options.temperature, top_k=options.top_k,
+                                       top_p=options.top_p,
+                                       repetition_penalty=options.repetition_penalty,
+                                       seed=options.seed)
+        self.gen = GenerationConfig(max_new_tokens=options.max_tokens,
+                                    stop_strings=options.stop)
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        ids = self.master.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                        tokenize=True)
+        return list(ids)
+
+    def reply(self, messages: list[dict[str, str]], on_text: Callable[[str], None]) -> Reply:
+        result = self.master.engine.generate(self.prompt_ids(messages), self.sampling, self.gen,
+                                             on_text)
+        reason = "stop" if result.finish_reason in ("eos", "stop") else "length"
+        return Reply(result.text, reason, result.prompt_tokens, len(result.token_ids))
+
+
+class RemoteChat:
+    """Replies from ``edgetp serve`` (or any OpenAI-compatible server) at ``url``."""
+
+    def __init__(self, url: str, options: ChatOptions, api_key: str | None = None,
+                 model: str | None = None, timeout_s: float = 600.0) -> None:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"cannot use {url!r} as a server URL; write e.g. "
+                             "http://127.0.0.1:8000")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        base = parts.path.rstrip("/")
+        self.base = base[: -len("/v1")] if base.endswith("/v1") else base
+        self.url = f"{parts.scheme}://{parts.netloc}{self.base}"
+        self.options = options
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+        self.model = model or self._first_model()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=self.timeout_s)
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None
+                 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        conn = self._connection()
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            conn.request(method, self.base + path, data, self._headers())
+            response = conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            raise ConnectionError(f"cannot reach the server at {self.url}: {exc}") from exc
+        if response.status != 200:
+            message = _error_message(response.read())
+            conn.close()
+            raise ChatError(f"the server answered {response.status}: {message}")
+        return conn, response
+
+    def _first_model(self) -> str:
+        conn, response = self._request("GET", "/v1/models")
+        try:
+            models = json.loads(response.read())["data"]
+            return str(models[0]["id"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ChatError(f"{self.url}/v1/models did not list a model") from exc
+        finally:
+            conn.close()
+
+    def request_body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        o = self.options
+        body: dict[str, Any] = {
+            "model": self.model, "messages": messages, "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": o.max_tokens,
+            "temperature": o.temperature, "top_p": o.top_p,
+        }
+        if o.top_k:
+            body["top_k"] = o.top_k
+        if o.repetition_penalty != 1.0:
+            body["repetition_penalty"] = o.repetition_penalty
+        if o.seed is not None:
+            body["seed"] = o.seed
+        if o.stop:
+            body["stop"] = list(o.stop)
+        return body
+
+    def reply(self, messages: list[dict[str, str]], on_text: Callable[[str], None]) -> Reply:
+        conn, response = self._request("POST", "/v1/chat/completions",
+                                       self.request_body(messages))
+        pieces: list[str] = []
+        reply = Reply("", "stop")
+        try:
+            for data in _sse_data(response):
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ChatError(_error_message(data.encode()))
+                if chunk.get("usage"):
+                    reply.prompt_tokens = chunk["usage"].get("prompt_tokens")
+                    reply.completion_tokens = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content")
+                    if piece:
+                        pieces.append(piece)
+                        on_text(piece)
+                    if choice.get("finish_reason"):
+                        reply.finish_reason = choice["finish_reason"]
+            else:
+                raise ChatError("the server closed the stream before it ended")
+        except (OSError, http.client.HTTPException) as exc:
+            raise ChatError(f"the connection to {self.url} broke: {exc}") from exc
+        finally:
+            conn.close()  # also how a cancelled reply stops the server's generation
+        reply.text = "".join(pieces)
+        return reply
+
+
+def _sse_data(response: http.client.HTTPResponse) -> Any:
+    """The ``data`` of each server-sent event."""
+    lines: list[str] = []
+    while True:
+        raw = response.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if line:
+            if line.startswith("data:"):
+                lines.append(line[5:].removeprefix(" "))
+            continue
+        if lines:
+            yield "\n".join(lines)
+            lines = []
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode("utf-8", "replace").strip() or "(no message)"
+
+
+def run_chat(backend: ChatBackend, input: TextIO, output: TextIO, errors: TextIO,  # noqa: A002
+             system: str | None = None, json_output: bool = False) -> int:
+    """The conversation loop; returns the number of replies that failed."""
+    interactive = input.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing for input()
+        except ImportError:
+            pass
+        errors.write(f"chat with the model; {COMMANDS}\n")
+        errors.flush()
+    history: list[dict[str, str]] = []
+    failures = 0
+    while True:
+        try:
+            line = input_line(input, output, interactive)
+        except KeyboardInterrupt:
+            output.write("\n")
+            break
+        if line is None:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/reset":
+                history.clear()
+                errors.write("(history cleared)\n")
+            else:
+                errors.write(f"commands: {COMMANDS}\n")
+            errors.flush()
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        messages.append({"role": "user", "content": line.rstrip("\r\n")})
+        reply, failed = _reply(backend, messages, output, errors, json_output)
+        failures += failed
+        if reply is None:
+            continue
+        history += [messages[-1], {"role": "assistant", "content": reply.text}]
+    return failures
+
+
+def input_line(input: TextIO, output: TextIO, interactive: bool) -> str | None:  # noqa: A002
+    if interactive:
+        output.write("you> ")
+        output.flush()
+    line = input.readline()
+    return line if line else None
+
+
+def _reply(backend: ChatBackend, messages: list[dict[str, str]], output: TextIO,
+           errors: TextIO, json_output: bool) -> tuple[Reply | None, bool]:
+    """Run one reply in a thread (so Ctrl-C can stop it between tokens) and print it.
+
+    Returns the reply (None if it failed or was interrupted) and whether it failed.
+    """
+    cancel = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def on_text(piece: str) -> None:
+        if cancel.is_set():
+            raise ChatCancelled()
+        if piece and not json_output:
+            output.write(piece)
+            output.flush()
+
+    def body() -> None:
+        try:
+            outcome["reply"] = backend.reply(messages, on_text)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=body, name="edgetp-chat-reply", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        try:
+            thread.join(0.1)
+        except KeyboardInterrupt:
+            cancel.set()
+    error = outcome.get("error")
+    reply: Reply | None = outcome.get("reply")
+    if reply is not None and json_output:
+        output.write(json.dumps(reply.to_json()) + "\n")
+    elif reply is not None or isinstance(error, ChatCancelled):
+        output.write("\n")
+    output.flush()
+    if isinstance(error, ChatCancelled):
+        errors.write("(reply interrupted; it is not kept in the history)\n")
+    elif error is not None:
+        errors.write(f"error: {error}\n")
+    errors.flush()
+    return reply, error is not None and not isinstance(error, ChatCancelled)

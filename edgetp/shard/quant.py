@@ -1,0 +1,231 @@
+"""Quantized weight formats: int8 per output channel, int4 group-wise along the input.
+
+Both formats are written by the splitter next to their scales, in the per-rank safetensors
+files, and read back as-is (the window binds them straight from disk into compute buffers):
+
+``int8``
+    ``NAME`` I8 ``[out, in]`` and ``NAME_scale`` BF16 ``[out]``: symmetric, one scale per output
+    channel, ``w ~= q * scale`` with ``q`` in ``-127..127``. The scale is ``amax / 127`` rounded
+    *up* to bfloat16 and ``q`` is computed against that stored scale, so
+    ``|w - q * scale| <= scale / 2`` holds exactly. For row-parallel weights (o_proj,
+    down_proj) the splitter takes ``amax`` over the whole row, not just the rank's slice, so
+    the quantized model is the same whatever the node count.
+
+``int4``
+    ``NAME`` U8 ``[out, in / 2]`` (two 4-bit codes per byte) and ``NAME_scale`` BF16
+    ``[in / group, out, 2]`` holding ``(scale, zero)`` per group of ``group`` consecutive input
+    columns: asymmetric, ``w ~= (q - 8) * scale + zero`` with ``q`` in ``0..15`` (the layout
+    and the formula of torch's CPU int4 kernel, so no conversion is needed at load time). The
+    zero is the group's ``min + 8 * scale`` rounded to bfloat16; the scale is then chosen (and
+    rounded up) so that both the group's min and max are representable, which makes
+    ``|w - deq| <= scale / 2`` hold exactly.
+
+    Code layout: when ``out`` is a multiple of 16 and the group one the kernel takes
+    (32/64/128/256) the bytes are *tiled* as torch's AVX-512 int4 kernel wants them (blocks of
+    64 rows; per input column 32 bytes, byte ``j`` = row ``j`` | row ``j + 32`` << 4; a last
+    block of 16/32/48 rows pairs adjacent rows). Otherwise the layout is *rows*: byte ``c`` of
+    row ``r`` = code ``(r, 2c)`` | code ``(r, 2c + 1)`` << 4. Which layout a tensor uses is a
+    function of its shape and group (:func:`int4_tiled`), so nothing else needs recording.
+
+The group size of a tensor is implied by its shapes (``in / scale.shape[0]``); the splitter
+picks per tensor name the largest power of two up to the requested group that divides every
+rank's slice width (:func:`int4_group`), and refuses groups below :data:`MIN_INT4_GROUP`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+
+import torch
+
+from edgetp.core.errors import ConfigError
+
+QUANT_DTYPES = ("int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)  # the choices of --group-size
+MIN_INT4_GROUP = 8
+KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
+SCALE_SUFFIX = "_scale"
+QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj", "lm_head")
+_TINY = torch.finfo(torch.bfloat16).tiny
+
+
+class QuantError(ConfigError):
+    """A weight cannot be quantized as requested; the message says what would work."""
+
+
+def is_quantized_weight(name: str) -> bool:
+    """Whether the tensor ``name`` (e.g. ``mlp.down_proj.weight``) is stored quantized."""
+    owner, _, attr = name.rpartition(".")
+    return attr == "weight" and owner.rpartition(".")[2] in QUANTIZED_LINEARS
+
+
+def bf16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (positive float32) rounded to the nearest bfloat16 not below it."""
+    rounded = x.to(torch.bfloat16)
+    bumped = (rounded.view(torch.int16) + 1).view(torch.bfloat16)  # next bf16 up (x > 0)
+    return torch.where(rounded.float() < x, bumped, rounded)
+
+
+# -- int8 -------------------------------------------------------------------------------------
+
+
+def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scale bf16 [out]).
+
+    ``amax`` [out] (default: each row's own) lets a slice of a row share the whole row's scale.
+    """
+    w = w.float()
+    if amax is None:
+        amax = w.abs().amax(dim=1)
+    scale = bf16_at_least((amax.float() / 127).clamp_min(_TINY))  # [out]
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(q [out, in], scale [out]) -> float32 [out, in]."""
+    return q.float() * scale.float()[:, None]
+
+
+# -- int4 -------------------------------------------------------------------------------------
+
+
+def int4_group(widths: Iterable[int], requested: int, what: str = "a weight") -> int:
+    """The largest power of two <= ``requested`` dividing every width; QuantError below 8."""
+    widths = sorted(set(widths))
+    group = requested
+    while group >= MIN_INT4_GROUP:
+        if all(w % group == 0 for w in widths):
+            return group
+        group //= 2
+    raise QuantError(
+        f"int4 cannot quantize {what}: its input is split into slices of {widths} columns and "
+        f"no group of {MIN_INT4_GROUP} to {requested} columns divides them all; use --dtype "
+        "int8, or another node count or --shares"
+    )
+
+
+def int4_tiled(out_features: int, group: int) -> bool:
+    """Whether a tensor uses the kernel's tiled code layout (else the plain rows layout)."""
+    return out_features % 16 == 0 and group in KERNEL_GROUPS
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (packed uint8 [out, in / 2], scale_zero bf16 [in / group, out, 2])."""
+    out_features, in_features = w.shape
+    if group < 2 or in_features % group:
+        raise QuantError(f"int4 group {group} does not divide {in_features} input columns")
+    codes, scale_zero = int4_codes(w, group)
+    return pack_int4(codes, int4_tiled(out_features, group)), scale_zero
+
+
+def int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (codes uint8 [out, in] in 0..15, scale_zero bf16 [in / group, out, 2])."""
+    out_features, in_features = w.shape
+    wg = w.float().view(out_features, in_features // group, group)  # [out, ng, g]
+    low, high = wg.amin(-1), wg.amax(-1)  # [out, ng]
+    zero = (low + (high - low) * (8 / 15)).to(torch.bfloat16).float()  # value of code 8
+    span = torch.maximum((high - zero) / 7, (zero - low) / 8)  # codes 15 and 0 reach high, low
+    scale = bf16_at_least(span.clamp_min(_TINY)).float()  # [out, ng]
+    codes = torch.round((wg - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15)
+    scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1)  # [ng, out, 2]
+    return (codes.to(torch.uint8).view(out_features, in_features),
+            scale_zero.to(torch.bfloat16).contiguous())
+
+
+def pack_int4(codes: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """codes uint8 [out, in] (0..15) -> uint8 [out, in / 2] in the tiled or rows layout."""
+    n, k = codes.shape
+    codes = codes.to(torch.uint8)
+    if not tiled:
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous()
+    full = n // 64 * 64
+    parts = []
+    if full:
+        blocks = codes[:full].view(-1, 2, 32, k)  # [nb, half, 32, k]
+        packed = blocks[:, 0] | (blocks[:, 1] << 4)  # [nb, 32, k]
+        parts.append(packed.transpose(1, 2).reshape(-1))  # [nb, k, 32]
+    if n > full:
+        pairs = codes[full:].view(-1, 2, k)  # [tail / 2, 2, k]: adjacent rows
+        packed = pairs[:, 0] | (pairs[:, 1] << 4)  # [tail / 2, k]
+        parts.append(packed.transpose(0, 1).reshape(-1))  # [k, tail / 2]
+    return torch.cat(parts).view(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor, tiled: bool) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [out, in / 2] -> codes uint8 [out, in]."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    flat = packed.reshape(-1)
+    low, high = flat & 15, flat >> 4
+    if not tiled:
+        return torch.stack((low, high), dim=-1).view(n, k)
+    full = n // 64 * 64
+    rows = []
+    if full:
+        size = full * k // 2
+        lo = low[:size].view(-1, k, 32).transpose(1, 2)  # [nb, 32, k]
+        hi = high[:size].view(-1, k, 32).transpose(1, 2)
+        rows.append(torch.stack((lo, hi), dim=1).reshape(full, k))  # [nb, 2, 32, k]
+    if n > full:
+        size = full * k // 2
+        lo = low[size:].view(k, -1).transpose(0, 1)  # [tail / 2, k]
+        hi = high[size:].view(k, -1).transpose(0, 1)
+        rows.append(torch.stack((lo, hi), dim=1).reshape(n - full, k))
+    return torch.cat(rows)
+
+
+def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(packed [out, in / 2], scale_zero [ng, out, 2]) -> ``dtype`` [out, in]."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    groups = scale_zero.shape[0]
+    tiled = int4_tiled(n, k // groups)
+    codes = unpack_int4(packed, tiled).view(n, groups, k // groups)  # [out, ng, g]
+    sz = scale_zero.to(dtype).transpose(0, 1)  # [out, ng, 2]
+    w = (codes.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(n, k)
+
+
+# -- what the running CPU's kernels want ---------------------------------------------------------
+
+
+@functools.cache
+def native_int4_tiled() -> bool:
+    """Whether torch's CPU int4 kernel exists here and wants exactly the tiled layout.
+
+    True on AVX-512 builds (checked by packing a probe matrix both ways and running the
+    kernel once against the dequantized reference); False elsewhere (AVX2 packs 32-row blocks,
+    ARM may have no such kernel): there, tiled weights are repacked for the kernel at load
+    time, or computed by dequantizing (see ``edgetp.parallel.qlinear``).
+    """
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    matmul = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if convert is None or matmul is None:
+        return False
+    with torch.device("cpu"):  # real tensors even if called while building on "meta"
+        return _probe_int4_kernel(convert, matmul)
+
+
+def _probe_int4_kernel(convert, matmul) -> bool:  # noqa: ANN001 - torch op handles
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(80, 64, generator=gen)  # one full 64-row block and a 16-row tail
+    codes, scale_zero = int4_codes(w, 32)
+    try:
+        native = convert(codes.to(torch.int32), 8)
+        x = torch.randn(2, 64, generator=gen).to(torch.bfloat16)
+        y = matmul(x, native, 32, scale_zero).float()
+    except RuntimeError:
+        return False
+    if native.shape != (80, 32) or not torch.equal(native, pack_int4(codes, True)):
+        return False
+    want = x.float() @ dequantize_int4(native, scale_zero).T
+    return bool(torch.allclose(y, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())))
+
+
+def native_int4_pack(packed: torch.Tensor) -> torch.Tensor:
+    """Tiled codes repacked by torch's own converter (for CPUs whose layout differs)."""
+    codes = unpack_int4(packed, True).to(torch.int32)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)

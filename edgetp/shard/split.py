@@ -1,0 +1,252 @@
+"""Streaming splitter: a Hugging Face checkpoint -> one shard directory per rank.
+
+``OUT/rank-K/`` holds ``layer-XXX.safetensors`` (rank K's slice of layer XXX), on rank 0 also
+``embed.safetensors``, ``head.safetensors`` and the tokenizer files, and ``manifest.json``.
+Tensors are read one slice at a time, so the splitter's memory stays near one layer's slice
+whatever the checkpoint's size. Files stay standard safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from edgetp.config.model import ModelConfig, load_model_config
+from edgetp.core.errors import ConfigError
+from edgetp.model.checkpoint import Checkpoint, hf_name
+from edgetp.shard.manifest import (
+    FileEntry,
+    Manifest,
+    ShardError,
+    read_manifest,
+    sha256_file,
+    tensor_entries,
+)
+from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
+from edgetp.shard.quant import QUANT_DTYPES
+from edgetp.shard.quantsplit import TensorStore, shrunk_groups
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "chat_template.jinja", "config.json")
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_DTYPES = (*STORE_DTYPES, *QUANT_DTYPES)  # --dtype: float, or quantized (edgetp.shard.quant)
+
+ProgressFn = Callable[[str, int], None]  # (file just written, its size in bytes)
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    out_dir: Path
+    rank_dirs: list[Path]
+    skipped: bool  # True when an identical split was already there
+    bytes_written: int
+
+
+def rank_dir(out_dir: Path, rank: int) -> Path:
+    return out_dir / f"rank-{rank}"
+
+
+def layer_file(index: int) -> str:
+    return f"layer-{index:03d}.safetensors"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Identify a checkpoint cheaply: config.json plus every weight file's header and size."""
+    model_dir = Path(model_dir)
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for name in sorted(set(Checkpoint(model_dir).weight_map.values())):
+        path = model_dir / name
+        with path.open("rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            digest.update(name.encode() + handle.read(min(header_len, 100 << 20)))
+        digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:32]
+
+
+def split_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    n_ranks: int,
+    shares: tuple[float, ...] | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+    private_layers: int = 0,
+    group_size: int = 32,
+) -> SplitResult:
+    """Split ``model_dir`` for ``n_ranks`` nodes into ``out_dir`` (see the module docstring).
+
+    ``dtype`` int8/int4 quantizes the linear weights (``group_size``: int4's group); norms,
+    the embedding and biases then keep the checkpoint's float dtype. Splitting again with the
+    same model, plan and dtype is a no-op; with anything different it is an error unless
+    ``force``.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = load_model_config(model_dir)
+    checkpoint = Checkpoint(model_dir)
+    plan = make_plan(config, n_ranks, shares, private_layers)
+    store_dtype = dtype or source_dtype(checkpoint)
+    if store_dtype not in WEIGHT_DTYPES:
+        raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    float_dtype = STORE_DTYPES.get(store_dtype) or STORE_DTYPES[source_dtype(checkpoint)]
+    store = TensorStore(store_dtype, float_dtype, group_size, checkpoint, config, plan)
+    fingerprint = model_fingerprint(model_dir)
+    dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
+    if _existing_split_matches(out_dir, fingerprint, plan, store_dtype, force, store.group_size):
+        return SplitResult(out_dir, dirs, True, 0)
+    writer = _SplitWriter(checkpoint, config, plan, store, progress)
+    for directory in dirs:
+        directory.mkdir(parents=True, exist_ok=True)
+    for layer in range(config.num_hidden_layers):
+        for rank in range(1 if plan.is_private(layer) else n_ranks):
+            writer.write_layer(dirs[rank], rank, layer)
+    for stem, names in master_tensors(config).items():
+        writer.write_master_file(dirs[0], f"{stem}.safetensors", names)
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, dirs[0] / name)
+    for rank, directory in enumerate(dirs):
+        Manifest(rank, fingerprint, store_dtype, config, plan, writer.files[rank],
+                 store.group_size).write(directory)
+    return SplitResult(out_dir, dirs, False, writer.bytes_written)
+
+
+def source_dtype(checkpoint: Checkpoint) -> str:
+    dtype = checkpoint.get(checkpoint.names[0]).dtype
+    return {v: k for k, v in STORE_DTYPES.items()}.get(dtype, "float32")
+
+
+def _existing_split_matches(
+    out_dir: Path, fingerprint: str, plan: ShardPlan, dtype: str, force: bool,
+    group_size: int = 0,
+) -> bool:
+    """True if ``out_dir`` already holds this exact split; clears a different one if forced."""
+    existing = sorted(out_dir.glob("rank-*/manifest.json")) if out_dir.is_dir() else []
+    if not existing:
+        return False
+    try:
+        manifests = [read_manifest(path.parent) for path in existing]
+    except ShardError:
+        manifests = []
+    same = (
+        len(manifests) == plan.n_ranks
+        and all(m.fingerprint == fingerprint and m.plan == plan and m.dtype == dtype
+                and m.group_size == group_size for m in manifests)
+        and all(_files_present(path.parent, m) for path, m in zip(existing, manifests, strict=True))
+    )
+    if same:
+        return True
+    if not force:
+        raise ShardError(
+            f"{out_dir} already holds a split of another model, plan or dtype; choose another "
+            "--out directory or pass --force to replace it"
+        )
+    for path in existing:
+        shutil.rmtree(path.parent)
+    return False
+
+
+def _files_present(directory: Path, manifest: Manifest) -> bool:
+    return all(
+        (directory / name).is_file() and (directory / name).stat().st_size == entry.size
+        for name, entry in manifest.files.items()
+    )
+
+
+class _SplitWriter:
+    """Reads slices from the checkpoint and writes one safetensors file at a time."""
+
+    def __init__(self, checkpoint: Checkpoint, config: ModelConfig, plan: ShardPlan,
+                 store: TensorStore, progress: ProgressFn | None) -> None:
+        self.checkpoint = checkpoint
+        self.config = config
+        self.plan = plan
+        self.store = store
+        self.progress = progress
+        self.files: list[dict[str, FileEntry]] = [{} for _ in range(plan.n_ranks)]
+        self.bytes_written = 0
+        self._slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
+        self._whole = {name: TensorSlice(None) for name in self._slices[0]}
+
+    def write_layer(self, directory: Path, rank: int, layer: int) -> None:
+        tensors = {}
+        slices = self._whole if self.plan.is_private(layer) else self._slices[rank]
+        for name, part in slices.items():
+            source = hf_name(f"layers.{layer}.{name}")
+            if part.dim is None:
+                tensor = self.checkpoint.get(source)
+            else:
+                tensor = self.checkpoint.get_slice(source, part.dim, part.start, part.stop)
+            tensors.update(self.store.convert(layer, name, part, tensor))
+        self._write(directory, rank, layer_file(layer), tensors)
+
+    def write_master_file(self, directory: Path, file_name: str, names: list[str]) -> None:
+        sources = {name: hf_name(name) for name in names}
+        tied_head = file_name == "head.safetensors" and "lm_head.weight" not in sources
+        if tied_head and self.store.quantized:  # the head is quantized, the embedding not
+            sources["lm_head.weight"] = hf_name("embed_tokens.weight")
+        tensors: dict[str, torch.Tensor] = {}
+        for name, source in sources.items():
+            tensors.update(self.store.convert(None, name, TensorSlice(None),
+                                              self.checkpoint.get(source)))
+        self._write(directory, 0, file_name, tensors)
+
+    def _write(self, directory: Path, rank: int, file_name: str,
+               tensors: dict[str, torch.Tensor]) -> None:
+        # save_file streams straight from the tensors; safetensors' save() would hold the whole
+        # file in memory twice more (its buffer and a bytes copy), tripling the peak.
+        tmp = directory / (file_name + ".tmp")
+        save_file(tensors, tmp, metadata={"format": "pt", "producer": "edgetp"})
+        tensors.clear()
+        size = tmp.stat().st_size
+        entry = FileEntry(size, sha256_file(tmp), tensor_entries(_read_header(tmp)))
+        os.replace(tmp, directory / file_name)
+        self.files[rank][file_name] = entry
+        self.bytes_written += size
+        if self.progress is not None:
+            self.progress(str(directory / file_name), size)
+
+
+def _read_header(path: Path) -> bytes:
+    """A safetensors file's length prefix and JSON header (all ``tensor_entries`` reads)."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        return prefix + handle.read(int.from_bytes(prefix, "little"))
+
+
+def expected_files(config: ModelConfig, n_ranks: int, private_layers: int = 0) -> int:
+    """How many weight files a split writes (for progress bars)."""
+    shared = config.num_hidden_layers - 2 * private_layers
+    return shared * n_ranks + 2 * private_layers + len(master_tensors(config))
+
+
+def describe_split(result: SplitResult) -> str:
+    manifest = read_manifest(result.rank_dirs[0])
+    lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
+             f"directories in {result.out_dir} (dtype {manifest.dtype}"
+             + (f", group {manifest.group_size}" if manifest.group_size else "") + ")"]
+    if shrunk := shrunk_groups(manifest):
+        lines.append("  int4 groups shrunk to divide the slices: "
+                     + ", ".join(f"{name} {group}" for name, group in shrunk.items()))
+    if manifest.plan.private_layers:
+        k = manifest.plan.private_layers
+        lines.append(f"  layers 0-{k - 1} and {manifest.plan.num_layers - k}-"
+                     f"{manifest.plan.num_layers - 1} are private to rank-0 (the master)")
+    for directory in result.rank_dirs:
+        m = read_manifest(directory)
+        size = sum(f.size for f in m.files.values())
+        share = m.plan.share(m.rank)
+        lines.append(
+            f"  {directory.name}: {size / 2**20:8.1f} MiB, heads {share.q_heads[0]}-"
+            f"{share.q_heads[1] - 1}, kv heads {share.kv_heads[0]}-{share.kv_heads[1] - 1}, "
+            f"mlp columns {share.mlp_columns[0]}-{share.mlp_columns[1] - 1}"
+        )
+    return "\n".join(lines)
+
