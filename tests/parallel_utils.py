@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from edgetp.model.llama import Transformer
-from edgetp.net.collectives import Communicator, InProcessGroup
+from edgetp.net.collectives import InProcessGroup
+from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import RowParallelLinear, shard_model
 from edgetp.shard.plan import ShardPlan
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from edgetp.config.model import ModelConfig
 from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
-from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
 from edgetp.parallel.qlinear import QuantColumnParallelLinear
 from edgetp.shard.plan import make_plan

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgetp.config.links import BUILTIN_PROFILES, LinkProfile
+from edgetp.config.links import BUILTIN_PROFILES, LinkProfile, transport_only
 from edgetp.core.errors import ConfigError
 from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER
 from edgetp.net.collectives import StarMaster, StarWorker
 from edgetp.net.delay import LinkDelay
 from edgetp.net.transport import MasterTransport, NodeIdentity, WorkerTransport
-from edgetp.ops.linkemu import apply, main, transport_only
+from edgetp.ops.linkemu import apply, main
 
 REPO = Path(__file__).resolve().parent.parent
 WIFI = BUILTIN_PROFILES["home-wifi"]

@@ -26,7 +26,8 @@ from parallel_utils import (
 from edgetp.config.model import parse_hf_config
 from edgetp.model.checkpoint import load_model
 from edgetp.model.llama import Transformer
-from edgetp.net.collectives import InProcessGroup, SoloCommunicator
+from edgetp.net.collectives import InProcessGroup
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
 from edgetp.shard.plan import make_plan
 

@@ -28,7 +28,7 @@ from edgetp.cli.main import main
 from edgetp.config.cluster import parse_cluster_config
 from edgetp.config.model import load_model_config
 from edgetp.core.errors import ConfigError
-from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import load_rank, shard_memory_needs
 from edgetp.perf import probe as probing
 from edgetp.perf.planner import (

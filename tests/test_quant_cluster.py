@@ -22,7 +22,7 @@ from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.codec import decode, round_trip
-from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import load_rank
 from edgetp.runtime.master import Prompt
 from edgetp.shard.split import split_checkpoint

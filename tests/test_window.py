@@ -45,7 +45,8 @@ from edgetp.cli.main import main
 from edgetp.core.units import format_bytes
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.model.llama import Transformer
-from edgetp.net.collectives import InProcessGroup, SoloCommunicator
+from edgetp.net.collectives import InProcessGroup
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import MemoryNeeds, load_rank, shard_memory_needs
 from edgetp.parallel.window import (
     DEFAULT_RING_SLOTS,
@@ -584,7 +585,7 @@ def test_budget_below_the_minimum_names_the_minimum(split_model):
 EXIT_SCRIPT = r"""
 import sys, time, torch
 import edgetp.parallel.window as window
-from edgetp.net.collectives import SoloCommunicator
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import load_rank, shard_memory_needs
 
 real_pread = window._pread_exact

@@ -286,7 +286,7 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
                             memory_budget=_budget(opts["memory_budget"]),
                             allreduce=opts["allreduce"], security=security)
     try:
-        click.echo(f"master listening on {master.runner.transport.address}", err=True)
+        click.echo(f"master listening on {master.address}", err=True)
         for line in prompts or (line.rstrip("\n") for line in sys.stdin):
             if line.strip():
                 try:
@@ -329,7 +329,7 @@ def demo(prompt: str, nodes: int) -> None:
         click.echo("output: ", nl=False)
         result = run_generation(master, prompt, False, opts)
         click.echo()
-        traffic = master.runner.transport.traffic if nodes > 1 else None
+        traffic = master.traffic if nodes > 1 else None
     click.echo(latency_summary(result, nodes, traffic))
 
 
@@ -467,7 +467,7 @@ def _master_context(model_dir: Path | None, shard_dir: Path | None, bind: str, n
                                 opts["wire_dtype"], opts["timeout_s"],
                                 memory_budget=_budget(opts["memory_budget"]),
                                 allreduce=opts["allreduce"], security=security)
-        click.echo(f"master listening for workers on {master.runner.transport.address}",
+        click.echo(f"master listening for workers on {master.address}",
                    err=True)
         return contextlib.closing(master)
     assert model_dir is not None

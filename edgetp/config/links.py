@@ -8,6 +8,7 @@ from typing import Any
 
 from edgetp.core.errors import ConfigError
 from edgetp.core.files import read_yaml
+from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER
 
 PROFILE_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "description")
 
@@ -85,3 +86,40 @@ def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
         data = data["link_profiles"]
     profiles.update(parse_profiles(data, str(path)))
     return profiles
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """What :func:`apply` put in force on a node."""
+
+    profile: LinkProfile
+    dev: str
+    qdisc: str  # "netem ...", "tbf ..." or "" (no tc)
+    transport_delay: bool  # the transport hook adds the delay
+    note: str = ""  # why a fallback was taken
+
+    def description(self) -> str:
+        p = self.profile
+        parts = []
+        if self.qdisc:
+            parts.append(f"tc {self.qdisc} on {self.dev}")
+        elif p.bandwidth_mbit:
+            parts.append("bandwidth not limited")
+        if self.transport_delay:
+            jitter = f" +-{p.jitter_ms:g}ms" if p.jitter_ms else ""
+            parts.append(f"transport delay {p.latency_ms:g}ms{jitter} per traversal")
+        text = f"{p.name}: " + " + ".join(parts or ["nothing"])
+        return text + (f" ({self.note})" if self.note else "")
+
+    def env(self) -> dict[str, str]:
+        """The variables the node's edgetp process needs (the hook and the description)."""
+        env = {ENV_DESCRIPTION: self.description(), ENV_DELAY: "0", ENV_JITTER: "0"}
+        if self.transport_delay:
+            env[ENV_DELAY] = f"{self.profile.latency_ms:g}"
+            env[ENV_JITTER] = f"{self.profile.jitter_ms:g}"
+        return env
+
+
+def transport_only(profile: LinkProfile, why: str = "") -> Emulation:
+    """The emulation without tc (no root on the node): only the transport delay."""
+    return Emulation(profile, "", "", profile.latency_ms > 0 or profile.jitter_ms > 0, why)

@@ -1,7 +1,8 @@
 """Collectives over a :class:`Communicator`: allreduce (sum) between the ranks of one model.
 
-Implementations: :class:`SoloCommunicator` (one rank: a no-op), :class:`InProcessGroup` (ranks
-as threads of one process, for tests) and the star over ZeroMQ (``edgetp.star``). Every
+Implementations of :class:`edgetp.parallel.comm.Communicator`: :class:`InProcessGroup` (ranks
+as threads of one process, for tests) and the star over ZeroMQ (:class:`StarMaster`,
+:class:`StarWorker`); the group of one is :class:`edgetp.parallel.comm.SoloCommunicator`. Every
 implementation sums partials in rank order, so a result never depends on arrival order.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -25,29 +25,6 @@ from edgetp.net.transport import (
     WorkerTransport,
 )
 from edgetp.net.wire import Message
-
-
-class Communicator(Protocol):
-    """One rank's handle on the group."""
-
-    rank: int
-    world_size: int
-
-    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the element-wise sum of ``x`` over all ranks (same shape and dtype).
-
-        ``x`` is a temporary partial sum: an implementation may sum into it and return it.
-        """
-
-
-class SoloCommunicator:
-    """The group of one: allreduce is the identity."""
-
-    rank = 0
-    world_size = 1
-
-    def allreduce(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 class InProcessGroup:

@@ -44,8 +44,8 @@ from typing import Any
 
 from edgetp import __version__
 from edgetp.config.cluster import ClusterConfig, NodeConfig
+from edgetp.config.links import transport_only
 from edgetp.core.settings import environment
-from edgetp.ops.linkemu import transport_only
 
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
             "-o", "ServerAliveCountMax=3")
@@ -775,8 +775,8 @@ class Launcher:
                                     c.wire_dtype, c.timeout_s, memory_budget=node0.memory_budget,
                                     allreduce=c.allreduce, **kwargs)
         try:
-            self.wait_for_join(lambda: master.runner.transport.missing_ranks(),
-                               lambda: master.runner.transport.wait_for_workers(1.0),
+            self.wait_for_join(master.missing_ranks,
+                               lambda: master.wait_for_workers(1.0),
                                join_timeout_s)
             yield master
         finally:

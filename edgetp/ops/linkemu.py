@@ -8,11 +8,10 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from edgetp.config.links import LinkProfile, load_profiles
+from edgetp.config.links import Emulation, LinkProfile, load_profiles
 from edgetp.core.errors import ConfigError
-from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER, ENV_PROFILES_FILE
+from edgetp.core.settings import ENV_PROFILES_FILE
 
 # -- tc ----------------------------------------------------------------------------------------
 
@@ -36,38 +35,6 @@ def netem_args(profile: LinkProfile) -> list[str]:
 
 def qdisc_command(dev: str, args: list[str]) -> list[str]:
     return ["tc", "qdisc", "replace", "dev", dev, "root", *args]
-
-
-@dataclass(frozen=True)
-class Emulation:
-    """What :func:`apply` put in force on a node."""
-
-    profile: LinkProfile
-    dev: str
-    qdisc: str  # "netem ...", "tbf ..." or "" (no tc)
-    transport_delay: bool  # the transport hook adds the delay
-    note: str = ""  # why a fallback was taken
-
-    def description(self) -> str:
-        p = self.profile
-        parts = []
-        if self.qdisc:
-            parts.append(f"tc {self.qdisc} on {self.dev}")
-        elif p.bandwidth_mbit:
-            parts.append("bandwidth not limited")
-        if self.transport_delay:
-            jitter = f" +-{p.jitter_ms:g}ms" if p.jitter_ms else ""
-            parts.append(f"transport delay {p.latency_ms:g}ms{jitter} per traversal")
-        text = f"{p.name}: " + " + ".join(parts or ["nothing"])
-        return text + (f" ({self.note})" if self.note else "")
-
-    def env(self) -> dict[str, str]:
-        """The variables the node's edgetp process needs (the hook and the description)."""
-        env = {ENV_DESCRIPTION: self.description(), ENV_DELAY: "0", ENV_JITTER: "0"}
-        if self.transport_delay:
-            env[ENV_DELAY] = f"{self.profile.latency_ms:g}"
-            env[ENV_JITTER] = f"{self.profile.jitter_ms:g}"
-        return env
 
 
 Runner = Callable[[list[str]], "subprocess.CompletedProcess[str]"]
@@ -106,11 +73,6 @@ def apply(profile: LinkProfile, dev: str = "eth0", run: Runner = _run) -> Emulat
         return Emulation(profile, dev, qdisc, wants_delay, netem_note)
     note = "; ".join(filter(None, [netem_note, f"tbf failed: {_failure(result)}"]))
     return Emulation(profile, dev, "", wants_delay, note)
-
-
-def transport_only(profile: LinkProfile, why: str = "") -> Emulation:
-    """The emulation without tc (no root on the node): only the transport delay."""
-    return Emulation(profile, "", "", profile.latency_ms > 0 or profile.jitter_ms > 0, why)
 
 
 def clear(dev: str, run: Runner = _run) -> None:

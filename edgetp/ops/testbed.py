@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
-import math
 import os
 import re
 import secrets
@@ -37,12 +36,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgetp.config.cluster import ClusterConfig, NodeConfig, parse_cluster_config
 from edgetp.core.errors import ConfigError
 from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER, ENV_PROFILE
 from edgetp.core.units import format_bytes
+
+if TYPE_CHECKING:
+    from edgetp.runtime.master import Master
 
 REPO = Path(__file__).resolve().parents[2]
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
@@ -540,7 +542,7 @@ def master_role(spec_path: Path) -> int:
                             spec["timeout_s"], memory_budget=spec["memory_budget"],
                             allreduce=spec["allreduce"])
     try:
-        master.runner.transport.wait_for_workers(spec["join_timeout_s"])
+        master.wait_for_workers(spec["join_timeout_s"])
         gen = master.generate(Prompt(spec["prompt"]), SamplingConfig(),
                               GenerationConfig(max_new_tokens=spec["max_new_tokens"]))
         result["generation"] = gen.to_json()
@@ -554,40 +556,23 @@ def master_role(spec_path: Path) -> int:
     return 1 if "error" in result else 0
 
 
-def _bench(master: Any, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+def _bench(master: Master, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """The ``edgetp bench`` workload and report, on this testbed's cluster."""
-    from edgetp.config.generation import GenerationConfig, SamplingConfig
     from edgetp.perf import bench
-    from edgetp.perf.report import build_report
 
-    runner, tokens = master.runner, spec["bench_tokens"]
-    budget = spec["memory_budget"]
-    settings = bench.BenchSettings(spec["model_name"], runner.plan.n_ranks, None, tokens, tokens,
+    tokens, budget = spec["bench_tokens"], spec["memory_budget"]
+    settings = bench.BenchSettings(spec["model_name"], master.n_ranks, None, tokens, tokens,
                                    spec["bench_repeat"], 1, budget and _budget_text(budget),
                                    spec["wire_dtype"],
                                    timeout_s=spec["timeout_s"], allreduce=spec["allreduce"])
-    avoid = set(master.tokenizer.special_ids) | set(master.tokenizer.eos_token_ids)
-    prompt = bench.synthetic_prompt(runner.model.config.vocab_size, tokens, avoid)
-    gen = GenerationConfig(max_new_tokens=tokens, stop_on_eos=False)
-    master.engine.generate(prompt, SamplingConfig(), gen)  # warm-up
-    bench._discard_measurements(runner)
-    runs = [bench._one_run(master, prompt, gen) for _ in range(spec["bench_repeat"])]
-    nodes = bench._collect(runner, spec["memory_budget"])
     hosts = {int(rank): host for rank, host in spec["hosts"].items()}
-    context = bench._context(settings, runner, None)
-    context["testbed"] = {"kind": "network namespaces", "nodes": spec["testbed"]}
-    settings_json = bench._settings_json(settings, spec["memory_budget"])
-    report = build_report(runs, nodes, settings_json, context,
-                          math.ceil(tokens / runner.prefill_chunk),
-                          list(runner.plan.shared_layers))
-    bench._per_token_figures(report)
-    for node in report["nodes"]:
-        node["host"] = hosts.get(node["rank"], "?")
+    testbed = {"kind": "network namespaces", "nodes": spec["testbed"]}
+    report, nodes = bench.measure(master, settings, budget, hosts, {"testbed": testbed})
     out.mkdir(parents=True, exist_ok=True)
     bench.write_reports(report, nodes, hosts, out)
     return {"workload": f"{tokens} prompt + {tokens} generated tokens x {spec['bench_repeat']}",
             "ms_per_token": report["summary"]["decode_ms_per_token"]["mean"],
-            "link_emulation": settings_json["link_emulation"], "report_dir": str(out)}
+            "link_emulation": report["settings"]["link_emulation"], "report_dir": str(out)}
 
 
 # -- the Docker testbed ------------------------------------------------------------------------

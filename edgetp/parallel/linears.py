@@ -16,7 +16,7 @@ from torch import nn
 
 from edgetp.kernels import native as kernels
 from edgetp.model.llama import DecoderLayer, Transformer
-from edgetp.net.collectives import Communicator
+from edgetp.parallel.comm import Communicator
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices
 
 

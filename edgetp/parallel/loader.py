@@ -22,7 +22,7 @@ from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
 from edgetp.model.checkpoint import set_tensor
 from edgetp.model.llama import Transformer
-from edgetp.net.collectives import Communicator
+from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import shard_model
 from edgetp.parallel.qlinear import (
     is_quantized,
@@ -104,7 +104,7 @@ class MemoryNeeds:
 def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32,
                        max_seq_len: int | None = None, prefill_chunk: int = 128) -> MemoryNeeds:
     """A rank's memory needs, computed from its manifest without loading any weight."""
-    from edgetp.net.collectives import SoloCommunicator
+    from edgetp.parallel.comm import SoloCommunicator
 
     manifest = read_manifest(shard_dir)
     comm = SoloCommunicator()

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetp.kernels import native as kernels
-from edgetp.net.collectives import Communicator
+from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear
 from edgetp.shard.manifest import Manifest, TensorEntry
 from edgetp.shard.quant import (

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +28,9 @@ from edgetp.core.settings import environment
 from edgetp.core.units import format_bytes, parse_bytes
 from edgetp.perf.charts import breakdown_chart, sweep_chart, tokens_chart
 from edgetp.perf.report import NodeRecord, build_report, chrome_trace, markdown, write_json
+
+if TYPE_CHECKING:
+    from edgetp.runtime.master import Master
 
 SWEEP_KEYS = ("nodes", "budget", "wire", "dtype", "allreduce", "link")
 
@@ -88,8 +91,7 @@ def link_emulation(profile_name: str | None) -> Iterator[None]:
     if not profile_name or profile_name == "none":
         yield
         return
-    from edgetp.config.links import load_profiles
-    from edgetp.ops.linkemu import transport_only
+    from edgetp.config.links import load_profiles, transport_only
 
     profiles = load_profiles()
     if profile_name not in profiles:
@@ -111,50 +113,62 @@ def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
                            allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
                            group_size=settings.group_size)
     with cluster as master:
-        runner = master.runner
-        avoid = set(master.tokenizer.special_ids) | set(master.tokenizer.eos_token_ids)
-        prompt = synthetic_prompt(runner.model.config.vocab_size, settings.prompt_tokens, avoid)
-        gen = GenerationConfig(max_new_tokens=settings.new_tokens, stop_on_eos=False)
-        for _ in range(settings.warmup):
-            master.engine.generate(prompt, SamplingConfig(), gen)
-        _discard_measurements(runner)
-        runs = [_one_run(master, prompt, gen) for _ in range(settings.repeat)]
-        nodes = _collect(runner, budget)
-        hosts = {0: platform.node(), **{r: p.host for r, p in runner.transport.peers.items()}}
-        context = _context(settings, runner, cluster)
-    prefill_steps = math.ceil(settings.prompt_tokens / runner.prefill_chunk)
-    report = build_report(runs, nodes, _settings_json(settings, budget), context, prefill_steps,
-                          list(runner.plan.shared_layers))
-    _per_token_figures(report)
-    for node in report["nodes"]:
-        node["host"] = hosts.get(node["rank"], "?")
+        report, nodes = measure(master, settings, budget)
+    hosts = {node["rank"]: node["host"] for node in report["nodes"]}
     write_reports(report, nodes, hosts, out_dir)
     return report
 
 
-def _one_run(master: Any, prompt: list[int], gen: GenerationConfig) -> dict[str, Any]:
+def measure(master: Master, settings: BenchSettings, budget: int | None,
+            hosts: dict[int, str] | None = None, context: dict[str, Any] | None = None,
+            ) -> tuple[dict[str, Any], list[NodeRecord]]:
+    """The workload on a running ``master``: warm-up, ``settings.repeat`` runs, every node's
+    spans and counters; the report (hosts named, ``hosts`` or what the workers reported;
+    ``context`` added to the report's context)."""
+    avoid = set(master.tokenizer.special_ids) | set(master.tokenizer.eos_token_ids)
+    prompt = synthetic_prompt(master.model.config.vocab_size, settings.prompt_tokens, avoid)
+    gen = GenerationConfig(max_new_tokens=settings.new_tokens, stop_on_eos=False)
+    for _ in range(settings.warmup):
+        master.engine.generate(prompt, SamplingConfig(), gen)
+    _discard_measurements(master)
+    runs = [_one_run(master, prompt, gen) for _ in range(settings.repeat)]
+    nodes = _collect(master, budget)
+    if hosts is None:
+        hosts = {0: platform.node(), **master.worker_hosts()}
+    context = {**_context(settings, master), **(context or {})}
+    plan = master.plan
+    assert plan is not None, "the workload runs on a cluster master (one rank or more)"
+    prefill_steps = math.ceil(settings.prompt_tokens / master.prefill_chunk)
+    report = build_report(runs, nodes, _settings_json(settings, budget), context, prefill_steps,
+                          list(plan.shared_layers))
+    _per_token_figures(report)
+    for node in report["nodes"]:
+        node["host"] = hosts.get(node["rank"], "?")
+    return report, nodes
+
+
+def _one_run(master: Master, prompt: list[int], gen: GenerationConfig) -> dict[str, Any]:
     result = master.engine.generate(prompt, SamplingConfig(), gen)
     return {"prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.token_ids),
             "ttft_ms": result.ttft_ms, "decode_ms": result.decode_ms,
             "ms_per_token": result.ms_per_token}
 
 
-def _discard_measurements(runner: Any) -> None:
+def _discard_measurements(master: Master) -> None:
     RECORDER.take()
-    window_facts(runner.model)
-    if runner.plan.n_ranks > 1:
-        runner.collect_stats()
+    window_facts(master.model)
+    master.collect_stats()
 
 
-def _collect(runner: Any, budget: int | None) -> list[NodeRecord]:
-    traffic = runner.transport.traffic
-    facts = {**node_facts(), **window_facts(runner.model), "bytes_sent": traffic.bytes_sent,
-             "bytes_received": traffic.bytes_received, "memory_budget_bytes": budget or 0,
-             "clock_offset_s": 0.0}
+def _collect(master: Master, budget: int | None) -> list[NodeRecord]:
+    traffic = master.traffic
+    facts = {**node_facts(), **window_facts(master.model),
+             "bytes_sent": traffic.bytes_sent if traffic else 0,
+             "bytes_received": traffic.bytes_received if traffic else 0,
+             "memory_budget_bytes": budget or 0, "clock_offset_s": 0.0}
     nodes = [NodeRecord(0, facts, RECORDER.take())]
-    if runner.plan.n_ranks > 1:
-        for rank, (worker_facts, spans) in runner.collect_stats().items():
-            nodes.append(NodeRecord(rank, worker_facts, spans))
+    for rank, (worker_facts, spans) in master.collect_stats().items():
+        nodes.append(NodeRecord(rank, worker_facts, spans))
     return nodes
 
 
@@ -173,8 +187,8 @@ def _settings_json(settings: BenchSettings, budget: int | None) -> dict[str, Any
     return values
 
 
-def _context(settings: BenchSettings, runner: Any, cluster: Any) -> dict[str, Any]:
-    config = runner.model.config
+def _context(settings: BenchSettings, master: Master) -> dict[str, Any]:
+    config = master.model.config
     return {
         "edgetp_version": __version__,
         "created_unix_s": time.time(),
@@ -183,8 +197,8 @@ def _context(settings: BenchSettings, runner: Any, cluster: Any) -> dict[str, An
                     "torch": torch.__version__,
                     "memory_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "model": {"name": Path(settings.model_dir).name, "config": config.to_dict()},
-        "plan": runner.plan.to_dict(),
-        "prefill_chunk_tokens": runner.prefill_chunk,
+        "plan": master.plan.to_dict() if master.plan is not None else None,
+        "prefill_chunk_tokens": master.prefill_chunk,
     }
 
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
-from edgetp.net.transport import MasterTransport
 from edgetp.runtime.master import Master
 from edgetp.shard.split import model_fingerprint, split_checkpoint
 
@@ -143,24 +142,24 @@ class LocalCluster:
 
     def wait_until_joined(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> None:
         assert self.master is not None
-        transport = self.master.runner.transport  # type: ignore[attr-defined]
+        master = self.master
         deadline = time.monotonic() + timeout_s
-        while transport.missing_ranks() or self._stale_ranks(transport):
+        while master.missing_ranks() or self._stale_ranks(master):
             for rank, proc in self.workers.items():
                 if proc.poll() is not None:
                     err = self.log_path(rank).read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"worker rank {rank} exited with status "
                                        f"{proc.returncode} before joining:\n{err}")
             if time.monotonic() > deadline:
-                late = sorted(transport.missing_ranks() + self._stale_ranks(transport))
+                late = sorted(master.missing_ranks() + self._stale_ranks(master))
                 raise TimeoutError(f"workers {late} did not join in {timeout_s:g} s")
             time.sleep(0.05)
 
-    def _stale_ranks(self, transport: MasterTransport) -> list[int]:
+    def _stale_ranks(self, master: Master) -> list[int]:
         """Ranks the master still lists under a previous process (killed, not yet noticed)."""
-        peers = dict(transport.peers)  # the heartbeat thread may change it meanwhile
+        pids = master.worker_pids()
         return [rank for rank, proc in self.workers.items()
-                if rank in peers and peers[rank].pid != proc.pid]
+                if rank in pids and pids[rank] != proc.pid]
 
     def kill_worker(self, rank: int) -> None:
         proc = self.workers.pop(rank)

@@ -18,10 +18,11 @@ from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
-from edgetp.net.collectives import SoloCommunicator, StarMaster, StepPosition
+from edgetp.net.collectives import StarMaster, StepPosition
 from edgetp.net.ring import RingAllreduce, RingLink, successor_addresses
 from edgetp.net.security import MasterSecurity
-from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity
+from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity, Traffic
+from edgetp.parallel.comm import SoloCommunicator
 from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.shard.plan import ShardPlan
 
@@ -207,9 +208,73 @@ class Master:
             raise
 
     def close(self, shutdown_workers: bool = False) -> None:
-        transport = getattr(self.runner, "transport", None)
-        if transport is not None:
-            transport.close(shutdown_workers)
+        if self._cluster is not None:
+            self._cluster.transport.close(shutdown_workers)
+
+    # -- the cluster, as its callers see it (a local master is a cluster of one) ---------------
+
+    @property
+    def _cluster(self) -> ClusterRunner | None:
+        return self.runner if isinstance(self.runner, ClusterRunner) else None
+
+    @property
+    def model(self) -> Transformer:
+        """The model this process runs: the whole model, or rank 0's share of it."""
+        return self.runner.model  # type: ignore[attr-defined, no-any-return]
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.runner.max_seq_len)
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens per step."""
+        return int(self.runner.prefill_chunk)  # type: ignore[attr-defined]
+
+    @property
+    def n_ranks(self) -> int:
+        return 1 if self._cluster is None else self._cluster.plan.n_ranks
+
+    @property
+    def plan(self) -> ShardPlan | None:
+        """The shard plan of a cluster; None for a local master."""
+        return None if self._cluster is None else self._cluster.plan
+
+    @property
+    def address(self) -> str | None:
+        """The address workers join (None for a local master)."""
+        return None if self._cluster is None else self._cluster.transport.address
+
+    @property
+    def traffic(self) -> Traffic | None:
+        """Bytes and messages the master has exchanged with its workers (None: local)."""
+        return None if self._cluster is None else self._cluster.transport.traffic
+
+    def missing_ranks(self) -> list[int]:
+        """Worker ranks that have not joined (or have been lost)."""
+        return [] if self._cluster is None else list(self._cluster.transport.missing_ranks())
+
+    def wait_for_workers(self, timeout_s: float | None = None) -> None:
+        """Block until every worker has joined; ClusterError after ``timeout_s``."""
+        if self._cluster is not None:
+            self._cluster.transport.wait_for_workers(timeout_s)
+
+    def worker_pids(self) -> dict[int, int]:
+        """Rank -> the process id each joined worker reported."""
+        if self._cluster is None:
+            return {}
+        peers = dict(self._cluster.transport.peers)  # the heartbeat thread may change it
+        return {rank: peer.pid for rank, peer in peers.items()}
+
+    def worker_hosts(self) -> dict[int, str]:
+        """Rank -> the host name each joined worker reported."""
+        if self._cluster is None:
+            return {}
+        return {rank: peer.host for rank, peer in dict(self._cluster.transport.peers).items()}
+
+    def collect_stats(self) -> dict[int, tuple[dict, list]]:
+        """Each worker's facts and spans since the last call (empty for a local master)."""
+        return {} if self._cluster is None else self._cluster.collect_stats()
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         if not prompt.chat:

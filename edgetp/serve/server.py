@@ -424,12 +424,10 @@ class APIServer:
     # -- state ------------------------------------------------------------------------------
 
     def missing_ranks(self) -> list[int]:
-        transport = getattr(self.master.runner, "transport", None)
-        return [] if transport is None else list(transport.missing_ranks())
+        return self.master.missing_ranks()
 
     def expected_nodes(self) -> int:
-        transport = getattr(self.master.runner, "transport", None)
-        return 1 if transport is None else int(transport.n_ranks)
+        return self.master.n_ranks
 
     def health(self) -> dict[str, Any]:
         missing = self.missing_ranks()
@@ -568,7 +566,7 @@ class APIServer:
             ids = parse_prompt(body, tokenizer)
         if not ids:
             raise bad_request("the prompt is empty", "messages" if kind == "chat" else "prompt")
-        context = int(self.master.runner.max_seq_len)
+        context = self.master.max_seq_len
         if len(ids) >= context:
             raise bad_request(f"the prompt has {len(ids)} tokens; this model's context is "
                               f"{context} tokens", "messages" if kind == "chat" else "prompt",
