@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    from hf_models import make_hf_model
+    from helpers.hf_models import make_hf_model
 
     with tempfile.TemporaryDirectory(prefix="edgetp-quality-") as tmp:
         root = Path(tmp)

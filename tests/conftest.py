@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     The directory and the HF model are shared between tests: treat both as read-only (copy
     the directory, e.g. with ``hf_models.write_checkpoint``, before altering it).
     """
-    from hf_models import make_hf_model
+    from helpers.hf_models import make_hf_model
 
     cache: dict[str, tuple[Path, Any]] = {}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from cluster_utils import running_cluster
+from helpers.cluster import running_cluster
 
 from edgetp.cli.main import main
 from edgetp.config.generation import GenerationConfig, SamplingConfig

@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from helpers.paths import REPO
 
 from edgetp.cli.main import main
 from edgetp.config.cluster import parse_cluster_config
@@ -313,7 +314,7 @@ def test_quantized_plans_store_fewer_bytes_for_the_same_parameters():
 
 
 def test_a_launch_file_plans_once_it_has_profiles(tmp_path):
-    data = yaml.safe_load((Path(__file__).parents[1] / "configs/home-4node.yaml").read_text())
+    data = yaml.safe_load((REPO / "configs/home-4node.yaml").read_text())
     data["link_profiles"] = {}
     cluster = _write(tmp_path / "home.yaml", data)
     result = CliRunner().invoke(main, ["plan", "--model", "llama3.2-3b", "--cluster",

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
-from hf_models import FAMILIES, VOCAB, read_tensors, save_sharded_hf, write_checkpoint
+from helpers.hf_models import FAMILIES, VOCAB, read_tensors, save_sharded_hf, write_checkpoint
 
 from edgetp.config.model import load_model_config
 from edgetp.core.errors import ConfigError

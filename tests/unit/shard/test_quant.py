@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import ring_sums
-from hf_models import VOCAB
-from parallel_utils import RankContext, run_sharded
+from helpers.cluster import ring_sums
+from helpers.hf_models import VOCAB
+from helpers.parallel import RankContext, run_sharded
 from safetensors import safe_open
 
 from edgetp.config.model import load_model_config

@@ -36,10 +36,10 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
-from hf_models import VOCAB
+from helpers.hf_models import VOCAB
+from helpers.parallel import RankContext, run_sharded
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parallel_utils import RankContext, run_sharded
 
 from edgetp.cli.main import main
 from edgetp.core.units import format_bytes

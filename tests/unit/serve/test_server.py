@@ -18,7 +18,7 @@ from typing import Any
 
 import openai
 import pytest
-from cluster_utils import (
+from helpers.cluster import (
     JOIN_TIMEOUT_S,
     TrackedCluster,
     Watchdog,

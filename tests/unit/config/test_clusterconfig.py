@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers.paths import CONFIGS
 
 from edgetp.config.cluster import load_cluster_config, parse_cluster_config
 from edgetp.config.links import BUILTIN_PROFILES, load_profiles
 from edgetp.core.errors import ConfigError
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 BASE: dict[str, Any] = {
     "model": "models/demo",

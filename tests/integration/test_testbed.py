@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.paths import REPO
 
 from edgetp.cli import main as cli
 from edgetp.config.cluster import load_cluster_config
@@ -23,7 +24,6 @@ from edgetp.config.links import load_profiles
 from edgetp.core.units import parse_bytes
 from edgetp.ops.testbed import _memory_limit, docker_compose, flags_config, node_command
 
-REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
 IS_ROOT = sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip") is not None
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root on Linux with iproute2 "
@@ -117,7 +117,7 @@ def test_static_checks_of_the_docker_files(tmp_path: Path) -> None:
 
 
 def test_flags_config_and_node_command(tmp_path: Path) -> None:
-    config = flags_config(REPO / "edgetp" / "demo_model", 3, "tpi-llm", "64MiB", None, None,
+    config = flags_config(REPO / "edgetp" / "model" / "demo_model", 3, "tpi-llm", "64MiB", None, None,
                           tmp_path)
     assert [n.address for n in config.nodes] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
     assert config.master.url == "tcp://10.77.0.1:5555"

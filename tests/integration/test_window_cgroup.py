@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cgroup_utils import CgroupUnavailable, MemoryCgroup, cgroup_support, memory_cgroup
+from helpers.cgroup import CgroupUnavailable, MemoryCgroup, cgroup_support, memory_cgroup
 
 from edgetp.model.synthetic import llama_config, write_model
 from edgetp.parallel.loader import shard_memory_needs

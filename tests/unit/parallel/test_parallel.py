@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from hf_models import VOCAB, randomize_
-from parallel_utils import (
+from helpers.hf_models import VOCAB, randomize_
+from helpers.parallel import (
     run_sharded,
     shard_factory,
     sharded_greedy,

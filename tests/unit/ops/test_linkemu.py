@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.paths import REPO
 
 from edgetp.config.links import BUILTIN_PROFILES, LinkProfile, transport_only
 from edgetp.core.errors import ConfigError
@@ -24,7 +25,6 @@ from edgetp.net.delay import LinkDelay
 from edgetp.net.transport import MasterTransport, NodeIdentity, WorkerTransport
 from edgetp.ops.linkemu import apply, main
 
-REPO = Path(__file__).resolve().parent.parent
 WIFI = BUILTIN_PROFILES["home-wifi"]
 
 

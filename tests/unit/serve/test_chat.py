@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from cluster_utils import Watchdog
+from helpers.cluster import Watchdog
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text

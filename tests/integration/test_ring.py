@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_utils import ring_sums
+from helpers.cluster import ring_sums
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hf_models import VOCAB, write_checkpoint
-from parallel_utils import sharded_greedy, sharded_logits, unsharded_greedy, unsharded_logits
+from helpers.hf_models import VOCAB, write_checkpoint
+from helpers.parallel import sharded_greedy, sharded_logits, unsharded_greedy, unsharded_logits
 from safetensors import safe_open
 
 from edgetp.cli.main import main

@@ -25,7 +25,7 @@ import msgpack
 import pytest
 import torch
 import zmq
-from cluster_utils import (
+from helpers.cluster import (
     JOIN_TIMEOUT_S,
     TIMEOUT_S,
     FakeMaster,
@@ -37,7 +37,7 @@ from cluster_utils import (
     start_worker_process,
     wait_for,
 )
-from hf_models import VOCAB
+from helpers.hf_models import VOCAB
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hf_models import FAMILIES, VOCAB, write_checkpoint
+from helpers.hf_models import FAMILIES, VOCAB, write_checkpoint
 
 from edgetp.config.model import RopeScaling, load_model_config
 from edgetp.model.checkpoint import load_model

@@ -1,0 +1,1 @@
+"""What the tests share: tiny models, cluster starters, cgroup limits, the repository's paths."""
