@@ -26,9 +26,12 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/pytest -q -m "slow or not slow"
 
+# ruff (style), import-linter (the layering contract in pyproject.toml), mypy (types)
 lint: $(STAMP)
-	$(BIN)/pip install --quiet ruff
+	$(BIN)/pip install --quiet -e '.[dev]'
 	$(BIN)/ruff check edgetp tests benchmarks scripts
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache
