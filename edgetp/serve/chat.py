@@ -1,8 +1,9 @@
 """An interactive terminal chat (``edgetp chat``): history, the chat template, streamed replies.
 
-Two backends answer the conversation: :class:`LocalChat` runs a :class:`~edgetp.runtime.master.Master`
-in this process (one process or a local cluster), :class:`RemoteChat` talks to a running
-``edgetp serve`` through its streaming chat API with nothing but the standard library.
+Two backends answer the conversation: :class:`LocalChat` runs a
+:class:`~edgetp.runtime.master.Master` in this process (one process or a local cluster),
+:class:`RemoteChat` talks to a running ``edgetp serve`` through its streaming chat API with
+nothing but the standard library.
 
 :func:`run_chat` reads one user message per line. ``/reset`` clears the history, ``/exit``
 (or end of input) quits, ``/help`` lists the commands. Replies stream to ``output`` as they
