@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgetp.serve.protocol import ErrorDetail, ErrorResponse
+
 
 class APIError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
@@ -24,8 +26,9 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         """OpenAI's error body."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param,
+                             code=self.code)
+        return ErrorResponse(error=detail).model_dump()
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

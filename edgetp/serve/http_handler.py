@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from edgetp.serve.errors import APIError, bad_request, model_not_found
 from edgetp.serve.jobs import Job, JobKind
+from edgetp.serve.protocol import ModelList
 from edgetp.serve.responses import completion_body, stream_events
 
 if TYPE_CHECKING:
@@ -134,13 +135,13 @@ class Handler(BaseHTTPRequestHandler):
         self._check_auth(app.settings.api_key)
         if path == "/v1/models":
             self._only(method, "GET")
-            self._send_json(200, {"object": "list", "data": [app.model_card()]})
+            self._send_json(200, ModelList(data=[app.model_card()]).model_dump())
         elif path.startswith("/v1/models/"):
             self._only(method, "GET")
             name = path[len("/v1/models/"):]
             if name != app.settings.model_name:
                 raise model_not_found(name)
-            self._send_json(200, app.model_card())
+            self._send_json(200, app.model_card().model_dump())
         elif path in COMPLETION_PATHS:
             self._only(method, "POST")
             job = app.accept(COMPLETION_PATHS[path], _parse_json(body))

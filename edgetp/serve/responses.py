@@ -1,9 +1,9 @@
-"""The bodies the API answers a job with: a whole completion, or its stream of chunks.
+"""The answers to a job: the whole completion, or its stream of chunks as server-sent events.
 
-OpenAI's shapes: ``chat.completion`` / ``text_completion`` objects, and for ``stream: true``
-server-sent events of ``chat.completion.chunk`` / ``text_completion`` chunks ending in
-``data: [DONE]``. Nothing here knows about sockets: :func:`stream_events` turns a job's events
-into the bytes of its event stream, for whichever HTTP layer writes them.
+OpenAI's shapes (:mod:`edgetp.serve.protocol`): ``chat.completion`` / ``text_completion``
+objects, and for ``stream: true`` ``chat.completion.chunk`` / ``text_completion`` chunks
+ending in ``data: [DONE]``. Nothing here knows about sockets: :func:`stream_events` turns a
+job's events into the bytes of its event stream, for whichever HTTP layer writes them.
 """
 
 from __future__ import annotations
@@ -14,48 +14,63 @@ from typing import Any
 
 from edgetp.runtime.engine import GenerationResult
 from edgetp.serve.jobs import Job
+from edgetp.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    FinishReason,
+    TextChoice,
+    TextCompletion,
+    Usage,
+)
 
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}
+FINISH_REASONS: dict[str, FinishReason] = {"eos": "stop", "stop": "stop", "length": "length",
+                                           "context": "length"}
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult) -> Usage:
     completion = len(result.token_ids)
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.prompt_tokens + completion}
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=completion,
+                 total_tokens=result.prompt_tokens + completion)
 
 
 def completion_body(job: Job, model: str, result: GenerationResult) -> dict[str, Any]:
+    """The answer to a request without ``stream``."""
     reason = FINISH_REASONS[result.finish_reason]
+    answer: ChatCompletion | TextCompletion
     if job.kind == "chat":
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant",
-                                                          "content": result.text},
-                                  "logprobs": None, "finish_reason": reason}
-        kind = "chat.completion"
+        choice = ChatChoice(message=AssistantMessage(content=result.text), finish_reason=reason)
+        answer = ChatCompletion(id=job.id, created=job.created, model=model, choices=[choice],
+                                usage=usage(result))
     else:
-        choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": reason}
-        kind = "text_completion"
-    return {"id": job.id, "object": kind, "created": job.created, "model": model,
-            "system_fingerprint": None, "choices": [choice], "usage": usage(result)}
+        answer = TextCompletion(id=job.id, created=job.created, model=model, usage=usage(result),
+                                choices=[TextChoice(text=result.text, finish_reason=reason)])
+    return answer.model_dump()
 
 
-def chunk_body(job: Job, model: str, text: str | None, finish_reason: str | None = None,
-               first: bool = False) -> dict[str, Any]:
-    """One streamed chunk; ``text=None`` with a finish reason is the closing chunk."""
+def chunk_body(job: Job, model: str, text: str | None, finish_reason: FinishReason | None = None,
+               first: bool = False, final_usage: Usage | None = None) -> dict[str, Any]:
+    """One streamed chunk: the role (``first``), a piece of ``text``, the closing chunk
+    (``text=None`` with a finish reason), or the token counts (``final_usage``, no choices).
+
+    ``usage`` is in every chunk (null but in the last) only if the request asked for it.
+    """
+    chunk: ChatCompletionChunk | TextCompletion
     if job.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant", "content": text or ""} if first else (
-            {"content": text} if text is not None else {})
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None,
-                                  "finish_reason": finish_reason}
-        kind = "chat.completion.chunk"
+        delta = ChatDelta(role="assistant", content=text or "") if first else ChatDelta(
+            content=text)
+        choices = [] if final_usage else [ChatChunkChoice(delta=delta,
+                                                          finish_reason=finish_reason)]
+        chunk = ChatCompletionChunk(id=job.id, created=job.created, model=model,
+                                    choices=choices, usage=final_usage)
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None,
-                  "finish_reason": finish_reason}
-        kind = "text_completion"
-    body = {"id": job.id, "object": kind, "created": job.created, "model": model,
-            "system_fingerprint": None, "choices": [choice]}
-    if job.include_usage:
-        body["usage"] = None
-    return body
+        pieces = [] if final_usage else [TextChoice(text=text or "", finish_reason=finish_reason)]
+        chunk = TextCompletion(id=job.id, created=job.created, model=model, choices=pieces,
+                               usage=final_usage)
+    return chunk.model_dump(exclude=None if job.include_usage else {"usage"})
 
 
 def sse(data: Any) -> bytes:
@@ -67,8 +82,8 @@ def sse(data: Any) -> bytes:
 def stream_events(job: Job, model: str, events: Iterator[tuple[str, Any]]) -> Iterator[bytes]:
     """The event stream of ``job``, one server-sent event per item, ``[DONE]`` last.
 
-    ``events`` yields the job's events; the stream starts after the first one (so an error
-    before any text is answered with its status by the caller, not here).
+    ``events`` yields the job's events; the caller starts the stream after the first one (so
+    an error before any text is answered with its status, not here).
     """
     if job.kind == "chat":  # OpenAI's first chunk names the role
         yield sse(chunk_body(job, model, "", first=True))
@@ -77,12 +92,9 @@ def stream_events(job: Job, model: str, events: Iterator[tuple[str, Any]]) -> It
             yield sse(chunk_body(job, model, value))
             continue
         if kind == "done":
-            reason = FINISH_REASONS[value.finish_reason]
-            yield sse(chunk_body(job, model, None, reason))
+            yield sse(chunk_body(job, model, None, FINISH_REASONS[value.finish_reason]))
             if job.include_usage:
-                closing = chunk_body(job, model, None)
-                closing.update(choices=[], usage=usage(value))
-                yield sse(closing)
+                yield sse(chunk_body(job, model, None, final_usage=usage(value)))
         else:  # an error after the stream began: an error event, as OpenAI sends them
             yield sse(value.body())
         break

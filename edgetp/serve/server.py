@@ -35,6 +35,7 @@ from edgetp.serve.generation import GenerationQueue
 from edgetp.serve.http_handler import HTTPServer, http_server
 from edgetp.serve.intake import build_job
 from edgetp.serve.jobs import Job, JobKind, RequestRecord
+from edgetp.serve.protocol import ModelCard
 from edgetp.serve.settings import ServerSettings, default_model_name
 
 if TYPE_CHECKING:
@@ -158,9 +159,8 @@ class APIServer:
             "requests": requests,
         }
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.settings.model_name, "object": "model", "created": self.started,
-                "owned_by": "edgetp"}
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.settings.model_name, created=self.started)
 
     # -- requests (called by the HTTP threads) ----------------------------------------------
 
