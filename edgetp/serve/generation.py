@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from edgetp.net.transport import ClusterError
 from edgetp.serve.errors import APIError, bad_request, shutting_down
-from edgetp.serve.jobs import GenerationCancelled, Job, RequestRecord
+from edgetp.serve.jobs import Failed, Finished, GenerationCancelled, Job, RequestRecord
 
 if TYPE_CHECKING:
     from edgetp.runtime.engine import GenerationResult
@@ -55,7 +55,7 @@ class GenerationQueue:
             while self._pending:
                 job = self._pending.popleft()
                 self._finish(job, "shutdown")
-                job.events.put(("error", shutting_down()))
+                job.events.put(Failed(shutting_down()))
             if self._current is not None:
                 self._current.cancel("the server is shutting down")
             self.lock.notify_all()
@@ -140,13 +140,13 @@ class GenerationQueue:
             result = self.master.engine.generate(job.prompt_ids, job.sampling, job.gen,
                                                  job.on_text)
         except Exception as exc:  # noqa: BLE001 - every job gets an answer
-            job.events.put(("error", self._failure(job, exc)))
+            job.events.put(Failed(self._failure(job, exc)))
         else:
             self._finish(job, "completed", result)
             log.info("%s: %d prompt tokens, %d generated (%s), %.0f ms", job.id,
                      result.prompt_tokens, len(result.token_ids), result.finish_reason,
                      (time.monotonic() - record.started_at) * 1000)
-            job.events.put(("done", result))
+            job.events.put(Finished(result))
 
     def _failure(self, job: Job, exc: Exception) -> APIError:
         """Record why ``job``'s generation ended early; the error its client gets."""

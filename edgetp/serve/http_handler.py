@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from edgetp.serve.errors import APIError, bad_request, model_not_found
-from edgetp.serve.jobs import Job, JobKind
+from edgetp.serve.jobs import Failed, Finished, Job, JobEvent, JobKind, TextPiece
 from edgetp.serve.protocol import ModelList
 from edgetp.serve.responses import completion_body, stream_events
 
@@ -196,15 +196,16 @@ class Handler(BaseHTTPRequestHandler):
             if job.stream:
                 self._stream(job, model)
             else:
-                kind, value = self._next_event(job)
-                if kind == "error":
-                    raise value
-                self._send_json(200, completion_body(job, model, value))
+                event = self._next_event(job)
+                if isinstance(event, Failed):
+                    raise event.error
+                assert isinstance(event, Finished)  # only a stream has text pieces
+                self._send_json(200, completion_body(job, model, event.result))
         except ClientGone:
             app.withdraw(job, "the client disconnected")
             raise
 
-    def _next_event(self, job: Job) -> tuple[str, Any]:
+    def _next_event(self, job: Job) -> JobEvent:
         """The job's next event; raises ClientGone if the client disconnects meanwhile."""
         while True:
             try:
@@ -213,20 +214,20 @@ class Handler(BaseHTTPRequestHandler):
                 if self._client_gone():
                     raise ClientGone() from None
 
-    def _later_events(self, job: Job) -> Iterator[tuple[str, Any]]:
+    def _later_events(self, job: Job) -> Iterator[JobEvent]:
         """The job's events after the first, until the last; stops when the client is gone."""
         while True:
-            kind, value = self._next_event(job)
+            event = self._next_event(job)
             if self._client_gone():
                 raise ClientGone()
-            yield kind, value
-            if kind != "text":
+            yield event
+            if not isinstance(event, TextPiece):
                 return
 
     def _stream(self, job: Job, model: str) -> None:
         first = self._next_event(job)
-        if first[0] == "error":  # nothing sent yet: a proper status code
-            raise first[1]
+        if isinstance(first, Failed):  # nothing sent yet: a proper status code
+            raise first.error
         self._chunked = self.request_version != "HTTP/1.0"  # 1.0 clients read to the close
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")

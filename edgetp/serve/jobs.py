@@ -1,9 +1,9 @@
 """One accepted request on its way through the server: :class:`Job` and its record.
 
 The HTTP thread that accepted a request waits on its job's events; the generation thread
-fills them: ``("text", piece)`` while a stream is generated, then ``("done",
-GenerationResult)`` or ``("error", APIError)``. :class:`RequestRecord` keeps what happened to
-the request (for ``/health``, logs and tests).
+fills them: a :class:`TextPiece` per generated piece of a stream, then :class:`Finished` or
+:class:`Failed`. :class:`RequestRecord` keeps what happened to the request (for ``/health``,
+logs and tests).
 """
 
 from __future__ import annotations
@@ -13,11 +13,39 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 
+if TYPE_CHECKING:
+    from edgetp.runtime.engine import GenerationResult
+    from edgetp.serve.errors import APIError
+
 JobKind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """A piece of a stream's text, as it is generated."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The generation ended: the whole result (the job's last event)."""
+
+    result: GenerationResult
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed or was cancelled: the error its client gets (the job's last event)."""
+
+    error: APIError
+
+
+JobEvent = TextPiece | Finished | Failed
 
 
 class GenerationCancelled(Exception):
@@ -47,8 +75,7 @@ class RequestRecord:
 class Job:
     """One accepted request: the HTTP thread waits on ``events``; the generation thread fills it.
 
-    Events: ``("text", piece)`` (streams only), then ``("done", GenerationResult)`` or
-    ``("error", APIError)``.
+    Events: :class:`TextPiece` (streams only), then :class:`Finished` or :class:`Failed`.
     """
 
     def __init__(self, kind: JobKind, prompt_ids: list[int], sampling: SamplingConfig,
@@ -62,7 +89,7 @@ class Job:
         self.stream = stream
         self.include_usage = include_usage
         self.created = int(time.time())
-        self.events: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[JobEvent] = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.cancel_reason = ""
         self.record = RequestRecord(self.id, kind, stream, gen.max_new_tokens, len(prompt_ids),
@@ -79,4 +106,4 @@ class Job:
         if self.cancelled.is_set():
             raise GenerationCancelled(self.cancel_reason)
         if self.stream and piece:
-            self.events.put(("text", piece))
+            self.events.put(TextPiece(piece))

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from edgetp.runtime.engine import GenerationResult
-from edgetp.serve.jobs import Job
+from edgetp.serve.jobs import Finished, Job, JobEvent, TextPiece
 from edgetp.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -79,7 +79,7 @@ def sse(data: Any) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def stream_events(job: Job, model: str, events: Iterator[tuple[str, Any]]) -> Iterator[bytes]:
+def stream_events(job: Job, model: str, events: Iterator[JobEvent]) -> Iterator[bytes]:
     """The event stream of ``job``, one server-sent event per item, ``[DONE]`` last.
 
     ``events`` yields the job's events; the caller starts the stream after the first one (so
@@ -87,15 +87,15 @@ def stream_events(job: Job, model: str, events: Iterator[tuple[str, Any]]) -> It
     """
     if job.kind == "chat":  # OpenAI's first chunk names the role
         yield sse(chunk_body(job, model, "", first=True))
-    for kind, value in events:
-        if kind == "text":
-            yield sse(chunk_body(job, model, value))
+    for event in events:
+        if isinstance(event, TextPiece):
+            yield sse(chunk_body(job, model, event.text))
             continue
-        if kind == "done":
-            yield sse(chunk_body(job, model, None, FINISH_REASONS[value.finish_reason]))
+        if isinstance(event, Finished):
+            yield sse(chunk_body(job, model, None, FINISH_REASONS[event.result.finish_reason]))
             if job.include_usage:
-                yield sse(chunk_body(job, model, None, final_usage=usage(value)))
+                yield sse(chunk_body(job, model, None, final_usage=usage(event.result)))
         else:  # an error after the stream began: an error event, as OpenAI sends them
-            yield sse(value.body())
+            yield sse(event.error.body())
         break
     yield sse("[DONE]")
