@@ -29,7 +29,7 @@ from edgetp.serve.responses import completion_body, stream_events
 if TYPE_CHECKING:
     from edgetp.serve.server import APIServer
 
-log = logging.getLogger("edgetp.serve.http")
+log = logging.getLogger("edgetp.serve.http_handler")
 
 MAX_BODY_BYTES = 8 << 20
 POLL_S = 0.05  # how often a waiting request checks whether its client is still there

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from edgetp.serve.errors import bad_request, model_not_found
 from edgetp.serve.jobs import Job, JobKind
-from edgetp.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from edgetp.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from edgetp.serve.settings import ServerSettings
 from edgetp.serve.validation import validate_request
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def build_job(kind: JobKind, body: dict[str, Any], settings: ServerSettings,
               master: Master) -> Job:
     """The job of a request body, or the APIError to answer it with."""
-    request: SamplingFields
+    request: GenerationRequest
     if kind == "chat":
         request = validate_request(ChatCompletionRequest, body)
         ids = chat_prompt_ids(request, master.tokenizer)

@@ -1,10 +1,10 @@
 """OpenAI's completion API as pydantic models: request bodies checked field by field, answers.
 
 :class:`ChatCompletionRequest` (``POST /v1/chat/completions``) and :class:`CompletionRequest`
-(``POST /v1/completions``) share :class:`SamplingFields`. Fields this server does not know are
-ignored; fields it knows but cannot honour (``tools``, ``logprobs``, penalties...) are refused
-unless they ask for nothing. Types are strict (``"5"`` is not a number, ``true``
-is not an integer), numbers finite, and the ranges are declared on the fields, where
+(``POST /v1/completions``) share :class:`GenerationRequest`. Fields this server does not know
+are ignored; fields it knows but cannot honour (``tools``, ``logprobs``, penalties...) are
+refused unless they ask for nothing. Types are strict (``"5"`` is not a number, ``true`` is not
+an integer), numbers finite, and the ranges are declared on the fields, where
 :mod:`edgetp.serve.validation` reads them to word its errors.
 
 The phrases of the errors raised here follow the field's path (``stop must be ...``); their
@@ -83,8 +83,8 @@ def _one_sequence(n: int | None) -> int | None:
 Stop = Annotated[str | list[str] | None, one_of_forms("must be a string or a list of strings")]
 
 
-class SamplingFields(StrictModel):
-    """The sampling, stopping and streaming fields of both completion endpoints.
+class GenerationRequest(StrictModel):
+    """What both completion endpoints share: the model, sampling, stopping and streaming.
 
     Fields left out take the server's defaults (:meth:`sampling`, :meth:`generation`).
     """
@@ -112,7 +112,7 @@ class SamplingFields(StrictModel):
 
     @property
     def include_usage(self) -> bool:
-        """A stream ends with a chunk of token counts."""
+        """Whether a stream ends with a chunk of token counts."""
         return self.streams and self.stream_options is not None \
             and bool(self.stream_options.include_usage)
 
@@ -189,7 +189,7 @@ def _text_format(value: dict[str, Any] | None) -> dict[str, Any] | None:
     return value
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(GenerationRequest):
     """The body of ``POST /v1/chat/completions``."""
 
     tools: Annotated[list[Any] | None, unsupported()] = None
@@ -225,7 +225,7 @@ def _one_prompt(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 PromptInput = Annotated[str | list[int], WrapValidator(_one_prompt)]
 
 
-class CompletionRequest(SamplingFields):
+class CompletionRequest(GenerationRequest):
     """The body of ``POST /v1/completions``: one prompt, as text or token ids."""
 
     logprobs: Annotated[int | None, unsupported()] = None
