@@ -1,8 +1,9 @@
 """An interactive terminal chat (``edgetp chat``): history, the chat template, streamed replies.
 
-Two backends answer the conversation: :class:`LocalChat` runs a :class:`~edgetp.runtime.master.Master`
-in this process (one process or a local cluster), :class:`RemoteChat` talks to a running
-``edgetp serve`` through its streaming chat API with nothing but the standard library.
+Two backends answer the conversation: :class:`LocalChat` runs a
+:class:`~edgetp.runtime.master.Master` in this process (one process or a local cluster),
+:class:`RemoteChat` talks to a running ``edgetp serve`` through its streaming chat API with
+nothing but the standard library.
 
 :func:`run_chat` reads one user message per line. ``/reset`` clears the history, ``/exit``
 (or end of input) quits, ``/help`` lists the commands. Replies stream to ``output`` as they
@@ -14,10 +15,13 @@ from __future__ import annotations
 import http.client
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from edgetp.runtime.master import Master
 
 COMMANDS = "/reset clears the history, /exit quits, /help shows this"
 
@@ -63,7 +67,7 @@ class ChatOptions:
 class LocalChat:
     """Replies from a master in this process (its tokenizer's chat template, its engine)."""
 
-    def __init__(self, master: Any, options: ChatOptions) -> None:
+    def __init__(self, master: Master, options: ChatOptions) -> None:
         from edgetp.config.generation import GenerationConfig, SamplingConfig
 
         self.master = master
@@ -77,7 +81,8 @@ class LocalChat:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         ids = self.master.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                         tokenize=True)
-        return list(ids)
+        assert isinstance(ids, list)  # tokenize=True
+        return ids
 
     def reply(self, messages: list[dict[str, str]], on_text: Callable[[str], None]) -> Reply:
         result = self.master.engine.generate(self.prompt_ids(messages), self.sampling, self.gen,
@@ -191,7 +196,7 @@ class RemoteChat:
         return reply
 
 
-def _sse_data(response: http.client.HTTPResponse) -> Any:
+def _sse_data(response: http.client.HTTPResponse) -> Iterator[str]:
     """The ``data`` of each server-sent event."""
     lines: list[str] = []
     while True:

@@ -260,6 +260,31 @@ def test_bad_requests_get_400_in_openai_shape(client: openai.OpenAI, fields: dic
     assert words in info.value.body["message"]
 
 
+@pytest.mark.parametrize(("path", "fields", "param", "message"), [
+    ("/v1/chat/completions", {"temperature": "hot"}, "temperature",
+     "temperature must be a number, got 'hot'"),
+    ("/v1/chat/completions", {"top_p": 2}, "top_p", "top_p must be in (0, 1], got 2"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]},
+     "messages.[0].role", "messages[0].role must be one of 'system', 'developer', 'user', "
+     "'assistant' or 'tool', got 'wizard'"),
+    ("/v1/chat/completions", {"messages": None}, "messages",
+     "messages must be a list, got None"),
+    ("/v1/completions", {"stop": {"at": "."}}, "stop",
+     "stop must be a string or a list of strings"),
+    ("/v1/completions", {"max_tokens": 1.5}, "max_tokens",
+     "max_tokens must be an integer, got 1.5"),
+])
+def test_validation_errors_name_the_field_over_http(server: APIServer, path: str,
+                                                    fields: dict[str, Any], param: str,
+                                                    message: str) -> None:
+    body = {"model": MODEL, "messages": chat_messages(3, 5), "prompt": demo_prompt(3, 5),
+            **fields}
+    status, answer = raw_request(server, "POST", path, body)
+    assert status == 400
+    assert assert_error_shape(answer) == {"message": message, "type": "invalid_request_error",
+                                          "param": param, "code": None}
+
+
 def test_malformed_requests(server: APIServer, client: openai.OpenAI) -> None:
     status, body = raw_request(server, "POST", "/v1/chat/completions", b"{not json")
     assert status == 400 and "not valid JSON" in assert_error_shape(body)["message"]

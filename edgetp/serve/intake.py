@@ -1,0 +1,73 @@
+"""From a request body to a :class:`~edgetp.serve.jobs.Job`: validated, tokenized, fitted.
+
+The body is validated against its protocol model (:mod:`edgetp.serve.protocol`); then the
+model it names must be the one served, a chat's ``messages`` are rendered with the model's
+chat template, a completion's ``prompt`` is encoded (or its token ids checked against the
+vocabulary), and the prompt must leave room in the context. A request that cannot be served
+is answered with an :class:`~edgetp.serve.errors.APIError` naming the field to fix.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from edgetp.serve.errors import bad_request, model_not_found
+from edgetp.serve.jobs import Job, JobKind
+from edgetp.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
+from edgetp.serve.settings import ServerSettings
+from edgetp.serve.validation import validate_request
+
+if TYPE_CHECKING:
+    from typing import Any
+
+    from edgetp.model.tokenizer import Tokenizer
+    from edgetp.runtime.master import Master
+
+
+def build_job(kind: JobKind, body: dict[str, Any], settings: ServerSettings,
+              master: Master) -> Job:
+    """The job of a request body, or the APIError to answer it with."""
+    request: GenerationRequest
+    if kind == "chat":
+        request = validate_request(ChatCompletionRequest, body)
+        ids = chat_prompt_ids(request, master.tokenizer)
+    else:
+        request = validate_request(CompletionRequest, body)
+        ids = completion_prompt_ids(request, master.tokenizer)
+    if request.model is not None and request.model != settings.model_name:
+        raise model_not_found(request.model, settings.model_name)
+    check_fits(ids, master.max_seq_len, "messages" if kind == "chat" else "prompt")
+    return Job(kind, ids, request.sampling(settings.default_sampling),
+               request.generation(settings.default_max_tokens, settings.stop_strings),
+               request.streams, request.include_usage)
+
+
+def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """The conversation rendered with the model's chat template, ready for the answer."""
+    try:
+        ids = tokenizer.apply_chat_template(request.conversation(), add_generation_prompt=True,
+                                            tokenize=True)
+    except ValueError as exc:  # no template, or the template refuses the conversation
+        raise bad_request(str(exc), "messages") from exc
+    assert isinstance(ids, list)  # tokenize=True
+    return ids
+
+
+def completion_prompt_ids(request: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    """The prompt's token ids: its text encoded, or its ids, each in the vocabulary."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    vocab = tokenizer.vocab_size
+    if any(not 0 <= token < vocab for token in prompt):
+        raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
+    return list(prompt)
+
+
+def check_fits(ids: list[int], context: int, param: str) -> None:
+    """The prompt must not be empty and must leave room for an answer in the context."""
+    if not ids:
+        raise bad_request("the prompt is empty", param)
+    if len(ids) >= context:
+        raise bad_request(f"the prompt has {len(ids)} tokens; this model's context is "
+                          f"{context} tokens", param, "context_length_exceeded")

@@ -1,0 +1,41 @@
+"""What the API server serves and how: :class:`ServerSettings` and the default model id."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgetp.config.generation import SamplingConfig
+from edgetp.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server serves and how.
+
+    ``default_max_tokens`` and ``default_sampling`` apply to the fields a request leaves out;
+    ``stop_strings`` are added to every request's ``stop``.
+    """
+
+    model_name: str
+    api_key: str | None = None
+    queue_size: int = 16
+    default_max_tokens: int = 64
+    default_sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.queue_size < 1:
+            raise ConfigError(f"the queue size must be >= 1, got {self.queue_size}")
+        if self.default_max_tokens < 1:
+            raise ConfigError(f"max tokens must be >= 1, got {self.default_max_tokens}")
+        if self.api_key is not None and not self.api_key:
+            raise ConfigError("the API key must not be empty")
+
+
+def default_model_name(path: str | Path) -> str:
+    """The id clients use by default: the model directory's name (a shard's parent's name)."""
+    path = Path(path).resolve()
+    if path.name.startswith("rank-") and path.parent.name:
+        return path.parent.name
+    return path.name or "edgetp"
