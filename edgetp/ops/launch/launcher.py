@@ -46,6 +46,8 @@ Log = Callable[[str], None]
 
 @dataclass
 class Launcher:
+    """Launches the cluster ``config`` describes; progress lines go to ``log``."""
+
     config: ClusterConfig
     log: Log = lambda line: None  # noqa: E731
     transfer: str = "auto"  # auto | rsync | stream
