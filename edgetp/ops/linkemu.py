@@ -1,4 +1,10 @@
-"""edgetp.ops.linkemu."""
+"""A node's link profile applied to its network interface: ``python -m edgetp.ops.linkemu``.
+
+The testbeds' entrypoint (docker/entrypoint.sh) runs ``apply`` before edgetp starts: egress
+shaped with ``tc netem`` (delay, jitter, rate) where the kernel has it, else ``tbf`` for the
+rate and edgetp's transport delay for the latency (the ``export`` lines it prints, which the
+entrypoint evaluates; see :class:`edgetp.config.links.Emulation`). ``show`` lists the profiles.
+"""
 
 from __future__ import annotations
 

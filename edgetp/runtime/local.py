@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
+from edgetp.runtime.commands import WorkerCommand, WorkerKeys
 from edgetp.runtime.master import Master
 from edgetp.shard.split import model_fingerprint, split_checkpoint
 
@@ -117,25 +118,23 @@ class LocalCluster:
         return self.split_dir / f"rank-{rank}"
 
     def start_worker(self, rank: int) -> None:
-        command = [sys.executable, "-m", "edgetp.cli", "worker", "--shard",
-                   str(self.rank_dir(rank)), "--master", self.worker_address or self.address,
-                   "--timeout", str(self.timeout_s), "--dtype", self.dtype]
-        if self.max_seq_len:
-            command += ["--max-seq-len", str(self.max_seq_len)]
-        if self.memory_budget is not None:
-            command += ["--memory-budget", str(self.memory_budget)]
-        if self.secure:
-            keys = self.split_dir / "keys"
-            command += ["--key", str(keys / f"worker-{rank}.key_secret"),
-                        "--master-key", str(keys / "master.key")]
-        if self.capture_dir is not None:
-            command += ["--capture-frames", str(self.capture_dir / f"rank-{rank}.frames")]
+        command = self.worker_command(rank).argv(sys.executable) + self.worker_args
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.log_path(rank).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(rank).open("ab") as log_file:
-            self.workers[rank] = subprocess.Popen(command + self.worker_args, env=env,
+            self.workers[rank] = subprocess.Popen(command, env=env,
                                                   stdin=subprocess.DEVNULL, stdout=log_file,
                                                   stderr=subprocess.STDOUT)
+
+    def worker_command(self, rank: int) -> WorkerCommand:
+        """``edgetp worker`` for ``rank`` (with its keys when secure, its frame file in tests)."""
+        keys = self.split_dir / "keys"
+        capture = None if self.capture_dir is None else self.capture_dir / f"rank-{rank}.frames"
+        return WorkerCommand(self.rank_dir(rank), self.worker_address or self.address,
+                             self.timeout_s, self.dtype, self.max_seq_len or None,
+                             self.memory_budget,
+                             WorkerKeys(keys / f"worker-{rank}.key_secret", keys / "master.key")
+                             if self.secure else None, capture_frames=capture)
 
     def log_path(self, rank: int) -> Path:
         return self.split_dir / "logs" / f"rank-{rank}.log"

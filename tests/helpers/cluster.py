@@ -30,6 +30,7 @@ import zmq
 
 from edgetp.net import wire
 from edgetp.net.wire import Message, WireError
+from edgetp.runtime.commands import WorkerCommand
 from edgetp.runtime.local import LocalCluster
 
 T = TypeVar("T")
@@ -159,8 +160,7 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None
 
 def worker_command(shard_dir: Path, master: str, timeout_s: float = TIMEOUT_S,
                    *extra: str) -> list[str]:
-    return [sys.executable, "-m", "edgetp.cli", "worker", "--shard", str(shard_dir),
-            "--master", master, "--timeout", str(timeout_s), *extra]
+    return WorkerCommand(shard_dir, master, timeout_s).argv(sys.executable) + list(extra)
 
 
 def start_worker_process(shard_dir: Path, master: str, log_path: Path,

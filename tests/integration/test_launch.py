@@ -29,7 +29,9 @@ import yaml
 
 from edgetp.config.cluster import load_cluster_config
 from edgetp.model.demo import DEMO_MODEL_DIR, expected_text
-from edgetp.ops.launch import NodeShell, choose_method, local_files, ship, stop_cluster
+from edgetp.ops.launch import Launcher, stop_cluster
+from edgetp.ops.launch.shell import NodeShell
+from edgetp.ops.launch.shipping import choose_method, local_files, ship
 from edgetp.shard.split import split_checkpoint
 
 FAKE_SSH = """#!/bin/sh
@@ -333,14 +335,12 @@ def test_launch_with_curve_keys(ssh: SshSetup, tmp_path: Path) -> None:
 
 
 def test_emulated_links_reach_the_processes_env(tmp_path: Path) -> None:
-    from edgetp.ops.launch import Launcher
-
     config = load_cluster_config(write_cluster(tmp_path, SshSetup("fake", user="me"), 2))
-    assert Launcher(config)._env(config.nodes[1]) == {"OMP_NUM_THREADS": "1"}
-    env = Launcher(config, emulate_links=True)._env(config.nodes[1])
+    assert Launcher(config).node_env(config.nodes[1]) == {"OMP_NUM_THREADS": "1"}
+    env = Launcher(config, emulate_links=True).node_env(config.nodes[1])
     assert env["EDGETP_LINK_DELAY_MS"] == "0.2"  # box1's gigabit profile
     assert env["EDGETP_LINK_EMULATION"] == ("gigabit: bandwidth not limited + transport delay "
                                             "0.2ms per traversal (launch --emulate-links: no tc)")
-    argv = Launcher(config)._worker_argv(config.nodes[1])
+    argv = Launcher(config).worker_argv(config.nodes[1])
     assert argv[1:5] == ["-m", "edgetp.cli", "worker", "--shard"]
     assert argv[argv.index("--master") + 1] == config.master.url

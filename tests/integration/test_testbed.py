@@ -22,7 +22,9 @@ from edgetp.cli import main as cli
 from edgetp.config.cluster import load_cluster_config
 from edgetp.config.links import load_profiles
 from edgetp.core.units import parse_bytes
-from edgetp.ops.testbed import _memory_limit, docker_compose, flags_config, node_command
+from edgetp.ops.testbed import docker_compose, flags_config
+from edgetp.ops.testbed.cgroups import node_memory_limit
+from edgetp.ops.testbed.network import node_command
 
 DOCKER = REPO / "docker"
 IS_ROOT = sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip") is not None
@@ -57,7 +59,7 @@ def test_compose_services_ports_shards_limits_and_profiles_agree() -> None:
         assert parse_bytes(command[command.index("--memory-budget") + 1]) == node.memory_budget
         limit = service["mem_limit"]
         assert parse_bytes(limit[:-1] + "GiB" if limit.endswith("g") else limit[:-1] + "MiB") \
-            == _memory_limit(node) == node.memory_limit
+            == node_memory_limit(node) == node.memory_limit
         assert service["cpus"] == node.threads
         assert service["cap_add"] == ["NET_ADMIN"]
         default = re.fullmatch(r"\$\{EDGETP_LINK_PROFILE:-([\w.-]+)\}",
@@ -117,13 +119,13 @@ def test_static_checks_of_the_docker_files(tmp_path: Path) -> None:
 
 
 def test_flags_config_and_node_command(tmp_path: Path) -> None:
-    config = flags_config(REPO / "edgetp" / "model" / "demo_model", 3, "tpi-llm", "64MiB", None, None,
-                          tmp_path)
+    config = flags_config(REPO / "edgetp" / "model" / "demo_model", 3, "tpi-llm", "64MiB", None,
+                          None, tmp_path)
     assert [n.address for n in config.nodes] == ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
     assert config.master.url == "tcp://10.77.0.1:5555"
     assert [n.shard_dir for n in config.nodes] == [str(tmp_path / "split" / f"rank-{k}")
                                                    for k in range(3)]
-    assert _memory_limit(config.nodes[1]) == 64 * 2**20 + int(1.5 * 2**30)
+    assert node_memory_limit(config.nodes[1]) == 64 * 2**20 + int(1.5 * 2**30)
     command = node_command("edgetp-abcd-1", Path("/cg/node-1"), ["worker", "--shard", "x"])
     assert command[:4] == ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', "/cg/node-1"]
     assert command[4:8] == ["ip", "netns", "exec", "edgetp-abcd-1"]

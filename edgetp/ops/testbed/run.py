@@ -1,0 +1,163 @@
+"""One run of the namespace testbed: build it, run the cluster in it, report, remove it all.
+
+:func:`run_testbed` splits the model, writes the link profiles for the entrypoint, creates the
+network (:mod:`.network`) and a cgroup per node (:mod:`.cgroups`), starts the workers and then
+node 0's master role (:mod:`.processes`, :mod:`.master`), waits for the master, and writes the
+report (:mod:`.report`). Whatever happens, what it created is removed (:mod:`.resources`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgetp.config.cluster import ClusterConfig, parse_cluster_config
+from edgetp.core.errors import ConfigError
+from edgetp.ops.testbed.cgroups import cgroup_kind, cgroup_peak, make_cgroup, node_memory_limit
+from edgetp.ops.testbed.network import ENTRYPOINT, setup_network
+from edgetp.ops.testbed.processes import start_node, start_workers, wait_for_master
+from edgetp.ops.testbed.report import describe_nodes, write_report
+from edgetp.ops.testbed.resources import (
+    Log,
+    Resources,
+    TestbedError,
+    bridge_name,
+    cgroup_group_name,
+    require_root,
+    shielded,
+    signals_raise,
+)
+
+
+@dataclass
+class TestbedRun:
+    config: ClusterConfig
+    out_dir: Path
+    prompt: str = "count by 3 : 5"
+    max_new_tokens: int = 64
+    bench: bool = True
+    bench_tokens: int = 16  # prompt tokens and generated tokens of the benchmark
+    bench_repeat: int = 2
+    join_timeout_s: float = 180.0
+    run_timeout_s: float = 900.0
+
+
+def flags_config(model_dir: Path, nodes: int, profile: str | None, memory_budget: str | None,
+                 memory_limit: str | None, profiles_file: Path | None, out_dir: Path,
+                 port: int = 5555) -> ClusterConfig:
+    """The cluster of ``edgetp testbed --nodes N ...`` (without ``--config``)."""
+    if not 2 <= nodes <= 200:
+        raise ConfigError(f"--nodes {nodes}: the testbed runs 2 to 200 nodes")
+    split = out_dir / "split"
+    node_list = []
+    for k in range(nodes):
+        node: dict[str, Any] = {"name": f"node-{k}", "address": f"10.77.0.{k + 1}",
+                                "shard_dir": str(split / f"rank-{k}"), "threads": 1}
+        for key, value in (("memory_budget", memory_budget), ("memory_limit", memory_limit),
+                           ("link", profile)):
+            if value is not None:
+                node[key] = value
+        node_list.append(node)
+    data: dict[str, Any] = {"name": "testbed", "model": str(model_dir.resolve()),
+                            "split_dir": str(split), "master": {"port": port},
+                            "nodes": node_list}
+    if profiles_file is not None:
+        data["link_profiles"] = str(profiles_file.resolve())
+    return parse_cluster_config(data, "edgetp testbed", Path.cwd(), "testbed")
+
+
+def run_testbed(run: TestbedRun, log: Log) -> dict[str, Any]:
+    """Build the testbed, run the cluster in it, write the reports, and remove everything."""
+    require_root()
+    if not ENTRYPOINT.is_file():
+        raise TestbedError(f"{ENTRYPOINT} not found: the testbed runs from a source checkout")
+    config, out = run.config, run.out_dir.resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    split = _split(config, log)
+    profiles_file = out / "links.yaml"
+    _write_profiles(config, profiles_file)
+    tag = secrets.token_hex(2)
+    res = Resources()
+    with signals_raise():
+        try:
+            return _run_in(run, tag, split, profiles_file, res, log)
+        finally:
+            with shielded():  # a second Ctrl-C must not cut the cleanup short
+                res.cleanup(lambda line: None)
+            log(f"testbed {tag}: removed its namespaces, links, cgroups and processes")
+
+
+def _run_in(run: TestbedRun, tag: str, split: Path, profiles_file: Path, res: Resources,
+            log: Log) -> dict[str, Any]:
+    """The testbed's part that creates things (each recorded in ``res``)."""
+    config, out = run.config, run.out_dir.resolve()
+    cgroups = cgroup_kind()
+    if cgroups is None:
+        log("warning: no cgroup memory controller: nodes run without a memory limit")
+    namespaces = setup_network(tag, config, res)
+    log(f"testbed {tag}: {len(namespaces)} namespaces on bridge {bridge_name(tag)}")
+    groups = [make_cgroup(*cgroups, cgroup_group_name(tag), f"node-{n.rank}", node_memory_limit(n),
+                          res.cgroups) if cgroups else None for n in config.nodes]
+    start_workers(config, namespaces, groups, profiles_file, out, res)
+    spec = _master_spec(run, split, namespaces, out)
+    master = start_node(config.nodes[0], namespaces[0], groups[0], profiles_file, out,
+                        ["testbed", "--master-role", str(spec)], res)
+    wait_for_master(master, list(zip(config.workers, res.processes[:-1], strict=True)),
+                    run.run_timeout_s, out)
+    for proc in res.processes[:-1]:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    peaks = [cgroup_peak(cgroups[0], g) if cgroups and g else None for g in groups]
+    return write_report(config, namespaces, peaks, out, log)
+
+
+def _split(config: ClusterConfig, log: Log) -> Path:
+    from edgetp.shard.split import split_checkpoint
+
+    split = config.local_path(config.split_dir or "testbed-split")
+    for node in config.nodes:
+        if config.local_path(node.shard_dir).resolve() != (split / f"rank-{node.rank}").resolve():
+            raise ConfigError(f"{config.source}: nodes[{node.rank}].shard_dir must be "
+                              f"{split / f'rank-{node.rank}'} (the split_dir's rank-{node.rank})")
+    shares = None if len(set(config.shares)) == 1 else config.shares
+    log(f"splitting {config.model} for {len(config.nodes)} nodes into {split}")
+    split_checkpoint(config.local_path(config.model), split, len(config.nodes), shares,
+                     private_layers=config.private_layers)
+    return split
+
+
+def _write_profiles(config: ClusterConfig, path: Path) -> None:
+    """The cluster's link profiles as a file the entrypoint reads (EDGETP_LINK_PROFILES)."""
+    import yaml
+
+    data = {name: {"latency_ms": p.latency_ms, "jitter_ms": p.jitter_ms,
+                   "bandwidth_mbit": p.bandwidth_mbit, "description": p.description}
+            for name, p in config.link_profiles.items()}
+    for values in data.values():
+        if values["bandwidth_mbit"] is None:
+            del values["bandwidth_mbit"]
+    path.write_text(yaml.safe_dump({"link_profiles": data}, sort_keys=False))
+
+
+def _master_spec(run: TestbedRun, split: Path, namespaces: list[str], out: Path) -> Path:
+    """What node 0's master role does (:func:`edgetp.ops.testbed.master.master_role`)."""
+    c = run.config
+    spec = {
+        "rank0": str(split / "rank-0"), "bind": f"tcp://{c.nodes[0].address}:{c.master.port}",
+        "wire_dtype": c.wire_dtype, "allreduce": c.allreduce, "timeout_s": c.timeout_s,
+        "memory_budget": c.nodes[0].memory_budget, "prompt": run.prompt,
+        "max_new_tokens": run.max_new_tokens, "join_timeout_s": run.join_timeout_s,
+        "bench": run.bench, "bench_tokens": run.bench_tokens, "bench_repeat": run.bench_repeat,
+        "model_name": Path(c.model).name, "out_dir": str(out),
+        "hosts": {str(n.rank): f"{ns} ({n.address})"
+                  for n, ns in zip(c.nodes, namespaces, strict=True)},
+        "testbed": describe_nodes(c),
+    }
+    path = out / "master-spec.json"
+    path.write_text(json.dumps(spec, indent=1))
+    return path
