@@ -469,7 +469,7 @@ def test_probe_reads_an_int4_splits_true_widths(tiny_model_dir, tmp_path):
     model_dir, _ = tiny_model_dir("llama3")
     split = split_checkpoint(model_dir, tmp_path / "q4", 2, dtype="int4").out_dir
     config = load_model_config(model_dir)
-    shapes = probing._matvec_shapes(split)
+    shapes = probing.matvec_shapes(split)
     assert (config.hidden_size, config.num_attention_heads * config.head_dim // 2) in shapes
     assert all(n_in in (config.hidden_size, config.intermediate_size // 2,
                         config.num_attention_heads * config.head_dim // 2)
