@@ -44,10 +44,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from edgetp.config.device import DeviceProfile  # noqa: E402
 from edgetp.config.links import LinkProfile  # noqa: E402
 from edgetp.config.model import load_model_config  # noqa: E402
 from edgetp.perf.planner import ClusterSpec, NodeSpec, Storage, plan_cluster  # noqa: E402
-from edgetp.perf.probe import DeviceProfile, measure_link, serve_echo  # noqa: E402
+from edgetp.perf.probe import measure_link, serve_echo  # noqa: E402
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from edgetp.config.model import ModelConfig
 from edgetp.core.metrics import instrument
 from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
@@ -131,7 +132,8 @@ def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec
     element = dtype.itemsize  # the KV cache is allocated in the compute dtype
     cache = sum(2 * layer.self_attn.n_kv_heads * model.max_seq_len * layer.self_attn.head_dim
                 for layer in model.local_layers()) * element
-    fixed = cache + _small_bytes(model, manifest, blocks) + _work_bytes(model, prefill_chunk)
+    work = work_bytes(model.config, model.max_seq_len, model.lm_head is not None, prefill_chunk)
+    fixed = cache + _small_bytes(model, manifest, blocks) + work
     return MemoryNeeds(fixed, tuple(b.nbytes for b in blocks), _embedding_bytes(manifest))
 
 
@@ -256,12 +258,13 @@ def _embedding_bytes(manifest: Manifest) -> int:
     return 0 if entry is None else entry.size
 
 
-def _work_bytes(model: Transformer, prefill_chunk: int) -> int:
-    """Activations of one prefill chunk: a generous bound of a few [T, width] float32 tensors."""
-    config = model.config
+def work_bytes(config: ModelConfig, max_seq_len: int, with_head: bool, prefill_chunk: int) -> int:
+    """Activations of one prefill chunk: a generous bound of a few [T, width] float32 tensors
+    (``with_head``: the rank computes the head's [T, vocab] logits too). The planner asks this
+    as the loader does."""
     width = config.hidden_size * 4 + config.intermediate_size + config.num_attention_heads * (
-        model.max_seq_len)
-    head = config.vocab_size if model.lm_head is not None else 0
+        max_seq_len)
+    head = config.vocab_size if with_head else 0
     return 4 * prefill_chunk * (width + head) + (1 << 20)
 
 

@@ -57,18 +57,20 @@ class BlockSpec:
     @property
     def nbytes(self) -> int:
         """Bytes the block takes in a buffer (each tensor starts 64-byte aligned)."""
-        return sum(_aligned(e.offsets[1] - e.offsets[0]) for e in self.tensors.values())
+        return sum(aligned_bytes(e.offsets[1] - e.offsets[0]) for e in self.tensors.values())
 
     def placements(self) -> list[tuple[str, TensorEntry, int]]:
         """(parameter name, disk entry, offset in the block's buffer) for every tensor."""
         out, cursor = [], 0
         for name, entry in self.tensors.items():
             out.append((name, entry, cursor))
-            cursor += _aligned(entry.offsets[1] - entry.offsets[0])
+            cursor += aligned_bytes(entry.offsets[1] - entry.offsets[0])
         return out
 
 
-def _aligned(nbytes: int, alignment: int = 64) -> int:
+def aligned_bytes(nbytes: int, alignment: int = 64) -> int:
+    """``nbytes`` rounded up to whole ``alignment``-byte units: what a tensor takes in a block's
+    buffer (every tensor starts aligned)."""
     return -(-nbytes // alignment) * alignment
 
 

@@ -96,15 +96,16 @@ def build_report(runs: list[dict[str, Any]], nodes: list[NodeRecord], settings: 
     """The whole report as one JSON-ready dict (units in the field names)."""
     decode_ms = [ms for run in runs for ms in run["decode_ms"]]
     ttft_ms = [run["ttft_ms"] for run in runs]
+    decode = distribution_ms(decode_ms)
     summary = {
         "ttft_ms": distribution_ms(ttft_ms),
-        "decode_ms_per_token": distribution_ms(decode_ms),
+        "decode_ms_per_token": decode,
         "tokens_per_s": 1000 / statistics.fmean(decode_ms) if decode_ms else 0.0,
         "prompt_tokens": runs[0]["prompt_tokens"] if runs else 0,
         "generated_tokens_per_run": runs[0]["generated_tokens"] if runs else 0,
         "runs": len(runs),
     }
-    mean_ms = summary["decode_ms_per_token"]["mean"]
+    mean_ms = decode["mean"]
     node_reports = []
     for node in sorted(nodes, key=lambda n: n.rank):
         entry = {"rank": node.rank, **_clean_facts(node.facts)}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.limits import master_prefill_chunk
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
@@ -27,7 +28,6 @@ from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.shard.plan import ShardPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_STEP_BYTES = 4 << 20  # a prefill chunk's hidden state stays under this on the wire
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -198,7 +198,7 @@ class Master:
             comm = (SoloCommunicator() if manifest.plan.n_ranks == 1  # no allreduce at all
                     else _master_communicator(transport, allreduce, wire_dtype, timeout_s))
             hidden = manifest.model_config.hidden_size
-            chunk = max(1, min(prefill_chunk, MAX_STEP_BYTES // (4 * hidden)))
+            chunk = master_prefill_chunk(prefill_chunk, hidden)
             model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,
                               memory_budget=memory_budget, prefill_chunk=chunk)
             runner = ClusterRunner(model, transport, comm, manifest.plan, chunk, timeout_s)

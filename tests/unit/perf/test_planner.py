@@ -27,6 +27,7 @@ from helpers.paths import REPO
 
 from edgetp.cli.main import main
 from edgetp.config.cluster import parse_cluster_config
+from edgetp.config.device import DeviceProfile, load_profile
 from edgetp.config.model import load_model_config
 from edgetp.core.errors import ConfigError
 from edgetp.parallel.comm import SoloCommunicator
@@ -43,7 +44,7 @@ from edgetp.perf.planner import (
     rank_memory,
 )
 from edgetp.perf.presets import PRESETS, preset_config
-from edgetp.perf.probe import DeviceProfile, load_profile, measure_link, serve_echo
+from edgetp.perf.probe import measure_link, serve_echo
 from edgetp.shard.manifest import read_manifest
 from edgetp.shard.plan import make_plan
 from edgetp.shard.split import split_checkpoint
@@ -408,6 +409,11 @@ BAD_CLUSTERS = {
     "missing profile file": ("nodes: [{profile: nowhere.json}]\n", "nowhere.json"),
     "not yaml": ("nodes: [\n", "YAML"),
     "negative": ("nodes: [{profile: {mem_bw_gbs: -1}}]\n", "mem_bw_gbs"),
+    "misspelt profile key": ("nodes: [{name: a, profile: {mem_bw_gbs: 10, disk_bw_mb: 3}}]\n",
+                             "node a: profile: unknown profile key(s) ['disk_bw_mb'] "
+                             "(did you mean 'disk_bw_mbs'?)"),
+    "wrong profile type": ("nodes: [{name: a, profile: {mem_bw_gbs: fast}}]\n",
+                           "node a: profile: mem_bw_gbs must be a positive number, got 'fast'"),
 }
 
 
@@ -420,6 +426,19 @@ def test_a_bad_cluster_file_is_a_one_line_error(tmp_path, name):
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0]
+
+
+def test_a_bad_profile_file_names_the_cluster_file_the_node_and_the_key(tmp_path):
+    (tmp_path / "pi.json").write_text(json.dumps({**LAPTOP, "disk_bw_mb": 300}))
+    cluster = _write(tmp_path / "c.yaml", {"link": "gigabit", "nodes": [
+        {"name": "laptop", "profile": LAPTOP}, {"name": "pi", "profile": "pi.json"}]})
+    result = CliRunner().invoke(main, ["plan", "--model", "llama2-7b", "--cluster",
+                                       str(cluster)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {cluster}: node pi: ")
+    assert str(tmp_path / "pi.json") in lines[0]
+    assert "unknown profile key(s) ['disk_bw_mb'] (did you mean 'disk_bw_mbs'?)" in lines[0]
 
 
 def test_unknown_preset_lists_the_presets():
@@ -450,7 +469,7 @@ def test_probe_reads_an_int4_splits_true_widths(tiny_model_dir, tmp_path):
     model_dir, _ = tiny_model_dir("llama3")
     split = split_checkpoint(model_dir, tmp_path / "q4", 2, dtype="int4").out_dir
     config = load_model_config(model_dir)
-    shapes = probing._matvec_shapes(split)
+    shapes = probing.matvec_shapes(split)
     assert (config.hidden_size, config.num_attention_heads * config.head_dim // 2) in shapes
     assert all(n_in in (config.hidden_size, config.intermediate_size // 2,
                         config.num_attention_heads * config.head_dim // 2)
