@@ -69,7 +69,7 @@ CHILD = r"""
 import json, pathlib, sys, torch
 torch.set_num_threads(1)
 from edgetp.runtime.local import LocalCluster
-from edgetp.config import GenerationConfig, SamplingConfig
+from edgetp.config.generation import GenerationConfig, SamplingConfig
 
 args = json.loads(sys.argv[1])
 
