@@ -3,7 +3,7 @@
 Memory is not estimated but derived: the tensors each rank's split would hold come from the
 same :func:`~edgetp.shard.plan.make_plan` / :func:`~edgetp.shard.plan.layer_slices` the splitter uses, the
 window's blocks and fixed bytes follow the loader's rules (:class:`~edgetp.parallel.loader.MemoryNeeds`,
-its ``_work_bytes``), and pinning is the window's own :func:`~edgetp.parallel.window.choose_pinned`. So
+its ``work_bytes``), and pinning is the window's own :func:`~edgetp.parallel.pinning.choose_pinned`. So
 the weight bytes, KV cache bytes and block sizes equal those of a real split exactly (tested).
 
 Time is a model over device profiles (:mod:`edgetp.perf.probe`) and the link. Per token, each rank
@@ -49,8 +49,10 @@ from edgetp.config.links import LinkProfile
 from edgetp.config.model import ModelConfig
 from edgetp.core.errors import ConfigError
 from edgetp.core.units import format_bytes
-from edgetp.parallel.loader import MemoryNeeds, _work_bytes
-from edgetp.parallel.window import DEFAULT_RING_SLOTS, _aligned, choose_pinned
+from edgetp.parallel.blocks import aligned_nbytes
+from edgetp.parallel.loader import MemoryNeeds, work_bytes
+from edgetp.parallel.pinning import choose_pinned
+from edgetp.parallel.window import DEFAULT_RING_SLOTS
 from edgetp.perf.probe import DeviceProfile, load_profile
 from edgetp.runtime.master import MAX_STEP_BYTES
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
@@ -354,8 +356,8 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | St
         if tensors is None:
             continue
         shared = not plan.is_private(index)
-        attn = sum(_aligned(b) for t, b in tensors.items() if t.startswith("self_attn."))
-        mlp = sum(_aligned(b) for t, b in tensors.items() if t.startswith("mlp."))
+        attn = sum(aligned_nbytes(b) for t, b in tensors.items() if t.startswith("self_attn."))
+        mlp = sum(aligned_nbytes(b) for t, b in tensors.items() if t.startswith("mlp."))
         kv_heads = share.n_kv_heads if shared else config.num_key_value_heads
         q_heads = share.n_q_heads if shared else config.num_attention_heads
         layers.append(LayerPart(index, attn, mlp, 2 * kv_heads * hd * elem, q_heads, shared))
@@ -368,7 +370,7 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | St
             for t, b in nbytes[f].items()}
         head_names = ("lm_head.",) if storage.quantized or not config.tie_word_embeddings \
             else ("embed_tokens.",)
-        head = sum(_aligned(b) for t, b in head_file.items() if t.startswith(head_names))
+        head = sum(aligned_nbytes(b) for t, b in head_file.items() if t.startswith(head_names))
         blocks.append(head)
         names.append("lm_head")
     in_blocks = ("self_attn.", "mlp.", "lm_head.", "embed_tokens.")
@@ -378,7 +380,7 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | St
     rope = 2 * seq * hd * 4  # cos and sin tables, float32
     fake_model = SimpleNamespace(config=config, max_seq_len=seq,
                                  lm_head=object() if rank == 0 else None)
-    work = _work_bytes(fake_model, chunk or prefill_chunk(config, rank))  # type: ignore[arg-type]
+    work = work_bytes(fake_model, chunk or prefill_chunk(config, rank))  # type: ignore[arg-type]
     needs = MemoryNeeds(cache + norms + rope + work, tuple(blocks),
                         sizes.get("embed.safetensors", 0))
     weight = sum(sum(tensors.values()) for tensors in nbytes.values())

@@ -32,8 +32,7 @@ def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | N
     key = f"{n_nodes}|{shares}|{dtype}|{private_layers}"
     if dtype == "int4":
         key += f"|g{group_size}"
-    key = key.encode()
-    name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key).hexdigest()[:12]}"
+    name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return cache_root() / name
 
 
