@@ -46,6 +46,7 @@ from edgetp import __version__
 from edgetp.config.cluster import ClusterConfig, NodeConfig
 from edgetp.config.links import transport_only
 from edgetp.core.settings import environment
+from edgetp.shard.layout import rank_dir
 
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
             "-o", "ServerAliveCountMax=3")
@@ -387,12 +388,12 @@ def _roles(config: ClusterConfig, node: NodeConfig) -> dict[str, str]:
 
 def prepare_split(config: ClusterConfig, log: Log) -> Path:
     """The local split directory (rank-0 ... rank-N-1), splitting the checkpoint if needed."""
-    from edgetp.shard.manifest import read_manifest
+    from edgetp.shard.manifest import MANIFEST_NAME, read_manifest
 
     model = config.local_path(config.model)
     n = len(config.nodes)
-    if (model / "rank-0" / "manifest.json").is_file():
-        plan = read_manifest(model / "rank-0").plan
+    if (rank_dir(model, 0) / MANIFEST_NAME).is_file():
+        plan = read_manifest(rank_dir(model, 0)).plan
         if plan.n_ranks != n or not _same_shares(plan.shares, config.shares):
             raise LaunchError(f"the split at {model} is for {plan.n_ranks} nodes with shares "
                               f"{list(plan.shares)}; the cluster has {n} with shares "
@@ -663,10 +664,10 @@ class Launcher:
         check_nodes(config, facts, self.log)
         split = prepare_split(config, self.log)
         check_disks(config, facts, {n.rank: sum(s for s, _ in local_files(
-            split / f"rank-{n.rank}").values()) for n in config.nodes})
+            rank_dir(split, n.rank)).values()) for n in config.nodes})
         if self.ship_shards:
             for node in config.nodes:
-                self._ship(node, split / f"rank-{node.rank}", facts[node.rank])
+                self._ship(node, rank_dir(split, node.rank), facts[node.rank])
         if config.security.curve:
             self._prepare_keys()
         stop_cluster(config, self.log, workers_only=False)

@@ -33,8 +33,8 @@ from edgetp.parallel.qlinear import (
     quantize_skeleton,
 )
 from edgetp.parallel.window import DEFAULT_RING_SLOTS, WeightWindow
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import Manifest, read_manifest, verify_directory
-from edgetp.shard.split import layer_file
 
 BLOCK_PREFIXES = {"self_attn.": "self_attn", "mlp.": "mlp"}
 STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

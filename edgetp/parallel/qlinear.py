@@ -45,6 +45,7 @@ from edgetp.model.llama import Transformer
 from edgetp.parallel.blocks import BlockSpec
 from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import Manifest, TensorEntry
 from edgetp.shard.quant import (
     QUANT_DTYPES,
@@ -54,7 +55,6 @@ from edgetp.shard.quant import (
     native_int4_pack,
     native_int4_tiled,
 )
-from edgetp.shard.split import layer_file
 
 KERNEL_DTYPE = torch.bfloat16
 GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel

@@ -55,10 +55,10 @@ from edgetp.parallel.pinning import choose_pinned
 from edgetp.parallel.window import DEFAULT_RING_SLOTS
 from edgetp.perf.probe import DeviceProfile, load_profile
 from edgetp.runtime.master import MAX_STEP_BYTES
+from edgetp.shard.layout import layer_file
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
 from edgetp.shard.quant import QUANT_DTYPES, SCALE_SUFFIX, QuantError, is_quantized_weight
 from edgetp.shard.quantsplit import int4_groups
-from edgetp.shard.split import layer_file
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT_DTYPES = tuple(ELEMENT_BYTES)

@@ -45,6 +45,8 @@ from typing import Any
 
 from edgetp.core.errors import ConfigError
 from edgetp.core.units import parse_bytes
+from edgetp.shard.layout import rank_dirs
+from edgetp.shard.manifest import MANIFEST_NAME
 
 PROFILE_VERSION = 1
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -289,10 +291,10 @@ def _rank_dir(shard_dir: str | Path | None) -> Path | None:
     if shard_dir is None:
         return None
     directory = Path(shard_dir)
-    ranks = sorted(directory.glob("rank-*/manifest.json"))
+    ranks = rank_dirs(directory)
     if ranks:
-        directory = ranks[min(1, len(ranks) - 1)].parent
-    return directory if (directory / "manifest.json").is_file() else None
+        directory = ranks[min(1, len(ranks) - 1)]
+    return directory if (directory / MANIFEST_NAME).is_file() else None
 
 
 def _matvec_shapes(shard_dir: str | Path | None) -> list[tuple[int, int]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
 from edgetp.runtime.master import Master
+from edgetp.shard import layout
 from edgetp.shard.split import model_fingerprint, split_checkpoint
 
 WORKER_START_TIMEOUT_S = 120.0
@@ -113,7 +114,7 @@ class LocalCluster:
         return MasterSecurity(KeyPair.load(keys / "master.key_secret"), keys / "authorized")
 
     def rank_dir(self, rank: int) -> Path:
-        return self.split_dir / f"rank-{rank}"
+        return layout.rank_dir(self.split_dir, rank)
 
     def start_worker(self, rank: int) -> None:
         command = [sys.executable, "-m", "edgetp.cli", "worker", "--shard",

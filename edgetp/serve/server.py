@@ -42,6 +42,7 @@ from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
 from edgetp.net.transport import ClusterError
 from edgetp.runtime.engine import GenerationResult
+from edgetp.shard.layout import rank_of
 
 log = logging.getLogger("edgetp.serve.server")
 
@@ -106,7 +107,7 @@ class ServerSettings:
 def default_model_name(path: str | Path) -> str:
     """The id clients use by default: the model directory's name (a shard's parent's name)."""
     path = Path(path).resolve()
-    if path.name.startswith("rank-") and path.parent.name:
+    if rank_of(path) is not None and path.parent.name:
         return path.parent.name
     return path.name or "edgetp"
 

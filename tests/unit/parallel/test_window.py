@@ -53,9 +53,10 @@ from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import MemoryNeeds, load_rank, shard_memory_needs
 from edgetp.parallel.pinning import choose_pinned
 from edgetp.parallel.window import DEFAULT_RING_SLOTS, WeightWindow
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import read_manifest
 from edgetp.shard.plan import ShardPlan
-from edgetp.shard.split import layer_file, split_checkpoint
+from edgetp.shard.split import split_checkpoint
 
 MAX_SEQ_LEN = 64
 DECODE_STEPS = 16
