@@ -21,8 +21,7 @@ from typing import Any
 import torch
 import zmq
 
-from edgetp.net import datalink as dataplane
-from edgetp.net import wire
+from edgetp.net import datalink, wire
 from edgetp.net.datalink import DataLink, DataLinkError
 from edgetp.net.delay import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
 from edgetp.net.security import MasterSecurity, authorize, make_server, warn_if_insecure
@@ -40,6 +39,8 @@ BUSY_INTERVAL_S = 0.05  # ... and looks again while a request runs (less GIL con
 
 @dataclass
 class Peer:
+    """A joined worker as the master knows it."""
+
     rank: int
     identity: bytes
     host: str
@@ -69,7 +70,7 @@ class MasterTransport:
         self.ring_port = 0
         self.peers: dict[int, Peer] = {}
         self.data_links: dict[int, DataLink] = {}  # the allreduce's TCP links (edgetp.net.datalink)
-        self.use_data_links = security is None and dataplane.enabled()  # no CURVE over them
+        self.use_data_links = security is None and datalink.enabled()  # no CURVE over them
         self.traffic = Traffic()
         self.lock = threading.RLock()
         self.sock = make_context().socket(zmq.ROUTER)
@@ -147,7 +148,7 @@ class MasterTransport:
             link = self.data_links.get(rank)
             if link is not None:
                 try:
-                    sent = link.send(dataplane.OP_SUM, self.wire_dtype, position, frames)
+                    sent = link.send(datalink.OP_SUM, self.wire_dtype, position, frames)
                 except DataLinkError as exc:
                     self.drop_data_link(rank)
                     raise ClusterError(f"{self.describe(rank)}: {exc}") from exc
@@ -285,7 +286,7 @@ class MasterTransport:
         if not (port and self.use_data_links and self.allreduce == "star"):
             return False
         try:
-            self.data_links[rank] = dataplane.connect(peer_ip, port, token)
+            self.data_links[rank] = datalink.connect(peer_ip, port, token)
         except DataLinkError as exc:
             log.warning("rank %d: %s; its allreduce goes over ZeroMQ", rank, exc)
             return False

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import zmq
 
-from edgetp.net import datalink as dataplane
-from edgetp.net import wire
+from edgetp.net import datalink, wire
 from edgetp.net.codec import payload_bytes
 from edgetp.net.datalink import DataLink, DataLinkError, DataListener
 from edgetp.net.delay import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
@@ -114,7 +113,7 @@ class WorkerTransport:
 
     def _data_listener(self) -> DataListener | None:
         """Where the master may open the data link (None: the allreduce stays on ZeroMQ)."""
-        if self.security is not None or not dataplane.enabled():
+        if self.security is not None or not datalink.enabled():
             return None
         try:
             return DataListener()
@@ -150,7 +149,7 @@ class WorkerTransport:
             return payload_bytes(frames)
         self.link_delay.before_send("partial")
         try:
-            sent = self.data_link.send(dataplane.OP_PARTIAL, self.wire_dtype,
+            sent = self.data_link.send(datalink.OP_PARTIAL, self.wire_dtype,
                                        (fields["seq"], fields["step"], fields["index"]), frames)
         except DataLinkError as exc:
             raise ClusterError(str(exc)) from exc
@@ -165,7 +164,7 @@ class WorkerTransport:
         return self.data_link.fileno() in ready
 
     def receive_sum(self, wire_dtype: str, shape: Sequence[int], deadline: float
-                    ) -> dataplane.Received:
+                    ) -> datalink.Received:
         """The next message on the data link (read within ``deadline``)."""
         assert self.data_link is not None
         try:
