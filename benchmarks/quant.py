@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from edgetp.model.synthetic import llama_config, write_model  # noqa: E402
-from edgetp.net.collectives import SoloCommunicator  # noqa: E402
+from edgetp.parallel.comm import SoloCommunicator  # noqa: E402
 from edgetp.parallel.loader import load_rank, shard_memory_needs  # noqa: E402
 from edgetp.shard.manifest import read_manifest  # noqa: E402
 from edgetp.shard.split import split_checkpoint  # noqa: E402

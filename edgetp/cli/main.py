@@ -276,10 +276,10 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
                    **opts: Any) -> None:
     """Run the master: load rank 0, wait for the workers, answer prompts."""
     from edgetp.runtime.master import Master
+    from edgetp.shard.layout import shard_dir_of
 
     setup_logging()
-    if (shard_dir / "rank-0").is_dir():
-        shard_dir = shard_dir / "rank-0"
+    shard_dir = shard_dir_of(shard_dir)
     security = master_security(bind, keys_file, authorized, insecure)
     master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],
                             opts["wire_dtype"], opts["timeout_s"],
@@ -453,14 +453,14 @@ def _master_context(model_dir: Path | None, shard_dir: Path | None, bind: str, n
     import contextlib
 
     from edgetp.runtime.master import Master
+    from edgetp.shard.layout import shard_dir_of
 
     if (model_dir is None) == (shard_dir is None):
         raise click.UsageError("give MODEL_DIR (this machine, or --nodes N on loopback) or "
                                "--shards DIR (the master of a cluster)"
                                + (", not both" if model_dir is not None else ""))
     if shard_dir is not None:
-        if (shard_dir / "rank-0").is_dir():
-            shard_dir = shard_dir / "rank-0"
+        shard_dir = shard_dir_of(shard_dir)
         security = master_security(bind, opts["keys_file"], opts["authorized"],
                                    opts["insecure"])
         master = Master.cluster(shard_dir, bind, opts["dtype"], opts["max_seq_len"],

@@ -1,1 +1,11 @@
-"""edgetp.model.llama."""
+"""The single-device Llama family, and what the master needs around it.
+
+Owns the decoder in plain torch (:mod:`.llama`: Llama 2/3/3.1/3.2, Mistral, Qwen2), reading
+Hugging Face checkpoints tensor by tensor (:mod:`.checkpoint`), the tokenizer
+(:mod:`.tokenizer`), sampling (:mod:`.sampling`), the bundled demo model (:mod:`.demo`) and
+synthetic checkpoints for tests and benchmarks (:mod:`.synthetic`).
+
+May import: edgetp.kernels, edgetp.config, edgetp.core (and torch, safetensors, tokenizers,
+jinja2). It knows nothing of ranks, shards or networks: the layers above rewrite it for tensor
+parallelism.
+"""

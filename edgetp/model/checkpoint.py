@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgetp.config.model import ModelConfig, load_model_config
+from edgetp.model.llama import Transformer
 
 T = TypeVar("T")
 
@@ -74,8 +76,8 @@ class Checkpoint:
         for file_name in sorted(by_file):
             with _open(self.model_dir / file_name) as handle:
                 for name in sorted(by_file[file_name]):
-                    yield name, _checked(name, _read(handle, name,
-                                                     lambda n=name: handle.get_tensor(n)))
+                    tensor = _read(handle, name, partial(handle.get_tensor, name))
+                    yield name, _checked(name, tensor)
 
 
 def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
@@ -165,23 +167,21 @@ def set_tensor(model: nn.Module, param_name: str, value: torch.Tensor, source: s
     """
     owner_name, _, attr = param_name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    expected = tuple(owner._parameters[attr].shape)
+    expected = tuple(owner.get_parameter(attr).shape)
     if tuple(value.shape) != expected:
         raise CheckpointError(
             f"tensor {param_name!r}{source} has shape {list(value.shape)} but the config "
             f"implies {list(expected)}; config.json does not match the weights"
         )
-    owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    owner.register_parameter(attr, nn.Parameter(value, requires_grad=False))
 
 
 def load_model(
     model_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     max_seq_len: int | None = None,
-) -> nn.Module:
+) -> Transformer:
     """Build the single-device model from a Hugging Face directory, tensor by tensor."""
-    from edgetp.model.llama import Transformer
-
     config = load_model_config(model_dir)
     checkpoint = Checkpoint(model_dir)
     with torch.device("meta"):
@@ -189,6 +189,6 @@ def load_model(
     for name in _param_names(config):
         set_tensor(model, name, checkpoint.get(hf_name(name)).to(dtype), f" in {model_dir}")
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+        model.tie_head_to_embedding()
     model.allocate_cache(dtype)
     return model.eval()

@@ -4,8 +4,8 @@ The model knows nothing of networks. Hidden states have no batch dimension: edge
 decodes one sequence at a time, so ``h`` is ``[T, d]``. Module names follow the Hugging Face
 state-dict names without the ``model.`` prefix, so checkpoint tensors map one to one.
 
-Tensor parallelism (``edgetp.parallel.linears``) rewrites the linears and the per-rank head counts of
-this model; nothing here changes for it.
+Tensor parallelism (``edgetp.parallel.linears``) rewrites the linears and the per-rank head
+counts of this model; nothing here changes for it.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=config.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=config.o_bias)
+        # o_proj and down_proj may become row-parallel linears (edgetp.parallel.linears)
+        self.o_proj: nn.Module = nn.Linear(self.n_heads * hd, d, bias=config.o_bias)
         self.set_head_layout(torch.arange(self.n_heads, device="cpu") // config.group_size)
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
@@ -225,7 +226,7 @@ class MLP(nn.Module):
         d, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(d, inner, bias=bias)
         self.up_proj = nn.Linear(d, inner, bias=bias)
-        self.down_proj = nn.Linear(inner, d, bias=bias)
+        self.down_proj: nn.Module = nn.Linear(inner, d, bias=bias)  # or a row-parallel one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> [T, d]
         # gate and up are this call's own temporaries: activate and gate in place
@@ -257,18 +258,23 @@ class DecoderLayer(nn.Module):
 class Transformer(nn.Module):
     """The whole decoder. ``forward(tokens, start_pos)`` = ``head(layers(embed(tokens)))``."""
 
+    rope_cos: torch.Tensor  # [S, head_dim] buffers, registered in __init__
+    rope_sin: torch.Tensor
+    window: object | None = None  # what streams the weights, if anything (set by the loader)
+
     def __init__(self, config: ModelConfig, max_seq_len: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.max_seq_len = max_seq_len or config.max_position_embeddings
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # an nn.Embedding, or a table read from disk row by row (edgetp.parallel.blocks)
+        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.tie_head_to_embedding()
         with torch.device("cpu"):  # real tables even when the weights are built on "meta"
             cos, sin = rope_tables(config, self.max_seq_len)
         self.register_buffer("rope_cos", cos, persistent=False)  # [S, head_dim]
@@ -278,9 +284,22 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.local_layers()[0].input_layernorm.weight.dtype
 
+    def tie_head_to_embedding(self) -> None:
+        """The lm_head reads the embedding table itself (``tie_word_embeddings``)."""
+        self.lm_head.weight = self.embed_tokens.get_parameter("weight")
+
     def local_layers(self) -> list[DecoderLayer]:
         """The layers this process holds (a worker holds none of the master's private ones)."""
-        return [layer for layer in self.layers if layer is not None]
+        return [layer for _, layer in self.indexed_layers()]
+
+    def indexed_layers(self) -> list[tuple[int, DecoderLayer]]:
+        """(index in the whole model, layer) of every layer this process holds."""
+        return [(i, layer) for i, layer in enumerate(self.layers)
+                if isinstance(layer, DecoderLayer)]
+
+    def drop_layer(self, index: int) -> None:
+        """Forget layer ``index``: another node runs it (its slot stays, so indices hold)."""
+        self.layers[index] = None  # type: ignore[assignment]  # ModuleList keeps None slots
 
     def allocate_cache(self, dtype: torch.dtype | None = None) -> None:
         """Preallocate every local layer's KV cache for ``max_seq_len`` positions."""

@@ -41,7 +41,8 @@ class InProcessGroup:
     def communicator(self, rank: int) -> InProcessCommunicator:
         return InProcessCommunicator(self, rank)
 
-    def _allreduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
+    def allreduce(self, rank: int, x: torch.Tensor) -> torch.Tensor:
+        """Rank ``rank``'s part of one allreduce: its partial in, everyone's sum out."""
         self._slots[rank] = x
         if self._barrier.wait() == 0:  # one thread sums, in rank order
             if self.wire != "f32":  # as StarMaster: rank 0 is the master
@@ -68,12 +69,10 @@ class InProcessCommunicator:
         self.world_size = group.world_size
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:
-        return self.group._allreduce(self.rank, x)
+        return self.group.allreduce(self.rank, x)
 
 
 # -- the star over ZeroMQ ----------------------------------------------------------------------
-
-WIRE_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -234,9 +233,8 @@ class StarWorker:
                     break
                 tensors = self._sum_in(message, index)
             else:
-                ready = dict(transport.data_poller.poll(max(1, int(remaining * 1000))))
                 tensors = None
-                if transport.data_link.fileno() in ready:
+                if transport.data_link_readable(remaining):
                     got = transport.receive_sum(wire, shape, deadline)
                     if got.op == OP_SUM and (got.seq, got.step, got.index) == (
                             pos.seq, pos.step, index):

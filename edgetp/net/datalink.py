@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from edgetp.net.codec import FLOAT_WIRE
+from edgetp.net.wire import tensor_bytes
 
 MAGIC = b"ETd1"
 HEADER = struct.Struct("<4sBBxxIIII")  # magic, op, wire, pad, seq, step, index, payload bytes
@@ -96,7 +97,7 @@ class DataLink:
     def send(self, op: int, wire: str, position: tuple[int, int, int],
              tensors: Sequence[torch.Tensor]) -> int:
         """Send one message (no copy: the tensors' memory goes to the kernel); its bytes."""
-        payload = [_tensor_view(t) for t in tensors]
+        payload = [tensor_bytes(t) for t in tensors]
         size = sum(len(p) for p in payload)
         seq, step, index = (min(v, MAX_FIELD) for v in position)
         parts = [memoryview(HEADER.pack(MAGIC, op, WIRE_CODES[wire], seq, step, index, size)),
@@ -171,13 +172,6 @@ class DataLink:
 
     def close(self) -> None:
         self.sock.close()
-
-
-def _tensor_view(tensor: torch.Tensor) -> memoryview:
-    tensor = tensor.contiguous()
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")
 
 
 def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:

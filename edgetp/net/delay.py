@@ -1,4 +1,10 @@
-"""edgetp.net.delay."""
+"""The transport's link-delay hook: a send-side sleep for emulated links (testbeds).
+
+The testbeds (``edgetp.ops``) set ``EDGETP_LINK_DELAY_MS`` / ``EDGETP_LINK_JITTER_MS`` for the
+nodes they start; each transport reads them once (:meth:`LinkDelay.from_env`) and sleeps one
+traversal before sending a data message. Unset or zero, the hook is :data:`NO_DELAY` and
+costs nothing. The environment is read in :meth:`LinkDelay.from_env` alone.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,6 @@ from edgetp.core.settings import ENV_DELAY, ENV_JITTER
 DELAYED_OPS = frozenset({"step", "sum", "partial"})  # the data messages of a token
 
 
-# -- the transport hook ------------------------------------------------------------------------
-
-
 class LinkDelay:
     """The send-side delay of the transport hook; :data:`NO_DELAY` when it is off."""
 
@@ -28,18 +31,11 @@ class LinkDelay:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LinkDelay:
         """Read ``EDGETP_LINK_DELAY_MS`` / ``EDGETP_LINK_JITTER_MS`` (unset or 0: no delay)."""
         environ = os.environ if environ is None else environ
-        values = []
-        for key in (ENV_DELAY, ENV_JITTER):
-            text = environ.get(key, "").strip() or "0"
-            try:
-                values.append(float(text))
-            except ValueError:
-                raise ConfigError(f"{key}={text!r} is not a number of milliseconds") from None
-            if values[-1] < 0:
-                raise ConfigError(f"{key}={text!r} must be >= 0")
-        if values[0] == 0 and values[1] == 0:
+        delay_ms = milliseconds(ENV_DELAY, environ.get(ENV_DELAY, ""))
+        jitter_ms = milliseconds(ENV_JITTER, environ.get(ENV_JITTER, ""))
+        if delay_ms == 0 and jitter_ms == 0:
             return NO_DELAY
-        return cls(values[0], values[1])
+        return cls(delay_ms, jitter_ms)
 
     @property
     def active(self) -> bool:
@@ -50,6 +46,18 @@ class LinkDelay:
         if op in DELAYED_OPS and self.active:
             jitter = self._random.uniform(-self.jitter_s, self.jitter_s) if self.jitter_s else 0
             time.sleep(max(0.0, self.delay_s + jitter))
+
+
+def milliseconds(key: str, text: str) -> float:
+    """The value of setting ``key`` as a number of milliseconds >= 0 (empty: 0)."""
+    text = text.strip() or "0"
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} is not a number of milliseconds") from None
+    if value < 0:
+        raise ConfigError(f"{key}={text!r} must be >= 0")
+    return value
 
 
 NO_DELAY = LinkDelay()

@@ -22,10 +22,9 @@ import zmq
 from edgetp.core.metrics import RECORDER, now
 from edgetp.net import wire
 from edgetp.net.codec import check_format, check_payload, decode, encode, payload_bytes
-from edgetp.net.transport import ClusterError, _configure, make_context
+from edgetp.net.transport.errors import ClusterError
+from edgetp.net.transport.sockets import configure_socket, make_context
 from edgetp.net.wire import WireError
-
-WIRE_TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}  # kept for older callers
 
 
 class RingError(ClusterError):
@@ -38,7 +37,7 @@ class RingLink:
     def __init__(self, bind_host: str = "*") -> None:
         context = make_context()
         self.pull = context.socket(zmq.PULL)
-        _configure(self.pull)
+        configure_socket(self.pull)
         self.pull.bind(f"tcp://{bind_host}:0")
         self.port = int(self.pull.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.push: zmq.Socket | None = None
@@ -52,7 +51,7 @@ class RingLink:
         if self.push is not None:
             self.push.close(linger=0)
         self.push = make_context().socket(zmq.PUSH)
-        _configure(self.push)
+        configure_socket(self.push)
         self.push.connect(address)
         self.successor = address
 

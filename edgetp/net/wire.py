@@ -85,17 +85,18 @@ def encode(op: str, fields: dict[str, Any], tensors: Sequence[torch.Tensor] = ()
     for tensor in tensors:
         if tensor.dtype not in DTYPE_CODES:
             raise WireError(f"tensor dtype {tensor.dtype} cannot be sent")
-        tensor = tensor.contiguous()
         specs.append([DTYPE_CODES[tensor.dtype], list(tensor.shape)])
-        payloads.append(_tensor_bytes(tensor))
+        payloads.append(tensor_bytes(tensor))
     header = {"v": PROTOCOL_VERSION, "op": op, "tensors": specs, **fields}
     return [msgpack.packb(header, use_bin_type=True), *payloads]
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's memory as bytes, without a copy when it is contiguous (as sent)."""
+    tensor = tensor.contiguous()
     if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy()).cast("B")
+        tensor = tensor.view(torch.int16)  # numpy has no bfloat16: the same two bytes
+    return tensor.numpy().data.cast("B")
 
 
 def decode(frames: Sequence[Any]) -> Message:
@@ -145,7 +146,7 @@ def _check_fields(op: str, header: dict[str, Any]) -> None:
             header[name] = value = float(value)
         if not isinstance(value, kind) or (kind is _INT and isinstance(value, bool)):
             raise WireError(f"{op}: field {name!r} must be {kind.__name__}")
-        if kind is _INT and not 0 <= value < 2**62:
+        if kind is _INT and not (isinstance(value, int) and 0 <= value < 2**62):
             raise WireError(f"{op}: field {name!r} out of range")
 
 

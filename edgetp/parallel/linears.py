@@ -81,17 +81,15 @@ def shard_layer(
     def row(prefix: str) -> RowParallelLinear:
         return RowParallelLinear(local[prefix + ".weight"], local.get(prefix + ".bias"), comm)
 
-    attn.q_proj, attn.k_proj, attn.v_proj = (
-        column(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj")
-    )
-    attn.o_proj = row("self_attn.o_proj")
+    q, k, v = (column(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj"))
+    o = row("self_attn.o_proj")
+    gate, up, down = column("mlp.gate_proj"), column("mlp.up_proj"), row("mlp.down_proj")
+    for linear in (q, k, v, o, gate, up, down):
+        linear.reuse_output = True  # consumed within the step: its buffer serves the next
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = q, k, v, o
     attn.set_head_layout(torch.tensor(kv_of_head, dtype=torch.int64, device="cpu"))
     attn.k_cache = attn.v_cache = None
-    mlp.gate_proj, mlp.up_proj = column("mlp.gate_proj"), column("mlp.up_proj")
-    mlp.down_proj = row("mlp.down_proj")
-    for linear in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
-                   mlp.up_proj, mlp.down_proj):
-        linear.reuse_output = True  # consumed within the step: its buffer serves the next
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down
 
 
 def unsplit(linear: nn.Linear, reuse_output: bool) -> ColumnParallelLinear:
@@ -122,13 +120,13 @@ def shard_model(model: Transformer, plan: ShardPlan, rank: int, comm: Communicat
         raise ValueError(f"communicator of {comm.world_size} ranks for a {plan.n_ranks}-rank plan")
     slices = layer_slices(plan, rank, model.config)
     kv_of_head = plan.share(rank).kv_of_head(plan.group_size)
-    for index, layer in enumerate(model.layers):
+    for index, layer in model.indexed_layers():
         if not plan.is_private(index):
             shard_layer(layer, slices, kv_of_head, comm)
         elif rank == 0:
             keep_whole(layer)
         else:
-            model.layers[index] = None  # private layers run on the master only
+            model.drop_layer(index)  # private layers run on the master only
     if rank == 0:
         model.lm_head = unsplit(model.lm_head, False)  # callers keep the logits
     else:

@@ -23,24 +23,19 @@ from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
 from edgetp.model.checkpoint import set_tensor
 from edgetp.model.llama import Transformer
+from edgetp.parallel.blocks import ALIGNMENT, BlockSpec, DiskEmbedding, WindowError
 from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import shard_model
+from edgetp.parallel.pinning import choose_pinned
 from edgetp.parallel.qlinear import (
     is_quantized,
     keeps_stored_dtype,
     mark_streamed,
     quantize_skeleton,
 )
-from edgetp.parallel.window import (
-    DEFAULT_RING_SLOTS,
-    BlockSpec,
-    DiskEmbedding,
-    WeightWindow,
-    WindowError,
-    choose_pinned,
-)
+from edgetp.parallel.window import DEFAULT_RING_SLOTS, WeightWindow
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import Manifest, read_manifest, verify_directory
-from edgetp.shard.split import layer_file
 
 BLOCK_PREFIXES = {"self_attn.": "self_attn", "mlp.": "mlp"}
 STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,8 +70,9 @@ def load_rank(
         if needs.total > memory_budget:
             _check_window_dtype(manifest, dtype)
             _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
-            model.window = _make_window(blocks, needs, memory_budget, ring_slots)
-            mark_streamed(model.window.streamed)
+            window = _make_window(blocks, needs, memory_budget, ring_slots)
+            mark_streamed(window.streamed)
+            model.window = window
             instrument(model)
             return model.eval()
     _load_everything(model, manifest, shard_dir, dtype)
@@ -121,7 +117,7 @@ def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: to
         model = Transformer(manifest.model_config, max_seq_len=max_seq_len)
     shard_model(model, manifest.plan, manifest.rank, comm)
     quantize_skeleton(model, manifest, comm)  # int8/int4 shards: quantized linears
-    model.window = None  # type: ignore[assignment]
+    model.window = None
     if cache:
         model.allocate_cache(dtype)
     return model, _blocks(model, manifest, shard_dir)
@@ -145,13 +141,14 @@ def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
                 tensor = handle.get_tensor(name)
                 if not keeps_stored_dtype(name, tensor):
                     tensor = tensor.to(dtype)
-                set_tensor(model, prefix + name, _aligned(tensor), f" in {shard_dir / file_name}")
+                set_tensor(model, prefix + name, _aligned_copy(tensor),
+                           f" in {shard_dir / file_name}")
     if (manifest.rank == 0 and manifest.model_config.tie_word_embeddings
             and not is_quantized(manifest)):
-        model.lm_head.weight = model.embed_tokens.weight
+        model.tie_head_to_embedding()
 
 
-def _aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+def _aligned_copy(tensor: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
     """``tensor``, copied to an allocation of its own if it does not start ``alignment``-aligned.
 
     safetensors hands out tensors at arbitrary addresses (e.g. 16 or 56 mod 64), and CPU
@@ -212,7 +209,7 @@ def _load_small_tensors(model: Transformer, manifest: Manifest, shard_dir: Path,
         for name in block.tensors:
             owner, _, attr = name.rpartition(".")
             module = block.module.get_submodule(owner) if owner else block.module
-            module._parameters[attr] = nn.Parameter(torch.empty(0), requires_grad=False)
+            module.register_parameter(attr, nn.Parameter(torch.empty(0), requires_grad=False))
     in_blocks = {(str(b.path.name), n) for b in blocks for n in _disk_names(b)}
     for file_name, prefix in _files_with_prefixes(manifest):
         with safe_open(shard_dir / file_name, framework="pt") as handle:
@@ -222,7 +219,7 @@ def _load_small_tensors(model: Transformer, manifest: Manifest, shard_dir: Path,
                 if name == "embed_tokens.weight":
                     model.embed_tokens = DiskEmbedding(shard_dir / file_name, entry, dtype)
                     continue
-                set_tensor(model, prefix + name, _aligned(handle.get_tensor(name).to(dtype)))
+                set_tensor(model, prefix + name, _aligned_copy(handle.get_tensor(name).to(dtype)))
 
 
 def _disk_names(block: BlockSpec) -> list[str]:

@@ -1,4 +1,5 @@
-"""Linears over quantized weights (formats in ``edgetp.shard.quant``), and the loader's rewrite to them.
+"""Linears over quantized weights (formats in ``edgetp.shard.quant``), and the loader's rewrite
+to them.
 
 Which code computes ``x @ W^T`` (measured on the development CPU, see
 ``benchmarks/quant_kernels.py`` and the README):
@@ -27,8 +28,8 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
   int8 scales are applied to the output rather than to the weight.
 
 :class:`QuantColumnParallelLinear` and :class:`QuantRowParallelLinear` keep the semantics of
-``edgetp.parallel.linears``: a row-parallel linear computes its partial, allreduces it in plain sight,
-then adds its bias once.
+``edgetp.parallel.linears``: a row-parallel linear computes its partial, allreduces it in plain
+sight, then adds its bias once.
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetp.kernels import native as kernels
+from edgetp.model.llama import Transformer
+from edgetp.parallel.blocks import BlockSpec
 from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import Manifest, TensorEntry
 from edgetp.shard.quant import (
     QUANT_DTYPES,
@@ -51,7 +55,6 @@ from edgetp.shard.quant import (
     native_int4_pack,
     native_int4_tiled,
 )
-from edgetp.shard.split import layer_file
 
 KERNEL_DTYPE = torch.bfloat16
 GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
@@ -124,6 +127,9 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     window swaps in per use (they are never repacked).
     """
 
+    weight: nn.Parameter  # integer codes: int8, or two int4 per uint8
+    bias: nn.Parameter | None
+
     def __init__(self, fmt: str, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...],
                  bias: bool) -> None:
         nn.Module.__init__(self)  # not the float parents' __init__: no float weight
@@ -171,7 +177,9 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         return self.add_bias(self.matmul(x))
 
 
-class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):
+# nn.Linear (the column-parallel parent) declares a float Tensor weight and a bias that is never
+# None; QuantLinear's (first in the method order) are a Parameter of codes and an optional bias
+class QuantColumnParallelLinear(QuantLinear, ColumnParallelLinear):  # type: ignore[misc]
     """Column-parallel (or unsplit) quantized linear: no communication."""
 
 
@@ -198,13 +206,11 @@ def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
     return not tensor.is_floating_point() or name.endswith(SCALE_SUFFIX)
 
 
-def quantize_skeleton(model: nn.Module, manifest: Manifest, comm: Communicator) -> None:
+def quantize_skeleton(model: Transformer, manifest: Manifest, comm: Communicator) -> None:
     """Replace the float linears of a ``meta`` skeleton by quantized ones shaped as on disk."""
     if not is_quantized(manifest):
         return
-    for index, layer in enumerate(model.layers):  # type: ignore[attr-defined]
-        if layer is None:
-            continue
+    for index, layer in model.indexed_layers():
         tensors = manifest.files[layer_file(index)].tensors
         for name in PROJECTIONS:
             _replace(layer, name, manifest.dtype, tensors, comm)
@@ -226,7 +232,7 @@ def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEn
     setattr(owner, attr, new)
 
 
-def mark_streamed(blocks: list) -> None:
+def mark_streamed(blocks: list[BlockSpec]) -> None:
     """Flag the quantized linears of the window's streamed blocks (never repacked)."""
     for block in blocks:
         for module in block.module.modules():

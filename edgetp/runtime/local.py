@@ -19,6 +19,7 @@ from pathlib import Path
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
 from edgetp.runtime.commands import WorkerCommand, WorkerKeys
 from edgetp.runtime.master import Master
+from edgetp.shard import layout
 from edgetp.shard.split import model_fingerprint, split_checkpoint
 
 WORKER_START_TIMEOUT_S = 120.0
@@ -33,8 +34,7 @@ def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | N
     key = f"{n_nodes}|{shares}|{dtype}|{private_layers}"
     if dtype == "int4":
         key += f"|g{group_size}"
-    key = key.encode()
-    name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key).hexdigest()[:12]}"
+    name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     return cache_root() / name
 
 
@@ -115,7 +115,7 @@ class LocalCluster:
         return MasterSecurity(KeyPair.load(keys / "master.key_secret"), keys / "authorized")
 
     def rank_dir(self, rank: int) -> Path:
-        return self.split_dir / f"rank-{rank}"
+        return layout.rank_dir(self.split_dir, rank)
 
     def start_worker(self, rank: int) -> None:
         command = self.worker_command(rank).argv(sys.executable) + self.worker_args

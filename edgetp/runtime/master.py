@@ -1,8 +1,8 @@
 """The master role: the only node that sees text, token ids, logits and sampling settings.
 
-A :class:`Master` owns the tokenizer and an :class:`~edgetp.runtime.engine.Engine` over a runner. With
-no workers the runner is the whole model in this process; a cluster master's runner drives its
-workers (see ``edgetp.runtime.local``).
+A :class:`Master` owns the tokenizer and an :class:`~edgetp.runtime.engine.Engine` over a
+runner. With no workers the runner is the whole model in this process; a cluster master's runner
+drives its workers (see ``edgetp.runtime.local``).
 """
 
 from __future__ import annotations
@@ -45,15 +45,21 @@ class Prompt:
     system: str | None = None
 
 
+MasterCommunicator = StarMaster | RingAllreduce | SoloCommunicator
+
+
 def _master_communicator(transport: MasterTransport, allreduce: str, wire_dtype: str,
-                         timeout_s: float) -> StarMaster | RingAllreduce:
+                         timeout_s: float, position: StepPosition) -> StarMaster | RingAllreduce:
+    """Rank 0's allreduce, star or ring, counting its allreduces in ``position``."""
     if allreduce == "star":
-        return StarMaster(transport, wire_dtype, timeout_s)
+        star = StarMaster(transport, wire_dtype, timeout_s)
+        star.position = position
+        return star
     if allreduce != "ring":
         raise ValueError(f"--allreduce {allreduce!r}: choose star or ring")
     link = RingLink()
     transport.allreduce, transport.ring_port = "ring", link.port
-    return RingAllreduce(0, transport.n_ranks, link, StepPosition(), wire_dtype, timeout_s)
+    return RingAllreduce(0, transport.n_ranks, link, position, wire_dtype, timeout_s)
 
 
 class ClusterRunner:
@@ -65,11 +71,13 @@ class ClusterRunner:
     ``prefill_chunk`` tokens so no message outgrows the link.
     """
 
-    def __init__(self, model: Transformer, transport: MasterTransport, comm: StarMaster,
-                 plan: ShardPlan, prefill_chunk: int = 128, join_timeout_s: float = 10.0) -> None:
+    def __init__(self, model: Transformer, transport: MasterTransport, comm: MasterCommunicator,
+                 position: StepPosition, plan: ShardPlan, prefill_chunk: int = 128,
+                 join_timeout_s: float = 10.0) -> None:
         self.model = model
         self.transport = transport
         self.comm = comm
+        self.position = position  # where ``comm`` is within the current step
         self.plan = plan
         self.max_seq_len = model.max_seq_len
         self.prefill_chunk = prefill_chunk
@@ -111,7 +119,7 @@ class ClusterRunner:
         self.step += 1
         h = self.model.forward_layers(h, start, self.first)
         if self.plan.n_ranks > 1:
-            self.comm.position.begin(self.seq, self.step, 2 * len(self.shared))
+            self.position.begin(self.seq, self.step, 2 * len(self.shared))
             self.transport.broadcast("step", {"seq": self.seq, "step": self.step,
                                               "start": start}, [h])
         h = self.model.forward_layers(h, start, self.shared)
@@ -195,13 +203,16 @@ class Master:
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
                                     security)
         try:
+            position = StepPosition()
             comm = (SoloCommunicator() if manifest.plan.n_ranks == 1  # no allreduce at all
-                    else _master_communicator(transport, allreduce, wire_dtype, timeout_s))
+                    else _master_communicator(transport, allreduce, wire_dtype, timeout_s,
+                                              position))
             hidden = manifest.model_config.hidden_size
             chunk = master_prefill_chunk(prefill_chunk, hidden)
             model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,
                               memory_budget=memory_budget, prefill_chunk=chunk)
-            runner = ClusterRunner(model, transport, comm, manifest.plan, chunk, timeout_s)
+            runner = ClusterRunner(model, transport, comm, position, manifest.plan, chunk,
+                                   timeout_s)
             return cls(Tokenizer.from_dir(shard_dir), runner)
         except BaseException:
             transport.close()

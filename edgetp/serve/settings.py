@@ -7,6 +7,7 @@ from pathlib import Path
 
 from edgetp.config.generation import SamplingConfig
 from edgetp.core.errors import ConfigError
+from edgetp.shard.layout import rank_of
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,6 @@ class ServerSettings:
 def default_model_name(path: str | Path) -> str:
     """The id clients use by default: the model directory's name (a shard's parent's name)."""
     path = Path(path).resolve()
-    if path.name.startswith("rank-") and path.parent.name:
+    if rank_of(path) is not None and path.parent.name:
         return path.parent.name
     return path.name or "edgetp"

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from edgetp.config.model import ModelConfig, load_model_config
 from edgetp.core.errors import ConfigError
 from edgetp.model.checkpoint import Checkpoint, hf_name
+from edgetp.shard.layout import layer_file, rank_dir, rank_dirs
 from edgetp.shard.manifest import (
     FileEntry,
     Manifest,
@@ -47,14 +48,6 @@ class SplitResult:
     rank_dirs: list[Path]
     skipped: bool  # True when an identical split was already there
     bytes_written: int
-
-
-def rank_dir(out_dir: Path, rank: int) -> Path:
-    return out_dir / f"rank-{rank}"
-
-
-def layer_file(index: int) -> str:
-    return f"layer-{index:03d}.safetensors"
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -128,18 +121,18 @@ def _existing_split_matches(
     group_size: int = 0,
 ) -> bool:
     """True if ``out_dir`` already holds this exact split; clears a different one if forced."""
-    existing = sorted(out_dir.glob("rank-*/manifest.json")) if out_dir.is_dir() else []
+    existing = rank_dirs(out_dir) if out_dir.is_dir() else []
     if not existing:
         return False
     try:
-        manifests = [read_manifest(path.parent) for path in existing]
+        manifests = [read_manifest(directory) for directory in existing]
     except ShardError:
         manifests = []
     same = (
         len(manifests) == plan.n_ranks
         and all(m.fingerprint == fingerprint and m.plan == plan and m.dtype == dtype
                 and m.group_size == group_size for m in manifests)
-        and all(_files_present(path.parent, m) for path, m in zip(existing, manifests, strict=True))
+        and all(_files_present(d, m) for d, m in zip(existing, manifests, strict=True))
     )
     if same:
         return True
@@ -148,8 +141,8 @@ def _existing_split_matches(
             f"{out_dir} already holds a split of another model, plan or dtype; choose another "
             "--out directory or pass --force to replace it"
         )
-    for path in existing:
-        shutil.rmtree(path.parent)
+    for directory in existing:
+        shutil.rmtree(directory)
     return False
 
 

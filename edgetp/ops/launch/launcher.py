@@ -40,6 +40,7 @@ from edgetp.ops.launch.shipping import (
 )
 from edgetp.ops.launch.status import api_health
 from edgetp.runtime.commands import MasterKeys, ServeCommand, WorkerCommand, WorkerKeys
+from edgetp.shard.layout import rank_dir
 
 Log = Callable[[str], None]
 
@@ -69,10 +70,10 @@ class Launcher:
         check_nodes(config, facts, self.log)
         split = prepare_split(config, self.log)
         check_disks(config, facts, {n.rank: sum(s for s, _ in local_files(
-            split / f"rank-{n.rank}").values()) for n in config.nodes})
+            rank_dir(split, n.rank)).values()) for n in config.nodes})
         if self.ship_shards:
             for node in config.nodes:
-                self._ship(node, split / f"rank-{node.rank}", facts[node.rank])
+                self._ship(node, rank_dir(split, node.rank), facts[node.rank])
         if config.security.curve:
             install_keys(config)
         stop_cluster(config, self.log, workers_only=False)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from edgetp.config.cluster import ClusterConfig
 from edgetp.ops.launch.shell import LaunchError, NodeShell
+from edgetp.shard.layout import rank_dir
+from edgetp.shard.manifest import MANIFEST_NAME
 
 CHUNK = 1 << 20
 Log = Callable[[str], None]
@@ -36,8 +38,8 @@ def prepare_split(config: ClusterConfig, log: Log) -> Path:
 
     model = config.local_path(config.model)
     n = len(config.nodes)
-    if (model / "rank-0" / "manifest.json").is_file():
-        plan = read_manifest(model / "rank-0").plan
+    if (rank_dir(model, 0) / MANIFEST_NAME).is_file():
+        plan = read_manifest(rank_dir(model, 0)).plan
         if plan.n_ranks != n or not _same_shares(plan.shares, config.shares):
             raise LaunchError(f"the split at {model} is for {plan.n_ranks} nodes with shares "
                               f"{list(plan.shares)}; the cluster has {n} with shares "

@@ -32,6 +32,7 @@ from edgetp.ops.testbed.resources import (
     shielded,
     signals_raise,
 )
+from edgetp.shard.layout import rank_dir
 
 
 @dataclass
@@ -57,7 +58,7 @@ def flags_config(model_dir: Path, nodes: int, profile: str | None, memory_budget
     node_list = []
     for k in range(nodes):
         node: dict[str, Any] = {"name": f"node-{k}", "address": f"10.77.0.{k + 1}",
-                                "shard_dir": str(split / f"rank-{k}"), "threads": 1}
+                                "shard_dir": str(rank_dir(split, k)), "threads": 1}
         for key, value in (("memory_budget", memory_budget), ("memory_limit", memory_limit),
                            ("link", profile)):
             if value is not None:
@@ -121,9 +122,9 @@ def _split(config: ClusterConfig, log: Log) -> Path:
 
     split = config.local_path(config.split_dir or "testbed-split")
     for node in config.nodes:
-        if config.local_path(node.shard_dir).resolve() != (split / f"rank-{node.rank}").resolve():
+        if config.local_path(node.shard_dir).resolve() != rank_dir(split, node.rank).resolve():
             raise ConfigError(f"{config.source}: nodes[{node.rank}].shard_dir must be "
-                              f"{split / f'rank-{node.rank}'} (the split_dir's rank-{node.rank})")
+                              f"{rank_dir(split, node.rank)} (the split_dir's rank-{node.rank})")
     shares = None if len(set(config.shares)) == 1 else config.shares
     log(f"splitting {config.model} for {len(config.nodes)} nodes into {split}")
     split_checkpoint(config.local_path(config.model), split, len(config.nodes), shares,
@@ -148,7 +149,7 @@ def _master_spec(run: TestbedRun, split: Path, namespaces: list[str], out: Path)
     """What node 0's master role does (:func:`edgetp.ops.testbed.master.master_role`)."""
     c = run.config
     spec = {
-        "rank0": str(split / "rank-0"), "bind": f"tcp://{c.nodes[0].address}:{c.master.port}",
+        "rank0": str(rank_dir(split, 0)), "bind": f"tcp://{c.nodes[0].address}:{c.master.port}",
         "wire_dtype": c.wire_dtype, "allreduce": c.allreduce, "timeout_s": c.timeout_s,
         "memory_budget": c.nodes[0].memory_budget, "prompt": run.prompt,
         "max_new_tokens": run.max_new_tokens, "join_timeout_s": run.join_timeout_s,

@@ -4,7 +4,7 @@ Memory is not estimated but derived: the tensors each rank's split would hold co
 same :func:`~edgetp.shard.plan.make_plan` / :func:`~edgetp.shard.plan.layer_slices` the
 splitter uses, the window's blocks and fixed bytes follow the loader's rules
 (:class:`~edgetp.parallel.loader.MemoryNeeds`, :func:`~edgetp.parallel.loader.work_bytes`), and
-pinning is the window's own :func:`~edgetp.parallel.window.choose_pinned`. So the weight bytes,
+pinning is the window's own :func:`~edgetp.parallel.pinning.choose_pinned`. So the weight bytes,
 KV cache bytes and block sizes equal those of a real split exactly (tested).
 
 Time is a model over device profiles (:mod:`edgetp.config.device`, measured by ``edgetp

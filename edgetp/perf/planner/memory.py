@@ -3,7 +3,7 @@
 Nothing is estimated: the tensors come from :mod:`~edgetp.perf.planner.rank_files` (the
 splitter's own slicing), the blocks, fixed bytes and work buffers follow the loader's rules
 (:class:`~edgetp.parallel.loader.MemoryNeeds`, :func:`~edgetp.parallel.loader.work_bytes`,
-:func:`~edgetp.parallel.window.aligned_bytes`), so the figures equal a real split's (tested).
+:func:`~edgetp.parallel.blocks.aligned_nbytes`), so the figures equal a real split's (tested).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 from edgetp.config.model import ModelConfig
 from edgetp.core.limits import master_prefill_chunk
+from edgetp.parallel.blocks import aligned_nbytes
 from edgetp.parallel.loader import MemoryNeeds, work_bytes
-from edgetp.parallel.window import aligned_bytes
 from edgetp.perf.planner.rank_files import Shapes, rank_files, safetensors_size, tensor_bytes
 from edgetp.perf.planner.storage import Storage
+from edgetp.shard.layout import layer_file
 from edgetp.shard.plan import ShardPlan
 from edgetp.shard.quant import SCALE_SUFFIX
-from edgetp.shard.split import layer_file
 
 WORKER_PREFILL_CHUNK = 128  # load_rank's default, which workers use
 BLOCK_PREFIXES = ("self_attn.", "mlp.", "lm_head.", "embed_tokens.")  # all else: small tensors
@@ -128,7 +128,7 @@ def _head_bytes(config: ModelConfig, storage: Storage, nbytes: TensorBytes) -> i
 
 def _block_bytes(tensors: dict[str, int], prefixes: tuple[str, ...]) -> int:
     """Bytes a block takes in a buffer: its tensors', each starting aligned."""
-    return sum(aligned_bytes(b) for t, b in tensors.items() if t.startswith(prefixes))
+    return sum(aligned_nbytes(b) for t, b in tensors.items() if t.startswith(prefixes))
 
 
 def _parameters(files: dict[str, Shapes]) -> int:

@@ -14,10 +14,10 @@ from typing import Any
 
 from edgetp.config.model import ModelConfig
 from edgetp.perf.planner.storage import Storage
+from edgetp.shard.layout import layer_file
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, master_tensors
 from edgetp.shard.quant import SCALE_SUFFIX, is_quantized_weight
 from edgetp.shard.quantsplit import int4_groups
-from edgetp.shard.split import layer_file
 
 SAFETENSORS_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 CODE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}

@@ -1,7 +1,7 @@
 """One node's residency: which blocks stay in memory under its budget and which stream.
 
 :func:`node_plan` mirrors ``load_rank``: everything resident when the share fits the budget,
-else the window's own :func:`~edgetp.parallel.window.choose_pinned` picks the pinned blocks and
+else the window's own :func:`~edgetp.parallel.pinning.choose_pinned` picks the pinned blocks and
 a ring of buffers holds the streamed ones.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgetp.parallel.window import choose_pinned
+from edgetp.parallel.pinning import choose_pinned
 from edgetp.perf.planner.memory import RankMemory
 from edgetp.perf.planner.spec import NodeSpec
 from edgetp.shard.plan import ShardPlan

@@ -8,6 +8,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgetp.shard.layout import rank_dirs
+from edgetp.shard.manifest import MANIFEST_NAME
+
 FAST_AS_MEMORY_MBS = 20000  # faster than any disk: the page cache answered
 
 
@@ -16,10 +19,10 @@ def split_rank_dir(shard_dir: str | Path | None) -> Path | None:
     if shard_dir is None:
         return None
     directory = Path(shard_dir)
-    ranks = sorted(directory.glob("rank-*/manifest.json"))
+    ranks = rank_dirs(directory)
     if ranks:
-        directory = ranks[min(1, len(ranks) - 1)].parent
-    return directory if (directory / "manifest.json").is_file() else None
+        directory = ranks[min(1, len(ranks) - 1)]
+    return directory if (directory / MANIFEST_NAME).is_file() else None
 
 
 def disk_dir(shard_dir: str | Path | None) -> Path:

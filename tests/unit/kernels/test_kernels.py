@@ -216,13 +216,14 @@ def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_switched_off_it_is_torch_everywhere() -> None:
-    result = run_isolated("from edgetp.kernels import native as kernels; print(kernels.available())",
-                          EDGETP_NATIVE_KERNELS="0")
+    result = run_isolated("from edgetp.kernels import native as kernels; "
+                          "print(kernels.available())", EDGETP_NATIVE_KERNELS="0")
     assert result.stdout.strip() == "False"
 
 
 def test_a_failed_build_warns_once_and_falls_back(tmp_path: Path) -> None:
-    code = ("import torch; from edgetp.kernels import native as kernels; x, w = torch.randn(1, 8), torch.randn(4, 8);"
+    code = ("import torch; from edgetp.kernels import native as kernels; "
+            "x, w = torch.randn(1, 8), torch.randn(4, 8);"
             "print(kernels.available(), torch.allclose(kernels.linear(x, w), x @ w.T))")
     result = run_isolated(code, CC="/bin/false", EDGETP_KERNEL_CACHE=str(tmp_path))
     assert result.stdout.strip() == "False True", result.stderr

@@ -1,4 +1,5 @@
-"""The sliding-window weight scheduler (``edgetp.parallel.window``) through the real loading path.
+"""The sliding-window weight scheduler (``edgetp.parallel.window``) through the real loading
+path.
 
 Every test splits a tiny random model to disk and loads ranks with ``load_rank(...,
 memory_budget=...)``, running them as threads of this process (``parallel_utils``):
@@ -6,15 +7,16 @@ memory_budget=...)``, running them as threads of this process (``parallel_utils`
 * the output is bit-identical with and without a budget, whatever fraction of the blocks
   streams (none, about half, all), for 1 and 2 ranks and with private layers on the master;
 * the resident weight bytes never exceed the budget, and the split into pinned and streamed
-  blocks is :func:`~edgetp.parallel.window.choose_pinned`'s (itself unit-tested: everything pinned when
-  it fits, the ring fits next to the pinned blocks, pinned blocks are spread, more budget never
-  pins fewer bytes);
+  blocks is :func:`~edgetp.parallel.pinning.choose_pinned`'s (itself unit-tested: everything
+  pinned when it fits, the ring fits next to the pinned blocks, pinned blocks are spread, more
+  budget never pins fewer bytes);
 * without a budget (or with one that holds everything) there is no window and no disk read;
 * the counters (bytes and blocks read, read and wait time, overlap) add up, and reset;
 * a read error in the reader thread fails the request, names the file, and never hangs;
 * an interrupted forward (an exception mid-way, a partial range of layers) is followed by
   correct output (the window resynchronises);
-* the master's embedding stays on disk (:class:`~edgetp.parallel.window.DiskEmbedding`), tied or not;
+* the master's embedding stays on disk (:class:`~edgetp.parallel.blocks.DiskEmbedding`), tied or
+  not;
 * end to end: ``edgetp generate --nodes 2 --memory-budget <about the minimum>`` on the demo.
 """
 
@@ -46,18 +48,15 @@ from edgetp.core.units import format_bytes
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.model.llama import Transformer
 from edgetp.net.collectives import InProcessGroup
+from edgetp.parallel.blocks import DiskEmbedding, WindowError
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import MemoryNeeds, load_rank, shard_memory_needs
-from edgetp.parallel.window import (
-    DEFAULT_RING_SLOTS,
-    DiskEmbedding,
-    WeightWindow,
-    WindowError,
-    choose_pinned,
-)
+from edgetp.parallel.pinning import choose_pinned
+from edgetp.parallel.window import DEFAULT_RING_SLOTS, WeightWindow
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import read_manifest
 from edgetp.shard.plan import ShardPlan
-from edgetp.shard.split import layer_file, split_checkpoint
+from edgetp.shard.split import split_checkpoint
 
 MAX_SEQ_LEN = 64
 DECODE_STEPS = 16
@@ -584,17 +583,17 @@ def test_budget_below_the_minimum_names_the_minimum(split_model):
 # while the reader thread is still reading ahead.
 EXIT_SCRIPT = r"""
 import sys, time, torch
-import edgetp.parallel.window as window
+import edgetp.parallel.blocks as blocks
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import load_rank, shard_memory_needs
 
-real_pread = window._pread_exact
+real_pread = blocks.pread_exact
 def slow_pread(fd, target, offset, path):
     real_pread(fd, target, offset, path)
     end = time.monotonic() + 0.25
     while time.monotonic() < end:
         target[:64].view(torch.uint8).numpy()
-window._pread_exact = slow_pread
+blocks.pread_exact = slow_pread
 
 shard = sys.argv[1]
 budget = shard_memory_needs(shard, max_seq_len=64).minimum()

@@ -1,4 +1,5 @@
-"""Quantized weights (``edgetp.shard.quant``, ``edgetp.parallel.qlinear``) and int8 activations on the wire.
+"""Quantized weights (``edgetp.shard.quant``, ``edgetp.parallel.qlinear``) and int8 activations on
+the wire.
 
 * int8 and int4 round trips stay within the format's error bound (half a scale, per channel or
   per group), for the tiled and the rows int4 layouts, and the layouts round-trip;
@@ -34,6 +35,7 @@ from edgetp.net.collectives import InProcessGroup
 from edgetp.net.wire import WireError
 from edgetp.parallel.loader import load_rank, shard_memory_needs
 from edgetp.parallel.qlinear import QuantLinear, QuantRowParallelLinear, int4_matmul, int8_matmul
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import read_manifest
 from edgetp.shard.plan import make_plan
 from edgetp.shard.quant import (
@@ -48,7 +50,7 @@ from edgetp.shard.quant import (
     quantize_int8,
     unpack_int4,
 )
-from edgetp.shard.split import layer_file, split_checkpoint
+from edgetp.shard.split import split_checkpoint
 
 MAX_SEQ_LEN = 64
 

@@ -1,6 +1,6 @@
-"""edgetp.shard.split + edgetp.parallel.loader: split to disk, load every rank from its own directory, and get
-the unsharded model's logits; plus idempotence, the manifest's integrity data, corruption
-handling and the ``edgetp split`` command."""
+"""edgetp.shard.split + edgetp.parallel.loader: split to disk, load every rank from its own
+directory, and get the unsharded model's logits; plus idempotence, the manifest's integrity data,
+corruption handling and the ``edgetp split`` command."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ from edgetp.config.model import load_model_config
 from edgetp.model.checkpoint import load_model
 from edgetp.net.collectives import InProcessGroup
 from edgetp.parallel.loader import load_rank
+from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import MANIFEST_NAME, ShardError, read_manifest
 from edgetp.shard.plan import make_plan
-from edgetp.shard.split import layer_file, split_checkpoint
+from edgetp.shard.split import split_checkpoint
 
 ATOL = 1e-5
 MAX_SEQ_LEN = 64

@@ -1,0 +1,135 @@
+"""A weight block's bytes: where its tensors lie in a shard file, how they are read into a
+buffer, and how its module's parameters are pointed at them.
+
+A *block* is one layer's attention slice or MLP slice (and, on the master, the lm_head). Its
+tensors are read straight from their safetensors byte ranges (``pread``, no safetensors
+parsing at run time) into consecutive 64-byte aligned ranges of one uint8 buffer; the module's
+parameters then become views of that buffer. The page cache the reads fill is released
+(``posix_fadvise(DONTNEED)``) so the process's memory figures stay honest.
+:class:`DiskEmbedding` reads an embedding's rows the same way, one token at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgetp.shard.manifest import TensorEntry
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I8": torch.int8, "U8": torch.uint8}
+ALIGNMENT = 64  # bytes: where each tensor of a block starts in its buffer
+
+
+class WindowError(RuntimeError):
+    """A weight read failed or the budget cannot work; the message names the file or minimum."""
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Where one block's tensors live on disk and which module parameters they become."""
+
+    name: str  # e.g. "layers.3.mlp"
+    module: nn.Module
+    path: Path
+    tensors: dict[str, TensorEntry]  # parameter name within the module -> bytes on disk
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the block takes in a buffer (each tensor starts 64-byte aligned)."""
+        return sum(aligned_nbytes(e.offsets[1] - e.offsets[0]) for e in self.tensors.values())
+
+    def placements(self) -> list[tuple[str, TensorEntry, int]]:
+        """(parameter name, disk entry, offset in the block's buffer) for every tensor."""
+        out, cursor = [], 0
+        for name, entry in self.tensors.items():
+            out.append((name, entry, cursor))
+            cursor += aligned_nbytes(entry.offsets[1] - entry.offsets[0])
+        return out
+
+
+def aligned_nbytes(nbytes: int, alignment: int = ALIGNMENT) -> int:
+    """``nbytes`` rounded up to a multiple of ``alignment`` (a tensor's room in a buffer)."""
+    return -(-nbytes // alignment) * alignment
+
+
+def read_block(block: BlockSpec, storage: torch.Tensor) -> None:
+    """Read every tensor of ``block`` into consecutive ranges of ``storage`` (uint8)."""
+    try:
+        fd = os.open(block.path, os.O_RDONLY)
+    except OSError as exc:
+        raise WindowError(f"cannot open shard file {block.path}: {exc.strerror}; copy the "
+                          "rank directory again") from exc
+    try:
+        for _name, entry, cursor in block.placements():
+            start, stop = entry.offsets
+            pread_exact(fd, storage[cursor : cursor + stop - start], start, block.path)
+            drop_page_cache(fd, start, stop - start)
+    finally:
+        os.close(fd)
+
+
+def drop_page_cache(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Tell the kernel we will not re-read these bytes (keeps memory figures honest)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+def pread_exact(fd: int, target: torch.Tensor, offset: int, path: Path) -> None:
+    """Fill ``target`` (contiguous) with the file's bytes from ``offset``; a short file raises."""
+    view = target.numpy().data.cast("B")
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise WindowError(f"short read from shard file {path} at byte {offset + done}: "
+                              "the file is truncated; copy it again or re-split")
+        done += n
+
+
+def bind_block(block: BlockSpec, storage: torch.Tensor) -> None:
+    """Point the block's parameters at their bytes in ``storage`` (views, no copies)."""
+    for name, entry, cursor in block.placements():
+        nbytes = entry.offsets[1] - entry.offsets[0]
+        dtype = SAFETENSORS_DTYPES[entry.dtype]
+        parameter = block.module.get_parameter(name)
+        parameter.data = storage[cursor : cursor + nbytes].view(dtype).view(entry.shape)
+
+
+def clear_block(block: BlockSpec) -> None:
+    """Drop the block's weights (its parameters become empty until bound again)."""
+    for name in block.tensors:
+        block.module.get_parameter(name).data = torch.empty(0)
+
+
+class DiskEmbedding(nn.Module):
+    """An embedding table left on disk: a lookup reads just the rows it needs.
+
+    tokens [T] -> [T, d]. A prompt's rows cost T small reads; the table (2 GB for a 70B
+    model in bfloat16) never occupies memory.
+    """
+
+    def __init__(self, path: Path, entry: TensorEntry, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.path = path
+        self.vocab_size, self.dim = entry.shape
+        self.stored = SAFETENSORS_DTYPES[entry.dtype]
+        self.row_bytes = self.dim * torch.empty((), dtype=self.stored).element_size()
+        self.offset = entry.offsets[0]
+        self.dtype = dtype
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [T] -> [T, d]
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token id out of range for a vocabulary of {self.vocab_size}")
+        out = torch.empty(tokens.numel(), self.row_bytes, dtype=torch.uint8)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for i, token in enumerate(tokens.tolist()):
+                pread_exact(fd, out[i], self.offset + token * self.row_bytes, self.path)
+        finally:
+            os.close(fd)
+        return out.view(self.stored).view(tokens.numel(), self.dim).to(self.dtype)
