@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import click
 
+from edgetp.core.settings import api_key
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEMO_PROMPT = "count by 3 : 5"  # the same as edgetp.model.demo.DEMO_PROMPT, without importing it
@@ -298,11 +300,9 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
 
 
 def setup_logging() -> None:
-    import logging
-    import os
+    from edgetp.core.settings import configure_logging
 
-    logging.basicConfig(level=os.environ.get("EDGETP_LOG", "INFO"),
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    configure_logging()
 
 
 @main.command()
@@ -511,7 +511,7 @@ def master_sources(func: F) -> F:
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP address to listen on (0.0.0.0 exposes the API to your network)")
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--api-key", envvar="EDGETP_API_KEY", default=None,
+@click.option("--api-key", default=api_key,
               help="require `Authorization: Bearer KEY` (default: $EDGETP_API_KEY)")
 @click.option("--queue-size", type=int, default=16, show_default=True,
               help="requests that may wait while one is generated; more get 429")
@@ -555,7 +555,7 @@ def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers
 @master_sources
 @click.option("--url", default=None,
               help="chat with a running `edgetp serve` (http://HOST:PORT) instead")
-@click.option("--api-key", envvar="EDGETP_API_KEY", default=None,
+@click.option("--api-key", default=api_key,
               help="with --url: the server's API key (default: $EDGETP_API_KEY)")
 @click.option("--system", default=None, help="a system prompt")
 @generation_options

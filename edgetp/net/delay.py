@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from collections.abc import Mapping
 
-from edgetp.core.errors import ConfigError
-from edgetp.core.settings import ENV_DELAY, ENV_JITTER
+from edgetp.core import settings
 
 DELAYED_OPS = frozenset({"step", "sum", "partial"})  # the data messages of a token
 
@@ -27,19 +25,10 @@ class LinkDelay:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LinkDelay:
         """Read ``EDGETP_LINK_DELAY_MS`` / ``EDGETP_LINK_JITTER_MS`` (unset or 0: no delay)."""
-        environ = os.environ if environ is None else environ
-        values = []
-        for key in (ENV_DELAY, ENV_JITTER):
-            text = environ.get(key, "").strip() or "0"
-            try:
-                values.append(float(text))
-            except ValueError:
-                raise ConfigError(f"{key}={text!r} is not a number of milliseconds") from None
-            if values[-1] < 0:
-                raise ConfigError(f"{key}={text!r} must be >= 0")
-        if values[0] == 0 and values[1] == 0:
+        delay_ms, jitter_ms = settings.link_delay_ms(environ)
+        if delay_ms == 0 and jitter_ms == 0:
             return NO_DELAY
-        return cls(values[0], values[1])
+        return cls(delay_ms, jitter_ms)
 
     @property
     def active(self) -> bool:

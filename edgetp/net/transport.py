@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import zmq
 
+from edgetp.core.errors import ClusterError
 from edgetp.net import datalink as dataplane
 from edgetp.net import wire
 from edgetp.net.codec import payload_bytes
@@ -43,10 +44,6 @@ HEARTBEAT_S = 1.0
 SERVICE_INTERVAL_S = 0.005  # how often an idle master answers control messages
 BUSY_INTERVAL_S = 0.05  # ... and looks again while a request runs (less GIL contention)
 CLOCK_SYNC_PINGS = 8
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot serve the request (a node is missing, dead or misbehaving)."""
 
 
 class HandshakeRefused(ClusterError):

@@ -45,6 +45,7 @@ from typing import Any
 from edgetp import __version__
 from edgetp.config.cluster import ClusterConfig, NodeConfig
 from edgetp.config.links import transport_only
+from edgetp.core.errors import ClusterError
 from edgetp.core.settings import environment
 
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
@@ -55,7 +56,7 @@ Log = Callable[[str], None]
 Progress = Callable[[str, str, int, int], None]  # node, file, bytes done, bytes total
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ClusterError):
     """The cluster cannot be launched as configured; the message names the node and the fix."""
 
 

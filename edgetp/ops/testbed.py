@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgetp.config.cluster import ClusterConfig, NodeConfig, parse_cluster_config
-from edgetp.core.errors import ConfigError
+from edgetp.core import settings
+from edgetp.core.errors import ClusterError, ConfigError
+from edgetp.core.files import read_json
 from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER, ENV_PROFILE
 from edgetp.core.units import format_bytes
 
@@ -55,7 +57,7 @@ RUNTIME_OVERHEAD = int(1.5 * 2**30)  # python + torch beside the budget, for the
 Log = Callable[[str], None]
 
 
-class TestbedError(RuntimeError):
+class TestbedError(ClusterError):
     """The testbed cannot run here, or a node failed; the message says which and why."""
 
 
@@ -475,7 +477,7 @@ def _report(run: TestbedRun, namespaces: list[str], peaks: list[int | None], out
     if not result_path.is_file():
         raise TestbedError("the master wrote no result; its log ends:\n"
                            + _tail(out / "logs" / f"{run.config.nodes[0].name}.log"))
-    result = json.loads(result_path.read_text())
+    result = read_json(result_path, "the master's result", TestbedError)
     nodes = _describe_nodes(run.config)
     for node, ns, peak in zip(nodes, namespaces, peaks, strict=True):
         node["namespace"] = ns
@@ -527,17 +529,14 @@ def testbed_markdown(report: dict[str, Any]) -> str:
 
 def master_role(spec_path: Path) -> int:
     """Node 0 of the testbed: wait, generate, bench, shut the workers down, write result.json."""
-    import logging
-
     from edgetp.config.generation import GenerationConfig, SamplingConfig
     from edgetp.runtime.master import Master, Prompt
 
-    logging.basicConfig(level=os.environ.get("EDGETP_LOG", "INFO"),
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    spec = json.loads(Path(spec_path).read_text())
+    settings.configure_logging()
+    spec = read_json(spec_path, "testbed spec")
     out = Path(spec["out_dir"])
     result: dict[str, Any] = {"prompt": spec["prompt"],
-                              "master_emulation": os.environ.get(ENV_DESCRIPTION, "none")}
+                              "master_emulation": settings.link_emulation()}
     master = Master.cluster(spec["rank0"], spec["bind"], "float32", None, spec["wire_dtype"],
                             spec["timeout_s"], memory_budget=spec["memory_budget"],
                             allreduce=spec["allreduce"])

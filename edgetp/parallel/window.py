@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgetp.core.errors import EdgetpError
 from edgetp.core.metrics import RECORDER, now
 from edgetp.shard.manifest import TensorEntry
 
@@ -41,7 +42,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 DEFAULT_RING_SLOTS = 2
 
 
-class WindowError(RuntimeError):
+class WindowError(EdgetpError, RuntimeError):
     """A weight read failed or the budget cannot work; the message names the file or minimum."""
 
 

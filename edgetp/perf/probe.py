@@ -43,7 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgetp.core.errors import ConfigError
+from edgetp.core.errors import ClusterError, ConfigError
+from edgetp.core.files import read_json
 from edgetp.core.units import parse_bytes
 
 PROFILE_VERSION = 1
@@ -177,15 +178,7 @@ def _size(value: Any, name: str, source: str) -> int:
 
 def load_profile(path: str | Path) -> DeviceProfile:
     """Read a profile JSON file written by ``edgetp probe`` (or by hand)."""
-    import json
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"profile {path} not found; create it with `edgetp probe --out {path}`")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"profile {path} is not valid JSON: {exc}") from exc
+    data = read_json(path, "profile", fix=f"create it with `edgetp probe --out {path}`")
     return DeviceProfile.from_dict(data, str(path))
 
 
@@ -232,8 +225,8 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
     try:
         disk_mbs, note = measure_disk(disk_dir, int(32e6 if quick else 128e6))
     except OSError as exc:
-        raise RuntimeError(f"the disk test in {disk_dir} failed ({exc}); give --shard-dir a "
-                           "writable directory with 128 MB free") from exc
+        raise ConfigError(f"the disk test in {disk_dir} failed ({exc}); give --shard-dir a "
+                          "writable directory with 128 MB free") from exc
     out.update(disk_seq_mbs=_round(disk_mbs), disk_path=str(disk_dir), disk_note=note)
     if window_mbs is not None:
         disk_mbs = window_mbs
@@ -480,8 +473,8 @@ def measure_disk(directory: Path, nbytes: int, block: int = 4 << 20) -> tuple[fl
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
-        raise RuntimeError(f"cannot write a test file in {directory} ({exc.strerror}); give "
-                           "--shard-dir a writable directory on the disk the shards use") from exc
+        raise ConfigError(f"cannot write a test file in {directory} ({exc.strerror}); give "
+                          "--shard-dir a writable directory on the disk the shards use") from exc
     try:
         for _ in range(max(1, nbytes // block)):
             os.write(fd, chunk)
@@ -586,8 +579,8 @@ def _round_trips(address: str, rows: int, count: int, timeout_s: float = 3.0) ->
             sock.send_multipart(wire.encode("partial", {"seq": 1, "step": 1, "index": index},
                                             [tensor]), copy=False)
             if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-                raise ConnectionError(f"no echo from {address} within {timeout_s:g} s; run "
-                                      "`edgetp probe --serve-echo PORT` on that machine first")
+                raise ClusterError(f"no echo from {address} within {timeout_s:g} s; run "
+                                   "`edgetp probe --serve-echo PORT` on that machine first")
             wire.decode(sock.recv_multipart(copy=False))
             times.append(time.perf_counter() - started)
     finally:
