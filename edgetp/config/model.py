@@ -1,4 +1,4 @@
-"""edgetp.config.model."""
+"""A model's shape: a Hugging Face ``config.json`` read into a :class:`ModelConfig`."""
 
 from __future__ import annotations
 
