@@ -86,6 +86,11 @@ def _nodes(value: Any) -> Any:
     return value
 
 
+def _empty_if_none(value: Any) -> Any:
+    """``master:`` with nothing after it means the defaults, as if it were left out."""
+    return {} if value is None else value
+
+
 def _inline_or_name(value: Any) -> str:
     return "<inline>" if isinstance(value, dict) else "<name>"
 
@@ -169,11 +174,13 @@ class ClusterFile(Section):
     model: Text | None = None
     split_dir: Text | None = None
     private_layers: Annotated[StrictInt, Field(ge=0)] = 0
-    master: MasterSection = Field(default_factory=MasterSection)
+    master: Annotated[MasterSection, BeforeValidator(_empty_if_none)] = Field(
+        default_factory=MasterSection)
     nodes: Annotated[list[NodeSection], BeforeValidator(_nodes)]
     link_profiles: ProfilesRef | None = None
     link: LinkRef | None = None
-    security: SecuritySection = Field(default_factory=SecuritySection)
+    security: Annotated[SecuritySection, BeforeValidator(_empty_if_none)] = Field(
+        default_factory=SecuritySection)
     allreduce: Annotated[str, choice(ALLREDUCE)] = "star"
     wire_dtype: Annotated[str, choice(WIRE_DTYPES)] = "f32"
     shares: list[Positive] | None = None
