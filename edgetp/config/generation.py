@@ -1,4 +1,4 @@
-"""edgetp.config.generation."""
+"""How a request generates: sampling (:class:`SamplingConfig`) and when to stop."""
 
 from __future__ import annotations
 

@@ -1,16 +1,23 @@
-"""edgetp.config.links."""
+"""Link profiles: how a network link between two nodes behaves, and its emulation.
+
+A profile is one way, per traversal: ``latency_ms`` +- ``jitter_ms`` at ``bandwidth_mbit``.
+Three are built in (:data:`BUILTIN_PROFILES`, the same as ``configs/links.yaml``); a YAML file
+(:func:`load_profiles`) or a cluster file's ``link_profiles:`` add more, validated by
+:class:`LinkProfileSection`. :class:`Emulation` is what ``edgetp.ops.linkemu`` put in force on a
+node, and the environment the node's transport reads it from.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
-from edgetp.core.errors import ConfigError
+from pydantic import ConfigDict, RootModel
+
+from edgetp.config.schema import NonNegative, Positive, Section, validate
 from edgetp.core.files import read_yaml
 from edgetp.core.settings import ENV_DELAY, ENV_DESCRIPTION, ENV_JITTER
-
-PROFILE_KEYS = ("latency_ms", "jitter_ms", "bandwidth_mbit", "description")
 
 
 @dataclass(frozen=True)
@@ -39,38 +46,29 @@ BUILTIN_PROFILES: dict[str, LinkProfile] = {
 }
 
 
-def _number(value: Any, where: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ConfigError(f"{where} must be {'> 0' if positive else '>= 0'}, got {value}")
-    return float(value)
+class LinkProfileSection(Section):
+    """A link profile as a file writes it (``latency_ms`` required, the rest optional)."""
+
+    what: ClassVar[str] = "a link profile"
+    hints: ClassVar[dict[str, str]] = {"latency_ms": " (one way, per traversal)"}
+
+    latency_ms: NonNegative
+    jitter_ms: NonNegative = 0.0
+    bandwidth_mbit: Positive | None = None  # None: not limited
+    description: str = ""
+
+    def profile(self, name: str) -> LinkProfile:
+        return LinkProfile(name, self.latency_ms, self.jitter_ms, self.bandwidth_mbit,
+                           self.description)
 
 
-def parse_profile(name: str, raw: Any, where: str) -> LinkProfile:
-    """One profile mapping ``{latency_ms, jitter_ms, bandwidth_mbit, description}``."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: a link profile is a mapping with {', '.join(PROFILE_KEYS)}")
-    unknown = sorted(set(raw) - set(PROFILE_KEYS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a link "
-                          f"profile has {', '.join(PROFILE_KEYS)}")
-    if "latency_ms" not in raw:
-        raise ConfigError(f"{where}: latency_ms is required (one way, per traversal)")
-    bandwidth = raw.get("bandwidth_mbit")
-    return LinkProfile(
-        name, _number(raw["latency_ms"], f"{where}.latency_ms"),
-        _number(raw.get("jitter_ms", 0.0), f"{where}.jitter_ms"),
-        None if bandwidth is None else _number(bandwidth, f"{where}.bandwidth_mbit", True),
-        str(raw.get("description", "")))
+class ProfilesFile(RootModel[dict[str, LinkProfileSection]]):
+    """A mapping of profile names to profiles (a file of them, or ``link_profiles:``)."""
 
+    model_config = ConfigDict(strict=True)
 
-def parse_profiles(data: Any, source: str) -> dict[str, LinkProfile]:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: link profiles are a mapping of name -> "
-                          "{latency_ms, jitter_ms, bandwidth_mbit}")
-    return {str(name): parse_profile(str(name), raw, f"{source}: {name}")
-            for name, raw in data.items()}
+    def profiles(self) -> dict[str, LinkProfile]:
+        return {name: section.profile(name) for name, section in self.root.items()}
 
 
 def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
@@ -84,7 +82,7 @@ def load_profiles(path: str | Path | None = None) -> dict[str, LinkProfile]:
     data = read_yaml(path, "link profile file")
     if isinstance(data, dict) and set(data) == {"link_profiles"}:
         data = data["link_profiles"]
-    profiles.update(parse_profiles(data, str(path)))
+    profiles.update(validate(ProfilesFile, data, str(path)).profiles())
     return profiles
 
 

@@ -1,14 +1,14 @@
-"""edgetp.config.model."""
+"""A model's shape: a Hugging Face ``config.json`` read into a :class:`ModelConfig`."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgetp.core.errors import ConfigError
+from edgetp.core.files import read_json
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -74,15 +74,10 @@ class ModelConfig:
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """Read ``MODEL_DIR/config.json`` into a :class:`ModelConfig`."""
     path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"{path} not found: MODEL_DIR must be a Hugging Face model directory "
-            "containing config.json and model.safetensors"
-        )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
+    raw = read_json(path, "model config", fix="MODEL_DIR must be a Hugging Face model directory "
+                    "containing config.json and model.safetensors")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(raw).__name__}")
     return parse_hf_config(raw, source=str(path))
 
 

@@ -122,7 +122,8 @@ def node_facts() -> dict[str, float | int | str]:
 
 def instrument(model: torch.nn.Module) -> None:
     """Record a span for every local decoder layer and the head of ``model`` (via hooks)."""
-    for index, layer in enumerate(model.layers):  # type: ignore[attr-defined]
+    layers: list[torch.nn.Module | None] = list(model.layers)  # type: ignore[arg-type]
+    for index, layer in enumerate(layers):
         if layer is not None:
             _time_module(layer, "layer", index)
     head = getattr(model, "lm_head", None)

@@ -1,4 +1,4 @@
-"""edgetp.core.units."""
+"""Byte sizes as users write them (``1.5GiB``, ``800MB``) and as edgetp prints them."""
 
 from __future__ import annotations
 

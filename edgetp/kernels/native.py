@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgetp.core import settings
 from edgetp.kernels.buffers import step_buffer
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,11 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 def enabled() -> bool:
     """``EDGETP_NATIVE_KERNELS=0`` turns the C kernels off."""
-    return os.environ.get("EDGETP_NATIVE_KERNELS", "1") != "0"
+    return settings.native_kernels_enabled()
 
 
 def cache_dir() -> Path:
-    default = Path.home() / ".cache" / "edgetp" / "kernels"
-    return Path(os.environ.get("EDGETP_KERNEL_CACHE", default))
+    return settings.kernel_cache_dir()
 
 
 def _cpu_identity() -> str:

@@ -7,7 +7,6 @@ file) and yields one tensor at a time, so peak memory is the largest tensor, not
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from edgetp.config.model import ModelConfig, load_model_config
+from edgetp.core.errors import ModelError
+from edgetp.core.files import read_json
 from edgetp.model.llama import Transformer
 
 T = TypeVar("T")
@@ -28,7 +29,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """The checkpoint on disk is missing, incomplete or of an unsupported kind."""
 
 
@@ -111,8 +112,8 @@ def _read_weight_map(model_dir: Path) -> dict[str, str]:
     index_path = model_dir / INDEX_FILE
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = read_json(index_path, "safetensors index", CheckpointError)["weight_map"]
+        except (KeyError, TypeError) as exc:
             raise CheckpointError(f"{index_path} is not a valid safetensors index: {exc}") from exc
         missing = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
         if missing:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgetp.config.model import ModelConfig, RopeScaling
+from edgetp.core.errors import ConfigError
 from edgetp.kernels.buffers import step_buffer, step_constant
 
 
@@ -323,7 +324,7 @@ class Transformer(nn.Module):
         """Run decoder layers (default: all) on h [T, d] at positions start_pos..; -> [T, d]."""
         end = start_pos + h.shape[0]
         if end > self.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence of {end} tokens exceeds the context of {self.max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from edgetp.config.model import ModelConfig, parse_hf_config
+from edgetp.core.files import read_json
 from edgetp.model.demo import DEMO_MODEL_DIR
 
 WEIGHTS_FILE = "model.safetensors"
@@ -140,7 +141,7 @@ def write_model(model_dir: str | Path, config: dict[str, Any], seed: int = 0,
 
 def tokenizer_fits(config: dict[str, Any]) -> bool:
     """True if every id of the demo tokenizer is below ``config``'s vocabulary size."""
-    demo = json.loads((DEMO_MODEL_DIR / "config.json").read_text())
+    demo = read_json(DEMO_MODEL_DIR / "config.json", "demo model config")
     return int(config["vocab_size"]) >= int(demo["vocab_size"])
 
 

@@ -22,13 +22,16 @@ import jinja2.parser
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from edgetp.core.errors import ModelError
+from edgetp.core.files import read_json
+
 # The named special tokens transformers passes to chat templates (``special_tokens_map``).
 SPECIAL_TOKEN_KEYS = tuple(f"{name}_token" for name in "bos eos unk sep pad cls mask".split())
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ModelError):
     """The tokenizer files are missing or unusable; the message says what to do."""
 
 
@@ -40,10 +43,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     """Return the JSON object in ``path``, ``{}`` if the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from exc
+    data = read_json(path, "tokenizer file", TokenizerError)
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} must contain a JSON object, got {type(data).__name__}")
     return data

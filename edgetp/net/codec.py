@@ -16,13 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
+from edgetp.core.errors import ConfigError
+
 WIRE_FORMATS = ("f32", "bf16", "int8")
 FLOAT_WIRE = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
 def check_format(wire: str) -> str:
     if wire not in WIRE_FORMATS:
-        raise ValueError(f"--wire-dtype {wire!r}: choose one of {', '.join(WIRE_FORMATS)}")
+        raise ConfigError(f"--wire-dtype {wire!r}: choose one of {', '.join(WIRE_FORMATS)}")
     return wire
 
 

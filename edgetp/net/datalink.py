@@ -22,7 +22,6 @@ buffer. A header that does not match closes the link (:class:`DataLinkError`).
 from __future__ import annotations
 
 import math
-import os
 import secrets
 import select
 import socket
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edgetp.core import settings
+from edgetp.core.errors import EdgetpError
 from edgetp.net.codec import FLOAT_WIRE
 from edgetp.net.wire import tensor_bytes
 
@@ -42,16 +43,16 @@ OP_PARTIAL, OP_SUM = 1, 2
 WIRE_CODES = {"f32": 1, "bf16": 2, "int8": 3}
 TOKEN_BYTES = 16
 JOIN_TIMEOUT_S = 2.0
-ENV_SWITCH = "EDGETP_DATA_LINK"  # "0": keep the allreduce on ZeroMQ (for comparisons)
+ENV_SWITCH = settings.ENV_DATA_LINK  # "0": keep the allreduce on ZeroMQ (for comparisons)
 MAX_FIELD = 2**32 - 1
 
 
-class DataLinkError(ConnectionError):
+class DataLinkError(EdgetpError, ConnectionError):
     """The data link broke or carried something that is not the protocol; it is closed."""
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1") != "0"
+    return settings.data_link_enabled()
 
 
 @dataclass(frozen=True)

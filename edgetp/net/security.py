@@ -23,13 +23,11 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from edgetp.core.errors import SecurityError
+
 log = logging.getLogger("edgetp.net.security")
 
 _LOOPBACK = re.compile(r"^tcp://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):\d+$")
-
-
-class SecurityError(ValueError):
-    """Keys are missing or unreadable; the message says which file and what to do."""
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ from typing import Any
 import msgpack
 import torch
 
+from edgetp.core.errors import EdgetpError
+
 PROTOCOL_VERSION = 3  # bump whenever a schema below changes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
@@ -68,7 +70,7 @@ SCALED_OPS = ("partial", "sum", "ring")  # two tensors: int8 codes [T, d], float
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
-class WireError(ValueError):
+class WireError(EdgetpError, ValueError):
     """A message that does not follow the protocol; it is dropped, never acted on."""
 
 

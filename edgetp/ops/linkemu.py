@@ -9,15 +9,14 @@ entrypoint evaluates; see :class:`edgetp.config.links.Emulation`). ``show`` list
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import subprocess
 import sys
 from collections.abc import Callable
 
 from edgetp.config.links import Emulation, LinkProfile, load_profiles
+from edgetp.core import settings
 from edgetp.core.errors import ConfigError
-from edgetp.core.settings import ENV_PROFILES_FILE
 
 # -- tc ----------------------------------------------------------------------------------------
 
@@ -89,7 +88,7 @@ def clear(dev: str, run: Runner = _run) -> None:
 
 
 def _profile_from(args: argparse.Namespace) -> LinkProfile:
-    profiles = load_profiles(args.profiles or os.environ.get(ENV_PROFILES_FILE) or None)
+    profiles = load_profiles(args.profiles or settings.link_profiles_file())
     if args.profile not in profiles:
         raise ConfigError(f"unknown link profile {args.profile!r}; known: "
                           f"{', '.join(sorted(profiles))}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgetp.core.errors import EdgetpError
 from edgetp.shard.manifest import TensorEntry
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -25,7 +26,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 ALIGNMENT = 64  # bytes: where each tensor of a block starts in its buffer
 
 
-class WindowError(RuntimeError):
+class WindowError(EdgetpError, RuntimeError):
     """A weight read failed or the budget cannot work; the message names the file or minimum."""
 
 

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from edgetp.config.model import ModelConfig
+from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.metrics import instrument
 from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
@@ -59,7 +60,7 @@ def load_rank(
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     if comm.rank != manifest.rank:
-        raise ValueError(
+        raise ShardError(
             f"{shard_dir} holds rank {manifest.rank}'s shard but this node is rank {comm.rank}"
         )
     verify_directory(shard_dir, manifest, check_hash=verify)
@@ -234,7 +235,7 @@ def _check_window_dtype(manifest: Manifest, dtype: torch.dtype) -> None:
         return
     stored = STORED_DTYPES.get(manifest.dtype)
     if stored != dtype:
-        raise ValueError(
+        raise ConfigError(
             f"with --memory-budget, weights stream from disk straight into compute buffers, so "
             f"the compute dtype ({str(dtype).removeprefix('torch.')}) must equal the stored "
             f"dtype ({manifest.dtype}); pass --dtype {manifest.dtype} or re-split with --dtype"

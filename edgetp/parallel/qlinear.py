@@ -34,12 +34,11 @@ sight, then adds its bias once.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgetp.core import settings
 from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
 from edgetp.parallel.blocks import BlockSpec
@@ -66,7 +65,7 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 def kernels_enabled() -> bool:
     """``EDGETP_QUANT_KERNELS=0`` forces the fallback everywhere (for comparisons)."""
-    return os.environ.get("EDGETP_QUANT_KERNELS", "1") != "0"
+    return settings.quant_kernels_enabled()
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,

@@ -8,7 +8,6 @@ collected, and the report is written as JSON, Markdown, a Chrome trace and PNG c
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import platform
@@ -23,6 +22,9 @@ import torch
 
 from edgetp import __version__
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core import settings as env_settings
+from edgetp.core.errors import ConfigError
+from edgetp.core.files import read_json
 from edgetp.core.metrics import RECORDER, node_facts, window_facts
 from edgetp.core.settings import environment
 from edgetp.core.units import format_bytes, parse_bytes
@@ -95,7 +97,7 @@ def link_emulation(profile_name: str | None) -> Iterator[None]:
 
     profiles = load_profiles()
     if profile_name not in profiles:
-        raise ValueError(f"unknown link profile {profile_name!r}; known: {', '.join(profiles)}")
+        raise ConfigError(f"unknown link profile {profile_name!r}; known: {', '.join(profiles)}")
     with environment(transport_only(profiles[profile_name],
                                     "local cluster on loopback, no tc").env()):
         yield
@@ -183,7 +185,7 @@ def _settings_json(settings: BenchSettings, budget: int | None) -> dict[str, Any
     values = asdict(settings)
     values["memory_budget_bytes"] = budget or 0
     values["weight_dtype"] = settings.weight_dtype or settings.dtype
-    values["link_emulation"] = os.environ.get("EDGETP_LINK_EMULATION", "none")
+    values["link_emulation"] = env_settings.link_emulation()
     return values
 
 
@@ -219,8 +221,8 @@ def parse_sweeps(specs: tuple[str, ...]) -> dict[str, list[str]]:
     for spec in specs:
         key, _, values = spec.partition("=")
         if key not in SWEEP_KEYS or not values:
-            raise ValueError(f"--sweep {spec!r}: write KEY=V1,V2 with KEY one of "
-                             f"{', '.join(SWEEP_KEYS)}")
+            raise ConfigError(f"--sweep {spec!r}: write KEY=V1,V2 with KEY one of "
+                              f"{', '.join(SWEEP_KEYS)}")
         grid[key] = [v.strip() for v in values.split(",") if v.strip()]
     return grid
 
@@ -279,7 +281,5 @@ def sweep_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def load_report(directory: Path) -> dict[str, Any]:
-    path = directory / "report.json"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: give a directory written by `edgetp bench --out`")
-    return json.loads(path.read_text())
+    return read_json(directory / "report.json", "report",
+                     fix="give a directory written by `edgetp bench --out`")

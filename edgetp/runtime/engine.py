@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.errors import ConfigError
 from edgetp.model.llama import Transformer
 from edgetp.model.sampling import Sampler
 
@@ -151,9 +152,9 @@ class Engine:
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
         if not prompt_ids:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise ConfigError("the prompt is empty: give at least one token")
         if len(prompt_ids) >= self.runner.max_seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"prompt of {len(prompt_ids)} tokens leaves no room in a context of "
                 f"{self.runner.max_seq_len}; raise --max-seq-len or shorten the prompt"
             )

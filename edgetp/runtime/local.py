@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from edgetp.core import settings
+from edgetp.core.errors import ClusterError
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
 from edgetp.runtime.commands import WorkerCommand, WorkerKeys
 from edgetp.runtime.master import Master
@@ -26,7 +28,7 @@ WORKER_START_TIMEOUT_S = 120.0
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("EDGETP_CACHE", Path.home() / ".cache" / "edgetp")) / "splits"
+    return settings.cache_dir() / "splits"
 
 
 def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | None,
@@ -147,11 +149,11 @@ class LocalCluster:
             for rank, proc in self.workers.items():
                 if proc.poll() is not None:
                     err = self.log_path(rank).read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"worker rank {rank} exited with status "
+                    raise ClusterError(f"worker rank {rank} exited with status "
                                        f"{proc.returncode} before joining:\n{err}")
             if time.monotonic() > deadline:
                 late = sorted(master.missing_ranks() + self._stale_ranks(master))
-                raise TimeoutError(f"workers {late} did not join in {timeout_s:g} s")
+                raise ClusterError(f"workers {late} did not join in {timeout_s:g} s")
             time.sleep(0.05)
 
     def _stale_ranks(self, master: Master) -> list[int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.limits import master_prefill_chunk
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model.llama import Transformer
@@ -32,7 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"unknown compute dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown compute dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -56,7 +57,7 @@ def _master_communicator(transport: MasterTransport, allreduce: str, wire_dtype:
         star.position = position
         return star
     if allreduce != "ring":
-        raise ValueError(f"--allreduce {allreduce!r}: choose star or ring")
+        raise ConfigError(f"--allreduce {allreduce!r}: choose star or ring")
     link = RingLink()
     transport.allreduce, transport.ring_port = "ring", link.port
     return RingAllreduce(0, transport.n_ranks, link, position, wire_dtype, timeout_s)
@@ -194,12 +195,12 @@ class Master:
 
         manifest = read_manifest(shard_dir)
         if manifest.rank != 0:
-            raise ValueError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
+            raise ShardError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
                              "rank-0 (it holds the embedding, the head and the tokenizer)")
         identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
         if security is not None and allreduce == "ring":
-            raise ValueError("the ring allreduce has no CURVE encryption yet: use --allreduce "
-                             "star with keys, or the ring on a trusted network with --insecure")
+            raise ConfigError("the ring allreduce has no CURVE encryption yet: use --allreduce "
+                              "star with keys, or the ring on a trusted network with --insecure")
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
                                     security)
         try:

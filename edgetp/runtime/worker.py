@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from edgetp.core.errors import ShardError
 from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.model.llama import Transformer
 from edgetp.net.collectives import StarWorker, StepPosition
@@ -43,7 +44,7 @@ class Worker:
                  security: WorkerSecurity | None = None) -> None:
         manifest = read_manifest(shard_dir)
         if manifest.rank == 0:
-            raise ValueError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
+            raise ShardError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
         identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
                                 manifest.dtype)
         self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security)

@@ -22,11 +22,12 @@ from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from edgetp.runtime.master import Master
+from edgetp.core.errors import ConfigError, EdgetpError
 
 COMMANDS = "/reset clears the history, /exit quits, /help shows this"
 
 
-class ChatError(RuntimeError):
+class ChatError(EdgetpError, RuntimeError):
     """A reply failed (the server refused the request, the cluster failed, ...)."""
 
 
@@ -98,8 +99,8 @@ class RemoteChat:
                  model: str | None = None, timeout_s: float = 600.0) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"cannot use {url!r} as a server URL; write e.g. "
-                             "http://127.0.0.1:8000")
+            raise ConfigError(f"cannot use {url!r} as a server URL; write e.g. "
+                              "http://127.0.0.1:8000")
         self.scheme = parts.scheme
         self.host = parts.hostname
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -130,7 +131,7 @@ class RemoteChat:
             response = conn.getresponse()
         except OSError as exc:
             conn.close()
-            raise ConnectionError(f"cannot reach the server at {self.url}: {exc}") from exc
+            raise ChatError(f"cannot reach the server at {self.url}: {exc}") from exc
         if response.status != 200:
             message = _error_message(response.read())
             conn.close()

@@ -16,16 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from edgetp.config.model import ModelConfig
+from edgetp.core.errors import ShardError
+from edgetp.core.files import read_json
 from edgetp.shard.plan import ShardPlan
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "edgetp-shard"
 MANIFEST_VERSION = 1
 HASH_CHUNK = 4 << 20
-
-
-class ShardError(ValueError):
-    """A shard directory is missing, incomplete, corrupted or for another model or plan."""
 
 
 @dataclass(frozen=True)
@@ -116,15 +114,9 @@ class Manifest:
 
 def read_manifest(directory: str | Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise ShardError(
-            f"{path} not found: {directory} is not a complete shard directory; "
-            "create it with `edgetp split MODEL_DIR --nodes N --out DIR`"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ShardError(f"{path} is not valid JSON ({exc}); split the model again") from exc
+    data = read_json(path, "shard manifest", ShardError, f"{directory} is not a complete shard "
+                     "directory: split the model (again) with `edgetp split MODEL_DIR --nodes N "
+                     "--out DIR`")
     return Manifest.from_dict(data, str(path))
 
 

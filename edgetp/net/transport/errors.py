@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from edgetp.core.errors import ClusterError
 
-class ClusterError(RuntimeError):
-    """The cluster cannot serve the request (a node is missing, dead or misbehaving)."""
+__all__ = ["ClusterError", "HandshakeRefused", "ShutdownRequested", "StepAborted"]
 
 
 class HandshakeRefused(ClusterError):

@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from edgetp.config.cluster import ClusterConfig, NodeConfig
+from edgetp.core.errors import ClusterError
 from edgetp.ops import remote
 
 SSH_BASE = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=10",
             "-o", "ServerAliveCountMax=3")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(ClusterError):
     """The cluster cannot be launched as configured; the message names the node and the fix."""
 
 

@@ -5,11 +5,11 @@ wait for the workers, generate the prompt greedily, bench a fixed workload into 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgetp.core.settings import ENV_DESCRIPTION
+from edgetp.core import settings
+from edgetp.core.files import read_json
 from edgetp.runtime.commands import size_text
 
 if TYPE_CHECKING:
@@ -18,17 +18,14 @@ if TYPE_CHECKING:
 
 def master_role(spec_path: Path) -> int:
     """Node 0 of the testbed: wait, generate, bench, shut the workers down, write result.json."""
-    import logging
-
     from edgetp.config.generation import GenerationConfig, SamplingConfig
     from edgetp.runtime.master import Master, Prompt
 
-    logging.basicConfig(level=os.environ.get("EDGETP_LOG", "INFO"),
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
-    spec = json.loads(Path(spec_path).read_text())
+    settings.configure_logging()
+    spec = read_json(spec_path, "testbed spec")
     out = Path(spec["out_dir"])
     result: dict[str, Any] = {"prompt": spec["prompt"],
-                              "master_emulation": os.environ.get(ENV_DESCRIPTION, "none")}
+                              "master_emulation": settings.link_emulation()}
     master = Master.cluster(spec["rank0"], spec["bind"], "float32", None, spec["wire_dtype"],
                             spec["timeout_s"], memory_budget=spec["memory_budget"],
                             allreduce=spec["allreduce"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetp.config.cluster import ClusterConfig
+from edgetp.core.files import read_json
 from edgetp.core.units import format_bytes
 from edgetp.ops.testbed.cgroups import node_memory_limit
 from edgetp.ops.testbed.processes import tail
@@ -38,7 +39,7 @@ def write_report(config: ClusterConfig, namespaces: list[str], peaks: list[int |
     if not result_path.is_file():
         raise TestbedError("the master wrote no result; its log ends:\n"
                            + tail(out / "logs" / f"{config.nodes[0].name}.log"))
-    result = json.loads(result_path.read_text())
+    result = read_json(result_path, "the master's result", TestbedError)
     nodes = describe_nodes(config)
     for node, ns, peak in zip(nodes, namespaces, peaks, strict=True):
         node["namespace"] = ns

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgetp.core.errors import ClusterError
 from edgetp.ops.testbed.cgroups import CGROUP_ROOTS, remove_cgroup
 
 LINK_NAMES = re.compile(r"^etp(br|v)[0-9a-f]{4}")
@@ -29,7 +30,7 @@ CGROUP_NAMES = re.compile(r"^edgetp-testbed-[0-9a-f]{4}$")
 Log = Callable[[str], None]
 
 
-class TestbedError(RuntimeError):
+class TestbedError(ClusterError):
     """The testbed cannot run here, or a node failed; the message says which and why."""
 
 

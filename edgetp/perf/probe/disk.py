@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgetp.core.errors import ConfigError
 from edgetp.shard.layout import rank_dirs
 from edgetp.shard.manifest import MANIFEST_NAME
 
@@ -39,8 +40,8 @@ def measure_disk(directory: Path, nbytes: int, block: int = 4 << 20) -> tuple[fl
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
-        raise RuntimeError(f"cannot write a test file in {directory} ({exc.strerror}); give "
-                           "--shard-dir a writable directory on the disk the shards use") from exc
+        raise ConfigError(f"cannot write a test file in {directory} ({exc.strerror}); give "
+                          "--shard-dir a writable directory on the disk the shards use") from exc
     try:
         size = _write_test_file(fd, nbytes, block)
         elapsed = _read_cold(fd, size, block)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from edgetp.config.device import profile_figure
+from edgetp.core.errors import ClusterError
 
 ECHO_ROW = (1, 1024)  # [1, 1024] float32: one row, as a decode step's allreduce sends
 LARGE_ROWS = 256  # a [256, 1024] message: what the link's bandwidth adds
@@ -66,8 +67,8 @@ def _round_trips(address: str, rows: int, count: int, timeout_s: float = 3.0) ->
             sock.send_multipart(wire.encode("partial", {"seq": 1, "step": 1, "index": index},
                                             [tensor]), copy=False)
             if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
-                raise ConnectionError(f"no echo from {address} within {timeout_s:g} s; run "
-                                      "`edgetp probe --serve-echo PORT` on that machine first")
+                raise ClusterError(f"no echo from {address} within {timeout_s:g} s; run "
+                                   "`edgetp probe --serve-echo PORT` on that machine first")
             wire.decode(sock.recv_multipart(copy=False))
             times.append(time.perf_counter() - started)
     finally:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetp.config.device import COMPUTE_DTYPES, MATVEC_DTYPES, PROFILE_VERSION, profile_figure
+from edgetp.core.errors import ConfigError
 from edgetp.perf.probe.compute import (
     matvec_shapes,
     measure_matmul,
@@ -89,8 +90,8 @@ def _disk_figures(shard_dir: str | Path | None, quick: bool, log: Log) -> dict[s
     try:
         disk_mbs, note = measure_disk(directory, nbytes)
     except OSError as exc:
-        raise RuntimeError(f"the disk test in {directory} failed ({exc}); give --shard-dir a "
-                           "writable directory with 128 MB free") from exc
+        raise ConfigError(f"the disk test in {directory} failed ({exc}); give --shard-dir a "
+                          "writable directory with 128 MB free") from exc
     out: dict[str, Any] = {"disk_seq_mbs": profile_figure(disk_mbs),
                            "disk_path": str(directory), "disk_note": note}
     if rank_dir is not None and window_mbs is not None:

@@ -88,6 +88,11 @@ def test_values_and_defaults() -> None:
     assert config.local_path("models/demo") == Path("/configs/models/demo")
 
 
+def test_empty_master_and_security_sections_mean_the_defaults() -> None:
+    config = parse(with_changes(master=None, security=None))
+    assert config.master.url == "tcp://192.168.1.10:5555" and not config.security.curve
+
+
 def test_master_address_defaults_to_node_0_and_top_level_shares() -> None:
     data = with_changes(master={"port": 7000}, shares=[3, 1])
     for node in data["nodes"]:
