@@ -10,7 +10,8 @@ For each message size (float32 tensors of shape ``[1, size/4]``) and each cluste
 * **allreduce**: this process is rank 0 (:class:`~edgetp.net.transport.MasterTransport` +
   :class:`~edgetp.net.collectives.StarMaster`, ROUTER bound on ``tcp://127.0.0.1:<free port>``);
   N-1 worker processes (multiprocessing ``spawn``) each run
-  :class:`~edgetp.net.transport.WorkerTransport` + :class:`~edgetp.net.collectives.StarWorker`, after
+  :class:`~edgetp.net.transport.WorkerTransport` +
+   :class:`~edgetp.net.collectives.StarWorker`, after
   the real handshake with a fake fingerprint and plan that both sides agree on. Rounds are
   driven like the real master drives them: the master broadcasts a ``step`` message carrying a
   tensor of the benchmark shape, whose ``start`` field holds the number of allreduces in the

@@ -22,7 +22,8 @@ Run::
    ``int4_product``, or torch's where they are unavailable) over copies of one MLP-shaped weight,
    256 MiB in all: what the kernel streams alone, for the "why" of a miss.
 3. **Runs.** For each node count and weight dtype: split as ``edgetp split --dtype`` does
-   (int4: group 32), then :func:`edgetp.perf.bench.run_bench` (a :class:`~edgetp.runtime.local.LocalCluster`:
+   (int4: group 32), then :func:`edgetp.perf.bench.run_bench` (a
+    :class:`~edgetp.runtime.local.LocalCluster`:
    the master in this process, each worker an ``edgetp worker`` process on loopback, one
    torch thread each): 8-token prompt, ``--new-tokens`` generated tokens with no early stop, one
    warm-up, ``--runs`` runs; ms/token is the median over runs of each run's mean. Weights in

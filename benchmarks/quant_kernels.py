@@ -9,13 +9,15 @@ square) and one activation row, the best-of-rounds time of:
 
 * ``f32``: ``F.linear`` on float32 weights and activations (the baseline);
 * ``bf16``: ``F.linear`` on bfloat16 weights and activations;
-* ``int8 kernel``: ``edgetp.parallel.qlinear.int8_matmul`` (``_weight_int8pack_mm``, float32 in and out,
+* ``int8 kernel``: ``edgetp.parallel.qlinear.int8_matmul``
+  (``_weight_int8pack_mm``, float32 in and out,
   bfloat16 inside); ``int8 kernel f32``: the same op fed float32 activations (why edgetp does
   not); ``int8 fallback``: dequantize to float32 + ``F.linear`` (``EDGETP_QUANT_KERNELS=0``);
 * ``w8a8 _int_mm``: activations quantized to int8 per row, ``torch._int_mm`` (VNNI) and both
   scales: measured for comparison, *not* used by edgetp (it quantizes the activations of
   every linear, which real LLMs' outlier features make lossy);
-* ``f32 / bf16 / int8 / int4 native``: edgetp's C decode kernels (``edgetp.kernels.native``; what a decode
+* ``f32 / bf16 / int8 / int4 native``: edgetp's C decode kernels
+  (``edgetp.kernels.native``; what a decode
   step runs where a C compiler is available; int8 with int16 activation blocks);
 * ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
   ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.

@@ -2,7 +2,8 @@
 
 A float32 Llama (hidden 1024, MLP 8192, 12 layers, vocab 8000: a 1.4 GB checkpoint) is split
 over 2 nodes, so each rank's shard is 640-700 MB. The master (rank 0, a small driver script
-around :meth:`~edgetp.runtime.master.Master.cluster`) and the worker (``edgetp worker``, rank 1) run as
+around :meth:`~edgetp.runtime.master.Master.cluster`) and the worker
+(``edgetp worker``, rank 1) run as
 separate processes, each inside its own memory cgroup (cgroup v1 ``memory.limit_in_bytes`` or
 v2 ``memory.max``, no swap) whose limit is
 
