@@ -1,4 +1,5 @@
-"""edgetp.model.sampling: greedy, seeded draws, top-k / top-p / repetition penalty (vs transformers)."""
+"""edgetp.model.sampling: greedy, seeded draws, top-k / top-p / repetition penalty (against
+transformers)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests for ``edgetp.model.tokenizer``: tokenizers built in tmp dirs, checked against transformers."""
+"""Tests for ``edgetp.model.tokenizer``: tokenizers built in tmp dirs, checked against
+transformers."""
 
 from __future__ import annotations
 

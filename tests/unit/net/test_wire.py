@@ -1,4 +1,5 @@
-"""edgetp.net.wire: every op round-trips, and anything malformed raises WireError and nothing else."""
+"""edgetp.net.wire: every op round-trips, and anything malformed raises WireError and nothing
+else."""
 
 from __future__ import annotations
 

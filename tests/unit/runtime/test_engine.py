@@ -1,4 +1,5 @@
-"""edgetp.runtime.engine: TextStream's stop strings, the Engine loop over a scripted runner, LocalRunner."""
+"""edgetp.runtime.engine: TextStream's stop strings, the Engine loop over a scripted runner,
+LocalRunner."""
 
 from __future__ import annotations
 
