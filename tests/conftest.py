@@ -5,13 +5,15 @@ Timeouts are pytest-timeout's (``timeout`` in pyproject; tests marked ``slow`` g
 :data:`SLOW_TIMEOUT_S`). Its ``signal`` method fails a hung test where it hangs, so the
 fixtures below still run: each test, module and the session own the processes started while
 they run (:mod:`helpers.processes`), and each test gets a private ``TMPDIR``; at the end the
-processes are ended (SIGTERM, then SIGKILL) and the test's ``tmp_path`` and ``TMPDIR`` removed.
+processes are ended (SIGTERM, then SIGKILL), the test's ``tmp_path`` and ``TMPDIR`` removed and
+``os.environ`` put back as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import tempfile
@@ -84,12 +86,24 @@ def _module_processes(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """``os.environ`` as it was before the block (torch, for one, notes paths under TMPDIR)."""
+    kept = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(kept):
+            del os.environ[name]
+        os.environ.update(kept)
+
+
 @pytest.fixture(autouse=True)
 def _test_processes_and_temp_dirs(request: pytest.FixtureRequest) -> Iterator[None]:
     """End the processes the test started, then remove its ``tmp_path`` and ``TMPDIR``."""
     temp_dir = tempfile.mkdtemp(prefix="edgetp-test-")  # short: ssh control sockets go there
     try:
-        with pytest.MonkeyPatch.context() as patch:
+        with _environment_kept(), pytest.MonkeyPatch.context() as patch:
             patch.setenv("TMPDIR", temp_dir)
             patch.setattr(tempfile, "tempdir", temp_dir)
             with _owning_processes(request.node.nodeid):

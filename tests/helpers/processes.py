@@ -5,7 +5,8 @@ process and whatever it starts form one process group) or :func:`run` (the same,
 on a timeout the whole group is killed, not only its leader).
 
 conftest opens an :class:`Owner` for the session, for each module and for each test
-(:func:`owning`); the innermost one owns what starts while it is open. When it closes, it ends
+(:func:`open_owner`, :func:`close_owner`; :func:`owning` for a block); the innermost one owns
+what starts while it is open. When it closes, it ends
 
 * the process groups spawned while it was the innermost owner,
 * the processes handed to it with :meth:`Owner.adopt` (a cluster started by a module fixture

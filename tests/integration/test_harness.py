@@ -3,8 +3,9 @@ go, when it passes, fails or times out (tests/conftest.py, tests/helpers/process
 
 The fixtures are proved from outside: a small pytest run in a subprocess, with this
 repository's conftest.py and pyproject.toml, whose tests start a process group with a
-grandchild and an orphan that leaves the process tree; one passes, one fails, one hangs until
-pytest-timeout fails it. Afterwards none of their processes or directories may be left.
+grandchild and an orphan that leaves the process tree; one passes (and sets an environment
+variable the next test must not see), one fails, one hangs until pytest-timeout fails it.
+Afterwards none of their processes or directories may be left.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def start_processes(test, tmp_path):
 
 def test_passes(tmp_path):
     start_processes("passes", tmp_path)
+    os.environ["HARNESS_LEFT_BEHIND"] = "1"
+
+
+def test_the_environment_is_back():
+    assert "HARNESS_LEFT_BEHIND" not in os.environ
 
 
 def test_fails(tmp_path):
@@ -100,7 +106,7 @@ def test_processes_and_temp_dirs_end_with_the_test_also_on_failure_and_timeout(
                 os.kill(pid, signal.SIGKILL)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
-    assert "2 failed, 1 passed" in output, output
+    assert "2 failed, 2 passed" in output, output
     assert f"Timeout (>{INNER_TIMEOUT_S}.0s) from pytest-timeout" in output, output
     assert time.monotonic() - started < 200, "the hung test was not stopped"
     assert sorted(notes) == ["fails", "hangs", "passes"], notes
