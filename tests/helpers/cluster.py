@@ -4,10 +4,10 @@
   and cache under a test's temporary directory and a short timeout, and always stops it: the
   workers are told to shut down, and after ``stop()`` every worker process ever started by the
   cluster (restarts included) must have exited; a survivor is killed and fails the test.
-* :func:`call_with_deadline` runs a call in a thread and fails the test if it does not return
-  in time, so a broken protocol shows up as a failure instead of a hung test run.
-* :class:`Watchdog` is the last resort against a hang anywhere in a test: it dumps every
-  thread's stack, kills the tracked worker processes and exits the test process.
+  The workers belong to the scope that started the cluster (:mod:`helpers.processes`): a
+  worker a test restarts in a module's cluster outlives the test.
+* :func:`~helpers.deadline.call_with_deadline` runs a call in a thread and fails the test if it
+  does not return in time, so a broken protocol shows up as a failure instead of a hung test.
 * :class:`FakeMaster` is a bare ROUTER socket speaking the wire protocol, to drive a real
   worker process by hand (and to send it malformed frames).
 """
@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import zmq
@@ -32,14 +30,14 @@ from edgetp.net import wire
 from edgetp.net.wire import Message, WireError
 from edgetp.runtime.commands import WorkerCommand
 from edgetp.runtime.local import LocalCluster
-
-T = TypeVar("T")
+from helpers.deadline import call_with_deadline, wait_for
+from helpers.processes import current_owner, spawn
 
 TIMEOUT_S = 3.0  # the cluster's timeout (master and workers): failures must show within it
 JOIN_TIMEOUT_S = 60.0  # worker processes import torch: allow for a loaded 2-core machine
 STOP_TIMEOUT_S = 30.0
 
-_ALL_PROCESSES: list[subprocess.Popen[Any]] = []  # every process started here (for the watchdog)
+__all__ = ["call_with_deadline", "wait_for"]  # (re-exported: the cluster tests' deadlines)
 
 
 class TrackedCluster(LocalCluster):
@@ -48,12 +46,14 @@ class TrackedCluster(LocalCluster):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.processes: list[tuple[int, subprocess.Popen[bytes]]] = []
+        self.owner = current_owner()  # the scope that made the cluster owns its workers
 
     def start_worker(self, rank: int) -> None:
         super().start_worker(rank)
         proc = self.workers[rank]
         self.processes.append((rank, proc))
-        _ALL_PROCESSES.append(proc)
+        if self.owner is not None:
+            self.owner.adopt(proc.pid)
 
     @property
     def transport(self) -> Any:
@@ -104,60 +104,6 @@ def stop_cluster(cluster: TrackedCluster) -> dict[int, int | None]:
     return {rank: proc.returncode for rank, proc in cluster.processes}
 
 
-def call_with_deadline(fn: Callable[[], T], timeout_s: float, what: str = "the call") -> T:
-    """``fn()``, run in a thread; raises AssertionError if it has not returned in time."""
-    result: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            result["error"] = exc
-
-    thread = threading.Thread(target=body, daemon=True, name=f"deadline: {what}")
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        faulthandler.dump_traceback(file=sys.stderr)
-        raise AssertionError(f"{what} did not finish within {timeout_s:g} s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-class Watchdog:
-    """Kill the worker processes and exit if the guarded block outlives ``timeout_s``."""
-
-    def __init__(self, timeout_s: float, what: str = "test") -> None:
-        self.timeout_s = timeout_s
-        self.what = what
-        self._timer = threading.Timer(timeout_s, self._fire)
-        self._timer.daemon = True
-
-    def _fire(self) -> None:
-        sys.stderr.write(f"\nWATCHDOG: {self.what} hung for {self.timeout_s:g} s; stacks:\n")
-        faulthandler.dump_traceback(file=sys.stderr)
-        for proc in _ALL_PROCESSES:
-            with contextlib.suppress(Exception):
-                proc.kill()
-        os._exit(3)
-
-    def __enter__(self) -> Watchdog:
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._timer.cancel()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def worker_command(shard_dir: Path, master: str, timeout_s: float = TIMEOUT_S,
                    *extra: str) -> list[str]:
     return WorkerCommand(shard_dir, master, timeout_s).argv(sys.executable) + list(extra)
@@ -165,24 +111,12 @@ def worker_command(shard_dir: Path, master: str, timeout_s: float = TIMEOUT_S,
 
 def start_worker_process(shard_dir: Path, master: str, log_path: Path,
                          timeout_s: float = TIMEOUT_S) -> subprocess.Popen[bytes]:
-    """A worker process outside any LocalCluster (output to ``log_path``); the caller waits."""
+    """A worker process outside any LocalCluster (output to ``log_path``), in its own process
+    group: the caller waits for it, and the test's end kills it if it is still running."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(worker_command(shard_dir, master, timeout_s), env=env,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    _ALL_PROCESSES.append(proc)
-    return proc
-
-
-@contextlib.contextmanager
-def reaped(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
-    """Kill ``proc`` on exit from the block if it is still running."""
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+        return spawn(worker_command(shard_dir, master, timeout_s), env=env,
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
 
 
 class FakeMaster:
@@ -240,35 +174,6 @@ class FakeMaster:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-
-
-def ring_sums(inputs: list[Any], wire_dtype: str = "f32") -> dict[int, Any]:
-    """Rank -> the sum of ``inputs`` (one tensor per rank) by ring links of one process,
-    each rank in a thread, with the allreduce's first index of a two-allreduce step."""
-    from edgetp.net.collectives import StepPosition
-    from edgetp.net.ring import RingAllreduce, RingLink, successor_addresses
-
-    n = len(inputs)
-    links = [RingLink("127.0.0.1") for _ in range(n)]
-    addresses = {r: f"tcp://127.0.0.1:{links[r].port}" for r in range(n)}
-    for rank, address in successor_addresses(addresses, n).items():
-        links[rank].connect(address or addresses[0])
-    outputs: dict[int, Any] = {}
-
-    def run(rank: int) -> None:
-        position = StepPosition()
-        position.begin(1, 1, 2)
-        comm = RingAllreduce(rank, n, links[rank], position, wire_dtype, timeout_s=5.0)
-        outputs[rank] = comm.allreduce(inputs[rank])
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=10)
-    for link in links:
-        link.close()
-    return outputs
 
 
 def is_wire_error(frames: list[bytes]) -> bool:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+from helpers import processes
 from helpers.paths import REPO
 
 ROOT = REPO
 
 
 def test_allreduce_benchmark_quick_json() -> None:
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "allreduce.py"), "--quick", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -33,7 +33,7 @@ def test_allreduce_benchmark_quick_json() -> None:
 
 
 def test_decode_benchmark_tiny_json() -> None:
-    proc = subprocess.run(
+    proc = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--runs", "1",
          "--new-tokens", "4", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=180,

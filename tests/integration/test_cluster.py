@@ -30,9 +30,7 @@ from helpers.cluster import (
     TIMEOUT_S,
     FakeMaster,
     TrackedCluster,
-    Watchdog,
     call_with_deadline,
-    reaped,
     running_cluster,
     start_worker_process,
     wait_for,
@@ -65,13 +63,6 @@ TINY_CLUSTERS: dict[str, tuple[int, tuple[float, ...] | None, int]] = {
     "3nodes-2:1:1-private1": (3, (2.0, 1.0, 1.0), 1),
     "4nodes": (4, None, 0),
 }
-
-
-@pytest.fixture(autouse=True)
-def _watchdog(request: pytest.FixtureRequest):
-    """No test of this module may hang the run (pytest-timeout is not available)."""
-    with Watchdog(300, request.node.nodeid):
-        yield
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -436,48 +427,47 @@ def test_worker_drops_malformed_frames_and_keeps_serving(demo_cluster: TrackedCl
     fake = FakeMaster()
     proc = start_worker_process(demo_cluster.rank_dir(1), fake.address, tmp_path / "worker.log")
     try:
-        with reaped(proc):
-            identity, hello = fake.recv(JOIN_TIMEOUT_S, ("hello",))
-            assert hello.fields["rank"] == 1 and hello.fields["pid"] == proc.pid
-            fake.welcome(identity)
-            step = {"seq": 1, "step": 1, "start": 0}
-            good = wire.encode("step", step, [torch.randn(2, hidden)])
-            for frames in [
-                [b"\xff\x00garbage"],
-                [b""],
-                [msgpack.packb({"v": V + 1, **step, "op": "step",
-                                "tensors": [["f32", [2, hidden]]]}), bytes(good[1])],
-                [bytes(good[0]), bytes(good[1])[:-4]],  # truncated tensor
-                [bytes(good[0])],  # tensor frame missing
-                [msgpack.packb({"v": V, "op": "step", "tensors": [["f32", [2**20, 2**20]]],
-                                **step}), b"\x00" * 8],
-                [msgpack.packb({"v": V, "op": "step", "tensors": [], "seq": -1, "step": 1,
-                                "start": 0})],
-                [msgpack.packb({"v": V, "op": "shutdown", "tensors": [], "now": True})],
-                [msgpack.packb({"v": V, "op": "sum", "tensors": [["f32", [2, hidden]]],
-                                "seq": 1, "step": 1, "index": 0})],  # frame missing
-            ]:
-                fake.send_raw(identity, frames)
-            # A well-formed step of the wrong width: rejected with an error, not a crash.
-            fake.send(identity, "step", step, [torch.randn(2, hidden + 1)])
-            _, error = fake.recv(10, ("error",))
-            assert "rank 1" in error.fields["message"]
-            # A valid step: the worker computes and sends its first partial, then one per
-            # allreduce as the sums come back (2 per layer; the last is not answered).
-            h = torch.randn(3, hidden)
-            fake.send(identity, "step", {"seq": 2, "step": 1, "start": 0}, [h])
-            for index in range(2 * layers):
-                _, partial = fake.recv(10, ("partial",))
-                assert partial.fields == {"seq": 2, "step": 1, "index": index}
-                (tensor,) = partial.tensors
-                assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, hidden)
-                assert torch.isfinite(tensor).all()
-                if index < 2 * layers - 1:
-                    fake.send(identity, "sum", partial.fields, [tensor * 2])
-            assert fake.hellos == 1, "the worker reconnected instead of dropping the junk"
-            assert proc.poll() is None
-            fake.send(identity, "shutdown", {})
-            assert proc.wait(timeout=15) == 0
+        identity, hello = fake.recv(JOIN_TIMEOUT_S, ("hello",))
+        assert hello.fields["rank"] == 1 and hello.fields["pid"] == proc.pid
+        fake.welcome(identity)
+        step = {"seq": 1, "step": 1, "start": 0}
+        good = wire.encode("step", step, [torch.randn(2, hidden)])
+        for frames in [
+            [b"\xff\x00garbage"],
+            [b""],
+            [msgpack.packb({"v": V + 1, **step, "op": "step",
+                            "tensors": [["f32", [2, hidden]]]}), bytes(good[1])],
+            [bytes(good[0]), bytes(good[1])[:-4]],  # truncated tensor
+            [bytes(good[0])],  # tensor frame missing
+            [msgpack.packb({"v": V, "op": "step", "tensors": [["f32", [2**20, 2**20]]],
+                            **step}), b"\x00" * 8],
+            [msgpack.packb({"v": V, "op": "step", "tensors": [], "seq": -1, "step": 1,
+                            "start": 0})],
+            [msgpack.packb({"v": V, "op": "shutdown", "tensors": [], "now": True})],
+            [msgpack.packb({"v": V, "op": "sum", "tensors": [["f32", [2, hidden]]],
+                            "seq": 1, "step": 1, "index": 0})],  # frame missing
+        ]:
+            fake.send_raw(identity, frames)
+        # A well-formed step of the wrong width: rejected with an error, not a crash.
+        fake.send(identity, "step", step, [torch.randn(2, hidden + 1)])
+        _, error = fake.recv(10, ("error",))
+        assert "rank 1" in error.fields["message"]
+        # A valid step: the worker computes and sends its first partial, then one per
+        # allreduce as the sums come back (2 per layer; the last is not answered).
+        h = torch.randn(3, hidden)
+        fake.send(identity, "step", {"seq": 2, "step": 1, "start": 0}, [h])
+        for index in range(2 * layers):
+            _, partial = fake.recv(10, ("partial",))
+            assert partial.fields == {"seq": 2, "step": 1, "index": index}
+            (tensor,) = partial.tensors
+            assert tensor.dtype == torch.float32 and tuple(tensor.shape) == (3, hidden)
+            assert torch.isfinite(tensor).all()
+            if index < 2 * layers - 1:
+                fake.send(identity, "sum", partial.fields, [tensor * 2])
+        assert fake.hellos == 1, "the worker reconnected instead of dropping the junk"
+        assert proc.poll() is None
+        fake.send(identity, "shutdown", {})
+        assert proc.wait(timeout=15) == 0
     finally:
         fake.close()
     log = (tmp_path / "worker.log").read_text(errors="replace")

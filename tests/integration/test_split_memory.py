@@ -16,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import processes
 
 from edgetp.config.model import parse_hf_config
 from edgetp.model.checkpoint import expected_tensor_names
@@ -128,9 +128,9 @@ def test_split_peak_memory_is_bounded(big_checkpoint, tmp_path, nodes):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
-        proc = subprocess.run(
+        proc = processes.run(
             [sys.executable, "-c", SPLIT_SCRIPT, str(model_dir), str(out), str(nodes)],
-            capture_output=True, text=True, timeout=300, env=env, check=False,
+            capture_output=True, text=True, timeout=300, env=env,
         )
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout.strip().splitlines()[-1])

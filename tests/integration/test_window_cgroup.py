@@ -2,10 +2,9 @@
 
 A float32 Llama (hidden 1024, MLP 8192, 12 layers, vocab 8000: a 1.4 GB checkpoint) is split
 over 2 nodes, so each rank's shard is 640-700 MB. The master (rank 0, a small driver script
-around :meth:`~edgetp.runtime.master.Master.cluster`) and the worker
-(``edgetp worker``, rank 1) run as
-separate processes, each inside its own memory cgroup (cgroup v1 ``memory.limit_in_bytes`` or
-v2 ``memory.max``, no swap) whose limit is
+around :meth:`~edgetp.runtime.master.Master.cluster`) and the worker (``edgetp worker``,
+rank 1) run as separate processes, each inside its own memory cgroup (cgroup v1
+``memory.limit_in_bytes`` or v2 ``memory.max``, no swap) whose limit is
 
     limit = baseline (a python + torch + edgetp process's peak RSS, measured here: ~290 MB)
             + the node's ``--memory-budget`` (its minimum plus 32 MiB)
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import processes
 from helpers.cgroup import CgroupUnavailable, MemoryCgroup, cgroup_support, memory_cgroup
 
 from edgetp.model.synthetic import llama_config, write_model
@@ -132,8 +132,8 @@ def big_split(cgroups_here, tmp_path_factory):
 @pytest.fixture(scope="module")
 def baseline_rss() -> int:
     """Peak RSS of a process that imported torch and edgetp and multiplied two matrices."""
-    proc = subprocess.run([sys.executable, "-c", BASELINE_SCRIPT], capture_output=True,
-                          text=True, timeout=120, check=True, env=child_env())
+    proc = processes.run([sys.executable, "-c", BASELINE_SCRIPT], capture_output=True,
+                         text=True, timeout=120, check=True, env=child_env())
     return int(proc.stdout.strip().splitlines()[-1])
 
 
@@ -198,9 +198,9 @@ def run_two_nodes(dirs: list[Path], work: Path, budgets: list[int] | None,
                 group = groups[rank]
                 log = (work / f"rank-{rank}.log").open("wb")
                 stack.callback(log.close)
-                procs.append(subprocess.Popen(group.wrap(command) if group else command,
-                                              stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL, env=child_env()))
+                procs.append(processes.spawn(group.wrap(command) if group else command,
+                                             stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, env=child_env()))
                 started.append(procs[-1].pid)
             for group, proc in zip(groups, procs, strict=True):
                 if group is not None:
@@ -299,8 +299,8 @@ def test_without_a_budget_the_limit_kills_the_worker(big_split, baseline_rss, tm
     with memory_cgroup("no-budget", limits[1], started) as group:
         log = (tmp_path / "worker.log").open("wb")
         with log:
-            proc = subprocess.Popen(group.wrap(command), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=child_env())
+            proc = processes.spawn(group.wrap(command), stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=child_env())
             started.append(proc.pid)
             try:
                 proc.wait(timeout=OOM_DEADLINE_S)

@@ -1,11 +1,10 @@
-"""The native decode kernels (edgetp/csrc/matvec.c through edgetp.kernels.native): same products as
-torch, their fallbacks, their buffers, and their place in the tensor-parallel model."""
+"""The native decode kernels (edgetp/kernels/csrc/matvec.c through edgetp.kernels.native): the
+same products as torch, their fallbacks, their buffers, and their place in the tensor-parallel
+model (building and switching them off, in fresh processes: tests/integration/test_kernel_build.py).
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -208,38 +207,6 @@ def test_int4_linear_decodes_natively_into_its_buffer() -> None:
     assert torch.equal(y, kernels.int4_linear(x, packed, scale_zero, 32))  # type: ignore[arg-type]
     assert layer(torch.randn(1, 128)).data_ptr() == y.data_ptr()
     assert torch.equal(layer.weight, packed)  # never repacked for torch's kernel
-
-
-def run_isolated(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
-
-
-def test_switched_off_it_is_torch_everywhere() -> None:
-    result = run_isolated("from edgetp.kernels import native as kernels; "
-                          "print(kernels.available())", EDGETP_NATIVE_KERNELS="0")
-    assert result.stdout.strip() == "False"
-
-
-def test_a_failed_build_warns_once_and_falls_back(tmp_path: Path) -> None:
-    code = ("import torch; from edgetp.kernels import native as kernels; "
-            "x, w = torch.randn(1, 8), torch.randn(4, 8);"
-            "print(kernels.available(), torch.allclose(kernels.linear(x, w), x @ w.T))")
-    result = run_isolated(code, CC="/bin/false", EDGETP_KERNEL_CACHE=str(tmp_path))
-    assert result.stdout.strip() == "False True", result.stderr
-    assert "native decode kernels unavailable" in result.stderr
-    assert not list(tmp_path.glob("*.so"))
-
-
-def test_build_lands_in_the_cache_keyed_by_cpu_and_source(tmp_path: Path) -> None:
-    code = "from edgetp.kernels import native as kernels; print(kernels.available())"
-    first = run_isolated(code, EDGETP_KERNEL_CACHE=str(tmp_path))
-    assert first.stdout.strip() == "True", first.stderr
-    built = list(tmp_path.glob("matvec-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    assert run_isolated(code, EDGETP_KERNEL_CACHE=str(tmp_path)).stdout.strip() == "True"
-    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
 def test_the_cache_key_sees_the_cpu_features() -> None:

@@ -1,5 +1,5 @@
-"""edgetp.model.checkpoint: sharded and single-file safetensors, dtypes, and every user-caused
-error."""
+"""edgetp.model.checkpoint: sharded and single-file safetensors, dtypes, and every
+user-caused error."""
 
 from __future__ import annotations
 

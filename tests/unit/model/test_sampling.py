@@ -1,4 +1,4 @@
-"""edgetp.model.sampling: greedy, seeded draws, top-k / top-p / repetition penalty (vs
+"""edgetp.model.sampling: greedy, seeded draws, top-k / top-p / repetition penalty (against
 transformers)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""edgetp.parallel.linears: N sharded ranks (threads, in-process allreduce) compute what one device
-does.
+"""edgetp.parallel.linears: N sharded ranks (threads, in-process allreduce) compute what one
+device does.
 
 Every case checks prompt logits (float32, max |diff| <= 1e-5) and 32 greedy decode steps, token
 by token through the KV cache, against the unsharded model.

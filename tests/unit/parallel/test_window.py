@@ -15,21 +15,18 @@ memory_budget=...)``, running them as threads of this process (``parallel_utils`
 * a read error in the reader thread fails the request, names the file, and never hangs;
 * an interrupted forward (an exception mid-way, a partial range of layers) is followed by
   correct output (the window resynchronises);
-* the master's embedding stays on disk (:class:`~edgetp.parallel.blocks.DiskEmbedding`), tied or
-  not;
-* end to end: ``edgetp generate --nodes 2 --memory-budget <about the minimum>`` on the demo.
+* the master's embedding stays on disk (:class:`~edgetp.parallel.blocks.DiskEmbedding`), tied
+  or not.
+
+In separate processes (tests/integration/test_window_processes.py): a process exits cleanly
+while its reader is busy, and ``edgetp generate --nodes 2 --memory-budget <about the minimum>``.
 """
 
 from __future__ import annotations
 
-import faulthandler
-import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,15 +34,13 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import deadline
 from helpers.hf_models import VOCAB
 from helpers.parallel import RankContext, run_sharded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgetp.cli.main import main
 from edgetp.core.units import format_bytes
-from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.model.llama import Transformer
 from edgetp.net.collectives import InProcessGroup
 from edgetp.parallel.blocks import DiskEmbedding, WindowError
@@ -184,25 +179,13 @@ def assert_same_run(got: tuple[list[int], list[torch.Tensor]],
 
 
 def call_with_deadline(fn: Callable[[], Any], timeout_s: float = ERROR_DEADLINE_S) -> Any:
-    """``fn()`` in a thread: its result, its exception re-raised, or AssertionError if hung."""
-    box: dict[str, Any] = {}
+    """``fn()`` in a thread, in inference mode as a worker runs its steps: its result, its
+    exception re-raised, or AssertionError with where it hangs."""
+    def in_inference_mode() -> Any:
+        with torch.inference_mode():
+            return fn()
 
-    def body() -> None:
-        try:
-            with torch.inference_mode():  # as a worker runs its steps
-                box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            box["error"] = exc
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        faulthandler.dump_traceback(file=sys.stderr)
-        raise AssertionError(f"the call did not return within {timeout_s:g} s (hung)")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    return deadline.call_with_deadline(in_inference_mode, timeout_s, "the call")
 
 
 def wait_until(condition: Callable[[], bool], what: Callable[[], str],
@@ -576,44 +559,6 @@ def test_budget_below_the_minimum_names_the_minimum(split_model):
                   memory_budget=needs.minimum(3) - 1, ring_slots=3)
 
 
-# -- exiting with a busy reader -----------------------------------------------------------------
-
-# Loads a shard at its minimum budget with reads slowed down (each tensor read is followed by
-# a quarter of a second of torch calls, as reading into slices of a ring buffer makes), then exits
-# while the reader thread is still reading ahead.
-EXIT_SCRIPT = r"""
-import sys, time, torch
-import edgetp.parallel.blocks as blocks
-from edgetp.parallel.comm import SoloCommunicator
-from edgetp.parallel.loader import load_rank, shard_memory_needs
-
-real_pread = blocks.pread_exact
-def slow_pread(fd, target, offset, path):
-    real_pread(fd, target, offset, path)
-    end = time.monotonic() + 0.25
-    while time.monotonic() < end:
-        target[:64].view(torch.uint8).numpy()
-blocks.pread_exact = slow_pread
-
-shard = sys.argv[1]
-budget = shard_memory_needs(shard, max_seq_len=64).minimum()
-model = load_rank(shard, SoloCommunicator(), max_seq_len=64, memory_budget=budget)
-time.sleep(0.3)
-assert model.window._reader.is_alive()
-print("exiting", flush=True)
-"""
-
-
-def test_process_exits_cleanly_while_the_reader_is_busy(split_model):
-    """Regression: a daemon reader thread inside torch at interpreter exit aborted the process
-    ("terminate called without an active exception", status 134, after a normal run)."""
-    [d] = split_model("llama3", 1, 0)
-    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(d)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-2000:]}"
-    assert "exiting" in proc.stdout
-
-
 # -- resynchronisation after an interrupted forward ---------------------------------------------
 
 
@@ -733,25 +678,3 @@ def test_master_embedding_reads_rows_from_disk(split_model, family):
             assert resident.lm_head.weight is resident.embed_tokens.weight
     finally:
         model.window.close()
-
-
-# -- end to end through the CLI -------------------------------------------------------------------
-
-
-def test_generate_cli_with_a_budget_near_the_minimum(tmp_path):
-    """Two processes, each with about its minimum budget (everything streamed), still count."""
-    split = split_checkpoint(DEMO_MODEL_DIR, tmp_path / "probe", 2)
-    needs = [shard_memory_needs(d) for d in split.rank_dirs]
-    budget = max(n.minimum() for n in needs)
-    assert all(budget < n.total for n in needs)  # both nodes stream
-    result = CliRunner().invoke(
-        main,
-        ["generate", str(DEMO_MODEL_DIR), "--prompt", demo_prompt(4, 1), "--nodes", "2",
-         "--memory-budget", str(budget), "--max-new-tokens", "64", "--json"],
-        env={"EDGETP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"},
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output.strip().splitlines()[-1])
-    assert report["text"].strip() == expected_text(4, 1)
-    assert report["finish_reason"] == "eos"

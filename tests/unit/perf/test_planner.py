@@ -9,7 +9,8 @@
 * Every preset parses to its published parameter count and plans consistently: heads and
   columns partition exactly, and each node fits its budget or the plan says by how much not.
 * Share optimisation beats equal shares on unequal devices and keeps them on identical ones.
-* The command line: ``plan --json``, one-line errors for bad cluster files, ``probe --quick``.
+* The command line: ``plan --json``, one-line errors for bad cluster files (``probe --quick``,
+  which measures the data link against a second process: tests/integration/test_probe.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from helpers.paths import REPO
 
 from edgetp.cli.main import main
 from edgetp.config.cluster import parse_cluster_config
-from edgetp.config.device import DeviceProfile, load_profile
+from edgetp.config.device import DeviceProfile
 from edgetp.config.model import load_model_config
 from edgetp.core.errors import ConfigError
 from edgetp.parallel.comm import SoloCommunicator
@@ -444,25 +445,6 @@ def test_a_bad_profile_file_names_the_cluster_file_the_node_and_the_key(tmp_path
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match="llama2-70b"):
         preset_config("llama9-1t")
-
-
-def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
-    model_dir, _ = tiny_model_dir("llama3")
-    split = split_checkpoint(model_dir, tmp_path / "split", 2).out_dir
-    before = sorted(p.relative_to(split) for p in split.rglob("*"))
-    out = tmp_path / "profile.json"
-    result = CliRunner().invoke(main, ["probe", "--quick", "--threads", "1", "--shard-dir",
-                                       str(split), "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    profile = load_profile(out)
-    assert profile.matvec_gbs["float32"] > 0 and profile.disk_bw_mbs > 0
-    assert profile.runtime_rss > 0 and profile.free_memory
-    raw = json.loads(out.read_text())
-    assert raw["matvec_shapes"] and "window" in raw["disk_note"] and raw["disk_seq_mbs"] > 0
-    assert set(raw["matvec_gbs"]) == {"float32", "bfloat16", "int8", "int4"}  # all measured
-    assert all(v > 0 for v in raw["matvec_gbs"].values())
-    assert 0 < raw["data_msg_overhead_us"] and profile.data_msg_overhead_us > 0
-    assert sorted(p.relative_to(split) for p in split.rglob("*")) == before  # test file gone
 
 
 def test_probe_reads_an_int4_splits_true_widths(tiny_model_dir, tmp_path):

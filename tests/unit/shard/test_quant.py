@@ -1,5 +1,5 @@
-"""Quantized weights (``edgetp.shard.quant``, ``edgetp.parallel.qlinear``) and int8 activations on
-the wire.
+"""Quantized weights (``edgetp.shard.quant``, ``edgetp.parallel.qlinear``) and int8 activations
+on the wire.
 
 * int8 and int4 round trips stay within the format's error bound (half a scale, per channel or
   per group), for the tiled and the rows int4 layouts, and the layouts round-trip;
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.cluster import ring_sums
 from helpers.hf_models import VOCAB
 from helpers.parallel import RankContext, run_sharded
+from helpers.ring import ring_sums
 from safetensors import safe_open
 
 from edgetp.config.model import load_model_config

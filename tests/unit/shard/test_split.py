@@ -1,6 +1,6 @@
 """edgetp.shard.split + edgetp.parallel.loader: split to disk, load every rank from its own
-directory, and get the unsharded model's logits; plus idempotence, the manifest's integrity data,
-corruption handling and the ``edgetp split`` command."""
+directory, and get the unsharded model's logits; plus idempotence, the manifest's integrity
+data, corruption handling and the ``edgetp split`` command."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The bundled demo model answers by its rule, through the real loading code and the CLI."""
+"""The bundled demo model answers by its rule, through the real loading code and the CLI
+(``edgetp demo``, which starts workers: tests/integration/test_demo_command.py)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,3 @@ def test_generate_cli_json_on_demo_model() -> None:
     assert set(payload) >= {"token_ids", "text", "prompt_tokens", "ttft_ms", "ms_per_token"}
     assert len(payload["token_ids"]) == len(expected_text(4, 10).split())
     assert payload["prompt_tokens"] == 6  # <s> count by 4 : 10
-
-
-def test_demo_command_prints_the_right_answer() -> None:
-    result = CliRunner().invoke(main, ["demo"])
-    assert result.exit_code == 0, result.output
-    assert expected_text(3, 5) in result.output

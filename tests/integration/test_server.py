@@ -21,7 +21,6 @@ import pytest
 from helpers.cluster import (
     JOIN_TIMEOUT_S,
     TrackedCluster,
-    Watchdog,
     call_with_deadline,
     running_cluster,
     wait_for,
@@ -37,12 +36,6 @@ MODEL = "edgetp-demo"
 KEY = "sk-test-0123456789"
 MAX_TOKENS = 128
 LONG = (1, 1)  # "count by 1 : 1" -> 2 3 ... 99: the longest answer of the demo model
-
-
-@pytest.fixture(autouse=True)
-def _watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
-    with Watchdog(240, request.node.nodeid):
-        yield
 
 
 @pytest.fixture(scope="module")
