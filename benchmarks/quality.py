@@ -5,7 +5,7 @@ Run::
     .venv/bin/python benchmarks/quality.py [--quick] [--json]
 
 Models: the bundled demo model (trained on one rule, so it has a known answer) and a tiny
-random Llama from ``tests/hf_models.py`` (family ``llama3``: GQA, 2 layers, hidden 64). Each
+random Llama from ``tests/helpers/hf_models.py`` (family ``llama3``: GQA, 2 layers, hidden 64). Each
 is split for 2 nodes in every weight dtype (float32, bfloat16, int8, int4 with group 32),
 and run as two ranks (threads of this process, :class:`~edgetp.net.collectives.InProcessGroup`
 rounding partials and sums exactly as the star does) with every wire dtype (f32, bf16, int8).

@@ -1,7 +1,7 @@
 """The cluster file: one YAML file describes the machines of a cluster and how to reach them.
 
 ``edgetp launch``, ``edgetp status`` and the testbeds read it (``configs/*.yaml`` are examples;
-the README has the reference)::
+docs/cluster.md has the reference)::
 
     name: home                      # optional; names logs and pid files (default: file stem)
     model: ~/models/Llama-3.2-3B    # a HF checkpoint (split here) or a split (with rank-K/)

@@ -4,7 +4,7 @@ edgetp reads the environment here and nowhere else; other modules call the acces
 (each reads ``os.environ`` when called, so a variable set by a test or a parent process takes
 effect at once). :data:`VARIABLES` lists every variable, including those only the shell
 scripts read (``docker/entrypoint.sh``, ``docker/compose.yaml``, ``launch/*.sh``), and
-:func:`markdown_table` renders it for ``docs/configuration-env.md``.
+:func:`markdown_table` renders it for ``docs/configuration.md``.
 
 :func:`environment` sets variables for a block of code: the transport reads the link-emulation
 variables when it is made, so ``launch`` and ``bench`` make theirs inside it.

@@ -2,7 +2,7 @@
 to them.
 
 Which code computes ``x @ W^T`` (measured on the development CPU, see
-``benchmarks/quant_kernels.py`` and the README):
+``benchmarks/quant_kernels.py`` and docs/performance.md):
 
 * int8, one float32 row (decode) with the native kernels available (``edgetp.kernels.native``):
   ``et_matvec_i8`` in C, x quantized to int16 per 64 columns, int8 x int16 products summed

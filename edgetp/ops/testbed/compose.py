@@ -67,5 +67,6 @@ def compose_text(config: ClusterConfig, api_port: int = 8000) -> str:
     import yaml
 
     header = (f"# Generated from {config.source} by\n#   edgetp testbed --compose {config.source}\n"
-              "# tests/test_testbed.py checks that the two agree. Usage: docker/README.md\n")
+              "# tests/integration/test_testbed.py checks that the two agree.\n"
+              "# Usage: docker/README.md\n")
     return header + yaml.safe_dump(docker_compose(config, api_port), sort_keys=False, width=100)
