@@ -9,6 +9,11 @@ a read is late.
 
 The model never knows: weights are swapped in by forward pre-hooks on the block's module and
 released by forward hooks.
+
+A failed read (a file deleted, truncated or unreadable) fails the forward that needs the block,
+and only that one: the reader keeps running, the block is read again on the next forward (or on
+:meth:`WeightWindow.retry`), and :attr:`WeightWindow.failure` says why until it reads again, so a
+file that comes back is served again without a restart.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ class _Slot:
     def __init__(self, nbytes: int) -> None:
         self.raw = torch.empty(nbytes, dtype=torch.uint8)
         self.block: int | None = None  # index into the streamed list
-        self.ready = False
+        self.ready = False  # read (or failed: ``error``)
         self.in_use = False
+        self.error: BaseException | None = None  # why reading ``block`` failed
 
 
 _OPEN_WINDOWS: weakref.WeakSet[WeightWindow] = weakref.WeakSet()
@@ -81,7 +87,7 @@ class WeightWindow:
         self.streamed = [b for b, p in zip(blocks, pinned, strict=True) if not p]
         self.stats = WindowStats()
         self._cond = threading.Condition()
-        self._error: BaseException | None = None
+        self._failed: tuple[int, str] | None = None  # the last streamed block that failed, why
         self._stop = False
         self._next_read = 0
         self._expected = 0  # the streamed block the compute side should ask for next
@@ -110,6 +116,21 @@ class WeightWindow:
             stats, self.stats = self.stats, WindowStats(
                 resident_bytes=self.resident_bytes, resident_peak_bytes=self.resident_bytes)
         return stats
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last failed read failed, until that block reads again (None: reads work)."""
+        with self._cond:
+            return None if self._failed is None else self._failed[1]
+
+    def retry(self) -> None:
+        """Read the failed block again now (in the background), unless a forward holds a block.
+
+        Safe from any thread: a forward between two blocks resynchronises on its next block.
+        """
+        with self._cond:
+            if self._failed is not None and not any(s.in_use for s in self._slots):
+                self._resync(self._failed[0])
 
     def close(self, timeout_s: float = 5.0) -> None:
         with self._cond:
@@ -155,9 +176,11 @@ class WeightWindow:
             if index != self._expected:
                 self._resync(index)
             while True:
-                if self._error is not None:
-                    raise WindowError(str(self._error)) from self._error
                 slot = next((s for s in self._slots if s.block == index and s.ready), None)
+                if slot is not None and slot.error is not None:
+                    error = slot.error
+                    self._resync(index)  # the next forward reads it again: it may be back
+                    raise WindowError(str(error)) from error
                 if slot is not None:
                     slot.in_use = True
                     break
@@ -185,7 +208,7 @@ class WeightWindow:
         free slot for ``index`` and both sides would wait forever.
         """
         for slot in self._slots:
-            slot.block, slot.ready = None, False
+            slot.block, slot.ready, slot.error = None, False, None
         self._next_read = index
         self._expected = index
         self._cond.notify_all()
@@ -203,9 +226,8 @@ class WeightWindow:
                     return
                 index = self._next_read
                 self._next_read = (index + 1) % len(self.streamed)
-                slot.block, slot.ready = index, False
-            if not self._read_into(slot, index):
-                return
+                slot.block, slot.ready, slot.error = index, False, None
+            self._read_into(slot, index)
 
     def _free_slot(self) -> _Slot | None:
         held = {s.block for s in self._slots if s.block is not None}
@@ -213,23 +235,29 @@ class WeightWindow:
             return None  # the whole stream is already resident in the ring
         return next((s for s in self._slots if s.block is None), None)
 
-    def _read_into(self, slot: _Slot, index: int) -> bool:
+    def _read_into(self, slot: _Slot, index: int) -> None:
         block = self.streamed[index]
         started, started_clock = time.perf_counter(), now()
         try:
             read_block(block, slot.raw)
         except BaseException as exc:  # surfaces in the compute thread, never hangs it
+            error = exc if str(block.path) in str(exc) else WindowError(
+                f"cannot read shard file {block.path} ({block.name}): {exc}; copy the rank "
+                "directory again")
             with self._cond:
-                self._error = exc
+                if slot.block == index:  # not dropped by a resync meanwhile
+                    slot.ready, slot.error = True, error
+                self._failed = (index, str(error))
                 self._cond.notify_all()
-            return False
+            return
         elapsed = time.perf_counter() - started
         RECORDER.add("read", index, started_clock, now(), block.nbytes, thread=1)
         with self._cond:
             if slot.block == index:  # not dropped by a resync meanwhile
                 slot.ready = True
+            if self._failed is not None and self._failed[0] == index:
+                self._failed = None  # the file is back
             self.stats.bytes_read += block.nbytes
             self.stats.blocks_read += 1
             self.stats.read_s += elapsed
             self._cond.notify_all()
-        return True

@@ -13,6 +13,8 @@ memory_budget=...)``, running them as threads of this process (``parallel_utils`
 * without a budget (or with one that holds everything) there is no window and no disk read;
 * the counters (bytes and blocks read, read and wait time, overlap) add up, and reset;
 * a read error in the reader thread fails the request, names the file, and never hangs;
+  once the file is back (deleted, truncated or unreadable before) the next forward, or a
+  ``retry()``, reads it again and the output is the same;
 * an interrupted forward (an exception mid-way, a partial range of layers) is followed by
   correct output (the window resynchronises);
 * the master's embedding stays on disk (:class:`~edgetp.parallel.blocks.DiskEmbedding`), tied
@@ -544,6 +546,69 @@ def test_read_error_on_a_worker_rank_fails_the_run(split_model, tmp_path, damage
         assert time.monotonic() - started < ERROR_DEADLINE_S
     finally:
         close_all(models)
+
+
+def damage_and_keep(path: Path, how: str, keep: Path) -> None:
+    """Damage ``path`` the way ``how`` says, keeping its bytes in ``keep`` to restore it."""
+    shutil.copy2(path, keep)
+    if how == "deleted":
+        path.unlink()
+    elif how == "truncated":
+        truncate(path)
+    else:
+        assert how == "unreadable"  # (a mode of 0 would not stop root): a directory in its place
+        path.unlink()
+        path.mkdir()
+
+
+def restore(path: Path, kept: Path) -> None:
+    if path.is_dir():
+        path.rmdir()
+    shutil.copy2(kept, path)
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "unreadable"])
+def test_a_file_that_comes_back_is_read_again(split_model, tmp_path, how):
+    """A failed read fails one forward; once the file is back, the next forward reads it and
+    gives the same logits, with no restart, and ``failure`` says why until then."""
+    [d] = fresh_copy(split_model("llama3", 1, 0), tmp_path)
+    model = load_rank(d, SoloCommunicator(), max_seq_len=MAX_SEQ_LEN,
+                      memory_budget=needs_of(d).minimum())
+    victim = d / layer_file(N_LAYERS - 1)
+    try:
+        want = call_with_deadline(lambda: model(prompt_tokens(), 0))
+        damage_and_keep(victim, how, tmp_path / "kept")
+        for _ in range(2):  # it stays failed while the file is away
+            with pytest.raises(WindowError, match=re.escape(str(victim))):
+                call_with_deadline(lambda: model(prompt_tokens(), 0))
+        restore(victim, tmp_path / "kept")
+        got = call_with_deadline(lambda: model(prompt_tokens(), 0))
+        assert torch.equal(got, want)
+        assert model.window.failure is None
+    finally:
+        model.window.close()
+
+
+def test_retry_reads_the_failed_block_without_a_forward(split_model, tmp_path):
+    """``retry()`` (what an idle worker calls) clears ``failure`` once the file is back."""
+    [d] = fresh_copy(split_model("llama3", 1, 0), tmp_path)
+    model = load_rank(d, SoloCommunicator(), max_seq_len=MAX_SEQ_LEN,
+                      memory_budget=needs_of(d).minimum())
+    victim = d / layer_file(N_LAYERS - 1)
+    window = model.window
+    try:
+        damage_and_keep(victim, "deleted", tmp_path / "kept")
+        with pytest.raises(WindowError):
+            call_with_deadline(lambda: model(prompt_tokens(), 0))
+        assert str(victim) in (window.failure or "")
+        window.retry()  # still gone: the retry fails again
+        time.sleep(0.2)
+        assert str(victim) in (window.failure or "")
+        restore(victim, tmp_path / "kept")
+        window.retry()
+        wait_until(lambda: window.failure is None, lambda: f"failure {window.failure!r}")
+    finally:
+        window.close()
 
 
 def test_budget_below_the_minimum_names_the_minimum(split_model):
