@@ -24,7 +24,7 @@ import torch
 
 from edgetp.core.errors import EdgetpError
 
-PROTOCOL_VERSION = 3  # bump whenever a schema below changes
+PROTOCOL_VERSION = 4  # bump whenever a schema below changes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
@@ -60,6 +60,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "collect": {"seq": _INT},
     "stats": {"seq": _INT, "stats": _DICT},
     "error": {"message": _STR},
+    "health": {"weights": _STR},  # a worker's weight reads: "" when they work, else why not
     "shutdown": {},
 }
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {

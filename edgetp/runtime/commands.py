@@ -9,16 +9,33 @@ imports the CLI (or anything of edgetp): callers never look at the CLI to find i
 
 A command's :meth:`~NodeCommand.args` are the words after ``edgetp`` (what the testbeds'
 entrypoint takes); :meth:`~NodeCommand.argv` puts ``PYTHON -m edgetp.cli`` in front, which
-starts the same command with a given interpreter (a node's ``python:``, or ``sys.executable``).
+starts the same command with a given interpreter (a node's ``python:``, started in its home
+directory). :meth:`~NodeCommand.local_argv` starts it with this interpreter from wherever the
+user stands: ``python -m`` would put the working directory first on ``sys.path``, and a folder
+named ``edgetp`` there (a clone of the repository) would shadow the installed package, so the
+working directory is kept off the path (``-P`` from Python 3.11, a bootstrap before), while
+``PYTHONPATH`` still applies.
 """
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
 CLI_MODULE = "edgetp.cli"  # `python -m edgetp.cli ARGS` is `edgetp ARGS`
+# `python -m edgetp.cli` without the working directory on sys.path, before Python 3.11's -P
+_SAFE_PATH_BOOTSTRAP = ("import runpy, sys; del sys.path[0]; "
+                        f"runpy.run_module({CLI_MODULE!r}, run_name='__main__', alter_sys=True)")
+
+
+def safe_module_argv(python: str | Path, version: tuple[int, int] = sys.version_info[:2]
+                     ) -> list[str]:
+    """``PYTHON -m edgetp.cli`` (of a Python ``version``) that never imports from the cwd."""
+    if version >= (3, 11):
+        return [str(python), "-P", "-m", CLI_MODULE]
+    return [str(python), "-c", _SAFE_PATH_BOOTSTRAP]
 
 
 def size_text(n: int) -> str:
@@ -73,6 +90,10 @@ class NodeCommand(ABC):
         """``PYTHON -m edgetp.cli ARGS``: the command run by that interpreter."""
         return [str(python), "-m", CLI_MODULE, *self.args()]
 
+    def local_argv(self) -> list[str]:
+        """The command run by this interpreter, whatever the working directory holds."""
+        return [*safe_module_argv(sys.executable), *self.args()]
+
 
 @dataclass(frozen=True)
 class WorkerCommand(NodeCommand):
@@ -90,6 +111,7 @@ class WorkerCommand(NodeCommand):
     keys: WorkerKeys | None = None
     insecure: bool = False
     capture_frames: str | Path | None = None  # tests: a file of every frame received
+    parent_pid: int | None = None  # a local cluster's master: the worker exits with it
 
     def args(self) -> list[str]:
         args = ["worker", "--shard", str(self.shard_dir), "--master", self.master,
@@ -102,6 +124,8 @@ class WorkerCommand(NodeCommand):
             args += ["--memory-budget", size_text(self.memory_budget)]
         if self.capture_frames is not None:
             args += ["--capture-frames", str(self.capture_frames)]
+        if self.parent_pid is not None:
+            args += ["--parent-pid", str(self.parent_pid)]
         return args
 
 

@@ -2,7 +2,10 @@
 
 The model is split into a cache directory (once per model and plan), workers start as
 ``edgetp worker`` subprocesses, the master runs in this process, and everything is shut down
-on exit, even after an error.
+on exit, even after an error. The workers are tied to this process
+(:mod:`edgetp.runtime.lifeline`): should it die without shutting them down, even by SIGKILL,
+they exit too. They start with this interpreter, deaf to a folder named ``edgetp`` in the
+working directory (:meth:`~edgetp.runtime.commands.NodeCommand.local_argv`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +22,15 @@ from edgetp.core import settings
 from edgetp.core.errors import ClusterError
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
 from edgetp.runtime.commands import WorkerCommand, WorkerKeys
+from edgetp.runtime.lifeline import spawn_tied
 from edgetp.runtime.master import Master
 from edgetp.shard import layout
 from edgetp.shard.split import model_fingerprint, split_checkpoint
 
 WORKER_START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0  # a worker told to shut down has this long to exit before it is killed
+TERMINATE_GRACE_S = 1.0  # ... and a terminated one (SIGTERM) this long
+BUSY_MASTER_WAIT_S = 1.0  # how long stop() waits for a request to let go of the master
 
 
 def cache_root() -> Path:
@@ -120,13 +126,12 @@ class LocalCluster:
         return layout.rank_dir(self.split_dir, rank)
 
     def start_worker(self, rank: int) -> None:
-        command = self.worker_command(rank).argv(sys.executable) + self.worker_args
+        command = self.worker_command(rank).local_argv() + self.worker_args
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         self.log_path(rank).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(rank).open("ab") as log_file:
-            self.workers[rank] = subprocess.Popen(command, env=env,
-                                                  stdin=subprocess.DEVNULL, stdout=log_file,
-                                                  stderr=subprocess.STDOUT)
+            self.workers[rank] = spawn_tied(command, env=env, stdin=subprocess.DEVNULL,
+                                            stdout=log_file, stderr=subprocess.STDOUT)
 
     def worker_command(self, rank: int) -> WorkerCommand:
         """``edgetp worker`` for ``rank`` (with its keys when secure, its frame file in tests)."""
@@ -136,7 +141,8 @@ class LocalCluster:
                              self.timeout_s, self.dtype, self.max_seq_len or None,
                              self.memory_budget,
                              WorkerKeys(keys / f"worker-{rank}.key_secret", keys / "master.key")
-                             if self.secure else None, capture_frames=capture)
+                             if self.secure else None, capture_frames=capture,
+                             parent_pid=os.getpid())
 
     def log_path(self, rank: int) -> Path:
         return self.split_dir / "logs" / f"rank-{rank}.log"
@@ -168,12 +174,27 @@ class LocalCluster:
         proc.wait()
 
     def stop(self) -> None:
-        if self.master is not None:
-            self.master.close(shutdown_workers=True)
-            self.master = None
+        """Tell the workers to exit and close the master; within seconds, even mid-request.
+
+        A request whose step is stuck (a worker busy or hung) holds the master: its workers
+        are then terminated, which fails that step, and the master closed after it.
+        """
+        master, self.master = self.master, None
+        told = master is None or master.close(shutdown_workers=True, wait_s=BUSY_MASTER_WAIT_S)
+        if not told:
+            for proc in self.workers.values():
+                proc.terminate()
+        self._reap_workers(STOP_GRACE_S if told else TERMINATE_GRACE_S)
+        if not told:
+            assert master is not None
+            master.close(wait_s=BUSY_MASTER_WAIT_S)  # if the failed step has let go by now
+
+    def _reap_workers(self, grace_s: float) -> None:
+        """Wait for every worker to exit, all within ``grace_s``; kill those still running."""
+        deadline = time.monotonic() + grace_s
         for proc in self.workers.values():
             try:
-                proc.wait(timeout=5)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

@@ -219,9 +219,22 @@ class Master:
             transport.close()
             raise
 
-    def close(self, shutdown_workers: bool = False) -> None:
-        if self._cluster is not None:
-            self._cluster.transport.close(shutdown_workers)
+    def close(self, shutdown_workers: bool = False, wait_s: float | None = None) -> bool:
+        """Close the cluster's sockets (telling the workers to exit if ``shutdown_workers``).
+
+        A request holds the cluster until its step ends; with ``wait_s``, give up after that
+        long and return False, closing nothing (a stuck step must not hold up an exit).
+        """
+        if self._cluster is None:
+            return True
+        transport = self._cluster.transport
+        if not transport.lock.acquire(timeout=-1 if wait_s is None else wait_s):
+            return False
+        try:
+            transport.close(shutdown_workers)
+        finally:
+            transport.lock.release()
+        return True
 
     # -- the cluster, as its callers see it (a local master is a cluster of one) ---------------
 
@@ -265,6 +278,17 @@ class Master:
     def missing_ranks(self) -> list[int]:
         """Worker ranks that have not joined (or have been lost)."""
         return [] if self._cluster is None else list(self._cluster.transport.missing_ranks())
+
+    def failing_ranks(self) -> dict[int, str]:
+        """Ranks whose weights fail to read (a streamed file deleted, truncated, unreadable),
+        with the reason: what the workers reported, and this process's own window, which is
+        read again on each call (asking is retrying; a request retries too)."""
+        failing = {} if self._cluster is None else self._cluster.transport.failing_ranks()
+        window = getattr(self.model, "window", None)
+        if window is not None and (failure := window.failure) is not None:
+            failing[0] = failure
+            window.retry()
+        return dict(sorted(failing.items()))
 
     def wait_for_workers(self, timeout_s: float | None = None) -> None:
         """Block until every worker has joined; ClusterError after ``timeout_s``."""

@@ -2,12 +2,19 @@
 
 A worker never sees text, token ids, logits or sampling settings: it receives hidden states
 (``step``) and sums (``sum``) and sends partial sums back. It survives the master going away:
-it notices through heartbeats and reconnects until the master is back.
+it notices through heartbeats and reconnects until the master is back, saying every few
+seconds where it is waiting.
+
+A worker that streams its weights survives a file that fails to read (deleted, truncated,
+unreadable): the step fails, the worker tells the master why (``health``, shown by ``serve``'s
+``/health``), reads the file again on the next step and, while idle, every few seconds, and
+tells the master once it reads again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +39,10 @@ from edgetp.parallel.loader import load_rank
 from edgetp.shard.manifest import read_manifest
 
 log = logging.getLogger("edgetp.runtime.worker")
+
+WAITING_REPORT_S = 5.0  # how often a worker says it is still waiting for its master
+WEIGHTS_RETRY_S = 2.0  # how often an idle worker whose weights fail to read tries again
+IDLE_RECEIVE_S = 3600.0
 
 
 class Worker:
@@ -60,20 +71,25 @@ class Worker:
         self._last_step: tuple[int, int] = (-1, -1)
         self._order_session = ""  # the master session _last_step belongs to
         self.memory_budget = memory_budget
+        self._reported_failure: str | None = None  # the weights failure the master knows of
 
     def serve(self) -> None:
         """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
-        self.transport.connect()
+        self._join()
         try:
             while True:
                 try:
-                    message = self.transport.receive(timeout_s=3600.0)
+                    failing = self.weights_failure() is not None
+                    message = self.transport.receive(
+                        timeout_s=WEIGHTS_RETRY_S if failing else IDLE_RECEIVE_S)
                     if message is None:
+                        self._retry_weights()
                         continue
                     if message.op == "shutdown":
                         return
                     if message.op == "step":
                         self._run_step(message)
+                        self._report_weights()
                     elif message.op == "collect":
                         self._send_stats(message.fields["seq"])
                     elif message.op == "link":
@@ -89,10 +105,53 @@ class Worker:
                     self.transport.send("error", {"message": str(exc)})
                 except ClusterError as exc:
                     log.warning("rank %d: %s; reconnecting", self.rank, exc)
-                    self.transport.connect()
+                    self._join()
         finally:
             self.transport.close()
             self.ring.close()
+
+    def _join(self) -> None:
+        """Connect to the master, saying every few seconds where we wait for it."""
+        started = time.monotonic()
+        log.info("rank %d: joining the master at %s", self.rank, self.transport.master)
+        while True:
+            try:
+                self.transport.connect(give_up_s=WAITING_REPORT_S)
+                break
+            except HandshakeRefused:
+                raise
+            except ClusterError:
+                log.info("rank %d: still waiting for the master at %s (%.0f s); is it "
+                         "running, and is that address right?", self.rank, self.transport.master,
+                         time.monotonic() - started)
+        self._reported_failure = None  # a new master (or session) knows nothing yet
+        self._report_weights()
+
+    # -- weights that fail to read (a streamed file deleted, truncated, unreadable) -----------
+
+    def weights_failure(self) -> str | None:
+        """Why this worker's weights fail to read, or None when they read (or all are resident)."""
+        window = getattr(self.model, "window", None)
+        return None if window is None else window.failure
+
+    def _retry_weights(self) -> None:
+        """Idle: report what the last retry found, then read the failed block again."""
+        self._report_weights()
+        window = getattr(self.model, "window", None)
+        if window is not None and window.failure is not None:
+            window.retry()
+
+    def _report_weights(self) -> None:
+        """Tell the master when our weights start or stop failing to read."""
+        failure = self.weights_failure()
+        if failure == self._reported_failure:
+            return
+        if failure is None:
+            log.info("rank %d: weights read again", self.rank)
+        else:
+            log.error("rank %d: weights fail to read: %s", self.rank, failure)
+        self.transport.send("health", {"weights": failure or ""})
+        self._reported_failure = failure
 
     def _link(self, address: str) -> None:
         """Connect the ring to our successor ("" means the master)."""

@@ -2,9 +2,10 @@
 
 :class:`MasterTransport` binds, admits workers through the handshake
 (:mod:`~edgetp.net.transport.handshake`), opens their data links, sends steps and sums, hands
-data messages (partials, stats, errors) to the request, answers pings, and forgets workers
-that fall silent. It knows nothing of models. Every receive has a deadline; a peer that sends
-garbage is logged and its message dropped.
+data messages (partials, stats, errors) to the request, answers pings, notes each worker's
+``health`` (why its weights fail to read, if they do), and forgets workers that fall silent.
+It knows nothing of models. Every receive has a deadline; a peer that sends garbage is logged
+and its message dropped.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Peer:
     last_seen: float
     clock_offset_s: float  # master clock minus worker clock (estimated at handshake)
     ring_address: str = ""  # where its ring PULL socket listens (ring allreduce only)
+    weights_failure: str = ""  # why its weights fail to read, from its last "health" ("": fine)
 
 
 class MasterTransport:
@@ -233,6 +235,9 @@ class MasterTransport:
             self._send_to(identity, "pong", {"time": time.time(), "echo": message.fields["time"]},
                           rank=rank)
             return None
+        if message.op == "health":
+            self._note_health(rank, message.fields["weights"])
+            return None
         if message.op in ("partial", "stats", "error"):
             return rank, message
         self.traffic.dropped += 1
@@ -250,6 +255,19 @@ class MasterTransport:
             self._send_to(identity, op, fields, rank=rank)
         except ClusterError as exc:
             log.info("could not answer %s with %r: %s", self._who(identity), op, exc)
+
+    def _note_health(self, rank: int, weights_failure: str) -> None:
+        peer = self.peers[rank]
+        if weights_failure and weights_failure != peer.weights_failure:
+            log.error("%s cannot read its weights: %s", self.describe(rank), weights_failure)
+        elif peer.weights_failure and not weights_failure:
+            log.info("%s reads its weights again", self.describe(rank))
+        peer.weights_failure = weights_failure
+
+    def failing_ranks(self) -> dict[int, str]:
+        """Joined workers whose weights fail to read, with the reason each reported."""
+        return {rank: peer.weights_failure for rank, peer in list(self.peers.items())
+                if peer.weights_failure}
 
     def _rank_of(self, identity: bytes) -> int | None:
         for rank, peer in self.peers.items():

@@ -23,6 +23,7 @@ from edgetp.runtime.commands import (
     WorkerCommand,
     WorkerKeys,
     number_text,
+    safe_module_argv,
     size_text,
 )
 
@@ -138,6 +139,41 @@ def test_python_prefix_starts_the_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "Usage: python -m edgetp.cli worker" in result.stdout
     assert "--master-key" in result.stdout
+
+
+def test_a_local_worker_is_told_its_master(tmp_path: Path) -> None:
+    assert parse(WorkerCommand(tmp_path, "tcp://127.0.0.1:1", parent_pid=4321).args()
+                 ).params["parent_pid"] == 4321
+    assert parse(WorkerCommand(tmp_path, "tcp://127.0.0.1:1").args()).params["parent_pid"] is None
+
+
+@pytest.mark.parametrize("version", [(3, 10), (3, 11)], ids=["bootstrap", "-P"])
+def test_local_command_lines_ignore_an_edgetp_folder_in_the_cwd(tmp_path: Path,
+                                                                version: tuple[int, int]) -> None:
+    """A clone of the repository in the working directory would shadow edgetp under plain
+    ``python -m``; both forms (-P from 3.11, the bootstrap before) keep it off the path, while
+    PYTHONPATH still counts."""
+    if sys.version_info[:2] < version:
+        pytest.skip(f"needs Python {version[0]}.{version[1]}")
+    (tmp_path / "edgetp").mkdir()
+    (tmp_path / "edgetp" / "__init__.py").write_text("raise ImportError('shadowed')\n")
+    argv = safe_module_argv(sys.executable, version) + ["worker", "--help"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(Path(__file__).resolve().parents[3]), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env,
+                            cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "--master-key" in result.stdout
+    plain = subprocess.run([sys.executable, "-m", "edgetp.cli", "worker", "--help"],
+                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+                           check=False)
+    assert "shadowed" in plain.stderr  # what the safe forms avoid
+
+
+def test_local_argv_is_this_interpreter(tmp_path: Path) -> None:
+    command = WorkerCommand(tmp_path, "tcp://127.0.0.1:1")
+    assert command.local_argv() == [*safe_module_argv(sys.executable), *command.args()]
+    assert command.local_argv()[0] == sys.executable
 
 
 @pytest.mark.parametrize("n", [1, 1023, 2**20, 5 * 2**20 + 1, 3 * 2**30, 7 * 2**30 + 2**20])
