@@ -124,7 +124,8 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
 @master_sources
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="HTTP address to listen on (0.0.0.0 exposes the API to your network)")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="TCP port of the API (1-65535)")
 @click.option("--api-key", default=api_key_from_env,
               help="require `Authorization: Bearer KEY` (default: $EDGETP_API_KEY)")
 @click.option("--queue-size", type=int, default=16, show_default=True,
@@ -142,7 +143,7 @@ def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers
     line ({"url", "model"}) once the server is ready.
     """
     from edgetp.core.settings import configure_logging
-    from edgetp.serve.server import ServerSettings, default_model_name, run_server
+    from edgetp.serve.server import ServerSettings, default_model_name, listen_on, run_server
 
     configure_logging()
     settings = ServerSettings(
@@ -156,9 +157,13 @@ def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers
         if opts["as_json"]:
             click.echo(json.dumps({"url": server.url, "model": settings.model_name}))
 
-    with master_from_sources(model_dir, shard_dir, bind, nodes, shares, private_layers,
-                             opts) as master:
-        run_server(master, settings, host, port, ready)
+    listener = listen_on(host, port)  # before the model loads: a taken port is said at once
+    try:
+        with master_from_sources(model_dir, shard_dir, bind, nodes, shares, private_layers,
+                                 opts) as master:
+            run_server(master, settings, host, port, ready, listener)
+    finally:
+        listener.close()
 
 
 @click.command()
@@ -166,7 +171,8 @@ def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers
 @click.option("--stop", is_flag=True, help="stop the cluster's workers (and a --serve master)")
 @click.option("--serve", is_flag=True,
               help="start `edgetp serve` on node 0, detached, instead of a master in this terminal")
-@click.option("--port", type=int, default=8000, show_default=True, help="with --serve: API port")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True,
+              help="with --serve: API port (1-65535)")
 @click.option("--transfer", type=click.Choice(["auto", "rsync", "stream"]), default="auto",
               show_default=True, help="how shards are copied (auto: rsync when both ends have it)")
 @click.option("--no-ship", is_flag=True, help="do not check or copy the shards")

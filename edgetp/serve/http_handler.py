@@ -42,11 +42,23 @@ class HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], app: APIServer) -> None:
+    def __init__(self, address: tuple[str, int], app: APIServer,
+                 listener: socket.socket | None = None) -> None:
         self.app = app
+        self._listener = listener  # a socket bound (and listening) before: used instead
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, Handler)
+
+    def server_bind(self) -> None:
+        if self._listener is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._listener
+        self.server_address = self.socket.getsockname()
+        self.server_name = socket.getfqdn(str(self.server_address[0]))
+        self.server_port = int(self.server_address[1])
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
@@ -73,10 +85,12 @@ class HTTPServer6(HTTPServer):
     address_family = socket.AF_INET6
 
 
-def http_server(host: str, port: int, app: APIServer) -> HTTPServer:
-    """Bind ``host:port`` (IPv6 if ``host`` has a colon) for ``app``."""
+def http_server(host: str, port: int, app: APIServer,
+                listener: socket.socket | None = None) -> HTTPServer:
+    """Bind ``host:port`` (IPv6 if ``host`` has a colon) for ``app``, or take ``listener``,
+    a socket bound to it already."""
     server_class = HTTPServer6 if ":" in host else HTTPServer
-    return server_class((host, port), app)
+    return server_class((host, port), app, listener)
 
 
 class ClientGone(Exception):

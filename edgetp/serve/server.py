@@ -15,14 +15,19 @@ thread never touches a socket. A request that does not fit in the queue gets 429
 accepted request ends in a response or an error. A client that goes away is noticed (a failed
 write, or end-of-file on its socket) and its generation is stopped between two steps, or, if
 it is still queued, it is dropped from the queue.
+
+``edgetp serve`` takes its port before it loads the model (:func:`listen_on`): a port that is
+taken, or an address that is not this machine's, is said at once in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -41,26 +46,30 @@ from edgetp.serve.settings import ServerSettings, default_model_name
 if TYPE_CHECKING:
     from edgetp.runtime.master import Master
 
-__all__ = ["APIServer", "RequestRecord", "ServerSettings", "default_model_name", "run_server"]
+__all__ = ["APIServer", "RequestRecord", "ServerSettings", "default_model_name", "listen_on",
+           "run_server"]
 
 log = logging.getLogger("edgetp.serve.server")
+
+SHUTDOWN_GRACE_S = 3.0  # after Ctrl-C or SIGTERM: how long running requests may take to end
 
 
 class APIServer:
     """The HTTP server, the request queue and the generation thread around one master.
 
     ``master`` is an :class:`edgetp.runtime.master.Master` (local or cluster); the server is
-    its only user while it runs. ``start()`` binds (``port=0`` picks a free port) and returns
-    at once; ``stop()`` answers every queued request, stops the running generation and closes
-    all connections.
+    its only user while it runs. ``start()`` binds (``port=0`` picks a free port), or takes
+    ``listener`` (from :func:`listen_on`), and returns at once; ``stop()`` answers every queued
+    request, stops the running generation and closes all connections.
     """
 
     def __init__(self, master: Master, settings: ServerSettings, host: str = "127.0.0.1",
-                 port: int = 8000) -> None:
+                 port: int = 8000, listener: socket.socket | None = None) -> None:
         self.master = master
         self.settings = settings
         self.host = host
         self.port = port
+        self._listener = listener
         self.started = int(time.time())
         self.queue = GenerationQueue(master, settings.queue_size)
         self._httpd: HTTPServer | None = None
@@ -71,7 +80,10 @@ class APIServer:
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> APIServer:
-        self._httpd = http_server(self.host, self.port, self)
+        try:
+            self._httpd = http_server(self.host, self.port, self, self._listener)
+        except OSError as exc:
+            raise port_error(self.host, self.port, exc) from exc
         self.port = int(self._httpd.server_address[1])
         self.queue.start()
         self._http_thread = threading.Thread(
@@ -91,6 +103,7 @@ class APIServer:
         return f"http://{host}:{self.port}"
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop; requests still running after ``timeout_s`` (in all) are cut off."""
         httpd = self._httpd
         if httpd is None:
             return
@@ -102,9 +115,9 @@ class APIServer:
                 self._handling.wait(0.05)
         httpd.close_connections()
         httpd.server_close()
-        self.queue.join(timeout_s)
+        self.queue.join(max(0.0, deadline - time.monotonic()))
         if self._http_thread is not None:
-            self._http_thread.join(timeout_s)
+            self._http_thread.join(max(0.0, deadline - time.monotonic()))
         self._httpd = None
         log.info("server stopped")
 
@@ -128,7 +141,7 @@ class APIServer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            self.stop()
+            self.stop(SHUTDOWN_GRACE_S)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -146,14 +159,21 @@ class APIServer:
         return self.master.missing_ranks()
 
     def health(self) -> dict[str, Any]:
+        """Ready (``ok``) when every node has joined and reads its weights.
+
+        ``failing`` lists the nodes whose weights fail to read, with the reason; requests are
+        still taken, since each one reads the weights again.
+        """
         missing = self.missing_ranks()
+        failing = self.master.failing_ranks()
         expected = self.master.n_ranks
         queued, busy, requests = self.queue.snapshot()
         return {
-            "status": "unavailable" if missing else "ok",
+            "status": "unavailable" if missing or failing else "ok",
             "model": self.settings.model_name,
             "nodes": {"expected": expected, "joined": expected - len(missing),
                       "missing": missing},
+            "failing": [{"rank": rank, "reason": reason} for rank, reason in failing.items()],
             "queue": {"length": queued, "capacity": self.settings.queue_size},
             "busy": busy,
             "requests": requests,
@@ -199,10 +219,43 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def listen_on(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening (IPv6 if ``host`` has a colon), for
+    :class:`APIServer`; a ConfigError that says what to do if it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as http.server does
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise port_error(host, port, exc) from exc
+    return sock
+
+
+def port_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """Why the API cannot listen on ``host:port``, and what to do."""
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"port {port} on {host} is taken (another `edgetp serve` or another "
+                           "server)", f"stop it, or pick a free port with --port N (e.g. "
+                           f"--port {port + 1 if port < 65535 else 8000})")
+    if exc.errno == errno.EACCES:
+        return ConfigError(f"not allowed to listen on {where} (ports below 1024 need root)",
+                           "pick --port 1024 or above")
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return ConfigError(f"cannot listen on {where}: {host} is not an address of this "
+                           "machine", "give --host one of its addresses (127.0.0.1, 0.0.0.0)")
+    return ConfigError(f"cannot listen on {where}: {exc.strerror or exc}",
+                       "check --host and --port")
+
+
 def run_server(master: Master, settings: ServerSettings, host: str = "127.0.0.1",
-               port: int = 8000, on_ready: Callable[[APIServer], None] | None = None) -> None:
-    """Serve ``master`` until Ctrl-C or SIGTERM (``edgetp serve``)."""
-    server = APIServer(master, settings, host, port).start()
+               port: int = 8000, on_ready: Callable[[APIServer], None] | None = None,
+               listener: socket.socket | None = None) -> None:
+    """Serve ``master`` until Ctrl-C or SIGTERM (``edgetp serve``), on ``listener`` if given."""
+    server = APIServer(master, settings, host, port, listener).start()
     if on_ready is not None:
         on_ready(server)
     server.wait()
