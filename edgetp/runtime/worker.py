@@ -79,21 +79,13 @@ class Worker:
         try:
             while True:
                 try:
-                    failing = self.weights_failure() is not None
-                    message = self.transport.receive(
-                        timeout_s=WEIGHTS_RETRY_S if failing else IDLE_RECEIVE_S)
+                    message = self.transport.receive(timeout_s=self._idle_timeout_s())
                     if message is None:
                         self._retry_weights()
-                        continue
-                    if message.op == "shutdown":
+                    elif message.op == "shutdown":
                         return
-                    if message.op == "step":
-                        self._run_step(message)
-                        self._report_weights()
-                    elif message.op == "collect":
-                        self._send_stats(message.fields["seq"])
-                    elif message.op == "link":
-                        self._link(message.fields["address"])
+                    else:
+                        self._handle(message)
                 except StepAborted as exc:
                     log.info("rank %d: %s", self.rank, exc)
                 except ShutdownRequested:
@@ -109,6 +101,20 @@ class Worker:
         finally:
             self.transport.close()
             self.ring.close()
+
+    def _handle(self, message: Message) -> None:
+        if message.op == "step":
+            self._run_step(message)
+            self._report_weights()
+        elif message.op == "collect":
+            self._send_stats(message.fields["seq"])
+        elif message.op == "link":
+            self._link(message.fields["address"])
+
+    def _idle_timeout_s(self) -> float:
+        """How long to wait for the master's next message before looking at the weights."""
+        failing = self.weights_failure() is not None or self._reported_failure is not None
+        return WEIGHTS_RETRY_S if failing else IDLE_RECEIVE_S
 
     def _join(self) -> None:
         """Connect to the master, saying every few seconds where we wait for it."""
