@@ -35,7 +35,8 @@ class WindowStats:
 
     bytes_read: int = 0
     blocks_read: int = 0
-    read_s: float = 0.0  # time the reader thread spent reading
+    read_s: float = 0.0  # time the reader thread spent reading (checking included)
+    check_s: float = 0.0  # of which checking the bytes against their checksums
     wait_s: float = 0.0  # time the compute side waited for a read
     resident_bytes: int = 0
     resident_peak_bytes: int = 0
@@ -217,7 +218,7 @@ class WeightWindow:
         block = self.streamed[index]
         started, started_clock = time.perf_counter(), now()
         try:
-            read_block(block, slot.raw)
+            checking = read_block(block, slot.raw)
         except BaseException as exc:  # surfaces in the compute thread, never hangs it
             with self._cond:
                 self._error = exc
@@ -231,5 +232,6 @@ class WeightWindow:
             self.stats.bytes_read += block.nbytes
             self.stats.blocks_read += 1
             self.stats.read_s += elapsed
+            self.stats.check_s += checking
             self._cond.notify_all()
         return True
