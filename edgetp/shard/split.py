@@ -141,10 +141,9 @@ def _unchanged_since(model_dir: Path, record: SourceRecord) -> SourceRecord:
 def _refresh_copies(model_dir: Path, rank0: Path, previous: SourceRecord | None,
                     record: SourceRecord) -> tuple[str, ...]:
     """Bring rank-0's copies of the tokenizer files up to date; record the model's stamps."""
-    old = previous.copied if previous else {}
-    todo = [name for name in COPIED_FILES
-            if name in changed(old, record.copied) or previous is None
-            or (name in record.copied and not (rank0 / name).is_file())]
+    differ = changed(previous.copied, record.copied) if previous else list(record.copied)
+    todo = [name for name in COPIED_FILES  # changed, or a copy missing or left over
+            if name in differ or (name in record.copied) != (rank0 / name).is_file()]
     for name in todo:
         if name in record.copied:
             _copy(model_dir / name, rank0 / name)
@@ -287,6 +286,8 @@ def describe_split(result: SplitResult) -> str:
     lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
              f"directories in {result.out_dir} (dtype {manifest.dtype}"
              + (f", group {manifest.group_size}" if manifest.group_size else "") + ")"]
+    if result.recopied:
+        lines.append(f"  changed in the model, copied again: {', '.join(result.recopied)}")
     if shrunk := shrunk_groups(manifest):
         lines.append("  int4 groups shrunk to divide the slices: "
                      + ", ".join(f"{name} {group}" for name, group in shrunk.items()))
