@@ -198,7 +198,7 @@ def split_for(model_dir: Path, nodes: int, weights: str) -> list[Path]:
             progress(f"split {nodes} node(s) {weights}: {count[0]}/{files} files")
 
     result = split_checkpoint(model_dir, out, nodes, None, weights, progress=one_file,
-                              group_size=GROUP_SIZE)
+                              group_size=GROUP_SIZE, force=True)  # as LocalCluster does
     progress(f"split {nodes} node(s) {weights}: {'reused' if result.skipped else 'written'} "
              f"in {out}")
     return result.rank_dirs

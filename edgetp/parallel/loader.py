@@ -5,11 +5,14 @@ layer files give its slices. Every file is checked against the manifest (size an
 before its tensors are used, so a corrupted shard is an error naming the file, not wrong output.
 
 With a memory budget smaller than the share, the blocks (attention and MLP slices, the head)
-go to a :class:`~edgetp.parallel.window.WeightWindow` that pins what fits and streams the rest.
+go to a :class:`~edgetp.parallel.window.WeightWindow` that pins what fits and streams the rest;
+every block it reads is checked against the manifest's checksums. A split made before the
+manifests had checksums still loads, with a warning that re-reads are not checked.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,8 @@ from edgetp.parallel.qlinear import (
 from edgetp.parallel.window import DEFAULT_RING_SLOTS, WeightWindow
 from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import Manifest, read_manifest, verify_directory
+
+log = logging.getLogger("edgetp.parallel.loader")
 
 BLOCK_PREFIXES = {"self_attn.": "self_attn", "mlp.": "mlp"}
 STORED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +77,7 @@ def load_rank(
             _check_window_dtype(manifest, dtype)
             _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
             window = _make_window(blocks, needs, memory_budget, ring_slots)
+            _warn_if_unchecked(shard_dir, manifest)
             mark_streamed(window.streamed)
             model.window = window
             instrument(model)
@@ -264,6 +270,14 @@ def work_bytes(config: ModelConfig, max_seq_len: int, with_head: bool, prefill_c
         max_seq_len)
     head = config.vocab_size if with_head else 0
     return 4 * prefill_chunk * (width + head) + (1 << 20)
+
+
+def _warn_if_unchecked(shard_dir: Path, manifest: Manifest) -> None:
+    """Say so when the manifest has no checksums to check what the window re-reads against."""
+    if any(not entry.xxh3 for file in manifest.files.values() for entry in file.tensors.values()):
+        log.warning("%s was split by an older edgetp: its manifest has no checksums, so the "
+                    "weights streamed from disk are not checked; split the model again to have "
+                    "them checked", shard_dir)
 
 
 def _make_window(blocks: list[BlockSpec], needs: MemoryNeeds, budget: int,

@@ -5,7 +5,8 @@ A *block* is one layer's attention slice or MLP slice (and, on the master, the l
 budget are *pinned* (which ones: :mod:`edgetp.parallel.pinning`): read once, resident for good.
 The rest are *streamed*: a background thread reads the next streamed block into a free buffer
 of a small preallocated ring while the current block computes; the compute side waits only if
-a read is late.
+a read is late. Every tensor read is checked against the manifest's checksums on a second
+thread while the reader reads the next one (a block is ready once all its tensors passed).
 
 The model never knows: weights are swapped in by forward pre-hooks on the block's module and
 released by forward hooks.
@@ -23,6 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +42,8 @@ class WindowStats:
 
     bytes_read: int = 0
     blocks_read: int = 0
-    read_s: float = 0.0  # time the reader thread spent reading
+    read_s: float = 0.0  # time the reader thread spent reading (checks included)
+    check_s: float = 0.0  # of which waiting for checksum checks (they run beside the reads)
     wait_s: float = 0.0  # time the compute side waited for a read
     resident_bytes: int = 0
     resident_peak_bytes: int = 0
@@ -100,6 +103,8 @@ class WeightWindow:
             clear_block(block)
             block.module.register_forward_pre_hook(self._make_acquire(index))
             block.module.register_forward_hook(self._make_release(index))
+        # checks a block's tensors against their checksums while the reader reads the next
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="edgetp-window-check")
         self._reader = threading.Thread(target=self._read_loop, daemon=True,
                                         name="edgetp-window-reader")
         if self.streamed:
@@ -138,6 +143,7 @@ class WeightWindow:
             self._cond.notify_all()
         if self._reader.is_alive():
             self._reader.join(timeout=timeout_s)
+        self._checker.shutdown(wait=False)
         _OPEN_WINDOWS.discard(self)
 
     # -- pinned blocks ----------------------------------------------------------------------
@@ -239,7 +245,7 @@ class WeightWindow:
         block = self.streamed[index]
         started, started_clock = time.perf_counter(), now()
         try:
-            read_block(block, slot.raw)
+            checking = read_block(block, slot.raw, self._checker)
         except BaseException as exc:  # surfaces in the compute thread, never hangs it
             error = exc if str(block.path) in str(exc) else WindowError(
                 f"cannot read shard file {block.path} ({block.name}): {exc}; copy the rank "
@@ -260,4 +266,5 @@ class WeightWindow:
             self.stats.bytes_read += block.nbytes
             self.stats.blocks_read += 1
             self.stats.read_s += elapsed
+            self.stats.check_s += checking
             self._cond.notify_all()

@@ -1,6 +1,7 @@
 """A whole cluster on this machine: N processes on loopback (``generate --nodes N``, ``demo``).
 
-The model is split into a cache directory (once per model and plan), workers start as
+The model is split into a cache directory (one per model directory and plan, checked against
+the model's files by content on every start and split again when they changed), workers start as
 ``edgetp worker`` subprocesses, the master runs in this process, and everything is shut down
 on exit, even after an error. The workers are tied to this process
 (:mod:`edgetp.runtime.lifeline`): should it die without shutting them down, even by SIGKILL,
@@ -25,7 +26,7 @@ from edgetp.runtime.commands import WorkerCommand, WorkerKeys
 from edgetp.runtime.lifeline import spawn_tied
 from edgetp.runtime.master import Master
 from edgetp.shard import layout
-from edgetp.shard.split import model_fingerprint, split_checkpoint
+from edgetp.shard.split import split_checkpoint
 
 WORKER_START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5.0  # a worker told to shut down has this long to exit before it is killed
@@ -39,11 +40,15 @@ def cache_root() -> Path:
 
 def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | None,
                     dtype: str | None, private_layers: int, group_size: int = 32) -> Path:
+    """Where the split of ``model_dir`` for this plan is cached: one directory per model
+    directory and plan. Whether the split in it still matches the model's files is
+    :func:`~edgetp.shard.split.split_checkpoint`'s check (by content), made on every use;
+    pass ``force=True`` to it so that a stale split is replaced."""
     key = f"{n_nodes}|{shares}|{dtype}|{private_layers}"
     if dtype == "int4":
         key += f"|g{group_size}"
-    name = f"{model_fingerprint(model_dir)[:16]}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    return cache_root() / name
+    model = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:16]
+    return cache_root() / f"{model}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def free_port() -> int:
@@ -75,6 +80,7 @@ class LocalCluster:
         self.group_size = group_size  # int4's group
         self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares,
                                                       weight_dtype, private_layers, group_size)
+        self.cached_split = split_dir is None  # ours to replace when the model changed
         self.worker_args = worker_args or []
         self.capture_dir = capture_dir  # tests: each worker records every frame it receives
         self.memory_budget = memory_budget  # per node, bytes
@@ -97,8 +103,8 @@ class LocalCluster:
 
     def start(self) -> Master:
         result = split_checkpoint(self.model_dir, self.split_dir, self.n_nodes, self.shares,
-                                  self.weight_dtype, private_layers=self.private_layers,
-                                  group_size=self.group_size)
+                                  self.weight_dtype, force=self.cached_split,
+                                  private_layers=self.private_layers, group_size=self.group_size)
         self.address = f"tcp://127.0.0.1:{free_port()}"
         security = self._make_keys() if self.secure else None
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,

@@ -2,12 +2,13 @@
 
 ``rank-K/manifest.json`` records the model (config and fingerprint), the shard plan, the
 stored dtype, and for every file its size, sha256 and each tensor's absolute byte range
-(so the window can read a tensor straight from disk into a buffer).
+(so the window can read a tensor straight from disk into a buffer) with the xxh3_64 checksums
+of its bytes (:mod:`edgetp.shard.checksums`: what a re-read is checked against). Manifests
+written before the checksums existed still load; their tensors have none.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -19,11 +20,11 @@ from edgetp.config.model import ModelConfig
 from edgetp.core.errors import ShardError
 from edgetp.core.files import read_json
 from edgetp.shard.plan import ShardPlan
+from edgetp.shard.stamps import FileStamp, settled_sha256
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "edgetp-shard"
-MANIFEST_VERSION = 1
-HASH_CHUNK = 4 << 20
+MANIFEST_VERSION = 1  # new fields are optional, so older readers still take newer manifests
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,26 @@ class TensorEntry:
     dtype: str  # safetensors dtype code, e.g. "F32"
     shape: tuple[int, ...]
     offsets: tuple[int, int]  # absolute byte range in the file
+    xxh3: tuple[int, ...] = ()  # xxh3_64 of the bytes, per chunk; () in older manifests
+    xxh3_chunk: int = 0  # bytes per checksum (the last chunk may be shorter); 0: one for all
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape),
+                               "offsets": list(self.offsets)}
+        if self.xxh3:
+            out["xxh3_64"] = "".join(f"{digest:016x}" for digest in self.xxh3)
+        if self.xxh3_chunk:
+            out["xxh3_64_chunk"] = self.xxh3_chunk
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorEntry:
+        digests = str(data.get("xxh3_64", ""))
+        if len(digests) % 16:
+            raise ValueError(f"xxh3_64 has {len(digests)} hex digits, not a multiple of 16")
+        return cls(str(data["dtype"]), tuple(data["shape"]), tuple(data["offsets"]),
+                   tuple(int(digests[i : i + 16], 16) for i in range(0, len(digests), 16)),
+                   int(data.get("xxh3_64_chunk", 0)))
 
 
 @dataclass(frozen=True)
@@ -65,10 +86,7 @@ class Manifest:
                 name: {
                     "size": f.size,
                     "sha256": f.sha256,
-                    "tensors": {
-                        t: {"dtype": e.dtype, "shape": list(e.shape), "offsets": list(e.offsets)}
-                        for t, e in f.tensors.items()
-                    },
+                    "tensors": {t: e.to_dict() for t, e in f.tensors.items()},
                 }
                 for name, f in self.files.items()
             },
@@ -86,10 +104,7 @@ class Manifest:
                 name: FileEntry(
                     int(f["size"]),
                     str(f["sha256"]),
-                    {
-                        t: TensorEntry(str(e["dtype"]), tuple(e["shape"]), tuple(e["offsets"]))
-                        for t, e in f["tensors"].items()
-                    },
+                    {t: TensorEntry.from_dict(e) for t, e in f["tensors"].items()},
                 )
                 for name, f in data["files"].items()
             }
@@ -120,19 +135,13 @@ def read_manifest(directory: str | Path) -> Manifest:
     return Manifest.from_dict(data, str(path))
 
 
-def sha256_file(path: Path) -> str:
-    """Hash a file, leaving no page cache behind (so memory figures stay honest)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return digest.hexdigest()
+def verify_file(directory: Path, name: str, entry: FileEntry,
+                check_hash: bool = True) -> FileStamp | None:
+    """Raise :class:`ShardError` naming the file if it is missing, truncated or altered.
 
-
-def verify_file(directory: Path, name: str, entry: FileEntry, check_hash: bool = True) -> None:
-    """Raise :class:`ShardError` naming the file if it is missing, truncated or altered."""
+    Returns the stamp of the bytes hashed (:func:`~edgetp.shard.stamps.settled_sha256`), or
+    None when not hashed or when no stamp can vouch for them.
+    """
     path = directory / name
     if not path.is_file():
         raise ShardError(f"shard file {path} is missing; copy the rank directory again or re-split")
@@ -142,18 +151,23 @@ def verify_file(directory: Path, name: str, entry: FileEntry, check_hash: bool =
             f"shard file {path} has {size} bytes, the manifest says {entry.size}: it is "
             "truncated or was replaced; copy it again or re-split"
         )
-    if check_hash and sha256_file(path) != entry.sha256:
+    if not check_hash:
+        return None
+    sha256, stamp = settled_sha256(path)
+    if sha256 != entry.sha256:
         raise ShardError(
             f"shard file {path} fails its sha256 check: it is corrupted; copy it again or re-split"
         )
+    return stamp
 
 
 VERIFIED_NAME = ".verified.json"
 
 
 def verify_directory(directory: Path, manifest: Manifest, check_hash: bool = True) -> None:
-    """Verify every file of a shard directory; hash only files not verified before at their
-    current size and modification time (the record lives in ``.verified.json``)."""
+    """Verify every file of a shard directory; hash only files not verified before with the
+    same stamp (size, modification and change time, inode: :mod:`edgetp.shard.stamps`). The
+    record lives in ``.verified.json``; a record of an older edgetp (no ctime) is redone."""
     record_path = directory / VERIFIED_NAME
     try:
         record = json.loads(record_path.read_text())
@@ -162,18 +176,21 @@ def verify_directory(directory: Path, manifest: Manifest, check_hash: bool = Tru
     fresh = {}
     for name, entry in manifest.files.items():
         path = directory / name
-        stamp = None
-        if path.is_file():
-            stat = path.stat()
-            stamp = [entry.sha256, stat.st_size, stat.st_mtime_ns]
-        known = stamp is not None and record.get(name) == stamp
-        verify_file(directory, name, entry, check_hash=check_hash and not known)
+        stamp = _verified(entry, FileStamp.of(path)) if path.is_file() else None
+        if stamp is None or record.get(name) != stamp:
+            hashed = verify_file(directory, name, entry, check_hash=check_hash)
+            stamp = _verified(entry, hashed) if check_hash else stamp
         fresh[name] = stamp
     if check_hash and fresh != record:
         try:
             record_path.write_text(json.dumps(fresh))
         except OSError:
             pass  # a read-only shard directory is verified again next time
+
+
+def _verified(entry: FileEntry, stamp: FileStamp | None) -> list[Any] | None:
+    """A ``.verified.json`` entry: the sha256 verified, with the file's stamp then."""
+    return None if stamp is None else [entry.sha256, *stamp.model_dump().values()]
 
 
 def tensor_entries(blob: bytes | memoryview) -> dict[str, TensorEntry]:

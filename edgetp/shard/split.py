@@ -4,14 +4,21 @@
 ``embed.safetensors``, ``head.safetensors`` and the tokenizer files, and ``manifest.json``.
 Tensors are read one slice at a time, so the splitter's memory stays near one layer's slice
 whatever the checkpoint's size. Files stay standard safetensors.
+
+Splitting again into the same directory checks the split against the model's files by content
+(:mod:`edgetp.shard.sources`, one ``stat`` per file when nothing changed): the same model,
+plan and dtype is a no-op (files copied for the master that changed are copied again);
+anything else is an error unless ``force`` replaces the split. One splitter at a time works in
+a directory (an exclusive lock on it).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import fcntl
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,21 +28,28 @@ from safetensors.torch import save_file
 from edgetp.config.model import ModelConfig, load_model_config
 from edgetp.core.errors import ConfigError
 from edgetp.model.checkpoint import Checkpoint, hf_name
+from edgetp.shard.checksums import describe_file
 from edgetp.shard.layout import layer_file, rank_dir, rank_dirs
 from edgetp.shard.manifest import (
     FileEntry,
     Manifest,
     ShardError,
     read_manifest,
-    sha256_file,
-    tensor_entries,
 )
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
 from edgetp.shard.quant import QUANT_DTYPES
 from edgetp.shard.quantsplit import TensorStore, shrunk_groups
+from edgetp.shard.sources import (
+    CONFIG_FILE,
+    COPIED_FILES,
+    SourceRecord,
+    changed,
+    check_sources,
+    read_source_record,
+    write_source_record,
+)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-                   "chat_template.jinja", "config.json")
+TOKENIZER_FILES = (*COPIED_FILES, CONFIG_FILE)  # copied into rank-0 for the master
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_DTYPES = (*STORE_DTYPES, *QUANT_DTYPES)  # --dtype: float, or quantized (edgetp.shard.quant)
 
@@ -48,19 +62,8 @@ class SplitResult:
     rank_dirs: list[Path]
     skipped: bool  # True when an identical split was already there
     bytes_written: int
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Identify a checkpoint cheaply: config.json plus every weight file's header and size."""
-    model_dir = Path(model_dir)
-    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for name in sorted(set(Checkpoint(model_dir).weight_map.values())):
-        path = model_dir / name
-        with path.open("rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            digest.update(name.encode() + handle.read(min(header_len, 100 << 20)))
-        digest.update(str(path.stat().st_size).encode())
-    return digest.hexdigest()[:32]
+    rehashed: tuple[str, ...] = ()  # model files read and hashed (their stamp was new)
+    recopied: tuple[str, ...] = ()  # files copied to rank-0 again (or removed) on a reuse
 
 
 def split_checkpoint(
@@ -90,25 +93,86 @@ def split_checkpoint(
         raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     float_dtype = STORE_DTYPES.get(store_dtype) or STORE_DTYPES[source_dtype(checkpoint)]
     store = TensorStore(store_dtype, float_dtype, group_size, checkpoint, config, plan)
-    fingerprint = model_fingerprint(model_dir)
     dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
-    if _existing_split_matches(out_dir, fingerprint, plan, store_dtype, force, store.group_size):
-        return SplitResult(out_dir, dirs, True, 0)
-    writer = _SplitWriter(checkpoint, config, plan, store, progress)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir):
+        previous = read_source_record(dirs[0])
+        sources = check_sources(model_dir, previous)
+        stale = changed(previous.weights, sources.record.weights) if previous else []
+        if _existing_split_matches(out_dir, sources.record.fingerprint, plan, store_dtype,
+                                   force, store.group_size, stale):
+            recopied = _refresh_copies(model_dir, dirs[0], previous, sources.record)
+            return SplitResult(out_dir, dirs, True, 0, sources.rehashed, recopied)
+        writer = _SplitWriter(checkpoint, config, plan, store, progress)
+        _write_split(model_dir, dirs, writer)
+        record = _unchanged_since(model_dir, sources.record)
+        for rank, directory in enumerate(dirs):
+            Manifest(rank, record.fingerprint, store_dtype, config, plan, writer.files[rank],
+                     store.group_size).write(directory)
+        write_source_record(dirs[0], record)
+    return SplitResult(out_dir, dirs, False, writer.bytes_written, sources.rehashed)
+
+
+def _write_split(model_dir: Path, dirs: list[Path], writer: _SplitWriter) -> None:
+    """Every rank's weight files, and rank-0's copies of the tokenizer files."""
+    config, plan = writer.config, writer.plan
     for directory in dirs:
         directory.mkdir(parents=True, exist_ok=True)
     for layer in range(config.num_hidden_layers):
-        for rank in range(1 if plan.is_private(layer) else n_ranks):
+        for rank in range(1 if plan.is_private(layer) else plan.n_ranks):
             writer.write_layer(dirs[rank], rank, layer)
     for stem, names in master_tensors(config).items():
         writer.write_master_file(dirs[0], f"{stem}.safetensors", names)
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, dirs[0] / name)
-    for rank, directory in enumerate(dirs):
-        Manifest(rank, fingerprint, store_dtype, config, plan, writer.files[rank],
-                 store.group_size).write(directory)
-    return SplitResult(out_dir, dirs, False, writer.bytes_written)
+            _copy(model_dir / name, dirs[0] / name)
+
+
+def _unchanged_since(model_dir: Path, record: SourceRecord) -> SourceRecord:
+    """``record`` (stamps refreshed) if the model's files still hold what it says, else raise:
+    a file rewritten while the splitter read it may have given the split a mix of both."""
+    now = check_sources(model_dir, record).record
+    if moved := changed(record.weights, now.weights) + changed(record.copied, now.copied):
+        raise ShardError(f"{', '.join(moved)} in {model_dir} changed while the model was being "
+                         "split; split again once the model is saved")
+    return now
+
+
+def _refresh_copies(model_dir: Path, rank0: Path, previous: SourceRecord | None,
+                    record: SourceRecord) -> tuple[str, ...]:
+    """Bring rank-0's copies of the tokenizer files up to date; record the model's stamps."""
+    differ = changed(previous.copied, record.copied) if previous else list(record.copied)
+    todo = [name for name in COPIED_FILES  # changed, or a copy missing or left over
+            if name in differ or (name in record.copied) != (rank0 / name).is_file()]
+    for name in todo:
+        if name in record.copied:
+            _copy(model_dir / name, rank0 / name)
+        else:
+            (rank0 / name).unlink(missing_ok=True)
+    if todo:
+        record = _unchanged_since(model_dir, record)
+    if record != previous:
+        write_source_record(rank0, record)
+    return tuple(todo)
+
+
+def _copy(source: Path, target: Path) -> None:
+    """Copy atomically: a master starting meanwhile reads the old file or the new one."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` (where the filesystem offers ``flock``)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # e.g. NFS without lock support: go on unlocked
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def source_dtype(checkpoint: Checkpoint) -> str:
@@ -118,9 +182,12 @@ def source_dtype(checkpoint: Checkpoint) -> str:
 
 def _existing_split_matches(
     out_dir: Path, fingerprint: str, plan: ShardPlan, dtype: str, force: bool,
-    group_size: int = 0,
+    group_size: int = 0, stale: list[str] | None = None,
 ) -> bool:
-    """True if ``out_dir`` already holds this exact split; clears a different one if forced."""
+    """True if ``out_dir`` already holds this exact split; clears a different one if forced.
+
+    ``stale``: the model files whose content changed since the split there was made.
+    """
     existing = rank_dirs(out_dir) if out_dir.is_dir() else []
     if not existing:
         return False
@@ -137,9 +204,10 @@ def _existing_split_matches(
     if same:
         return True
     if not force:
+        why = f" (the model's {', '.join(stale)} changed since it was split)" if stale else ""
         raise ShardError(
-            f"{out_dir} already holds a split of another model, plan or dtype; choose another "
-            "--out directory or pass --force to replace it"
+            f"{out_dir} already holds a split of another model, plan or dtype{why}; choose "
+            "another --out directory or pass --force to replace it"
         )
     for directory in existing:
         shutil.rmtree(directory)
@@ -198,20 +266,13 @@ class _SplitWriter:
         tmp = directory / (file_name + ".tmp")
         save_file(tensors, tmp, metadata={"format": "pt", "producer": "edgetp"})
         tensors.clear()
-        size = tmp.stat().st_size
-        entry = FileEntry(size, sha256_file(tmp), tensor_entries(_read_header(tmp)))
+        entry = describe_file(tmp)  # sizes, sha256, tensors' byte ranges and checksums
+        size = entry.size
         os.replace(tmp, directory / file_name)
         self.files[rank][file_name] = entry
         self.bytes_written += size
         if self.progress is not None:
             self.progress(str(directory / file_name), size)
-
-
-def _read_header(path: Path) -> bytes:
-    """A safetensors file's length prefix and JSON header (all ``tensor_entries`` reads)."""
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        return prefix + handle.read(int.from_bytes(prefix, "little"))
 
 
 def expected_files(config: ModelConfig, n_ranks: int, private_layers: int = 0) -> int:
@@ -225,6 +286,8 @@ def describe_split(result: SplitResult) -> str:
     lines = [f"{'reused' if result.skipped else 'wrote'} {len(result.rank_dirs)} rank "
              f"directories in {result.out_dir} (dtype {manifest.dtype}"
              + (f", group {manifest.group_size}" if manifest.group_size else "") + ")"]
+    if result.recopied:
+        lines.append(f"  changed in the model, copied again: {', '.join(result.recopied)}")
     if shrunk := shrunk_groups(manifest):
         lines.append("  int4 groups shrunk to divide the slices: "
                      + ", ".join(f"{name} {group}" for name, group in shrunk.items()))

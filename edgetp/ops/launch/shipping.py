@@ -57,7 +57,8 @@ def prepare_split(config: ClusterConfig, log: Log) -> Path:
     out = (config.local_path(config.split_dir) if config.split_dir else
            split_cache_dir(model, n, shares, None, config.private_layers))
     log(f"splitting {model} for {n} nodes into {out} (skipped if already done) ...")
-    split_checkpoint(model, out, n, shares, private_layers=config.private_layers)
+    split_checkpoint(model, out, n, shares, private_layers=config.private_layers,
+                     force=not config.split_dir)  # a stale split in the cache is replaced
     return out
 
 
