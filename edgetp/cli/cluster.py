@@ -35,7 +35,9 @@ from edgetp.model.demo import DEMO_PROMPT
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True)
-@click.option("--max-seq-len", type=int, default=None)
+@click.option("--max-seq-len", type=int, default=None,
+              help="context to preallocate (default: the model's maximum, or as much of it as "
+                   "fits a quarter of this machine's available memory)")
 @memory_budget_option
 @click.option("--key", "key_file", type=click.Path(path_type=Path), default=None,
               help="this worker's NAME.key_secret (from `edgetp keys`)")

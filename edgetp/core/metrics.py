@@ -143,6 +143,63 @@ def current_rss_bytes() -> int:
     return _proc_status_kib("VmRSS") * 1024
 
 
+def available_memory_bytes() -> int | None:
+    """The memory this process may still take: ``MemAvailable``, or less when its cgroup's limit
+    leaves less (None when neither can be read)."""
+    figures = [_meminfo_available(), *_cgroup_headroom()]
+    known = [f for f in figures if f is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+CGROUP_MEMORY_FILES = {  # controllers in /proc/self/cgroup -> (mount, limit file, usage file)
+    ":": ("/sys/fs/cgroup", "memory.max", "memory.current"),  # v2: "0::PATH"
+    "memory:": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),  # v1
+}
+
+
+def _cgroup_headroom() -> list[int]:
+    """Limit minus usage of each memory cgroup this process is in, and of their parents."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        for key, (mount, limit_file, usage_file) in CGROUP_MEMORY_FILES.items():
+            _, _, rest = line.partition(":")
+            if rest.startswith(key):
+                out += _headroom_up(mount, rest[len(key):], limit_file, usage_file)
+    return out
+
+
+def _headroom_up(mount: str, path: str, limit_file: str, usage_file: str) -> list[int]:
+    out = []
+    while True:
+        group = f"{mount}{path.rstrip('/')}"
+        try:
+            with open(f"{group}/{limit_file}") as limit, open(f"{group}/{usage_file}") as used:
+                text = limit.read().strip()
+                if text != "max":
+                    out.append(max(0, int(text) - int(used.read())))
+        except (OSError, ValueError):
+            pass
+        if path in ("/", ""):
+            return out
+        path = path.rsplit("/", 1)[0] or "/"
+
+
 def _proc_status_kib(field: str) -> int:
     try:
         with open(f"/proc/{os.getpid()}/status") as handle:
