@@ -31,6 +31,7 @@ EXPECTED = {
     "model_type": "an object",
 }
 RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+SHOWN_CHARS = 100  # of a wrong value, in an error message
 
 
 def validate_request(model: type[RequestModel], body: dict[str, Any]) -> RequestModel:
@@ -51,7 +52,7 @@ def request_error(model: type[BaseModel], error: ErrorDetails) -> APIError:
 
 def describe(model: type[BaseModel], error: ErrorDetails, path: str) -> str:
     """What is wrong with the field at ``path``, and what it may be."""
-    kind, value = error["type"], error.get("input")
+    kind, value = error["type"], _Shown(error.get("input"))
     if kind == "missing":
         return f"you must provide a `{path}` parameter" if len(error["loc"]) == 1 \
             else f"{path} is required"
@@ -68,6 +69,18 @@ def describe(model: type[BaseModel], error: ErrorDetails, path: str) -> str:
         return f"{path} must be a non-empty list" if least == 1 \
             else f"{path} must have at least {least} items"
     return f"{path}: {error['msg'][:1].lower()}{error['msg'][1:]}"
+
+
+class _Shown:
+    """A value as an error message quotes it: its ``repr``, cut to :data:`SHOWN_CHARS`."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        text = repr(self.value)
+        return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} " \
+            "characters)"
 
 
 Bound = tuple[float, bool]  # a limit and whether it is allowed itself
