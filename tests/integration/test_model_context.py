@@ -6,11 +6,14 @@ would take 176 GB (KV cache and RoPE tables), so before the default looked at th
 memory, the process died. The command runs inside a memory cgroup of 1.5 GiB (skipped where
 none can be made): it must pick a context whose KV cache fits a quarter of what the cgroup
 leaves, print that choice, and answer correctly; ``--max-seq-len`` still decides when given.
+A local cluster of two processes chooses once, for the whole model, and gives both nodes that
+context.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,12 +40,16 @@ def huge_context_model(tmp_path: Path) -> Path:
     return model_dir
 
 
-def generate_in_cgroup(model_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def generate_in_cgroup(model_dir: Path, cwd: Path, *args: str, env_cache: Path | None = None
+                       ) -> subprocess.CompletedProcess[str]:
     started: list[int] = []
     command = [sys.executable, "-m", "edgetp.cli", "generate", str(model_dir), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if env_cache is not None:
+        env["EDGETP_CACHE"] = str(env_cache)
     with memory_cgroup("context", LIMIT, started) as group:
         return processes.run(group.wrap(command), timeout=240, capture_output=True, text=True,
-                             cwd=cwd)
+                             cwd=cwd, env=env)
 
 
 def test_generate_picks_a_context_that_fits_and_says_so(huge_context_model: Path,
@@ -65,3 +72,18 @@ def test_generate_picks_a_context_that_fits_and_says_so(huge_context_model: Path
     assert proc.returncode == 1
     assert "leaves no room in a context of 4" in proc.stderr
     assert not CHOSEN.search(proc.stderr)
+
+
+def test_a_local_cluster_picks_one_context_for_its_nodes(huge_context_model: Path,
+                                                         tmp_path: Path) -> None:
+    try:
+        cgroup_support()
+    except CgroupUnavailable as exc:
+        pytest.skip(str(exc))
+    proc = generate_in_cgroup(huge_context_model, tmp_path, "--nodes", "2", "--prompt",
+                              demo_prompt(4, 10), "--max-new-tokens", "40", "--json",
+                              env_cache=tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["text"].strip() == expected_text(4, 10)
+    (line,) = [line for line in proc.stderr.splitlines() if CHOSEN.match(line)]
+    assert "for the KV cache of the 2 nodes" in line  # chosen once, for the whole model
