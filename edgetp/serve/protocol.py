@@ -56,6 +56,12 @@ def unsupported(*allowed: Any) -> AfterValidator:
     return AfterValidator(check)
 
 
+def shown(value: Any, limit: int = 100) -> str:
+    """``value`` as an error message quotes it: its ``repr``, cut after ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_text(text: str) -> str:
     """``text`` if it is valid Unicode: JSON's ``\\ud800`` escapes can make a lone surrogate,
     which no tokenizer (nor UTF-8) takes."""
@@ -200,7 +206,7 @@ def _text_only(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         if isinstance(value, list):
             raise invalid('must be a list of text parts ({"type": "text", "text": ...}): '
                           "only text parts are supported") from None
-        raise invalid(f"must be a string or a list of text parts, got {value!r}") from None
+        raise invalid(f"must be a string or a list of text parts, got {shown(value)}") from None
     for text in [content] if isinstance(content, str) else [p.text for p in content or []]:
         check_text(text)
     return content

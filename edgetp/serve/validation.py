@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from edgetp.serve.errors import APIError, bad_request
+from edgetp.serve.protocol import shown
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -72,15 +73,13 @@ def describe(model: type[BaseModel], error: ErrorDetails, path: str) -> str:
 
 
 class _Shown:
-    """A value as an error message quotes it: its ``repr``, cut to :data:`SHOWN_CHARS`."""
+    """A value as an error message quotes it (:func:`~edgetp.serve.protocol.shown`)."""
 
     def __init__(self, value: Any) -> None:
         self.value = value
 
     def __repr__(self) -> str:
-        text = repr(self.value)
-        return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} " \
-            "characters)"
+        return shown(self.value, SHOWN_CHARS)
 
 
 Bound = tuple[float, bool]  # a limit and whether it is allowed itself
