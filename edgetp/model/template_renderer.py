@@ -42,10 +42,13 @@ class _Child:
     """One sandbox process and the pipes to it."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD_CODE.format(root=str(PACKAGE_ROOT))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            cwd=PACKAGE_ROOT)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", CHILD_CODE.format(root=str(PACKAGE_ROOT))],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                cwd=PACKAGE_ROOT)
+        except OSError as exc:
+            raise RenderFailed(f"cannot start the chat template renderer: {exc}") from exc
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         try:
