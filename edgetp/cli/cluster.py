@@ -35,7 +35,9 @@ from edgetp.model.demo import DEMO_PROMPT
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
               show_default=True)
-@click.option("--max-seq-len", type=int, default=None)
+@click.option("--max-seq-len", type=int, default=None,
+              help="context to preallocate (default: the model's maximum, or as much of it as "
+                   "fits a quarter of this machine's available memory)")
 @memory_budget_option
 @click.option("--key", "key_file", type=click.Path(path_type=Path), default=None,
               help="this worker's NAME.key_secret (from `edgetp keys`)")
@@ -130,13 +132,15 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
               help="require `Authorization: Bearer KEY` (default: $EDGETP_API_KEY)")
 @click.option("--queue-size", type=int, default=16, show_default=True,
               help="requests that may wait while one is generated; more get 429")
+@click.option("--max-connections", type=int, default=64, show_default=True,
+              help="HTTP connections open at once; more are answered 503 and closed")
 @click.option("--model-name", default=None,
               help="the model id of the API (default: the model directory's name)")
 @generation_options
 @cluster_options
 def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers: int,
           shard_dir: Path | None, bind: str, host: str, port: int, api_key: str | None,
-          queue_size: int, model_name: str | None, **opts: Any) -> None:
+          queue_size: int, max_connections: int, model_name: str | None, **opts: Any) -> None:
     """Serve an OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models).
 
     Sampling options are the defaults of requests that leave them out; --json prints one JSON
@@ -148,7 +152,7 @@ def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers
     configure_logging()
     settings = ServerSettings(
         model_name=model_name or default_model_name(model_dir or shard_dir or "."),
-        api_key=api_key or None, queue_size=queue_size,
+        api_key=api_key or None, queue_size=queue_size, max_connections=max_connections,
         default_max_tokens=opts["max_new_tokens"], default_sampling=sampling_settings(opts),
         stop_strings=tuple(opts["stop_strings"]))
 

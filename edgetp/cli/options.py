@@ -40,7 +40,8 @@ def generation_options(func: F) -> F:
         click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
                      show_default=True, help="compute dtype"),
         click.option("--max-seq-len", type=int, default=None,
-                     help="context to preallocate (default: the model's maximum)"),
+                     help="context to preallocate (default: the model's maximum, or as much "
+                          "of it as fits a quarter of this machine's available memory)"),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object"),
     ])
 

@@ -30,6 +30,9 @@ class SamplingConfig:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not -(1 << 63) <= self.seed < 1 << 64:
+            raise ConfigError(f"seed must fit in 64 bits (from -2**63 to 2**64 - 1), got "
+                              f"{self.seed}")
 
 
 @dataclass(frozen=True)

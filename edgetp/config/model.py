@@ -1,12 +1,22 @@
-"""A model's shape: a Hugging Face ``config.json`` read into a :class:`ModelConfig`."""
+"""A model's shape: a Hugging Face ``config.json`` checked and read into a :class:`ModelConfig`.
+
+:class:`HFConfig` is the schema of the keys edgetp reads (pydantic, like the rest of
+:mod:`edgetp.config`): counts are whole numbers >= 1 (``"96"`` and ``true`` are not numbers),
+the norm epsilon and RoPE base are positive, the heads divide as attention needs. Other keys
+are ignored. A wrong value is one :class:`~edgetp.core.errors.ConfigError` that names the file,
+the key, what it holds and what it must be.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from edgetp.config.schema import phrase, sentence, validate
 from edgetp.core.errors import ConfigError
 from edgetp.core.files import read_json
 
@@ -81,53 +91,144 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return parse_hf_config(raw, source=str(path))
 
 
+# -- the schema of config.json ----------------------------------------------------------------
+
+def _whole(value: Any) -> Any:
+    """An integer, also when JSON wrote it as a float (``1e8``); never a string or a boolean."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | None):
+        raise phrase(f"must be a whole number, got {value!r}")
+    return value
+
+
+def _ids(value: Any) -> Any:
+    """A token id or a list of them (``eos_token_id``), as a list."""
+    return value if isinstance(value, list) else None if value is None else [value]
+
+
+Count = Annotated[int, BeforeValidator(_whole), Field(ge=1)]
+Index = Annotated[int, BeforeValidator(_whole), Field(ge=0)]
+TokenId = Annotated[int, BeforeValidator(_whole)]
+PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class RopeParams(BaseModel):
+    """``rope_scaling`` (transformers <= 4) or ``rope_parameters`` (5): the RoPE variant."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    rope_type: str | None = None
+    type: str | None = None  # the older spelling of rope_type
+    rope_theta: PositiveNumber | None = None
+    factor: PositiveNumber = 1.0
+    low_freq_factor: PositiveNumber = 1.0
+    high_freq_factor: PositiveNumber = 4.0
+    original_max_position_embeddings: Count | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.rope_type or self.type or "default"
+
+
+class HFConfig(BaseModel):
+    """The keys of a Llama-family ``config.json`` that edgetp reads (the others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    hidden_size: Count
+    num_attention_heads: Count
+    num_hidden_layers: Count
+    intermediate_size: Count
+    vocab_size: Count
+    num_key_value_heads: Count | None = None
+    head_dim: Count | None = None
+    max_position_embeddings: Count = 2048
+    rms_norm_eps: PositiveNumber = 1e-6
+    hidden_act: str = "silu"
+    rope_theta: PositiveNumber | None = None
+    rope_scaling: RopeParams | None = None
+    rope_parameters: RopeParams | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    sliding_window: Index | None = None  # 0 or null: none
+    use_sliding_window: bool = False
+    max_window_layers: Index | None = None
+    layer_types: list[str] | None = None
+    bos_token_id: TokenId | None = None
+    eos_token_id: Annotated[list[TokenId] | None, BeforeValidator(_ids)] = None
+    torch_dtype: str | None = None
+    dtype: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _required_keys(cls, data: Any) -> Any:
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers",
+                    "intermediate_size", "vocab_size"):
+            if key not in data:
+                raise sentence(f"the required key {key!r} is missing")
+        return data
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> HFConfig:
+        heads, kv = self.num_attention_heads, self.kv_heads
+        if heads % kv:
+            raise sentence(f"num_attention_heads={heads} is not a multiple of "
+                           f"num_key_value_heads={kv}")
+        if self.head_dim is None and self.hidden_size % heads:
+            raise sentence(f"hidden_size={self.hidden_size} is not a multiple of "
+                           f"num_attention_heads={heads}; give head_dim")
+        if self.hidden_act != "silu":
+            raise sentence(f"hidden_act={self.hidden_act!r} is unsupported (silu only)")
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def rope(self) -> RopeParams:
+        """``rope_parameters`` over ``rope_scaling`` (transformers 5 writes both)."""
+        legacy = self.rope_scaling.model_dump(exclude_unset=True) if self.rope_scaling else {}
+        params = self.rope_parameters.model_dump(exclude_unset=True) \
+            if self.rope_parameters else {}
+        return RopeParams.model_validate({**legacy, **params})
+
+
 def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """Translate Hugging Face config semantics (Llama 2/3/3.1/3.2, Mistral, Qwen2) to ours."""
+    """Translate Hugging Face config semantics (Llama 2/3/3.1/3.2, Mistral, Qwen2) to ours.
+
+    Raises :class:`ConfigError` naming ``source`` and the key for a config edgetp cannot run.
+    """
     model_type = _check_architecture(raw, source)
-    try:
-        hidden = int(raw["hidden_size"])
-        n_heads = int(raw["num_attention_heads"])
-        n_layers = int(raw["num_hidden_layers"])
-        intermediate = int(raw["intermediate_size"])
-        vocab = int(raw["vocab_size"])
-    except KeyError as exc:
-        raise ConfigError(f"{source} lacks the required key {exc.args[0]!r}") from exc
-    n_kv = int(raw.get("num_key_value_heads") or n_heads)
-    head_dim = int(raw.get("head_dim") or hidden // n_heads)
-    if n_heads % n_kv:
-        raise ConfigError(
-            f"{source}: num_attention_heads={n_heads} is not a multiple of "
-            f"num_key_value_heads={n_kv}"
-        )
-    if raw.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act={raw['hidden_act']!r} is unsupported (silu only)")
-    attention_bias = bool(raw.get("attention_bias", False))
-    qkv_bias = attention_bias or model_type == "qwen2"
-    rope_theta, scaling = _parse_rope(raw, source)
-    sliding, sliding_layers = _parse_sliding_window(raw, model_type, n_layers)
+    hf = validate(HFConfig, raw, source)
+    attention_bias = hf.attention_bias
+    rope_theta, scaling = _parse_rope(hf, source)
+    sliding, sliding_layers = _parse_sliding_window(hf, model_type)
     return ModelConfig(
         model_type=model_type,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=n_layers,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_hidden_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=hf.kv_heads,
+        head_dim=hf.head_dim or hf.hidden_size // hf.num_attention_heads,
+        rms_norm_eps=hf.rms_norm_eps,
         rope_theta=rope_theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        max_position_embeddings=hf.max_position_embeddings,
         attention_bias=attention_bias,
-        qkv_bias=qkv_bias,
+        qkv_bias=attention_bias or model_type == "qwen2",
         o_bias=attention_bias,
-        mlp_bias=bool(raw.get("mlp_bias", False)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        mlp_bias=hf.mlp_bias,
+        tie_word_embeddings=hf.tie_word_embeddings,
         sliding_window=sliding,
         sliding_layers=sliding_layers,
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
-        torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        bos_token_id=hf.bos_token_id,
+        eos_token_ids=tuple(hf.eos_token_id or ()),
+        torch_dtype=hf.torch_dtype or hf.dtype or "float32",
     )
 
 
@@ -148,55 +249,47 @@ def _check_architecture(raw: dict[str, Any], source: str) -> str:
     return str(model_type)
 
 
-def _parse_sliding_window(
-    raw: dict[str, Any], model_type: str, n_layers: int
-) -> tuple[int | None, tuple[int, ...]]:
+def _parse_sliding_window(hf: HFConfig, model_type: str) -> tuple[int | None, tuple[int, ...]]:
     """The window and the layers that use it (Qwen2: only layers >= max_window_layers)."""
-    window = raw.get("sliding_window")
+    window, n_layers = hf.sliding_window, hf.num_hidden_layers
     if not window:
         return None, ()
-    layer_types = raw.get("layer_types")
-    if layer_types:
-        layers = tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    if hf.layer_types:
+        layers = tuple(i for i, kind in enumerate(hf.layer_types) if kind == "sliding_attention")
     elif model_type == "qwen2":
-        if not raw.get("use_sliding_window", False):
+        if not hf.use_sliding_window:
             return None, ()
-        first = int(raw.get("max_window_layers", n_layers))
+        first = n_layers if hf.max_window_layers is None else hf.max_window_layers
         layers = tuple(range(first, n_layers))
     else:
         layers = tuple(range(n_layers))
-    return (int(window), layers) if layers else (None, ())
+    return (window, layers) if layers else (None, ())
 
 
-def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, RopeScaling]:
+def _parse_rope(hf: HFConfig, source: str) -> tuple[float, RopeScaling]:
     """Accept both ``rope_theta`` + ``rope_scaling`` (HF <= 4.x) and ``rope_parameters`` (5.x)."""
-    params = dict(raw.get("rope_parameters") or {})
-    legacy = raw.get("rope_scaling") or {}
-    params = {**legacy, **params}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    params = hf.rope
+    theta = params.rope_theta or hf.rope_theta or 10000.0
+    if params.kind not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"{source}: rope type {rope_type!r} is not supported "
+            f"{source}: rope type {params.kind!r} is not supported "
             f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
         )
-    if rope_type == "default":
+    if params.kind == "default":
         return theta, RopeScaling()
+    if params.kind == "llama3" and params.high_freq_factor <= params.low_freq_factor:
+        raise ConfigError(
+            f"{source}: rope high_freq_factor={params.high_freq_factor:g} must be above "
+            f"low_freq_factor={params.low_freq_factor:g}"
+        )
+    given = hf.max_position_embeddings if "max_position_embeddings" in hf.model_fields_set \
+        else 8192
+    original = params.original_max_position_embeddings or given
     scaling = RopeScaling(
-        rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", raw.get("max_position_embeddings", 8192))
-        ),
+        rope_type=params.kind,
+        factor=params.factor,
+        low_freq_factor=params.low_freq_factor,
+        high_freq_factor=params.high_freq_factor,
+        original_max_position_embeddings=original,
     )
     return theta, scaling
-
-
-def _as_id_tuple(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, list | tuple):
-        return tuple(int(v) for v in value)
-    return (int(value),)

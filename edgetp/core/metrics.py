@@ -6,7 +6,10 @@ a weight-read wait (compute side), a weight read (reader thread), the head, a wh
 Workers ship their spans to the master as one float64 tensor per request, already shifted to
 the master's clock (offset estimated at the handshake), so timelines from all nodes line up.
 
-Recording costs two ``perf_counter`` calls and an append per span; the buffer is bounded.
+Recording costs two ``perf_counter`` calls and the write of one row. The spans are kept as rows
+of six float64 numbers in a ring of at most :data:`MAX_SPANS` rows (48 bytes a span, 12 MiB at
+most): a process whose spans nobody takes (a server, its workers) keeps the latest window of
+them, and its memory stops growing when the ring is full. ``bench`` takes them after its runs.
 """
 
 from __future__ import annotations
@@ -14,17 +17,18 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from array import array
 from dataclasses import dataclass
 
 import torch
 
 SPAN_KINDS = ("step", "layer", "allreduce", "read_wait", "read", "head", "embed", "sample")
 KIND_INDEX = {kind: i for i, kind in enumerate(SPAN_KINDS)}
-MAX_SPANS = 500_000
+MAX_SPANS = 1 << 18  # the spans a process keeps before the oldest are overwritten
+SPAN_FIELDS = 6  # kind, index, start, duration, bytes, thread: one float64 each
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Span:
     kind: str
     index: int  # layer number, allreduce number or block number; -1 when not applicable
@@ -35,26 +39,67 @@ class Span:
 
 
 class Recorder:
-    """A bounded, thread-safe list of spans for this process."""
+    """A thread-safe ring of the latest ``capacity`` spans of this process.
 
-    def __init__(self) -> None:
-        self._spans: deque[Span] = deque(maxlen=MAX_SPANS)
+    ``dropped`` counts the spans overwritten since the last :meth:`take`.
+    """
+
+    def __init__(self, capacity: int = MAX_SPANS) -> None:
         self._lock = threading.Lock()
         self.enabled = True
+        self.resize(capacity)
+
+    def resize(self, capacity: int) -> None:
+        """Keep at most ``capacity`` spans from now on (the spans held are dropped)."""
+        if capacity < 1:
+            raise ValueError(f"a recorder keeps at least one span, got {capacity}")
+        with self._lock:
+            self.capacity = capacity
+            self._clear()
+
+    def _clear(self) -> None:
+        self._rows = array("d")  # SPAN_FIELDS numbers per span, grown up to capacity rows
+        self._next = 0  # the row the next span goes to
+        self._count = 0
+        self.dropped = 0
 
     def add(self, kind: str, index: int, start_s: float, end_s: float, nbytes: int = 0,
             thread: int = 0) -> None:
         if self.enabled:
-            span = Span(kind, index, start_s, end_s - start_s, nbytes, thread)
+            row = (KIND_INDEX[kind], index, start_s, end_s - start_s, nbytes, thread)
             with self._lock:
-                self._spans.append(span)
+                at = self._next * SPAN_FIELDS
+                if at == len(self._rows):
+                    self._rows.extend(row)
+                else:
+                    self._rows[at:at + SPAN_FIELDS] = array("d", row)
+                self._next = (self._next + 1) % self.capacity
+                if self._count < self.capacity:
+                    self._count += 1
+                else:
+                    self.dropped += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        """The memory the spans held take."""
+        return self._rows.buffer_info()[1] * self._rows.itemsize
 
     def take(self) -> list[Span]:
-        """All spans since the last take."""
+        """All spans since the last take (the latest ``capacity`` of them), oldest first."""
         with self._lock:
-            spans = list(self._spans)
-            self._spans.clear()
-        return spans
+            numbers, count = self._rows.tolist(), self._count
+            first = self._next if count == self.capacity else 0  # the oldest row
+            self._clear()
+        return [_span(numbers, (first + i) % count) for i in range(count)]
+
+
+def _span(numbers: list[float], row: int) -> Span:
+    kind, index, start, duration, nbytes, thread = numbers[row * SPAN_FIELDS:
+                                                           (row + 1) * SPAN_FIELDS]
+    return Span(SPAN_KINDS[int(kind)], int(index), start, duration, int(nbytes), int(thread))
 
 
 RECORDER = Recorder()
@@ -96,6 +141,63 @@ def peak_rss_bytes() -> int:
 
 def current_rss_bytes() -> int:
     return _proc_status_kib("VmRSS") * 1024
+
+
+def available_memory_bytes() -> int | None:
+    """The memory this process may still take: ``MemAvailable``, or less when its cgroup's limit
+    leaves less (None when neither can be read)."""
+    figures = [_meminfo_available(), *_cgroup_headroom()]
+    known = [f for f in figures if f is not None]
+    return min(known) if known else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+CGROUP_MEMORY_FILES = {  # controllers in /proc/self/cgroup -> (mount, limit file, usage file)
+    ":": ("/sys/fs/cgroup", "memory.max", "memory.current"),  # v2: "0::PATH"
+    "memory:": ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"),  # v1
+}
+
+
+def _cgroup_headroom() -> list[int]:
+    """Limit minus usage of each memory cgroup this process is in, and of their parents."""
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        for key, (mount, limit_file, usage_file) in CGROUP_MEMORY_FILES.items():
+            _, _, rest = line.partition(":")
+            if rest.startswith(key):
+                out += _headroom_up(mount, rest[len(key):], limit_file, usage_file)
+    return out
+
+
+def _headroom_up(mount: str, path: str, limit_file: str, usage_file: str) -> list[int]:
+    out = []
+    while True:
+        group = f"{mount}{path.rstrip('/')}"
+        try:
+            with open(f"{group}/{limit_file}") as limit, open(f"{group}/{usage_file}") as used:
+                text = limit.read().strip()
+                if text != "max":
+                    out.append(max(0, int(text) - int(used.read())))
+        except (OSError, ValueError):
+            pass
+        if path in ("/", ""):
+            return out
+        path = path.rsplit("/", 1)[0] or "/"
 
 
 def _proc_status_kib(field: str) -> int:

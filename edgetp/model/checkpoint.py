@@ -19,6 +19,7 @@ from torch import nn
 from edgetp.config.model import ModelConfig, load_model_config
 from edgetp.core.errors import ModelError
 from edgetp.core.files import read_json
+from edgetp.model.context import default_context, whole_model_bytes_per_position
 from edgetp.model.llama import Transformer
 
 T = TypeVar("T")
@@ -182,9 +183,16 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     max_seq_len: int | None = None,
 ) -> Transformer:
-    """Build the single-device model from a Hugging Face directory, tensor by tensor."""
+    """Build the single-device model from a Hugging Face directory, tensor by tensor.
+
+    ``max_seq_len`` None: as much of the model's context as this node's memory holds
+    (:func:`~edgetp.model.context.default_context`).
+    """
     config = load_model_config(model_dir)
     checkpoint = Checkpoint(model_dir)
+    if max_seq_len is None:
+        per_position = whole_model_bytes_per_position(config, dtype.itemsize)
+        max_seq_len = default_context(config, per_position)
     with torch.device("meta"):
         model = Transformer(config, max_seq_len=max_seq_len)
     for name in _param_names(config):

@@ -8,22 +8,16 @@ ignored, so BOS is never added twice); without one, ``add_bos_token``/``add_eos_
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
 import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edgetp.core.errors import ModelError
 from edgetp.core.files import read_json
+from edgetp.model.template_renderer import MAX_CHARS, RENDERER, RenderFailed
+from edgetp.model.token_floor import TokenFloor
 
 # The named special tokens transformers passes to chat templates (``special_tokens_map``).
 SPECIAL_TOKEN_KEYS = tuple(f"{name}_token" for name in "bos eos unk sep pad cls mask".split())
@@ -36,7 +30,12 @@ class TokenizerError(ModelError):
 
 
 class ChatTemplateError(TokenizerError):
-    """A chat template failed to render (including its own ``raise_exception`` calls)."""
+    """A chat template failed to render (including its own ``raise_exception`` calls, and
+    renders that outgrow their memory, CPU time or output bounds)."""
+
+
+class ChatTemplateTooLong(ChatTemplateError):
+    """A chat template's output passed the characters allowed (``max_chars``)."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -93,47 +92,6 @@ def _register_added_tokens(tk: tokenizers.Tokenizer, config: dict[str, Any]) -> 
     tk.add_tokens(list(new.values()))
 
 
-class _GenerationTag(jinja2.ext.Extension):
-    """transformers' ``{% generation %}`` block (marks assistant text): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: jinja2.parser.Parser) -> list[jinja2.nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateError(f"chat template error: {message}")
-
-
-def _tojson(x: Any, **options: Any) -> str:
-    """Jinja's ``tojson`` without HTML escaping, as transformers defines it.
-
-    ``options`` are ``json.dumps`` keywords (``indent``, ``separators``, ``sort_keys``, ...).
-    """
-    return json.dumps(x, **{"ensure_ascii": False, **options})
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=16)
-def _compile_template(source: str) -> jinja2.Template:
-    """Compile ``source`` in the sandboxed environment transformers uses for chat templates."""
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateError as exc:
-        raise ChatTemplateError(f"chat template does not compile: {exc}") from exc
-
-
 def _normalise_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Copy messages, dropping None values and aliasing reasoning fields, like transformers."""
     out = []
@@ -177,6 +135,7 @@ class Tokenizer:
         eos_ids += [i for c in model_configs for i in _id_list(c.get("eos_token_id"))]
         self._bos_id = next((i for i in bos_ids if i is not None), None)
         self._eos_ids = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
+        self._floor: TokenFloor | None = None  # made when first asked
 
     def _token_id(self, key: str) -> int | None:
         """Id of the named special token ``key`` (e.g. ``"bos_token"``), None if undefined."""
@@ -232,14 +191,24 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` BOS/EOS are added exactly as
         transformers does (by the tokenizer.json post-processor if there is one, else per
-        ``add_bos_token``/``add_eos_token``). Special-token text in ``text`` maps to its id."""
-        ids = self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+        ``add_bos_token``/``add_eos_token``). Special-token text in ``text`` maps to its id.
+        Other threads run while it encodes."""
+        # the batch call lets other threads run meanwhile (encode() holds the GIL throughout)
+        encode_batch = getattr(self._tk, "encode_batch_fast", self._tk.encode_batch)
+        ids = encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if add_special_tokens and self._tk.post_processor is None:
             if self.add_bos_token and self._bos_id is not None:
                 ids.insert(0, self._bos_id)
             if self.add_eos_token and self._eos_ids:
                 ids.append(self._eos_ids[0])
         return ids
+
+    def token_floor(self, text: str, enough: int) -> int:
+        """At most as many tokens as ``text`` encodes to, found without encoding it (counting
+        stops at ``enough``; special tokens are not counted): see :mod:`.token_floor`."""
+        if self._floor is None:
+            self._floor = TokenFloor.of_tokenizer(self._tk)
+        return self._floor.of(text, enough)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; special added tokens are dropped if ``skip_special_tokens``."""
@@ -250,12 +219,17 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = False,
+        max_chars: int = MAX_CHARS,
     ) -> str | list[int]:
         """Render ``messages`` with the model's chat template, as transformers does.
 
-        Returns the text, or its ids if ``tokenize`` (encoded without adding BOS/EOS, since the
-        template writes them). Raises :class:`TokenizerError` if the model has no template and
-        :class:`ChatTemplateError` if rendering fails or the template calls ``raise_exception``.
+        The template runs in a sandboxed process with bounded memory and time
+        (:mod:`edgetp.model.template_renderer`); its output may have at most ``max_chars``
+        characters. Returns the text, or its ids if ``tokenize`` (encoded without adding
+        BOS/EOS, since the template writes them). Raises :class:`TokenizerError` if the model
+        has no template, :class:`ChatTemplateTooLong` for too long an output and
+        :class:`ChatTemplateError` if rendering fails or the template calls
+        ``raise_exception``.
         """
         if self.chat_template is None:
             raise TokenizerError(
@@ -264,15 +238,10 @@ class Tokenizer:
             )
         if not messages:
             raise TokenizerError("cannot apply a chat template to an empty conversation")
-        template = _compile_template(self.chat_template)
         try:
-            text = template.render(
-                messages=_normalise_messages(messages),
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
+            text = RENDERER.render(self.chat_template, _normalise_messages(messages),
+                                   add_generation_prompt, self.special_tokens, max_chars)
+        except RenderFailed as exc:
+            kind = ChatTemplateTooLong if exc.too_long else ChatTemplateError
+            raise kind(str(exc)) from None
         return self.encode(text, add_special_tokens=False) if tokenize else text

@@ -26,6 +26,7 @@ from edgetp.core.metrics import instrument
 from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
 from edgetp.model.checkpoint import set_tensor
+from edgetp.model.context import bytes_per_position, default_context
 from edgetp.model.llama import Transformer
 from edgetp.parallel.blocks import ALIGNMENT, BlockSpec, DiskEmbedding, WindowError
 from edgetp.parallel.comm import Communicator
@@ -70,6 +71,7 @@ def load_rank(
         )
     verify_directory(shard_dir, manifest, check_hash=verify)
     kernels.library()  # build the decode kernels now, while no weights share the memory limit
+    max_seq_len = rank_context(manifest, dtype, max_seq_len)
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
     if memory_budget is not None:
         needs = _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
@@ -113,8 +115,25 @@ def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32
     manifest = read_manifest(shard_dir)
     comm = SoloCommunicator()
     comm.rank, comm.world_size = manifest.rank, manifest.plan.n_ranks  # type: ignore[misc]
+    max_seq_len = rank_context(manifest, dtype, max_seq_len, announce=False)
     model, blocks = _skeleton(manifest, Path(shard_dir), comm, dtype, max_seq_len, cache=False)
     return _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
+
+
+def rank_context(manifest: Manifest, dtype: torch.dtype, requested: int | None,
+                 announce: bool = True) -> int:
+    """``requested``, or the context that fits this node's memory for the layers and KV heads
+    its rank holds (:func:`~edgetp.model.context.default_context`)."""
+    if requested is not None:
+        return requested
+    plan, config = manifest.plan, manifest.model_config
+    share = plan.share(manifest.rank)
+    whole = (config.num_key_value_heads, config.num_attention_heads)
+    heads = [(share.n_kv_heads, share.n_q_heads) if not plan.is_private(layer)
+             else whole if manifest.rank == 0 else (0, 0)
+             for layer in range(config.num_hidden_layers)]
+    return default_context(config, bytes_per_position(config, heads, dtype.itemsize),
+                           where=f"rank {manifest.rank}", announce=announce)
 
 
 def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: torch.dtype,

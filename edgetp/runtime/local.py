@@ -19,12 +19,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from edgetp.config.model import load_model_config
 from edgetp.core import settings
 from edgetp.core.errors import ClusterError
+from edgetp.model.context import default_context, whole_model_bytes_per_position
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
 from edgetp.runtime.commands import WorkerCommand, WorkerKeys
 from edgetp.runtime.lifeline import spawn_tied
-from edgetp.runtime.master import Master
+from edgetp.runtime.master import Master, parse_dtype
 from edgetp.shard import layout
 from edgetp.shard.split import split_checkpoint
 
@@ -107,6 +109,8 @@ class LocalCluster:
                                   private_layers=self.private_layers, group_size=self.group_size)
         self.address = f"tcp://127.0.0.1:{free_port()}"
         security = self._make_keys() if self.secure else None
+        if self.max_seq_len is None:  # one context for every node, fitting this machine
+            self.max_seq_len = self._machine_context()
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
                                      self.max_seq_len, self.wire_dtype, self.timeout_s,
                                      memory_budget=self.memory_budget,
@@ -115,6 +119,12 @@ class LocalCluster:
             self.start_worker(rank)
         self.wait_until_joined()
         return self.master
+
+    def _machine_context(self) -> int:
+        """The default context of a cluster whose nodes all share this machine's memory."""
+        config = load_model_config(self.model_dir)
+        per_position = whole_model_bytes_per_position(config, parse_dtype(self.dtype).itemsize)
+        return default_context(config, per_position, where=f"the {self.n_nodes} nodes")
 
     def _make_keys(self) -> MasterSecurity:
         """A key pair for the master and each worker; workers' public keys authorized."""

@@ -30,7 +30,7 @@ class MasterOptions:
     """How a master computes and talks to its workers (the flags its commands share)."""
 
     dtype: str = "float32"  # compute dtype
-    max_seq_len: int | None = None  # None: the model's maximum
+    max_seq_len: int | None = None  # None: what fits the node (edgetp.model.context)
     wire_dtype: str = "f32"
     timeout_s: float = 10.0
     memory_budget: int | None = None  # bytes, per node

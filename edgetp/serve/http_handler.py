@@ -1,6 +1,7 @@
 """The HTTP layer (standard library ``http.server``): routes, API keys, bodies, answers.
 
-One thread per connection (HTTP/1.1 keep-alive). A handler thread reads and checks a request,
+One thread per connection (HTTP/1.1 keep-alive), at most ``max_connections`` of them: a
+connection beyond is answered 503 at once and closed. A handler thread reads and checks a request,
 asks the :class:`~edgetp.serve.server.APIServer` for the answer (a job for the completion
 endpoints) and writes it: a JSON body, or the job's server-sent events as they come. It polls
 its socket while it waits, so a client that goes away is noticed and its job withdrawn.
@@ -46,6 +47,8 @@ class HTTPServer(ThreadingHTTPServer):
                  listener: socket.socket | None = None) -> None:
         self.app = app
         self._listener = listener  # a socket bound (and listening) before: used instead
+        self.max_connections = app.settings.max_connections
+        self.refused = 0  # connections answered 503 for passing max_connections
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, Handler)
@@ -62,8 +65,29 @@ class HTTPServer(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
-            self._connections.add(request)
+            full = len(self._connections) >= self.max_connections
+            if not full:
+                self._connections.add(request)
+        if full:
+            self._refuse(request)
+            return
         super().process_request(request, client_address)
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer a connection over the limit with 503 (without waiting on it), and close it."""
+        self.refused += 1
+        error = APIError(503, f"the server has {self.max_connections} connections open, its "
+                         "limit; retry later", "server_error", None, "too_many_connections")
+        body = json.dumps(error.body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        try:
+            request.setblocking(False)
+            request.send(head.encode() + body)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        request.close()
 
     def shutdown_request(self, request: Any) -> None:
         with self._connections_lock:
@@ -131,6 +155,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             except APIError as err:
                 self._send_error(err)
+            except RecursionError:  # a body nested deeper than Python recurses
+                self.close_connection = True
+                self._send_error(bad_request("the request body is nested too deeply"))
             except OSError as exc:  # a broken connection
                 log.debug("connection from %s: %s", self.address_string(), exc)
                 self.close_connection = True
@@ -309,7 +336,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
             if err.status == 401:
                 self.send_header("WWW-Authenticate", "Bearer")
-            if err.status == 429:
+            if err.status == 429 or err.code == "server_busy":
                 self.send_header("Retry-After", "1")
             if self.close_connection:
                 self.send_header("Connection", "close")
@@ -324,6 +351,8 @@ def _parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object")
     return data

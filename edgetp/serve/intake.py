@@ -2,15 +2,18 @@
 
 The body is validated against its protocol model (:mod:`edgetp.serve.protocol`); then the
 model it names must be the one served, a chat's ``messages`` are rendered with the model's
-chat template, a completion's ``prompt`` is encoded (or its token ids checked against the
-vocabulary), and the prompt must leave room in the context. A request that cannot be served
-is answered with an :class:`~edgetp.serve.errors.APIError` naming the field to fix.
+chat template (in a sandbox, its output bounded), and the prompt must leave room in the
+context. A prompt whose text surely has too many tokens (:meth:`Tokenizer.token_floor`) is
+refused before it is encoded, since encoding megabytes takes seconds; token ids are checked
+against the vocabulary. A request that cannot be served is answered with an
+:class:`~edgetp.serve.errors.APIError` naming the field to fix.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgetp.model.tokenizer import ChatTemplateTooLong
 from edgetp.serve.errors import bad_request, model_not_found
 from edgetp.serve.jobs import Job, JobKind
 from edgetp.serve.protocol import ChatCompletionRequest, CompletionRequest, GenerationRequest
@@ -28,40 +31,61 @@ def build_job(kind: JobKind, body: dict[str, Any], settings: ServerSettings,
               master: Master) -> Job:
     """The job of a request body, or the APIError to answer it with."""
     request: GenerationRequest
+    context = master.max_seq_len
     if kind == "chat":
         request = validate_request(ChatCompletionRequest, body)
-        ids = chat_prompt_ids(request, master.tokenizer)
     else:
         request = validate_request(CompletionRequest, body)
-        ids = completion_prompt_ids(request, master.tokenizer)
     if request.model is not None and request.model != settings.model_name:
         raise model_not_found(request.model, settings.model_name)
-    check_fits(ids, master.max_seq_len, "messages" if kind == "chat" else "prompt")
+    if isinstance(request, ChatCompletionRequest):
+        ids = chat_prompt_ids(request, master.tokenizer, context)
+    else:
+        ids = completion_prompt_ids(request, master.tokenizer, context)
+    check_fits(ids, context, "messages" if kind == "chat" else "prompt")
     return Job(kind, ids, request.sampling(settings.default_sampling),
                request.generation(settings.default_max_tokens, settings.stop_strings),
                request.streams, request.include_usage)
 
 
-def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+def chat_prompt_ids(request: ChatCompletionRequest, tokenizer: Tokenizer,
+                    context: int) -> list[int]:
     """The conversation rendered with the model's chat template, ready for the answer."""
     try:
-        ids = tokenizer.apply_chat_template(request.conversation(), add_generation_prompt=True,
-                                            tokenize=True)
+        text = tokenizer.apply_chat_template(request.conversation(), add_generation_prompt=True)
+    except ChatTemplateTooLong as exc:
+        raise bad_request(f"the conversation is too long for this model's context of "
+                          f"{context} tokens ({exc})", "messages",
+                          "context_length_exceeded") from exc
     except ValueError as exc:  # no template, or the template refuses the conversation
         raise bad_request(str(exc), "messages") from exc
-    assert isinstance(ids, list)  # tokenize=True
-    return ids
+    assert isinstance(text, str)  # not tokenized
+    return encode_fitting(text, tokenizer, context, "messages", add_special_tokens=False)
 
 
-def completion_prompt_ids(request: CompletionRequest, tokenizer: Tokenizer) -> list[int]:
+def completion_prompt_ids(request: CompletionRequest, tokenizer: Tokenizer,
+                          context: int) -> list[int]:
     """The prompt's token ids: its text encoded, or its ids, each in the vocabulary."""
     prompt = request.prompt
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
+        return encode_fitting(prompt, tokenizer, context, "prompt")
+    check_fits(prompt, context, "prompt")
     vocab = tokenizer.vocab_size
     if any(not 0 <= token < vocab for token in prompt):
         raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
     return list(prompt)
+
+
+def encode_fitting(text: str, tokenizer: Tokenizer, context: int, param: str,
+                   add_special_tokens: bool = True) -> list[int]:
+    """``text`` encoded, unless it surely has too many tokens for ``context`` (found without
+    encoding it, which takes seconds for megabytes)."""
+    floor = tokenizer.token_floor(text, context)
+    if floor >= context:
+        raise bad_request(f"the prompt has at least {floor} tokens ({len(text)} characters); "
+                          f"this model's context is {context} tokens", param,
+                          "context_length_exceeded")
+    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
 
 def check_fits(ids: list[int], context: int, param: str) -> None:

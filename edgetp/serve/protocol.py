@@ -34,6 +34,10 @@ from pydantic_core import PydanticCustomError
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what a torch.Generator takes
+PENALTY_RANGE = (0.01, 100.0)  # a repetition penalty outside keeps logits finite no more
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256  # the engine looks for every prefix of every stop string at each token
 
 
 def invalid(phrase: str) -> PydanticCustomError:
@@ -50,6 +54,52 @@ def unsupported(*allowed: Any) -> AfterValidator:
         raise PydanticCustomError("unsupported_parameter", "is not supported by this server")
 
     return AfterValidator(check)
+
+
+def shown(value: Any, limit: int = 100) -> str:
+    """``value`` as an error message quotes it: its ``repr``, cut after ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_text(text: str) -> str:
+    """``text`` if it is valid Unicode: JSON's ``\\ud800`` escapes can make a lone surrogate,
+    which no tokenizer (nor UTF-8) takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(f"holds a lone UTF-16 surrogate ({text[exc.start]!a}) at character "
+                      f"{exc.start}: send valid Unicode") from None
+    return text
+
+
+def within(low: float, high: float) -> AfterValidator:
+    """Refuse a number outside ``[low, high]`` (for bounds the declared range leaves open)."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not low <= value <= high:
+            raise invalid(f"must be in [{low:g}, {high:g}], got {value!r}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _seed(value: int | None) -> int | None:
+    if value is not None and not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise invalid(f"must fit in 64 bits (from -2**63 to 2**64 - 1), got {value!r}")
+    return value
+
+
+def _stop_strings(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else value or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"must have at most {MAX_STOP_STRINGS} strings, got {len(stops)}")
+    for stop in stops:
+        if len(stop) > MAX_STOP_CHARS:
+            raise invalid(f"strings must be at most {MAX_STOP_CHARS} characters long, got one "
+                          f"of {len(stop)}")
+        check_text(stop)
+    return value
 
 
 def one_of_forms(phrase: str) -> WrapValidator:
@@ -80,7 +130,8 @@ def _one_sequence(n: int | None) -> int | None:
     return n
 
 
-Stop = Annotated[str | list[str] | None, one_of_forms("must be a string or a list of strings")]
+Stop = Annotated[str | list[str] | None, one_of_forms("must be a string or a list of strings"),
+                 AfterValidator(_stop_strings)]
 
 
 class GenerationRequest(StrictModel):
@@ -98,10 +149,10 @@ class GenerationRequest(StrictModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     top_k: int | None = Field(default=None, ge=-1)  # -1 and 0: no top-k
-    seed: int | None = None
+    seed: Annotated[int | None, AfterValidator(_seed)] = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0)
+    repetition_penalty: Annotated[float | None, Field(gt=0), within(*PENALTY_RANGE)] = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     stop: Stop = None
@@ -150,12 +201,15 @@ class TextPart(StrictModel):
 
 def _text_only(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     try:
-        return handler(value)
+        content = handler(value)
     except ValidationError:
         if isinstance(value, list):
             raise invalid('must be a list of text parts ({"type": "text", "text": ...}): '
                           "only text parts are supported") from None
-        raise invalid(f"must be a string or a list of text parts, got {value!r}") from None
+        raise invalid(f"must be a string or a list of text parts, got {shown(value)}") from None
+    for text in [content] if isinstance(content, str) else [p.text for p in content or []]:
+        check_text(text)
+    return content
 
 
 MessageContent = Annotated[str | list[TextPart] | None, WrapValidator(_text_only)]
@@ -219,7 +273,7 @@ def _one_prompt(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         prompt = []
     if prompt == []:
         raise invalid("must be a string, a list of token ids, or a list of one of them")
-    return prompt
+    return check_text(prompt) if isinstance(prompt, str) else prompt
 
 
 PromptInput = Annotated[str | list[int], WrapValidator(_one_prompt)]

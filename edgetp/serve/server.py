@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from edgetp.core.errors import ConfigError
-from edgetp.serve.errors import bad_request
+from edgetp.serve.errors import APIError, bad_request
 from edgetp.serve.generation import GenerationQueue
 from edgetp.serve.http_handler import HTTPServer, http_server
 from edgetp.serve.intake import build_job
@@ -52,6 +52,7 @@ __all__ = ["APIServer", "RequestRecord", "ServerSettings", "default_model_name",
 log = logging.getLogger("edgetp.serve.server")
 
 SHUTDOWN_GRACE_S = 3.0  # after Ctrl-C or SIGTERM: how long running requests may take to end
+PREPARE_WAIT_S = 30.0  # how long a request waits for its turn to be tokenized
 
 
 class APIServer:
@@ -76,6 +77,7 @@ class APIServer:
         self._http_thread: threading.Thread | None = None
         self._handling = threading.Condition()
         self._active = 0  # HTTP requests being handled
+        self._preparing = threading.BoundedSemaphore(settings.prompt_workers)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -197,11 +199,21 @@ class APIServer:
                 self._handling.notify_all()
 
     def accept(self, kind: JobKind, body: dict[str, Any]) -> Job:
-        """Check and queue a completion request; raises the APIError to answer instead."""
+        """Check and queue a completion request; raises the APIError to answer instead.
+
+        At most ``settings.prompt_workers`` requests are checked, rendered and tokenized at
+        once (that work runs outside the GIL, but on the cores the cluster computes with); a
+        request that waits more than :data:`PREPARE_WAIT_S` for its turn gets 503.
+        """
+        if not self._preparing.acquire(timeout=PREPARE_WAIT_S):
+            raise APIError(503, "the server is busy preparing other prompts; retry later",
+                           "server_error", None, "server_busy")
         try:
             job = build_job(kind, body, self.settings, self.master)
         except ConfigError as exc:
             raise bad_request(str(exc)) from exc
+        finally:
+            self._preparing.release()
         self.queue.submit(job)
         return job
 

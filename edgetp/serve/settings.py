@@ -15,7 +15,9 @@ class ServerSettings:
     """What the server serves and how.
 
     ``default_max_tokens`` and ``default_sampling`` apply to the fields a request leaves out;
-    ``stop_strings`` are added to every request's ``stop``.
+    ``stop_strings`` are added to every request's ``stop``. ``max_connections`` HTTP
+    connections may be open at once (more are answered 503); ``prompt_workers`` prompts are
+    rendered and tokenized at once (the others wait).
     """
 
     model_name: str
@@ -24,8 +26,14 @@ class ServerSettings:
     default_max_tokens: int = 64
     default_sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop_strings: tuple[str, ...] = ()
+    max_connections: int = 64
+    prompt_workers: int = 2
 
     def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ConfigError(f"the connection limit must be >= 1, got {self.max_connections}")
+        if self.prompt_workers < 1:
+            raise ConfigError(f"prompt workers must be >= 1, got {self.prompt_workers}")
         if self.queue_size < 1:
             raise ConfigError(f"the queue size must be >= 1, got {self.queue_size}")
         if self.default_max_tokens < 1:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from edgetp.serve.errors import APIError, bad_request
+from edgetp.serve.protocol import shown
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
 
@@ -31,6 +32,7 @@ EXPECTED = {
     "model_type": "an object",
 }
 RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+SHOWN_CHARS = 100  # of a wrong value, in an error message
 
 
 def validate_request(model: type[RequestModel], body: dict[str, Any]) -> RequestModel:
@@ -51,7 +53,7 @@ def request_error(model: type[BaseModel], error: ErrorDetails) -> APIError:
 
 def describe(model: type[BaseModel], error: ErrorDetails, path: str) -> str:
     """What is wrong with the field at ``path``, and what it may be."""
-    kind, value = error["type"], error.get("input")
+    kind, value = error["type"], _Shown(error.get("input"))
     if kind == "missing":
         return f"you must provide a `{path}` parameter" if len(error["loc"]) == 1 \
             else f"{path} is required"
@@ -68,6 +70,16 @@ def describe(model: type[BaseModel], error: ErrorDetails, path: str) -> str:
         return f"{path} must be a non-empty list" if least == 1 \
             else f"{path} must have at least {least} items"
     return f"{path}: {error['msg'][:1].lower()}{error['msg'][1:]}"
+
+
+class _Shown:
+    """A value as an error message quotes it (:func:`~edgetp.serve.protocol.shown`)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return shown(self.value, SHOWN_CHARS)
 
 
 Bound = tuple[float, bool]  # a limit and whether it is allowed itself

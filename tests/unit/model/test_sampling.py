@@ -209,6 +209,8 @@ def test_filters_match_transformers(hf_processors, seed):
         {"top_p": 1.5},
         {"repetition_penalty": 0.0},
         {"repetition_penalty": -1.0},
+        {"seed": 2**64},
+        {"seed": -(2**63) - 1},
     ],
     ids=lambda bad: "-".join(f"{k}={v}" for k, v in bad.items()),
 )

@@ -240,3 +240,46 @@ def test_the_prompt_must_suit_the_served_model(master: Master) -> None:
                    f"model's context is {master.max_seq_len} tokens", "context_length_exceeded")
     ids = master.tokenizer.encode(demo_prompt(3, 5))
     assert job_of(master, "completion", prompt=ids).prompt_ids == ids
+
+
+# -- bounds that keep one request from hurting the server -------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "param", "message"), [
+    ({"seed": 2**64}, "seed",
+     "seed must fit in 64 bits (from -2**63 to 2**64 - 1), got 18446744073709551616"),
+    ({"seed": -(2**63) - 1}, "seed",
+     "seed must fit in 64 bits (from -2**63 to 2**64 - 1), got -9223372036854775809"),
+    ({"repetition_penalty": 1e300}, "repetition_penalty",
+     "repetition_penalty must be in [0.01, 100], got 1e+300"),
+    ({"repetition_penalty": 0.001}, "repetition_penalty",
+     "repetition_penalty must be in [0.01, 100], got 0.001"),
+    ({"stop": ["."] * 17}, "stop", "stop must have at most 16 strings, got 17"),
+    ({"stop": "x" * 257}, "stop",
+     "stop strings must be at most 256 characters long, got one of 257"),
+    ({"stop": ["ok", "\udc00"]}, "stop",
+     "stop holds a lone UTF-16 surrogate ('\\udc00') at character 0: send valid Unicode"),
+    ({"messages": [{"role": "user", "content": "ab\ud800"}]}, "messages.[0].content",
+     "messages[0].content holds a lone UTF-16 surrogate ('\\ud800') at character 2: send "
+     "valid Unicode"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud83d"}]}]},
+     "messages.[0].content", "messages[0].content holds a lone UTF-16 surrogate ('\\ud83d') at "
+     "character 0: send valid Unicode"),
+    ({"temperature": "t" * 500}, "temperature",
+     "temperature must be a number, got '" + "t" * 99 + "... (502 characters)"),
+])
+def test_bounds_on_what_a_request_may_ask(fields: dict[str, Any], param: str,
+                                          message: str) -> None:
+    assert_refused(chat_error(**fields), param, message)
+
+
+def test_the_edges_of_the_bounds_pass() -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "🙂 é"}],
+            "seed": 2**64 - 1, "repetition_penalty": 100, "stop": ["y" * 256] * 16}
+    request = validate_request(ChatCompletionRequest, body)
+    assert request.sampling(SamplingConfig()).seed == 2**64 - 1
+    assert validate_request(CompletionRequest, {"prompt": "x", "seed": -(2**63)}).seed == -(2**63)
+    error = completion_error(prompt="count \udfff")
+    assert (error.param, error.message) == (
+        "prompt", "prompt holds a lone UTF-16 surrogate ('\\udfff') at character 6: send valid "
+        "Unicode")
