@@ -44,7 +44,7 @@ def test_commands_over_ssh(tmp_path: Path) -> None:
     assert argv[0] == "ssh" and "BatchMode=yes" in argv
     assert argv[argv.index("-i") + 1] == str(Path.home() / ".ssh" / "id_home")
     assert argv[argv.index("-p") + 1] == "2222"
-    assert argv[-2:] == ["me@pi.local", "sh -c 'echo hi'"]
+    assert argv[-3:] == ["--", "me@pi.local", "sh -c 'echo hi'"]  # "--": never an option
     command = shell.remote_command("facts", {"shard_dir": "~/s"})
     words = shlex.split(command)
     assert command.startswith('"$HOME"/venv/bin/python -c ')
