@@ -90,6 +90,7 @@ class WorkerCommand(NodeCommand):
     keys: WorkerKeys | None = None
     insecure: bool = False
     capture_frames: str | Path | None = None  # tests: a file of every frame received
+    data_port: int | None = None  # the data link's port (None: an ephemeral one)
 
     def args(self) -> list[str]:
         args = ["worker", "--shard", str(self.shard_dir), "--master", self.master,
@@ -102,6 +103,8 @@ class WorkerCommand(NodeCommand):
             args += ["--memory-budget", size_text(self.memory_budget)]
         if self.capture_frames is not None:
             args += ["--capture-frames", str(self.capture_frames)]
+        if self.data_port is not None:
+            args += ["--data-port", str(self.data_port)]
         return args
 
 

@@ -41,13 +41,14 @@ class Worker:
                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
                  frame_log: Callable[[list[bytes]], None] | None = None,
                  memory_budget: int | None = None,
-                 security: WorkerSecurity | None = None) -> None:
+                 security: WorkerSecurity | None = None, data_port: int = 0) -> None:
         manifest = read_manifest(shard_dir)
         if manifest.rank == 0:
             raise ShardError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
         identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
                                 manifest.dtype)
-        self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security)
+        self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security,
+                                         data_port)
         self.ring = RingLink()
         self.transport.ring_port = self.ring.port
         self.comm = WorkerCommunicator(self.transport, self.ring, manifest.rank,
