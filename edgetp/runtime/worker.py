@@ -8,6 +8,7 @@ it notices through heartbeats and reconnects until the master is back.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from edgetp.core.errors import ShardError
 from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.model.llama import Transformer
 from edgetp.net.collectives import StarWorker, StepPosition
-from edgetp.net.ring import RingAllreduce, RingError, RingLink, master_ring_address
+from edgetp.net.ring import RingError, WorkerRing
 from edgetp.net.security import WorkerSecurity
 from edgetp.net.transport import (
     ClusterError,
@@ -49,10 +50,8 @@ class Worker:
                                 manifest.dtype)
         self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security,
                                          data_port)
-        self.ring = RingLink()
-        self.transport.ring_port = self.ring.port
-        self.comm = WorkerCommunicator(self.transport, self.ring, manifest.rank,
-                                       manifest.plan.n_ranks, timeout_s)
+        self.comm = WorkerCommunicator(self.transport, manifest.rank, manifest.plan.n_ranks,
+                                       timeout_s)
         self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len,
                                             memory_budget=memory_budget)
         self.layers = manifest.plan.shared_layers
@@ -64,7 +63,7 @@ class Worker:
 
     def serve(self) -> None:
         """Serve steps until the master says shutdown; reconnect whenever the master is lost."""
-        self.transport.connect()
+        self._join()
         try:
             while True:
                 try:
@@ -78,7 +77,7 @@ class Worker:
                     elif message.op == "collect":
                         self._send_stats(message.fields["seq"])
                     elif message.op == "link":
-                        self._link(message.fields["address"])
+                        self.comm.ring.link(message.fields)
                 except StepAborted as exc:
                     log.info("rank %d: %s", self.rank, exc)
                 except ShutdownRequested:
@@ -90,16 +89,21 @@ class Worker:
                     self.transport.send("error", {"message": str(exc)})
                 except ClusterError as exc:
                     log.warning("rank %d: %s; reconnecting", self.rank, exc)
-                    self.transport.connect()
+                    self._join()
         finally:
             self.transport.close()
-            self.ring.close()
+            self.comm.ring.close()
 
-    def _link(self, address: str) -> None:
-        """Connect the ring to our successor ("" means the master)."""
-        if not address:
-            address = master_ring_address(self.transport.master, self.transport.master_ring_port)
-        self.ring.connect(address)
+    def _join(self) -> None:
+        """(Re)join the master; open the ring if its welcome chose the ring (else close it)."""
+        while True:
+            self.transport.connect()
+            try:
+                self.comm.ring.follow_welcome()
+                return
+            except ClusterError as exc:
+                log.warning("rank %d: %s", self.rank, exc)
+                time.sleep(1.0)
 
     @torch.inference_mode()
     def _run_step(self, message: Message) -> None:
@@ -153,7 +157,7 @@ class Worker:
 class WorkerCommunicator:
     """The worker's allreduce: star or ring, as the master announced in the welcome."""
 
-    def __init__(self, transport: WorkerTransport, ring: RingLink, rank: int, world_size: int,
+    def __init__(self, transport: WorkerTransport, rank: int, world_size: int,
                  timeout_s: float) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -161,11 +165,10 @@ class WorkerCommunicator:
         self.position = StepPosition()
         self.star = StarWorker(transport, rank, world_size, timeout_s)
         self.star.position = self.position
-        self.ring = RingAllreduce(rank, world_size, ring, self.position, "f32", timeout_s)
+        self.ring = WorkerRing(transport, rank, world_size, self.position, timeout_s)
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.transport.allreduce == "ring":
-            self.ring.wire = self.transport.wire_dtype
             return self.ring.allreduce(x)
         return self.star.allreduce(x)
 

@@ -60,8 +60,7 @@ class WorkerTransport:
         self.session = ""  # the master's session id, from its welcome
         self.clock = ClockEstimate()  # the master's clock, from the handshake and the pongs
         self.sock: zmq.Socket | None = None
-        self.ring_port = 0  # set by the worker when it has a ring socket
-        self.allreduce = "star"
+        self.allreduce = "star"  # or "ring", as the master's welcome says
         self.master_ring_port = 0
         self._pending: list[Message] = []  # arrived during the clock sync, not yet served
         self.last_heard = 0.0
@@ -96,9 +95,8 @@ class WorkerTransport:
     def _say_hello(self) -> Message | None:
         """One hello; the master's welcome (its data link joined) or refusal, or None."""
         listener = self._data_listener()
-        self.send("hello", self.identity.hello_fields(
-            self.ring_port, listener.port if listener else 0,
-            listener.token if listener else ""))
+        self.send("hello", self.identity.hello_fields(listener.port if listener else 0,
+                                                      listener.token if listener else ""))
         message = self._wait_for_handshake_reply()
         if message is not None and message.op == "welcome" and not self._join_data_link(
                 listener, message.fields["data"]):
