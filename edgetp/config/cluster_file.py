@@ -135,6 +135,7 @@ class NodeSection(Section):
     link: LinkRef | None = None
     python: Text = "python3"
     cache_dir: Text = "~/.cache/edgetp"
+    data_port: Annotated[StrictInt, Field(ge=1), AfterValidator(_tcp_port)] | None = None
     profile: Annotated[str | dict[str, Any] | None, BeforeValidator(_profile)] = None
     count: Count = 1
 
