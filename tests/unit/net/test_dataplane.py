@@ -183,3 +183,16 @@ def test_a_node_listens_where_it_reaches_its_master():
     assert url_host_port("tcp://[::1]:7") == ("::1", 7)
     with pytest.raises(OSError):
         local_address_towards("tcp://no-such-host.invalid:5555")
+
+
+def test_a_fixed_data_port_that_is_taken_is_a_clear_error_at_start():
+    from edgetp.net.transport import NodeIdentity, WorkerTransport
+
+    taken = DataListener("127.0.0.1")
+    try:
+        with pytest.raises(DataLinkError, match=f"--data-port {taken.port}: cannot listen on "
+                                                f"127.0.0.1:{taken.port}.*choose a free port"):
+            WorkerTransport("tcp://127.0.0.1:5555", NodeIdentity(1, "f", "{}", "float32"),
+                            data_port=taken.port)
+    finally:
+        taken.close()
