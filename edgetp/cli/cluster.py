@@ -45,14 +45,17 @@ from edgetp.model.demo import DEMO_PROMPT
               help="the master's public NAME.key: the only master this worker talks to")
 @click.option("--insecure", is_flag=True, help="no encryption or authentication (trusted "
               "networks only; required to run without keys on a non-loopback address)")
+@click.option("--data-port", type=click.IntRange(1, 65535), default=None,
+              help="the TCP port the master opens the data link to (default: an ephemeral "
+                   "one); fix it to let a firewall admit the master")
 @click.option("--capture-frames", type=click.Path(path_type=Path), default=None, hidden=True,
               help="append every received frame to this file (privacy tests)")
 @click.option("--parent-pid", type=click.IntRange(min=1), default=None, hidden=True,
               help="exit when this process, the local cluster's master, ends")
 def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
            max_seq_len: int | None, memory_budget: str | None, key_file: Path | None,
-           master_key_file: Path | None, insecure: bool, capture_frames: Path | None,
-           parent_pid: int | None) -> None:
+           master_key_file: Path | None, insecure: bool, data_port: int | None,
+           capture_frames: Path | None, parent_pid: int | None) -> None:
     """Serve one rank's share of the model to the master at MASTER."""
     from edgetp.core.settings import configure_logging
     from edgetp.runtime.lifeline import follow_parent
@@ -67,7 +70,7 @@ def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
     frame_log = frame_recorder(capture_frames) if capture_frames else None
     security = worker_security(master_address, key_file, master_key_file, insecure)
     Worker(shard_dir, master_address, timeout_s, parse_dtype(dtype), max_seq_len,
-           frame_log, byte_size(memory_budget), security).serve()
+           frame_log, byte_size(memory_budget), security, data_port or 0).serve()
 
 
 @click.command()

@@ -76,6 +76,7 @@ class NodeConfig:
     link: str | None = None  # a link profile name
     python: str = "python3"  # the node's interpreter that has edgetp installed
     cache_dir: str = "~/.cache/edgetp"  # on the node: logs/ and run/ (pid files)
+    data_port: int | None = None  # the worker's data link port (None: an ephemeral one)
     profile: str | dict[str, Any] | None = None  # for the planner: a probe file or figures
 
     @property
@@ -229,7 +230,8 @@ def _node(section: NodeSection, index: int, rank: int, source: str,
         ssh=section.ssh, memory_budget=section.memory_budget, memory_limit=section.memory_limit,
         threads=section.threads, share=section.share or 1.0,
         link=_link(section.link, name, f"{where}.link", profiles) or default_link,
-        python=section.python, cache_dir=section.cache_dir, profile=section.profile)
+        python=section.python, cache_dir=section.cache_dir, profile=section.profile,
+        data_port=section.data_port)
     if section.count == 1:
         return [node]
     return [replace(node, rank=rank + i, name=f"{name}-{i}") for i in range(section.count)]

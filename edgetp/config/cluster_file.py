@@ -42,6 +42,7 @@ ALLREDUCE = ("star", "ring")
 WIRE_DTYPES = ("f32", "bf16", "int8")
 DEFAULT_PORT = 5555
 SSH = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9._:\[\]-]+?(?::(\d+))?$")
+SSH_RULE = "must look like user@host or user@host:port"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_RULE = "may only use letters, digits, '.', '_', '-'"
 
@@ -65,6 +66,17 @@ def _tcp_port(port: int) -> int:
     if port > 65535:
         raise phrase(f"{port} is not a TCP port (1-65535)")
     return port
+
+
+def _not_an_ssh_option(value: Any) -> Any:
+    """An ``ssh:`` value is ssh's destination: neither its user nor its host may start with
+    '-', or ssh would take it for an option (``-F FILE``, ``-oProxyCommand=...``,
+    ``x@-oLocalCommand=...`` run commands of the value's choosing)."""
+    if isinstance(value, str) and any(part.startswith("-") for part in value.split("@")):
+        raise phrase(f"{value!r} has a part that starts with '-', which ssh would read as an "
+                     "option, not as the host to reach; give user@host or user@host:port (ssh "
+                     "options go in ssh_options)")
+    return value
 
 
 def _profile(value: Any) -> Any:
@@ -98,7 +110,7 @@ def _inline_or_name(value: Any) -> str:
 Name = Annotated[str, matching(NAME.match, NAME_RULE)]
 Address = Annotated[str, matching(_bare_host,
                                   "must be a host name or IP, without tcp:// or a port")]
-Ssh = Annotated[str, matching(SSH.match, "must look like user@host or user@host:port")]
+Ssh = Annotated[str, matching(SSH.match, SSH_RULE), BeforeValidator(_not_an_ssh_option)]
 # a link: the name of a profile, or one written inline ({latency_ms: 1, bandwidth_mbit: 300})
 LinkRef = Annotated[Annotated[Text, Tag("<name>")]
                     | Annotated[LinkProfileSection, Tag("<inline>")],
@@ -123,6 +135,7 @@ class NodeSection(Section):
     link: LinkRef | None = None
     python: Text = "python3"
     cache_dir: Text = "~/.cache/edgetp"
+    data_port: Annotated[StrictInt, Field(ge=1), AfterValidator(_tcp_port)] | None = None
     profile: Annotated[str | dict[str, Any] | None, BeforeValidator(_profile)] = None
     count: Count = 1
 

@@ -6,10 +6,14 @@ socket written and read by the compute thread itself (``benchmarks/allreduce.py`
 makes two allreduces per layer, so the partials and sums travel here, while ZeroMQ keeps
 everything else (handshake, steps, heartbeats, aborts, errors, stats).
 
-Joining: a worker listens on an ephemeral port and puts it and a random token in its
-``hello``; the master connects to the worker's address as ZeroMQ saw it, sends the magic and
-the token, and says in its ``welcome`` whether the link is up. The worker then accepts the
-connection carrying that token. Without it (CURVE on: the link is not encrypted; the ring
+Joining: a worker listens on the address it reaches the master from (the cluster's interface,
+never every interface), on an ephemeral port or the one ``--data-port`` fixes, and puts the
+port and a random token in its ``hello``; the master connects to the worker's address as
+ZeroMQ saw it, sends the magic and the token, and says in its ``welcome`` whether the link is
+up. The worker then accepts the connection carrying that token: it reads every connection that
+arrives side by side, and closes one that shows anything else or nothing within
+:data:`TOKEN_DEADLINE_S`, so a connection made first (silent, or hostile) cannot hold up the
+master's. Without it (CURVE on: the link is not encrypted; the ring
 allreduce; ``EDGETP_DATA_LINK=0``; or a connection that fails) the allreduce stays on ZeroMQ.
 
 A message is a fixed header, ``HEADER``: magic, op (partial or sum), wire format, seq, step,
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 import secrets
 import select
+import selectors
 import socket
 import struct
 import time
@@ -43,6 +48,9 @@ OP_PARTIAL, OP_SUM = 1, 2
 WIRE_CODES = {"f32": 1, "bf16": 2, "int8": 3}
 TOKEN_BYTES = 16
 JOIN_TIMEOUT_S = 2.0
+TOKEN_DEADLINE_S = 0.5  # a connection shows the token this soon after it is accepted, or goes
+PENDING_MAX = 16  # connections read at once while joining; beyond that the oldest goes
+LISTEN_BACKLOG = 64
 ENV_SWITCH = settings.ENV_DATA_LINK  # "0": keep the allreduce on ZeroMQ (for comparisons)
 MAX_FIELD = 2**32 - 1
 
@@ -203,36 +211,106 @@ def _tensors(buffer: bytearray, layout: list[tuple[torch.dtype, tuple[int, ...]]
 # -- joining -------------------------------------------------------------------------------------
 
 class DataListener:
-    """The worker's side of joining: a listening socket and the token the master must show."""
+    """The worker's side of joining: a listening socket and the token the master must show.
 
-    def __init__(self) -> None:
+    ``host`` is the address the worker reaches the master from (its interface on the
+    cluster's network); ``port`` 0 takes an ephemeral port.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("0.0.0.0", 0))
-        self.sock.listen(4)
-        self.port = self.sock.getsockname()[1]
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a fixed port
+            self.sock.bind((host, port))  # is bound again at every join
+            self.sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            self.sock.close()
+            raise
+        self.sock.setblocking(False)
+        self.host, self.port = self.sock.getsockname()[:2]
         self.token = secrets.token_hex(TOKEN_BYTES)
 
     def accept(self, timeout_s: float = JOIN_TIMEOUT_S) -> DataLink:
-        """The master's connection (the first one showing our token); DataLinkError if none."""
+        """The master's connection: the first one showing our token; DataLinkError if none
+        comes within ``timeout_s``. Every other connection is closed."""
         deadline = time.monotonic() + timeout_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(remaining)
+        arrivals = _Arrivals(MAGIC + self.token.encode())
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
             try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                break
-            conn.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                shown = _read_exactly(conn, len(MAGIC) + TOKEN_BYTES * 2)
-            except OSError:
-                shown = b""
-            if shown == MAGIC + self.token.encode():
-                return DataLink(conn)
-            conn.close()  # not the master (or a stale attempt): keep waiting
+                while (remaining := deadline - time.monotonic()) > 0:
+                    for key, _ in selector.select(min(remaining, TOKEN_DEADLINE_S / 4)):
+                        if key.data is None:  # the listener
+                            arrivals.admit(self.sock, selector)
+                        elif (conn := arrivals.read(key.data, selector)) is not None:
+                            return DataLink(conn)
+                    arrivals.drop_late(selector)
+            finally:
+                arrivals.close_all()
         raise DataLinkError("the master did not open the data link")
 
     def close(self) -> None:
         self.sock.close()
+
+
+class _Arrivals:
+    """Connections accepted while joining, each until it shows the expected bytes (it is then
+    the link), shows other bytes, or stays silent past :data:`TOKEN_DEADLINE_S` (closed)."""
+
+    def __init__(self, expected: bytes) -> None:
+        self.expected = expected
+        self.shown: dict[socket.socket, bytes] = {}  # in arrival order
+        self.since: dict[socket.socket, float] = {}
+
+    def admit(self, listener: socket.socket, selector: selectors.BaseSelector) -> None:
+        """Accept every connection waiting on ``listener``."""
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. out of file descriptors: the backlog keeps the rest
+                return
+            conn.setblocking(False)
+            if len(self.shown) >= PENDING_MAX:
+                self.drop(next(iter(self.shown)), selector)
+            self.shown[conn], self.since[conn] = b"", time.monotonic()
+            selector.register(conn, selectors.EVENT_READ, conn)
+
+    def read(self, conn: socket.socket, selector: selectors.BaseSelector) -> socket.socket | None:
+        """Read what ``conn`` shows; the connection itself once it showed the token."""
+        try:
+            chunk = conn.recv(len(self.expected) - len(self.shown[conn]))
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            chunk = b""
+        shown = self.shown[conn] + chunk
+        if not chunk or not self.expected.startswith(shown):
+            self.drop(conn, selector)
+            return None
+        if shown != self.expected:
+            self.shown[conn] = shown
+            return None
+        selector.unregister(conn)
+        del self.shown[conn], self.since[conn]
+        return conn
+
+    def drop_late(self, selector: selectors.BaseSelector) -> None:
+        limit = time.monotonic() - TOKEN_DEADLINE_S
+        for conn in [c for c, since in self.since.items() if since < limit]:
+            self.drop(conn, selector)
+
+    def drop(self, conn: socket.socket, selector: selectors.BaseSelector) -> None:
+        selector.unregister(conn)
+        del self.shown[conn], self.since[conn]
+        conn.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.shown):
+            conn.close()
+        self.shown.clear()
+        self.since.clear()
 
 
 def connect(host: str, port: int, token: str, timeout_s: float = JOIN_TIMEOUT_S) -> DataLink:
@@ -243,13 +321,3 @@ def connect(host: str, port: int, token: str, timeout_s: float = JOIN_TIMEOUT_S)
     except OSError as exc:
         raise DataLinkError(f"cannot open a data link to {host}:{port} ({exc})") from exc
     return DataLink(sock)
-
-
-def _read_exactly(conn: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data

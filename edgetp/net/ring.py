@@ -7,53 +7,117 @@ hops passing the reduced chunks round). That is 2(N-1) link traversals in sequen
 star needs 2, but each carries 1/N of the data: on home links, where latency dominates, the
 star wins; on fast links with big messages the ring's bandwidth use can win. Reports measure it.
 
-The master sets the ring up: workers report their ring port in the handshake, and before a
-request the master tells each worker its successor's address (``link``).
+The master sets the ring up, and only when it runs one: its welcome says ``ring``, and only
+then does a worker open its ring listener, on the interface it reaches the master from, and
+announce it (``ring_open``); before a request the master tells each worker its successor
+(``link``). A listener admits its predecessor alone: with the cluster's CURVE keys it is a
+CURVE server that admits only the predecessor's public key (and the PUSH side knows the
+successor's key, so the link is encrypted and authenticated both ways); without keys, only a
+PUSH socket showing the random token the listener announced (edgetp.net.security). What the
+predecessor may queue is bounded: :data:`RING_QUEUE` messages, none over
+:data:`RING_MAX_FRAME_BYTES` (a chunk of the largest step, see edgetp.core.limits).
 """
 
 from __future__ import annotations
 
+import secrets
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import zmq
 
+from edgetp.core.limits import MAX_STEP_BYTES
 from edgetp.core.metrics import RECORDER, now
 from edgetp.net import wire
 from edgetp.net.codec import check_format, check_payload, decode, encode, payload_bytes
+from edgetp.net.security import (
+    AllowedKeys,
+    KeyPair,
+    admit_keys,
+    make_client,
+    make_server,
+    present_token,
+    require_token,
+)
 from edgetp.net.transport.errors import ClusterError
-from edgetp.net.transport.sockets import configure_socket, make_context
+from edgetp.net.transport.sockets import (
+    configure_socket,
+    local_address_towards,
+    make_context,
+    url_host_port,
+)
 from edgetp.net.wire import WireError
+
+if TYPE_CHECKING:
+    from edgetp.net.transport import WorkerTransport
+
+RING_QUEUE = 8  # messages a predecessor may have queued (it is at most a few hops ahead)
+RING_MAX_FRAME_BYTES = MAX_STEP_BYTES + wire.MAX_HEADER_BYTES  # a chunk of a step, or a header
+TOKEN_BYTES = 16
 
 
 class RingError(ClusterError):
     """A ring neighbour did not deliver in time (the step fails; the node stays up)."""
 
 
-class RingLink:
-    """This rank's two ring sockets."""
+@dataclass(frozen=True)
+class RingPeer:
+    """A rank's ring listener as its predecessor needs it: where it is, and what admits a
+    connection there (its CURVE public key, z85; or, without keys, its token)."""
 
-    def __init__(self, bind_host: str = "*") -> None:
+    address: str  # tcp://HOST:PORT ("" in a ``link``: the master's, as the worker reaches it)
+    key: str = ""
+    token: str = ""
+
+
+class RingLink:
+    """This rank's two ring sockets: the listener (PULL) and the link to its successor (PUSH).
+
+    ``keys``: this node's CURVE key pair (the cluster has keys), or None (token admission).
+    """
+
+    def __init__(self, bind_host: str, keys: KeyPair | None = None) -> None:
         context = make_context()
+        self.keys = keys
         self.pull = context.socket(zmq.PULL)
         configure_socket(self.pull)
+        self.pull.setsockopt(zmq.RCVHWM, RING_QUEUE)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, RING_MAX_FRAME_BYTES)
+        self.predecessor = AllowedKeys()  # nobody until the master names the predecessor
+        self.token = ""
+        if keys is not None:
+            make_server(self.pull, keys)
+            admit_keys(self.pull, self.predecessor)
+        else:
+            self.token = secrets.token_hex(TOKEN_BYTES)
+            require_token(self.pull, self.token)
+        self.bind_host = bind_host
         self.pull.bind(f"tcp://{bind_host}:0")
         self.port = int(self.pull.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self.public_key = "" if keys is None else keys.public.decode()
         self.push: zmq.Socket | None = None
-        self.successor = ""
+        self.successor: RingPeer | None = None
         self.dropped = 0
 
-    def connect(self, address: str) -> None:
-        """Point the PUSH socket at ``address`` (no-op if it already is)."""
-        if address == self.successor and self.push is not None:
+    def connect(self, successor: RingPeer, predecessor_key: str = "") -> None:
+        """Point the PUSH socket at ``successor`` (no-op if it already is) and admit only
+        ``predecessor_key`` on the listener (with keys)."""
+        if self.keys is not None:
+            self.predecessor.allow_only(predecessor_key.encode())
+        if successor == self.successor and self.push is not None:
             return
         if self.push is not None:
             self.push.close(linger=0)
         self.push = make_context().socket(zmq.PUSH)
         configure_socket(self.push)
-        self.push.connect(address)
-        self.successor = address
+        if self.keys is not None:
+            make_client(self.push, self.keys, successor.key.encode())
+        else:
+            present_token(self.push, successor.token)
+        self.push.connect(successor.address)
+        self.successor = successor
 
     def send(self, fields: dict[str, Any], tensors: torch.Tensor | list[torch.Tensor]) -> None:
         if self.push is None:
@@ -135,13 +199,75 @@ class RingAllreduce:
                         f"nothing on the ring within {self.timeout_s:g} s")
 
 
-def successor_addresses(worker_addresses: dict[int, str], n_ranks: int) -> dict[int, str]:
-    """For each rank, the ring address of the next one ("" means the master's)."""
-    return {r: ("" if r == n_ranks - 1 else worker_addresses[r + 1]) for r in range(n_ranks)}
+class WorkerRing:
+    """A worker's side of the ring: its :class:`RingLink`, opened only when the master's
+    welcome chooses the ring, on the interface the worker reaches the master from."""
+
+    def __init__(self, transport: WorkerTransport, rank: int, world_size: int, position: Any,
+                 timeout_s: float) -> None:
+        self.transport = transport
+        self.rank, self.world_size = rank, world_size
+        self.position = position  # the StepPosition the star shares
+        self.timeout_s = timeout_s
+        self.comm: RingAllreduce | None = None
+
+    def follow_welcome(self) -> None:
+        """After each (re)join: with the ring, open the listener (again, if the interface to
+        the master changed) and announce it to the master; without it, close it."""
+        if self.transport.allreduce != "ring":
+            self.close()
+            return
+        try:
+            host = local_address_towards(self.transport.master)
+        except OSError as exc:
+            raise ClusterError(f"no interface reaches the master at {self.transport.master} "
+                               f"for the ring ({exc}); joining again") from exc
+        if self.comm is not None and self.comm.link.bind_host != host:
+            self.close()
+        if self.comm is None:
+            security = self.transport.security
+            link = RingLink(host, None if security is None else security.keys)
+            self.comm = RingAllreduce(self.rank, self.world_size, link, self.position,
+                                      self.transport.wire_dtype, self.timeout_s)
+        link = self.comm.link
+        self.transport.send("ring_open", {"port": link.port, "token": link.token})
+
+    def link(self, fields: dict[str, Any]) -> None:
+        """The master's ``link``: connect to our successor, admit our predecessor."""
+        if self.comm is None:
+            raise RingError(f"rank {self.rank}: told to link a ring it has not opened")
+        address = fields["address"] or master_ring_address(self.transport.master,
+                                                           self.transport.master_ring_port)
+        self.comm.link.connect(RingPeer(address, fields["key"], fields["token"]),
+                               fields["predecessor_key"])
+
+    def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d]
+        if self.comm is None:
+            raise RingError(f"rank {self.rank}: the master runs the ring, but this rank's ring "
+                            "is not open (it joins again)")
+        self.comm.wire = self.transport.wire_dtype
+        return self.comm.allreduce(x)
+
+    def close(self) -> None:
+        if self.comm is not None:
+            self.comm.link.close()
+            self.comm = None
+
+
+def ring_links(peers: dict[int, RingPeer]) -> dict[int, tuple[RingPeer, str]]:
+    """For each rank of a ring of ``len(peers)`` ranks (rank 0 the master, its address ""):
+    its successor's listener and the key its predecessor shows."""
+    n = len(peers)
+    return {r: (peers[(r + 1) % n], peers[(r - 1) % n].key) for r in range(n)}
+
+
+def link_fields(successor: RingPeer, predecessor_key: str) -> dict[str, str]:
+    """The ``link`` message that tells a worker its ring neighbours."""
+    return {"address": successor.address, "key": successor.key, "token": successor.token,
+            "predecessor_key": predecessor_key}
 
 
 def master_ring_address(master_url: str, ring_port: int) -> str:
     """The master's ring address as a worker sees it: its host, the master's ring port."""
-    host = master_url.removeprefix("tcp://").rsplit(":", 1)[0]
+    host, _ = url_host_port(master_url)
     return f"tcp://{host}:{ring_port}"
-

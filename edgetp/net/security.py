@@ -6,6 +6,12 @@ pair and accepts only clients whose public keys are in its ``authorized`` direct
 a worker is a CURVE client that knows the master's public key, so it talks to no one else.
 Every frame on an encrypted link is unreadable to a passive listener.
 
+The ring allreduce's sockets use the same keys: each rank's listener is a CURVE server with
+its node's key pair that admits only its predecessor's public key (the master hands every
+rank its neighbours' keys, having seen each worker's key in ZAP). Without keys a ring listener
+still admits only the holder of a random token it announced (ZeroMQ's PLAIN mechanism: no
+encryption, but nobody else can queue messages there).
+
 Security is on by default for any non-loopback address; turning it off is an explicit choice
 (``--insecure``) and the master logs a warning when it is off on a non-loopback address.
 """
@@ -82,19 +88,31 @@ def is_loopback(address: str) -> bool:
 
 _AUTHENTICATORS: dict[int, ThreadAuthenticator] = {}  # one ZAP handler per context
 _AUTH_LOCK = threading.Lock()
+PLAIN_USER = "edgetp"  # the user name of a token-admitted (PLAIN) connection
 
 
-def authorize(sock: zmq.Socket, authorized_dir: Path) -> None:
-    """Accept on ``sock`` only CURVE clients whose public key is in ``authorized_dir`` (ZAP).
+class AllowedKeys:
+    """The CURVE client keys (z85) a socket admits; ZAP asks :meth:`callback` per connection.
 
-    Each socket gets its own ZAP domain, so several masters in one process (tests, a server
-    restarting its cluster) keep separate lists.
+    The set may change while the socket listens (a ring's predecessor changes when a worker
+    rejoins); it is replaced whole, never changed in place, so the ZAP thread reads a
+    consistent one.
     """
-    if not authorized_dir.is_dir() or not list(authorized_dir.glob("*.key")):
-        raise SecurityError(
-            f"no worker public keys (*.key) in {authorized_dir}; copy each worker's NAME.key "
-            "there (create them with `edgetp keys` on each worker)"
-        )
+
+    def __init__(self, keys: set[bytes] | None = None) -> None:
+        self.keys: frozenset[bytes] = frozenset(keys or ())
+
+    def allow_only(self, *keys: bytes) -> None:
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
+
+
+def _zap_domain(sock: zmq.Socket) -> tuple[ThreadAuthenticator, str]:
+    """The ZAP handler of ``sock``'s context (started once) and a new domain for ``sock``: each
+    socket keeps its own list, so several masters in one process (tests, a server restarting
+    its cluster) and a ring listener beside a master do not mix them."""
     context = sock.context
     with _AUTH_LOCK:
         auth = _AUTHENTICATORS.get(id(context))
@@ -103,8 +121,49 @@ def authorize(sock: zmq.Socket, authorized_dir: Path) -> None:
             auth.start()
             _AUTHENTICATORS[id(context)] = auth
     domain = f"edgetp-{uuid.uuid4().hex}"
-    auth.configure_curve(domain=domain, location=str(authorized_dir))
     sock.zap_domain = domain.encode()
+    return auth, domain
+
+
+def admit_keys(sock: zmq.Socket, allowed: AllowedKeys) -> None:
+    """Accept on ``sock`` (a CURVE server) only clients whose public key ``allowed`` holds."""
+    auth, domain = _zap_domain(sock)
+    auth.configure_curve_callback(domain=domain, credentials_provider=allowed)
+
+
+def authorize(sock: zmq.Socket, authorized_dir: Path) -> None:
+    """Accept on ``sock`` only CURVE clients whose public key is in ``authorized_dir`` (ZAP;
+    the directory is read now)."""
+    keys = list(authorized_dir.glob("*.key")) if authorized_dir.is_dir() else []
+    if not keys:
+        raise SecurityError(
+            f"no worker public keys (*.key) in {authorized_dir}; copy each worker's NAME.key "
+            "there (create them with `edgetp keys` on each worker)"
+        )
+    admit_keys(sock, AllowedKeys({KeyPair.load(path).public for path in keys}))
+
+
+def require_token(sock: zmq.Socket, token: str) -> None:
+    """Accept on ``sock`` only clients that present ``token`` (PLAIN: in clear, no encryption;
+    for the ring of a cluster without keys). Call before bind."""
+    auth, domain = _zap_domain(sock)
+    auth.configure_plain(domain=domain, passwords={PLAIN_USER: token})
+    sock.plain_server = True
+
+
+def present_token(sock: zmq.Socket, token: str) -> None:
+    """Present ``token`` to a :func:`require_token` server (call before connect)."""
+    sock.plain_username = PLAIN_USER.encode()
+    sock.plain_password = token.encode()
+
+
+def client_key(frame: zmq.Frame) -> str:
+    """The CURVE public key (z85) ZAP verified for the sender of ``frame``; "" without CURVE."""
+    try:
+        user = frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError):
+        return ""
+    return user if isinstance(user, str) and len(user) == 40 else ""
 
 
 def make_server(sock: zmq.Socket, keys: KeyPair) -> None:

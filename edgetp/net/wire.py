@@ -43,11 +43,15 @@ DTYPE_CODES = {v: k for k, v in WIRE_DTYPES.items()}
 _INT, _STR, _FLOAT, _DICT, _BOOL = int, str, float, dict, bool
 SCHEMAS: dict[str, dict[str, type]] = {
     "hello": {"rank": _INT, "fingerprint": _STR, "plan": _STR, "dtype": _STR, "pid": _INT,
-              "host": _STR, "version": _STR, "time": _FLOAT, "ring_port": _INT,
-              "data_port": _INT, "data_token": _STR},
+              "host": _STR, "version": _STR, "time": _FLOAT, "data_port": _INT,
+              "data_token": _STR},
     "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT, "allreduce": _STR,
                 "ring_port": _INT, "data": _BOOL},
-    "link": {"address": _STR},
+    # the ring: a worker's listener (after a welcome choosing it), then its neighbours (from
+    # the master): where its successor listens and the key or token that admits it there,
+    # and the key its predecessor will show ("" without CURVE keys)
+    "ring_open": {"port": _INT, "token": _STR},
+    "link": {"address": _STR, "key": _STR, "token": _STR, "predecessor_key": _STR},
     "ring": {"seq": _INT, "step": _INT, "index": _INT, "hop": _INT},
     "refuse": {"reason": _STR},
     "rejoin": {},

@@ -23,6 +23,10 @@ The node may not have edgetp installed, or another version of it: finding that o
 (``python -c TEXT COMMAND JSON``), and this module uses the standard library only and the
 Python 3.7 syntax, so that even a node with an old Python answers with its version.
 (tests/unit/ops/test_remote.py holds it to that.)
+
+``check`` and ``receive`` touch only the files a split writes, in the shard directory itself:
+a name that is anything else (a path, ``../``, an absolute name, a file no split writes) is
+refused (:class:`Refused`: one line on standard error, exit status 2), whoever asks.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +48,16 @@ P = os.path.expanduser
 SHA_BLOCK = 1 << 22
 RECEIVE_BLOCK = 1 << 20
 VERIFIED = ".edgetp-verified.json"  # per shard directory: name -> [size, mtime_ns, sha256]
+# the names of the files a split writes (a copy of edgetp.shard.layout.SPLIT_FILE, which this
+# module cannot import on a node without edgetp; tests/unit/ops/test_remote.py keeps it equal)
+SPLIT_FILE = re.compile(r"layer-[0-9]{3,}\.safetensors|manifest\.json|embed\.safetensors|"
+                        r"head\.safetensors|tokenizer\.json|tokenizer_config\.json|"
+                        r"generation_config\.json|chat_template\.jinja|config\.json")
+EXIT_REFUSED = 2
+
+
+class Refused(Exception):
+    """A request this helper will not carry out; the message says why."""
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -156,8 +171,19 @@ def facts(args: dict[str, Any]) -> dict[str, Any]:
 
 # -- shards ------------------------------------------------------------------------------------
 
+def shard_file(directory: str, name: Any) -> str:
+    """The path of the shard file ``name`` in ``directory``; :class:`Refused` unless ``name``
+    is a file a split writes (so nothing outside the directory is ever read or written)."""
+    if not isinstance(name, str) or not SPLIT_FILE.fullmatch(name):
+        raise Refused(f"refusing the file name {name!r}: a shard directory holds only the "
+                      "files a split writes (layer-NNN.safetensors, embed.safetensors, "
+                      "head.safetensors, tokenizer files, manifest.json)")
+    return os.path.join(directory, name)
+
+
 def part_path(directory: str, name: str) -> str:
     """Where a copy of ``name`` grows until it is checked: ``.NAME.part``."""
+    shard_file(directory, name)
     return os.path.join(directory, "." + name + ".part")
 
 
@@ -172,12 +198,14 @@ def _read_verified(path: str) -> dict[str, list[Any]]:
 def check(args: dict[str, Any]) -> dict[str, list[Any]]:
     """args: dir, files {name: [size, sha256]}. Per file: [state, bytes of its .part copy]."""
     directory = P(args["dir"])
+    for name in args["files"]:
+        shard_file(directory, name)  # every name checked before anything is touched
     os.makedirs(directory, exist_ok=True)
     verified_path = os.path.join(directory, VERIFIED)
     verified = _read_verified(verified_path)
     out: dict[str, list[Any]] = {}
     for name, (size, digest) in args["files"].items():
-        path, part = os.path.join(directory, name), part_path(directory, name)
+        path, part = shard_file(directory, name), part_path(directory, name)
         partial = os.path.getsize(part) if os.path.isfile(part) else 0
         try:
             st = os.stat(path)
@@ -215,6 +243,8 @@ def receive(args: dict[str, Any], stream: IO[bytes]) -> dict[str, str]:
     Every file of ``files`` is then checked and moved into place, in order (manifest last).
     """
     directory = P(args["dir"])
+    for name in list(args["files"]) + [name for name, _ in args["send"]]:
+        shard_file(directory, name)  # every name checked before anything is written
     os.makedirs(directory, exist_ok=True)
     for name, offset in args["send"]:
         _append(stream, part_path(directory, name), offset, args["files"][name][0])
@@ -227,7 +257,7 @@ def receive(args: dict[str, Any], stream: IO[bytes]) -> dict[str, str]:
             out[name] = "bad copy (size or sha256 differ); it will be sent again"
             os.remove(part)
         else:
-            os.replace(part, os.path.join(directory, name))
+            os.replace(part, shard_file(directory, name))
             out[name] = "ok"
     return out
 
@@ -315,10 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         echo(sys.stdin, sys.stdout)
         return 0
     args = json.loads(options.args)
-    if options.command == "receive":
-        answer: Any = receive(args, sys.stdin.buffer)
-    else:
-        answer = ANSWERS[options.command](args)
+    try:
+        if options.command == "receive":
+            answer: Any = receive(args, sys.stdin.buffer)
+        else:
+            answer = ANSWERS[options.command](args)
+    except Refused as e:
+        sys.stderr.write(f"edgetp node helper: {e}\n")
+        return EXIT_REFUSED
     print(json.dumps(answer))
     return 0
 

@@ -112,6 +112,7 @@ class WorkerCommand(NodeCommand):
     insecure: bool = False
     capture_frames: str | Path | None = None  # tests: a file of every frame received
     parent_pid: int | None = None  # a local cluster's master: the worker exits with it
+    data_port: int | None = None  # the data link's port (None: an ephemeral one)
 
     def args(self) -> list[str]:
         args = ["worker", "--shard", str(self.shard_dir), "--master", self.master,
@@ -126,6 +127,8 @@ class WorkerCommand(NodeCommand):
             args += ["--capture-frames", str(self.capture_frames)]
         if self.parent_pid is not None:
             args += ["--parent-pid", str(self.parent_pid)]
+        if self.data_port is not None:
+            args += ["--data-port", str(self.data_port)]
         return args
 
 

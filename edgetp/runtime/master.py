@@ -21,9 +21,10 @@ from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.collectives import StarMaster, StepPosition
-from edgetp.net.ring import RingAllreduce, RingLink, successor_addresses
+from edgetp.net.ring import RingAllreduce, RingLink, RingPeer, link_fields, ring_links
 from edgetp.net.security import MasterSecurity
 from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity, Traffic
+from edgetp.net.transport.sockets import url_host_port
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
 from edgetp.shard.plan import ShardPlan
@@ -50,15 +51,18 @@ MasterCommunicator = StarMaster | RingAllreduce | SoloCommunicator
 
 
 def _master_communicator(transport: MasterTransport, allreduce: str, wire_dtype: str,
-                         timeout_s: float, position: StepPosition) -> StarMaster | RingAllreduce:
-    """Rank 0's allreduce, star or ring, counting its allreduces in ``position``."""
+                         timeout_s: float, position: StepPosition,
+                         security: MasterSecurity | None) -> StarMaster | RingAllreduce:
+    """Rank 0's allreduce, star or ring, counting its allreduces in ``position``. The ring
+    listens where the master's socket does, with the master's keys if it has keys."""
     if allreduce == "star":
         star = StarMaster(transport, wire_dtype, timeout_s)
         star.position = position
         return star
     if allreduce != "ring":
         raise ConfigError(f"--allreduce {allreduce!r}: choose star or ring")
-    link = RingLink()
+    host, _ = url_host_port(transport.address)
+    link = RingLink(host, None if security is None else security.keys)
     transport.allreduce, transport.ring_port = "ring", link.port
     return RingAllreduce(0, transport.n_ranks, link, position, wire_dtype, timeout_s)
 
@@ -88,7 +92,7 @@ class ClusterRunner:
         self.first, self.shared, self.last = range(0, k), plan.shared_layers, range(n - k, n)
         self.seq = 0
         self.step = 0
-        self._ring_members: tuple[bytes, ...] = ()
+        self._ring_members: tuple[tuple[bytes, str], ...] = ()
 
     def reset(self) -> None:
         self.seq += 1
@@ -144,17 +148,19 @@ class ClusterRunner:
             return out
 
     def _link_ring(self, link: RingLink) -> None:
-        """Tell every worker its ring successor, whenever the membership changed."""
-        peers = self.transport.peers
-        members = tuple(peers[r].identity for r in self.transport.worker_ranks)
+        """Tell every worker its ring neighbours, whenever the membership changed."""
+        peers = dict(self.transport.peers)
+        members = tuple((peers[r].identity, peers[r].ring_address)
+                        for r in self.transport.worker_ranks)
         if members == self._ring_members:
             return
-        addresses = {r: peers[r].ring_address for r in self.transport.worker_ranks}
-        for rank, address in successor_addresses(addresses, self.plan.n_ranks).items():
-            if rank == 0:
-                link.connect(address)
-            else:
-                self.transport.send(rank, "link", {"address": address})
+        listeners = {0: RingPeer("", link.public_key, link.token)}  # "": as each worker sees it
+        listeners.update({r: RingPeer(peers[r].ring_address, peers[r].public_key,
+                                      peers[r].ring_token) for r in self.transport.worker_ranks})
+        neighbours = ring_links(listeners)
+        for rank in self.transport.worker_ranks:  # first: a listener admits once it is told
+            self.transport.send(rank, "link", link_fields(*neighbours[rank]))
+        link.connect(*neighbours[0])
         self._ring_members = members
 
     def _abort(self) -> None:
@@ -198,16 +204,13 @@ class Master:
             raise ShardError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
                              "rank-0 (it holds the embedding, the head and the tokenizer)")
         identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
-        if security is not None and allreduce == "ring":
-            raise ConfigError("the ring allreduce has no CURVE encryption yet: use --allreduce "
-                              "star with keys, or the ring on a trusted network with --insecure")
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
                                     security)
         try:
             position = StepPosition()
             comm = (SoloCommunicator() if manifest.plan.n_ranks == 1  # no allreduce at all
                     else _master_communicator(transport, allreduce, wire_dtype, timeout_s,
-                                              position))
+                                              position, security))
             hidden = manifest.model_config.hidden_size
             chunk = master_prefill_chunk(prefill_chunk, hidden)
             model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,

@@ -24,7 +24,7 @@ from edgetp.core.errors import ShardError
 from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.model.llama import Transformer
 from edgetp.net.collectives import StarWorker, StepPosition
-from edgetp.net.ring import RingAllreduce, RingError, RingLink, master_ring_address
+from edgetp.net.ring import RingError, WorkerRing
 from edgetp.net.security import WorkerSecurity
 from edgetp.net.transport import (
     ClusterError,
@@ -52,17 +52,16 @@ class Worker:
                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
                  frame_log: Callable[[list[bytes]], None] | None = None,
                  memory_budget: int | None = None,
-                 security: WorkerSecurity | None = None) -> None:
+                 security: WorkerSecurity | None = None, data_port: int = 0) -> None:
         manifest = read_manifest(shard_dir)
         if manifest.rank == 0:
             raise ShardError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
         identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
                                 manifest.dtype)
-        self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security)
-        self.ring = RingLink()
-        self.transport.ring_port = self.ring.port
-        self.comm = WorkerCommunicator(self.transport, self.ring, manifest.rank,
-                                       manifest.plan.n_ranks, timeout_s)
+        self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security,
+                                         data_port)
+        self.comm = WorkerCommunicator(self.transport, manifest.rank, manifest.plan.n_ranks,
+                                       timeout_s)
         self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len,
                                             memory_budget=memory_budget)
         self.layers = manifest.plan.shared_layers
@@ -100,7 +99,7 @@ class Worker:
                     self._join()
         finally:
             self.transport.close()
-            self.ring.close()
+            self.comm.ring.close()
 
     def _handle(self, message: Message) -> None:
         if message.op == "step":
@@ -109,7 +108,7 @@ class Worker:
         elif message.op == "collect":
             self._send_stats(message.fields["seq"])
         elif message.op == "link":
-            self._link(message.fields["address"])
+            self.comm.ring.link(message.fields)
 
     def _idle_timeout_s(self) -> float:
         """How long to wait for the master's next message before looking at the weights."""
@@ -117,19 +116,26 @@ class Worker:
         return WEIGHTS_RETRY_S if failing else IDLE_RECEIVE_S
 
     def _join(self) -> None:
-        """Connect to the master, saying every few seconds where we wait for it."""
+        """(Re)join the master, saying every few seconds where we wait for it; open the ring if
+        its welcome chose the ring (else close it)."""
         started = time.monotonic()
         log.info("rank %d: joining the master at %s", self.rank, self.transport.master)
         while True:
             try:
                 self.transport.connect(give_up_s=WAITING_REPORT_S)
-                break
             except HandshakeRefused:
                 raise
             except ClusterError:
                 log.info("rank %d: still waiting for the master at %s (%.0f s); is it "
                          "running, and is that address right?", self.rank, self.transport.master,
                          time.monotonic() - started)
+                continue
+            try:
+                self.comm.ring.follow_welcome()
+                break
+            except ClusterError as exc:
+                log.warning("rank %d: %s", self.rank, exc)
+                time.sleep(1.0)
         self._reported_failure = None  # a new master (or session) knows nothing yet
         self._report_weights()
 
@@ -158,12 +164,6 @@ class Worker:
             log.error("rank %d: weights fail to read: %s", self.rank, failure)
         self.transport.send("health", {"weights": failure or ""})
         self._reported_failure = failure
-
-    def _link(self, address: str) -> None:
-        """Connect the ring to our successor ("" means the master)."""
-        if not address:
-            address = master_ring_address(self.transport.master, self.transport.master_ring_port)
-        self.ring.connect(address)
 
     @torch.inference_mode()
     def _run_step(self, message: Message) -> None:
@@ -217,7 +217,7 @@ class Worker:
 class WorkerCommunicator:
     """The worker's allreduce: star or ring, as the master announced in the welcome."""
 
-    def __init__(self, transport: WorkerTransport, ring: RingLink, rank: int, world_size: int,
+    def __init__(self, transport: WorkerTransport, rank: int, world_size: int,
                  timeout_s: float) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -225,11 +225,10 @@ class WorkerCommunicator:
         self.position = StepPosition()
         self.star = StarWorker(transport, rank, world_size, timeout_s)
         self.star.position = self.position
-        self.ring = RingAllreduce(rank, world_size, ring, self.position, "f32", timeout_s)
+        self.ring = WorkerRing(transport, rank, world_size, self.position, timeout_s)
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.transport.allreduce == "ring":
-            self.ring.wire = self.transport.wire_dtype
             return self.ring.allreduce(x)
         return self.star.allreduce(x)
 

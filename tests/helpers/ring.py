@@ -6,17 +6,20 @@ import threading
 from typing import Any
 
 
-def ring_sums(inputs: list[Any], wire_dtype: str = "f32") -> dict[int, Any]:
+def ring_sums(inputs: list[Any], wire_dtype: str = "f32",
+              keys: list[Any] | None = None) -> dict[int, Any]:
     """Rank -> the sum of ``inputs`` (one tensor per rank) by ring links of one process,
-    each rank in a thread, with the allreduce's first index of a two-allreduce step."""
+    each rank in a thread, with the allreduce's first index of a two-allreduce step.
+    ``keys``: a CURVE key pair per rank (else the links admit by token)."""
     from edgetp.net.collectives import StepPosition
-    from edgetp.net.ring import RingAllreduce, RingLink, successor_addresses
+    from edgetp.net.ring import RingAllreduce, RingLink, RingPeer, ring_links
 
     n = len(inputs)
-    links = [RingLink("127.0.0.1") for _ in range(n)]
-    addresses = {r: f"tcp://127.0.0.1:{links[r].port}" for r in range(n)}
-    for rank, address in successor_addresses(addresses, n).items():
-        links[rank].connect(address or addresses[0])
+    links = [RingLink("127.0.0.1", keys[r] if keys else None) for r in range(n)]
+    peers = {r: RingPeer(f"tcp://127.0.0.1:{link.port}", link.public_key, link.token)
+             for r, link in enumerate(links)}
+    for rank, (successor, predecessor_key) in ring_links(peers).items():
+        links[rank].connect(successor, predecessor_key)
     outputs: dict[int, Any] = {}
 
     def run(rank: int) -> None:

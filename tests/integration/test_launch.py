@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -245,6 +246,36 @@ def test_ship_copies_only_what_differs_and_resumes(ssh: SshSetup, tmp_path: Path
         result = ship(shell, source, dest, method)
         assert result.copied == ["layer-002.safetensors"] and "rsync" in result.method
         assert layer.read_bytes() == full
+
+
+@pytest.mark.parametrize("outside", ["../../secret.safetensors", "ABSOLUTE"])
+def test_ship_refuses_a_manifest_naming_files_outside_its_rank_directory(
+        ssh: SshSetup, tmp_path: Path, outside: str) -> None:
+    """A tampered manifest (an absolute name, ``../``) makes launch read nothing outside the
+    rank directory and send nothing; asked directly, the node refuses such a name too."""
+    from edgetp.ops.launch.shell import LaunchError
+
+    config = load_cluster_config(write_cluster(tmp_path, ssh, 2))
+    split_checkpoint(DEMO_MODEL_DIR, tmp_path / "split", 2)
+    source = tmp_path / "split" / "rank-1"
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes(b"the user's private key")
+    name = str(secret) if outside == "ABSOLUTE" else outside
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest["files"][name] = {"size": secret.stat().st_size, "tensors": {},
+                               "sha256": hashlib.sha256(secret.read_bytes()).hexdigest()}
+    (source / "manifest.json").write_text(json.dumps(manifest))
+    shell = NodeShell(config, config.nodes[1])
+    dest = Path(config.nodes[1].shard_dir)
+    with pytest.raises(LaunchError, match="which no split writes") as refused:
+        ship(shell, source, str(dest), "stream")
+    assert repr(name) in str(refused.value) and "edgetp split" in str(refused.value)
+    assert not dest.exists()  # refused before anything went to the node
+    with pytest.raises(LaunchError, match="refusing the file name"):  # the node's own check
+        shell.remote("check", {"dir": str(dest), "files": {name: [1, "0" * 64]}})
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and p != secret
+              and p.read_bytes() == secret.read_bytes()]
+    assert leaked == []
 
 
 def status_rows(cluster: Path) -> list[dict[str, Any]]:

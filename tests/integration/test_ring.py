@@ -30,3 +30,19 @@ def test_ring_and_star_give_identical_generations(tmp_path: Path, nodes: int) ->
                                    GenerationConfig(max_new_tokens=64)).text
         assert text.strip() == expected_text(3, 5)
     assert results["ring"] == results["star"]
+
+
+def test_the_ring_runs_encrypted_with_the_clusters_keys(tmp_path: Path) -> None:
+    """With CURVE keys the ring works (it was refused before) and gives the star's tokens."""
+    prompt = demo_prompt(2, 9)
+    results = {}
+    for allreduce in ("star", "ring"):
+        cluster = LocalCluster(DEMO_MODEL_DIR, 3, timeout_s=10.0, split_dir=tmp_path / "s",
+                               allreduce=allreduce, secure=True)
+        with cluster as master:
+            results[allreduce] = generate(master, prompt)
+            if allreduce == "ring":
+                transport = master.runner.transport  # type: ignore[attr-defined]
+                keys = {rank: peer.public_key for rank, peer in transport.peers.items()}
+                assert all(len(key) == 40 for key in keys.values())  # as ZAP verified them
+    assert results["ring"] == results["star"]

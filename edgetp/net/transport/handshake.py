@@ -27,14 +27,13 @@ class NodeIdentity:
     plan: str  # the plan's canonical JSON
     dtype: str
 
-    def hello_fields(self, ring_port: int = 0, data_port: int = 0,
-                     data_token: str = "") -> dict[str, Any]:
+    def hello_fields(self, data_port: int = 0, data_token: str = "") -> dict[str, Any]:
         from edgetp import __version__
 
         return {"rank": self.rank, "fingerprint": self.fingerprint, "plan": self.plan,
                 "dtype": self.dtype, "pid": os.getpid(), "host": socket.gethostname(),
-                "version": __version__, "time": time.time(), "ring_port": ring_port,
-                "data_port": data_port, "data_token": data_token}
+                "version": __version__, "time": time.time(), "data_port": data_port,
+                "data_token": data_token}
 
 
 def refusal(expected: NodeIdentity, n_ranks: int, hello: dict[str, Any]) -> str | None:

@@ -25,7 +25,13 @@ import zmq
 from edgetp.net import datalink, wire
 from edgetp.net.datalink import DataLink, DataLinkError
 from edgetp.net.delay import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
-from edgetp.net.security import MasterSecurity, authorize, make_server, warn_if_insecure
+from edgetp.net.security import (
+    MasterSecurity,
+    authorize,
+    client_key,
+    make_server,
+    warn_if_insecure,
+)
 from edgetp.net.transport.errors import ClusterError
 from edgetp.net.transport.handshake import HEARTBEAT_S, NodeIdentity, refusal
 from edgetp.net.transport.sockets import configure_socket, make_context, peer_ip, receive_frames
@@ -48,6 +54,8 @@ class Peer:
     pid: int
     last_seen: float
     clock_offset_s: float  # master clock minus worker clock (estimated at handshake)
+    public_key: str = ""  # its CURVE public key (z85) as ZAP verified it ("": no keys)
+    ring_token: str = ""  # what its ring listener admits without keys (ring allreduce only)
     ring_address: str = ""  # where its ring PULL socket listens (ring allreduce only)
     weights_failure: str = ""  # why its weights fail to read, from its last "health" ("": fine)
 
@@ -99,7 +107,10 @@ class MasterTransport:
         return range(1, self.n_ranks)
 
     def missing_ranks(self) -> list[int]:
-        return [r for r in self.worker_ranks if r not in self.peers]
+        """Worker ranks not joined (with the ring: or whose ring listener is not announced)."""
+        peers = dict(self.peers)  # the heartbeat thread may change it
+        return [r for r in self.worker_ranks if r not in peers
+                or (self.allreduce == "ring" and not peers[r].ring_address)]
 
     def wait_for_workers(self, timeout_s: float | None = None) -> None:
         """Block until every worker rank has joined, or raise naming the missing ones."""
@@ -225,12 +236,15 @@ class MasterTransport:
         self.traffic.count_received(message.op, frames[1:])
         rank = self._rank_of(identity)
         if message.op == "hello":
-            self._handle_hello(identity, message, peer_ip(frames[1]))
+            self._handle_hello(identity, message, peer_ip(frames[1]), client_key(frames[1]))
             return None
         if rank is None:
             self._reply(identity, "rejoin", {})
             return None
         self.peers[rank].last_seen = time.monotonic()
+        if message.op == "ring_open":
+            self._note_ring(rank, message.fields, peer_ip(frames[1]))
+            return None
         if message.op == "ping":
             self._send_to(identity, "pong", {"time": time.time(), "echo": message.fields["time"]},
                           rank=rank)
@@ -279,7 +293,17 @@ class MasterTransport:
         rank = self._rank_of(identity)
         return self.describe(rank) if rank is not None else f"unknown peer {identity.hex()[:8]}"
 
-    def _handle_hello(self, identity: bytes, message: Message, peer_ip: str) -> None:
+    def _note_ring(self, rank: int, fields: dict[str, Any], peer_ip: str) -> None:
+        """A worker's ring listener (it opens one only when the welcome chose the ring)."""
+        if self.allreduce != "ring" or not 0 < fields["port"] < 65536:
+            log.warning("%s announced a ring listener this master does not use",
+                        self.describe(rank))
+            return
+        peer = self.peers[rank]
+        peer.ring_address, peer.ring_token = f"tcp://{peer_ip}:{fields['port']}", fields["token"]
+
+    def _handle_hello(self, identity: bytes, message: Message, peer_ip: str,
+                      public_key: str = "") -> None:
         fields = message.fields
         reason = refusal(self.expected, self.n_ranks, fields)
         if reason:
@@ -287,9 +311,8 @@ class MasterTransport:
             self._reply(identity, "refuse", {"reason": reason})
             return
         rank = fields["rank"]
-        ring = f"tcp://{peer_ip}:{fields['ring_port']}" if fields["ring_port"] else ""
         self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
-                                time.time() - fields["time"], ring)
+                                time.time() - fields["time"], public_key=public_key)
         data = self._open_data_link(rank, peer_ip, fields["data_port"], fields["data_token"])
         log.info("worker rank %d joined from %s (pid %d)%s", rank, fields["host"], fields["pid"],
                  "" if data else "; allreduce over ZeroMQ")

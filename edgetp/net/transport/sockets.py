@@ -1,8 +1,10 @@
 """ZeroMQ socket setup shared by every cluster socket: the context, size limits, keepalive,
-and receiving one multipart message with a deadline."""
+receiving one multipart message with a deadline, and the addresses a node listens on (the
+interface it reaches its master from, never every interface)."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import zmq
@@ -45,3 +47,21 @@ def peer_ip(frame: Any) -> str:
         return str(frame.get("Peer-Address")) or "127.0.0.1"
     except (zmq.ZMQError, AttributeError):
         return "127.0.0.1"
+
+
+def url_host_port(url: str) -> tuple[str, int]:
+    """``(HOST, PORT)`` of ``tcp://HOST:PORT``."""
+    host, _, port = url.removeprefix("tcp://").rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def local_address_towards(url: str) -> str:
+    """This machine's IPv4 address on the interface that reaches the host of ``url`` (the
+    route the kernel picks; nothing is sent): what a node binds its listeners to, so that they
+    are open on the cluster's network only (loopback for a loopback cluster). OSError if the
+    host does not resolve or has no route."""
+    host, port = url_host_port(url)
+    address = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+        return str(probe.getsockname()[0])

@@ -30,7 +30,12 @@ from edgetp.net.transport.handshake import (
     ClockEstimate,
     NodeIdentity,
 )
-from edgetp.net.transport.sockets import configure_socket, make_context, receive_frames
+from edgetp.net.transport.sockets import (
+    configure_socket,
+    local_address_towards,
+    make_context,
+    receive_frames,
+)
 from edgetp.net.transport.traffic import Traffic
 from edgetp.net.wire import Message, WireError
 
@@ -42,8 +47,9 @@ class WorkerTransport:
 
     def __init__(self, master: str, identity: NodeIdentity, timeout_s: float = 10.0,
                  frame_log: Callable[[list[bytes]], None] | None = None,
-                 security: WorkerSecurity | None = None) -> None:
+                 security: WorkerSecurity | None = None, data_port: int = 0) -> None:
         self.master = master
+        self.data_port = data_port  # where the data link listens (0: an ephemeral port)
         self.security = security
         self.identity = identity
         self.timeout_s = timeout_s
@@ -54,14 +60,15 @@ class WorkerTransport:
         self.session = ""  # the master's session id, from its welcome
         self.clock = ClockEstimate()  # the master's clock, from the handshake and the pongs
         self.sock: zmq.Socket | None = None
-        self.ring_port = 0  # set by the worker when it has a ring socket
-        self.allreduce = "star"
+        self.allreduce = "star"  # or "ring", as the master's welcome says
         self.master_ring_port = 0
         self._pending: list[Message] = []  # arrived during the clock sync, not yet served
         self.last_heard = 0.0
         self.last_sent = 0.0
         self.data_link: DataLink | None = None  # the allreduce's TCP link (edgetp.net.datalink)
         self.data_poller: zmq.Poller | None = None  # the socket and the data link
+        if data_port:
+            self._check_data_port()
 
     def connect(self, give_up_s: float | None = None) -> None:
         """(Re)connect and complete the handshake; retries until ``give_up_s`` (None: forever)."""
@@ -88,9 +95,8 @@ class WorkerTransport:
     def _say_hello(self) -> Message | None:
         """One hello; the master's welcome (its data link joined) or refusal, or None."""
         listener = self._data_listener()
-        self.send("hello", self.identity.hello_fields(
-            self.ring_port, listener.port if listener else 0,
-            listener.token if listener else ""))
+        self.send("hello", self.identity.hello_fields(listener.port if listener else 0,
+                                                      listener.token if listener else ""))
         message = self._wait_for_handshake_reply()
         if message is not None and message.op == "welcome" and not self._join_data_link(
                 listener, message.fields["data"]):
@@ -112,14 +118,33 @@ class WorkerTransport:
                  self.clock.best_rtt_s * 1e3)
 
     def _data_listener(self) -> DataListener | None:
-        """Where the master may open the data link (None: the allreduce stays on ZeroMQ)."""
+        """Where the master may open the data link (None: the allreduce stays on ZeroMQ): on
+        the interface we reach the master from, at ``data_port`` if one is fixed."""
         if self.security is not None or not datalink.enabled():
             return None
         try:
-            return DataListener()
+            return DataListener(local_address_towards(self.master), self.data_port)
         except OSError as exc:
-            log.warning("no data link (%s); the allreduce goes over ZeroMQ", exc)
+            log.warning("no data link (cannot listen on %s: %s); the allreduce goes over ZeroMQ",
+                        f"port {self.data_port}" if self.data_port else "an ephemeral port", exc)
             return None
+
+    def _check_data_port(self) -> None:
+        """A fixed data port that cannot be listened on is an error now, with the fix."""
+        if self.security is not None or not datalink.enabled():
+            log.info("--data-port %d is not used: the data link is off (%s)", self.data_port,
+                     "CURVE keys" if self.security is not None else f"{datalink.ENV_SWITCH}=0")
+            return
+        try:
+            host = local_address_towards(self.master)
+        except OSError:
+            return  # the master's host does not resolve yet: each join tries again
+        try:
+            DataListener(host, self.data_port).close()
+        except OSError as exc:
+            raise DataLinkError(f"--data-port {self.data_port}: cannot listen on "
+                                f"{host}:{self.data_port} ({exc.strerror or exc}); choose a free "
+                                "port, or leave --data-port out for an ephemeral one") from exc
 
     def _join_data_link(self, listener: DataListener | None, offered: bool) -> bool:
         """Accept the master's data link if its welcome offers one; False if it never came."""

@@ -99,7 +99,7 @@ class Launcher:
                           f"{keys_dir(node)}/master.key") if curve else None
         command = WorkerCommand(node_shard_dir(c, node), c.master.url, c.timeout_s,
                                 memory_budget=node.memory_budget or None, keys=keys,
-                                insecure=not curve)
+                                insecure=not curve, data_port=node.data_port)
         return command.argv(NodeShell(c, node).python)
 
     def serve_argv(self, port: int) -> list[str]:

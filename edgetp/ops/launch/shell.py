@@ -83,7 +83,7 @@ class NodeShell:
         """The local command that runs the ``sh`` command ``command`` on the node."""
         if self.node.is_local:
             return ["sh", "-c", command]
-        return [*self.ssh_argv(), self.node.ssh_host, "sh -c " + shlex.quote(command)]
+        return [*self.ssh_argv(), "--", self.node.ssh_host, "sh -c " + shlex.quote(command)]
 
     def run(self, command: str, timeout: float = 120.0,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -136,7 +136,7 @@ def _control_dir() -> Path:
 def _ssh_control(shell: NodeShell, *args: str) -> None:
     """``ssh ARGS HOST`` with no pipes (a persisting session must not hold one open)."""
     with contextlib.suppress(subprocess.TimeoutExpired, OSError):
-        subprocess.run([*shell.ssh_argv(), *args, shell.node.ssh_host], timeout=30,
+        subprocess.run([*shell.ssh_argv(), *args, "--", shell.node.ssh_host], timeout=30,
                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL, check=False)
 

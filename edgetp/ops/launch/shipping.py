@@ -8,6 +8,10 @@ file only when its size or mtime changed), and only the files that differ are co
 resumes); otherwise the files go through one ssh session into ``.NAME.part`` files, each
 resuming from its partial size. Either way the node checks the sha256 before a file takes its
 place (:func:`edgetp.ops.remote.check`, :func:`edgetp.ops.remote.receive`).
+
+Only the files a split writes are shipped (:func:`edgetp.shard.layout.is_split_file`): a
+manifest that names anything else (an absolute path, ``../``) is refused before a byte is read,
+and the node refuses such a name too.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 from edgetp.config.cluster import ClusterConfig
 from edgetp.ops.launch.shell import LaunchError, NodeShell
-from edgetp.shard.layout import rank_dir
+from edgetp.shard.layout import is_split_file, rank_dir
 from edgetp.shard.manifest import MANIFEST_NAME
 
 CHUNK = 1 << 20
@@ -69,15 +73,26 @@ def _same_shares(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def local_files(rank_dir: Path) -> Files:
-    """Every file of a rank directory: (size, sha256); manifest.json last."""
+    """Every file a split wrote into a rank directory: (size, sha256); manifest.json last.
+
+    The manifest's files, and the other files a split writes that are there (rank 0's
+    tokenizer files); a manifest naming a file a split does not write is refused.
+    """
     from edgetp.shard.manifest import read_manifest
 
-    files = {name: (e.size, e.sha256) for name, e in read_manifest(rank_dir).files.items()}
+    listed = read_manifest(rank_dir).files
+    strange = sorted(name for name in listed if not is_split_file(name))
+    if strange:
+        raise LaunchError(f"{rank_dir / MANIFEST_NAME} names {', '.join(map(repr, strange))}, "
+                          "which no split writes (a rank directory holds layer-NNN.safetensors, "
+                          "embed, head, tokenizer files and manifest.json only); launch refuses "
+                          "to read or send it: split the model again with `edgetp split`")
+    files = {name: (e.size, e.sha256) for name, e in listed.items()}
     for path in sorted(rank_dir.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name not in files:
+        if path.is_file() and is_split_file(path.name) and path.name not in files:
             files[path.name] = (path.stat().st_size, _sha256(path))
-    manifest = files.pop("manifest.json")
-    return {**files, "manifest.json": manifest}
+    manifest = files.pop(MANIFEST_NAME)
+    return {**files, MANIFEST_NAME: manifest}
 
 
 def _sha256(path: Path) -> str:

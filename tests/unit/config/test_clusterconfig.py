@@ -84,6 +84,8 @@ def test_values_and_defaults() -> None:
     assert config.master.bind == "tcp://0.0.0.0:6000"
     assert (config.allreduce, config.wire_dtype, config.security.curve) == ("star", "f32", False)
     assert pi.python == "python3" and pi.cache_dir == "~/.cache/edgetp"
+    assert pi.data_port is None
+    assert parse(with_node_change(1, data_port=5601)).nodes[1].data_port == 5601
     assert config.link_profile(pi) == BUILTIN_PROFILES["gigabit"]
     assert config.local_path("models/demo") == Path("/configs/models/demo")
 
@@ -147,8 +149,12 @@ ERRORS = {
     "address with port": (with_node_change(1, address="10.0.0.2:5555"), ["without tcp://"]),
     "unknown link": (with_node_change(1, link="5g"), ["unknown link profile '5g'", "home-wifi"]),
     "bad ssh": (with_node_change(1, ssh="pi@host name"), ["user@host"]),
+    "ssh config option": (with_node_change(1, ssh="-Fconfig"), ["nodes[1] (pi).ssh", "option"]),
+    "ssh host option": (with_node_change(1, ssh="x@-oLocalCommand"), ["'-'", "option"]),
+    "ssh user option": (with_node_change(1, ssh="-oProxyCommand@host"), ["option", "user@host"]),
     "bad threads": (with_node_change(0, threads=0), ["threads", ">= 1"]),
     "bad port": (with_changes(master={"port": 70000}), ["not a TCP port"]),
+    "bad data port": (with_node_change(1, data_port=70000), ["data_port", "not a TCP port"]),
     "bad bind": (with_changes(master={"port": 1, "bind": "0.0.0.0:1"}), ["tcp://"]),
     "bad allreduce": (with_changes(allreduce="tree"), ["allreduce must be one of star, ring"]),
     "bad wire": (with_changes(wire_dtype="int4"), ["wire_dtype"]),

@@ -122,3 +122,77 @@ def test_only_the_token_opens_a_workers_listener():
             listener.accept(timeout_s=0.2)
     finally:
         listener.close()
+
+
+def test_connections_made_first_do_not_hold_up_the_masters():
+    """Silent connections, and one showing a wrong token, queued before the master's: the
+    master's is taken at once, and every other one is closed."""
+    listener = DataListener("127.0.0.1")
+    try:
+        silent = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(3)]
+        wrong = socket.create_connection(("127.0.0.1", listener.port))
+        wrong.sendall(MAGIC + b"1" * 16)  # half a wrong token: closed once it differs
+        master = dataplane.connect("127.0.0.1", listener.port, listener.token)
+        started = time.monotonic()
+        link = listener.accept(timeout_s=5.0)
+        assert time.monotonic() - started < dataplane.TOKEN_DEADLINE_S
+        master.send(OP_SUM, "f32", (1, 1, 1), [torch.ones(1, 4)])
+        assert torch.equal(link.receive("f32", (1, 4), _soon()).tensors[0], torch.ones(1, 4))
+        for sock in [*silent, wrong]:
+            sock.settimeout(2.0)
+            assert sock.recv(1) == b""  # the listener hung up on it
+            sock.close()
+        master.close()
+        link.close()
+    finally:
+        listener.close()
+
+
+def test_a_silent_connection_is_dropped_after_the_token_deadline():
+    listener = DataListener("127.0.0.1")
+    try:
+        silent = socket.create_connection(("127.0.0.1", listener.port))
+        silent.settimeout(5.0)
+        started = time.monotonic()
+        with pytest.raises(DataLinkError, match="did not open"):
+            listener.accept(timeout_s=3 * dataplane.TOKEN_DEADLINE_S)
+        assert silent.recv(1) == b""
+        assert time.monotonic() - started < 3 * dataplane.TOKEN_DEADLINE_S + 1
+        silent.close()
+    finally:
+        listener.close()
+
+
+def test_the_listener_is_on_the_interface_it_is_given_and_can_take_a_fixed_port():
+    first = DataListener("127.0.0.1")
+    port = first.port
+    assert first.sock.getsockname() == ("127.0.0.1", port)
+    first.close()
+    again = DataListener("127.0.0.1", port)  # every join binds the fixed port again
+    assert again.sock.getsockname() == ("127.0.0.1", port)
+    with pytest.raises(OSError):
+        DataListener("127.0.0.1", port)  # taken
+    again.close()
+
+
+def test_a_node_listens_where_it_reaches_its_master():
+    from edgetp.net.transport.sockets import local_address_towards, url_host_port
+
+    assert local_address_towards("tcp://127.0.0.1:5555") == "127.0.0.1"
+    assert local_address_towards("tcp://localhost:5555") == "127.0.0.1"
+    assert url_host_port("tcp://[::1]:7") == ("::1", 7)
+    with pytest.raises(OSError):
+        local_address_towards("tcp://no-such-host.invalid:5555")
+
+
+def test_a_fixed_data_port_that_is_taken_is_a_clear_error_at_start():
+    from edgetp.net.transport import NodeIdentity, WorkerTransport
+
+    taken = DataListener("127.0.0.1")
+    try:
+        with pytest.raises(DataLinkError, match=f"--data-port {taken.port}: cannot listen on "
+                                                f"127.0.0.1:{taken.port}.*choose a free port"):
+            WorkerTransport("tcp://127.0.0.1:5555", NodeIdentity(1, "f", "{}", "float32"),
+                            data_port=taken.port)
+    finally:
+        taken.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def test_commands_over_ssh(tmp_path: Path) -> None:
     assert argv[0] == "ssh" and "BatchMode=yes" in argv
     assert argv[argv.index("-i") + 1] == str(Path.home() / ".ssh" / "id_home")
     assert argv[argv.index("-p") + 1] == "2222"
-    assert argv[-2:] == ["me@pi.local", "sh -c 'echo hi'"]
+    assert argv[-3:] == ["--", "me@pi.local", "sh -c 'echo hi'"]  # "--": never an option
     command = shell.remote_command("facts", {"shard_dir": "~/s"})
     words = shlex.split(command)
     assert command.startswith('"$HOME"/venv/bin/python -c ')
@@ -145,7 +146,9 @@ def test_launcher_command_lines(tmp_path: Path) -> None:
     assert worker[:4] == ["~/venv/bin/python", "-m", "edgetp.cli", "worker"]
     assert worker[worker.index("--shard") + 1] == "~/shards/rank-1"
     assert worker[worker.index("--memory-budget") + 1] == "512MiB"
-    assert "--insecure" in worker and "--key" not in worker
+    assert "--insecure" in worker and "--key" not in worker and "--data-port" not in worker
+    fixed = replace(config.nodes[1], data_port=5601)  # the node's data_port: in the file
+    assert Launcher(config).worker_argv(fixed)[-2:] == ["--data-port", "5601"]
     serve = Launcher(config).serve_argv(8080)
     assert serve[:4] == [sys.executable, "-m", "edgetp.cli", "serve"]
     assert serve[serve.index("--shards") + 1] == str(tmp_path / "rank-0")

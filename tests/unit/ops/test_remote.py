@@ -23,6 +23,11 @@ from helpers.paths import REPO
 from edgetp import __version__
 from edgetp.ops import remote
 
+# shard files by the part they play (the helper handles only the names a split writes)
+SAME, CHANGED, SHORT, MISSING = (f"layer-00{i}.safetensors" for i in range(4))
+WHOLE, RESUMED, CORRUPT, CUT = "embed.safetensors", "head.safetensors", "config.json", \
+    "tokenizer.json"
+
 
 def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -30,41 +35,41 @@ def digest(data: bytes) -> str:
 
 def test_check_reports_each_state_and_rehashes_only_changed_files(tmp_path: Path) -> None:
     good, other = b"a" * 1000, b"b" * 1000
-    (tmp_path / "same").write_bytes(good)
-    (tmp_path / "changed").write_bytes(other)  # same size, other content
-    (tmp_path / "short").write_bytes(good[:10])
-    (tmp_path / ".missing.part").write_bytes(good[:300])
-    files = {name: [len(good), digest(good)] for name in ("same", "changed", "short", "missing")}
+    (tmp_path / SAME).write_bytes(good)
+    (tmp_path / CHANGED).write_bytes(other)  # same size, other content
+    (tmp_path / SHORT).write_bytes(good[:10])
+    (tmp_path / f".{MISSING}.part").write_bytes(good[:300])
+    files = {name: [len(good), digest(good)] for name in (SAME, CHANGED, SHORT, MISSING)}
     assert remote.check({"dir": str(tmp_path), "files": files}) == {
-        "same": ["ok", 0], "changed": ["sha256", 0], "short": ["size", 0],
-        "missing": ["missing", 300]}
+        SAME: ["ok", 0], CHANGED: ["sha256", 0], SHORT: ["size", 0],
+        MISSING: ["missing", 300]}
 
     # the digest is remembered by (size, mtime): content changed behind its back goes unseen ...
-    stat = (tmp_path / "same").stat()
-    (tmp_path / "same").write_bytes(other)
-    os.utime(tmp_path / "same", ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert remote.check({"dir": str(tmp_path), "files": files})["same"] == ["ok", 0]
+    stat = (tmp_path / SAME).stat()
+    (tmp_path / SAME).write_bytes(other)
+    os.utime(tmp_path / SAME, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert remote.check({"dir": str(tmp_path), "files": files})[SAME] == ["ok", 0]
     # ... until the mtime changes
-    os.utime(tmp_path / "same", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert remote.check({"dir": str(tmp_path), "files": files})["same"] == ["sha256", 0]
-    assert json.loads((tmp_path / remote.VERIFIED).read_text())["same"][2] == digest(other)
+    os.utime(tmp_path / SAME, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert remote.check({"dir": str(tmp_path), "files": files})[SAME] == ["sha256", 0]
+    assert json.loads((tmp_path / remote.VERIFIED).read_text())[SAME][2] == digest(other)
 
 
 def test_receive_resumes_checks_and_moves_files_into_place(tmp_path: Path) -> None:
     whole, resumed, corrupt, cut = b"w" * 5000, b"r" * 4000, b"c" * 3000, b"x" * 2000
-    (tmp_path / ".resumed.part").write_bytes(resumed[:1500])
-    files = {"whole": [5000, digest(whole)], "resumed": [4000, digest(resumed)],
-             "corrupt": [3000, digest(corrupt)], "cut": [2000, digest(cut)]}
+    (tmp_path / f".{RESUMED}.part").write_bytes(resumed[:1500])
+    files = {WHOLE: [5000, digest(whole)], RESUMED: [4000, digest(resumed)],
+             CORRUPT: [3000, digest(corrupt)], CUT: [2000, digest(cut)]}
     stream = io.BytesIO(whole + resumed[1500:] + b"C" * 3000 + cut[:500])
-    send = [["whole", 0], ["resumed", 1500], ["corrupt", 0], ["cut", 0]]
+    send = [[WHOLE, 0], [RESUMED, 1500], [CORRUPT, 0], [CUT, 0]]
     answer = remote.receive({"dir": str(tmp_path), "files": files, "send": send}, stream)
-    assert answer == {"whole": "ok", "resumed": "ok",
-                      "corrupt": "bad copy (size or sha256 differ); it will be sent again",
-                      "cut": "incomplete; launch again to resume"}
-    assert (tmp_path / "whole").read_bytes() == whole
-    assert (tmp_path / "resumed").read_bytes() == resumed
-    assert not (tmp_path / "corrupt").exists() and not (tmp_path / ".corrupt.part").exists()
-    assert (tmp_path / ".cut.part").read_bytes() == cut[:500]  # kept: the next launch resumes
+    assert answer == {WHOLE: "ok", RESUMED: "ok",
+                      CORRUPT: "bad copy (size or sha256 differ); it will be sent again",
+                      CUT: "incomplete; launch again to resume"}
+    assert (tmp_path / WHOLE).read_bytes() == whole
+    assert (tmp_path / RESUMED).read_bytes() == resumed
+    assert not (tmp_path / CORRUPT).exists() and not (tmp_path / f".{CORRUPT}.part").exists()
+    assert (tmp_path / f".{CUT}.part").read_bytes() == cut[:500]  # kept: the next launch resumes
 
 
 SLEEPER = "import time; print('edgetp test sleeper', flush=True); time.sleep(60)"
@@ -152,10 +157,10 @@ def test_echo_and_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture
     sink = io.StringIO()
     remote.echo(io.StringIO("one\ntwo\n"), sink)
     assert sink.getvalue() == "one\ntwo\n"
-    files = {"f": [3, digest(b"abc")]}
-    (tmp_path / "f").write_bytes(b"abc")
+    files = {SAME: [3, digest(b"abc")]}
+    (tmp_path / SAME).write_bytes(b"abc")
     assert remote.main(["check", json.dumps({"dir": str(tmp_path), "files": files})]) == 0
-    assert json.loads(capsys.readouterr().out) == {"f": ["ok", 0]}
+    assert json.loads(capsys.readouterr().out) == {SAME: ["ok", 0]}
     with pytest.raises(SystemExit):
         remote.main(["nonsense"])
 
@@ -197,3 +202,38 @@ def test_standard_library_only_and_python_37_syntax() -> None:
             root = name.split(".")[0]
             assert root in sys.stdlib_module_names or root == "__future__" or (
                 root in optional and node not in tree.body), f"imports {name}"
+
+
+OUTSIDE_NAMES = ["../escape.safetensors", "../../layer-000.safetensors",
+                 "sub/layer-000.safetensors", "/etc/passwd", ".hidden", "notes.txt",
+                 "layer-000.safetensors/..", "", ".", None]
+
+
+@pytest.mark.parametrize("name", OUTSIDE_NAMES)
+def test_names_a_split_does_not_write_are_refused(tmp_path: Path, name: str | None) -> None:
+    """A file name that is a path, or not one a split writes, is neither read nor written."""
+    shard = tmp_path / "a" / "b" / "shard"
+    files = {name: [3, digest(b"abc")]}
+    with pytest.raises(remote.Refused, match="refusing the file name"):
+        remote.check({"dir": str(shard), "files": files})
+    with pytest.raises(remote.Refused, match="refusing the file name"):
+        remote.receive({"dir": str(shard), "files": files, "send": [[name, 0]]},
+                       io.BytesIO(b"abc"))
+    assert not (tmp_path / "a" / "escape.safetensors").exists()
+    assert not list(tmp_path.rglob("*.part")) and not list(tmp_path.rglob(remote.VERIFIED))
+
+
+def test_a_refusal_is_one_line_and_its_own_exit_status(tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    args = {"dir": str(tmp_path / "shard"), "files": {"../../x": [1, digest(b"x")]}}
+    assert remote.main(["check", json.dumps(args)]) == remote.EXIT_REFUSED
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "refusing the file name '../../x'" in captured.err
+
+
+def test_the_helper_knows_the_names_the_layout_knows() -> None:
+    """remote.py cannot import edgetp on a node: its copy of the names must stay equal."""
+    from edgetp.shard import layout
+
+    assert remote.SPLIT_FILE.pattern == layout.SPLIT_FILE.pattern

@@ -58,17 +58,18 @@ def budget(params: dict[str, Any]) -> int | None:
 def worker_commands(shard: Path) -> list[WorkerCommand]:
     keys = WorkerKeys(shard.parent / "w.key_secret", shard.parent / "master.key")
     combos = itertools.product(security_cases(keys), [None, *choices("worker", "dtype")],
-                               [None, 64], SIZES, [None, shard.parent / "frames"], [10.0, 2.5])
+                               [None, 64], SIZES, [None, shard.parent / "frames"], [10.0, 2.5],
+                               [None, 5601])
     return [WorkerCommand(shard, "tcp://10.0.0.1:5555", timeout, dtype, max_seq_len, size,
-                          capture_frames=capture, **security)
-            for security, dtype, max_seq_len, size, capture, timeout in combos]
+                          capture_frames=capture, data_port=data_port, **security)
+            for security, dtype, max_seq_len, size, capture, timeout, data_port in combos]
 
 
 def test_every_worker_command_line_parses_and_means_what_was_asked(tmp_path: Path) -> None:
     shard = tmp_path / "rank-1"
     shard.mkdir()  # --shard must exist
     commands = worker_commands(shard)
-    assert len(commands) == 3 * (1 + len(choices("worker", "dtype"))) * 2 * 4 * 2 * 2
+    assert len(commands) == 3 * (1 + len(choices("worker", "dtype"))) * 2 * 4 * 2 * 2 * 2
     for command in commands:
         params = parse(command.args()).params
         keys = command.keys
@@ -83,6 +84,7 @@ def test_every_worker_command_line_parses_and_means_what_was_asked(tmp_path: Pat
         assert params["insecure"] == command.insecure
         assert params["capture_frames"] == (command.capture_frames and
                                             Path(command.capture_frames))
+        assert params["data_port"] == command.data_port
 
 
 def serve_commands(shard: Path) -> list[ServeCommand]:

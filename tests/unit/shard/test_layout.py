@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from edgetp.shard.layout import layer_file, rank_dir, rank_dirs, rank_of, shard_dir_of
+from edgetp.shard.layout import (
+    is_split_file,
+    layer_file,
+    rank_dir,
+    rank_dirs,
+    rank_of,
+    shard_dir_of,
+)
 from edgetp.shard.manifest import MANIFEST_NAME
 
 
@@ -47,3 +54,23 @@ def test_shard_dir_of_accepts_a_split_or_a_shard(tmp_path: Path) -> None:
     assert shard_dir_of(split, 1) == rank_dir(split, 1)
     assert shard_dir_of(rank_dir(split, 1)) == rank_dir(split, 1)  # already a shard
     assert shard_dir_of(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize("dtype", [None, "int8"])
+def test_a_split_writes_only_names_the_layout_knows(tmp_path: Path, dtype: str | None) -> None:
+    """Launch ships, and nodes accept, only these names: a split must write no other."""
+    from edgetp.model.demo import DEMO_MODEL_DIR
+    from edgetp.shard.split import TOKENIZER_FILES, split_checkpoint
+
+    result = split_checkpoint(DEMO_MODEL_DIR, tmp_path / "split", 3, dtype=dtype)
+    written = [path.name for directory in result.rank_dirs for path in directory.iterdir()]
+    assert MANIFEST_NAME in written and "embed.safetensors" in written
+    assert [name for name in written if not is_split_file(name)] == []
+    assert all(is_split_file(name) for name in TOKENIZER_FILES)
+
+
+@pytest.mark.parametrize("name", ["../layer-000.safetensors", "/etc/passwd", "rank-1/manifest.json",
+                                  "layer-00.safetensors", "layer-000.safetensors.bak",
+                                  ".manifest.json", "manifest.json\n", "", None, 3])
+def test_anything_else_is_not_a_split_file(name: object) -> None:
+    assert not is_split_file(name)
