@@ -60,12 +60,16 @@ def test_shard_dir_of_accepts_a_split_or_a_shard(tmp_path: Path) -> None:
 def test_a_split_writes_only_names_the_layout_knows(tmp_path: Path, dtype: str | None) -> None:
     """Launch ships, and nodes accept, only these names: a split must write no other."""
     from edgetp.model.demo import DEMO_MODEL_DIR
+    from edgetp.shard.sources import SOURCE_RECORD_NAME
     from edgetp.shard.split import TOKENIZER_FILES, split_checkpoint
 
     result = split_checkpoint(DEMO_MODEL_DIR, tmp_path / "split", 3, dtype=dtype)
     written = [path.name for directory in result.rank_dirs for path in directory.iterdir()]
     assert MANIFEST_NAME in written and "embed.safetensors" in written
-    assert [name for name in written if not is_split_file(name)] == []
+    # rank 0's record of what the split was made from stays on this machine: never shipped
+    assert SOURCE_RECORD_NAME in written and not is_split_file(SOURCE_RECORD_NAME)
+    shipped = [name for name in written if name != SOURCE_RECORD_NAME]
+    assert [name for name in shipped if not is_split_file(name)] == []
     assert all(is_split_file(name) for name in TOKENIZER_FILES)
 
 
