@@ -24,7 +24,7 @@ import torch
 
 from edgetp.core.errors import EdgetpError
 
-PROTOCOL_VERSION = 4  # bump whenever a schema below changes
+PROTOCOL_VERSION = 5  # bump whenever a schema below changes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
