@@ -10,11 +10,12 @@ star wins; on fast links with big messages the ring's bandwidth use can win. Rep
 The master sets the ring up, and only when it runs one: its welcome says ``ring``, and only
 then does a worker open its ring listener, on the interface it reaches the master from, and
 announce it (``ring_open``); before a request the master tells each worker its successor
-(``link``). A listener admits its predecessor alone: with the cluster's CURVE keys it is a
-CURVE server that admits only the predecessor's public key (and the PUSH side knows the
-successor's key, so the link is encrypted and authenticated both ways); without keys, only a
-PUSH socket showing the random token the listener announced (edgetp.net.security). What the
-predecessor may queue is bounded: :data:`RING_QUEUE` messages, none over
+(``link``). A listener admits only its cluster: with the cluster's CURVE keys it is a CURVE
+server that admits only the cluster's public keys (the welcome lists them), and the PUSH side
+knows its successor's key, so a link is encrypted and authenticated both ways; without keys,
+only a PUSH socket showing the random token the listener announced (edgetp.net.security).
+Whom a listener admits is settled when it opens: ZeroMQ never retries a connection ZAP refused.
+What an admitted peer may queue is bounded: :data:`RING_QUEUE` messages, none over
 :data:`RING_MAX_FRAME_BYTES` (a chunk of the largest step, see edgetp.core.limits).
 """
 
@@ -33,7 +34,6 @@ from edgetp.core.metrics import RECORDER, now
 from edgetp.net import wire
 from edgetp.net.codec import check_format, check_payload, decode, encode, payload_bytes
 from edgetp.net.security import (
-    AllowedKeys,
     KeyPair,
     admit_keys,
     make_client,
@@ -75,25 +75,26 @@ class RingPeer:
 class RingLink:
     """This rank's two ring sockets: the listener (PULL) and the link to its successor (PUSH).
 
-    ``keys``: this node's CURVE key pair (the cluster has keys), or None (token admission).
+    ``keys``: this node's CURVE key pair and ``members`` the public keys its listener admits
+    (the cluster has keys); or None, and the listener admits the holder of :attr:`token`.
     """
 
-    def __init__(self, bind_host: str, keys: KeyPair | None = None) -> None:
+    def __init__(self, bind_host: str, keys: KeyPair | None = None,
+                 members: frozenset[bytes] = frozenset()) -> None:
         context = make_context()
         self.keys = keys
         self.pull = context.socket(zmq.PULL)
         configure_socket(self.pull)
         self.pull.setsockopt(zmq.RCVHWM, RING_QUEUE)
         self.pull.setsockopt(zmq.MAXMSGSIZE, RING_MAX_FRAME_BYTES)
-        self.predecessor = AllowedKeys()  # nobody until the master names the predecessor
         self.token = ""
         if keys is not None:
             make_server(self.pull, keys)
-            admit_keys(self.pull, self.predecessor)
+            admit_keys(self.pull, members)
         else:
             self.token = secrets.token_hex(TOKEN_BYTES)
             require_token(self.pull, self.token)
-        self.bind_host = bind_host
+        self.bind_host, self.members = bind_host, members
         self.pull.bind(f"tcp://{bind_host}:0")
         self.port = int(self.pull.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.public_key = "" if keys is None else keys.public.decode()
@@ -101,11 +102,8 @@ class RingLink:
         self.successor: RingPeer | None = None
         self.dropped = 0
 
-    def connect(self, successor: RingPeer, predecessor_key: str = "") -> None:
-        """Point the PUSH socket at ``successor`` (no-op if it already is) and admit only
-        ``predecessor_key`` on the listener (with keys)."""
-        if self.keys is not None:
-            self.predecessor.allow_only(predecessor_key.encode())
+    def connect(self, successor: RingPeer) -> None:
+        """Point the PUSH socket at ``successor`` (no-op if it already is)."""
         if successor == self.successor and self.push is not None:
             return
         if self.push is not None:
@@ -213,7 +211,8 @@ class WorkerRing:
 
     def follow_welcome(self) -> None:
         """After each (re)join: with the ring, open the listener (again, if the interface to
-        the master changed) and announce it to the master; without it, close it."""
+        the master or the cluster's keys changed) and announce it to the master; without the
+        ring, close it."""
         if self.transport.allreduce != "ring":
             self.close()
             return
@@ -222,24 +221,25 @@ class WorkerRing:
         except OSError as exc:
             raise ClusterError(f"no interface reaches the master at {self.transport.master} "
                                f"for the ring ({exc}); joining again") from exc
-        if self.comm is not None and self.comm.link.bind_host != host:
+        members = frozenset(key.encode() for key in self.transport.ring_keys.split())
+        if self.comm is not None and (self.comm.link.bind_host, self.comm.link.members) != (
+                host, members):
             self.close()
         if self.comm is None:
             security = self.transport.security
-            link = RingLink(host, None if security is None else security.keys)
+            link = RingLink(host, None if security is None else security.keys, members)
             self.comm = RingAllreduce(self.rank, self.world_size, link, self.position,
                                       self.transport.wire_dtype, self.timeout_s)
         link = self.comm.link
         self.transport.send("ring_open", {"port": link.port, "token": link.token})
 
     def link(self, fields: dict[str, Any]) -> None:
-        """The master's ``link``: connect to our successor, admit our predecessor."""
+        """The master's ``link``: connect to our successor."""
         if self.comm is None:
             raise RingError(f"rank {self.rank}: told to link a ring it has not opened")
         address = fields["address"] or master_ring_address(self.transport.master,
                                                            self.transport.master_ring_port)
-        self.comm.link.connect(RingPeer(address, fields["key"], fields["token"]),
-                               fields["predecessor_key"])
+        self.comm.link.connect(RingPeer(address, fields["key"], fields["token"]))
 
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d]
         if self.comm is None:
@@ -254,17 +254,16 @@ class WorkerRing:
             self.comm = None
 
 
-def ring_links(peers: dict[int, RingPeer]) -> dict[int, tuple[RingPeer, str]]:
-    """For each rank of a ring of ``len(peers)`` ranks (rank 0 the master, its address ""):
-    its successor's listener and the key its predecessor shows."""
-    n = len(peers)
-    return {r: (peers[(r + 1) % n], peers[(r - 1) % n].key) for r in range(n)}
+def successors(listeners: dict[int, RingPeer]) -> dict[int, RingPeer]:
+    """For each rank of a ring of ``len(listeners)`` ranks (rank 0 the master, its address
+    ""), its successor's listener."""
+    n = len(listeners)
+    return {r: listeners[(r + 1) % n] for r in range(n)}
 
 
-def link_fields(successor: RingPeer, predecessor_key: str) -> dict[str, str]:
-    """The ``link`` message that tells a worker its ring neighbours."""
-    return {"address": successor.address, "key": successor.key, "token": successor.token,
-            "predecessor_key": predecessor_key}
+def link_fields(successor: RingPeer) -> dict[str, str]:
+    """The ``link`` message that tells a worker its ring successor."""
+    return {"address": successor.address, "key": successor.key, "token": successor.token}
 
 
 def master_ring_address(master_url: str, ring_port: int) -> str:

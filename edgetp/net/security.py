@@ -7,10 +7,12 @@ a worker is a CURVE client that knows the master's public key, so it talks to no
 Every frame on an encrypted link is unreadable to a passive listener.
 
 The ring allreduce's sockets use the same keys: each rank's listener is a CURVE server with
-its node's key pair that admits only its predecessor's public key (the master hands every
-rank its neighbours' keys, having seen each worker's key in ZAP). Without keys a ring listener
-still admits only the holder of a random token it announced (ZeroMQ's PLAIN mechanism: no
-encryption, but nobody else can queue messages there).
+its node's key pair that admits only the cluster's keys (the master's and the authorized
+workers', which the master's welcome lists), and each rank connects to its successor knowing
+the successor's public key (the master saw it when ZAP admitted that worker). Without keys a
+ring listener admits only the holder of a random token it announced (ZeroMQ's PLAIN
+mechanism: no encryption, but nobody else can queue messages there). A listener knows whom it
+admits from the moment it listens: ZeroMQ does not retry a connection ZAP refused once.
 
 Security is on by default for any non-loopback address; turning it off is an explicit choice
 (``--insecure``) and the master logs a warning when it is off on a non-loopback address.
@@ -91,19 +93,11 @@ _AUTH_LOCK = threading.Lock()
 PLAIN_USER = "edgetp"  # the user name of a token-admitted (PLAIN) connection
 
 
-class AllowedKeys:
-    """The CURVE client keys (z85) a socket admits; ZAP asks :meth:`callback` per connection.
+class _AllowedKeys:
+    """The CURVE client keys (z85) a socket admits; ZAP asks :meth:`callback` per connection."""
 
-    The set may change while the socket listens (a ring's predecessor changes when a worker
-    rejoins); it is replaced whole, never changed in place, so the ZAP thread reads a
-    consistent one.
-    """
-
-    def __init__(self, keys: set[bytes] | None = None) -> None:
-        self.keys: frozenset[bytes] = frozenset(keys or ())
-
-    def allow_only(self, *keys: bytes) -> None:
-        self.keys = frozenset(keys)
+    def __init__(self, keys: frozenset[bytes]) -> None:
+        self.keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key in self.keys
@@ -125,22 +119,30 @@ def _zap_domain(sock: zmq.Socket) -> tuple[ThreadAuthenticator, str]:
     return auth, domain
 
 
-def admit_keys(sock: zmq.Socket, allowed: AllowedKeys) -> None:
-    """Accept on ``sock`` (a CURVE server) only clients whose public key ``allowed`` holds."""
+def admit_keys(sock: zmq.Socket, keys: frozenset[bytes]) -> None:
+    """Accept on ``sock`` (a CURVE server; call before bind) only clients whose public key
+    (z85) is one of ``keys``."""
     auth, domain = _zap_domain(sock)
-    auth.configure_curve_callback(domain=domain, credentials_provider=allowed)
+    auth.configure_curve_callback(domain=domain, credentials_provider=_AllowedKeys(keys))
 
 
-def authorize(sock: zmq.Socket, authorized_dir: Path) -> None:
-    """Accept on ``sock`` only CURVE clients whose public key is in ``authorized_dir`` (ZAP;
-    the directory is read now)."""
-    keys = list(authorized_dir.glob("*.key")) if authorized_dir.is_dir() else []
-    if not keys:
+def authorized_keys(authorized_dir: Path) -> frozenset[bytes]:
+    """The public keys (z85) of the invited workers: every ``*.key`` in ``authorized_dir``."""
+    paths = list(authorized_dir.glob("*.key")) if authorized_dir.is_dir() else []
+    if not paths:
         raise SecurityError(
             f"no worker public keys (*.key) in {authorized_dir}; copy each worker's NAME.key "
             "there (create them with `edgetp keys` on each worker)"
         )
-    admit_keys(sock, AllowedKeys({KeyPair.load(path).public for path in keys}))
+    return frozenset(KeyPair.load(path).public for path in paths)
+
+
+def authorize(sock: zmq.Socket, authorized_dir: Path) -> frozenset[bytes]:
+    """Accept on ``sock`` only CURVE clients whose public key is in ``authorized_dir`` (ZAP;
+    the directory is read now); the keys admitted."""
+    keys = authorized_keys(authorized_dir)
+    admit_keys(sock, keys)
+    return keys
 
 
 def require_token(sock: zmq.Socket, token: str) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from edgetp.core.errors import EdgetpError
 
-PROTOCOL_VERSION = 4  # bump whenever a schema below changes
+PROTOCOL_VERSION = 5  # bump whenever a schema below changes
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
@@ -46,12 +46,12 @@ SCHEMAS: dict[str, dict[str, type]] = {
               "host": _STR, "version": _STR, "time": _FLOAT, "data_port": _INT,
               "data_token": _STR},
     "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT, "allreduce": _STR,
-                "ring_port": _INT, "data": _BOOL},
-    # the ring: a worker's listener (after a welcome choosing it), then its neighbours (from
-    # the master): where its successor listens and the key or token that admits it there,
-    # and the key its predecessor will show ("" without CURVE keys)
+                "ring_port": _INT, "ring_keys": _STR, "data": _BOOL},
+    # the ring: a worker's listener (after a welcome choosing it; ring_keys: the keys it
+    # admits, space-separated), then (from the master) where its successor listens and the
+    # key (CURVE) or token (no keys) that admits it there
     "ring_open": {"port": _INT, "token": _STR},
-    "link": {"address": _STR, "key": _STR, "token": _STR, "predecessor_key": _STR},
+    "link": {"address": _STR, "key": _STR, "token": _STR},
     "ring": {"seq": _INT, "step": _INT, "index": _INT, "hop": _INT},
     "refuse": {"reason": _STR},
     "rejoin": {},

@@ -21,7 +21,7 @@ from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.collectives import StarMaster, StepPosition
-from edgetp.net.ring import RingAllreduce, RingLink, RingPeer, link_fields, ring_links
+from edgetp.net.ring import RingAllreduce, RingLink, RingPeer, link_fields, successors
 from edgetp.net.security import MasterSecurity
 from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity, Traffic
 from edgetp.net.transport.sockets import url_host_port
@@ -62,7 +62,7 @@ def _master_communicator(transport: MasterTransport, allreduce: str, wire_dtype:
     if allreduce != "ring":
         raise ConfigError(f"--allreduce {allreduce!r}: choose star or ring")
     host, _ = url_host_port(transport.address)
-    link = RingLink(host, None if security is None else security.keys)
+    link = RingLink(host, None if security is None else security.keys, transport.members)
     transport.allreduce, transport.ring_port = "ring", link.port
     return RingAllreduce(0, transport.n_ranks, link, position, wire_dtype, timeout_s)
 
@@ -148,7 +148,7 @@ class ClusterRunner:
             return out
 
     def _link_ring(self, link: RingLink) -> None:
-        """Tell every worker its ring neighbours, whenever the membership changed."""
+        """Tell every worker its ring successor, whenever the membership changed."""
         peers = dict(self.transport.peers)
         members = tuple((peers[r].identity, peers[r].ring_address)
                         for r in self.transport.worker_ranks)
@@ -157,10 +157,10 @@ class ClusterRunner:
         listeners = {0: RingPeer("", link.public_key, link.token)}  # "": as each worker sees it
         listeners.update({r: RingPeer(peers[r].ring_address, peers[r].public_key,
                                       peers[r].ring_token) for r in self.transport.worker_ranks})
-        neighbours = ring_links(listeners)
-        for rank in self.transport.worker_ranks:  # first: a listener admits once it is told
-            self.transport.send(rank, "link", link_fields(*neighbours[rank]))
-        link.connect(*neighbours[0])
+        successor = successors(listeners)
+        for rank in self.transport.worker_ranks:
+            self.transport.send(rank, "link", link_fields(successor[rank]))
+        link.connect(successor[0])
         self._ring_members = members
 
     def _abort(self) -> None:

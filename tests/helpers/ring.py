@@ -12,14 +12,15 @@ def ring_sums(inputs: list[Any], wire_dtype: str = "f32",
     each rank in a thread, with the allreduce's first index of a two-allreduce step.
     ``keys``: a CURVE key pair per rank (else the links admit by token)."""
     from edgetp.net.collectives import StepPosition
-    from edgetp.net.ring import RingAllreduce, RingLink, RingPeer, ring_links
+    from edgetp.net.ring import RingAllreduce, RingLink, RingPeer, successors
 
     n = len(inputs)
-    links = [RingLink("127.0.0.1", keys[r] if keys else None) for r in range(n)]
+    members = frozenset(pair.public for pair in keys or ())
+    links = [RingLink("127.0.0.1", keys[r] if keys else None, members) for r in range(n)]
     peers = {r: RingPeer(f"tcp://127.0.0.1:{link.port}", link.public_key, link.token)
              for r, link in enumerate(links)}
-    for rank, (successor, predecessor_key) in ring_links(peers).items():
-        links[rank].connect(successor, predecessor_key)
+    for rank, successor in successors(peers).items():
+        links[rank].connect(successor)
     outputs: dict[int, Any] = {}
 
     def run(rank: int) -> None:

@@ -3,8 +3,8 @@ another process, leaves its memory within a small bound, and the cluster still a
 
 With the star a joined worker listens nowhere (the ring's listener opens only when the master
 runs the ring; the data link's only while joining); with the ring it listens on one port, on
-loopback (the interface it reaches this master from), which admits its predecessor alone:
-by a token without keys, by CURVE with the cluster's keys.
+loopback (the interface it reaches this master from), which admits only its cluster: the
+holder of its token without keys, the cluster's keys by CURVE with keys.
 """
 
 from __future__ import annotations

@@ -78,6 +78,7 @@ class MasterTransport:
         self.session = uuid.uuid4().hex
         self.allreduce = "star"  # or "ring": announced to workers in the welcome
         self.ring_port = 0
+        self.members: frozenset[bytes] = frozenset()  # with keys: the cluster's public keys
         self.peers: dict[int, Peer] = {}
         self.data_links: dict[int, DataLink] = {}  # the allreduce's TCP links (edgetp.net.datalink)
         self.use_data_links = security is None and datalink.enabled()  # no CURVE over them
@@ -87,7 +88,8 @@ class MasterTransport:
         configure_socket(self.sock)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if security is not None:
-            authorize(self.sock, security.authorized_dir)
+            workers = authorize(self.sock, security.authorized_dir)
+            self.members = workers | {security.keys.public}
             make_server(self.sock, security.keys)
         warn_if_insecure(bind, security is not None)
         self.sock.bind(bind)
@@ -319,7 +321,15 @@ class MasterTransport:
         self._reply(identity, "welcome", {"session": self.session,
                                           "wire_dtype": self.wire_dtype, "time": time.time(),
                                           "allreduce": self.allreduce,
-                                          "ring_port": self.ring_port, "data": data}, rank=rank)
+                                          "ring_port": self.ring_port,
+                                          "ring_keys": self._ring_keys(), "data": data},
+                    rank=rank)
+
+    def _ring_keys(self) -> str:
+        """The keys a worker's ring listener admits (with the ring and keys), space-separated."""
+        if self.allreduce != "ring":
+            return ""
+        return " ".join(sorted(key.decode() for key in self.members))
 
     def _open_data_link(self, rank: int, peer_ip: str, port: int, token: str) -> bool:
         """Connect to the worker's data listener (replacing an older link); False if none."""

@@ -62,6 +62,7 @@ class WorkerTransport:
         self.sock: zmq.Socket | None = None
         self.allreduce = "star"  # or "ring", as the master's welcome says
         self.master_ring_port = 0
+        self.ring_keys = ""
         self._pending: list[Message] = []  # arrived during the clock sync, not yet served
         self.last_heard = 0.0
         self.last_sent = 0.0
@@ -111,6 +112,7 @@ class WorkerTransport:
         self.session = fields["session"]
         self.allreduce = fields["allreduce"]
         self.master_ring_port = fields["ring_port"]
+        self.ring_keys = fields["ring_keys"]  # what our ring listener admits (with keys)
         self.clock.sample(fields["time"], sent_at)
         self._sync_clock()
         log.info("rank %d joined master %s (clock offset %.2f ms, rtt %.2f ms)",

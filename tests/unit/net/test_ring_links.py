@@ -52,12 +52,13 @@ def ring_message(hop: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("with_keys", [False, True])
-def test_a_ring_listener_admits_its_predecessor_only(with_keys: bool) -> None:
-    """Without the token (or, with keys, without the predecessor's key pair) a peer queues
+def test_a_ring_listener_admits_its_cluster_only(with_keys: bool) -> None:
+    """Without the token (or, with keys, without a key pair of the cluster) a peer queues
     nothing on a ring listener, whatever it sends; the predecessor's messages arrive."""
     own, predecessor, stranger = key_pairs(3) if with_keys else (None, None, None)
-    listener = RingLink("127.0.0.1", own)
-    sender = RingLink("127.0.0.1", predecessor)
+    members = frozenset(pair.public for pair in (own, predecessor) if pair is not None)
+    listener = RingLink("127.0.0.1", own, members)
+    sender = RingLink("127.0.0.1", predecessor, members)
     address = f"tcp://127.0.0.1:{listener.port}"
     try:
         assert listener.pull.getsockopt_string(zmq.LAST_ENDPOINT) == address  # not 0.0.0.0
@@ -75,9 +76,7 @@ def test_a_ring_listener_admits_its_predecessor_only(with_keys: bool) -> None:
                     sock.send_multipart(ring_message(hop), zmq.NOBLOCK)
         assert listener.receive(1.0) is None
         peer = RingPeer(address, listener.public_key, listener.token)
-        sender.connect(peer, "")
-        listener.connect(RingPeer(f"tcp://127.0.0.1:{sender.port}", sender.public_key,
-                                  sender.token), sender.public_key)
+        sender.connect(peer)
         sender.send({"seq": 1, "step": 1, "index": 0, "hop": 99}, [torch.ones(1, 4)])
         got = listener.receive(5.0)
         assert got is not None and got.fields["hop"] == 99
