@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgetp-installed
 
-.PHONY: demo test test-slow test-all lint clean
+.PHONY: demo test test-slow test-all test-docker lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/pytest -q -m "slow or not slow"
+
+# The Docker testbed, offline (root): installs Debian's Docker engine and compose if missing,
+# starts an engine if none runs (and stops it after), builds the image without a registry
+# (docker/build-offline.sh: debootstrap base image, wheelhouse, both cached), then runs the
+# tests marked docker (tests/integration/test_docker_testbed.py). docker/README.md
+test-docker: $(STAMP)
+	docker/engine.sh install
+	docker/engine.sh run sh -c 'PYTHON=$(BIN)/python docker/build-offline.sh \
+		&& $(BIN)/pytest -q -p no:cacheprovider -m docker tests/integration/test_docker_testbed.py'
 
 # ruff (style), import-linter (the layering contract in pyproject.toml), mypy (types)
 lint: $(STAMP)

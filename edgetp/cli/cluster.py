@@ -255,6 +255,9 @@ def status(cluster_file: Path, as_json: bool) -> None:
               default=Path("build/testbed"), show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 @click.option("--cleanup", is_flag=True, help="remove leftover testbed namespaces, links, cgroups")
+@click.option("--docker", "in_docker", is_flag=True,
+              help="with --config: run the nodes as Docker containers (docker/compose.yaml's "
+                   "services; MODEL_DIR, if given, is split for them)")
 @click.option("--compose", "compose_from", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="print docker/compose.yaml for this cluster file and exit")
 @click.option("--master-role", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -262,8 +265,10 @@ def status(cluster_file: Path, as_json: bool) -> None:
 def testbed(model_dir: Path | None, nodes: int, profile: str, profiles_file: Path | None,
             memory_budget: str | None, memory_limit: str | None, cluster_file: Path | None,
             prompt: str, max_new_tokens: int, bench: bool, out_dir: Path, as_json: bool,
-            cleanup: bool, compose_from: Path | None, master_role: Path | None) -> None:
-    """An emulated cluster on this machine: N network namespaces (root, Linux) running MODEL_DIR."""
+            cleanup: bool, in_docker: bool, compose_from: Path | None,
+            master_role: Path | None) -> None:
+    """An emulated cluster on this machine: N network namespaces (root, Linux) running MODEL_DIR,
+    or with --docker the containers of a Docker compose project."""
     from edgetp.config.cluster import load_cluster_config
     from edgetp.ops import testbed as tb
 
@@ -275,6 +280,15 @@ def testbed(model_dir: Path | None, nodes: int, profile: str, profiles_file: Pat
     if cleanup:
         log(f"removed {tb.cleanup_leftovers(log)} leftover testbed resources")
         return
+    run_args = (prompt, max_new_tokens, bench)
+    if in_docker:
+        if cluster_file is None:
+            raise click.UsageError("--docker runs a cluster file: give --config FILE "
+                                   "(configs/docker-testbed.yaml)")
+        run = tb.TestbedRun(load_cluster_config(cluster_file), out_dir, *run_args)
+        report = tb.run_docker_testbed(run, model_dir, log)
+        click.echo(json.dumps(report) if as_json else tb.testbed_markdown(report))
+        return
     if cluster_file is not None:
         config = load_cluster_config(cluster_file)
     elif model_dir is not None:
@@ -282,5 +296,5 @@ def testbed(model_dir: Path | None, nodes: int, profile: str, profiles_file: Pat
                                  profiles_file, out_dir.resolve())
     else:
         raise click.UsageError("give MODEL_DIR (with --nodes, --profile ...) or --config FILE")
-    report = tb.run_testbed(tb.TestbedRun(config, out_dir, prompt, max_new_tokens, bench), log)
+    report = tb.run_testbed(tb.TestbedRun(config, out_dir, *run_args), log)
     click.echo(json.dumps(report) if as_json else tb.testbed_markdown(report))

@@ -20,13 +20,18 @@ Everything created is recorded as it is created and removed on exit, on errors a
 SIGINT/SIGTERM/SIGHUP; ``edgetp testbed --cleanup`` removes leftovers by their names
 (:mod:`.resources`). :func:`docker_compose` renders ``docker/compose.yaml`` from a cluster file
 (same entrypoint; :mod:`.compose`). :mod:`.run` puts one run together.
+
+``edgetp testbed --docker --config configs/docker-testbed.yaml`` runs the same cluster as the
+containers of that compose file instead (:mod:`.dockerrun`, through the docker command line:
+:mod:`.containers`) and writes the same report.
 """
 
 from edgetp.ops.testbed.compose import compose_text, docker_compose
+from edgetp.ops.testbed.dockerrun import run_docker_testbed
 from edgetp.ops.testbed.master import master_role
 from edgetp.ops.testbed.report import testbed_markdown
 from edgetp.ops.testbed.resources import TestbedError, cleanup_leftovers
 from edgetp.ops.testbed.run import TestbedRun, flags_config, run_testbed
 
 __all__ = ["TestbedError", "TestbedRun", "cleanup_leftovers", "compose_text", "docker_compose",
-           "flags_config", "master_role", "run_testbed", "testbed_markdown"]
+           "flags_config", "master_role", "run_docker_testbed", "run_testbed", "testbed_markdown"]

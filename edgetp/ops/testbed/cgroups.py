@@ -17,6 +17,7 @@ V2_ROOT = Path("/sys/fs/cgroup")
 CGROUP_ROOTS = (V1_ROOT, V2_ROOT)
 RUNTIME_OVERHEAD = int(1.5 * 2**30)  # python + torch beside the budget, for the default limit
 DEFAULT_LIMIT = 4 * 2**30  # a node without budget or limit
+NodeMemory = tuple[int | None, int | None]  # a node cgroup's (limit, peak) in bytes, if known
 
 
 def node_memory_limit(node: NodeConfig) -> int:
@@ -60,7 +61,19 @@ def make_cgroup(kind: str, root: Path, parent_name: str, node: str, limit: int,
 
 
 def cgroup_peak(kind: str, cgroup: Path) -> int | None:
-    path = cgroup / ("memory.max_usage_in_bytes" if kind == "v1" else "memory.peak")
+    return _read_bytes(cgroup / ("memory.max_usage_in_bytes" if kind == "v1" else "memory.peak"))
+
+
+def cgroup_limit(kind: str, cgroup: Path) -> int | None:
+    """The memory limit in force (None where unlimited or unreadable)."""
+    return _read_bytes(cgroup / ("memory.limit_in_bytes" if kind == "v1" else "memory.max"))
+
+
+def cgroup_memory(kind: str, cgroup: Path) -> NodeMemory:
+    return cgroup_limit(kind, cgroup), cgroup_peak(kind, cgroup)
+
+
+def _read_bytes(path: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(path.read_text().split()[0])
     return None

@@ -1,7 +1,9 @@
 """The Docker testbed: ``docker/compose.yaml`` rendered from a cluster file
 (``edgetp testbed --compose configs/docker-testbed.yaml``): one service per node on one
 network, each with the node's address, memory limit, CPUs and link profile, running the same
-entrypoint as the namespace testbed; node 0 serves the API."""
+entrypoint as the namespace testbed; node 0 serves the API (on the host's 127.0.0.1, port
+``EDGETP_API_PORT``, default 8000). The file has no top-level ``name``: Compose v1
+(``docker-compose`` 1.29) refuses it, and both versions take ``-p NAME``."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from edgetp.config.cluster import ClusterConfig, NodeConfig
 from edgetp.core.settings import ENV_PROFILE
 from edgetp.ops.testbed.cgroups import node_memory_limit
 from edgetp.runtime.commands import ServeCommand, WorkerCommand
+
+API_PORT_VARIABLE = "EDGETP_API_PORT"  # compose's variable: the host port of the API
 
 
 def compose_size(n: int) -> str:
@@ -49,7 +53,7 @@ def service(config: ClusterConfig, node: NodeConfig, api_port: int) -> dict[str,
         "networks": {"edgetp": {"ipv4_address": node.address}},
         "command": node_args(config, node, api_port)}
     if node.rank == 0:
-        result["ports"] = [f"127.0.0.1:{api_port}:{api_port}"]
+        result["ports"] = [f"127.0.0.1:${{{API_PORT_VARIABLE}:-{api_port}}}:{api_port}"]
     else:
         result["depends_on"] = [config.nodes[0].name]
     return result
@@ -58,8 +62,7 @@ def service(config: ClusterConfig, node: NodeConfig, api_port: int) -> dict[str,
 def docker_compose(config: ClusterConfig, api_port: int = 8000) -> dict[str, Any]:
     """``docker/compose.yaml`` for a cluster file (node 0 serves the API on ``api_port``)."""
     subnet = ipaddress.ip_interface(f"{config.nodes[0].address}/24").network
-    return {"name": "edgetp-testbed",
-            "services": {node.name: service(config, node, api_port) for node in config.nodes},
+    return {"services": {node.name: service(config, node, api_port) for node in config.nodes},
             "networks": {"edgetp": {"ipam": {"config": [{"subnet": str(subnet)}]}}}}
 
 
@@ -68,5 +71,5 @@ def compose_text(config: ClusterConfig, api_port: int = 8000) -> str:
 
     header = (f"# Generated from {config.source} by\n#   edgetp testbed --compose {config.source}\n"
               "# tests/integration/test_testbed.py checks that the two agree.\n"
-              "# Usage: docker/README.md\n")
+              "# Usage: docker/README.md (docker compose -p edgetp -f docker/compose.yaml up)\n")
     return header + yaml.safe_dump(docker_compose(config, api_port), sort_keys=False, width=100)

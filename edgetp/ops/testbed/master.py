@@ -1,4 +1,5 @@
-"""Node 0 of the namespace testbed (``edgetp testbed --master-role SPEC``, inside namespace 0):
+"""Node 0 of a testbed (``edgetp testbed --master-role SPEC``, in namespace 0 or the master's
+container):
 wait for the workers, generate the prompt greedily, bench a fixed workload into a report (the
 ``edgetp bench`` machinery), shut the workers down and write ``result.json``."""
 
@@ -54,7 +55,7 @@ def _bench(master: Master, spec: dict[str, Any], out: Path) -> dict[str, Any]:
                                    spec["wire_dtype"],
                                    timeout_s=spec["timeout_s"], allreduce=spec["allreduce"])
     hosts = {int(rank): host for rank, host in spec["hosts"].items()}
-    testbed = {"kind": "network namespaces", "nodes": spec["testbed"]}
+    testbed = {"kind": spec.get("kind", "network namespaces"), "nodes": spec["testbed"]}
     report, nodes = bench.measure(master, settings, budget, hosts, {"testbed": testbed})
     out.mkdir(parents=True, exist_ok=True)
     bench.write_reports(report, nodes, hosts, out)

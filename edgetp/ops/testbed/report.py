@@ -1,6 +1,7 @@
-"""The testbed's report: per node its namespace, address, the link emulation in force (the
-entrypoint's line in its log), memory limit and cgroup peak, with the master's result;
-``testbed.json`` and ``testbed.md``."""
+"""The testbed's report: per node its namespace (or container), address, the link emulation in
+force (the entrypoint's line in its log), memory limit and cgroup peak, with the master's
+result; ``testbed.json`` and ``testbed.md``. Both testbeds write it, the namespace one and the
+Docker one (``kind``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ from typing import Any
 from edgetp.config.cluster import ClusterConfig
 from edgetp.core.files import read_json
 from edgetp.core.units import format_bytes
-from edgetp.ops.testbed.cgroups import node_memory_limit
+from edgetp.ops.testbed.cgroups import NodeMemory, node_memory_limit
 from edgetp.ops.testbed.processes import tail
 from edgetp.ops.testbed.resources import Log, TestbedError
 
 EMULATION_LINE = "edgetp.ops.linkemu: "  # what the entrypoint's linkemu prints first
+NAMESPACES = "network namespaces"
+CONTAINERS = "docker containers"
+PLACE_KEY = {NAMESPACES: "namespace", CONTAINERS: "container"}  # where a node runs
 
 
 def describe_nodes(config: ClusterConfig) -> list[dict[str, Any]]:
@@ -32,20 +36,24 @@ def emulation_line(log_path: Path) -> str:
     return "none"
 
 
-def write_report(config: ClusterConfig, namespaces: list[str], peaks: list[int | None],
-                 out: Path, log: Log) -> dict[str, Any]:
-    """Join the master's ``result.json`` with the nodes; write testbed.json and testbed.md."""
+def write_report(config: ClusterConfig, places: list[str], memory: list[NodeMemory], out: Path,
+                 log: Log, kind: str = NAMESPACES) -> dict[str, Any]:
+    """Join the master's ``result.json`` with the nodes; write testbed.json and testbed.md.
+
+    ``places``: each node's namespace or container (``kind``); ``memory``: its cgroup's limit
+    and peak as read during the run.
+    """
     result_path = out / "result.json"
     if not result_path.is_file():
         raise TestbedError("the master wrote no result; its log ends:\n"
                            + tail(out / "logs" / f"{config.nodes[0].name}.log"))
     result = read_json(result_path, "the master's result", TestbedError)
     nodes = describe_nodes(config)
-    for node, ns, peak in zip(nodes, namespaces, peaks, strict=True):
-        node["namespace"] = ns
-        node["cgroup_peak_bytes"] = peak
+    for node, place, used in zip(nodes, places, memory, strict=True):
+        node[PLACE_KEY[kind]] = place
+        node["cgroup_limit_bytes"], node["cgroup_peak_bytes"] = used
         node["emulation"] = emulation_line(out / "logs" / f"{node['name']}.log")
-    report = {"testbed": "network namespaces", "cluster": config.name, "nodes": nodes,
+    report = {"testbed": kind, "cluster": config.name, "nodes": nodes,
               **result}
     (out / "testbed.json").write_text(json.dumps(report, indent=1))
     (out / "testbed.md").write_text(testbed_markdown(report))
@@ -57,12 +65,13 @@ def write_report(config: ClusterConfig, namespaces: list[str], peaks: list[int |
 
 
 def testbed_markdown(report: dict[str, Any]) -> str:
+    place = PLACE_KEY.get(report["testbed"], "namespace")
     lines = [f"# edgetp testbed ({report['testbed']}): {report['cluster']}", "",
-             "| rank | node | namespace | address | link emulation in force | memory limit | "
+             f"| rank | node | {place} | address | link emulation in force | memory limit | "
              "peak memory (cgroup) |", "|---|---|---|---|---|---|---|"]
     for n in report["nodes"]:
         peak = n.get("cgroup_peak_bytes")
-        lines.append(f"| {n['rank']} | {n['name']} | {n.get('namespace', '')} | {n['address']} "
+        lines.append(f"| {n['rank']} | {n['name']} | {n.get(place, '')} | {n['address']} "
                      f"| {n['emulation']} | {format_bytes(n['memory_limit_bytes'])} | "
                      f"{format_bytes(peak) if peak else '-'} |")
     gen = report.get("generation")

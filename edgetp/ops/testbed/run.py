@@ -18,10 +18,10 @@ from typing import Any
 
 from edgetp.config.cluster import ClusterConfig, parse_cluster_config
 from edgetp.core.errors import ConfigError
-from edgetp.ops.testbed.cgroups import cgroup_kind, cgroup_peak, make_cgroup, node_memory_limit
+from edgetp.ops.testbed.cgroups import cgroup_kind, cgroup_memory, make_cgroup, node_memory_limit
 from edgetp.ops.testbed.network import ENTRYPOINT, setup_network
 from edgetp.ops.testbed.processes import start_node, start_workers, wait_for_master
-from edgetp.ops.testbed.report import describe_nodes, write_report
+from edgetp.ops.testbed.report import NAMESPACES, describe_nodes, write_report
 from edgetp.ops.testbed.resources import (
     Log,
     Resources,
@@ -81,7 +81,7 @@ def run_testbed(run: TestbedRun, log: Log) -> dict[str, Any]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     split = _split(config, log)
     profiles_file = out / "links.yaml"
-    _write_profiles(config, profiles_file)
+    write_profiles(config, profiles_file)
     tag = secrets.token_hex(2)
     res = Resources()
     with signals_raise():
@@ -105,7 +105,8 @@ def _run_in(run: TestbedRun, tag: str, split: Path, profiles_file: Path, res: Re
     groups = [make_cgroup(*cgroups, cgroup_group_name(tag), f"node-{n.rank}", node_memory_limit(n),
                           res.cgroups) if cgroups else None for n in config.nodes]
     start_workers(config, namespaces, groups, profiles_file, out, res)
-    spec = _master_spec(run, split, namespaces, out)
+    hosts = [f"{ns} ({n.address})" for n, ns in zip(config.nodes, namespaces, strict=True)]
+    spec = master_spec(run, str(rank_dir(split, 0)), hosts, str(out), out / "master-spec.json")
     master = start_node(config.nodes[0], namespaces[0], groups[0], profiles_file, out,
                         ["testbed", "--master-role", str(spec)], res)
     wait_for_master(master, list(zip(config.workers, res.processes[:-1], strict=True)),
@@ -113,8 +114,8 @@ def _run_in(run: TestbedRun, tag: str, split: Path, profiles_file: Path, res: Re
     for proc in res.processes[:-1]:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-    peaks = [cgroup_peak(cgroups[0], g) if cgroups and g else None for g in groups]
-    return write_report(config, namespaces, peaks, out, log)
+    memory = [cgroup_memory(cgroups[0], g) if cgroups and g else (None, None) for g in groups]
+    return write_report(config, namespaces, memory, out, log)
 
 
 def _split(config: ClusterConfig, log: Log) -> Path:
@@ -132,7 +133,7 @@ def _split(config: ClusterConfig, log: Log) -> Path:
     return split
 
 
-def _write_profiles(config: ClusterConfig, path: Path) -> None:
+def write_profiles(config: ClusterConfig, path: Path) -> None:
     """The cluster's link profiles as a file the entrypoint reads (EDGETP_LINK_PROFILES)."""
     import yaml
 
@@ -145,20 +146,21 @@ def _write_profiles(config: ClusterConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump({"link_profiles": data}, sort_keys=False))
 
 
-def _master_spec(run: TestbedRun, split: Path, namespaces: list[str], out: Path) -> Path:
-    """What node 0's master role does (:func:`edgetp.ops.testbed.master.master_role`)."""
+def master_spec(run: TestbedRun, rank0: str, hosts: list[str], out_dir: str, path: Path,
+                kind: str = NAMESPACES) -> Path:
+    """What node 0's master role does (:func:`edgetp.ops.testbed.master.master_role`), written
+    to ``path``: ``rank0`` and ``out_dir`` as node 0 sees them, ``hosts`` the nodes' places."""
     c = run.config
     spec = {
-        "rank0": str(rank_dir(split, 0)), "bind": f"tcp://{c.nodes[0].address}:{c.master.port}",
+        "kind": kind,
+        "rank0": rank0, "bind": f"tcp://{c.nodes[0].address}:{c.master.port}",
         "wire_dtype": c.wire_dtype, "allreduce": c.allreduce, "timeout_s": c.timeout_s,
         "memory_budget": c.nodes[0].memory_budget, "prompt": run.prompt,
         "max_new_tokens": run.max_new_tokens, "join_timeout_s": run.join_timeout_s,
         "bench": run.bench, "bench_tokens": run.bench_tokens, "bench_repeat": run.bench_repeat,
-        "model_name": Path(c.model).name, "out_dir": str(out),
-        "hosts": {str(n.rank): f"{ns} ({n.address})"
-                  for n, ns in zip(c.nodes, namespaces, strict=True)},
+        "model_name": Path(c.model).name, "out_dir": out_dir,
+        "hosts": {str(n.rank): host for n, host in zip(c.nodes, hosts, strict=True)},
         "testbed": describe_nodes(c),
     }
-    path = out / "master-spec.json"
     path.write_text(json.dumps(spec, indent=1))
     return path
