@@ -93,9 +93,9 @@ run() {
         say "using the running engine"
         exec "$@"
     fi
-    local pid status=0
-    pid="$(start)"
-    trap 'stop "$pid"' EXIT
+    local status=0
+    STARTED_PID="$(start)"
+    trap 'stop "$STARTED_PID"' EXIT
     trap 'exit 130' INT TERM HUP
     "$@" || status=$?
     return "$status"
