@@ -235,3 +235,23 @@ def processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def test_docker_testbed_compose_is_the_home_file_with_the_master_role(tmp_path: Path) -> None:
+    """`edgetp testbed --docker` runs compose.yaml's services (limits, addresses, NET_ADMIN,
+    workers' commands) with node 0 as the testbed's master and the run's folder at /out."""
+    from edgetp.ops.testbed.dockerrun import testbed_compose
+
+    config = load_cluster_config(REPO / "configs" / "docker-testbed.yaml")
+    home, run = compose()["services"], testbed_compose(config, tmp_path)["services"]
+    assert list(run) == list(home)
+    for name, service in run.items():
+        for key in ("image", "mem_limit", "cpus", "cap_add", "networks", "hostname"):
+            assert service[key] == home[name][key]
+        assert "build" not in service and "ports" not in service
+        assert f"{tmp_path}:/out:{'rw' if name == 'master' else 'ro'}" in service["volumes"]
+        assert service["environment"]["EDGETP_LINK_PROFILE"] == "home-wifi"
+        assert service["environment"]["EDGETP_LINK_PROFILES"] == "/out/links.yaml"
+        if name != "master":
+            assert service["command"] == home[name]["command"]
+    assert run["master"]["command"] == ["testbed", "--master-role", "/out/master-spec.json"]
