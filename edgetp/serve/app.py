@@ -57,7 +57,7 @@ def create_app(server: APIServer) -> FastAPI:
     _add_routes(app, server)
     app.add_middleware(KeyCheck, key=server.settings.api_key)
     app.add_middleware(ResponseCounter, count=server.metrics.count_response)
-    install_schema(app, server.settings.api_key is not None)
+    install_schema(app, server.settings.model_name, server.settings.api_key is not None)
     return app
 
 
@@ -261,8 +261,10 @@ async def _answer_http_error(request: Request, error: HTTPException) -> JSONResp
                                        code="unknown_url"))
     if error.status_code == 405:
         allowed = (error.headers or {}).get("Allow", "")
-        return error_response(APIError(405, f"{method} is not allowed here; use {allowed}",
-                                       code="method_not_allowed"))
+        answer = error_response(APIError(405, f"{method} is not allowed here; use {allowed}",
+                                         code="method_not_allowed"))
+        answer.headers["Allow"] = allowed
+        return answer
     return error_response(APIError(error.status_code, str(error.detail)))
 
 

@@ -83,6 +83,7 @@ class ServerMetrics:
         self.queue: GenerationQueue | None = None
         self.connections = connections
         self.nodes = NodeTimes()
+        self.collect_every_s = NODE_STATS_EVERY_S
         self._collected_at = 0.0
         disable_created_metrics()  # no *_created series: this process's only metrics
         self.registry = CollectorRegistry()
@@ -107,7 +108,7 @@ class ServerMetrics:
         self.ttft.observe(result.ttft_ms / 1000)
         for ms in result.decode_ms:
             self.token_time.observe(ms / 1000)
-        if time.monotonic() - self._collected_at >= NODE_STATS_EVERY_S:
+        if time.monotonic() - self._collected_at >= self.collect_every_s:
             self.collect_node_spans()
 
     def collect_node_spans(self) -> None:

@@ -3,10 +3,11 @@
 The completion endpoints read their bodies themselves (checked by
 :mod:`edgetp.serve.validation`, with OpenAI's 400s rather than FastAPI's 422s), so their
 request bodies are added to the document here, from :class:`ChatCompletionRequest` and
-:class:`CompletionRequest`. The answers are documented per route (:func:`route_docs`): the
-JSON models of :mod:`edgetp.serve.protocol`, the event stream, and OpenAI's error body for
-the statuses each route can answer. With an API key, every operation but ``/health`` says it
-needs a bearer token.
+:class:`CompletionRequest` (their ``model``: the one served, the only one accepted). The
+answers are documented per route (:func:`route_docs`): the JSON models of
+:mod:`edgetp.serve.protocol`, the event stream, and OpenAI's error body for the statuses each
+route can answer. With an API key, every operation but ``/health`` says it needs a bearer
+token.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ ERRORS = {  # status -> when, for the routes that answer it
     429: "The request queue is full; retry later",
     503: "A worker is missing or failed, the server is shutting down, or busy",
 }
-STREAM = {"text/event-stream": {"schema": {
-    "type": "string", "description": "`stream: true`: one `data: {chunk}` event per piece of "
-    "text, a closing chunk with the finish reason, then `data: [DONE]`"}}}
+STREAM = {"text/event-stream": {"itemSchema": {  # each event (OpenAPI 3.2's keyword)
+    "type": "object", "required": ["data"], "properties": {"data": {
+        "type": "string", "description": "A chunk (`chat.completion.chunk` or "
+        "`text_completion`) as JSON, an error `{\"error\": {...}}`, or `[DONE]` last"}}}}}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -72,25 +74,28 @@ def route_docs(name: str) -> dict[str, Any]:
     return docs[name]
 
 
-def install_schema(app: FastAPI, keyed: bool) -> None:
+def install_schema(app: FastAPI, model_name: str, keyed: bool) -> None:
     """Make ``app.openapi()`` (and so ``/openapi.json``) return :func:`openapi_document`."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = openapi_document(app, keyed)
+            app.openapi_schema = openapi_document(app, model_name, keyed)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def openapi_document(app: FastAPI, keyed: bool) -> dict[str, Any]:
-    """FastAPI's document of ``app`` with the completion request bodies (and the key)."""
+def openapi_document(app: FastAPI, model_name: str, keyed: bool) -> dict[str, Any]:
+    """FastAPI's document of ``app`` with the completion request bodies (whose ``model`` is
+    the one served, ``model_name``) and, if ``keyed``, the API key."""
     document = get_openapi(title=app.title, version=app.version, summary=app.summary,
                            routes=app.routes)
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for path, kind in COMPLETION_ROUTES.items():
         model = REQUEST_MODELS[kind]
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schema["properties"]["model"] = {"anyOf": [{"const": model_name}, {"type": "null"}],
+                                         "description": "The model served (optional)"}
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
         document["paths"][path]["post"]["requestBody"] = {"required": True, "content": {
