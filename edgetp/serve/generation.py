@@ -136,14 +136,18 @@ class GenerationQueue:
                     return
                 job = self._pending.popleft()
                 self._current = job
+            result = None
             try:
-                self._run(job)
+                result = self._run(job)
             finally:
                 with self.lock:
                     self._current = None
                     self.lock.notify_all()
+            if result is not None and self.observer is not None:
+                self.observer.finished(job, result)  # the job is answered and off the cluster
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> GenerationResult | None:
+        """Generate ``job``'s answer and emit its events; its result, None if it failed."""
         record = job.record
         record.started_at = time.monotonic()
         record.outcome = "running"
@@ -161,8 +165,8 @@ class GenerationQueue:
                      result.prompt_tokens, len(result.token_ids), result.finish_reason,
                      (time.monotonic() - record.started_at) * 1000)
             job.emit(Finished(result))
-            if self.observer is not None:
-                self.observer.finished(job, result)
+            return result
+        return None
 
     def _failure(self, job: Job, exc: Exception) -> APIError:
         """Record why ``job``'s generation ended early; the error its client gets."""

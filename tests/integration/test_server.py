@@ -262,14 +262,18 @@ def test_metrics_count_requests_tokens_and_every_nodes_time(
     assert grew("edgetp_time_to_first_token_seconds_count") == 1
     assert grew("edgetp_time_per_output_token_seconds_count") == len(ref.decode_ms)
     assert grew('edgetp_http_responses_total{status="200"}') >= 1
-    for rank in (0, 1):  # the master's own spans, and the worker's collected after the request
-        assert grew(f'edgetp_node_span_seconds_total{{kind="layer",rank="{rank}"}}') > 0
+    assert grew('edgetp_node_span_seconds_total{kind="layer",rank="0"}') > 0
+    worker_layers = 'edgetp_node_span_seconds_total{kind="layer",rank="1"}'
+    wait_for(lambda: metric(server.metrics.render().decode(), worker_layers)  # collected
+             > metric(before, worker_layers), 10, "the worker's spans")  # after the answer
     steps = grew('edgetp_node_spans_total{kind="step",rank="0"}')
     assert steps == 1 + len(ref.decode_ms)  # the prompt's step, then one per decode step
-    assert metric(after, "edgetp_queue_length") == 0
-    assert metric(after, "edgetp_active_sequences") == 0
-    assert metric(after, "edgetp_kv_slots") == 1
-    assert metric(after, "edgetp_nodes_joined") == metric(after, "edgetp_nodes_expected") == 2
+    settled = server.metrics.render().decode()  # the generation thread is done with it
+    assert metric(settled, "edgetp_queue_length") == 0
+    assert metric(settled, "edgetp_active_sequences") == 0
+    assert metric(settled, "edgetp_kv_slots") == 1
+    assert metric(settled, "edgetp_nodes_joined") == metric(settled, "edgetp_nodes_expected") \
+        == 2
 
 
 # -- errors -----------------------------------------------------------------------------------
