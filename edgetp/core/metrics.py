@@ -10,6 +10,8 @@ Recording costs two ``perf_counter`` calls and the write of one row. The spans a
 of six float64 numbers in a ring of at most :data:`MAX_SPANS` rows (48 bytes a span, 12 MiB at
 most): a process whose spans nobody takes (a server, its workers) keeps the latest window of
 them, and its memory stops growing when the ring is full. ``bench`` takes them after its runs.
+Beside the ring, the recorder keeps running totals per kind (spans and seconds since the process
+began, untouched by :meth:`Recorder.take`), which the API server's ``/metrics`` reports.
 """
 
 from __future__ import annotations
@@ -41,12 +43,15 @@ class Span:
 class Recorder:
     """A thread-safe ring of the latest ``capacity`` spans of this process.
 
-    ``dropped`` counts the spans overwritten since the last :meth:`take`.
+    ``dropped`` counts the spans overwritten since the last :meth:`take`; :meth:`totals` are
+    the counts and seconds of every span recorded, by kind.
     """
 
     def __init__(self, capacity: int = MAX_SPANS) -> None:
         self._lock = threading.Lock()
         self.enabled = True
+        self._total_counts = [0] * len(SPAN_KINDS)
+        self._total_seconds = [0.0] * len(SPAN_KINDS)
         self.resize(capacity)
 
     def resize(self, capacity: int) -> None:
@@ -68,6 +73,8 @@ class Recorder:
         if self.enabled:
             row = (KIND_INDEX[kind], index, start_s, end_s - start_s, nbytes, thread)
             with self._lock:
+                self._total_counts[row[0]] += 1
+                self._total_seconds[row[0]] += row[3]
                 at = self._next * SPAN_FIELDS
                 if at == len(self._rows):
                     self._rows.extend(row)
@@ -81,6 +88,12 @@ class Recorder:
 
     def __len__(self) -> int:
         return self._count
+
+    def totals(self) -> dict[str, tuple[int, float]]:
+        """Kind -> (spans, seconds) of every span recorded since the process began."""
+        with self._lock:
+            return {kind: (self._total_counts[i], self._total_seconds[i])
+                    for i, kind in enumerate(SPAN_KINDS)}
 
     @property
     def nbytes(self) -> int:

@@ -48,6 +48,17 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``. [V] -> [V]. A temperature so small that the quotients
+    overflow is applied to the logits shifted so their largest is 0 (the same distribution:
+    softmax does not change with a shift), so the result stays a distribution."""
+    scaled = logits / temperature
+    if not torch.isfinite(scaled.max()):  # in float64, where such a temperature is not 0
+        shifted = logits.double() - logits.double().max()
+        scaled = (shifted / temperature).to(logits.dtype)
+    return scaled
+
+
 class Sampler:
     """Turns a logits vector into the next token id according to a :class:`SamplingConfig`."""
 
@@ -65,6 +76,7 @@ class Sampler:
         logits = apply_repetition_penalty(logits.float(), previous_ids, cfg.repetition_penalty)
         if cfg.temperature == 0.0:
             return int(torch.argmax(logits).item())
-        logits = apply_top_p(apply_top_k(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+        logits = apply_top_p(apply_top_k(apply_temperature(logits, cfg.temperature), cfg.top_k),
+                             cfg.top_p)
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs, 1, generator=self.generator).item())

@@ -311,9 +311,10 @@ class Master:
             return {}
         return {rank: peer.host for rank, peer in dict(self._cluster.transport.peers).items()}
 
-    def collect_stats(self) -> dict[int, tuple[dict, list]]:
-        """Each worker's facts and spans since the last call (empty for a local master)."""
-        return {} if self._cluster is None else self._cluster.collect_stats()
+    def collect_stats(self, timeout_s: float | None = None) -> dict[int, tuple[dict, list]]:
+        """Each worker's facts and spans since the last call (empty for a local master); a
+        ClusterError if one sends nothing within ``timeout_s`` (default: the cluster's)."""
+        return {} if self._cluster is None else self._cluster.collect_stats(timeout_s)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         if not prompt.chat:

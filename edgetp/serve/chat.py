@@ -2,8 +2,8 @@
 
 Two backends answer the conversation: :class:`LocalChat` runs a
 :class:`~edgetp.runtime.master.Master` in this process (one process or a local cluster),
-:class:`RemoteChat` talks to a running ``edgetp serve`` through its streaming chat API with
-nothing but the standard library.
+:class:`RemoteChat` talks to a running ``edgetp serve`` (or any OpenAI-compatible server)
+through its streaming chat API, with the official ``openai`` client.
 
 :func:`run_chat` reads one user message per line. ``/reset`` clears the history, ``/exit``
 (or end of input) quits, ``/help`` lists the commands. Replies stream to ``output`` as they
@@ -12,17 +12,22 @@ are generated; notices and errors go to ``errors``. Ctrl-C during a reply stops 
 
 from __future__ import annotations
 
-import http.client
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, cast
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from edgetp.runtime.master import Master
+import openai
+
 from edgetp.core.errors import ConfigError, EdgetpError
+
+if TYPE_CHECKING:
+    from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
+    from edgetp.runtime.master import Master
 
 COMMANDS = "/reset clears the history, /exit quits, /help shows this"
 
@@ -101,124 +106,85 @@ class RemoteChat:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"cannot use {url!r} as a server URL; write e.g. "
                               "http://127.0.0.1:8000")
-        self.scheme = parts.scheme
-        self.host = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        base = parts.path.rstrip("/")
-        self.base = base[: -len("/v1")] if base.endswith("/v1") else base
-        self.url = f"{parts.scheme}://{parts.netloc}{self.base}"
+        base = parts.path.rstrip("/").removesuffix("/v1")
+        self.url = f"{parts.scheme}://{parts.netloc}{base}"
         self.options = options
-        self.api_key = api_key
-        self.timeout_s = timeout_s
+        self.client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key or "unused",
+                                    max_retries=0, timeout=timeout_s)
         self.model = model or self._first_model()
 
-    def _connection(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
-        return cls(self.host, self.port, timeout=self.timeout_s)
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
-
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None
-                 ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        conn = self._connection()
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            conn.request(method, self.base + path, data, self._headers())
-            response = conn.getresponse()
-        except OSError as exc:
-            conn.close()
-            raise ChatError(f"cannot reach the server at {self.url}: {exc}") from exc
-        if response.status != 200:
-            message = _error_message(response.read())
-            conn.close()
-            raise ChatError(f"the server answered {response.status}: {message}")
-        return conn, response
-
     def _first_model(self) -> str:
-        conn, response = self._request("GET", "/v1/models")
-        try:
-            models = json.loads(response.read())["data"]
-            return str(models[0]["id"])
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise ChatError(f"{self.url}/v1/models did not list a model") from exc
-        finally:
-            conn.close()
+        with _chat_failures(self.url):
+            models = self.client.models.list().data
+        if not models:
+            raise ChatError(f"{self.url}/v1/models did not list a model")
+        return models[0].id
 
-    def request_body(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+    def extra_body(self) -> dict[str, Any] | None:
+        """The sampling settings beyond OpenAI's fields (edgetp's extensions)."""
         o = self.options
-        body: dict[str, Any] = {
-            "model": self.model, "messages": messages, "stream": True,
-            "stream_options": {"include_usage": True}, "max_tokens": o.max_tokens,
-            "temperature": o.temperature, "top_p": o.top_p,
-        }
+        extra: dict[str, Any] = {}
         if o.top_k:
-            body["top_k"] = o.top_k
+            extra["top_k"] = o.top_k
         if o.repetition_penalty != 1.0:
-            body["repetition_penalty"] = o.repetition_penalty
-        if o.seed is not None:
-            body["seed"] = o.seed
-        if o.stop:
-            body["stop"] = list(o.stop)
-        return body
+            extra["repetition_penalty"] = o.repetition_penalty
+        return extra or None
 
     def reply(self, messages: list[dict[str, str]], on_text: Callable[[str], None]) -> Reply:
-        conn, response = self._request("POST", "/v1/chat/completions",
-                                       self.request_body(messages))
         pieces: list[str] = []
         reply = Reply("", "stop")
-        try:
-            for data in _sse_data(response):
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise ChatError(_error_message(data.encode()))
-                if chunk.get("usage"):
-                    reply.prompt_tokens = chunk["usage"].get("prompt_tokens")
-                    reply.completion_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        pieces.append(piece)
-                        on_text(piece)
-                    if choice.get("finish_reason"):
-                        reply.finish_reason = choice["finish_reason"]
-            else:
+        with _chat_failures(self.url):
+            o = self.options
+            stream = self.client.chat.completions.create(
+                model=self.model, messages=cast("list[ChatCompletionMessageParam]", messages),
+                stream=True,
+                stream_options={"include_usage": True}, max_tokens=o.max_tokens,
+                temperature=o.temperature, top_p=o.top_p, seed=o.seed,
+                stop=list(o.stop) or None, extra_body=self.extra_body())
+            with stream:  # leaving it closes the connection: how a cancelled reply stops
+                ended = False
+                for chunk in stream:
+                    ended |= _take_chunk(chunk, reply, pieces, on_text)
+            if not ended:
                 raise ChatError("the server closed the stream before it ended")
-        except (OSError, http.client.HTTPException) as exc:
-            raise ChatError(f"the connection to {self.url} broke: {exc}") from exc
-        finally:
-            conn.close()  # also how a cancelled reply stops the server's generation
         reply.text = "".join(pieces)
         return reply
 
+def _take_chunk(chunk: ChatCompletionChunk, reply: Reply, pieces: list[str],
+                on_text: Callable[[str], None]) -> bool:
+    """Add a streamed chunk to ``reply``; True if it carried the finish reason."""
+    if chunk.usage is not None:
+        reply.prompt_tokens = chunk.usage.prompt_tokens
+        reply.completion_tokens = chunk.usage.completion_tokens
+    finished = False
+    for choice in chunk.choices:
+        if choice.delta.content:
+            pieces.append(choice.delta.content)
+            on_text(choice.delta.content)
+        if choice.finish_reason:
+            reply.finish_reason = choice.finish_reason
+            finished = True
+    return finished
 
-def _sse_data(response: http.client.HTTPResponse) -> Iterator[str]:
-    """The ``data`` of each server-sent event."""
-    lines: list[str] = []
-    while True:
-        raw = response.readline()
-        if not raw:
-            return
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if line:
-            if line.startswith("data:"):
-                lines.append(line[5:].removeprefix(" "))
-            continue
-        if lines:
-            yield "\n".join(lines)
-            lines = []
 
-
-def _error_message(body: bytes) -> str:
+@contextlib.contextmanager
+def _chat_failures(url: str) -> Iterator[None]:
+    """Turn the openai client's errors into ChatErrors that say what happened."""
     try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body.decode("utf-8", "replace").strip() or "(no message)"
+        yield
+    except openai.APIStatusError as exc:
+        raise ChatError(f"the server answered {exc.status_code}: {_error_message(exc)}") from exc
+    except openai.APIConnectionError as exc:
+        raise ChatError(f"cannot reach the server at {url}: {exc}") from exc
+    except openai.APIError as exc:  # an error event in the stream
+        raise ChatError(exc.message) from exc
+
+
+def _error_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return exc.message
 
 
 def run_chat(backend: ChatBackend, input: TextIO, output: TextIO, errors: TextIO,  # noqa: A002

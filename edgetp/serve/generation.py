@@ -1,9 +1,11 @@
 """The request queue and the one thread that generates: :class:`GenerationQueue`.
 
-A cluster computes one sequence at a time, so accepted jobs wait in a bounded FIFO queue that
-one generation thread drains. That thread never touches a socket: it runs the master's engine
-and puts the job's events (text pieces, the result or an error) on the job. A job whose client
-went away is dropped from the queue, or its generation is stopped between two steps.
+This is the engine side of the server. A cluster computes one sequence at a time, so accepted
+jobs wait in a bounded FIFO queue that one generation thread drains. That thread never touches
+a socket nor the event loop: it runs the master's engine and emits the job's events (text
+pieces, the result or an error) on the job. A job whose client went away is dropped from the
+queue, or its generation is stopped between two steps. After each completed generation an
+optional :class:`GenerationObserver` (the server's metrics) is told, on this thread.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from edgetp.net.transport import ClusterError
 from edgetp.serve.errors import APIError, bad_request, shutting_down
@@ -25,17 +27,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("edgetp.serve.generation")
 
 
+class GenerationObserver(Protocol):
+    def finished(self, job: Job, result: GenerationResult) -> None:
+        """``job`` completed with ``result`` (called on the generation thread, between jobs)."""
+
+
 class GenerationQueue:
     """The bounded FIFO of accepted jobs and the generation thread that drains it.
 
     ``stats`` counts outcomes (accepted, rejected, unavailable, completed, cancelled, skipped,
     failed, shutdown); ``records`` keeps the last 1000 requests. ``lock`` guards both and the
-    queue; the HTTP side uses it to count the requests it is handling.
+    queue. ``tokens`` counts the prompt and generated tokens of every generation that ran
+    (``prompt``, ``generated``; also those of cancelled and failed ones).
     """
 
-    def __init__(self, master: Master, capacity: int) -> None:
+    def __init__(self, master: Master, capacity: int,
+                 observer: GenerationObserver | None = None) -> None:
         self.master = master
         self.capacity = capacity
+        self.observer = observer
+        self.tokens: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
         self.records: deque[RequestRecord] = deque(maxlen=1000)
         self.lock = threading.Condition()
@@ -55,7 +66,7 @@ class GenerationQueue:
             while self._pending:
                 job = self._pending.popleft()
                 self._finish(job, "shutdown")
-                job.events.put(Failed(shutting_down()))
+                job.emit(Failed(shutting_down()))
             if self._current is not None:
                 self._current.cancel("the server is shutting down")
             self.lock.notify_all()
@@ -111,6 +122,9 @@ class GenerationQueue:
             if result is not None:
                 record.completion_tokens = len(result.token_ids)
                 record.finish_reason = result.finish_reason
+            if record.started_at is not None:  # it ran
+                self.tokens["prompt"] += record.prompt_tokens
+                self.tokens["generated"] += record.completion_tokens
             self.stats[outcome] += 1
 
     def _loop(self) -> None:
@@ -122,14 +136,18 @@ class GenerationQueue:
                     return
                 job = self._pending.popleft()
                 self._current = job
+            result = None
             try:
-                self._run(job)
+                result = self._run(job)
             finally:
                 with self.lock:
                     self._current = None
                     self.lock.notify_all()
+            if result is not None and self.observer is not None:
+                self.observer.finished(job, result)  # the job is answered and off the cluster
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> GenerationResult | None:
+        """Generate ``job``'s answer and emit its events; its result, None if it failed."""
         record = job.record
         record.started_at = time.monotonic()
         record.outcome = "running"
@@ -140,13 +158,15 @@ class GenerationQueue:
             result = self.master.engine.generate(job.prompt_ids, job.sampling, job.gen,
                                                  job.on_text)
         except Exception as exc:  # noqa: BLE001 - every job gets an answer
-            job.events.put(Failed(self._failure(job, exc)))
+            job.emit(Failed(self._failure(job, exc)))
         else:
             self._finish(job, "completed", result)
             log.info("%s: %d prompt tokens, %d generated (%s), %.0f ms", job.id,
                      result.prompt_tokens, len(result.token_ids), result.finish_reason,
                      (time.monotonic() - record.started_at) * 1000)
-            job.events.put(Finished(result))
+            job.emit(Finished(result))
+            return result
+        return None
 
     def _failure(self, job: Job, exc: Exception) -> APIError:
         """Record why ``job``'s generation ended early; the error its client gets."""

@@ -1,17 +1,20 @@
-"""From a request body to a :class:`~edgetp.serve.jobs.Job`: validated, tokenized, fitted.
+"""From a request body to a :class:`~edgetp.serve.jobs.Job`: parsed, validated, tokenized,
+fitted.
 
-The body is validated against its protocol model (:mod:`edgetp.serve.protocol`); then the
-model it names must be the one served, a chat's ``messages`` are rendered with the model's
-chat template (in a sandbox, its output bounded), and the prompt must leave room in the
-context. A prompt whose text surely has too many tokens (:meth:`Tokenizer.token_floor`) is
-refused before it is encoded, since encoding megabytes takes seconds; token ids are checked
-against the vocabulary. A request that cannot be served is answered with an
+The body must be a JSON object (:func:`parse_body`); it is validated against its protocol
+model (:mod:`edgetp.serve.protocol`); then the model it names must be the one served, a
+chat's ``messages`` are rendered with the model's chat template (in a sandbox, its output
+bounded), and the prompt must leave room in the context. A prompt whose text surely has too
+many tokens (:meth:`Tokenizer.token_floor`) is refused before it is encoded, since encoding
+megabytes takes seconds; token ids are checked against the vocabulary. A request that cannot
+be served is answered with an
 :class:`~edgetp.serve.errors.APIError` naming the field to fix.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 from edgetp.model.tokenizer import ChatTemplateTooLong
 from edgetp.serve.errors import bad_request, model_not_found
@@ -21,10 +24,21 @@ from edgetp.serve.settings import ServerSettings
 from edgetp.serve.validation import validate_request
 
 if TYPE_CHECKING:
-    from typing import Any
-
     from edgetp.model.tokenizer import Tokenizer
     from edgetp.runtime.master import Master
+
+
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The JSON object of a request body, or the 400 to answer it with."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    return data
 
 
 def build_job(kind: JobKind, body: dict[str, Any], settings: ServerSettings,

@@ -1,14 +1,16 @@
 """One accepted request on its way through the server: :class:`Job` and its record.
 
-The HTTP thread that accepted a request waits on its job's events; the generation thread
-fills them: a :class:`TextPiece` per generated piece of a stream, then :class:`Finished` or
+A job is the seam between the HTTP side (coroutines on the server's event loop) and the
+engine side (the generation thread): the HTTP side awaits its events
+(:meth:`Job.next_event`), the engine side emits them from its own thread (:meth:`Job.emit`):
+a :class:`TextPiece` per generated piece of a stream, then :class:`Finished` or
 :class:`Failed`. :class:`RequestRecord` keeps what happened to the request (for ``/health``,
-logs and tests).
+``/metrics``, logs and tests).
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 import time
 import uuid
@@ -73,9 +75,10 @@ class RequestRecord:
 
 
 class Job:
-    """One accepted request: the HTTP thread waits on ``events``; the generation thread fills it.
+    """One accepted request: the HTTP side awaits its events; the generation thread emits them.
 
-    Events: :class:`TextPiece` (streams only), then :class:`Finished` or :class:`Failed`.
+    Events: :class:`TextPiece` (streams only), then :class:`Finished` or :class:`Failed`. The
+    HTTP side calls :meth:`attach` with its event loop before the job is queued.
     """
 
     def __init__(self, kind: JobKind, prompt_ids: list[int], sampling: SamplingConfig,
@@ -89,11 +92,30 @@ class Job:
         self.stream = stream
         self.include_usage = include_usage
         self.created = int(time.time())
-        self.events: queue.SimpleQueue[JobEvent] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.cancel_reason = ""
         self.record = RequestRecord(self.id, kind, stream, gen.max_new_tokens, len(prompt_ids),
                                     time.monotonic())
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Deliver the events to coroutines running on ``loop``."""
+        self._loop = loop
+
+    def emit(self, event: JobEvent) -> None:
+        """Hand ``event`` to the HTTP side (from any thread)."""
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError(f"{self.id} was queued before it was attached to an event loop")
+        try:
+            loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server stopped, nobody waits any more
+            pass
+
+    async def next_event(self) -> JobEvent:
+        """The job's next event (on the attached loop)."""
+        return await self._events.get()
 
     def cancel(self, reason: str) -> None:
         if not self.cancelled.is_set():
@@ -106,4 +128,4 @@ class Job:
         if self.cancelled.is_set():
             raise GenerationCancelled(self.cancel_reason)
         if self.stream and piece:
-            self.events.put(TextPiece(piece))
+            self.emit(TextPiece(piece))

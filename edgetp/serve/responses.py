@@ -2,14 +2,14 @@
 
 OpenAI's shapes (:mod:`edgetp.serve.protocol`): ``chat.completion`` / ``text_completion``
 objects, and for ``stream: true`` ``chat.completion.chunk`` / ``text_completion`` chunks
-ending in ``data: [DONE]``. Nothing here knows about sockets: :func:`stream_events` turns a
-job's events into the bytes of its event stream, for whichever HTTP layer writes them.
+ending in ``data: [DONE]``. Nothing here knows about sockets: :func:`stream_head` and
+:func:`stream_event` turn a job's events into the bytes of its event stream, for the HTTP
+layer to write.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 from edgetp.runtime.engine import GenerationResult
@@ -79,23 +79,26 @@ def sse(data: Any) -> bytes:
     return f"data: {text}\n\n".encode()
 
 
-def stream_events(job: Job, model: str, events: Iterator[JobEvent]) -> Iterator[bytes]:
-    """The event stream of ``job``, one server-sent event per item, ``[DONE]`` last.
+def stream_head(job: Job, model: str) -> list[bytes]:
+    """The events a stream begins with, before its first piece: OpenAI's chat streams name the
+    role in a first chunk."""
+    return [sse(chunk_body(job, model, "", first=True))] if job.kind == "chat" else []
 
-    ``events`` yields the job's events; the caller starts the stream after the first one (so
-    an error before any text is answered with its status, not here).
+
+def stream_event(job: Job, model: str, event: JobEvent) -> list[bytes]:
+    """The server-sent events of one of ``job``'s events; after its last event (not a
+    :class:`TextPiece`), the closing chunks and ``[DONE]``.
+
+    The caller starts the stream after the job's first event, so an error before any text is
+    answered with its status, not here; an error after the stream began becomes an error
+    event, as OpenAI sends them.
     """
-    if job.kind == "chat":  # OpenAI's first chunk names the role
-        yield sse(chunk_body(job, model, "", first=True))
-    for event in events:
-        if isinstance(event, TextPiece):
-            yield sse(chunk_body(job, model, event.text))
-            continue
-        if isinstance(event, Finished):
-            yield sse(chunk_body(job, model, None, FINISH_REASONS[event.result.finish_reason]))
-            if job.include_usage:
-                yield sse(chunk_body(job, model, None, final_usage=usage(event.result)))
-        else:  # an error after the stream began: an error event, as OpenAI sends them
-            yield sse(event.error.body())
-        break
-    yield sse("[DONE]")
+    if isinstance(event, TextPiece):
+        return [sse(chunk_body(job, model, event.text))]
+    if isinstance(event, Finished):
+        out = [sse(chunk_body(job, model, None, FINISH_REASONS[event.result.finish_reason]))]
+        if job.include_usage:
+            out.append(sse(chunk_body(job, model, None, final_usage=usage(event.result))))
+    else:
+        out = [sse(event.error.body())]
+    return [*out, sse("[DONE]")]

@@ -5,16 +5,16 @@ the generated text never leave this process; the workers keep receiving hidden s
 
 Endpoints: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (both with ``stream: true`` as server-sent events in OpenAI's
-format) and ``GET /health``. Errors have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``.
+format), ``GET /health``, ``GET /metrics`` (Prometheus) and ``GET /openapi.json``. Errors have
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
-A cluster computes one sequence at a time, so requests wait in a bounded FIFO queue that one
-generation thread drains (:mod:`edgetp.serve.generation`). The HTTP threads
-(:mod:`edgetp.serve.http_handler`) only parse, tokenize, queue and write; the generation
-thread never touches a socket. A request that does not fit in the queue gets 429; every
-accepted request ends in a response or an error. A client that goes away is noticed (a failed
-write, or end-of-file on its socket) and its generation is stopped between two steps, or, if
-it is still queued, it is dropped from the queue.
+The HTTP side is a FastAPI application (:mod:`edgetp.serve.app`) on uvicorn, whose event loop
+runs in a thread of its own: uvicorn owns the connections (their limit, idle keep-alive
+connections, slow readers). The engine side is the request queue and its generation thread
+(:mod:`edgetp.serve.generation`); :class:`~edgetp.serve.jobs.Job` is the seam between them. A
+request that does not fit in the queue gets 429; every accepted request ends in a response or
+an error. A client that goes away is noticed and its generation is stopped between two steps,
+or, if it is still queued, it is dropped from the queue.
 
 ``edgetp serve`` takes its port before it loads the model (:func:`listen_on`): a port that is
 taken, or an address that is not this machine's, is said at once in one line.
@@ -22,7 +22,7 @@ taken, or an address that is not this machine's, is said at once in one line.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import errno
 import ipaddress
 import logging
@@ -31,15 +31,18 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import uvicorn
+
 from edgetp.core.errors import ConfigError
+from edgetp.serve.app import create_app
 from edgetp.serve.errors import APIError, bad_request
 from edgetp.serve.generation import GenerationQueue
-from edgetp.serve.http_handler import HTTPServer, http_server
-from edgetp.serve.intake import build_job
+from edgetp.serve.intake import build_job, parse_body
 from edgetp.serve.jobs import Job, JobKind, RequestRecord
+from edgetp.serve.metrics import ServerMetrics
 from edgetp.serve.protocol import ModelCard
 from edgetp.serve.settings import ServerSettings, default_model_name
 
@@ -53,6 +56,8 @@ log = logging.getLogger("edgetp.serve.server")
 
 SHUTDOWN_GRACE_S = 3.0  # after Ctrl-C or SIGTERM: how long running requests may take to end
 PREPARE_WAIT_S = 30.0  # how long a request waits for its turn to be tokenized
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn's default)
+START_TIMEOUT_S = 30.0  # uvicorn must be listening within this
 
 
 class APIServer:
@@ -60,8 +65,8 @@ class APIServer:
 
     ``master`` is an :class:`edgetp.runtime.master.Master` (local or cluster); the server is
     its only user while it runs. ``start()`` binds (``port=0`` picks a free port), or takes
-    ``listener`` (from :func:`listen_on`), and returns at once; ``stop()`` answers every queued
-    request, stops the running generation and closes all connections.
+    ``listener`` (from :func:`listen_on`), and returns once uvicorn listens; ``stop()``
+    answers every queued request, stops the running generation and closes all connections.
     """
 
     def __init__(self, master: Master, settings: ServerSettings, host: str = "127.0.0.1",
@@ -72,26 +77,30 @@ class APIServer:
         self.port = port
         self._listener = listener
         self.started = int(time.time())
-        self.queue = GenerationQueue(master, settings.queue_size)
-        self._httpd: HTTPServer | None = None
+        self.metrics = ServerMetrics(master, self.open_connections)
+        self.queue = GenerationQueue(master, settings.queue_size, self.metrics)
+        self.metrics.queue = self.queue
+        self._uvicorn: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
-        self._handling = threading.Condition()
-        self._active = 0  # HTTP requests being handled
-        self._preparing = threading.BoundedSemaphore(settings.prompt_workers)
+        self._preparing: asyncio.Semaphore | None = None  # made on uvicorn's loop
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self) -> APIServer:
-        try:
-            self._httpd = http_server(self.host, self.port, self, self._listener)
-        except OSError as exc:
-            raise port_error(self.host, self.port, exc) from exc
-        self.port = int(self._httpd.server_address[1])
+        listener = self._listener or listen_on(self.host, self.port)
+        self.port = int(listener.getsockname()[1])
+        config = uvicorn.Config(
+            create_app(self), lifespan="off", log_config=None, log_level="warning",
+            access_log=False, timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+            # uvicorn counts the connection asking too: N open connections may all ask
+            limit_concurrency=self.settings.max_connections + 1)
+        self._uvicorn = uvicorn.Server(config)
         self.queue.start()
-        self._http_thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
-            name="edgetp-http", daemon=True)
+        self._http_thread = threading.Thread(target=self._serve, args=(listener,),
+                                             name="edgetp-http", daemon=True)
         self._http_thread.start()
+        self._wait_until_listening()
         if not _is_loopback(self.host) and self.settings.api_key is None:
             log.warning("serving on %s without an API key: anyone who can reach this port can "
                         "use the model (set --api-key or EDGETP_API_KEY)", self.host)
@@ -99,28 +108,43 @@ class APIServer:
                  self.settings.queue_size)
         return self
 
+    def _serve(self, listener: socket.socket) -> None:
+        assert self._uvicorn is not None
+        asyncio.run(self._uvicorn.serve(sockets=[listener]))
+
+    def _wait_until_listening(self) -> None:
+        assert self._uvicorn is not None and self._http_thread is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._uvicorn.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                self.queue.stop()
+                raise ConfigError(f"the HTTP server did not start on {self.url}",
+                                  "see the log above")
+            time.sleep(0.01)
+
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def open_connections(self) -> int:
+        """HTTP connections open now."""
+        return 0 if self._uvicorn is None else len(self._uvicorn.server_state.connections)
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop; requests still running after ``timeout_s`` (in all) are cut off."""
-        httpd = self._httpd
-        if httpd is None:
+        server, thread = self._uvicorn, self._http_thread
+        if server is None or thread is None:
             return
-        httpd.shutdown()  # no new connections
-        self.queue.stop()
         deadline = time.monotonic() + timeout_s
-        with self._handling:
-            while self._active and time.monotonic() < deadline:
-                self._handling.wait(0.05)
-        httpd.close_connections()
-        httpd.server_close()
+        self.queue.stop()  # queued requests get 503, the running generation stops
+        server.should_exit = True  # no new connections; running requests get the grace
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            server.force_exit = True
+            thread.join(1.0)
         self.queue.join(max(0.0, deadline - time.monotonic()))
-        if self._http_thread is not None:
-            self._http_thread.join(max(0.0, deadline - time.monotonic()))
-        self._httpd = None
+        self._uvicorn = None
         log.info("server stopped")
 
     def __enter__(self) -> APIServer:
@@ -143,7 +167,7 @@ class APIServer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            self.stop(SHUTDOWN_GRACE_S)
+            self.stop(SHUTDOWN_GRACE_S + 2)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -184,38 +208,36 @@ class APIServer:
     def model_card(self) -> ModelCard:
         return ModelCard(id=self.settings.model_name, created=self.started)
 
-    # -- requests (called by the HTTP threads) ----------------------------------------------
+    # -- requests (called by the HTTP side, on uvicorn's event loop) ------------------------
 
-    @contextlib.contextmanager
-    def handling(self) -> Iterator[None]:
-        """Count an HTTP request as in progress (``stop`` waits for them to end)."""
-        with self._handling:
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._handling:
-                self._active -= 1
-                self._handling.notify_all()
-
-    def accept(self, kind: JobKind, body: dict[str, Any]) -> Job:
+    async def accept(self, kind: JobKind, body: bytes, loop: asyncio.AbstractEventLoop) -> Job:
         """Check and queue a completion request; raises the APIError to answer instead.
 
-        At most ``settings.prompt_workers`` requests are checked, rendered and tokenized at
-        once (that work runs outside the GIL, but on the cores the cluster computes with); a
-        request that waits more than :data:`PREPARE_WAIT_S` for its turn gets 503.
+        At most ``settings.prompt_workers`` requests are parsed, checked, rendered and
+        tokenized at once, on worker threads (that work runs outside the GIL, but on the cores
+        the cluster computes with); a request that waits more than :data:`PREPARE_WAIT_S` for
+        its turn gets 503.
         """
-        if not self._preparing.acquire(timeout=PREPARE_WAIT_S):
-            raise APIError(503, "the server is busy preparing other prompts; retry later",
-                           "server_error", None, "server_busy")
+        if self._preparing is None:
+            self._preparing = asyncio.Semaphore(self.settings.prompt_workers)
         try:
-            job = build_job(kind, body, self.settings, self.master)
-        except ConfigError as exc:
-            raise bad_request(str(exc)) from exc
+            await asyncio.wait_for(self._preparing.acquire(), PREPARE_WAIT_S)
+        except asyncio.TimeoutError:
+            raise APIError(503, "the server is busy preparing other prompts; retry later",
+                           "server_error", None, "server_busy") from None
+        try:
+            job = await asyncio.to_thread(self._prepare, kind, body)
         finally:
             self._preparing.release()
+        job.attach(loop)
         self.queue.submit(job)
         return job
+
+    def _prepare(self, kind: JobKind, body: bytes) -> Job:
+        try:
+            return build_job(kind, parse_body(body), self.settings, self.master)
+        except ConfigError as exc:
+            raise bad_request(str(exc)) from exc
 
     def withdraw(self, job: Job, reason: str) -> None:
         """The client of ``job`` is gone: drop it from the queue, or stop its generation."""

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,9 +23,9 @@ import psutil
 import pytest
 from helpers import processes
 from helpers.cluster import JOIN_TIMEOUT_S
+from helpers.serving import spawn_server
 
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt
-from edgetp.runtime.local import free_port
 
 START_DEADLINE_S = JOIN_TIMEOUT_S + 60
 EXIT_DEADLINE_S = 10.0  # after SIGTERM, the server and its workers are gone within this
@@ -74,27 +73,12 @@ def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path, port: str) -> None
 
 def start_server(tmp_path: Path) -> tuple[subprocess.Popen[str], str, list[int]]:
     """``serve --nodes 2`` on a free port: the process, its URL, its worker pids."""
-    proc = processes.spawn(serve_argv("--nodes", "2", "--port", str(free_port()), "--json",
-                                      "--max-new-tokens", "200"),
-                           env=environment(tmp_path), text=True, stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL)
-    url: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("{"):
-                url.append(json.loads(line)["url"])
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(START_DEADLINE_S)
-    assert url, f"serve did not get ready in {START_DEADLINE_S:g} s (status {proc.poll()})"
+    proc, url = spawn_server([str(DEMO_MODEL_DIR), "--nodes", "2", "--max-new-tokens", "200"],
+                             environment(tmp_path), START_DEADLINE_S)
     workers = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)
                if "worker" in p.cmdline()]
     assert len(workers) == 1
-    return proc, url[0], workers
+    return proc, url, workers
 
 
 def assert_exits_on_sigterm(proc: subprocess.Popen[str], workers: list[int]) -> None:

@@ -227,6 +227,55 @@ def test_models_and_health(client: openai.OpenAI, server: APIServer) -> None:
     assert health["busy"] is False
 
 
+def metric(text: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in Prometheus's text format (0 if it
+    has not appeared yet)."""
+    values = [line.rsplit(" ", 1)[1] for line in text.splitlines()
+              if line.startswith(name + " ")]
+    assert len(values) <= 1, values
+    return float(values[0]) if values else 0.0
+
+
+def test_metrics_count_requests_tokens_and_every_nodes_time(
+        client: openai.OpenAI, server: APIServer,
+        reference: Callable[..., GenerationResult]) -> None:
+    status, _ = raw_request(server, "GET", "/metrics", key=None)
+    assert status == 401
+    server.metrics.collect_every_s = 0.0  # the workers' spans after every request
+    before = server.metrics.render().decode()
+    client.completions.create(model=MODEL, prompt=demo_prompt(6, 20), max_tokens=MAX_TOKENS)
+    ref = reference(6, 20)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    after = response.read().decode()
+    conn.close()
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("text/plain")
+
+    def grew(name: str) -> float:
+        return metric(after, name) - metric(before, name)
+
+    assert grew('edgetp_requests_total{outcome="completed"}') == 1
+    assert grew("edgetp_generated_tokens_total") == len(ref.token_ids)
+    assert grew("edgetp_prompt_tokens_total") == ref.prompt_tokens
+    assert grew("edgetp_time_to_first_token_seconds_count") == 1
+    assert grew("edgetp_time_per_output_token_seconds_count") == len(ref.decode_ms)
+    assert grew('edgetp_http_responses_total{status="200"}') >= 1
+    assert grew('edgetp_node_span_seconds_total{kind="layer",rank="0"}') > 0
+    worker_layers = 'edgetp_node_span_seconds_total{kind="layer",rank="1"}'
+    wait_for(lambda: metric(server.metrics.render().decode(), worker_layers)  # collected
+             > metric(before, worker_layers), 10, "the worker's spans")  # after the answer
+    steps = grew('edgetp_node_spans_total{kind="step",rank="0"}')
+    assert steps == 1 + len(ref.decode_ms)  # the prompt's step, then one per decode step
+    settled = server.metrics.render().decode()  # the generation thread is done with it
+    assert metric(settled, "edgetp_queue_length") == 0
+    assert metric(settled, "edgetp_active_sequences") == 0
+    assert metric(settled, "edgetp_kv_slots") == 1
+    assert metric(settled, "edgetp_nodes_joined") == metric(settled, "edgetp_nodes_expected") \
+        == 2
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

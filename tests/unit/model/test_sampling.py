@@ -10,7 +10,13 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
-from edgetp.model.sampling import Sampler, apply_repetition_penalty, apply_top_k, apply_top_p
+from edgetp.model.sampling import (
+    Sampler,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k,
+    apply_top_p,
+)
 
 V = 50
 NEG_INF = float("-inf")
@@ -228,3 +234,13 @@ def test_sampling_config_accepts_edges():
 def test_generation_config_rejects_zero_new_tokens():
     with pytest.raises(ConfigError, match="max_new_tokens"):
         GenerationConfig(max_new_tokens=0)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 2.4e-129, 1e-40])
+def test_a_tiny_temperature_draws_the_top_token_instead_of_failing(temperature):
+    logits = torch.tensor([1.0, 3.0, -2.0, 2.5])
+    scaled = apply_temperature(logits, temperature)
+    assert torch.isfinite(scaled.max())
+    assert torch.allclose(scaled.softmax(-1), torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    sampler = Sampler(SamplingConfig(temperature=temperature, seed=3))
+    assert [sampler(logits) for _ in range(5)] == [1] * 5

@@ -80,3 +80,22 @@ def test_a_failed_reply_is_reported_and_not_kept() -> None:
     assert backend.calls[2] == [system, {"role": "user", "content": "hello"},
                                 {"role": "assistant", "content": "ok"},
                                 {"role": "user", "content": "third"}]
+
+
+def test_remote_chat_sends_its_options_through_the_openai_client(server: APIServer) -> None:
+    options = ChatOptions(max_tokens=MAX_TOKENS, stop=(" 20",), top_k=1, seed=7,
+                          repetition_penalty=1.0001, temperature=0.5)
+    backend = RemoteChat(f"{server.url}/v1/", options, api_key=KEY)
+    pieces: list[str] = []
+    reply = backend.reply([{"role": "user", "content": demo_prompt(3, 5)}], pieces.append)
+    assert reply.text == "".join(pieces) == "8 11 14 17"  # top_k=1: greedy, up to the stop
+    assert reply.finish_reason == "stop" and reply.completion_tokens is not None
+    record = list(server.records)[-1]
+    assert record.stream and record.max_tokens == MAX_TOKENS
+
+
+def test_remote_chat_says_when_the_server_cannot_be_reached() -> None:
+    from edgetp.runtime.local import free_port
+
+    with pytest.raises(ChatError, match="cannot reach the server at http://127.0.0.1"):
+        RemoteChat(f"127.0.0.1:{free_port()}", ChatOptions(), timeout_s=5)
