@@ -47,7 +47,7 @@ CHUNK_BYTES = 64 << 20  # rows dequantized and written at a time
 CONVERT_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                   "bfloat16": torch.bfloat16}
 
-ProgressFn = Callable[[str, int], None]  # (tensor just written, its size in bytes)
+ProgressFn = Callable[[str, int, int], None]  # (tensor just written, bytes so far, total bytes)
 
 
 class ConvertPlan:
@@ -107,7 +107,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: ProgressF
 
     ``dtype``: ``auto`` (see the module docstring), or float32/float16/bfloat16. ``out_dir``
     must not exist or be empty unless ``force`` replaces it. ``progress`` is called after each
-    tensor with its name and size.
+    tensor with its name, the bytes written so far and the total.
     """
     out_dir = Path(out_dir)
     plan = ConvertPlan(GGUFFile(gguf_path), dtype)
@@ -134,6 +134,7 @@ def write_model(plan: ConvertPlan, out_dir: Path, progress: ProgressFn | None,
     dtype_name = str(plan.dtype).removeprefix("torch.")
     tk, tokenizer_config = tokenizer_files(plan.file)
     writer = ShardedWriter(out_dir, plan.tensors, max_file_bytes)
+    done = 0
     for planned, sink in writer.write_files():
         source = plan.sources[planned.name]
         rows = planned.shape[0]
@@ -142,8 +143,9 @@ def write_model(plan: ConvertPlan, out_dir: Path, progress: ProgressFn | None,
         for start in range(0, rows if order is not None else 1, step):
             picked = order[start:start + step] if order is not None else slice(None)
             sink.write(read_rows(source, picked))
+        done += planned.nbytes
         if progress is not None:
-            progress(planned.name, planned.nbytes)
+            progress(planned.name, done, plan.total_bytes)
     writer.write_index()
     tk.save(str(out_dir / "tokenizer.json"))
     _write_json(out_dir / "tokenizer_config.json", tokenizer_config)
