@@ -69,13 +69,19 @@ def hf_config(file: GGUFFile, torch_dtype: str) -> dict[str, Any]:
     return config
 
 
-def special_ids(file: GGUFFile) -> dict[str, int]:
-    ids = {}
-    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("padding_token_id", "pad_token_id")):
+def special_ids(file: GGUFFile) -> dict[str, Any]:
+    """BOS, padding and EOS ids; EOS also lists the end-of-turn/-message tokens (Llama 3's
+    ``<|eot_id|>``), at which a chat reply ends."""
+    ids: dict[str, Any] = {}
+    for key, name in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         value = file.value(f"tokenizer.ggml.{key}")
         if value is not None:
             ids[name] = int(value)
+    ends = [file.value(f"tokenizer.ggml.{key}") for key in ("eos_token_id", "eot_token_id",
+                                                            "eom_token_id")]
+    eos = list(dict.fromkeys(int(v) for v in ends if v is not None))
+    if eos:
+        ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     return ids
 
 
