@@ -1,0 +1,90 @@
+"""A ``.gguf`` file wherever a model directory goes: ``edgetp generate``/``convert`` on tiny GGUF
+files (real subprocesses, the cache in the test's directory), the content-keyed conversion
+cache, and the one-line errors of bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.gguf_files import Q, write_gguf
+
+from edgetp.shard.gguf_cache import model_dir_for
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory) -> Path:
+    from helpers.hf_models import make_hf_model
+
+    root = tmp_path_factory.mktemp("gguf_cli")
+    hf_dir, _ = make_hf_model(root, "llama3", vocab_size=VOCAB)
+    return write_gguf(hf_dir, root / "tiny-llama.Q8_0.gguf", Q.Q8_0)
+
+
+def edgetp(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EDGETP_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "edgetp.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def generate(cache: Path, model: Path, *args: str) -> tuple[list[int], str]:
+    done = edgetp(cache, "generate", str(model), "--prompt", "hello the world",
+                  "--max-new-tokens", "6", "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])["token_ids"], done.stderr
+
+
+def test_generate_on_a_gguf_converts_once_then_reuses(gguf_file, tmp_path):
+    cache = tmp_path / "cache"
+    first, log = generate(cache, gguf_file)
+    assert "converting" in log
+    [digest] = [d for d in (cache / "gguf").iterdir() if d.is_dir()]
+    [converted] = list(digest.iterdir())
+    assert converted.name == gguf_file.stem  # the model's name, e.g. for serve
+    stamps = {p: p.stat().st_mtime_ns for p in converted.iterdir()}
+    again, log = generate(cache, gguf_file, "--nodes", "2")
+    assert again == first and "converting" not in log and "hashing" not in log
+    assert {p: p.stat().st_mtime_ns for p in converted.iterdir()} == stamps
+    direct, _ = generate(cache, converted)
+    assert direct == first
+
+
+def test_the_cache_is_keyed_by_content(gguf_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETP_CACHE", str(tmp_path / "cache"))
+    first = model_dir_for(gguf_file)
+    renamed = Path(shutil.copy(gguf_file, tmp_path / "other-name.gguf"))
+    assert model_dir_for(renamed) == first  # same bytes: no second conversion
+    assert json.loads((first / "gguf_source.json").read_text())["path"] == str(renamed)
+    changed = bytearray(renamed.read_bytes())
+    changed[-1] ^= 0xFF  # the last byte of the last tensor's data
+    renamed.write_bytes(bytes(changed))
+    assert model_dir_for(renamed) != first
+    assert model_dir_for(tmp_path) == tmp_path  # a directory stays itself
+
+
+def test_convert_command_writes_a_model_directory(gguf_file, tmp_path):
+    done = edgetp(tmp_path / "cache", "convert", str(gguf_file), "--out", str(tmp_path / "hf"))
+    assert done.returncode == 0, done.stderr
+    names = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
+            "generation_config.json"} <= names
+    first, _ = generate(tmp_path / "cache", gguf_file)
+    assert generate(tmp_path / "cache", tmp_path / "hf")[0] == first
+
+
+@pytest.mark.parametrize("content", [b"GGUF\x03\x00\x00\x00truncated", b"plain text"])
+def test_a_bad_gguf_is_one_line_of_error(tmp_path, content):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(content)
+    done = edgetp(tmp_path / "cache", "generate", str(bad), "--prompt", "hi")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "not a readable GGUF file" in done.stderr
+    done = edgetp(tmp_path / "cache", "generate", str(tmp_path / "missing.gguf"), "--prompt", "x")
+    assert done.returncode == 2 and "does not exist" in done.stderr
