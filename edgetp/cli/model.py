@@ -19,8 +19,9 @@ from edgetp.cli.options import MODEL_SOURCE, WEIGHT_DTYPES, conversion_progress,
               required=True, help="output directory (gets rank-0 ... rank-N-1)")
 @click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
               help="stored weight dtype (default: the checkpoint's); int8: symmetric "
-                   "per-channel, int4: group-wise (--group-size); norms, embedding and biases "
-                   "stay float")
+                   "per-channel, int4: group-wise (--group-size); native: a GGUF's own "
+                   "Q4_0/Q4_1 (int4) or Q8_0 (int8) blocks as they are; norms, embedding and "
+                   "biases stay float")
 @group_size_option
 @click.option("--force", is_flag=True, help="replace a different split in --out")
 @click.option("--private-layers", type=int, default=0, show_default=True,

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-WEIGHT_DTYPES = ["float32", "bfloat16", "float16", "int8", "int4"]  # edgetp.shard.split's
+WEIGHT_DTYPES = ["float32", "bfloat16", "float16", "int8", "int4", "native"]  # edgetp.shard.split's
 
 
 class ModelSource(click.ParamType):
@@ -136,7 +136,8 @@ def weight_options(func: F) -> F:
     return click.option(
         "--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
         help="split the weights in this dtype: int8 (per-channel) or int4 (group-wise) "
-             "quantize the linears (default: the checkpoint's)")(func)
+             "quantize the linears; native: a GGUF's own Q4_0/Q4_1 or Q8_0 blocks as they are "
+             "(default: the checkpoint's)")(func)
 
 
 def master_sources(func: F) -> F:
