@@ -9,9 +9,10 @@ lets the splitter reuse the file's own 4- and 8-bit blocks (``edgetp.shard.gguf_
 Weights are written in one dtype: float16 or bfloat16 when every matrix of the file is stored
 so (norms widened by llama.cpp are narrowed back, exactly for any model trained in that dtype),
 otherwise float32, the only type that holds a dequantized block (``scale * q + min``) exactly.
-Tensors are read, dequantized and written a chunk of rows at a time, so memory stays at one
-chunk (:data:`CHUNK_BYTES`) whatever the model's size. The directory is built beside ``out_dir``
-and renamed into place when complete, so a reader never sees half a conversion.
+Tensors are read, dequantized and written a chunk of rows at a time, so memory stays at a few
+chunks (:data:`CHUNK_BYTES`: the dequantization's temporaries) whatever the model's size, and
+the file's pages read are unmapped after each tensor. The directory is built beside
+``out_dir`` and renamed into place when complete, so a reader never sees half a conversion.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from edgetp.model.gguf.vocab import tokenizer_files
 
 GGUF_SOURCE_FILE = "gguf_source.json"
 SOURCE_FORMAT = "edgetp-gguf-source-1"
-CHUNK_BYTES = 64 << 20  # rows dequantized and written at a time
+CHUNK_BYTES = 8 << 20  # rows dequantized and written at a time (float32 bytes)
 CONVERT_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                   "bfloat16": torch.bfloat16}
 
@@ -143,6 +144,7 @@ def write_model(plan: ConvertPlan, out_dir: Path, progress: ProgressFn | None,
         for start in range(0, rows if order is not None else 1, step):
             picked = order[start:start + step] if order is not None else slice(None)
             sink.write(read_rows(source, picked))
+        plan.file.release_pages()
         done += planned.nbytes
         if progress is not None:
             progress(planned.name, done, plan.total_bytes)

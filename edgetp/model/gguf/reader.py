@@ -8,6 +8,7 @@ the file, raised when it is opened rather than halfway through a conversion.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,13 @@ class GGUFFile:
                 raise GGUFError(f"{self.path} is truncated: tensor {tensor.name} runs past the "
                                 f"end of the file ({size} bytes)",
                                 "download the file again")
+
+    def release_pages(self) -> None:
+        """Unmap the pages of the file read so far from this process (they stay in the page
+        cache): a conversion's resident memory then stays at what it works on, not the file."""
+        mapped = getattr(self.reader.data, "_mmap", None)  # numpy.memmap's own mmap object
+        if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     @property
     def architecture(self) -> str:

@@ -106,7 +106,7 @@ class _TensorSink:
             raise ValueError(f"{self.planned.name}: rows of shape {tuple(data.shape)} for a "
                              f"tensor of shape {self.planned.shape}")
         raw = data.view(-1).view(torch.uint8).numpy()
-        self.handle.write(raw.tobytes())
+        self.handle.write(raw.data)  # the tensor's own bytes, no copy
         self.written += raw.nbytes
 
     def check_complete(self) -> None:
