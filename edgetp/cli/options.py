@@ -36,16 +36,21 @@ class ModelSource(click.ParamType):
         if path.is_dir():
             return path
         if path.is_file() and path.suffix.lower() == ".gguf":
-            from edgetp.shard.gguf_cache import model_dir_for
-
-            with conversion_progress() as progress:
-                return model_dir_for(path, progress, log=lambda line: click.echo(line, err=True))
+            return converted_gguf(path)
         what = "does not exist" if not path.exists() else "is neither a directory nor a .gguf"
         self.fail(f"{value} {what}: give a Hugging Face model directory or a .gguf file",
                   param, ctx)
 
 
 MODEL_SOURCE = ModelSource()
+
+
+def converted_gguf(path: Path) -> Path:
+    """The cached conversion of the GGUF file ``path`` (made now, with a progress bar, if new)."""
+    from edgetp.shard.gguf_cache import model_dir_for
+
+    with conversion_progress() as progress:
+        return model_dir_for(path, progress, log=lambda line: click.echo(line, err=True))
 
 
 @contextlib.contextmanager

@@ -88,3 +88,61 @@ def test_a_bad_gguf_is_one_line_of_error(tmp_path, content):
     assert "Traceback" not in done.stderr and "not a readable GGUF file" in done.stderr
     done = edgetp(tmp_path / "cache", "generate", str(tmp_path / "missing.gguf"), "--prompt", "x")
     assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+def test_launch_splits_a_gguf_named_in_the_cluster_file(gguf_file, tmp_path, monkeypatch):
+    from edgetp.config.cluster import parse_cluster_config
+    from edgetp.ops.launch.shipping import prepare_split
+    from edgetp.shard.manifest import read_manifest
+
+    monkeypatch.setenv("EDGETP_CACHE", str(tmp_path / "cache"))
+    nodes = [{"name": n, "address": f"10.0.0.{i}", "shard_dir": str(tmp_path / n)}
+             for i, n in enumerate("ab", 1)]
+    config = parse_cluster_config({"model": str(gguf_file), "nodes": nodes}, "c", tmp_path)
+    lines: list[str] = []
+    split = prepare_split(config, lines.append)
+    assert read_manifest(split / "rank-1").plan.n_ranks == 2
+    assert any("converting" in line for line in lines)
+    assert read_manifest(split / "rank-0").fingerprint == read_manifest(
+        prepare_split(config, lines.append) / "rank-0").fingerprint
+
+
+def test_plan_takes_a_gguf(gguf_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from edgetp.cli.main import main
+
+    profile = {"mem_bw_gbs": 20, "matvec_gbs": {"float32": 15, "bfloat16": 8},
+               "flops_gflops": 100, "disk_bw_mbs": 1000, "host": "x"}
+    (tmp_path / "p.json").write_text(json.dumps(profile))
+    (tmp_path / "c.yaml").write_text(json.dumps({
+        "link": {"latency_ms": 1, "bandwidth_mbit": 1000},
+        "nodes": [{"profile": "p.json", "memory_budget": "1GiB"},
+                  {"profile": "p.json", "memory_budget": "1GiB"}]}))
+    monkeypatch.setenv("EDGETP_CACHE", str(tmp_path / "cache"))
+    runs = [CliRunner().invoke(main, ["plan", "--model", str(model), "--cluster",
+                                      str(tmp_path / "c.yaml"), "--context", "64",
+                                      "--prompt-tokens", "8", "--new-tokens", "8", "--json"])
+            for model in (gguf_file, model_dir_for(gguf_file))]
+    assert [r.exit_code for r in runs] == [0, 0], runs[0].output
+    assert json.loads(runs[0].stdout) == json.loads(runs[1].stdout)
+
+
+def test_two_worker_processes_over_the_files_own_blocks(tmp_path):
+    """A Q4_1 file split with --weight-dtype native (int4 from the file's blocks) on 2 nodes,
+    with the exact reference products (EDGETP_QUANT_KERNELS=0): the tokens of one device on
+    the dequantized weights."""
+    from helpers.hf_models import make_hf_model
+
+    hf_dir, _ = make_hf_model(tmp_path, "llama3", vocab_size=VOCAB)
+    path = write_gguf(hf_dir, tmp_path / "tiny.Q4_1.gguf", Q.Q4_1)
+    cache = tmp_path / "cache"
+    os.environ["EDGETP_QUANT_KERNELS"] = "0"  # the conftest puts the environment back
+    single, _ = generate(cache, path)
+    native, _ = generate(cache, path, "--nodes", "2", "--weight-dtype", "native")
+    assert native == single
+    [split] = (cache / "splits").iterdir()
+    manifest = json.loads((split / "rank-1" / "manifest.json").read_text())
+    assert manifest["dtype"] == "int4"
+    scales = manifest["files"]["layer-000.safetensors"]["tensors"]["mlp.up_proj.weight_scale"]
+    assert scales["dtype"] == "F32"  # the file's blocks, not a second quantization
