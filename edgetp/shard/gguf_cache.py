@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,10 +67,14 @@ def model_dir_for(path: str | Path, progress: ProgressFn | None = None,
 
 
 def _converted(digest_dir: Path) -> Path | None:
-    """The complete conversion kept under ``digest_dir``, if any."""
+    """The complete conversion kept under ``digest_dir``, if any; what an interrupted one left
+    (a hidden ``.NAME.converting-PID`` directory) is removed (the caller holds the lock)."""
     if not digest_dir.is_dir():
         return None
-    done = sorted(d for d in digest_dir.iterdir() if (d / "config.json").is_file())
+    for left in digest_dir.glob(".*.converting-*"):
+        shutil.rmtree(left, ignore_errors=True)
+    done = sorted(d for d in digest_dir.iterdir()
+                  if not d.name.startswith(".") and (d / "config.json").is_file())
     return done[0] if done else None
 
 

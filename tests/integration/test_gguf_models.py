@@ -146,3 +146,14 @@ def test_two_worker_processes_over_the_files_own_blocks(tmp_path):
     assert manifest["dtype"] == "int4"
     scales = manifest["files"]["layer-000.safetensors"]["tensors"]["mlp.up_proj.weight_scale"]
     assert scales["dtype"] == "F32"  # the file's blocks, not a second quantization
+
+
+def test_an_interrupted_conversion_is_neither_used_nor_kept(gguf_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGETP_CACHE", str(tmp_path / "cache"))
+    done = model_dir_for(gguf_file)
+    shutil.rmtree(done)
+    left = done.with_name(f".{done.name}.converting-999999")  # a crash after config.json
+    left.mkdir()
+    (left / "config.json").write_text("{}")
+    assert model_dir_for(gguf_file) == done and (done / "model.safetensors").is_file()
+    assert not left.exists()
