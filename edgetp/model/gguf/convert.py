@@ -3,7 +3,7 @@
 The directory gets ``config.json``, ``generation_config.json``, ``tokenizer.json``,
 ``tokenizer_config.json`` (:mod:`.hfconfig`, :mod:`.vocab`), the weights as safetensors in files
 of bounded size with an index (:mod:`.shards`), and ``gguf_source.json``: where the weights came
-from (the GGUF's path and size, and each tensor's GGUF name, type and row reordering), which
+from (the GGUF's path, and each tensor's GGUF name, type and row reordering), which
 lets the splitter reuse the file's own 4- and 8-bit blocks (``edgetp.shard.gguf_blocks``).
 
 Weights are written in one dtype: float16 or bfloat16 when every matrix of the file is stored
@@ -94,7 +94,6 @@ class ConvertPlan:
         return {
             "format": SOURCE_FORMAT,
             "path": str(self.file.path.resolve()),
-            "size": self.file.path.stat().st_size,
             "tensors": {name: {"gguf": t.name, "type": t.tensor_type.name,
                                "permuted_heads": self.heads_of(name)}
                         for name, t in self.sources.items()},
