@@ -8,12 +8,18 @@ from typing import Any
 
 import click
 
-from edgetp.cli.options import cluster_options, node_shares, weight_options
+from edgetp.cli.options import (
+    MODEL_SOURCE,
+    cluster_options,
+    converted_gguf,
+    node_shares,
+    weight_options,
+)
 from edgetp.cli.output import log
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=MODEL_SOURCE)
 @click.option("--nodes", type=int, default=1, show_default=True)
 @click.option("--shares", default=None, help="relative work per node, e.g. 2,1,1")
 @click.option("--prompt-tokens", type=int, default=32, show_default=True)
@@ -71,8 +77,8 @@ def report(dirs: tuple[Path, ...]) -> None:
 
 @click.command()
 @click.option("--model", "model_spec", default=None,
-              help="a model directory (with config.json) or a preset such as llama2-70b "
-                   "(default: the cluster file's model)")
+              help="a model directory (with config.json), a .gguf file or a preset such as "
+                   "llama2-70b (default: the cluster file's model)")
 @click.option("--cluster", "cluster_file", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
               help="cluster YAML file (the launch format, with a profile per node)")
@@ -101,6 +107,8 @@ def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int
             raise click.UsageError("give --model (a model directory or a preset) or model: "
                                    "in the cluster file")
         model_spec = str(cluster_config.local_path(cluster_config.model))
+    if model_spec.lower().endswith(".gguf") and Path(model_spec).is_file():
+        model_spec = str(converted_gguf(Path(model_spec)))
     name, config = resolve_model(model_spec)
     cluster = planner.cluster_spec(cluster_config)
     float_dtype = stored_float_dtype(model_spec) if dtype in ("int8", "int4") else None

@@ -4,7 +4,7 @@
 docs/cluster.md has the reference)::
 
     name: home                      # optional; names logs and pid files (default: file stem)
-    model: ~/models/Llama-3.2-3B    # a HF checkpoint (split here) or a split (with rank-K/)
+    model: ~/models/Llama-3.2-3B    # a HF checkpoint or .gguf (split here) or a split (rank-K/)
     master: {address: 192.168.1.10, port: 5555}   # bind defaults to tcp://0.0.0.0:PORT
     nodes:                          # node 0 is the master (this machine)
       - {name: laptop, address: 192.168.1.10, shard_dir: ~/edgetp/rank-0, memory_budget: 6GiB}

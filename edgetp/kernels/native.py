@@ -126,12 +126,15 @@ def _load() -> ctypes.CDLL | None:
         log.warning("native kernel library %s is stale: delete it to rebuild", target)
         return None
     library.et_matvec_f32.restype = None
-    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i4", "et_has_int4"):
+    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i8_b32", "et_matvec_i4",
+                 "et_matvec_i4_f32", "et_has_int4"):
         getattr(library, name).restype = ctypes.c_int
     for name in ("et_matvec_f32", "et_matvec_bf16"):
         getattr(library, name).argtypes = [_P, _P, _P, _I64, _I64]
-    library.et_matvec_i8.argtypes = [_P, _P, _P, _P, _I64, _I64]
-    library.et_matvec_i4.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
+    for name in ("et_matvec_i8", "et_matvec_i8_b32"):
+        getattr(library, name).argtypes = [_P, _P, _P, _P, _I64, _I64]
+    for name in ("et_matvec_i4", "et_matvec_i4_f32"):
+        getattr(library, name).argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
     return library
 
 
@@ -190,20 +193,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, in] float32 @ (q int8 [out, in] * scale bfloat16 [out])^T -> [1, out] float32.
+    """x [1, in] float32 @ (q int8 [out, in] * scale)^T -> [1, out] float32; ``scale`` is
+    bfloat16 [out] (one per row) or float16 [out, in / 32] (one per row and 32 columns).
 
     x is quantized to int16 per 64 columns (see ``csrc/matvec.c``); None when the C loops cannot
     take the product."""
     lib = library()
     if (lib is None or not _one_row(x, q) or x.dtype != torch.float32 or q.dtype != torch.int8
-            or scale.dtype != torch.bfloat16 or not scale.is_contiguous()
-            or scale.numel() != q.shape[0]):
+            or not scale.is_contiguous()):
         return None
     rows, cols = q.shape
+    if scale.dtype == torch.bfloat16 and scale.numel() == rows:
+        kernel = lib.et_matvec_i8
+    elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
+        kernel = lib.et_matvec_i8_b32
+    else:
+        return None
     y = output(out, rows, torch.float32)
-    if lib.et_matvec_i8(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
-                        cols) != 0:
-        return None  # no memory for x's int16 copy
+    if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) != 0:
+        return None  # no memory for x's int16 copy, or columns not whole blocks
     return y
 
 
@@ -216,22 +224,24 @@ def has_int4() -> bool:
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [1, in] float32 @ dequant(packed uint8 [out, in / 2] in the *tiled* layout,
-    scale_zero bfloat16 [in / group, out, 2])^T -> [1, out] float32.
+    scale_zero bfloat16 or float32 [in / group, out, 2])^T -> [1, out] float32.
 
     x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
     product (no AVX-512 VNNI build, a shape the tiled layout does not have)."""
     lib = library()
+    kernels = {torch.bfloat16: "et_matvec_i4", torch.float32: "et_matvec_i4_f32"}
     if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1
             or x.dtype != torch.float32 or not x.is_contiguous() or packed.dtype != torch.uint8
-            or not packed.is_contiguous() or scale_zero.dtype != torch.bfloat16
+            or not packed.is_contiguous() or scale_zero.dtype not in kernels
             or not scale_zero.is_contiguous() or packed.dim() != 2
             or x.shape[1] != 2 * packed.shape[1]
             or tuple(scale_zero.shape) != (x.shape[1] // group, packed.shape[0], 2)):
         return None
     rows, cols = packed.shape[0], x.shape[1]
     y = output(out, rows, torch.float32)
-    if lib.et_matvec_i4(packed.data_ptr(), scale_zero.data_ptr(), x.data_ptr(), y.data_ptr(),
-                        rows, cols, group) != 0:
+    kernel = getattr(lib, kernels[scale_zero.dtype])
+    if kernel(packed.data_ptr(), scale_zero.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols,
+              group) != 0:
         return None
     return y
 

@@ -9,6 +9,10 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
   exactly; ~2x the torch kernel's rate below, and 60x closer to the exact product.
 * int4 in the tiled layout, one float32 row, where the native kernels have it (AVX-512 VNNI):
   ``et_matvec_i4``, the same int16 activation blocks, codes straight from the tiled bytes.
+* int8 with block scales (a GGUF's Q8_0 kept, ``edgetp.shard.quant``), one float32 row:
+  ``et_matvec_i8_b32``, the same int16 activation blocks, each 32-column half summed apart and
+  scaled by its own weight scale; more rows: the fallback. int4 with float32 scales takes the
+  same paths as bfloat16 ones (the C kernel reads either).
 * int8, a few rows otherwise, input width a multiple of 16:
   ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations and scales. It is several
   times faster than a float32 or bfloat16 matrix-vector product of the same shape; with float32
@@ -50,6 +54,7 @@ from edgetp.shard.quant import (
     QUANT_DTYPES,
     SCALE_SUFFIX,
     dequantize_int4,
+    dequantize_int8,
     int4_tiled,
     native_int4_pack,
     native_int4_tiled,
@@ -70,7 +75,11 @@ def kernels_enabled() -> bool:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 kernel: bool = True) -> torch.Tensor:
-    """x [T, in] @ (q int8 [out, in] * scale [out])^T -> [T, out] in x's dtype."""
+    """x [T, in] @ (q int8 [out, in] * scale)^T -> [T, out] in x's dtype; ``scale`` [out], or
+    [out, in / 32] (block scales: dequantized for a dense matmul, as the int4 fallback)."""
+    if scale.dim() == 2:
+        dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
+        return F.linear(x.to(dtype), dequantize_int8(q, scale, dtype)).to(x.dtype)
     if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,
                                                scale.to(KERNEL_DTYPE))

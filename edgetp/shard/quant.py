@@ -27,6 +27,17 @@ files, and read back as-is (the window binds them straight from disk into comput
     row ``r`` = code ``(r, 2c)`` | code ``(r, 2c + 1)`` << 4. Which layout a tensor uses is a
     function of its shape and group (:func:`int4_tiled`), so nothing else needs recording.
 
+Two variants keep the blocks of a GGUF file as they are (``edgetp.shard.gguf_blocks``), told
+apart by their scales' dtype and shape, so nothing else records them:
+
+``int8`` with block scales
+    ``NAME_scale`` F16 ``[out, in / 32]``: ``w = q * scale`` per row and block of
+    :data:`INT8_BLOCK` input columns (llama.cpp's Q8_0, whose float16 scales are kept exactly).
+``int4`` with float32 scales
+    ``NAME_scale`` F32 ``[in / group, out, 2]``, same formula: Q4_0 (``w = d * (q - 8)``) is
+    ``scale = d, zero = 0``, Q4_1 (``w = d * q + m``) is ``scale = d, zero = m + 8 d``, which
+    float32 holds exactly where bfloat16 would round it.
+
 The group size of a tensor is implied by its shapes (``in / scale.shape[0]``); the splitter
 picks per tensor name the largest power of two up to the requested group that divides every
 rank's slice width (:func:`int4_group`), and refuses groups below :data:`MIN_INT4_GROUP`.
@@ -44,6 +55,7 @@ from edgetp.core.errors import ConfigError
 QUANT_DTYPES = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)  # the choices of --group-size
 MIN_INT4_GROUP = 8
+INT8_BLOCK = 32  # input columns per scale of block-scaled int8
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
 SCALE_SUFFIX = "_scale"
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -85,9 +97,14 @@ def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(q [out, in], scale [out]) -> float32 [out, in]."""
-    return q.float() * scale.float()[:, None]
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q [out, in], scale [out] or [out, in / 32]) -> ``dtype`` [out, in]."""
+    if scale.dim() == 2:  # block scales
+        out_features, in_features = q.shape
+        blocks = q.to(dtype).view(out_features, -1, INT8_BLOCK)  # [out, nb, 32]
+        return (blocks * scale.to(dtype)[..., None]).view(out_features, in_features)
+    return q.to(dtype) * scale.to(dtype)[:, None]
 
 
 # -- int4 -------------------------------------------------------------------------------------
@@ -134,6 +151,18 @@ def int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]
     scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1)  # [ng, out, 2]
     return (codes.to(torch.uint8).view(out_features, in_features),
             scale_zero.to(torch.bfloat16).contiguous())
+
+
+def int4_from_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                     group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes uint8 [out, in] (0..15) with a float32 (scale, zero) per row and block of
+    ``in / scale.shape[1]`` columns -> (packed uint8 [out, in / 2], scale_zero float32
+    [in / group, out, 2]); ``group`` divides the block (each group repeats its block's pair)."""
+    out_features, in_features = codes.shape
+    repeat = in_features // scale.shape[1] // group
+    pairs = torch.stack((scale, zero), dim=-1).float()  # [out, nb, 2]
+    scale_zero = pairs.repeat_interleave(repeat, dim=1).transpose(0, 1)  # [ng, out, 2]
+    return pack_int4(codes, int4_tiled(out_features, group)), scale_zero.contiguous()
 
 
 def pack_int4(codes: torch.Tensor, tiled: bool) -> torch.Tensor:

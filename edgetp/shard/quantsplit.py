@@ -3,7 +3,8 @@
 :class:`TensorStore` is used by ``edgetp.shard.split`` tensor by tensor, so memory stays at one
 slice (plus its float32 copy while it is quantized). Linear weights (q/k/v/o, gate/up/down,
 lm_head) are quantized; norms, the embedding and biases stay in the float dtype (the
-checkpoint's). Formats: ``edgetp.shard.quant``.
+checkpoint's). Formats: ``edgetp.shard.quant``. A model converted from a GGUF gives its Q4_0/Q4_1
+and Q8_0 matrices from the file's own blocks where they map (``edgetp.shard.gguf_blocks``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 from edgetp.config.model import ModelConfig
 from edgetp.core.errors import ConfigError
 from edgetp.model.checkpoint import Checkpoint, hf_name
+from edgetp.shard.gguf_blocks import GGUFBlocks
 from edgetp.shard.manifest import FileEntry, Manifest
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices
 from edgetp.shard.quant import (
@@ -43,17 +45,24 @@ class TensorStore:
         self._slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
         self.groups = int4_groups(config, plan, group_size) if fmt == "int4" else {}
         self._row_amax: dict[str, torch.Tensor] = {}  # this layer's row-parallel amax, int8
+        self.native = GGUFBlocks(checkpoint.model_dir) if self.quantized else None
 
     def convert(self, layer: int | None, name: str, part: TensorSlice,
                 tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors to store for ``name`` (``layer`` None for master-only tensors)."""
         if not (self.quantized and is_quantized_weight(name)):
             return {name: tensor.to(self.float_dtype).contiguous()}
+        group = self.groups.get(name, self.group_size)
+        if self.native is not None:
+            source = hf_name(name if layer is None else f"layers.{layer}.{name}")
+            kept = self.native.convert(self.fmt, source, part, group, tensor)
+            if kept is not None:
+                return {name + suffix: value for suffix, value in kept.items()}
         if self.fmt == "int8":
             amax = self.row_amax(layer, name) if part.dim == 1 else None
             q, scale = quantize_int8(tensor, amax)
         else:
-            q, scale = quantize_int4(tensor, self.groups.get(name, self.group_size))
+            q, scale = quantize_int4(tensor, group)
         return {name: q, name + SCALE_SUFFIX: scale}
 
     def row_amax(self, layer: int | None, name: str) -> torch.Tensor:

@@ -29,6 +29,7 @@ from edgetp.config.model import ModelConfig, load_model_config
 from edgetp.core.errors import ConfigError
 from edgetp.model.checkpoint import Checkpoint, hf_name
 from edgetp.shard.checksums import describe_file
+from edgetp.shard.gguf_blocks import GGUFBlocks
 from edgetp.shard.layout import layer_file, rank_dir, rank_dirs
 from edgetp.shard.manifest import (
     FileEntry,
@@ -52,6 +53,7 @@ from edgetp.shard.sources import (
 TOKENIZER_FILES = (*COPIED_FILES, CONFIG_FILE)  # copied into rank-0 for the master
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_DTYPES = (*STORE_DTYPES, *QUANT_DTYPES)  # --dtype: float, or quantized (edgetp.shard.quant)
+NATIVE = "native"  # --dtype native: the GGUF's own quantization (edgetp.shard.gguf_blocks)
 
 ProgressFn = Callable[[str, int], None]  # (file just written, its size in bytes)
 
@@ -80,7 +82,9 @@ def split_checkpoint(
     """Split ``model_dir`` for ``n_ranks`` nodes into ``out_dir`` (see the module docstring).
 
     ``dtype`` int8/int4 quantizes the linear weights (``group_size``: int4's group); norms,
-    the embedding and biases then keep the checkpoint's float dtype. Splitting again with the
+    the embedding and biases then keep the checkpoint's float dtype. ``native``: int4 (groups of
+    32) or int8 for a model converted from a Q4_0/Q4_1 or Q8_0 GGUF, keeping its blocks, else
+    the checkpoint's dtype. Splitting again with the
     same model, plan and dtype is a no-op; with anything different it is an error unless
     ``force``.
     """
@@ -88,6 +92,9 @@ def split_checkpoint(
     config = load_model_config(model_dir)
     checkpoint = Checkpoint(model_dir)
     plan = make_plan(config, n_ranks, shares, private_layers)
+    if dtype == NATIVE:
+        dtype = GGUFBlocks(model_dir).native_dtype()
+        group_size = 32 if dtype == "int4" else group_size
     store_dtype = dtype or source_dtype(checkpoint)
     if store_dtype not in WEIGHT_DTYPES:
         raise ConfigError(f"--dtype {store_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")

@@ -292,9 +292,82 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
     return 0;
 }
 
+/* ---- int8 weights with a float16 scale per 32 columns (a GGUF's Q8_0 blocks), float32 x ------
+ *
+ * As above, with x quantized to int16 per 64 columns; each 64-column block of a row holds two
+ * weight blocks, whose 32 products are summed exactly in int32 apart and scaled by their own
+ * weight scale. Columns must be a multiple of 32.
+ */
+
+#define WBLOCK 32
+
+static inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0x1fu) {
+        bits = sign | 0x7f800000u | (mantissa << 13); /* inf or NaN */
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else { /* zero or subnormal: mantissa * 2^-24 */
+        float value = (float)mantissa * 5.9604644775390625e-8f;
+        memcpy(&bits, &value, sizeof bits);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
+                     const int16_t *restrict xq, const float *restrict xs, int64_t cols) {
+    int64_t b = 0;
+    float sum = 0.f;
+#if defined(__AVX512BW__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; b < cols / QBLOCK; b++) {
+        __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
+        __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
+        __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
+        __m512i d0 = _mm512_madd_epi16(lo, _mm512_loadu_si512(xq + b * QBLOCK));
+        __m512i d1 = _mm512_madd_epi16(hi, _mm512_loadu_si512(xq + b * QBLOCK + 32));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
+                              _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b])), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
+                              _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b + 1])), acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#endif
+    for (int64_t k = 2 * b; k * WBLOCK < cols; k++) /* what is left, 32 columns at a time */
+        sum += (float)block_dot_tail(w + k * WBLOCK, xq + k * WBLOCK, WBLOCK)
+               * xs[k / 2] * f16_to_f32(scale[k]);
+    return sum;
+}
+
+/* Returns 0; -1 when out of memory; -3 when the columns are not whole blocks. */
+int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
+                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
+    if (cols % WBLOCK) return -3;
+    int16_t *xq;
+    float *xs, *unused;
+    int status = quantized_x(x, cols, 0, &xq, &xs, &unused);
+    if (status == -1) return -1;
+    if (status != 0) {
+        fill_nan(y, rows);
+        return 0;
+    }
+    for (int64_t r = 0; r < rows; r++)
+        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), xq, xs, cols);
+    return 0;
+}
+
 /* ---- int4 weights in the tiled layout (edgetp.quant), float32 x -> float32 y ----------------
  *
- * Codes q in 0..15 with a (scale, zero) bfloat16 pair per row and group of ``group`` columns:
+ * Codes q in 0..15 with a (scale, zero) pair (bfloat16, or float32 for scales kept from a GGUF)
+ * per row and group of ``group`` columns:
  * w = (q - 8) * scale + zero. Rows come in blocks of 64: per input column 32 bytes, byte j =
  * row j | row j + 32 << 4; a last block of 16, 32 or 48 rows stores per column one byte per
  * two adjacent rows. So per row and group
@@ -308,17 +381,40 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 int et_has_int4(void) { return 1; }
 
-static inline float scale_of(const uint16_t *scale_zero, int64_t rows, int64_t g, int64_t r) {
-    return bf16_to_f32(scale_zero[(g * rows + r) * 2]);
+/* The (scale, zero) pairs come as bfloat16 (``f32`` 0) or float32 (1: scales kept from a GGUF's
+ * float16 blocks, whose zero point m + 8 d bfloat16 would round). ``pair`` = g * rows + r. */
+static inline float scale_of(const void *scale_zero, int f32, int64_t pair) {
+    return f32 ? ((const float *)scale_zero)[pair * 2]
+               : bf16_to_f32(((const uint16_t *)scale_zero)[pair * 2]);
 }
 
-static inline float offset_of(const uint16_t *scale_zero, int64_t rows, int64_t g, int64_t r) {
+static inline float offset_of(const void *scale_zero, int f32, int64_t pair) {
     /* zero - 8 * scale, the value of code 0 */
-    return bf16_to_f32(scale_zero[(g * rows + r) * 2 + 1]) - 8.f * scale_of(scale_zero, rows, g, r);
+    float zero = f32 ? ((const float *)scale_zero)[pair * 2 + 1]
+                     : bf16_to_f32(((const uint16_t *)scale_zero)[pair * 2 + 1]);
+    return zero - 8.f * scale_of(scale_zero, f32, pair);
+}
+
+/* 16 consecutive rows' (scale, zero) pairs from ``pair`` on, as two vectors. */
+static inline void load_pairs(const void *scale_zero, int f32, int64_t pair, __m512 *scale,
+                              __m512 *zero) {
+    if (f32) {
+        const float *p = (const float *)scale_zero + pair * 2;
+        __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+        const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        *scale = _mm512_permutex2var_ps(a, even, b);
+        *zero = _mm512_permutex2var_ps(a, odd, b);
+        return;
+    }
+    /* 16 (scale, zero) bfloat16 pairs: scale in each lane's low half */
+    __m512i sz = _mm512_loadu_si512((const uint16_t *)scale_zero + pair * 2);
+    *scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+    *zero = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
 /* One block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. */
-static void i4_block(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
                      const int16_t *restrict xq, const float *restrict xs,
                      const float *restrict xg, int64_t rows, int64_t row0, int64_t cols,
                      int64_t group, float *restrict y) {
@@ -354,14 +450,11 @@ static void i4_block(const uint8_t *restrict w, const uint16_t *restrict scale_z
                                   _mm512_permutex2var_epi32(lo, second, hi)};
             for (int k = 0; k < 2; k++) {
                 int64_t r = row0 + half * 32 + k * 16;
-                /* 16 (scale, zero) pairs: scale in each lane's low half */
-                __m512i sz = _mm512_loadu_si512(scale_zero + (g * rows + r) * 2);
-                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(sz, 16));
+                __m512 scale, zero;
+                load_pairs(scale_zero, f32, g * rows + r, &scale, &zero);
                 __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(ordered[k]), block_scale);
                 total[2 * half + k] = _mm512_fmadd_ps(sum, scale, total[2 * half + k]);
                 if ((c + unit) % group == 0) { /* the group ends: its zero-point term */
-                    __m512 zero = _mm512_castsi512_ps(
-                        _mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000u)));
                     __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);
                     total[2 * half + k] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xg[g]),
                                                           total[2 * half + k]);
@@ -373,7 +466,7 @@ static void i4_block(const uint8_t *restrict w, const uint16_t *restrict scale_z
 }
 
 /* The last 16, 32 or 48 rows (bytes: cols x tail / 2, two adjacent rows per byte). */
-static void i4_tail(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+static void i4_tail(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
                     const int16_t *restrict xq, const float *restrict xs,
                     const float *restrict xg, int64_t rows, int64_t row0, int64_t tail,
                     int64_t cols, int64_t group, float *restrict y) {
@@ -388,17 +481,16 @@ static void i4_tail(const uint8_t *restrict w, const uint16_t *restrict scale_ze
                 dot += (int32_t)((t & 1) ? byte >> 4 : byte & 15) * xq[i];
             }
             int64_t g = c / group;
-            total += (float)dot * xs[c / QBLOCK] * scale_of(scale_zero, rows, g, r);
-            if ((c + unit) % group == 0) total += offset_of(scale_zero, rows, g, r) * xg[g];
+            total += (float)dot * xs[c / QBLOCK] * scale_of(scale_zero, f32, g * rows + r);
+            if ((c + unit) % group == 0) total += offset_of(scale_zero, f32, g * rows + r) * xg[g];
         }
         y[t] = total;
     }
 }
 
-/* Returns 0; -1 when out of memory; -3 when the shape is not one this kernel takes. */
-int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
-                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-                 int64_t group) {
+static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                     int64_t group) {
     if (rows % 16 || group % 32 || cols % group) return -3;
     int64_t groups = cols / group, full = rows - rows % 64;
     int16_t *xq;
@@ -415,11 +507,25 @@ int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
         xg[g] = sum;
     }
     for (int64_t r = 0; r < full; r += 64)
-        i4_block(w + r * cols / 2, scale_zero, xq, xs, xg, rows, r, cols, group, y + r);
+        i4_block(w + r * cols / 2, scale_zero, f32, xq, xs, xg, rows, r, cols, group, y + r);
     if (rows > full)
-        i4_tail(w + full * cols / 2, scale_zero, xq, xs, xg, rows, full, rows - full, cols,
+        i4_tail(w + full * cols / 2, scale_zero, f32, xq, xs, xg, rows, full, rows - full, cols,
                 group, y + full);
     return 0;
+}
+
+/* Returns 0; -1 when out of memory; -3 when the shape is not one this kernel takes. */
+int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                 int64_t group) {
+    return matvec_i4(w, scale_zero, 0, x, y, rows, cols, group);
+}
+
+/* The same with float32 (scale, zero) pairs. */
+int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero,
+                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                     int64_t group) {
+    return matvec_i4(w, scale_zero, 1, x, y, rows, cols, group);
 }
 #else
 int et_has_int4(void) { return 0; }
@@ -429,5 +535,12 @@ int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
                  int64_t group) {
     (void)w; (void)scale_zero; (void)x; (void)y; (void)rows; (void)cols; (void)group;
     return -3; /* torch's int4 kernel is as fast without AVX-512 VNNI */
+}
+
+int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero,
+                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                     int64_t group) {
+    (void)w; (void)scale_zero; (void)x; (void)y; (void)rows; (void)cols; (void)group;
+    return -3;
 }
 #endif

@@ -41,6 +41,10 @@ def prepare_split(config: ClusterConfig, log: Log) -> Path:
     from edgetp.shard.manifest import read_manifest
 
     model = config.local_path(config.model)
+    if model.suffix.lower() == ".gguf" and model.is_file():  # converted once, cached
+        from edgetp.shard.gguf_cache import model_dir_for
+
+        model = model_dir_for(model, log=log)
     n = len(config.nodes)
     if (rank_dir(model, 0) / MANIFEST_NAME).is_file():
         plan = read_manifest(rank_dir(model, 0)).plan
@@ -52,8 +56,8 @@ def prepare_split(config: ClusterConfig, log: Log) -> Path:
         return model
     if not (model / "config.json").is_file():
         raise LaunchError(f"model {config.model!r} ({model}) is neither a checkpoint directory "
-                          "(config.json) nor a split (rank-0/manifest.json); launch needs one "
-                          "of them on this machine")
+                          "(config.json), a .gguf file nor a split (rank-0/manifest.json); "
+                          "launch needs one of them on this machine")
     from edgetp.runtime.local import split_cache_dir
     from edgetp.shard.split import split_checkpoint
 

@@ -257,3 +257,50 @@ def test_a_model_run_in_inference_mode_still_runs_under_no_grad() -> None:
     with torch.no_grad():
         again = model.forward_layers(model.embed(torch.tensor([1])), 0)
     assert torch.allclose(first, again)
+
+
+# -- the variants that keep a GGUF's blocks (edgetp.shard.gguf_blocks) ----------------------------
+
+BLOCK_SHAPES = [(1, 32), (5, 96), (96, 160), (130, 64), (64, 1024)]  # whole 32-column blocks
+
+
+def block_scaled_int8(rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random Q8_0-like weights: codes and a float16 scale per row and 32 columns, the scales
+    spread over three orders of magnitude (a single row scale could not hold them)."""
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    scale = (10.0 ** torch.empty(rows, cols // 32).uniform_(-5, -2)).half()
+    return q, scale
+
+
+@pytest.mark.parametrize(("rows", "cols"), BLOCK_SHAPES)
+def test_block_scaled_int8_is_within_the_int16_activation_rounding(rows: int, cols: int) -> None:
+    q, scale = block_scaled_int8(rows, cols)
+    x = torch.randn(1, cols)
+    w = dequantize_int8(q, scale)
+    exact = x.double() @ w.double().T
+    got = kernels.int8_linear(x, q, scale)
+    assert got is not None and got.shape == (1, rows) and got.dtype == torch.float32
+    bound = (x.abs().max() * 2.0 ** -16 * w.abs().sum(1)).max()
+    assert float((got.double() - exact).abs().max()) <= float(bound) * 1.01 + 1e-9
+
+
+def test_block_scaled_int8_refuses_partial_blocks() -> None:
+    q, scale = block_scaled_int8(4, 64)
+    assert kernels.int8_linear(torch.randn(1, 48), q[:, :48], scale) is None  # scale shape
+
+
+@pytest.mark.skipif(not kernels.has_int4(), reason="no AVX-512 VNNI int4 kernel here")
+@pytest.mark.parametrize(("rows", "group"), [(64, 32), (80, 32), (128, 64), (48, 128)])
+def test_int4_with_float32_scales_equals_the_bfloat16_kernel_math(rows: int, group: int) -> None:
+    """Float32 (scale, zero) pairs: the same product as the exact dequantized one, and equal to
+    the bfloat16 kernel where the pairs are bfloat16 values."""
+    packed, scale_zero = quantize_int4(torch.randn(rows, 256), group)
+    x = torch.randn(1, 256)
+    got = kernels.int4_linear(x, packed, scale_zero.float(), group)
+    assert got is not None
+    assert torch.allclose(got, kernels.int4_linear(x, packed, scale_zero, group),  # type: ignore[arg-type]
+                          rtol=1e-6, atol=1e-6)
+    fine = scale_zero.float() * (1 + torch.rand(scale_zero.shape) * 2**-9)  # not bfloat16
+    exact = x.double() @ dequantize_int4(packed, fine).double().T
+    got = kernels.int4_linear(x, packed, fine, group)
+    assert got is not None and relative_error(got, exact) < 1e-4
