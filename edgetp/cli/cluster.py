@@ -12,6 +12,7 @@ import click
 
 from edgetp.cli.errors import is_request_failure
 from edgetp.cli.options import (
+    MODEL_SOURCE,
     api_key_from_env,
     byte_size,
     cluster_options,
@@ -235,8 +236,7 @@ def status(cluster_file: Path, as_json: bool) -> None:
 
 
 @click.command()
-@click.argument("model_dir", required=False,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", required=False, type=MODEL_SOURCE)
 @click.option("--nodes", type=int, default=3, show_default=True)
 @click.option("--profile", default="home-wifi", show_default=True,
               help="link profile of every node (tpi-llm, home-wifi, gigabit, or --profiles)")

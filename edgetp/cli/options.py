@@ -5,7 +5,9 @@ Library modules are imported inside the functions, so ``edgetp --help`` stays in
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +20,54 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 WEIGHT_DTYPES = ["float32", "bfloat16", "float16", "int8", "int4"]  # edgetp.shard.split's
+
+
+class ModelSource(click.ParamType):
+    """MODEL_DIR: a Hugging Face model directory, or a ``.gguf`` file, which is converted into
+    the cache on first use (with a progress bar) and stands for its conversion after."""
+
+    name = "model"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Path:
+        if isinstance(value, Path) and value.is_dir():
+            return value
+        path = Path(value)
+        if path.is_dir():
+            return path
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            from edgetp.shard.gguf_cache import model_dir_for
+
+            with conversion_progress() as progress:
+                return model_dir_for(path, progress, log=lambda line: click.echo(line, err=True))
+        what = "does not exist" if not path.exists() else "is neither a directory nor a .gguf"
+        self.fail(f"{value} {what}: give a Hugging Face model directory or a .gguf file",
+                  param, ctx)
+
+
+MODEL_SOURCE = ModelSource()
+
+
+@contextlib.contextmanager
+def conversion_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A progress callback ``(tensor, bytes done, bytes total)`` drawing a bar on standard
+    error, opened at the first call (nothing is drawn when nothing is converted)."""
+    state: dict[str, Any] = {"done": 0}
+
+    def progress(_name: str, done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(
+                length=total, label="converting", file=sys.stderr,
+                item_show_func=lambda _: f"{state['done'] / 2**20:.1f} MiB")
+            state["bar"].__enter__()
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+
+    try:
+        yield progress
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
 
 
 def _apply(func: F, options: list[Callable[[F], F]]) -> F:
@@ -92,8 +142,7 @@ def weight_options(func: F) -> F:
 def master_sources(func: F) -> F:
     """MODEL_DIR [--nodes --shares --private-layers] or --shards DIR --bind ADDRESS [keys]."""
     return _apply(func, [
-        click.argument("model_dir", required=False,
-                       type=click.Path(exists=True, file_okay=False, path_type=Path)),
+        click.argument("model_dir", required=False, type=MODEL_SOURCE),
         click.option("--nodes", type=int, default=1, show_default=True,
                      help="run as a local cluster of this many processes on loopback"),
         click.option("--shares", default=None, help="relative work per node, e.g. 2,1,1"),

@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from edgetp.cli.options import cluster_options, node_shares, weight_options
+from edgetp.cli.options import MODEL_SOURCE, cluster_options, node_shares, weight_options
 from edgetp.cli.output import log
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=MODEL_SOURCE)
 @click.option("--nodes", type=int, default=1, show_default=True)
 @click.option("--shares", default=None, help="relative work per node, e.g. 2,1,1")
 @click.option("--prompt-tokens", type=int, default=32, show_default=True)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from edgetp.cli.options import (
+    MODEL_SOURCE,
     api_key_from_env,
     cluster_options,
     generation_options,
@@ -23,7 +24,7 @@ from edgetp.model.demo import DEMO_PROMPT
 
 
 @click.command()
-@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("model_dir", type=MODEL_SOURCE)
 @click.option("--prompt", required=True, help="the prompt text")
 @click.option("--chat", is_flag=True, help="wrap the prompt in the model's chat template")
 @click.option("--nodes", type=int, default=1, show_default=True,
