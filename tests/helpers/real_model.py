@@ -57,7 +57,7 @@ def fetch_smollm2() -> Path:
 
 def convert(gguf_path: Path, out_dir: Path) -> Path:
     """``edgetp convert GGUF --out DIR`` in a subprocess; the directory."""
-    result = run([sys.executable, "-m", "edgetp", "convert", str(gguf_path), "--out",
+    result = run([sys.executable, "-m", "edgetp.cli", "convert", str(gguf_path), "--out",
                   str(out_dir)], timeout=CONVERT_TIMEOUT_S, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"edgetp convert failed:\n{result.stdout}\n{result.stderr[-3000:]}")

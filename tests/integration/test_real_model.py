@@ -107,7 +107,7 @@ def test_cluster_greedy_equals_transformers(nodes: int, smollm2_dir: Path,
 
 
 def edgetp_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edgetp", *args]
+    return [sys.executable, "-m", "edgetp.cli", *args]
 
 
 def environment(cache: Path) -> dict[str, str]:
