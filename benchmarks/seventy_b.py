@@ -29,11 +29,12 @@ Run (root, Linux: network namespaces and cgroups)::
    ones, and each target of issue 20 met or missed.
 6. **Fewer layers.** With ``--layers N`` below the model's, the budgets shrink with the model:
    beyond its fixed part and its ring (which do not shrink), each node pins the same fraction
-   of its blocks as it would at full size, so per layer the run reads what the full run reads. Per-token time is then per-layer time (the streamed bytes,
-   the allreduces) times N plus the master's head and step, so the full model's s/token is
-   extrapolated as ``measured x planner(full) / planner(N)``: the planner's ratio carries the
-   fixed parts, the measurement everything else. int8 at 80 layers (86 GB) does not fit beside
-   an int4 split on an 80 GB disk: run it with ``--dtype int8 --layers 16``.
+   of its blocks as it would at full size, so per layer the run reads what the full run reads.
+   Per-token time is then per-layer time (the streamed bytes, the allreduces) times N plus the
+   master's head and step, so the full model's s/token is extrapolated as ``measured x
+   planner(full) / planner(N)``: the planner's ratio carries the fixed parts, the measurement
+   everything else. int8 at 80 layers (70 GB) does not fit beside an int4 split (43 GB) on an
+   80 GB disk: run it alone, or with fewer layers (``--dtype int8 --layers 16``).
 """
 
 from __future__ import annotations
