@@ -7,13 +7,15 @@ cgroup (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``, no swap) of a python 
 edgetp process's baseline, a budget a little above its window's minimum (a ring of two of its
 largest blocks: the 8192-wide MLP slices), and some slack. The run completes, generates
 tokens, the worker's window streamed what did not fit, and the cgroup's peak stayed within its
-limit, with nobody OOM-killed. ``benchmarks/seventy_b.py`` is the full-size run.
+limit, with nobody OOM-killed. ``benchmarks/seventy_b.py`` is the full-size run; the slow test
+runs it on 2 layers (eight namespaces, root).
 
 Skipped, with the reason, where no writable memory cgroup hierarchy exists.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,11 +49,15 @@ print([int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswi
 
 
 @pytest.fixture(scope="module")
-def wide_split(tmp_path_factory) -> list[Path]:
+def cgroups_here() -> None:
     try:
         cgroup_support()
     except CgroupUnavailable as exc:
         pytest.skip(f"no usable memory cgroup: {exc}")
+
+
+@pytest.fixture(scope="module")
+def wide_split(cgroups_here, tmp_path_factory) -> list[Path]:
     config = {**hf_config("llama2-70b"), "num_hidden_layers": 2, "vocab_size": 512}
     return write_synthetic_split(config, tmp_path_factory.mktemp("wide") / "split", 2).rank_dirs
 
@@ -104,3 +110,27 @@ def test_a_70b_wide_model_streams_through_a_memory_limited_worker(wide_split, tm
     assert kills in (0, -1)
     if peak is not None:
         assert peak <= limit
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_a_small_70b_end_to_end(cgroups_here, tmp_path):
+    """``benchmarks/seventy_b.py`` on 2 of llama2-70b's 80 layers, eight namespaces (root)."""
+    if os.geteuid() != 0:
+        pytest.skip("the namespace testbed needs root")
+    from helpers.paths import REPO
+
+    done = processes.run([sys.executable, str(REPO / "benchmarks" / "seventy_b.py"),
+                          "--layers", "2", "--prompt-tokens", "8", "--new-tokens", "2",
+                          "--work", str(tmp_path / "work"), "--json"], cwd=REPO,
+                         capture_output=True, text=True, timeout=900, env=child_env())
+    assert done.returncode in (0, 1), done.stderr[-4000:]  # 1: a target missed, said so
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["generated_tokens"] == 2 and len(result["nodes"]) == 8
+    for key in ("s_per_token", "ttft_s", "disk_bound_s_per_token", "planner_s_per_token"):
+        assert 0 < result[key] < 600, (key, result[key])
+    for node in result["nodes"]:
+        assert node["peak_bytes"] and node["peak_bytes"] <= node["limit_bytes"]
+        assert node["bytes_read_per_token"] > 0  # the budgets make every node stream
+    assert result["full_model"]["layers"] == 80 and result["tpi_llm"]["s_per_token"] == 26.1
+    assert result["targets"]["completes"]["met"] and result["targets"]["peaks_under_limits"]["met"]
+    assert not (tmp_path / "work").exists()  # the split is deleted unless --keep
