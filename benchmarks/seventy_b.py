@@ -38,8 +38,13 @@ Run (root, Linux: network namespaces and cgroups)::
    Per-token time is then per-layer time (the streamed bytes, the allreduces) times N plus the
    master's head and step, so the full model's s/token is extrapolated as ``measured x
    planner(full) / planner(N)``: the planner's ratio carries the fixed parts, the measurement
-   everything else. int8 at 80 layers (70 GB) does not fit beside an int4 split (43 GB) on an
-   80 GB disk: run it alone, or with fewer layers (``--dtype int8 --layers 16``).
+   everything else. That holds when the small run is bound as the full one is (by the disk:
+   take 8 layers or more; with 4, compute and the master's head weigh more than at 80). int8
+   at 80 layers (70 GB) does not fit beside an int4 split (43 GB) on an 80 GB disk: run it
+   alone, or with fewer layers (``--dtype int8 --layers 16``).
+
+Eight nodes of 3.1 GB are 24.8 GB of limits, and the budgets fill them: on a 24 GiB machine
+stop other work first (the script warns when the limits exceed what is available).
 """
 
 from __future__ import annotations
@@ -394,6 +399,18 @@ def model_configs(args: argparse.Namespace, split: Path) -> tuple[ModelConfig, M
     return config, parse_hf_config(full)
 
 
+def warn_if_memory_is_short(nodes: int, limit: int) -> None:
+    """The limits are caps, but the budgets fill them: say so if they add up to more than
+    this machine has available (the kernel would then kill processes, not the cgroups)."""
+    with open("/proc/meminfo") as meminfo:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    available = fields.get("MemAvailable", 0)
+    if nodes * limit > available:
+        say(f"WARNING: {nodes} nodes x {limit / 1e9:.2f} GB = {nodes * limit / 1e9:.1f} GB of "
+            f"cgroup limits, but only {available / 1e9:.1f} GB are available here; stop other "
+            "work, or lower --memory-limit")
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     split = make_split(args, work)
     config, full = model_configs(args, split)
@@ -405,6 +422,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     limit = int(parse_bytes(args.memory_limit))
     budgets, limits = budgets_for(config, full, args.nodes, storage, limit,
                                   int(raw["runtime_rss"]), context)
+    warn_if_memory_is_short(args.nodes, max(limits))
     before = parallel_read_rate(split, args.nodes)
     say(f"disk: {before['parallel_mbs']:.0f} MB/s with {args.nodes} readers, "
         f"{before['single_mbs']:.0f} MB/s alone; running the testbed ...")
