@@ -8,7 +8,7 @@ edgetp process's baseline, a budget a little above its window's minimum (a ring 
 largest blocks: the 8192-wide MLP slices), and some slack. The run completes, generates
 tokens, the worker's window streamed what did not fit, and the cgroup's peak stayed within its
 limit, with nobody OOM-killed. ``benchmarks/seventy_b.py`` is the full-size run; the slow test
-runs it on 2 layers (eight namespaces, root).
+runs it on 4 layers (eight namespaces, root).
 
 Skipped, with the reason, where no writable memory cgroup hierarchy exists.
 """
@@ -114,23 +114,23 @@ def test_a_70b_wide_model_streams_through_a_memory_limited_worker(wide_split, tm
 
 @pytest.mark.slow
 def test_the_benchmark_runs_a_small_70b_end_to_end(cgroups_here, tmp_path):
-    """``benchmarks/seventy_b.py`` on 2 of llama2-70b's 80 layers, eight namespaces (root)."""
+    """``benchmarks/seventy_b.py`` on 4 of llama2-70b's 80 layers, eight namespaces (root)."""
     if os.geteuid() != 0:
         pytest.skip("the namespace testbed needs root")
     from helpers.paths import REPO
 
     done = processes.run([sys.executable, str(REPO / "benchmarks" / "seventy_b.py"),
-                          "--layers", "2", "--prompt-tokens", "8", "--new-tokens", "2",
+                          "--layers", "4", "--prompt-tokens", "8", "--new-tokens", "2",
                           "--work", str(tmp_path / "work"), "--json"], cwd=REPO,
                          capture_output=True, text=True, timeout=900, env=child_env())
-    assert done.returncode in (0, 1), done.stderr[-4000:]  # 1: a target missed, said so
+    assert done.returncode in (0, 3), done.stderr[-4000:]  # 3: a target missed, said so
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["generated_tokens"] == 2 and len(result["nodes"]) == 8
     for key in ("s_per_token", "ttft_s", "disk_bound_s_per_token", "planner_s_per_token"):
         assert 0 < result[key] < 600, (key, result[key])
     for node in result["nodes"]:
         assert node["peak_bytes"] and node["peak_bytes"] <= node["limit_bytes"]
-        assert node["bytes_read_per_token"] > 0  # the budgets make every node stream
+        assert node["rank"] == 0 or node["bytes_read_per_token"] > 0  # the workers stream
     assert result["full_model"]["layers"] == 80 and result["tpi_llm"]["s_per_token"] == 26.1
     assert result["targets"]["completes"]["met"] and result["targets"]["peaks_under_limits"]["met"]
     assert not (tmp_path / "work").exists()  # the split is deleted unless --keep
