@@ -4,6 +4,7 @@ Run (root, Linux: network namespaces and cgroups)::
 
     .venv/bin/python benchmarks/seventy_b.py [--preset llama2-70b] [--dtype int4] [--layers N]
         [--shards DIR] [--nodes 8] [--memory-limit 3.1GB] [--profile tpi-llm]
+        [--allreduce star|ring] [--wire-dtype f32|bf16|int8]
         [--prompt-tokens 32] [--new-tokens 8] [--work DIR] [--keep] [--json]
 
 Exit status 0 when every target of issue 20 is met, 3 when the run completed but one was missed.
@@ -105,6 +106,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--memory-limit", default="3.1GB", help="cgroup limit per node")
     parser.add_argument("--profile", default="tpi-llm", help="link profile of every node")
+    parser.add_argument("--allreduce", default="star", choices=["star", "ring"])
+    parser.add_argument("--wire-dtype", default="f32", choices=["f32", "bf16", "int8"],
+                        help="activations on the wire (f32 as TPI-LLM; bf16 halves a prompt's "
+                             "allreduces, which the 300 Mbit/s link bounds)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -214,12 +219,15 @@ def node_profile(raw: dict[str, Any], nodes: int, disk_mbs: float) -> DeviceProf
                    disk_bw_mbs=disk_mbs / nodes)
 
 
-def plan(config: ModelConfig, profile: DeviceProfile, budgets: list[int], link: str,
-         storage: Storage, prompt: int, new: int, context: int) -> ClusterPlan:
-    links = load_profiles()
-    cluster = ClusterSpec(tuple(NodeSpec(f"node-{r}", profile, budget, link=links[link])
-                                for r, budget in enumerate(budgets)))
-    return plan_cluster(config, cluster, storage, prompt, context, new, "synthetic")
+def plan(config: ModelConfig, profile: DeviceProfile, budgets: list[int], storage: Storage,
+         args: argparse.Namespace, context: int) -> ClusterPlan:
+    """The planner's figures for the cluster the run has (its link, allreduce and wire)."""
+    link = load_profiles()[args.profile]
+    cluster = ClusterSpec(tuple(NodeSpec(f"node-{r}", profile, budget, link=link)
+                                for r, budget in enumerate(budgets)),
+                          wire_dtype=args.wire_dtype, allreduce=args.allreduce)
+    return plan_cluster(config, cluster, storage, args.prompt_tokens, context, args.new_tokens,
+                        "synthetic")
 
 
 # -- 4. memory ----------------------------------------------------------------------------------
@@ -248,13 +256,14 @@ def budgets_for(config: ModelConfig, full: ModelConfig, nodes: int, storage: Sto
 # -- 5. the run ---------------------------------------------------------------------------------
 
 
-def cluster_config(split: Path, budgets: list[int], limits: list[int], link: str
-                   ) -> ClusterConfig:
+def cluster_config(split: Path, budgets: list[int], limits: list[int],
+                   args: argparse.Namespace) -> ClusterConfig:
     nodes = [{"name": f"node-{k}", "address": f"10.77.0.{k + 1}", "threads": 1,
               "shard_dir": str(rank_dir(split, k)), "memory_budget": budgets[k],
-              "memory_limit": limits[k], "link": link} for k in range(len(budgets))]
+              "memory_limit": limits[k], "link": args.profile} for k in range(len(budgets))]
     data = {"name": "seventy-b", "model": str(split), "split_dir": str(split),
-            "master": {"port": 5555}, "nodes": nodes, "timeout": 1800}
+            "master": {"port": 5555}, "nodes": nodes, "timeout": 1800,
+            "allreduce": args.allreduce, "wire_dtype": args.wire_dtype}
     return parse_cluster_config(data, "benchmarks/seventy_b.py", Path.cwd(), "seventy-b")
 
 
@@ -333,6 +342,7 @@ def summarise(args: argparse.Namespace, report: dict[str, Any], disk: dict[str, 
     result: dict[str, Any] = {
         "preset": args.preset, "dtype": args.dtype, "layers": layers[0],
         "model_layers": layers[1], "nodes_count": args.nodes, "link": args.profile,
+        "allreduce": args.allreduce, "wire_dtype": args.wire_dtype,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
         "generated_tokens": min(r["generated_tokens"] for r in bench["runs"]),
         "token_ids": report["generation"]["token_ids"],
@@ -360,6 +370,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"{result['preset']} {result['dtype']}, {result['layers']} of {result['model_layers']} "
         f"layers, {result['nodes_count']} nodes, link {result['link']}, "
+        f"{result['allreduce']} allreduce, wire {result['wire_dtype']}, "
         f"{result['prompt_tokens']}-token prompt, {result['generated_tokens']} generated "
         f"(first tokens {result['token_ids'][:8]})",
         f"disk: {disk['parallel_mbs']:.0f} MB/s with {disk['readers']} readers at once "
@@ -438,18 +449,16 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     before = parallel_read_rate(split, args.nodes)
     say(f"disk: {before['parallel_mbs']:.0f} MB/s with {args.nodes} readers, "
         f"{before['single_mbs']:.0f} MB/s alone; running the testbed ...")
-    report = run_in_namespaces(cluster_config(split, budgets, limits, args.profile),
-                               work / "testbed", args)
+    report = run_in_namespaces(cluster_config(split, budgets, limits, args), work / "testbed",
+                               args)
     after = parallel_read_rate(split, args.nodes)
     disk = max(before, after, key=lambda d: d["parallel_mbs"])  # other load only slows a disk
     disk["parallel_mbs_before_after"] = [before["parallel_mbs"], after["parallel_mbs"]]
     profile = node_profile(raw, args.nodes, disk["parallel_mbs"])
-    plans = {"run": plan(config, profile, budgets, args.profile, storage, args.prompt_tokens,
-                         args.new_tokens, context)}
+    plans = {"run": plan(config, profile, budgets, storage, args, context)}
     if full.num_hidden_layers != config.num_hidden_layers:
         full_budgets = [limit - int(raw["runtime_rss"]) - SLACK] * args.nodes
-        plans["full"] = plan(full, profile, full_budgets, args.profile, storage,
-                             args.prompt_tokens, args.new_tokens, context)
+        plans["full"] = plan(full, profile, full_budgets, storage, args, context)
     return summarise(args, report, disk, plans, budgets,
                      (config.num_hidden_layers, full.num_hidden_layers))
 
