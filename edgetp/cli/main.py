@@ -2,9 +2,10 @@
 
 Commands live with their kind: :mod:`~edgetp.cli.run` (generate, demo, chat),
 :mod:`~edgetp.cli.cluster` (worker, master, keys, serve, launch, status, testbed),
-:mod:`~edgetp.cli.model` (split, convert) and :mod:`~edgetp.cli.perf` (bench, report, plan,
-probe). torch and the heavy modules are imported inside the commands, so ``edgetp --help`` is
-instant. A mistake the user can fix prints one line and exits 1 (:mod:`edgetp.cli.errors`).
+:mod:`~edgetp.cli.model` (split, convert, synth-split) and :mod:`~edgetp.cli.perf` (bench,
+report, plan, probe). torch and the heavy modules are imported inside the commands, so
+``edgetp --help`` is instant. A mistake the user can fix prints one line and exits 1
+(:mod:`edgetp.cli.errors`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from edgetp.cli.errors import EdgetpGroup
 
 COMMANDS = (run.generate, run.demo, run.chat, cluster.worker, cluster.master_command,
             cluster.keys, cluster.serve, cluster.launch, cluster.status, cluster.testbed,
-            model.split, model.convert, perf.bench, perf.report, perf.plan, perf.probe)
+            model.split, model.convert, model.synth_split, perf.bench, perf.report, perf.plan,
+            perf.probe)
 
 
 @click.group(cls=EdgetpGroup)

@@ -1,9 +1,12 @@
 """``edgetp split``: a checkpoint into one shard directory per rank; ``edgetp convert``: a GGUF
-file into a Hugging Face model directory."""
+file into a Hugging Face model directory; ``edgetp synth-split``: a split of a random model of a
+preset's shape (:mod:`edgetp.shard.synthetic`)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
@@ -35,16 +38,60 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
 
     share_values = parse_shares(shares, nodes)
     total = expected_files(load_model_config(model_dir), nodes, private_layers)
+    with _progress_bar(total, "splitting") as progress:
+        result = split_checkpoint(model_dir, out_dir, nodes, share_values, dtype, force, progress,
+                                  private_layers, group_size)
+    click.echo(describe_split(result))
+
+
+@contextlib.contextmanager
+def _progress_bar(files: int, label: str) -> Iterator[Callable[[str, int], None]]:
+    """A progress bar over ``files`` weight files, with the MiB written; yields the callback
+    the splitters take (file written, its size)."""
     written = {"bytes": 0}
-    with click.progressbar(range(total), label="splitting", file=sys.stderr,
+    with click.progressbar(range(files), label=label, file=sys.stderr,
                            item_show_func=lambda _: f"{written['bytes'] / 2**20:.1f} MiB"
                            ) as bar:
         def progress(_path: str, size: int) -> None:
             written["bytes"] += size
             bar.update(1)
 
-        result = split_checkpoint(model_dir, out_dir, nodes, share_values, dtype, force, progress,
-                                  private_layers, group_size)
+        yield progress
+
+
+@click.command("synth-split")
+@click.option("--preset", "model", required=True,
+              help="the model's shape: a preset (llama2-70b, llama3.1-70b, ...; see `edgetp "
+                   "plan --help`) or a model directory's config.json")
+@click.option("--ranks", "--nodes", "ranks", type=int, required=True,
+              help="number of ranks (devices)")
+@click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), default="int4", show_default=True,
+              help="stored weight dtype (int4/int8 quantize the linears; norms and embedding "
+                   "keep the config's float dtype)")
+@group_size_option
+@click.option("--seed", type=int, default=0, show_default=True, help="same seed, same bytes")
+@click.option("--layers", type=int, default=None,
+              help="decoder layers (default: the model's; fewer for a smaller run)")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              required=True, help="output directory (gets rank-0 ... rank-N-1)")
+@click.option("--force", is_flag=True, help="replace a different split in --out")
+def synth_split(model: str, ranks: int, dtype: str, group_size: int, seed: int,
+                layers: int | None, out_dir: Path, force: bool) -> None:
+    """Write a ready split of a random model of a preset's shape (no checkpoint needed)."""
+    from edgetp.config.model import parse_hf_config
+    from edgetp.perf.presets import hf_config
+    from edgetp.shard.split import describe_split, expected_files
+    from edgetp.shard.synthetic import write_synthetic_split
+
+    config = hf_config(model)
+    if layers is not None:
+        if layers < 1:
+            raise click.BadParameter(f"{layers}: at least 1", param_hint="--layers")
+        config["num_hidden_layers"] = layers
+    total = expected_files(parse_hf_config(config), ranks)
+    with _progress_bar(total, "writing") as progress:
+        result = write_synthetic_split(config, out_dir, ranks, dtype, seed, group_size, force,
+                                       progress)
     click.echo(describe_split(result))
 
 

@@ -256,6 +256,16 @@ class DecoderLayer(nn.Module):
         return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
 
 
+def _embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
+    """An ``nn.Embedding``; built on the meta device (a node's skeleton, weights loaded later)
+    without its random initialisation, whose ``normal_`` on meta imports torch._dynamo: two
+    seconds of CPU at every node's start."""
+    weight = torch.empty(vocab_size, hidden_size)  # on the current default device
+    if weight.is_meta:
+        return nn.Embedding(vocab_size, hidden_size, _weight=weight)
+    return nn.Embedding(vocab_size, hidden_size)
+
+
 class Transformer(nn.Module):
     """The whole decoder. ``forward(tokens, start_pos)`` = ``head(layers(embed(tokens)))``."""
 
@@ -268,7 +278,7 @@ class Transformer(nn.Module):
         self.config = config
         self.max_seq_len = max_seq_len or config.max_position_embeddings
         # an nn.Embedding, or a table read from disk row by row (edgetp.parallel.blocks)
-        self.embed_tokens: nn.Module = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens: nn.Module = _embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )

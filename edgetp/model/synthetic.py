@@ -61,6 +61,13 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def layer_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of one decoder layer of ``cfg`` (names within the layer) and its shape."""
+    hd = cfg.head_dim
+    return _layer_shapes(cfg, cfg.hidden_size, cfg.num_attention_heads * hd,
+                         cfg.num_key_value_heads * hd, cfg.intermediate_size)
+
+
 def _layer_shapes(cfg: ModelConfig, d: int, q: int, kv: int,
                   inner: int) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {
@@ -130,13 +137,21 @@ def write_model(model_dir: str | Path, config: dict[str, Any], seed: int = 0,
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "config.json").write_text(json.dumps(config, indent=1))
-    if tokenizer_fits(config):
-        for name in TOKENIZER_FILES:
-            if (DEMO_MODEL_DIR / name).is_file():
-                shutil.copyfile(DEMO_MODEL_DIR / name, model_dir / name)
+    copy_demo_tokenizer(config, model_dir)
     std = float(config.get("initializer_range", DEFAULT_STD))
     write_safetensors(model_dir / WEIGHTS_FILE, tensor_shapes(config), seed, std, progress)
     return model_dir
+
+
+def copy_demo_tokenizer(config: dict[str, Any], directory: Path) -> bool:
+    """Copy the demo model's tokenizer files into ``directory`` if its ids fit ``config``'s
+    vocabulary (a master then has a tokenizer: meaningless text, valid ids); whether it did."""
+    if not tokenizer_fits(config):
+        return False
+    for name in TOKENIZER_FILES:
+        if (DEMO_MODEL_DIR / name).is_file():
+            shutil.copyfile(DEMO_MODEL_DIR / name, directory / name)
+    return True
 
 
 def tokenizer_fits(config: dict[str, Any]) -> bool:

@@ -84,6 +84,21 @@ def preset_config(name: str) -> ModelConfig:
     return parse_hf_config(raw, source=f"preset {key} ({source})")
 
 
+def hf_config(spec: str | Path) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a preset (by name) or of a model directory."""
+    path = Path(spec)
+    if path.is_dir():
+        from edgetp.core.files import read_json
+
+        load_model_config(path)  # the same checks and messages as a model directory gets
+        return dict(read_json(path / "config.json", "model config"))
+    key = str(spec).lower()
+    if key not in PRESETS:
+        raise ConfigError(f"{spec!r} is neither a model directory (with config.json) nor a "
+                          f"preset; presets: {', '.join(PRESETS)}")
+    return dict(PRESETS[key][1])
+
+
 def resolve_model(spec: str | Path) -> tuple[str, ModelConfig]:
     """A model directory (with config.json) or a preset name -> (display name, config)."""
     path = Path(spec)

@@ -117,6 +117,14 @@ class TensorSlice:
     start: int = 0
     stop: int = 0
 
+    def shape_of(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of this slice of a tensor of ``shape``."""
+        if self.dim is None:
+            return shape
+        out = list(shape)
+        out[self.dim] = self.stop - self.start
+        return tuple(out)
+
 
 def layer_slices(plan: ShardPlan, rank: int, config: ModelConfig) -> dict[str, TensorSlice]:
     """Every tensor of one decoder layer that ``rank`` holds, by name within the layer.

@@ -268,18 +268,26 @@ class _SplitWriter:
 
     def _write(self, directory: Path, rank: int, file_name: str,
                tensors: dict[str, torch.Tensor]) -> None:
-        # save_file streams straight from the tensors; safetensors' save() would hold the whole
-        # file in memory twice more (its buffer and a bytes copy), tripling the peak.
-        tmp = directory / (file_name + ".tmp")
-        save_file(tensors, tmp, metadata={"format": "pt", "producer": "edgetp"})
-        tensors.clear()
-        entry = describe_file(tmp)  # sizes, sha256, tensors' byte ranges and checksums
+        entry = write_shard_file(directory, file_name, tensors)
         size = entry.size
-        os.replace(tmp, directory / file_name)
         self.files[rank][file_name] = entry
         self.bytes_written += size
         if self.progress is not None:
             self.progress(str(directory / file_name), size)
+
+
+def write_shard_file(directory: Path, file_name: str,
+                     tensors: dict[str, torch.Tensor]) -> FileEntry:
+    """Write ``tensors`` as ``directory/file_name`` (atomically: a temporary file renamed) and
+    return its manifest entry; ``tensors`` is emptied once written, freeing what it held."""
+    # save_file streams straight from the tensors; safetensors' save() would hold the whole
+    # file in memory twice more (its buffer and a bytes copy), tripling the peak.
+    tmp = directory / (file_name + ".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt", "producer": "edgetp"})
+    tensors.clear()
+    entry = describe_file(tmp)  # sizes, sha256, tensors' byte ranges and checksums
+    os.replace(tmp, directory / file_name)
+    return entry
 
 
 def expected_files(config: ModelConfig, n_ranks: int, private_layers: int = 0) -> int:

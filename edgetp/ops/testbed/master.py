@@ -27,7 +27,8 @@ def master_role(spec_path: Path) -> int:
     out = Path(spec["out_dir"])
     result: dict[str, Any] = {"prompt": spec["prompt"],
                               "master_emulation": settings.link_emulation()}
-    master = Master.cluster(spec["rank0"], spec["bind"], "float32", None, spec["wire_dtype"],
+    master = Master.cluster(spec["rank0"], spec["bind"], "float32", spec.get("max_seq_len"),
+                            spec["wire_dtype"],
                             spec["timeout_s"], memory_budget=spec["memory_budget"],
                             allreduce=spec["allreduce"])
     try:
@@ -50,8 +51,10 @@ def _bench(master: Master, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from edgetp.perf import bench
 
     tokens, budget = spec["bench_tokens"], spec["memory_budget"]
-    settings = bench.BenchSettings(spec["model_name"], master.n_ranks, None, tokens, tokens,
-                                   spec["bench_repeat"], 1, size_text(budget) if budget else None,
+    new = spec.get("bench_new_tokens", tokens)
+    settings = bench.BenchSettings(spec["model_name"], master.n_ranks, None, tokens, new,
+                                   spec["bench_repeat"], spec.get("bench_warmup", 1),
+                                   size_text(budget) if budget else None,
                                    spec["wire_dtype"],
                                    timeout_s=spec["timeout_s"], allreduce=spec["allreduce"])
     hosts = {int(rank): host for rank, host in spec["hosts"].items()}
@@ -59,6 +62,6 @@ def _bench(master: Master, spec: dict[str, Any], out: Path) -> dict[str, Any]:
     report, nodes = bench.measure(master, settings, budget, hosts, {"testbed": testbed})
     out.mkdir(parents=True, exist_ok=True)
     bench.write_reports(report, nodes, hosts, out)
-    return {"workload": f"{tokens} prompt + {tokens} generated tokens x {spec['bench_repeat']}",
+    return {"workload": f"{tokens} prompt + {new} generated tokens x {spec['bench_repeat']}",
             "ms_per_token": report["summary"]["decode_ms_per_token"]["mean"],
             "link_emulation": report["settings"]["link_emulation"], "report_dir": str(out)}

@@ -52,17 +52,20 @@ def start_node(node: NodeConfig, ns: str, cgroup: Path | None, profiles_file: Pa
     return proc
 
 
-def worker_args(config: ClusterConfig, node: NodeConfig) -> list[str]:
+def worker_args(config: ClusterConfig, node: NodeConfig,
+                max_seq_len: int | None = None) -> list[str]:
     """``edgetp worker`` of a testbed node: its links are private, not encrypted."""
     return WorkerCommand(config.local_path(node.shard_dir), config.master.url, config.timeout_s,
-                         memory_budget=node.memory_budget or None, insecure=True).args()
+                         max_seq_len=max_seq_len, memory_budget=node.memory_budget or None,
+                         insecure=True).args()
 
 
 def start_workers(config: ClusterConfig, namespaces: list[str], groups: list[Path | None],
-                  profiles_file: Path, out: Path, res: Resources) -> None:
+                  profiles_file: Path, out: Path, res: Resources,
+                  max_seq_len: int | None = None) -> None:
     for node in config.workers:
         start_node(node, namespaces[node.rank], groups[node.rank], profiles_file, out,
-                   worker_args(config, node), res)
+                   worker_args(config, node, max_seq_len), res)
 
 
 def wait_for_master(master: subprocess.Popen[bytes],

@@ -1,9 +1,10 @@
 """One run of the namespace testbed: build it, run the cluster in it, report, remove it all.
 
-:func:`run_testbed` splits the model, writes the link profiles for the entrypoint, creates the
-network (:mod:`.network`) and a cgroup per node (:mod:`.cgroups`), starts the workers and then
-node 0's master role (:mod:`.processes`, :mod:`.master`), waits for the master, and writes the
-report (:mod:`.report`). Whatever happens, what it created is removed (:mod:`.resources`).
+:func:`run_testbed` splits the model (or takes a ready split, as ``edgetp synth-split``
+writes), writes the link profiles for the entrypoint, creates the network (:mod:`.network`) and
+a cgroup per node (:mod:`.cgroups`), starts the workers and then node 0's master role
+(:mod:`.processes`, :mod:`.master`), waits for the master, and writes the report
+(:mod:`.report`). Whatever happens, what it created is removed (:mod:`.resources`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from edgetp.ops.testbed.resources import (
     signals_raise,
 )
 from edgetp.shard.layout import rank_dir
+from edgetp.shard.manifest import MANIFEST_NAME
 
 
 @dataclass
@@ -46,6 +48,9 @@ class TestbedRun:
     bench_repeat: int = 2
     join_timeout_s: float = 180.0
     run_timeout_s: float = 900.0
+    bench_new_tokens: int | None = None  # generated tokens of the benchmark (None: bench_tokens)
+    bench_warmup: int = 1
+    max_seq_len: int | None = None  # every node's context (None: each node's default)
 
 
 def flags_config(model_dir: Path, nodes: int, profile: str | None, memory_budget: str | None,
@@ -54,7 +59,7 @@ def flags_config(model_dir: Path, nodes: int, profile: str | None, memory_budget
     """The cluster of ``edgetp testbed --nodes N ...`` (without ``--config``)."""
     if not 2 <= nodes <= 200:
         raise ConfigError(f"--nodes {nodes}: the testbed runs 2 to 200 nodes")
-    split = out_dir / "split"
+    split = model_dir if is_split(model_dir) else out_dir / "split"
     node_list = []
     for k in range(nodes):
         node: dict[str, Any] = {"name": f"node-{k}", "address": f"10.77.0.{k + 1}",
@@ -104,7 +109,7 @@ def _run_in(run: TestbedRun, tag: str, split: Path, profiles_file: Path, res: Re
     log(f"testbed {tag}: {len(namespaces)} namespaces on bridge {bridge_name(tag)}")
     groups = [make_cgroup(*cgroups, cgroup_group_name(tag), f"node-{n.rank}", node_memory_limit(n),
                           res.cgroups) if cgroups else None for n in config.nodes]
-    start_workers(config, namespaces, groups, profiles_file, out, res)
+    start_workers(config, namespaces, groups, profiles_file, out, res, run.max_seq_len)
     hosts = [f"{ns} ({n.address})" for n, ns in zip(config.nodes, namespaces, strict=True)]
     spec = master_spec(run, str(rank_dir(split, 0)), hosts, str(out), out / "master-spec.json")
     master = start_node(config.nodes[0], namespaces[0], groups[0], profiles_file, out,
@@ -118,19 +123,40 @@ def _run_in(run: TestbedRun, tag: str, split: Path, profiles_file: Path, res: Re
     return write_report(config, namespaces, memory, out, log)
 
 
+def is_split(path: Path) -> bool:
+    """Whether ``path`` is a ready split (rank-0/manifest.json), not a checkpoint to split."""
+    return (rank_dir(path, 0) / MANIFEST_NAME).is_file()
+
+
 def _split(config: ClusterConfig, log: Log) -> Path:
+    """The split the nodes run: ``model`` itself when it is one (``edgetp synth-split``
+    writes such), else ``model`` split into ``split_dir``."""
     from edgetp.shard.split import split_checkpoint
 
-    split = config.local_path(config.split_dir or "testbed-split")
+    model = config.local_path(config.model)
+    ready = is_split(model)
+    split = model if ready else config.local_path(config.split_dir or "testbed-split")
     for node in config.nodes:
         if config.local_path(node.shard_dir).resolve() != rank_dir(split, node.rank).resolve():
             raise ConfigError(f"{config.source}: nodes[{node.rank}].shard_dir must be "
                               f"{rank_dir(split, node.rank)} (the split_dir's rank-{node.rank})")
+    if ready:
+        _check_ready_split(split, config)
+        return split
     shares = None if len(set(config.shares)) == 1 else config.shares
     log(f"splitting {config.model} for {len(config.nodes)} nodes into {split}")
     split_checkpoint(config.local_path(config.model), split, len(config.nodes), shares,
                      private_layers=config.private_layers)
     return split
+
+
+def _check_ready_split(split: Path, config: ClusterConfig) -> None:
+    from edgetp.shard.manifest import read_manifest
+
+    plan = read_manifest(rank_dir(split, 0)).plan
+    if plan.n_ranks != len(config.nodes):
+        raise ConfigError(f"the split at {split} is for {plan.n_ranks} nodes, the testbed has "
+                          f"{len(config.nodes)}: run it with --nodes {plan.n_ranks}")
 
 
 def write_profiles(config: ClusterConfig, path: Path) -> None:
@@ -158,6 +184,8 @@ def master_spec(run: TestbedRun, rank0: str, hosts: list[str], out_dir: str, pat
         "memory_budget": c.nodes[0].memory_budget, "prompt": run.prompt,
         "max_new_tokens": run.max_new_tokens, "join_timeout_s": run.join_timeout_s,
         "bench": run.bench, "bench_tokens": run.bench_tokens, "bench_repeat": run.bench_repeat,
+        "bench_new_tokens": run.bench_new_tokens or run.bench_tokens,
+        "bench_warmup": run.bench_warmup, "max_seq_len": run.max_seq_len,
         "model_name": Path(c.model).name, "out_dir": out_dir,
         "hosts": {str(n.rank): host for n, host in zip(c.nodes, hosts, strict=True)},
         "testbed": describe_nodes(c),

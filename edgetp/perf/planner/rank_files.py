@@ -15,7 +15,7 @@ from typing import Any
 from edgetp.config.model import ModelConfig
 from edgetp.perf.planner.storage import Storage
 from edgetp.shard.layout import layer_file
-from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, master_tensors
+from edgetp.shard.plan import ShardPlan, layer_slices, master_tensors
 from edgetp.shard.quant import SCALE_SUFFIX, is_quantized_weight
 from edgetp.shard.quantsplit import int4_groups
 
@@ -32,7 +32,7 @@ def rank_files(config: ModelConfig, plan: ShardPlan, rank: int,
     full = _full_shapes(config)
     groups = int4_groups(config, plan, storage.group_size) if storage.weights == "int4" else {}
     parts = layer_slices(plan, rank, config)
-    sliced = _stored({name: _slice_shape(full[name], part) for name, part in parts.items()},
+    sliced = _stored({name: part.shape_of(full[name]) for name, part in parts.items()},
                      storage, groups)
     whole = _stored({name: full[name] for name in parts}, storage, groups)
     files: dict[str, Shapes] = {}
@@ -80,14 +80,6 @@ def _stored(shapes: dict[str, tuple[int, ...]], storage: Storage,
             out[name] = ((shape[0], shape[1] // 2), "U8")
             out[name + SCALE_SUFFIX] = ((shape[1] // groups[name], shape[0], 2), "BF16")
     return out
-
-
-def _slice_shape(shape: tuple[int, ...], part: TensorSlice) -> tuple[int, ...]:
-    if part.dim is None:
-        return shape
-    out = list(shape)
-    out[part.dim] = part.stop - part.start
-    return tuple(out)
 
 
 def tensor_bytes(shape: tuple[int, ...], code: str) -> int:

@@ -67,7 +67,7 @@ def test_a_wrong_cluster_file_is_one_line(tmp_path: Path) -> None:
 def test_every_command_is_in_the_group() -> None:
     assert set(main.commands) == {
         "generate", "demo", "chat", "worker", "master", "keys", "serve", "launch", "status",
-        "testbed", "split", "convert", "bench", "report", "plan", "probe"}
+        "testbed", "split", "convert", "synth-split", "bench", "report", "plan", "probe"}
     assert "insecure" in {p.name for p in main.commands["worker"].params}
 
 

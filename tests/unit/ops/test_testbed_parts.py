@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from edgetp.config.cluster import NodeConfig
+from edgetp.core.errors import ConfigError
 from edgetp.ops.testbed import report, resources  # (modules: pytest would collect test* names)
 from edgetp.ops.testbed.cgroups import RUNTIME_OVERHEAD, cgroup_peak, make_cgroup, node_memory_limit
 from edgetp.ops.testbed.processes import wait_for_master, worker_args
@@ -83,6 +84,26 @@ def test_workers_run_insecure_with_their_budget(tmp_path: Path) -> None:
     assert args[:3] == ["worker", "--shard", str(tmp_path / "out" / "split" / "rank-2")]
     assert args[args.index("--master") + 1] == "tcp://10.77.0.1:5555"
     assert "--insecure" in args and args[args.index("--memory-budget") + 1] == "64MiB"
+
+
+def test_a_ready_split_is_run_as_it_is(tmp_path: Path) -> None:
+    """A split (edgetp synth-split writes one) is the nodes' split; nothing is split again."""
+    from edgetp.model.synthetic import llama_config
+    from edgetp.ops.testbed.run import _split
+    from edgetp.shard.synthetic import write_synthetic_split
+
+    config = llama_config(hidden=64, intermediate=128, layers=1, heads=4, kv_heads=2, vocab=128)
+    split = write_synthetic_split(config, tmp_path / "split", 2, "int8").out_dir
+    cluster = flags_config(split, 2, None, None, None, None, tmp_path / "out")
+    assert worker_args(cluster, cluster.nodes[1], 48)[:3] == ["worker", "--shard",
+                                                               str(split / "rank-1")]
+    assert "48" in worker_args(cluster, cluster.nodes[1], 48)
+    assert _split(cluster, lambda _line: None) == split
+    assert not (tmp_path / "out").exists()
+    three = flags_config(split, 3, None, None, None, None, tmp_path / "out")
+    (split / "rank-2").mkdir()
+    with pytest.raises(ConfigError, match="for 2 nodes, the testbed has 3: run it with --nodes 2"):
+        _split(three, lambda _line: None)
 
 
 def test_a_failed_worker_ends_the_wait_with_its_log(tmp_path: Path) -> None:
