@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgetp-installed
 
-.PHONY: demo test test-slow test-all test-docker lint clean
+.PHONY: demo test test-slow test-all test-docker test-kernels lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ test-docker: $(STAMP)
 	docker/engine.sh install
 	docker/engine.sh run sh -c 'PYTHON=$(BIN)/python docker/build-offline.sh \
 		&& $(BIN)/pytest -q -p no:cacheprovider -m docker tests/integration/test_docker_testbed.py'
+
+# The decode kernels' C harness against Python's reference outputs, built for this CPU
+# (-march=native), AVX2 (x86-64-v3), SSE4.2 (x86-64-v2) and AArch64 (Debian's
+# gcc-aarch64-linux-gnu, run under qemu-aarch64 with and without the dot product); .ci/run
+# installs the cross compiler and qemu. tests/kernels/run_harness.py
+test-kernels: $(STAMP)
+	$(BIN)/python tests/kernels/run_harness.py
 
 # ruff (style), import-linter (the layering contract in pyproject.toml), mypy (types)
 lint: $(STAMP)

@@ -544,3 +544,44 @@ int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero
     return -3;
 }
 #endif
+
+/* ---- which paths this build compiled in (for `edgetp probe` and the kernel test harness) -----
+ *
+ * One line of "product:path" words, e.g. "f32:avx512 bf16:avx512-bf16 i8:avx512-vnni ...".
+ * "autovec" is the plain C loop as the compiler vectorized it for the build's target; "torch"
+ * means the function returns -3 so the caller keeps torch's kernel. Kept in step with the #if
+ * blocks above by hand: a new path adds its word here.
+ */
+const char *et_kernel_paths(void) {
+    return
+#if defined(__AVX512F__)
+        "f32:avx512"
+#else
+        "f32:autovec"
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+        " bf16:avx512-bf16"
+#else
+        " bf16:autovec"
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        " i8:avx512-vnni"
+#elif defined(__AVX512BW__)
+        " i8:avx512bw"
+#elif defined(__AVX2__) && defined(__FMA__)
+        " i8:avx2"
+#else
+        " i8:autovec"
+#endif
+#if defined(__AVX512BW__)
+        " i8_b32:avx512bw"
+#else
+        " i8_b32:autovec"
+#endif
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+        " i4:avx512-vnni"
+#else
+        " i4:torch"
+#endif
+        ;
+}

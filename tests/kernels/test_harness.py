@@ -1,0 +1,60 @@
+"""The kernel harness itself (tests/kernels/run_harness.py, ``make test-kernels``): its table
+covers every exported product, it passes on this CPU's build, and it fails on a broken kernel.
+All targets, AArch64 under qemu included, run in the slow test."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import run_harness
+from kernel_cases import KERNELS, check_table, exported_kernels
+
+from edgetp.kernels.native import SOURCE
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+def test_the_table_names_every_exported_product() -> None:
+    assert set(exported_kernels()) == set(KERNELS)
+
+
+def test_a_product_missing_from_the_table_stops_the_run(tmp_path: Path) -> None:
+    source = tmp_path / "matvec.c"
+    source.write_text(SOURCE.read_text() + "\nint et_matvec_new(const float *x) { return 0; }\n")
+    with pytest.raises(SystemExit, match="et_matvec_new"):
+        check_table(source)
+
+
+@needs_cc
+def test_the_native_build_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_harness.main(["--target", "native"]) == 0
+    report = capsys.readouterr().out
+    assert "paths: f32:" in report
+    assert all(f"{name} " in report for name in KERNELS)
+
+
+@needs_cc
+@pytest.mark.parametrize("wrong, right", [
+    ("for (; r < rows; r++) {\n        const float *wr", "for (; r + 1 < rows; r++) {\n"
+     "        const float *wr"),  # the float32 row tail skipped
+    ("y[r] = sum * bf16_to_f32(scale[r]);", "y[r] = sum * bf16_to_f32(scale[r]) * 1.0001f;"),
+])
+def test_a_wrong_kernel_fails(tmp_path: Path, wrong: str, right: str,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    text = SOURCE.read_text()
+    assert wrong in text
+    (tmp_path / "matvec.c").write_text(text.replace(wrong, right, 1))
+    for target in ("native", "x86-64-v3"):
+        assert run_harness.main(["--target", target, "--source-dir", str(tmp_path)]) == 1
+        assert "FAIL" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_every_target_passes_under_emulation() -> None:
+    tools = ["cc", run_harness.AARCH64_CC, run_harness.QEMU]
+    if not all(shutil.which(tool) for tool in tools):
+        pytest.skip("cross compiler or qemu-user missing (make test-kernels installs none; "
+                    ".ci/run does)")
+    assert run_harness.main([]) == 0
