@@ -13,6 +13,7 @@ variables when it is made, so ``launch`` and ``bench`` make theirs inside it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ class Variable:
 ENV_CACHE = "EDGETP_CACHE"
 ENV_KERNEL_CACHE = "EDGETP_KERNEL_CACHE"
 ENV_NATIVE_KERNELS = "EDGETP_NATIVE_KERNELS"
+ENV_KERNEL_TARGET = "EDGETP_KERNEL_TARGET"
 ENV_QUANT_KERNELS = "EDGETP_QUANT_KERNELS"
 ENV_DATA_LINK = "EDGETP_DATA_LINK"
 ENV_LOG = "EDGETP_LOG"
@@ -59,6 +61,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(ENV_NATIVE_KERNELS, "1",
              "`0` turns the native C decode kernels off: one-row products stay with torch "
              "(for comparisons)."),
+    Variable(ENV_KERNEL_TARGET, "native",
+             "CPU the native decode kernels are compiled for, as gcc's `-march` names it: "
+             "`native` (this CPU's own), or an older target this CPU runs, e.g. `x86-64-v3` "
+             "(AVX2 + FMA, to exercise the AVX2 paths on an AVX-512 machine) or `x86-64-v2`. "
+             "Each target is cached apart."),
     Variable(ENV_QUANT_KERNELS, "1",
              "`0` makes int8/int4 linears use the exact reference everywhere: dequantize, then "
              "a dense matmul in the activations' dtype (for comparisons)."),
@@ -118,6 +125,16 @@ def kernel_cache_dir() -> Path:
 
 def native_kernels_enabled() -> bool:
     return _switch(ENV_NATIVE_KERNELS)
+
+
+def kernel_target() -> str:
+    """``$EDGETP_KERNEL_TARGET`` (a ``-march`` value), default ``native``; ConfigError when it is
+    not one word of the characters such names use."""
+    target = _read(ENV_KERNEL_TARGET).strip() or "native"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+_-]*", target):
+        raise ConfigError(f"{ENV_KERNEL_TARGET}={target!r} is not a CPU target: give a -march "
+                          "name such as native, x86-64-v3 or armv8.2-a+dotprod")
+    return target
 
 
 def quant_kernels_enabled() -> bool:

@@ -10,7 +10,9 @@ more than one row, non-contiguous weights, CPUs without a C compiler) stays with
 The library is compiled with the machine's C compiler (``$CC``, else ``cc``) for this very CPU
 (``-march=native``, or ``-mcpu=native`` where that is the spelling) into
 ``$EDGETP_KERNEL_CACHE`` (default ``~/.cache/edgetp/kernels``), keyed by the source, the
-compiler, the flags and the CPU, and loaded with ctypes (which drops the GIL during a call).
+compiler, the flags, the target and the CPU, and loaded with ctypes (which drops the GIL during
+a call). ``EDGETP_KERNEL_TARGET`` builds for an older target instead (``x86-64-v3``: the AVX2
+paths on an AVX-512 machine); :func:`kernel_paths` names the paths the library compiled in.
 A failed build logs one warning and leaves torch in charge. ``EDGETP_NATIVE_KERNELS=0`` turns
 the kernels off (for comparisons).
 """
@@ -82,7 +84,11 @@ def arch_flags() -> tuple[list[str], ...]:
     """What makes the build this CPU's own, in the order tried: ``-march=native``, and on ARM
     ``-mcpu=native`` (some ARM compilers spell it so). Never a generic build: it would be
     cached as this CPU's and quietly run without its vector instructions; gcc on x86 takes
-    ``-mcpu=native`` as a mere tuning hint, so it is not tried there."""
+    ``-mcpu=native`` as a mere tuning hint, so it is not tried there. ``EDGETP_KERNEL_TARGET``
+    other than ``native`` is the one ``-march`` tried."""
+    target = settings.kernel_target()
+    if target != "native":
+        return ([f"-march={target}"],)
     if platform.machine() in X86:
         return (["-march=native"],)
     return (["-march=native"], ["-mcpu=native"])
@@ -111,8 +117,9 @@ def _load() -> ctypes.CDLL | None:
         log.warning("no C compiler (set CC): decode uses torch's kernels, which are slower")
         return None
     try:
+        arch = " | ".join(" ".join(flags) for flags in arch_flags())
         key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(COMMON_FLAGS),
-                                        _cpu_identity()]).encode()).hexdigest()[:16]
+                                        arch, _cpu_identity()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +133,7 @@ def _load() -> ctypes.CDLL | None:
         log.warning("native kernel library %s is stale: delete it to rebuild", target)
         return None
     library.et_matvec_f32.restype = None
+    library.et_kernel_paths.restype = ctypes.c_char_p
     for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i8_b32", "et_matvec_i4",
                  "et_matvec_i4_f32", "et_has_int4"):
         getattr(library, name).restype = ctypes.c_int
@@ -213,6 +221,17 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) != 0:
         return None  # no memory for x's int16 copy, or columns not whole blocks
     return y
+
+
+def kernel_paths() -> dict[str, str]:
+    """product -> the path the loaded library takes for it (``{"f32": "avx512", "i4": "torch",
+    ...}``, see ``et_kernel_paths`` in ``csrc/matvec.c``); every product "torch" when the C
+    kernels are off or unavailable."""
+    lib = library()
+    if lib is None:
+        return {product: "torch" for product in ("f32", "bf16", "i8", "i8_b32", "i4")}
+    words = lib.et_kernel_paths().decode().split()
+    return dict(word.split(":", 1) for word in words)
 
 
 def has_int4() -> bool:
