@@ -108,6 +108,8 @@ class ProfileFile(BaseModel):
     quick: Any = None
     probe_seconds: Any = None
     matvec_shapes: Any = None
+    kernel_paths: Any = None  # product -> path of the native kernels (edgetp.kernels.native)
+    kernel_target: Any = None  # EDGETP_KERNEL_TARGET the kernels were built for
 
     def device_profile(self) -> DeviceProfile:
         """The figures resolved: defaults filled in, one number spread over the dtypes."""
@@ -136,7 +138,7 @@ def profile_figure(value: float) -> float:
 
 INFO_KEYS = ("version", "host", "cpu_count", "threads", "torch_version", "disk_path",
              "disk_seq_mbs", "disk_note", "total_memory", "link", "quick", "probe_seconds",
-             "matvec_shapes")
+             "matvec_shapes", "kernel_paths", "kernel_target")
 PERF_KEYS = tuple(key for key in ProfileFile.model_fields if key not in INFO_KEYS)
 
 

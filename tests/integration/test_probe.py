@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from edgetp.cli.main import main
 from edgetp.config.device import load_profile
+from edgetp.kernels import native as kernels
 from edgetp.shard.split import split_checkpoint
 
 
@@ -28,4 +29,7 @@ def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
     assert set(raw["matvec_gbs"]) == {"float32", "bfloat16", "int8", "int4"}  # all measured
     assert all(v > 0 for v in raw["matvec_gbs"].values())
     assert 0 < raw["data_msg_overhead_us"] and profile.data_msg_overhead_us > 0
+    assert raw["kernel_paths"] == kernels.kernel_paths()  # the paths the rates were taken on
+    assert set(raw["kernel_paths"]) == {"f32", "bf16", "i8", "i8_b32", "i4"}
+    assert raw["kernel_target"] == "native" and "decode kernels: f32 " in result.output
     assert sorted(p.relative_to(split) for p in split.rglob("*")) == before  # test file gone

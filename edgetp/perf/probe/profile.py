@@ -45,6 +45,7 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
                            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
                            "torch_version": torch.__version__, "quick": quick,
                            "matvec_shapes": [list(s) for s in shapes], "runtime_rss": runtime_rss}
+    out.update(_kernel_info(log))
     out.update(_compute_figures(shapes, quick, log))
     out.update(_disk_figures(shard_dir, quick, log))
     out["msg_overhead_us"] = profile_figure(measure_loopback(50 if quick else 300))
@@ -58,6 +59,17 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
         log(f"link to {master}: {out['link']}")
     out["probe_seconds"] = profile_figure(time.perf_counter() - started)
     return out
+
+
+def _kernel_info(log: Log) -> dict[str, Any]:
+    """Which decode kernel path each product takes here (the rates below are those paths')."""
+    from edgetp.core import settings
+    from edgetp.kernels import native
+
+    paths = native.kernel_paths()
+    log("decode kernels (" + settings.kernel_target() + "): "
+        + ", ".join(f"{product} {path}" for product, path in paths.items()))
+    return {"kernel_paths": paths, "kernel_target": settings.kernel_target()}
 
 
 def _compute_figures(shapes: list[tuple[int, int]], quick: bool, log: Log) -> dict[str, Any]:
@@ -139,6 +151,9 @@ def describe_profile(data: dict[str, Any]) -> str:
              f"{data['flops_gflops']['bfloat16']} GFLOP/s",
              f"  disk read {data['disk_bw_mbs']} MB/s ({data['disk_path']})"
              + (f" - {data['disk_note']}" if data.get("disk_note") else ""),
+             "  decode kernels: " + (", ".join(f"{product} {path}" for product, path
+                                              in (data.get("kernel_paths") or {}).items())
+                                    or "not recorded (an older profile)"),
              f"  overheads: {data['layer_overhead_us']} us/layer, {data['step_overhead_us']} "
              f"us/step, {data['msg_overhead_us']} us/message "
              f"({data.get('data_msg_overhead_us', '-')} over the data link)",
