@@ -48,7 +48,10 @@ ENV_PROFILES_FILE = "EDGETP_LINK_PROFILES"
 ENV_LINK_DEV = "EDGETP_LINK_DEV"
 ENV_PYTHON = "EDGETP_PYTHON"
 ENV_SHARDS = "EDGETP_SHARDS"
+ENV_API_PORT = "EDGETP_API_PORT"
 ENV_EXECUTABLE = "EDGETP"
+# what a testbed node's environment says of its link (the Docker testbed reports them)
+LINK_VARIABLES = (ENV_DESCRIPTION, ENV_PROFILE, ENV_PROFILES_FILE, ENV_LINK_DEV)
 
 _ENTRYPOINT = "docker/entrypoint.sh"
 VARIABLES: tuple[Variable, ...] = (
@@ -98,6 +101,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(ENV_PYTHON, "python3", "Interpreter that has edgetp installed.", _ENTRYPOINT),
     Variable(ENV_SHARDS, "./shards", "Split directory mounted into the containers.",
              "docker/compose.yaml"),
+    Variable(ENV_API_PORT, "8000", "Host port on which the Docker testbed publishes the "
+             "master's API.", "docker/compose.yaml"),
     Variable(ENV_EXECUTABLE, "edgetp", "The `edgetp` command the launch scripts run.",
              "launch/*.sh"),
 )

@@ -11,11 +11,11 @@ import ipaddress
 from typing import Any
 
 from edgetp.config.cluster import ClusterConfig, NodeConfig
-from edgetp.core.settings import ENV_PROFILE
+from edgetp.core.settings import ENV_API_PORT, ENV_PROFILE
 from edgetp.ops.testbed.cgroups import node_memory_limit
 from edgetp.runtime.commands import ServeCommand, WorkerCommand
 
-API_PORT_VARIABLE = "EDGETP_API_PORT"  # compose's variable: the host port of the API
+API_PORT_VARIABLE = ENV_API_PORT  # compose's variable: the host port of the API
 
 
 def compose_size(n: int) -> str:

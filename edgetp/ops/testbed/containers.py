@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgetp.core.settings import ENV_DESCRIPTION, LINK_VARIABLES
 from edgetp.ops.testbed.cgroups import V1_ROOT, V2_ROOT, NodeMemory, cgroup_memory
 from edgetp.ops.testbed.resources import TestbedError
 
@@ -129,11 +130,11 @@ def link_in_force(container: str, dev: str = "eth0", timeout_s: float = 60) -> d
     while True:
         environ = docker("exec", container, "cat", "/proc/1/environ", check=False)
         variables = dict(item.split("=", 1) for item in environ.split("\0") if "=" in item)
-        if "EDGETP_LINK_EMULATION" in variables or time.monotonic() > deadline:
+        if ENV_DESCRIPTION in variables or time.monotonic() > deadline:
             break
         time.sleep(0.5)  # the entrypoint is still applying the profile
     qdisc = docker("exec", container, "tc", "qdisc", "show", "dev", dev, check=False).strip()
-    return {"qdisc": qdisc, **{k: v for k, v in variables.items() if k.startswith("EDGETP_LINK")}}
+    return {"qdisc": qdisc, **{k: v for k, v in variables.items() if k in LINK_VARIABLES}}
 
 
 def memory_cgroup(container: str) -> tuple[str, Path] | None:
