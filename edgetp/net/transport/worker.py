@@ -4,9 +4,8 @@
 master's data link if the welcome offers one (sealed with the keys the hello and the welcome
 agreed when the cluster has keys: edgetp.net.linkkeys), syncs its clock, pings while idle,
 and hands the compute loop the messages meant for it (step, sum, abort, shutdown, collect,
-link). When the
-master falls silent or forgets it, it raises :class:`~edgetp.net.transport.errors.ClusterError`
-and the caller connects again.
+link). When the master falls silent or forgets it, it raises
+:class:`~edgetp.net.transport.errors.ClusterError` and the caller connects again.
 """
 
 from __future__ import annotations

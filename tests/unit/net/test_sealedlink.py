@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.links import data_link_pair
 
-from edgetp.net import datalink as dataplane
 from edgetp.net.codec import encode
-from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLink, DataLinkError, DataListener
+from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLinkError
 from edgetp.net.linkkeys import (
     AES_GCM,
     CHACHA20,
@@ -35,14 +35,6 @@ MASTER_KEY, WORKER_KEY = "M" * 40, "W" * 40  # long-term CURVE public keys (z85)
 SHAPE = (2, 64)
 
 
-def _tcp_pair() -> tuple[DataLink, DataLink]:
-    listener = DataListener()
-    master = dataplane.connect("127.0.0.1", listener.port, listener.token)
-    worker = listener.accept()
-    listener.close()
-    return master, worker
-
-
 def _keys(cipher: str = AES_GCM, token: str = "t0ken"):
     """Both ends' keys, by the hello/welcome exchange the transport runs."""
     offer = KeyOffer()
@@ -55,7 +47,7 @@ def _keys(cipher: str = AES_GCM, token: str = "t0ken"):
 
 def _sealed_pair(cipher: str = AES_GCM) -> tuple[SealedDataLink, SealedDataLink]:
     master_keys, worker_keys = _keys(cipher)
-    master, worker = _tcp_pair()
+    master, worker = data_link_pair()
     return (SealedDataLink.over(master, LinkCipher(master_keys, True, "rank 1 (node-1)")),
             SealedDataLink.over(worker, LinkCipher(worker_keys, False, "the master")))
 
@@ -92,8 +84,8 @@ class Wire:
 
     def __init__(self) -> None:
         master_keys, worker_keys = _keys()
-        self.master_link, self.into_master = _tcp_pair()
-        worker_link, self.out_of_worker = _tcp_pair()
+        self.master_link, self.into_master = data_link_pair()
+        worker_link, self.out_of_worker = data_link_pair()
         self.master = SealedDataLink.over(self.master_link,
                                           LinkCipher(master_keys, True, "rank 1 (node-1)"))
         self.worker = SealedDataLink.over(worker_link,
@@ -192,7 +184,7 @@ def test_a_message_cut_short_by_a_closed_connection_is_refused(wire: Wire) -> No
 
 
 def test_a_plain_message_is_not_taken_on_a_sealed_link(wire: Wire) -> None:
-    plain_end, sink = _tcp_pair()
+    plain_end, sink = data_link_pair()
     plain_end.send(OP_PARTIAL, "f32", (1, 1, 0), [wire.x])
     raw = sink.sock.recv(65536)
     plain_end.close()
@@ -206,7 +198,7 @@ def test_a_peer_with_other_keys_cannot_speak_on_the_link() -> None:
     real keys were agreed over) is refused at its first message."""
     master_keys, _ = _keys()
     _, stranger_keys = _keys()
-    master, stranger = _tcp_pair()
+    master, stranger = data_link_pair()
     sealed_master = SealedDataLink.over(master, LinkCipher(master_keys, True, "rank 2"))
     sealed_stranger = SealedDataLink.over(stranger, LinkCipher(stranger_keys, False, "m"))
     try:
