@@ -4,7 +4,7 @@ Run::
 
     .venv/bin/python benchmarks/decode.py [--nodes 1,2] [--dtypes float32,bfloat16,int8,int4]
                                           [--runs N] [--new-tokens N] [--keep DIR] [--json]
-                                          [--tiny]
+                                          [--tiny] [--secure]
 
 1. **Model.** A TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, MLP 5632, 22
    layers, 32 query / 4 KV heads, vocab 32000, untied head; float32, 4.4 GB), written seeded
@@ -45,6 +45,10 @@ Run::
    bandwidth. A missed target's "why" line adds up rank 0's parts and gives the kernel's own
    rate next to the plain read's.
 
+``--secure``: each point of more than one node runs a second time right after, with CURVE
+keys (the allreduce over the sealed data link, edgetp.net.sealedlink), and a table gives both
+ms/token and their ratio against the target (keys within :data:`SECURE_TARGET` of the plain run).
+
 It then prints the issue's reference figures beside these, and the targets (2-node float32
 <= 1.25x floor, 1-node float32 <= 1.1x floor, 2-node int8 <= 90 ms, 2-node int4 <= 70 ms),
 each met or missed by how much, and how much of the CPUs other processes used meanwhile (from
@@ -66,6 +70,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +122,8 @@ TARGETS = (
     ("2 nodes int8 <= 90 ms/token", 2, "int8", "ms", 90.0),
     ("2 nodes int4 <= 70 ms/token", 2, "int4", "ms", 70.0),
 )
+
+SECURE_TARGET = 1.05  # --secure: ms/token with keys at most this times the plain run's
 
 _started = time.perf_counter()
 
@@ -366,7 +373,43 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
     progress(f"run {nodes} node(s) {weights}: {ms:.1f} ms/token (runs "
              f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f}")
+    if args.secure and nodes > 1:
+        point["secure"] = run_secure(settings, ms, out_dir / "secure")
     return point
+
+
+def run_secure(settings: BenchSettings, plain_ms: float, out_dir: Path) -> dict[str, Any]:
+    """The same point with CURVE keys, right after the plain one: ms/token and the ratio."""
+    progress(f"run {settings.nodes} node(s) {settings.weight_dtype} with keys: load, 1 warm-up "
+             f"+ {settings.repeat} run(s)")
+    report = run_bench(replace(settings, secure=True), out_dir)
+    gc.collect()
+    runs = [run["ms_per_token"] for run in report["runs"]]
+    ms = statistics.median(runs)
+    progress(f"run {settings.nodes} node(s) {settings.weight_dtype} with keys: {ms:.1f} "
+             f"ms/token ({ms / plain_ms:.3f}x the plain run)")
+    return {"ms_per_token": ms, "run_ms_per_token": runs, "ratio": ms / plain_ms,
+            "allreduce_ms": report["nodes"][0]["breakdown_ms_per_token"]["allreduce"]}
+
+
+def secure_table(points: list[dict[str, Any]]) -> list[str]:
+    """Plain against keyed runs (--secure): ms/token, ratio, the target."""
+    rows = [p for p in points if "secure" in p]
+    if not rows:
+        return []
+    lines = ["", f"with keys (CURVE, the sealed data link), run right after the plain point; "
+             f"target: at most {SECURE_TARGET:.2f}x", "",
+             "| nodes | weights | plain ms/token | with keys ms/token | ratio | rank 0 allreduce "
+             "wait, plain / keys | target |", "|---|---|---|---|---|---|---|"]
+    for p in rows:
+        keyed = p["secure"]
+        verdict = "met" if keyed["ratio"] <= SECURE_TARGET else (
+            f"missed by {100 * (keyed['ratio'] / SECURE_TARGET - 1):.1f}%")
+        lines.append(f"| {p['nodes']} | {p['weights']} | {p['ms_per_token']:.1f} | "
+                     f"{keyed['ms_per_token']:.1f} | {keyed['ratio']:.3f} | "
+                     f"{p['node_breakdown'][0]['allreduce_ms']:.1f} / "
+                     f"{keyed['allreduce_ms']:.1f} | {verdict} |")
+    return lines
 
 
 def breakdown(node: dict[str, Any], nbytes: int, gbps: float) -> dict[str, Any]:
@@ -522,6 +565,7 @@ def targets_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def human_report(data: dict[str, Any]) -> str:
     return "\n".join(describe(data) + results_table(data["results"])
+                     + secure_table(data["results"])
                      + reference_table(data["reference"], data["model"]["tiny"])
                      + targets_table(data["targets"]))
 
@@ -539,6 +583,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, help="work directory to keep and reuse")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--tiny", action="store_true", help="a small model of the same family")
+    parser.add_argument("--secure", action="store_true",
+                        help="run each multi-node point again with CURVE keys and compare")
     args = parser.parse_args(argv)
     args.node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.weight_dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
