@@ -3,7 +3,7 @@
 Run::
 
     .venv/bin/python benchmarks/allreduce.py [--sizes 1K,4K,...] [--nodes 2,4,8] [--repeat R]
-                                             [--budget S] [--quick] [--json]
+                                             [--budget S] [--quick] [--secure] [--json]
 
 For each message size (float32 tensors of shape ``[1, size/4]``) and each cluster size N:
 
@@ -23,6 +23,13 @@ For each message size (float32 tensors of shape ``[1, size/4]``) and each cluste
   ROUTER/DEALER pair on tcp loopback (``send_multipart(copy=False)``, no header, no decoding);
   the median round trip is reported.
 * **ratio**: allreduce median / ping-pong median.
+* **with keys** (``--secure``): a second cluster of N ranks with CURVE keys (made in a
+  temporary directory), whose allreduce goes over the sealed data link
+  (edgetp.net.sealedlink); both clusters run side by side and each size is measured in
+  :data:`SECURE_ROUNDS` alternating rounds, so load that comes and goes hits both alike. The
+  column is its median and the difference from the plain one; the verdict checks the target
+  (at most :data:`SECURE_TARGET_US` more at 8 KiB), and the cipher's own cost per KiB
+  (``benchmarks/cipher_cost.py``) is printed beside it.
 
 Small messages (<= 16 KiB) get a verdict line per N: is the star allreduce under 1.5x the
 ping-pong, and if not by how much.
@@ -43,12 +50,15 @@ import json
 import math
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -76,6 +86,9 @@ MIN_SAMPLES = 10  # even past the time budget
 WARMUP_S = 0.2  # per configuration, before timing
 JOIN_TIMEOUT_S = 120.0  # spawning workers imports torch: slow with 7 of them on 2 cores
 TIMEOUT_S = 15.0  # a worker whose master went silent this long exits
+SECURE_ROUNDS = 4  # --secure: alternating rounds of the plain and the keyed cluster per size
+SECURE_TARGET_US = 30.0  # --secure: what keys may add to an allreduce at 8 KiB
+SECURE_TARGET_BYTES = 8 * 1024
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -151,13 +164,16 @@ def _parent_gone(parent_pid: int) -> bool:
 # -- child processes ----------------------------------------------------------------------------
 
 
-def star_worker(address: str, rank: int, n_ranks: int, parent_pid: int) -> None:
-    """Rank ``rank``: join the master, run the allreduces of every step until ``shutdown``."""
+def star_worker(address: str, rank: int, n_ranks: int, keys: tuple[str, str] | None,
+                parent_pid: int) -> None:
+    """Rank ``rank``: join the master, run the allreduces of every step until ``shutdown``.
+    ``keys``: its secret key file and the master's public key file (None: no keys)."""
     try:
         import torch
 
         torch.set_num_threads(1)
         from edgetp.net.collectives import StarWorker
+        from edgetp.net.security import KeyPair, WorkerSecurity
         from edgetp.net.transport import (
             ClusterError,
             HandshakeRefused,
@@ -165,7 +181,10 @@ def star_worker(address: str, rank: int, n_ranks: int, parent_pid: int) -> None:
             WorkerTransport,
         )
 
-        transport = WorkerTransport(address, identity(rank), timeout_s=TIMEOUT_S)
+        security = None if keys is None else WorkerSecurity(KeyPair.load(keys[0]),
+                                                            KeyPair.load(keys[1]).public)
+        transport = WorkerTransport(address, identity(rank), timeout_s=TIMEOUT_S,
+                                    security=security)
         comm = StarWorker(transport, rank, n_ranks, timeout_s=TIMEOUT_S)
         try:
             joined_by = time.monotonic() + JOIN_TIMEOUT_S
@@ -375,21 +394,29 @@ class StarRun:
     children: Children
     seq: int = 0
     step: int = 0
+    keys_dir: str | None = None  # CURVE keys for every rank (cluster_keys), or none
     transport: Any = None
     comm: Any = None
     procs: list[Any] = field(default_factory=list)
 
     def start(self) -> None:
         from edgetp.net.collectives import StarMaster
+        from edgetp.net.security import KeyPair, MasterSecurity
         from edgetp.net.transport import ClusterError, MasterTransport
 
+        keys = self.keys_dir
+        security = None if keys is None else MasterSecurity(
+            KeyPair.load(f"{keys}/master.key_secret"), Path(keys) / "authorized")
         with signals_blocked():  # its heartbeat thread
             self.transport = MasterTransport("tcp://127.0.0.1:*", identity(0), self.n_ranks,
-                                             wire_dtype="f32", timeout_s=TIMEOUT_S)
+                                             wire_dtype="f32", timeout_s=TIMEOUT_S,
+                                             security=security)
         self.comm = StarMaster(self.transport, "f32", timeout_s=TIMEOUT_S)
         for rank in range(1, self.n_ranks):
+            worker_keys = None if keys is None else (f"{keys}/worker-{rank}.key_secret",
+                                                     f"{keys}/master.key")
             self.procs.append(self.children.start(star_worker, self.transport.address, rank,
-                                                  self.n_ranks))
+                                                  self.n_ranks, worker_keys))
         deadline = time.monotonic() + JOIN_TIMEOUT_S
         while True:
             try:
@@ -423,7 +450,8 @@ class StarRun:
         return times, gathers
 
     def measure(self, size: int, repeat: int, warmup: int,
-                budget_s: float) -> tuple[dict[str, float], dict[str, float]]:
+                budget_s: float) -> tuple[list[float], list[float]]:
+        """Seconds per timed allreduce of ``size`` bytes, and of each its gather."""
         import torch
 
         self.seq += 1
@@ -445,7 +473,7 @@ class StarRun:
             gathers += waits
             if len(samples) >= MIN_SAMPLES and time.monotonic() > deadline:
                 break
-        return summarize(samples), summarize(gathers)
+        return samples, gathers
 
     def stop(self, graceful: bool = True) -> None:
         """Tell the workers to shut down and wait for them (graceful) or just close."""
@@ -462,6 +490,90 @@ class StarRun:
         unclean = [p.exitcode for p in self.procs if p.exitcode != 0]
         if unclean:
             log(f"  warning: worker exit codes {unclean}")
+
+
+def cluster_keys(keys_dir: str, n_ranks: int) -> None:
+    """Key pairs for a benchmark cluster: ``master`` and ``worker-R``, the workers' public
+    keys authorized in ``keys_dir/authorized``."""
+    from edgetp.net.security import create_keys
+
+    create_keys(keys_dir, "master")
+    authorized = Path(keys_dir) / "authorized"
+    authorized.mkdir()
+    for rank in range(1, n_ranks):
+        public, _ = create_keys(keys_dir, f"worker-{rank}")
+        shutil.copy(public, authorized / public.name)
+
+
+def measure_cluster(n: int, args: argparse.Namespace, floors: tuple[dict[int, Any], ...],
+                    children: Children, keys_dir: str | None) -> list[dict[str, Any]]:
+    """The rows of an N-rank star (and, with ``keys_dir``, of one with keys beside it)."""
+    runs = [StarRun(n, children)]
+    if keys_dir is not None:
+        cluster_keys(keys_dir, n)
+        runs.append(StarRun(n, children, keys_dir=keys_dir))
+    rows = []
+    try:
+        for run in runs:
+            log(f"star allreduce, N={n}{' with keys' if run.keys_dir else ''}: starting "
+                f"{n - 1} worker process(es)")
+            started = time.monotonic()
+            run.start()
+            log(f"  all {n - 1} joined in {time.monotonic() - started:.1f} s")
+        for size in args.sizes:
+            rows.append(measure_size(runs, n, size, args, floors))
+    except BaseException:
+        for run in runs:
+            run.stop(graceful=False)  # no waiting: the outer finally terminates them
+        raise
+    for run in runs:
+        run.stop(graceful=True)
+    return rows
+
+
+def measure_size(runs: list[StarRun], n: int, size: int, args: argparse.Namespace,
+                 floors: tuple[dict[int, Any], ...]) -> dict[str, Any]:
+    """One row: the plain run's figures (and the keyed run's, in alternating rounds)."""
+    rounds = SECURE_ROUNDS if len(runs) > 1 else 1
+    samples: list[tuple[list[float], list[float]]] = [([], []) for _ in runs]
+    for _ in range(rounds):
+        for run, (times, gathers) in zip(runs, samples, strict=True):
+            got = run.measure(size, max(1, args.repeat // rounds), args.warmup,
+                              args.budget / rounds)
+            times += got[0]
+            gathers += got[1]
+    floor, tcp = floors
+    latency = summarize(samples[0][0])
+    row = {"size": format_size(size), "size_bytes": size, "nodes": n,
+           "pingpong_us": floor[size], "tcp_pingpong_us": tcp[size], "allreduce_us": latency,
+           "master_gather_us": summarize(samples[0][1]),
+           "ratio": latency["median"] / floor[size]["median"]}
+    text = (f"  N={n} {row['size']:>5}: median {latency['median']:9.1f} us, p90 "
+            f"{latency['p90']:9.1f} us ({latency['n']} allreduces), {row['ratio']:.2f}x ping-pong")
+    if len(runs) > 1:
+        row["secure_us"] = summarize(samples[1][0])
+        row["secure_extra_us"] = row["secure_us"]["median"] - latency["median"]
+        text += f"; with keys {row['secure_us']['median']:.1f} us ({row['secure_extra_us']:+.1f})"
+    log(text)
+    return row
+
+
+def secure_verdict(rows: list[dict[str, Any]]) -> list[str]:
+    """What keys add at the target size, per N (the rows of a --secure run)."""
+    out = []
+    for r in rows:
+        if "secure_us" in r and r["size_bytes"] == SECURE_TARGET_BYTES:
+            ok = r["secure_extra_us"] <= SECURE_TARGET_US
+            out.append(f"N={r['nodes']}: with keys the {r['size']} allreduce costs "
+                       f"{r['secure_extra_us']:+.1f} us ({r['secure_us']['median']:.1f} against "
+                       f"{r['allreduce_us']['median']:.1f} us, ratio "
+                       f"{r['secure_us']['median'] / r['allreduce_us']['median']:.2f}): "
+                       f"{'within' if ok else 'NOT within'} the +{SECURE_TARGET_US:.0f} us "
+                       "target")
+    if not out and any("secure_us" in r for r in rows):
+        out.append(f"(the keys target is at {format_size(SECURE_TARGET_BYTES)}: add it to "
+                   "--sizes)")
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -508,24 +620,39 @@ def print_table(report: dict[str, Any]) -> None:
     print("latencies in microseconds; allreduce = median per allreduce (p90 in brackets); "
           "ratio = allreduce / ZeroMQ ping-pong")
     print()
+    from cipher_cost import describe as describe_cipher  # beside this script
+
+    secure = report["secure"]
     header = (f"{'size':>6} {'N':>3} {'ping-pong us':>13} {'tcp us':>8} {'allreduce us':>13} "
-              f"{'(p90)':>10} {'ratio':>7} {'gather %':>9}")
+              f"{'(p90)':>10} {'ratio':>7} {'gather %':>9}"
+              + (f" {'with keys us':>13} {'+us':>7}" if secure else ""))
     print(header)
     print("-" * len(header))
     for r in report["results"]:
         gather_pct = 100 * r["master_gather_us"]["median"] / r["allreduce_us"]["median"]
+        keyed = (f" {r['secure_us']['median']:13.1f} {r['secure_extra_us']:+7.1f}" if secure
+                 else "")
         print(f"{r['size']:>6} {r['nodes']:>3} {r['pingpong_us']['median']:13.1f} "
               f"{r['tcp_pingpong_us']['median']:8.1f} {r['allreduce_us']['median']:13.1f} "
               f"{r['allreduce_us']['p90']:>10.1f} "
-              f"{r['ratio']:6.2f}x {gather_pct:8.0f}%")
+              f"{r['ratio']:6.2f}x {gather_pct:8.0f}%{keyed}")
     print()
     print("gather % = share of the master's allreduce spent in gather (waiting for and decoding "
           "the partials); the rest is its sum, encode and broadcast")
+    if secure:
+        print(f"with keys = the same allreduce in a cluster with CURVE keys (the sealed data "
+              f"link), measured in {SECURE_ROUNDS} rounds alternating with the plain one")
     for v in report["verdicts"]:
         print(v["text"])
+    for line in secure_verdict(report["results"]):
+        print(line)
+    if report["cipher"]:
+        print("\n".join(describe_cipher(report["cipher"])))
     if report["note"]:
         print(f"note: {report['note']}")
-    print(f"total time {report['elapsed_s']:.1f} s")
+    load = report["load_average"]
+    print(f"total time {report['elapsed_s']:.1f} s; load average (1 min) {load['before']:.1f} "
+          f"before, {load['after']:.1f} after, on {report['cpu_count']} cores")
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -543,6 +670,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                      "repeat count is cut short (default 3)")
     parser.add_argument("--quick", action="store_true",
                         help=f"sizes {QUICK_SIZES}, nodes {QUICK_NODES}, few repeats (< 30 s)")
+    parser.add_argument("--secure", action="store_true",
+                        help="also measure a cluster with CURVE keys (the sealed data link), "
+                             "side by side, and the cipher's cost per KiB")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     args = parser.parse_args(argv)
     try:
@@ -579,7 +709,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ImportError, AttributeError):
             pass
     signal.signal(signal.SIGTERM, _interrupt)  # run the finally clauses on kill PID too
-    began = time.monotonic()
+    from cipher_cost import measure as measure_cipher  # beside this script
+
+    began, load_before = time.monotonic(), os.getloadavg()
     children = Children()
     rows: list[dict[str, Any]] = []
     try:
@@ -591,27 +723,10 @@ def main(argv: list[str] | None = None) -> int:
                                    children)
         children.reap()
         for n in args.nodes:
-            log(f"star allreduce, N={n}: starting {n - 1} worker process(es)")
-            run = StarRun(n, children)
-            try:
-                started = time.monotonic()
-                run.start()
-                log(f"  all {n - 1} joined in {time.monotonic() - started:.1f} s")
-                for size in args.sizes:
-                    latency, gather = run.measure(size, args.repeat, args.warmup, args.budget)
-                    row = {"size": format_size(size), "size_bytes": size, "nodes": n,
-                           "pingpong_us": floor[size], "tcp_pingpong_us": tcp[size],
-                           "allreduce_us": latency,
-                           "master_gather_us": gather,
-                           "ratio": latency["median"] / floor[size]["median"]}
-                    rows.append(row)
-                    log(f"  N={n} {row['size']:>5}: median {latency['median']:9.1f} us, p90 "
-                        f"{latency['p90']:9.1f} us ({latency['n']} allreduces), "
-                        f"{row['ratio']:.2f}x ping-pong")
-            except BaseException:
-                run.stop(graceful=False)  # no waiting: the outer finally terminates them
-                raise
-            run.stop(graceful=True)
+            with contextlib.ExitStack() as stack:
+                keys_dir = (stack.enter_context(tempfile.TemporaryDirectory(prefix="edgetp-keys-"))
+                            if args.secure else None)
+                rows += measure_cluster(n, args, (floor, tcp), children, keys_dir)
     except KeyboardInterrupt as exc:
         log(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'}); workers terminated")
         return 130
@@ -624,12 +739,15 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(),
         "channel": ("the data link (plain TCP)" if dataplane.enabled()
                     else "ZeroMQ (EDGETP_DATA_LINK=0)"),
+        "secure": args.secure,
+        "cipher": measure_cipher() if args.secure else None,
         "repeat": args.repeat,
         "budget_s": args.budget,
         "results": rows,
         "verdicts": verdicts(rows, args.nodes),
         "note": cpu_note(args.nodes),
         "elapsed_s": time.monotonic() - began,
+        "load_average": {"before": load_before[0], "after": os.getloadavg()[0]},
     }
     if args.json:
         print(json.dumps(report, indent=2))

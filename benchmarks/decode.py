@@ -4,7 +4,7 @@ Run::
 
     .venv/bin/python benchmarks/decode.py [--nodes 1,2] [--dtypes float32,bfloat16,int8,int4]
                                           [--runs N] [--new-tokens N] [--keep DIR] [--json]
-                                          [--tiny]
+                                          [--tiny] [--secure]
 
 1. **Model.** A TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, MLP 5632, 22
    layers, 32 query / 4 KV heads, vocab 32000, untied head; float32, 4.4 GB), written seeded
@@ -45,6 +45,11 @@ Run::
    bandwidth. A missed target's "why" line adds up rank 0's parts and gives the kernel's own
    rate next to the plain read's.
 
+``--secure``: after each point of more than one node, the same cluster with CURVE keys (the
+allreduce over the sealed data link, edgetp.net.sealedlink) and without run side by side,
+their runs alternating, so load that comes and goes hits both alike; a table gives both
+ms/token and their ratio against the target (keys within :data:`SECURE_TARGET` of the plain run).
+
 It then prints the issue's reference figures beside these, and the targets (2-node float32
 <= 1.25x floor, 1-node float32 <= 1.1x floor, 2-node int8 <= 90 ms, 2-node int4 <= 70 ms),
 each met or missed by how much, and how much of the CPUs other processes used meanwhile (from
@@ -66,6 +71,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +88,8 @@ from edgetp.model.synthetic import (  # noqa: E402
     model_bytes,
     write_model,
 )
-from edgetp.perf.bench import BenchSettings, run_bench  # noqa: E402
+from edgetp.perf.bench import BenchSettings, bench_cluster, run_bench  # noqa: E402
+from edgetp.perf.bench import measure as measure_on  # noqa: E402
 from edgetp.runtime.local import split_cache_dir  # noqa: E402
 from edgetp.shard.manifest import read_manifest  # noqa: E402
 from edgetp.shard.split import expected_files, split_checkpoint  # noqa: E402
@@ -117,6 +124,8 @@ TARGETS = (
     ("2 nodes int8 <= 90 ms/token", 2, "int8", "ms", 90.0),
     ("2 nodes int4 <= 70 ms/token", 2, "int4", "ms", 70.0),
 )
+
+SECURE_TARGET = 1.05  # --secure: ms/token with keys at most this times the plain run's
 
 _started = time.perf_counter()
 
@@ -366,7 +375,54 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
     progress(f"run {nodes} node(s) {weights}: {ms:.1f} ms/token (runs "
              f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f}")
+    if args.secure and nodes > 1:
+        point["secure"] = run_secure(settings)
     return point
+
+
+def run_secure(settings: BenchSettings) -> dict[str, Any]:
+    """The point with CURVE keys against the same without, both clusters up at once and their
+    runs alternating (plain, keys, plain, ...), so load that comes and goes hits both alike:
+    the medians, their ratio and rank 0's allreduce wait."""
+    progress(f"run {settings.nodes} node(s) {settings.weight_dtype}, plain and with keys "
+             f"alternating: load both, 1 warm-up + {settings.repeat} run(s) each")
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    waits: dict[bool, list[float]] = {False: [], True: []}
+    with bench_cluster(settings) as plain, bench_cluster(replace(settings, secure=True)) as keyed:
+        for round_ in range(settings.repeat):
+            for secure, master in ((False, plain), (True, keyed)):
+                one = replace(settings, repeat=1, warmup=1 if round_ == 0 else 0)
+                report, _ = measure_on(master, one, None)
+                runs[secure].append(report["runs"][0]["ms_per_token"])
+                waits[secure].append(report["nodes"][0]["breakdown_ms_per_token"]["allreduce"])
+    gc.collect()
+    plain_ms, ms = statistics.median(runs[False]), statistics.median(runs[True])
+    progress(f"run {settings.nodes} node(s) {settings.weight_dtype}: {plain_ms:.1f} ms/token "
+             f"plain, {ms:.1f} with keys ({ms / plain_ms:.3f}x)")
+    return {"ms_per_token": ms, "run_ms_per_token": runs[True], "plain_ms_per_token": plain_ms,
+            "plain_run_ms_per_token": runs[False], "ratio": ms / plain_ms,
+            "allreduce_ms": statistics.median(waits[True]),
+            "plain_allreduce_ms": statistics.median(waits[False])}
+
+
+def secure_table(points: list[dict[str, Any]]) -> list[str]:
+    """Plain against keyed runs (--secure): ms/token, ratio, the target."""
+    rows = [p for p in points if "secure" in p]
+    if not rows:
+        return []
+    lines = ["", f"with keys (CURVE, the sealed data link) against without: both clusters up "
+             f"at once, runs alternating; target: at most {SECURE_TARGET:.2f}x", "",
+             "| nodes | weights | plain ms/token | with keys ms/token | ratio | rank 0 allreduce "
+             "wait, plain / keys | target |", "|---|---|---|---|---|---|---|"]
+    for p in rows:
+        keyed = p["secure"]
+        verdict = "met" if keyed["ratio"] <= SECURE_TARGET else (
+            f"missed by {100 * (keyed['ratio'] / SECURE_TARGET - 1):.1f}%")
+        lines.append(f"| {p['nodes']} | {p['weights']} | {keyed['plain_ms_per_token']:.1f} | "
+                     f"{keyed['ms_per_token']:.1f} | {keyed['ratio']:.3f} | "
+                     f"{keyed['plain_allreduce_ms']:.1f} / {keyed['allreduce_ms']:.1f} | "
+                     f"{verdict} |")
+    return lines
 
 
 def breakdown(node: dict[str, Any], nbytes: int, gbps: float) -> dict[str, Any]:
@@ -522,6 +578,7 @@ def targets_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def human_report(data: dict[str, Any]) -> str:
     return "\n".join(describe(data) + results_table(data["results"])
+                     + secure_table(data["results"])
                      + reference_table(data["reference"], data["model"]["tiny"])
                      + targets_table(data["targets"]))
 
@@ -539,6 +596,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", type=Path, help="work directory to keep and reuse")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--tiny", action="store_true", help="a small model of the same family")
+    parser.add_argument("--secure", action="store_true",
+                        help="run each multi-node point again with CURVE keys and compare")
     args = parser.parse_args(argv)
     args.node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.weight_dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]

@@ -13,8 +13,11 @@ ZeroMQ saw it, sends the magic and the token, and says in its ``welcome`` whethe
 up. The worker then accepts the connection carrying that token: it reads every connection that
 arrives side by side, and closes one that shows anything else or nothing within
 :data:`TOKEN_DEADLINE_S`, so a connection made first (silent, or hostile) cannot hold up the
-master's. Without it (CURVE on: the link is not encrypted; the ring
-allreduce; ``EDGETP_DATA_LINK=0``; or a connection that fails) the allreduce stays on ZeroMQ.
+master's. Without it (the ring allreduce; ``EDGETP_DATA_LINK=0``; or a connection that
+fails) the allreduce stays on ZeroMQ. With the cluster's CURVE keys the link is a
+:class:`~edgetp.net.sealedlink.SealedDataLink`: every message encrypted and authenticated with
+keys agreed for that one connection (edgetp.net.linkkeys); the token, which then travels inside
+CURVE, still decides which connection is the master's.
 
 A message is a fixed header, ``HEADER``: magic, op (partial or sum), wire format, seq, step,
 index and the payload's length; then the payload, the wire format's tensors back to back
@@ -109,16 +112,18 @@ class DataLink:
         payload = [tensor_bytes(t) for t in tensors]
         size = sum(len(p) for p in payload)
         seq, step, index = (min(v, MAX_FIELD) for v in position)
-        parts = [memoryview(HEADER.pack(MAGIC, op, WIRE_CODES[wire], seq, step, index, size)),
-                 *payload]
+        self._send_all([memoryview(HEADER.pack(MAGIC, op, WIRE_CODES[wire], seq, step, index,
+                                               size)), *payload])
+        self.bytes_sent += HEADER.size + size
+        return HEADER.size + size
+
+    def _send_all(self, parts: list[memoryview]) -> None:
         try:
             while parts:
                 sent = self.sock.sendmsg(parts)
                 parts = _advance(parts, sent)
         except OSError as exc:
             raise DataLinkError(f"the data link broke while sending ({exc})") from exc
-        self.bytes_sent += HEADER.size + size
-        return HEADER.size + size
 
     def receive(self, wire: str, shape: Sequence[int], deadline: float) -> Received:
         """The next message, whose payload must be a ``[T, d]`` of ``wire`` (``shape``).
@@ -132,12 +137,7 @@ class DataLink:
         header, payload = memoryview(self._header), memoryview(buffer)
         got = self._read_into([header, payload], deadline, stop_at=HEADER.size)
         magic, op, code, seq, step, index, size = HEADER.unpack(self._header)
-        if magic != MAGIC or op not in (OP_PARTIAL, OP_SUM) or code != WIRE_CODES[wire]:
-            raise DataLinkError(f"a message that is not the data-link protocol (magic {magic!r}, "
-                                f"op {op}, wire {code})")
-        if size != expected:
-            raise DataLinkError(f"a payload of {size} bytes where {list(shape)} in {wire} "
-                                f"takes {expected}")
+        check_header((magic, op, code, size), (MAGIC, wire, expected), shape)
         if got < HEADER.size + size:
             self._read_into([payload[got - HEADER.size:]], deadline)
         self.bytes_received += HEADER.size + size
@@ -181,6 +181,20 @@ class DataLink:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def check_header(got: tuple[bytes, int, int, int], expected: tuple[bytes, str, int],
+                 shape: Sequence[int]) -> None:
+    """DataLinkError unless a header's (magic, op, wire code, payload bytes) are those of a
+    message of ``expected`` (magic, wire format, payload bytes) carrying ``shape``."""
+    magic, op, code, size = got
+    want_magic, wire, want_size = expected
+    if magic != want_magic or op not in (OP_PARTIAL, OP_SUM) or code != WIRE_CODES[wire]:
+        raise DataLinkError(f"a message that is not the data-link protocol (magic {magic!r}, "
+                            f"op {op}, wire {code})")
+    if size != want_size:
+        raise DataLinkError(f"a payload of {size} bytes where {list(shape)} in {wire} "
+                            f"takes {want_size}")
 
 
 def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:

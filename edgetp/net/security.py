@@ -4,7 +4,9 @@
 ``NAME.key_secret`` (keep it on that device). The master is a CURVE server with its own key
 pair and accepts only clients whose public keys are in its ``authorized`` directory (ZAP);
 a worker is a CURVE client that knows the master's public key, so it talks to no one else.
-Every frame on an encrypted link is unreadable to a passive listener.
+Every frame on an encrypted link is unreadable to a passive listener. The allreduce's data
+link, a plain TCP connection, is sealed with keys agreed over this channel for that
+connection (edgetp.net.linkkeys, edgetp.net.sealedlink).
 
 The ring allreduce's sockets use the same keys: each rank's listener is a CURVE server with
 its node's key pair that admits only the cluster's keys (the master's and the authorized

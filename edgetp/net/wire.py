@@ -24,7 +24,8 @@ import torch
 
 from edgetp.core.errors import EdgetpError
 
-PROTOCOL_VERSION = 5  # bump whenever a schema below changes
+PROTOCOL_VERSION = 7  # bump whenever a schema below changes (6: the codec branch's int8
+# block scales; 7: the data link's keys, DATA_LINK_KEY_FIELDS below)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
@@ -67,6 +68,15 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "health": {"weights": _STR},  # a worker's weight reads: "" when they work, else why not
     "shutdown": {},
 }
+# The data link's per-connection keys (edgetp.net.linkkeys), "" without CURVE keys: the
+# worker's fresh X25519 public key (hex) and its ciphers, fastest first, in its hello; the
+# master's fresh key and the cipher it chose in its welcome.
+DATA_LINK_KEY_FIELDS: dict[str, dict[str, type]] = {
+    "hello": {"data_key": _STR, "data_ciphers": _STR},
+    "welcome": {"data_key": _STR, "data_cipher": _STR},
+}
+for _op, _fields in DATA_LINK_KEY_FIELDS.items():
+    SCHEMAS[_op].update(_fields)
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {
     "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1), "ring": (1, 2),
 }

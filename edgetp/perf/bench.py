@@ -32,6 +32,7 @@ from edgetp.perf.charts import breakdown_chart, sweep_chart, tokens_chart
 from edgetp.perf.report import NodeRecord, build_report, chrome_trace, markdown, write_json
 
 if TYPE_CHECKING:
+    from edgetp.runtime.local import LocalCluster
     from edgetp.runtime.master import Master
 
 SWEEP_KEYS = ("nodes", "budget", "wire", "dtype", "allreduce", "link")
@@ -56,6 +57,7 @@ class BenchSettings:
     link: str | None = None  # a link profile (configs/links.yaml), emulated by the transport
     weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
     group_size: int = 32  # int4's group
+    secure: bool = False  # CURVE keys on loopback (the sealed data link), as on a home network
 
     def label(self) -> str:
         parts = [f"nodes={self.nodes}"]
@@ -71,6 +73,8 @@ class BenchSettings:
             parts.append(f"link={self.link}")
         if self.weight_dtype is not None:
             parts.append(f"weights={self.weight_dtype}")
+        if self.secure:
+            parts.append("secure")
         return ",".join(parts)
 
 
@@ -103,18 +107,24 @@ def link_emulation(profile_name: str | None) -> Iterator[None]:
         yield
 
 
-def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
+def bench_cluster(settings: BenchSettings) -> LocalCluster:
+    """The local cluster ``settings`` describe, not started (``with bench_cluster(s) as
+    master``)."""
     from edgetp.runtime.local import LocalCluster
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     budget = parse_bytes(settings.memory_budget) if settings.memory_budget else None
     max_seq = settings.max_seq_len or settings.prompt_tokens + settings.new_tokens + 8
-    cluster = LocalCluster(settings.model_dir, settings.nodes, settings.shares, settings.dtype,
-                           max_seq, settings.private_layers, settings.wire_dtype,
-                           settings.timeout_s, memory_budget=budget,
-                           allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
-                           group_size=settings.group_size)
-    with cluster as master:
+    return LocalCluster(settings.model_dir, settings.nodes, settings.shares, settings.dtype,
+                        max_seq, settings.private_layers, settings.wire_dtype,
+                        settings.timeout_s, memory_budget=budget,
+                        allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
+                        group_size=settings.group_size, secure=settings.secure)
+
+
+def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budget = parse_bytes(settings.memory_budget) if settings.memory_budget else None
+    with bench_cluster(settings) as master:
         report, nodes = measure(master, settings, budget)
     hosts = {node["rank"]: node["host"] for node in report["nodes"]}
     write_reports(report, nodes, hosts, out_dir)

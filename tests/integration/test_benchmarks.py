@@ -1,4 +1,4 @@
-"""The allreduce benchmark runs end to end (real transport, spawned workers) and reports sanely."""
+"""The benchmarks run end to end (real transport, spawned workers) and report sanely."""
 
 from __future__ import annotations
 
@@ -73,3 +73,40 @@ def test_decode_benchmark_tiny_json() -> None:
     assert len(report["reference"]) == 7
     assert 0 <= report["others_cpu_share"] <= 1
     assert "ms/token" in proc.stderr and "targets:" in proc.stderr
+
+
+def test_allreduce_benchmark_secure_column_and_cipher_cost() -> None:
+    """--secure: a keyed cluster's allreduce beside the plain one, and the cipher's cost."""
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "allreduce.py"), "--sizes", "8K",
+         "--nodes", "2", "--repeat", "40", "--budget", "0.5", "--secure", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    (row,) = report["results"]
+    assert row["secure_us"]["median"] > 0 and row["secure_us"]["n"] >= 10
+    assert abs(row["secure_extra_us"] - (row["secure_us"]["median"]
+                                         - row["allreduce_us"]["median"])) < 1e-9
+    cipher = report["cipher"]
+    assert cipher["preferred"] in ("aes-256-gcm", "chacha20-poly1305")
+    assert {(r["cipher"], r["size_bytes"]) for r in cipher["results"]} >= {
+        ("aes-256-gcm", 8192), ("chacha20-poly1305", 8192)}
+    assert all(r["us_per_kib"] > 0 for r in cipher["results"])
+    assert [r["size_bytes"] for r in cipher["link_messages"]] == [1024, 8192, 65536]
+    assert "with keys" in proc.stderr
+
+
+def test_decode_benchmark_secure_table() -> None:
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--nodes", "2",
+         "--dtypes", "int8", "--runs", "1", "--new-tokens", "4", "--secure", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (point,) = json.loads(proc.stdout)["results"]
+    keyed = point["secure"]
+    assert keyed["ms_per_token"] > 0 and len(keyed["run_ms_per_token"]) == 1
+    assert len(keyed["plain_run_ms_per_token"]) == 1  # the plain runs alternate with these
+    assert abs(keyed["ratio"] - keyed["ms_per_token"] / keyed["plain_ms_per_token"]) < 1e-9
+    assert "with keys (CURVE, the sealed data link)" in proc.stderr

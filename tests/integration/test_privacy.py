@@ -64,7 +64,8 @@ def check_frames_carry_no_private_data(messages, result, prompt_ids, hidden, voc
         assert message.op in ALLOWED_OPS
         assert set(message.fields) <= {"seq", "step", "start", "index", "session",
                                        "wire_dtype", "time", "echo", "allreduce", "ring_port",
-                                       "ring_keys", "address", "data"}  # ring_keys: public
+                                       "ring_keys", "address", "data", "data_key",
+                                       "data_cipher"}  # ring_keys, data_key: public keys
         for tensor in message.tensors:
             assert tensor.dtype in (torch.float32, torch.bfloat16)  # never integer ids
             assert tensor.dim() == 2 and tensor.shape[1] == hidden != vocab  # never logits

@@ -4,7 +4,6 @@ node down (real processes, real sockets, real CURVE)."""
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
+from helpers.relay import Relay
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.metrics import peak_rss_bytes
@@ -32,7 +32,7 @@ def answer(master: Master, prompt: str = PROMPT) -> str:
 def hello_frames(rank: int = 1) -> list[bytes]:
     fields = {"rank": rank, "fingerprint": "x", "plan": "x", "dtype": "float32", "pid": 1,
               "host": "intruder", "version": "0", "time": time.time(), "data_port": 0,
-              "data_token": ""}
+              "data_token": "", "data_key": "", "data_ciphers": ""}
     return [bytes(f) for f in wire.encode("hello", fields)]
 
 
@@ -81,44 +81,6 @@ def test_plaintext_client_is_refused(secure_cluster) -> None:
     assert not plain.poll(2000)
     plain.close()
     assert sorted(master.runner.transport.peers) == [1]
-
-
-class Relay:
-    """A TCP man-in-the-middle that forwards bytes and keeps a copy of everything it saw."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self.target_port = target_port
-        self.captured = bytearray()
-        self.server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            self.captured += data
-            try:
-                sink.sendall(data)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        self.server.close()
 
 
 def captured_traffic(tmp_path: Path, secure: bool) -> tuple[bytes, str]:

@@ -27,13 +27,16 @@ class NodeIdentity:
     plan: str  # the plan's canonical JSON
     dtype: str
 
-    def hello_fields(self, data_port: int = 0, data_token: str = "") -> dict[str, Any]:
+    def hello_fields(self, data_port: int = 0, data_token: str = "", data_key: str = "",
+                     data_ciphers: str = "") -> dict[str, Any]:
+        """The hello; the data link's listener (port, token) and, with keys, the worker's
+        fresh key and ciphers for it (edgetp.net.linkkeys)."""
         from edgetp import __version__
 
         return {"rank": self.rank, "fingerprint": self.fingerprint, "plan": self.plan,
                 "dtype": self.dtype, "pid": os.getpid(), "host": socket.gethostname(),
                 "version": __version__, "time": time.time(), "data_port": data_port,
-                "data_token": data_token}
+                "data_token": data_token, "data_key": data_key, "data_ciphers": data_ciphers}
 
 
 def refusal(expected: NodeIdentity, n_ranks: int, hello: dict[str, Any]) -> str | None:

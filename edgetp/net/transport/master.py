@@ -1,7 +1,8 @@
 """The master's side of the transport: a ZeroMQ ROUTER that workers join and leave.
 
 :class:`MasterTransport` binds, admits workers through the handshake
-(:mod:`~edgetp.net.transport.handshake`), opens their data links, sends steps and sums, hands
+(:mod:`~edgetp.net.transport.handshake`), opens their data links (sealed with keys of their
+own when the cluster has keys: edgetp.net.linkkeys), sends steps and sums, hands
 data messages (partials, stats, errors) to the request, answers pings, notes each worker's
 ``health`` (why its weights fail to read, if they do), and forgets workers that fall silent.
 It knows nothing of models. Every receive has a deadline; a peer that sends garbage is logged
@@ -25,6 +26,8 @@ import zmq
 from edgetp.net import datalink, wire
 from edgetp.net.datalink import DataLink, DataLinkError
 from edgetp.net.delay import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
+from edgetp.net.linkkeys import LinkCipher, LinkKeyError, master_link_keys
+from edgetp.net.sealedlink import SealedDataLink
 from edgetp.net.security import (
     MasterSecurity,
     authorize,
@@ -81,7 +84,8 @@ class MasterTransport:
         self.members: frozenset[bytes] = frozenset()  # with keys: the cluster's public keys
         self.peers: dict[int, Peer] = {}
         self.data_links: dict[int, DataLink] = {}  # the allreduce's TCP links (edgetp.net.datalink)
-        self.use_data_links = security is None and datalink.enabled()  # no CURVE over them
+        self.use_data_links = datalink.enabled()  # with keys: sealed (edgetp.net.sealedlink)
+        self.security = security
         self.traffic = Traffic()
         self.lock = threading.RLock()
         self.sock = make_context().socket(zmq.ROUTER)
@@ -315,14 +319,14 @@ class MasterTransport:
         rank = fields["rank"]
         self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
                                 time.time() - fields["time"], public_key=public_key)
-        data = self._open_data_link(rank, peer_ip, fields["data_port"], fields["data_token"])
+        data = self._open_data_link(rank, peer_ip, fields, public_key)
         log.info("worker rank %d joined from %s (pid %d)%s", rank, fields["host"], fields["pid"],
-                 "" if data else "; allreduce over ZeroMQ")
+                 "" if data["data"] else "; allreduce over ZeroMQ")
         self._reply(identity, "welcome", {"session": self.session,
                                           "wire_dtype": self.wire_dtype, "time": time.time(),
                                           "allreduce": self.allreduce,
                                           "ring_port": self.ring_port,
-                                          "ring_keys": self._ring_keys(), "data": data},
+                                          "ring_keys": self._ring_keys(), **data},
                     rank=rank)
 
     def _ring_keys(self) -> str:
@@ -331,18 +335,26 @@ class MasterTransport:
             return ""
         return " ".join(sorted(key.decode() for key in self.members))
 
-    def _open_data_link(self, rank: int, peer_ip: str, port: int, token: str) -> bool:
-        """Connect to the worker's data listener (replacing an older link); False if none."""
+    def _open_data_link(self, rank: int, peer_ip: str, hello: dict[str, Any],
+                        worker_key: str) -> dict[str, Any]:
+        """Connect to the worker's data listener (replacing an older link), sealed with keys
+        agreed from its hello when the cluster has keys; the welcome's data-link fields."""
         self.drop_data_link(rank)
-        if not (port and self.use_data_links and self.allreduce == "star"):
-            return False
+        off: dict[str, Any] = {"data": False, "data_key": "", "data_cipher": ""}
+        if not (hello["data_port"] and self.use_data_links and self.allreduce == "star"):
+            return off
         try:
-            self.data_links[rank] = datalink.connect(peer_ip, port, token)
-        except DataLinkError as exc:
+            keys, sealing = (None, {}) if self.security is None else master_link_keys(
+                hello, self.security.keys.public.decode(), worker_key, self.session)
+            link = datalink.connect(peer_ip, hello["data_port"], hello["data_token"])
+        except (DataLinkError, LinkKeyError) as exc:
             log.warning("rank %d: %s; its allreduce goes over ZeroMQ", rank, exc)
-            return False
+            return off
+        if keys is not None:
+            link = SealedDataLink.over(link, LinkCipher(keys, True, self.describe(rank)))
+        self.data_links[rank] = link
         self._relink()
-        return True
+        return {**off, **sealing, "data": True}
 
     def _service(self, timeout_s: float) -> None:
         """Handle control messages for up to ``timeout_s``; data messages now are stale."""

@@ -1,10 +1,11 @@
 """The worker's side of the transport: a ZeroMQ DEALER that joins the master and stays joined.
 
 :class:`WorkerTransport` says hello (:mod:`~edgetp.net.transport.handshake`), accepts the
-master's data link if the welcome offers one, syncs its clock, pings while idle, and hands the
-compute loop the messages meant for it (step, sum, abort, shutdown, collect, link). When the
-master falls silent or forgets it, it raises :class:`~edgetp.net.transport.errors.ClusterError`
-and the caller connects again.
+master's data link if the welcome offers one (sealed with the keys the hello and the welcome
+agreed when the cluster has keys: edgetp.net.linkkeys), syncs its clock, pings while idle,
+and hands the compute loop the messages meant for it (step, sum, abort, shutdown, collect,
+link). When the master falls silent or forgets it, it raises
+:class:`~edgetp.net.transport.errors.ClusterError` and the caller connects again.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from edgetp.net import datalink, wire
 from edgetp.net.codec import payload_bytes
 from edgetp.net.datalink import DataLink, DataLinkError, DataListener
 from edgetp.net.delay import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
+from edgetp.net.linkkeys import (
+    KeyOffer,
+    LinkCipher,
+    LinkKeyError,
+    preferred_ciphers,
+    worker_link_keys,
+)
+from edgetp.net.sealedlink import SealedDataLink
 from edgetp.net.security import WorkerSecurity, make_client
 from edgetp.net.transport.errors import ClusterError, HandshakeRefused
 from edgetp.net.transport.handshake import (
@@ -96,11 +105,13 @@ class WorkerTransport:
     def _say_hello(self) -> Message | None:
         """One hello; the master's welcome (its data link joined) or refusal, or None."""
         listener = self._data_listener()
-        self.send("hello", self.identity.hello_fields(listener.port if listener else 0,
-                                                      listener.token if listener else ""))
+        offer = KeyOffer() if listener is not None and self.security is not None else None
+        self.send("hello", self.identity.hello_fields(
+            listener.port if listener else 0, listener.token if listener else "",
+            offer.public_hex if offer else "", " ".join(preferred_ciphers()) if offer else ""))
         message = self._wait_for_handshake_reply()
         if message is not None and message.op == "welcome" and not self._join_data_link(
-                listener, message.fields["data"]):
+                listener, message.fields, offer):
             message = None  # the master's link did not arrive: say hello again
         if listener is not None:
             listener.close()
@@ -122,7 +133,7 @@ class WorkerTransport:
     def _data_listener(self) -> DataListener | None:
         """Where the master may open the data link (None: the allreduce stays on ZeroMQ): on
         the interface we reach the master from, at ``data_port`` if one is fixed."""
-        if self.security is not None or not datalink.enabled():
+        if not datalink.enabled():
             return None
         try:
             return DataListener(local_address_towards(self.master), self.data_port)
@@ -133,9 +144,9 @@ class WorkerTransport:
 
     def _check_data_port(self) -> None:
         """A fixed data port that cannot be listened on is an error now, with the fix."""
-        if self.security is not None or not datalink.enabled():
-            log.info("--data-port %d is not used: the data link is off (%s)", self.data_port,
-                     "CURVE keys" if self.security is not None else f"{datalink.ENV_SWITCH}=0")
+        if not datalink.enabled():
+            log.info("--data-port %d is not used: the data link is off (%s=0)", self.data_port,
+                     datalink.ENV_SWITCH)
             return
         try:
             host = local_address_towards(self.master)
@@ -148,16 +159,29 @@ class WorkerTransport:
                                 f"{host}:{self.data_port} ({exc.strerror or exc}); choose a free "
                                 "port, or leave --data-port out for an ephemeral one") from exc
 
-    def _join_data_link(self, listener: DataListener | None, offered: bool) -> bool:
-        """Accept the master's data link if its welcome offers one; False if it never came."""
+    def _join_data_link(self, listener: DataListener | None, welcome: dict[str, Any],
+                        offer: KeyOffer | None) -> bool:
+        """Accept the master's data link if its welcome offers one, sealed with the keys
+        agreed from ``offer`` when we have keys; False if it never came (or is unfit)."""
         self._close_data_link()
+        offered = welcome["data"]
         if not offered or listener is None:
             return not offered
         try:
-            self.data_link = listener.accept()
-        except DataLinkError as exc:
+            keys = None
+            if self.security is not None:
+                if offer is None:
+                    raise LinkKeyError("no key was offered for the data link")
+                keys = worker_link_keys(offer, welcome, self.security.master_public.decode(),
+                                        self.security.keys.public.decode(), listener.token)
+            link = listener.accept()
+        except (DataLinkError, LinkKeyError) as exc:
             log.warning("rank %d: %s; joining again", self.identity.rank, exc)
             return False
+        if keys is not None:
+            link = SealedDataLink.over(link, LinkCipher(keys, False, f"the master at "
+                                                                     f"{self.master}"))
+        self.data_link = link
         assert self.sock is not None
         self.data_poller = zmq.Poller()
         self.data_poller.register(self.sock, zmq.POLLIN)

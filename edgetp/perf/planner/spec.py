@@ -46,7 +46,7 @@ class ClusterSpec:
     private_layers: int = 0
     ring_slots: int = DEFAULT_RING_SLOTS
     allreduce: str = "star"  # or "ring" (edgetp.net.ring)
-    data_link: bool = True  # partials and sums over edgetp.net.datalink (not with CURVE)
+    data_link: bool = True  # partials and sums over edgetp.net.datalink (sealed with CURVE)
 
     @property
     def shares(self) -> tuple[float, ...]:
@@ -104,7 +104,7 @@ def cluster_spec(config: ClusterConfig) -> ClusterSpec:
             budget = max(0, profile.free_memory - profile.runtime_rss)
         nodes.append(NodeSpec(node.name, profile, budget, node.share, link))
     return ClusterSpec(tuple(nodes), config.wire_dtype, config.private_layers,
-                       allreduce=config.allreduce, data_link=not config.security.curve)
+                       allreduce=config.allreduce)
 
 
 def _node_profile(raw: str | dict[str, Any] | None, config: ClusterConfig, where: str,

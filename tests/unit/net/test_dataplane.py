@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from helpers.links import data_link_pair
 
 from edgetp.net import datalink as dataplane
 from edgetp.net.codec import encode
@@ -18,18 +19,9 @@ from edgetp.net.datalink import (
     MAGIC,
     OP_PARTIAL,
     OP_SUM,
-    DataLink,
     DataLinkError,
     DataListener,
 )
-
-
-def _pair() -> tuple[DataLink, DataLink]:
-    listener = DataListener()
-    master = dataplane.connect("127.0.0.1", listener.port, listener.token)
-    worker = listener.accept()
-    listener.close()
-    return master, worker
 
 
 def _soon(seconds: float = 2.0) -> float:
@@ -38,7 +30,7 @@ def _soon(seconds: float = 2.0) -> float:
 
 @pytest.mark.parametrize("wire", ["f32", "bf16", "int8"])
 def test_a_message_arrives_whole_in_a_reused_buffer(wire):
-    master, worker = _pair()
+    master, worker = data_link_pair()
     try:
         x = torch.randn(3, 64)
         frames = encode(x, wire)
@@ -59,7 +51,7 @@ def test_a_message_arrives_whole_in_a_reused_buffer(wire):
 
 
 def test_a_large_payload_is_sent_in_pieces():
-    master, worker = _pair()
+    master, worker = data_link_pair()
     try:
         x = torch.randn(128, 8192)  # 4 MiB: more than one sendmsg / recv_into
         thread = threading.Thread(target=master.send, args=(OP_SUM, "f32", (1, 2, 3), [x]))
@@ -83,7 +75,7 @@ BAD_HEADERS = {
 @pytest.mark.parametrize("case", list(BAD_HEADERS))
 def test_a_malformed_message_closes_the_link_with_a_clear_error(case):
     magic, op, code, size, message = BAD_HEADERS[case]
-    master, worker = _pair()
+    master, worker = data_link_pair()
     try:
         worker.sock.sendall(struct.pack("<4sBBxxIIII", magic, op, code, 1, 2, 3, size))
         with pytest.raises(DataLinkError, match=message):
@@ -94,7 +86,7 @@ def test_a_malformed_message_closes_the_link_with_a_clear_error(case):
 
 
 def test_a_truncated_message_or_a_closed_peer_is_an_error_not_a_hang():
-    master, worker = _pair()
+    master, worker = data_link_pair()
     worker.sock.sendall(HEADER.pack(MAGIC, OP_SUM, 1, 1, 2, 3, 256) + b"\0" * 100)
     started = time.monotonic()
     with pytest.raises(DataLinkError, match="stalled"):

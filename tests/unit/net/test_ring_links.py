@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import zmq
+from helpers.relay import Relay
 from helpers.ring import ring_sums
 
 from edgetp.net import wire
@@ -84,5 +85,53 @@ def test_a_ring_listener_admits_its_cluster_only(with_keys: bool) -> None:
         for sock in attempts:
             sock.close()
     finally:
+        listener.close()
+        sender.close()
+
+
+class OnceAfterHandshake:
+    """Changes the first chunk the ring's sender writes once :attr:`armed` (after the CURVE
+    handshake and a first message went through): ``flip`` a bit in it, or send it twice."""
+
+    def __init__(self, how: str) -> None:
+        self.how, self.armed, self.done = how, False, False
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not self.armed or self.done:
+            return chunk
+        self.done = True
+        if self.how == "replay":
+            return chunk + chunk
+        return chunk[:-5] + bytes([chunk[-5] ^ 0x10]) + chunk[-4:]
+
+
+@pytest.mark.parametrize("how", ["flip", "replay"])
+def test_a_curve_ring_link_delivers_no_altered_or_replayed_message(how: str) -> None:
+    """A man in the middle of a keyed ring link alters a message, or sends it twice: the
+    listener delivers nothing altered and nothing twice (CURVE's tag and nonce counter)."""
+    own, predecessor = key_pairs(2)
+    members = frozenset({own.public, predecessor.public})
+    listener = RingLink("127.0.0.1", own, members)
+    sender = RingLink("127.0.0.1", predecessor, members)
+    tamper = OnceAfterHandshake(how)
+    relay = Relay(listener.port, tamper)
+    try:
+        sender.connect(RingPeer(f"tcp://127.0.0.1:{relay.port}", listener.public_key))
+        sender.send({"seq": 1, "step": 1, "index": 0, "hop": 1}, [torch.full((1, 64), 1.0)])
+        first = listener.receive(5.0)
+        assert first is not None and first.fields["hop"] == 1
+        tamper.armed = True
+        sender.send({"seq": 1, "step": 1, "index": 0, "hop": 2}, [torch.full((1, 64), 2.0)])
+        got = []
+        while (message := listener.receive(1.5)) is not None:
+            got.append(message)
+        assert tamper.done
+        if how == "flip":
+            assert got == []  # the altered message is dropped with its connection
+        else:
+            assert [m.fields["hop"] for m in got] in ([], [2])  # never twice
+            assert all(torch.equal(m.tensors[0], torch.full((1, 64), 2.0)) for m in got)
+    finally:
+        relay.close()
         listener.close()
         sender.close()

@@ -373,10 +373,11 @@ def test_allreduces_over_the_data_link_cost_its_own_message_figure():
     assert DeviceProfile.from_dict(LAPTOP).data_msg_overhead_us == pytest.approx(0.55 * 60)
 
 
-def test_a_curve_cluster_file_plans_its_allreduce_over_zeromq(tmp_path):
+def test_a_curve_cluster_file_plans_its_allreduce_over_the_sealed_data_link(tmp_path):
+    """With keys the data link is sealed (edgetp.net.sealedlink), no longer left for ZeroMQ."""
     data = {"link": "gigabit", "security": {"curve": True, "keys_dir": "keys"},
             "nodes": [{"profile": LAPTOP, "count": 2}]}
-    assert not cluster_spec(parse_cluster_config(data, planning=True)).data_link
+    assert cluster_spec(parse_cluster_config(data, planning=True)).data_link
     del data["security"]
     assert cluster_spec(parse_cluster_config(data, planning=True)).data_link
 
