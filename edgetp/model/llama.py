@@ -18,6 +18,7 @@ from torch import nn
 
 from edgetp.config.model import ModelConfig, RopeScaling
 from edgetp.core.errors import ConfigError
+from edgetp.kernels import native as kernels
 from edgetp.kernels.buffers import step_buffer, step_constant
 
 
@@ -256,6 +257,21 @@ class DecoderLayer(nn.Module):
         return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
 
 
+class LogitsHead(nn.Linear):
+    """The lm_head: x [T, d] -> logits [T, vocab] in float32 whatever the weight's dtype.
+
+    The product runs in the compute dtype but its sums are never rounded to it: near logits of
+    16-20 a bfloat16 step is 0.06-0.125, which ties the top tokens. Its quantized replacement
+    (``edgetp.parallel.qlinear``) keeps ``float_output`` too.
+    """
+
+    float_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.float_linear(x, self.weight)  # [T, vocab] float32
+        return y if self.bias is None else y + self.bias.float()
+
+
 class Transformer(nn.Module):
     """The whole decoder. ``forward(tokens, start_pos)`` = ``head(layers(embed(tokens)))``."""
 
@@ -273,7 +289,7 @@ class Transformer(nn.Module):
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LogitsHead(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.tie_head_to_embedding()
         with torch.device("cpu"):  # real tables even when the weights are built on "meta"
@@ -334,7 +350,7 @@ class Transformer(nn.Module):
         return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, d] -> logits [T, vocab] fp32
-        return self.lm_head(self.norm(h)).float()
+        return self.lm_head(self.norm(h))  # float32 in every mode (LogitsHead)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """tokens: [T] int64 -> logits [T, vocab] (float32)."""

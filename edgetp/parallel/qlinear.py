@@ -149,6 +149,7 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         self.tiled = fmt == "int4" and int4_tiled(self.out_features, self.group)
         self.native = self.tiled and native_int4_tiled()  # weight bytes are the kernel's
         self.repacked = False  # weight converted by torch for a CPU with another layout
+        self.float_output = False  # the lm_head: float32 logits (see float_matmul)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.fmt == "int4" else ""
@@ -158,6 +159,8 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
+        if self.float_output:
+            return self.float_matmul(x, kernel)
         if self.fmt == "int8":
             return int8_product(x, self.weight, self.weight_scale, kernel,
                                 self.output_buffer(x, self.out_features))
@@ -168,6 +171,19 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         return int4_product(x, self.weight, self.weight_scale, self.group,
                             self.native and (kernel or self.repacked), self.repacked, kernel,
                             self.output_buffer(x, self.out_features))
+
+    def float_matmul(self, x: torch.Tensor, kernel: bool) -> torch.Tensor:
+        """The head's product: x [T, in] -> float32 [T, out], never rounded to bfloat16 (the
+        native kernels for one row, else the exact float32 product of the dequantized weight;
+        a head is never repacked, so its codes stay in the layout :func:`dequantize_int4`
+        reads)."""
+        x, one_row = x.float(), kernel and x.shape[0] == 1
+        if self.fmt == "int8":
+            y = kernels.int8_linear(x, self.weight, self.weight_scale) if one_row else None
+            return int8_matmul(x, self.weight, self.weight_scale, False) if y is None else y
+        y = (kernels.int4_linear(x, self.weight, self.weight_scale, self.group)
+             if one_row and self.tiled else None)
+        return F.linear(x, dequantize_int4(self.weight, self.weight_scale)) if y is None else y
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -226,6 +242,7 @@ def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEn
     new = (QuantRowParallelLinear(*args, comm) if isinstance(old, RowParallelLinear)
            else QuantColumnParallelLinear(*args))
     new.reuse_output = getattr(old, "reuse_output", False)
+    new.float_output = getattr(old, "float_output", False)
     owner_name, _, attr = name.rpartition(".")
     owner = parent.get_submodule(owner_name) if owner_name else parent
     setattr(owner, attr, new)
