@@ -1,8 +1,12 @@
-"""Activations on the wire: ``f32``, ``bf16``, or ``int8`` with one float32 scale per row.
+"""Activations on the wire: ``f32``, ``bf16``, or ``int8`` with one float32 scale per block.
 
 A partial or a sum of shape ``[T, d]`` goes as one tensor (``f32``/``bf16``) or, for ``int8``,
-as two: the codes, int8 ``[T, d]``, and the scales, float32 ``[T, 1]``, with
-``x ~= codes * scale`` and ``scale = max|x_row| / 127`` (a row of zeros gets scale 1).
+as two: the codes, int8 ``[T, d]``, and the scales, float32 ``[T, ceil(d / 32)]``: one per
+block of :data:`INT8_BLOCK` consecutive values of a row (the last block of a row may be
+shorter), with ``x ~= codes * scale`` and ``scale = max|x_block| / 127`` (a block of zeros gets
+scale 1), so ``|x - decoded| <= scale / 2`` per block. One scale per row let the few large
+channels of a real model's activations swamp all the others (mean KL 0.13 on SmolLM2-135M);
+per block of 32 they only coarsen their own block, for 1/8 more bytes than codes alone.
 
 The star allreduce (:func:`star_sum`) keeps every rank consistent whatever the format: the
 master rounds its own partial exactly as a worker's is rounded on the wire, adds the decoded
@@ -20,6 +24,7 @@ from edgetp.core.errors import ConfigError
 
 WIRE_FORMATS = ("f32", "bf16", "int8")
 FLOAT_WIRE = {"f32": torch.float32, "bf16": torch.bfloat16}
+INT8_BLOCK = 32  # values of a row per int8 scale
 
 
 def check_format(wire: str) -> str:
@@ -28,26 +33,46 @@ def check_format(wire: str) -> str:
     return wire
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, d] -> (codes int8 [T, d], scale float32 [T, 1])."""
+def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the int8 scales for codes of ``shape`` [..., d]: [..., ceil(d / block)]."""
+    return (*shape[:-1], -(-shape[-1] // INT8_BLOCK))
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d] -> (codes int8 [T, d], scale float32 [T, ceil(d / 32)])."""
     x32 = x.float()
-    amax = x32.abs().amax(dim=-1, keepdim=True)  # [T, 1]
+    d = x32.shape[-1]
+    blocks = _padded(x32).unflatten(-1, (-1, INT8_BLOCK))  # [T, nb, 32]
+    amax = blocks.abs().amax(dim=-1)  # [T, nb]
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    codes = torch.round(x32 / scale).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
+    codes = torch.round(blocks / scale[..., None]).clamp_(-127, 127).flatten(-2)[..., :d]
+    return codes.to(torch.int8).contiguous(), scale
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(codes int8 [T, d], scale float32 [T, nb]) -> float32 [T, d] (a fresh tensor)."""
+    d = codes.shape[-1]
+    blocks = _padded(codes.float()).unflatten(-1, (-1, INT8_BLOCK))  # [T, nb, 32]
+    return (blocks * scale[..., None]).flatten(-2)[..., :d].contiguous()
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x [..., d] with zeros up to a multiple of the block: [..., nb * 32]."""
+    pad = -x.shape[-1] % INT8_BLOCK
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
 def encode(x: torch.Tensor, wire: str) -> list[torch.Tensor]:
     """The tensor frames that carry ``x`` [T, d] in format ``wire``."""
     if wire == "int8":
-        return list(quantize_rows(x))
+        return list(quantize_blocks(x))
     return [x.to(FLOAT_WIRE[wire]).contiguous()]
 
 
 def decode(tensors: Sequence[torch.Tensor], wire: str) -> torch.Tensor:
     """Frames of :func:`encode` -> float32 [T, d] (a fresh tensor)."""
     if wire == "int8":
-        return tensors[0].float() * tensors[1]
+        return dequantize_blocks(tensors[0], tensors[1])
     return tensors[0].to(torch.float32, copy=True)
 
 
@@ -72,8 +97,8 @@ def check_payload(tensors: Sequence[torch.Tensor], wire: str,
         codes, scale = tensors
         if codes.dtype != torch.int8 or scale.dtype != torch.float32:
             return f"of dtypes {codes.dtype}/{scale.dtype}, expected int8 codes, float32 scales"
-        if tuple(scale.shape) != (*shape[:-1], 1):
-            return f"with scales of shape {list(scale.shape)}, expected {[*shape[:-1], 1]}"
+        if tuple(scale.shape) != scale_shape(shape):
+            return f"with scales of shape {list(scale.shape)}, expected {list(scale_shape(shape))}"
         if not bool(torch.isfinite(scale).all()):
             return "with non-finite scales"
     elif tensors[0].dtype != FLOAT_WIRE[wire]:
