@@ -213,7 +213,13 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
 
 
 def is_quantized(manifest: Manifest) -> bool:
+    """Whether the split's layers are quantized."""
     return manifest.dtype in QUANT_DTYPES
+
+
+def head_quantized(manifest: Manifest) -> bool:
+    """Whether the split's lm_head is (an int4 split's is int8 by default)."""
+    return manifest.head_format in QUANT_DTYPES
 
 
 def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
@@ -223,14 +229,13 @@ def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_skeleton(model: Transformer, manifest: Manifest, comm: Communicator) -> None:
     """Replace the float linears of a ``meta`` skeleton by quantized ones shaped as on disk."""
-    if not is_quantized(manifest):
-        return
-    for index, layer in model.indexed_layers():
-        tensors = manifest.files[layer_file(index)].tensors
-        for name in PROJECTIONS:
-            _replace(layer, name, manifest.dtype, tensors, comm)
-    if getattr(model, "lm_head", None) is not None:
-        _replace(model, "lm_head", manifest.dtype,
+    if is_quantized(manifest):
+        for index, layer in model.indexed_layers():
+            tensors = manifest.files[layer_file(index)].tensors
+            for name in PROJECTIONS:
+                _replace(layer, name, manifest.dtype, tensors, comm)
+    if head_quantized(manifest) and getattr(model, "lm_head", None) is not None:
+        _replace(model, "lm_head", manifest.head_format,
                  manifest.files["head.safetensors"].tensors, comm)
 
 

@@ -56,6 +56,7 @@ class BenchSettings:
     link: str | None = None  # a link profile (configs/links.yaml), emulated by the transport
     weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
     group_size: int = 32  # int4's group
+    head_dtype: str | None = None  # the lm_head's (None: the default for weight_dtype)
 
     def label(self) -> str:
         parts = [f"nodes={self.nodes}"]
@@ -71,6 +72,8 @@ class BenchSettings:
             parts.append(f"link={self.link}")
         if self.weight_dtype is not None:
             parts.append(f"weights={self.weight_dtype}")
+        if self.head_dtype is not None:
+            parts.append(f"head={self.head_dtype}")
         return ",".join(parts)
 
 
@@ -113,7 +116,7 @@ def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
                            max_seq, settings.private_layers, settings.wire_dtype,
                            settings.timeout_s, memory_budget=budget,
                            allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
-                           group_size=settings.group_size)
+                           group_size=settings.group_size, head_dtype=settings.head_dtype)
     with cluster as master:
         report, nodes = measure(master, settings, budget)
     hosts = {node["rank"]: node["host"] for node in report["nodes"]}
