@@ -66,8 +66,8 @@ def cluster_options(func: F) -> F:
     return _apply(func, [
         click.option("--wire-dtype", type=click.Choice(["f32", "bf16", "int8"]), default="f32",
                      show_default=True,
-                     help="activation dtype on the wire (int8: one float32 scale per 32 "
-                          "values)"),
+                     help="activation dtype on the wire (int8: a float32 scale per 64 values, "
+                          "each block's largest value exact)"),
         click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
                      help="seconds to wait for a node before failing the request"),
         memory_budget_option,

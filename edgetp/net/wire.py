@@ -71,7 +71,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {
     "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1), "ring": (1, 2),
 }
-# two tensors: int8 codes [T, d], float32 scales [T, ceil(d / 32)] (edgetp.net.codec)
+# two tensors: int8 codes [T, d], float32 scales [T, ceil(d / 64), 2] (edgetp.net.codec)
 SCALED_OPS = ("partial", "sum", "ring")
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
