@@ -2,8 +2,9 @@
 
 ``OUT/rank-K/`` holds ``layer-XXX.safetensors`` (rank K's slice of layer XXX), on rank 0 also
 ``embed.safetensors``, ``head.safetensors`` and the tokenizer files, and ``manifest.json``.
-Tensors are read one slice at a time, so the splitter's memory stays near one layer's slice
-whatever the checkpoint's size. Files stay standard safetensors.
+Tensors are read one slice at a time, so the splitter's memory stays near two files' tensors
+(one written while the next is converted) whatever the checkpoint's size. Files stay
+standard safetensors.
 
 Splitting again into the same directory checks the split against the model's files by content
 (:mod:`edgetp.shard.sources`, one ``stat`` per file when nothing changed): the same model,
