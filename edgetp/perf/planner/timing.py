@@ -64,7 +64,7 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig,
     comm = 0.0
     if n > 1:
         wire = tokens * wire_bytes(cluster.wire_dtype, config.hidden_size)
-        step_msg = tokens * config.hidden_size * storage.compute_bytes
+        step_msg = tokens * config.hidden_size * 4  # the residual stream is float32
         comm = _broadcast(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
     node_compute = tuple(sum(a + m for a, m in t.values()) for t in per_rank)
     node_disk = tuple(node.streamed_bytes / (cluster.nodes[i].profile.disk_bw_mbs * 1e6)
