@@ -60,6 +60,7 @@ WEIGHTS = {  # weight mode -> (split dtype, compute dtype)
     "int4": ("int4", "float32"),
 }
 WIRES = ("f32", "int8")
+ROWS = [f"{weights}/{wire}" for weights in WEIGHTS for wire in WIRES]
 TARGETS = {"bfloat16/f32": 0.002, "int8/f32": 0.005, "int4/f32": 0.01, "float32/int8": 0.005}
 REFERENCE_CHUNK = 256
 
@@ -162,10 +163,9 @@ def evaluate(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "nodes": NODES, "cpu": cpu_description(),
         "reference": {"perplexity": math.exp(ref_nll), "answer": answer(reference_master)},
         "rows": {}}
-    for weights in args.weights:
-        for wire in args.wires:
-            results["rows"][f"{weights}/{wire}"] = run_mode(args.model, work, weights, wire,
-                                                            ids, ref)
+    for key in args.rows:
+        weights, wire = key.split("/")
+        results["rows"][key] = run_mode(args.model, work, weights, wire, ids, ref)
     results["load_average"] = {"before": load_before, "after": os.getloadavg()}
     results["targets"] = {key: {"mean_kl_at_most": bound,
                                 "mean_kl": results["rows"][key]["mean_kl"],
@@ -201,8 +201,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, required=True, help="Hugging Face model directory")
     parser.add_argument("--text", type=Path, default=TEXT, help="English text to score")
     parser.add_argument("--tokens", type=int, default=0, help="score only the first N tokens")
-    parser.add_argument("--weights", nargs="+", choices=list(WEIGHTS), default=list(WEIGHTS))
-    parser.add_argument("--wires", nargs="+", choices=list(WIRES), default=list(WIRES))
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS, metavar="WEIGHTS/WIRE",
+                        help=f"the modes to run, in this order (default: all of {' '.join(ROWS)})")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="where the splits go (default: a temporary directory)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
