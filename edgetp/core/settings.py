@@ -51,7 +51,8 @@ ENV_SHARDS = "EDGETP_SHARDS"
 ENV_API_PORT = "EDGETP_API_PORT"
 ENV_EXECUTABLE = "EDGETP"
 # what a testbed node's environment says of its link (the Docker testbed reports them)
-LINK_VARIABLES = (ENV_DESCRIPTION, ENV_PROFILE, ENV_PROFILES_FILE, ENV_LINK_DEV)
+LINK_VARIABLES = (ENV_DELAY, ENV_JITTER, ENV_DESCRIPTION, ENV_PROFILE, ENV_PROFILES_FILE,
+                  ENV_LINK_DEV)
 
 _ENTRYPOINT = "docker/entrypoint.sh"
 VARIABLES: tuple[Variable, ...] = (
