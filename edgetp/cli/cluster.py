@@ -23,6 +23,7 @@ from edgetp.cli.options import (
     master_sources,
     memory_budget_option,
     sampling_settings,
+    threads_option,
 )
 from edgetp.cli.output import log, prompt_lines, run_generation, transfer_progress
 from edgetp.model.demo import DEMO_PROMPT
@@ -53,10 +54,11 @@ from edgetp.model.demo import DEMO_PROMPT
               help="append every received frame to this file (privacy tests)")
 @click.option("--parent-pid", type=click.IntRange(min=1), default=None, hidden=True,
               help="exit when this process, the local cluster's master, ends")
+@threads_option
 def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
            max_seq_len: int | None, memory_budget: str | None, key_file: Path | None,
            master_key_file: Path | None, insecure: bool, data_port: int | None,
-           capture_frames: Path | None, parent_pid: int | None) -> None:
+           capture_frames: Path | None, parent_pid: int | None, threads: int | None) -> None:
     """Serve one rank's share of the model to the master at MASTER."""
     from edgetp.core.settings import configure_logging
     from edgetp.runtime.lifeline import follow_parent
@@ -64,10 +66,12 @@ def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
     configure_logging()
     if parent_pid is not None:  # first: a master that dies while we load takes us along
         follow_parent(parent_pid)
+    from edgetp.kernels.threads import use_threads
     from edgetp.runtime.master import parse_dtype
     from edgetp.runtime.start import worker_security
     from edgetp.runtime.worker import Worker, frame_recorder
 
+    use_threads(threads)
     frame_log = frame_recorder(capture_frames) if capture_frames else None
     security = worker_security(master_address, key_file, master_key_file, insecure)
     Worker(shard_dir, master_address, timeout_s, parse_dtype(dtype), max_seq_len,

@@ -115,6 +115,12 @@ memory_budget_option = click.option(
          "weights that do not fit stream from disk")
 
 
+threads_option = click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="threads a node computes on (default: every core of this machine; a local cluster "
+         "divides them among its nodes)")
+
+
 def cluster_options(func: F) -> F:
     """Options for running as (or starting) a cluster."""
     return _apply(func, [
@@ -126,6 +132,7 @@ def cluster_options(func: F) -> F:
         memory_budget_option,
         click.option("--allreduce", type=click.Choice(["star", "ring"]), default="star",
                      show_default=True, help="allreduce algorithm (the master decides)"),
+        threads_option,
     ])
 
 
@@ -195,7 +202,7 @@ def master_options(opts: dict[str, Any]) -> MasterOptions:
         wire_dtype=opts.get("wire_dtype", "f32"), timeout_s=opts.get("timeout_s", 10.0),
         memory_budget=byte_size(opts.get("memory_budget")),
         allreduce=opts.get("allreduce", "star"), weight_dtype=opts.get("weight_dtype"),
-        group_size=opts.get("group_size") or 32)
+        group_size=opts.get("group_size") or 32, threads=opts.get("threads"))
 
 
 def sampling_settings(opts: dict[str, Any]) -> SamplingConfig:

@@ -41,7 +41,7 @@ def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, n
           repeat: int, warmup: int, dtype: str, private_layers: int, sweeps: tuple[str, ...],
           link: str | None, out_dir: Path, wire_dtype: str, timeout_s: float,
           memory_budget: str | None, allreduce: str, weight_dtype: str | None,
-          group_size: int) -> None:
+          group_size: int, threads: int | None) -> None:
     """Measure a fixed workload on a local cluster and write a latency report to --out."""
     from edgetp.perf.bench import BenchSettings, parse_sweeps, run_bench, run_sweep, sweep_markdown
     from edgetp.perf.report import markdown
@@ -49,7 +49,7 @@ def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, n
     settings = BenchSettings(
         str(model_dir), nodes, node_shares(shares, nodes), prompt_tokens, new_tokens, repeat,
         warmup, memory_budget, wire_dtype, dtype, private_layers, timeout_s=max(timeout_s, 30.0),
-        allreduce=allreduce, weight_dtype=weight_dtype, group_size=group_size)
+        allreduce=allreduce, weight_dtype=weight_dtype, group_size=group_size, threads=threads)
     if sweeps:
         click.echo(sweep_markdown(run_sweep(settings, parse_sweeps(sweeps), out_dir)))
     else:

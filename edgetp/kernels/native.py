@@ -15,6 +15,13 @@ a call). ``EDGETP_KERNEL_TARGET`` builds for an older target instead (``x86-64-v
 paths on an AVX-512 machine); :func:`kernel_paths` names the paths the library compiled in.
 A failed build logs one warning and leaves torch in charge. ``EDGETP_NATIVE_KERNELS=0`` turns
 the kernels off (for comparisons).
+
+Each product splits its output rows over a pool of persistent threads (``csrc/pool.c``): all
+the cores this process may use unless :func:`set_threads` says otherwise (a node's ``threads``
+setting, ``--threads``, a local cluster's share of the machine). Every row is summed by one
+thread with the one-thread kernel's code, so results do not depend on the thread count.
+``csrc/stream.c`` is the plain streaming reader whose rate is the floor the products are
+measured against (:func:`stream_read`).
 """
 
 from __future__ import annotations
@@ -38,16 +45,21 @@ from edgetp.kernels.buffers import step_buffer
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "matvec.c"
+SOURCE = Path(__file__).parent / "csrc" / "matvec.c"  # the kernels (one thread each)
+POOL_SOURCE = SOURCE.parent / "pool.c"  # their thread pool
+STREAM_SOURCE = SOURCE.parent / "stream.c"  # the streaming reader
+SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE)  # compiled together into one library
 ABI_VERSION = 1
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
                 "-fno-signed-zeros", "-fno-trapping-math"]
+LIBRARY_FLAGS = ["-pthread"]  # the pool's threads (not the kernel harness's concern)
 X86 = ("x86_64", "AMD64", "i686", "i386")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
+_threads_wanted: int | None = None  # set_threads' last word: None means every usable core
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -99,10 +111,10 @@ def build(compiler: str, target: Path) -> list[str]:
     those flags. Raises ``RuntimeError`` with the compiler's message when none works."""
     errors = []
     for arch in arch_flags():
-        flags = COMMON_FLAGS + arch
+        flags = COMMON_FLAGS + LIBRARY_FLAGS + arch
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out)],
+            result = subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(out)],
                                     capture_output=True, text=True, timeout=120)
             if result.returncode == 0:
                 os.replace(out, target)  # atomic: concurrent builders all end with one file
@@ -118,7 +130,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         arch = " | ".join(" ".join(flags) for flags in arch_flags())
-        key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(COMMON_FLAGS),
+        texts = [source.read_text() for source in SOURCES]
+        key = hashlib.sha256("\n".join([*texts, compiler, " ".join(COMMON_FLAGS + LIBRARY_FLAGS),
                                         arch, _cpu_identity()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
@@ -132,18 +145,33 @@ def _load() -> ctypes.CDLL | None:
     if library.et_abi_version() != ABI_VERSION:
         log.warning("native kernel library %s is stale: delete it to rebuild", target)
         return None
-    library.et_matvec_f32.restype = None
-    library.et_kernel_paths.restype = ctypes.c_char_p
-    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i8_b32", "et_matvec_i4",
-                 "et_matvec_i4_f32", "et_has_int4"):
-        getattr(library, name).restype = ctypes.c_int
-    for name in ("et_matvec_f32", "et_matvec_bf16"):
-        getattr(library, name).argtypes = [_P, _P, _P, _I64, _I64]
-    for name in ("et_matvec_i8", "et_matvec_i8_b32"):
-        getattr(library, name).argtypes = [_P, _P, _P, _P, _I64, _I64]
-    for name in ("et_matvec_i4", "et_matvec_i4_f32"):
-        getattr(library, name).argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
+    _declare(library)
+    library.et_pool_set_threads(_threads_wanted or usable_cores())
     return library
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    """Argument and result types of every function the library exports; ``et_par_*`` is the
+    product ``et_*`` over the thread pool, with the same arguments."""
+    library.et_kernel_paths.restype = ctypes.c_char_p
+    library.et_stream_path.restype = ctypes.c_char_p
+    library.et_stream_read.restype = ctypes.c_uint32
+    library.et_stream_read.argtypes = [_P, _I64]
+    for name in ("et_pool_set_threads", "et_pool_threads", "et_has_int4",
+                 "et_stream_vector_bytes"):
+        getattr(library, name).restype = ctypes.c_int
+    library.et_pool_set_threads.argtypes = [ctypes.c_int]
+    library.et_pool_jobs.restype = ctypes.c_int64
+    for prefix in ("et_matvec_", "et_par_matvec_"):
+        getattr(library, prefix + "f32").restype = None
+        for name in ("bf16", "i8", "i8_b32", "i4", "i4_f32"):
+            getattr(library, prefix + name).restype = ctypes.c_int
+        for name in ("f32", "bf16"):
+            getattr(library, prefix + name).argtypes = [_P, _P, _P, _I64, _I64]
+        for name in ("i8", "i8_b32"):
+            getattr(library, prefix + name).argtypes = [_P, _P, _P, _P, _I64, _I64]
+        for name in ("i4", "i4_f32"):
+            getattr(library, prefix + name).argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
 
 
 def library() -> ctypes.CDLL | None:
@@ -161,6 +189,56 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Threads each product runs on from now on (the caller's included): ``threads``, or every
+    usable core for None. Returns the number in force (1 when the kernels are off)."""
+    global _threads_wanted
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    _threads_wanted = threads
+    lib = library()
+    if lib is None:
+        return 1
+    return int(lib.et_pool_set_threads(threads or usable_cores()))
+
+
+def threads() -> int:
+    """Threads each product runs on now (1 when the kernels are off)."""
+    lib = library()
+    return 1 if lib is None else int(lib.et_pool_threads())
+
+
+def pool_jobs() -> int:
+    """How many products the pool has split over its threads in this process so far."""
+    lib = library()
+    return 0 if lib is None else int(lib.et_pool_jobs())
+
+
+def stream_read(buffer: torch.Tensor) -> int:
+    """Read every byte of a contiguous CPU tensor once with the streaming reader (vector
+    accumulators as wide as the build's target); returns their 32-bit sum. Raises
+    ``RuntimeError`` when the kernels are off or unavailable."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are off or unavailable: no streaming reader")
+    if not buffer.is_contiguous() or buffer.device.type != "cpu":
+        raise ValueError("stream_read takes a contiguous CPU tensor")
+    return int(lib.et_stream_read(buffer.data_ptr(), buffer.numel() * buffer.element_size()))
+
+
+def stream_path() -> str:
+    """The streaming reader's vectors: ``avx512``, ``avx2``, ``neon`` or ``generic``."""
+    lib = library()
+    return "none" if lib is None else lib.et_stream_path().decode()
 
 
 def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -190,11 +268,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     rows, cols = weight.shape
     if x.dtype == torch.float32:
         y = output(out, rows, torch.float32)
-        lib.et_matvec_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols)
+        lib.et_par_matvec_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols)
         return y
     if x.dtype == torch.bfloat16:
         y = output(out, rows, torch.bfloat16)
-        if lib.et_matvec_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) == 0:
+        if lib.et_par_matvec_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) == 0:
             return y
     return F.linear(x, weight)
 
@@ -212,9 +290,9 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
         return None
     rows, cols = q.shape
     if scale.dtype == torch.bfloat16 and scale.numel() == rows:
-        kernel = lib.et_matvec_i8
+        kernel = lib.et_par_matvec_i8
     elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
-        kernel = lib.et_matvec_i8_b32
+        kernel = lib.et_par_matvec_i8_b32
     else:
         return None
     y = output(out, rows, torch.float32)
@@ -248,7 +326,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
     product (no AVX-512 VNNI build, a shape the tiled layout does not have)."""
     lib = library()
-    kernels = {torch.bfloat16: "et_matvec_i4", torch.float32: "et_matvec_i4_f32"}
+    kernels = {torch.bfloat16: "et_par_matvec_i4", torch.float32: "et_par_matvec_i4_f32"}
     if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1
             or x.dtype != torch.float32 or not x.is_contiguous() or packed.dtype != torch.uint8
             or not packed.is_contiguous() or scale_zero.dtype not in kernels

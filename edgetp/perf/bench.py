@@ -28,6 +28,7 @@ from edgetp.core.files import read_json
 from edgetp.core.metrics import RECORDER, node_facts, window_facts
 from edgetp.core.settings import environment
 from edgetp.core.units import format_bytes, parse_bytes
+from edgetp.kernels import native
 from edgetp.perf.charts import breakdown_chart, sweep_chart, tokens_chart
 from edgetp.perf.report import NodeRecord, build_report, chrome_trace, markdown, write_json
 
@@ -58,6 +59,7 @@ class BenchSettings:
     weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
     group_size: int = 32  # int4's group
     secure: bool = False  # CURVE keys on loopback (the sealed data link), as on a home network
+    threads: int | None = None  # per node (None: the machine's cores divided among the nodes)
 
     def label(self) -> str:
         parts = [f"nodes={self.nodes}"]
@@ -75,6 +77,8 @@ class BenchSettings:
             parts.append(f"weights={self.weight_dtype}")
         if self.secure:
             parts.append("secure")
+        if self.threads is not None:
+            parts.append(f"threads={self.threads}")
         return ",".join(parts)
 
 
@@ -118,7 +122,8 @@ def bench_cluster(settings: BenchSettings) -> LocalCluster:
                         max_seq, settings.private_layers, settings.wire_dtype,
                         settings.timeout_s, memory_budget=budget,
                         allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
-                        group_size=settings.group_size, secure=settings.secure)
+                        group_size=settings.group_size, secure=settings.secure,
+                        threads=settings.threads)
 
 
 def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:
@@ -174,7 +179,7 @@ def _discard_measurements(master: Master) -> None:
 
 def _collect(master: Master, budget: int | None) -> list[NodeRecord]:
     traffic = master.traffic
-    facts = {**node_facts(), **window_facts(master.model),
+    facts = {**node_facts(), **window_facts(master.model), "threads_native": native.threads(),
              "bytes_sent": traffic.bytes_sent if traffic else 0,
              "bytes_received": traffic.bytes_received if traffic else 0,
              "memory_budget_bytes": budget or 0, "clock_offset_s": 0.0}

@@ -113,6 +113,7 @@ class WorkerCommand(NodeCommand):
     capture_frames: str | Path | None = None  # tests: a file of every frame received
     parent_pid: int | None = None  # a local cluster's master: the worker exits with it
     data_port: int | None = None  # the data link's port (None: an ephemeral one)
+    threads: int | None = None  # compute threads (None: every core of the machine)
 
     def args(self) -> list[str]:
         args = ["worker", "--shard", str(self.shard_dir), "--master", self.master,
@@ -129,6 +130,8 @@ class WorkerCommand(NodeCommand):
             args += ["--parent-pid", str(self.parent_pid)]
         if self.data_port is not None:
             args += ["--data-port", str(self.data_port)]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
         return args
 
 
@@ -150,6 +153,7 @@ class ServeCommand(NodeCommand):
     wire_dtype: str | None = None  # f32 | bf16 | int8
     allreduce: str | None = None  # star | ring
     model_name: str | None = None  # the API's model id
+    threads: int | None = None  # compute threads (None: every core of the machine)
 
     def args(self) -> list[str]:
         args = ["serve", "--shards", str(self.shard_dir), "--bind", self.bind]
@@ -165,4 +169,6 @@ class ServeCommand(NodeCommand):
                             ("--model-name", self.model_name)):
             if value is not None:
                 args += [flag, value]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
         return args

@@ -19,9 +19,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
+
 from edgetp.config.model import load_model_config
 from edgetp.core import settings
 from edgetp.core.errors import ClusterError
+from edgetp.kernels.native import usable_cores
+from edgetp.kernels.threads import local_cluster_threads, use_threads
 from edgetp.model.context import default_context, whole_model_bytes_per_position
 from edgetp.net.security import KeyPair, MasterSecurity, create_keys
 from edgetp.runtime.commands import WorkerCommand, WorkerKeys
@@ -69,7 +73,8 @@ class LocalCluster:
                  split_dir: Path | None = None, worker_args: list[str] | None = None,
                  capture_dir: Path | None = None, memory_budget: int | None = None,
                  allreduce: str = "star", secure: bool = False,
-                 weight_dtype: str | None = None, group_size: int = 32) -> None:
+                 weight_dtype: str | None = None, group_size: int = 32,
+                 threads: int | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -80,6 +85,9 @@ class LocalCluster:
         self.timeout_s = timeout_s
         self.weight_dtype = weight_dtype  # stored weights: None (the checkpoint's), int8, ...
         self.group_size = group_size  # int4's group
+        # compute threads per node, the master first: ``threads`` each, else the cores divided
+        self.threads = ([threads] * n_nodes if threads is not None
+                        else local_cluster_threads(usable_cores(), n_nodes))
         self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares,
                                                       weight_dtype, private_layers, group_size)
         self.cached_split = split_dir is None  # ours to replace when the model changed
@@ -90,6 +98,7 @@ class LocalCluster:
         self.secure = secure  # CURVE on loopback too (keys made in split_dir/keys)
         self.worker_address = ""  # tests: where workers connect, if not the master itself
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self._threads_before: int | None = None
         self.master: Master | None = None
         self.address = ""
 
@@ -111,6 +120,8 @@ class LocalCluster:
         security = self._make_keys() if self.secure else None
         if self.max_seq_len is None:  # one context for every node, fitting this machine
             self.max_seq_len = self._machine_context()
+        self._threads_before = torch.get_num_threads()  # given back on stop()
+        use_threads(self.threads[0])  # this process is the master
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
                                      self.max_seq_len, self.wire_dtype, self.timeout_s,
                                      memory_budget=self.memory_budget,
@@ -143,7 +154,7 @@ class LocalCluster:
 
     def start_worker(self, rank: int) -> None:
         command = self.worker_command(rank).local_argv() + self.worker_args
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads[rank])}
         self.log_path(rank).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(rank).open("ab") as log_file:
             self.workers[rank] = spawn_tied(command, env=env, stdin=subprocess.DEVNULL,
@@ -158,7 +169,7 @@ class LocalCluster:
                              self.memory_budget,
                              WorkerKeys(keys / f"worker-{rank}.key_secret", keys / "master.key")
                              if self.secure else None, capture_frames=capture,
-                             parent_pid=os.getpid())
+                             parent_pid=os.getpid(), threads=self.threads[rank])
 
     def log_path(self, rank: int) -> Path:
         return self.split_dir / "logs" / f"rank-{rank}.log"
@@ -204,6 +215,9 @@ class LocalCluster:
         if not told:
             assert master is not None
             master.close(wait_s=BUSY_MASTER_WAIT_S)  # if the failed step has let go by now
+        if self._threads_before is not None:  # this process's threads, as before start()
+            use_threads(self._threads_before)
+            self._threads_before = None
 
     def _reap_workers(self, grace_s: float) -> None:
         """Wait for every worker to exit, all within ``grace_s``; kill those still running."""

@@ -37,6 +37,7 @@ class MasterOptions:
     allreduce: str = "star"
     weight_dtype: str | None = None  # a local cluster's split: None keeps the checkpoint's
     group_size: int = 32  # int4's group
+    threads: int | None = None  # per node; None: every core (a local cluster divides them)
 
 
 def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] | None = None,
@@ -49,7 +50,8 @@ def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] |
                         max_seq_len=options.max_seq_len, private_layers=private_layers,
                         wire_dtype=options.wire_dtype, timeout_s=options.timeout_s,
                         memory_budget=options.memory_budget, allreduce=options.allreduce,
-                        weight_dtype=options.weight_dtype, group_size=options.group_size)
+                        weight_dtype=options.weight_dtype, group_size=options.group_size,
+                        threads=options.threads)
 
 
 @contextlib.contextmanager
@@ -57,10 +59,12 @@ def local_master(model_dir: str | Path, nodes: int = 1, shares: tuple[float, ...
                  private_layers: int = 0, options: MasterOptions = MasterOptions()
                  ) -> Iterator[Master]:
     """The model in one process when nothing asks for more, else a local cluster's master."""
+    from edgetp.kernels.threads import use_threads
     from edgetp.runtime.master import Master
 
     if (nodes == 1 and private_layers == 0 and options.memory_budget is None
             and options.weight_dtype is None):
+        use_threads(options.threads)
         yield Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len)
         return
     with local_cluster(model_dir, nodes, shares, private_layers, options) as master:
@@ -70,9 +74,11 @@ def local_master(model_dir: str | Path, nodes: int = 1, shares: tuple[float, ...
 def cluster_master(shard_dir: Path, bind: str, options: MasterOptions,
                    security: MasterSecurity | None) -> Master:
     """The master of a cluster of machines, from rank 0's directory (or the split above it)."""
+    from edgetp.kernels.threads import use_threads
     from edgetp.runtime.master import Master
     from edgetp.shard.layout import shard_dir_of
 
+    use_threads(options.threads)
     return Master.cluster(shard_dir_of(shard_dir), bind, options.dtype, options.max_seq_len,
                           options.wire_dtype, options.timeout_s,
                           memory_budget=options.memory_budget, allreduce=options.allreduce,

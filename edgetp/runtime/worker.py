@@ -22,6 +22,7 @@ import torch
 
 from edgetp.core.errors import ShardError
 from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
+from edgetp.kernels import native
 from edgetp.model.llama import Transformer
 from edgetp.net.collectives import StarWorker, StepPosition
 from edgetp.net.ring import RingError, WorkerRing
@@ -189,6 +190,7 @@ class Worker:
         """Ship this node's spans (on the master's clock) and counters to the master."""
         traffic = self.transport.traffic
         facts = {**node_facts(), **window_facts(self.model), "rank": self.rank,
+                 "threads_native": native.threads(),
                  "bytes_sent": traffic.bytes_sent, "bytes_received": traffic.bytes_received,
                  "memory_budget_bytes": self.memory_budget or 0,
                  "clock_offset_s": self.transport.clock_offset_s}

@@ -10,6 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from edgetp.cli.main import main
+from edgetp.kernels import native
+from edgetp.kernels.threads import local_cluster_threads
 from edgetp.model.demo import DEMO_MODEL_DIR
 from edgetp.perf.bench import BenchSettings, run_bench
 from edgetp.perf.report import BREAKDOWN
@@ -36,6 +38,17 @@ def test_bench_writes_every_kind_of_file(bench_dir: Path) -> None:
 
         image = matplotlib.image.imread(bench_dir / name)
         assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_the_nodes_divide_the_machines_cores(bench_dir: Path) -> None:
+    """A local cluster's processes compute on the machine's cores divided among them (the
+    master, this process, included): none oversubscribes."""
+    report = json.loads((bench_dir / "report.json").read_text())
+    shares = local_cluster_threads(native.usable_cores(), 2)
+    assert [node["threads_torch"] for node in report["nodes"]] == shares
+    if native.available():
+        assert [node["threads_native"] for node in report["nodes"]] == shares
+    assert sum(shares) <= max(native.usable_cores(), 2)
 
 
 def test_report_json_has_every_documented_field_with_plausible_values(bench_dir: Path) -> None:

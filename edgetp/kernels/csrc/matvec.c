@@ -488,9 +488,10 @@ static void i4_tail(const uint8_t *restrict w, const void *restrict scale_zero, 
     }
 }
 
+/* Rows [from, to) of the product (the thread pool's parts; 0, rows for all of it). */
 static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-                     int64_t group) {
+                     int64_t group, int64_t from, int64_t to) {
     if (rows % 16 || group % 32 || cols % group) return -3;
     int64_t groups = cols / group, full = rows - rows % 64;
     int16_t *xq;
@@ -498,7 +499,7 @@ static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero,
     int status = quantized_x(x, cols, groups, &xq, &xs, &xg);
     if (status == -1) return -1;
     if (status != 0) {
-        fill_nan(y, rows);
+        fill_nan(y + from, to - from);
         return 0;
     }
     for (int64_t g = 0; g < groups; g++) { /* each group's plain sum of x */
@@ -506,9 +507,9 @@ static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero,
         for (int64_t i = g * group; i < (g + 1) * group; i++) sum += x[i];
         xg[g] = sum;
     }
-    for (int64_t r = 0; r < full; r += 64)
+    for (int64_t r = from; r < full && r < to; r += 64)
         i4_block(w + r * cols / 2, scale_zero, f32, xq, xs, xg, rows, r, cols, group, y + r);
-    if (rows > full)
+    if (to > full)
         i4_tail(w + full * cols / 2, scale_zero, f32, xq, xs, xg, rows, full, rows - full, cols,
                 group, y + full);
     return 0;
@@ -518,14 +519,23 @@ static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero,
 int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
                  const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                  int64_t group) {
-    return matvec_i4(w, scale_zero, 0, x, y, rows, cols, group);
+    return matvec_i4(w, scale_zero, 0, x, y, rows, cols, group, 0, rows);
 }
 
 /* The same with float32 (scale, zero) pairs. */
 int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                      int64_t group) {
-    return matvec_i4(w, scale_zero, 1, x, y, rows, cols, group);
+    return matvec_i4(w, scale_zero, 1, x, y, rows, cols, group, 0, rows);
+}
+
+/* Rows [from, to) only, from a multiple of 64 and to one too or ``rows`` (a thread pool's part,
+ * csrc/pool.c); ``f32`` says the (scale, zero) pairs' dtype. */
+int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+               const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+               int64_t group, int64_t from, int64_t to) {
+    if (from < 0 || from > to || to > rows || from % 64 || (to % 64 && to != rows)) return -3;
+    return matvec_i4(w, scale_zero, f32, x, y, rows, cols, group, from, to);
 }
 #else
 int et_has_int4(void) { return 0; }
@@ -541,6 +551,14 @@ int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                      int64_t group) {
     (void)w; (void)scale_zero; (void)x; (void)y; (void)rows; (void)cols; (void)group;
+    return -3;
+}
+
+int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+               const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+               int64_t group, int64_t from, int64_t to) {
+    (void)w; (void)scale_zero; (void)f32; (void)x; (void)y; (void)rows; (void)cols;
+    (void)group; (void)from; (void)to;
     return -3;
 }
 #endif

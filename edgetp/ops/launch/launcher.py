@@ -99,7 +99,8 @@ class Launcher:
                           f"{keys_dir(node)}/master.key") if curve else None
         command = WorkerCommand(node_shard_dir(c, node), c.master.url, c.timeout_s,
                                 memory_budget=node.memory_budget or None, keys=keys,
-                                insecure=not curve, data_port=node.data_port)
+                                insecure=not curve, data_port=node.data_port,
+                                threads=node.threads)
         return command.argv(NodeShell(c, node).python)
 
     def serve_argv(self, port: int) -> list[str]:
@@ -111,7 +112,7 @@ class Launcher:
             keys=MasterKeys(keys / "master.key_secret", keys / "authorized") if curve else None,
             insecure=not curve, timeout_s=c.timeout_s,
             memory_budget=node0.memory_budget or None, wire_dtype=c.wire_dtype,
-            allreduce=c.allreduce, model_name=Path(c.model).name)
+            allreduce=c.allreduce, model_name=Path(c.model).name, threads=node0.threads)
         return command.argv(NodeShell(c, node0).python)
 
     def node_env(self, node: NodeConfig) -> dict[str, str]:
@@ -134,6 +135,7 @@ class Launcher:
     def running_master(self, dtype: str = "float32", max_seq_len: int | None = None,
                        join_timeout_s: float = 300.0) -> Iterator[Any]:
         """The master in this process once every worker has joined; closed on exit."""
+        from edgetp.kernels.threads import use_threads
         from edgetp.runtime.master import Master
 
         c, node0 = self.config, self.config.nodes[0]
@@ -147,6 +149,7 @@ class Launcher:
             keys = c.local_path(c.security.keys_dir or "")
             security = MasterSecurity(KeyPair.load(keys / "master.key_secret"),
                                       keys / "authorized")
+        use_threads(node0.threads)
         with environment(self.node_env(node0)):  # the transport reads the link hook when made
             master = Master.cluster(self.master_shard_dir(), c.master.bind, dtype, max_seq_len,
                                     c.wire_dtype, c.timeout_s, memory_budget=node0.memory_budget,

@@ -35,9 +35,10 @@ def node_args(config: ClusterConfig, node: NodeConfig, api_port: int) -> list[st
     if node.rank == 0:
         return ServeCommand(node.shard_dir, f"tcp://0.0.0.0:{config.master.port}",
                             host="0.0.0.0", port=api_port, insecure=True,
-                            timeout_s=config.timeout_s, memory_budget=budget).args()
+                            timeout_s=config.timeout_s, memory_budget=budget,
+                            threads=node.threads or 1).args()
     return WorkerCommand(node.shard_dir, config.master.url, config.timeout_s,
-                         memory_budget=budget, insecure=True).args()
+                         memory_budget=budget, insecure=True, threads=node.threads or 1).args()
 
 
 def service(config: ClusterConfig, node: NodeConfig, api_port: int) -> dict[str, Any]:

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 def master_role(spec_path: Path) -> int:
     """Node 0 of the testbed: wait, generate, bench, shut the workers down, write result.json."""
     from edgetp.config.generation import GenerationConfig, SamplingConfig
+    from edgetp.kernels.threads import use_threads
     from edgetp.runtime.master import Master, Prompt
 
     settings.configure_logging()
     spec = read_json(spec_path, "testbed spec")
+    use_threads(spec.get("threads", 1))  # the node's CPUs (its container's, its cgroup's)
     out = Path(spec["out_dir"])
     result: dict[str, Any] = {"prompt": spec["prompt"],
                               "master_emulation": settings.link_emulation()}

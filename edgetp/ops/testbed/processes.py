@@ -57,7 +57,7 @@ def worker_args(config: ClusterConfig, node: NodeConfig,
     """``edgetp worker`` of a testbed node: its links are private, not encrypted."""
     return WorkerCommand(config.local_path(node.shard_dir), config.master.url, config.timeout_s,
                          max_seq_len=max_seq_len, memory_budget=node.memory_budget or None,
-                         insecure=True).args()
+                         insecure=True, threads=node.threads or 1).args()
 
 
 def start_workers(config: ClusterConfig, namespaces: list[str], groups: list[Path | None],

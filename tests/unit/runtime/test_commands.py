@@ -61,7 +61,8 @@ def worker_commands(shard: Path) -> list[WorkerCommand]:
                                [None, 64], SIZES, [None, shard.parent / "frames"], [10.0, 2.5],
                                [None, 5601])
     return [WorkerCommand(shard, "tcp://10.0.0.1:5555", timeout, dtype, max_seq_len, size,
-                          capture_frames=capture, data_port=data_port, **security)
+                          capture_frames=capture, data_port=data_port,
+                          threads=None if data_port is None else 3, **security)
             for security, dtype, max_seq_len, size, capture, timeout, data_port in combos]
 
 
@@ -85,6 +86,7 @@ def test_every_worker_command_line_parses_and_means_what_was_asked(tmp_path: Pat
         assert params["capture_frames"] == (command.capture_frames and
                                             Path(command.capture_frames))
         assert params["data_port"] == command.data_port
+        assert params["threads"] == command.threads
 
 
 def serve_commands(shard: Path) -> list[ServeCommand]:
@@ -95,7 +97,7 @@ def serve_commands(shard: Path) -> list[ServeCommand]:
                                [10.0, 0.75])
     return [ServeCommand(shard, "tcp://0.0.0.0:5555", host, port, timeout_s=timeout,
                          memory_budget=size, wire_dtype=wire, allreduce=allreduce,
-                         model_name=name, **security)
+                         model_name=name, threads=None if name is None else 2, **security)
             for security, host, port, size, wire, allreduce, name, timeout in combos]
 
 
@@ -117,6 +119,7 @@ def test_every_serve_command_line_parses_and_means_what_was_asked(tmp_path: Path
         assert params["wire_dtype"] == (command.wire_dtype or "f32")
         assert params["allreduce"] == (command.allreduce or "star")
         assert params["model_name"] == command.model_name
+        assert params["threads"] == command.threads
 
 
 def test_keys_and_insecure_do_not_go_together(tmp_path: Path) -> None:

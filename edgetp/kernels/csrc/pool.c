@@ -1,0 +1,307 @@
+/* A persistent thread pool for the decode products (edgetp/kernels/native.py).
+ *
+ * A product's output rows are split over the pool: each part calls the single-thread kernel of
+ * csrc/matvec.c on a sub-range of rows (the weight, its scales and y offset to the part's first
+ * row), so every row's sum is computed by one thread with the very code the one-thread call
+ * runs, and the result is bitwise the same for any thread count. Parts start at multiples of
+ * the kernel's row block (SPLIT_*), so that a row falls in the same kind of block (e.g. the
+ * twelve-row AVX-512 float32 pass, the four-row one, the single-row tail) as in one call.
+ *
+ * The calling thread computes the first part; the pool's threads the others. A pool thread
+ * spins for SPIN_NS on the job counter after its part (decode calls products back to back),
+ * then sleeps on a condition variable; the caller likewise spins, then sleeps, until the last
+ * part is done. One product at a time: a caller that finds the pool busy (ranks as threads of
+ * one process, in tests) computes its product alone, on its own thread. A forked child starts
+ * with no pool threads (they do not survive fork).
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CPU_RELAX() _mm_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+/* the single-thread kernels (csrc/matvec.c) */
+void et_matvec_f32(const float *w, const float *x, float *y, int64_t rows, int64_t cols);
+int et_matvec_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
+                   int64_t cols);
+int et_matvec_i8(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                 int64_t rows, int64_t cols);
+int et_matvec_i8_b32(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                     int64_t rows, int64_t cols);
+int et_i4_rows(const uint8_t *w, const void *scale_zero, int f32, const float *x, float *y,
+               int64_t rows, int64_t cols, int64_t group, int64_t from, int64_t to);
+
+#define MAX_THREADS 256
+#define SPIN_NS 100000           /* how long an idle thread spins before it sleeps */
+#define MIN_PART_BYTES (128 << 10) /* less weight than this per part is not worth a thread */
+/* Row blocks: a multiple of every block the kernels' paths take rows in (float32: 12 on
+ * AVX-512, 4 elsewhere; bfloat16: 8 and 4; int8: one row at a time; int4: 64-row tiles). */
+#define SPLIT_ROWS 48
+#define SPLIT_I4 64
+
+enum kind { F32, BF16, I8, I8_B32, I4_BF16, I4_F32 };
+
+struct product {
+    enum kind kind;
+    const void *w, *scale, *x;
+    void *y;
+    int64_t rows, cols, group;
+};
+
+struct pool {
+    pthread_mutex_t lock;
+    pthread_cond_t wake, done;
+    pthread_mutex_t busy;       /* held by the caller of a product for its whole run */
+    pthread_t threads[MAX_THREADS];
+    int n_threads;              /* pool threads (the caller is one more) */
+    _Atomic uint64_t job;       /* incremented for each product (and to stop the threads) */
+    uint64_t first_job;         /* the job counter when the threads were made */
+    _Atomic int64_t splits;     /* products split over the threads so far */
+    _Atomic int pending;        /* pool threads yet to finish the job (each acknowledges each) */
+    _Atomic int sleepers;       /* pool threads asleep on ``wake`` */
+    _Atomic int caller_asleep;
+    _Atomic int stopping;
+    int parts;                  /* parts of the current product, the caller's included */
+    int64_t bounds[MAX_THREADS + 2];
+    struct product product;
+    _Atomic int status;         /* the first nonzero status of a part */
+};
+
+static struct pool pool = {
+    .lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+    .done = PTHREAD_COND_INITIALIZER, .busy = PTHREAD_MUTEX_INITIALIZER,
+};
+static pthread_mutex_t resize_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* One part: the kernel on rows [from, to). */
+static int run_part(const struct product *p, int64_t from, int64_t to) {
+    int64_t n = to - from, cols = p->cols;
+    switch (p->kind) {
+    case F32:
+        et_matvec_f32((const float *)p->w + from * cols, p->x, (float *)p->y + from, n, cols);
+        return 0;
+    case BF16:
+        return et_matvec_bf16((const uint16_t *)p->w + from * cols, p->x,
+                              (uint16_t *)p->y + from, n, cols);
+    case I8:
+        return et_matvec_i8((const int8_t *)p->w + from * cols,
+                            (const uint16_t *)p->scale + from, p->x, (float *)p->y + from, n,
+                            cols);
+    case I8_B32:
+        return et_matvec_i8_b32((const int8_t *)p->w + from * cols,
+                                (const uint16_t *)p->scale + from * (cols / 32), p->x,
+                                (float *)p->y + from, n, cols);
+    case I4_BF16:
+    case I4_F32:
+        return et_i4_rows(p->w, p->scale, p->kind == I4_F32, p->x, p->y, p->rows, cols,
+                                 p->group, from, to);
+    }
+    return -3;
+}
+
+static void record(int status) {
+    int ok = 0;
+    if (status != 0) atomic_compare_exchange_strong(&pool.status, &ok, status);
+}
+
+static void finish_part(void) {
+    if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_asleep)) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_signal(&pool.done);
+        pthread_mutex_unlock(&pool.lock);
+    }
+}
+
+/* Waits until ``job`` moves on from ``seen``: spins, then sleeps. */
+static uint64_t next_job(uint64_t seen) {
+    int64_t until = now_ns() + SPIN_NS;
+    for (int i = 1;; i++) {
+        uint64_t job = atomic_load(&pool.job);
+        if (job != seen) return job;
+        if (i % 64 == 0 && now_ns() > until) break;
+        CPU_RELAX();
+    }
+    pthread_mutex_lock(&pool.lock);
+    atomic_fetch_add(&pool.sleepers, 1);
+    while (atomic_load(&pool.job) == seen) pthread_cond_wait(&pool.wake, &pool.lock);
+    atomic_fetch_sub(&pool.sleepers, 1);
+    pthread_mutex_unlock(&pool.lock);
+    return atomic_load(&pool.job);
+}
+
+/* Every pool thread acknowledges every job, with or without a part in it: so none can lag
+ * behind into the next job's description. */
+static void *pool_thread(void *arg) {
+    int index = (int)(intptr_t)arg; /* 1..n_threads: part ``index`` is ours */
+    uint64_t seen = pool.first_job; /* not the counter now: a job may be out already */
+    for (;;) {
+        seen = next_job(seen);
+        if (atomic_load(&pool.stopping)) return NULL;
+        if (index < pool.parts)
+            record(run_part(&pool.product, pool.bounds[index], pool.bounds[index + 1]));
+        finish_part();
+    }
+}
+
+static void wait_for_parts(void) {
+    int64_t until = now_ns() + SPIN_NS;
+    for (int i = 1; atomic_load(&pool.pending) > 0; i++) {
+        if (i % 64 == 0 && now_ns() > until) {
+            pthread_mutex_lock(&pool.lock);
+            atomic_store(&pool.caller_asleep, 1);
+            while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.done, &pool.lock);
+            atomic_store(&pool.caller_asleep, 0);
+            pthread_mutex_unlock(&pool.lock);
+            return;
+        }
+        CPU_RELAX();
+    }
+}
+
+static void stop_threads(void) {
+    if (pool.n_threads == 0) return;
+    pthread_mutex_lock(&pool.lock);
+    atomic_store(&pool.stopping, 1);
+    atomic_fetch_add(&pool.job, 1);
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.lock);
+    for (int i = 0; i < pool.n_threads; i++) pthread_join(pool.threads[i], NULL);
+    pool.n_threads = 0;
+    atomic_store(&pool.stopping, 0);
+}
+
+static void forget_threads_after_fork(void) {
+    /* the child has only the forking thread: no pool threads, fresh locks */
+    pthread_mutex_t fresh = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t fresh_cond = PTHREAD_COND_INITIALIZER;
+    pool.lock = fresh;
+    pool.busy = fresh;
+    resize_lock = fresh;
+    pool.wake = fresh_cond;
+    pool.done = fresh_cond;
+    pool.n_threads = 0;
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.caller_asleep, 0);
+    atomic_store(&pool.pending, 0);
+}
+
+/* Threads a product runs on from now on (the caller included), 1..MAX_THREADS + 1. Returns the
+ * number in force: fewer when the system refuses threads. */
+static void register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, forget_threads_after_fork);
+}
+
+int et_pool_set_threads(int threads) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
+    int wanted = threads < 1 ? 0 : (threads > MAX_THREADS + 1 ? MAX_THREADS : threads - 1);
+    pthread_mutex_lock(&resize_lock);
+    pthread_mutex_lock(&pool.busy);
+    if (wanted != pool.n_threads) {
+        stop_threads();
+        pool.first_job = atomic_load(&pool.job);
+        for (int i = 0; i < wanted; i++) {
+            if (pthread_create(&pool.threads[i], NULL, pool_thread, (void *)(intptr_t)(i + 1)))
+                break;
+            pool.n_threads = i + 1;
+        }
+    }
+    int in_force = pool.n_threads + 1;
+    pthread_mutex_unlock(&pool.busy);
+    pthread_mutex_unlock(&resize_lock);
+    return in_force;
+}
+
+int et_pool_threads(void) { return pool.n_threads + 1; }
+
+/* Products the pool has split so far (each a job its threads took parts of). */
+int64_t et_pool_jobs(void) { return atomic_load(&pool.splits); }
+
+/* The part boundaries of ``rows`` split ``parts`` ways at multiples of ``block``; returns the
+ * number of parts (fewer when rows are few). */
+static int split(int64_t rows, int64_t block, int parts, int64_t *bounds) {
+    int64_t blocks = rows / block;
+    if (blocks < parts) parts = blocks > 0 ? (int)blocks : 1;
+    bounds[0] = 0;
+    for (int i = 1; i < parts; i++) bounds[i] = blocks * i / parts * block;
+    bounds[parts] = rows;
+    return parts;
+}
+
+static int run(struct product p, int64_t weight_bytes) {
+    int64_t block = p.kind == I4_BF16 || p.kind == I4_F32 ? SPLIT_I4 : SPLIT_ROWS;
+    int64_t most = weight_bytes / MIN_PART_BYTES; /* parts worth a thread each */
+    if (most < 2 || pthread_mutex_trylock(&pool.busy) != 0)
+        return run_part(&p, 0, p.rows); /* small, or the pool is taken */
+    int parts = pool.n_threads + 1 < most ? pool.n_threads + 1 : (int)most;
+    pool.parts = split(p.rows, block, parts, pool.bounds);
+    if (pool.parts < 2) { /* one thread only, or too few rows */
+        pthread_mutex_unlock(&pool.busy);
+        return run_part(&p, 0, p.rows);
+    }
+    pool.product = p;
+    atomic_fetch_add(&pool.splits, 1);
+    atomic_store(&pool.status, 0);
+    atomic_store(&pool.pending, pool.n_threads);
+    atomic_fetch_add(&pool.job, 1); /* seq_cst: a thread going to sleep sees it or is woken */
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.lock);
+        pthread_cond_broadcast(&pool.wake);
+        pthread_mutex_unlock(&pool.lock);
+    }
+    record(run_part(&p, pool.bounds[0], pool.bounds[1]));
+    wait_for_parts();
+    int status = atomic_load(&pool.status);
+    pthread_mutex_unlock(&pool.busy);
+    return status;
+}
+
+void et_par_matvec_f32(const float *w, const float *x, float *y, int64_t rows, int64_t cols) {
+    struct product p = {F32, w, NULL, x, y, rows, cols, 0};
+    run(p, rows * cols * 4);
+}
+
+int et_par_matvec_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
+                       int64_t cols) {
+    struct product p = {BF16, w, NULL, x, y, rows, cols, 0};
+    return run(p, rows * cols * 2);
+}
+
+int et_par_matvec_i8(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                     int64_t rows, int64_t cols) {
+    struct product p = {I8, w, scale, x, y, rows, cols, 0};
+    return run(p, rows * cols);
+}
+
+int et_par_matvec_i8_b32(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                         int64_t rows, int64_t cols) {
+    if (cols % 32) return et_matvec_i8_b32(w, scale, x, y, rows, cols); /* its own refusal */
+    struct product p = {I8_B32, w, scale, x, y, rows, cols, 0};
+    return run(p, rows * cols);
+}
+
+int et_par_matvec_i4(const uint8_t *w, const uint16_t *scale_zero, const float *x, float *y,
+                     int64_t rows, int64_t cols, int64_t group) {
+    struct product p = {I4_BF16, w, scale_zero, x, y, rows, cols, group};
+    return run(p, rows * cols / 2);
+}
+
+int et_par_matvec_i4_f32(const uint8_t *w, const float *scale_zero, const float *x, float *y,
+                         int64_t rows, int64_t cols, int64_t group) {
+    struct product p = {I4_F32, w, scale_zero, x, y, rows, cols, group};
+    return run(p, rows * cols / 2);
+}
