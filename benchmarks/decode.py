@@ -4,7 +4,7 @@ Run::
 
     .venv/bin/python benchmarks/decode.py [--nodes 1,2] [--dtypes float32,bfloat16,int8,int4]
                                           [--runs N] [--new-tokens N] [--keep DIR] [--json]
-                                          [--tiny] [--secure]
+                                          [--tiny] [--secure] [--one-thread float32]
 
 1. **Model.** A TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, MLP 5632, 22
    layers, 32 query / 4 KV heads, vocab 32000, untied head; float32, 4.4 GB), written seeded
@@ -13,28 +13,36 @@ Run::
    temporary one is removed at the end. ``--tiny``: the same family at hidden 256, MLP 704,
    2 layers, 8 / 2 heads, vocab 512 (runs end to end in well under a minute).
 2. **Bandwidth.** This machine's own streaming test, after the model is written and before
-   any node loads: ``torch.sum`` over a 256 MiB float32 buffer (8x the L3 cache) on one
-   thread, in one process, then in two processes at once; the sustained rate of the best of 3
-   rounds (two streams: both streams' bytes over the time from the first start to the last
-   end, so streams the scheduler happened to run one after the other do not count double).
-   The same for each weight dtype's matrix-vector product as edgetp computes it
-   (``edgetp.kernels.native``' C decode kernels through ``edgetp.parallel.qlinear.int8_product`` /
-   ``int4_product``, or torch's where they are unavailable) over copies of one MLP-shaped weight,
-   256 MiB in all: what the kernel streams alone, for the "why" of a miss.
+   any node loads: the native streaming reader (``csrc/stream.c`` through
+   ``edgetp.kernels.native.stream_read``: independent vector accumulators as wide as the CPU
+   has; torch's sum where the native kernels are off) over a 256 MiB buffer (8x the L3 cache)
+   on one thread, in one process, then one stream per process in 2 (and, with more cores, as
+   many as the cores) processes at once; the sustained rate of the best of 3 rounds (all the
+   streams' bytes over the time from the first start to the last end, so streams the scheduler
+   happened to run one after the other do not count double). The same for each weight dtype's
+   matrix-vector product as edgetp computes it on one thread (``edgetp.kernels.native``' C
+   decode kernels through ``edgetp.parallel.qlinear.int8_product`` / ``int4_product``, or
+   torch's where they are unavailable) over copies of one MLP-shaped weight, 256 MiB in all,
+   and on every core in one process (the products' thread pool): what the kernel streams
+   alone, against the reader's rate.
 3. **Runs.** For each node count and weight dtype: split as ``edgetp split --dtype`` does
    (int4: group 32), then :func:`edgetp.perf.bench.run_bench` (a
     :class:`~edgetp.runtime.local.LocalCluster`:
-   the master in this process, each worker an ``edgetp worker`` process on loopback, one
-   torch thread each): 8-token prompt, ``--new-tokens`` generated tokens with no early stop, one
-   warm-up, ``--runs`` runs; ms/token is the median over runs of each run's mean. Weights in
-   bfloat16 are computed in bfloat16; every other dtype in float32.
+   the master in this process, each worker an ``edgetp worker`` process on loopback, with the
+   default threads a user gets: the machine's cores divided among the nodes): 8-token prompt,
+   ``--new-tokens`` generated tokens with no early stop, one warm-up, ``--runs`` runs; ms/token
+   is the median over runs of each run's mean. Weights in bfloat16 are computed in bfloat16;
+   every other dtype in float32. ``--one-thread DTYPES`` (default float32) also runs one node
+   on one thread, for the speedup of all cores over one.
 4. **Floor.** Bytes a node reads per token: every tensor of its layer files (linear weights,
    their scales, norms) plus, on the master, ``head.safetensors`` (final norm, lm_head); not the
    embedding table, of which one row is read. Floor ms/token = the slowest node's bytes over
-   the read bandwidth (one stream for 1 node; the per-stream rate of two concurrent streams for
-   2 nodes), measured again just before the point's runs: on the development VM the rate of
-   two concurrent streams flips between about 16 and 26 GB/s each over minutes, so a rate
-   from minutes earlier can be off by half. Ratio = measured / floor.
+   its read bandwidth: S streams at once, S the threads of all the nodes together, each node
+   getting its threads' share of their total rate (one node on every core: all of it; two nodes
+   of one thread each: half of two streams' rate), measured again just before the point's runs:
+   on the development VM the rate of two concurrent streams flips between about 16 and 26 GB/s
+   each over minutes, so a rate from minutes earlier can be off by half. Ratio = measured /
+   floor.
 5. **Outside matmuls and allreduce waits.** edgetp's spans time whole decoder layers, the head
    and each allreduce, not single matmuls. So *outside* = the master's (rank 0's) ms/token -
    (layer + head time) - allreduce wait, from the bench report's breakdown (embedding row,
@@ -50,10 +58,12 @@ allreduce over the sealed data link, edgetp.net.sealedlink) and without run side
 their runs alternating, so load that comes and goes hits both alike; a table gives both
 ms/token and their ratio against the target (keys within :data:`SECURE_TARGET` of the plain run).
 
-It then prints the issue's reference figures beside these, and the targets (2-node float32
-<= 1.25x floor, 1-node float32 <= 1.1x floor, 2-node int8 <= 90 ms, 2-node int4 <= 70 ms),
-each met or missed by how much, and how much of the CPUs other processes used meanwhile (from
-``/proc/stat``: on a shared machine that is what disturbs the timings). Progress goes to
+It then prints the reference figures beside these, and the targets of issue 26 (1 node on
+every core at least 1.5x faster than on one thread in float32; 2 nodes at most 0.6x one node's
+ms/token in float32, 0.7x in the other dtypes; 2 nodes float32 within 1.15x of the floor), each
+met or missed by how much, the CPU's flags and kernel paths, and how much of the CPUs other
+processes used meanwhile (from ``/proc/stat``: on a shared machine that is what disturbs the
+timings). Progress goes to
 stderr; ``--json`` prints one JSON object on stdout and the human report on stderr.
 """
 
@@ -64,6 +74,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import platform
 import queue
 import shutil
 import statistics
@@ -81,6 +92,8 @@ sys.path.insert(0, ROOT)  # the repository's own edgetp (as benchmarks/allreduce
 import torch  # noqa: E402
 
 from edgetp.config.model import load_model_config  # noqa: E402
+from edgetp.kernels import native  # noqa: E402
+from edgetp.kernels.threads import local_cluster_threads  # noqa: E402
 from edgetp.model.synthetic import (  # noqa: E402
     WEIGHTS_FILE,
     ProgressFn,
@@ -90,6 +103,7 @@ from edgetp.model.synthetic import (  # noqa: E402
 )
 from edgetp.perf.bench import BenchSettings, bench_cluster, run_bench  # noqa: E402
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
+from edgetp.perf.streams import read_rates, reader_name, round_rate  # noqa: E402
 from edgetp.runtime.local import split_cache_dir  # noqa: E402
 from edgetp.shard.manifest import read_manifest  # noqa: E402
 from edgetp.shard.split import expected_files, split_checkpoint  # noqa: E402
@@ -117,13 +131,19 @@ REFERENCE = (
     ("distributed-llama", 1, "q40 (4-bit w, 8-bit act)", 165.0, ("int4", "int8")),
     ("distributed-llama", 2, "q40 (4-bit w, 8-bit act)", 103.0, ("int4", "int8")),
 )
-# (name, nodes, weights, measured figure: "ratio" to the floor or "ms" per token, limit)
+# (name, nodes, weights, measured figure, limit): "ratio" to the floor (at most), "vs1" the
+# ms/token against one node's (at most), "speedup" of one node on every core over one thread
+# (at least)
 TARGETS = (
-    ("2 nodes float32 <= 1.25x floor", 2, "float32", "ratio", 1.25),
-    ("1 node float32 <= 1.1x floor", 1, "float32", "ratio", 1.10),
-    ("2 nodes int8 <= 90 ms/token", 2, "int8", "ms", 90.0),
-    ("2 nodes int4 <= 70 ms/token", 2, "int4", "ms", 70.0),
+    ("1 node on every core >= 1.5x one thread, float32", 1, "float32", "speedup", 1.5),
+    ("2 nodes <= 0.6x 1 node, float32", 2, "float32", "vs1", 0.6),
+    ("2 nodes <= 0.7x 1 node, bfloat16", 2, "bfloat16", "vs1", 0.7),
+    ("2 nodes <= 0.7x 1 node, int8", 2, "int8", "vs1", 0.7),
+    ("2 nodes <= 0.7x 1 node, int4", 2, "int4", "vs1", 0.7),
+    ("2 nodes float32 <= 1.15x floor", 2, "float32", "ratio", 1.15),
 )
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "avx_vnni", "amx_tile", "asimd", "asimddp", "sve", "i8mm", "bf16")
 
 SECURE_TARGET = 1.05  # --secure: ms/token with keys at most this times the plain run's
 
@@ -150,6 +170,23 @@ def cpu_seconds() -> tuple[float, float]:
     times = os.times()
     return ((user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"),
             times.user + times.system + times.children_user + times.children_system)
+
+
+def cpu_facts() -> dict[str, Any]:
+    """The CPU: its model, the vector flags the kernels care about, the kernels' paths."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "cores": native.usable_cores(),
+            "flags": [f for f in CPU_FLAGS if f in flags], "kernel_paths": native.kernel_paths(),
+            "stream_reader": reader_name()}
 
 
 def others_share(before: tuple[float, float], wall_s: float) -> float:
@@ -230,25 +267,26 @@ def read_bytes_per_token(rank_dir: Path) -> int:
 
 def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
              ) -> dict[str, tuple[Callable[[int], object], int]]:
-    """name -> (call i, bytes it reads): a float32 ``sum`` over ``nbytes`` ("read"), and per
+    """name -> (call i, bytes it reads): the streaming reader over ``nbytes`` ("read"), and per
     weight dtype the matrix-vector product decode runs (``[1, in] x [out, in]^T`` as edgetp's
     linears compute it) cycling over copies of one weight, ``nbytes`` in all (beyond the cache).
     """
-    from edgetp.kernels import native as kernels
     from edgetp.parallel.qlinear import int4_product, int8_product
     from edgetp.shard.quant import native_int4_tiled, quantize_int4, quantize_int8
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
     x = torch.randn(1, shape[1])  # [1, in]
     buffer = torch.ones(nbytes // 4)  # [N] float32
-    out: dict[str, tuple[Callable[[int], object], int]] = {
-        "read": (lambda i: buffer.sum(), buffer.numel() * 4)}
+    def read(_i: int) -> object:
+        return native.stream_read(buffer) if native.available() else buffer.sum()
+
+    out: dict[str, tuple[Callable[[int], object], int]] = {"read": (read, buffer.numel() * 4)}
     stored = {"float32": lambda: (w,), "bfloat16": lambda: (w.to(torch.bfloat16),),
               "int8": lambda: quantize_int8(w), "int4": lambda: quantize_int4(w, GROUP_SIZE)}
     step = torch.empty(1, shape[0])  # [1, out]: the step buffer a decode linear keeps
     x16, step16 = x.to(torch.bfloat16), step.to(torch.bfloat16)  # a bfloat16 model's
-    calls = {"float32": lambda x, w: kernels.linear(x, w, step),
-             "bfloat16": lambda x, w: kernels.linear(x16, w, step16),
+    calls = {"float32": lambda x, w: native.linear(x, w, step),
+             "bfloat16": lambda x, w: native.linear(x16, w, step16),
              "int8": lambda x, q, s: int8_product(x, q, s, out=step),
              "int4": lambda x, q, sz: int4_product(x, q, sz, GROUP_SIZE, native_int4_tiled(),
                                                    out=step)}
@@ -260,46 +298,60 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     return out
 
 
-def _stream_child(index: int, dtypes: list[str], nbytes: int, shape: tuple[int, int],
-                  seconds: float, rounds: int, barrier: Any, out: Any) -> None:
-    """Stream ``index`` of 2 (a spawned process, one thread): per kernel and round, the
-    (start, end, bytes) of its stream, first alone (stream 0 only, stream 1 idles at the
-    barrier), then both at once. Times are CLOCK_MONOTONIC, shared by the two processes."""
+def _time_kernel(kernel: Callable[[int], object], size: int, seconds: float
+                 ) -> tuple[float, float, int]:
+    """(start, end, bytes) of calling ``kernel`` for ``seconds``."""
+    start, calls = time.monotonic(), 0
+    while calls == 0 or time.monotonic() - start < seconds:
+        kernel(calls)
+        calls += 1
+    return start, time.monotonic(), calls * size
+
+
+def _stream_child(index: int, counts: list[int], dtypes: list[str], nbytes: int,
+                  shape: tuple[int, int], seconds: float, rounds: int, barrier: Any,
+                  out: Any) -> None:
+    """Stream ``index`` (a spawned process): per kernel, count of streams and round, the
+    (start, end, bytes) of its stream when ``index < count`` (else it idles at the barrier),
+    on one thread; then stream 0 alone on every core (``name/all``: the products' pool, one
+    node on the whole machine). Times are CLOCK_MONOTONIC, shared by the processes."""
     torch.set_num_threads(1)
+    native.set_threads(1)
     spans: dict[str, list[tuple[float, float, int]]] = {}
-    for name, (kernel, size) in _kernels(dtypes, nbytes, shape).items():
+    kernels = _kernels(dtypes, nbytes, shape)
+    for name, (kernel, size) in kernels.items():
         kernel(0)
-        for streams in (1, 2):
+        for streams in counts:
             for _ in range(rounds):
                 barrier.wait()  # the streams of a round start together
                 if index < streams:
-                    start, calls = time.monotonic(), 0
-                    while time.monotonic() - start < seconds:
-                        kernel(calls)
-                        calls += 1
                     spans.setdefault(f"{name}/{streams}", []).append(
-                        (start, time.monotonic(), calls * size))
+                        _time_kernel(kernel, size, seconds))
+    native.set_threads(None)
+    for name, (kernel, size) in kernels.items():
+        if name == "read":
+            continue
+        for _ in range(rounds):
+            barrier.wait()
+            if index == 0:
+                spans.setdefault(f"{name}/all", []).append(_time_kernel(kernel, size, seconds))
     out.put(spans)
 
 
-def round_rate(spans: list[tuple[float, float, int]]) -> float:
-    """Bytes/s of one round's streams together: all their bytes over the time from the first
-    start to the last end (streams that did not overlap count as one, never as two)."""
-    return sum(b for _, _, b in spans) / (max(e for _, e, _ in spans) - min(s for s, _, _ in spans))
-
-
-def measure_rates(dtypes: list[str], nbytes: int, shape: tuple[int, int], seconds: float,
-                  rounds: int = 3) -> dict[str, float]:
-    """Per-stream bytes/s of each kernel, ``"read/1"`` alone and ``"read/2"`` with two
-    streams at once (two processes; the best round's :func:`round_rate`, halved)."""
+def measure_rates(counts: list[int], dtypes: list[str], nbytes: int, shape: tuple[int, int],
+                  seconds: float, rounds: int = 3) -> dict[str, float]:
+    """Total bytes/s of each kernel: ``"read/N"`` with N streams at once (N processes, one
+    thread each; the best round's :func:`round_rate`), ``"float32/all"`` in one process on
+    every core."""
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_stream_child, args=(i, dtypes, nbytes, shape, seconds, rounds,
-                                                      barrier, out), daemon=True)
-             for i in range(2)]
+    n = max(counts)
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_stream_child, args=(i, counts, dtypes, nbytes, shape, seconds,
+                                                      rounds, barrier, out), daemon=True)
+             for i in range(n)]
     for proc in procs:
         proc.start()
-    deadline = time.monotonic() + 300 + 4 * (len(dtypes) + 1) * rounds * seconds
+    deadline = time.monotonic() + 300 + 4 * (len(dtypes) + 1) * len(counts) * rounds * seconds
     results: list[dict[str, list[tuple[float, float, int]]]] = []
     try:
         while len(results) < len(procs):
@@ -317,63 +369,93 @@ def measure_rates(dtypes: list[str], nbytes: int, shape: tuple[int, int], second
                 proc.terminate()
     keys = {key for r in results for key in r}
     return {key: max(round_rate([r[key][i] for r in results if key in r])
-                     for i in range(rounds)) / int(key.split("/")[1]) for key in keys}
+                     for i in range(rounds)) for key in keys}
+
+
+def stream_counts() -> list[int]:
+    """Streams measured at once: 1, 2 (two nodes of one thread), and one per core."""
+    return sorted({1, 2, native.usable_cores()})
 
 
 def bandwidth(config: dict[str, Any], dtypes: list[str], tiny: bool) -> dict[str, Any]:
     nbytes, seconds = (128 * MiB, 0.1) if tiny else (256 * MiB, 0.5)
     shape = (config["intermediate_size"], config["hidden_size"])
-    progress(f"bandwidth: {nbytes // MiB} MiB per stream, 1 stream then 2 concurrent streams; "
-             f"matrix-vector kernels of {', '.join(dtypes)}")
-    rates = measure_rates(dtypes, nbytes, shape, seconds)
-    return {"buffer_bytes": nbytes, "kernel_shape": list(shape),
+    counts = stream_counts()
+    progress(f"bandwidth: {nbytes // MiB} MiB per stream, {', '.join(map(str, counts))} "
+             f"concurrent streams ({reader_name()}); matrix-vector kernels of "
+             f"{', '.join(dtypes)}, one thread per stream, then every core in one process")
+    rates = measure_rates(counts, dtypes, nbytes, shape, seconds)
+    cores = native.usable_cores()
+    return {"buffer_bytes": nbytes, "kernel_shape": list(shape), "reader": reader_name(),
+            "cores": cores,
             "read_gbps_1": rates["read/1"] / GB,
-            "read_gbps_2_per_stream": rates["read/2"] / GB,
-            "read_gbps_2_total": 2 * rates["read/2"] / GB,
+            "read_gbps_2_per_stream": rates["read/2"] / 2 / GB,
+            "read_gbps_2_total": rates["read/2"] / GB,
+            "read_gbps_cores_total": rates[f"read/{cores}"] / GB,
             "kernel_gbps_1": {d: rates[f"{d}/1"] / GB for d in dtypes},
-            "kernel_gbps_2_per_stream": {d: rates[f"{d}/2"] / GB for d in dtypes}}
+            "kernel_gbps_2_per_stream": {d: rates[f"{d}/2"] / 2 / GB for d in dtypes},
+            "kernel_gbps_all_cores": {d: rates[f"{d}/all"] / GB for d in dtypes}}
 
 
-def read_rate_now(nodes: int, tiny: bool) -> float:
-    """The read rate (GB/s per stream) a point's floor uses, measured just before its runs:
-    one stream for 1 node, two at once for more (the sum of :func:`bandwidth`)."""
+def node_threads(nodes: int, threads: int | None) -> list[int]:
+    """Each node's threads: ``threads`` each, else the defaults (the cores divided)."""
+    if threads is not None:
+        return [threads] * nodes
+    return local_cluster_threads(native.usable_cores(), nodes)
+
+
+def node_rates_now(threads: list[int], tiny: bool) -> list[float]:
+    """Each node's read rate (GB/s) for a point's floor, measured just before its runs: as
+    many streams at once as the nodes' threads together, each node its threads' share."""
     nbytes, seconds = (128 * MiB, 0.1) if tiny else (256 * MiB, 0.5)
-    rates = measure_rates([], nbytes, (1, 1), seconds)
-    return rates["read/1" if nodes == 1 else "read/2"] / GB
+    streams = sum(threads)
+    total = read_rates([streams], nbytes, seconds)[streams] / GB
+    return [total * t / streams for t in threads]
 
 
 # -- runs ---------------------------------------------------------------------------------------
 
 
+def kernel_rate(bw: dict[str, Any], weights: str, threads: list[int]) -> float:
+    """GB/s the dtype's kernel alone streams on one node of ``threads`` (the slowest's)."""
+    if len(threads) == 1:
+        return bw["kernel_gbps_1" if threads[0] == 1 else "kernel_gbps_all_cores"][weights]
+    return bw["kernel_gbps_2_per_stream"][weights]  # nodes of one thread each (this machine)
+
+
 def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespace,
-              bw: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """One node count and weight dtype: the bench, its floor and its breakdown."""
+              bw: dict[str, Any], out_dir: Path, threads: int | None = None) -> dict[str, Any]:
+    """One node count and weight dtype (``threads`` per node, None: the defaults): the bench,
+    its floor and its breakdown."""
     rank_dirs = split_for(model_dir, nodes, weights)
     compute = "bfloat16" if weights == "bfloat16" else "float32"
     settings = BenchSettings(str(model_dir), nodes, None, PROMPT_TOKENS, args.new_tokens,
                              args.runs, 1, dtype=compute, timeout_s=120.0,
-                             weight_dtype=weights, group_size=GROUP_SIZE)
-    progress(f"run {nodes} node(s) {weights}: load, 1 warm-up + {args.runs} run(s) of "
-             f"{args.new_tokens} tokens")
-    gbps = read_rate_now(nodes, args.tiny)  # this VM's bandwidth drifts: measure it here
+                             weight_dtype=weights, group_size=GROUP_SIZE, threads=threads)
+    per_node = node_threads(nodes, threads)
+    label = f"{nodes} node(s) {weights} threads {'+'.join(map(str, per_node))}"
+    progress(f"run {label}: load, 1 warm-up + {args.runs} run(s) of {args.new_tokens} tokens")
+    rates = node_rates_now(per_node, args.tiny)  # this VM's bandwidth drifts: measure it here
     report = run_bench(settings, out_dir)
     gc.collect()  # the master's shard goes before the next point loads its own
     runs = [run["ms_per_token"] for run in report["runs"]]
     ms = statistics.median(runs)
     bytes_by_rank = [read_bytes_per_token(d) for d in rank_dirs]
-    floor_ms = max(bytes_by_rank) / (gbps * GB) * 1000
-    kernel = bw["kernel_gbps_1" if nodes == 1 else "kernel_gbps_2_per_stream"][weights]
-    kernel_floor_ms = max(bytes_by_rank) / (kernel * GB) * 1000
+    floor_ms = max(b / (r * GB) for b, r in zip(bytes_by_rank, rates, strict=True)) * 1000
+    gbps = max(bytes_by_rank) / GB / (floor_ms / 1000)  # the rate the floor amounts to
+    kernel_floor_ms = max(bytes_by_rank) / (kernel_rate(bw, weights, per_node) * GB) * 1000
     point = {"nodes": nodes, "weights": weights, "compute_dtype": compute,
+             "threads": threads, "node_threads": per_node,
              "ms_per_token": ms, "run_ms_per_token": runs, "floor_ms": floor_ms,
-             "ratio": ms / floor_ms, "bandwidth_gbps": gbps,
+             "ratio": ms / floor_ms, "bandwidth_gbps": gbps, "node_read_gbps": rates,
              "kernel_floor_ms": kernel_floor_ms, "kernel_ratio": ms / kernel_floor_ms,
              "read_bytes_per_token": bytes_by_rank,
-             "node_breakdown": [breakdown(node, bytes_by_rank[node["rank"]], gbps)
+             "node_breakdown": [breakdown(node, bytes_by_rank[node["rank"]],
+                                          rates[node["rank"]])
                                 for node in report["nodes"]],
              "report_dir": str(out_dir)}
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
-    progress(f"run {nodes} node(s) {weights}: {ms:.1f} ms/token (runs "
+    progress(f"run {label}: {ms:.1f} ms/token (runs "
              f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f}")
     if args.secure and nodes > 1:
         point["secure"] = run_secure(settings)
@@ -440,24 +522,46 @@ def breakdown(node: dict[str, Any], nbytes: int, gbps: float) -> dict[str, Any]:
 # -- targets and reference ----------------------------------------------------------------------
 
 
-def find(points: list[dict[str, Any]], nodes: int, weights: str) -> dict[str, Any] | None:
-    return next((p for p in points if p["nodes"] == nodes and p["weights"] == weights), None)
+def find(points: list[dict[str, Any]], nodes: int, weights: str,
+         threads: int | None = None) -> dict[str, Any] | None:
+    """The point of ``nodes`` and ``weights`` run with ``threads`` (None: the defaults)."""
+    return next((p for p in points if p["nodes"] == nodes and p["weights"] == weights
+                 and p["threads"] == threads), None)
+
+
+def target_value(kind: str, points: list[dict[str, Any]], nodes: int,
+                 weights: str) -> tuple[float | None, dict[str, Any] | None]:
+    """A target's measured figure (None: a point it needs was not run) and its point."""
+    point = find(points, nodes, weights)
+    if point is None:
+        return None, None
+    if kind == "ratio":
+        return point["ratio"], point
+    if kind == "ms":
+        return point["ms_per_token"], point
+    other = find(points, 1, weights, threads=1 if kind == "speedup" else None)
+    if other is None:
+        return None, point
+    if kind == "speedup":
+        return other["ms_per_token"] / point["ms_per_token"], point
+    return point["ms_per_token"] / other["ms_per_token"], point
 
 
 def targets(points: list[dict[str, Any]], bw: dict[str, Any],
             tiny: bool) -> list[dict[str, Any]]:
     out = []
     for name, nodes, weights, kind, limit in TARGETS:
-        point = find(points, nodes, weights)
+        value, point = target_value(kind, points, nodes, weights)
         row: dict[str, Any] = {"name": name, "nodes": nodes, "weights": weights, "kind": kind,
                                "limit": limit, "value": None, "missed_by_pct": None}
-        if point is None:
+        if value is None or point is None:
             row["status"] = "not run"
         elif kind == "ms" and tiny:
             row["status"] = "n/a (--tiny model)"
         else:
-            row["value"] = point["ratio"] if kind == "ratio" else point["ms_per_token"]
-            missed = 100 * (row["value"] / limit - 1)
+            row["value"] = value
+            # "speedup" is at least its limit, every other figure at most
+            missed = 100 * (limit / value - 1 if kind == "speedup" else value / limit - 1)
             row["missed_by_pct"] = max(0.0, missed)
             row["status"] = "met" if missed <= 0 else f"missed by {missed:.0f}%"
             row["why"] = None if missed <= 0 else why(point, bw)
@@ -468,13 +572,14 @@ def targets(points: list[dict[str, Any]], bw: dict[str, Any],
 def why(point: dict[str, Any], bw: dict[str, Any]) -> str:
     """Where rank 0's token went (its parts add up to ms/token), and the kernel's own rate."""
     m, weights = point["node_breakdown"][0], point["weights"]
-    one, two = bw["read_gbps_1"], bw["read_gbps_2_per_stream"]
+    one, two, every = bw["read_gbps_1"], bw["read_gbps_2_per_stream"], bw["read_gbps_cores_total"]
     k1, k2 = bw["kernel_gbps_1"][weights], bw["kernel_gbps_2_per_stream"][weights]
+    kall = bw["kernel_gbps_all_cores"][weights]
     return (f"rank 0: own floor {m['floor_ms']:.1f} + compute above it {m['above_floor_ms']:.1f}"
             f" + allreduce wait {m['allreduce_ms']:.1f} + read wait {m['read_wait_ms']:.1f} + "
             f"outside {m['other_ms']:.1f} ms/token; the {weights} matrix-vector kernel alone "
-            f"streams {k1:.1f} GB/s ({k2:.1f} each with two at once) where a plain read gets "
-            f"{one:.1f} ({two:.1f})")
+            f"streams {k1:.1f} GB/s ({k2:.1f} each with two at once, {kall:.1f} on every core) "
+            f"where the streaming reader gets {one:.1f} ({two:.1f}, {every:.1f})")
 
 
 def reference(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -495,7 +600,13 @@ def describe(data: dict[str, Any]) -> list[str]:
     load = data["load_average"]
     out, inner = bw["kernel_shape"]
     one, two = bw["kernel_gbps_1"], bw["kernel_gbps_2_per_stream"]
-    kernels = ", ".join(f"{d} {one[d]:.1f} / {two[d]:.1f}" for d in one)
+    every = bw["kernel_gbps_all_cores"]
+    kernels = ", ".join(f"{d} {one[d]:.1f} / {two[d]:.1f} / {every[d]:.1f} "
+                        f"({one[d] / bw['read_gbps_1']:.2f} / "
+                        f"{two[d] / bw['read_gbps_2_per_stream']:.2f} / "
+                        f"{every[d] / bw['read_gbps_cores_total']:.2f} of the reader's)"
+                        for d in one)
+    cpu = data["cpu"]
     return [
         f"model: {'tiny ' if data['model']['tiny'] else 'TinyLlama-1.1B-shaped '}Llama, random "
         f"weights: hidden {c['hidden_size']}, MLP {c['intermediate_size']}, "
@@ -503,17 +614,22 @@ def describe(data: dict[str, Any]) -> list[str]:
         f"{c['num_key_value_heads']} heads, vocab {c['vocab_size']}; float32 checkpoint "
         f"{data['model']['checkpoint_bytes'] / GB:.2f} GB",
         f"workload: {w['prompt_tokens']}-token prompt, {w['new_tokens']} new tokens (no early "
-        f"stop), 1 warm-up + {w['runs']} run(s), median of run means; one torch thread per "
-        f"node, nodes = processes on loopback; {os.cpu_count()} CPUs, torch {torch.__version__}"
+        f"stop), 1 warm-up + {w['runs']} run(s), median of run means; threads: "
+        f"{w['threads_per_node']}; nodes = processes on loopback; {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
         f"; 1-min load average {load[0]:.1f} before the measurements, {load[1]:.1f} after; "
         f"other processes used {100 * data['others_cpu_share']:.0f}% of the CPUs meanwhile"
         + (" (timings disturbed)" if data["others_cpu_share"] > 0.05 else ""),
-        f"memory bandwidth (one thread per stream, {bw['buffer_bytes'] // MiB} MiB float32 "
-        f"sum): 1 stream {bw['read_gbps_1']:.1f} GB/s; 2 concurrent {bw['read_gbps_2_total']:.1f}"
-        f" GB/s = {bw['read_gbps_2_per_stream']:.1f} per stream  (issue's machine: "
-        f"{REFERENCE_BANDWIDTH})",
+        f"cpu: {cpu['model']}, {cpu['cores']} usable cores; flags {' '.join(cpu['flags'])}; "
+        f"kernel paths {' '.join(f'{k}:{v}' for k, v in cpu['kernel_paths'].items())}",
+        f"memory bandwidth ({bw['reader']} reader, one thread per stream, "
+        f"{bw['buffer_bytes'] // MiB} MiB each): 1 stream {bw['read_gbps_1']:.1f} GB/s; 2 "
+        f"concurrent {bw['read_gbps_2_total']:.1f} GB/s = {bw['read_gbps_2_per_stream']:.1f} per "
+        f"stream; {bw['cores']} concurrent (one per core) {bw['read_gbps_cores_total']:.1f} GB/s "
+        f"(issue 12's machine, torch sum: {REFERENCE_BANDWIDTH})",
         f"matrix-vector kernels alone, [1, {inner}] x [{out}, {inner}]^T as edgetp computes "
-        f"them, weight GB/s (1 stream / per stream of 2): {kernels}",
+        f"them, weight GB/s (1 stream / per stream of 2 / every core in one process): "
+        f"{kernels}",
     ]
 
 
@@ -521,14 +637,15 @@ def results_table(points: list[dict[str, Any]]) -> list[str]:
     lines = ["", "floor = slowest node's bytes per token / read bandwidth; kernel floor = the "
              "same bytes / the rate of the dtype's matrix-vector kernel alone (what the "
              "kernel allows)", OUTSIDE_METHOD, "",
-             "| nodes | weights | ms/token | read GB/s | floor ms | ratio | kernel floor ms | "
-             "ratio | MB/token (slowest node) | rank 0 compute | above floor | allreduce wait | "
-             "outside |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| nodes | threads | weights | ms/token | read GB/s | floor ms | ratio | "
+             "kernel floor ms | ratio | MB/token (slowest node) | rank 0 compute | above floor "
+             "| allreduce wait | outside |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         master, slowest = p["node_breakdown"][0], max(p["read_bytes_per_token"])
         lines.append(
-            f"| {p['nodes']} | {p['weights']} | {p['ms_per_token']:.1f} | "
+            f"| {p['nodes']} | {'+'.join(map(str, p['node_threads']))} | {p['weights']} | "
+            f"{p['ms_per_token']:.1f} | "
             f"{p['bandwidth_gbps']:.1f} | {p['floor_ms']:.1f} | "
             f"{p['ratio']:.2f} | {p['kernel_floor_ms']:.1f} | {p['kernel_ratio']:.2f} | "
             f"{slowest / 1e6:.0f} | {master['compute_ms']:.1f} | "
@@ -540,7 +657,8 @@ def results_table(points: list[dict[str, Any]]) -> list[str]:
     for p in points:
         for n in p["node_breakdown"]:
             lines.append(
-                f"  {p['nodes']} node(s) {p['weights']:>8} rank {n['rank']}: compute "
+                f"  {p['nodes']} node(s) {p['weights']:>8} threads "
+                f"{'+'.join(map(str, p['node_threads']))} rank {n['rank']}: compute "
                 f"{n['compute_ms']:6.1f} (own floor {n['floor_ms']:6.1f}, above "
                 f"{n['above_floor_ms']:6.1f}), allreduce wait {n['allreduce_ms']:5.1f}, read "
                 f"wait {n['read_wait_ms']:4.1f}, other {n['other_ms']:5.1f}; peak RSS "
@@ -568,8 +686,8 @@ def targets_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = ["", "targets:", ""]
     for t in rows:
         value = ("" if t["value"] is None else
-                 f" (measured {t['value']:.2f}x)" if t["kind"] == "ratio"
-                 else f" (measured {t['value']:.1f} ms)")
+                 f" (measured {t['value']:.1f} ms)" if t["kind"] == "ms"
+                 else f" (measured {t['value']:.2f}x)")
         lines.append(f"  {t['name']}: {t['status']}{value}")
         if t.get("why"):
             lines.append(f"      why: {t['why']}")
@@ -598,10 +716,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a small model of the same family")
     parser.add_argument("--secure", action="store_true",
                         help="run each multi-node point again with CURVE keys and compare")
+    parser.add_argument("--one-thread", default="float32",
+                        help="dtypes also run on one node of one thread (default float32; "
+                             "'' for none)")
     args = parser.parse_args(argv)
     args.node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.weight_dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    unknown = sorted(set(args.weight_dtypes) - set(DTYPES))
+    args.one_thread_dtypes = [d.strip() for d in args.one_thread.split(",") if d.strip()]
+    unknown = sorted(set(args.weight_dtypes + args.one_thread_dtypes) - set(DTYPES))
     if unknown or args.runs < 1 or args.new_tokens < 2 or not args.node_counts:
         parser.error(f"check --dtypes (unknown: {unknown}; choose from {', '.join(DTYPES)}), "
                      "--runs >= 1, --new-tokens >= 2 and --nodes")
@@ -618,10 +740,15 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for weights in args.weight_dtypes:
             out = root / "reports" / f"nodes{nodes}-{weights}"
             points.append(run_point(model_dir, nodes, weights, args, bw, out))
+            if nodes == 1 and weights in args.one_thread_dtypes:
+                points.append(run_point(model_dir, 1, weights, args, bw,
+                                        root / "reports" / f"nodes1-{weights}-1thread", 1))
     return {"model": {"config": config, "checkpoint_bytes": model_bytes(config),
                       "dir": str(model_dir), "tiny": args.tiny},
             "workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,
-                         "runs": args.runs, "warmup": 1, "threads_per_node": 1},
+                         "runs": args.runs, "warmup": 1,
+                         "threads_per_node": "the defaults: the cores divided among the nodes"},
+            "cpu": cpu_facts(),
             "bandwidth": bw, "load_average": [load_before, os.getloadavg()[0]],
             "others_cpu_share": others_share(cpu_before, time.perf_counter() - started),
             "outside_method": OUTSIDE_METHOD, "results": points,
@@ -630,8 +757,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(1)  # the master is this process: one thread, as the workers
-    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.pop("OMP_NUM_THREADS", None)  # each node's threads are its own (the defaults)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     root = args.keep or Path(tempfile.mkdtemp(prefix="edgetp-decode-"))
     root.mkdir(parents=True, exist_ok=True)

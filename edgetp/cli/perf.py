@@ -139,7 +139,8 @@ def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="write the profile JSON here (default: standard output)")
 @click.option("--quick", is_flag=True, help="smaller, shorter measurements (~3 s)")
-@click.option("--threads", type=int, default=None, help="torch threads (default: torch's)")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="threads to compute on, as a node with this setting (default: every core)")
 @click.option("--serve-echo", "echo_port", type=int, default=None,
               help="instead of probing, echo messages on this port for other devices' --master")
 def probe(shard_dir: Path | None, master_address: str | None, out_file: Path | None,

@@ -110,6 +110,8 @@ class ProfileFile(BaseModel):
     matvec_shapes: Any = None
     kernel_paths: Any = None  # product -> path of the native kernels (edgetp.kernels.native)
     kernel_target: Any = None  # EDGETP_KERNEL_TARGET the kernels were built for
+    stream_reader: Any = None  # what read for the stream figures (edgetp.perf.streams)
+    stream_read_gbs: Any = None  # streams at once -> their total read GB/s
 
     def device_profile(self) -> DeviceProfile:
         """The figures resolved: defaults filled in, one number spread over the dtypes."""
@@ -138,7 +140,8 @@ def profile_figure(value: float) -> float:
 
 INFO_KEYS = ("version", "host", "cpu_count", "threads", "torch_version", "disk_path",
              "disk_seq_mbs", "disk_note", "total_memory", "link", "quick", "probe_seconds",
-             "matvec_shapes", "kernel_paths", "kernel_target")
+             "matvec_shapes", "kernel_paths", "kernel_target", "stream_reader",
+             "stream_read_gbs")
 PERF_KEYS = tuple(key for key in ProfileFile.model_fields if key not in INFO_KEYS)
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from edgetp.config.model import ModelConfig, RopeScaling
 from edgetp.core.errors import ConfigError
 from edgetp.kernels.buffers import step_buffer, step_constant
+from edgetp.kernels.threads import step_threads
 
 
 def one_float_row(x: torch.Tensor) -> bool:
@@ -338,6 +339,7 @@ class Transformer(nn.Module):
                 f"sequence of {end} tokens exceeds the context of {self.max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )
+        step_threads(h.shape[0])  # torch's threads: the node's for prefill, one for decode
         cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         for index in layers if layers is not None else range(len(self.layers)):
             h = self.layers[index](h, start_pos, cos, sin)

@@ -45,7 +45,7 @@ def test_the_nodes_divide_the_machines_cores(bench_dir: Path) -> None:
     master, this process, included): none oversubscribes."""
     report = json.loads((bench_dir / "report.json").read_text())
     shares = local_cluster_threads(native.usable_cores(), 2)
-    assert [node["threads_torch"] for node in report["nodes"]] == shares
+    assert all(node["threads_torch"] == 1 for node in report["nodes"])  # after a decode step
     if native.available():
         assert [node["threads_native"] for node in report["nodes"]] == shares
     assert sum(shares) <= max(native.usable_cores(), 2)

@@ -32,4 +32,7 @@ def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
     assert raw["kernel_paths"] == kernels.kernel_paths()  # the paths the rates were taken on
     assert set(raw["kernel_paths"]) == {"f32", "bf16", "i8", "i8_b32", "i4"}
     assert raw["kernel_target"] == "native" and "decode kernels: f32 " in result.output
+    cores = str(kernels.usable_cores())
+    assert raw["stream_reader"].startswith("native-" if kernels.available() else "torch")
+    assert set(raw["stream_read_gbs"]) == {"1", cores} and min(raw["stream_read_gbs"].values()) > 0
     assert sorted(p.relative_to(split) for p in split.rglob("*")) == before  # test file gone

@@ -1,18 +1,21 @@
 /* A persistent thread pool for the decode products (edgetp/kernels/native.py).
  *
- * A product's output rows are split over the pool: each part calls the single-thread kernel of
- * csrc/matvec.c on a sub-range of rows (the weight, its scales and y offset to the part's first
- * row), so every row's sum is computed by one thread with the very code the one-thread call
- * runs, and the result is bitwise the same for any thread count. Parts start at multiples of
- * the kernel's row block (SPLIT_*), so that a row falls in the same kind of block (e.g. the
- * twelve-row AVX-512 float32 pass, the four-row one, the single-row tail) as in one call.
+ * A product's output rows are cut into chunks, and the chunks shared out among the calling
+ * thread and the pool's threads: each chunk is the single-thread kernel of csrc/matvec.c on a
+ * sub-range of rows (the weight, its scales and y offset to the chunk's first row), so every
+ * row's sum is computed by one thread with the very code the one-thread call runs, and the
+ * result is bitwise the same for any thread count. Chunks start at multiples of the kernel's
+ * row block (SPLIT_*), so that a row falls in the same kind of block (e.g. the twelve-row
+ * AVX-512 float32 pass, the four-row one, the single-row tail) as in one call.
  *
- * The calling thread computes the first part; the pool's threads the others. A pool thread
- * spins for SPIN_NS on the job counter after its part (decode calls products back to back),
- * then sleeps on a condition variable; the caller likewise spins, then sleeps, until the last
- * part is done. One product at a time: a caller that finds the pool busy (ranks as threads of
- * one process, in tests) computes its product alone, on its own thread. A forked child starts
- * with no pool threads (they do not survive fork).
+ * Threads claim chunks one at a time from a counter (CHUNKS_PER_THREAD per thread), the caller
+ * too: a thread the OS has not scheduled yet (a busy machine, other processes on the cores)
+ * finds the work done by the others instead of holding the product up. A pool thread spins for
+ * SPIN_NS on the job counter after its chunks (decode calls products back to back), then sleeps
+ * on a condition variable; the caller likewise spins, then sleeps, until every claimed chunk is
+ * done. One product at a time: a caller that finds the pool busy (ranks as threads of one
+ * process, in tests) computes its product alone, on its own thread. A forked child starts with
+ * no pool threads (they do not survive fork).
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -40,8 +43,10 @@ int et_i4_rows(const uint8_t *w, const void *scale_zero, int f32, const float *x
                int64_t rows, int64_t cols, int64_t group, int64_t from, int64_t to);
 
 #define MAX_THREADS 256
-#define SPIN_NS 100000           /* how long an idle thread spins before it sleeps */
-#define MIN_PART_BYTES (128 << 10) /* less weight than this per part is not worth a thread */
+#define SPIN_NS 100000               /* how long an idle thread spins before it sleeps */
+#define MIN_CHUNK_BYTES (64 << 10)   /* less weight than this per chunk is not worth sharing */
+#define CHUNKS_PER_THREAD 4
+#define MAX_CHUNKS 4096
 /* Row blocks: a multiple of every block the kernels' paths take rows in (float32: 12 on
  * AVX-512, 4 elsewhere; bfloat16: 8 and 4; int8: one row at a time; int4: 64-row tiles). */
 #define SPLIT_ROWS 48
@@ -56,6 +61,9 @@ struct product {
     int64_t rows, cols, group;
 };
 
+/* The claim word: the job's number (low 32 bits) << 32 | its chunks << 16 | the next chunk. */
+#define CLAIM(job, chunks, next) (((uint64_t)(uint32_t)(job) << 32) | ((uint64_t)(chunks) << 16) | (uint64_t)(next))
+
 struct pool {
     pthread_mutex_t lock;
     pthread_cond_t wake, done;
@@ -64,15 +72,15 @@ struct pool {
     int n_threads;              /* pool threads (the caller is one more) */
     _Atomic uint64_t job;       /* incremented for each product (and to stop the threads) */
     uint64_t first_job;         /* the job counter when the threads were made */
-    _Atomic int64_t splits;     /* products split over the threads so far */
-    _Atomic int pending;        /* pool threads yet to finish the job (each acknowledges each) */
+    _Atomic uint64_t claim;     /* see CLAIM */
+    _Atomic int finished;       /* chunks of the current job done */
+    _Atomic int64_t splits;     /* products shared out so far */
     _Atomic int sleepers;       /* pool threads asleep on ``wake`` */
     _Atomic int caller_asleep;
     _Atomic int stopping;
-    int parts;                  /* parts of the current product, the caller's included */
-    int64_t bounds[MAX_THREADS + 2];
+    int64_t bounds[MAX_CHUNKS + 1];
     struct product product;
-    _Atomic int status;         /* the first nonzero status of a part */
+    _Atomic int status;         /* the first nonzero status of a chunk */
 };
 
 static struct pool pool = {
@@ -118,11 +126,21 @@ static void record(int status) {
     if (status != 0) atomic_compare_exchange_strong(&pool.status, &ok, status);
 }
 
-static void finish_part(void) {
-    if (atomic_fetch_sub(&pool.pending, 1) == 1 && atomic_load(&pool.caller_asleep)) {
-        pthread_mutex_lock(&pool.lock);
-        pthread_cond_signal(&pool.done);
-        pthread_mutex_unlock(&pool.lock);
+/* Claims and computes chunks of job ``job`` until none is left (or the job is over). */
+static void work(uint64_t job) {
+    for (;;) {
+        uint64_t claim = atomic_load(&pool.claim);
+        uint64_t chunks = (claim >> 16) & 0xffff, next = claim & 0xffff;
+        if ((claim >> 32) != (uint32_t)job || next >= chunks) return;
+        if (!atomic_compare_exchange_weak(&pool.claim, &claim, claim + 1)) continue;
+        /* ours: the job cannot end (nor its description change) before this chunk is done */
+        record(run_part(&pool.product, pool.bounds[next], pool.bounds[next + 1]));
+        if (atomic_fetch_add(&pool.finished, 1) + 1 == (int)chunks
+                && atomic_load(&pool.caller_asleep)) {
+            pthread_mutex_lock(&pool.lock);
+            pthread_cond_signal(&pool.done);
+            pthread_mutex_unlock(&pool.lock);
+        }
     }
 }
 
@@ -143,27 +161,23 @@ static uint64_t next_job(uint64_t seen) {
     return atomic_load(&pool.job);
 }
 
-/* Every pool thread acknowledges every job, with or without a part in it: so none can lag
- * behind into the next job's description. */
 static void *pool_thread(void *arg) {
-    int index = (int)(intptr_t)arg; /* 1..n_threads: part ``index`` is ours */
+    (void)arg;
     uint64_t seen = pool.first_job; /* not the counter now: a job may be out already */
     for (;;) {
         seen = next_job(seen);
         if (atomic_load(&pool.stopping)) return NULL;
-        if (index < pool.parts)
-            record(run_part(&pool.product, pool.bounds[index], pool.bounds[index + 1]));
-        finish_part();
+        work(seen);
     }
 }
 
-static void wait_for_parts(void) {
+static void wait_for_chunks(int chunks) {
     int64_t until = now_ns() + SPIN_NS;
-    for (int i = 1; atomic_load(&pool.pending) > 0; i++) {
+    for (int i = 1; atomic_load(&pool.finished) < chunks; i++) {
         if (i % 64 == 0 && now_ns() > until) {
             pthread_mutex_lock(&pool.lock);
             atomic_store(&pool.caller_asleep, 1);
-            while (atomic_load(&pool.pending) > 0) pthread_cond_wait(&pool.done, &pool.lock);
+            while (atomic_load(&pool.finished) < chunks) pthread_cond_wait(&pool.done, &pool.lock);
             atomic_store(&pool.caller_asleep, 0);
             pthread_mutex_unlock(&pool.lock);
             return;
@@ -196,15 +210,14 @@ static void forget_threads_after_fork(void) {
     pool.n_threads = 0;
     atomic_store(&pool.sleepers, 0);
     atomic_store(&pool.caller_asleep, 0);
-    atomic_store(&pool.pending, 0);
 }
 
-/* Threads a product runs on from now on (the caller included), 1..MAX_THREADS + 1. Returns the
- * number in force: fewer when the system refuses threads. */
 static void register_fork_handler(void) {
     pthread_atfork(NULL, NULL, forget_threads_after_fork);
 }
 
+/* Threads a product runs on from now on (the caller included), 1..MAX_THREADS + 1. Returns the
+ * number in force: fewer when the system refuses threads. */
 int et_pool_set_threads(int threads) {
     static pthread_once_t once = PTHREAD_ONCE_INIT;
     pthread_once(&once, register_fork_handler);
@@ -215,8 +228,7 @@ int et_pool_set_threads(int threads) {
         stop_threads();
         pool.first_job = atomic_load(&pool.job);
         for (int i = 0; i < wanted; i++) {
-            if (pthread_create(&pool.threads[i], NULL, pool_thread, (void *)(intptr_t)(i + 1)))
-                break;
+            if (pthread_create(&pool.threads[i], NULL, pool_thread, NULL)) break;
             pool.n_threads = i + 1;
         }
     }
@@ -228,43 +240,48 @@ int et_pool_set_threads(int threads) {
 
 int et_pool_threads(void) { return pool.n_threads + 1; }
 
-/* Products the pool has split so far (each a job its threads took parts of). */
+/* Products the pool has shared out so far. */
 int64_t et_pool_jobs(void) { return atomic_load(&pool.splits); }
 
-/* The part boundaries of ``rows`` split ``parts`` ways at multiples of ``block``; returns the
- * number of parts (fewer when rows are few). */
-static int split(int64_t rows, int64_t block, int parts, int64_t *bounds) {
+/* The chunk boundaries of ``rows`` cut ``chunks`` ways at multiples of ``block``; returns the
+ * number of chunks (fewer when rows are few). */
+static int split(int64_t rows, int64_t block, int chunks, int64_t *bounds) {
     int64_t blocks = rows / block;
-    if (blocks < parts) parts = blocks > 0 ? (int)blocks : 1;
+    if (blocks < chunks) chunks = blocks > 0 ? (int)blocks : 1;
     bounds[0] = 0;
-    for (int i = 1; i < parts; i++) bounds[i] = blocks * i / parts * block;
-    bounds[parts] = rows;
-    return parts;
+    for (int i = 1; i < chunks; i++) bounds[i] = blocks * i / chunks * block;
+    bounds[chunks] = rows;
+    return chunks;
 }
 
 static int run(struct product p, int64_t weight_bytes) {
     int64_t block = p.kind == I4_BF16 || p.kind == I4_F32 ? SPLIT_I4 : SPLIT_ROWS;
-    int64_t most = weight_bytes / MIN_PART_BYTES; /* parts worth a thread each */
+    int64_t most = weight_bytes / MIN_CHUNK_BYTES; /* chunks worth sharing */
     if (most < 2 || pthread_mutex_trylock(&pool.busy) != 0)
         return run_part(&p, 0, p.rows); /* small, or the pool is taken */
-    int parts = pool.n_threads + 1 < most ? pool.n_threads + 1 : (int)most;
-    pool.parts = split(p.rows, block, parts, pool.bounds);
-    if (pool.parts < 2) { /* one thread only, or too few rows */
+    int64_t wanted = (int64_t)(pool.n_threads + 1) * CHUNKS_PER_THREAD;
+    wanted = wanted < most ? wanted : most;
+    int chunks = pool.n_threads == 0 ? 1
+                 : split(p.rows, block, (int)(wanted < MAX_CHUNKS ? wanted : MAX_CHUNKS),
+                         pool.bounds);
+    if (chunks < 2) { /* one thread only, or too few rows */
         pthread_mutex_unlock(&pool.busy);
         return run_part(&p, 0, p.rows);
     }
     pool.product = p;
     atomic_fetch_add(&pool.splits, 1);
     atomic_store(&pool.status, 0);
-    atomic_store(&pool.pending, pool.n_threads);
-    atomic_fetch_add(&pool.job, 1); /* seq_cst: a thread going to sleep sees it or is woken */
+    atomic_store(&pool.finished, 0);
+    uint64_t job = atomic_load(&pool.job) + 1;
+    atomic_store(&pool.claim, CLAIM(job, chunks, 0)); /* before the threads can see the job */
+    atomic_store(&pool.job, job); /* seq_cst: a thread going to sleep sees it or is woken */
     if (atomic_load(&pool.sleepers) > 0) {
         pthread_mutex_lock(&pool.lock);
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.lock);
     }
-    record(run_part(&p, pool.bounds[0], pool.bounds[1]));
-    wait_for_parts();
+    work(job);
+    wait_for_chunks(chunks);
     int status = atomic_load(&pool.status);
     pthread_mutex_unlock(&pool.busy);
     return status;

@@ -34,12 +34,12 @@ def probe_device(shard_dir: str | Path | None = None, master: str | None = None,
     import torch
 
     import edgetp.runtime.worker  # noqa: F401 - a worker's imports, for the baseline RSS
+    from edgetp.kernels.threads import use_threads
 
     log = log or (lambda _message: None)
     started = time.perf_counter()
     runtime_rss = _runtime_rss()
-    if threads:
-        torch.set_num_threads(threads)
+    use_threads(threads)  # the products' and torch's, as a node with this setting runs
     shapes = matvec_shapes(shard_dir)
     out: dict[str, Any] = {"version": PROFILE_VERSION, "host": platform.node(),
                            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -77,7 +77,10 @@ def _compute_figures(shapes: list[tuple[int, int]], quick: bool, log: Log) -> di
     scale = 0.25 if quick else 1.0
     out: dict[str, Any] = {}
     out["mem_bw_gbs"] = profile_figure(measure_memory_bandwidth(int(256e6 * scale)))
-    log(f"memory bandwidth {out['mem_bw_gbs']} GB/s")
+    out.update(_stream_figures(quick))
+    log(f"memory bandwidth {out['mem_bw_gbs']} GB/s ({out['stream_reader']}; "
+        + ", ".join(f"{n} streams at once {gbs} GB/s" for n, gbs in out["stream_read_gbs"].items())
+        + ")")
     out["matvec_gbs"] = {d: profile_figure(measure_matvec(d, shapes, int(160e6 * scale),
                                                           0.8 * scale))
                          for d in MATVEC_DTYPES}
@@ -90,6 +93,19 @@ def _compute_figures(shapes: list[tuple[int, int]], quick: bool, log: Log) -> di
     out["step_overhead_us"] = profile_figure(step_us)
     log(f"overhead per layer {layer_us:.0f} us, per step {step_us:.0f} us")
     return out
+
+
+def _stream_figures(quick: bool) -> dict[str, Any]:
+    """The read rate of one stream and of one stream per core at once (one process each, as a
+    local cluster's nodes): the floor of a decode token on one node and on a node per core."""
+    from edgetp.kernels.native import usable_cores
+    from edgetp.perf.streams import read_rates, reader_name
+
+    counts = sorted({1, usable_cores()})
+    rates = read_rates(counts, int(64e6 if quick else 256e6), 0.1 if quick else 0.5,
+                       rounds=2 if quick else 3)
+    return {"stream_reader": reader_name(),
+            "stream_read_gbs": {str(n): profile_figure(rate / 1e9) for n, rate in rates.items()}}
 
 
 def _disk_figures(shard_dir: str | Path | None, quick: bool, log: Log) -> dict[str, Any]:
@@ -144,7 +160,7 @@ def _rss() -> int:
 def describe_profile(data: dict[str, Any]) -> str:
     """A few human lines about a probe result."""
     lines = [f"host {data.get('host')} ({data.get('cpu_count')} CPUs, {data.get('threads')} "
-             f"torch threads), probe took {data.get('probe_seconds')} s",
+             f"threads), probe took {data.get('probe_seconds')} s",
              f"  matrix-vector: float32 {data['matvec_gbs']['float32']} GB/s, bfloat16 "
              f"{data['matvec_gbs']['bfloat16']} GB/s;  memory {data['mem_bw_gbs']} GB/s",
              f"  matmul [128, d]: float32 {data['flops_gflops']['float32']} GFLOP/s, bfloat16 "
