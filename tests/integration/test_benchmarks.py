@@ -38,7 +38,7 @@ def test_decode_benchmark_tiny_json() -> None:
     proc = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--runs", "1",
          "--new-tokens", "4", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=180,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
