@@ -134,10 +134,10 @@ def _load() -> ctypes.CDLL | None:
         return None
     library.et_matvec_f32.restype = None
     library.et_kernel_paths.restype = ctypes.c_char_p
-    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i8_b32", "et_matvec_i4",
-                 "et_matvec_i4_f32", "et_has_int4"):
+    for name in ("et_matvec_bf16", "et_matvec_bf16_f32", "et_matvec_i8", "et_matvec_i8_b32",
+                 "et_matvec_i4", "et_matvec_i4_f32", "et_has_int4"):
         getattr(library, name).restype = ctypes.c_int
-    for name in ("et_matvec_f32", "et_matvec_bf16"):
+    for name in ("et_matvec_f32", "et_matvec_bf16", "et_matvec_bf16_f32"):
         getattr(library, name).argtypes = [_P, _P, _P, _I64, _I64]
     for name in ("et_matvec_i8", "et_matvec_i8_b32"):
         getattr(library, name).argtypes = [_P, _P, _P, _P, _I64, _I64]
@@ -197,6 +197,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
         if lib.et_matvec_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) == 0:
             return y
     return F.linear(x, weight)
+
+
+FLOAT_CHUNK_ROWS = 4096  # rows of a bfloat16 weight widened to float32 at a time (fallback)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> float32 [T, out], never rounded to a narrower dtype.
+
+    For logits: a float32 weight is a plain float32 product; a bfloat16 (or float16) weight
+    multiplies x in the weight's dtype (as the compute mode does) but keeps the float32 sums,
+    through C for one row, else widening ``FLOAT_CHUNK_ROWS`` weight rows at a time (the
+    products of two bfloat16 values are exact in float32, so this is the same sum).
+    """
+    if weight.dtype == torch.float32:
+        return linear(x.float().contiguous(), weight)
+    x = x.to(weight.dtype).contiguous()
+    lib = library()
+    if lib is not None and weight.dtype == torch.bfloat16 and _one_row(x, weight):
+        rows, cols = weight.shape
+        y = torch.empty(1, rows, dtype=torch.float32)
+        if lib.et_matvec_bf16_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
+                                  cols) == 0:
+            return y
+    x32 = x.float()
+    return torch.cat([F.linear(x32, weight[start : start + FLOAT_CHUNK_ROWS].float())
+                      for start in range(0, weight.shape[0], FLOAT_CHUNK_ROWS)], dim=-1)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,

@@ -158,6 +158,7 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         self.tiled = fmt == "int4" and int4_tiled(self.out_features, self.group)
         self.native = self.tiled and native_int4_tiled()  # weight bytes are the kernel's
         self.repacked = False  # weight converted by torch for a CPU with another layout
+        self.float_output = False  # the lm_head: float32 logits (see float_matmul)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.fmt == "int4" else ""
@@ -167,6 +168,8 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
+        if self.float_output:
+            return self.float_matmul(x, kernel)
         if self.fmt == "int8":
             return int8_product(x, self.weight, self.weight_scale, kernel,
                                 self.output_buffer(x, self.out_features))
@@ -177,6 +180,19 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         return int4_product(x, self.weight, self.weight_scale, self.group,
                             self.native and (kernel or self.repacked), self.repacked, kernel,
                             self.output_buffer(x, self.out_features))
+
+    def float_matmul(self, x: torch.Tensor, kernel: bool) -> torch.Tensor:
+        """The head's product: x [T, in] -> float32 [T, out], never rounded to bfloat16 (the
+        native kernels for one row, else the exact float32 product of the dequantized weight;
+        a head is never repacked, so its codes stay in the layout :func:`dequantize_int4`
+        reads)."""
+        x, one_row = x.float(), kernel and x.shape[0] == 1
+        if self.fmt == "int8":
+            y = kernels.int8_linear(x, self.weight, self.weight_scale) if one_row else None
+            return int8_matmul(x, self.weight, self.weight_scale, False) if y is None else y
+        y = (kernels.int4_linear(x, self.weight, self.weight_scale, self.group)
+             if one_row and self.tiled else None)
+        return F.linear(x, dequantize_int4(self.weight, self.weight_scale)) if y is None else y
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -206,7 +222,13 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
 
 
 def is_quantized(manifest: Manifest) -> bool:
+    """Whether the split's layers are quantized."""
     return manifest.dtype in QUANT_DTYPES
+
+
+def head_quantized(manifest: Manifest) -> bool:
+    """Whether the split's lm_head is (an int4 split's is int8 by default)."""
+    return manifest.head_format in QUANT_DTYPES
 
 
 def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
@@ -216,14 +238,13 @@ def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_skeleton(model: Transformer, manifest: Manifest, comm: Communicator) -> None:
     """Replace the float linears of a ``meta`` skeleton by quantized ones shaped as on disk."""
-    if not is_quantized(manifest):
-        return
-    for index, layer in model.indexed_layers():
-        tensors = manifest.files[layer_file(index)].tensors
-        for name in PROJECTIONS:
-            _replace(layer, name, manifest.dtype, tensors, comm)
-    if getattr(model, "lm_head", None) is not None:
-        _replace(model, "lm_head", manifest.dtype,
+    if is_quantized(manifest):
+        for index, layer in model.indexed_layers():
+            tensors = manifest.files[layer_file(index)].tensors
+            for name in PROJECTIONS:
+                _replace(layer, name, manifest.dtype, tensors, comm)
+    if head_quantized(manifest) and getattr(model, "lm_head", None) is not None:
+        _replace(model, "lm_head", manifest.head_format,
                  manifest.files["head.safetensors"].tensors, comm)
 
 
@@ -235,6 +256,7 @@ def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEn
     new = (QuantRowParallelLinear(*args, comm) if isinstance(old, RowParallelLinear)
            else QuantColumnParallelLinear(*args))
     new.reuse_output = getattr(old, "reuse_output", False)
+    new.float_output = getattr(old, "float_output", False)
     owner_name, _, attr = name.rpartition(".")
     owner = parent.get_submodule(owner_name) if owner_name else parent
     setattr(owner, attr, new)

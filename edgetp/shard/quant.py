@@ -46,7 +46,7 @@ rank's slice width (:func:`int4_group`), and refuses groups below :data:`MIN_INT
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -61,10 +61,26 @@ SCALE_SUFFIX = "_scale"
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj", "lm_head")
 _TINY = torch.finfo(torch.bfloat16).tiny
+CHUNK_ELEMENTS = 1 << 17  # values quantized at a time: 512 KiB of float32, held in cache
+
+
+HEAD_DTYPES = ("int8", "int4", "same", "float")  # --head-dtype: "float" keeps it unquantized
 
 
 class QuantError(ConfigError):
     """A weight cannot be quantized as requested; the message says what would work."""
+
+
+def head_format(dtype: str, head_dtype: str | None, float_dtype: str) -> str:
+    """What a split of ``dtype`` stores its lm_head (a tied one too) as: int8, int4, or a float
+    dtype name. ``head_dtype`` is ``--head-dtype`` (None: int8 for int4 splits, where a 4-bit
+    head costs most of int4's loss, else the split's dtype); ``float_dtype`` the split's float
+    dtype (the checkpoint's in a quantized split)."""
+    if head_dtype is None:
+        head_dtype = "int8" if dtype == "int4" else "same"
+    if head_dtype not in HEAD_DTYPES:
+        raise QuantError(f"--head-dtype {head_dtype!r}: choose one of {', '.join(HEAD_DTYPES)}")
+    return {"same": dtype, "float": float_dtype}.get(head_dtype, head_dtype)
 
 
 def is_quantized_weight(name: str) -> bool:
@@ -89,12 +105,30 @@ def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
 
     ``amax`` [out] (default: each row's own) lets a slice of a row share the whole row's scale.
     """
-    w = w.float()
+    w = w.float()  # no copy when it is float32 already
     if amax is None:
-        amax = w.abs().amax(dim=1)
+        amax = row_amax(w)
     scale = bf16_at_least((amax.float() / 127).clamp_min(_TINY))  # [out]
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale32 = scale.float()[:, None]  # [out, 1]
+    q = torch.empty(w.shape, dtype=torch.int8)
+    for rows in row_chunks(*w.shape):  # a few passes over each chunk while it is in cache
+        q[rows] = torch.div(w[rows], scale32[rows]).round_().clamp_(-127, 127)
     return q, scale
+
+
+def row_amax(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] -> max |w| of each row [out], float32, in one pass without a copy."""
+    low, high = torch.aminmax(w.float(), dim=1)
+    return torch.maximum(high, -low)
+
+
+def row_chunks(rows: int, cols: int, align: int = 64) -> Iterator[slice]:
+    """Slices of whole rows of about :data:`CHUNK_ELEMENTS` values (multiples of ``align``
+    rows, the tiled int4 layout's blocks, but the last), so that each step of quantizing a
+    chunk finds it in the CPU's cache instead of streaming the whole tensor from memory."""
+    step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
@@ -135,22 +169,32 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     out_features, in_features = w.shape
     if group < 2 or in_features % group:
         raise QuantError(f"int4 group {group} does not divide {in_features} input columns")
-    codes, scale_zero = int4_codes(w, group)
-    return pack_int4(codes, int4_tiled(out_features, group)), scale_zero
+    tiled = int4_tiled(out_features, group)
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    scale_zero = torch.empty(in_features // group, out_features, 2, dtype=torch.bfloat16)
+    for rows in row_chunks(out_features, in_features):  # 64-row blocks: packs independently
+        codes, scale_zero[:, rows] = _int4_chunk(w[rows], group)
+        packed[rows] = pack_int4(codes, tiled)
+    return packed, scale_zero
 
 
 def int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (codes uint8 [out, in] in 0..15, scale_zero bf16 [in / group, out, 2])."""
+    return _int4_chunk(w, group)
+
+
+def _int4_chunk(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, in] -> (codes uint8 [rows, in], scale_zero bf16 [in / group, rows, 2])."""
     out_features, in_features = w.shape
     wg = w.float().view(out_features, in_features // group, group)  # [out, ng, g]
-    low, high = wg.amin(-1), wg.amax(-1)  # [out, ng]
+    low, high = torch.aminmax(wg, dim=-1)  # [out, ng]
     zero = (low + (high - low) * (8 / 15)).to(torch.bfloat16).float()  # value of code 8
     span = torch.maximum((high - zero) / 7, (zero - low) / 8)  # codes 15 and 0 reach high, low
     scale = bf16_at_least(span.clamp_min(_TINY)).float()  # [out, ng]
-    codes = torch.round((wg - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15)
+    codes = torch.sub(wg, zero[..., None]).div_(scale[..., None]).round_().add_(8).clamp_(0, 15)
     scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1)  # [ng, out, 2]
     return (codes.to(torch.uint8).view(out_features, in_features),
-            scale_zero.to(torch.bfloat16).contiguous())
+            scale_zero.to(torch.bfloat16))
 
 
 def int4_from_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -238,7 +238,7 @@ def write_synthetic_split(hf_config: dict[str, Any], out_dir: str | Path, n_rank
     dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        if _existing_split_matches(out_dir, print_, plan, dtype, force, fmt.group_size):
+        if _existing_split_matches(out_dir, print_, plan, (dtype, dtype), force, fmt.group_size):
             return SplitResult(out_dir, dirs, True, 0)
         check_free_space(out_dir, split_bytes(files, fmt))
         for directory in dirs:

@@ -16,7 +16,7 @@ from edgetp.config.model import ModelConfig
 from edgetp.perf.planner.storage import Storage
 from edgetp.shard.layout import layer_file
 from edgetp.shard.plan import ShardPlan, layer_slices, master_tensors
-from edgetp.shard.quant import SCALE_SUFFIX, is_quantized_weight
+from edgetp.shard.quant import QUANT_DTYPES, SCALE_SUFFIX, int4_group, is_quantized_weight
 from edgetp.shard.quantsplit import int4_groups
 
 SAFETENSORS_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -31,6 +31,8 @@ def rank_files(config: ModelConfig, plan: ShardPlan, rank: int,
     """File name -> tensor -> (shape, dtype code), for every weight file ``split`` writes."""
     full = _full_shapes(config)
     groups = int4_groups(config, plan, storage.group_size) if storage.weights == "int4" else {}
+    if storage.head_format == "int4":
+        groups["lm_head.weight"] = int4_group([config.hidden_size], storage.group_size)
     parts = layer_slices(plan, rank, config)
     sliced = _stored({name: part.shape_of(full[name]) for name, part in parts.items()},
                      storage, groups)
@@ -43,8 +45,8 @@ def rank_files(config: ModelConfig, plan: ShardPlan, rank: int,
             files[layer_file(layer)] = whole
     if rank == 0:
         for stem, names in master_tensors(config).items():
-            if stem == "head" and storage.quantized and "lm_head.weight" not in names:
-                names = [*names, "lm_head.weight"]  # a quantized split stores a tied head too
+            if stem == "head" and storage.head_quantized and "lm_head.weight" not in names:
+                names = [*names, "lm_head.weight"]  # a quantized head is stored, tied or not
             files[f"{stem}.safetensors"] = _stored({n: full[n] for n in names}, storage, groups)
     return files
 
@@ -71,9 +73,10 @@ def _stored(shapes: dict[str, tuple[int, ...]], storage: Storage,
     out: Shapes = {}
     float_code = SAFETENSORS_CODES[storage.floats]
     for name, shape in shapes.items():
-        if not (storage.quantized and is_quantized_weight(name)):
+        fmt = storage.head_format if name.startswith("lm_head.") else storage.weights
+        if not (fmt in QUANT_DTYPES and is_quantized_weight(name)):
             out[name] = (shape, float_code)
-        elif storage.weights == "int8":  # I8 [out, in], BF16 scale [out]
+        elif fmt == "int8":  # I8 [out, in], BF16 scale [out]
             out[name] = (shape, "I8")
             out[name + SCALE_SUFFIX] = ((shape[0],), "BF16")
         else:  # U8 [out, in / 2], BF16 (scale, zero) [in / group, out, 2]
