@@ -39,8 +39,9 @@ def layout(split: Path) -> list[dict[str, dict[str, tuple[str, tuple[int, ...]]]
 @pytest.mark.parametrize(("dtype", "ranks"), [("int4", 2), ("int8", 3), ("bfloat16", 2)])
 def test_the_layout_is_the_real_splitters(tmp_path: Path, dtype: str, ranks: int) -> None:
     config = {**CONFIG, "torch_dtype": "float32"}  # a quantized split keeps float32 floats
+    # a synthetic split stores its head as the layers (the real splitter's int4 default is int8)
     real = split_checkpoint(write_model(tmp_path / "model", config), tmp_path / "real", ranks,
-                            dtype=dtype)
+                            dtype=dtype, head_dtype="same")
     fake = write_synthetic_split(config, tmp_path / "fake", ranks, dtype)
     assert layout(fake.out_dir) == layout(real.out_dir)
     for rank, directory in enumerate(fake.rank_dirs):
