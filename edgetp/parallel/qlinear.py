@@ -29,7 +29,9 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
   int4 in the rows layout, int8 of other widths): the fallback, dequantize then a dense
   matmul, in bfloat16 (float32 activations are converted) since that is faster; with
   ``EDGETP_QUANT_KERNELS=0`` in the activations' own dtype, the exact reference. Per-channel
-  int8 scales are applied to the output rather than to the weight.
+  int8 scales are applied to the output rather than to the weight. The fallback widens
+  :data:`WIDEN_CHUNK_ELEMENTS` weights at a time (:func:`chunked_product`), never the whole
+  matrix: a 70B MLP slice widened at once would cost a memory-limited worker hundreds of MiB.
 
 :class:`QuantColumnParallelLinear` and :class:`QuantRowParallelLinear` keep the semantics of
 ``edgetp.parallel.linears``: a row-parallel linear computes its partial, allreduces it in plain
@@ -37,6 +39,8 @@ sight, then adds its bias once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +67,7 @@ from edgetp.shard.quant import (
 KERNEL_DTYPE = torch.bfloat16
 GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
 INT4_GEMM_ROWS = 96  # ... and the int4 kernel (int4 dequantization costs more)
+WIDEN_CHUNK_ELEMENTS = 1 << 22  # weights widened at a time by the fallback: 8 MiB of bfloat16
 INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm returns garbage (or crashes) for other widths
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -77,16 +82,32 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 kernel: bool = True) -> torch.Tensor:
     """x [T, in] @ (q int8 [out, in] * scale)^T -> [T, out] in x's dtype; ``scale`` [out], or
     [out, in / 32] (block scales: dequantized for a dense matmul, as the int4 fallback)."""
+    dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
     if scale.dim() == 2:
-        dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
-        return F.linear(x.to(dtype), dequantize_int8(q, scale, dtype)).to(x.dtype)
+        y = chunked_product(x.to(dtype), q.shape[0],
+                            lambda rows: dequantize_int8(q[rows], scale[rows], dtype))
+        return y.to(x.dtype)
     if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,
                                                scale.to(KERNEL_DTYPE))
         return y.to(x.dtype)
-    dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
-    y = F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)  # [T, out]
-    return y.to(x.dtype)
+    y = chunked_product(x.to(dtype), q.shape[0], lambda rows: q[rows].to(dtype))  # [T, out]
+    return (y * scale.to(dtype)).to(x.dtype)
+
+
+def chunked_product(x: torch.Tensor, out_features: int,
+                    widen: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """x [T, in] @ W^T -> [T, out] in x's dtype, where ``widen(rows)`` gives W's ``rows`` as
+    [rows, in] in x's dtype: :data:`WIDEN_CHUNK_ELEMENTS` weights at a time (multiples of 64
+    rows, the tiled int4 layout's blocks), so the widened copy stays small whatever W's size."""
+    step = max(64, WIDEN_CHUNK_ELEMENTS // max(x.shape[-1], 1) // 64 * 64)
+    if step >= out_features:
+        return F.linear(x, widen(slice(0, out_features)))
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)  # [T, out]
+    for start in range(0, out_features, step):
+        rows = slice(start, min(start + step, out_features))
+        y[:, rows] = F.linear(x, widen(rows))
+    return y
 
 
 def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool = True,
@@ -124,7 +145,10 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
                                                        group, scale_zero.to(KERNEL_DTYPE))
         return y.to(x.dtype)
     dtype = KERNEL_DTYPE if x.dtype == torch.float32 and kernels_enabled() else x.dtype
-    return F.linear(x.to(dtype), dequantize_int4(packed, scale_zero, dtype)).to(x.dtype)
+    tiled = int4_tiled(packed.shape[0], x.shape[-1] // scale_zero.shape[0])
+    y = chunked_product(x.to(dtype), packed.shape[0], lambda rows: dequantize_int4(
+        packed[rows], scale_zero[:, rows], dtype, tiled))
+    return y.to(x.dtype)
 
 
 class QuantLinear(kernels.StepOutput, nn.Module):
@@ -192,7 +216,10 @@ class QuantLinear(kernels.StepOutput, nn.Module):
             return int8_matmul(x, self.weight, self.weight_scale, False) if y is None else y
         y = (kernels.int4_linear(x, self.weight, self.weight_scale, self.group)
              if one_row and self.tiled else None)
-        return F.linear(x, dequantize_int4(self.weight, self.weight_scale)) if y is None else y
+        if y is not None:
+            return y
+        return chunked_product(x, self.out_features, lambda rows: dequantize_int4(
+            self.weight[rows], self.weight_scale[:, rows], torch.float32, self.tiled))
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)

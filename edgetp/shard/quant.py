@@ -251,11 +251,16 @@ def unpack_int4(packed: torch.Tensor, tiled: bool) -> torch.Tensor:
 
 
 def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(packed [out, in / 2], scale_zero [ng, out, 2]) -> ``dtype`` [out, in]."""
+                    dtype: torch.dtype = torch.float32, tiled: bool | None = None
+                    ) -> torch.Tensor:
+    """(packed [out, in / 2], scale_zero [ng, out, 2]) -> ``dtype`` [out, in].
+
+    ``tiled``: the layout, when ``packed`` is a slice of rows (from a multiple of 64) of a
+    larger tensor, whose layout its own row count would not tell; default: from the shape.
+    """
     n, k = packed.shape[0], packed.shape[1] * 2
     groups = scale_zero.shape[0]
-    tiled = int4_tiled(n, k // groups)
+    tiled = int4_tiled(n, k // groups) if tiled is None else tiled
     codes = unpack_int4(packed, tiled).view(n, groups, k // groups)  # [out, ng, g]
     sz = scale_zero.to(dtype).transpose(0, 1)  # [out, ng, 2]
     w = (codes.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]

@@ -30,6 +30,7 @@ from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.collectives import InProcessGroup
+from edgetp.parallel import qlinear
 from edgetp.parallel.loader import load_rank, shard_memory_needs
 from edgetp.parallel.qlinear import QuantLinear, QuantRowParallelLinear, int4_matmul, int8_matmul
 from edgetp.shard.layout import layer_file
@@ -161,6 +162,33 @@ def test_int4_kernel_equals_fallback(rows: int, out_features: int, group: int) -
     assert close(fallback, exact)
     if int4_tiled(out_features, group) and native_int4_tiled():
         assert close(int4_matmul(x, packed, scale_zero, group, kernel_layout=True), exact)
+
+
+@pytest.mark.parametrize(("out_features", "group"), [(200, 32), (136, 16), (150, 32)])
+def test_the_fallback_widens_a_few_rows_at_a_time_and_gives_the_whole_product(
+        out_features: int, group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """64 rows at a time (the tiled layout's blocks; 200 and 136 rows end in a partial block,
+    150 rows are in the rows layout): each chunk equals the whole matrix's product, in int4 and
+    int8 (row and block scales), while no widened copy is larger than the chunk."""
+    monkeypatch.setattr(qlinear, "WIDEN_CHUNK_ELEMENTS", 64 * 128)
+    monkeypatch.setenv("EDGETP_QUANT_KERNELS", "0")  # float32 throughout: exact comparisons
+    widened: list[int] = []
+    real_linear = qlinear.F.linear
+
+    def recording_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        widened.append(w.shape[0])
+        return real_linear(x, w)
+
+    monkeypatch.setattr(qlinear.F, "linear", recording_linear)
+    w, x = weights(out_features, 128) / 10, torch.randn(5, 128)
+    packed, scale_zero = quantize_int4(w, group)
+    got = int4_matmul(x, packed, scale_zero, group, kernel_layout=False)
+    assert torch.allclose(got, x @ dequantize_int4(packed, scale_zero).T, rtol=1e-5, atol=1e-5)
+    q, scale = quantize_int8(w)
+    for scales in (scale, scale[:, None].expand(-1, 4).contiguous()):  # per row, per 32
+        got = int8_matmul(x, q, scales, kernel=False)
+        assert torch.allclose(got, x @ dequantize_int8(q, scales).T, rtol=1e-5, atol=1e-5)
+    assert max(widened) == 64 and len(widened) == 3 * -(-out_features // 64)
 
 
 def test_quant_linear_adds_the_bias_after_the_allreduce() -> None:
