@@ -227,8 +227,9 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, in] float32 @ (q int8 [out, in] * scale)^T -> [1, out] float32; ``scale`` is
-    bfloat16 [out] (one per row) or float16 [out, in / 32] (one per row and 32 columns).
+    """x [1, in] float32 @ dequant(q int8 [out, in], scale)^T -> [1, out] float32; ``scale`` is
+    bfloat16 [out] (one per row), float16 [out, in / 32] (one per row and 32 columns) or
+    float16 [2, out, in / 32] (a scale and a low end per block, edgetp.shard.quant).
 
     x is quantized to int16 per 64 columns (see ``csrc/matvec.c``); None when the C loops cannot
     take the product."""
@@ -237,6 +238,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
             or not scale.is_contiguous()):
         return None
     rows, cols = q.shape
+    if scale.dim() == 3:
+        return _int8_low_blocks(x, q, scale, out)
     if scale.dtype == torch.bfloat16 and scale.numel() == rows:
         kernel = lib.et_matvec_i8
     elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
@@ -247,6 +250,23 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) != 0:
         return None  # no memory for x's int16 copy, or columns not whole blocks
     return y
+
+
+def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
+                     out: torch.Tensor | None) -> torch.Tensor | None:
+    """x [1, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
+    product ``q * scale`` in C, plus each block's ``low + 128 * scale`` times the block's sum
+    of x (a product 1/32 the size, in torch)."""
+    rows, cols = q.shape
+    if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
+        return None
+    y = int8_linear(x, q, scale_low[0], out)  # [1, out]
+    if y is None:
+        return None
+    block_sums = x.view(cols // 32, 32).sum(-1)  # [nb]
+    offsets = torch.mv(scale_low[1].float(), block_sums)  # [out]: sum of low * x
+    offsets.add_(torch.mv(scale_low[0].float(), block_sums), alpha=128)
+    return y.add_(offsets)
 
 
 def kernel_paths() -> dict[str, str]:

@@ -60,6 +60,7 @@ from edgetp.shard.quant import (
     dequantize_int4,
     dequantize_int8,
     int4_tiled,
+    int8_scale_rows,
     native_int4_pack,
     native_int4_tiled,
 )
@@ -80,12 +81,13 @@ def kernels_enabled() -> bool:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 kernel: bool = True) -> torch.Tensor:
-    """x [T, in] @ (q int8 [out, in] * scale)^T -> [T, out] in x's dtype; ``scale`` [out], or
-    [out, in / 32] (block scales: dequantized for a dense matmul, as the int4 fallback)."""
+    """x [T, in] @ dequant(q int8 [out, in], scale)^T -> [T, out] in x's dtype; ``scale`` [out],
+    or block scales [out, in / 32] or [2, out, in / 32] (dequantized for a dense matmul, as the
+    int4 fallback; edgetp.shard.quant's formats)."""
     dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
-    if scale.dim() == 2:
-        y = chunked_product(x.to(dtype), q.shape[0],
-                            lambda rows: dequantize_int8(q[rows], scale[rows], dtype))
+    if scale.dim() > 1:
+        y = chunked_product(x.to(dtype), q.shape[0], lambda rows: dequantize_int8(
+            q[rows], int8_scale_rows(scale, rows), dtype))
         return y.to(x.dtype)
     if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,

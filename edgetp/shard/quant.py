@@ -1,15 +1,19 @@
-"""Quantized weight formats: int8 per output channel, int4 group-wise along the input.
+"""Quantized weight formats: int8 in blocks of 32 input columns, int4 group-wise along the input.
 
 Both formats are written by the splitter next to their scales, in the per-rank safetensors
 files, and read back as-is (the window binds them straight from disk into compute buffers):
 
 ``int8``
-    ``NAME`` I8 ``[out, in]`` and ``NAME_scale`` BF16 ``[out]``: symmetric, one scale per output
-    channel, ``w ~= q * scale`` with ``q`` in ``-127..127``. The scale is ``amax / 127`` rounded
-    *up* to bfloat16 and ``q`` is computed against that stored scale, so
-    ``|w - q * scale| <= scale / 2`` holds exactly. For row-parallel weights (o_proj,
-    down_proj) the splitter takes ``amax`` over the whole row, not just the rank's slice, so
-    the quantized model is the same whatever the node count.
+    ``NAME`` I8 ``[out, in]`` and ``NAME_scale`` F16 ``[2, out, in / 32]`` holding a scale and
+    the block's lowest value per row and block of :data:`INT8_BLOCK` input columns:
+    asymmetric, ``w ~= (q + 128) * scale + low`` with ``q`` in ``-128..127``
+    (:func:`quantize_int8_blocks`; ``low`` rounded down and ``scale`` up to float16, so
+    ``|w - deq| <= scale / 2``). Blocks never straddle two ranks' slices, so the quantized
+    model is the same whatever the node count. A weight whose slices are not whole blocks
+    wide (:func:`int8_blocked`) keeps the older per-channel format: ``NAME_scale`` BF16
+    ``[out]``, symmetric, ``w ~= q * scale`` with ``q`` in ``-127..127`` and ``amax / 127``
+    rounded up; for row-parallel weights (o_proj, down_proj) ``amax`` is taken over the whole
+    row, not just the rank's slice, for the same reason.
 
 ``int4``
     ``NAME`` U8 ``[out, in / 2]`` (two 4-bit codes per byte) and ``NAME_scale`` BF16
@@ -61,6 +65,7 @@ SCALE_SUFFIX = "_scale"
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj", "lm_head")
 _TINY = torch.finfo(torch.bfloat16).tiny
+_TINY_F16 = torch.finfo(torch.float16).tiny
 CHUNK_ELEMENTS = 1 << 17  # values quantized at a time: 512 KiB of float32, held in cache
 
 
@@ -99,9 +104,52 @@ def bf16_at_least(x: torch.Tensor) -> torch.Tensor:
 # -- int8 -------------------------------------------------------------------------------------
 
 
+def int8_blocked(widths: Iterable[int]) -> bool:
+    """Whether an int8 weight whose slices are ``widths`` columns wide (the whole width among
+    them) is stored in blocks (:func:`quantize_int8_blocks`): every width a multiple of
+    :data:`INT8_BLOCK`, so each block lies in one rank's slice whatever the node count."""
+    return all(width % INT8_BLOCK == 0 for width in widths)
+
+
+def f16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """``x`` (float32) rounded to the nearest float16 not below it (``up``) or not above it."""
+    rounded = x.to(torch.float16)
+    wrong = rounded.float() < x if up else rounded.float() > x
+    return torch.where(wrong, torch.nextafter(rounded, torch.full_like(
+        rounded, float("inf") if up else float("-inf"))), rounded)
+
+
+def quantize_int8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scale_low f16 [2, out, in / 32]).
+
+    Per row and block of :data:`INT8_BLOCK` columns a scale and the block's lowest value:
+    ``w = (q + 128) * scale + low``, the 256 codes spanning exactly [low, high] (``low``
+    rounded down and ``scale`` up to float16, so both ends stay reachable and
+    ``|w - deq| <= scale / 2``). A scale *and* a low end per block hold weights that were
+    4-bit with a minimum (GGUF's Q4_1, natively 4-bit checkpoints) exactly, where a symmetric
+    scale per row or per block wastes the codes below the block's minimum.
+    """
+    out_features, in_features = w.shape
+    if in_features % INT8_BLOCK:
+        raise QuantError(f"int8 blocks of {INT8_BLOCK} do not divide {in_features} columns")
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale_low = torch.empty(2, out_features, in_features // INT8_BLOCK, dtype=torch.float16)
+    for rows in row_chunks(out_features, in_features):  # each chunk while it is in cache
+        blocks = w[rows].float().view(-1, in_features // INT8_BLOCK, INT8_BLOCK)  # [r, nb, 32]
+        low, high = torch.aminmax(blocks, dim=-1)  # [r, nb]
+        low16 = f16_toward(low, up=False)
+        scale16 = f16_toward(((high - low16.float()) / 255).clamp_min(_TINY_F16), up=True)
+        codes = torch.sub(blocks, low16.float()[..., None]).div_(scale16.float()[..., None])
+        q[rows] = codes.round_().clamp_(0, 255).sub_(128).view(-1, in_features)
+        scale_low[0, rows], scale_low[1, rows] = scale16, low16
+    return q, scale_low
+
+
 def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (q int8 [out, in], scale bf16 [out]).
+    """w [out, in] -> (q int8 [out, in], scale bf16 [out]): one symmetric scale per row, for
+    weights whose slices are not whole :data:`INT8_BLOCK`-column blocks (else
+    :func:`quantize_int8_blocks`).
 
     ``amax`` [out] (default: each row's own) lets a slice of a row share the whole row's scale.
     """
@@ -133,12 +181,20 @@ def row_chunks(rows: int, cols: int, align: int = 64) -> Iterator[slice]:
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q [out, in], scale [out] or [out, in / 32]) -> ``dtype`` [out, in]."""
-    if scale.dim() == 2:  # block scales
-        out_features, in_features = q.shape
-        blocks = q.to(dtype).view(out_features, -1, INT8_BLOCK)  # [out, nb, 32]
+    """(q [out, in], scale [out], [out, in / 32] or [2, out, in / 32]) -> ``dtype`` [out, in]."""
+    out_features, in_features = q.shape
+    if scale.dim() == 1:
+        return q.to(dtype) * scale.to(dtype)[:, None]
+    blocks = q.to(dtype).view(out_features, -1, INT8_BLOCK)  # [out, nb, 32]
+    if scale.dim() == 2:  # symmetric block scales (a GGUF's Q8_0)
         return (blocks * scale.to(dtype)[..., None]).view(out_features, in_features)
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    step, low = scale.to(dtype)[..., None]  # [out, nb, 1] each
+    return ((blocks + 128) * step + low).view(out_features, in_features)
+
+
+def int8_scale_rows(scale: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The scales of output ``rows`` of an int8 weight, in any of its scale layouts."""
+    return scale[:, rows] if scale.dim() == 3 else scale[rows]
 
 
 # -- int4 -------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ from edgetp.shard.quant import (
     QUANT_DTYPES,
     SCALE_SUFFIX,
     int4_group,
+    int8_blocked,
     is_quantized_weight,
     quantize_int4,
     quantize_int8,
+    quantize_int8_blocks,
     row_amax,
 )
 
@@ -54,6 +56,7 @@ class TensorStore:
         if self.head_fmt == "int4":
             self.groups["lm_head.weight"] = int4_group([config.hidden_size], group_size,
                                                        "lm_head.weight")
+        self.int8_blocks = int8_block_names(config, plan)
         self._row_amax: dict[str, torch.Tensor] = {}  # this layer's row-parallel amax, int8
         self.native = (GGUFBlocks(checkpoint.model_dir)
                        if self.quantized or self.head_quantized else None)
@@ -76,7 +79,9 @@ class TensorStore:
             kept = self.native.convert(fmt, source, part, group, tensor)
             if kept is not None:
                 return {name + suffix: value for suffix, value in kept.items()}
-        if fmt == "int8":
+        if fmt == "int8" and self.int8_blocks.get(name, True):
+            q, scale = quantize_int8_blocks(tensor)
+        elif fmt == "int8":
             amax = self.row_amax(layer, name) if part.dim == 1 else None
             q, scale = quantize_int8(tensor, amax)
         else:
@@ -100,21 +105,33 @@ class TensorStore:
             self._row_amax[key] = amax  # type: ignore[assignment]
         return self._row_amax[key]
 
-def int4_groups(config: ModelConfig, plan: ShardPlan, group_size: int) -> dict[str, int]:
-    """Per quantized tensor name, its int4 group: it must divide every rank's slice width."""
+
+def slice_widths(config: ModelConfig, plan: ShardPlan) -> dict[str, list[int]]:
+    """Per quantized tensor name, the input widths its quantization must respect: every rank's
+    slice of a row-parallel weight and the whole width, else the hidden size."""
     slices = [layer_slices(plan, r, config) for r in range(plan.n_ranks)]
-    groups = {"lm_head.weight": int4_group([config.hidden_size], group_size, "lm_head.weight")}
     full = {"self_attn.o_proj.weight": config.num_attention_heads * config.head_dim,
             "mlp.down_proj.weight": config.intermediate_size}
+    widths = {"lm_head.weight": [config.hidden_size]}
     for name in slices[0]:
         if not is_quantized_weight(name):
             continue
         if name in full:  # row-parallel: the input is split
-            widths = [s[name].stop - s[name].start for s in slices] + [full[name]]
+            widths[name] = [s[name].stop - s[name].start for s in slices] + [full[name]]
         else:
-            widths = [config.hidden_size]
-        groups[name] = int4_group(widths, group_size, name)
-    return groups
+            widths[name] = [config.hidden_size]
+    return widths
+
+
+def int8_block_names(config: ModelConfig, plan: ShardPlan) -> dict[str, bool]:
+    """Per quantized tensor name, whether int8 stores it in blocks (else one scale a row)."""
+    return {name: int8_blocked(w) for name, w in slice_widths(config, plan).items()}
+
+
+def int4_groups(config: ModelConfig, plan: ShardPlan, group_size: int) -> dict[str, int]:
+    """Per quantized tensor name, its int4 group: it must divide every rank's slice width."""
+    return {name: int4_group(w, group_size, name)
+            for name, w in slice_widths(config, plan).items()}
 
 
 def shrunk_groups(manifest: Manifest) -> dict[str, int]:

@@ -55,7 +55,9 @@ def test_an_int4_split_keeps_a_tied_head_in_int8(tiny_model_dir, tmp_path: Path)
     manifests = [read_manifest(d) for d in dirs]
     assert all(m.dtype == "int4" and m.head_dtype == "int8" for m in manifests)
     head = manifests[0].files["head.safetensors"].tensors
-    assert head["lm_head.weight"].dtype == "I8" and head["lm_head.weight_scale"].shape == (VOCAB,)
+    scale = head["lm_head.weight_scale"]  # float16 (scale, low) per row and 32 columns
+    assert head["lm_head.weight"].dtype == "I8" and scale.dtype == "F16"
+    assert scale.shape == (2, VOCAB, head["lm_head.weight"].shape[1] // 32)
     assert manifests[0].files[layer_file(0)].tensors["mlp.up_proj.weight"].dtype == "U8"
     model = load_all(dirs)[0]
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt == "int8"

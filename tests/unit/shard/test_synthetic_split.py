@@ -80,7 +80,7 @@ def test_quantized_weights_have_the_intended_spread(tmp_path: Path) -> None:
     split8 = write_synthetic_split(CONFIG, tmp_path / "s8", 1, "int8")
     tensors = load_file(split8.rank_dirs[0] / "layer-001.safetensors")
     w8 = dequantize_int8(tensors["mlp.up_proj.weight"], tensors["mlp.up_proj.weight_scale"])
-    assert int(tensors["mlp.up_proj.weight"].min()) >= -127
+    assert tensors["mlp.up_proj.weight_scale"].shape == (2, 640, 256 // 32)  # blocks of 32
     for w in (w4, w8):  # [640, 256]: std 1 / sqrt(256)
         assert abs(float(w.std()) * 16 - 1) < 0.1
         assert abs(float(w.mean())) * 16 < 0.05
