@@ -27,8 +27,9 @@ from edgetp.cli.options import (
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="output directory (gets rank-0 ... rank-N-1)")
 @click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
-              help="stored weight dtype (default: the checkpoint's); int8: symmetric "
-                   "per-channel, int4: group-wise (--group-size); native: a GGUF's own "
+              help="stored weight dtype (default: the checkpoint's); int8: a scale and a "
+                   "low end per 32 columns, int4: group-wise (--group-size); native: a GGUF's "
+                   "own "
                    "Q4_0/Q4_1 (int4) or Q8_0 (int8) blocks as they are; norms, embedding and "
                    "biases stay float")
 @group_size_option

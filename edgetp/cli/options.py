@@ -148,9 +148,9 @@ def weight_options(func: F) -> F:
     func = head_dtype_option(group_size_option(func))
     return click.option(
         "--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
-        help="split the weights in this dtype: int8 (per-channel) or int4 (group-wise) "
-             "quantize the linears; native: a GGUF's own Q4_0/Q4_1 or Q8_0 blocks as they are "
-             "(default: the checkpoint's)")(func)
+        help="split the weights in this dtype: int8 (a scale and a low end per 32 columns) "
+             "or int4 (group-wise) quantize the linears; native: a GGUF's own Q4_0/Q4_1 or "
+             "Q8_0 blocks as they are (default: the checkpoint's)")(func)
 
 
 def master_sources(func: F) -> F:
