@@ -134,10 +134,10 @@ def _load() -> ctypes.CDLL | None:
         return None
     library.et_matvec_f32.restype = None
     library.et_kernel_paths.restype = ctypes.c_char_p
-    for name in ("et_matvec_bf16", "et_matvec_i8", "et_matvec_i8_b32", "et_matvec_i4",
-                 "et_matvec_i4_f32", "et_has_int4"):
+    for name in ("et_matvec_bf16", "et_matvec_bf16_f32", "et_matvec_i8", "et_matvec_i8_b32",
+                 "et_matvec_i4", "et_matvec_i4_f32", "et_has_int4"):
         getattr(library, name).restype = ctypes.c_int
-    for name in ("et_matvec_f32", "et_matvec_bf16"):
+    for name in ("et_matvec_f32", "et_matvec_bf16", "et_matvec_bf16_f32"):
         getattr(library, name).argtypes = [_P, _P, _P, _I64, _I64]
     for name in ("et_matvec_i8", "et_matvec_i8_b32"):
         getattr(library, name).argtypes = [_P, _P, _P, _P, _I64, _I64]
@@ -199,10 +199,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     return F.linear(x, weight)
 
 
+FLOAT_CHUNK_ROWS = 4096  # rows of a bfloat16 weight widened to float32 at a time (fallback)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> float32 [T, out], never rounded to a narrower dtype.
+
+    For logits: a float32 weight is a plain float32 product; a bfloat16 (or float16) weight
+    multiplies x in the weight's dtype (as the compute mode does) but keeps the float32 sums,
+    through C for one row, else widening ``FLOAT_CHUNK_ROWS`` weight rows at a time (the
+    products of two bfloat16 values are exact in float32, so this is the same sum).
+    """
+    if weight.dtype == torch.float32:
+        return linear(x.float().contiguous(), weight)
+    x = x.to(weight.dtype).contiguous()
+    lib = library()
+    if lib is not None and weight.dtype == torch.bfloat16 and _one_row(x, weight):
+        rows, cols = weight.shape
+        y = torch.empty(1, rows, dtype=torch.float32)
+        if lib.et_matvec_bf16_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
+                                  cols) == 0:
+            return y
+    x32 = x.float()
+    return torch.cat([F.linear(x32, weight[start : start + FLOAT_CHUNK_ROWS].float())
+                      for start in range(0, weight.shape[0], FLOAT_CHUNK_ROWS)], dim=-1)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, in] float32 @ (q int8 [out, in] * scale)^T -> [1, out] float32; ``scale`` is
-    bfloat16 [out] (one per row) or float16 [out, in / 32] (one per row and 32 columns).
+    """x [1, in] float32 @ dequant(q int8 [out, in], scale)^T -> [1, out] float32; ``scale`` is
+    bfloat16 [out] (one per row), float16 [out, in / 32] (one per row and 32 columns) or
+    float16 [2, out, in / 32] (a scale and a low end per block, edgetp.shard.quant).
 
     x is quantized to int16 per 64 columns (see ``csrc/matvec.c``); None when the C loops cannot
     take the product."""
@@ -211,6 +238,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
             or not scale.is_contiguous()):
         return None
     rows, cols = q.shape
+    if scale.dim() == 3:
+        return _int8_low_blocks(x, q, scale, out)
     if scale.dtype == torch.bfloat16 and scale.numel() == rows:
         kernel = lib.et_matvec_i8
     elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
@@ -221,6 +250,23 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) != 0:
         return None  # no memory for x's int16 copy, or columns not whole blocks
     return y
+
+
+def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
+                     out: torch.Tensor | None) -> torch.Tensor | None:
+    """x [1, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
+    product ``q * scale`` in C, plus each block's ``low + 128 * scale`` times the block's sum
+    of x (a product 1/32 the size, in torch)."""
+    rows, cols = q.shape
+    if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
+        return None
+    y = int8_linear(x, q, scale_low[0], out)  # [1, out]
+    if y is None:
+        return None
+    block_sums = x.view(cols // 32, 32).sum(-1)  # [nb]
+    offsets = torch.mv(scale_low[1].float(), block_sums)  # [out]: sum of low * x
+    offsets.add_(torch.mv(scale_low[0].float(), block_sums), alpha=128)
+    return y.add_(offsets)
 
 
 def kernel_paths() -> dict[str, str]:

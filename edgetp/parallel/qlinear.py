@@ -60,6 +60,7 @@ from edgetp.shard.quant import (
     dequantize_int4,
     dequantize_int8,
     int4_tiled,
+    int8_scale_rows,
     native_int4_pack,
     native_int4_tiled,
 )
@@ -80,12 +81,13 @@ def kernels_enabled() -> bool:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 kernel: bool = True) -> torch.Tensor:
-    """x [T, in] @ (q int8 [out, in] * scale)^T -> [T, out] in x's dtype; ``scale`` [out], or
-    [out, in / 32] (block scales: dequantized for a dense matmul, as the int4 fallback)."""
+    """x [T, in] @ dequant(q int8 [out, in], scale)^T -> [T, out] in x's dtype; ``scale`` [out],
+    or block scales [out, in / 32] or [2, out, in / 32] (dequantized for a dense matmul, as the
+    int4 fallback; edgetp.shard.quant's formats)."""
     dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
-    if scale.dim() == 2:
-        y = chunked_product(x.to(dtype), q.shape[0],
-                            lambda rows: dequantize_int8(q[rows], scale[rows], dtype))
+    if scale.dim() > 1:
+        y = chunked_product(x.to(dtype), q.shape[0], lambda rows: dequantize_int8(
+            q[rows], int8_scale_rows(scale, rows), dtype))
         return y.to(x.dtype)
     if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,
@@ -182,6 +184,7 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         self.tiled = fmt == "int4" and int4_tiled(self.out_features, self.group)
         self.native = self.tiled and native_int4_tiled()  # weight bytes are the kernel's
         self.repacked = False  # weight converted by torch for a CPU with another layout
+        self.float_output = False  # the lm_head: float32 logits (see float_matmul)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.fmt == "int4" else ""
@@ -191,6 +194,8 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
+        if self.float_output:
+            return self.float_matmul(x, kernel)
         if self.fmt == "int8":
             return int8_product(x, self.weight, self.weight_scale, kernel,
                                 self.output_buffer(x, self.out_features))
@@ -201,6 +206,22 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         return int4_product(x, self.weight, self.weight_scale, self.group,
                             self.native and (kernel or self.repacked), self.repacked, kernel,
                             self.output_buffer(x, self.out_features))
+
+    def float_matmul(self, x: torch.Tensor, kernel: bool) -> torch.Tensor:
+        """The head's product: x [T, in] -> float32 [T, out], never rounded to bfloat16 (the
+        native kernels for one row, else the exact float32 product of the dequantized weight;
+        a head is never repacked, so its codes stay in the layout :func:`dequantize_int4`
+        reads)."""
+        x, one_row = x.float(), kernel and x.shape[0] == 1
+        if self.fmt == "int8":
+            y = kernels.int8_linear(x, self.weight, self.weight_scale) if one_row else None
+            return int8_matmul(x, self.weight, self.weight_scale, False) if y is None else y
+        y = (kernels.int4_linear(x, self.weight, self.weight_scale, self.group)
+             if one_row and self.tiled else None)
+        if y is not None:
+            return y
+        return chunked_product(x, self.out_features, lambda rows: dequantize_int4(
+            self.weight[rows], self.weight_scale[:, rows], torch.float32, self.tiled))
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -230,7 +251,13 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
 
 
 def is_quantized(manifest: Manifest) -> bool:
+    """Whether the split's layers are quantized."""
     return manifest.dtype in QUANT_DTYPES
+
+
+def head_quantized(manifest: Manifest) -> bool:
+    """Whether the split's lm_head is (an int4 split's is int8 by default)."""
+    return manifest.head_format in QUANT_DTYPES
 
 
 def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
@@ -240,14 +267,13 @@ def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_skeleton(model: Transformer, manifest: Manifest, comm: Communicator) -> None:
     """Replace the float linears of a ``meta`` skeleton by quantized ones shaped as on disk."""
-    if not is_quantized(manifest):
-        return
-    for index, layer in model.indexed_layers():
-        tensors = manifest.files[layer_file(index)].tensors
-        for name in PROJECTIONS:
-            _replace(layer, name, manifest.dtype, tensors, comm)
-    if getattr(model, "lm_head", None) is not None:
-        _replace(model, "lm_head", manifest.dtype,
+    if is_quantized(manifest):
+        for index, layer in model.indexed_layers():
+            tensors = manifest.files[layer_file(index)].tensors
+            for name in PROJECTIONS:
+                _replace(layer, name, manifest.dtype, tensors, comm)
+    if head_quantized(manifest) and getattr(model, "lm_head", None) is not None:
+        _replace(model, "lm_head", manifest.head_format,
                  manifest.files["head.safetensors"].tensors, comm)
 
 
@@ -259,6 +285,7 @@ def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEn
     new = (QuantRowParallelLinear(*args, comm) if isinstance(old, RowParallelLinear)
            else QuantColumnParallelLinear(*args))
     new.reuse_output = getattr(old, "reuse_output", False)
+    new.float_output = getattr(old, "float_output", False)
     owner_name, _, attr = name.rpartition(".")
     owner = parent.get_submodule(owner_name) if owner_name else parent
     setattr(owner, attr, new)

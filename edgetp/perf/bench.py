@@ -58,6 +58,7 @@ class BenchSettings:
     weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
     group_size: int = 32  # int4's group
     secure: bool = False  # CURVE keys on loopback (the sealed data link), as on a home network
+    head_dtype: str | None = None  # the lm_head's (None: the default for weight_dtype)
 
     def label(self) -> str:
         parts = [f"nodes={self.nodes}"]
@@ -75,6 +76,8 @@ class BenchSettings:
             parts.append(f"weights={self.weight_dtype}")
         if self.secure:
             parts.append("secure")
+        if self.head_dtype is not None:
+            parts.append(f"head={self.head_dtype}")
         return ",".join(parts)
 
 
@@ -118,7 +121,8 @@ def bench_cluster(settings: BenchSettings) -> LocalCluster:
                         max_seq, settings.private_layers, settings.wire_dtype,
                         settings.timeout_s, memory_budget=budget,
                         allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
-                        group_size=settings.group_size, secure=settings.secure)
+                        group_size=settings.group_size, secure=settings.secure,
+                        head_dtype=settings.head_dtype)
 
 
 def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:

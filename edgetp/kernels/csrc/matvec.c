@@ -104,14 +104,23 @@ static void *scratch_bytes(int64_t n) {
     return area;
 }
 
-/* ---- bfloat16 weights, bfloat16 x -> bfloat16 y (float32 accumulation, as torch) ------------- */
+/* ---- bfloat16 weights, bfloat16 x -> bfloat16 or float32 y (float32 accumulation) ----------
+ *
+ * Rounding y to bfloat16 is what torch does for a bfloat16 product; logits keep the float32 sum
+ * (et_matvec_bf16_f32): near logits of 16-20 a bfloat16 step is 0.06-0.125, enough to tie the
+ * top tokens. */
+
+static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
+    if (f32_out) ((float *)y)[r] = a;
+    else ((uint16_t *)y)[r] = f32_to_bf16(a);
+}
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 /* vdpbf16ps multiplies pairs of bfloat16 and adds them into float32: one instruction per 32
  * weights, where widening each weight to float32 first costs three. Rows go eight at a time. */
 #define BF16_ROWS 8
 static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *restrict x,
-                                uint16_t *restrict y, int64_t rows, int64_t cols) {
+                                void *restrict y, int64_t rows, int64_t cols, int f32_out) {
     int64_t vec_cols = cols - cols % 32, r = 0;
     for (; r + BF16_ROWS <= rows; r += BF16_ROWS) {
         __m512 acc[BF16_ROWS];
@@ -126,18 +135,18 @@ static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *rest
             float a = _mm512_reduce_add_ps(acc[k]);
             for (int64_t i = vec_cols; i < cols; i++)
                 a += bf16_to_f32(w[(r + k) * cols + i]) * bf16_to_f32(x[i]);
-            y[r + k] = f32_to_bf16(a);
+            put_row(y, r + k, a, f32_out);
         }
     }
     return r; /* rows done */
 }
 #endif
 
-int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint16_t *restrict y,
-                   int64_t rows, int64_t cols) {
+static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y,
+                       int64_t rows, int64_t cols, int f32_out) {
     int64_t r = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    r = bf16_rows_avx512(w, x, y, rows, cols);
+    r = bf16_rows_avx512(w, x, y, rows, cols, f32_out);
     if (r == rows) return 0;
 #endif
     float *restrict xf = scratch_bytes(cols * (int64_t)sizeof(float));
@@ -153,18 +162,28 @@ int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint1
             a2 += bf16_to_f32(w2[i]) * xi;
             a3 += bf16_to_f32(w3[i]) * xi;
         }
-        y[r] = f32_to_bf16(a0);
-        y[r + 1] = f32_to_bf16(a1);
-        y[r + 2] = f32_to_bf16(a2);
-        y[r + 3] = f32_to_bf16(a3);
+        put_row(y, r, a0, f32_out);
+        put_row(y, r + 1, a1, f32_out);
+        put_row(y, r + 2, a2, f32_out);
+        put_row(y, r + 3, a3, f32_out);
     }
     for (; r < rows; r++) {
         const uint16_t *wr = w + r * cols;
         float a = 0.f;
         for (int64_t i = 0; i < cols; i++) a += bf16_to_f32(wr[i]) * xf[i];
-        y[r] = f32_to_bf16(a);
+        put_row(y, r, a, f32_out);
     }
     return 0;
+}
+
+int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint16_t *restrict y,
+                   int64_t rows, int64_t cols) {
+    return bf16_matvec(w, x, y, rows, cols, 0);
+}
+
+int et_matvec_bf16_f32(const uint16_t *restrict w, const uint16_t *restrict x,
+                       float *restrict y, int64_t rows, int64_t cols) {
+    return bf16_matvec(w, x, y, rows, cols, 1);
 }
 
 /* ---- int8 weights with a bfloat16 scale per row, float32 x -> float32 y ----------------------

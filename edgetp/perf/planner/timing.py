@@ -16,16 +16,18 @@ slower of the two ends' bandwidth. The ring is 2(N-1) traversals of a 1/N chunk.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgetp.config.device import DeviceProfile
 from edgetp.config.model import ModelConfig
+from edgetp.net.codec import scale_shape
 from edgetp.perf.planner.residency import NodePlan
 from edgetp.perf.planner.spec import ClusterSpec
 from edgetp.perf.planner.storage import Storage
 
 PARAMETERS_PER_BYTE = {"float32": 0.25, "bfloat16": 0.5, "float16": 0.5, "int8": 1.0, "int4": 2.0}
-WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int8 adds a float32 scale per row
+WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int8 adds its block scales (wire_bytes)
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,22 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig,
     for index in shared:
         compute += max(t[index][0] for t in per_rank) + max(t[index][1] for t in per_rank)
     if with_head:
-        compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.weights)
+        compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.head_format)
     comm = 0.0
     if n > 1:
-        wire = tokens * (config.hidden_size * WIRE_BYTES[cluster.wire_dtype]
-                         + (4 if cluster.wire_dtype == "int8" else 0))
-        step_msg = tokens * config.hidden_size * storage.compute_bytes
+        wire = tokens * wire_bytes(cluster.wire_dtype, config.hidden_size)
+        step_msg = tokens * config.hidden_size * 4  # the residual stream is float32
         comm = _broadcast(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
     node_compute = tuple(sum(a + m for a, m in t.values()) for t in per_rank)
     node_disk = tuple(node.streamed_bytes / (cluster.nodes[i].profile.disk_bw_mbs * 1e6)
                       for i, node in enumerate(nodes))
     return StepTime(compute, comm, max(node_disk), node_compute, node_disk)
+
+
+def wire_bytes(wire_dtype: str, width: int) -> int:
+    """Bytes of one token's partial or sum of ``width`` values on the wire."""
+    scales = math.prod(scale_shape((width,))) * 4 if wire_dtype == "int8" else 0
+    return width * WIRE_BYTES[wire_dtype] + scales
 
 
 def _layer_times(node: NodePlan, profile: DeviceProfile, storage: Storage, tokens: int,

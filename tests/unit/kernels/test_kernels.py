@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from edgetp.config.model import ModelConfig
 from edgetp.kernels import native as kernels
-from edgetp.model.llama import Transformer
+from edgetp.model.llama import LogitsHead, Transformer
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
 from edgetp.parallel.qlinear import QuantColumnParallelLinear
@@ -50,6 +50,20 @@ def test_bfloat16_matches_torch(rows: int, cols: int) -> None:
     assert got.dtype == torch.bfloat16
     # both sum in float32 and round once to bfloat16: at most one bfloat16 step apart
     assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("out_features", "cols"), [(5000, 64), (37, 100)])
+def test_bfloat16_logits_keep_the_float32_sums(rows: int, out_features: int, cols: int) -> None:
+    """float_linear (the head's product): bfloat16 products, float32 sums never rounded."""
+    x = torch.randn(rows, cols).bfloat16()
+    w = torch.randn(out_features, cols).bfloat16()
+    got, want = kernels.float_linear(x, w), x.double() @ w.double().T  # products exact
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert relative_error(got, want) < 1e-6
+    assert not torch.equal(got, got.bfloat16().float())  # not on the bfloat16 grid
+    w32 = w.float()
+    assert torch.equal(kernels.float_linear(x.float(), w32), kernels.linear(x.float(), w32))
 
 
 @pytest.mark.parametrize(("rows", "cols"), SHAPES)
@@ -173,7 +187,7 @@ def test_layer_linears_reuse_their_output_and_the_head_does_not() -> None:
     attn = model.layers[0].self_attn
     assert isinstance(attn.q_proj, ColumnParallelLinear) and attn.q_proj.reuse_output
     assert isinstance(attn.o_proj, RowParallelLinear) and attn.o_proj.reuse_output
-    assert isinstance(model.lm_head, ColumnParallelLinear) and not model.lm_head.reuse_output
+    assert isinstance(model.lm_head, LogitsHead)  # float32 logits, in a tensor of their own
     x = torch.randn(1, 128)
     first = attn.q_proj(x).data_ptr()
     assert attn.q_proj(torch.randn(1, 128)).data_ptr() == first  # the step's buffer, reused
