@@ -310,10 +310,10 @@ def test_int4_with_float32_scales_equals_the_bfloat16_kernel_math(rows: int, gro
 def test_int4_rows_without_a_torch_kernel_go_through_the_c_kernel_one_by_one() -> None:
     from edgetp.parallel.qlinear import int4_product
 
-    packed, scale_zero = quantize_int4(torch.randn(80, 128), 32)
+    packed, scale_zero = quantize_int4(torch.randn(80, 128) / 10, 32)
     x = torch.randn(5, 128)  # [T, in]
     got = int4_product(x, packed, scale_zero, 32, kernel_layout=False)
     for t in range(5):
         assert torch.equal(got[t:t + 1], kernels.int4_linear(x[t:t + 1], packed, scale_zero, 32))
     exact = x.double() @ dequantize_int4(packed, scale_zero).double().T
-    assert torch.allclose(got.double(), exact, rtol=1e-4, atol=1e-3)  # x in int16 blocks
+    assert relative_error(got, exact) < 1e-3  # x in int16 blocks
