@@ -383,40 +383,87 @@ static inline __m256i dot32_avx2(const int8_t *restrict w, const int16_t *restri
 #endif
 
 #if defined(ET_NEON)
-/* Four int32 lanes summing w[0..31] * x[0..31] exactly, x's codes from column ``at`` on. */
-static inline int32x4_t dot32_neon(const int8_t *restrict w, const struct qx *x, int64_t at) {
+#define NEON_ROWS 4 /* int8 rows per pass over x */
+/* d[k] += four int32 lanes summing w[k * stride + 0..len-1] * x[at..at + len-1] exactly,
+ * k < n; len 32 or 64 (|lane| <= 16 * 127 * 32767 < 2^31). */
+static inline void dot_rows(const int8_t *restrict w, int64_t stride, int n, const struct qx *x,
+                            int64_t at, int len, int32x4_t *d) {
 #if defined(ET_SPLIT_X)
-    int32x4_t hi = vdupq_n_s32(0), lo = vdupq_n_s32(0);
+    int32x4_t hi[NEON_ROWS], lo[NEON_ROWS];
 #if !defined(__ARM_FEATURE_MATMUL_INT8)
-    int32x4_t sum = vdupq_n_s32(0); /* sum of w, for the -128 shift of lo */
+    int32x4_t sum[NEON_ROWS]; /* sums of w, for the -128 shift of lo */
 #endif
-    for (int k = 0; k < 32; k += 16) {
-        int8x16_t wv = vld1q_s8(w + k);
-        hi = vdotq_s32(hi, wv, vld1q_s8(x->hi + at + k));
+    for (int k = 0; k < n; k++) {
+        hi[k] = lo[k] = vdupq_n_s32(0);
+#if !defined(__ARM_FEATURE_MATMUL_INT8)
+        sum[k] = vdupq_n_s32(0);
+#endif
+    }
+    for (int i = 0; i < len; i += 16) {
+        int8x16_t xh = vld1q_s8(x->hi + at + i), xl = vld1q_s8(x->lo + at + i);
+        for (int k = 0; k < n; k++) {
+            int8x16_t wv = vld1q_s8(w + k * stride + i);
+            hi[k] = vdotq_s32(hi[k], wv, xh);
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-        lo = vusdotq_s32(lo, vreinterpretq_u8_s8(vld1q_s8(x->lo + at + k)), wv);
+            lo[k] = vusdotq_s32(lo[k], vreinterpretq_u8_s8(xl), wv);
 #else
-        lo = vdotq_s32(lo, wv, vld1q_s8(x->lo + at + k));
-        sum = vdotq_s32(sum, wv, vdupq_n_s8(1));
+            lo[k] = vdotq_s32(lo[k], wv, xl);
+            sum[k] = vdotq_s32(sum[k], wv, vdupq_n_s8(1));
 #endif
+        }
     }
+    for (int k = 0; k < n; k++) { /* d + 256 hi + lo (+ 128 sum) */
 #if !defined(__ARM_FEATURE_MATMUL_INT8)
-    lo = vaddq_s32(lo, vshlq_n_s32(sum, 7));
+        lo[k] = vmlaq_n_s32(lo[k], sum[k], 128);
 #endif
-    return vaddq_s32(vshlq_n_s32(hi, 8), lo);
-#else
-    int32x4_t acc = vdupq_n_s32(0);
-    for (int k = 0; k < 32; k += 16) {
-        int8x16_t wv = vld1q_s8(w + k);
-        int16x8_t w0 = vmovl_s8(vget_low_s8(wv)), w1 = vmovl_high_s8(wv);
-        int16x8_t x0 = vld1q_s16(x->q + at + k), x1 = vld1q_s16(x->q + at + k + 8);
-        acc = vmlal_s16(acc, vget_low_s16(w0), vget_low_s16(x0));
-        acc = vmlal_high_s16(acc, w0, x0);
-        acc = vmlal_s16(acc, vget_low_s16(w1), vget_low_s16(x1));
-        acc = vmlal_high_s16(acc, w1, x1);
+        d[k] = vmlaq_n_s32(vaddq_s32(d[k], lo[k]), hi[k], 256);
     }
-    return acc;
+#else
+    for (int i = 0; i < len; i += 16) {
+        int16x8_t x0 = vld1q_s16(x->q + at + i), x1 = vld1q_s16(x->q + at + i + 8);
+        for (int k = 0; k < n; k++) {
+            int8x16_t wv = vld1q_s8(w + k * stride + i);
+            int16x8_t w0 = vmovl_s8(vget_low_s8(wv)), w1 = vmovl_high_s8(wv);
+            d[k] = vmlal_s16(d[k], vget_low_s16(w0), vget_low_s16(x0));
+            d[k] = vmlal_high_s16(d[k], w0, x0);
+            d[k] = vmlal_s16(d[k], vget_low_s16(w1), vget_low_s16(x1));
+            d[k] = vmlal_high_s16(d[k], w1, x1);
+        }
+    }
 #endif
+}
+
+/* Four int32 lanes summing w[0..31] * x[at..at + 31] exactly. */
+static inline int32x4_t dot32_neon(const int8_t *restrict w, const struct qx *x, int64_t at) {
+    int32x4_t d = vdupq_n_s32(0);
+    dot_rows(w, 0, 1, x, at, 32, &d);
+    return d;
+}
+
+/* int8 rows four at a time (one pass over x feeds four weight streams); returns rows done. */
+static int64_t i8_rows_neon(const int8_t *restrict w, const uint16_t *restrict scale,
+                            const struct qx *x, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK, r = 0;
+    for (; r + NEON_ROWS <= rows; r += NEON_ROWS) {
+        const int8_t *wr = w + r * cols;
+        float32x4_t acc[NEON_ROWS];
+        for (int k = 0; k < NEON_ROWS; k++) acc[k] = vdupq_n_f32(0.f);
+        for (int64_t b = 0; b < full; b++) {
+            int32x4_t d[NEON_ROWS];
+            for (int k = 0; k < NEON_ROWS; k++) d[k] = vdupq_n_s32(0);
+            dot_rows(wr + b * QBLOCK, cols, NEON_ROWS, x, b * QBLOCK, QBLOCK, d);
+            for (int k = 0; k < NEON_ROWS; k++)
+                acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(d[k]), x->scale[b]);
+        }
+        for (int k = 0; k < NEON_ROWS; k++) {
+            float sum = vaddvq_f32(acc[k]);
+            if (tail)
+                sum += (float)block_dot_tail(wr + k * cols + full * QBLOCK, x->q + full * QBLOCK,
+                                             tail) * x->scale[full];
+            y[r + k] = sum * bf16_to_f32(scale[r + k]);
+        }
+    }
+    return r;
 }
 #endif
 
@@ -459,8 +506,8 @@ static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_b
 static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
     float32x4_t acc = vdupq_n_f32(0.f);
     for (int64_t b = 0; b < full_blocks; b++) {
-        int32x4_t dot = vaddq_s32(dot32_neon(w + b * QBLOCK, x, b * QBLOCK),
-                                  dot32_neon(w + b * QBLOCK + 32, x, b * QBLOCK + 32));
+        int32x4_t dot = vdupq_n_s32(0);
+        dot_rows(w + b * QBLOCK, 0, 1, x, b * QBLOCK, QBLOCK, &dot);
         acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), x->scale[b]);
     }
     return vaddvq_f32(acc);
@@ -519,7 +566,11 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
     }
     const int16_t *xq = xb.q;
     const float *xs = xb.scale;
-    for (int64_t r = 0; r < rows; r++) {
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8_rows_neon(w, scale, &xb, y, rows, cols);
+#endif
+    for (; r < rows; r++) {
         const int8_t *wr = w + r * cols;
         float sum = i8_row(wr, &xb, full);
         if (tail) sum += (float)block_dot_tail(wr + full * QBLOCK, xq + full * QBLOCK, tail) * xs[full];
@@ -607,6 +658,28 @@ static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
     return sum;
 }
 
+#if defined(ET_NEON)
+/* Four rows per pass over x, each 32-column weight block scaled by its own scale. */
+static int64_t i8b_rows_neon(const int8_t *restrict w, const uint16_t *restrict scale,
+                             const struct qx *x, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t blocks = cols / WBLOCK, r = 0;
+    for (; r + NEON_ROWS <= rows; r += NEON_ROWS) {
+        float32x4_t acc[NEON_ROWS];
+        for (int k = 0; k < NEON_ROWS; k++) acc[k] = vdupq_n_f32(0.f);
+        for (int64_t b = 0; b < blocks; b++) {
+            int32x4_t d[NEON_ROWS];
+            for (int k = 0; k < NEON_ROWS; k++) d[k] = vdupq_n_s32(0);
+            dot_rows(w + r * cols + b * WBLOCK, cols, NEON_ROWS, x, b * WBLOCK, WBLOCK, d);
+            for (int k = 0; k < NEON_ROWS; k++)
+                acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(d[k]),
+                                     x->scale[b / 2] * f16_to_f32(scale[(r + k) * blocks + b]));
+        }
+        for (int k = 0; k < NEON_ROWS; k++) y[r + k] = vaddvq_f32(acc[k]);
+    }
+    return r;
+}
+#endif
+
 /* Returns 0; -1 when out of memory; -3 when the columns are not whole blocks. */
 int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
@@ -619,7 +692,11 @@ int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
         fill_nan(y, rows);
         return 0;
     }
-    for (int64_t r = 0; r < rows; r++)
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8b_rows_neon(w, scale, &xb, y, rows, cols);
+#endif
+    for (; r < rows; r++)
         y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), &xb, cols);
     return 0;
 }
