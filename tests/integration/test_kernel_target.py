@@ -5,6 +5,7 @@ AVX2 build decode with its C kernel, as the resident ones do, and answer the rul
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -117,3 +118,19 @@ def test_streamed_int4_decodes_with_the_avx2_kernel(tmp_path: Path) -> None:
     assert done == calls and int(calls) > 0  # every int4 product took the C kernel
     assert lines["same"] == "True"  # streamed and resident weights: the same tokens
     assert expected_text(3, 5).startswith(lines["text"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or not kernels.available(),
+                    reason="the AVX2 target needs an x86-64 CPU and a C compiler")
+def test_the_benchmark_prints_each_products_rate_for_both_builds(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_kernels.py"
+    env = {**os.environ, "EDGETP_KERNEL_CACHE": str(tmp_path)}
+    result = processes.run([sys.executable, str(script), "--target", "x86-64-v3", "--quick",
+                            "--json"], capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["paths"]["x86-64-v3"]["i4"] == "avx2"
+    assert set(report["gb_per_s"]) == {"f32", "bf16", "i8", "i8_b32", "i4"}
+    for per_shape in report["gb_per_s"].values():
+        assert all(rate["native"] > 0 and rate["x86-64-v3"] > 0 for rate in per_shape.values())
