@@ -8,8 +8,9 @@
  * product where the target has it), chosen at build time from the compiler's feature macros;
  * the plain C loops serve any other target.
  *
- * Every function is single-threaded (one thread per node) and allocation-free, except for one
- * growing thread-local scratch area holding x converted (float32 for bfloat16, int16 for int8).
+ * Every function is single-threaded (one thread per node) and allocation-free, except for
+ * growing thread-local scratch areas holding x converted (float32 for bfloat16, int16 codes
+ * for the integer products, and on AArch64 with the dot product those codes' bytes apart).
  * All arrays are row-major and contiguous; bfloat16 travels as uint16_t.
  */
 #include <stdint.h>
