@@ -11,8 +11,10 @@ The library is compiled with the machine's C compiler (``$CC``, else ``cc``) for
 (``-march=native``, or ``-mcpu=native`` where that is the spelling) into
 ``$EDGETP_KERNEL_CACHE`` (default ``~/.cache/edgetp/kernels``), keyed by the source, the
 compiler, the flags, the target and the CPU, and loaded with ctypes (which drops the GIL during
-a call). ``EDGETP_KERNEL_TARGET`` builds for an older target instead (``x86-64-v3``: the AVX2
-paths on an AVX-512 machine); :func:`kernel_paths` names the paths the library compiled in.
+a call). Every product has hand-written loops for AVX-512, AVX2 (+ AVX-VNNI) and AArch64 NEON
+(+ sdot, usdot), chosen by the compiler's feature macros, and plain C loops elsewhere.
+``EDGETP_KERNEL_TARGET`` builds for an older target instead (``x86-64-v3``: the AVX2 paths on
+an AVX-512 machine); :func:`kernel_paths` names the paths the library compiled in.
 A failed build logs one warning and leaves torch in charge. ``EDGETP_NATIVE_KERNELS=0`` turns
 the kernels off (for comparisons).
 """
@@ -48,6 +50,7 @@ X86 = ("x86_64", "AMD64", "i686", "i386")
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
+_targets: dict[str, ctypes.CDLL | None] = {}  # library_for's, by target
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -80,13 +83,13 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def arch_flags() -> tuple[list[str], ...]:
+def arch_flags(target: str | None = None) -> tuple[list[str], ...]:
     """What makes the build this CPU's own, in the order tried: ``-march=native``, and on ARM
     ``-mcpu=native`` (some ARM compilers spell it so). Never a generic build: it would be
     cached as this CPU's and quietly run without its vector instructions; gcc on x86 takes
-    ``-mcpu=native`` as a mere tuning hint, so it is not tried there. ``EDGETP_KERNEL_TARGET``
-    other than ``native`` is the one ``-march`` tried."""
-    target = settings.kernel_target()
+    ``-mcpu=native`` as a mere tuning hint, so it is not tried there. A ``target`` (default
+    ``EDGETP_KERNEL_TARGET``) other than ``native`` is the one ``-march`` tried."""
+    target = target or settings.kernel_target()
     if target != "native":
         return ([f"-march={target}"],)
     if platform.machine() in X86:
@@ -94,11 +97,12 @@ def arch_flags() -> tuple[list[str], ...]:
     return (["-march=native"], ["-mcpu=native"])
 
 
-def build(compiler: str, target: Path) -> list[str]:
-    """Compile the source into ``target`` with the first flag set the compiler takes; returns
-    those flags. Raises ``RuntimeError`` with the compiler's message when none works."""
+def build(compiler: str, target: Path, cpu_target: str | None = None) -> list[str]:
+    """Compile the source into ``target`` for ``cpu_target`` (see :func:`arch_flags`) with the
+    first flag set the compiler takes; returns those flags. Raises ``RuntimeError`` with the
+    compiler's message when none works."""
     errors = []
-    for arch in arch_flags():
+    for arch in arch_flags(cpu_target):
         flags = COMMON_FLAGS + arch
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
@@ -111,19 +115,19 @@ def build(compiler: str, target: Path) -> list[str]:
     raise RuntimeError("; ".join(errors))
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(cpu_target: str | None = None) -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         log.warning("no C compiler (set CC): decode uses torch's kernels, which are slower")
         return None
     try:
-        arch = " | ".join(" ".join(flags) for flags in arch_flags())
+        arch = " | ".join(" ".join(flags) for flags in arch_flags(cpu_target))
         key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, " ".join(COMMON_FLAGS),
                                         arch, _cpu_identity()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            flags = build(compiler, target)
+            flags = build(compiler, target, cpu_target)
             log.info("built the decode kernels with %s %s", compiler, " ".join(flags))
         library = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -161,6 +165,16 @@ def library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return library() is not None
+
+
+def library_for(cpu_target: str) -> ctypes.CDLL | None:
+    """The kernels built for ``cpu_target`` (a ``-march`` value, ``native`` included) beside the
+    runtime's own, for comparisons (``benchmarks/quant_kernels.py --target``); None when the
+    build fails. Cached like the runtime's library."""
+    with _lock:
+        if cpu_target not in _targets:
+            _targets[cpu_target] = _load(cpu_target)
+        return _targets[cpu_target]
 
 
 def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -269,11 +283,11 @@ def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
     return y.add_(offsets)
 
 
-def kernel_paths() -> dict[str, str]:
-    """product -> the path the loaded library takes for it (``{"f32": "avx512", "i4": "torch",
-    ...}``, see ``et_kernel_paths`` in ``csrc/matvec.c``); every product "torch" when the C
-    kernels are off or unavailable."""
-    lib = library()
+def kernel_paths(lib: ctypes.CDLL | None = None) -> dict[str, str]:
+    """product -> the path the loaded library (or ``lib``) takes for it (``{"f32": "avx512",
+    "i4": "avx2", ...}``, see ``et_kernel_paths`` in ``csrc/matvec.c``); every product "torch"
+    when the C kernels are off or unavailable."""
+    lib = lib or library()
     if lib is None:
         return {product: "torch" for product in ("f32", "bf16", "i8", "i8_b32", "i4")}
     words = lib.et_kernel_paths().decode().split()
@@ -281,7 +295,8 @@ def kernel_paths() -> dict[str, str]:
 
 
 def has_int4() -> bool:
-    """Whether the int4 product is built here (AVX-512 with VNNI)."""
+    """Whether the int4 product is built here: wherever the C kernels are (AVX-512 VNNI, AVX2,
+    NEON, or the plain C loops)."""
     lib = library()
     return lib is not None and bool(lib.et_has_int4())
 
@@ -292,7 +307,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     scale_zero bfloat16 or float32 [in / group, out, 2])^T -> [1, out] float32.
 
     x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
-    product (no AVX-512 VNNI build, a shape the tiled layout does not have)."""
+    product (no C kernels, a shape the tiled layout does not have)."""
     lib = library()
     kernels = {torch.bfloat16: "et_matvec_i4", torch.float32: "et_matvec_i4_f32"}
     if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1

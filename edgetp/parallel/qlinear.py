@@ -7,8 +7,10 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
 * int8, one float32 row (decode) with the native kernels available (``edgetp.kernels.native``):
   ``et_matvec_i8`` in C, x quantized to int16 per 64 columns, int8 x int16 products summed
   exactly; ~2x the torch kernel's rate below, and 60x closer to the exact product.
-* int4 in the tiled layout, one float32 row, where the native kernels have it (AVX-512 VNNI):
-  ``et_matvec_i4``, the same int16 activation blocks, codes straight from the tiled bytes.
+* int4 in the tiled layout, one float32 row, wherever the native kernels are built (AVX-512
+  VNNI, AVX2, NEON, plain C): ``et_matvec_i4``, the same int16 activation blocks, codes
+  straight from the tiled bytes, resident or streamed alike. More float32 rows on a CPU whose
+  torch int4 kernel wants another layout (or that has none): the same kernel once per row.
 * int8 with block scales (a GGUF's Q8_0 kept, ``edgetp.shard.quant``), one float32 row:
   ``et_matvec_i8_b32``, the same int16 activation blocks, each 32-column half summed apart and
   scaled by its own weight scale; more rows: the fallback. int4 with float32 scales takes the
@@ -22,9 +24,10 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
   for other input widths: those take the fallback.
 * int4 in the tiled layout, a few rows: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
   bfloat16 activations, straight on the bytes from disk when the CPU's kernel layout is the
-  tiled one (:func:`~edgetp.shard.quant.native_int4_tiled`, true on AVX-512). Elsewhere resident
-  and pinned weights are repacked once with torch's converter on first use, and streamed
-  ones use the fallback (a per-use repack costs ~100x the matmul).
+  tiled one (:func:`~edgetp.shard.quant.native_int4_tiled`, true on AVX-512). Elsewhere only
+  without the native kernels: resident and pinned weights are then repacked once with torch's
+  converter on first use, and streamed ones use the fallback (a per-use repack costs ~100x the
+  matmul).
 * Otherwise (prefill chunks of at least :data:`GEMM_ROWS` / :data:`INT4_GEMM_ROWS` tokens,
   int4 in the rows layout, int8 of other widths): the fallback, dequantize then a dense
   matmul, in bfloat16 (float32 activations are converted) since that is faster; with
@@ -126,13 +129,31 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: 
 def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
                  kernel_layout: bool, repacked: bool = False, kernel: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """What a QuantLinear computes for int4: one float32 row of tiled codes through the native
-    kernel (into ``out`` when it fits) where it can, else :func:`int4_matmul`."""
-    if kernel and x.shape[0] == 1 and not repacked and int4_tiled(packed.shape[0], group):
-        y = kernels.int4_linear(x, packed, scale_zero, group, out)
+    """What a QuantLinear computes for int4: float32 rows of tiled codes through the native
+    kernel where it can (one row into ``out`` when it fits; a few rows one at a time where
+    torch has no kernel for the tiled bytes), else :func:`int4_matmul`."""
+    rows = x.shape[0]
+    if kernel and not repacked and int4_tiled(packed.shape[0], group):
+        y = None
+        if rows == 1:
+            y = kernels.int4_linear(x, packed, scale_zero, group, out)
+        elif not kernel_layout:
+            y = int4_rows(x, packed, scale_zero, group)
         if y is not None:
             return y
     return int4_matmul(x, packed, scale_zero, group, kernel_layout, repacked)
+
+
+def int4_rows(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int
+              ) -> torch.Tensor | None:
+    """x [T, in] float32 -> [T, out] through the one-row native kernel, row by row. Each row
+    reads the weight once, yet up to a prefill chunk's 128 rows that is several times faster
+    than dequantizing it (on AVX2: 64 rows of [5632, 2048] 38 ms against 250 ms)."""
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, out]
+    for t in range(x.shape[0]):
+        if kernels.int4_linear(x[t:t + 1], packed, scale_zero, group, y[t:t + 1]) is None:
+            return None
+    return y
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,

@@ -85,15 +85,26 @@ def _layer_times(node: NodePlan, profile: DeviceProfile, storage: Storage, token
     flops = profile.flops_per_s(storage.kernel_dtype)
     mem, half = profile.mem_bw_gbs * 1e9, profile.layer_overhead_us * 0.5e-6
     params_per_byte, end = PARAMETERS_PER_BYTE[storage.weights], start + tokens
+    extra = 2 * (tokens - 1) * params_per_byte / flops  # s per weight byte beyond 1 token
+    if storage.weights == "int4" and int4_rows_one_by_one(profile.kernel_paths):
+        extra = (tokens - 1) / mv  # each further row reads the weight again (qlinear.int4_rows)
     out = {}
     for part in node.memory.layers:
-        extra = 2 * (tokens - 1) * params_per_byte / flops  # s per weight byte beyond 1 token
         attn = part.attn_bytes * (1 / mv + extra)
         scores = 4 * tokens * end * config.head_dim * part.q_heads  # QK^T and AV
         attn += part.kv_bytes_per_position * end / mem + (scores / flops if tokens > 1 else 0)
         mlp = part.mlp_bytes * (1 / mv + extra)
         out[part.index] = (half + attn, half + mlp)
     return out
+
+
+def int4_rows_one_by_one(kernel_paths: dict[str, str] | None) -> bool:
+    """Whether the device's runtime computes a multi-row int4 product as one C product per
+    row (``edgetp.parallel.qlinear.int4_rows``): with its own int4 kernel, on every path but
+    AVX-512's, whose torch int4 kernel reads the tiled bytes itself. A profile without kernel
+    paths (an older one) keeps the matmul rate."""
+    path = (kernel_paths or {}).get("i4")
+    return path is not None and path not in ("torch", "avx512-vnni")
 
 
 def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:

@@ -144,7 +144,8 @@ def _int4_product(x: Any, n_out: int, step: Any) -> Product:
     if repacked:  # resident weights are repacked once for this CPU
         packed = native_int4_pack(packed)
     scale_zero = torch.full((n_in // group, n_out, 2), 0.01, dtype=torch.bfloat16)
-    return lambda: int4_product(x, packed, scale_zero, group, tiled, repacked, out=step)
+    return lambda: int4_product(x, packed, scale_zero, group, native or repacked, repacked,
+                                out=step)
 
 
 def measure_matmul(dtype: str, shapes: list[tuple[int, int]], seconds: float,

@@ -103,7 +103,7 @@ def test_int8_propagates_nan_and_inf() -> None:
         assert got is not None and bool(torch.isnan(got).all())
 
 
-int4_only = pytest.mark.skipif(not kernels.has_int4(), reason="the int4 loops need AVX-512 VNNI")
+int4_only = pytest.mark.skipif(not kernels.has_int4(), reason="no C kernels here")
 
 
 @int4_only
@@ -303,7 +303,7 @@ def test_block_scaled_int8_refuses_partial_blocks() -> None:
     assert kernels.int8_linear(torch.randn(1, 48), q[:, :48], scale) is None  # scale shape
 
 
-@pytest.mark.skipif(not kernels.has_int4(), reason="no AVX-512 VNNI int4 kernel here")
+@pytest.mark.skipif(not kernels.has_int4(), reason="no C kernels here")
 @pytest.mark.parametrize(("rows", "group"), [(64, 32), (80, 32), (128, 64), (48, 128)])
 def test_int4_with_float32_scales_equals_the_bfloat16_kernel_math(rows: int, group: int) -> None:
     """Float32 (scale, zero) pairs: the same product as the exact dequantized one, and equal to
@@ -318,3 +318,16 @@ def test_int4_with_float32_scales_equals_the_bfloat16_kernel_math(rows: int, gro
     exact = x.double() @ dequantize_int4(packed, fine).double().T
     got = kernels.int4_linear(x, packed, fine, group)
     assert got is not None and relative_error(got, exact) < 1e-4
+
+
+@int4_only
+def test_int4_rows_without_a_torch_kernel_go_through_the_c_kernel_one_by_one() -> None:
+    from edgetp.parallel.qlinear import int4_product
+
+    packed, scale_zero = quantize_int4(torch.randn(80, 128) / 10, 32)
+    x = torch.randn(5, 128)  # [T, in]
+    got = int4_product(x, packed, scale_zero, 32, kernel_layout=False)
+    for t in range(5):
+        assert torch.equal(got[t:t + 1], kernels.int4_linear(x[t:t + 1], packed, scale_zero, 32))
+    exact = x.double() @ dequantize_int4(packed, scale_zero).double().T
+    assert relative_error(got, exact) < 1e-3  # x in int16 blocks
