@@ -3,6 +3,7 @@
 Run::
 
     .venv/bin/python benchmarks/quant_kernels.py [--threads 1] [--quick] [--json]
+    .venv/bin/python benchmarks/quant_kernels.py --target x86-64-v3 [--quick] [--json]
 
 For each shape ``[out, in]`` (a 1B-ish attention projection, its MLP up and down, a 7B-ish
 square) and one activation row, the best-of-rounds time of:
@@ -25,11 +26,16 @@ square) and one activation row, the best-of-rounds time of:
 Then, for prefill, the rows at which dequantize + a bfloat16 matmul beats the int8/int4
 kernels (``edgetp.parallel.qlinear.GEMM_ROWS``). Weight bytes per format are printed too. Numbers
 are noisy on a shared machine: every figure is the best of several rounds.
+
+``--target T`` instead builds the C kernels for ``-march=T`` beside the native build and prints
+each product's GB/s (weight and scale bytes per second) for both and their ratio, the two
+builds timed in alternating rounds so load from elsewhere hits both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import time
@@ -39,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 from edgetp.kernels import native as kernels
-from edgetp.net.codec import quantize_rows
 from edgetp.parallel.qlinear import int4_matmul, int8_matmul
 from edgetp.shard.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
 
@@ -67,7 +72,8 @@ def best_us(fn: Callable[[], object], budget_s: float) -> float:
 
 def w8a8(x: torch.Tensor, q_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """int8 activations (per-row scale) x int8 weights on VNNI: measured, not used by edgetp."""
-    codes, row_scale = quantize_rows(x)
+    row_scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / 127  # [T, 1]
+    codes = torch.round(x / row_scale).clamp_(-127, 127).to(torch.int8)
     return torch._int_mm(codes, q_t).float() * row_scale * scale.float()
 
 
@@ -134,15 +140,90 @@ def paths_for_rows(xb: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     }
 
 
+def product_calls(lib: ctypes.CDLL, out_features: int, in_features: int
+                  ) -> dict[str, tuple[Callable[[], object], int]]:
+    """product -> (one call of ``lib``'s C kernel on a [out, in] weight, its weight and scale
+    bytes). The tensors live in the closures."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    x = torch.randn(1, in_features, generator=gen)
+    wb, xb = w.bfloat16(), x.bfloat16()
+    q, scale = quantize_int8(w)
+    block_scale = (scale.float()[:, None] * torch.ones(in_features // 32)).half()  # [out, in/32]
+    packed, scale_zero = quantize_int4(w, 32)
+    y, yb = torch.empty(1, out_features), torch.empty(1, out_features, dtype=torch.bfloat16)
+    rows, cols = out_features, in_features
+
+    def ptr(t: torch.Tensor) -> ctypes.c_void_p:
+        return ctypes.c_void_p(t.data_ptr())
+
+    def nbytes(*tensors: torch.Tensor) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    return {
+        "f32": (lambda: lib.et_matvec_f32(ptr(w), ptr(x), ptr(y), rows, cols), nbytes(w)),
+        "bf16": (lambda: lib.et_matvec_bf16(ptr(wb), ptr(xb), ptr(yb), rows, cols), nbytes(wb)),
+        "i8": (lambda: lib.et_matvec_i8(ptr(q), ptr(scale), ptr(x), ptr(y), rows, cols),
+               nbytes(q, scale)),
+        "i8_b32": (lambda: lib.et_matvec_i8_b32(ptr(q), ptr(block_scale), ptr(x), ptr(y), rows,
+                                                cols), nbytes(q, block_scale)),
+        "i4": (lambda: lib.et_matvec_i4(ptr(packed), ptr(scale_zero), ptr(x), ptr(y), rows,
+                                        cols, 32), nbytes(packed, scale_zero)),
+    }
+
+
+def target_rates(target: str, shapes: dict[str, tuple[int, int]], budget_s: float) -> dict:
+    """Per product and shape, GB/s of the native build and of the ``target`` build."""
+    libs = {"native": kernels.library_for("native"), target: kernels.library_for(target)}
+    if any(lib is None for lib in libs.values()):
+        raise SystemExit(f"could not build the kernels for {', '.join(libs)} (see the log)")
+    paths = {name: kernels.kernel_paths(lib) for name, lib in libs.items()}
+    rates: dict[str, dict[str, dict[str, float]]] = {}
+    for label, shape in shapes.items():
+        calls = {name: product_calls(lib, *shape) for name, lib in libs.items()}  # type: ignore[arg-type]
+        for product in calls["native"]:
+            best = dict.fromkeys(libs, float("inf"))
+            for _ in range(3):  # alternating rounds: both builds see the same load
+                for name in libs:
+                    fn, _ = calls[name][product]
+                    best[name] = min(best[name], best_us(fn, budget_s / 3))
+            size = calls["native"][product][1]
+            rates.setdefault(product, {})[label] = {n: size / us / 1e3 for n, us in best.items()}
+    return {"target": target, "paths": paths, "gb_per_s": rates}
+
+
+def print_target_rates(result: dict) -> None:
+    target, paths = result["target"], result["paths"]
+    print(f"decode kernels: native ({' '.join(f'{k}:{v}' for k, v in paths['native'].items())})"
+          f" vs {target} ({' '.join(f'{k}:{v}' for k, v in paths[target].items())})")
+    print(f"\n| product | shape | native GB/s | {target} GB/s | ratio |\n|---|---|---|---|---|")
+    for product, per_shape in result["gb_per_s"].items():
+        ratios = []
+        for label, rate in per_shape.items():
+            ratios.append(rate[target] / rate["native"])
+            print(f"| {product} | {label} | {rate['native']:.1f} | {rate[target]:.1f} | "
+                  f"{ratios[-1]:.2f} |")
+        print(f"| {product} | geometric mean | | | "
+              f"{float(torch.tensor(ratios).log().mean().exp()):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--target", default=None,
+                        help="a -march target: its C kernels' GB/s beside the native build's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = 0.1 if args.quick else 0.5
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.target:
+        result = target_rates(args.target, shapes, budget)
+        print(json.dumps(result, indent=1) if args.json else "", end="")
+        if not args.json:
+            print_target_rates(result)
+        return
     results = {label: one_shape(*shape, budget) for label, shape in shapes.items()}
     cross_shape = next(iter(shapes.values()))
     cross = crossover(*cross_shape, budget)

@@ -104,8 +104,8 @@ def without_checksums(shard: Path) -> Path:
     return bare
 
 
-CPU_EXTENSIONS = ("sse2", "sse4_2", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "sha_ni",
-                  "asimd", "sha2")
+CPU_EXTENSIONS = ("sse2", "sse4_2", "avx", "avx2", "avx512f", "avx512bw", "avx512vl",
+                  "avx512_vnni", "avx512_bf16", "sha_ni", "asimd", "sha2")
 
 
 def cpu_description() -> str:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import click
 
-from edgetp.cli.options import MODEL_SOURCE, WEIGHT_DTYPES, conversion_progress, group_size_option
+from edgetp.cli.options import (
+    MODEL_SOURCE,
+    WEIGHT_DTYPES,
+    conversion_progress,
+    group_size_option,
+    head_dtype_option,
+)
 
 
 @click.command()
@@ -21,16 +27,18 @@ from edgetp.cli.options import MODEL_SOURCE, WEIGHT_DTYPES, conversion_progress,
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               required=True, help="output directory (gets rank-0 ... rank-N-1)")
 @click.option("--dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
-              help="stored weight dtype (default: the checkpoint's); int8: symmetric "
-                   "per-channel, int4: group-wise (--group-size); native: a GGUF's own "
+              help="stored weight dtype (default: the checkpoint's); int8: a scale and a "
+                   "low end per 32 columns, int4: group-wise (--group-size); native: a GGUF's "
+                   "own "
                    "Q4_0/Q4_1 (int4) or Q8_0 (int8) blocks as they are; norms, embedding and "
                    "biases stay float")
 @group_size_option
+@head_dtype_option
 @click.option("--force", is_flag=True, help="replace a different split in --out")
 @click.option("--private-layers", type=int, default=0, show_default=True,
               help="keep the first and last K layers whole on the master (rank 0)")
 def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype: str | None,
-          group_size: int, force: bool, private_layers: int) -> None:
+          group_size: int, head_dtype: str | None, force: bool, private_layers: int) -> None:
     """Split MODEL_DIR into one shard directory per rank."""
     from edgetp.config.model import load_model_config
     from edgetp.shard.plan import parse_shares
@@ -40,7 +48,7 @@ def split(model_dir: Path, nodes: int, shares: str | None, out_dir: Path, dtype:
     total = expected_files(load_model_config(model_dir), nodes, private_layers)
     with _progress_bar(total, "splitting") as progress:
         result = split_checkpoint(model_dir, out_dir, nodes, share_values, dtype, force, progress,
-                                  private_layers, group_size)
+                                  private_layers, group_size, head_dtype)
     click.echo(describe_split(result))
 
 

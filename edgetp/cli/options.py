@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 WEIGHT_DTYPES = ["float32", "bfloat16", "float16", "int8", "int4", "native"]  # edgetp.shard.split's
+HEAD_DTYPES = ["int8", "int4", "same", "float"]  # edgetp.shard.quant's
 
 
 class ModelSource(click.ParamType):
@@ -126,7 +127,8 @@ def cluster_options(func: F) -> F:
     return _apply(func, [
         click.option("--wire-dtype", type=click.Choice(["f32", "bf16", "int8"]), default="f32",
                      show_default=True,
-                     help="activation dtype on the wire (int8: one float32 scale per row)"),
+                     help="activation dtype on the wire (int8: a float32 scale per 64 values, "
+                          "each block's largest value exact)"),
         click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True,
                      help="seconds to wait for a node before failing the request"),
         memory_budget_option,
@@ -142,14 +144,20 @@ group_size_option = click.option(
     help="int4: input columns per scale (shrunk per tensor to divide its slices)")
 
 
+head_dtype_option = click.option(
+    "--head-dtype", type=click.Choice(HEAD_DTYPES), default=None,
+    help="how the lm_head (a tied one too) is stored: int8, int4, same (as the layers) or "
+         "float (unquantized)  [default: int8 for int4 weights, else same]")
+
+
 def weight_options(func: F) -> F:
     """How a local cluster stores the weights it splits (``generate --nodes N``)."""
-    func = group_size_option(func)
+    func = head_dtype_option(group_size_option(func))
     return click.option(
         "--weight-dtype", type=click.Choice(WEIGHT_DTYPES), default=None,
-        help="split the weights in this dtype: int8 (per-channel) or int4 (group-wise) "
-             "quantize the linears; native: a GGUF's own Q4_0/Q4_1 or Q8_0 blocks as they are "
-             "(default: the checkpoint's)")(func)
+        help="split the weights in this dtype: int8 (a scale and a low end per 32 columns) "
+             "or int4 (group-wise) quantize the linears; native: a GGUF's own Q4_0/Q4_1 or "
+             "Q8_0 blocks as they are (default: the checkpoint's)")(func)
 
 
 def master_sources(func: F) -> F:
@@ -202,7 +210,8 @@ def master_options(opts: dict[str, Any]) -> MasterOptions:
         wire_dtype=opts.get("wire_dtype", "f32"), timeout_s=opts.get("timeout_s", 10.0),
         memory_budget=byte_size(opts.get("memory_budget")),
         allreduce=opts.get("allreduce", "star"), weight_dtype=opts.get("weight_dtype"),
-        group_size=opts.get("group_size") or 32, threads=opts.get("threads"))
+        group_size=opts.get("group_size") or 32, head_dtype=opts.get("head_dtype"),
+        threads=opts.get("threads"))
 
 
 def sampling_settings(opts: dict[str, Any]) -> SamplingConfig:

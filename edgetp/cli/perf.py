@@ -12,6 +12,7 @@ from edgetp.cli.options import (
     MODEL_SOURCE,
     cluster_options,
     converted_gguf,
+    head_dtype_option,
     node_shares,
     weight_options,
 )
@@ -41,7 +42,7 @@ def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, n
           repeat: int, warmup: int, dtype: str, private_layers: int, sweeps: tuple[str, ...],
           link: str | None, out_dir: Path, wire_dtype: str, timeout_s: float,
           memory_budget: str | None, allreduce: str, weight_dtype: str | None,
-          group_size: int, threads: int | None) -> None:
+          group_size: int, head_dtype: str | None, threads: int | None) -> None:
     """Measure a fixed workload on a local cluster and write a latency report to --out."""
     from edgetp.perf.bench import BenchSettings, parse_sweeps, run_bench, run_sweep, sweep_markdown
     from edgetp.perf.report import markdown
@@ -49,7 +50,8 @@ def bench(model_dir: Path, nodes: int, shares: str | None, prompt_tokens: int, n
     settings = BenchSettings(
         str(model_dir), nodes, node_shares(shares, nodes), prompt_tokens, new_tokens, repeat,
         warmup, memory_budget, wire_dtype, dtype, private_layers, timeout_s=max(timeout_s, 30.0),
-        allreduce=allreduce, weight_dtype=weight_dtype, group_size=group_size, threads=threads)
+        allreduce=allreduce, weight_dtype=weight_dtype, group_size=group_size,
+        head_dtype=head_dtype, threads=threads)
     if sweeps:
         click.echo(sweep_markdown(run_sweep(settings, parse_sweeps(sweeps), out_dir)))
     else:
@@ -86,6 +88,7 @@ def report(dirs: tuple[Path, ...]) -> None:
               default="float32", show_default=True,
               help="stored weights, as `edgetp split --dtype` (float: also the compute dtype)")
 @click.option("--group-size", type=int, default=32, show_default=True, help="int4's group")
+@head_dtype_option
 @click.option("--prompt-tokens", type=int, default=128, show_default=True)
 @click.option("--new-tokens", type=int, default=128, show_default=True,
               help="tokens generated (ms/token is predicted at their middle)")
@@ -94,8 +97,8 @@ def report(dirs: tuple[Path, ...]) -> None:
 @click.option("--optimize-shares", is_flag=True, help="propose per-node --shares")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int,
-         prompt_tokens: int, new_tokens: int, context: int | None, optimize_shares: bool,
-         as_json: bool) -> None:
+         head_dtype: str | None, prompt_tokens: int, new_tokens: int, context: int | None,
+         optimize_shares: bool, as_json: bool) -> None:
     """Predict memory per node, TTFT and ms/token of MODEL on CLUSTER before running it."""
     from edgetp.config.cluster import load_cluster_config
     from edgetp.perf import planner
@@ -112,7 +115,7 @@ def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int
     name, config = resolve_model(model_spec)
     cluster = planner.cluster_spec(cluster_config)
     float_dtype = stored_float_dtype(model_spec) if dtype in ("int8", "int4") else None
-    storage = planner.Storage.of(dtype, float_dtype, group_size=group_size)
+    storage = planner.Storage.of(dtype, float_dtype, group_size=group_size, head=head_dtype)
     workload: dict[str, Any] = {"dtype": storage, "prompt_tokens": prompt_tokens,
                                 "context": context, "new_tokens": new_tokens, "model_name": name}
     equal = None

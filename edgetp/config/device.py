@@ -130,7 +130,9 @@ class ProfileFile(BaseModel):
             step_overhead_us=self.step_overhead_us, msg_overhead_us=self.msg_overhead_us,
             runtime_rss=self.runtime_rss, free_memory=self.free_memory,
             data_msg_overhead_us=(DATA_LINK_FRACTION * self.msg_overhead_us
-                                  if data_msg is None else data_msg))
+                                  if data_msg is None else data_msg),
+            kernel_paths=({str(k): str(v) for k, v in self.kernel_paths.items()}
+                          if isinstance(self.kernel_paths, dict) else None))
 
 
 def profile_figure(value: float) -> float:
@@ -159,6 +161,7 @@ class DeviceProfile:
     runtime_rss: int
     free_memory: int | None = None
     data_msg_overhead_us: float = 0.0
+    kernel_paths: dict[str, str] | None = None  # product -> decode kernel path (the probe's)
 
     def matvec_bytes_per_s(self, dtype: str) -> float:
         return self.matvec_gbs[dtype] * 1e9

@@ -11,8 +11,10 @@ The library is compiled with the machine's C compiler (``$CC``, else ``cc``) for
 (``-march=native``, or ``-mcpu=native`` where that is the spelling) into
 ``$EDGETP_KERNEL_CACHE`` (default ``~/.cache/edgetp/kernels``), keyed by the source, the
 compiler, the flags, the target and the CPU, and loaded with ctypes (which drops the GIL during
-a call). ``EDGETP_KERNEL_TARGET`` builds for an older target instead (``x86-64-v3``: the AVX2
-paths on an AVX-512 machine); :func:`kernel_paths` names the paths the library compiled in.
+a call). Every product has hand-written loops for AVX-512, AVX2 (+ AVX-VNNI) and AArch64 NEON
+(+ sdot, usdot), chosen by the compiler's feature macros, and plain C loops elsewhere.
+``EDGETP_KERNEL_TARGET`` builds for an older target instead (``x86-64-v3``: the AVX2 paths on
+an AVX-512 machine); :func:`kernel_paths` names the paths the library compiled in.
 A failed build logs one warning and leaves torch in charge. ``EDGETP_NATIVE_KERNELS=0`` turns
 the kernels off (for comparisons).
 
@@ -60,6 +62,7 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 _threads_wanted: int | None = None  # set_threads' last word: None means every usable core
+_targets: dict[str, ctypes.CDLL | None] = {}  # library_for's, by target
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -92,13 +95,13 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def arch_flags() -> tuple[list[str], ...]:
+def arch_flags(target: str | None = None) -> tuple[list[str], ...]:
     """What makes the build this CPU's own, in the order tried: ``-march=native``, and on ARM
     ``-mcpu=native`` (some ARM compilers spell it so). Never a generic build: it would be
     cached as this CPU's and quietly run without its vector instructions; gcc on x86 takes
-    ``-mcpu=native`` as a mere tuning hint, so it is not tried there. ``EDGETP_KERNEL_TARGET``
-    other than ``native`` is the one ``-march`` tried."""
-    target = settings.kernel_target()
+    ``-mcpu=native`` as a mere tuning hint, so it is not tried there. A ``target`` (default
+    ``EDGETP_KERNEL_TARGET``) other than ``native`` is the one ``-march`` tried."""
+    target = target or settings.kernel_target()
     if target != "native":
         return ([f"-march={target}"],)
     if platform.machine() in X86:
@@ -106,11 +109,12 @@ def arch_flags() -> tuple[list[str], ...]:
     return (["-march=native"], ["-mcpu=native"])
 
 
-def build(compiler: str, target: Path) -> list[str]:
-    """Compile the source into ``target`` with the first flag set the compiler takes; returns
-    those flags. Raises ``RuntimeError`` with the compiler's message when none works."""
+def build(compiler: str, target: Path, cpu_target: str | None = None) -> list[str]:
+    """Compile the source into ``target`` for ``cpu_target`` (see :func:`arch_flags`) with the
+    first flag set the compiler takes; returns those flags. Raises ``RuntimeError`` with the
+    compiler's message when none works."""
     errors = []
-    for arch in arch_flags():
+    for arch in arch_flags(cpu_target):
         flags = COMMON_FLAGS + LIBRARY_FLAGS + arch
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             out = Path(tmp) / target.name
@@ -123,20 +127,20 @@ def build(compiler: str, target: Path) -> list[str]:
     raise RuntimeError("; ".join(errors))
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(cpu_target: str | None = None) -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         log.warning("no C compiler (set CC): decode uses torch's kernels, which are slower")
         return None
     try:
-        arch = " | ".join(" ".join(flags) for flags in arch_flags())
+        arch = " | ".join(" ".join(flags) for flags in arch_flags(cpu_target))
         texts = [source.read_text() for source in SOURCES]
         key = hashlib.sha256("\n".join([*texts, compiler, " ".join(COMMON_FLAGS + LIBRARY_FLAGS),
                                         arch, _cpu_identity()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"matvec-{key}.so"
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            flags = build(compiler, target)
+            flags = build(compiler, target, cpu_target)
             log.info("built the decode kernels with %s %s", compiler, " ".join(flags))
         library = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
@@ -164,9 +168,9 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_pool_jobs.restype = ctypes.c_int64
     for prefix in ("et_matvec_", "et_par_matvec_"):
         getattr(library, prefix + "f32").restype = None
-        for name in ("bf16", "i8", "i8_b32", "i4", "i4_f32"):
+        for name in ("bf16", "bf16_f32", "i8", "i8_b32", "i4", "i4_f32"):
             getattr(library, prefix + name).restype = ctypes.c_int
-        for name in ("f32", "bf16"):
+        for name in ("f32", "bf16", "bf16_f32"):
             getattr(library, prefix + name).argtypes = [_P, _P, _P, _I64, _I64]
         for name in ("i8", "i8_b32"):
             getattr(library, prefix + name).argtypes = [_P, _P, _P, _P, _I64, _I64]
@@ -241,6 +245,16 @@ def stream_path() -> str:
     return "none" if lib is None else lib.et_stream_path().decode()
 
 
+def library_for(cpu_target: str) -> ctypes.CDLL | None:
+    """The kernels built for ``cpu_target`` (a ``-march`` value, ``native`` included) beside the
+    runtime's own, for comparisons (``benchmarks/quant_kernels.py --target``); None when the
+    build fails. Cached like the runtime's library."""
+    with _lock:
+        if cpu_target not in _targets:
+            _targets[cpu_target] = _load(cpu_target)
+        return _targets[cpu_target]
+
+
 def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A product the C loops take: one contiguous row against a contiguous 2-D CPU weight."""
     return (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
@@ -277,10 +291,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     return F.linear(x, weight)
 
 
+FLOAT_CHUNK_ROWS = 4096  # rows of a bfloat16 weight widened to float32 at a time (fallback)
+
+
+def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [T, in] @ weight [out, in]^T -> float32 [T, out], never rounded to a narrower dtype.
+
+    For logits: a float32 weight is a plain float32 product; a bfloat16 (or float16) weight
+    multiplies x in the weight's dtype (as the compute mode does) but keeps the float32 sums,
+    through C for one row, else widening ``FLOAT_CHUNK_ROWS`` weight rows at a time (the
+    products of two bfloat16 values are exact in float32, so this is the same sum).
+    """
+    if weight.dtype == torch.float32:
+        return linear(x.float().contiguous(), weight)
+    x = x.to(weight.dtype).contiguous()
+    lib = library()
+    if lib is not None and weight.dtype == torch.bfloat16 and _one_row(x, weight):
+        rows, cols = weight.shape
+        y = torch.empty(1, rows, dtype=torch.float32)
+        if lib.et_par_matvec_bf16_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
+                                  cols) == 0:
+            return y
+    x32 = x.float()
+    return torch.cat([F.linear(x32, weight[start : start + FLOAT_CHUNK_ROWS].float())
+                      for start in range(0, weight.shape[0], FLOAT_CHUNK_ROWS)], dim=-1)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, in] float32 @ (q int8 [out, in] * scale)^T -> [1, out] float32; ``scale`` is
-    bfloat16 [out] (one per row) or float16 [out, in / 32] (one per row and 32 columns).
+    """x [1, in] float32 @ dequant(q int8 [out, in], scale)^T -> [1, out] float32; ``scale`` is
+    bfloat16 [out] (one per row), float16 [out, in / 32] (one per row and 32 columns) or
+    float16 [2, out, in / 32] (a scale and a low end per block, edgetp.shard.quant).
 
     x is quantized to int16 per 64 columns (see ``csrc/matvec.c``); None when the C loops cannot
     take the product."""
@@ -289,6 +330,8 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
             or not scale.is_contiguous()):
         return None
     rows, cols = q.shape
+    if scale.dim() == 3:
+        return _int8_low_blocks(x, q, scale, out)
     if scale.dtype == torch.bfloat16 and scale.numel() == rows:
         kernel = lib.et_par_matvec_i8
     elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
@@ -301,11 +344,28 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     return y
 
 
-def kernel_paths() -> dict[str, str]:
-    """product -> the path the loaded library takes for it (``{"f32": "avx512", "i4": "torch",
-    ...}``, see ``et_kernel_paths`` in ``csrc/matvec.c``); every product "torch" when the C
-    kernels are off or unavailable."""
-    lib = library()
+def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
+                     out: torch.Tensor | None) -> torch.Tensor | None:
+    """x [1, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
+    product ``q * scale`` in C, plus each block's ``low + 128 * scale`` times the block's sum
+    of x (a product 1/32 the size, in torch)."""
+    rows, cols = q.shape
+    if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
+        return None
+    y = int8_linear(x, q, scale_low[0], out)  # [1, out]
+    if y is None:
+        return None
+    block_sums = x.view(cols // 32, 32).sum(-1)  # [nb]
+    offsets = torch.mv(scale_low[1].float(), block_sums)  # [out]: sum of low * x
+    offsets.add_(torch.mv(scale_low[0].float(), block_sums), alpha=128)
+    return y.add_(offsets)
+
+
+def kernel_paths(lib: ctypes.CDLL | None = None) -> dict[str, str]:
+    """product -> the path the loaded library (or ``lib``) takes for it (``{"f32": "avx512",
+    "i4": "avx2", ...}``, see ``et_kernel_paths`` in ``csrc/matvec.c``); every product "torch"
+    when the C kernels are off or unavailable."""
+    lib = lib or library()
     if lib is None:
         return {product: "torch" for product in ("f32", "bf16", "i8", "i8_b32", "i4")}
     words = lib.et_kernel_paths().decode().split()
@@ -313,7 +373,8 @@ def kernel_paths() -> dict[str, str]:
 
 
 def has_int4() -> bool:
-    """Whether the int4 product is built here (AVX-512 with VNNI)."""
+    """Whether the int4 product is built here: wherever the C kernels are (AVX-512 VNNI, AVX2,
+    NEON, or the plain C loops)."""
     lib = library()
     return lib is not None and bool(lib.et_has_int4())
 
@@ -324,7 +385,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     scale_zero bfloat16 or float32 [in / group, out, 2])^T -> [1, out] float32.
 
     x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
-    product (no AVX-512 VNNI build, a shape the tiled layout does not have)."""
+    product (no C kernels, a shape the tiled layout does not have)."""
     lib = library()
     kernels = {torch.bfloat16: "et_par_matvec_i4", torch.float32: "et_par_matvec_i4_f32"}
     if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1

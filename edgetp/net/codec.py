@@ -1,8 +1,18 @@
-"""Activations on the wire: ``f32``, ``bf16``, or ``int8`` with one float32 scale per row.
+"""Activations on the wire: ``f32``, ``bf16``, or ``int8`` in blocks of 64 values.
 
 A partial or a sum of shape ``[T, d]`` goes as one tensor (``f32``/``bf16``) or, for ``int8``,
-as two: the codes, int8 ``[T, d]``, and the scales, float32 ``[T, 1]``, with
-``x ~= codes * scale`` and ``scale = max|x_row| / 127`` (a row of zeros gets scale 1).
+as two: the codes, int8 ``[T, d]``, and per block of :data:`INT8_BLOCK` consecutive values of
+a row (the last block of a row may be shorter) two float32 numbers, ``[T, ceil(d / 64), 2]``:
+the block's scale and its largest value. The largest value (by magnitude) travels exactly, its
+position marked by the code -128; the others are ``codes * scale`` with codes in -127..127 and
+``scale = (the largest magnitude of the others) / 127`` (1 when they are all zero), so every
+value is within ``scale / 2`` of what was sent, and the outlier exact.
+
+Why: a real model's partials have a few channels hundreds of times larger than the median
+(SmolLM2-135M: up to 520x). One scale per row let them swamp every other channel (mean KL 0.13
+over a text); one per block of 32 still cost 0.024, because each outlier coarsens its block;
+carrying each block's largest value exactly brings it to ~0.002, for 1/8 more bytes than the
+codes alone.
 
 The star allreduce (:func:`star_sum`) keeps every rank consistent whatever the format: the
 master rounds its own partial exactly as a worker's is rounded on the wire, adds the decoded
@@ -20,6 +30,8 @@ from edgetp.core.errors import ConfigError
 
 WIRE_FORMATS = ("f32", "bf16", "int8")
 FLOAT_WIRE = {"f32": torch.float32, "bf16": torch.bfloat16}
+INT8_BLOCK = 64  # values of a row per int8 scale (and per exact outlier)
+OUTLIER_CODE = -128  # the int8 code that marks a block's largest value, sent exactly
 
 
 def check_format(wire: str) -> str:
@@ -28,26 +40,53 @@ def check_format(wire: str) -> str:
     return wire
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, d] -> (codes int8 [T, d], scale float32 [T, 1])."""
+def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape of the int8 scales for codes of ``shape`` [..., d]: [..., ceil(d / 64), 2]."""
+    return (*shape[:-1], -(-shape[-1] // INT8_BLOCK), 2)
+
+
+def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, d] -> (codes int8 [T, d], (scale, outlier) float32 [T, nb, 2])."""
     x32 = x.float()
-    amax = x32.abs().amax(dim=-1, keepdim=True)  # [T, 1]
+    d = x32.shape[-1]
+    blocks = _padded(x32).unflatten(-1, (-1, INT8_BLOCK))  # [T, nb, 64]
+    magnitude = blocks.abs()
+    top = magnitude.argmax(dim=-1, keepdim=True)  # [T, nb, 1]: the block's outlier
+    outlier = blocks.gather(-1, top)  # [T, nb, 1]
+    amax = magnitude.scatter(-1, top, 0.0).amax(dim=-1)  # [T, nb]: the others' largest
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    codes = torch.round(x32 / scale).clamp_(-127, 127).to(torch.int8)
-    return codes, scale
+    codes = torch.round(blocks / scale[..., None]).clamp_(-127, 127)
+    codes.scatter_(-1, top, OUTLIER_CODE)
+    scales = torch.cat((scale[..., None], outlier), dim=-1)  # [T, nb, 2]
+    return codes.flatten(-2)[..., :d].to(torch.int8).contiguous(), scales
+
+
+def dequantize_blocks(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(codes int8 [T, d], scales float32 [T, nb, 2]) -> float32 [T, d] (a fresh tensor)."""
+    d = codes.shape[-1]
+    blocks = _padded(codes.float()).unflatten(-1, (-1, INT8_BLOCK))  # [T, nb, 64]
+    values = blocks * scales[..., :1]
+    values = torch.where(blocks == OUTLIER_CODE, scales[..., 1:].expand_as(values), values)
+    return values.flatten(-2)[..., :d].contiguous()
+
+
+def _padded(x: torch.Tensor) -> torch.Tensor:
+    """x [..., d] with zeros up to a multiple of the block: [..., nb * 32]."""
+    pad = -x.shape[-1] % INT8_BLOCK
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
 
 
 def encode(x: torch.Tensor, wire: str) -> list[torch.Tensor]:
     """The tensor frames that carry ``x`` [T, d] in format ``wire``."""
     if wire == "int8":
-        return list(quantize_rows(x))
+        return list(quantize_blocks(x))
     return [x.to(FLOAT_WIRE[wire]).contiguous()]
 
 
 def decode(tensors: Sequence[torch.Tensor], wire: str) -> torch.Tensor:
     """Frames of :func:`encode` -> float32 [T, d] (a fresh tensor)."""
     if wire == "int8":
-        return tensors[0].float() * tensors[1]
+        return dequantize_blocks(tensors[0], tensors[1])
     return tensors[0].to(torch.float32, copy=True)
 
 
@@ -72,8 +111,8 @@ def check_payload(tensors: Sequence[torch.Tensor], wire: str,
         codes, scale = tensors
         if codes.dtype != torch.int8 or scale.dtype != torch.float32:
             return f"of dtypes {codes.dtype}/{scale.dtype}, expected int8 codes, float32 scales"
-        if tuple(scale.shape) != (*shape[:-1], 1):
-            return f"with scales of shape {list(scale.shape)}, expected {[*shape[:-1], 1]}"
+        if tuple(scale.shape) != scale_shape(shape):
+            return f"with scales of shape {list(scale.shape)}, expected {list(scale_shape(shape))}"
         if not bool(torch.isfinite(scale).all()):
             return "with non-finite scales"
     elif tensors[0].dtype != FLOAT_WIRE[wire]:

@@ -42,7 +42,7 @@ import torch
 
 from edgetp.core import settings
 from edgetp.core.errors import EdgetpError
-from edgetp.net.codec import FLOAT_WIRE
+from edgetp.net.codec import FLOAT_WIRE, scale_shape
 from edgetp.net.wire import tensor_bytes
 
 MAGIC = b"ETd1"
@@ -80,7 +80,7 @@ def payload_layout(wire: str, shape: Sequence[int]) -> list[tuple[torch.dtype, t
     """The tensors of a ``[T, d]`` partial or sum in ``wire``, in payload order."""
     shape = tuple(shape)
     if wire == "int8":
-        return [(torch.int8, shape), (torch.float32, (*shape[:-1], 1))]
+        return [(torch.int8, shape), (torch.float32, scale_shape(shape))]
     return [(FLOAT_WIRE[wire], shape)]
 
 

@@ -23,9 +23,11 @@ import msgpack
 import torch
 
 from edgetp.core.errors import EdgetpError
+from edgetp.net.codec import scale_shape
 
-PROTOCOL_VERSION = 7  # bump whenever a schema below changes (6: the codec branch's int8
-# block scales; 7: the data link's keys, DATA_LINK_KEY_FIELDS below)
+PROTOCOL_VERSION = 7  # bump whenever a schema or a tensor layout below changes (6: int8 on the
+# wire in blocks of 64 with each block's largest value exact; 7: the data link's keys,
+# DATA_LINK_KEY_FIELDS below)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
@@ -80,7 +82,8 @@ for _op, _fields in DATA_LINK_KEY_FIELDS.items():
 TENSOR_COUNTS: dict[str, tuple[int, int]] = {
     "step": (1, 1), "partial": (1, 2), "sum": (1, 2), "stats": (1, 1), "ring": (1, 2),
 }
-SCALED_OPS = ("partial", "sum", "ring")  # two tensors: int8 codes [T, d], float32 scales [T, 1]
+# two tensors: int8 codes [T, d], float32 scales [T, ceil(d / 64), 2] (edgetp.net.codec)
+SCALED_OPS = ("partial", "sum", "ring")
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
@@ -181,12 +184,12 @@ def _decode_tensors(op: str, specs: Any, payloads: Sequence[Any]) -> list[torch.
 
 
 def _check_scaled(op: str, codes: torch.Tensor, scale: torch.Tensor) -> None:
-    """An int8 activation: codes [..., d] int8 and one float32 scale per row, [..., 1]."""
+    """An int8 activation: codes [..., d] int8 and float32 scales per block, [..., nb]."""
     if codes.dtype != torch.int8 or scale.dtype != torch.float32:
         raise WireError(f"{op}: two tensors must be int8 codes and float32 scales")
-    if tuple(scale.shape) != (*codes.shape[:-1], 1):
+    if tuple(scale.shape) != scale_shape(codes.shape):
         raise WireError(f"{op}: scales of shape {list(scale.shape)} for codes of shape "
-                        f"{list(codes.shape)}; expected {[*codes.shape[:-1], 1]}")
+                        f"{list(codes.shape)}; expected {list(scale_shape(codes.shape))}")
 
 
 def _decode_tensor(op: str, spec: Any, payload: Any) -> torch.Tensor:

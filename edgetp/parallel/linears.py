@@ -23,7 +23,7 @@ from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices
 class ColumnParallelLinear(kernels.StepOutput, nn.Linear):
     """y_local = x @ W[rows]^T (+ b[rows]); no communication. x: [T, in] -> [T, out_local].
 
-    Also the unsplit linears of rank 0 (private layers, lm_head), for the decode kernels.
+    Also the unsplit linears of rank 0's private layers, for the decode kernels.
     """
 
     @classmethod
@@ -127,9 +127,7 @@ def shard_model(model: Transformer, plan: ShardPlan, rank: int, comm: Communicat
             keep_whole(layer)
         else:
             model.drop_layer(index)  # private layers run on the master only
-    if rank == 0:
-        model.lm_head = unsplit(model.lm_head, False)  # callers keep the logits
-    else:
+    if rank != 0:  # rank 0 keeps its LogitsHead: float32 logits, through the C kernels
         model.embed_tokens = None  # type: ignore[assignment]
         model.lm_head = None  # type: ignore[assignment]
         model.norm = None  # type: ignore[assignment]

@@ -33,6 +33,7 @@ from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import shard_model
 from edgetp.parallel.pinning import choose_pinned
 from edgetp.parallel.qlinear import (
+    head_quantized,
     is_quantized,
     keeps_stored_dtype,
     mark_streamed,
@@ -170,7 +171,7 @@ def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
                 set_tensor(model, prefix + name, _aligned_copy(tensor),
                            f" in {shard_dir / file_name}")
     if (manifest.rank == 0 and manifest.model_config.tie_word_embeddings
-            and not is_quantized(manifest)):
+            and not head_quantized(manifest)):
         model.tie_head_to_embedding()
 
 
@@ -214,7 +215,7 @@ def _blocks(model: Transformer, manifest: Manifest, shard_dir: Path) -> list[Blo
 
 
 def _head_block(model: Transformer, manifest: Manifest, shard_dir: Path) -> BlockSpec:
-    if is_quantized(manifest):  # quantized head (and scales), even with tied embeddings
+    if head_quantized(manifest):  # quantized head (and scales), even with tied embeddings
         return BlockSpec("lm_head", model.lm_head, shard_dir / "head.safetensors",
                          {n.removeprefix("lm_head."): e for n, e in
                           manifest.files["head.safetensors"].tensors.items()
@@ -256,14 +257,16 @@ def _disk_names(block: BlockSpec) -> list[str]:
 
 
 def _check_window_dtype(manifest: Manifest, dtype: torch.dtype) -> None:
-    if is_quantized(manifest):  # codes and scales are used as stored, whatever the dtype
+    """Float blocks stream into compute buffers as stored (codes and scales whatever the
+    dtype): the float layers, or in a quantized split a float head."""
+    floats = manifest.head_format if is_quantized(manifest) else manifest.dtype
+    if floats not in STORED_DTYPES:
         return
-    stored = STORED_DTYPES.get(manifest.dtype)
-    if stored != dtype:
+    if STORED_DTYPES[floats] != dtype:
         raise ConfigError(
             f"with --memory-budget, weights stream from disk straight into compute buffers, so "
             f"the compute dtype ({str(dtype).removeprefix('torch.')}) must equal the stored "
-            f"dtype ({manifest.dtype}); pass --dtype {manifest.dtype} or re-split with --dtype"
+            f"dtype ({floats}); pass --dtype {floats} or re-split with --dtype"
         )
 
 

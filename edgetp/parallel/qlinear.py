@@ -7,8 +7,10 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
 * int8, one float32 row (decode) with the native kernels available (``edgetp.kernels.native``):
   ``et_matvec_i8`` in C, x quantized to int16 per 64 columns, int8 x int16 products summed
   exactly; ~2x the torch kernel's rate below, and 60x closer to the exact product.
-* int4 in the tiled layout, one float32 row, where the native kernels have it (AVX-512 VNNI):
-  ``et_matvec_i4``, the same int16 activation blocks, codes straight from the tiled bytes.
+* int4 in the tiled layout, one float32 row, wherever the native kernels are built (AVX-512
+  VNNI, AVX2, NEON, plain C): ``et_matvec_i4``, the same int16 activation blocks, codes
+  straight from the tiled bytes, resident or streamed alike. More float32 rows on a CPU whose
+  torch int4 kernel wants another layout (or that has none): the same kernel once per row.
 * int8 with block scales (a GGUF's Q8_0 kept, ``edgetp.shard.quant``), one float32 row:
   ``et_matvec_i8_b32``, the same int16 activation blocks, each 32-column half summed apart and
   scaled by its own weight scale; more rows: the fallback. int4 with float32 scales takes the
@@ -22,14 +24,17 @@ Which code computes ``x @ W^T`` (measured on the development CPU, see
   for other input widths: those take the fallback.
 * int4 in the tiled layout, a few rows: ``torch.ops.aten._weight_int4pack_mm_for_cpu`` with
   bfloat16 activations, straight on the bytes from disk when the CPU's kernel layout is the
-  tiled one (:func:`~edgetp.shard.quant.native_int4_tiled`, true on AVX-512). Elsewhere resident
-  and pinned weights are repacked once with torch's converter on first use, and streamed
-  ones use the fallback (a per-use repack costs ~100x the matmul).
+  tiled one (:func:`~edgetp.shard.quant.native_int4_tiled`, true on AVX-512). Elsewhere only
+  without the native kernels: resident and pinned weights are then repacked once with torch's
+  converter on first use, and streamed ones use the fallback (a per-use repack costs ~100x the
+  matmul).
 * Otherwise (prefill chunks of at least :data:`GEMM_ROWS` / :data:`INT4_GEMM_ROWS` tokens,
   int4 in the rows layout, int8 of other widths): the fallback, dequantize then a dense
   matmul, in bfloat16 (float32 activations are converted) since that is faster; with
   ``EDGETP_QUANT_KERNELS=0`` in the activations' own dtype, the exact reference. Per-channel
-  int8 scales are applied to the output rather than to the weight.
+  int8 scales are applied to the output rather than to the weight. The fallback widens
+  :data:`WIDEN_CHUNK_ELEMENTS` weights at a time (:func:`chunked_product`), never the whole
+  matrix: a 70B MLP slice widened at once would cost a memory-limited worker hundreds of MiB.
 
 :class:`QuantColumnParallelLinear` and :class:`QuantRowParallelLinear` keep the semantics of
 ``edgetp.parallel.linears``: a row-parallel linear computes its partial, allreduces it in plain
@@ -37,6 +42,8 @@ sight, then adds its bias once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +63,7 @@ from edgetp.shard.quant import (
     dequantize_int4,
     dequantize_int8,
     int4_tiled,
+    int8_scale_rows,
     native_int4_pack,
     native_int4_tiled,
 )
@@ -63,6 +71,7 @@ from edgetp.shard.quant import (
 KERNEL_DTYPE = torch.bfloat16
 GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
 INT4_GEMM_ROWS = 96  # ... and the int4 kernel (int4 dequantization costs more)
+WIDEN_CHUNK_ELEMENTS = 1 << 22  # weights widened at a time by the fallback: 8 MiB of bfloat16
 INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm returns garbage (or crashes) for other widths
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -75,18 +84,35 @@ def kernels_enabled() -> bool:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 kernel: bool = True) -> torch.Tensor:
-    """x [T, in] @ (q int8 [out, in] * scale)^T -> [T, out] in x's dtype; ``scale`` [out], or
-    [out, in / 32] (block scales: dequantized for a dense matmul, as the int4 fallback)."""
-    if scale.dim() == 2:
-        dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
-        return F.linear(x.to(dtype), dequantize_int8(q, scale, dtype)).to(x.dtype)
+    """x [T, in] @ dequant(q int8 [out, in], scale)^T -> [T, out] in x's dtype; ``scale`` [out],
+    or block scales [out, in / 32] or [2, out, in / 32] (dequantized for a dense matmul, as the
+    int4 fallback; edgetp.shard.quant's formats)."""
+    dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
+    if scale.dim() > 1:
+        y = chunked_product(x.to(dtype), q.shape[0], lambda rows: dequantize_int8(
+            q[rows], int8_scale_rows(scale, rows), dtype))
+        return y.to(x.dtype)
     if kernel and x.shape[0] < GEMM_ROWS and q.shape[1] % INT8_KERNEL_COLUMNS == 0:
         y = torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), q,
                                                scale.to(KERNEL_DTYPE))
         return y.to(x.dtype)
-    dtype = KERNEL_DTYPE if kernel or x.dtype == KERNEL_DTYPE else x.dtype
-    y = F.linear(x.to(dtype), q.to(dtype)) * scale.to(dtype)  # [T, out]
-    return y.to(x.dtype)
+    y = chunked_product(x.to(dtype), q.shape[0], lambda rows: q[rows].to(dtype))  # [T, out]
+    return (y * scale.to(dtype)).to(x.dtype)
+
+
+def chunked_product(x: torch.Tensor, out_features: int,
+                    widen: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """x [T, in] @ W^T -> [T, out] in x's dtype, where ``widen(rows)`` gives W's ``rows`` as
+    [rows, in] in x's dtype: :data:`WIDEN_CHUNK_ELEMENTS` weights at a time (multiples of 64
+    rows, the tiled int4 layout's blocks), so the widened copy stays small whatever W's size."""
+    step = max(64, WIDEN_CHUNK_ELEMENTS // max(x.shape[-1], 1) // 64 * 64)
+    if step >= out_features:
+        return F.linear(x, widen(slice(0, out_features)))
+    y = torch.empty(x.shape[0], out_features, dtype=x.dtype)  # [T, out]
+    for start in range(0, out_features, step):
+        rows = slice(start, min(start + step, out_features))
+        y[:, rows] = F.linear(x, widen(rows))
+    return y
 
 
 def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool = True,
@@ -103,13 +129,31 @@ def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: 
 def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
                  kernel_layout: bool, repacked: bool = False, kernel: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """What a QuantLinear computes for int4: one float32 row of tiled codes through the native
-    kernel (into ``out`` when it fits) where it can, else :func:`int4_matmul`."""
-    if kernel and x.shape[0] == 1 and not repacked and int4_tiled(packed.shape[0], group):
-        y = kernels.int4_linear(x, packed, scale_zero, group, out)
+    """What a QuantLinear computes for int4: float32 rows of tiled codes through the native
+    kernel where it can (one row into ``out`` when it fits; a few rows one at a time where
+    torch has no kernel for the tiled bytes), else :func:`int4_matmul`."""
+    rows = x.shape[0]
+    if kernel and not repacked and int4_tiled(packed.shape[0], group):
+        y = None
+        if rows == 1:
+            y = kernels.int4_linear(x, packed, scale_zero, group, out)
+        elif not kernel_layout:
+            y = int4_rows(x, packed, scale_zero, group)
         if y is not None:
             return y
     return int4_matmul(x, packed, scale_zero, group, kernel_layout, repacked)
+
+
+def int4_rows(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int
+              ) -> torch.Tensor | None:
+    """x [T, in] float32 -> [T, out] through the one-row native kernel, row by row. Each row
+    reads the weight once, yet up to a prefill chunk's 128 rows that is several times faster
+    than dequantizing it (on AVX2: 64 rows of [5632, 2048] 38 ms against 250 ms)."""
+    y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, out]
+    for t in range(x.shape[0]):
+        if kernels.int4_linear(x[t:t + 1], packed, scale_zero, group, y[t:t + 1]) is None:
+            return None
+    return y
 
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
@@ -124,7 +168,10 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
                                                        group, scale_zero.to(KERNEL_DTYPE))
         return y.to(x.dtype)
     dtype = KERNEL_DTYPE if x.dtype == torch.float32 and kernels_enabled() else x.dtype
-    return F.linear(x.to(dtype), dequantize_int4(packed, scale_zero, dtype)).to(x.dtype)
+    tiled = int4_tiled(packed.shape[0], x.shape[-1] // scale_zero.shape[0])
+    y = chunked_product(x.to(dtype), packed.shape[0], lambda rows: dequantize_int4(
+        packed[rows], scale_zero[:, rows], dtype, tiled))
+    return y.to(x.dtype)
 
 
 class QuantLinear(kernels.StepOutput, nn.Module):
@@ -158,6 +205,7 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         self.tiled = fmt == "int4" and int4_tiled(self.out_features, self.group)
         self.native = self.tiled and native_int4_tiled()  # weight bytes are the kernel's
         self.repacked = False  # weight converted by torch for a CPU with another layout
+        self.float_output = False  # the lm_head: float32 logits (see float_matmul)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.fmt == "int4" else ""
@@ -167,6 +215,8 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> [T, out] without the bias."""
         kernel = kernels_enabled()
+        if self.float_output:
+            return self.float_matmul(x, kernel)
         if self.fmt == "int8":
             return int8_product(x, self.weight, self.weight_scale, kernel,
                                 self.output_buffer(x, self.out_features))
@@ -177,6 +227,22 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         return int4_product(x, self.weight, self.weight_scale, self.group,
                             self.native and (kernel or self.repacked), self.repacked, kernel,
                             self.output_buffer(x, self.out_features))
+
+    def float_matmul(self, x: torch.Tensor, kernel: bool) -> torch.Tensor:
+        """The head's product: x [T, in] -> float32 [T, out], never rounded to bfloat16 (the
+        native kernels for one row, else the exact float32 product of the dequantized weight;
+        a head is never repacked, so its codes stay in the layout :func:`dequantize_int4`
+        reads)."""
+        x, one_row = x.float(), kernel and x.shape[0] == 1
+        if self.fmt == "int8":
+            y = kernels.int8_linear(x, self.weight, self.weight_scale) if one_row else None
+            return int8_matmul(x, self.weight, self.weight_scale, False) if y is None else y
+        y = (kernels.int4_linear(x, self.weight, self.weight_scale, self.group)
+             if one_row and self.tiled else None)
+        if y is not None:
+            return y
+        return chunked_product(x, self.out_features, lambda rows: dequantize_int4(
+            self.weight[rows], self.weight_scale[:, rows], torch.float32, self.tiled))
 
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -206,7 +272,13 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
 
 
 def is_quantized(manifest: Manifest) -> bool:
+    """Whether the split's layers are quantized."""
     return manifest.dtype in QUANT_DTYPES
+
+
+def head_quantized(manifest: Manifest) -> bool:
+    """Whether the split's lm_head is (an int4 split's is int8 by default)."""
+    return manifest.head_format in QUANT_DTYPES
 
 
 def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
@@ -216,14 +288,13 @@ def keeps_stored_dtype(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_skeleton(model: Transformer, manifest: Manifest, comm: Communicator) -> None:
     """Replace the float linears of a ``meta`` skeleton by quantized ones shaped as on disk."""
-    if not is_quantized(manifest):
-        return
-    for index, layer in model.indexed_layers():
-        tensors = manifest.files[layer_file(index)].tensors
-        for name in PROJECTIONS:
-            _replace(layer, name, manifest.dtype, tensors, comm)
-    if getattr(model, "lm_head", None) is not None:
-        _replace(model, "lm_head", manifest.dtype,
+    if is_quantized(manifest):
+        for index, layer in model.indexed_layers():
+            tensors = manifest.files[layer_file(index)].tensors
+            for name in PROJECTIONS:
+                _replace(layer, name, manifest.dtype, tensors, comm)
+    if head_quantized(manifest) and getattr(model, "lm_head", None) is not None:
+        _replace(model, "lm_head", manifest.head_format,
                  manifest.files["head.safetensors"].tensors, comm)
 
 
@@ -235,6 +306,7 @@ def _replace(parent: nn.Module, name: str, fmt: str, tensors: dict[str, TensorEn
     new = (QuantRowParallelLinear(*args, comm) if isinstance(old, RowParallelLinear)
            else QuantColumnParallelLinear(*args))
     new.reuse_output = getattr(old, "reuse_output", False)
+    new.float_output = getattr(old, "float_output", False)
     owner_name, _, attr = name.rpartition(".")
     owner = parent.get_submodule(owner_name) if owner_name else parent
     setattr(owner, attr, new)

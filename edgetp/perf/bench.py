@@ -59,6 +59,7 @@ class BenchSettings:
     weight_dtype: str | None = None  # stored weights (None: the checkpoint's), e.g. int8
     group_size: int = 32  # int4's group
     secure: bool = False  # CURVE keys on loopback (the sealed data link), as on a home network
+    head_dtype: str | None = None  # the lm_head's (None: the default for weight_dtype)
     threads: int | None = None  # per node (None: the machine's cores divided among the nodes)
 
     def label(self) -> str:
@@ -77,6 +78,8 @@ class BenchSettings:
             parts.append(f"weights={self.weight_dtype}")
         if self.secure:
             parts.append("secure")
+        if self.head_dtype is not None:
+            parts.append(f"head={self.head_dtype}")
         if self.threads is not None:
             parts.append(f"threads={self.threads}")
         return ",".join(parts)
@@ -123,7 +126,7 @@ def bench_cluster(settings: BenchSettings) -> LocalCluster:
                         settings.timeout_s, memory_budget=budget,
                         allreduce=settings.allreduce, weight_dtype=settings.weight_dtype,
                         group_size=settings.group_size, secure=settings.secure,
-                        threads=settings.threads)
+                        head_dtype=settings.head_dtype, threads=settings.threads)
 
 
 def _run_bench(settings: BenchSettings, out_dir: Path) -> dict[str, Any]:

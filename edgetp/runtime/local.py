@@ -45,14 +45,17 @@ def cache_root() -> Path:
 
 
 def split_cache_dir(model_dir: Path, n_nodes: int, shares: tuple[float, ...] | None,
-                    dtype: str | None, private_layers: int, group_size: int = 32) -> Path:
+                    dtype: str | None, private_layers: int, group_size: int = 32,
+                    head_dtype: str | None = None) -> Path:
     """Where the split of ``model_dir`` for this plan is cached: one directory per model
     directory and plan. Whether the split in it still matches the model's files is
     :func:`~edgetp.shard.split.split_checkpoint`'s check (by content), made on every use;
     pass ``force=True`` to it so that a stale split is replaced."""
     key = f"{n_nodes}|{shares}|{dtype}|{private_layers}"
-    if dtype == "int4":
+    if dtype == "int4" or head_dtype == "int4":
         key += f"|g{group_size}"
+    if head_dtype is not None:  # None: the default for the dtype (keys made before it stay)
+        key += f"|h{head_dtype}"
     model = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:16]
     return cache_root() / f"{model}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
@@ -74,7 +77,7 @@ class LocalCluster:
                  capture_dir: Path | None = None, memory_budget: int | None = None,
                  allreduce: str = "star", secure: bool = False,
                  weight_dtype: str | None = None, group_size: int = 32,
-                 threads: int | None = None) -> None:
+                 head_dtype: str | None = None, threads: int | None = None) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -85,11 +88,13 @@ class LocalCluster:
         self.timeout_s = timeout_s
         self.weight_dtype = weight_dtype  # stored weights: None (the checkpoint's), int8, ...
         self.group_size = group_size  # int4's group
+        self.head_dtype = head_dtype  # the lm_head's (None: the default for weight_dtype)
         # compute threads per node, the master first: ``threads`` each, else the cores divided
         self.threads = ([threads] * n_nodes if threads is not None
                         else local_cluster_threads(usable_cores(), n_nodes))
         self.split_dir = split_dir or split_cache_dir(self.model_dir, n_nodes, shares,
-                                                      weight_dtype, private_layers, group_size)
+                                                      weight_dtype, private_layers, group_size,
+                                                      head_dtype)
         self.cached_split = split_dir is None  # ours to replace when the model changed
         self.worker_args = worker_args or []
         self.capture_dir = capture_dir  # tests: each worker records every frame it receives
@@ -115,7 +120,8 @@ class LocalCluster:
     def start(self) -> Master:
         result = split_checkpoint(self.model_dir, self.split_dir, self.n_nodes, self.shares,
                                   self.weight_dtype, force=self.cached_split,
-                                  private_layers=self.private_layers, group_size=self.group_size)
+                                  private_layers=self.private_layers, group_size=self.group_size,
+                                  head_dtype=self.head_dtype)
         self.address = f"tcp://127.0.0.1:{free_port()}"
         security = self._make_keys() if self.secure else None
         if self.max_seq_len is None:  # one context for every node, fitting this machine

@@ -37,6 +37,7 @@ class MasterOptions:
     allreduce: str = "star"
     weight_dtype: str | None = None  # a local cluster's split: None keeps the checkpoint's
     group_size: int = 32  # int4's group
+    head_dtype: str | None = None  # the lm_head's (edgetp.shard.quant.head_format)
     threads: int | None = None  # per node; None: every core (a local cluster divides them)
 
 
@@ -51,7 +52,7 @@ def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] |
                         wire_dtype=options.wire_dtype, timeout_s=options.timeout_s,
                         memory_budget=options.memory_budget, allreduce=options.allreduce,
                         weight_dtype=options.weight_dtype, group_size=options.group_size,
-                        threads=options.threads)
+                        head_dtype=options.head_dtype, threads=options.threads)
 
 
 @contextlib.contextmanager

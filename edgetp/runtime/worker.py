@@ -178,7 +178,7 @@ class Worker:
         self.comm.position.begin(fields["seq"], fields["step"], self.n_allreduce)
         started = now()
         try:
-            self.model.forward_layers(h.to(self.model.dtype), fields["start"], self.layers)
+            self.model.forward_layers(h.float(), fields["start"], self.layers)  # the stream
             RECORDER.add("step", fields["step"], started, now())
         except (RuntimeError, ValueError) as exc:
             if isinstance(exc, ClusterError | StepAborted | ShutdownRequested):

@@ -20,6 +20,7 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import torch
 import xxhash
 
 from edgetp.core.errors import ShardError
@@ -62,6 +63,51 @@ def describe_file(path: Path) -> FileEntry:
             os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     ordered = {name: described[name] for name in tensors}  # the header's order
     return FileEntry(os.path.getsize(path), sha256.hexdigest(), ordered)
+
+
+def describe_written(path: Path, tensors: dict[str, torch.Tensor]) -> FileEntry:
+    """What :func:`describe_file` says of the safetensors file just written at ``path`` from
+    ``tensors``, hashed from the tensors in memory: only the header is read back. A file whose
+    data is not exactly the tensors' bytes back to back is described from disk instead."""
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        header = prefix + handle.read(struct.unpack("<Q", prefix)[0])
+        size = os.fstat(handle.fileno()).st_size
+    entries = tensor_entries(header)
+    ordered = sorted(entries.items(), key=lambda item: item[1].offsets)
+    data = {name: _tensor_bytes(tensors[name]) for name in entries if name in tensors}
+    if not _laid_out(ordered, data, len(header), size):
+        return describe_file(path)
+    sha256 = hashlib.sha256(header)
+    described = {}
+    for name, entry in ordered:
+        view, chunk = data[name], checksum_chunk(name, entry)
+        sha256.update(view)
+        step = chunk or max(len(view), 1)
+        digests = tuple(xxhash.xxh3_64_intdigest(view[i : i + step])
+                        for i in range(0, max(len(view), 1), step))
+        described[name] = TensorEntry(entry.dtype, entry.shape, entry.offsets, digests, chunk)
+    return FileEntry(size, sha256.hexdigest(), {name: described[name] for name in entries})
+
+
+def _laid_out(ordered: list[tuple[str, TensorEntry]], data: dict[str, memoryview],
+              start: int, size: int) -> bool:
+    """Whether the file's bytes from ``start`` (the header's end) to ``size`` are ``data``'s
+    views in the order of their entries, back to back (what ``save_file`` writes)."""
+    cursor = start
+    for name, entry in ordered:
+        if name not in data or entry.offsets != (cursor, cursor + len(data[name])):
+            return False
+        cursor = entry.offsets[1]
+    return cursor == size
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes as a file holds them (contiguous, the machine's byte order)."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy().data).cast("B")
 
 
 def _digests(handle: BinaryIO, start: int, stop: int, chunk: int, sha256: Any,

@@ -70,6 +70,12 @@ class Manifest:
     plan: ShardPlan
     files: dict[str, FileEntry] = field(default_factory=dict)
     group_size: int = 0  # int4: the requested group (per tensor: in / scale.shape[0])
+    head_dtype: str = ""  # the lm_head's: int8, int4 or a float dtype; "": as ``dtype``
+
+    @property
+    def head_format(self) -> str:
+        """How the lm_head is stored (older manifests: like the layers)."""
+        return self.head_dtype or self.dtype
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +86,7 @@ class Manifest:
             "fingerprint": self.fingerprint,
             "dtype": self.dtype,
             **({"group_size": self.group_size} if self.group_size else {}),
+            "head_dtype": self.head_format,
             "model_config": self.model_config.to_dict(),
             "plan": self.plan.to_dict(),
             "files": {
@@ -116,6 +123,7 @@ class Manifest:
                 plan=ShardPlan.from_dict(data["plan"]),
                 files=files,
                 group_size=int(data.get("group_size", 0)),
+                head_dtype=str(data.get("head_dtype", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ShardError(f"{source} is malformed ({exc!r}); split the model again") from exc

@@ -1,15 +1,19 @@
-"""Quantized weight formats: int8 per output channel, int4 group-wise along the input.
+"""Quantized weight formats: int8 in blocks of 32 input columns, int4 group-wise along the input.
 
 Both formats are written by the splitter next to their scales, in the per-rank safetensors
 files, and read back as-is (the window binds them straight from disk into compute buffers):
 
 ``int8``
-    ``NAME`` I8 ``[out, in]`` and ``NAME_scale`` BF16 ``[out]``: symmetric, one scale per output
-    channel, ``w ~= q * scale`` with ``q`` in ``-127..127``. The scale is ``amax / 127`` rounded
-    *up* to bfloat16 and ``q`` is computed against that stored scale, so
-    ``|w - q * scale| <= scale / 2`` holds exactly. For row-parallel weights (o_proj,
-    down_proj) the splitter takes ``amax`` over the whole row, not just the rank's slice, so
-    the quantized model is the same whatever the node count.
+    ``NAME`` I8 ``[out, in]`` and ``NAME_scale`` F16 ``[2, out, in / 32]`` holding a scale and
+    the block's lowest value per row and block of :data:`INT8_BLOCK` input columns:
+    asymmetric, ``w ~= (q + 128) * scale + low`` with ``q`` in ``-128..127``
+    (:func:`quantize_int8_blocks`; ``low`` rounded down and ``scale`` up to float16, so
+    ``|w - deq| <= scale / 2``). Blocks never straddle two ranks' slices, so the quantized
+    model is the same whatever the node count. A weight whose slices are not whole blocks
+    wide (:func:`int8_blocked`) keeps the older per-channel format: ``NAME_scale`` BF16
+    ``[out]``, symmetric, ``w ~= q * scale`` with ``q`` in ``-127..127`` and ``amax / 127``
+    rounded up; for row-parallel weights (o_proj, down_proj) ``amax`` is taken over the whole
+    row, not just the rank's slice, for the same reason.
 
 ``int4``
     ``NAME`` U8 ``[out, in / 2]`` (two 4-bit codes per byte) and ``NAME_scale`` BF16
@@ -46,7 +50,7 @@ rank's slice width (:func:`int4_group`), and refuses groups below :data:`MIN_INT
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -61,10 +65,27 @@ SCALE_SUFFIX = "_scale"
 QUANTIZED_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                      "down_proj", "lm_head")
 _TINY = torch.finfo(torch.bfloat16).tiny
+_TINY_F16 = torch.finfo(torch.float16).tiny
+CHUNK_ELEMENTS = 1 << 17  # values quantized at a time: 512 KiB of float32, held in cache
+
+
+HEAD_DTYPES = ("int8", "int4", "same", "float")  # --head-dtype: "float" keeps it unquantized
 
 
 class QuantError(ConfigError):
     """A weight cannot be quantized as requested; the message says what would work."""
+
+
+def head_format(dtype: str, head_dtype: str | None, float_dtype: str) -> str:
+    """What a split of ``dtype`` stores its lm_head (a tied one too) as: int8, int4, or a float
+    dtype name. ``head_dtype`` is ``--head-dtype`` (None: int8 for int4 splits, where a 4-bit
+    head costs most of int4's loss, else the split's dtype); ``float_dtype`` the split's float
+    dtype (the checkpoint's in a quantized split)."""
+    if head_dtype is None:
+        head_dtype = "int8" if dtype == "int4" else "same"
+    if head_dtype not in HEAD_DTYPES:
+        raise QuantError(f"--head-dtype {head_dtype!r}: choose one of {', '.join(HEAD_DTYPES)}")
+    return {"same": dtype, "float": float_dtype}.get(head_dtype, head_dtype)
 
 
 def is_quantized_weight(name: str) -> bool:
@@ -83,28 +104,97 @@ def bf16_at_least(x: torch.Tensor) -> torch.Tensor:
 # -- int8 -------------------------------------------------------------------------------------
 
 
+def int8_blocked(widths: Iterable[int]) -> bool:
+    """Whether an int8 weight whose slices are ``widths`` columns wide (the whole width among
+    them) is stored in blocks (:func:`quantize_int8_blocks`): every width a multiple of
+    :data:`INT8_BLOCK`, so each block lies in one rank's slice whatever the node count."""
+    return all(width % INT8_BLOCK == 0 for width in widths)
+
+
+def f16_toward(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """``x`` (float32) rounded to the nearest float16 not below it (``up``) or not above it."""
+    rounded = x.to(torch.float16)
+    wrong = rounded.float() < x if up else rounded.float() > x
+    return torch.where(wrong, torch.nextafter(rounded, torch.full_like(
+        rounded, float("inf") if up else float("-inf"))), rounded)
+
+
+def quantize_int8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (q int8 [out, in], scale_low f16 [2, out, in / 32]).
+
+    Per row and block of :data:`INT8_BLOCK` columns a scale and the block's lowest value:
+    ``w = (q + 128) * scale + low``, the 256 codes spanning exactly [low, high] (``low``
+    rounded down and ``scale`` up to float16, so both ends stay reachable and
+    ``|w - deq| <= scale / 2``). A scale *and* a low end per block hold weights that were
+    4-bit with a minimum (GGUF's Q4_1, natively 4-bit checkpoints) exactly, where a symmetric
+    scale per row or per block wastes the codes below the block's minimum.
+    """
+    out_features, in_features = w.shape
+    if in_features % INT8_BLOCK:
+        raise QuantError(f"int8 blocks of {INT8_BLOCK} do not divide {in_features} columns")
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale_low = torch.empty(2, out_features, in_features // INT8_BLOCK, dtype=torch.float16)
+    for rows in row_chunks(out_features, in_features):  # each chunk while it is in cache
+        blocks = w[rows].float().view(-1, in_features // INT8_BLOCK, INT8_BLOCK)  # [r, nb, 32]
+        low, high = torch.aminmax(blocks, dim=-1)  # [r, nb]
+        low16 = f16_toward(low, up=False)
+        scale16 = f16_toward(((high - low16.float()) / 255).clamp_min(_TINY_F16), up=True)
+        codes = torch.sub(blocks, low16.float()[..., None]).div_(scale16.float()[..., None])
+        q[rows] = codes.round_().clamp_(0, 255).sub_(128).view(-1, in_features)
+        scale_low[0, rows], scale_low[1, rows] = scale16, low16
+    return q, scale_low
+
+
 def quantize_int8(w: torch.Tensor, amax: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (q int8 [out, in], scale bf16 [out]).
+    """w [out, in] -> (q int8 [out, in], scale bf16 [out]): one symmetric scale per row, for
+    weights whose slices are not whole :data:`INT8_BLOCK`-column blocks (else
+    :func:`quantize_int8_blocks`).
 
     ``amax`` [out] (default: each row's own) lets a slice of a row share the whole row's scale.
     """
-    w = w.float()
+    w = w.float()  # no copy when it is float32 already
     if amax is None:
-        amax = w.abs().amax(dim=1)
+        amax = row_amax(w)
     scale = bf16_at_least((amax.float() / 127).clamp_min(_TINY))  # [out]
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    scale32 = scale.float()[:, None]  # [out, 1]
+    q = torch.empty(w.shape, dtype=torch.int8)
+    for rows in row_chunks(*w.shape):  # a few passes over each chunk while it is in cache
+        q[rows] = torch.div(w[rows], scale32[rows]).round_().clamp_(-127, 127)
     return q, scale
+
+
+def row_amax(w: torch.Tensor) -> torch.Tensor:
+    """w [out, in] -> max |w| of each row [out], float32, in one pass without a copy."""
+    low, high = torch.aminmax(w.float(), dim=1)
+    return torch.maximum(high, -low)
+
+
+def row_chunks(rows: int, cols: int, align: int = 64) -> Iterator[slice]:
+    """Slices of whole rows of about :data:`CHUNK_ELEMENTS` values (multiples of ``align``
+    rows, the tiled int4 layout's blocks, but the last), so that each step of quantizing a
+    chunk finds it in the CPU's cache instead of streaming the whole tensor from memory."""
+    step = max(align, CHUNK_ELEMENTS // max(cols, 1) // align * align)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(q [out, in], scale [out] or [out, in / 32]) -> ``dtype`` [out, in]."""
-    if scale.dim() == 2:  # block scales
-        out_features, in_features = q.shape
-        blocks = q.to(dtype).view(out_features, -1, INT8_BLOCK)  # [out, nb, 32]
+    """(q [out, in], scale [out], [out, in / 32] or [2, out, in / 32]) -> ``dtype`` [out, in]."""
+    out_features, in_features = q.shape
+    if scale.dim() == 1:
+        return q.to(dtype) * scale.to(dtype)[:, None]
+    blocks = q.to(dtype).view(out_features, -1, INT8_BLOCK)  # [out, nb, 32]
+    if scale.dim() == 2:  # symmetric block scales (a GGUF's Q8_0)
         return (blocks * scale.to(dtype)[..., None]).view(out_features, in_features)
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    step, low = scale.to(dtype)[..., None]  # [out, nb, 1] each
+    return ((blocks + 128) * step + low).view(out_features, in_features)
+
+
+def int8_scale_rows(scale: torch.Tensor, rows: slice) -> torch.Tensor:
+    """The scales of output ``rows`` of an int8 weight, in any of its scale layouts."""
+    return scale[:, rows] if scale.dim() == 3 else scale[rows]
 
 
 # -- int4 -------------------------------------------------------------------------------------
@@ -135,22 +225,32 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     out_features, in_features = w.shape
     if group < 2 or in_features % group:
         raise QuantError(f"int4 group {group} does not divide {in_features} input columns")
-    codes, scale_zero = int4_codes(w, group)
-    return pack_int4(codes, int4_tiled(out_features, group)), scale_zero
+    tiled = int4_tiled(out_features, group)
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
+    scale_zero = torch.empty(in_features // group, out_features, 2, dtype=torch.bfloat16)
+    for rows in row_chunks(out_features, in_features):  # 64-row blocks: packs independently
+        codes, scale_zero[:, rows] = _int4_chunk(w[rows], group)
+        packed[rows] = pack_int4(codes, tiled)
+    return packed, scale_zero
 
 
 def int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w [out, in] -> (codes uint8 [out, in] in 0..15, scale_zero bf16 [in / group, out, 2])."""
+    return _int4_chunk(w, group)
+
+
+def _int4_chunk(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [rows, in] -> (codes uint8 [rows, in], scale_zero bf16 [in / group, rows, 2])."""
     out_features, in_features = w.shape
     wg = w.float().view(out_features, in_features // group, group)  # [out, ng, g]
-    low, high = wg.amin(-1), wg.amax(-1)  # [out, ng]
+    low, high = torch.aminmax(wg, dim=-1)  # [out, ng]
     zero = (low + (high - low) * (8 / 15)).to(torch.bfloat16).float()  # value of code 8
     span = torch.maximum((high - zero) / 7, (zero - low) / 8)  # codes 15 and 0 reach high, low
     scale = bf16_at_least(span.clamp_min(_TINY)).float()  # [out, ng]
-    codes = torch.round((wg - zero[..., None]) / scale[..., None]).add_(8).clamp_(0, 15)
+    codes = torch.sub(wg, zero[..., None]).div_(scale[..., None]).round_().add_(8).clamp_(0, 15)
     scale_zero = torch.stack((scale, zero), dim=-1).transpose(0, 1)  # [ng, out, 2]
     return (codes.to(torch.uint8).view(out_features, in_features),
-            scale_zero.to(torch.bfloat16).contiguous())
+            scale_zero.to(torch.bfloat16))
 
 
 def int4_from_blocks(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -207,11 +307,16 @@ def unpack_int4(packed: torch.Tensor, tiled: bool) -> torch.Tensor:
 
 
 def dequantize_int4(packed: torch.Tensor, scale_zero: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(packed [out, in / 2], scale_zero [ng, out, 2]) -> ``dtype`` [out, in]."""
+                    dtype: torch.dtype = torch.float32, tiled: bool | None = None
+                    ) -> torch.Tensor:
+    """(packed [out, in / 2], scale_zero [ng, out, 2]) -> ``dtype`` [out, in].
+
+    ``tiled``: the layout, when ``packed`` is a slice of rows (from a multiple of 64) of a
+    larger tensor, whose layout its own row count would not tell; default: from the shape.
+    """
     n, k = packed.shape[0], packed.shape[1] * 2
     groups = scale_zero.shape[0]
-    tiled = int4_tiled(n, k // groups)
+    tiled = int4_tiled(n, k // groups) if tiled is None else tiled
     codes = unpack_int4(packed, tiled).view(n, groups, k // groups)  # [out, ng, g]
     sz = scale_zero.to(dtype).transpose(0, 1)  # [out, ng, 2]
     w = (codes.to(dtype) - 8) * sz[..., :1] + sz[..., 1:]

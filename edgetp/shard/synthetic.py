@@ -40,7 +40,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,14 @@ from edgetp.model.synthetic import copy_demo_tokenizer, layer_shapes
 from edgetp.shard.layout import layer_file, rank_dir
 from edgetp.shard.manifest import FileEntry, Manifest
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices, make_plan, master_tensors
-from edgetp.shard.quant import INT4_GROUP_SIZES, QUANT_DTYPES, SCALE_SUFFIX, is_quantized_weight
-from edgetp.shard.quantsplit import int4_groups
+from edgetp.shard.quant import (
+    INT4_GROUP_SIZES,
+    INT8_BLOCK,
+    QUANT_DTYPES,
+    SCALE_SUFFIX,
+    is_quantized_weight,
+)
+from edgetp.shard.quantsplit import int4_groups, int8_block_names
 from edgetp.shard.sources import CONFIG_FILE
 from edgetp.shard.split import (
     STORE_DTYPES,
@@ -69,6 +75,7 @@ from edgetp.shard.split import (
 
 INT4_CODE_STD = math.sqrt((16**2 - 1) / 12)  # uniform codes 0..15
 INT8_CODE_STD = math.sqrt((255**2 - 1) / 12)  # uniform codes -127..127
+INT8_BLOCK_CODE_STD = math.sqrt((256**2 - 1) / 12)  # uniform codes -128..127
 BYTE_STD = math.sqrt((256**2 - 1) / 12)  # uniform bytes -128..127 (float weights are drawn so)
 JITTER = (0.8, 1.2)  # scales vary by this factor, group to group (row to row for int8)
 HEADER_ALLOWANCE = 64 << 10  # bytes per file beyond its tensors (safetensors header), for the
@@ -98,6 +105,7 @@ class StoredFormat:
     group_size: int  # int4's requested group (0 otherwise)
     groups: dict[str, int]  # int4: per tensor name, its group
     layers: int = 1  # the model's decoder layers (the residual projections are scaled by it)
+    int8_blocks: dict[str, bool] = field(default_factory=dict)  # int8: blocks, else per row
 
     def std(self, name: str, shape: tuple[int, ...]) -> float:
         """The standard deviation of weight ``name`` (see the module docstring)."""
@@ -118,6 +126,8 @@ class StoredFormat:
         n = math.prod(shape)
         if not self.quantizes(name):
             return n * torch.finfo(self.float_dtype).bits // 8
+        if self.fmt == "int8" and self.int8_blocks.get(name, True):
+            return n + 4 * n // INT8_BLOCK  # codes, float16 (scale, low) per 32 columns
         if self.fmt == "int8":
             return n + 2 * shape[0]
         return n // 2 + 4 * n // self.groups.get(name, self.group_size)
@@ -128,6 +138,13 @@ class StoredFormat:
         if not self.quantizes(name):
             return {name: self._float(name, shape, rng)}
         out_features, in_features = shape
+        if self.fmt == "int8" and self.int8_blocks.get(name, True):
+            codes = _random_bytes(rng, out_features * in_features).view(np.int8)
+            scale = (self.std(name, shape) / INT8_BLOCK_CODE_STD
+                     * _jitter(rng, (out_features, in_features // INT8_BLOCK)))
+            scale_low = torch.stack((scale, scale * -127.5))  # (q + 0.5) * scale: centred
+            return {name: torch.from_numpy(codes).view(out_features, in_features),
+                    name + SCALE_SUFFIX: scale_low.to(torch.float16)}
         if self.fmt == "int8":
             codes = _random_bytes(rng, out_features * in_features).view(np.int8)
             np.maximum(codes, -127, out=codes)  # the format's codes are symmetric
@@ -169,7 +186,7 @@ def stored_format(config: ModelConfig, plan: ShardPlan, dtype: str, float_dtype:
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     if dtype != "int4":
         return StoredFormat(dtype, STORE_DTYPES.get(dtype) or STORE_DTYPES[float_dtype], 0, {},
-                            config.num_hidden_layers)
+                            config.num_hidden_layers, int8_block_names(config, plan))
     if group_size not in INT4_GROUP_SIZES:
         raise ConfigError(f"--group-size {group_size}: choose one of "
                           f"{', '.join(map(str, INT4_GROUP_SIZES))}")
@@ -238,7 +255,7 @@ def write_synthetic_split(hf_config: dict[str, Any], out_dir: str | Path, n_rank
     dirs = [rank_dir(out_dir, r) for r in range(n_ranks)]
     out_dir.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir):
-        if _existing_split_matches(out_dir, print_, plan, dtype, force, fmt.group_size):
+        if _existing_split_matches(out_dir, print_, plan, (dtype, dtype), force, fmt.group_size):
             return SplitResult(out_dir, dirs, True, 0)
         check_free_space(out_dir, split_bytes(files, fmt))
         for directory in dirs:

@@ -93,18 +93,27 @@ def f32_cases(rng: np.random.Generator) -> Iterator[Case]:
     yield Case("13x77 exact", [w, x], [13, 77], 13, w.astype(np.float64) @ x, np.zeros(13))
 
 
-def bf16_cases(rng: np.random.Generator) -> Iterator[Case]:
-    for rows, cols in DENSE_SHAPES:
-        w = bf16(rng.standard_normal((rows, cols)))  # [rows, cols] bfloat16 bits
-        x = bf16(rng.standard_normal(cols))  # [cols]
-        exact = bf16_value(w) @ bf16_value(x)
-        accumulated = float32_bound(cols, np.abs(bf16_value(w)) @ np.abs(bf16_value(x)))
-        yield Case(f"{rows}x{cols}", [w, x], [rows, cols], rows, exact,
-                   accumulated + U_BF16 * (np.abs(exact) + accumulated), out_kind=OUT_BF16)
-    w = bf16(rng.integers(-1, 2, (9, 64)))  # |sum| <= 256: exact in bfloat16
-    x = bf16(rng.integers(-4, 5, 64))
-    yield Case("9x64 exact", [w, x], [9, 64], 9, bf16_value(w) @ bf16_value(x), np.zeros(9),
-               out_kind=OUT_BF16)
+def bf16_cases(f32_out: bool) -> Callable[[np.random.Generator], Iterator[Case]]:
+    """bfloat16 products: y rounded to bfloat16 (``et_matvec_bf16``) or the float32 sums
+    (``et_matvec_bf16_f32``, the logits' product)."""
+    def rounded(exact: np.ndarray, accumulated: np.ndarray) -> np.ndarray:
+        return accumulated if f32_out else accumulated + U_BF16 * (np.abs(exact) + accumulated)
+
+    out_kind = OUT_F32 if f32_out else OUT_BF16
+
+    def cases(rng: np.random.Generator) -> Iterator[Case]:
+        for rows, cols in DENSE_SHAPES:
+            w = bf16(rng.standard_normal((rows, cols)))  # [rows, cols] bfloat16 bits
+            x = bf16(rng.standard_normal(cols))  # [cols]
+            exact = bf16_value(w) @ bf16_value(x)
+            accumulated = float32_bound(cols, np.abs(bf16_value(w)) @ np.abs(bf16_value(x)))
+            yield Case(f"{rows}x{cols}", [w, x], [rows, cols], rows, exact,
+                       rounded(exact, accumulated), out_kind=out_kind)
+        w = bf16(rng.integers(-1, 2, (9, 64)))  # |sum| <= 256: exact in bfloat16
+        x = bf16(rng.integers(-4, 5, 64))
+        yield Case("9x64 exact", [w, x], [9, 64], 9, bf16_value(w) @ bf16_value(x), np.zeros(9),
+                   out_kind=out_kind)
+    return cases
 
 
 # ---- int8 and int4: x quantized to int16 per 64 columns, as the C code does ------------------
@@ -238,7 +247,8 @@ def int4_cases(f32_pairs: bool) -> Callable[[np.random.Generator], Iterator[Case
 
 KERNELS: dict[str, Kernel] = {
     "et_matvec_f32": Kernel("WXY_VOID", "f32", f32_cases),
-    "et_matvec_bf16": Kernel("WXY", "bf16", bf16_cases),
+    "et_matvec_bf16": Kernel("WXY", "bf16", bf16_cases(f32_out=False)),
+    "et_matvec_bf16_f32": Kernel("WXY", "bf16", bf16_cases(f32_out=True)),
     "et_matvec_i8": Kernel("WSXY", "i8", i8_cases),
     "et_matvec_i8_b32": Kernel("WSXY", "i8_b32", i8_b32_cases),
     "et_matvec_i4": Kernel("WSXY_GROUP", "i4", int4_cases(f32_pairs=False)),

@@ -6,7 +6,9 @@ Writes the reference cases (kernel_cases.py) into a temporary directory, compile
 ``harness.c`` (which includes ``edgetp/kernels/csrc/matvec.c``) with the runtime's own flags
 (``edgetp.kernels.native.COMMON_FLAGS``) plus each target's, and runs it: x86 targets directly,
 AArch64 builds (static, Debian's ``aarch64-linux-gnu-gcc``) under ``qemu-aarch64`` with a CPU
-model that has, or lacks, the dot-product extension. Exit status 1 when a case fails or a
+model that lacks the dot-product extension (Cortex-A53: the NEON smlal paths), has it alone
+(Cortex-A76, a Raspberry Pi 5: sdot) or has it with the int8 matrix multiply (qemu's ``max``:
+sdot and usdot). Exit status 1 when a case fails or a
 target's tools are missing (``.ci/run`` installs them).
 """
 
@@ -53,6 +55,8 @@ TARGETS = (
     Target("x86-64-v2", "cc", ("-march=x86-64-v2",)),  # SSE4.2 only
     Target("aarch64", AARCH64_CC, ("-march=armv8-a", "-static"),
            (QEMU, "-cpu", "cortex-a53"), host_arch="any"),  # no dot product
+    Target("aarch64-a76", AARCH64_CC, ("-march=armv8.2-a+dotprod", "-static"),
+           (QEMU, "-cpu", "cortex-a76"), host_arch="any"),  # dot product only (Raspberry Pi 5)
     Target("aarch64-dotprod", AARCH64_CC, ("-march=armv8.2-a+dotprod+i8mm", "-static"),
            (QEMU, "-cpu", "max"), host_arch="any"),  # dot product and int8 matrix multiply
 )

@@ -3,10 +3,14 @@
  * At batch size 1 every weight is read once per token, so these loops only have to keep the
  * memory bus busy: rows go four at a time (one pass over x feeds four weight streams) and the
  * inner loops are written for the compiler's vectorizer (built with -O3 -march=native and
- * reassociation allowed, see edgetp/kernels.py). int8 has explicit AVX-512 and AVX2 loops.
+ * reassociation allowed, see edgetp/kernels/native.py). Every product has hand-written loops
+ * for AVX-512, AVX2 + FMA (AVX-VNNI where the target has it) and AArch64 NEON (the dot
+ * product where the target has it), chosen at build time from the compiler's feature macros;
+ * the plain C loops serve any other target.
  *
- * Every function is single-threaded (one thread per node) and allocation-free, except for one
- * growing thread-local scratch area holding x converted (float32 for bfloat16, int16 for int8).
+ * Every function is single-threaded (one thread per node) and allocation-free, except for
+ * growing thread-local scratch areas holding x converted (float32 for bfloat16, int16 codes
+ * for the integer products, and on AArch64 with the dot product those codes' bytes apart).
  * All arrays are row-major and contiguous; bfloat16 travels as uint16_t.
  */
 #include <stdint.h>
@@ -17,8 +21,24 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define ET_AVX2 1 /* x86-64-v3 and up: 256-bit integer and FMA paths */
+#endif
+#if defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define ET_NEON 1 /* every AArch64 CPU; __ARM_FEATURE_DOTPROD / _MATMUL_INT8 add sdot / usdot */
+#endif
 
 #define ROWS 4
+
+#if defined(ET_AVX2)
+static inline float sum256(__m256 v) { /* the sum of a vector's eight floats */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -39,21 +59,46 @@ int et_abi_version(void) { return 1; }
 
 /* ---- float32 weights, float32 x -> float32 y ------------------------------------------------ */
 
+#if defined(__AVX512F__) || defined(ET_AVX2) || defined(ET_NEON)
+/* F32_ROWS weight streams per pass over x, one vector accumulator each. */
 #if defined(__AVX512F__)
-#define F32_ROWS 12 /* weight streams per pass over x: 12 measured ~15% ahead of 4, 5% of 8 */
-static int64_t f32_rows_avx512(const float *restrict w, const float *restrict x,
-                               float *restrict y, int64_t rows, int64_t cols) {
-    int64_t vec_cols = cols - cols % 16, r = 0;
+#define F32_ROWS 12 /* 12 measured ~15% ahead of 4, 5% of 8 */
+#define F32_LANES 16
+typedef __m512 f32_vec;
+#define f32_zero() _mm512_setzero_ps()
+#define f32_load(p) _mm512_loadu_ps(p)
+#define f32_fma(a, b, acc) _mm512_fmadd_ps(a, b, acc)
+#define f32_sum(v) _mm512_reduce_add_ps(v)
+#elif defined(ET_AVX2)
+#define F32_ROWS 8
+#define F32_LANES 8
+typedef __m256 f32_vec;
+#define f32_zero() _mm256_setzero_ps()
+#define f32_load(p) _mm256_loadu_ps(p)
+#define f32_fma(a, b, acc) _mm256_fmadd_ps(a, b, acc)
+#define f32_sum(v) sum256(v)
+#else
+#define F32_ROWS 8
+#define F32_LANES 4
+typedef float32x4_t f32_vec;
+#define f32_zero() vdupq_n_f32(0.f)
+#define f32_load(p) vld1q_f32(p)
+#define f32_fma(a, b, acc) vfmaq_f32(acc, a, b)
+#define f32_sum(v) vaddvq_f32(v)
+#endif
+static int64_t f32_rows_vec(const float *restrict w, const float *restrict x, float *restrict y,
+                            int64_t rows, int64_t cols) {
+    int64_t vec_cols = cols - cols % F32_LANES, r = 0;
     for (; r + F32_ROWS <= rows; r += F32_ROWS) {
-        __m512 acc[F32_ROWS];
-        for (int k = 0; k < F32_ROWS; k++) acc[k] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < vec_cols; i += 16) {
-            __m512 xv = _mm512_loadu_ps(x + i);
+        f32_vec acc[F32_ROWS];
+        for (int k = 0; k < F32_ROWS; k++) acc[k] = f32_zero();
+        for (int64_t i = 0; i < vec_cols; i += F32_LANES) {
+            f32_vec xv = f32_load(x + i);
             for (int k = 0; k < F32_ROWS; k++)
-                acc[k] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (r + k) * cols + i), xv, acc[k]);
+                acc[k] = f32_fma(f32_load(w + (r + k) * cols + i), xv, acc[k]);
         }
         for (int k = 0; k < F32_ROWS; k++) {
-            float a = _mm512_reduce_add_ps(acc[k]);
+            float a = f32_sum(acc[k]);
             for (int64_t i = vec_cols; i < cols; i++) a += w[(r + k) * cols + i] * x[i];
             y[r + k] = a;
         }
@@ -65,8 +110,8 @@ static int64_t f32_rows_avx512(const float *restrict w, const float *restrict x,
 void et_matvec_f32(const float *restrict w, const float *restrict x, float *restrict y,
                    int64_t rows, int64_t cols) {
     int64_t r = 0;
-#if defined(__AVX512F__)
-    r = f32_rows_avx512(w, x, y, rows, cols);
+#if defined(__AVX512F__) || defined(ET_AVX2) || defined(ET_NEON)
+    r = f32_rows_vec(w, x, y, rows, cols);
 #endif
     for (; r + ROWS <= rows; r += ROWS) {
         const float *w0 = w + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
@@ -104,14 +149,23 @@ static void *scratch_bytes(int64_t n) {
     return area;
 }
 
-/* ---- bfloat16 weights, bfloat16 x -> bfloat16 y (float32 accumulation, as torch) ------------- */
+/* ---- bfloat16 weights, bfloat16 x -> bfloat16 or float32 y (float32 accumulation) ----------
+ *
+ * Rounding y to bfloat16 is what torch does for a bfloat16 product; logits keep the float32 sum
+ * (et_matvec_bf16_f32): near logits of 16-20 a bfloat16 step is 0.06-0.125, enough to tie the
+ * top tokens. */
+
+static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
+    if (f32_out) ((float *)y)[r] = a;
+    else ((uint16_t *)y)[r] = f32_to_bf16(a);
+}
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 /* vdpbf16ps multiplies pairs of bfloat16 and adds them into float32: one instruction per 32
  * weights, where widening each weight to float32 first costs three. Rows go eight at a time. */
 #define BF16_ROWS 8
 static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *restrict x,
-                                uint16_t *restrict y, int64_t rows, int64_t cols) {
+                                void *restrict y, int64_t rows, int64_t cols, int f32_out) {
     int64_t vec_cols = cols - cols % 32, r = 0;
     for (; r + BF16_ROWS <= rows; r += BF16_ROWS) {
         __m512 acc[BF16_ROWS];
@@ -126,18 +180,78 @@ static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *rest
             float a = _mm512_reduce_add_ps(acc[k]);
             for (int64_t i = vec_cols; i < cols; i++)
                 a += bf16_to_f32(w[(r + k) * cols + i]) * bf16_to_f32(x[i]);
-            y[r + k] = f32_to_bf16(a);
+            put_row(y, r + k, a, f32_out);
         }
     }
     return r; /* rows done */
 }
 #endif
 
-int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint16_t *restrict y,
-                   int64_t rows, int64_t cols) {
+#if !(defined(__AVX512BF16__) && defined(__AVX512BW__)) && (defined(ET_AVX2) || defined(ET_NEON))
+/* A bfloat16 is the high half of a float32: widening is one shift (or mask) per vector. Four
+ * rows per pass over x, two float32 accumulators each (the even and odd columns on AVX2, the
+ * low and high four of eight on NEON). */
+#define BF16_ROWS 4
+#if defined(ET_AVX2)
+#define BF16_STEP 16
+typedef __m256 bf16_acc;
+/* 16 bfloat16 -> their even and odd elements as two float32 vectors */
+static inline void bf16_widen(const uint16_t *p, __m256 *even, __m256 *odd) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32((int)0xffff0000u)));
+}
+#define bf16_zero() _mm256_setzero_ps()
+#define bf16_fma(a, b, acc) _mm256_fmadd_ps(a, b, acc)
+#define bf16_sum(a, b) sum256(_mm256_add_ps(a, b))
+#else
+#define BF16_STEP 8
+typedef float32x4_t bf16_acc;
+/* 8 bfloat16 -> the low and high four as two float32 vectors */
+static inline void bf16_widen(const uint16_t *p, float32x4_t *even, float32x4_t *odd) {
+    uint16x8_t v = vld1q_u16(p);
+    *even = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(v), 16));
+    *odd = vreinterpretq_f32_u32(vshll_high_n_u16(v, 16));
+}
+#define bf16_zero() vdupq_n_f32(0.f)
+#define bf16_fma(a, b, acc) vfmaq_f32(acc, a, b)
+#define bf16_sum(a, b) vaddvq_f32(vaddq_f32(a, b))
+#endif
+static int64_t bf16_rows_vec(const uint16_t *restrict w, const uint16_t *restrict x,
+                             void *restrict y, int64_t rows, int64_t cols, int f32_out) {
+    int64_t vec_cols = cols - cols % BF16_STEP, r = 0;
+    for (; r + BF16_ROWS <= rows; r += BF16_ROWS) {
+        bf16_acc lo[BF16_ROWS], hi[BF16_ROWS];
+        for (int k = 0; k < BF16_ROWS; k++) lo[k] = hi[k] = bf16_zero();
+        for (int64_t i = 0; i < vec_cols; i += BF16_STEP) {
+            bf16_acc x_lo, x_hi;
+            bf16_widen(x + i, &x_lo, &x_hi);
+            for (int k = 0; k < BF16_ROWS; k++) {
+                bf16_acc w_lo, w_hi;
+                bf16_widen(w + (r + k) * cols + i, &w_lo, &w_hi);
+                lo[k] = bf16_fma(w_lo, x_lo, lo[k]);
+                hi[k] = bf16_fma(w_hi, x_hi, hi[k]);
+            }
+        }
+        for (int k = 0; k < BF16_ROWS; k++) {
+            float a = bf16_sum(lo[k], hi[k]);
+            for (int64_t i = vec_cols; i < cols; i++)
+                a += bf16_to_f32(w[(r + k) * cols + i]) * bf16_to_f32(x[i]);
+            put_row(y, r + k, a, f32_out);
+        }
+    }
+    return r; /* rows done */
+}
+#endif
+
+static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y,
+                       int64_t rows, int64_t cols, int f32_out) {
     int64_t r = 0;
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    r = bf16_rows_avx512(w, x, y, rows, cols);
+    r = bf16_rows_avx512(w, x, y, rows, cols, f32_out);
+    if (r == rows) return 0;
+#elif defined(ET_AVX2) || defined(ET_NEON)
+    r = bf16_rows_vec(w, x, y, rows, cols, f32_out);
     if (r == rows) return 0;
 #endif
     float *restrict xf = scratch_bytes(cols * (int64_t)sizeof(float));
@@ -153,18 +267,28 @@ int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint1
             a2 += bf16_to_f32(w2[i]) * xi;
             a3 += bf16_to_f32(w3[i]) * xi;
         }
-        y[r] = f32_to_bf16(a0);
-        y[r + 1] = f32_to_bf16(a1);
-        y[r + 2] = f32_to_bf16(a2);
-        y[r + 3] = f32_to_bf16(a3);
+        put_row(y, r, a0, f32_out);
+        put_row(y, r + 1, a1, f32_out);
+        put_row(y, r + 2, a2, f32_out);
+        put_row(y, r + 3, a3, f32_out);
     }
     for (; r < rows; r++) {
         const uint16_t *wr = w + r * cols;
         float a = 0.f;
         for (int64_t i = 0; i < cols; i++) a += bf16_to_f32(wr[i]) * xf[i];
-        y[r] = f32_to_bf16(a);
+        put_row(y, r, a, f32_out);
     }
     return 0;
+}
+
+int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint16_t *restrict y,
+                   int64_t rows, int64_t cols) {
+    return bf16_matvec(w, x, y, rows, cols, 0);
+}
+
+int et_matvec_bf16_f32(const uint16_t *restrict w, const uint16_t *restrict x,
+                       float *restrict y, int64_t rows, int64_t cols) {
+    return bf16_matvec(w, x, y, rows, cols, 1);
 }
 
 /* ---- int8 weights with a bfloat16 scale per row, float32 x -> float32 y ----------------------
@@ -206,9 +330,151 @@ static inline int32_t block_dot_tail(const int8_t *restrict w, const int16_t *re
     return acc;
 }
 
+/* x quantized: int16 codes per 64-column block and the blocks' scales; on AArch64 with the dot
+ * product also each code's bytes apart (q = 256 hi + lo), for sdot / usdot. */
+struct qx {
+    const int16_t *q;
+    const float *scale;
+    const int8_t *hi, *lo; /* lo: 0..255 (usdot) or lo - 128 (sdot only); NULL elsewhere */
+};
+
+#if defined(ET_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define ET_SPLIT_X 1
+/* The code bytes of x into a second thread-local area: hi = q >> 8 (-128..127) and the low
+ * byte, as 0..255 for usdot (int8 matrix multiply) or shifted to -128..127 for sdot. */
+static int split_x(const int16_t *restrict xq, int64_t n, int8_t **hi, int8_t **lo) {
+    static __thread int8_t *area = NULL;
+    static __thread int64_t capacity = 0;
+    if (2 * n > capacity) {
+        int8_t *grown = realloc(area, (size_t)(2 * n));
+        if (grown == NULL) return -1;
+        area = grown;
+        capacity = 2 * n;
+    }
+    *hi = area;
+    *lo = area + n;
+    for (int64_t i = 0; i < n; i++) {
+        area[i] = (int8_t)(xq[i] >> 8);
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+        area[n + i] = (int8_t)(uint8_t)(xq[i] & 0xff);
+#else
+        area[n + i] = (int8_t)((xq[i] & 0xff) - 128);
+#endif
+    }
+    return 0;
+}
+#endif
+
+#if defined(ET_AVX2)
+/* acc + pairwise products of 16 int16 lanes: vpdpwssd where the target has AVX-VNNI */
+static inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, a, b);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpwssd_epi32(acc, a, b);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+#endif
+}
+
+/* Eight int32 lanes summing w[0..31] * xq[0..31] exactly. */
+static inline __m256i dot32_avx2(const int8_t *restrict w, const int16_t *restrict xq) {
+    __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + 16)));
+    __m256i dot = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xq));
+    return madd_acc(dot, w1, _mm256_loadu_si256((const __m256i *)(xq + 16)));
+}
+#endif
+
+#if defined(ET_NEON)
+#define NEON_ROWS 4 /* int8 rows per pass over x */
+/* d[k] += four int32 lanes summing w[k * stride + 0..len-1] * x[at..at + len-1] exactly,
+ * k < n; len 32 or 64 (|lane| <= 16 * 127 * 32767 < 2^31). */
+static inline void dot_rows(const int8_t *restrict w, int64_t stride, int n, const struct qx *x,
+                            int64_t at, int len, int32x4_t *d) {
+#if defined(ET_SPLIT_X)
+    int32x4_t hi[NEON_ROWS], lo[NEON_ROWS];
+#if !defined(__ARM_FEATURE_MATMUL_INT8)
+    int32x4_t sum[NEON_ROWS]; /* sums of w, for the -128 shift of lo */
+#endif
+    for (int k = 0; k < n; k++) {
+        hi[k] = lo[k] = vdupq_n_s32(0);
+#if !defined(__ARM_FEATURE_MATMUL_INT8)
+        sum[k] = vdupq_n_s32(0);
+#endif
+    }
+    for (int i = 0; i < len; i += 16) {
+        int8x16_t xh = vld1q_s8(x->hi + at + i), xl = vld1q_s8(x->lo + at + i);
+        for (int k = 0; k < n; k++) {
+            int8x16_t wv = vld1q_s8(w + k * stride + i);
+            hi[k] = vdotq_s32(hi[k], wv, xh);
+#if defined(__ARM_FEATURE_MATMUL_INT8)
+            lo[k] = vusdotq_s32(lo[k], vreinterpretq_u8_s8(xl), wv);
+#else
+            lo[k] = vdotq_s32(lo[k], wv, xl);
+            sum[k] = vdotq_s32(sum[k], wv, vdupq_n_s8(1));
+#endif
+        }
+    }
+    for (int k = 0; k < n; k++) { /* d + 256 hi + lo (+ 128 sum) */
+#if !defined(__ARM_FEATURE_MATMUL_INT8)
+        lo[k] = vmlaq_n_s32(lo[k], sum[k], 128);
+#endif
+        d[k] = vmlaq_n_s32(vaddq_s32(d[k], lo[k]), hi[k], 256);
+    }
+#else
+    for (int i = 0; i < len; i += 16) {
+        int16x8_t x0 = vld1q_s16(x->q + at + i), x1 = vld1q_s16(x->q + at + i + 8);
+        for (int k = 0; k < n; k++) {
+            int8x16_t wv = vld1q_s8(w + k * stride + i);
+            int16x8_t w0 = vmovl_s8(vget_low_s8(wv)), w1 = vmovl_high_s8(wv);
+            d[k] = vmlal_s16(d[k], vget_low_s16(w0), vget_low_s16(x0));
+            d[k] = vmlal_high_s16(d[k], w0, x0);
+            d[k] = vmlal_s16(d[k], vget_low_s16(w1), vget_low_s16(x1));
+            d[k] = vmlal_high_s16(d[k], w1, x1);
+        }
+    }
+#endif
+}
+
+/* Four int32 lanes summing w[0..31] * x[at..at + 31] exactly. */
+static inline int32x4_t dot32_neon(const int8_t *restrict w, const struct qx *x, int64_t at) {
+    int32x4_t d = vdupq_n_s32(0);
+    dot_rows(w, 0, 1, x, at, 32, &d);
+    return d;
+}
+
+/* int8 rows four at a time (one pass over x feeds four weight streams); returns rows done. */
+static int64_t i8_rows_neon(const int8_t *restrict w, const uint16_t *restrict scale,
+                            const struct qx *x, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK, r = 0;
+    for (; r + NEON_ROWS <= rows; r += NEON_ROWS) {
+        const int8_t *wr = w + r * cols;
+        float32x4_t acc[NEON_ROWS];
+        for (int k = 0; k < NEON_ROWS; k++) acc[k] = vdupq_n_f32(0.f);
+        for (int64_t b = 0; b < full; b++) {
+            int32x4_t d[NEON_ROWS];
+            for (int k = 0; k < NEON_ROWS; k++) d[k] = vdupq_n_s32(0);
+            dot_rows(wr + b * QBLOCK, cols, NEON_ROWS, x, b * QBLOCK, QBLOCK, d);
+            for (int k = 0; k < NEON_ROWS; k++)
+                acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(d[k]), x->scale[b]);
+        }
+        for (int k = 0; k < NEON_ROWS; k++) {
+            float sum = vaddvq_f32(acc[k]);
+            if (tail)
+                sum += (float)block_dot_tail(wr + k * cols + full * QBLOCK, x->q + full * QBLOCK,
+                                             tail) * x->scale[full];
+            y[r + k] = sum * bf16_to_f32(scale[r + k]);
+        }
+    }
+    return r;
+}
+#endif
+
 #if defined(__AVX512BW__)
-static float i8_row(const int8_t *restrict w, const int16_t *restrict xq,
-                    const float *restrict xs, int64_t full_blocks) {
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
+    const int16_t *xq = x->q;
+    const float *xs = x->scale;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t b = 0; b < full_blocks; b++) {
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
@@ -225,46 +491,65 @@ static float i8_row(const int8_t *restrict w, const int16_t *restrict xq,
     }
     return _mm512_reduce_add_ps(acc);
 }
-#elif defined(__AVX2__) && defined(__FMA__)
-static float i8_row(const int8_t *restrict w, const int16_t *restrict xq,
-                    const float *restrict xs, int64_t full_blocks) {
+#elif defined(ET_AVX2)
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
     __m256 acc = _mm256_setzero_ps();
     for (int64_t b = 0; b < full_blocks; b++) {
-        __m256i dot = _mm256_setzero_si256();
-        for (int k = 0; k < QBLOCK; k += 16) {
-            __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * QBLOCK + k)));
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + b * QBLOCK + k));
-            dot = _mm256_add_epi32(dot, _mm256_madd_epi16(wv, xv));
-        }
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b]), acc);
+        const int8_t *wb = w + b * QBLOCK;
+        const int16_t *xb = x->q + b * QBLOCK;
+        __m256i dot = dot32_avx2(wb, xb);
+        __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 32)));
+        __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 48)));
+        dot = madd_acc(dot, w2, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+        dot = madd_acc(dot, w3, _mm256_loadu_si256((const __m256i *)(xb + 48)));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(x->scale[b]), acc);
     }
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    return sum256(acc);
+}
+#elif defined(ET_NEON)
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
+    float32x4_t acc = vdupq_n_f32(0.f);
+    for (int64_t b = 0; b < full_blocks; b++) {
+        int32x4_t dot = vdupq_n_s32(0);
+        dot_rows(w + b * QBLOCK, 0, 1, x, b * QBLOCK, QBLOCK, &dot);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), x->scale[b]);
+    }
+    return vaddvq_f32(acc);
 }
 #else
-static float i8_row(const int8_t *restrict w, const int16_t *restrict xq,
-                    const float *restrict xs, int64_t full_blocks) {
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
     float acc = 0.f;
     for (int64_t b = 0; b < full_blocks; b++)
-        acc += (float)block_dot_tail(w + b * QBLOCK, xq + b * QBLOCK, QBLOCK) * xs[b];
+        acc += (float)block_dot_tail(w + b * QBLOCK, x->q + b * QBLOCK, QBLOCK) * x->scale[b];
     return acc;
 }
 #endif
 
 /* x quantized into the thread's scratch area: int16 codes (padded to whole blocks), a scale per
- * block, and ``extra`` more floats for the caller. Returns 0, -1 (no memory) or -2 (inf/NaN). */
-static int quantized_x(const float *restrict x, int64_t cols, int64_t extra, int16_t **xq,
-                       float **xs, float **more) {
+ * block, and ``extra`` more floats for the caller; ``split``: the codes' bytes apart too where
+ * the kernels use them (AArch64 dot product). Returns 0, -1 (no memory) or -2 (inf/NaN). */
+static int quantized_x(const float *restrict x, int64_t cols, int64_t extra, int split,
+                       struct qx *out, float **more) {
     int64_t blocks = (cols + QBLOCK - 1) / QBLOCK;
     char *area = scratch_bytes(blocks * QBLOCK * (int64_t)sizeof(int16_t)
                                + (blocks + extra) * (int64_t)sizeof(float));
     if (area == NULL) return -1;
-    *xq = (int16_t *)area;
-    *xs = (float *)(area + blocks * QBLOCK * sizeof(int16_t));
-    *more = *xs + blocks;
-    return quantize_x(x, cols, *xq, *xs);
+    int16_t *xq = (int16_t *)area;
+    float *xs = (float *)(area + blocks * QBLOCK * sizeof(int16_t));
+    *out = (struct qx){xq, xs, NULL, NULL};
+    *more = xs + blocks;
+    int status = quantize_x(x, cols, xq, xs);
+#if defined(ET_SPLIT_X)
+    if (status == 0 && split) {
+        int8_t *hi, *lo;
+        if (split_x(xq, blocks * QBLOCK, &hi, &lo) != 0) return -1;
+        out->hi = hi;
+        out->lo = lo;
+    }
+#else
+    (void)split;
+#endif
+    return status;
 }
 
 static void fill_nan(float *y, int64_t rows) {
@@ -275,17 +560,23 @@ static void fill_nan(float *y, int64_t rows) {
 int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
                  const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
     int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
-    int16_t *xq;
-    float *xs, *unused;
-    int status = quantized_x(x, cols, 0, &xq, &xs, &unused);
+    struct qx xb;
+    float *unused;
+    int status = quantized_x(x, cols, 0, 1, &xb, &unused);
     if (status == -1) return -1;
     if (status != 0) { /* inf or NaN in x: every output is NaN */
         fill_nan(y, rows);
         return 0;
     }
-    for (int64_t r = 0; r < rows; r++) {
+    const int16_t *xq = xb.q;
+    const float *xs = xb.scale;
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8_rows_neon(w, scale, &xb, y, rows, cols);
+#endif
+    for (; r < rows; r++) {
         const int8_t *wr = w + r * cols;
-        float sum = i8_row(wr, xq, xs, full);
+        float sum = i8_row(wr, &xb, full);
         if (tail) sum += (float)block_dot_tail(wr + full * QBLOCK, xq + full * QBLOCK, tail) * xs[full];
         y[r] = sum * bf16_to_f32(scale[r]);
     }
@@ -304,6 +595,10 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
 static inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
     return _cvtsh_ss(h);
+#elif defined(__aarch64__)
+    __fp16 half;
+    memcpy(&half, &h, sizeof half);
+    return (float)half;
 #else
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
     uint32_t bits;
@@ -323,7 +618,9 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
-                     const int16_t *restrict xq, const float *restrict xs, int64_t cols) {
+                     const struct qx *x, int64_t cols) {
+    const int16_t *xq = x->q;
+    const float *xs = x->scale;
     int64_t b = 0;
     float sum = 0.f;
 #if defined(__AVX512BW__)
@@ -340,6 +637,24 @@ static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
                               _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b + 1])), acc);
     }
     sum = _mm512_reduce_add_ps(acc);
+#elif defined(ET_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
+        __m256i d0 = dot32_avx2(w + b * QBLOCK, xq + b * QBLOCK);
+        __m256i d1 = dot32_avx2(w + b * QBLOCK + WBLOCK, xq + b * QBLOCK + WBLOCK);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0),
+                              _mm256_set1_ps(xs[b] * f16_to_f32(scale[2 * b])), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1),
+                              _mm256_set1_ps(xs[b] * f16_to_f32(scale[2 * b + 1])), acc);
+    }
+    sum = sum256(acc);
+#elif defined(ET_NEON)
+    float32x4_t acc = vdupq_n_f32(0.f);
+    for (int64_t k = 0; k < cols / WBLOCK; k++) /* every weight block, a last odd one too */
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot32_neon(w + k * WBLOCK, x, k * WBLOCK)),
+                          xs[k / 2] * f16_to_f32(scale[k]));
+    sum = vaddvq_f32(acc);
+    b = (cols / WBLOCK + 1) / 2; /* nothing left */
 #endif
     for (int64_t k = 2 * b; k * WBLOCK < cols; k++) /* what is left, 32 columns at a time */
         sum += (float)block_dot_tail(w + k * WBLOCK, xq + k * WBLOCK, WBLOCK)
@@ -347,20 +662,46 @@ static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
     return sum;
 }
 
+#if defined(ET_NEON)
+/* Four rows per pass over x, each 32-column weight block scaled by its own scale. */
+static int64_t i8b_rows_neon(const int8_t *restrict w, const uint16_t *restrict scale,
+                             const struct qx *x, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t blocks = cols / WBLOCK, r = 0;
+    for (; r + NEON_ROWS <= rows; r += NEON_ROWS) {
+        float32x4_t acc[NEON_ROWS];
+        for (int k = 0; k < NEON_ROWS; k++) acc[k] = vdupq_n_f32(0.f);
+        for (int64_t b = 0; b < blocks; b++) {
+            int32x4_t d[NEON_ROWS];
+            for (int k = 0; k < NEON_ROWS; k++) d[k] = vdupq_n_s32(0);
+            dot_rows(w + r * cols + b * WBLOCK, cols, NEON_ROWS, x, b * WBLOCK, WBLOCK, d);
+            for (int k = 0; k < NEON_ROWS; k++)
+                acc[k] = vfmaq_n_f32(acc[k], vcvtq_f32_s32(d[k]),
+                                     x->scale[b / 2] * f16_to_f32(scale[(r + k) * blocks + b]));
+        }
+        for (int k = 0; k < NEON_ROWS; k++) y[r + k] = vaddvq_f32(acc[k]);
+    }
+    return r;
+}
+#endif
+
 /* Returns 0; -1 when out of memory; -3 when the columns are not whole blocks. */
 int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
     if (cols % WBLOCK) return -3;
-    int16_t *xq;
-    float *xs, *unused;
-    int status = quantized_x(x, cols, 0, &xq, &xs, &unused);
+    struct qx xb;
+    float *unused;
+    int status = quantized_x(x, cols, 0, 1, &xb, &unused);
     if (status == -1) return -1;
     if (status != 0) {
         fill_nan(y, rows);
         return 0;
     }
-    for (int64_t r = 0; r < rows; r++)
-        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), xq, xs, cols);
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8b_rows_neon(w, scale, &xb, y, rows, cols);
+#endif
+    for (; r < rows; r++)
+        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), &xb, cols);
     return 0;
 }
 
@@ -373,12 +714,15 @@ int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
  * two adjacent rows. So per row and group
  *     sum_i w_i x_i = scale * sum_i q_i x_i + (zero - 8 * scale) * sum_i x_i,
  * with sum_i q_i x_i taken exactly in int32 against x quantized to int16 per 64 columns (as for
- * int8), in units of min(group, 64) columns. Only the AVX-512 (BW + VNNI) build has it: two
- * columns' bytes are interleaved so each 32-bit lane holds one row's two codes, and vpdpwssd
- * multiplies them by the two columns' x at once.
+ * int8), in units of min(group, 64) columns. One layout for every target:
+ *   AVX-512 BW + VNNI: two columns' bytes interleaved so each 32-bit lane holds one row's two
+ *     codes, and vpdpwssd multiplies them by the two columns' x at once (64 rows per pass);
+ *   AVX2: the same interleaving in 256-bit registers, vpmaddwd (vpdpwssd with AVX-VNNI);
+ *   NEON: each column's 64 codes widened to int16 and multiplied by that column's x with
+ *     smlal (by lane), 64 rows in sixteen int32x4 accumulators;
+ *   otherwise plain C over the 64 rows of a block, for the compiler to vectorize.
  */
 
-#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 int et_has_int4(void) { return 1; }
 
 /* The (scale, zero) pairs come as bfloat16 (``f32`` 0) or float32 (1: scales kept from a GGUF's
@@ -395,6 +739,22 @@ static inline float offset_of(const void *scale_zero, int f32, int64_t pair) {
     return zero - 8.f * scale_of(scale_zero, f32, pair);
 }
 
+/* One unit's exact int32 sums of 64 rows (in order) into the rows' float totals: scaled by x's
+ * block scale and each row's group scale, plus the group's zero-point term when it ends. */
+static inline void i4_unit_totals(const int32_t *restrict dot, const void *restrict scale_zero,
+                                  int f32, float x_scale, const float *restrict xg,
+                                  int64_t rows, int64_t row0, int64_t c, int64_t unit,
+                                  int64_t group, int64_t n, float *restrict total) {
+    int64_t g = c / group;
+    int ends = (c + unit) % group == 0;
+    for (int64_t t = 0; t < n; t++) {
+        int64_t pair = g * rows + row0 + t;
+        total[t] += (float)dot[t] * x_scale * scale_of(scale_zero, f32, pair);
+        if (ends) total[t] += offset_of(scale_zero, f32, pair) * xg[g];
+    }
+}
+
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 /* 16 consecutive rows' (scale, zero) pairs from ``pair`` on, as two vectors. */
 static inline void load_pairs(const void *scale_zero, int f32, int64_t pair, __m512 *scale,
                               __m512 *zero) {
@@ -413,11 +773,12 @@ static inline void load_pairs(const void *scale_zero, int f32, int64_t pair, __m
     *zero = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* One block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. */
+/* AVX-512 BW + VNNI: one block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. */
 static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                     const int16_t *restrict xq, const float *restrict xs,
-                     const float *restrict xg, int64_t rows, int64_t row0, int64_t cols,
-                     int64_t group, float *restrict y) {
+                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
+                     int64_t cols, int64_t group, float *restrict y) {
+    const int16_t *xq = x->q;
+    const float *xs = x->scale;
     const __m512i low_nibble = _mm512_set1_epi16(0x0f);
     /* lanes of the unpacked accumulators -> rows in order (see below) */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
@@ -465,27 +826,157 @@ static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero,
     for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + k * 16, total[k]);
 }
 
+#elif defined(ET_AVX2)
+/* 8 consecutive rows' (scale, zero) pairs from ``pair`` on, as two vectors. */
+static inline void load_pairs8(const void *scale_zero, int f32, int64_t pair, __m256 *scale,
+                               __m256 *zero) {
+    if (f32) {
+        const float *p = (const float *)scale_zero + pair * 2;
+        __m256 a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8); /* s0 z0 s1 z1 | s2 ... */
+        __m256 s = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)); /* s0 s1 s4 s5 | s2 s3 s6 s7 */
+        __m256 z = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
+        *scale = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(s), 0xd8));
+        *zero = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(z), 0xd8));
+        return;
+    }
+    __m256i sz = _mm256_loadu_si256((const __m256i *)((const uint16_t *)scale_zero + pair * 2));
+    *scale = _mm256_castsi256_ps(_mm256_slli_epi32(sz, 16));
+    *zero = _mm256_castsi256_ps(_mm256_and_si256(sz, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+/* AVX2: one block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. Two columns'
+ * bytes interleaved and widened to int16 put one row's two codes in each 32-bit lane (low
+ * nibble: rows 0-31, high nibble: rows 32-63); vpmaddwd against the two columns' x. */
+static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
+                     int64_t cols, int64_t group, float *restrict y) {
+    const __m256i low_nibble = _mm256_set1_epi16(0x0f);
+    int64_t unit = group < QBLOCK ? group : QBLOCK;
+    __m256 total[8]; /* rows 0-7, 8-15, ..., 56-63 */
+    for (int k = 0; k < 8; k++) total[k] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < cols; c += unit) {
+        /* acc[k], k < 4: rows 4k..4k+3 and 16+4k..16+4k+3; acc[4 + k]: the same + 32 */
+        __m256i acc[8];
+        for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_si256();
+        for (int64_t i = c; i < c + unit; i += 2) {
+            __m256i b0 = _mm256_loadu_si256((const __m256i *)(w + i * 32));
+            __m256i b1 = _mm256_loadu_si256((const __m256i *)(w + (i + 1) * 32));
+            int32_t pair;
+            memcpy(&pair, x->q + i, sizeof pair); /* x[i] low, x[i + 1] high */
+            __m256i xv = _mm256_set1_epi32(pair), zero = _mm256_setzero_si256();
+            __m256i p = _mm256_unpacklo_epi8(b0, b1), q = _mm256_unpackhi_epi8(b0, b1);
+            __m256i v[4] = {_mm256_unpacklo_epi8(p, zero), _mm256_unpackhi_epi8(p, zero),
+                            _mm256_unpacklo_epi8(q, zero), _mm256_unpackhi_epi8(q, zero)};
+            for (int k = 0; k < 4; k++) {
+                acc[k] = madd_acc(acc[k], _mm256_and_si256(v[k], low_nibble), xv);
+                acc[4 + k] = madd_acc(acc[4 + k], _mm256_srli_epi16(v[k], 4), xv);
+            }
+        }
+        int64_t g = c / group;
+        int ends = (c + unit) % group == 0;
+        __m256 block_scale = _mm256_set1_ps(x->scale[c / QBLOCK]);
+        for (int half = 0; half < 2; half++) {
+            const __m256i *h = acc + 4 * half;
+            __m256i ordered[4] = {_mm256_permute2x128_si256(h[0], h[1], 0x20),  /* rows 0-7 */
+                                  _mm256_permute2x128_si256(h[2], h[3], 0x20),  /* 8-15 */
+                                  _mm256_permute2x128_si256(h[0], h[1], 0x31),  /* 16-23 */
+                                  _mm256_permute2x128_si256(h[2], h[3], 0x31)}; /* 24-31 */
+            for (int k = 0; k < 4; k++) {
+                int t = 4 * half + k;
+                __m256 scale, zero;
+                load_pairs8(scale_zero, f32, g * rows + row0 + 8 * t, &scale, &zero);
+                __m256 sum = _mm256_mul_ps(_mm256_cvtepi32_ps(ordered[k]), block_scale);
+                total[t] = _mm256_fmadd_ps(sum, scale, total[t]);
+                if (ends) { /* the group ends: its zero-point term */
+                    __m256 offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), scale, zero);
+                    total[t] = _mm256_fmadd_ps(offset, _mm256_set1_ps(xg[g]), total[t]);
+                }
+            }
+        }
+    }
+    for (int k = 0; k < 8; k++) _mm256_storeu_ps(y + 8 * k, total[k]);
+}
+#elif defined(ET_NEON)
+/* NEON: one block of 64 rows. Per column, 32 bytes: low nibbles rows 0-31, high rows 32-63;
+ * each widened to int16 and multiplied by the column's x into int32 (smlal), so a row's sum
+ * over a unit is exact. */
+static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
+                     int64_t cols, int64_t group, float *restrict y) {
+    const uint8x16_t low_nibble = vdupq_n_u8(0x0f);
+    int64_t unit = group < QBLOCK ? group : QBLOCK;
+    float total[64] = {0};
+    for (int64_t c = 0; c < cols; c += unit) {
+        int32x4_t acc[16]; /* rows 4k..4k+3 */
+        for (int k = 0; k < 16; k++) acc[k] = vdupq_n_s32(0);
+        for (int64_t i = c; i < c + unit; i++) {
+            uint8x16_t b[2] = {vld1q_u8(w + i * 32), vld1q_u8(w + i * 32 + 16)};
+            int16_t xi = x->q[i];
+            for (int h = 0; h < 2; h++) { /* bytes 16h..16h+15: rows 16h.. and 32 + 16h.. */
+                uint8x16_t codes[2] = {vandq_u8(b[h], low_nibble), vshrq_n_u8(b[h], 4)};
+                for (int n = 0; n < 2; n++) {
+                    int16x8_t lo = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(codes[n])));
+                    int16x8_t hi = vreinterpretq_s16_u16(vmovl_high_u8(codes[n]));
+                    int a = 8 * n + 4 * h; /* the accumulator of row 32n + 16h */
+                    acc[a] = vmlal_n_s16(acc[a], vget_low_s16(lo), xi);
+                    acc[a + 1] = vmlal_high_n_s16(acc[a + 1], lo, xi);
+                    acc[a + 2] = vmlal_n_s16(acc[a + 2], vget_low_s16(hi), xi);
+                    acc[a + 3] = vmlal_high_n_s16(acc[a + 3], hi, xi);
+                }
+            }
+        }
+        int32_t dot[64];
+        for (int k = 0; k < 16; k++) vst1q_s32(dot + 4 * k, acc[k]);
+        i4_unit_totals(dot, scale_zero, f32, x->scale[c / QBLOCK], xg, rows, row0, c, unit,
+                       group, 64, total);
+    }
+    memcpy(y, total, sizeof total);
+}
+#else
+/* Plain C: one block of 64 rows, each unit's exact sums over the block's rows for the
+ * compiler to vectorize. */
+static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
+                     int64_t cols, int64_t group, float *restrict y) {
+    int64_t unit = group < QBLOCK ? group : QBLOCK;
+    float total[64] = {0};
+    for (int64_t c = 0; c < cols; c += unit) {
+        int32_t dot[64] = {0};
+        for (int64_t i = c; i < c + unit; i++) {
+            int32_t xi = x->q[i];
+            for (int j = 0; j < 32; j++) {
+                int32_t byte = w[i * 32 + j];
+                dot[j] += (byte & 15) * xi;
+                dot[j + 32] += (byte >> 4) * xi;
+            }
+        }
+        i4_unit_totals(dot, scale_zero, f32, x->scale[c / QBLOCK], xg, rows, row0, c, unit,
+                       group, 64, total);
+    }
+    memcpy(y, total, sizeof total);
+}
+#endif
+
 /* The last 16, 32 or 48 rows (bytes: cols x tail / 2, two adjacent rows per byte). */
 static void i4_tail(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                    const int16_t *restrict xq, const float *restrict xs,
-                    const float *restrict xg, int64_t rows, int64_t row0, int64_t tail,
-                    int64_t cols, int64_t group, float *restrict y) {
-    int64_t unit = group < QBLOCK ? group : QBLOCK;
-    for (int64_t t = 0; t < tail; t++) {
-        int64_t r = row0 + t;
-        float total = 0.f;
-        for (int64_t c = 0; c < cols; c += unit) {
-            int32_t dot = 0;
-            for (int64_t i = c; i < c + unit; i++) {
-                uint8_t byte = w[i * (tail / 2) + t / 2];
-                dot += (int32_t)((t & 1) ? byte >> 4 : byte & 15) * xq[i];
+                    const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
+                    int64_t tail, int64_t cols, int64_t group, float *restrict y) {
+    int64_t unit = group < QBLOCK ? group : QBLOCK, half = tail / 2;
+    float total[48] = {0};
+    for (int64_t c = 0; c < cols; c += unit) {
+        int32_t dot[48] = {0};
+        for (int64_t i = c; i < c + unit; i++) {
+            int32_t xi = x->q[i];
+            for (int64_t j = 0; j < half; j++) {
+                int32_t byte = w[i * half + j];
+                dot[2 * j] += (byte & 15) * xi;
+                dot[2 * j + 1] += (byte >> 4) * xi;
             }
-            int64_t g = c / group;
-            total += (float)dot * xs[c / QBLOCK] * scale_of(scale_zero, f32, g * rows + r);
-            if ((c + unit) % group == 0) total += offset_of(scale_zero, f32, g * rows + r) * xg[g];
         }
-        y[t] = total;
+        i4_unit_totals(dot, scale_zero, f32, x->scale[c / QBLOCK], xg, rows, row0, c, unit,
+                       group, tail, total);
     }
+    memcpy(y, total, (size_t)tail * sizeof(float));
 }
 
 /* Rows [from, to) of the product (the thread pool's parts; 0, rows for all of it). */
@@ -494,9 +985,9 @@ static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero,
                      int64_t group, int64_t from, int64_t to) {
     if (rows % 16 || group % 32 || cols % group) return -3;
     int64_t groups = cols / group, full = rows - rows % 64;
-    int16_t *xq;
-    float *xs, *xg;
-    int status = quantized_x(x, cols, groups, &xq, &xs, &xg);
+    struct qx xb;
+    float *xg;
+    int status = quantized_x(x, cols, groups, 0, &xb, &xg);
     if (status == -1) return -1;
     if (status != 0) {
         fill_nan(y + from, to - from);
@@ -508,9 +999,9 @@ static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero,
         xg[g] = sum;
     }
     for (int64_t r = from; r < full && r < to; r += 64)
-        i4_block(w + r * cols / 2, scale_zero, f32, xq, xs, xg, rows, r, cols, group, y + r);
+        i4_block(w + r * cols / 2, scale_zero, f32, &xb, xg, rows, r, cols, group, y + r);
     if (to > full)
-        i4_tail(w + full * cols / 2, scale_zero, f32, xq, xs, xg, rows, full, rows - full, cols,
+        i4_tail(w + full * cols / 2, scale_zero, f32, &xb, xg, rows, full, rows - full, cols,
                 group, y + full);
     return 0;
 }
@@ -537,31 +1028,6 @@ int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f
     if (from < 0 || from > to || to > rows || from % 64 || (to % 64 && to != rows)) return -3;
     return matvec_i4(w, scale_zero, f32, x, y, rows, cols, group, from, to);
 }
-#else
-int et_has_int4(void) { return 0; }
-
-int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
-                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-                 int64_t group) {
-    (void)w; (void)scale_zero; (void)x; (void)y; (void)rows; (void)cols; (void)group;
-    return -3; /* torch's int4 kernel is as fast without AVX-512 VNNI */
-}
-
-int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero,
-                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-                     int64_t group) {
-    (void)w; (void)scale_zero; (void)x; (void)y; (void)rows; (void)cols; (void)group;
-    return -3;
-}
-
-int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-               const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-               int64_t group, int64_t from, int64_t to) {
-    (void)w; (void)scale_zero; (void)f32; (void)x; (void)y; (void)rows; (void)cols;
-    (void)group; (void)from; (void)to;
-    return -3;
-}
-#endif
 
 /* ---- which paths this build compiled in (for `edgetp probe` and the kernel test harness) -----
  *
@@ -570,15 +1036,36 @@ int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f
  * means the function returns -3 so the caller keeps torch's kernel. Kept in step with the #if
  * blocks above by hand: a new path adds its word here.
  */
+#if defined(__AVXVNNI__)
+#define AVX2_INT "avx-vnni" /* vpdpwssd on 256 bits */
+#else
+#define AVX2_INT "avx2"
+#endif
+#if defined(__ARM_FEATURE_MATMUL_INT8) && defined(ET_SPLIT_X)
+#define NEON_INT8 "neon-i8mm" /* sdot + usdot on x's code bytes */
+#elif defined(ET_SPLIT_X)
+#define NEON_INT8 "neon-dotprod" /* sdot on x's code bytes */
+#else
+#define NEON_INT8 "neon" /* smlal on int16 */
+#endif
+
 const char *et_kernel_paths(void) {
     return
 #if defined(__AVX512F__)
         "f32:avx512"
+#elif defined(ET_AVX2)
+        "f32:avx2"
+#elif defined(ET_NEON)
+        "f32:neon"
 #else
         "f32:autovec"
 #endif
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
         " bf16:avx512-bf16"
+#elif defined(ET_AVX2)
+        " bf16:avx2"
+#elif defined(ET_NEON)
+        " bf16:neon"
 #else
         " bf16:autovec"
 #endif
@@ -586,20 +1073,30 @@ const char *et_kernel_paths(void) {
         " i8:avx512-vnni"
 #elif defined(__AVX512BW__)
         " i8:avx512bw"
-#elif defined(__AVX2__) && defined(__FMA__)
-        " i8:avx2"
+#elif defined(ET_AVX2)
+        " i8:" AVX2_INT
+#elif defined(ET_NEON)
+        " i8:" NEON_INT8
 #else
         " i8:autovec"
 #endif
 #if defined(__AVX512BW__)
         " i8_b32:avx512bw"
+#elif defined(ET_AVX2)
+        " i8_b32:" AVX2_INT
+#elif defined(ET_NEON)
+        " i8_b32:" NEON_INT8
 #else
         " i8_b32:autovec"
 #endif
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
         " i4:avx512-vnni"
+#elif defined(ET_AVX2)
+        " i4:" AVX2_INT
+#elif defined(ET_NEON)
+        " i4:neon"
 #else
-        " i4:torch"
+        " i4:autovec"
 #endif
         ;
 }

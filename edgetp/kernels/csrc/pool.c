@@ -35,6 +35,8 @@
 void et_matvec_f32(const float *w, const float *x, float *y, int64_t rows, int64_t cols);
 int et_matvec_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
                    int64_t cols);
+int et_matvec_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t rows,
+                       int64_t cols);
 int et_matvec_i8(const int8_t *w, const uint16_t *scale, const float *x, float *y,
                  int64_t rows, int64_t cols);
 int et_matvec_i8_b32(const int8_t *w, const uint16_t *scale, const float *x, float *y,
@@ -52,7 +54,7 @@ int et_i4_rows(const uint8_t *w, const void *scale_zero, int f32, const float *x
 #define SPLIT_ROWS 48
 #define SPLIT_I4 64
 
-enum kind { F32, BF16, I8, I8_B32, I4_BF16, I4_F32 };
+enum kind { F32, BF16, BF16_F32, I8, I8_B32, I4_BF16, I4_F32 };
 
 struct product {
     enum kind kind;
@@ -105,6 +107,9 @@ static int run_part(const struct product *p, int64_t from, int64_t to) {
     case BF16:
         return et_matvec_bf16((const uint16_t *)p->w + from * cols, p->x,
                               (uint16_t *)p->y + from, n, cols);
+    case BF16_F32:
+        return et_matvec_bf16_f32((const uint16_t *)p->w + from * cols, p->x,
+                                  (float *)p->y + from, n, cols);
     case I8:
         return et_matvec_i8((const int8_t *)p->w + from * cols,
                             (const uint16_t *)p->scale + from, p->x, (float *)p->y + from, n,
@@ -295,6 +300,12 @@ void et_par_matvec_f32(const float *w, const float *x, float *y, int64_t rows, i
 int et_par_matvec_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
                        int64_t cols) {
     struct product p = {BF16, w, NULL, x, y, rows, cols, 0};
+    return run(p, rows * cols * 2);
+}
+
+int et_par_matvec_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t rows,
+                           int64_t cols) {
+    struct product p = {BF16_F32, w, NULL, x, y, rows, cols, 0};
     return run(p, rows * cols * 2);
 }
 

@@ -118,10 +118,10 @@ def _layer_parts(config: ModelConfig, plan: ShardPlan, rank: int, storage: Stora
 
 
 def _head_bytes(config: ModelConfig, storage: Storage, nbytes: TensorBytes) -> int:
-    """The master's head block: lm_head, or the embedding it is tied to (a float split)."""
-    head_file = nbytes["head.safetensors"] if storage.quantized else {
+    """The master's head block: lm_head, or the embedding it is tied to (a float head)."""
+    head_file = nbytes["head.safetensors"] if storage.head_quantized else {
         t: b for f in ("head.safetensors", "embed.safetensors") for t, b in nbytes[f].items()}
-    head_names = ("lm_head.",) if storage.quantized or not config.tie_word_embeddings \
+    head_names = ("lm_head.",) if storage.head_quantized or not config.tie_word_embeddings \
         else ("embed_tokens.",)
     return _block_bytes(head_file, head_names)
 

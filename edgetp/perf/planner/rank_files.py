@@ -16,8 +16,14 @@ from edgetp.config.model import ModelConfig
 from edgetp.perf.planner.storage import Storage
 from edgetp.shard.layout import layer_file
 from edgetp.shard.plan import ShardPlan, layer_slices, master_tensors
-from edgetp.shard.quant import SCALE_SUFFIX, is_quantized_weight
-from edgetp.shard.quantsplit import int4_groups
+from edgetp.shard.quant import (
+    INT8_BLOCK,
+    QUANT_DTYPES,
+    SCALE_SUFFIX,
+    int4_group,
+    is_quantized_weight,
+)
+from edgetp.shard.quantsplit import int4_groups, int8_block_names
 
 SAFETENSORS_CODES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 CODE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "I8": 1, "U8": 1}
@@ -31,10 +37,13 @@ def rank_files(config: ModelConfig, plan: ShardPlan, rank: int,
     """File name -> tensor -> (shape, dtype code), for every weight file ``split`` writes."""
     full = _full_shapes(config)
     groups = int4_groups(config, plan, storage.group_size) if storage.weights == "int4" else {}
+    if storage.head_format == "int4":
+        groups["lm_head.weight"] = int4_group([config.hidden_size], storage.group_size)
+    blocked = int8_block_names(config, plan)
     parts = layer_slices(plan, rank, config)
     sliced = _stored({name: part.shape_of(full[name]) for name, part in parts.items()},
-                     storage, groups)
-    whole = _stored({name: full[name] for name in parts}, storage, groups)
+                     storage, groups, blocked)
+    whole = _stored({name: full[name] for name in parts}, storage, groups, blocked)
     files: dict[str, Shapes] = {}
     for layer in range(config.num_hidden_layers):
         if not plan.is_private(layer):
@@ -43,9 +52,10 @@ def rank_files(config: ModelConfig, plan: ShardPlan, rank: int,
             files[layer_file(layer)] = whole
     if rank == 0:
         for stem, names in master_tensors(config).items():
-            if stem == "head" and storage.quantized and "lm_head.weight" not in names:
-                names = [*names, "lm_head.weight"]  # a quantized split stores a tied head too
-            files[f"{stem}.safetensors"] = _stored({n: full[n] for n in names}, storage, groups)
+            if stem == "head" and storage.head_quantized and "lm_head.weight" not in names:
+                names = [*names, "lm_head.weight"]  # a quantized head is stored, tied or not
+            files[f"{stem}.safetensors"] = _stored({n: full[n] for n in names}, storage, groups,
+                                                   blocked)
     return files
 
 
@@ -66,14 +76,18 @@ def _full_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _stored(shapes: dict[str, tuple[int, ...]], storage: Storage,
-            groups: dict[str, int]) -> Shapes:
+            groups: dict[str, int], blocked: dict[str, bool]) -> Shapes:
     """Logical shapes -> what the splitter writes (edgetp.shard.quant's formats for int8/int4)."""
     out: Shapes = {}
     float_code = SAFETENSORS_CODES[storage.floats]
     for name, shape in shapes.items():
-        if not (storage.quantized and is_quantized_weight(name)):
+        fmt = storage.head_format if name.startswith("lm_head.") else storage.weights
+        if not (fmt in QUANT_DTYPES and is_quantized_weight(name)):
             out[name] = (shape, float_code)
-        elif storage.weights == "int8":  # I8 [out, in], BF16 scale [out]
+        elif fmt == "int8" and blocked.get(name, True):  # I8, F16 (scale, low) per block
+            out[name] = (shape, "I8")
+            out[name + SCALE_SUFFIX] = ((2, shape[0], shape[1] // INT8_BLOCK), "F16")
+        elif fmt == "int8":  # I8 [out, in], BF16 scale [out]
             out[name] = (shape, "I8")
             out[name + SCALE_SUFFIX] = ((shape[0],), "BF16")
         else:  # U8 [out, in / 2], BF16 (scale, zero) [in / group, out, 2]

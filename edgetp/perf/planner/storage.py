@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgetp.core.errors import ConfigError
-from edgetp.shard.quant import QUANT_DTYPES
+from edgetp.shard.quant import QUANT_DTYPES, head_format
 
 ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 FLOAT_DTYPES = tuple(ELEMENT_BYTES)
@@ -19,17 +19,18 @@ class Storage:
     ``weights`` is ``edgetp split --dtype``: a float dtype, or int8/int4 for the linear
     weights; ``floats`` the dtype of everything else (norms, embedding, biases: a quantized
     split keeps the checkpoint's); ``compute`` the run's ``--dtype`` (activations, KV cache);
-    ``group_size`` int4's requested group.
+    ``group_size`` int4's requested group; ``head`` ``--head-dtype`` (None: its default).
     """
 
     weights: str = "float32"
     floats: str = "float32"
     compute: str = "float32"
     group_size: int = 32
+    head: str | None = None
 
     @classmethod
     def of(cls, dtype: str, float_dtype: str | None = None, compute_dtype: str | None = None,
-           group_size: int = 32) -> Storage:
+           group_size: int = 32, head: str | None = None) -> Storage:
         if dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"--dtype {dtype!r}: plan one of {', '.join(WEIGHT_DTYPES)}")
         quantized = dtype in QUANT_DTYPES
@@ -38,7 +39,7 @@ class Storage:
         for what, value in (("float dtype", floats), ("compute dtype", compute)):
             if value not in FLOAT_DTYPES:
                 raise ConfigError(f"{what} {value!r}: one of {', '.join(FLOAT_DTYPES)}")
-        return cls(dtype, floats, compute, group_size)
+        return cls(dtype, floats, compute, group_size, head)
 
     @classmethod
     def coerce(cls, dtype: str | Storage) -> Storage:
@@ -48,6 +49,15 @@ class Storage:
     @property
     def quantized(self) -> bool:
         return self.weights in QUANT_DTYPES
+
+    @property
+    def head_format(self) -> str:
+        """How the split stores the lm_head: int8, int4 or a float dtype."""
+        return head_format(self.weights, self.head, self.floats)
+
+    @property
+    def head_quantized(self) -> bool:
+        return self.head_format in QUANT_DTYPES
 
     @property
     def compute_bytes(self) -> int:

@@ -16,16 +16,18 @@ slower of the two ends' bandwidth. The ring is 2(N-1) traversals of a 1/N chunk.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from edgetp.config.device import DeviceProfile
 from edgetp.config.model import ModelConfig
+from edgetp.net.codec import scale_shape
 from edgetp.perf.planner.residency import NodePlan
 from edgetp.perf.planner.spec import ClusterSpec
 from edgetp.perf.planner.storage import Storage
 
 PARAMETERS_PER_BYTE = {"float32": 0.25, "bfloat16": 0.5, "float16": 0.5, "int8": 1.0, "int4": 2.0}
-WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int8 adds a float32 scale per row
+WIRE_BYTES = {"f32": 4, "bf16": 2, "int8": 1}  # int8 adds its block scales (wire_bytes)
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,22 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig,
     for index in shared:
         compute += max(t[index][0] for t in per_rank) + max(t[index][1] for t in per_rank)
     if with_head:
-        compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.weights)
+        compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.head_format)
     comm = 0.0
     if n > 1:
-        wire = tokens * (config.hidden_size * WIRE_BYTES[cluster.wire_dtype]
-                         + (4 if cluster.wire_dtype == "int8" else 0))
-        step_msg = tokens * config.hidden_size * storage.compute_bytes
+        wire = tokens * wire_bytes(cluster.wire_dtype, config.hidden_size)
+        step_msg = tokens * config.hidden_size * 4  # the residual stream is float32
         comm = _broadcast(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
     node_compute = tuple(sum(a + m for a, m in t.values()) for t in per_rank)
     node_disk = tuple(node.streamed_bytes / (cluster.nodes[i].profile.disk_bw_mbs * 1e6)
                       for i, node in enumerate(nodes))
     return StepTime(compute, comm, max(node_disk), node_compute, node_disk)
+
+
+def wire_bytes(wire_dtype: str, width: int) -> int:
+    """Bytes of one token's partial or sum of ``width`` values on the wire."""
+    scales = math.prod(scale_shape((width,))) * 4 if wire_dtype == "int8" else 0
+    return width * WIRE_BYTES[wire_dtype] + scales
 
 
 def _layer_times(node: NodePlan, profile: DeviceProfile, storage: Storage, tokens: int,
@@ -78,15 +85,26 @@ def _layer_times(node: NodePlan, profile: DeviceProfile, storage: Storage, token
     flops = profile.flops_per_s(storage.kernel_dtype)
     mem, half = profile.mem_bw_gbs * 1e9, profile.layer_overhead_us * 0.5e-6
     params_per_byte, end = PARAMETERS_PER_BYTE[storage.weights], start + tokens
+    extra = 2 * (tokens - 1) * params_per_byte / flops  # s per weight byte beyond 1 token
+    if storage.weights == "int4" and int4_rows_one_by_one(profile.kernel_paths):
+        extra = (tokens - 1) / mv  # each further row reads the weight again (qlinear.int4_rows)
     out = {}
     for part in node.memory.layers:
-        extra = 2 * (tokens - 1) * params_per_byte / flops  # s per weight byte beyond 1 token
         attn = part.attn_bytes * (1 / mv + extra)
         scores = 4 * tokens * end * config.head_dim * part.q_heads  # QK^T and AV
         attn += part.kv_bytes_per_position * end / mem + (scores / flops if tokens > 1 else 0)
         mlp = part.mlp_bytes * (1 / mv + extra)
         out[part.index] = (half + attn, half + mlp)
     return out
+
+
+def int4_rows_one_by_one(kernel_paths: dict[str, str] | None) -> bool:
+    """Whether the device's runtime computes a multi-row int4 product as one C product per
+    row (``edgetp.parallel.qlinear.int4_rows``): with its own int4 kernel, on every path but
+    AVX-512's, whose torch int4 kernel reads the tiled bytes itself. A profile without kernel
+    paths (an older one) keeps the matmul rate."""
+    path = (kernel_paths or {}).get("i4")
+    return path is not None and path not in ("torch", "avx512-vnni")
 
 
 def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:

@@ -92,7 +92,7 @@ def matvec_weight_bytes(dtype: str, shape: tuple[int, int]) -> int:
     """The bytes a split stores for weights of ``shape`` (in, out) in ``dtype``."""
     n_in, n_out = shape
     if dtype == "int8":
-        return n_out * n_in + 2 * n_out  # I8 codes, a BF16 scale per row
+        return n_out * n_in + 4 * n_out * n_in // 32  # I8 codes, F16 (scale, low) per 32
     if dtype == "int4":
         from edgetp.shard.quant import int4_group
 
@@ -116,8 +116,8 @@ def _matvec_product(dtype: str, shape: tuple[int, int]) -> Product:
         from edgetp.parallel.qlinear import int8_product
 
         q = torch.ones((n_out, n_in), dtype=torch.int8)  # [out, in]
-        scale = torch.full((n_out,), 0.01, dtype=torch.bfloat16)  # [out]
-        return lambda: int8_product(x, q, scale, out=step)
+        scale_low = torch.full((2, n_out, n_in // 32), 0.01, dtype=torch.float16)
+        return lambda: int8_product(x, q, scale_low, out=step)
     if dtype == "int4":
         return _int4_product(x, n_out, step)
     w = torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))  # [out, in]
@@ -148,7 +148,8 @@ def _int4_product(x: Any, n_out: int, step: Any) -> Product:
     if repacked:  # resident weights are repacked once for this CPU
         packed = native_int4_pack(packed)
     scale_zero = torch.full((n_in // group, n_out, 2), 0.01, dtype=torch.bfloat16)
-    return lambda: int4_product(x, packed, scale_zero, group, tiled, repacked, out=step)
+    return lambda: int4_product(x, packed, scale_zero, group, native or repacked, repacked,
+                                out=step)
 
 
 def measure_matmul(dtype: str, shapes: list[tuple[int, int]], seconds: float,

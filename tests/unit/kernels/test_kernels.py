@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from edgetp.config.model import ModelConfig
 from edgetp.kernels import native as kernels
-from edgetp.model.llama import Transformer
+from edgetp.model.llama import LogitsHead, Transformer
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
 from edgetp.parallel.qlinear import QuantColumnParallelLinear
@@ -50,6 +50,20 @@ def test_bfloat16_matches_torch(rows: int, cols: int) -> None:
     assert got.dtype == torch.bfloat16
     # both sum in float32 and round once to bfloat16: at most one bfloat16 step apart
     assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize(("out_features", "cols"), [(5000, 64), (37, 100)])
+def test_bfloat16_logits_keep_the_float32_sums(rows: int, out_features: int, cols: int) -> None:
+    """float_linear (the head's product): bfloat16 products, float32 sums never rounded."""
+    x = torch.randn(rows, cols).bfloat16()
+    w = torch.randn(out_features, cols).bfloat16()
+    got, want = kernels.float_linear(x, w), x.double() @ w.double().T  # products exact
+    assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+    assert relative_error(got, want) < 1e-6
+    assert not torch.equal(got, got.bfloat16().float())  # not on the bfloat16 grid
+    w32 = w.float()
+    assert torch.equal(kernels.float_linear(x.float(), w32), kernels.linear(x.float(), w32))
 
 
 @pytest.mark.parametrize(("rows", "cols"), SHAPES)
@@ -89,7 +103,7 @@ def test_int8_propagates_nan_and_inf() -> None:
         assert got is not None and bool(torch.isnan(got).all())
 
 
-int4_only = pytest.mark.skipif(not kernels.has_int4(), reason="the int4 loops need AVX-512 VNNI")
+int4_only = pytest.mark.skipif(not kernels.has_int4(), reason="no C kernels here")
 
 
 @int4_only
@@ -173,7 +187,7 @@ def test_layer_linears_reuse_their_output_and_the_head_does_not() -> None:
     attn = model.layers[0].self_attn
     assert isinstance(attn.q_proj, ColumnParallelLinear) and attn.q_proj.reuse_output
     assert isinstance(attn.o_proj, RowParallelLinear) and attn.o_proj.reuse_output
-    assert isinstance(model.lm_head, ColumnParallelLinear) and not model.lm_head.reuse_output
+    assert isinstance(model.lm_head, LogitsHead)  # float32 logits, in a tensor of their own
     x = torch.randn(1, 128)
     first = attn.q_proj(x).data_ptr()
     assert attn.q_proj(torch.randn(1, 128)).data_ptr() == first  # the step's buffer, reused
@@ -289,7 +303,7 @@ def test_block_scaled_int8_refuses_partial_blocks() -> None:
     assert kernels.int8_linear(torch.randn(1, 48), q[:, :48], scale) is None  # scale shape
 
 
-@pytest.mark.skipif(not kernels.has_int4(), reason="no AVX-512 VNNI int4 kernel here")
+@pytest.mark.skipif(not kernels.has_int4(), reason="no C kernels here")
 @pytest.mark.parametrize(("rows", "group"), [(64, 32), (80, 32), (128, 64), (48, 128)])
 def test_int4_with_float32_scales_equals_the_bfloat16_kernel_math(rows: int, group: int) -> None:
     """Float32 (scale, zero) pairs: the same product as the exact dequantized one, and equal to
@@ -304,3 +318,16 @@ def test_int4_with_float32_scales_equals_the_bfloat16_kernel_math(rows: int, gro
     exact = x.double() @ dequantize_int4(packed, fine).double().T
     got = kernels.int4_linear(x, packed, fine, group)
     assert got is not None and relative_error(got, exact) < 1e-4
+
+
+@int4_only
+def test_int4_rows_without_a_torch_kernel_go_through_the_c_kernel_one_by_one() -> None:
+    from edgetp.parallel.qlinear import int4_product
+
+    packed, scale_zero = quantize_int4(torch.randn(80, 128) / 10, 32)
+    x = torch.randn(5, 128)  # [T, in]
+    got = int4_product(x, packed, scale_zero, 32, kernel_layout=False)
+    for t in range(5):
+        assert torch.equal(got[t:t + 1], kernels.int4_linear(x[t:t + 1], packed, scale_zero, 32))
+    exact = x.double() @ dequantize_int4(packed, scale_zero).double().T
+    assert relative_error(got, exact) < 1e-3  # x in int16 blocks

@@ -78,9 +78,9 @@ def n_tensors(op: str) -> int:
 
 
 def valid_tensors(op: str, n: int) -> list[torch.Tensor]:
-    """``n`` tensors that ``op`` accepts (a pair on a scaled op is int8 codes + row scales)."""
+    """``n`` tensors that ``op`` accepts (a pair on a scaled op is int8 codes + block scales)."""
     if n == 2 and op in SCALED_OPS:
-        return [sample_tensor(torch.int8, (3, 4)), torch.rand(3, 1)]
+        return [sample_tensor(torch.int8, (3, 4)), torch.rand(3, 1, 2)]
     if n == 2:
         return [sample_tensor(torch.bfloat16, (3, 4)), sample_tensor(torch.int8, (7,))]
     return [sample_tensor(torch.float32, (2, 4)) for _ in range(n)]
@@ -139,11 +139,13 @@ def test_two_tensors_of_different_dtypes(op: str) -> None:
 
 
 @pytest.mark.parametrize("op", SCALED_OPS)
-def test_scaled_pairs_must_be_int8_codes_with_one_float32_scale_per_row(op: str) -> None:
-    codes, scales = sample_tensor(torch.int8, (3, 8)), torch.rand(3, 1)
+def test_scaled_pairs_must_be_int8_codes_with_float32_scales_per_block(op: str) -> None:
+    codes, scales = sample_tensor(torch.int8, (3, 80)), torch.rand(3, 2, 2)  # blocks 64, 16
     assert len(wire.decode(wire.encode(op, VALID_FIELDS[op], [codes, scales])).tensors) == 2
     for pair in ([codes.float(), scales], [codes, scales.half()], [scales, codes],
-                 [codes, torch.rand(3, 2)], [codes, torch.rand(2, 1)], [codes, torch.rand(3)]):
+                 [codes, torch.rand(3, 1)], [codes, torch.rand(3, 2)], [codes, torch.rand(3, 1, 2)],
+                 [codes, torch.rand(3, 3, 2)], [codes, torch.rand(2, 2, 2)],
+                 [codes, torch.rand(3, 2, 1)], [codes, torch.rand(12)]):
         rejects(wire.encode(op, VALID_FIELDS[op], pair))
 
 

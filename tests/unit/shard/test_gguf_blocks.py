@@ -78,9 +78,10 @@ def expected_slices(model_dir, gguf_path, ranks):
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
 def test_int4_split_keeps_the_files_q4_blocks(converted, tmp_path, qtype):
-    """2 ranks: down_proj slices of 48 columns get groups of 16, half a block each."""
+    """2 ranks: down_proj slices of 48 columns get groups of 16, half a block each. The head
+    is asked for in int4 too (an int4 split's default head is int8), so it keeps its blocks."""
     gguf_path, model_dir = converted(qtype)
-    dirs = split_checkpoint(model_dir, tmp_path, 2, dtype="int4").rank_dirs
+    dirs = split_checkpoint(model_dir, tmp_path, 2, dtype="int4", head_dtype="int4").rank_dirs
     for rank_dir, want in zip(dirs, expected_slices(model_dir, gguf_path, 2), strict=True):
         for key, value in want.items():
             codes, scale_zero = split_values(rank_dir, key)
@@ -133,7 +134,8 @@ def test_two_ranks_compute_the_dequantized_model(converted, tmp_path, monkeypatc
     if exact:
         monkeypatch.setenv("EDGETP_QUANT_KERNELS", "0")
     _, model_dir = converted(Q.Q4_1)
-    dirs = split_checkpoint(model_dir, tmp_path, 2, dtype="native").rank_dirs
+    # the head as the layers (kept Q4_1 blocks): the default int8 head would be re-quantized
+    dirs = split_checkpoint(model_dir, tmp_path, 2, dtype="native", head_dtype="same").rank_dirs
     group = InProcessGroup(2)
     ranks = [load_rank(d, group.communicator(r), max_seq_len=64) for r, d in enumerate(dirs)]
     tokens = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(3))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -297,7 +298,8 @@ def test_cli_split(tiny_model_dir, tmp_path):
     assert lines[0].startswith("wrote 2 rank directories") and "float32" in lines[0]
     assert lines[1].strip().startswith("rank-0:") and lines[2].strip().startswith("rank-1:")
     assert "heads 0-3, kv heads 0-0" in lines[1] and "heads 4-7, kv heads 1-1" in lines[2]
-    assert all("MiB" in line and "mlp columns" in line for line in lines[1:])
+    assert all("MiB" in line and "mlp columns" in line for line in lines[1:3])
+    assert re.fullmatch(r"split .+ of weights in [0-9.]+ s: [0-9.]+ MB/s \(wrote .+\)", lines[3])
     assert (out / "rank-1" / MANIFEST_NAME).is_file()
 
     again = runner.invoke(main, ["split", str(path), "--nodes", "2", "--out", str(out)])
@@ -323,3 +325,25 @@ def test_cli_split_bad_request(tiny_model_dir, tmp_path, args, message):
     errors = [line for line in result.output.splitlines() if "rror" in line]
     assert len(errors) == 1 and message in errors[0], result.output
     assert not (out / "rank-0" / MANIFEST_NAME).exists()
+
+
+# --- checksums from memory ----------------------------------------------------------------------
+
+
+def test_a_written_file_is_described_from_memory_as_from_disk(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from edgetp.shard import checksums
+
+    tensors = {"embed_tokens.weight": torch.randn(3000, 16),
+               "b.weight": torch.randn(3, 5).bfloat16(), "empty": torch.zeros(0),
+               "codes": torch.randint(0, 255, (64, 8), dtype=torch.uint8)}
+    path = tmp_path / "f.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    from_disk = checksums.describe_file(path)
+    assert len(from_disk.tensors["embed_tokens.weight"].xxh3) > 1  # row chunks
+    reads = []
+    monkeypatch.setattr(checksums, "describe_file", lambda p: reads.append(p) or from_disk)
+    assert checksums.describe_written(path, tensors) == from_disk and not reads
+    other = dict(tensors, codes=tensors["codes"][:32])  # not what the file holds: read it
+    assert checksums.describe_written(path, other) == from_disk and reads == [path]

@@ -39,8 +39,9 @@ def layout(split: Path) -> list[dict[str, dict[str, tuple[str, tuple[int, ...]]]
 @pytest.mark.parametrize(("dtype", "ranks"), [("int4", 2), ("int8", 3), ("bfloat16", 2)])
 def test_the_layout_is_the_real_splitters(tmp_path: Path, dtype: str, ranks: int) -> None:
     config = {**CONFIG, "torch_dtype": "float32"}  # a quantized split keeps float32 floats
+    # a synthetic split stores its head as the layers (the real splitter's int4 default is int8)
     real = split_checkpoint(write_model(tmp_path / "model", config), tmp_path / "real", ranks,
-                            dtype=dtype)
+                            dtype=dtype, head_dtype="same")
     fake = write_synthetic_split(config, tmp_path / "fake", ranks, dtype)
     assert layout(fake.out_dir) == layout(real.out_dir)
     for rank, directory in enumerate(fake.rank_dirs):
@@ -79,7 +80,7 @@ def test_quantized_weights_have_the_intended_spread(tmp_path: Path) -> None:
     split8 = write_synthetic_split(CONFIG, tmp_path / "s8", 1, "int8")
     tensors = load_file(split8.rank_dirs[0] / "layer-001.safetensors")
     w8 = dequantize_int8(tensors["mlp.up_proj.weight"], tensors["mlp.up_proj.weight_scale"])
-    assert int(tensors["mlp.up_proj.weight"].min()) >= -127
+    assert tensors["mlp.up_proj.weight_scale"].shape == (2, 640, 256 // 32)  # blocks of 32
     for w in (w4, w8):  # [640, 256]: std 1 / sqrt(256)
         assert abs(float(w.std()) * 16 - 1) < 0.1
         assert abs(float(w.mean())) * 16 < 0.05
