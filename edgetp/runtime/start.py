@@ -37,6 +37,8 @@ class MasterOptions:
     allreduce: str = "star"
     weight_dtype: str | None = None  # a local cluster's split: None keeps the checkpoint's
     group_size: int = 32  # int4's group
+    draft: str | None = None  # speculative decoding: "lookup" or a draft model's directory
+    draft_tokens: int = 8  # the most tokens a step drafts
 
 
 def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] | None = None,
@@ -58,12 +60,19 @@ def local_master(model_dir: str | Path, nodes: int = 1, shares: tuple[float, ...
                  ) -> Iterator[Master]:
     """The model in one process when nothing asks for more, else a local cluster's master."""
     from edgetp.runtime.master import Master
+    from edgetp.runtime.speculation import check_draft_tokens, draft_model_dir
 
+    if options.draft is not None:  # a bad --draft is said before any worker starts
+        draft_model_dir(options.draft)
+        check_draft_tokens(options.draft_tokens)
     if (nodes == 1 and private_layers == 0 and options.memory_budget is None
             and options.weight_dtype is None):
-        yield Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len)
+        master = Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len)
+        master.use_draft(options.draft, options.draft_tokens)
+        yield master
         return
     with local_cluster(model_dir, nodes, shares, private_layers, options) as master:
+        master.use_draft(options.draft, options.draft_tokens)
         yield master
 
 
@@ -73,10 +82,16 @@ def cluster_master(shard_dir: Path, bind: str, options: MasterOptions,
     from edgetp.runtime.master import Master
     from edgetp.shard.layout import shard_dir_of
 
-    return Master.cluster(shard_dir_of(shard_dir), bind, options.dtype, options.max_seq_len,
-                          options.wire_dtype, options.timeout_s,
-                          memory_budget=options.memory_budget, allreduce=options.allreduce,
-                          security=security)
+    master = Master.cluster(shard_dir_of(shard_dir), bind, options.dtype, options.max_seq_len,
+                            options.wire_dtype, options.timeout_s,
+                            memory_budget=options.memory_budget, allreduce=options.allreduce,
+                            security=security)
+    try:
+        master.use_draft(options.draft, options.draft_tokens)
+    except BaseException:
+        master.close()
+        raise
+    return master
 
 
 def master_security(bind: str, key_file: Path | None, authorized: Path | None,

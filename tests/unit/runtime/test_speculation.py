@@ -1,0 +1,138 @@
+"""edgetp.runtime.speculation with the engine: the same greedy tokens, stops and finish reasons
+with and without drafts (prompt lookup, a draft model, a draft that is always wrong), K
+adapting to the acceptance rate, and --draft's refusals."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.errors import ConfigError
+from edgetp.model.demo import DEMO_MODEL_DIR
+from edgetp.model.drafting import LookupDrafter, ModelDrafter
+from edgetp.model.sampling import Sampler
+from edgetp.model.speculative import Draft
+from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner
+from edgetp.runtime.master import Master, Prompt
+from edgetp.runtime.speculation import MAX_REST, DraftLength, Speculation
+from tests.unit.model.test_speculative import tiny_model
+from tests.unit.runtime.test_engine import codec_for
+
+CODEC = codec_for(*[f"t{i} " for i in range(40)])
+GREEDY = SamplingConfig()
+PROMPT = [1, 5, 9, 3, 5, 9, 3, 5, 9, 7, 2, 5, 9]  # repeats, so lookup has something to find
+
+
+class WrongDrafter:
+    """Always proposes k copies of a token the target never picks next."""
+
+    name = "wrong"
+
+    def reset(self) -> None:
+        return None
+
+    def propose(self, context: list[int], k: int, sampler: Sampler) -> Draft:
+        return Draft([(context[-1] + 17) % 40] * k)
+
+
+def run(speculation: Speculation | None, gen: GenerationConfig,
+        sampling: SamplingConfig = GREEDY, seed: int = 0) -> GenerationResult:
+    engine = Engine(LocalRunner(tiny_model(seed)), CODEC, eos_ids=[0], speculation=speculation)
+    return engine.generate(PROMPT, sampling, gen)
+
+
+@pytest.mark.parametrize("drafter", ["lookup", "self", "other", "wrong"])
+@pytest.mark.parametrize("gen", [GenerationConfig(max_new_tokens=30, stop_on_eos=False),
+                                 GenerationConfig(max_new_tokens=30, stop_strings=("t7 ",))])
+def test_greedy_tokens_are_the_same_with_any_drafter(drafter: str, gen: GenerationConfig
+                                                     ) -> None:
+    drafters = {"lookup": LookupDrafter(), "self": ModelDrafter(tiny_model(0), 40),
+                "other": ModelDrafter(tiny_model(5), 40), "wrong": WrongDrafter()}
+    plain = run(None, gen)
+    fast = run(Speculation(drafters[drafter], 6), gen)
+    assert fast.token_ids == plain.token_ids and fast.text == plain.text
+    assert fast.finish_reason == plain.finish_reason
+    assert plain.speculation is None and fast.speculation is not None
+    assert len(fast.decode_ms) == len(plain.decode_ms)
+    stats = fast.speculation
+    if drafter == "self":  # the target drafting for itself: every draft is kept
+        assert stats.accepted == stats.drafted > 0
+        assert stats.steps < len(fast.token_ids) / 2
+    if drafter == "wrong":
+        assert stats.accepted == 0
+
+
+def test_speculation_stops_at_the_context_and_the_token_limit() -> None:
+    engine = Engine(LocalRunner(tiny_model(0)), CODEC, eos_ids=[],
+                    speculation=Speculation(ModelDrafter(tiny_model(0), 40), 8))
+    plain = Engine(LocalRunner(tiny_model(0)), CODEC, eos_ids=[])
+    for gen in (GenerationConfig(max_new_tokens=200), GenerationConfig(max_new_tokens=7)):
+        want, got = plain.generate(PROMPT, SamplingConfig(), gen), \
+            engine.generate(PROMPT, SamplingConfig(), gen)
+        assert got.token_ids == want.token_ids and got.finish_reason == want.finish_reason
+    assert want.finish_reason == "length" and len(got.token_ids) == 7
+
+
+def test_sampled_with_the_target_as_its_own_draft_keeps_every_token() -> None:
+    sampling = SamplingConfig(temperature=0.8, top_p=0.9, seed=3)
+    result = run(Speculation(ModelDrafter(tiny_model(0), 40), 4),
+                 GenerationConfig(max_new_tokens=20, stop_on_eos=False), sampling)
+    assert len(result.token_ids) == 20
+    stats = result.speculation
+    assert stats is not None and stats.drafted > 0
+    assert stats.accepted >= 0.9 * stats.drafted  # p == q up to the rows' rounding
+
+
+def test_draft_length_grows_on_kept_drafts_shrinks_on_misses_and_rests() -> None:
+    length = DraftLength(8)
+    assert length.next() == 4
+    length.update(4, 4)
+    assert length.next() == 6
+    length.update(6, 6)
+    length.update(8, 8)
+    assert length.next() == 8  # capped
+    length.update(8, 2)
+    assert length.next() == 7
+    for _ in range(6):
+        length.update(length.k, 0)
+    rests = [length.next() for _ in range(4)]
+    assert rests == [0, 0, 0, 0] and length.next() >= 1  # a rest, then a try
+    for _ in range(40):  # failing again and again: the rests grow up to MAX_REST
+        k = length.next()
+        if k:
+            length.update(k, 0)
+    assert length.rest == MAX_REST
+
+
+def test_master_refuses_a_draft_with_another_tokenizer_or_a_bad_spec(tmp_path: Path) -> None:
+    master = Master.local(DEMO_MODEL_DIR, max_seq_len=64)
+    with pytest.raises(ConfigError, match="neither 'lookup' nor a model directory"):
+        master.use_draft(str(tmp_path))
+    with pytest.raises(ConfigError, match="--draft-tokens must be in 1..64"):
+        master.use_draft("lookup", 0)
+    other = tmp_path / "other"
+    shutil.copytree(DEMO_MODEL_DIR, other)
+    (other / "tokenizer_config.json").write_text(
+        (other / "tokenizer_config.json").read_text().replace('"</s>"', '"<pad>"'))
+    with pytest.raises(ConfigError, match="tokenizer is not the model's.*end-of-sequence"):
+        master.use_draft(str(other))
+    prompt, gen = Prompt("count by 2 : 1 3 5 7 count by 2 : 1"), GenerationConfig(max_new_tokens=12)
+    plain = master.generate(prompt, SamplingConfig(), gen)
+    master.use_draft("lookup", 3)
+    result = master.generate(prompt, SamplingConfig(), gen)
+    assert result.token_ids == plain.token_ids and plain.speculation is None
+    assert result.speculation is not None and result.speculation.accepted >= 2
+
+
+def test_rows_logits_are_the_logits_of_every_row() -> None:
+    runner = LocalRunner(tiny_model(0))
+    tokens = torch.tensor(PROMPT)
+    rows = runner.rows_logits(tokens, 0)
+    assert rows.shape == (len(PROMPT), 40)
+    torch.testing.assert_close(rows[-1], runner.logits(tokens, 0))
+    with pytest.raises(ConfigError, match="rows to verify"):
+        LocalRunner(tiny_model(0), prefill_chunk=4).rows_logits(tokens, 0)
