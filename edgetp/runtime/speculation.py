@@ -59,7 +59,7 @@ class DraftLength:
         self.k = min(self.max_tokens, self.k + 2) if kept == proposed else max(1, self.k - 1)
         if self.rate < REST_BELOW:
             self.resting, self.rest = self.rest, min(MAX_REST, 2 * self.rest)
-            self.rate = (REST_BELOW + 1) / 2  # after the rest: one more chance
+            self.rate = 2 * REST_BELOW  # after the rest: two misses in a row rest again
         elif kept > 0:
             self.rest = FIRST_REST
 
