@@ -52,9 +52,10 @@ from edgetp.runtime.engine import GenerationResult  # noqa: E402
 from edgetp.runtime.local import LocalCluster  # noqa: E402
 from edgetp.runtime.master import Master, Prompt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from window import cpu_description  # noqa: E402  (benchmarks/window.py: the CPU and its flags)
+
 REAL_MODEL = Path.home() / ".cache" / "edgetp" / "test-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-CPU_EXTENSIONS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16",
-                  "asimd", "asimddp")
 ARTICLE = (
     "The city council met on Tuesday to discuss the new bicycle lanes on Main Street. The "
     "lanes, which opened in March, have been used by more than two thousand riders a day. "
@@ -82,23 +83,6 @@ class Workload:
 
 def log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def cpu_description() -> str:
-    """The CPU's model and the vector extensions the kernels use that it has (Linux)."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    have = [name for name in CPU_EXTENSIONS if name in flags]
-    found = " ".join(have) or "none of " + ",".join(CPU_EXTENSIONS)
-    return f"{model}; {os.cpu_count()} CPUs; flags: {found}"
 
 
 def workloads(real_model: Path | None) -> list[Workload]:
