@@ -7,11 +7,11 @@ Run::
                                                [--real-model GGUF_OR_DIR] [--quick] [--json]
 
 For each node count and link profile a local cluster starts on loopback (the master in this
-process, each worker an ``edgetp worker`` process, one torch thread each), with the profile's
-latency as the transport's send delay (``edgetp.perf.bench.link_emulation``: no tc on
-loopback, so bandwidth is not limited). On it, each workload runs plain and speculative,
-alternating run by run so load that comes and goes hits both alike; greedy, so both must give
-the same tokens (checked):
+process, each worker an ``edgetp worker`` process, one torch thread each, the master too),
+with the profile's latency as the transport's send delay (``edgetp.perf.bench.link_emulation``:
+no tc on loopback, so bandwidth is not limited). On it, each workload runs plain and
+speculative, alternating run by run so load that comes and goes hits both alike; greedy, so
+both must give the same tokens (checked):
 
 * ``demo pair``: the demo model with its draft model (``edgetp/model/demo_draft``) on a counting
   prompt, where the draft is nearly always right;
@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig  # noqa: E402
 from edgetp.model.demo import DEMO_DRAFT_DIR, DEMO_MODEL_DIR, demo_prompt  # noqa: E402
@@ -209,10 +211,11 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> N
     args = parse_args(argv)
     cpu = cpu_description()
     log(f"CPU: {cpu}")
+    torch.set_num_threads(1)  # the master as each worker: one torch thread (the draft runs here)
+    real = None if args.real_model == "none" else real_model_dir(args.real_model)  # cached
     with tempfile.TemporaryDirectory(prefix="edgetp-spec-") as tmp:
-        os.environ.setdefault("EDGETP_CACHE", str(Path(tmp) / "cache"))
+        os.environ["EDGETP_CACHE"] = str(Path(tmp) / "cache")  # the splits
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        real = None if args.real_model == "none" else real_model_dir(args.real_model)
         loads = workloads(real)
         models = {"demo": DEMO_MODEL_DIR, "real": real}
         rows: list[dict[str, Any]] = []

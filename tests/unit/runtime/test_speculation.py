@@ -12,7 +12,7 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
-from edgetp.model.demo import DEMO_MODEL_DIR
+from edgetp.model.demo import DEMO_DRAFT_DIR, DEMO_MODEL_DIR
 from edgetp.model.drafting import LookupDrafter, ModelDrafter
 from edgetp.model.sampling import Sampler
 from edgetp.model.speculative import Draft
@@ -136,3 +136,23 @@ def test_rows_logits_are_the_logits_of_every_row() -> None:
     torch.testing.assert_close(rows[-1], runner.logits(tokens, 0))
     with pytest.raises(ConfigError, match="rows to verify"):
         LocalRunner(tiny_model(0), prefill_chunk=4).rows_logits(tokens, 0)
+
+
+def test_generate_command_drafts_and_reports_it() -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from edgetp.cli.main import main
+
+    args = ["generate", str(DEMO_MODEL_DIR), "--prompt", "count by 4 : 3", "--json",
+            "--max-seq-len", "64"]
+    plain = CliRunner().invoke(main, args)
+    fast = CliRunner().invoke(main, [*args, "--draft", str(DEMO_DRAFT_DIR), "--draft-tokens", "5"])
+    assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
+    want, got = json.loads(plain.output), json.loads(fast.output)
+    assert got["token_ids"] == want["token_ids"] and "speculation" not in want
+    assert got["speculation"]["accepted_tokens"] > 10
+    assert got["speculation"]["decode_steps"] < len(got["token_ids"]) / 2
+    bad = CliRunner().invoke(main, [*args, "--draft", "nonsense"])
+    assert bad.exit_code != 0 and "neither 'lookup' nor a model directory" in bad.output
