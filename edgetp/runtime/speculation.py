@@ -7,15 +7,18 @@ The rejected positions need no undoing: the next step starts at the first positi
 accepted tokens and overwrites them, on every rank (a position reset, no copy), and nothing
 reads a cache beyond the position being computed.
 
-K adapts (:class:`DraftLength`): it grows while whole drafts are kept and shrinks on each
-rejection; when drafts keep failing, drafting rests for a while (a step that rejects its draft
-costs its rows' compute and the drafter's time for nothing), then tries again.
+K adapts (:class:`DraftLength`): to the acceptance rate of drafted tokens and to what steps
+cost here (:class:`StepCosts`: a plain step, and what each drafted token adds, measured), so
+that it maximises the expected tokens per second. On a slow link a step's cost hardly depends
+on its rows and K grows; where rows cost compute and drafts are rejected, drafting rests (a
+rejected draft costs its rows and the drafter's time for nothing), then tries again.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -29,24 +32,58 @@ from edgetp.model.tokenizer import Tokenizer
 
 DEFAULT_DRAFT_TOKENS = 8
 MAX_DRAFT_TOKENS = 64
-START_TOKENS = 4  # K of a sequence's first step (at most the maximum)
-RATE_MEMORY = 0.7  # the acceptance rate's running mean keeps this much of its past
-REST_BELOW = 0.15  # ... and drafting rests when it falls below this
-FIRST_REST = 4  # steps without a draft after the first failing streak; doubles up to MAX_REST
+START_TOKENS = 4  # K of the first draft (at most the maximum), before the costs are known
+MEMORY = 0.8  # running means and counts keep this much of their past at each step
+MIN_GAIN = 1.03  # draft when the expected tokens/s beat plain steps' by at least this
+FIRST_REST = 4  # steps without a draft when drafting does not pay; doubles up to MAX_REST
 MAX_REST = 64
+MAX_ACCEPTANCE = 0.99  # an estimate of 1 would promise endless drafts
+
+
+def running_mean(old: float | None, new: float) -> float:
+    return new if old is None else MEMORY * old + (1 - MEMORY) * new
+
+
+class StepCosts:
+    """What steps take on this cluster, as running means: a plain step (one row), and what
+    each drafted token adds to a step (its row on every rank, the drafter's time)."""
+
+    def __init__(self) -> None:
+        self.plain_s: float | None = None
+        self.per_draft_s: float | None = None
+
+    def plain(self, seconds: float) -> None:
+        self.plain_s = running_mean(self.plain_s, seconds)
+
+    def drafted(self, seconds: float, proposed: int) -> None:
+        if self.plain_s is not None:
+            extra = max(0.0, seconds - self.plain_s) / proposed
+            self.per_draft_s = running_mean(self.per_draft_s, extra)
 
 
 class DraftLength:
-    """How many tokens to draft next, from how many of the previous drafts were kept."""
+    """How many tokens to draft next: the K that maximises the expected tokens per second,
+    ``(1 - a^(K+1)) / (1 - a)`` tokens for ``plain + K * per_draft`` seconds, from the
+    acceptance rate ``a`` of drafted tokens and the measured :class:`StepCosts`. When no K
+    beats plain steps, drafting rests (4 steps, then 8, ... 64 while it keeps not paying),
+    then tries one token."""
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, costs: StepCosts) -> None:
         self.max_tokens = max_tokens
+        self.costs = costs
         self.k = min(START_TOKENS, max_tokens)
-        self.rate = 1.0  # running mean of the kept fraction
+        self.accepted, self.rejected = 1.0, 1.0  # decayed counts; the prior: a = 0.5
         self.resting = 0  # steps left without a draft
         self.rest = FIRST_REST
 
+    @property
+    def acceptance(self) -> float:
+        """The estimated probability that a drafted token is kept (given its predecessors)."""
+        return self.accepted / (self.accepted + self.rejected)
+
     def next(self) -> int:
+        if self.costs.plain_s is None:  # a plain step first: what drafts are measured against
+            return 0
         if self.resting > 0:
             self.resting -= 1
             return 0
@@ -55,13 +92,27 @@ class DraftLength:
     def update(self, proposed: int, kept: int) -> None:
         if proposed == 0:
             return
-        self.rate = RATE_MEMORY * self.rate + (1 - RATE_MEMORY) * kept / proposed
-        self.k = min(self.max_tokens, self.k + 2) if kept == proposed else max(1, self.k - 1)
-        if self.rate < REST_BELOW:
+        self.accepted = MEMORY * self.accepted + kept
+        self.rejected = MEMORY * self.rejected + (1 if kept < proposed else 0)
+        self.k = self.best()
+        if self.k == 0:
             self.resting, self.rest = self.rest, min(MAX_REST, 2 * self.rest)
-            self.rate = 2 * REST_BELOW  # after the rest: two misses in a row rest again
-        elif kept > 0:
+            self.k = 1  # after the rest: one token, to learn whether drafts pay again
+        else:
             self.rest = FIRST_REST
+
+    def best(self) -> int:
+        """The K with the most expected tokens/s (0: plain steps are faster)."""
+        plain, per_draft = self.costs.plain_s, self.costs.per_draft_s
+        if plain is None or per_draft is None:
+            return self.k
+        a = min(self.acceptance, MAX_ACCEPTANCE)
+        best_k, best_rate = 0, MIN_GAIN / plain
+        for k in range(1, self.max_tokens + 1):
+            rate = (1 - a ** (k + 1)) / (1 - a) / (plain + k * per_draft)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
 
 
 @dataclass
@@ -83,10 +134,12 @@ class SpeculationStats:
 
 @dataclass(frozen=True)
 class Speculation:
-    """A drafter and the most tokens a step may draft (``--draft``, ``--draft-tokens``)."""
+    """A drafter and the most tokens a step may draft (``--draft``, ``--draft-tokens``), and
+    what steps have cost so far (kept from one generation to the next)."""
 
     drafter: Drafter
     max_tokens: int = DEFAULT_DRAFT_TOKENS
+    costs: StepCosts = field(default_factory=StepCosts)
 
     def __post_init__(self) -> None:
         check_draft_tokens(self.max_tokens)
@@ -111,7 +164,8 @@ class SpeculativeSteps:
 
     def __init__(self, speculation: Speculation, runner: RowsRunner, sampler: Sampler) -> None:
         self.drafter = speculation.drafter
-        self.length = DraftLength(speculation.max_tokens)
+        self.length = DraftLength(speculation.max_tokens, speculation.costs)
+        self.costs = speculation.costs
         self.runner = runner
         self.sampler = sampler
         self._stats = SpeculationStats()
@@ -124,14 +178,18 @@ class SpeculativeSteps:
     def next_tokens(self, history: Sequence[int], position: int, room: int) -> list[int]:
         """The tokens after ``history`` (its last token sits at ``position``, not yet in the
         cache); ``room``: at most this many tokens are still wanted."""
+        started = time.perf_counter()
         k = min(self.length.next(), room - 1, self.runner.max_seq_len - position - 1)
         draft = self.drafter.propose(history, k, self.sampler) if k > 0 else None
         tokens = [history[-1], *(draft.tokens if draft else [])]
         rows = self.runner.rows_logits(torch.tensor(tokens, dtype=torch.int64), position)
         self._stats.steps += 1
         if draft is None or not draft.tokens:
-            return [self.sampler(rows[0], history)]
+            out = [self.sampler(rows[0], history)]
+            self.costs.plain(time.perf_counter() - started)
+            return out
         out = verify(self.sampler, rows, draft, history)
+        self.costs.drafted(time.perf_counter() - started, len(draft.tokens))
         kept = len(out) - 1
         self._stats.drafted += len(draft.tokens)
         self._stats.accepted += kept

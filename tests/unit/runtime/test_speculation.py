@@ -18,7 +18,7 @@ from edgetp.model.sampling import Sampler
 from edgetp.model.speculative import Draft
 from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner
 from edgetp.runtime.master import Master, Prompt
-from edgetp.runtime.speculation import MAX_REST, DraftLength, Speculation
+from edgetp.runtime.speculation import MAX_REST, DraftLength, Speculation, StepCosts
 from tests.unit.model.test_speculative import tiny_model
 from tests.unit.runtime.test_engine import codec_for
 
@@ -59,9 +59,8 @@ def test_greedy_tokens_are_the_same_with_any_drafter(drafter: str, gen: Generati
     assert plain.speculation is None and fast.speculation is not None
     assert len(fast.decode_ms) == len(plain.decode_ms)
     stats = fast.speculation
-    if drafter == "self":  # the target drafting for itself: every draft is kept
-        assert stats.accepted == stats.drafted > 0
-        assert stats.steps < len(fast.token_ids) / 2
+    if drafter == "self":  # the target drafting for itself: every draft is kept (whether
+        assert stats.accepted == stats.drafted > 0  # more drafts pay is a question of time)
     if drafter == "wrong":
         assert stats.accepted == 0
 
@@ -87,25 +86,52 @@ def test_sampled_with_the_target_as_its_own_draft_keeps_every_token() -> None:
     assert stats.accepted >= 0.9 * stats.drafted  # p == q up to the rows' rounding
 
 
-def test_draft_length_grows_on_kept_drafts_shrinks_on_misses_and_rests() -> None:
-    length = DraftLength(8)
+def costs(plain_s: float, per_draft_s: float) -> StepCosts:
+    out = StepCosts()
+    out.plain(plain_s)
+    out.drafted(plain_s + per_draft_s, 1)
+    return out
+
+
+def test_draft_length_measures_a_plain_step_first() -> None:
+    length = DraftLength(8, StepCosts())
+    assert length.next() == 0  # nothing to compare drafts against yet
+    length.costs.plain(0.1)
     assert length.next() == 4
-    length.update(4, 4)
-    assert length.next() == 6
-    length.update(6, 6)
-    length.update(8, 8)
-    assert length.next() == 8  # capped
-    length.update(8, 2)
-    assert length.next() == 7
+
+
+def test_draft_length_grows_where_rows_are_cheap_and_drafts_kept() -> None:
+    length = DraftLength(8, costs(0.090, 0.001))  # a slow link: rows cost next to nothing
+    for _ in range(4):
+        length.update(length.next(), length.k)  # every draft kept
+    assert length.next() == 8
+    length.update(8, 1)
+    assert length.next() == 8  # one miss: long drafts still pay where rows cost nothing
     for _ in range(6):
-        length.update(length.k, 0)
-    rests = [length.next() for _ in range(4)]
-    assert rests == [0, 0, 0, 0] and length.next() >= 1  # a rest, then a try
-    for _ in range(40):  # failing again and again: the rests grow up to MAX_REST
+        length.update(length.next(), 0)  # mostly misses: shorter drafts, still drafting
+    assert 1 <= length.next() < 8
+
+
+def test_draft_length_rests_where_rejected_rows_cost_compute() -> None:
+    length = DraftLength(8, costs(0.014, 0.010))  # compute-bound: each row costs
+    ks = []
+    for _ in range(60):
         k = length.next()
+        ks.append(k)
         if k:
-            length.update(k, 0)
+            length.update(k, 0)  # every draft rejected
+    drafted_steps = sum(1 for k in ks if k)
+    assert drafted_steps <= 6, ks  # a try now and then, each rest twice as long
     assert length.rest == MAX_REST
+
+
+def test_draft_length_weighs_acceptance_against_cost() -> None:
+    length = DraftLength(8, costs(0.014, 0.010))
+    for _ in range(10):
+        length.update(4, 4)  # nearly always kept: worth it even where rows cost
+    assert length.best() >= 4
+    length.accepted, length.rejected = 1.0, 3.0  # a = 0.25: not worth 10 ms a token
+    assert length.best() == 0
 
 
 def test_master_refuses_a_draft_with_another_tokenizer_or_a_bad_spec(tmp_path: Path) -> None:
@@ -125,7 +151,7 @@ def test_master_refuses_a_draft_with_another_tokenizer_or_a_bad_spec(tmp_path: P
     master.use_draft("lookup", 3)
     result = master.generate(prompt, SamplingConfig(), gen)
     assert result.token_ids == plain.token_ids and plain.speculation is None
-    assert result.speculation is not None and result.speculation.accepted >= 2
+    assert result.speculation is not None and result.speculation.accepted >= 1
 
 
 def test_rows_logits_are_the_logits_of_every_row() -> None:
@@ -152,7 +178,6 @@ def test_generate_command_drafts_and_reports_it() -> None:
     assert plain.exit_code == 0 and fast.exit_code == 0, fast.output
     want, got = json.loads(plain.output), json.loads(fast.output)
     assert got["token_ids"] == want["token_ids"] and "speculation" not in want
-    assert got["speculation"]["accepted_tokens"] > 10
-    assert got["speculation"]["decode_steps"] < len(got["token_ids"]) / 2
+    assert got["speculation"]["accepted_tokens"] > 0
     bad = CliRunner().invoke(main, [*args, "--draft", "nonsense"])
     assert bad.exit_code != 0 and "neither 'lookup' nor a model directory" in bad.output
