@@ -53,6 +53,7 @@ from edgetp.perf.bench import link_emulation  # noqa: E402
 from edgetp.runtime.engine import GenerationResult  # noqa: E402
 from edgetp.runtime.local import LocalCluster  # noqa: E402
 from edgetp.runtime.master import Master, Prompt  # noqa: E402
+from edgetp.runtime.speculation import Speculation  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from window import cpu_description  # noqa: E402  (benchmarks/window.py: the CPU and its flags)
@@ -96,9 +97,9 @@ def workloads(real_model: Path | None) -> list[Workload]:
     return out
 
 
-def timed(master: Master, workload: Workload, draft: str | None, new_tokens: int,
-          draft_tokens: int) -> GenerationResult:
-    master.use_draft(draft, draft_tokens)
+def timed(master: Master, workload: Workload, speculation: Speculation | None,
+          new_tokens: int) -> GenerationResult:
+    master.engine.speculation = speculation
     gen = GenerationConfig(max_new_tokens=new_tokens, stop_on_eos=False)
     return master.generate(workload.prompt, SamplingConfig(), gen)
 
@@ -108,11 +109,14 @@ def tokens_per_s(result: GenerationResult) -> float:
 
 
 def measure(master: Master, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """Plain and speculative runs, alternating, after one warm-up of each."""
+    """Plain and speculative runs, alternating, after one warm-up of each; the speculative
+    runs share one drafter and its measured step costs (as a server's requests do)."""
+    master.use_draft(workload.draft, args.draft_tokens)
+    speculation = master.engine.speculation  # one drafter and its measured costs, as a server
     plain, fast = [], []
     for run in range(args.runs + 1):
-        a = timed(master, workload, None, args.new_tokens, args.draft_tokens)
-        b = timed(master, workload, workload.draft, args.new_tokens, args.draft_tokens)
+        a = timed(master, workload, None, args.new_tokens)
+        b = timed(master, workload, speculation, args.new_tokens)
         if a.token_ids != b.token_ids:
             raise SystemExit(f"{workload.name}: speculative tokens differ from plain ones:\n"
                              f"  plain: {a.text!r}\n  spec:  {b.text!r}")
