@@ -216,11 +216,16 @@ def open_drafter(spec: str, tokenizer: Tokenizer, max_seq_len: int, vocab_size: 
     model_dir = draft_model_dir(spec)
     if model_dir is None:
         return LookupDrafter()
+    from edgetp.config.model import load_model_config
     from edgetp.model.checkpoint import load_model
+    from edgetp.model.context import default_context, whole_model_bytes_per_position
 
     mismatch = tokenizer_mismatch(tokenizer, Tokenizer.from_dir(model_dir))
     if mismatch is not None:
         raise ConfigError(f"--draft {spec}: its tokenizer is not the model's: {mismatch}; a "
                           "draft model must share the model's tokenizer")
-    model = load_model(model_dir, dtype, max_seq_len)
-    return ModelDrafter(model, vocab_size)
+    config = load_model_config(model_dir)  # its cache: the model's context, or what fits here
+    fits = default_context(config, whole_model_bytes_per_position(config, dtype.itemsize),
+                           where="the draft model on this node")
+    model = load_model(model_dir, dtype, min(max_seq_len, fits))
+    return ModelDrafter(model, vocab_size)  # (past its context it drafts nothing)
