@@ -126,3 +126,21 @@ def test_a_worker_rolls_positions_back_and_refuses_a_gap(two_nodes: TrackedClust
         assert proc.wait(timeout=15) == 0
     finally:
         fake.close()
+
+
+def test_sampled_speculation_runs_end_to_end(two_nodes: TrackedCluster) -> None:
+    """Temperature > 0 with the draft model: the rejection rule over real workers (the demo
+    model is sure of its rule, so a low temperature still follows it)."""
+    master = two_nodes.master
+    assert master is not None
+    master.use_draft(str(DEMO_DRAFT_DIR), 6)
+    sampling = SamplingConfig(temperature=0.5, top_p=0.95, seed=7)
+    try:
+        result = call_with_deadline(
+            lambda: master.generate(Prompt(demo_prompt(3, 5)), sampling,
+                                    GenerationConfig(max_new_tokens=40)),
+            GENERATE_DEADLINE_S, "a sampled generation")
+    finally:
+        master.use_draft(None)
+    assert result.text.strip() == expected_text(3, 5)
+    assert result.speculation is not None and result.speculation.accepted > 0
