@@ -61,6 +61,24 @@ class StepCosts:
             self.per_draft_s = running_mean(self.per_draft_s, extra)
 
 
+class Acceptance:
+    """How often drafted tokens are kept: decayed counts of kept tokens and of rejections
+    (a step that keeps j of K drafted tokens saw j kept and, if j < K, one rejected). The
+    prior, before any draft: one of each (a = 0.5)."""
+
+    def __init__(self) -> None:
+        self.kept, self.rejected = 1.0, 1.0
+
+    @property
+    def rate(self) -> float:
+        """The estimated probability that a drafted token is kept (given its predecessors)."""
+        return self.kept / (self.kept + self.rejected)
+
+    def update(self, proposed: int, kept: int) -> None:
+        self.kept = MEMORY * self.kept + kept
+        self.rejected = MEMORY * self.rejected + (1 if kept < proposed else 0)
+
+
 class DraftLength:
     """How many tokens to draft next: the K that maximises the expected tokens per second,
     ``(1 - a^(K+1)) / (1 - a)`` tokens for ``plain + K * per_draft`` seconds, from the
@@ -68,18 +86,13 @@ class DraftLength:
     beats plain steps, drafting rests (4 steps, then 8, ... 64 while it keeps not paying),
     then tries one token."""
 
-    def __init__(self, max_tokens: int, costs: StepCosts) -> None:
+    def __init__(self, max_tokens: int, costs: StepCosts, acceptance: Acceptance) -> None:
         self.max_tokens = max_tokens
         self.costs = costs
+        self.acceptance = acceptance
         self.k = min(START_TOKENS, max_tokens)
-        self.accepted, self.rejected = 1.0, 1.0  # decayed counts; the prior: a = 0.5
         self.resting = 0  # steps left without a draft
         self.rest = FIRST_REST
-
-    @property
-    def acceptance(self) -> float:
-        """The estimated probability that a drafted token is kept (given its predecessors)."""
-        return self.accepted / (self.accepted + self.rejected)
 
     def next(self) -> int:
         if self.costs.plain_s is None:  # a plain step first: what drafts are measured against
@@ -92,8 +105,7 @@ class DraftLength:
     def update(self, proposed: int, kept: int) -> None:
         if proposed == 0:
             return
-        self.accepted = MEMORY * self.accepted + kept
-        self.rejected = MEMORY * self.rejected + (1 if kept < proposed else 0)
+        self.acceptance.update(proposed, kept)
         self.k = self.best()
         if self.k == 0:
             self.resting, self.rest = self.rest, min(MAX_REST, 2 * self.rest)
@@ -106,7 +118,7 @@ class DraftLength:
         plain, per_draft = self.costs.plain_s, self.costs.per_draft_s
         if plain is None or per_draft is None:
             return self.k
-        a = min(self.acceptance, MAX_ACCEPTANCE)
+        a = min(self.acceptance.rate, MAX_ACCEPTANCE)
         best_k, best_rate = 0, MIN_GAIN / plain
         for k in range(1, self.max_tokens + 1):
             rate = (1 - a ** (k + 1)) / (1 - a) / (plain + k * per_draft)
@@ -135,11 +147,13 @@ class SpeculationStats:
 @dataclass(frozen=True)
 class Speculation:
     """A drafter and the most tokens a step may draft (``--draft``, ``--draft-tokens``), and
-    what steps have cost so far (kept from one generation to the next)."""
+    what steps have cost and how often drafts were kept so far (kept from one request to the
+    next: a request starts from what the previous ones learned)."""
 
     drafter: Drafter
     max_tokens: int = DEFAULT_DRAFT_TOKENS
     costs: StepCosts = field(default_factory=StepCosts)
+    acceptance: Acceptance = field(default_factory=Acceptance)  # the next request's prior
 
     def __post_init__(self) -> None:
         check_draft_tokens(self.max_tokens)
@@ -164,7 +178,8 @@ class SpeculativeSteps:
 
     def __init__(self, speculation: Speculation, runner: RowsRunner, sampler: Sampler) -> None:
         self.drafter = speculation.drafter
-        self.length = DraftLength(speculation.max_tokens, speculation.costs)
+        self.length = DraftLength(speculation.max_tokens, speculation.costs,
+                                  speculation.acceptance)
         self.costs = speculation.costs
         self.runner = runner
         self.sampler = sampler

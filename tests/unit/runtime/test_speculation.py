@@ -18,7 +18,13 @@ from edgetp.model.sampling import Sampler
 from edgetp.model.speculative import Draft
 from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner
 from edgetp.runtime.master import Master, Prompt
-from edgetp.runtime.speculation import MAX_REST, DraftLength, Speculation, StepCosts
+from edgetp.runtime.speculation import (
+    MAX_REST,
+    Acceptance,
+    DraftLength,
+    Speculation,
+    StepCosts,
+)
 from tests.unit.model.test_speculative import tiny_model
 from tests.unit.runtime.test_engine import codec_for
 
@@ -94,14 +100,14 @@ def costs(plain_s: float, per_draft_s: float) -> StepCosts:
 
 
 def test_draft_length_measures_a_plain_step_first() -> None:
-    length = DraftLength(8, StepCosts())
+    length = DraftLength(8, StepCosts(), Acceptance())
     assert length.next() == 0  # nothing to compare drafts against yet
     length.costs.plain(0.1)
     assert length.next() == 4
 
 
 def test_draft_length_grows_where_rows_are_cheap_and_drafts_kept() -> None:
-    length = DraftLength(8, costs(0.090, 0.001))  # a slow link: rows cost next to nothing
+    length = DraftLength(8, costs(0.090, 0.001), Acceptance())  # a slow link: rows cost ~nothing
     for _ in range(4):
         length.update(length.next(), length.k)  # every draft kept
     assert length.next() == 8
@@ -113,7 +119,7 @@ def test_draft_length_grows_where_rows_are_cheap_and_drafts_kept() -> None:
 
 
 def test_draft_length_rests_where_rejected_rows_cost_compute() -> None:
-    length = DraftLength(8, costs(0.014, 0.010))  # compute-bound: each row costs
+    length = DraftLength(8, costs(0.014, 0.010), Acceptance())  # compute-bound: each row costs
     ks = []
     for _ in range(60):
         k = length.next()
@@ -126,11 +132,11 @@ def test_draft_length_rests_where_rejected_rows_cost_compute() -> None:
 
 
 def test_draft_length_weighs_acceptance_against_cost() -> None:
-    length = DraftLength(8, costs(0.014, 0.010))
+    length = DraftLength(8, costs(0.014, 0.010), Acceptance())
     for _ in range(10):
         length.update(4, 4)  # nearly always kept: worth it even where rows cost
     assert length.best() >= 4
-    length.accepted, length.rejected = 1.0, 3.0  # a = 0.25: not worth 10 ms a token
+    length.acceptance.kept, length.acceptance.rejected = 1.0, 3.0  # a = 0.25: not worth 10 ms
     assert length.best() == 0
 
 
