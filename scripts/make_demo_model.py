@@ -3,7 +3,9 @@
 The rule (see ``edgetp/demo.py``): ``count by K : A`` continues ``A+K A+2K ...`` up to 99,
 then ends with ``</s>``. Anyone can check the output at a glance.
 
-Run: ``python scripts/make_demo_model.py --out edgetp/model/demo_model`` (a few minutes on a CPU).
+Run: ``python scripts/make_demo_model.py`` (a few minutes on a CPU); ``--draft`` trains the
+small draft model shipped beside it (``edgetp/model/demo_draft``, for ``--draft``: the same rule
+and tokenizer at hidden 48 and 2 layers, a few hundred KB).
 """
 
 from __future__ import annotations
@@ -44,6 +46,15 @@ HF_CONFIG = {
     "eos_token_id": 2,
     "pad_token_id": 0,
     "torch_dtype": "float32",
+}
+DRAFT_CONFIG = {  # the draft beside it (``--draft``): same rule and tokenizer, ~1/8 the size
+    **HF_CONFIG,
+    "hidden_size": 48,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 12,
 }
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
@@ -104,12 +115,12 @@ def batched_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     return model.lm_head(model.norm(h))
 
 
-def train(steps: int, batch: int, seed: int) -> Transformer:
+def train(steps: int, batch: int, seed: int, hf_config: dict = HF_CONFIG) -> Transformer:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vocab = {w: i for i, w in enumerate(vocabulary())}
-    config = parse_hf_config({**HF_CONFIG, "vocab_size": len(vocab)})
-    model = Transformer(config, max_seq_len=HF_CONFIG["max_position_embeddings"])
+    config = parse_hf_config({**hf_config, "vocab_size": len(vocab)})
+    model = Transformer(config, max_seq_len=hf_config["max_position_embeddings"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     started = time.time()
@@ -129,14 +140,14 @@ def train(steps: int, batch: int, seed: int) -> Transformer:
     return model.eval()
 
 
-def save(model: Transformer, out: Path) -> None:
+def save(model: Transformer, out: Path, hf_config: dict = HF_CONFIG) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {
         (name if name.startswith("lm_head") else f"model.{name}"): p.detach().contiguous()
         for name, p in model.named_parameters()
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = {**HF_CONFIG, "vocab_size": len(vocabulary())}
+    config = {**hf_config, "vocab_size": len(vocabulary())}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     build_tokenizer().save(str(out / "tokenizer.json"))
     tokenizer_config = {
@@ -168,17 +179,22 @@ def check(model: Transformer) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("edgetp/model/demo_model"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: edgetp/model/demo_model (with --draft: demo_draft)")
+    parser.add_argument("--draft", action="store_true",
+                        help="train the small draft model (same rule and tokenizer)")
     parser.add_argument("--steps", type=int, default=2500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    model = train(args.steps, args.batch, args.seed)
+    hf_config = DRAFT_CONFIG if args.draft else HF_CONFIG
+    out = args.out or Path("edgetp/model/demo_draft" if args.draft else "edgetp/model/demo_model")
+    model = train(args.steps, args.batch, args.seed, hf_config)
     accuracy = check(model)
     print(f"rule followed (teacher-forced) on {accuracy:.1%} of all prompts")
-    save(model, args.out)
-    print(f"saved to {args.out}")
+    save(model, out, hf_config)
+    print(f"saved to {out}")
 
 
 if __name__ == "__main__":

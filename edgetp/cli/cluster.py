@@ -210,10 +210,13 @@ def launch(cluster_file: Path, stop: bool, serve: bool, port: int, transfer: str
     launcher = launching.Launcher(config, log, transfer, not no_ship, emulate_links,
                                   progress=transfer_progress, rsync_output=_stderr_fd())
     launcher.prepare()
+    draft = [] if opts["draft"] is None else ["--draft", opts["draft"], "--draft-tokens",
+                                               str(opts["draft_tokens"])]
     if serve:
-        click.echo(f"serving at {launcher.serve(port, join_timeout)}")
+        click.echo(f"serving at {launcher.serve(port, join_timeout, draft)}")
         return
     with launcher.running_master(opts["dtype"], opts["max_seq_len"], join_timeout) as master:
+        master.use_draft(opts["draft"], opts["draft_tokens"])
         for line in prompt_lines(prompts):
             run_generation(master, line, chat, opts)
 

@@ -99,6 +99,13 @@ def generation_options(func: F) -> F:
                      help="context to preallocate (default: the model's maximum, or as much "
                           "of it as fits a quarter of this machine's available memory)"),
         click.option("--json", "as_json", is_flag=True, help="print one JSON object"),
+        click.option("--draft", default=None,
+                     help="speculative decoding: 'lookup' (drafts from the text so far) or "
+                          "a small model's directory with this model's tokenizer (run on the "
+                          "master); greedy output is unchanged"),
+        click.option("--draft-tokens", type=click.IntRange(1, 64), default=8,
+                     show_default=True, help="with --draft: the most tokens a step drafts "
+                                             "(it adapts below that)"),
     ])
 
 
@@ -211,7 +218,8 @@ def master_options(opts: dict[str, Any]) -> MasterOptions:
         memory_budget=byte_size(opts.get("memory_budget")),
         allreduce=opts.get("allreduce", "star"), weight_dtype=opts.get("weight_dtype"),
         group_size=opts.get("group_size") or 32, head_dtype=opts.get("head_dtype"),
-        threads=opts.get("threads"))
+        threads=opts.get("threads"), draft=opts.get("draft"),
+        draft_tokens=opts.get("draft_tokens") or 8)
 
 
 def sampling_settings(opts: dict[str, Any]) -> SamplingConfig:

@@ -39,6 +39,10 @@ def run_generation(master: Any, prompt_text: str, chat: bool, opts: dict[str, An
         log(f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated, "
             f"TTFT {result.ttft_ms:.1f} ms, {result.ms_per_token:.2f} ms/token, "
             f"stopped: {result.finish_reason}]")
+        if result.speculation is not None:
+            stats = result.speculation
+            log(f"[speculation: {stats.steps} steps, {stats.accepted}/{stats.drafted} drafted "
+                f"tokens kept ({stats.acceptance:.0%})]")
     return result
 
 

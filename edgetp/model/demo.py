@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 DEMO_MODEL_DIR = Path(__file__).parent / "demo_model"
+DEMO_DRAFT_DIR = Path(__file__).parent / "demo_draft"  # a smaller model of the same rule and
+# tokenizer, for speculative decoding (``--draft``)
 MAX_NUMBER = 99
 MAX_STEP = 9
 DEMO_PROMPT = "count by 3 : 5"

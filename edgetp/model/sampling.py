@@ -70,13 +70,37 @@ class Sampler:
         else:
             self.generator.seed()
 
+    @property
+    def greedy(self) -> bool:
+        return self.config.temperature == 0.0
+
     def __call__(self, logits: torch.Tensor, previous_ids: Sequence[int] = ()) -> int:
         """logits: [V] float -> token id."""
+        if self.greedy:
+            return self.greedy_token(logits, previous_ids)
+        probs = self.distribution(logits, previous_ids)
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+    def greedy_token(self, logits: torch.Tensor, previous_ids: Sequence[int] = ()) -> int:
+        """The most likely token after the repetition penalty. logits: [V] -> token id."""
+        penalised = apply_repetition_penalty(logits.float(), previous_ids,
+                                             self.config.repetition_penalty)
+        return int(torch.argmax(penalised).item())
+
+    def distribution(self, logits: torch.Tensor, previous_ids: Sequence[int] = ()
+                     ) -> torch.Tensor:
+        """The probabilities a token is drawn from (temperature > 0): penalty, temperature,
+        top-k, top-p, softmax. logits: [V] -> probs [V] float32."""
         cfg = self.config
         logits = apply_repetition_penalty(logits.float(), previous_ids, cfg.repetition_penalty)
-        if cfg.temperature == 0.0:
-            return int(torch.argmax(logits).item())
         logits = apply_top_p(apply_top_k(apply_temperature(logits, cfg.temperature), cfg.top_k),
                              cfg.top_p)
-        probs = logits.softmax(-1)
+        return logits.softmax(-1)
+
+    def uniform(self) -> float:
+        """One draw from U[0, 1) on this sampler's generator (speculative acceptance)."""
+        return float(torch.rand((), generator=self.generator).item())
+
+    def draw(self, probs: torch.Tensor) -> int:
+        """One token drawn from ``probs`` [V] on this sampler's generator."""
         return int(torch.multinomial(probs, 1, generator=self.generator).item())

@@ -181,6 +181,10 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return self._tk.get_vocab_size(with_added_tokens=True)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's text and id, added tokens included."""
+        return dict(self._tk.get_vocab(with_added_tokens=True))
+
     @property
     def special_ids(self) -> frozenset[int]:
         """Ids of special added tokens plus the BOS and EOS ids."""

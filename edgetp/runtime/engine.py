@@ -18,6 +18,7 @@ from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
 from edgetp.model.llama import Transformer
 from edgetp.model.sampling import Sampler
+from edgetp.runtime.speculation import Speculation, SpeculationStats, SpeculativeSteps
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -32,6 +33,10 @@ class Runner(Protocol):
 
     def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """tokens: [T] int64 at positions start_pos.. -> logits of the last position [V]."""
+
+    def rows_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """tokens: [T] int64 at positions start_pos.. -> logits of every row [T, V] (a
+        speculative step: the newest token and a draft, verified in one step)."""
 
 
 class TextCodec(Protocol):
@@ -51,12 +56,23 @@ class LocalRunner:
 
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self.model.head(self._last_chunk(tokens, start_pos)[-1:])[0]  # [V]
+
+    @torch.inference_mode()
+    def rows_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        if tokens.numel() > self.prefill_chunk:
+            raise ConfigError(f"{tokens.numel()} rows to verify exceed a step of "
+                              f"{self.prefill_chunk}")
+        return self.model.head(self._last_chunk(tokens, start_pos))  # [T, V]
+
+    def _last_chunk(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Run ``tokens`` [T] chunk by chunk; -> the last chunk's hidden states [C, d]."""
         h = None
         for offset in range(0, tokens.numel(), self.prefill_chunk):
             chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
             h = self.model.forward_layers(self.model.embed(chunk), start_pos + offset)
         assert h is not None, "logits() needs at least one token"
-        return self.model.head(h[-1:])[0]  # [V]
+        return h
 
 
 @dataclass
@@ -69,6 +85,7 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop" | "length" | "context"
     ttft_ms: float
     decode_ms: list[float] = field(default_factory=list)  # one entry per decoded token
+    speculation: SpeculationStats | None = None  # with a drafter: its steps and acceptance
 
     @property
     def ms_per_token(self) -> float:
@@ -83,6 +100,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "ttft_ms": round(self.ttft_ms, 3),
             "ms_per_token": round(self.ms_per_token, 3),
+            **({} if self.speculation is None else {"speculation": self.speculation.to_json()}),
         }
 
 
@@ -136,13 +154,43 @@ class TextStream:
         return longest
 
 
+class DecodeSteps(Protocol):
+    """How one generation decodes after its prompt: a token a step, or drafts verified."""
+
+    @property
+    def stats(self) -> SpeculationStats | None:
+        """What speculation did (None: there was none)."""
+
+    def next_tokens(self, history: Sequence[int], position: int, room: int) -> list[int]:
+        """The next tokens (at least one) after ``history``, whose last token sits at
+        ``position`` and is not in the cache yet; ``room``: at most this many are wanted."""
+
+
+class PlainSteps:
+    """A token a step: the newest token in, the next one out."""
+
+    def __init__(self, runner: Runner, sampler: Sampler) -> None:
+        self.runner = runner
+        self.sampler = sampler
+
+    @property
+    def stats(self) -> SpeculationStats | None:
+        return None
+
+    def next_tokens(self, history: Sequence[int], position: int, room: int) -> list[int]:
+        logits = self.runner.logits(torch.tensor(history[-1:], dtype=torch.int64), position)
+        return [self.sampler(logits, history)]
+
+
 class Engine:
     """Generates from a prompt's token ids with a :class:`Runner` and a text codec."""
 
-    def __init__(self, runner: Runner, codec: TextCodec, eos_ids: Sequence[int]) -> None:
+    def __init__(self, runner: Runner, codec: TextCodec, eos_ids: Sequence[int],
+                 speculation: Speculation | None = None) -> None:
         self.runner = runner
         self.codec = codec
         self.eos_ids = frozenset(eos_ids)
+        self.speculation = speculation  # draft and verify several tokens a step, or not
 
     def generate(
         self,
@@ -161,30 +209,39 @@ class Engine:
         sampler, stream = Sampler(sampling), TextStream(self.codec, gen.stop_strings)
         emit = on_text or (lambda _piece: None)
         self.runner.reset()
+        steps = self._decode_steps(sampler)
+        prompt = list(prompt_ids)
         start = time.perf_counter()
-        logits = self.runner.logits(torch.tensor(list(prompt_ids), dtype=torch.int64), 0)
+        logits = self.runner.logits(torch.tensor(prompt, dtype=torch.int64), 0)
+        pending = [sampler(logits, prompt)]
         tick = time.perf_counter()
+        ttft_ms = (tick - start) * 1000
         generated: list[int] = []
         decode_ms: list[float] = []
-        ttft_ms, position = 0.0, len(prompt_ids)
+        sampled = 0  # tokens drawn (an EOS that ends generation included)
         while True:
-            token = sampler(logits, list(prompt_ids) + generated)
-            if not generated:
-                ttft_ms = (time.perf_counter() - start) * 1000
-            reason = "eos" if gen.stop_on_eos and token in self.eos_ids else None
-            if reason is None:
-                generated.append(token)
-                emit(stream.update(generated))
-                reason = self._limit_reason(stream, gen, len(generated), position)
-            if reason is not None:
-                emit(stream.finish())
-                return GenerationResult(
-                    generated, stream.text, len(prompt_ids), reason, ttft_ms, decode_ms
-                )
-            logits = self.runner.logits(torch.tensor([token], dtype=torch.int64), position)
-            tick, last = time.perf_counter(), tick  # a token's time: sampling and text included
-            decode_ms.append((tick - last) * 1000)
-            position += 1
+            for token in pending:
+                sampled += 1
+                reason = "eos" if gen.stop_on_eos and token in self.eos_ids else None
+                if reason is None:
+                    generated.append(token)
+                    emit(stream.update(generated))
+                    reason = self._limit_reason(stream, gen, len(generated),
+                                                len(prompt) + len(generated) - 1)
+                if reason is not None:
+                    emit(stream.finish())
+                    return GenerationResult(generated, stream.text, len(prompt), reason, ttft_ms,
+                                            decode_ms[:sampled - 1], steps.stats)
+            history = prompt + generated
+            pending = steps.next_tokens(history, len(history) - 1,
+                                        gen.max_new_tokens - len(generated))
+            tick, last = time.perf_counter(), tick  # a step's time: sampling and text included
+            decode_ms += [(tick - last) * 1000 / len(pending)] * len(pending)
+
+    def _decode_steps(self, sampler: Sampler) -> DecodeSteps:
+        if self.speculation is None:
+            return PlainSteps(self.runner, sampler)
+        return SpeculativeSteps(self.speculation, self.runner, sampler)
 
     def _limit_reason(
         self, stream: TextStream, gen: GenerationConfig, n_generated: int, position: int

@@ -27,6 +27,12 @@ from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity, Tr
 from edgetp.net.transport.sockets import url_host_port
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
+from edgetp.runtime.speculation import (
+    DEFAULT_DRAFT_TOKENS,
+    Speculation,
+    check_draft_tokens,
+    open_drafter,
+)
 from edgetp.shard.plan import ShardPlan
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -98,8 +104,21 @@ class ClusterRunner:
         self.seq += 1
         self.step = 0
 
-    @torch.inference_mode()
     def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return self._run(tokens, start_pos, every_row=False)[0]  # [V]
+
+    def rows_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Logits of every row [T, V] of one step (a speculative step's newest token and its
+        draft; a later step that starts before their end overwrites the positions rejected)."""
+        if tokens.numel() > self.prefill_chunk:
+            raise ConfigError(f"{tokens.numel()} rows to verify exceed a step of "
+                              f"{self.prefill_chunk}; lower --draft-tokens")
+        return self._run(tokens, start_pos, every_row=True)
+
+    @torch.inference_mode()
+    def _run(self, tokens: torch.Tensor, start_pos: int, every_row: bool) -> torch.Tensor:
+        """tokens [T] at start_pos.. through the cluster, in steps of at most ``prefill_chunk``;
+        -> the logits of the last row [1, V], or of every row of the last step [C, V]."""
         with self.transport.lock:
             self.transport.wait_for_workers(self.join_timeout_s)
             try:
@@ -113,7 +132,7 @@ class ClusterRunner:
                     chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
                     h = self._step(self.model.embed(chunk), start_pos + offset)
                 assert h is not None, "logits() needs at least one token"
-                logits = self.model.head(h[-1:])[0]  # [V]
+                logits = self.model.head(h if every_row else h[-1:])  # [C or 1, V]
                 RECORDER.add("step", self.step, started, now())
                 return logits
             except ClusterError:
@@ -178,6 +197,18 @@ class Master:
         self.tokenizer = tokenizer
         self.runner = runner
         self.engine = Engine(runner, tokenizer, tokenizer.eos_token_ids)
+
+    def use_draft(self, draft: str | None, max_tokens: int = DEFAULT_DRAFT_TOKENS) -> None:
+        """Decode speculatively from now on: ``draft`` is ``"lookup"`` (prompt lookup) or a
+        small model's directory with this model's tokenizer, run whole in this process; None
+        turns speculation off. ``max_tokens``: the most tokens a step drafts."""
+        if draft is None:
+            self.engine.speculation = None
+            return
+        check_draft_tokens(max_tokens)
+        drafter = open_drafter(draft, self.tokenizer, self.max_seq_len,
+                               self.model.config.vocab_size, self.model.dtype)
+        self.engine.speculation = Speculation(drafter, max_tokens)
 
     @classmethod
     def local(

@@ -39,6 +39,8 @@ class MasterOptions:
     group_size: int = 32  # int4's group
     head_dtype: str | None = None  # the lm_head's (edgetp.shard.quant.head_format)
     threads: int | None = None  # per node; None: every core (a local cluster divides them)
+    draft: str | None = None  # speculative decoding: "lookup" or a draft model's directory
+    draft_tokens: int = 8  # the most tokens a step drafts
 
 
 def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] | None = None,
@@ -62,13 +64,20 @@ def local_master(model_dir: str | Path, nodes: int = 1, shares: tuple[float, ...
     """The model in one process when nothing asks for more, else a local cluster's master."""
     from edgetp.kernels.threads import use_threads
     from edgetp.runtime.master import Master
+    from edgetp.runtime.speculation import check_draft_tokens, draft_model_dir
 
+    if options.draft is not None:  # a bad --draft is said before any worker starts
+        draft_model_dir(options.draft)
+        check_draft_tokens(options.draft_tokens)
     if (nodes == 1 and private_layers == 0 and options.memory_budget is None
             and options.weight_dtype is None):
         use_threads(options.threads)
-        yield Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len)
+        master = Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len)
+        master.use_draft(options.draft, options.draft_tokens)
+        yield master
         return
     with local_cluster(model_dir, nodes, shares, private_layers, options) as master:
+        master.use_draft(options.draft, options.draft_tokens)
         yield master
 
 
@@ -80,10 +89,16 @@ def cluster_master(shard_dir: Path, bind: str, options: MasterOptions,
     from edgetp.shard.layout import shard_dir_of
 
     use_threads(options.threads)
-    return Master.cluster(shard_dir_of(shard_dir), bind, options.dtype, options.max_seq_len,
-                          options.wire_dtype, options.timeout_s,
-                          memory_budget=options.memory_budget, allreduce=options.allreduce,
-                          security=security)
+    master = Master.cluster(shard_dir_of(shard_dir), bind, options.dtype, options.max_seq_len,
+                            options.wire_dtype, options.timeout_s,
+                            memory_budget=options.memory_budget, allreduce=options.allreduce,
+                            security=security)
+    try:
+        master.use_draft(options.draft, options.draft_tokens)
+    except BaseException:
+        master.close()
+        raise
+    return master
 
 
 def master_security(bind: str, key_file: Path | None, authorized: Path | None,

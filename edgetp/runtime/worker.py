@@ -70,6 +70,7 @@ class Worker:
         self.rank = manifest.rank
         self._last_step: tuple[int, int] = (-1, -1)
         self._order_session = ""  # the master session _last_step belongs to
+        self._written: tuple[tuple[str, int], int] = (("", -1), 0)  # (session, seq): positions
         self.memory_budget = memory_budget
         self._reported_failure: str | None = None  # the weights failure the master knows of
 
@@ -170,7 +171,8 @@ class Worker:
     def _run_step(self, message: Message) -> None:
         fields = message.fields
         h = message.tensors[0]  # [T, d]
-        problem = self._check_step(h, fields["start"]) or self._check_order(fields)
+        problem = (self._check_step(h, fields["start"]) or self._check_order(fields)
+                   or self._check_positions(fields, h.shape[0]))
         if problem:
             log.warning("rank %d: rejected a step: %s", self.rank, problem)
             self.transport.send("error", {"message": f"rank {self.rank}: {problem}"})
@@ -205,6 +207,18 @@ class Worker:
         if key <= self._last_step:
             return f"out-of-order step {key} after {self._last_step}"
         self._last_step = key
+        return None
+
+    def _check_positions(self, fields: dict, rows: int) -> str | None:
+        """A step starts where its sequence's written positions end (the next token) or
+        before (a speculative step's rejected positions are overwritten: the rollback is this
+        position reset); a step beyond them would attend to stale keys and values."""
+        sequence = (self.transport.session, fields["seq"])
+        written = self._written[1] if self._written[0] == sequence else 0
+        if fields["start"] > written:
+            return (f"a step at position {fields['start']} leaves a gap after the "
+                    f"{written} positions written of sequence {fields['seq']}")
+        self._written = (sequence, fields["start"] + rows)
         return None
 
     def _check_step(self, h: torch.Tensor, start: int) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 from helpers import processes
 from helpers.paths import REPO
 
@@ -122,3 +123,21 @@ def test_decode_benchmark_secure_table() -> None:
     assert len(keyed["plain_run_ms_per_token"]) == 1  # the plain runs alternate with these
     assert abs(keyed["ratio"] - keyed["ms_per_token"] / keyed["plain_ms_per_token"]) < 1e-9
     assert "with keys (CURVE, the sealed data link)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_speculative_benchmark_runs_both_demo_workloads() -> None:
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "speculative.py"), "--nodes", "2",
+         "--profiles", "none", "--new-tokens", "12", "--runs", "1", "--real-model", "none",
+         "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    assert "flags:" in report["cpu"]
+    rows = {r["workload"]: r for r in report["rows"]}
+    assert set(rows) == {"demo pair", "demo lookup"}
+    assert rows["demo pair"]["acceptance"] > 0.5 and rows["demo pair"]["tokens_per_step"] > 1.5
+    for row in rows.values():
+        assert row["ratio"] == row["spec_tokens_per_s"] / row["plain_tokens_per_s"] > 0
