@@ -14,6 +14,7 @@ from edgetp.kernels import native
 ROOT = REPO
 
 
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_allreduce_benchmark_quick_json() -> None:
     proc = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "allreduce.py"), "--quick", "--json"],
@@ -35,6 +36,7 @@ def test_allreduce_benchmark_quick_json() -> None:
     assert {v["nodes"] for v in report["verdicts"]} == {2, 4}
 
 
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_decode_benchmark_tiny_json() -> None:
     proc = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--runs", "1",
@@ -88,6 +90,7 @@ def test_decode_benchmark_tiny_json() -> None:
     assert "ms/token" in proc.stderr and "targets:" in proc.stderr
 
 
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_allreduce_benchmark_secure_column_and_cipher_cost() -> None:
     """--secure: a keyed cluster's allreduce beside the plain one, and the cipher's cost."""
     proc = processes.run(
@@ -110,6 +113,7 @@ def test_allreduce_benchmark_secure_column_and_cipher_cost() -> None:
     assert "with keys" in proc.stderr
 
 
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
 def test_decode_benchmark_secure_table() -> None:
     proc = processes.run(
         [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--nodes", "2",

@@ -75,6 +75,7 @@ def schemathesis_command(url: str) -> list[str]:
             f"Authorization: Bearer {KEY}"]
 
 
+@pytest.mark.slow  # about 40 s of generated requests: CI runs it with the slow tests
 def test_no_generated_request_gets_a_server_error(served: str, tmp_path: Path) -> None:
     done = processes.run(schemathesis_command(served), capture_output=True, text=True,
                          timeout=300, cwd=tmp_path, env={**os.environ, "NO_COLOR": "1"})

@@ -91,8 +91,10 @@ def measure_matvec(dtype: str, shapes: list[tuple[int, int]], total_bytes: int,
 def matvec_weight_bytes(dtype: str, shape: tuple[int, int]) -> int:
     """The bytes a split stores for weights of ``shape`` (in, out) in ``dtype``."""
     n_in, n_out = shape
-    if dtype == "int8":
+    if dtype == "int8" and n_in % 32 == 0:
         return n_out * n_in + 4 * n_out * n_in // 32  # I8 codes, F16 (scale, low) per 32
+    if dtype == "int8":
+        return n_out * n_in + 2 * n_out  # I8 codes, a BF16 scale per row (not whole blocks)
     if dtype == "int4":
         from edgetp.shard.quant import int4_group
 
@@ -116,8 +118,9 @@ def _matvec_product(dtype: str, shape: tuple[int, int]) -> Product:
         from edgetp.parallel.qlinear import int8_product
 
         q = torch.ones((n_out, n_in), dtype=torch.int8)  # [out, in]
-        scale_low = torch.full((2, n_out, n_in // 32), 0.01, dtype=torch.float16)
-        return lambda: int8_product(x, q, scale_low, out=step)
+        scale = (torch.full((2, n_out, n_in // 32), 0.01, dtype=torch.float16)
+                 if n_in % 32 == 0 else torch.full((n_out,), 0.01, dtype=torch.bfloat16))
+        return lambda: int8_product(x, q, scale, out=step)  # the split's format for n_in
     if dtype == "int4":
         return _int4_product(x, n_out, step)
     w = torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))  # [out, in]
