@@ -166,6 +166,8 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, name).restype = ctypes.c_int
     library.et_pool_set_threads.argtypes = [ctypes.c_int]
     library.et_pool_jobs.restype = ctypes.c_int64
+    library.et_add_block_lows.restype = None
+    library.et_add_block_lows.argtypes = [_P, _P, _P, _P, _I64, _I64]
     for prefix in ("et_matvec_", "et_par_matvec_"):
         getattr(library, prefix + "f32").restype = None
         for name in ("bf16", "bf16_f32", "i8", "i8_b32", "i4", "i4_f32"):
@@ -347,18 +349,19 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
                      out: torch.Tensor | None) -> torch.Tensor | None:
     """x [1, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
-    product ``q * scale`` in C, plus each block's ``low + 128 * scale`` times the block's sum
-    of x (a product 1/32 the size, in torch)."""
+    product ``q * scale`` (et_matvec_i8_b32), then each block's ``low + 128 * scale`` times the
+    block's sum of x (et_add_block_lows, 1/32 of the work)."""
     rows, cols = q.shape
     if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
         return None
     y = int8_linear(x, q, scale_low[0], out)  # [1, out]
-    if y is None:
+    lib = library()
+    if y is None or lib is None:
         return None
-    block_sums = x.view(cols // 32, 32).sum(-1)  # [nb]
-    offsets = torch.mv(scale_low[1].float(), block_sums)  # [out]: sum of low * x
-    offsets.add_(torch.mv(scale_low[0].float(), block_sums), alpha=128)
-    return y.add_(offsets)
+    block_sums = x.view(cols // 32, 32).sum(-1)  # [nb] float32
+    lib.et_add_block_lows(scale_low[0].data_ptr(), scale_low[1].data_ptr(),
+                          block_sums.data_ptr(), y.data_ptr(), rows, cols // 32)
+    return y
 
 
 def kernel_paths(lib: ctypes.CDLL | None = None) -> dict[str, str]:

@@ -705,6 +705,41 @@ int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
     return 0;
 }
 
+/* ---- the low ends of int8 with a scale and a low end per 32 columns ---------------------------
+ *
+ * w = (q + 128) * scale + low per row and block (edgetp.shard.quant), so
+ *     sum_i w_i x_i = sum_b scale_b * sum(q x)_b + (low_b + 128 * scale_b) * sum(x)_b:
+ * et_matvec_i8_b32 over the scales gives the first sum; this adds the second, from float16
+ * scale and low planes [rows, nb] and x's block sums [nb]. 1/32 of the product's work. */
+void et_add_block_lows(const uint16_t *restrict scale, const uint16_t *restrict low,
+                       const float *restrict sums, float *restrict y, int64_t rows, int64_t nb) {
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *s = scale + r * nb, *l = low + r * nb;
+        int64_t k = 0;
+        float acc = 0.f;
+#if defined(__F16C__) && defined(ET_AVX2)
+        __m256 vacc = _mm256_setzero_ps(), k128 = _mm256_set1_ps(128.f);
+        for (; k + 8 <= nb; k += 8) {
+            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + k)));
+            __m256 lv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(l + k)));
+            vacc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, k128, lv), _mm256_loadu_ps(sums + k), vacc);
+        }
+        acc = sum256(vacc);
+#elif defined(ET_NEON)
+        float32x4_t vacc = vdupq_n_f32(0.f);
+        for (; k + 4 <= nb; k += 4) {
+            float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + k)));
+            float32x4_t lv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(l + k)));
+            vacc = vfmaq_f32(vacc, vfmaq_n_f32(lv, sv, 128.f), vld1q_f32(sums + k));
+        }
+        acc = vaddvq_f32(vacc);
+#endif
+        for (; k < nb; k++)
+            acc += (f16_to_f32(l[k]) + 128.f * f16_to_f32(s[k])) * sums[k];
+        y[r] += acc;
+    }
+}
+
 /* ---- int4 weights in the tiled layout (edgetp.quant), float32 x -> float32 y ----------------
  *
  * Codes q in 0..15 with a (scale, zero) pair (bfloat16, or float32 for scales kept from a GGUF)

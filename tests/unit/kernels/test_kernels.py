@@ -24,6 +24,7 @@ from edgetp.shard.quant import (
     int4_tiled,
     quantize_int4,
     quantize_int8,
+    quantize_int8_blocks,
 )
 
 pytestmark = pytest.mark.skipif(not kernels.available(),
@@ -79,6 +80,25 @@ def test_int8_is_within_the_int16_activation_rounding(rows: int, cols: int) -> N
     assert float((got.double() - exact).abs().max()) <= float(bound) * 1.01 + 1e-6
     bfloat16_activation = x.bfloat16().double() @ dequantize_int8(q, scale).double().T
     assert relative_error(got, exact) <= relative_error(bfloat16_activation, exact) + 1e-7
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 32), (7, 96), (130, 64), (64, 1024)])
+def test_int8_with_a_low_end_per_block_is_within_the_int16_activation_rounding(
+        rows: int, cols: int) -> None:
+    """The block format (a float16 scale and low end per 32 columns): the symmetric block
+    kernel plus et_add_block_lows equal the dequantized product, off-centre blocks included."""
+    w = torch.randn(rows, cols) / 10 + torch.randn(rows, cols // 32).repeat_interleave(32, 1)
+    q, scale_low = quantize_int8_blocks(w)
+    deq = dequantize_int8(q, scale_low).double()  # [rows, cols]
+    x = torch.randn(1, cols)
+    got = kernels.int8_linear(x, q, scale_low)
+    assert got is not None and got.shape == (1, rows) and got.dtype == torch.float32
+    exact = x.double() @ deq.T
+    bound = (x.abs().max() * 2.0 ** -16 * deq.abs().sum(1)).max()  # x's int16 rounding
+    assert float((got.double() - exact).abs().max()) <= float(bound) * 1.01 + 1e-5
+    x[0, cols // 2] = float("nan")
+    bad = kernels.int8_linear(x, q, scale_low)
+    assert bad is not None and bool(torch.isnan(bad).all())
 
 
 def test_int8_column_blocks_do_not_depend_on_the_split() -> None:
