@@ -20,6 +20,8 @@ square) and one activation row, the best-of-rounds time of:
 * ``f32 / bf16 / int8 / int4 native``: edgetp's C decode kernels
   (``edgetp.kernels.native``; what a decode
   step runs where a C compiler is available; int8 with int16 activation blocks);
+  ``int8 blocks native``: the same for the format an int8 split stores (a float16 scale and
+  low end per 32 columns: the block kernel plus the low ends' term);
 * ``int4 kernel``: ``int4_matmul`` on the tiled layout (``_weight_int4pack_mm_for_cpu``);
   ``int4 fallback``: unpack, dequantize, ``F.linear`` in float32.
 
@@ -46,7 +48,13 @@ import torch.nn.functional as F
 
 from edgetp.kernels import native as kernels
 from edgetp.parallel.qlinear import int4_matmul, int8_matmul
-from edgetp.shard.quant import dequantize_int4, native_int4_tiled, quantize_int4, quantize_int8
+from edgetp.shard.quant import (
+    dequantize_int4,
+    native_int4_tiled,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_blocks,
+)
 
 SHAPES = {"attn 2048x2048": (2048, 2048), "mlp up 5632x2048": (5632, 2048),
           "mlp down 2048x5632": (2048, 5632), "square 4096x4096": (4096, 4096)}
@@ -83,6 +91,7 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
     x = torch.randn(1, in_features, generator=gen)
     wb, xb = w.to(torch.bfloat16), x.to(torch.bfloat16)
     q, scale = quantize_int8(w)
+    qb, scale_low = quantize_int8_blocks(w)  # what an int8 split stores
     packed, scale_zero = quantize_int4(w, 32)
     tiled = native_int4_tiled()
     q_t = q.t()  # [in, out] view: what torch._int_mm wants
@@ -102,6 +111,8 @@ def one_shape(out_features: int, in_features: int, budget_s: float) -> dict[str,
         "f32 native": (lambda: kernels.linear(x, w, step)) if native else None,
         "bf16 native": (lambda: kernels.linear(xb, wb, step16)) if native else None,
         "int8 native": (lambda: kernels.int8_linear(x, q, scale, step)) if native else None,
+        "int8 blocks native": (lambda: kernels.int8_linear(x, qb, scale_low, step))
+        if native else None,
         "int4 native": (lambda: kernels.int4_linear(x, packed, scale_zero, 32, step))
         if kernels.has_int4() else None,
         "int4 kernel": (lambda: int4_matmul(x, packed, scale_zero, 32, kernel_layout=True))
@@ -241,7 +252,7 @@ def main() -> None:
                                                 if n != "f32" else "") for n in names)
         print(f"| {label} | {cells} |")
     print("\nus per matvec (speed-up over f32). Weight bytes per parameter: f32 4, bf16 2, "
-          "int8 1 (+2/row), int4 0.5 (+4 per group of 32).")
+          "int8 1 (+2/row; the blocks a split stores: +4 per 32), int4 0.5 (+4 per group of 32).")
     print(f"\nrows per call on {cross_shape[0]}x{cross_shape[1]} (us): kernel vs dequantize + "
           "bf16 matmul")
     print("| rows | int8 kernel | int8 gemm | int4 kernel | int4 gemm |\n|---|---|---|---|---|")
