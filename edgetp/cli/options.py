@@ -209,9 +209,12 @@ def node_shares(text: str | None, nodes: int) -> tuple[float, ...] | None:
 
 
 def master_options(opts: dict[str, Any]) -> MasterOptions:
-    """The master's settings from the generation, cluster and weight options."""
+    """The master's settings from the generation, cluster and weight options (and serve's
+    --max-batch: without it, one sequence at a time)."""
+    from edgetp.core.limits import default_kv_slots
     from edgetp.runtime.start import MasterOptions
 
+    max_batch = opts.get("max_batch", 1) or default_kv_slots(byte_size(opts.get("memory_budget")))
     return MasterOptions(
         dtype=opts["dtype"], max_seq_len=opts["max_seq_len"],
         wire_dtype=opts.get("wire_dtype", "f32"), timeout_s=opts.get("timeout_s", 10.0),
@@ -219,7 +222,7 @@ def master_options(opts: dict[str, Any]) -> MasterOptions:
         allreduce=opts.get("allreduce", "star"), weight_dtype=opts.get("weight_dtype"),
         group_size=opts.get("group_size") or 32, head_dtype=opts.get("head_dtype"),
         threads=opts.get("threads"), draft=opts.get("draft"),
-        draft_tokens=opts.get("draft_tokens") or 8)
+        draft_tokens=opts.get("draft_tokens") or 8, max_batch=max_batch)
 
 
 def sampling_settings(opts: dict[str, Any]) -> SamplingConfig:
