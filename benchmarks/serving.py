@@ -3,8 +3,9 @@
 Run::
 
     .venv/bin/python benchmarks/serving.py [--clients 1,2,4,8] [--requests 200] [--prompts 16]
-                                           [--new-tokens 64] [--dtype float32] [--max-batch B]
-                                           [--keep DIR] [--tiny] [--quick] [--json]
+                                           [--new-tokens 64] [--max-prompt 512] [--dtype float32]
+                                           [--max-batch B] [--timeout S] [--keep DIR] [--tiny]
+                                           [--quick] [--json]
 
 1. **Model.** The TinyLlama-1.1B-shaped Llama with random weights that ``benchmarks/decode.py``
    writes (its :func:`~decode.ensure_model`: ``--keep DIR`` keeps and reuses the work directory,
@@ -477,16 +478,22 @@ def verdict(kind: str, value: float, limit: float) -> tuple[bool, str]:
         return value <= limit, "met" if value <= limit else f"missed: {value:.0f}"
     met = value >= limit if kind == "throughput" else (
         value < limit if kind == "ttft" else value <= limit)
+    if met:
+        return True, "met"
+    if kind == "throughput" and value <= 0:
+        return False, "missed (no tokens)"
     missed = 100 * (limit / value - 1 if kind == "throughput" else value / limit - 1)
-    return met, "met" if met else f"missed by {max(missed, 0.0):.0f}%"
+    return False, f"missed by {max(missed, 0.0):.0f}%"
 
 
 def targets(results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for name, kind, clients, limit in TARGETS:
         value = target_value(kind, clients, results)
+        ran = clients is None or (clients in results and 1 in results)
         row: dict[str, Any] = {"name": name, "kind": kind, "clients": clients, "limit": limit,
-                               "value": value, "met": None, "status": "not run"}
+                               "value": value, "met": None,
+                               "status": "no data" if ran else "not run"}
         if value is not None:
             row["met"], row["status"] = verdict(kind, value, limit)
         if kind == "failures" and clients in results:
