@@ -13,6 +13,7 @@ counts of this model; nothing here changes for it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,15 @@ def one_float_row(x: torch.Tensor) -> bool:
     """A decode step's float32 activations (one row, no autograd): these run allocation-free,
     in buffers their module keeps from step to step (:func:`step_buffer`)."""
     return x.shape[0] == 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences of a decode batch's rows: row i is the newest token of the sequence whose
+    keys and values are in KV slot ``slots[i]``, at position ``positions[i]``."""
+
+    slots: list[int]
+    positions: list[int]
 
 
 class RMSNorm(nn.Module):
@@ -173,27 +183,22 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-        slot: int = 0,
+        slot: int = 0, batch: DecodeBatch | None = None,
     ) -> torch.Tensor:
         """x: [T, d] normed hidden states of one sequence (KV slot ``slot``) at positions
-        start_pos..; returns [T, d] (a partial sum when sharded)."""
+        start_pos..; returns [T, d] (a partial sum when sharded). With ``batch``, a decode
+        batch instead: row i of x is the newest token of the sequence in ``batch.slots[i]`` at
+        ``batch.positions[i]`` (cos, sin: [B, hd]); the projections read each weight once for
+        all rows, attention runs row by row exactly as a one-row step does."""
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*hd], [T, KV*hd] x2
-        return self.o_proj(self._attend(q, k, v, start_pos, cos, sin, slot))
-
-    def forward_rows(
-        self, x: torch.Tensor, slots: list[int], positions: list[int], cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """A decode batch: row i of x [B, d] is sequence i's newest token, at ``positions[i]``
-        in KV slot ``slots[i]``; cos, sin: [B, hd]. The projections read each weight once for
-        all rows; attention runs row by row exactly as a one-row step does, so every row's
-        result is the one it would have alone. -> [B, d]."""
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, H*hd], [B, KV*hd] x2
+        if batch is None:
+            return self.o_proj(self._attend(q, k, v, start_pos, cos, sin, slot))
         attended = torch.empty(x.shape[0], self.n_heads * self.head_dim, dtype=q.dtype)
-        for i, (slot, position) in enumerate(zip(slots, positions, strict=True)):
+        for i, (row_slot, position) in enumerate(zip(batch.slots, batch.positions,
+                                                     strict=True)):
             row = slice(i, i + 1)
-            attended[row] = self._attend(q[row], k[row], v[row], position, cos[row], sin[row],
-                                         slot)
+            attended[row] = self._attend(aligned_row(q, i), aligned_row(k, i), aligned_row(v, i),
+                                         position, cos[row], sin[row], row_slot)
         return self.o_proj(attended)  # [B, d]
 
     def _attend(
@@ -280,10 +285,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, inner, bias=bias)
         self.down_proj: nn.Module = nn.Linear(inner, d, bias=bias)  # or a row-parallel one
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> [T, d]
-        # gate and up are this call's own temporaries: activate and gate in place
-        gated = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, inner]
-        return self.down_proj(gated)
+    def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """x: [T, d] -> [T, d]. ``per_row`` (a decode batch): the activation row by row, as
+        a one-row step computes it (silu's vector loop and its scalar tail compute exp
+        differently, so on [B, inner] an element could land in the other one)."""
+        if not per_row:  # gate and up are this call's own temporaries: activate in place
+            gated = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, inner]
+            return self.down_proj(gated)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [B, inner] each
+        for i in range(x.shape[0]):
+            row = aligned_row(gate, i)
+            F.silu(row, inplace=True)
+            if row.data_ptr() != gate[i].data_ptr():
+                gate[i] = row[0]
+        return self.down_proj(gate.mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -297,8 +312,12 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-        slot: int = 0,
-    ) -> torch.Tensor:  # h: [T, d], one sequence
+        slot: int = 0, batch: DecodeBatch | None = None,
+    ) -> torch.Tensor:  # h: [T, d], one sequence; or [B, d], a decode batch
+        if batch is not None:
+            normed = norm_rows(self.input_layernorm, h)
+            mid = h + self.self_attn(normed, 0, cos, sin, 0, batch)
+            return mid + self.mlp(norm_rows(self.post_attention_layernorm, mid), True)
         attended = self.self_attn(self.input_layernorm(h), start_pos, cos, sin, slot)
         if not one_float_row(h):
             h = h + attended
@@ -307,22 +326,26 @@ class DecoderLayer(nn.Module):
         out = step_buffer(self, "_out", tuple(h.shape), h)
         return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
 
-    def forward_rows(
-        self, h: torch.Tensor, slots: list[int], positions: list[int], cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:  # h: [B, d], one row per sequence (see Attention.forward_rows)
-        normed = norm_rows(self.input_layernorm, h)
-        mid = h + self.self_attn.forward_rows(normed, slots, positions, cos, sin)
-        return mid + self.mlp(norm_rows(self.post_attention_layernorm, mid))
-
 
 def norm_rows(norm: RMSNorm, h: torch.Tensor) -> torch.Tensor:
     """``norm`` of each row of h [B, d] apart, exactly as a one-row step computes it (its sum
     of squares is a dot product there, whose rounding a [B, d] reduction would not repeat)."""
     out = torch.empty(h.shape[0], h.shape[1], dtype=norm.weight.dtype)  # [B, d]
     for i in range(h.shape[0]):
-        out[i] = norm(h[i : i + 1])[0]  # may be the norm's kept buffer: copied out at once
+        out[i] = norm(aligned_row(h, i))[0]  # may be the norm's kept buffer: copied out at once
     return out
+
+
+ALIGNMENT = 64  # bytes: torch's CPU allocations start at such an address
+
+
+def aligned_row(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Row i of x [B, n] as [1, n], at an address as aligned as a one-row step's own tensor:
+    the view when it is, else a copy. torch's reductions and matmuls may peel an unaligned
+    start off their vector loop, which changes the order of the sums: a row at an odd offset
+    (a rank's 24 query values of 4 bytes) would not round as it does alone."""
+    row = x[i : i + 1]
+    return row if row.data_ptr() % ALIGNMENT == 0 else row.clone()
 
 
 def _embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
@@ -451,9 +474,9 @@ class Transformer(nn.Module):
         step_threads(1)  # decode: torch's work is per row; the products use the kernels' pool
         at = torch.tensor(positions, dtype=torch.int64)
         cos, sin = self.rope_cos[at], self.rope_sin[at]  # [B, hd]
+        batch = DecodeBatch(slots, positions)
         for index in layers if layers is not None else range(len(self.layers)):
-            layer: DecoderLayer = self.layers[index]  # type: ignore[assignment]
-            h = layer.forward_rows(h, slots, positions, cos, sin)
+            h = self.layers[index](h, 0, cos, sin, 0, batch)
         return h
 
     def forward_step(

@@ -254,8 +254,9 @@ class Master:
         """A single-process master holding the whole model (and KV slots for ``max_batch``
         sequences decoding together)."""
         from edgetp.model.checkpoint import load_model
+        from edgetp.parallel.linears import on_kernels
 
-        model = load_model(model_dir, parse_dtype(dtype), max_seq_len)
+        model = on_kernels(load_model(model_dir, parse_dtype(dtype), max_seq_len))
         return cls(Tokenizer.from_dir(model_dir),
                    LocalRunner(model, kv_slots=check_kv_slots(max_batch, "--max-batch")))
 
