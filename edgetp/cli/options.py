@@ -103,7 +103,7 @@ def generation_options(func: F) -> F:
                      help="speculative decoding: 'lookup' (drafts from the text so far) or "
                           "a small model's directory with this model's tokenizer (run on the "
                           "master); greedy output is unchanged"),
-        click.option("--draft-tokens", type=click.IntRange(1, 64), default=8,
+        click.option("--draft-tokens", type=click.IntRange(1, 64), default=7,
                      show_default=True, help="with --draft: the most tokens a step drafts "
                                              "(it adapts below that)"),
     ])
@@ -222,7 +222,7 @@ def master_options(opts: dict[str, Any]) -> MasterOptions:
         allreduce=opts.get("allreduce", "star"), weight_dtype=opts.get("weight_dtype"),
         group_size=opts.get("group_size") or 32, head_dtype=opts.get("head_dtype"),
         threads=opts.get("threads"), draft=opts.get("draft"),
-        draft_tokens=opts.get("draft_tokens") or 8, max_batch=max_batch)
+        draft_tokens=opts.get("draft_tokens") or 7, max_batch=max_batch)
 
 
 def sampling_settings(opts: dict[str, Any]) -> SamplingConfig:

@@ -327,6 +327,22 @@ class DecoderLayer(nn.Module):
         return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
 
 
+def batch_problem(slots: list[int], positions: list[int], rows: int) -> str | None:
+    """What is wrong with a decode batch of ``rows`` rows in ``slots`` at ``positions``, or
+    None: one slot and one position per row, and a slot named by several rows only at
+    consecutive positions in row order (one sequence's tokens, each seeing the ones before)."""
+    if len(slots) != rows or len(positions) != rows:
+        return (f"a decode batch of {rows} rows needs one KV slot and one position per row, "
+                f"got slots {slots} and positions {positions}")
+    last: dict[int, int] = {}
+    for slot, position in zip(slots, positions, strict=True):
+        if slot in last and position != last[slot] + 1:
+            return (f"KV slot {slot} is at position {last[slot]} and then {position} in one "
+                    "step: a slot's rows must be consecutive positions")
+        last[slot] = position
+    return None
+
+
 def norm_rows(norm: RMSNorm, h: torch.Tensor) -> torch.Tensor:
     """``norm`` of each row of h [B, d] apart, exactly as a one-row step computes it (its sum
     of squares is a dot product there, whose rounding a [B, d] reduction would not repeat)."""
@@ -463,13 +479,13 @@ class Transformer(nn.Module):
         self, h: torch.Tensor, slots: list[int], positions: list[int],
         layers: range | None = None,
     ) -> torch.Tensor:
-        """A decode batch through decoder layers (default: all): row i of h [B, d] is the
-        newest token of the sequence in KV slot ``slots[i]``, at ``positions[i]``. Row i's
-        result is bitwise the one a one-row step of that sequence gives; -> [B, d]."""
-        rows = h.shape[0]
-        if len(slots) != rows or len(positions) != rows or len(set(slots)) != rows:
-            raise ValueError(f"a decode batch of {h.shape[0]} rows needs one distinct slot and "
-                             f"one position per row, got slots {slots}, positions {positions}")
+        """A decode batch through decoder layers (default: all): row i of h [B, d] is a
+        token of the sequence in KV slot ``slots[i]``, at ``positions[i]`` (a slot's rows are
+        consecutive positions: a speculative step's tokens). Rows run in order, each exactly
+        as a one-row step of its sequence, so row i's result is bitwise that step's; -> [B, d]."""
+        problem = batch_problem(slots, positions, h.shape[0])
+        if problem:
+            raise ValueError(problem)
         self._check_context(max(positions) + 1)
         step_threads(1)  # decode: torch's work is per row; the products use the kernels' pool
         at = torch.tensor(positions, dtype=torch.int64)

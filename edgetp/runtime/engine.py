@@ -16,6 +16,7 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
+from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
 from edgetp.model.sampling import Sampler
 from edgetp.runtime.speculation import Speculation, SpeculationStats, SpeculativeSteps
@@ -88,6 +89,8 @@ class LocalRunner:
         if tokens.numel() > self.prefill_chunk:
             raise ConfigError(f"{tokens.numel()} rows to verify exceed a step of "
                               f"{self.prefill_chunk}")
+        if tokens.numel() <= kernels.MAX_BATCH_ROWS:  # each row bitwise a one-row step's
+            return self.batch_logits(tokens, *one_sequence_rows(slot, start_pos, tokens))
         return self.model.head(self._last_chunk(tokens, start_pos, slot))  # [T, V]
 
     @torch.inference_mode()
@@ -109,6 +112,13 @@ class LocalRunner:
                                           slot=slot)
         assert h is not None, "logits() needs at least one token"
         return h
+
+
+def one_sequence_rows(slot: int, start_pos: int, tokens: torch.Tensor
+                      ) -> tuple[list[int], list[int]]:
+    """The slots and positions of a decode batch holding one sequence's ``tokens`` [T] at
+    start_pos..: a speculative step verified as T one-row steps in one, bitwise theirs."""
+    return [slot] * tokens.numel(), list(range(start_pos, start_pos + tokens.numel()))
 
 
 @dataclass

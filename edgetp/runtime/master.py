@@ -19,6 +19,7 @@ from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.limits import DEFAULT_MAX_BATCH, check_kv_slots, master_prefill_chunk
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
+from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.collectives import StarMaster, StepPosition
@@ -27,7 +28,13 @@ from edgetp.net.security import MasterSecurity
 from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity, Traffic
 from edgetp.net.transport.sockets import url_host_port
 from edgetp.parallel.comm import SoloCommunicator
-from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
+from edgetp.runtime.engine import (
+    Engine,
+    GenerationResult,
+    LocalRunner,
+    Runner,
+    one_sequence_rows,
+)
 from edgetp.runtime.speculation import (
     DEFAULT_DRAFT_TOKENS,
     Speculation,
@@ -120,6 +127,8 @@ class ClusterRunner:
         if tokens.numel() > self.prefill_chunk:
             raise ConfigError(f"{tokens.numel()} rows to verify exceed a step of "
                               f"{self.prefill_chunk}; lower --draft-tokens")
+        if tokens.numel() <= kernels.MAX_BATCH_ROWS:  # each row bitwise a one-row step's
+            return self.batch_logits(tokens, *one_sequence_rows(slot, start_pos, tokens))
         return self._run(tokens, start_pos, slot, every_row=True)
 
     @torch.inference_mode()

@@ -30,7 +30,9 @@ from edgetp.model.sampling import Sampler
 from edgetp.model.speculative import verify
 from edgetp.model.tokenizer import Tokenizer
 
-DEFAULT_DRAFT_TOKENS = 8
+# a step of the newest token and 7 drafted is 8 rows: the most the batched products take, so
+# each row's logits are bitwise a one-row step's (greedy output the same by construction)
+DEFAULT_DRAFT_TOKENS = 7
 MAX_DRAFT_TOKENS = 64
 START_TOKENS = 4  # K of the first draft (at most the maximum), before the costs are known
 MEMORY = 0.8  # running means and counts keep this much of their past at each step

@@ -40,7 +40,7 @@ class MasterOptions:
     head_dtype: str | None = None  # the lm_head's (edgetp.shard.quant.head_format)
     threads: int | None = None  # per node; None: every core (a local cluster divides them)
     draft: str | None = None  # speculative decoding: "lookup" or a draft model's directory
-    draft_tokens: int = 8  # the most tokens a step drafts
+    draft_tokens: int = 7  # the most tokens a step drafts (speculation.DEFAULT_DRAFT_TOKENS)
     max_batch: int = 1  # sequences decoding together (serve's --max-batch; KV slots per node)
 
 

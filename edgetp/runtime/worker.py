@@ -24,7 +24,7 @@ from edgetp.core.errors import ShardError
 from edgetp.core.limits import check_kv_slots, default_kv_slots
 from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.kernels import native
-from edgetp.model.llama import Transformer
+from edgetp.model.llama import Transformer, batch_problem
 from edgetp.net.collectives import StarWorker, StepPosition
 from edgetp.net.ring import RingError, WorkerRing
 from edgetp.net.security import WorkerSecurity
@@ -224,13 +224,13 @@ class Worker:
             self._written_session, self._written = self.transport.session, {}
         slots, starts = fields["slots"], fields["starts"]
         counts = [rows] if len(slots) == 1 else [1] * rows
-        for slot, start in zip(slots, starts, strict=True):
-            written = self._written.get(slot, 0)
-            if start > written:
-                return (f"a step at position {start} leaves a gap after the {written} "
-                        f"positions written in KV slot {slot}")
+        written = dict(self._written)  # rows in order: a slot's next row follows its last
         for slot, start, count in zip(slots, starts, counts, strict=True):
-            self._written[slot] = start + count
+            if start > written.get(slot, 0):
+                return (f"a step at position {start} leaves a gap after the "
+                        f"{written.get(slot, 0)} positions written in KV slot {slot}")
+            written[slot] = start + count
+        self._written = written
         return None
 
     def _check_step(self, h: torch.Tensor, slots: list[int], starts: list[int]) -> str | None:
@@ -241,8 +241,9 @@ class Worker:
         if len(slots) != len(starts) or len(slots) not in (1, rows):
             return (f"a step of {rows} rows names {len(slots)} KV slots and {len(starts)} "
                     "starts: one of each for one sequence, or one per row for a decode batch")
-        if len(set(slots)) != len(slots):
-            return f"a decode batch names a KV slot twice: {slots}"
+        problem = batch_problem(slots, starts, rows) if len(slots) > 1 else None
+        if problem:
+            return problem
         if max(slots) >= self.kv_slots:
             return (f"KV slot {max(slots)} beyond this worker's {self.kv_slots} "
                     "(--kv-slots): start it with more, or lower the master's --max-batch")
