@@ -30,6 +30,11 @@
 #endif
 
 #define ROWS 4
+#define ET_MAX_BATCH 8 /* x rows a batched product takes (the *_rows functions) */
+/* A batched product reads its weight in chunks of about this many bytes (a multiple of the
+ * kernel's row block), and runs the one-row code for every x row on a chunk while it is in
+ * the cache: each weight byte comes from memory once per product, whatever the x rows. */
+#define BATCH_CHUNK_BYTES (64 << 10)
 
 #if defined(ET_AVX2)
 static inline float sum256(__m256 v) { /* the sum of a vector's eight floats */
@@ -55,7 +60,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept
     return (uint16_t)(bits >> 16);
 }
 
-int et_abi_version(void) { return 1; }
+int et_abi_version(void) { return 2; }
 
 /* ---- float32 weights, float32 x -> float32 y ------------------------------------------------ */
 
@@ -107,8 +112,21 @@ static int64_t f32_rows_vec(const float *restrict w, const float *restrict x, fl
 }
 #endif
 
-void et_matvec_f32(const float *restrict w, const float *restrict x, float *restrict y,
-                   int64_t rows, int64_t cols) {
+/* Rows per chunk of a batched product over rows [from, to) of ``row_bytes`` each: a multiple
+ * of ``block`` (the row block of the kernel's passes, so that a chunk starting at a multiple of
+ * it puts every row in the same kind of pass as one call over all rows does), or the whole
+ * span for one x row. */
+static int64_t batch_step(int64_t nx, int64_t row_bytes, int64_t block, int64_t span) {
+    if (nx <= 1) return span > 0 ? span : 1;
+    int64_t n = BATCH_CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1) / block * block;
+    return n < block ? block : n;
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* One x row against rows [0, rows) of w. */
+static void f32_span(const float *restrict w, const float *restrict x, float *restrict y,
+                     int64_t rows, int64_t cols) {
     int64_t r = 0;
 #if defined(__AVX512F__) || defined(ET_AVX2) || defined(ET_NEON)
     r = f32_rows_vec(w, x, y, rows, cols);
@@ -134,6 +152,36 @@ void et_matvec_f32(const float *restrict w, const float *restrict x, float *rest
         for (int64_t i = 0; i < cols; i++) a += wr[i] * x[i];
         y[r] = a;
     }
+}
+
+#if defined(F32_ROWS)
+#define F32_BLOCK F32_ROWS /* 12 or 8, then four-row passes */
+#else
+#define F32_BLOCK ROWS
+#endif
+
+/* x [nx, cols] against rows [from, to) of w -> y [nx, rows] (those rows of each y row); the
+ * thread pool's part (csrc/pool.c), ``from`` a multiple of F32_BLOCK. */
+void et_f32_part(const float *restrict w, const float *restrict x, float *restrict y,
+                 int64_t rows, int64_t cols, int64_t nx, int64_t from, int64_t to) {
+    int64_t step = batch_step(nx, cols * (int64_t)sizeof(float), F32_BLOCK, to - from);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < nx; t++)
+            f32_span(w + r * cols, x + t * cols, y + t * rows + r, min64(step, to - r), cols);
+}
+
+void et_matvec_f32(const float *restrict w, const float *restrict x, float *restrict y,
+                   int64_t rows, int64_t cols) {
+    et_f32_part(w, x, y, rows, cols, 1, 0, rows);
+}
+
+/* x [nx, cols], 1 <= nx <= ET_MAX_BATCH, -> y [nx, rows]; y[t] is bitwise et_matvec_f32 of
+ * x[t]. Returns 0, or -3 for another nx. */
+int et_matvec_f32_rows(const float *restrict w, const float *restrict x, float *restrict y,
+                       int64_t rows, int64_t cols, int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    et_f32_part(w, x, y, rows, cols, nx, 0, rows);
+    return 0;
 }
 
 /* One growing thread-local scratch area (x converted for a product), never freed. */
@@ -281,14 +329,49 @@ static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, v
     return 0;
 }
 
+#if defined(BF16_ROWS)
+#define BF16_BLOCK BF16_ROWS /* 8 or 4, then four-row passes */
+#else
+#define BF16_BLOCK ROWS
+#endif
+
+/* x [nx, cols] against rows [from, to) of w -> y [nx, rows], bfloat16 or (``f32_out``) float32;
+ * the thread pool's part, ``from`` a multiple of BF16_BLOCK. Returns 0 or -1 (no memory). */
+int et_bf16_part(const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y,
+                 int64_t rows, int64_t cols, int64_t nx, int f32_out, int64_t from, int64_t to) {
+    int64_t step = batch_step(nx, cols * (int64_t)sizeof(uint16_t), BF16_BLOCK, to - from);
+    size_t out = f32_out ? sizeof(float) : sizeof(uint16_t);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < nx; t++) {
+            char *yt = (char *)y + (size_t)(t * rows + r) * out;
+            if (bf16_matvec(w + r * cols, x + t * cols, yt, min64(step, to - r), cols, f32_out))
+                return -1;
+        }
+    return 0;
+}
+
 int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint16_t *restrict y,
                    int64_t rows, int64_t cols) {
-    return bf16_matvec(w, x, y, rows, cols, 0);
+    return et_bf16_part(w, x, y, rows, cols, 1, 0, 0, rows);
 }
 
 int et_matvec_bf16_f32(const uint16_t *restrict w, const uint16_t *restrict x,
                        float *restrict y, int64_t rows, int64_t cols) {
-    return bf16_matvec(w, x, y, rows, cols, 1);
+    return et_bf16_part(w, x, y, rows, cols, 1, 1, 0, rows);
+}
+
+/* x [nx, cols] -> y [nx, rows] (bfloat16, or float32 sums); y[t] is bitwise the one-row
+ * product of x[t]. Returns 0, -1 (no memory) or -3 (nx not in 1..ET_MAX_BATCH). */
+int et_matvec_bf16_rows(const uint16_t *restrict w, const uint16_t *restrict x,
+                        uint16_t *restrict y, int64_t rows, int64_t cols, int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    return et_bf16_part(w, x, y, rows, cols, nx, 0, 0, rows);
+}
+
+int et_matvec_bf16_f32_rows(const uint16_t *restrict w, const uint16_t *restrict x,
+                            float *restrict y, int64_t rows, int64_t cols, int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    return et_bf16_part(w, x, y, rows, cols, nx, 1, 0, rows);
 }
 
 /* ---- int8 weights with a bfloat16 scale per row, float32 x -> float32 y ----------------------
@@ -340,28 +423,18 @@ struct qx {
 
 #if defined(ET_NEON) && defined(__ARM_FEATURE_DOTPROD)
 #define ET_SPLIT_X 1
-/* The code bytes of x into a second thread-local area: hi = q >> 8 (-128..127) and the low
- * byte, as 0..255 for usdot (int8 matrix multiply) or shifted to -128..127 for sdot. */
-static int split_x(const int16_t *restrict xq, int64_t n, int8_t **hi, int8_t **lo) {
-    static __thread int8_t *area = NULL;
-    static __thread int64_t capacity = 0;
-    if (2 * n > capacity) {
-        int8_t *grown = realloc(area, (size_t)(2 * n));
-        if (grown == NULL) return -1;
-        area = grown;
-        capacity = 2 * n;
-    }
-    *hi = area;
-    *lo = area + n;
+/* The code bytes of x: hi = q >> 8 (-128..127) and the low byte, as 0..255 for usdot (int8
+ * matrix multiply) or shifted to -128..127 for sdot. */
+static void split_x(const int16_t *restrict xq, int64_t n, int8_t *restrict hi,
+                    int8_t *restrict lo) {
     for (int64_t i = 0; i < n; i++) {
-        area[i] = (int8_t)(xq[i] >> 8);
+        hi[i] = (int8_t)(xq[i] >> 8);
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-        area[n + i] = (int8_t)(uint8_t)(xq[i] & 0xff);
+        lo[i] = (int8_t)(uint8_t)(xq[i] & 0xff);
 #else
-        area[n + i] = (int8_t)((xq[i] & 0xff) - 128);
+        lo[i] = (int8_t)((xq[i] & 0xff) - 128);
 #endif
     }
-    return 0;
 }
 #endif
 
@@ -525,62 +598,137 @@ static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_b
 }
 #endif
 
-/* x quantized into the thread's scratch area: int16 codes (padded to whole blocks), a scale per
- * block, and ``extra`` more floats for the caller; ``split``: the codes' bytes apart too where
- * the kernels use them (AArch64 dot product). Returns 0, -1 (no memory) or -2 (inf/NaN). */
-static int quantized_x(const float *restrict x, int64_t cols, int64_t extra, int split,
-                       struct qx *out, float **more) {
-    int64_t blocks = (cols + QBLOCK - 1) / QBLOCK;
-    char *area = scratch_bytes(blocks * QBLOCK * (int64_t)sizeof(int16_t)
-                               + (blocks + extra) * (int64_t)sizeof(float));
-    if (area == NULL) return -1;
-    int16_t *xq = (int16_t *)area;
-    float *xs = (float *)(area + blocks * QBLOCK * sizeof(int16_t));
-    *out = (struct qx){xq, xs, NULL, NULL};
-    *more = xs + blocks;
-    int status = quantize_x(x, cols, xq, xs);
-#if defined(ET_SPLIT_X)
-    if (status == 0 && split) {
-        int8_t *hi, *lo;
-        if (split_x(xq, blocks * QBLOCK, &hi, &lo) != 0) return -1;
-        out->hi = hi;
-        out->lo = lo;
+/* x rows quantized for one product (int8 and int4), each once per call: a row's codes, block
+ * scales and (int4) its groups' plain sums are what the one-row product of that row uses. */
+struct qbatch {
+    int64_t nx;
+    struct qx row[ET_MAX_BATCH];
+    const float *group_sum[ET_MAX_BATCH]; /* int4: each group's plain sum of x; else NULL */
+    int bad[ET_MAX_BATCH];                /* inf or NaN in the row: its outputs are NaN */
+};
+
+/* A second growing thread-local area (the quantized rows), apart from scratch_bytes' (which a
+ * bfloat16 product may grow while a batch is in use), never freed. */
+static void *batch_bytes(int64_t n) {
+    static __thread void *area = NULL;
+    static __thread int64_t capacity = 0;
+    if (n > capacity) {
+        void *grown = realloc(area, (size_t)n);
+        if (grown == NULL) return NULL;
+        area = grown;
+        capacity = n;
     }
+    return area;
+}
+
+static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+/* x [nx, cols] quantized into the calling thread's batch area: per row int16 codes (padded to
+ * whole blocks), a scale per block, with ``group`` > 0 each group's plain sum of x, and
+ * (``split``) the codes' bytes apart where the kernels use them (AArch64 dot product). The
+ * batch stays valid until this thread quantizes again (the thread pool's threads only read
+ * it). Returns NULL when out of memory. */
+const void *et_quantize_rows(const float *restrict x, int64_t nx, int64_t cols, int64_t group,
+                             int split) {
+    int64_t blocks = (cols + QBLOCK - 1) / QBLOCK, groups = group > 0 ? cols / group : 0;
+    int64_t codes = align64(blocks * QBLOCK * (int64_t)sizeof(int16_t));
+    int64_t floats = align64((blocks + groups) * (int64_t)sizeof(float));
+    int64_t bytes = 0;
+#if defined(ET_SPLIT_X)
+    if (split) bytes = align64(2 * blocks * QBLOCK);
 #else
     (void)split;
 #endif
-    return status;
+    int64_t per_row = codes + floats + bytes;
+    char *area = batch_bytes(align64((int64_t)sizeof(struct qbatch)) + nx * per_row);
+    if (area == NULL) return NULL;
+    struct qbatch *batch = (struct qbatch *)area;
+    batch->nx = nx;
+    for (int64_t t = 0; t < nx; t++) {
+        char *at = area + align64((int64_t)sizeof(struct qbatch)) + t * per_row;
+        int16_t *xq = (int16_t *)at;
+        float *xs = (float *)(at + codes), *sums = xs + blocks;
+        const float *xt = x + t * cols;
+        batch->row[t] = (struct qx){xq, xs, NULL, NULL};
+        batch->group_sum[t] = group > 0 ? sums : NULL;
+        batch->bad[t] = quantize_x(xt, cols, xq, xs) != 0;
+        if (batch->bad[t]) continue;
+        for (int64_t g = 0; g < groups; g++) {
+            float sum = 0.f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) sum += xt[i];
+            sums[g] = sum;
+        }
+#if defined(ET_SPLIT_X)
+        if (split) {
+            int8_t *hi = (int8_t *)(at + codes + floats), *lo = hi + blocks * QBLOCK;
+            split_x(xq, blocks * QBLOCK, hi, lo);
+            batch->row[t].hi = hi;
+            batch->row[t].lo = lo;
+        }
+#endif
+    }
+    return batch;
 }
 
 static void fill_nan(float *y, int64_t rows) {
     for (int64_t r = 0; r < rows; r++) y[r] = NAN;
 }
 
-/* Returns 0, or -1 when out of memory (the caller falls back). */
-int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
-                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
+/* One quantized x row against rows [0, rows) of w (scale: theirs). */
+static void i8_span(const int8_t *restrict w, const uint16_t *restrict scale,
+                    const struct qx *xb, float *restrict y, int64_t rows, int64_t cols) {
     int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
-    struct qx xb;
-    float *unused;
-    int status = quantized_x(x, cols, 0, 1, &xb, &unused);
-    if (status == -1) return -1;
-    if (status != 0) { /* inf or NaN in x: every output is NaN */
-        fill_nan(y, rows);
-        return 0;
-    }
-    const int16_t *xq = xb.q;
-    const float *xs = xb.scale;
+    const int16_t *xq = xb->q;
+    const float *xs = xb->scale;
     int64_t r = 0;
 #if defined(ET_NEON)
-    r = i8_rows_neon(w, scale, &xb, y, rows, cols);
+    r = i8_rows_neon(w, scale, xb, y, rows, cols);
 #endif
     for (; r < rows; r++) {
         const int8_t *wr = w + r * cols;
-        float sum = i8_row(wr, &xb, full);
+        float sum = i8_row(wr, xb, full);
         if (tail) sum += (float)block_dot_tail(wr + full * QBLOCK, xq + full * QBLOCK, tail) * xs[full];
         y[r] = sum * bf16_to_f32(scale[r]);
     }
+}
+
+#if defined(ET_NEON)
+#define I8_BLOCK NEON_ROWS /* four-row passes */
+#else
+#define I8_BLOCK 1
+#endif
+
+/* A quantized batch (et_quantize_rows) against rows [from, to) -> y [nx, rows]; the thread
+ * pool's part, ``from`` a multiple of I8_BLOCK. A row of x with inf or NaN gives NaN. */
+int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
+               float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
+    const struct qbatch *b = batch;
+    int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < b->nx; t++) {
+            float *yt = y + t * rows + r;
+            if (b->bad[t]) fill_nan(yt, min64(step, to - r));
+            else i8_span(w + r * cols, scale + r, &b->row[t], yt, min64(step, to - r), cols);
+        }
     return 0;
+}
+
+/* x [nx, cols] float32, 1 <= nx <= ET_MAX_BATCH -> y [nx, rows]; y[t] is bitwise the one-row
+ * product of x[t]. Returns 0; -1 when out of memory (the caller falls back); -3 for another
+ * nx. */
+int et_matvec_i8_rows(const int8_t *restrict w, const uint16_t *restrict scale,
+                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                      int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, 0, 1);
+    if (batch == NULL) return -1;
+    return et_i8_part(w, scale, batch, y, rows, cols, 0, rows);
+}
+
+/* Returns 0, or -1 when out of memory (the caller falls back). */
+int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
+                 const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
+    return et_matvec_i8_rows(w, scale, x, y, rows, cols, 1);
 }
 
 /* ---- int8 weights with a float16 scale per 32 columns (a GGUF's Q8_0 blocks), float32 x ------
@@ -706,25 +854,47 @@ static int64_t i8b_rows_neon(const int8_t *restrict w, const uint16_t *restrict 
 }
 #endif
 
+/* One quantized x row against rows [0, rows) of w (scale: theirs, [rows, cols / 32]). */
+static void i8b_span(const int8_t *restrict w, const uint16_t *restrict scale,
+                     const struct qx *xb, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8b_rows_neon(w, scale, xb, y, rows, cols);
+#endif
+    for (; r < rows; r++)
+        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), xb, cols);
+}
+
+/* et_i8_part for 32-column weight blocks (columns a multiple of 32). */
+int et_i8b_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
+                float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
+    const struct qbatch *b = batch;
+    int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < b->nx; t++) {
+            float *yt = y + t * rows + r;
+            if (b->bad[t]) fill_nan(yt, min64(step, to - r));
+            else i8b_span(w + r * cols, scale + r * (cols / WBLOCK), &b->row[t], yt,
+                          min64(step, to - r), cols);
+        }
+    return 0;
+}
+
+/* x [nx, cols] -> y [nx, rows], y[t] bitwise the one-row product of x[t]. Returns 0; -1 when
+ * out of memory; -3 when the columns are not whole blocks or nx is not in 1..ET_MAX_BATCH. */
+int et_matvec_i8_b32_rows(const int8_t *restrict w, const uint16_t *restrict scale,
+                          const float *restrict x, float *restrict y, int64_t rows,
+                          int64_t cols, int64_t nx) {
+    if (cols % WBLOCK || nx < 1 || nx > ET_MAX_BATCH) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, 0, 1);
+    if (batch == NULL) return -1;
+    return et_i8b_part(w, scale, batch, y, rows, cols, 0, rows);
+}
+
 /* Returns 0; -1 when out of memory; -3 when the columns are not whole blocks. */
 int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
-    if (cols % WBLOCK) return -3;
-    struct qx xb;
-    float *unused;
-    int status = quantized_x(x, cols, 0, 1, &xb, &unused);
-    if (status == -1) return -1;
-    if (status != 0) {
-        fill_nan(y, rows);
-        return 0;
-    }
-    int64_t r = 0;
-#if defined(ET_NEON)
-    r = i8b_rows_neon(w, scale, &xb, y, rows, cols);
-#endif
-    for (; r < rows; r++)
-        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), &xb, cols);
-    return 0;
+    return et_matvec_i8_b32_rows(w, scale, x, y, rows, cols, 1);
 }
 
 /* ---- the low ends of int8 with a scale and a low end per 32 columns ---------------------------
@@ -733,33 +903,47 @@ int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
  *     sum_i w_i x_i = sum_b scale_b * sum(q x)_b + (low_b + 128 * scale_b) * sum(x)_b:
  * et_matvec_i8_b32 over the scales gives the first sum; this adds the second, from float16
  * scale and low planes [rows, nb] and x's block sums [nb]. 1/32 of the product's work. */
+static float block_lows_row(const uint16_t *restrict s, const uint16_t *restrict l,
+                            const float *restrict sums, int64_t nb) {
+    int64_t k = 0;
+    float acc = 0.f;
+#if defined(__F16C__) && defined(ET_AVX2)
+    __m256 vacc = _mm256_setzero_ps(), k128 = _mm256_set1_ps(128.f);
+    for (; k + 8 <= nb; k += 8) {
+        __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + k)));
+        __m256 lv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(l + k)));
+        vacc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, k128, lv), _mm256_loadu_ps(sums + k), vacc);
+    }
+    acc = sum256(vacc);
+#elif defined(ET_NEON)
+    float32x4_t vacc = vdupq_n_f32(0.f);
+    for (; k + 4 <= nb; k += 4) {
+        float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + k)));
+        float32x4_t lv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(l + k)));
+        vacc = vfmaq_f32(vacc, vfmaq_n_f32(lv, sv, 128.f), vld1q_f32(sums + k));
+    }
+    acc = vaddvq_f32(vacc);
+#endif
+    for (; k < nb; k++)
+        acc += (f16_to_f32(l[k]) + 128.f * f16_to_f32(s[k])) * sums[k];
+    return acc;
+}
+
+/* The same for x [nx, cols]: sums [nx, nb], y [nx, rows], the planes read in cache-sized
+ * chunks once for all x rows; y[t] gets bitwise what the one-row call adds. */
+void et_add_block_lows_rows(const uint16_t *restrict scale, const uint16_t *restrict low,
+                            const float *restrict sums, float *restrict y, int64_t rows,
+                            int64_t nb, int64_t nx) {
+    int64_t step = batch_step(nx, 4 * nb, 1, rows);
+    for (int64_t from = 0; from < rows; from += step)
+        for (int64_t t = 0; t < nx; t++)
+            for (int64_t r = from; r < min64(from + step, rows); r++)
+                y[t * rows + r] += block_lows_row(scale + r * nb, low + r * nb, sums + t * nb, nb);
+}
+
 void et_add_block_lows(const uint16_t *restrict scale, const uint16_t *restrict low,
                        const float *restrict sums, float *restrict y, int64_t rows, int64_t nb) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *s = scale + r * nb, *l = low + r * nb;
-        int64_t k = 0;
-        float acc = 0.f;
-#if defined(__F16C__) && defined(ET_AVX2)
-        __m256 vacc = _mm256_setzero_ps(), k128 = _mm256_set1_ps(128.f);
-        for (; k + 8 <= nb; k += 8) {
-            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + k)));
-            __m256 lv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(l + k)));
-            vacc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, k128, lv), _mm256_loadu_ps(sums + k), vacc);
-        }
-        acc = sum256(vacc);
-#elif defined(ET_NEON)
-        float32x4_t vacc = vdupq_n_f32(0.f);
-        for (; k + 4 <= nb; k += 4) {
-            float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + k)));
-            float32x4_t lv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(l + k)));
-            vacc = vfmaq_f32(vacc, vfmaq_n_f32(lv, sv, 128.f), vld1q_f32(sums + k));
-        }
-        acc = vaddvq_f32(vacc);
-#endif
-        for (; k < nb; k++)
-            acc += (f16_to_f32(l[k]) + 128.f * f16_to_f32(s[k])) * sums[k];
-        y[r] += acc;
-    }
+    et_add_block_lows_rows(scale, low, sums, y, rows, nb, 1);
 }
 
 /* ---- int4 weights in the tiled layout (edgetp.quant), float32 x -> float32 y ----------------
@@ -1036,54 +1220,72 @@ static void i4_tail(const uint8_t *restrict w, const void *restrict scale_zero, 
     memcpy(y, total, (size_t)tail * sizeof(float));
 }
 
-/* Rows [from, to) of the product (the thread pool's parts; 0, rows for all of it). */
-static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-                     int64_t group, int64_t from, int64_t to) {
-    if (rows % 16 || group % 32 || cols % group) return -3;
-    int64_t groups = cols / group, full = rows - rows % 64;
-    struct qx xb;
-    float *xg;
-    int status = quantized_x(x, cols, groups, 0, &xb, &xg);
-    if (status == -1) return -1;
-    if (status != 0) {
-        fill_nan(y + from, to - from);
-        return 0;
-    }
-    for (int64_t g = 0; g < groups; g++) { /* each group's plain sum of x */
-        float sum = 0.f;
-        for (int64_t i = g * group; i < (g + 1) * group; i++) sum += x[i];
-        xg[g] = sum;
-    }
+static int i4_shape_ok(int64_t rows, int64_t cols, int64_t group) {
+    return !(rows % 16 || group % 32 || group <= 0 || cols % group);
+}
+
+/* A quantized batch (et_quantize_rows with ``group``) against rows [from, to) -> y [nx, rows],
+ * one 64-row block (in the cache) for every x row in turn; ``from`` a multiple of 64 and ``to``
+ * one too or ``rows`` (the thread pool's part); ``f32`` says the (scale, zero) pairs' dtype.
+ * Returns 0, or -3 for a shape the tiled layout does not have. */
+int et_i4_part(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+               const void *batch, float *restrict y, int64_t rows, int64_t cols, int64_t group,
+               int64_t from, int64_t to) {
+    const struct qbatch *b = batch;
+    if (!i4_shape_ok(rows, cols, group) || from < 0 || from > to || to > rows || from % 64
+        || (to % 64 && to != rows))
+        return -3;
+    int64_t full = rows - rows % 64;
     for (int64_t r = from; r < full && r < to; r += 64)
-        i4_block(w + r * cols / 2, scale_zero, f32, &xb, xg, rows, r, cols, group, y + r);
+        for (int64_t t = 0; t < b->nx; t++) {
+            if (b->bad[t]) fill_nan(y + t * rows + r, 64);
+            else i4_block(w + r * cols / 2, scale_zero, f32, &b->row[t], b->group_sum[t], rows,
+                          r, cols, group, y + t * rows + r);
+        }
     if (to > full)
-        i4_tail(w + full * cols / 2, scale_zero, f32, &xb, xg, rows, full, rows - full, cols,
-                group, y + full);
+        for (int64_t t = 0; t < b->nx; t++) {
+            if (b->bad[t]) fill_nan(y + t * rows + full, rows - full);
+            else i4_tail(w + full * cols / 2, scale_zero, f32, &b->row[t], b->group_sum[t],
+                         rows, full, rows - full, cols, group, y + t * rows + full);
+        }
     return 0;
+}
+
+static int matvec_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                          const float *restrict x, float *restrict y, int64_t rows,
+                          int64_t cols, int64_t group, int64_t nx) {
+    if (!i4_shape_ok(rows, cols, group) || nx < 1 || nx > ET_MAX_BATCH) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, group, 0);
+    if (batch == NULL) return -1;
+    return et_i4_part(w, scale_zero, f32, batch, y, rows, cols, group, 0, rows);
 }
 
 /* Returns 0; -1 when out of memory; -3 when the shape is not one this kernel takes. */
 int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
                  const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                  int64_t group) {
-    return matvec_i4(w, scale_zero, 0, x, y, rows, cols, group, 0, rows);
+    return matvec_i4_rows(w, scale_zero, 0, x, y, rows, cols, group, 1);
 }
 
 /* The same with float32 (scale, zero) pairs. */
 int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                      int64_t group) {
-    return matvec_i4(w, scale_zero, 1, x, y, rows, cols, group, 0, rows);
+    return matvec_i4_rows(w, scale_zero, 1, x, y, rows, cols, group, 1);
 }
 
-/* Rows [from, to) only, from a multiple of 64 and to one too or ``rows`` (a thread pool's part,
- * csrc/pool.c); ``f32`` says the (scale, zero) pairs' dtype. */
-int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-               const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-               int64_t group, int64_t from, int64_t to) {
-    if (from < 0 || from > to || to > rows || from % 64 || (to % 64 && to != rows)) return -3;
-    return matvec_i4(w, scale_zero, f32, x, y, rows, cols, group, from, to);
+/* x [nx, cols], 1 <= nx <= ET_MAX_BATCH -> y [nx, rows], y[t] bitwise the one-row product of
+ * x[t]; -3 also for another nx. */
+int et_matvec_i4_rows(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                      int64_t group, int64_t nx) {
+    return matvec_i4_rows(w, scale_zero, 0, x, y, rows, cols, group, nx);
+}
+
+int et_matvec_i4_f32_rows(const uint8_t *restrict w, const float *restrict scale_zero,
+                          const float *restrict x, float *restrict y, int64_t rows,
+                          int64_t cols, int64_t group, int64_t nx) {
+    return matvec_i4_rows(w, scale_zero, 1, x, y, rows, cols, group, nx);
 }
 
 /* ---- which paths this build compiled in (for `edgetp probe` and the kernel test harness) -----
