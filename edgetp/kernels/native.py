@@ -170,9 +170,9 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, name).restype = ctypes.c_int
     library.et_pool_set_threads.argtypes = [ctypes.c_int]
     library.et_pool_jobs.restype = ctypes.c_int64
-    library.et_add_block_lows.restype = None
+    library.et_add_block_lows.restype = ctypes.c_int
     library.et_add_block_lows.argtypes = [_P, _P, _P, _P, _I64, _I64]
-    library.et_add_block_lows_rows.restype = None
+    library.et_add_block_lows_rows.restype = ctypes.c_int
     library.et_add_block_lows_rows.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
     for prefix in ("et_matvec_", "et_par_matvec_"):
         getattr(library, prefix + "f32").restype = None
@@ -377,7 +377,8 @@ def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
                      out: torch.Tensor | None) -> torch.Tensor | None:
     """x [T, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
     product ``q * scale`` (et_matvec_i8_b32_rows), then each block's ``low + 128 * scale``
-    times the block's sum of x (et_add_block_lows_rows, 1/32 of the work)."""
+    times the block's sum of x (et_add_block_lows_rows, 1/32 of the work; x's block sums
+    taken there too)."""
     rows, cols = q.shape
     if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
         return None
@@ -385,9 +386,9 @@ def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
     lib = library()
     if y is None or lib is None:
         return None
-    block_sums = x.view(x.shape[0], cols // 32, 32).sum(-1)  # [T, nb] float32
-    lib.et_add_block_lows_rows(scale_low[0].data_ptr(), scale_low[1].data_ptr(),
-                               block_sums.data_ptr(), y.data_ptr(), rows, cols // 32, x.shape[0])
+    if lib.et_add_block_lows_rows(scale_low[0].data_ptr(), scale_low[1].data_ptr(),
+                                  x.data_ptr(), y.data_ptr(), rows, cols // 32, x.shape[0]) != 0:
+        return None  # no memory for x's block sums
     return y
 
 

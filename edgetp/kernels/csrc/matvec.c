@@ -902,7 +902,7 @@ int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
  * w = (q + 128) * scale + low per row and block (edgetp.shard.quant), so
  *     sum_i w_i x_i = sum_b scale_b * sum(q x)_b + (low_b + 128 * scale_b) * sum(x)_b:
  * et_matvec_i8_b32 over the scales gives the first sum; this adds the second, from float16
- * scale and low planes [rows, nb] and x's block sums [nb]. 1/32 of the product's work. */
+ * scale and low planes [rows, nb] and x's block sums. 1/32 of the product's work. */
 static float block_lows_row(const uint16_t *restrict s, const uint16_t *restrict l,
                             const float *restrict sums, int64_t nb) {
     int64_t k = 0;
@@ -929,21 +929,31 @@ static float block_lows_row(const uint16_t *restrict s, const uint16_t *restrict
     return acc;
 }
 
-/* The same for x [nx, cols]: sums [nx, nb], y [nx, rows], the planes read in cache-sized
- * chunks once for all x rows; y[t] gets bitwise what the one-row call adds. */
-void et_add_block_lows_rows(const uint16_t *restrict scale, const uint16_t *restrict low,
-                            const float *restrict sums, float *restrict y, int64_t rows,
-                            int64_t nb, int64_t nx) {
+/* The same for x [nx, nb * 32] float32 (its block sums taken here, in order, once per call;
+ * torch's sum over [nx, nb, 32] costs ~1000x the one-row [nb, 32] one): y [nx, rows], the
+ * planes read in cache-sized chunks once for all x rows; y[t] gets bitwise what the one-row
+ * call adds. Returns 0, or -1 when out of memory (y untouched). */
+int et_add_block_lows_rows(const uint16_t *restrict scale, const uint16_t *restrict low,
+                           const float *restrict x, float *restrict y, int64_t rows, int64_t nb,
+                           int64_t nx) {
+    float *sums = scratch_bytes(nx * nb * (int64_t)sizeof(float));
+    if (sums == NULL) return -1;
+    for (int64_t k = 0; k < nx * nb; k++) {
+        float sum = 0.f;
+        for (int i = 0; i < WBLOCK; i++) sum += x[k * WBLOCK + i];
+        sums[k] = sum;
+    }
     int64_t step = batch_step(nx, 4 * nb, 1, rows);
     for (int64_t from = 0; from < rows; from += step)
         for (int64_t t = 0; t < nx; t++)
             for (int64_t r = from; r < min64(from + step, rows); r++)
                 y[t * rows + r] += block_lows_row(scale + r * nb, low + r * nb, sums + t * nb, nb);
+    return 0;
 }
 
-void et_add_block_lows(const uint16_t *restrict scale, const uint16_t *restrict low,
-                       const float *restrict sums, float *restrict y, int64_t rows, int64_t nb) {
-    et_add_block_lows_rows(scale, low, sums, y, rows, nb, 1);
+int et_add_block_lows(const uint16_t *restrict scale, const uint16_t *restrict low,
+                      const float *restrict x, float *restrict y, int64_t rows, int64_t nb) {
+    return et_add_block_lows_rows(scale, low, x, y, rows, nb, 1);
 }
 
 /* ---- int4 weights in the tiled layout (edgetp.quant), float32 x -> float32 y ----------------
