@@ -545,24 +545,58 @@ static int64_t i8_rows_neon(const int8_t *restrict w, const uint16_t *restrict s
 #endif
 
 #if defined(__AVX512BW__)
-static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
-    const int16_t *xq = x->q;
-    const float *xs = x->scale;
-    __m512 acc = _mm512_setzero_ps();
+/* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
+ * inlined): the weights are loaded and widened once, each x row's sum taken with the steps
+ * of the one-row call (sums[n]). */
+#define I8_MULTI ET_MAX_BATCH
+static inline __attribute__((always_inline)) void i8_row_n(
+        const int8_t *restrict w, const struct qx *const *x, int64_t full_blocks,
+        float *restrict sums, const int nx) {
+    __m512 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm512_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+    }
     for (int64_t b = 0; b < full_blocks; b++) {
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
         __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
         __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
-        __m512i x0 = _mm512_loadu_si512(xq + b * QBLOCK);
-        __m512i x1 = _mm512_loadu_si512(xq + b * QBLOCK + 32);
+        for (int n = 0; n < nx; n++) {
+            __m512i x0 = _mm512_loadu_si512(xq[n] + b * QBLOCK);
+            __m512i x1 = _mm512_loadu_si512(xq[n] + b * QBLOCK + 32);
 #if defined(__AVX512VNNI__)
-        __m512i dot = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, x0), hi, x1);
+            __m512i dot = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, x0), hi, x1);
 #else
-        __m512i dot = _mm512_add_epi32(_mm512_madd_epi16(lo, x0), _mm512_madd_epi16(hi, x1));
+            __m512i dot = _mm512_add_epi32(_mm512_madd_epi16(lo, x0), _mm512_madd_epi16(hi, x1));
 #endif
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[b]), acc);
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[n][b]), acc[n]);
+        }
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
+}
+
+#define MULTI_CASES(call) \
+    switch (nx) { \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; \
+    case 4: call(4); break; case 5: call(5); break; case 6: call(6); break; \
+    case 7: call(7); break; default: call(8); break; \
+    }
+
+/* i8_row_n for 1..I8_MULTI x rows */
+static void i8_rows_multi(const int8_t *restrict w, const struct qx *const *x,
+                          int64_t full_blocks, float *restrict sums, int nx) {
+#define I8_CALL(n) i8_row_n(w, x, full_blocks, sums, n)
+    MULTI_CASES(I8_CALL)
+#undef I8_CALL
+}
+
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
+    float sum;
+    i8_rows_multi(w, &x, full_blocks, &sum, 1);
+    return sum;
 }
 #elif defined(ET_AVX2)
 static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
@@ -674,22 +708,42 @@ static void fill_nan(float *y, int64_t rows) {
     for (int64_t r = 0; r < rows; r++) y[r] = NAN;
 }
 
+/* A row's output from its full blocks' ``sum``: the last partial block, then the row scale
+ * (one compiled copy, whichever path took the sum). */
+static __attribute__((noinline)) float i8_finish(const int8_t *restrict wr, uint16_t scale,
+                                                 const struct qx *xb, int64_t cols, float sum) {
+    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
+    if (tail)
+        sum += (float)block_dot_tail(wr + full * QBLOCK, xb->q + full * QBLOCK, tail)
+               * xb->scale[full];
+    return sum * bf16_to_f32(scale);
+}
+
 /* One quantized x row against rows [0, rows) of w (scale: theirs). */
 static void i8_span(const int8_t *restrict w, const uint16_t *restrict scale,
                     const struct qx *xb, float *restrict y, int64_t rows, int64_t cols) {
-    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
-    const int16_t *xq = xb->q;
-    const float *xs = xb->scale;
     int64_t r = 0;
 #if defined(ET_NEON)
     r = i8_rows_neon(w, scale, xb, y, rows, cols);
 #endif
-    for (; r < rows; r++) {
-        const int8_t *wr = w + r * cols;
-        float sum = i8_row(wr, xb, full);
-        if (tail) sum += (float)block_dot_tail(wr + full * QBLOCK, xq + full * QBLOCK, tail) * xs[full];
-        y[r] = sum * bf16_to_f32(scale[r]);
+    for (; r < rows; r++)
+        y[r] = i8_finish(w + r * cols, scale[r], xb, cols, i8_row(w + r * cols, xb, cols / QBLOCK));
+}
+
+/* The good (finite) rows of a batch, NaN written for the others over rows [from, to). */
+static int good_rows(const struct qbatch *b, float *restrict y, int64_t rows, int64_t from,
+                     int64_t to, const struct qx **xs, float **ys, const float **sums) {
+    int good = 0;
+    for (int64_t t = 0; t < b->nx; t++) {
+        if (b->bad[t]) {
+            fill_nan(y + t * rows + from, to - from);
+            continue;
+        }
+        xs[good] = &b->row[t];
+        if (sums) sums[good] = b->group_sum[t];
+        ys[good++] = y + t * rows;
     }
+    return good;
 }
 
 #if defined(ET_NEON)
@@ -703,6 +757,17 @@ static void i8_span(const int8_t *restrict w, const uint16_t *restrict scale,
 int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
                float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
     const struct qbatch *b = batch;
+#if defined(I8_MULTI)
+    /* every weight row once against all the x rows, in registers */
+    const struct qx *xs[ET_MAX_BATCH];
+    float *ys[ET_MAX_BATCH], sums[ET_MAX_BATCH];
+    int good = good_rows(b, y, rows, from, to, xs, ys, NULL);
+    for (int64_t r = from; good > 0 && r < to; r++) {
+        i8_rows_multi(w + r * cols, xs, cols / QBLOCK, sums, good);
+        for (int n = 0; n < good; n++)
+            ys[n][r] = i8_finish(w + r * cols, scale[r], xs[n], cols, sums[n]);
+    }
+#else
     int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
     for (int64_t r = from; r < to; r += step)
         for (int64_t t = 0; t < b->nx; t++) {
@@ -710,6 +775,7 @@ int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const v
             if (b->bad[t]) fill_nan(yt, min64(step, to - r));
             else i8_span(w + r * cols, scale + r, &b->row[t], yt, min64(step, to - r), cols);
         }
+#endif
     return 0;
 }
 
@@ -765,27 +831,70 @@ static inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
-static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
-                     const struct qx *x, int64_t cols) {
-    const int16_t *xq = x->q;
-    const float *xs = x->scale;
-    int64_t b = 0;
-    float sum = 0.f;
 #if defined(__AVX512BW__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; b < cols / QBLOCK; b++) {
+/* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
+ * inlined): weights and their scales widened once, each x row's sum taken with the steps of
+ * the one-row call (sums[n]). */
+static inline __attribute__((always_inline)) void i8b_row_n(
+        const int8_t *restrict w, const uint16_t *restrict scale, const struct qx *const *x,
+        int64_t cols, float *restrict sums, const int nx) {
+    __m512 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm512_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+    }
+    for (int64_t b = 0; b < cols / QBLOCK; b++) {
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
         __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
         __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
-        __m512i d0 = _mm512_madd_epi16(lo, _mm512_loadu_si512(xq + b * QBLOCK));
-        __m512i d1 = _mm512_madd_epi16(hi, _mm512_loadu_si512(xq + b * QBLOCK + 32));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
-                              _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b])), acc);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
-                              _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b + 1])), acc);
+        float s0 = f16_to_f32(scale[2 * b]), s1 = f16_to_f32(scale[2 * b + 1]);
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            float x_scale = xs[n][b];
+            __m512i d0 = _mm512_madd_epi16(lo, _mm512_loadu_si512(xb));
+            __m512i d1 = _mm512_madd_epi16(hi, _mm512_loadu_si512(xb + 32));
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(x_scale * s0), acc[n]);
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(x_scale * s1), acc[n]);
+        }
     }
-    sum = _mm512_reduce_add_ps(acc);
+    for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
+}
+
+/* i8b_row_n for 1..I8_MULTI x rows */
+static void i8b_rows_multi(const int8_t *restrict w, const uint16_t *restrict scale,
+                           const struct qx *const *x, int64_t cols, float *restrict sums,
+                           int nx) {
+#define I8B_CALL(n) i8b_row_n(w, scale, x, cols, sums, n)
+    MULTI_CASES(I8B_CALL)
+#undef I8B_CALL
+}
+#endif
+
+/* A row's output from ``sum`` over its first ``b`` 64-column blocks: what is left, 32
+ * columns at a time (one compiled copy, whichever path took the sum). */
+static __attribute__((noinline)) float i8b_finish(const int8_t *restrict w,
+                                                  const uint16_t *restrict scale,
+                                                  const struct qx *x, int64_t cols, int64_t b,
+                                                  float sum) {
+    for (int64_t k = 2 * b; k * WBLOCK < cols; k++)
+        sum += (float)block_dot_tail(w + k * WBLOCK, x->q + k * WBLOCK, WBLOCK)
+               * x->scale[k / 2] * f16_to_f32(scale[k]);
+    return sum;
+}
+
+static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
+                     const struct qx *x, int64_t cols) {
+    int64_t b = 0;
+    float sum = 0.f;
+#if defined(__AVX512BW__)
+    i8b_rows_multi(w, scale, &x, cols, &sum, 1);
+    b = cols / QBLOCK;
 #elif defined(ET_AVX2)
+    const int16_t *xq = x->q;
+    const float *xs = x->scale;
     __m256 acc = _mm256_setzero_ps();
     /* Eight weight blocks (four x blocks) at a time: their exact int32 sums gathered into one
      * vector by a tree of horizontal adds, converted once, and scaled by their eight scales
@@ -822,14 +931,11 @@ static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
     float32x4_t acc = vdupq_n_f32(0.f);
     for (int64_t k = 0; k < cols / WBLOCK; k++) /* every weight block, a last odd one too */
         acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot32_neon(w + k * WBLOCK, x, k * WBLOCK)),
-                          xs[k / 2] * f16_to_f32(scale[k]));
+                          x->scale[k / 2] * f16_to_f32(scale[k]));
     sum = vaddvq_f32(acc);
     b = (cols / WBLOCK + 1) / 2; /* nothing left */
 #endif
-    for (int64_t k = 2 * b; k * WBLOCK < cols; k++) /* what is left, 32 columns at a time */
-        sum += (float)block_dot_tail(w + k * WBLOCK, xq + k * WBLOCK, WBLOCK)
-               * xs[k / 2] * f16_to_f32(scale[k]);
-    return sum;
+    return 2 * b * WBLOCK < cols ? i8b_finish(w, scale, x, cols, b, sum) : sum;
 }
 
 #if defined(ET_NEON)
@@ -869,6 +975,21 @@ static void i8b_span(const int8_t *restrict w, const uint16_t *restrict scale,
 int et_i8b_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
                 float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
     const struct qbatch *b = batch;
+#if defined(I8_MULTI)
+    /* every weight row once against all the x rows, in registers */
+    const struct qx *xs[ET_MAX_BATCH];
+    float *ys[ET_MAX_BATCH], sums[ET_MAX_BATCH];
+    int good = good_rows(b, y, rows, from, to, xs, ys, NULL);
+    for (int64_t r = from; good > 0 && r < to; r++) {
+        const int8_t *wr = w + r * cols;
+        const uint16_t *sr = scale + r * (cols / WBLOCK);
+        i8b_rows_multi(wr, sr, xs, cols, sums, good);
+        for (int n = 0; n < good; n++) /* a last 32-column block: the one-row code's */
+            ys[n][r] = cols % QBLOCK ? i8b_finish(wr, sr, xs[n], cols, cols / QBLOCK, sums[n])
+                                     : sums[n];
+    }
+    return 0;
+#endif
     int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
     for (int64_t r = from; r < to; r += step)
         for (int64_t t = 0; t < b->nx; t++) {
@@ -1024,57 +1145,94 @@ static inline void load_pairs(const void *scale_zero, int f32, int64_t pair, __m
     *zero = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* AVX-512 BW + VNNI: one block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. */
-static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
-                     int64_t cols, int64_t group, float *restrict y) {
-    const int16_t *xq = x->q;
-    const float *xs = x->scale;
+/* AVX-512 BW + VNNI: one block of 64 rows (bytes: cols x 32) against ``nx`` (1, 2 or 4, a
+ * constant where it is inlined) quantized x rows: y[n][0..63] = the block's products with x[n].
+ * The codes are loaded and widened once for all x rows; each x row's int32 sums are exact and
+ * its float steps those of the one-row call, so each y[n] is bitwise its one-row product. */
+#define I4_MULTI 4 /* x rows one pass over a block takes at most */
+static inline __attribute__((always_inline)) void i4_block_n(
+        const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+        const struct qx *const *x, const float *const *xg, int64_t rows, int64_t row0,
+        int64_t cols, int64_t group, float *const *y, const int nx) {
     const __m512i low_nibble = _mm512_set1_epi16(0x0f);
     /* lanes of the unpacked accumulators -> rows in order (see below) */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     int64_t unit = group < QBLOCK ? group : QBLOCK;
-    __m512 total[4];
-    for (int k = 0; k < 4; k++) total[k] = _mm512_setzero_ps();
+    const int16_t *xq[I4_MULTI];
+    const float *xs[I4_MULTI];
+    __m512 total[I4_MULTI][4];
+    for (int n = 0; n < nx; n++) {
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+        for (int k = 0; k < 4; k++) total[n][k] = _mm512_setzero_ps();
+    }
     for (int64_t c = 0; c < cols; c += unit) {
-        /* acc[0]: rows 0-7,16-23; acc[1]: 8-15,24-31; acc[2], acc[3]: the same + 32 */
-        __m512i acc[4];
-        for (int k = 0; k < 4; k++) acc[k] = _mm512_setzero_si512();
+        /* acc[n][0]: rows 0-7,16-23; [1]: 8-15,24-31; [2], [3]: the same + 32 */
+        __m512i acc[I4_MULTI][4];
+        for (int n = 0; n < nx; n++)
+            for (int k = 0; k < 4; k++) acc[n][k] = _mm512_setzero_si512();
         for (int64_t i = c; i < c + unit; i += 2) {
             __m256i b0 = _mm256_loadu_si256((const __m256i *)(w + i * 32));
             __m256i b1 = _mm256_loadu_si256((const __m256i *)(w + (i + 1) * 32));
-            int32_t pair;
-            memcpy(&pair, xq + i, sizeof pair); /* x[i] low, x[i + 1] high */
-            __m512i xv = _mm512_set1_epi32(pair);
             __m512i p = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(b0, b1));
             __m512i q = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(b0, b1));
-            acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_and_si512(p, low_nibble), xv);
-            acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_and_si512(q, low_nibble), xv);
-            acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_srli_epi16(p, 4), xv);
-            acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_srli_epi16(q, 4), xv);
+            __m512i codes[4] = {_mm512_and_si512(p, low_nibble), _mm512_and_si512(q, low_nibble),
+                                _mm512_srli_epi16(p, 4), _mm512_srli_epi16(q, 4)};
+            for (int n = 0; n < nx; n++) {
+                int32_t pair;
+                memcpy(&pair, xq[n] + i, sizeof pair); /* x[i] low, x[i + 1] high */
+                __m512i xv = _mm512_set1_epi32(pair);
+                for (int k = 0; k < 4; k++) acc[n][k] = _mm512_dpwssd_epi32(acc[n][k], codes[k], xv);
+            }
         }
         int64_t g = c / group;
-        __m512 block_scale = _mm512_set1_ps(xs[c / QBLOCK]);
+        int ends = (c + unit) % group == 0;
+        __m512 block_scale[I4_MULTI];
+        for (int n = 0; n < nx; n++) block_scale[n] = _mm512_set1_ps(xs[n][c / QBLOCK]);
         for (int half = 0; half < 2; half++) {
-            __m512i lo = acc[2 * half], hi = acc[2 * half + 1];
-            __m512i ordered[2] = {_mm512_permutex2var_epi32(lo, first, hi),
-                                  _mm512_permutex2var_epi32(lo, second, hi)};
+            __m512i ordered[I4_MULTI][2];
+            for (int n = 0; n < nx; n++) {
+                __m512i lo = acc[n][2 * half], hi = acc[n][2 * half + 1];
+                ordered[n][0] = _mm512_permutex2var_epi32(lo, first, hi);
+                ordered[n][1] = _mm512_permutex2var_epi32(lo, second, hi);
+            }
             for (int k = 0; k < 2; k++) {
                 int64_t r = row0 + half * 32 + k * 16;
                 __m512 scale, zero;
                 load_pairs(scale_zero, f32, g * rows + r, &scale, &zero);
-                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(ordered[k]), block_scale);
-                total[2 * half + k] = _mm512_fmadd_ps(sum, scale, total[2 * half + k]);
-                if ((c + unit) % group == 0) { /* the group ends: its zero-point term */
-                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);
-                    total[2 * half + k] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xg[g]),
-                                                          total[2 * half + k]);
+                __m512 offset = ends ? _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero)
+                                     : scale;
+                for (int n = 0; n < nx; n++) {
+                    __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(ordered[n][k]), block_scale[n]);
+                    total[n][2 * half + k] = _mm512_fmadd_ps(sum, scale, total[n][2 * half + k]);
+                    if (ends) /* the group ends: its zero-point term */
+                        total[n][2 * half + k] = _mm512_fmadd_ps(
+                            offset, _mm512_set1_ps(xg[n][g]), total[n][2 * half + k]);
                 }
             }
         }
     }
-    for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + k * 16, total[k]);
+    for (int n = 0; n < nx; n++)
+        for (int k = 0; k < 4; k++) _mm512_storeu_ps(y[n] + k * 16, total[n][k]);
+}
+
+static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
+                     int64_t cols, int64_t group, float *restrict y) {
+    const float *sums = xg;
+    float *out = y;
+    i4_block_n(w, scale_zero, f32, &x, &sums, rows, row0, cols, group, &out, 1);
+}
+
+/* The same block against several x rows at once (``nx`` <= I4_MULTI), one pass over it. */
+static void i4_blocks(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                      const struct qx *const *x, const float *const *xg, int64_t rows,
+                      int64_t row0, int64_t cols, int64_t group, float *const *y, int nx) {
+    if (nx == 4) i4_block_n(w, scale_zero, f32, x, xg, rows, row0, cols, group, y, 4);
+    else if (nx == 2) i4_block_n(w, scale_zero, f32, x, xg, rows, row0, cols, group, y, 2);
+    else for (int n = 0; n < nx; n++)
+        i4_block_n(w, scale_zero, f32, x + n, xg + n, rows, row0, cols, group, y + n, 1);
 }
 
 #elif defined(ET_AVX2)
@@ -1246,12 +1404,33 @@ int et_i4_part(const uint8_t *restrict w, const void *restrict scale_zero, int f
         || (to % 64 && to != rows))
         return -3;
     int64_t full = rows - rows % 64;
-    for (int64_t r = from; r < full && r < to; r += 64)
+    for (int64_t r = from; r < full && r < to; r += 64) {
+#if defined(I4_MULTI)
+        /* the rows of x without inf or NaN, up to I4_MULTI per pass over the block */
+        const struct qx *xs[ET_MAX_BATCH];
+        const float *sums[ET_MAX_BATCH];
+        float *ys[ET_MAX_BATCH];
+        int good = 0;
+        for (int64_t t = 0; t < b->nx; t++) {
+            if (b->bad[t]) {
+                fill_nan(y + t * rows + r, 64);
+                continue;
+            }
+            xs[good] = &b->row[t];
+            sums[good] = b->group_sum[t];
+            ys[good++] = y + t * rows + r;
+        }
+        for (int n = 0; n < good; n += I4_MULTI)
+            i4_blocks(w + r * cols / 2, scale_zero, f32, xs + n, sums + n, rows, r, cols, group,
+                      ys + n, good - n < I4_MULTI ? good - n : I4_MULTI);
+#else
         for (int64_t t = 0; t < b->nx; t++) {
             if (b->bad[t]) fill_nan(y + t * rows + r, 64);
             else i4_block(w + r * cols / 2, scale_zero, f32, &b->row[t], b->group_sum[t], rows,
                           r, cols, group, y + t * rows + r);
         }
+#endif
+    }
     if (to > full)
         for (int64_t t = 0; t < b->nx; t++) {
             if (b->bad[t]) fill_nan(y + t * rows + full, rows - full);
