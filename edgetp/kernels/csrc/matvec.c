@@ -578,6 +578,60 @@ static inline __attribute__((always_inline)) void i8_row_n(
     for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
 }
 
+#elif defined(ET_AVX2)
+/* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
+ * inlined): the weights widened once, each x row's sum taken with the steps of the one-row
+ * call (sums[n]). */
+#define I8_MULTI ET_MAX_BATCH
+static inline __attribute__((always_inline)) void i8_row_n(
+        const int8_t *restrict w, const struct qx *const *x, int64_t full_blocks,
+        float *restrict sums, const int nx) {
+    __m256 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm256_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+    }
+    for (int64_t b = 0; b < full_blocks; b++) {
+        const int8_t *wb = w + b * QBLOCK;
+        __m256i wv[4];
+        for (int k = 0; k < 4; k++)
+            wv[k] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16 * k)));
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i *)xb));
+            for (int k = 1; k < 4; k++)
+                dot = madd_acc(dot, wv[k], _mm256_loadu_si256((const __m256i *)(xb + 16 * k)));
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[n][b]), acc[n]);
+        }
+    }
+    for (int n = 0; n < nx; n++) sums[n] = sum256(acc[n]);
+}
+#elif defined(ET_NEON)
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
+    float32x4_t acc = vdupq_n_f32(0.f);
+    for (int64_t b = 0; b < full_blocks; b++) {
+        int32x4_t dot = vdupq_n_s32(0);
+        dot_rows(w + b * QBLOCK, 0, 1, x, b * QBLOCK, QBLOCK, &dot);
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), x->scale[b]);
+    }
+    return vaddvq_f32(acc);
+}
+#else
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < full_blocks; b++)
+        acc += (float)block_dot_tail(w + b * QBLOCK, x->q + b * QBLOCK, QBLOCK) * x->scale[b];
+    return acc;
+}
+#endif
+
+#if defined(I8_MULTI)
+/* x rows taken together over a chunk of weight rows: four int16 rows of a 4096-wide x (32
+ * KiB) stay in the L1 cache; more x rows go in further passes over the chunk (in L2). */
+#define I8_GROUP 4
 #define MULTI_CASES(call) \
     switch (nx) { \
     case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; \
@@ -597,38 +651,6 @@ static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_b
     float sum;
     i8_rows_multi(w, &x, full_blocks, &sum, 1);
     return sum;
-}
-#elif defined(ET_AVX2)
-static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < full_blocks; b++) {
-        const int8_t *wb = w + b * QBLOCK;
-        const int16_t *xb = x->q + b * QBLOCK;
-        __m256i dot = dot32_avx2(wb, xb);
-        __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 32)));
-        __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 48)));
-        dot = madd_acc(dot, w2, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-        dot = madd_acc(dot, w3, _mm256_loadu_si256((const __m256i *)(xb + 48)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(x->scale[b]), acc);
-    }
-    return sum256(acc);
-}
-#elif defined(ET_NEON)
-static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
-    float32x4_t acc = vdupq_n_f32(0.f);
-    for (int64_t b = 0; b < full_blocks; b++) {
-        int32x4_t dot = vdupq_n_s32(0);
-        dot_rows(w + b * QBLOCK, 0, 1, x, b * QBLOCK, QBLOCK, &dot);
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot), x->scale[b]);
-    }
-    return vaddvq_f32(acc);
-}
-#else
-static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
-    float acc = 0.f;
-    for (int64_t b = 0; b < full_blocks; b++)
-        acc += (float)block_dot_tail(w + b * QBLOCK, x->q + b * QBLOCK, QBLOCK) * x->scale[b];
-    return acc;
 }
 #endif
 
@@ -762,11 +784,16 @@ int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const v
     const struct qx *xs[ET_MAX_BATCH];
     float *ys[ET_MAX_BATCH], sums[ET_MAX_BATCH];
     int good = good_rows(b, y, rows, from, to, xs, ys, NULL);
-    for (int64_t r = from; good > 0 && r < to; r++) {
-        i8_rows_multi(w + r * cols, xs, cols / QBLOCK, sums, good);
-        for (int n = 0; n < good; n++)
-            ys[n][r] = i8_finish(w + r * cols, scale[r], xs[n], cols, sums[n]);
-    }
+    int64_t step = batch_step(good > I8_GROUP ? good : 1, cols, 1, to - from);
+    for (int64_t r0 = from; r0 < to; r0 += step)
+        for (int g = 0; g < good; g += I8_GROUP) {
+            int nx = good - g < I8_GROUP ? good - g : I8_GROUP;
+            for (int64_t r = r0; r < min64(r0 + step, to); r++) {
+                i8_rows_multi(w + r * cols, xs + g, cols / QBLOCK, sums, nx);
+                for (int n = 0; n < nx; n++)
+                    ys[g + n][r] = i8_finish(w + r * cols, scale[r], xs[g + n], cols, sums[n]);
+            }
+        }
 #else
     int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
     for (int64_t r = from; r < to; r += step)
@@ -863,6 +890,7 @@ static inline __attribute__((always_inline)) void i8b_row_n(
     for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
 }
 
+#define I8B_MULTI I8_MULTI
 /* i8b_row_n for 1..I8_MULTI x rows */
 static void i8b_rows_multi(const int8_t *restrict w, const uint16_t *restrict scale,
                            const struct qx *const *x, int64_t cols, float *restrict sums,
@@ -975,21 +1003,26 @@ static void i8b_span(const int8_t *restrict w, const uint16_t *restrict scale,
 int et_i8b_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
                 float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
     const struct qbatch *b = batch;
-#if defined(I8_MULTI)
+#if defined(I8B_MULTI)
     /* every weight row once against all the x rows, in registers */
     const struct qx *xs[ET_MAX_BATCH];
     float *ys[ET_MAX_BATCH], sums[ET_MAX_BATCH];
     int good = good_rows(b, y, rows, from, to, xs, ys, NULL);
-    for (int64_t r = from; good > 0 && r < to; r++) {
-        const int8_t *wr = w + r * cols;
-        const uint16_t *sr = scale + r * (cols / WBLOCK);
-        i8b_rows_multi(wr, sr, xs, cols, sums, good);
-        for (int n = 0; n < good; n++) /* a last 32-column block: the one-row code's */
-            ys[n][r] = cols % QBLOCK ? i8b_finish(wr, sr, xs[n], cols, cols / QBLOCK, sums[n])
-                                     : sums[n];
-    }
-    return 0;
-#endif
+    int64_t step = batch_step(good > I8_GROUP ? good : 1, cols, 1, to - from);
+    for (int64_t r0 = from; r0 < to; r0 += step)
+        for (int g = 0; g < good; g += I8_GROUP) {
+            int nx = good - g < I8_GROUP ? good - g : I8_GROUP;
+            for (int64_t r = r0; r < min64(r0 + step, to); r++) {
+                const int8_t *wr = w + r * cols;
+                const uint16_t *sr = scale + r * (cols / WBLOCK);
+                i8b_rows_multi(wr, sr, xs + g, cols, sums, nx);
+                for (int n = 0; n < nx; n++) /* a last 32-column block: the one-row code's */
+                    ys[g + n][r] = cols % QBLOCK
+                                   ? i8b_finish(wr, sr, xs[g + n], cols, cols / QBLOCK, sums[n])
+                                   : sums[n];
+            }
+        }
+#else
     int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
     for (int64_t r = from; r < to; r += step)
         for (int64_t t = 0; t < b->nx; t++) {
@@ -998,6 +1031,7 @@ int et_i8b_part(const int8_t *restrict w, const uint16_t *restrict scale, const 
             else i8b_span(w + r * cols, scale + r * (cols / WBLOCK), &b->row[t], yt,
                           min64(step, to - r), cols);
         }
+#endif
     return 0;
 }
 
