@@ -8,9 +8,18 @@
  * product where the target has it), chosen at build time from the compiler's feature macros;
  * the plain C loops serve any other target.
  *
+ * Every product also comes batched (et_matvec_*_rows: x [nx, cols], 1 <= nx <= ET_MAX_BATCH,
+ * y [nx, rows]), reading the weight once for all x rows, and y[t] is bitwise the one-row
+ * product of x[t] (what lets a continuously batched sequence decode the same tokens as alone):
+ * either the weights widened once in registers feed every x row's accumulators with the
+ * one-row call's steps (the one-row function is the nx = 1 instance), or the one-row code runs
+ * for each x row on a cache-sized chunk of weight rows that starts at a multiple of the path's
+ * row block (a row's sum depends only on the kind of pass it falls in, never on its neighbours).
+ *
  * Every function is single-threaded (one thread per node) and allocation-free, except for
  * growing thread-local scratch areas holding x converted (float32 for bfloat16, int16 codes
- * for the integer products, and on AArch64 with the dot product those codes' bytes apart).
+ * for the integer products, and on AArch64 with the dot product those codes' bytes apart;
+ * et_quantize_rows, once per call for every x row).
  * All arrays are row-major and contiguous; bfloat16 travels as uint16_t.
  */
 #include <stdint.h>

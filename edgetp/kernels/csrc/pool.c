@@ -2,7 +2,8 @@
  *
  * A product's output rows are cut into chunks, and the chunks shared out among the calling
  * thread and the pool's threads: each chunk is the single-thread kernel of csrc/matvec.c on a
- * sub-range of rows (the weight, its scales and y offset to the chunk's first row), so every
+ * sub-range of rows, for every x row of a batched product (int8 and int4 x quantized once, by
+ * the caller, for all chunks) (the weight, its scales and y offset to the chunk's first row), so every
  * row's sum is computed by one thread with the very code the one-thread call runs, and the
  * result is bitwise the same for any thread count. Chunks start at multiples of the kernel's
  * row block (SPLIT_*), so that a row falls in the same kind of block (e.g. the twelve-row
