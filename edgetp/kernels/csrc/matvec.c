@@ -757,8 +757,11 @@ static void i8_span(const int8_t *restrict w, const uint16_t *restrict scale,
 #if defined(ET_NEON)
     r = i8_rows_neon(w, scale, xb, y, rows, cols);
 #endif
-    for (; r < rows; r++)
-        y[r] = i8_finish(w + r * cols, scale[r], xb, cols, i8_row(w + r * cols, xb, cols / QBLOCK));
+    for (; r < rows; r++) {
+        float sum = i8_row(w + r * cols, xb, cols / QBLOCK);
+        y[r] = cols % QBLOCK ? i8_finish(w + r * cols, scale[r], xb, cols, sum)
+                             : sum * bf16_to_f32(scale[r]); /* one rounding: as i8_finish's */
+    }
 }
 
 /* The good (finite) rows of a batch, NaN written for the others over rows [from, to). */
@@ -800,7 +803,9 @@ int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const v
             for (int64_t r = r0; r < min64(r0 + step, to); r++) {
                 i8_rows_multi(w + r * cols, xs + g, cols / QBLOCK, sums, nx);
                 for (int n = 0; n < nx; n++)
-                    ys[g + n][r] = i8_finish(w + r * cols, scale[r], xs[g + n], cols, sums[n]);
+                    ys[g + n][r] = cols % QBLOCK
+                                   ? i8_finish(w + r * cols, scale[r], xs[g + n], cols, sums[n])
+                                   : sums[n] * bf16_to_f32(scale[r]);
             }
         }
 #else
@@ -899,6 +904,62 @@ static inline __attribute__((always_inline)) void i8b_row_n(
     for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
 }
 
+#elif defined(ET_AVX2) && defined(__F16C__)
+/* The same on AVX2: eight weight blocks (four x blocks) at a time, widened once; per x row
+ * their exact int32 sums gathered into one vector by a tree of horizontal adds, converted
+ * once, and scaled by their eight scales (widened together) times their x blocks' scales, in
+ * one multiply-add. */
+static inline __attribute__((always_inline)) void i8b_row_n(
+        const int8_t *restrict w, const uint16_t *restrict scale, const struct qx *const *x,
+        int64_t cols, float *restrict sums, const int nx) {
+    const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    __m256 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm256_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+    }
+    int64_t b = 0;
+    for (; b + 4 <= cols / QBLOCK; b += 4) {
+        __m256i wv[16]; /* 16 weights each, int16 */
+        for (int j = 0; j < 16; j++)
+            wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * QBLOCK + 16 * j)));
+        __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 2 * b)));
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            __m256i d[8];
+            for (int j = 0; j < 8; j++) /* as dot32_avx2 */
+                d[j] = madd_acc(_mm256_madd_epi16(wv[2 * j], _mm256_loadu_si256((const __m256i *)(xb + 32 * j))),
+                                wv[2 * j + 1], _mm256_loadu_si256((const __m256i *)(xb + 32 * j + 16)));
+            __m256i h01 = _mm256_hadd_epi32(d[0], d[1]), h23 = _mm256_hadd_epi32(d[2], d[3]);
+            __m256i h45 = _mm256_hadd_epi32(d[4], d[5]), h67 = _mm256_hadd_epi32(d[6], d[7]);
+            __m256i h03 = _mm256_hadd_epi32(h01, h23), h47 = _mm256_hadd_epi32(h45, h67);
+            /* h03: blocks 0-3 over the low 128 bits, then over the high: add the halves */
+            __m128i s03 = _mm_add_epi32(_mm256_castsi256_si128(h03), _mm256_extracti128_si256(h03, 1));
+            __m128i s47 = _mm_add_epi32(_mm256_castsi256_si128(h47), _mm256_extracti128_si256(h47, 1));
+            __m256 block_sums = _mm256_cvtepi32_ps(_mm256_set_m128i(s47, s03)); /* blocks 0..7 */
+            __m256 x_scales = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_loadu_ps(xs[n] + b)), pairs);
+            acc[n] = _mm256_fmadd_ps(block_sums, _mm256_mul_ps(scales, x_scales), acc[n]);
+        }
+    }
+    for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
+        float s0 = f16_to_f32(scale[2 * b]), s1 = f16_to_f32(scale[2 * b + 1]);
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            __m256i d0 = dot32_avx2(w + b * QBLOCK, xb);
+            __m256i d1 = dot32_avx2(w + b * QBLOCK + WBLOCK, xb + WBLOCK);
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(xs[n][b] * s0), acc[n]);
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(xs[n][b] * s1), acc[n]);
+        }
+    }
+    for (int n = 0; n < nx; n++) sums[n] = sum256(acc[n]);
+}
+#endif
+
+#if defined(__AVX512BW__) || (defined(ET_AVX2) && defined(__F16C__))
 #define I8B_MULTI I8_MULTI
 /* i8b_row_n for 1..I8_MULTI x rows */
 static void i8b_rows_multi(const int8_t *restrict w, const uint16_t *restrict scale,
@@ -926,35 +987,13 @@ static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
                      const struct qx *x, int64_t cols) {
     int64_t b = 0;
     float sum = 0.f;
-#if defined(__AVX512BW__)
+#if defined(I8B_MULTI)
     i8b_rows_multi(w, scale, &x, cols, &sum, 1);
     b = cols / QBLOCK;
-#elif defined(ET_AVX2)
+#elif defined(ET_AVX2) /* without F16C */
     const int16_t *xq = x->q;
     const float *xs = x->scale;
     __m256 acc = _mm256_setzero_ps();
-    /* Eight weight blocks (four x blocks) at a time: their exact int32 sums gathered into one
-     * vector by a tree of horizontal adds, converted once, and scaled by their eight scales
-     * (widened together) times their x blocks' scales, in one multiply-add. */
-#if defined(__F16C__)
-    const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    for (; b + 4 <= cols / QBLOCK; b += 4) {
-        __m256i d[8];
-        for (int j = 0; j < 8; j++) d[j] = dot32_avx2(w + b * QBLOCK + j * WBLOCK,
-                                                      xq + b * QBLOCK + j * WBLOCK);
-        __m256i h01 = _mm256_hadd_epi32(d[0], d[1]), h23 = _mm256_hadd_epi32(d[2], d[3]);
-        __m256i h45 = _mm256_hadd_epi32(d[4], d[5]), h67 = _mm256_hadd_epi32(d[6], d[7]);
-        __m256i h03 = _mm256_hadd_epi32(h01, h23), h47 = _mm256_hadd_epi32(h45, h67);
-        /* h03: blocks 0-3 over the low 128 bits, then over the high: add the halves */
-        __m128i s03 = _mm_add_epi32(_mm256_castsi256_si128(h03), _mm256_extracti128_si256(h03, 1));
-        __m128i s47 = _mm_add_epi32(_mm256_castsi256_si128(h47), _mm256_extracti128_si256(h47, 1));
-        __m256 sums = _mm256_cvtepi32_ps(_mm256_set_m128i(s47, s03)); /* blocks 0..7 */
-        __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 2 * b)));
-        __m256 x_scales = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xs + b)),
-                                                   pairs);
-        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(scales, x_scales), acc);
-    }
-#endif
     for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
         __m256i d0 = dot32_avx2(w + b * QBLOCK, xq + b * QBLOCK);
         __m256i d1 = dot32_avx2(w + b * QBLOCK + WBLOCK, xq + b * QBLOCK + WBLOCK);
