@@ -1299,9 +1299,10 @@ static inline __attribute__((always_inline)) void i4_block_n(
         for (int k = 0; k < 4; k++) _mm512_storeu_ps(y[n] + k * 16, total[n][k]);
 }
 
-static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
-                     int64_t cols, int64_t group, float *restrict y) {
+static __attribute__((noinline)) void i4_block(
+        const uint8_t *restrict w, const void *restrict scale_zero, int f32, const struct qx *x,
+        const float *restrict xg, int64_t rows, int64_t row0, int64_t cols, int64_t group,
+        float *restrict y) {
     const float *sums = xg;
     float *out = y;
     i4_block_n(w, scale_zero, f32, &x, &sums, rows, row0, cols, group, &out, 1);
@@ -1314,7 +1315,7 @@ static void i4_blocks(const uint8_t *restrict w, const void *restrict scale_zero
     if (nx == 4) i4_block_n(w, scale_zero, f32, x, xg, rows, row0, cols, group, y, 4);
     else if (nx == 2) i4_block_n(w, scale_zero, f32, x, xg, rows, row0, cols, group, y, 2);
     else for (int n = 0; n < nx; n++)
-        i4_block_n(w, scale_zero, f32, x + n, xg + n, rows, row0, cols, group, y + n, 1);
+        i4_block(w, scale_zero, f32, x[n], xg[n], rows, row0, cols, group, y[n]);
 }
 
 #elif defined(ET_AVX2)
