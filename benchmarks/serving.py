@@ -11,7 +11,8 @@ Run::
    writes (its :func:`~decode.ensure_model`: ``--keep DIR`` keeps and reuses the work directory,
    so ``--keep`` of a decode.py run reuses its model and splits; ``--tiny`` the same family,
    small). Its tokenizer is the demo model's with one word ``w<ID>`` added for every id past the
-   demo's own (:func:`widen_tokenizer`), so each generated token streams as one piece of text.
+   demo's own (``edgetp.model.synthetic.widen_tokenizer``), so each generated token streams as
+   one piece of text.
 2. **Cluster.** Split into 2 ranks in ``--dtype`` (decode.py's :func:`~decode.split_for`; compute
    in bfloat16 for bfloat16 weights, else float32), then ``edgetp serve --shards RANK0`` on
    loopback and one ``edgetp worker`` for rank 1 (the command lines of
@@ -64,7 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's own edgetp (as benchmarks/allreduce.py does)
 import openai  # noqa: E402
 
-from edgetp.model.demo import DEMO_MODEL_DIR  # noqa: E402
+from edgetp.model.synthetic import widen_tokenizer  # noqa: E402
 from edgetp.perf.report import percentile  # noqa: E402
 from edgetp.runtime.commands import ServeCommand, WorkerCommand  # noqa: E402
 from edgetp.runtime.lifeline import spawn_tied  # noqa: E402
@@ -136,24 +137,6 @@ def requests_at(clients: int, most_clients: int, total: int, prompts: int) -> in
     """Requests run with ``clients`` clients: ``total`` at the most clients, proportionally
     fewer below (the same rounds per client), every prompt at least once."""
     return max(prompts, math.ceil(total * clients / most_clients))
-
-
-def widen_tokenizer(model_dir: Path, vocab: int) -> None:
-    """The demo tokenizer with a word ``w<ID>`` for every id it lacks below ``vocab``.
-
-    The random model's tokens are mostly ids the demo tokenizer does not have, which decode to
-    nothing and so never stream; with a word each, every token is a piece of text (one chunk
-    of the stream) and equal texts are equal tokens. Written only when it differs (a split of
-    the model then copies it again to rank 0, :mod:`edgetp.shard.split`).
-    """
-    data = json.loads((DEMO_MODEL_DIR / "tokenizer.json").read_text())
-    words: dict[str, int] = data["model"]["vocab"]
-    taken = set(words.values())
-    words.update({f"w{i}": i for i in range(vocab) if i not in taken})
-    text = json.dumps(data)
-    path = model_dir / "tokenizer.json"
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
 
 
 # -- the cluster --------------------------------------------------------------------------------
