@@ -65,8 +65,9 @@ def assert_batch_invariant(master) -> None:
 
 
 @pytest.mark.parametrize(("nodes", "options"), [
-    (2, {}), (3, {"weight_dtype": "int8"}), (2, {"weight_dtype": "int4"}),
-    (2, {"dtype": "bfloat16", "wire_dtype": "int8"}),
+    (2, {}), (2, {"weight_dtype": "int4"}),
+    pytest.param(3, {"weight_dtype": "int8"}, marks=pytest.mark.slow),
+    pytest.param(2, {"dtype": "bfloat16", "wire_dtype": "int8"}, marks=pytest.mark.slow),
 ])
 def test_a_decode_batch_on_a_cluster_is_bitwise_each_sequence_alone(
         nodes: int, options: dict, tmp_path: Path) -> None:
@@ -75,6 +76,7 @@ def test_a_decode_batch_on_a_cluster_is_bitwise_each_sequence_alone(
         assert_batch_invariant(c.master)
 
 
+@pytest.mark.slow
 def test_streamed_weights_give_the_same_batch_invariance(tmp_path: Path) -> None:
     from edgetp.parallel.loader import shard_memory_needs
     from edgetp.shard.split import split_checkpoint
