@@ -26,7 +26,7 @@ from edgetp.cli.options import (
     threads_option,
 )
 from edgetp.cli.output import log, prompt_lines, run_generation, transfer_progress
-from edgetp.core.limits import DEFAULT_KV_SLOTS, DEFAULT_MAX_BATCH, MAX_KV_SLOTS
+from edgetp.core.limits import DEFAULT_KV_SLOTS, DEFAULT_MAX_BATCH, MAX_BATCH, MAX_KV_SLOTS
 from edgetp.model.demo import DEMO_PROMPT
 
 
@@ -152,11 +152,11 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
               help="HTTP connections open at once; more are answered 503 and closed")
 @click.option("--model-name", default=None,
               help="the model id of the API (default: the model directory's name)")
-@click.option("--max-batch", type=click.IntRange(1, MAX_KV_SLOTS), default=None,
+@click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=None,
               help=f"sequences decoding together (one row each per step; default "
                    f"{DEFAULT_MAX_BATCH}, or 1 with --memory-budget, which counts each one's "
                    "KV cache); each node holds their keys and values (workers: at most their "
-                   "--kv-slots); the rest wait in the queue. With --draft, one")
+                   "--kv-slots); the rest wait in the queue")
 @generation_options
 @cluster_options
 def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers: int,

@@ -7,7 +7,10 @@ Every :meth:`~BatchScheduler.round` is at most two steps of the cluster:
    (chunked prefill: a long prompt holds the others up for one chunk per round, never for the
    whole prompt); after its last chunk the sequence samples its first token;
 2. one decode step for every sequence that has a token to feed: B tokens in, B rows of
-   logits out, in one round of allreduces.
+   logits out, in one round of allreduces. With speculative decoding (``--draft``) each
+   sequence may add the tokens its drafter proposes, as rows of its own slot at the next
+   positions (at most :data:`~edgetp.kernels.native.MAX_BATCH_ROWS` rows in all, the first
+   sequences first); its drafts are verified as :mod:`edgetp.runtime.speculation` does alone.
 
 Sequences join (:meth:`~BatchScheduler.admit`) and leave (finished, failed, :meth:`drop`)
 between rounds. A sequence's tokens are the ones it gets alone: its prompt is cut into the
@@ -25,7 +28,10 @@ from dataclasses import dataclass, field
 import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.kernels import native as kernels
+from edgetp.model.drafting import Drafter
 from edgetp.model.sampling import Sampler
+from edgetp.model.speculative import Draft, verify
 from edgetp.runtime.engine import (
     BatchRunner,
     GenerationResult,
@@ -33,6 +39,12 @@ from edgetp.runtime.engine import (
     TextStream,
     check_prompt,
     limit_reason,
+)
+from edgetp.runtime.speculation import (
+    Acceptance,
+    DraftLength,
+    Speculation,
+    SpeculationStats,
 )
 
 
@@ -54,11 +66,22 @@ class BatchedSequence:
     ttft_ms: float = 0.0
     decode_ms: list[float] = field(default_factory=list)
     last_token_at: float = 0.0
+    drafting: SequenceDrafts | None = None  # with speculative decoding
 
     @property
     def position(self) -> int:
         """Where the pending token goes: the tokens already in the cache."""
         return len(self.prompt) + len(self.generated) - 1
+
+
+@dataclass
+class SequenceDrafts:
+    """A sequence's speculation: its drafter, how many tokens it drafts next, what it did."""
+
+    drafter: Drafter
+    length: DraftLength
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    draft: Draft | None = None  # this step's
 
 
 @dataclass(frozen=True)
@@ -73,10 +96,12 @@ class Ended:
 class BatchScheduler:
     """Sequences of up to ``runner.slots`` requests, advanced together round by round."""
 
-    def __init__(self, runner: BatchRunner, codec: TextCodec, eos_ids: Sequence[int]) -> None:
+    def __init__(self, runner: BatchRunner, codec: TextCodec, eos_ids: Sequence[int],
+                 speculation: Speculation | None = None) -> None:
         self.runner = runner
         self.codec = codec
         self.eos_ids = frozenset(eos_ids)
+        self.speculation = speculation
         self.active: list[BatchedSequence] = []
 
     @property
@@ -97,9 +122,22 @@ class BatchScheduler:
         if not free:
             raise RuntimeError(f"all {self.capacity} KV slots are in use")
         sequence = BatchedSequence(list(prompt_ids), sampling, gen, on_text, free[0],
-                                   Sampler(sampling), TextStream(self.codec, gen.stop_strings))
+                                   Sampler(sampling), TextStream(self.codec, gen.stop_strings),
+                                   drafting=self._drafts_for(free[0]))
         self.active.append(sequence)
         return sequence
+
+    def _drafts_for(self, slot: int) -> SequenceDrafts | None:
+        """A new sequence's speculation: the slot's drafter, the acceptance learned so far as
+        its prior, the step costs shared."""
+        spec = self.speculation
+        if spec is None:
+            return None
+        drafter = spec.drafter_for(slot)
+        drafter.reset()
+        prior = Acceptance()
+        prior.kept, prior.rejected = spec.acceptance.kept, spec.acceptance.rejected
+        return SequenceDrafts(drafter, DraftLength(spec.max_tokens, spec.costs, prior))
 
     def drop(self, sequence: BatchedSequence) -> None:
         """Take ``sequence`` out of the batch (its client is gone); its slot is free at once."""
@@ -135,18 +173,92 @@ class BatchScheduler:
         return self._take(sequence, sequence.sampler(logits, sequence.prompt))
 
     def _decode(self, batch: list[BatchedSequence]) -> list[Ended]:
-        """One decode step of ``batch``: every sequence's pending token in, its next out."""
-        tokens = torch.tensor([s.pending for s in batch], dtype=torch.int64)  # [B]
-        logits = self.runner.batch_logits(tokens, [s.slot for s in batch],
-                                          [s.position for s in batch])  # [B, V]
+        """One decode step of ``batch``: every sequence's pending token (and drafted tokens)
+        in, its next tokens out."""
+        started = time.perf_counter()
+        drafted = self._draft(batch)
+        tokens: list[int] = []
+        slots: list[int] = []
+        positions: list[int] = []
+        for sequence in batch:
+            assert sequence.pending is not None
+            row_tokens = [sequence.pending, *self._draft_tokens(sequence)]
+            tokens += row_tokens
+            slots += [sequence.slot] * len(row_tokens)
+            positions += range(sequence.position, sequence.position + len(row_tokens))
+        logits = self.runner.batch_logits(torch.tensor(tokens, dtype=torch.int64), slots,
+                                          positions)  # [R, V]: a sequence's rows together
         now = time.perf_counter()
         ended: list[Ended] = []
-        for row, sequence in enumerate(batch):
-            sequence.decode_ms.append((now - sequence.last_token_at) * 1000)
+        row = 0
+        for sequence in batch:
+            count = 1 + len(self._draft_tokens(sequence))
+            out = self._next_tokens(sequence, logits[row : row + count])
+            row += count
+            per_token_ms = (now - sequence.last_token_at) * 1000 / len(out)
             sequence.last_token_at = now
-            history = sequence.prompt + sequence.generated
-            ended += self._take(sequence, sequence.sampler(logits[row], history))
+            ended += self._take_all(sequence, out, per_token_ms)
+        self._record_cost(now - started, drafted)
         return ended
+
+    def _draft(self, batch: list[BatchedSequence]) -> int:
+        """Each drafting sequence's proposal for this step, within the rows left after one
+        per sequence (the batched products' most); how many tokens were drafted."""
+        room = kernels.MAX_BATCH_ROWS - len(batch)
+        drafted = 0
+        for sequence in batch:
+            drafts = sequence.drafting
+            if drafts is None:
+                continue
+            wanted = sequence.gen.max_new_tokens - len(sequence.generated) - 1
+            k = min(drafts.length.next(), room, wanted,
+                    self.runner.max_seq_len - sequence.position - 1)
+            history = sequence.prompt + sequence.generated
+            drafts.draft = drafts.drafter.propose(history, k, sequence.sampler) if k > 0 else None
+            room -= len(self._draft_tokens(sequence))
+            drafted += len(self._draft_tokens(sequence))
+        return drafted
+
+    @staticmethod
+    def _draft_tokens(sequence: BatchedSequence) -> list[int]:
+        drafts = sequence.drafting
+        return [] if drafts is None or drafts.draft is None else drafts.draft.tokens
+
+    def _next_tokens(self, sequence: BatchedSequence, rows: torch.Tensor) -> list[int]:
+        """The tokens a sequence's rows [1 + K, V] give: its next token, or the drafted ones
+        kept and the one after (the rejection rule when sampling)."""
+        history = sequence.prompt + sequence.generated
+        drafts = sequence.drafting
+        if drafts is not None:
+            drafts.stats.steps += 1
+        if drafts is None or drafts.draft is None or not drafts.draft.tokens:
+            return [sequence.sampler(rows[0], history)]
+        draft, drafts.draft = drafts.draft, None
+        out = verify(sequence.sampler, rows, draft, history)
+        drafts.stats.drafted += len(draft.tokens)
+        drafts.stats.accepted += len(out) - 1
+        drafts.length.update(len(draft.tokens), len(out) - 1)
+        return out
+
+    def _record_cost(self, seconds: float, drafted: int) -> None:
+        """What this step cost, for the draft lengths to weigh (speculation only)."""
+        if self.speculation is None:
+            return
+        if drafted:
+            self.speculation.costs.drafted(seconds, drafted)
+        else:
+            self.speculation.costs.plain(seconds)
+
+    def _take_all(self, sequence: BatchedSequence, tokens: list[int], per_token_ms: float
+                  ) -> list[Ended]:
+        """:meth:`_take` each of a step's tokens until the sequence ends (each counts its
+        share of the step's time)."""
+        for token in tokens:
+            sequence.decode_ms.append(per_token_ms)
+            ended = self._take(sequence, token)
+            if ended:
+                return ended
+        return []
 
     def _take(self, sequence: BatchedSequence, token: int) -> list[Ended]:
         """``token`` was sampled for ``sequence``: emit its text; an Ended if it stops here."""
@@ -168,5 +280,6 @@ class BatchScheduler:
     def _result(self, sequence: BatchedSequence, reason: str) -> GenerationResult:
         """What ``sequence`` produced; decode_ms has one entry per decode step it took (an EOS
         that ended it included, as :class:`~edgetp.runtime.engine.Engine` counts)."""
+        stats = None if sequence.drafting is None else sequence.drafting.stats
         return GenerationResult(sequence.generated, sequence.stream.text, len(sequence.prompt),
-                                reason, sequence.ttft_ms, list(sequence.decode_ms))
+                                reason, sequence.ttft_ms, list(sequence.decode_ms), stats)

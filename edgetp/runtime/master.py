@@ -17,7 +17,7 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError, ShardError
-from edgetp.core.limits import DEFAULT_MAX_BATCH, check_kv_slots, master_prefill_chunk
+from edgetp.core.limits import DEFAULT_MAX_BATCH, check_max_batch, master_prefill_chunk
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
@@ -267,7 +267,7 @@ class Master:
 
         model = on_kernels(load_model(model_dir, parse_dtype(dtype), max_seq_len))
         return cls(Tokenizer.from_dir(model_dir),
-                   LocalRunner(model, kv_slots=check_kv_slots(max_batch, "--max-batch")))
+                   LocalRunner(model, kv_slots=check_max_batch(max_batch)))
 
     @classmethod
     def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
@@ -285,7 +285,7 @@ class Master:
         if manifest.rank != 0:
             raise ShardError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
                              "rank-0 (it holds the embedding, the head and the tokenizer)")
-        check_kv_slots(max_batch, "--max-batch")
+        check_max_batch(max_batch)
         identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
                                     security)
@@ -346,9 +346,7 @@ class Master:
     @property
     def batch_slots(self) -> int:
         """Sequences that decode together now: the KV slots every node holds, at most
-        ``--max-batch``; 1 with speculative decoding (its steps are one sequence's)."""
-        if self.engine.speculation is not None:
-            return 1
+        ``--max-batch``."""
         return int(self.runner.slots)  # type: ignore[attr-defined]
 
     @property

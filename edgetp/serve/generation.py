@@ -8,8 +8,7 @@ decode step of every sequence. That thread never touches a socket nor the event 
 each job's events (text pieces, the result or an error) on the job. A job whose client went
 away is dropped from the queue, or from the batch between two rounds. After each completed
 generation an optional :class:`GenerationObserver` (the server's metrics) is told, on this
-thread. With speculative decoding (``--draft``) the batch holds one sequence: each job runs
-whole through the engine, one after another.
+thread. With speculative decoding (``--draft``) each sequence of the batch drafts for itself.
 """
 
 from __future__ import annotations
@@ -34,7 +33,12 @@ log = logging.getLogger("edgetp.serve.generation")
 
 class GenerationObserver(Protocol):
     def finished(self, job: Job, result: GenerationResult) -> None:
-        """``job`` completed with ``result`` (called on the generation thread, between jobs)."""
+        """``job`` completed with ``result``: called on the generation thread before its
+        answer is sent, so a client that reads the metrics after its answer sees it."""
+
+    def answered(self) -> None:
+        """A job's answer was sent (the generation thread, between two rounds): slower
+        bookkeeping, such as collecting the workers' spans, goes here."""
 
 
 class GenerationQueue:
@@ -56,7 +60,7 @@ class GenerationQueue:
         self.records: deque[RequestRecord] = deque(maxlen=1000)
         self.lock = threading.Condition()
         self._pending: deque[Job] = deque()
-        self._running: dict[Job, BatchedSequence | None] = {}  # None: run whole (speculation)
+        self._running: dict[Job, BatchedSequence] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -138,31 +142,21 @@ class GenerationQueue:
 
     def _loop(self) -> None:
         scheduler = BatchScheduler(self.master.runner,  # type: ignore[arg-type]
-                                   self.master.tokenizer, self.master.tokenizer.eos_token_ids)
+                                   self.master.tokenizer, self.master.tokenizer.eos_token_ids,
+                                   self.master.engine.speculation)
         while True:
             with self.lock:
                 while not self._pending and not self._running and not self._stopping:
                     self.lock.wait()
                 if self._stopping and not self._running:
                     return
-                whole = self._admit(scheduler)
-            if whole is not None:
-                self._run_whole(whole)
-                continue
+                self._admit(scheduler)
             self._drop_cancelled(scheduler)
             self._advance(scheduler)
 
-    def _admit(self, scheduler: BatchScheduler) -> Job | None:
-        """Move queued jobs into the batch while it has free slots (under the lock); a job
-        to run whole instead (speculative decoding), if that is how jobs run."""
-        whole = self.master.batch_slots == 1 and self.master.engine.speculation is not None
+    def _admit(self, scheduler: BatchScheduler) -> None:
+        """Move queued jobs into the batch while it has free slots (under the lock)."""
         while self._pending and not self._stopping:
-            if whole:
-                if self._running:
-                    return None
-                job = self._pending.popleft()
-                self._running[job] = None
-                return job
             if scheduler.free_slots() == 0:
                 break
             job = self._pending.popleft()
@@ -173,7 +167,6 @@ class GenerationQueue:
             except Exception as exc:  # noqa: BLE001 - a prompt that cannot run: its answer
                 self._running.pop(job, None)
                 job.emit(Failed(self._failure(job, exc)))
-        return None
 
     def _start(self, job: Job) -> None:
         record = job.record
@@ -186,9 +179,7 @@ class GenerationQueue:
         with self.lock:
             gone = [job for job in self._running if job.cancelled.is_set()]
             for job in gone:
-                sequence = self._running.pop(job)
-                if sequence is not None:
-                    scheduler.drop(sequence)
+                scheduler.drop(self._running.pop(job))
                 job.emit(Failed(self._failure(job, GenerationCancelled(job.cancel_reason))))
             if gone:
                 self.lock.notify_all()
@@ -211,23 +202,6 @@ class GenerationQueue:
                 self.lock.notify_all()
             self._answer(job, end.result, end.error)
 
-    def _run_whole(self, job: Job) -> None:
-        """Generate ``job``'s answer through the engine (speculative decoding)."""
-        self._start(job)
-        result, error = None, None
-        try:
-            if job.cancelled.is_set():
-                raise GenerationCancelled(job.cancel_reason)
-            result = self.master.engine.generate(job.prompt_ids, job.sampling, job.gen,
-                                                 job.on_text)
-        except Exception as exc:  # noqa: BLE001 - every job gets an answer
-            error = exc
-        finally:
-            with self.lock:
-                self._running.pop(job, None)
-                self.lock.notify_all()
-        self._answer(job, result, error)
-
     def _answer(self, job: Job, result: GenerationResult | None,
                 error: BaseException | None) -> None:
         """Emit ``job``'s last event; tell the observer of a completed one."""
@@ -239,9 +213,11 @@ class GenerationQueue:
         log.info("%s: %d prompt tokens, %d generated (%s), %.0f ms", job.id,
                  result.prompt_tokens, len(result.token_ids), result.finish_reason,
                  (time.monotonic() - (job.record.started_at or 0.0)) * 1000)
+        if self.observer is not None:
+            self.observer.finished(job, result)
         job.emit(Finished(result))
         if self.observer is not None:
-            self.observer.finished(job, result)  # the job is answered and off the cluster
+            self.observer.answered()
 
     def _failure(self, job: Job, exc: BaseException) -> APIError:
         """Record why ``job``'s generation ended early; the error its client gets."""

@@ -107,6 +107,8 @@ class ServerMetrics:
         self.ttft.observe(result.ttft_ms / 1000)
         for ms in result.decode_ms:
             self.token_time.observe(ms / 1000)
+
+    def answered(self) -> None:
         if time.monotonic() - self._collected_at >= self.collect_every_s:
             self.collect_node_spans()
 

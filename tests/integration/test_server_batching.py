@@ -172,3 +172,24 @@ def test_a_stream_that_goes_away_leaves_the_batch_and_the_others_go_on(
     while server.health()["batch"]["sequences"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.health()["batch"]["sequences"] == 0
+
+
+def test_sequences_draft_for_themselves_in_the_batch(cluster: TrackedCluster,
+                                                     alone: Callable[[str], str]) -> None:
+    """--draft lookup behind the server: each sequence of the batch drafts and verifies in its
+    own rows; every answer is the one it gets alone, without drafts."""
+    master = cluster.master
+    assert master is not None
+    prompts = [f"{demo_prompt(1, n)} {n + 1} {n + 2} {n + 3} {demo_prompt(1, n)}"
+               for n in (3, 20, 41)]
+    master.use_draft("lookup", 4)
+    try:
+        srv = APIServer(master, ServerSettings(MODEL, default_max_tokens=128), port=0).start()
+        try:
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                answers = list(pool.map(lambda p: complete(srv, p)[1], prompts))
+        finally:
+            call_with_deadline(srv.stop, 30, "stopping the server")
+    finally:
+        master.use_draft(None)
+    assert answers == [alone(p) for p in prompts]

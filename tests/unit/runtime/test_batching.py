@@ -134,3 +134,41 @@ def test_a_failing_callback_ends_its_own_sequence_only(runner: CountingRunner,
     assert isinstance(ended[id(broken)].error, ConnectionError)
     result = ended[id(fine)].result
     assert result is not None and result.text.split() == ["3", "4", "5", "6", "7", "8"]
+
+
+@pytest.mark.parametrize("draft", ["lookup", "model"])
+def test_sequences_that_draft_get_what_they_get_alone(draft: str, runner: CountingRunner,
+                                                      tokenizer: Tokenizer) -> None:
+    """A draft per sequence, its rows in its own slot within the batch's 8 rows: each greedy
+    sequence gets the tokens it gets alone without speculation, and drafts were kept."""
+    from edgetp.model.demo import DEMO_DRAFT_DIR
+    from edgetp.runtime.speculation import Speculation, open_drafter
+
+    spec = "lookup" if draft == "lookup" else str(DEMO_DRAFT_DIR)
+    drafter = open_drafter(spec, tokenizer, runner.max_seq_len, runner.model.config.vocab_size)
+    prompts = [demo_prompt(1, 3), demo_prompt(2, 40), demo_prompt(5, 5)]
+    if draft == "lookup":  # lookup needs the answer's pattern in the prompt
+        prompts = [f"{demo_prompt(1, 3)} 4 5 6 7 {demo_prompt(1, 3)}",
+                   f"{demo_prompt(2, 40)} 42 44 46 {demo_prompt(2, 40)}", demo_prompt(5, 5)]
+    gen = GenerationConfig(max_new_tokens=30)
+    engine = Engine(runner, tokenizer, tokenizer.eos_token_ids)
+    expected = [engine.generate(tokenizer.encode(p), GREEDY, gen).token_ids for p in prompts]
+    scheduler = BatchScheduler(runner, tokenizer, tokenizer.eos_token_ids,
+                               Speculation(drafter, max_tokens=4))
+    sequences = [scheduler.admit(tokenizer.encode(p), GREEDY, gen, lambda _: None)
+                 for p in prompts]
+    runner.steps.clear()
+    ended = {id(e.sequence): e for e in run_all(scheduler)}
+    results = [ended[id(s)].result for s in sequences]
+    assert [r.token_ids for r in results if r is not None] == expected
+    stats = [r.speculation for r in results if r is not None and r.speculation is not None]
+    assert len(stats) == 3 and sum(s.accepted for s in stats) > 0  # drafts were kept
+    assert max(rows for kind, rows in runner.steps if kind == "decode") <= 8
+    assert any(rows > len(prompts) for kind, rows in runner.steps if kind == "decode")
+
+
+def test_the_batch_limit_is_the_kernels() -> None:
+    from edgetp.core.limits import MAX_BATCH
+    from edgetp.kernels import native
+
+    assert MAX_BATCH == native.MAX_BATCH_ROWS
