@@ -931,19 +931,56 @@ static inline __m512i sum8x2(const __m512i *d) {
 }
 static const int32_t ORDER16[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
 
+/* ``blocks`` (8 or 4, a constant) x blocks from x block b on of one weight row against ``nx``
+ * x rows, into acc[n]: each block's 64 weight bytes split by shifts into even and odd
+ * columns' int16 (against x's codes in that order, q_eo), so that an int32 lane sums four
+ * adjacent columns (lanes 0-7 the first weight block, 8-15 the second); per x row the blocks'
+ * exact sums gathered into one vector by a transpose-and-add tree (zeros for missing blocks),
+ * converted once, and scaled by their scales (widened together) times their x blocks' scales,
+ * in one multiply-add. */
+static inline __attribute__((always_inline)) void i8b_round(
+        const int8_t *restrict w, const uint16_t *restrict scale, const int16_t *const *xeo,
+        const float *const *xs, int64_t b, __m512 *acc, const int nx, const int blocks) {
+    const __m512i order = _mm512_loadu_si512(ORDER16);
+    const __m512i x_order = _mm512_srli_epi32(order, 1); /* each weight block's x block */
+    __m512i even[8], odd[8]; /* x block j's weights in even and odd columns, int16 */
+    for (int j = 0; j < blocks; j++) {
+        __m512i bytes = _mm512_loadu_si512(w + (b + j) * QBLOCK);
+        even[j] = _mm512_srai_epi16(_mm512_slli_epi16(bytes, 8), 8);
+        odd[j] = _mm512_srai_epi16(bytes, 8);
+    }
+    __mmask32 weight_blocks = blocks == 8 ? 0xffff : 0xff;
+    __m512i halves = _mm512_maskz_loadu_epi16(weight_blocks, scale + 2 * b);
+    __m512 scales = _mm512_permutexvar_ps(order, _mm512_cvtph_ps(_mm512_castsi512_si256(halves)));
+    for (int n = 0; n < nx; n++) {
+        const int16_t *xb = xeo[n] + b * QBLOCK;
+        __m512i d[8];
+        for (int j = 0; j < 8; j++) {
+            if (j >= blocks) {
+                d[j] = _mm512_setzero_si512();
+                continue;
+            }
+            __m512i x_even = _mm512_loadu_si512(xb + j * QBLOCK);
+            __m512i x_odd = _mm512_loadu_si512(xb + j * QBLOCK + 32);
+#if defined(__AVX512VNNI__)
+            d[j] = _mm512_dpwssd_epi32(_mm512_madd_epi16(even[j], x_even), odd[j], x_odd);
+#else
+            d[j] = _mm512_add_epi32(_mm512_madd_epi16(even[j], x_even),
+                                    _mm512_madd_epi16(odd[j], x_odd));
+#endif
+        }
+        __m512 x_scales = _mm512_permutexvar_ps(
+            x_order, _mm512_maskz_loadu_ps((__mmask16)((1u << blocks) - 1), xs[n] + b));
+        acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum8x2(d)), _mm512_mul_ps(scales, x_scales), acc[n]);
+    }
+}
+
 /* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
- * inlined), each x row's sum taken with the steps of the one-row call (sums[n]). Eight x
- * blocks (16 weight blocks) at a time: each block's 64 weight bytes split by shifts into even
- * and odd columns' int16 (against x's codes in that order, q_eo), so that an int32 lane sums
- * four adjacent columns (lanes 0-7 the first weight block, 8-15 the second); per x row the 16
- * blocks' exact sums gathered into one vector by a transpose-and-add tree, converted once, and
- * scaled by their 16 scales (widened together) times their x blocks' scales, in one
- * multiply-add. The last blocks one at a time. */
+ * inlined), each x row's sum taken with the steps of the one-row call (sums[n]): eight x
+ * blocks at a time (i8b_round), then four, then the last one at a time. */
 static inline __attribute__((always_inline)) void i8b_row_n(
         const int8_t *restrict w, const uint16_t *restrict scale, const struct qx *const *x,
         int64_t cols, float *restrict sums, const int nx) {
-    const __m512i order = _mm512_loadu_si512(ORDER16);
-    const __m512i x_order = _mm512_srli_epi32(order, 1); /* each weight block's x block */
     __m512 acc[I8_MULTI];
     const int16_t *xq[I8_MULTI], *xeo[I8_MULTI];
     const float *xs[I8_MULTI];
@@ -954,31 +991,10 @@ static inline __attribute__((always_inline)) void i8b_row_n(
         xs[n] = x[n]->scale;
     }
     int64_t b = 0;
-    for (; b + 8 <= cols / QBLOCK; b += 8) {
-        __m512i even[8], odd[8]; /* x block j's weights in even and odd columns, int16 */
-        for (int j = 0; j < 8; j++) {
-            __m512i bytes = _mm512_loadu_si512(w + (b + j) * QBLOCK);
-            even[j] = _mm512_srai_epi16(_mm512_slli_epi16(bytes, 8), 8);
-            odd[j] = _mm512_srai_epi16(bytes, 8);
-        }
-        __m512 scales = _mm512_permutexvar_ps(
-            order, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + 2 * b))));
-        for (int n = 0; n < nx; n++) {
-            const int16_t *xb = xeo[n] + b * QBLOCK;
-            __m512i d[8];
-            for (int j = 0; j < 8; j++) {
-                __m512i x_even = _mm512_loadu_si512(xb + j * QBLOCK);
-                __m512i x_odd = _mm512_loadu_si512(xb + j * QBLOCK + 32);
-#if defined(__AVX512VNNI__)
-                d[j] = _mm512_dpwssd_epi32(_mm512_madd_epi16(even[j], x_even), odd[j], x_odd);
-#else
-                d[j] = _mm512_add_epi32(_mm512_madd_epi16(even[j], x_even),
-                                        _mm512_madd_epi16(odd[j], x_odd));
-#endif
-            }
-            __m512 x_scales = _mm512_permutexvar_ps(x_order, _mm512_castps256_ps512(_mm256_loadu_ps(xs[n] + b)));
-            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum8x2(d)), _mm512_mul_ps(scales, x_scales), acc[n]);
-        }
+    for (; b + 8 <= cols / QBLOCK; b += 8) i8b_round(w, scale, xeo, xs, b, acc, nx, 8);
+    if (b + 4 <= cols / QBLOCK) {
+        i8b_round(w, scale, xeo, xs, b, acc, nx, 4);
+        b += 4;
     }
     for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
