@@ -949,6 +949,9 @@ static inline __attribute__((always_inline)) void i8b_round(
     const __m512i x_order = _mm512_srli_epi32(order, 1); /* each weight block's x block */
     __m512i even[8], odd[8]; /* x block j's weights in even and odd columns, int16 */
     for (int j = 0; j < blocks; j++) {
+        /* two rounds ahead: without it one x row took 25% longer (the hardware's prefetch
+         * alone kept fewer lines in flight) */
+        _mm_prefetch((const char *)(w + (b + j) * QBLOCK + 1024), _MM_HINT_T0);
         __m512i bytes = _mm512_loadu_si512(w + (b + j) * QBLOCK);
         even[j] = _mm512_srai_epi16(_mm512_slli_epi16(bytes, 8), 8);
         odd[j] = _mm512_srai_epi16(bytes, 8);
