@@ -879,7 +879,11 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
  *
  * As above, with x quantized to int16 per 64 columns; each 64-column block of a row holds two
  * weight blocks, whose 32 products are summed exactly in int32 apart and scaled by their own
- * weight scale. Columns must be a multiple of 32.
+ * weight scale. Columns must be a multiple of 32. On AVX-512 and AVX2 (with F16C) the exact
+ * sums of 16 or 8 weight blocks are gathered into one vector by a tree of shuffles and adds,
+ * converted to float once and scaled by their scales in one multiply-add (per-block converts
+ * and broadcasts cost more than the sums); AVX-512 reads x's codes reordered, even columns
+ * then odd per block (et_quantize_rows), so that shifts alone widen the weights.
  */
 
 #define WBLOCK 32
@@ -1021,7 +1025,7 @@ static inline __attribute__((always_inline)) void i8b_row_n(
 }
 
 #elif defined(ET_AVX2) && defined(__F16C__)
-/* The same on AVX2: eight weight blocks (four x blocks) at a time, widened once; per x row
+/* On AVX2: eight weight blocks (four x blocks) at a time, widened once; per x row
  * their exact int32 sums gathered into one vector by a tree of horizontal adds, converted
  * once, and scaled by their eight scales (widened together) times their x blocks' scales, in
  * one multiply-add. */
