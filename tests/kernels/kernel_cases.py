@@ -176,7 +176,7 @@ def f16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def i8_b32_cases(rng: np.random.Generator) -> Iterator[Case]:
-    for rows, cols in [(1, 32), (3, 64), (5, 96), (7, 160), (2, 544)]:
+    for rows, cols in [(1, 32), (3, 64), (5, 96), (7, 160), (2, 544), (4, 256), (3, 1376)]:
         w = rng.integers(-127, 128, (rows, cols), dtype=np.int8)  # [rows, cols]
         scale = f16_bits(rng.uniform(0.001, 0.1, (rows, cols // 32)))  # [rows, cols / 32]
         x = rng.standard_normal(cols, dtype=np.float32)
@@ -340,7 +340,7 @@ def i8_rows_cases(rng: np.random.Generator) -> Iterator[Case]:
 
 def i8_b32_rows_cases(rng: np.random.Generator) -> Iterator[Case]:
     shapes = [(1, 32), (3, 64), (5, 96), (7, 160), (2, 544), (13, 224), (4, 32), (6, 64),
-              (301, 1024)]
+              (301, 1024), (9, 1376)]
     for nx, (rows, cols) in enumerate(shapes):
         w = rng.integers(-127, 128, (rows, cols), dtype=np.int8)  # [rows, cols]
         scale = f16_bits(rng.uniform(0.001, 0.1, (rows, cols // 32)))  # [rows, cols / 32]

@@ -422,12 +422,21 @@ static inline int32_t block_dot_tail(const int8_t *restrict w, const int16_t *re
     return acc;
 }
 
+#if defined(__AVX512BW__)
+#define ET_EVEN_ODD_X 1
+#endif
+
 /* x quantized: int16 codes per 64-column block and the blocks' scales; on AArch64 with the dot
- * product also each code's bytes apart (q = 256 hi + lo), for sdot / usdot. */
+ * product also each code's bytes apart (q = 256 hi + lo), for sdot / usdot; with AVX-512 also
+ * the codes of each full block with its even columns first, then its odd (for the int8 block
+ * product, which takes its weights' bytes apart by shifts). */
 struct qx {
     const int16_t *q;
     const float *scale;
     const int8_t *hi, *lo; /* lo: 0..255 (usdot) or lo - 128 (sdot only); NULL elsewhere */
+#if defined(ET_EVEN_ODD_X)
+    const int16_t *q_eo; /* NULL unless quantized with ``split`` */
+#endif
 };
 
 #if defined(ET_NEON) && defined(__ARM_FEATURE_DOTPROD)
@@ -443,6 +452,21 @@ static void split_x(const int16_t *restrict xq, int64_t n, int8_t *restrict hi,
 #else
         lo[i] = (int8_t)((xq[i] & 0xff) - 128);
 #endif
+    }
+}
+#endif
+
+#if defined(ET_EVEN_ODD_X)
+/* The full 64-column blocks' codes of x, each block's even columns then its odd. */
+static void even_odd_x(const int16_t *restrict xq, int64_t blocks, int16_t *restrict eo) {
+    static const int16_t evens[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                      32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+    const __m512i even = _mm512_loadu_si512(evens);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i x0 = _mm512_loadu_si512(xq + b * QBLOCK), x1 = _mm512_loadu_si512(xq + b * QBLOCK + 32);
+        _mm512_storeu_si512(eo + b * QBLOCK, _mm512_permutex2var_epi16(x0, even, x1));
+        _mm512_storeu_si512(eo + b * QBLOCK + 32, _mm512_permutex2var_epi16(x0, odd, x1));
     }
 }
 #endif
@@ -673,15 +697,19 @@ struct qbatch {
 };
 
 /* A second growing thread-local area (the quantized rows), apart from scratch_bytes' (which a
- * bfloat16 product may grow while a batch is in use), never freed. */
+ * bfloat16 product may grow while a batch is in use), never freed; aligned to 64 bytes, so
+ * that a 64-byte load of x codes never straddles two cache lines (malloc's 16-byte alignment
+ * cost the AVX-512 int8 products up to a quarter of their time, depending on the address). */
 static void *batch_bytes(int64_t n) {
     static __thread void *area = NULL;
     static __thread int64_t capacity = 0;
     if (n > capacity) {
-        void *grown = realloc(area, (size_t)n);
+        int64_t size = (n + 63) / 64 * 64;
+        void *grown = aligned_alloc(64, (size_t)size); /* the old contents are not kept */
         if (grown == NULL) return NULL;
+        free(area);
         area = grown;
-        capacity = n;
+        capacity = size;
     }
     return area;
 }
@@ -690,7 +718,8 @@ static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
 /* x [nx, cols] quantized into the calling thread's batch area: per row int16 codes (padded to
  * whole blocks), a scale per block, with ``group`` > 0 each group's plain sum of x, and
- * (``split``) the codes' bytes apart where the kernels use them (AArch64 dot product). The
+ * (``split``: for the int8 products) the codes' bytes apart where the kernels use them
+ * (AArch64 dot product), or with AVX-512 the codes' even and odd columns apart. The
  * batch stays valid until this thread quantizes again (the thread pool's threads only read
  * it). Returns NULL when out of memory. */
 const void *et_quantize_rows(const float *restrict x, int64_t nx, int64_t cols, int64_t group,
@@ -701,6 +730,8 @@ const void *et_quantize_rows(const float *restrict x, int64_t nx, int64_t cols, 
     int64_t bytes = 0;
 #if defined(ET_SPLIT_X)
     if (split) bytes = align64(2 * blocks * QBLOCK);
+#elif defined(ET_EVEN_ODD_X)
+    if (split) bytes = codes;
 #else
     (void)split;
 #endif
@@ -729,6 +760,12 @@ const void *et_quantize_rows(const float *restrict x, int64_t nx, int64_t cols, 
             split_x(xq, blocks * QBLOCK, hi, lo);
             batch->row[t].hi = hi;
             batch->row[t].lo = lo;
+        }
+#elif defined(ET_EVEN_ODD_X)
+        if (split) {
+            int16_t *eo = (int16_t *)(at + codes + floats);
+            even_odd_x(xq, cols / QBLOCK, eo);
+            batch->row[t].q_eo = eo;
         }
 #endif
     }
@@ -842,7 +879,11 @@ int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
  *
  * As above, with x quantized to int16 per 64 columns; each 64-column block of a row holds two
  * weight blocks, whose 32 products are summed exactly in int32 apart and scaled by their own
- * weight scale. Columns must be a multiple of 32.
+ * weight scale. Columns must be a multiple of 32. On AVX-512 and AVX2 (with F16C) the exact
+ * sums of 16 or 8 weight blocks are gathered into one vector by a tree of shuffles and adds,
+ * converted to float once and scaled by their scales in one multiply-add (per-block converts
+ * and broadcasts cost more than the sums); AVX-512 reads x's codes reordered, even columns
+ * then odd per block (et_quantize_rows), so that shifts alone widen the weights.
  */
 
 #define WBLOCK 32
@@ -873,21 +914,100 @@ static inline float f16_to_f32(uint16_t h) {
 }
 
 #if defined(__AVX512BW__)
+/* a + b lanes taken in pairs (a's, b's) by an unpack pair: within each 128-bit lane
+ * (a0 + a2, b0 + b2, a1 + a3, b1 + b3) for 32 bits, (a01 + a23, b01 + b23) for 64. */
+static inline __m512i sum_pairs32(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+}
+static inline __m512i sum_pairs64(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+/* a's and b's 128-bit lanes summed in pairs: (a0 + a1, a2 + a3, b0 + b1, b2 + b3) */
+static inline __m512i sum_lanes128(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* d[j] holds weight block 2j's partial sums in lanes 0-7 and block 2j + 1's in lanes 8-15;
+ * the 16 blocks' sums, block ORDER16[k] in lane k, by a transpose-and-add tree. */
+static inline __m512i sum8x2(const __m512i *d) {
+    __m512i p[4], q[2];
+    for (int j = 0; j < 4; j++) p[j] = sum_pairs32(d[2 * j], d[2 * j + 1]);
+    /* q[k], per 128-bit lane: d[4k..4k+3]'s partial sums, lanes 0-1 of their first block */
+    for (int k = 0; k < 2; k++) q[k] = sum_pairs64(p[2 * k], p[2 * k + 1]);
+    return sum_lanes128(q[0], q[1]);
+}
+static const int32_t ORDER16[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+
+/* ``blocks`` (8 or 4, a constant) x blocks from x block b on of one weight row against ``nx``
+ * x rows, into acc[n]: each block's 64 weight bytes split by shifts into even and odd
+ * columns' int16 (against x's codes in that order, q_eo), so that an int32 lane sums four
+ * adjacent columns (lanes 0-7 the first weight block, 8-15 the second); per x row the blocks'
+ * exact sums gathered into one vector by a transpose-and-add tree (zeros for missing blocks),
+ * converted once, and scaled by their scales (widened together) times their x blocks' scales,
+ * in one multiply-add. */
+static inline __attribute__((always_inline)) void i8b_round(
+        const int8_t *restrict w, const uint16_t *restrict scale, const int16_t *const *xeo,
+        const float *const *xs, int64_t b, __m512 *acc, const int nx, const int blocks) {
+    const __m512i order = _mm512_loadu_si512(ORDER16);
+    const __m512i x_order = _mm512_srli_epi32(order, 1); /* each weight block's x block */
+    __m512i even[8], odd[8]; /* x block j's weights in even and odd columns, int16 */
+    for (int j = 0; j < blocks; j++) {
+        /* two rounds ahead: without it one x row took 25% longer (the hardware's prefetch
+         * alone kept fewer lines in flight) */
+        _mm_prefetch((const char *)(w + (b + j) * QBLOCK + 1024), _MM_HINT_T0);
+        __m512i bytes = _mm512_loadu_si512(w + (b + j) * QBLOCK);
+        even[j] = _mm512_srai_epi16(_mm512_slli_epi16(bytes, 8), 8);
+        odd[j] = _mm512_srai_epi16(bytes, 8);
+    }
+    __mmask32 weight_blocks = blocks == 8 ? 0xffff : 0xff;
+    __m512i halves = _mm512_maskz_loadu_epi16(weight_blocks, scale + 2 * b);
+    __m512 scales = _mm512_permutexvar_ps(order, _mm512_cvtph_ps(_mm512_castsi512_si256(halves)));
+    for (int n = 0; n < nx; n++) {
+        const int16_t *xb = xeo[n] + b * QBLOCK;
+        __m512i d[8];
+        for (int j = 0; j < 8; j++) {
+            if (j >= blocks) {
+                d[j] = _mm512_setzero_si512();
+                continue;
+            }
+            __m512i x_even = _mm512_loadu_si512(xb + j * QBLOCK);
+            __m512i x_odd = _mm512_loadu_si512(xb + j * QBLOCK + 32);
+#if defined(__AVX512VNNI__)
+            d[j] = _mm512_dpwssd_epi32(_mm512_madd_epi16(even[j], x_even), odd[j], x_odd);
+#else
+            d[j] = _mm512_add_epi32(_mm512_madd_epi16(even[j], x_even),
+                                    _mm512_madd_epi16(odd[j], x_odd));
+#endif
+        }
+        __m512 x_scales = _mm512_permutexvar_ps(
+            x_order, _mm512_maskz_loadu_ps((__mmask16)((1u << blocks) - 1), xs[n] + b));
+        acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum8x2(d)), _mm512_mul_ps(scales, x_scales), acc[n]);
+    }
+}
+
 /* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
- * inlined): weights and their scales widened once, each x row's sum taken with the steps of
- * the one-row call (sums[n]). */
+ * inlined), each x row's sum taken with the steps of the one-row call (sums[n]): eight x
+ * blocks at a time (i8b_round), then four, then the last one at a time. */
 static inline __attribute__((always_inline)) void i8b_row_n(
         const int8_t *restrict w, const uint16_t *restrict scale, const struct qx *const *x,
         int64_t cols, float *restrict sums, const int nx) {
     __m512 acc[I8_MULTI];
-    const int16_t *xq[I8_MULTI];
+    const int16_t *xq[I8_MULTI], *xeo[I8_MULTI];
     const float *xs[I8_MULTI];
     for (int n = 0; n < nx; n++) {
         acc[n] = _mm512_setzero_ps();
         xq[n] = x[n]->q;
+        xeo[n] = x[n]->q_eo;
         xs[n] = x[n]->scale;
     }
-    for (int64_t b = 0; b < cols / QBLOCK; b++) {
+    int64_t b = 0;
+    for (; b + 8 <= cols / QBLOCK; b += 8) i8b_round(w, scale, xeo, xs, b, acc, nx, 8);
+    if (b + 4 <= cols / QBLOCK) {
+        i8b_round(w, scale, xeo, xs, b, acc, nx, 4);
+        b += 4;
+    }
+    for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
         __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
         __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
@@ -905,7 +1025,7 @@ static inline __attribute__((always_inline)) void i8b_row_n(
 }
 
 #elif defined(ET_AVX2) && defined(__F16C__)
-/* The same on AVX2: eight weight blocks (four x blocks) at a time, widened once; per x row
+/* On AVX2: eight weight blocks (four x blocks) at a time, widened once; per x row
  * their exact int32 sums gathered into one vector by a tree of horizontal adds, converted
  * once, and scaled by their eight scales (widened together) times their x blocks' scales, in
  * one multiply-add. */

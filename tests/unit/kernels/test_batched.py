@@ -31,7 +31,8 @@ TARGETS = ["native", "x86-64-v3"] if platform.machine() in kernels.X86 else ["na
 # (rows, cols): odd row counts (tails of every row block), columns a multiple of each format's
 # need (32 for the int8 blocks and int4 groups), and shapes read in several cache chunks
 DENSE_SHAPES = [(1, 1), (7, 37), (97, 160), (301, 1000), (1003, 384)]
-INT8_SHAPES = [(1, 64), (7, 96), (130, 224), (301, 1024), (1003, 384)]  # the blocks: cols % 32
+# the blocks: cols % 32; 1376: AVX-512 takes two rounds of 512 columns, 256, 64, then 32
+INT8_SHAPES = [(1, 64), (7, 96), (130, 224), (301, 1024), (1003, 384), (37, 1376)]
 INT4_SHAPES = [(16, 64), (80, 128), (208, 256), (1040, 384)]  # rows % 16, cols % 32
 
 Product = Callable[[torch.Tensor], torch.Tensor | None]
