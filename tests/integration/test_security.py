@@ -32,7 +32,7 @@ def answer(master: Master, prompt: str = PROMPT) -> str:
 def hello_frames(rank: int = 1) -> list[bytes]:
     fields = {"rank": rank, "fingerprint": "x", "plan": "x", "dtype": "float32", "pid": 1,
               "host": "intruder", "version": "0", "time": time.time(), "data_port": 0,
-              "data_token": "", "data_key": "", "data_ciphers": ""}
+              "data_token": "", "data_key": "", "data_ciphers": "", "kv_slots": 1}
     return [bytes(f) for f in wire.encode("hello", fields)]
 
 
