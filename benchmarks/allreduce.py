@@ -207,8 +207,9 @@ def star_worker(address: str, rank: int, n_ranks: int, keys: tuple[str, str] | N
                     continue
                 f = message.fields
                 x = message.tensors[0].clone()  # own memory, like a real partial
-                comm.position.begin(f["seq"], f["step"], f["start"])
-                for _ in range(f["start"]):
+                calls = f["starts"][0]  # the step's one "start" says how many allreduces
+                comm.position.begin(f["seq"], f["step"], calls)
+                for _ in range(calls):
                     comm.allreduce(x)
         except ShutdownRequested:
             return
@@ -438,7 +439,7 @@ class StarRun:
         with self.transport.lock:  # as the real master: keeps the heartbeat thread out
             self.comm.position.begin(self.seq, self.step, total)
             self.transport.broadcast("step", {"seq": self.seq, "step": self.step,
-                                              "start": total}, [x])
+                                              "slots": [0], "starts": [total]}, [x])
             self.comm.allreduce(x)  # includes the step broadcast: not timed
             for _ in range(timed):
                 waited = self.comm.wait_s
