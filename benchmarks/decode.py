@@ -70,6 +70,7 @@ stderr; ``--json`` prints one JSON object on stdout and the human report on stde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing as mp
@@ -81,7 +82,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -755,28 +756,41 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "reference": reference(points), "targets": targets(points, bw, args.tiny)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@contextlib.contextmanager
+def work_directory(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """The run's work directory: ``keep`` (kept and reused) or a temporary one, removed at the
+    end. Meanwhile the splits live in it, and the nodes started take their own threads (the
+    defaults) and import this repository's edgetp."""
     os.environ.pop("OMP_NUM_THREADS", None)  # each node's threads are its own (the defaults)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
-    root = args.keep or Path(tempfile.mkdtemp(prefix="edgetp-decode-"))
+    root = keep or Path(tempfile.mkdtemp(prefix=prefix))
     root.mkdir(parents=True, exist_ok=True)
     os.environ["EDGETP_CACHE"] = str(root / "cache")  # splits live in the work directory
     try:
-        data = measure(args, root)
+        yield root
     finally:
-        if args.keep is None:
+        if keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    if args.keep is None:
-        for point in data["results"]:
-            point["report_dir"] = None  # removed with the temporary work directory
-    text = human_report(data)
-    if args.json:
+
+
+def print_report(text: str, data: dict[str, Any], as_json: bool) -> None:
+    """The human report on stdout, or with ``as_json`` on stderr and the JSON on stdout."""
+    if as_json:
         print(text, file=sys.stderr)
         print(json.dumps(data))
     else:
         print(text)
     progress("done")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with work_directory(args.keep, "edgetp-decode-") as root:
+        data = measure(args, root)
+    if args.keep is None:
+        for point in data["results"]:
+            point["report_dir"] = None  # removed with the temporary work directory
+    print_report(human_report(data), data, args.json)
     return 0
 
 

@@ -4,6 +4,7 @@ Run::
 
     .venv/bin/python benchmarks/quant_kernels.py [--threads 1] [--quick] [--json]
     .venv/bin/python benchmarks/quant_kernels.py --target x86-64-v3 [--quick] [--json]
+    .venv/bin/python benchmarks/quant_kernels.py --rows [--target x86-64-v3] [--json]
 
 For each shape ``[out, in]`` (a 1B-ish attention projection, its MLP up and down, a 7B-ish
 square) and one activation row, the best-of-rounds time of:
@@ -32,12 +33,17 @@ are noisy on a shared machine: every figure is the best of several rounds.
 ``--target T`` instead builds the C kernels for ``-march=T`` beside the native build and prints
 each product's GB/s (weight and scale bytes per second) for both and their ratio, the two
 builds timed in alternating rounds so load from elsewhere hits both alike.
+
+``--rows`` times the batched C products (``et_matvec_*_rows``, one thread) on a 4096x4096
+weight for 1, 2, 4 and 8 rows of x: microseconds per call and per row, for the native build
+and (with ``--target``) that target's, in alternating rounds; the CPU's vector flags first.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import json
 import os
 import time
@@ -60,6 +66,10 @@ SHAPES = {"attn 2048x2048": (2048, 2048), "mlp up 5632x2048": (5632, 2048),
           "mlp down 2048x5632": (2048, 5632), "square 4096x4096": (4096, 4096)}
 QUICK_SHAPES = {"attn 1024x1024": (1024, 1024), "mlp up 2816x1024": (2816, 1024)}
 ROWS = (1, 4, 8, 16, 32, 64)
+BATCH_ROWS = (1, 2, 4, 8)  # x rows per batched product (--rows)
+BATCH_SHAPE = (4096, 4096)
+VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni",
+                "avx512_bf16", "asimd", "asimddp", "i8mm")
 
 
 def best_us(fn: Callable[[], object], budget_s: float) -> float:
@@ -218,6 +228,89 @@ def print_target_rates(result: dict) -> None:
               f"{float(torch.tensor(ratios).log().mean().exp()):.2f} |")
 
 
+def cpu_flags() -> list[str]:
+    """The vector features of this CPU the kernels' paths depend on (Linux /proc/cpuinfo)."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return []
+    words = next((line.split(":", 1)[1].split() for line in lines
+                  if line.split(":", 1)[0].strip() in ("flags", "Features")), [])
+    return [flag for flag in VECTOR_FLAGS if flag in words]
+
+
+def batch_calls(lib: ctypes.CDLL, out_features: int, in_features: int
+                ) -> dict[str, Callable[[int], object]]:
+    """product -> a call of ``lib``'s one-thread batched kernel on the first T of 8 rows of x
+    (the tensors live in the closures)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    x = torch.randn(max(BATCH_ROWS), in_features, generator=gen)  # [8, in]
+    wb, xb = w.bfloat16(), x.bfloat16()
+    q, scale = quantize_int8(w)
+    qb, scale_low = quantize_int8_blocks(w)  # [out, in], [2, out, in / 32]
+    packed, scale_zero = quantize_int4(w, 32)
+    y = torch.empty(max(BATCH_ROWS), out_features)  # [8, out]
+    yb = y.bfloat16()
+    rows, cols, nb = out_features, in_features, in_features // 32
+    tensors = {"w": w, "x": x, "wb": wb, "xb": xb, "q": q, "scale": scale, "qb": qb,
+               "s": scale_low[0], "low": scale_low[1], "packed": packed, "sz": scale_zero,
+               "y": y, "yb": yb}  # kept alive by the closures below
+    p = {name: ctypes.c_void_p(t.data_ptr()) for name, t in tensors.items()}
+    p["keep"] = tensors  # type: ignore[assignment]
+
+    def low_ends(t: int) -> None:
+        lib.et_matvec_i8_b32_rows(p["qb"], p["s"], p["x"], p["y"], rows, cols, t)
+        lib.et_add_block_lows_rows(p["s"], p["low"], p["x"], p["y"], rows, nb, t)
+
+    return {
+        "f32": lambda t: lib.et_matvec_f32_rows(p["w"], p["x"], p["y"], rows, cols, t),
+        "bf16": lambda t: lib.et_matvec_bf16_rows(p["wb"], p["xb"], p["yb"], rows, cols, t),
+        "i8": lambda t: lib.et_matvec_i8_rows(p["q"], p["scale"], p["x"], p["y"], rows, cols, t),
+        "i8_b32": lambda t: lib.et_matvec_i8_b32_rows(p["qb"], p["s"], p["x"], p["y"], rows,
+                                                      cols, t),
+        "i8 low ends": low_ends,
+        "i4": lambda t: lib.et_matvec_i4_rows(p["packed"], p["sz"], p["x"], p["y"], rows, cols,
+                                              32, t),
+    }
+
+
+def batch_costs(targets: list[str], budget_s: float) -> dict:
+    """Per build, product and row count: microseconds per batched call (best of rounds, the
+    builds alternating)."""
+    libs = {target: kernels.library_for(target) for target in targets}
+    if any(lib is None for lib in libs.values()):
+        raise SystemExit(f"could not build the kernels for {', '.join(libs)} (see the log)")
+    calls = {name: batch_calls(lib, *BATCH_SHAPE) for name, lib in libs.items()}  # type: ignore[arg-type]
+    us: dict[str, dict[str, dict[int, float]]] = {name: {} for name in libs}
+    for product in calls[targets[0]]:
+        for rows in BATCH_ROWS:
+            for _ in range(3):  # alternating rounds: every build sees the same load
+                for name in libs:
+                    fn = calls[name][product]
+                    best = best_us(functools.partial(fn, rows), budget_s / 3)
+                    cell = us[name].setdefault(product, {})
+                    cell[rows] = min(cell.get(rows, float("inf")), best)
+    paths = {name: kernels.kernel_paths(lib) for name, lib in libs.items()}
+    return {"shape": BATCH_SHAPE, "cpu_flags": cpu_flags(), "paths": paths, "us": us}
+
+
+def print_batch_costs(result: dict) -> None:
+    rows_out, cols = result["shape"]
+    print(f"cpu flags: {' '.join(result['cpu_flags'])}")
+    for name, paths in result["paths"].items():
+        print(f"{name} build: {' '.join(f'{k}:{v}' for k, v in paths.items())}")
+    heads = " | ".join(f"{n} row{'s' if n > 1 else ''}: us (per row)" for n in BATCH_ROWS)
+    print(f"\nbatched products on {rows_out}x{cols}, one thread\n")
+    print(f"| build | product | {heads} | 8 rows per row / 1 row |")
+    print("|---" * (len(BATCH_ROWS) + 3) + "|")
+    for name, products in result["us"].items():
+        for product, cells in products.items():
+            text = " | ".join(f"{cells[n]:.0f} ({cells[n] / n:.0f})" for n in BATCH_ROWS)
+            last = max(BATCH_ROWS)
+            print(f"| {name} | {product} | {text} | {cells[last] / last / cells[1]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -225,10 +318,19 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--target", default=None,
                         help="a -march target: its C kernels' GB/s beside the native build's")
+    parser.add_argument("--rows", action="store_true",
+                        help="the batched products' cost for 1, 2, 4 and 8 rows of x")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     budget = 0.1 if args.quick else 0.5
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.rows:
+        costs = batch_costs(["native", *([args.target] if args.target else [])], budget)
+        if args.json:
+            print(json.dumps(costs, indent=1))
+        else:
+            print_batch_costs(costs)
+        return
     if args.target:
         result = target_rates(args.target, shapes, budget)
         print(json.dumps(result, indent=1) if args.json else "", end="")

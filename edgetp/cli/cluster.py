@@ -26,6 +26,7 @@ from edgetp.cli.options import (
     threads_option,
 )
 from edgetp.cli.output import log, prompt_lines, run_generation, transfer_progress
+from edgetp.core.limits import DEFAULT_KV_SLOTS, DEFAULT_MAX_BATCH, MAX_BATCH, MAX_KV_SLOTS
 from edgetp.model.demo import DEMO_PROMPT
 
 
@@ -55,10 +56,16 @@ from edgetp.model.demo import DEMO_PROMPT
 @click.option("--parent-pid", type=click.IntRange(min=1), default=None, hidden=True,
               help="exit when this process, the local cluster's master, ends")
 @threads_option
+@click.option("--kv-slots", type=click.IntRange(1, MAX_KV_SLOTS), default=None,
+              help=f"sequences this worker holds keys and values for at once (the master's "
+                   f"--max-batch uses at most the smallest of its workers'); default "
+                   f"{DEFAULT_KV_SLOTS}, or 1 with --memory-budget, which counts each slot's "
+                   "KV cache out of the budget")
 def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
            max_seq_len: int | None, memory_budget: str | None, key_file: Path | None,
            master_key_file: Path | None, insecure: bool, data_port: int | None,
-           capture_frames: Path | None, parent_pid: int | None, threads: int | None) -> None:
+           capture_frames: Path | None, parent_pid: int | None, threads: int | None,
+           kv_slots: int | None) -> None:
     """Serve one rank's share of the model to the master at MASTER."""
     from edgetp.core.settings import configure_logging
     from edgetp.runtime.lifeline import follow_parent
@@ -75,7 +82,7 @@ def worker(shard_dir: Path, master_address: str, timeout_s: float, dtype: str,
     frame_log = frame_recorder(capture_frames) if capture_frames else None
     security = worker_security(master_address, key_file, master_key_file, insecure)
     Worker(shard_dir, master_address, timeout_s, parse_dtype(dtype), max_seq_len,
-           frame_log, byte_size(memory_budget), security, data_port or 0).serve()
+           frame_log, byte_size(memory_budget), security, data_port or 0, kv_slots).serve()
 
 
 @click.command()
@@ -139,11 +146,17 @@ def master_command(shard_dir: Path, bind: str, prompts: tuple[str, ...], chat: b
 @click.option("--api-key", default=api_key_from_env,
               help="require `Authorization: Bearer KEY` (default: $EDGETP_API_KEY)")
 @click.option("--queue-size", type=int, default=16, show_default=True,
-              help="requests that may wait while one is generated; more get 429")
+              help="requests that may wait for a KV slot (--max-batch are generated at "
+                   "once); more get 429")
 @click.option("--max-connections", type=int, default=64, show_default=True,
               help="HTTP connections open at once; more are answered 503 and closed")
 @click.option("--model-name", default=None,
               help="the model id of the API (default: the model directory's name)")
+@click.option("--max-batch", type=click.IntRange(1, MAX_BATCH), default=None,
+              help=f"sequences decoding together (one row each per step; default "
+                   f"{DEFAULT_MAX_BATCH}, or 1 with --memory-budget, which counts each one's "
+                   "KV cache); each node holds their keys and values (workers: at most their "
+                   "--kv-slots); the rest wait in the queue")
 @generation_options
 @cluster_options
 def serve(model_dir: Path | None, nodes: int, shares: str | None, private_layers: int,

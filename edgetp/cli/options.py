@@ -103,7 +103,7 @@ def generation_options(func: F) -> F:
                      help="speculative decoding: 'lookup' (drafts from the text so far) or "
                           "a small model's directory with this model's tokenizer (run on the "
                           "master); greedy output is unchanged"),
-        click.option("--draft-tokens", type=click.IntRange(1, 64), default=8,
+        click.option("--draft-tokens", type=click.IntRange(1, 64), default=7,
                      show_default=True, help="with --draft: the most tokens a step drafts "
                                              "(it adapts below that)"),
     ])
@@ -209,9 +209,12 @@ def node_shares(text: str | None, nodes: int) -> tuple[float, ...] | None:
 
 
 def master_options(opts: dict[str, Any]) -> MasterOptions:
-    """The master's settings from the generation, cluster and weight options."""
+    """The master's settings from the generation, cluster and weight options (and serve's
+    --max-batch: without it, one sequence at a time)."""
+    from edgetp.core.limits import default_kv_slots
     from edgetp.runtime.start import MasterOptions
 
+    max_batch = opts.get("max_batch", 1) or default_kv_slots(byte_size(opts.get("memory_budget")))
     return MasterOptions(
         dtype=opts["dtype"], max_seq_len=opts["max_seq_len"],
         wire_dtype=opts.get("wire_dtype", "f32"), timeout_s=opts.get("timeout_s", 10.0),
@@ -219,7 +222,7 @@ def master_options(opts: dict[str, Any]) -> MasterOptions:
         allreduce=opts.get("allreduce", "star"), weight_dtype=opts.get("weight_dtype"),
         group_size=opts.get("group_size") or 32, head_dtype=opts.get("head_dtype"),
         threads=opts.get("threads"), draft=opts.get("draft"),
-        draft_tokens=opts.get("draft_tokens") or 8)
+        draft_tokens=opts.get("draft_tokens") or 7, max_batch=max_batch)
 
 
 def sampling_settings(opts: dict[str, Any]) -> SamplingConfig:

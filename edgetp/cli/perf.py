@@ -94,11 +94,13 @@ def report(dirs: tuple[Path, ...]) -> None:
               help="tokens generated (ms/token is predicted at their middle)")
 @click.option("--context", type=int, default=None,
               help="KV cache positions preallocated, as --max-seq-len (default: the model's)")
+@click.option("--kv-slots", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="sequences each node holds keys and values for (serve's --max-batch)")
 @click.option("--optimize-shares", is_flag=True, help="propose per-node --shares")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int,
          head_dtype: str | None, prompt_tokens: int, new_tokens: int, context: int | None,
-         optimize_shares: bool, as_json: bool) -> None:
+         kv_slots: int, optimize_shares: bool, as_json: bool) -> None:
     """Predict memory per node, TTFT and ms/token of MODEL on CLUSTER before running it."""
     from edgetp.config.cluster import load_cluster_config
     from edgetp.perf import planner
@@ -117,7 +119,8 @@ def plan(model_spec: str | None, cluster_file: Path, dtype: str, group_size: int
     float_dtype = stored_float_dtype(model_spec) if dtype in ("int8", "int4") else None
     storage = planner.Storage.of(dtype, float_dtype, group_size=group_size, head=head_dtype)
     workload: dict[str, Any] = {"dtype": storage, "prompt_tokens": prompt_tokens,
-                                "context": context, "new_tokens": new_tokens, "model_name": name}
+                                "context": context, "new_tokens": new_tokens, "model_name": name,
+                                "kv_slots": kv_slots}
     equal = None
     if optimize_shares:
         equal = planner.plan_cluster(config, cluster.with_shares((1.0,) * len(cluster.nodes)),

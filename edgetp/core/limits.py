@@ -15,3 +15,32 @@ def master_prefill_chunk(requested: int, hidden_size: int) -> int:
     """The prefill chunk (tokens) the master uses when asked for ``requested``: at least one
     token, and no more than fit :data:`MAX_STEP_BYTES` at ``hidden_size`` float32 values each."""
     return max(1, min(requested, MAX_STEP_BYTES // (FLOAT32_BYTES * hidden_size)))
+
+
+DEFAULT_MAX_BATCH = 8  # sequences a master decodes together (``--max-batch``)
+MAX_BATCH = 8  # ... at most: the rows the batched decode products take (ET_MAX_BATCH)
+DEFAULT_KV_SLOTS = 8  # sequences a node holds keys and values for (``--kv-slots``)
+MAX_KV_SLOTS = 64
+
+
+def default_kv_slots(memory_budget: int | None) -> int:
+    """A worker's KV slots when ``--kv-slots`` is not given: :data:`DEFAULT_KV_SLOTS`, or one
+    on a node with a memory budget (every slot is counted out of it, and its memory would
+    rather pin weights)."""
+    return DEFAULT_KV_SLOTS if memory_budget is None else 1
+
+
+def check_max_batch(max_batch: int) -> int:
+    """``--max-batch`` if it is 1..:data:`MAX_BATCH`, else a ValueError saying so."""
+    if not 1 <= max_batch <= MAX_BATCH:
+        raise ValueError(f"--max-batch {max_batch}: 1 to {MAX_BATCH} sequences decode together "
+                         "(the rows a decode step's products take at once)")
+    return max_batch
+
+
+def check_kv_slots(kv_slots: int, option: str = "--kv-slots") -> int:
+    """``kv_slots`` if it is a sensible number of KV cache slots, else a ValueError that names
+    ``option``."""
+    if not 1 <= kv_slots <= MAX_KV_SLOTS:
+        raise ValueError(f"{option} {kv_slots}: a node holds 1 to {MAX_KV_SLOTS} sequences")
+    return kv_slots

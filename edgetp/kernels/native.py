@@ -4,8 +4,11 @@ At batch size 1 a linear is a matrix-vector product that only has to stream its 
 memory speed. torch's CPU kernels leave bandwidth on the table there (float32 ``F.linear``
 ~16-17 GB/s on this machine against ~19-22 GB/s for ``csrc/matvec.c``; bfloat16 and int8 lose
 more, to widening), so a one-row product goes through the C loops when they are available,
-writing into a buffer its caller keeps (no allocation per step). Everything else (prefill,
-more than one row, non-contiguous weights, CPUs without a C compiler) stays with torch.
+writing into a buffer its caller keeps (no allocation per step). Up to :data:`MAX_BATCH_ROWS`
+rows (a continuous batch's decode step) go through the batched C products, which read each
+weight row once for all of them and give every row bitwise the one-row product of that row
+alone. Everything else (prefill chunks of more rows, non-contiguous weights, CPUs without a C
+compiler) stays with torch.
 
 The library is compiled with the machine's C compiler (``$CC``, else ``cc``) for this very CPU
 (``-march=native``, or ``-mcpu=native`` where that is the spelling) into
@@ -51,7 +54,8 @@ SOURCE = Path(__file__).parent / "csrc" / "matvec.c"  # the kernels (one thread 
 POOL_SOURCE = SOURCE.parent / "pool.c"  # their thread pool
 STREAM_SOURCE = SOURCE.parent / "stream.c"  # the streaming reader
 SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE)  # compiled together into one library
-ABI_VERSION = 1
+ABI_VERSION = 2
+MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
                 "-fno-signed-zeros", "-fno-trapping-math"]
@@ -166,18 +170,27 @@ def _declare(library: ctypes.CDLL) -> None:
         getattr(library, name).restype = ctypes.c_int
     library.et_pool_set_threads.argtypes = [ctypes.c_int]
     library.et_pool_jobs.restype = ctypes.c_int64
-    library.et_add_block_lows.restype = None
+    library.et_add_block_lows.restype = ctypes.c_int
     library.et_add_block_lows.argtypes = [_P, _P, _P, _P, _I64, _I64]
+    library.et_add_block_lows_rows.restype = ctypes.c_int
+    library.et_add_block_lows_rows.argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
     for prefix in ("et_matvec_", "et_par_matvec_"):
         getattr(library, prefix + "f32").restype = None
         for name in ("bf16", "bf16_f32", "i8", "i8_b32", "i4", "i4_f32"):
             getattr(library, prefix + name).restype = ctypes.c_int
-        for name in ("f32", "bf16", "bf16_f32"):
+        for name in ("f32", "bf16", "bf16_f32", "i8", "i8_b32", "i4", "i4_f32"):
+            getattr(library, prefix + name + "_rows").restype = ctypes.c_int
+        for name in ("f32", "bf16", "bf16_f32"):  # w, x, y, rows, cols (, nx)
             getattr(library, prefix + name).argtypes = [_P, _P, _P, _I64, _I64]
-        for name in ("i8", "i8_b32"):
+            getattr(library, prefix + name + "_rows").argtypes = [_P, _P, _P, _I64, _I64, _I64]
+        for name in ("i8", "i8_b32"):  # w, scale, x, y, rows, cols (, nx)
             getattr(library, prefix + name).argtypes = [_P, _P, _P, _P, _I64, _I64]
-        for name in ("i4", "i4_f32"):
+            getattr(library, prefix + name + "_rows").argtypes = [_P, _P, _P, _P, _I64, _I64,
+                                                                  _I64]
+        for name in ("i4", "i4_f32"):  # w, scale_zero, x, y, rows, cols, group (, nx)
             getattr(library, prefix + name).argtypes = [_P, _P, _P, _P, _I64, _I64, _I64]
+            getattr(library, prefix + name + "_rows").argtypes = [_P, _P, _P, _P, _I64, _I64,
+                                                                  _I64, _I64]
 
 
 def library() -> ctypes.CDLL | None:
@@ -257,38 +270,49 @@ def library_for(cpu_target: str) -> ctypes.CDLL | None:
         return _targets[cpu_target]
 
 
-def _one_row(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """A product the C loops take: one contiguous row against a contiguous 2-D CPU weight."""
-    return (x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and weight.dim() == 2
-            and weight.is_contiguous() and x.device.type == "cpu"
+def batch_rows(x: torch.Tensor) -> bool:
+    """Whether ``x`` [T, in] has rows the batched C products take: 1..MAX_BATCH_ROWS, contiguous,
+    on the CPU."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_BATCH_ROWS and x.is_contiguous()
+            and x.device.type == "cpu")
+
+
+def _kernel_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A product the C loops take: 1..MAX_BATCH_ROWS contiguous rows against a contiguous 2-D
+    CPU weight of their width."""
+    return (batch_rows(x) and weight.dim() == 2 and weight.is_contiguous()
             and weight.device.type == "cpu" and x.shape[1] == weight.shape[1])
 
 
-def output(buffer: torch.Tensor | None, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """``buffer`` if it is a [1, rows] tensor of ``dtype``, else a new one."""
-    if buffer is not None and buffer.shape == (1, rows) and buffer.dtype == dtype:
+def output(buffer: torch.Tensor | None, rows: int, dtype: torch.dtype, batch: int = 1
+           ) -> torch.Tensor:
+    """``buffer`` if it is a [batch, rows] tensor of ``dtype``, else a new one."""
+    if buffer is not None and buffer.shape == (batch, rows) and buffer.dtype == dtype:
         return buffer
-    return torch.empty(1, rows, dtype=dtype)
+    return torch.empty(batch, rows, dtype=dtype)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None
            ) -> torch.Tensor:
     """x [T, in] @ weight [out, in]^T -> [T, out] (no bias), like ``F.linear``.
 
-    One float32 or bfloat16 row with the weight's dtype goes through C into ``out`` (reused
-    when it fits, see :func:`output`); anything else is ``F.linear``.
+    Up to MAX_BATCH_ROWS float32 or bfloat16 rows with the weight's dtype go through C into
+    ``out`` (reused when it fits, see :func:`output`), each row bitwise its one-row product;
+    anything else is ``F.linear``.
     """
     lib = library()
-    if lib is None or not _one_row(x, weight) or x.dtype != weight.dtype:
+    if lib is None or not _kernel_rows(x, weight) or x.dtype != weight.dtype:
         return F.linear(x, weight)
-    rows, cols = weight.shape
+    (rows, cols), batch = weight.shape, x.shape[0]
     if x.dtype == torch.float32:
-        y = output(out, rows, torch.float32)
-        lib.et_par_matvec_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols)
+        y = output(out, rows, torch.float32, batch)
+        lib.et_par_matvec_f32_rows(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols,
+                                   batch)
         return y
     if x.dtype == torch.bfloat16:
-        y = output(out, rows, torch.bfloat16)
-        if lib.et_par_matvec_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) == 0:
+        y = output(out, rows, torch.bfloat16, batch)
+        if lib.et_par_matvec_bf16_rows(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols,
+                                       batch) == 0:
             return y
     return F.linear(x, weight)
 
@@ -301,18 +325,19 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     For logits: a float32 weight is a plain float32 product; a bfloat16 (or float16) weight
     multiplies x in the weight's dtype (as the compute mode does) but keeps the float32 sums,
-    through C for one row, else widening ``FLOAT_CHUNK_ROWS`` weight rows at a time (the
-    products of two bfloat16 values are exact in float32, so this is the same sum).
+    through C for up to MAX_BATCH_ROWS rows (each bitwise its one-row product), else widening
+    ``FLOAT_CHUNK_ROWS`` weight rows at a time (the products of two bfloat16 values are exact in
+    float32, so this is the same sum).
     """
     if weight.dtype == torch.float32:
         return linear(x.float().contiguous(), weight)
     x = x.to(weight.dtype).contiguous()
     lib = library()
-    if lib is not None and weight.dtype == torch.bfloat16 and _one_row(x, weight):
+    if lib is not None and weight.dtype == torch.bfloat16 and _kernel_rows(x, weight):
         rows, cols = weight.shape
-        y = torch.empty(1, rows, dtype=torch.float32)
-        if lib.et_par_matvec_bf16_f32(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
-                                  cols) == 0:
+        y = torch.empty(x.shape[0], rows, dtype=torch.float32)  # [T, out]
+        if lib.et_par_matvec_bf16_f32_rows(weight.data_ptr(), x.data_ptr(), y.data_ptr(), rows,
+                                           cols, x.shape[0]) == 0:
             return y
     x32 = x.float()
     return torch.cat([F.linear(x32, weight[start : start + FLOAT_CHUNK_ROWS].float())
@@ -321,46 +346,49 @@ def float_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, in] float32 @ dequant(q int8 [out, in], scale)^T -> [1, out] float32; ``scale`` is
-    bfloat16 [out] (one per row), float16 [out, in / 32] (one per row and 32 columns) or
-    float16 [2, out, in / 32] (a scale and a low end per block, edgetp.shard.quant).
+    """x [T, in] float32 @ dequant(q int8 [out, in], scale)^T -> [T, out] float32, T up to
+    MAX_BATCH_ROWS (each row bitwise its one-row product); ``scale`` is bfloat16 [out] (one per
+    row), float16 [out, in / 32] (one per row and 32 columns) or float16 [2, out, in / 32] (a
+    scale and a low end per block, edgetp.shard.quant).
 
     x is quantized to int16 per 64 columns (see ``csrc/matvec.c``); None when the C loops cannot
     take the product."""
     lib = library()
-    if (lib is None or not _one_row(x, q) or x.dtype != torch.float32 or q.dtype != torch.int8
-            or not scale.is_contiguous()):
+    if (lib is None or not _kernel_rows(x, q) or x.dtype != torch.float32
+            or q.dtype != torch.int8 or not scale.is_contiguous()):
         return None
     rows, cols = q.shape
     if scale.dim() == 3:
         return _int8_low_blocks(x, q, scale, out)
     if scale.dtype == torch.bfloat16 and scale.numel() == rows:
-        kernel = lib.et_par_matvec_i8
+        kernel = lib.et_par_matvec_i8_rows
     elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
-        kernel = lib.et_par_matvec_i8_b32
+        kernel = lib.et_par_matvec_i8_b32_rows
     else:
         return None
-    y = output(out, rows, torch.float32)
-    if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols) != 0:
+    y = output(out, rows, torch.float32, x.shape[0])  # [T, out]
+    if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols,
+              x.shape[0]) != 0:
         return None  # no memory for x's int16 copy, or columns not whole blocks
     return y
 
 
 def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
                      out: torch.Tensor | None) -> torch.Tensor | None:
-    """x [1, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
-    product ``q * scale`` (et_matvec_i8_b32), then each block's ``low + 128 * scale`` times the
-    block's sum of x (et_add_block_lows, 1/32 of the work)."""
+    """x [T, in] @ ((q + 128) * scale + low)^T, per 32-column block: the symmetric block
+    product ``q * scale`` (et_matvec_i8_b32_rows), then each block's ``low + 128 * scale``
+    times the block's sum of x (et_add_block_lows_rows, 1/32 of the work; x's block sums
+    taken there too)."""
     rows, cols = q.shape
     if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
         return None
-    y = int8_linear(x, q, scale_low[0], out)  # [1, out]
+    y = int8_linear(x, q, scale_low[0], out)  # [T, out]
     lib = library()
     if y is None or lib is None:
         return None
-    block_sums = x.view(cols // 32, 32).sum(-1)  # [nb] float32
-    lib.et_add_block_lows(scale_low[0].data_ptr(), scale_low[1].data_ptr(),
-                          block_sums.data_ptr(), y.data_ptr(), rows, cols // 32)
+    if lib.et_add_block_lows_rows(scale_low[0].data_ptr(), scale_low[1].data_ptr(),
+                                  x.data_ptr(), y.data_ptr(), rows, cols // 32, x.shape[0]) != 0:
+        return None  # no memory for x's block sums
     return y
 
 
@@ -384,25 +412,25 @@ def has_int4() -> bool:
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
                 out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [1, in] float32 @ dequant(packed uint8 [out, in / 2] in the *tiled* layout,
-    scale_zero bfloat16 or float32 [in / group, out, 2])^T -> [1, out] float32.
+    """x [T, in] float32 @ dequant(packed uint8 [out, in / 2] in the *tiled* layout,
+    scale_zero bfloat16 or float32 [in / group, out, 2])^T -> [T, out] float32, T up to
+    MAX_BATCH_ROWS (each row bitwise its one-row product).
 
     x is quantized to int16 per 64 columns, as for int8. None when the C loops cannot take the
     product (no C kernels, a shape the tiled layout does not have)."""
     lib = library()
-    kernels = {torch.bfloat16: "et_par_matvec_i4", torch.float32: "et_par_matvec_i4_f32"}
-    if (lib is None or not has_int4() or x.dim() != 2 or x.shape[0] != 1
-            or x.dtype != torch.float32 or not x.is_contiguous() or packed.dtype != torch.uint8
-            or not packed.is_contiguous() or scale_zero.dtype not in kernels
-            or not scale_zero.is_contiguous() or packed.dim() != 2
-            or x.shape[1] != 2 * packed.shape[1]
+    kernels = {torch.bfloat16: "et_par_matvec_i4_rows", torch.float32: "et_par_matvec_i4_f32_rows"}
+    if (lib is None or not has_int4() or not batch_rows(x) or x.dtype != torch.float32
+            or packed.dtype != torch.uint8 or not packed.is_contiguous()
+            or scale_zero.dtype not in kernels or not scale_zero.is_contiguous()
+            or packed.dim() != 2 or x.shape[1] != 2 * packed.shape[1]
             or tuple(scale_zero.shape) != (x.shape[1] // group, packed.shape[0], 2)):
         return None
     rows, cols = packed.shape[0], x.shape[1]
-    y = output(out, rows, torch.float32)
+    y = output(out, rows, torch.float32, x.shape[0])  # [T, out]
     kernel = getattr(lib, kernels[scale_zero.dtype])
     if kernel(packed.data_ptr(), scale_zero.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols,
-              group) != 0:
+              group, x.shape[0]) != 0:
         return None
     return y
 

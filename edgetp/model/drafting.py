@@ -68,10 +68,15 @@ class ModelDrafter:
 
     name = "model"
 
-    def __init__(self, model: Transformer, vocab_size: int) -> None:
+    def __init__(self, model: Transformer, vocab_size: int, slot: int = 0) -> None:
         self.model = model
         self.vocab_size = vocab_size  # the target's logits width: the draft's is fitted to it
+        self.slot = slot  # the draft model's KV slot: one per sequence of a decode batch
         self.fed: list[int] = []  # the tokens whose keys and values are in the draft's cache
+
+    def for_slot(self, slot: int) -> ModelDrafter:
+        """A drafter of the same model for another sequence (its own KV slot)."""
+        return ModelDrafter(self.model, self.vocab_size, slot)
 
     def reset(self) -> None:
         self.fed = []
@@ -101,7 +106,8 @@ class ModelDrafter:
     def _feed(self, tokens: list[int], start: int) -> torch.Tensor:
         """Run ``tokens`` at positions ``start..`` (overwriting what the cache held there);
         -> the logits after the last one, [target V]."""
-        h = self.model.forward_layers(self.model.embed(torch.tensor(tokens)), start)  # [T, d]
+        h = self.model.forward_layers(self.model.embed(torch.tensor(tokens)), start,
+                                      slot=self.slot)  # [T, d]
         self.fed = self.fed[:start] + tokens
         logits = self.model.head(h[-1:])[0]  # [V_draft]
         return _fit(logits, self.vocab_size)

@@ -1,7 +1,9 @@
 """Single-device Llama-family decoder in plain torch (Llama 2/3/3.1/3.2, Mistral, Qwen2).
 
-The model knows nothing of networks. Hidden states have no batch dimension: edge inference
-decodes one sequence at a time, so ``h`` is ``[T, d]``. Module names follow the Hugging Face
+The model knows nothing of networks. Hidden states have no batch dimension: ``h`` is ``[T, d]``,
+T positions of one sequence (a prompt's chunk, a decode step, a speculative step), or, in
+``forward_rows``, the newest token of each of B sequences decoding together (a decode batch),
+each with its own position and KV cache slot. Module names follow the Hugging Face
 state-dict names without the ``model.`` prefix, so checkpoint tensors map one to one.
 
 Tensor parallelism (``edgetp.parallel.linears``) rewrites the linears and the per-rank head
@@ -11,6 +13,7 @@ counts of this model; nothing here changes for it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,15 @@ def one_float_row(x: torch.Tensor) -> bool:
     """A decode step's float32 activations (one row, no autograd): these run allocation-free,
     in buffers their module keeps from step to step (:func:`step_buffer`)."""
     return x.shape[0] == 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The sequences of a decode batch's rows: row i is the newest token of the sequence whose
+    keys and values are in KV slot ``slots[i]``, at position ``positions[i]``."""
+
+    slots: list[int]
+    positions: list[int]
 
 
 class RMSNorm(nn.Module):
@@ -129,8 +141,9 @@ class Attention(nn.Module):
         # o_proj and down_proj may become row-parallel linears (edgetp.parallel.linears)
         self.o_proj: nn.Module = nn.Linear(self.n_heads * hd, d, bias=config.o_bias)
         self.set_head_layout(torch.arange(self.n_heads, device="cpu") // config.group_size)
-        self.k_cache: torch.Tensor | None = None
+        self.k_cache: torch.Tensor | None = None  # KV slot 0: [KV, S, hd]
         self.v_cache: torch.Tensor | None = None
+        self.more_slots: list[tuple[torch.Tensor, torch.Tensor]] = []  # slots 1..
 
     def set_head_layout(self, kv_of_head: torch.Tensor) -> None:
         """Set the local query-head -> local KV-head map ([n_heads] int64)."""
@@ -144,38 +157,77 @@ class Attention(nn.Module):
         )
 
     def allocate_cache(self, max_seq_len: int, dtype: torch.dtype) -> None:
+        """Slot 0's cache; the other slots' (:meth:`cache_of`) are made alike on first use."""
         shape = (self.n_kv_heads, max_seq_len, self.head_dim)  # [kv_heads, S, head_dim]
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.more_slots = []
 
-    def forward(
-        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        """x: [T, d] normed hidden states; returns [T, d] (a partial sum when sharded)."""
+    def cache_of(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (keys, values) cache of KV slot ``slot``, each [KV, S, hd]: one sequence's.
+        Slot 0 is :attr:`k_cache`/:attr:`v_cache`; slots 1.. are allocated when first used."""
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("KV cache not allocated: call Transformer.allocate_cache first")
-        t, hd = x.shape[0], self.head_dim
+        if slot == 0:
+            return self.k_cache, self.v_cache
+        while len(self.more_slots) < slot:
+            self.more_slots.append((torch.zeros_like(self.k_cache),
+                                    torch.zeros_like(self.v_cache)))
+        return self.more_slots[slot - 1]
+
+    def slot_bytes(self) -> int:
+        """The bytes of one slot's keys and values (0 before allocation)."""
+        if self.k_cache is None:
+            return 0
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+        slot: int = 0, batch: DecodeBatch | None = None,
+    ) -> torch.Tensor:
+        """x: [T, d] normed hidden states of one sequence (KV slot ``slot``) at positions
+        start_pos..; returns [T, d] (a partial sum when sharded). With ``batch``, a decode
+        batch instead: row i of x is the newest token of the sequence in ``batch.slots[i]`` at
+        ``batch.positions[i]`` (cos, sin: [B, hd]); the projections read each weight once for
+        all rows, attention runs row by row exactly as a one-row step does."""
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*hd], [T, KV*hd] x2
+        if batch is None:
+            return self.o_proj(self._attend(q, k, v, start_pos, cos, sin, slot))
+        attended = torch.empty(x.shape[0], self.n_heads * self.head_dim, dtype=q.dtype)
+        for i, (row_slot, position) in enumerate(zip(batch.slots, batch.positions,
+                                                     strict=True)):
+            row = slice(i, i + 1)
+            attended[row] = self._attend(aligned_row(q, i), aligned_row(k, i), aligned_row(v, i),
+                                         position, cos[row], sin[row], row_slot)
+        return self.o_proj(attended)  # [B, d]
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+        cos: torch.Tensor, sin: torch.Tensor, slot: int,
+    ) -> torch.Tensor:
+        """One sequence's attention: q [T, H*hd], k and v [T, KV*hd] at start_pos.. -> the
+        heads' outputs [T, H*hd]; k and v go into the slot's cache first."""
+        k_cache, v_cache = self.cache_of(slot)
+        t, hd = q.shape[0], self.head_dim
         end = start_pos + t
-        q = self.q_proj(x).view(t, self.n_heads, hd)  # [T, H, hd]
-        k = self.k_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
-        if one_float_row(x):  # the projections' outputs are this step's own: rotate in place
+        q, k = q.view(t, self.n_heads, hd), k.view(t, self.n_kv_heads, hd)  # [T, H|KV, hd]
+        if one_float_row(q):  # the projections' outputs are this step's own: rotate in place
             rope_q = step_buffer(self, "_rope_q", (1, self.n_heads, hd // 2), q)
             rope_k = step_buffer(self, "_rope_k", (1, self.n_kv_heads, hd // 2), k)
             apply_rope_in_place(q, cos, sin, rope_q)
             apply_rope_in_place(k, cos, sin, rope_k)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = self.v_proj(x).view(t, self.n_kv_heads, hd)  # [T, KV, hd]
-        self.k_cache[:, start_pos:end] = k.transpose(0, 1)
-        self.v_cache[:, start_pos:end] = v.transpose(0, 1)
-        keys = self.k_cache[:, :end]  # [KV, S, hd]
-        values = self.v_cache[:, :end]  # [KV, S, hd]
+        k_cache[:, start_pos:end] = k.transpose(0, 1)
+        v_cache[:, start_pos:end] = v.view(t, self.n_kv_heads, hd).transpose(0, 1)
+        keys = k_cache[:, :end]  # [KV, S, hd]
+        values = v_cache[:, :end]  # [KV, S, hd]
         if not self.uniform_groups:
             keys = keys.index_select(0, self.kv_of_head)  # [H, S, hd]
             values = values.index_select(0, self.kv_of_head)
         mask = self._mask(start_pos, t, end)
         if t == 1 and mask is None and self.uniform_groups:
-            return self.o_proj(self._one_query(q, keys, values))
+            return self._one_query(q, keys, values)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),  # [H, T, hd]
             keys,
@@ -183,7 +235,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             enable_gqa=self.uniform_groups and self.n_heads != self.n_kv_heads,
         )  # [H, T, hd]
-        return self.o_proj(out.transpose(0, 1).reshape(t, self.n_heads * hd))
+        return out.transpose(0, 1).reshape(t, self.n_heads * hd)
 
     def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                    ) -> torch.Tensor:
@@ -233,10 +285,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, inner, bias=bias)
         self.down_proj: nn.Module = nn.Linear(inner, d, bias=bias)  # or a row-parallel one
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] -> [T, d]
-        # gate and up are this call's own temporaries: activate and gate in place
-        gated = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, inner]
-        return self.down_proj(gated)
+    def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """x: [T, d] -> [T, d]. ``per_row`` (a decode batch): the activation row by row, as
+        a one-row step computes it (silu's vector loop and its scalar tail compute exp
+        differently, so on [B, inner] an element could land in the other one)."""
+        if not per_row:  # gate and up are this call's own temporaries: activate in place
+            gated = F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x))  # [T, inner]
+            return self.down_proj(gated)
+        gate, up = self.gate_proj(x), self.up_proj(x)  # [B, inner] each
+        for i in range(x.shape[0]):
+            row = aligned_row(gate, i)
+            F.silu(row, inplace=True)
+            if row.data_ptr() != gate[i].data_ptr():
+                gate[i] = row[0]
+        return self.down_proj(gate.mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -249,15 +311,57 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:  # h: [T, d]
-        attended = self.self_attn(self.input_layernorm(h), start_pos, cos, sin)
+        self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+        slot: int = 0, batch: DecodeBatch | None = None,
+    ) -> torch.Tensor:  # h: [T, d], one sequence; or [B, d], a decode batch
+        if batch is not None:
+            normed = norm_rows(self.input_layernorm, h)
+            mid = h + self.self_attn(normed, 0, cos, sin, 0, batch)
+            return mid + self.mlp(norm_rows(self.post_attention_layernorm, mid), True)
+        attended = self.self_attn(self.input_layernorm(h), start_pos, cos, sin, slot)
         if not one_float_row(h):
             h = h + attended
             return h + self.mlp(self.post_attention_layernorm(h))
         mid = torch.add(h, attended, out=step_buffer(self, "_mid", tuple(h.shape), h))
         out = step_buffer(self, "_out", tuple(h.shape), h)
         return torch.add(mid, self.mlp(self.post_attention_layernorm(mid)), out=out)
+
+
+def batch_problem(slots: list[int], positions: list[int], rows: int) -> str | None:
+    """What is wrong with a decode batch of ``rows`` rows in ``slots`` at ``positions``, or
+    None: one slot and one position per row, and a slot named by several rows only at
+    consecutive positions in row order (one sequence's tokens, each seeing the ones before)."""
+    if len(slots) != rows or len(positions) != rows:
+        return (f"a decode batch of {rows} rows needs one KV slot and one position per row, "
+                f"got slots {slots} and positions {positions}")
+    last: dict[int, int] = {}
+    for slot, position in zip(slots, positions, strict=True):
+        if slot in last and position != last[slot] + 1:
+            return (f"KV slot {slot} is at position {last[slot]} and then {position} in one "
+                    "step: a slot's rows must be consecutive positions")
+        last[slot] = position
+    return None
+
+
+def norm_rows(norm: RMSNorm, h: torch.Tensor) -> torch.Tensor:
+    """``norm`` of each row of h [B, d] apart, exactly as a one-row step computes it (its sum
+    of squares is a dot product there, whose rounding a [B, d] reduction would not repeat)."""
+    out = torch.empty(h.shape[0], h.shape[1], dtype=norm.weight.dtype)  # [B, d]
+    for i in range(h.shape[0]):
+        out[i] = norm(aligned_row(h, i))[0]  # may be the norm's kept buffer: copied out at once
+    return out
+
+
+ALIGNMENT = 64  # bytes: torch's CPU allocations start at such an address
+
+
+def aligned_row(x: torch.Tensor, i: int) -> torch.Tensor:
+    """Row i of x [B, n] as [1, n], at an address as aligned as a one-row step's own tensor:
+    the view when it is, else a copy. torch's reductions and matmuls may peel an unaligned
+    start off their vector loop, which changes the order of the sums: a row at an odd offset
+    (a rank's 24 query values of 4 bytes) would not round as it does alone."""
+    row = x[i : i + 1]
+    return row if row.data_ptr() % ALIGNMENT == 0 else row.clone()
 
 
 def _embedding(vocab_size: int, hidden_size: int) -> nn.Embedding:
@@ -332,17 +436,24 @@ class Transformer(nn.Module):
         self.layers[index] = None  # type: ignore[assignment]  # ModuleList keeps None slots
 
     def allocate_cache(self, dtype: torch.dtype | None = None) -> None:
-        """Preallocate every local layer's KV cache for ``max_seq_len`` positions."""
+        """Preallocate every local layer's KV cache for ``max_seq_len`` positions: slot 0's;
+        the other slots are allocated when a sequence first uses them."""
         for layer in self.local_layers():
             layer.self_attn.allocate_cache(self.max_seq_len, dtype or self.dtype)
 
     def cache_bytes(self) -> int:
+        """The bytes of the KV cache allocated now (every slot used so far)."""
         total = 0
         for layer in self.local_layers():
             attn = layer.self_attn
-            for cache in (attn.k_cache, attn.v_cache):
-                total += 0 if cache is None else cache.numel() * cache.element_size()
+            caches = [attn.k_cache, attn.v_cache, *(c for kv in attn.more_slots for c in kv)]
+            total += sum(0 if c is None else c.numel() * c.element_size() for c in caches)
         return total
+
+    def slot_bytes(self) -> int:
+        """What one more KV slot costs: every local layer's keys and values for
+        ``max_seq_len`` positions."""
+        return sum(layer.self_attn.slot_bytes() for layer in self.local_layers())
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: [T] -> [T, d] float32
         """The residual stream starts here, in float32 in every mode: in bfloat16 compute the
@@ -352,23 +463,61 @@ class Transformer(nn.Module):
         return self.embed_tokens(tokens).float()
 
     def forward_layers(
-        self, h: torch.Tensor, start_pos: int, layers: range | None = None
+        self, h: torch.Tensor, start_pos: int, layers: range | None = None, slot: int = 0
     ) -> torch.Tensor:
-        """Run decoder layers (default: all) on h [T, d] at positions start_pos..; -> [T, d]."""
+        """Run decoder layers (default: all) on one sequence's h [T, d] at positions
+        start_pos.., its keys and values in KV slot ``slot``; -> [T, d]."""
         end = start_pos + h.shape[0]
+        self._check_context(end)
+        step_threads(h.shape[0])  # torch's threads: the node's for prefill, one for decode
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        for index in layers if layers is not None else range(len(self.layers)):
+            h = self.layers[index](h, start_pos, cos, sin, slot)
+        return h
+
+    def forward_rows(
+        self, h: torch.Tensor, slots: list[int], positions: list[int],
+        layers: range | None = None,
+    ) -> torch.Tensor:
+        """A decode batch through decoder layers (default: all): row i of h [B, d] is a
+        token of the sequence in KV slot ``slots[i]``, at ``positions[i]`` (a slot's rows are
+        consecutive positions: a speculative step's tokens). Rows run in order, each exactly
+        as a one-row step of its sequence, so row i's result is bitwise that step's; -> [B, d]."""
+        problem = batch_problem(slots, positions, h.shape[0])
+        if problem:
+            raise ValueError(problem)
+        self._check_context(max(positions) + 1)
+        step_threads(1)  # decode: torch's work is per row; the products use the kernels' pool
+        at = torch.tensor(positions, dtype=torch.int64)
+        cos, sin = self.rope_cos[at], self.rope_sin[at]  # [B, hd]
+        batch = DecodeBatch(slots, positions)
+        for index in layers if layers is not None else range(len(self.layers)):
+            h = self.layers[index](h, 0, cos, sin, 0, batch)
+        return h
+
+    def forward_step(
+        self, h: torch.Tensor, slots: list[int], starts: list[int], layers: range | None = None,
+    ) -> torch.Tensor:
+        """A step as the wire describes it (``edgetp.net.wire``'s ``step``): one sequence's T
+        rows (one slot, one start: :meth:`forward_layers`) or a decode batch of T sequences, a
+        row each (T slots and starts: :meth:`forward_rows`). h: [T, d] -> [T, d]."""
+        if len(slots) == 1:
+            return self.forward_layers(h, starts[0], layers, slot=slots[0])
+        return self.forward_rows(h, slots, starts, layers)
+
+    def _check_context(self, end: int) -> None:
         if end > self.max_seq_len:
             raise ConfigError(
                 f"sequence of {end} tokens exceeds the context of {self.max_seq_len}; "
                 "raise --max-seq-len or shorten the prompt"
             )
-        step_threads(h.shape[0])  # torch's threads: the node's for prefill, one for decode
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
-        for index in layers if layers is not None else range(len(self.layers)):
-            h = self.layers[index](h, start_pos, cos, sin)
-        return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:  # h: [T, d] -> logits [T, vocab] fp32
         return self.lm_head(self.norm(h))  # float32 in every mode (LogitsHead)
+
+    def head_rows(self, h: torch.Tensor) -> torch.Tensor:  # h: [B, d] -> logits [B, vocab]
+        """The head of a decode batch: each row normed as a one-row step does (norm_rows)."""
+        return self.lm_head(norm_rows(self.norm, h))
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """tokens: [T] int64 -> logits [T, vocab] (float32)."""

@@ -151,7 +151,26 @@ def copy_demo_tokenizer(config: dict[str, Any], directory: Path) -> bool:
     for name in TOKENIZER_FILES:
         if (DEMO_MODEL_DIR / name).is_file():
             shutil.copyfile(DEMO_MODEL_DIR / name, directory / name)
+    widen_tokenizer(directory, int(config["vocab_size"]))
     return True
+
+
+def widen_tokenizer(model_dir: Path, vocab: int) -> None:
+    """The demo tokenizer with a word ``w<ID>`` for every id it lacks below ``vocab``.
+
+    A random model's tokens are mostly ids the demo tokenizer does not have, which would decode
+    to nothing and so never stream; with a word each, every token is a piece of text (one chunk
+    of a stream) and equal texts are equal tokens. Written only when it differs (a split of the
+    model then copies it again to rank 0, :mod:`edgetp.shard.split`).
+    """
+    data = read_json(DEMO_MODEL_DIR / "tokenizer.json", "demo tokenizer")
+    words: dict[str, int] = data["model"]["vocab"]
+    taken = set(words.values())
+    words.update({f"w{i}": i for i in range(vocab) if i not in taken})
+    text = json.dumps(data)
+    path = model_dir / "tokenizer.json"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def tokenizer_fits(config: dict[str, Any]) -> bool:

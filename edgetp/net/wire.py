@@ -25,13 +25,14 @@ import torch
 from edgetp.core.errors import EdgetpError
 from edgetp.net.codec import scale_shape
 
-PROTOCOL_VERSION = 7  # bump whenever a schema or a tensor layout below changes (6: int8 on the
+PROTOCOL_VERSION = 8  # bump whenever a schema or a tensor layout below changes (6: int8 on the
 # wire in blocks of 64 with each block's largest value exact; 7: the data link's keys,
-# DATA_LINK_KEY_FIELDS below)
+# DATA_LINK_KEY_FIELDS below; 8: a step's KV slots and start positions, one per sequence)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4
 MAX_DIMS = 4
+MAX_LIST_INTS = 256  # a step's sequences (a decode batch has far fewer)
 
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32,
@@ -42,12 +43,18 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_CODES = {v: k for k, v in WIRE_DTYPES.items()}
 
+
+
+class IntList(list):
+    """A header field's type: a list of 1 to MAX_LIST_INTS integers in [0, 2**62)."""
+
+
 # op -> {field: type}; every field listed is required, no other field is allowed.
-_INT, _STR, _FLOAT, _DICT, _BOOL = int, str, float, dict, bool
+_INT, _STR, _FLOAT, _DICT, _BOOL, _INTS = int, str, float, dict, bool, IntList
 SCHEMAS: dict[str, dict[str, type]] = {
     "hello": {"rank": _INT, "fingerprint": _STR, "plan": _STR, "dtype": _STR, "pid": _INT,
               "host": _STR, "version": _STR, "time": _FLOAT, "data_port": _INT,
-              "data_token": _STR},
+              "data_token": _STR, "kv_slots": _INT},
     "welcome": {"session": _STR, "wire_dtype": _STR, "time": _FLOAT, "allreduce": _STR,
                 "ring_port": _INT, "ring_keys": _STR, "data": _BOOL},
     # the ring: a worker's listener (after a welcome choosing it; ring_keys: the keys it
@@ -58,7 +65,9 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "ring": {"seq": _INT, "step": _INT, "index": _INT, "hop": _INT},
     "refuse": {"reason": _STR},
     "rejoin": {},
-    "step": {"seq": _INT, "step": _INT, "start": _INT},
+    # one sequence's T rows (slots and starts of one entry: its KV slot, its first row's
+    # position), or a decode batch of T sequences, a row each (T entries)
+    "step": {"seq": _INT, "step": _INT, "slots": _INTS, "starts": _INTS},
     "partial": {"seq": _INT, "step": _INT, "index": _INT},
     "sum": {"seq": _INT, "step": _INT, "index": _INT},
     "abort": {"seq": _INT},
@@ -162,12 +171,23 @@ def _check_fields(op: str, header: dict[str, Any]) -> None:
         raise WireError(f"{op}: unexpected fields {sorted(extra)}")
     for name, kind in schema.items():
         value = header.get(name)
+        if kind is _INTS:
+            _check_ints(op, name, value)
+            continue
         if kind is _FLOAT and isinstance(value, int) and not isinstance(value, bool):
             header[name] = value = float(value)
         if not isinstance(value, kind) or (kind is _INT and isinstance(value, bool)):
             raise WireError(f"{op}: field {name!r} must be {kind.__name__}")
         if kind is _INT and not (isinstance(value, int) and 0 <= value < 2**62):
             raise WireError(f"{op}: field {name!r} out of range")
+
+
+def _check_ints(op: str, name: str, value: Any) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_LIST_INTS:
+        raise WireError(f"{op}: field {name!r} must be a list of 1 to {MAX_LIST_INTS} integers")
+    for item in value:
+        if not isinstance(item, int) or isinstance(item, bool) or not 0 <= item < 2**62:
+            raise WireError(f"{op}: field {name!r} holds {item!r}, not an integer in range")
 
 
 def _decode_tensors(op: str, specs: Any, payloads: Sequence[Any]) -> list[torch.Tensor]:

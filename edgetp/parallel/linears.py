@@ -108,6 +108,16 @@ def keep_whole(layer: DecoderLayer) -> None:
         unsplit(getattr(mlp, p), True) for p in ("gate_proj", "up_proj", "down_proj"))
 
 
+def on_kernels(model: Transformer) -> Transformer:
+    """A whole (single-device) model's linears on the decode kernels' path, as a cluster's:
+    one row and a decode batch's rows then go through the same C products, so a sequence gets
+    bitwise the same logits alone and batched (``nn.Linear`` would give a [1, d] and a [B, d]
+    product different roundings)."""
+    for layer in model.local_layers():
+        keep_whole(layer)
+    return model
+
+
 def shard_model(model: Transformer, plan: ShardPlan, rank: int, comm: Communicator) -> Transformer:
     """Rewrite ``model`` in place into rank ``rank``'s share and return it.
 

@@ -59,13 +59,16 @@ def load_rank(
     memory_budget: int | None = None,
     ring_slots: int = DEFAULT_RING_SLOTS,
     prefill_chunk: int = 128,
+    kv_slots: int = 1,
 ) -> Transformer:
-    """Rank ``manifest.rank``'s share, ready to run with ``comm``; KV cache allocated.
+    """Rank ``manifest.rank``'s share, ready to run with ``comm``; KV cache allocated (slot 0;
+    the others on first use).
 
-    ``memory_budget`` (bytes) covers weights, the KV cache and working buffers; when the share
-    does not fit, blocks stream from disk through the window (``model.window``). With a
-    budget, malloc's mmap threshold is fixed first (:mod:`edgetp.core.allocator`): freed
-    activations go back to the kernel instead of growing the heap outside the budget.
+    ``memory_budget`` (bytes) covers weights, the KV cache of ``kv_slots`` sequences and
+    working buffers; when the share does not fit, blocks stream from disk through the window
+    (``model.window``). With a budget, malloc's mmap threshold is fixed first
+    (:mod:`edgetp.core.allocator`): freed activations go back to the kernel instead of growing
+    the heap outside the budget.
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
@@ -80,7 +83,7 @@ def load_rank(
     max_seq_len = rank_context(manifest, dtype, max_seq_len)
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
     if memory_budget is not None:
-        needs = _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
+        needs = _memory_needs(model, manifest, blocks, dtype, prefill_chunk, kv_slots)
         if needs.total > memory_budget:
             _check_window_dtype(manifest, dtype)
             _load_small_tensors(model, manifest, shard_dir, blocks, dtype)
@@ -114,7 +117,8 @@ class MemoryNeeds:
 
 
 def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32,
-                       max_seq_len: int | None = None, prefill_chunk: int = 128) -> MemoryNeeds:
+                       max_seq_len: int | None = None, prefill_chunk: int = 128,
+                       kv_slots: int = 1) -> MemoryNeeds:
     """A rank's memory needs, computed from its manifest without loading any weight."""
     from edgetp.parallel.comm import SoloCommunicator
 
@@ -123,7 +127,7 @@ def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32
     comm.rank, comm.world_size = manifest.rank, manifest.plan.n_ranks  # type: ignore[misc]
     max_seq_len = rank_context(manifest, dtype, max_seq_len, announce=False)
     model, blocks = _skeleton(manifest, Path(shard_dir), comm, dtype, max_seq_len, cache=False)
-    return _memory_needs(model, manifest, blocks, dtype, prefill_chunk)
+    return _memory_needs(model, manifest, blocks, dtype, prefill_chunk, kv_slots)
 
 
 def rank_context(manifest: Manifest, dtype: torch.dtype, requested: int | None,
@@ -156,10 +160,10 @@ def _skeleton(manifest: Manifest, shard_dir: Path, comm: Communicator, dtype: to
 
 
 def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec],
-                  dtype: torch.dtype, prefill_chunk: int) -> MemoryNeeds:
+                  dtype: torch.dtype, prefill_chunk: int, kv_slots: int = 1) -> MemoryNeeds:
     element = dtype.itemsize  # the KV cache is allocated in the compute dtype
     cache = sum(2 * layer.self_attn.n_kv_heads * model.max_seq_len * layer.self_attn.head_dim
-                for layer in model.local_layers()) * element
+                for layer in model.local_layers()) * element * kv_slots
     work = work_bytes(model.config, model.max_seq_len, model.lm_head is not None, prefill_chunk,
                       receiving_links(manifest.plan.n_ranks, manifest.rank))
     fixed = cache + _small_bytes(model, manifest, blocks) + work

@@ -4,17 +4,21 @@ to them.
 Which code computes ``x @ W^T`` (measured on the development CPU, see
 ``benchmarks/quant_kernels.py`` and docs/performance.md):
 
-* int8, one float32 row (decode) with the native kernels available (``edgetp.kernels.native``):
-  ``et_matvec_i8`` in C, x quantized to int16 per 64 columns, int8 x int16 products summed
-  exactly; ~2x the torch kernel's rate below, and 60x closer to the exact product.
-* int4 in the tiled layout, one float32 row, wherever the native kernels are built (AVX-512
-  VNNI, AVX2, NEON, plain C): ``et_matvec_i4``, the same int16 activation blocks, codes
-  straight from the tiled bytes, resident or streamed alike. More float32 rows on a CPU whose
-  torch int4 kernel wants another layout (or that has none): the same kernel once per row.
-* int8 with block scales (a GGUF's Q8_0 kept, ``edgetp.shard.quant``), one float32 row:
-  ``et_matvec_i8_b32``, the same int16 activation blocks, each 32-column half summed apart and
-  scaled by its own weight scale; more rows: the fallback. int4 with float32 scales takes the
-  same paths as bfloat16 ones (the C kernel reads either).
+* int8, 1 to ``native.MAX_BATCH_ROWS`` (8) float32 rows (decode, a continuous batch's step)
+  with the native kernels available (``edgetp.kernels.native``): ``et_matvec_i8_rows`` in C,
+  x quantized to int16 per 64 columns, int8 x int16 products summed exactly; ~2x the torch
+  kernel's rate below, and 60x closer to the exact product. Each weight row is read once for
+  all the rows, and every row's result is bitwise its one-row product (a sequence decodes the
+  same tokens alone or batched).
+* int4 in the tiled layout, 1 to 8 float32 rows, wherever the native kernels are built
+  (AVX-512 VNNI, AVX2, NEON, plain C): ``et_matvec_i4_rows``, the same int16 activation
+  blocks, codes straight from the tiled bytes, resident or streamed alike. More float32 rows
+  on a CPU whose torch int4 kernel wants another layout (or that has none): the same kernel,
+  8 rows at a time.
+* int8 with block scales (a GGUF's Q8_0 kept, ``edgetp.shard.quant``), 1 to 8 float32 rows:
+  ``et_matvec_i8_b32_rows``, the same int16 activation blocks, each 32-column half summed
+  apart and scaled by its own weight scale; more rows: the fallback. int4 with float32 scales
+  takes the same paths as bfloat16 ones (the C kernel reads either).
 * int8, a few rows otherwise, input width a multiple of 16:
   ``torch.ops.aten._weight_int8pack_mm`` with bfloat16 activations and scales. It is several
   times faster than a float32 or bfloat16 matrix-vector product of the same shape; with float32
@@ -117,9 +121,10 @@ def chunked_product(x: torch.Tensor, out_features: int,
 
 def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kernel: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """What a QuantLinear computes for int8: one float32 row through the native kernel (into
-    ``out`` when it fits) where it can, else :func:`int8_matmul`. x [T, in] -> [T, out]."""
-    if kernel and x.shape[0] == 1:
+    """What a QuantLinear computes for int8: up to ``MAX_BATCH_ROWS`` float32 rows through the
+    native kernel (into ``out`` when it fits) where it can, else :func:`int8_matmul`.
+    x [T, in] -> [T, out]."""
+    if kernel and x.shape[0] <= kernels.MAX_BATCH_ROWS:
         y = kernels.int8_linear(x, q, scale, out)
         if y is not None:
             return y
@@ -130,12 +135,13 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor
                  kernel_layout: bool, repacked: bool = False, kernel: bool = True,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """What a QuantLinear computes for int4: float32 rows of tiled codes through the native
-    kernel where it can (one row into ``out`` when it fits; a few rows one at a time where
-    torch has no kernel for the tiled bytes), else :func:`int4_matmul`."""
+    kernel where it can (up to ``MAX_BATCH_ROWS`` rows at once, into ``out`` when it fits; more
+    rows that many at a time where torch has no kernel for the tiled bytes), else
+    :func:`int4_matmul`."""
     rows = x.shape[0]
     if kernel and not repacked and int4_tiled(packed.shape[0], group):
         y = None
-        if rows == 1:
+        if rows <= kernels.MAX_BATCH_ROWS:
             y = kernels.int4_linear(x, packed, scale_zero, group, out)
         elif not kernel_layout:
             y = int4_rows(x, packed, scale_zero, group)
@@ -146,12 +152,15 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor
 
 def int4_rows(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group: int
               ) -> torch.Tensor | None:
-    """x [T, in] float32 -> [T, out] through the one-row native kernel, row by row. Each row
-    reads the weight once, yet up to a prefill chunk's 128 rows that is several times faster
-    than dequantizing it (on AVX2: 64 rows of [5632, 2048] 38 ms against 250 ms)."""
+    """x [T, in] float32 -> [T, out] through the batched native kernel, ``MAX_BATCH_ROWS`` rows
+    at a time. Each batch reads the weight once, yet up to a prefill chunk's 128 rows that is
+    several times faster than dequantizing it (on AVX2, one row at a time: 64 rows of
+    [5632, 2048] 38 ms against 250 ms)."""
+    x = x.contiguous()
     y = torch.empty(x.shape[0], packed.shape[0], dtype=torch.float32)  # [T, out]
-    for t in range(x.shape[0]):
-        if kernels.int4_linear(x[t:t + 1], packed, scale_zero, group, y[t:t + 1]) is None:
+    for start in range(0, x.shape[0], kernels.MAX_BATCH_ROWS):
+        rows = slice(start, start + kernels.MAX_BATCH_ROWS)
+        if kernels.int4_linear(x[rows], packed, scale_zero, group, y[rows]) is None:
             return None
     return y
 
@@ -230,15 +239,16 @@ class QuantLinear(kernels.StepOutput, nn.Module):
 
     def float_matmul(self, x: torch.Tensor, kernel: bool) -> torch.Tensor:
         """The head's product: x [T, in] -> float32 [T, out], never rounded to bfloat16 (the
-        native kernels for one row, else the exact float32 product of the dequantized weight;
-        a head is never repacked, so its codes stay in the layout :func:`dequantize_int4`
-        reads)."""
-        x, one_row = x.float(), kernel and x.shape[0] == 1
+        native kernels for up to ``MAX_BATCH_ROWS`` rows, else the exact float32 product of the
+        dequantized weight; a head is never repacked, so its codes stay in the layout
+        :func:`dequantize_int4` reads)."""
+        x = x.float()
+        native = kernel and x.shape[0] <= kernels.MAX_BATCH_ROWS
         if self.fmt == "int8":
-            y = kernels.int8_linear(x, self.weight, self.weight_scale) if one_row else None
+            y = kernels.int8_linear(x, self.weight, self.weight_scale) if native else None
             return int8_matmul(x, self.weight, self.weight_scale, False) if y is None else y
         y = (kernels.int4_linear(x, self.weight, self.weight_scale, self.group)
-             if one_row and self.tiled else None)
+             if native and self.tiled else None)
         if y is not None:
             return y
         return chunked_product(x, self.out_features, lambda rows: dequantize_int4(

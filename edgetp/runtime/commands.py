@@ -114,6 +114,7 @@ class WorkerCommand(NodeCommand):
     parent_pid: int | None = None  # a local cluster's master: the worker exits with it
     data_port: int | None = None  # the data link's port (None: an ephemeral one)
     threads: int | None = None  # compute threads (None: every core of the machine)
+    kv_slots: int | None = None  # sequences it holds at once (None: the CLI's default)
 
     def args(self) -> list[str]:
         args = ["worker", "--shard", str(self.shard_dir), "--master", self.master,
@@ -132,6 +133,8 @@ class WorkerCommand(NodeCommand):
             args += ["--data-port", str(self.data_port)]
         if self.threads is not None:
             args += ["--threads", str(self.threads)]
+        if self.kv_slots is not None:
+            args += ["--kv-slots", str(self.kv_slots)]
         return args
 
 

@@ -16,6 +16,7 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
+from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
 from edgetp.model.sampling import Sampler
 from edgetp.runtime.speculation import Speculation, SpeculationStats, SpeculativeSteps
@@ -31,12 +32,31 @@ class Runner(Protocol):
     def reset(self) -> None:
         """Start a new sequence (the KV cache is overwritten from position 0)."""
 
-    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """tokens: [T] int64 at positions start_pos.. -> logits of the last position [V]."""
+    def logits(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
+        """tokens: [T] int64 at positions start_pos.. of the sequence in KV slot ``slot`` ->
+        logits of the last position [V]."""
 
-    def rows_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def rows_logits(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
         """tokens: [T] int64 at positions start_pos.. -> logits of every row [T, V] (a
         speculative step: the newest token and a draft, verified in one step)."""
+
+
+class BatchRunner(Runner, Protocol):
+    """What continuous batching (edgetp.runtime.batching) needs of a model besides."""
+
+    prefill_chunk: int
+
+    @property
+    def slots(self) -> int:
+        """Sequences whose keys and values it holds at once (KV slots 0..slots-1)."""
+
+    def prefill(self, tokens: torch.Tensor, start_pos: int, slot: int) -> None:
+        """One prompt chunk [C] (C <= prefill_chunk) into ``slot``, without logits."""
+
+    def batch_logits(self, tokens: torch.Tensor, slots: list[int], positions: list[int]
+                     ) -> torch.Tensor:
+        """A decode batch: tokens [B] at ``positions`` in ``slots`` -> logits [B, V], each row
+        bitwise the logits that sequence gets alone."""
 
 
 class TextCodec(Protocol):
@@ -44,35 +64,61 @@ class TextCodec(Protocol):
 
 
 class LocalRunner:
-    """A whole model in this process; prompts are fed in chunks of ``prefill_chunk`` tokens."""
+    """A whole model in this process; prompts are fed in chunks of ``prefill_chunk`` tokens.
+    ``kv_slots``: the sequences it holds at once (each slot allocated when first used)."""
 
-    def __init__(self, model: Transformer, prefill_chunk: int = 256) -> None:
+    def __init__(self, model: Transformer, prefill_chunk: int = 256, kv_slots: int = 1) -> None:
         self.model = model
         self.max_seq_len = model.max_seq_len
         self.prefill_chunk = prefill_chunk
+        self.kv_slots = kv_slots
+
+    @property
+    def slots(self) -> int:
+        return self.kv_slots
 
     def reset(self) -> None:
         return None  # positions restart at 0; stale cache entries are never attended to
 
     @torch.inference_mode()
-    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        return self.model.head(self._last_chunk(tokens, start_pos)[-1:])[0]  # [V]
+    def logits(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
+        return self.model.head(self._last_chunk(tokens, start_pos, slot)[-1:])[0]  # [V]
 
     @torch.inference_mode()
-    def rows_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def rows_logits(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
         if tokens.numel() > self.prefill_chunk:
             raise ConfigError(f"{tokens.numel()} rows to verify exceed a step of "
                               f"{self.prefill_chunk}")
-        return self.model.head(self._last_chunk(tokens, start_pos))  # [T, V]
+        if tokens.numel() <= kernels.MAX_BATCH_ROWS:  # each row bitwise a one-row step's
+            return self.batch_logits(tokens, *one_sequence_rows(slot, start_pos, tokens))
+        return self.model.head(self._last_chunk(tokens, start_pos, slot))  # [T, V]
 
-    def _last_chunk(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, start_pos: int, slot: int) -> None:
+        self.model.forward_layers(self.model.embed(tokens), start_pos, slot=slot)
+
+    @torch.inference_mode()
+    def batch_logits(self, tokens: torch.Tensor, slots: list[int], positions: list[int]
+                     ) -> torch.Tensor:
+        h = self.model.forward_rows(self.model.embed(tokens), slots, positions)  # [B, d]
+        return self.model.head_rows(h)  # [B, V]
+
+    def _last_chunk(self, tokens: torch.Tensor, start_pos: int, slot: int) -> torch.Tensor:
         """Run ``tokens`` [T] chunk by chunk; -> the last chunk's hidden states [C, d]."""
         h = None
         for offset in range(0, tokens.numel(), self.prefill_chunk):
             chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
-            h = self.model.forward_layers(self.model.embed(chunk), start_pos + offset)
+            h = self.model.forward_layers(self.model.embed(chunk), start_pos + offset,
+                                          slot=slot)
         assert h is not None, "logits() needs at least one token"
         return h
+
+
+def one_sequence_rows(slot: int, start_pos: int, tokens: torch.Tensor
+                      ) -> tuple[list[int], list[int]]:
+    """The slots and positions of a decode batch holding one sequence's ``tokens`` [T] at
+    start_pos..: a speculative step verified as T one-row steps in one, bitwise theirs."""
+    return [slot] * tokens.numel(), list(range(start_pos, start_pos + tokens.numel()))
 
 
 @dataclass
@@ -199,13 +245,7 @@ class Engine:
         gen: GenerationConfig,
         on_text: Callable[[str], None] | None = None,
     ) -> GenerationResult:
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        if len(prompt_ids) >= self.runner.max_seq_len:
-            raise ConfigError(
-                f"prompt of {len(prompt_ids)} tokens leaves no room in a context of "
-                f"{self.runner.max_seq_len}; raise --max-seq-len or shorten the prompt"
-            )
+        check_prompt(prompt_ids, self.runner.max_seq_len)
         sampler, stream = Sampler(sampling), TextStream(self.codec, gen.stop_strings)
         emit = on_text or (lambda _piece: None)
         self.runner.reset()
@@ -226,8 +266,9 @@ class Engine:
                 if reason is None:
                     generated.append(token)
                     emit(stream.update(generated))
-                    reason = self._limit_reason(stream, gen, len(generated),
-                                                len(prompt) + len(generated) - 1)
+                    reason = limit_reason(stream, gen, len(generated),
+                                          len(prompt) + len(generated) - 1,
+                                          self.runner.max_seq_len)
                 if reason is not None:
                     emit(stream.finish())
                     return GenerationResult(generated, stream.text, len(prompt), reason, ttft_ms,
@@ -243,14 +284,27 @@ class Engine:
             return PlainSteps(self.runner, sampler)
         return SpeculativeSteps(self.speculation, self.runner, sampler)
 
-    def _limit_reason(
-        self, stream: TextStream, gen: GenerationConfig, n_generated: int, position: int
-    ) -> str | None:
-        """Why generation ends after this token (a stop string, a limit), or None to go on."""
-        if stream.stopped:
-            return "stop"
-        if n_generated >= gen.max_new_tokens:
-            return "length"
-        if position >= self.runner.max_seq_len:
-            return "context"
-        return None
+
+
+def check_prompt(prompt_ids: Sequence[int], max_seq_len: int) -> None:
+    """A ConfigError unless the prompt has a token and leaves room for one more."""
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give at least one token")
+    if len(prompt_ids) >= max_seq_len:
+        raise ConfigError(
+            f"prompt of {len(prompt_ids)} tokens leaves no room in a context of "
+            f"{max_seq_len}; raise --max-seq-len or shorten the prompt"
+        )
+
+
+def limit_reason(stream: TextStream, gen: GenerationConfig, n_generated: int, position: int,
+                 max_seq_len: int) -> str | None:
+    """Why generation ends after the token at ``position`` (a stop string, a limit), or None
+    to go on."""
+    if stream.stopped:
+        return "stop"
+    if n_generated >= gen.max_new_tokens:
+        return "length"
+    if position >= max_seq_len:
+        return "context"
+    return None

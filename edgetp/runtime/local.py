@@ -77,7 +77,8 @@ class LocalCluster:
                  capture_dir: Path | None = None, memory_budget: int | None = None,
                  allreduce: str = "star", secure: bool = False,
                  weight_dtype: str | None = None, group_size: int = 32,
-                 head_dtype: str | None = None, threads: int | None = None) -> None:
+                 head_dtype: str | None = None, threads: int | None = None,
+                 kv_slots: int = 1) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -100,6 +101,7 @@ class LocalCluster:
         self.capture_dir = capture_dir  # tests: each worker records every frame it receives
         self.memory_budget = memory_budget  # per node, bytes
         self.allreduce = allreduce
+        self.kv_slots = kv_slots  # sequences every node holds (the master's --max-batch)
         self.secure = secure  # CURVE on loopback too (keys made in split_dir/keys)
         self.worker_address = ""  # tests: where workers connect, if not the master itself
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
@@ -131,7 +133,8 @@ class LocalCluster:
         self.master = Master.cluster(result.rank_dirs[0], self.address, self.dtype,
                                      self.max_seq_len, self.wire_dtype, self.timeout_s,
                                      memory_budget=self.memory_budget,
-                                     allreduce=self.allreduce, security=security)
+                                     allreduce=self.allreduce, security=security,
+                                     max_batch=self.kv_slots)
         for rank in range(1, self.n_nodes):
             self.start_worker(rank)
         self.wait_until_joined()
@@ -175,7 +178,8 @@ class LocalCluster:
                              self.memory_budget,
                              WorkerKeys(keys / f"worker-{rank}.key_secret", keys / "master.key")
                              if self.secure else None, capture_frames=capture,
-                             parent_pid=os.getpid(), threads=self.threads[rank])
+                             parent_pid=os.getpid(), threads=self.threads[rank],
+                             kv_slots=self.kv_slots)
 
     def log_path(self, rank: int) -> Path:
         return self.split_dir / "logs" / f"rank-{rank}.log"

@@ -11,13 +11,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError, ShardError
-from edgetp.core.limits import master_prefill_chunk
+from edgetp.core.limits import DEFAULT_MAX_BATCH, check_max_batch, master_prefill_chunk
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
+from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
 from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.collectives import StarMaster, StepPosition
@@ -26,7 +28,13 @@ from edgetp.net.security import MasterSecurity
 from edgetp.net.transport import ClusterError, MasterTransport, NodeIdentity, Traffic
 from edgetp.net.transport.sockets import url_host_port
 from edgetp.parallel.comm import SoloCommunicator
-from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, Runner
+from edgetp.runtime.engine import (
+    Engine,
+    GenerationResult,
+    LocalRunner,
+    Runner,
+    one_sequence_rows,
+)
 from edgetp.runtime.speculation import (
     DEFAULT_DRAFT_TOKENS,
     Speculation,
@@ -84,7 +92,7 @@ class ClusterRunner:
 
     def __init__(self, model: Transformer, transport: MasterTransport, comm: MasterCommunicator,
                  position: StepPosition, plan: ShardPlan, prefill_chunk: int = 128,
-                 join_timeout_s: float = 10.0) -> None:
+                 join_timeout_s: float = 10.0, kv_slots: int = 1) -> None:
         self.model = model
         self.transport = transport
         self.comm = comm
@@ -96,58 +104,95 @@ class ClusterRunner:
         n = plan.num_layers
         k = plan.private_layers
         self.first, self.shared, self.last = range(0, k), plan.shared_layers, range(n - k, n)
+        self.kv_slots = kv_slots  # the sequences this (rank 0's) model holds at once
         self.seq = 0
         self.step = 0
         self._ring_members: tuple[tuple[bytes, str], ...] = ()
+
+    @property
+    def slots(self) -> int:
+        """Sequences the cluster holds at once: the fewest KV slots of any node joined."""
+        return min([self.kv_slots, *(p.kv_slots for p in dict(self.transport.peers).values())])
 
     def reset(self) -> None:
         self.seq += 1
         self.step = 0
 
-    def logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        return self._run(tokens, start_pos, every_row=False)[0]  # [V]
+    def logits(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
+        return self._run(tokens, start_pos, slot, every_row=False)[0]  # [V]
 
-    def rows_logits(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def rows_logits(self, tokens: torch.Tensor, start_pos: int, slot: int = 0) -> torch.Tensor:
         """Logits of every row [T, V] of one step (a speculative step's newest token and its
         draft; a later step that starts before their end overwrites the positions rejected)."""
         if tokens.numel() > self.prefill_chunk:
             raise ConfigError(f"{tokens.numel()} rows to verify exceed a step of "
                               f"{self.prefill_chunk}; lower --draft-tokens")
-        return self._run(tokens, start_pos, every_row=True)
+        if tokens.numel() <= kernels.MAX_BATCH_ROWS:  # each row bitwise a one-row step's
+            return self.batch_logits(tokens, *one_sequence_rows(slot, start_pos, tokens))
+        return self._run(tokens, start_pos, slot, every_row=True)
 
     @torch.inference_mode()
-    def _run(self, tokens: torch.Tensor, start_pos: int, every_row: bool) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start_pos: int, slot: int) -> None:
+        """One step of a prompt's chunk (at most ``prefill_chunk`` tokens [C]) into ``slot``,
+        without the head: a chunk before the prompt's last (continuous batching)."""
+        self._in_steps(lambda: self._step(self.model.embed(tokens), [slot], [start_pos]))
+
+    @torch.inference_mode()
+    def batch_logits(self, tokens: torch.Tensor, slots: list[int], positions: list[int]
+                     ) -> torch.Tensor:
+        """A decode batch: tokens [B], each the newest of the sequence in ``slots[i]`` at
+        ``positions[i]``, in one step -> logits [B, V], row i bitwise what a one-row step of
+        that sequence gives."""
+        def run() -> torch.Tensor:
+            started = now()
+            h = self._step(self.model.embed(tokens), slots, positions)  # [B, d]
+            logits = self.model.head_rows(h)  # [B, V]
+            RECORDER.add("step", self.step, started, now())
+            return logits
+        return self._in_steps(run)
+
+    @torch.inference_mode()
+    def _run(self, tokens: torch.Tensor, start_pos: int, slot: int, every_row: bool
+             ) -> torch.Tensor:
         """tokens [T] at start_pos.. through the cluster, in steps of at most ``prefill_chunk``;
         -> the logits of the last row [1, V], or of every row of the last step [C, V]."""
+        def run() -> torch.Tensor:
+            h, started = None, now()
+            for offset in range(0, tokens.numel(), self.prefill_chunk):
+                if h is not None:  # a prefill chunk's step span ends here; the last one's
+                    RECORDER.add("step", self.step, started, now())  # after the head
+                    started = now()
+                chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
+                h = self._step(self.model.embed(chunk), [slot], [start_pos + offset])
+            assert h is not None, "logits() needs at least one token"
+            logits = self.model.head(h if every_row else h[-1:])  # [C or 1, V]
+            RECORDER.add("step", self.step, started, now())
+            return logits
+        return self._in_steps(run)
+
+    def _in_steps(self, run: Callable[[], torch.Tensor | None]) -> Any:
+        """``run()``'s steps with the cluster held: every worker joined, the ring linked; a
+        failed step is aborted on every worker."""
         with self.transport.lock:
             self.transport.wait_for_workers(self.join_timeout_s)
             try:
                 if isinstance(self.comm, RingAllreduce) and self.plan.n_ranks > 1:
                     self._link_ring(self.comm.link)
-                h, started = None, now()
-                for offset in range(0, tokens.numel(), self.prefill_chunk):
-                    if h is not None:  # a prefill chunk's step span ends here; the last one's
-                        RECORDER.add("step", self.step, started, now())  # after the head
-                        started = now()
-                    chunk = tokens[offset : offset + self.prefill_chunk]  # [C]
-                    h = self._step(self.model.embed(chunk), start_pos + offset)
-                assert h is not None, "logits() needs at least one token"
-                logits = self.model.head(h if every_row else h[-1:])  # [C or 1, V]
-                RECORDER.add("step", self.step, started, now())
-                return logits
+                return run()
             except ClusterError:
                 self._abort()
                 raise
 
-    def _step(self, h: torch.Tensor, start: int) -> torch.Tensor:  # h: [C, d] -> [C, d]
+    def _step(self, h: torch.Tensor, slots: list[int], starts: list[int]) -> torch.Tensor:
+        """One step (edgetp.net.wire's ``step``): h [C, d] -> [C, d]."""
         self.step += 1
-        h = self.model.forward_layers(h, start, self.first)
+        h = self.model.forward_step(h, slots, starts, self.first)
         if self.plan.n_ranks > 1:
             self.position.begin(self.seq, self.step, 2 * len(self.shared))
             self.transport.broadcast("step", {"seq": self.seq, "step": self.step,
-                                              "start": start}, [h])
-        h = self.model.forward_layers(h, start, self.shared)
-        return self.model.forward_layers(h, start, self.last)
+                                              "slots": slots, "starts": starts}, [h])
+        h = self.model.forward_step(h, slots, starts, self.shared)
+        return self.model.forward_step(h, slots, starts, self.last)
 
     def collect_stats(self, timeout_s: float | None = None) -> dict[int, tuple[dict, list]]:
         """Every worker's counters and spans since the last collection, by rank."""
@@ -212,21 +257,27 @@ class Master:
 
     @classmethod
     def local(
-        cls, model_dir: str | Path, dtype: str = "float32", max_seq_len: int | None = None
+        cls, model_dir: str | Path, dtype: str = "float32", max_seq_len: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> Master:
-        """A single-process master holding the whole model."""
+        """A single-process master holding the whole model (and KV slots for ``max_batch``
+        sequences decoding together)."""
         from edgetp.model.checkpoint import load_model
+        from edgetp.parallel.linears import on_kernels
 
-        model = load_model(model_dir, parse_dtype(dtype), max_seq_len)
-        return cls(Tokenizer.from_dir(model_dir), LocalRunner(model))
+        model = on_kernels(load_model(model_dir, parse_dtype(dtype), max_seq_len))
+        return cls(Tokenizer.from_dir(model_dir),
+                   LocalRunner(model, kv_slots=check_max_batch(max_batch)))
 
     @classmethod
     def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
                 max_seq_len: int | None = None, wire_dtype: str = "f32",
                 timeout_s: float = 10.0, prefill_chunk: int = 128,
                 memory_budget: int | None = None, allreduce: str = "star",
-                security: MasterSecurity | None = None) -> Master:
-        """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``."""
+                security: MasterSecurity | None = None,
+                max_batch: int = DEFAULT_MAX_BATCH) -> Master:
+        """The master of a cluster: loads rank 0's shard and listens for workers on ``bind``;
+        it decodes up to ``max_batch`` sequences together (as many as every node holds)."""
         from edgetp.parallel.loader import load_rank
         from edgetp.shard.manifest import read_manifest
 
@@ -234,6 +285,7 @@ class Master:
         if manifest.rank != 0:
             raise ShardError(f"{shard_dir} is rank {manifest.rank}'s shard; the master needs "
                              "rank-0 (it holds the embedding, the head and the tokenizer)")
+        check_max_batch(max_batch)
         identity = NodeIdentity(0, manifest.fingerprint, manifest.plan.to_json(), manifest.dtype)
         transport = MasterTransport(bind, identity, manifest.plan.n_ranks, wire_dtype, timeout_s,
                                     security)
@@ -245,9 +297,10 @@ class Master:
             hidden = manifest.model_config.hidden_size
             chunk = master_prefill_chunk(prefill_chunk, hidden)
             model = load_rank(shard_dir, comm, parse_dtype(dtype), max_seq_len,
-                              memory_budget=memory_budget, prefill_chunk=chunk)
+                              memory_budget=memory_budget, prefill_chunk=chunk,
+                              kv_slots=max_batch)
             runner = ClusterRunner(model, transport, comm, position, manifest.plan, chunk,
-                                   timeout_s)
+                                   timeout_s, max_batch)
             return cls(Tokenizer.from_dir(shard_dir), runner)
         except BaseException:
             transport.close()
@@ -289,6 +342,12 @@ class Master:
     def prefill_chunk(self) -> int:
         """Prompt tokens per step."""
         return int(self.runner.prefill_chunk)  # type: ignore[attr-defined]
+
+    @property
+    def batch_slots(self) -> int:
+        """Sequences that decode together now: the KV slots every node holds, at most
+        ``--max-batch``."""
+        return int(self.runner.slots)  # type: ignore[attr-defined]
 
     @property
     def n_ranks(self) -> int:

@@ -30,7 +30,9 @@ from edgetp.model.sampling import Sampler
 from edgetp.model.speculative import verify
 from edgetp.model.tokenizer import Tokenizer
 
-DEFAULT_DRAFT_TOKENS = 8
+# a step of the newest token and 7 drafted is 8 rows: the most the batched products take, so
+# each row's logits are bitwise a one-row step's (greedy output the same by construction)
+DEFAULT_DRAFT_TOKENS = 7
 MAX_DRAFT_TOKENS = 64
 START_TOKENS = 4  # K of the first draft (at most the maximum), before the costs are known
 MEMORY = 0.8  # running means and counts keep this much of their past at each step
@@ -154,9 +156,19 @@ class Speculation:
     max_tokens: int = DEFAULT_DRAFT_TOKENS
     costs: StepCosts = field(default_factory=StepCosts)
     acceptance: Acceptance = field(default_factory=Acceptance)  # the next request's prior
+    slot_drafters: dict[int, Drafter] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_draft_tokens(self.max_tokens)
+
+    def drafter_for(self, slot: int) -> Drafter:
+        """The drafter of the sequence in KV slot ``slot`` of a decode batch: prompt lookup
+        is shared (it keeps nothing), a draft model gets a KV slot of its own per sequence."""
+        if slot == 0 or not isinstance(self.drafter, ModelDrafter):
+            return self.drafter
+        if slot not in self.slot_drafters:
+            self.slot_drafters[slot] = self.drafter.for_slot(slot)
+        return self.slot_drafters[slot]
 
 
 def check_draft_tokens(max_tokens: int) -> None:

@@ -40,7 +40,8 @@ class MasterOptions:
     head_dtype: str | None = None  # the lm_head's (edgetp.shard.quant.head_format)
     threads: int | None = None  # per node; None: every core (a local cluster divides them)
     draft: str | None = None  # speculative decoding: "lookup" or a draft model's directory
-    draft_tokens: int = 8  # the most tokens a step drafts
+    draft_tokens: int = 7  # the most tokens a step drafts (speculation.DEFAULT_DRAFT_TOKENS)
+    max_batch: int = 1  # sequences decoding together (serve's --max-batch; KV slots per node)
 
 
 def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] | None = None,
@@ -54,7 +55,8 @@ def local_cluster(model_dir: str | Path, nodes: int, shares: tuple[float, ...] |
                         wire_dtype=options.wire_dtype, timeout_s=options.timeout_s,
                         memory_budget=options.memory_budget, allreduce=options.allreduce,
                         weight_dtype=options.weight_dtype, group_size=options.group_size,
-                        head_dtype=options.head_dtype, threads=options.threads)
+                        head_dtype=options.head_dtype, threads=options.threads,
+                        kv_slots=options.max_batch)
 
 
 @contextlib.contextmanager
@@ -72,7 +74,8 @@ def local_master(model_dir: str | Path, nodes: int = 1, shares: tuple[float, ...
     if (nodes == 1 and private_layers == 0 and options.memory_budget is None
             and options.weight_dtype is None):
         use_threads(options.threads)
-        master = Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len)
+        master = Master.local(model_dir, dtype=options.dtype, max_seq_len=options.max_seq_len,
+                              max_batch=options.max_batch)
         master.use_draft(options.draft, options.draft_tokens)
         yield master
         return
@@ -92,7 +95,7 @@ def cluster_master(shard_dir: Path, bind: str, options: MasterOptions,
     master = Master.cluster(shard_dir_of(shard_dir), bind, options.dtype, options.max_seq_len,
                             options.wire_dtype, options.timeout_s,
                             memory_budget=options.memory_budget, allreduce=options.allreduce,
-                            security=security)
+                            security=security, max_batch=options.max_batch)
     try:
         master.use_draft(options.draft, options.draft_tokens)
     except BaseException:

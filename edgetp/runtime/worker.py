@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from edgetp.core.errors import ShardError
+from edgetp.core.limits import check_kv_slots, default_kv_slots
 from edgetp.core.metrics import RECORDER, node_facts, now, spans_to_tensor, window_facts
 from edgetp.kernels import native
-from edgetp.model.llama import Transformer
+from edgetp.model.llama import Transformer, batch_problem
 from edgetp.net.collectives import StarWorker, StepPosition
 from edgetp.net.ring import RingError, WorkerRing
 from edgetp.net.security import WorkerSecurity
@@ -53,24 +54,29 @@ class Worker:
                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
                  frame_log: Callable[[list[bytes]], None] | None = None,
                  memory_budget: int | None = None,
-                 security: WorkerSecurity | None = None, data_port: int = 0) -> None:
+                 security: WorkerSecurity | None = None, data_port: int = 0,
+                 kv_slots: int | None = None) -> None:
         manifest = read_manifest(shard_dir)
         if manifest.rank == 0:
             raise ShardError(f"{shard_dir} is rank 0's shard: run it with `edgetp master`")
+        kv_slots = check_kv_slots(default_kv_slots(memory_budget) if kv_slots is None
+                                  else kv_slots)
         identity = NodeIdentity(manifest.rank, manifest.fingerprint, manifest.plan.to_json(),
-                                manifest.dtype)
+                                manifest.dtype, kv_slots)
         self.transport = WorkerTransport(master, identity, timeout_s, frame_log, security,
                                          data_port)
         self.comm = WorkerCommunicator(self.transport, manifest.rank, manifest.plan.n_ranks,
                                        timeout_s)
         self.model: Transformer = load_rank(shard_dir, self.comm, dtype, max_seq_len,
-                                            memory_budget=memory_budget)
+                                            memory_budget=memory_budget, kv_slots=kv_slots)
+        self.kv_slots = kv_slots
         self.layers = manifest.plan.shared_layers
         self.n_allreduce = 2 * len(self.layers)
         self.rank = manifest.rank
         self._last_step: tuple[int, int] = (-1, -1)
         self._order_session = ""  # the master session _last_step belongs to
-        self._written: tuple[tuple[str, int], int] = (("", -1), 0)  # (session, seq): positions
+        self._written_session = ""  # the master session _written belongs to
+        self._written: dict[int, int] = {}  # KV slot -> the positions written in it
         self.memory_budget = memory_budget
         self._reported_failure: str | None = None  # the weights failure the master knows of
 
@@ -171,8 +177,8 @@ class Worker:
     def _run_step(self, message: Message) -> None:
         fields = message.fields
         h = message.tensors[0]  # [T, d]
-        problem = (self._check_step(h, fields["start"]) or self._check_order(fields)
-                   or self._check_positions(fields, h.shape[0]))
+        problem = (self._check_step(h, fields["slots"], fields["starts"])
+                   or self._check_order(fields) or self._check_positions(fields, h.shape[0]))
         if problem:
             log.warning("rank %d: rejected a step: %s", self.rank, problem)
             self.transport.send("error", {"message": f"rank {self.rank}: {problem}"})
@@ -180,7 +186,7 @@ class Worker:
         self.comm.position.begin(fields["seq"], fields["step"], self.n_allreduce)
         started = now()
         try:
-            self.model.forward_layers(h.float(), fields["start"], self.layers)  # the stream
+            self.model.forward_step(h.float(), fields["slots"], fields["starts"], self.layers)
             RECORDER.add("step", fields["step"], started, now())
         except (RuntimeError, ValueError) as exc:
             if isinstance(exc, ClusterError | StepAborted | ShutdownRequested):
@@ -210,23 +216,40 @@ class Worker:
         return None
 
     def _check_positions(self, fields: dict, rows: int) -> str | None:
-        """A step starts where its sequence's written positions end (the next token) or
-        before (a speculative step's rejected positions are overwritten: the rollback is this
-        position reset); a step beyond them would attend to stale keys and values."""
-        sequence = (self.transport.session, fields["seq"])
-        written = self._written[1] if self._written[0] == sequence else 0
-        if fields["start"] > written:
-            return (f"a step at position {fields['start']} leaves a gap after the "
-                    f"{written} positions written of sequence {fields['seq']}")
-        self._written = (sequence, fields["start"] + rows)
+        """Each sequence's rows start where its slot's written positions end (the next token)
+        or before (a speculative step's rejected positions are overwritten, and a new sequence
+        starts its slot at 0: the rollback and the reuse are this position reset); a step
+        beyond them would attend to stale keys and values."""
+        if self._written_session != self.transport.session:  # a new (restarted) master
+            self._written_session, self._written = self.transport.session, {}
+        slots, starts = fields["slots"], fields["starts"]
+        counts = [rows] if len(slots) == 1 else [1] * rows
+        written = dict(self._written)  # rows in order: a slot's next row follows its last
+        for slot, start, count in zip(slots, starts, counts, strict=True):
+            if start > written.get(slot, 0):
+                return (f"a step at position {start} leaves a gap after the "
+                        f"{written.get(slot, 0)} positions written in KV slot {slot}")
+            written[slot] = start + count
+        self._written = written
         return None
 
-    def _check_step(self, h: torch.Tensor, start: int) -> str | None:
+    def _check_step(self, h: torch.Tensor, slots: list[int], starts: list[int]) -> str | None:
         hidden, context = self.model.config.hidden_size, self.model.max_seq_len
         if h.dim() != 2 or h.shape[1] != hidden:
             return f"hidden state of shape {list(h.shape)}, expected [T, {hidden}]"
-        if start + h.shape[0] > context:
-            return f"positions up to {start + h.shape[0]} exceed the context of {context}"
+        rows = h.shape[0]
+        if len(slots) != len(starts) or len(slots) not in (1, rows):
+            return (f"a step of {rows} rows names {len(slots)} KV slots and {len(starts)} "
+                    "starts: one of each for one sequence, or one per row for a decode batch")
+        problem = batch_problem(slots, starts, rows) if len(slots) > 1 else None
+        if problem:
+            return problem
+        if max(slots) >= self.kv_slots:
+            return (f"KV slot {max(slots)} beyond this worker's {self.kv_slots} "
+                    "(--kv-slots): start it with more, or lower the master's --max-batch")
+        end = starts[0] + rows if len(slots) == 1 else max(starts) + 1
+        if end > context:
+            return f"positions up to {end} exceed the context of {context}"
         return None
 
 

@@ -1,11 +1,14 @@
 """The request queue and the one thread that generates: :class:`GenerationQueue`.
 
-This is the engine side of the server. A cluster computes one sequence at a time, so accepted
-jobs wait in a bounded FIFO queue that one generation thread drains. That thread never touches
-a socket nor the event loop: it runs the master's engine and emits the job's events (text
-pieces, the result or an error) on the job. A job whose client went away is dropped from the
-queue, or its generation is stopped between two steps. After each completed generation an
-optional :class:`GenerationObserver` (the server's metrics) is told, on this thread.
+This is the engine side of the server. Accepted jobs wait in a bounded FIFO queue; one
+generation thread admits them into the master's decode batch
+(:class:`~edgetp.runtime.batching.BatchScheduler`) while KV slots are free (admission control:
+the others wait in the queue) and advances the batch round by round: a prompt chunk and a
+decode step of every sequence. That thread never touches a socket nor the event loop: it emits
+each job's events (text pieces, the result or an error) on the job. A job whose client went
+away is dropped from the queue, or from the batch between two rounds. After each completed
+generation an optional :class:`GenerationObserver` (the server's metrics) is told, on this
+thread. With speculative decoding (``--draft``) each sequence of the batch drafts for itself.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING, Protocol
 
 from edgetp.net.transport import ClusterError
+from edgetp.runtime.batching import BatchedSequence, BatchScheduler, Ended
 from edgetp.serve.errors import APIError, bad_request, shutting_down
 from edgetp.serve.jobs import Failed, Finished, GenerationCancelled, Job, RequestRecord
 
@@ -29,7 +33,12 @@ log = logging.getLogger("edgetp.serve.generation")
 
 class GenerationObserver(Protocol):
     def finished(self, job: Job, result: GenerationResult) -> None:
-        """``job`` completed with ``result`` (called on the generation thread, between jobs)."""
+        """``job`` completed with ``result``: called on the generation thread before its
+        answer is sent, so a client that reads the metrics after its answer sees it."""
+
+    def answered(self) -> None:
+        """A job's answer was sent (the generation thread, between two rounds): slower
+        bookkeeping, such as collecting the workers' spans, goes here."""
 
 
 class GenerationQueue:
@@ -51,7 +60,7 @@ class GenerationQueue:
         self.records: deque[RequestRecord] = deque(maxlen=1000)
         self.lock = threading.Condition()
         self._pending: deque[Job] = deque()
-        self._current: Job | None = None
+        self._running: dict[Job, BatchedSequence] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -60,25 +69,29 @@ class GenerationQueue:
         self._thread.start()
 
     def stop(self) -> None:
-        """Answer every queued job, stop the running generation and let the thread end."""
+        """Answer every queued job, stop the running generations and let the thread end."""
         with self.lock:
             self._stopping = True
             while self._pending:
                 job = self._pending.popleft()
                 self._finish(job, "shutdown")
                 job.emit(Failed(shutting_down()))
-            if self._current is not None:
-                self._current.cancel("the server is shutting down")
+            for job in self._running:
+                job.cancel("the server is shutting down")
             self.lock.notify_all()
 
     def join(self, timeout_s: float) -> None:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
-    def snapshot(self) -> tuple[int, bool, dict[str, int]]:
-        """The queue's length, whether a generation runs, and the outcome counts."""
+    def snapshot(self) -> tuple[int, int, dict[str, int]]:
+        """The queue's length, the sequences being generated, and the outcome counts."""
         with self.lock:
-            return len(self._pending), self._current is not None, dict(self.stats)
+            return len(self._pending), len(self._running), dict(self.stats)
+
+    def slots(self) -> int:
+        """Sequences generated together at most (the KV slots of every node)."""
+        return self.master.batch_slots
 
     # -- the HTTP side ----------------------------------------------------------------------
 
@@ -128,47 +141,85 @@ class GenerationQueue:
             self.stats[outcome] += 1
 
     def _loop(self) -> None:
+        scheduler = BatchScheduler(self.master.runner,  # type: ignore[arg-type]
+                                   self.master.tokenizer, self.master.tokenizer.eos_token_ids,
+                                   self.master.engine.speculation)
         while True:
             with self.lock:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._running and not self._stopping:
                     self.lock.wait()
-                if self._stopping:
+                if self._stopping and not self._running:
                     return
-                job = self._pending.popleft()
-                self._current = job
-            result = None
-            try:
-                result = self._run(job)
-            finally:
-                with self.lock:
-                    self._current = None
-                    self.lock.notify_all()
-            if result is not None and self.observer is not None:
-                self.observer.finished(job, result)  # the job is answered and off the cluster
+                self._admit(scheduler)
+            self._drop_cancelled(scheduler)
+            self._advance(scheduler)
 
-    def _run(self, job: Job) -> GenerationResult | None:
-        """Generate ``job``'s answer and emit its events; its result, None if it failed."""
+    def _admit(self, scheduler: BatchScheduler) -> None:
+        """Move queued jobs into the batch while it has free slots (under the lock)."""
+        while self._pending and not self._stopping:
+            if scheduler.free_slots() == 0:
+                break
+            job = self._pending.popleft()
+            self._start(job)
+            try:
+                self._running[job] = scheduler.admit(job.prompt_ids, job.sampling, job.gen,
+                                                     job.on_text)
+            except Exception as exc:  # noqa: BLE001 - a prompt that cannot run: its answer
+                self._running.pop(job, None)
+                job.emit(Failed(self._failure(job, exc)))
+
+    def _start(self, job: Job) -> None:
         record = job.record
         record.started_at = time.monotonic()
         record.outcome = "running"
         record.completion_tokens = 0
-        try:
-            if job.cancelled.is_set():
-                raise GenerationCancelled(job.cancel_reason)
-            result = self.master.engine.generate(job.prompt_ids, job.sampling, job.gen,
-                                                 job.on_text)
-        except Exception as exc:  # noqa: BLE001 - every job gets an answer
-            job.emit(Failed(self._failure(job, exc)))
-        else:
-            self._finish(job, "completed", result)
-            log.info("%s: %d prompt tokens, %d generated (%s), %.0f ms", job.id,
-                     result.prompt_tokens, len(result.token_ids), result.finish_reason,
-                     (time.monotonic() - record.started_at) * 1000)
-            job.emit(Finished(result))
-            return result
-        return None
 
-    def _failure(self, job: Job, exc: Exception) -> APIError:
+    def _drop_cancelled(self, scheduler: BatchScheduler) -> None:
+        """Jobs whose client went away (or the server stops) leave the batch now."""
+        with self.lock:
+            gone = [job for job in self._running if job.cancelled.is_set()]
+            for job in gone:
+                scheduler.drop(self._running.pop(job))
+                job.emit(Failed(self._failure(job, GenerationCancelled(job.cancel_reason))))
+            if gone:
+                self.lock.notify_all()
+
+    def _advance(self, scheduler: BatchScheduler) -> None:
+        """One round of the batch; answer the jobs that ended in it (all of them when the
+        round failed: the cluster lost their state)."""
+        if not scheduler.active:
+            return
+        try:
+            ended = scheduler.round()
+        except Exception as exc:  # noqa: BLE001 - every job in the batch gets an answer
+            ended = [Ended(sequence, error=exc) for sequence in scheduler.active]
+            scheduler.active.clear()
+        by_sequence = {id(sequence): job for job, sequence in self._running.items()}
+        for end in ended:
+            job = by_sequence[id(end.sequence)]
+            with self.lock:
+                self._running.pop(job, None)
+                self.lock.notify_all()
+            self._answer(job, end.result, end.error)
+
+    def _answer(self, job: Job, result: GenerationResult | None,
+                error: BaseException | None) -> None:
+        """Emit ``job``'s last event; tell the observer of a completed one."""
+        if result is None:
+            assert error is not None
+            job.emit(Failed(self._failure(job, error)))
+            return
+        self._finish(job, "completed", result)
+        log.info("%s: %d prompt tokens, %d generated (%s), %.0f ms", job.id,
+                 result.prompt_tokens, len(result.token_ids), result.finish_reason,
+                 (time.monotonic() - (job.record.started_at or 0.0)) * 1000)
+        if self.observer is not None:
+            self.observer.finished(job, result)
+        job.emit(Finished(result))
+        if self.observer is not None:
+            self.observer.answered()
+
+    def _failure(self, job: Job, exc: BaseException) -> APIError:
         """Record why ``job``'s generation ended early; the error its client gets."""
         if isinstance(exc, GenerationCancelled):
             shutdown = self._stopping

@@ -44,7 +44,6 @@ log = logging.getLogger("edgetp.serve.metrics")
 
 NODE_STATS_EVERY_S = 5.0  # the workers' spans are collected at most this often
 NODE_STATS_TIMEOUT_S = 2.0  # a worker that does not send its spans in this is skipped this time
-KV_SLOTS = 1  # KV cache slots on the master: one sequence at a time
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -108,6 +107,8 @@ class ServerMetrics:
         self.ttft.observe(result.ttft_ms / 1000)
         for ms in result.decode_ms:
             self.token_time.observe(ms / 1000)
+
+    def answered(self) -> None:
         if time.monotonic() - self._collected_at >= self.collect_every_s:
             self.collect_node_spans()
 
@@ -152,10 +153,11 @@ class _StateCollector(Collector):
         yield gauge("edgetp_queue_length", "Requests waiting for their turn", queued)
         yield gauge("edgetp_queue_capacity", "Requests that may wait (--queue-size)",
                     queue.capacity)
-        yield gauge("edgetp_active_sequences", "Sequences being generated", int(busy))
-        yield gauge("edgetp_kv_slots", "KV cache slots (sequences the cache holds at once)",
-                    KV_SLOTS)
-        yield gauge("edgetp_kv_slots_in_use", "KV cache slots holding a sequence", int(busy))
+        yield gauge("edgetp_active_sequences", "Sequences being generated (decoding together)",
+                    busy)
+        yield gauge("edgetp_kv_slots", "KV cache slots (sequences every node holds at once: "
+                    "--max-batch, at most the workers' --kv-slots)", queue.slots())
+        yield gauge("edgetp_kv_slots_in_use", "KV cache slots holding a sequence", busy)
         requests = CounterMetricFamily("edgetp_requests", "Completion requests by outcome "
                                        "(accepted, rejected, unavailable, completed, cancelled, "
                                        "skipped, failed, shutdown)", labels=["outcome"])

@@ -200,8 +200,11 @@ class APIServer:
             "nodes": {"expected": expected, "joined": expected - len(missing),
                       "missing": missing},
             "failing": [{"rank": rank, "reason": reason} for rank, reason in failing.items()],
-            "queue": {"length": queued, "capacity": self.settings.queue_size},
-            "busy": busy,
+            "queue": {"length": queued, "capacity": self.settings.queue_size,
+                      "full": queued >= self.settings.queue_size},
+            "busy": busy > 0,
+            "batch": {"sequences": busy, "kv_slots": self.queue.slots(),
+                      "waiting_for_a_slot": queued > 0 and busy >= self.queue.slots()},
             "requests": requests,
         }
 

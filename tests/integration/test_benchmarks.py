@@ -10,6 +10,7 @@ from helpers import processes
 from helpers.paths import REPO
 
 from edgetp.kernels import native
+from edgetp.kernels.threads import local_cluster_threads
 
 ROOT = REPO
 
@@ -145,3 +146,45 @@ def test_speculative_benchmark_runs_both_demo_workloads() -> None:
     assert rows["demo pair"]["acceptance"] > 0.5 and rows["demo pair"]["tokens_per_step"] > 1.5
     for row in rows.values():
         assert row["ratio"] == row["spec_tokens_per_s"] / row["plain_tokens_per_s"] > 0
+
+
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
+def test_serving_benchmark_quick_tiny_json() -> None:
+    """Concurrent streaming clients against `edgetp serve`: every request answered, each
+    answer the one its prompt gets alone, and the issue's targets measured as ratios."""
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serving.py"), "--tiny", "--quick",
+         "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    workload = report["workload"]
+    assert workload["clients"] == [1, 2, 4, 8] and workload["temperature"] == 0.0
+    assert len(workload["prompt_tokens"]) == workload["prompts"] == 4
+    assert min(workload["prompt_tokens"]) == 8 and max(workload["prompt_tokens"]) == 64
+    assert "--max-batch" not in report["server"]["serve_command"]  # today's server has none
+    # the threads a local cluster of 2 nodes gets
+    assert report["server"]["threads"] == local_cluster_threads(native.usable_cores(), 2)
+    points = {r["clients"]: r for r in report["results"]}
+    assert list(points) == [1, 2, 4, 8]
+    assert points[8]["requests"] == 16 and points[4]["requests"] == 8
+    new_tokens = workload["new_tokens"]
+    for point in points.values():
+        assert point["failed"] == point["lost"] == 0, point["errors"]
+        assert point["completed"] == point["requests"]
+        assert point["mismatched_answers"] == point["unchecked_answers"] == 0
+        assert point["unstreamed_tokens"] == 0  # every token streamed as its own piece
+        assert 0 < point["tokens"] <= point["requests"] * new_tokens
+        assert abs(point["aggregate_tokens_per_s"] - point["tokens"] / point["wall_s"]) < 1e-6
+        for key in ("ms_per_token", "ttft_ms", "ttft_vs_alone"):
+            assert 0 < point[key]["p50"] <= point[key]["p90"], (key, point)
+    targets = {t["name"]: t for t in report["targets"]}
+    assert len(targets) == 6 and all(t["value"] is not None for t in targets.values())
+    assert targets["0 failed or lost requests at N=8"]["met"] is True
+    assert targets["every greedy answer identical to the same request served alone"]["met"]
+    throughput = targets["aggregate tokens/s at N=4 >= 3x N=1"]
+    assert throughput["value"] == (points[4]["aggregate_tokens_per_s"]
+                                   / points[1]["aggregate_tokens_per_s"])
+    assert throughput["status"] == "met" or throughput["status"].startswith("missed by")
+    assert "targets (issue 21):" in proc.stderr and "| N | requests |" in proc.stderr

@@ -430,7 +430,7 @@ def test_worker_drops_malformed_frames_and_keeps_serving(demo_cluster: TrackedCl
         identity, hello = fake.recv(JOIN_TIMEOUT_S, ("hello",))
         assert hello.fields["rank"] == 1 and hello.fields["pid"] == proc.pid
         fake.welcome(identity)
-        step = {"seq": 1, "step": 1, "start": 0}
+        step = {"seq": 1, "step": 1, "slots": [0], "starts": [0]}
         good = wire.encode("step", step, [torch.randn(2, hidden)])
         for frames in [
             [b"\xff\x00garbage"],
@@ -442,7 +442,10 @@ def test_worker_drops_malformed_frames_and_keeps_serving(demo_cluster: TrackedCl
             [msgpack.packb({"v": V, "op": "step", "tensors": [["f32", [2**20, 2**20]]],
                             **step}), b"\x00" * 8],
             [msgpack.packb({"v": V, "op": "step", "tensors": [], "seq": -1, "step": 1,
-                            "start": 0})],
+                            "slots": [0], "starts": [0]})],
+            [msgpack.packb({"v": V, "op": "step", "tensors": [["f32", [2, hidden]]],
+                            "seq": 1, "step": 1, "slots": [0.5], "starts": [0]}),
+             bytes(good[1])],  # a slot that is not an integer
             [msgpack.packb({"v": V, "op": "shutdown", "tensors": [], "now": True})],
             [msgpack.packb({"v": V, "op": "sum", "tensors": [["f32", [2, hidden]]],
                             "seq": 1, "step": 1, "index": 0})],  # frame missing
@@ -455,7 +458,7 @@ def test_worker_drops_malformed_frames_and_keeps_serving(demo_cluster: TrackedCl
         # A valid step: the worker computes and sends its first partial, then one per
         # allreduce as the sums come back (2 per layer; the last is not answered).
         h = torch.randn(3, hidden)
-        fake.send(identity, "step", {"seq": 2, "step": 1, "start": 0}, [h])
+        fake.send(identity, "step", {"seq": 2, "step": 1, "slots": [0], "starts": [0]}, [h])
         for index in range(2 * layers):
             _, partial = fake.recv(10, ("partial",))
             assert partial.fields == {"seq": 2, "step": 1, "index": index}

@@ -62,7 +62,7 @@ def check_frames_carry_no_private_data(messages, result, prompt_ids, hidden, voc
     for frames in messages:
         message = wire.decode(frames)  # every frame a worker got is a valid protocol message
         assert message.op in ALLOWED_OPS
-        assert set(message.fields) <= {"seq", "step", "start", "index", "session",
+        assert set(message.fields) <= {"seq", "step", "slots", "starts", "index", "session",
                                        "wire_dtype", "time", "echo", "allreduce", "ring_port",
                                        "ring_keys", "address", "data", "data_key",
                                        "data_cipher"}  # ring_keys, data_key: public keys

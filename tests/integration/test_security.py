@@ -159,7 +159,7 @@ def valid_messages() -> list[list[bytes]]:
         wire.encode("ping", {"time": 1.0}),
         wire.encode("stats", {"seq": 1, "stats": {"a": 1}},
                     [torch.zeros(1, 7, dtype=torch.float64)]),
-        wire.encode("step", {"seq": 1, "step": 1, "start": 0}, [h]),
+        wire.encode("step", {"seq": 1, "step": 1, "slots": [0], "starts": [0]}, [h]),
         wire.encode("ring", {"seq": 1, "step": 1, "index": 0, "hop": 0}, [h]),
     ]
     return [[bytes(f) for f in m] for m in messages] + [hello_frames()]

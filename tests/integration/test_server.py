@@ -114,22 +114,24 @@ def assert_error_shape(body: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def slow_generation(master: Any, delay_s: float) -> Iterator[None]:
-    """Pace the master's engine to ``delay_s`` per token (to hold the cluster busy)."""
-    original = master.engine.generate
+    """Pace the master's steps to ``delay_s`` each (to hold the cluster busy): every step that
+    yields tokens, a decode batch's or a prompt's last chunk, alone or batched."""
+    runner = master.runner
+    originals = {name: getattr(runner, name) for name in ("logits", "batch_logits")}
 
-    def slow(prompt_ids: Any, sampling: Any, gen: Any, on_text: Any = None) -> Any:
-        def paced(piece: str) -> None:
+    def paced(step: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
             time.sleep(delay_s)
-            if on_text is not None:
-                on_text(piece)
+            return step(*args, **kwargs)
+        return call
 
-        return original(prompt_ids, sampling, gen, paced)
-
-    master.engine.generate = slow
+    for name, step in originals.items():
+        setattr(runner, name, paced(step))
     try:
         yield
     finally:
-        del master.engine.generate
+        for name in originals:
+            delattr(runner, name)
 
 
 def records_of(server: APIServer, ids: set[str]) -> list[RequestRecord]:
@@ -223,8 +225,10 @@ def test_models_and_health(client: openai.OpenAI, server: APIServer) -> None:
     assert status == 200
     assert health["status"] == "ok" and health["model"] == MODEL
     assert health["nodes"] == {"expected": 2, "joined": 2, "missing": []}
-    assert health["queue"] == {"length": 0, "capacity": 16}
+    assert health["queue"] == {"length": 0, "capacity": 16, "full": False}
     assert health["busy"] is False
+    assert health["batch"] == {"sequences": 0, "kv_slots": server.master.batch_slots,
+                               "waiting_for_a_slot": False}
 
 
 def metric(text: str, name: str) -> float:

@@ -102,7 +102,7 @@ def test_a_worker_rolls_positions_back_and_refuses_a_gap(two_nodes: TrackedClust
 
     def run_step(step: int, start: int, rows: int) -> torch.Tensor:
         """One step through the worker (the fake master sums by doubling); its last partial."""
-        fake.send(identity, "step", {"seq": 1, "step": step, "start": start},
+        fake.send(identity, "step", {"seq": 1, "step": step, "slots": [0], "starts": [start]},
                   [torch.ones(rows, hidden)])
         for index in range(2 * layers):
             _, partial = fake.recv(10, ("partial",))
@@ -117,10 +117,10 @@ def test_a_worker_rolls_positions_back_and_refuses_a_gap(two_nodes: TrackedClust
         first = run_step(2, 5, 4)  # a draft of 3 at positions 5..8
         again = run_step(3, 5, 4)  # rejected: positions 5..8 again, the same rows
         torch.testing.assert_close(again, first)
-        fake.send(identity, "step", {"seq": 1, "step": 4, "start": 12},
+        fake.send(identity, "step", {"seq": 1, "step": 4, "slots": [0], "starts": [12]},
                   [torch.ones(1, hidden)])  # nothing was written at 9..11
         _, error = fake.recv(10, ("error",))
-        assert "leaves a gap after the 9 positions" in error.fields["message"]
+        assert "leaves a gap after the 9 positions written in KV slot 0" in error.fields["message"]
         run_step(5, 9, 1)  # the next position is fine
         fake.send(identity, "shutdown", {})
         assert proc.wait(timeout=15) == 0

@@ -35,6 +35,13 @@ struct call {
 #define KIND_WSXY(fn) { return fn(c->in[0], c->in[1], c->in[2], c->out, c->ints[0], c->ints[1]); }
 #define KIND_WSXY_GROUP(fn) \
     { return fn(c->in[0], c->in[1], c->in[2], c->out, c->ints[0], c->ints[1], c->ints[2]); }
+/* the batched products: the one-row arguments and nx (x [nx, cols], y [nx, rows]) */
+#define KIND_WXY_N(fn) { return fn(c->in[0], c->in[1], c->out, c->ints[0], c->ints[1], c->ints[2]); }
+#define KIND_WSXY_N(fn) \
+    { return fn(c->in[0], c->in[1], c->in[2], c->out, c->ints[0], c->ints[1], c->ints[2]); }
+#define KIND_WSXY_GROUP_N(fn) \
+    { return fn(c->in[0], c->in[1], c->in[2], c->out, c->ints[0], c->ints[1], c->ints[2], \
+                c->ints[3]); }
 
 #define KERNEL(fn, kind, word) \
     static int call_##fn(const struct call *c) KIND_##kind(fn)
@@ -56,6 +63,7 @@ struct test_case {
     char kernel[NAME_BYTES], label[NAME_BYTES];
     int64_t n_inputs, n_ints, status, out_kind, n_out;
     int64_t ints[MAX_INTS];
+    int64_t input_bytes[MAX_INPUTS];
     unsigned char *inputs[MAX_INPUTS]; /* each allocation; the data start 4 bytes in */
     double *expected, *tolerance;
 };
@@ -73,6 +81,7 @@ static int read_case(const char *path, struct test_case *t) {
     for (int64_t i = 0; ok && i < t->n_inputs; i++) {
         int64_t nbytes;
         ok = read_exact(file, &nbytes, sizeof nbytes) && (t->inputs[i] = malloc(nbytes + 4))
+             && (t->input_bytes[i] = nbytes) >= 0
              && read_exact(file, t->inputs[i] + 4, (size_t)nbytes);
     }
     size_t doubles = (size_t)t->n_out * sizeof(double);
@@ -97,6 +106,42 @@ static int word_is_torch(const char *word) {
     snprintf(wanted, sizeof wanted, "%s:torch", word);
     const char *paths = et_kernel_paths(), *at = strstr(paths, wanted);
     return at != NULL && (at == paths || at[-1] == ' ');
+}
+
+static const struct kernel *kernel_named(const char *name);
+
+/* A batched product (name ending in "_rows"; x its last input, nx its last integer): each of
+ * its output rows must be bitwise what the one-row product (the name without "_rows") gives
+ * for that x row alone. Returns 1 when they are, 0 otherwise. */
+static int rows_match_one_row(const struct kernel *k, const struct test_case *t,
+                              const unsigned char *out, size_t out_size) {
+    char one_name[NAME_BYTES];
+    size_t n = strlen(k->name);
+    if (n < 6 || strcmp(k->name + n - 5, "_rows") != 0) return 1; /* not a batched product */
+    snprintf(one_name, sizeof one_name, "%.*s", (int)(n - 5), k->name);
+    const struct kernel *one = kernel_named(one_name);
+    int64_t nx = t->ints[t->n_ints - 1], rows = t->ints[0], cols = t->ints[1];
+    int64_t xi = t->n_inputs - 1, x_size = t->input_bytes[xi] / (nx * cols);
+    if (one == NULL) {
+        printf("  FAIL %s [%s]: no one-row kernel %s\n", k->name, t->label, one_name);
+        return 0;
+    }
+    unsigned char *y = malloc((size_t)rows * out_size + 1);
+    int same = 1;
+    for (int64_t r = 0; same && r < nx; r++) {
+        struct call c = {{0}, y, {0}};
+        for (int64_t i = 0; i < t->n_inputs; i++) c.in[i] = t->inputs[i] + 4;
+        c.in[xi] = t->inputs[xi] + 4 + r * cols * x_size;
+        memcpy(c.ints, t->ints, sizeof c.ints);
+        c.ints[t->n_ints - 1] = 0;
+        same = one->call(&c) == 0
+               && memcmp(y, out + (size_t)(r * rows) * out_size, (size_t)rows * out_size) == 0;
+        if (!same)
+            printf("  FAIL %s [%s]: row %lld is not bitwise %s of that row\n", k->name,
+                   t->label, (long long)r, one_name);
+    }
+    free(y);
+    return same;
 }
 
 /* Runs one case: 1 passed, 0 failed, -1 skipped (left to torch by this build). */
@@ -131,8 +176,15 @@ static int run_case(const struct kernel *k, struct test_case *t, double *worst) 
             *worst = error / allowed;
         }
     }
+    if (passed && status == 0) passed = rows_match_one_row(k, t, out, t->out_kind == 1 ? 2 : 4);
     free(out);
     return passed;
+}
+
+static const struct kernel *kernel_named(const char *name) {
+    for (size_t k = 0; k < sizeof KERNELS / sizeof KERNELS[0]; k++)
+        if (strcmp(KERNELS[k].name, name) == 0) return &KERNELS[k];
+    return NULL;
 }
 
 int main(int argc, char **argv) {

@@ -176,7 +176,7 @@ def f16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def i8_b32_cases(rng: np.random.Generator) -> Iterator[Case]:
-    for rows, cols in [(1, 32), (3, 64), (5, 96), (7, 160), (2, 544)]:
+    for rows, cols in [(1, 32), (3, 64), (5, 96), (7, 160), (2, 544), (4, 256), (3, 1376)]:
         w = rng.integers(-127, 128, (rows, cols), dtype=np.int8)  # [rows, cols]
         scale = f16_bits(rng.uniform(0.001, 0.1, (rows, cols // 32)))  # [rows, cols / 32]
         x = rng.standard_normal(cols, dtype=np.float32)
@@ -245,6 +245,144 @@ def int4_cases(f32_pairs: bool) -> Callable[[np.random.Generator], Iterator[Case
     return cases
 
 
+# ---- the batched products: x [nx, cols] -> y [nx, rows] -------------------------------------
+#
+# Each row checked against its reference here, and by harness.c bitwise against the one-row
+# product of that x row alone (the kernel's name without "_rows").
+
+MAX_BATCH = 8
+# shapes big enough to be read in several cache-sized chunks (csrc's BATCH_CHUNK_BYTES, 64 KiB)
+BATCH_DENSE_SHAPES = [*DENSE_SHAPES, (301, 1000), (97, 4100)]
+Reference = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # x row -> (expected, tol)
+
+
+def batch_case(label: str, weights: list[np.ndarray], x: np.ndarray, reference: Reference,
+               ints: list[int], rows: int, out_kind: int = OUT_F32) -> Case:
+    """One batched call: ``x`` [nx, cols] after ``weights``; nx appended to ``ints``."""
+    parts = [reference(row) for row in x]
+    expected = np.concatenate([part[0] for part in parts])
+    tolerance = np.concatenate([part[1] for part in parts])
+    return Case(f"{label} x{len(x)}", [*weights, x], [*ints, len(x)], rows * len(x), expected,
+                tolerance, out_kind=out_kind)
+
+
+def refused_batches(label: str, weights: list[np.ndarray], cols: int, ints: list[int],
+                    rows: int, out_kind: int = OUT_F32) -> Iterator[Case]:
+    """nx 0 and MAX_BATCH + 1: refused (status -3)."""
+    for nx in (0, MAX_BATCH + 1):
+        x = np.ones((max(nx, 1), cols), np.float32)
+        yield Case(f"{label} x{nx} refused", [*weights, x], [*ints, nx], rows * max(nx, 1),
+                   status=NOT_BUILT, out_kind=out_kind)
+
+
+def f32_rows_cases(rng: np.random.Generator) -> Iterator[Case]:
+    for nx, (rows, cols) in enumerate(BATCH_DENSE_SHAPES):
+        w = rng.standard_normal((rows, cols), dtype=np.float32)  # [rows, cols]
+        x = rng.standard_normal((nx % MAX_BATCH + 1, cols), dtype=np.float32)  # [nx, cols]
+        w64 = w.astype(np.float64)
+
+        def reference(row: np.ndarray, w64: np.ndarray = w64) -> tuple[np.ndarray, np.ndarray]:
+            return w64 @ row, float32_bound(w64.shape[1], np.abs(w64) @ np.abs(row))
+        yield batch_case(f"{rows}x{cols}", [w], x, reference, [rows, cols], rows)
+    yield from refused_batches("3x7", [np.ones((3, 7), np.float32)], 7, [3, 7], 3)
+
+
+def bf16_rows_cases(f32_out: bool) -> Callable[[np.random.Generator], Iterator[Case]]:
+    out_kind = OUT_F32 if f32_out else OUT_BF16
+
+    def cases(rng: np.random.Generator) -> Iterator[Case]:
+        for nx, (rows, cols) in enumerate(BATCH_DENSE_SHAPES):
+            w = bf16(rng.standard_normal((rows, cols)))  # [rows, cols] bfloat16 bits
+            x = bf16(rng.standard_normal((nx % MAX_BATCH + 1, cols)))  # [nx, cols]
+            wv = bf16_value(w)
+
+            def reference(row: np.ndarray, wv: np.ndarray = wv) -> tuple[np.ndarray, np.ndarray]:
+                exact = wv @ bf16_value(row)
+                bound = float32_bound(wv.shape[1], np.abs(wv) @ np.abs(bf16_value(row)))
+                return exact, bound if f32_out else bound + U_BF16 * (np.abs(exact) + bound)
+            yield batch_case(f"{rows}x{cols}", [w], x, reference, [rows, cols], rows, out_kind)
+        yield from refused_batches("3x7", [bf16(np.ones((3, 7)))], 7, [3, 7], 3, out_kind)
+    return cases
+
+
+def with_inf_row(x: np.ndarray) -> np.ndarray:
+    """x [nx, cols] with an inf in its second row (when it has one): that row's outputs NaN."""
+    if len(x) > 1:
+        x[1, x.shape[1] // 2] = np.inf
+    return x
+
+
+def quantized_reference(reference: Reference) -> Reference:
+    def checked(row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not np.isfinite(row).all():
+            n = len(reference(np.zeros_like(row))[0])
+            return np.full(n, np.nan), np.zeros(n)
+        return reference(row)
+    return checked
+
+
+def i8_rows_cases(rng: np.random.Generator) -> Iterator[Case]:
+    shapes = [(1, 1), (3, 63), (4, 64), (7, 65), (5, 128), (17, 200), (2, 513), (9, 64),
+              (301, 1000)]
+    for nx, (rows, cols) in enumerate(shapes):
+        w = rng.integers(-127, 128, (rows, cols), dtype=np.int8)  # [rows, cols]
+        scale = bf16(rng.uniform(0.001, 0.1, rows))  # [rows]
+        x = rng.standard_normal((nx % MAX_BATCH + 1, cols), dtype=np.float32)
+        if nx % 3 == 2:
+            x = with_inf_row(x)
+        per_row = bf16_value(scale)[:, None]
+        reference = quantized_reference(
+            lambda row, w=w, per_row=per_row: int8_row_reference(w, row, per_row))
+        yield batch_case(f"{rows}x{cols}", [w, scale], x, reference, [rows, cols], rows)
+    yield from refused_batches("3x64", [np.ones((3, 64), np.int8), bf16(np.ones(3))], 64,
+                               [3, 64], 3)
+
+
+def i8_b32_rows_cases(rng: np.random.Generator) -> Iterator[Case]:
+    shapes = [(1, 32), (3, 64), (5, 96), (7, 160), (2, 544), (13, 224), (4, 32), (6, 64),
+              (301, 1024), (9, 1376)]
+    for nx, (rows, cols) in enumerate(shapes):
+        w = rng.integers(-127, 128, (rows, cols), dtype=np.int8)  # [rows, cols]
+        scale = f16_bits(rng.uniform(0.001, 0.1, (rows, cols // 32)))  # [rows, cols / 32]
+        x = rng.standard_normal((nx % MAX_BATCH + 1, cols), dtype=np.float32)
+        if nx % 3 == 2:
+            x = with_inf_row(x)
+        per_column = np.repeat(scale.view(np.float16).astype(np.float64), 32, axis=1)
+        reference = quantized_reference(
+            lambda row, w=w, per_column=per_column: int8_row_reference(w, row, per_column))
+        yield batch_case(f"{rows}x{cols}", [w, scale], x, reference, [rows, cols], rows)
+    ones = [np.ones((2, 64), np.int8), f16_bits(np.ones((2, 2)))]
+    yield from refused_batches("2x64", ones, 64, [2, 64], 2)
+    yield Case("2x48 not whole blocks x2", [np.ones((2, 48), np.int8), f16_bits(np.ones((2, 2))),
+                                            np.ones((2, 48), np.float32)], [2, 48, 2], 4,
+               status=NOT_BUILT)
+
+
+def i4_rows_cases(f32_pairs: bool) -> Callable[[np.random.Generator], Iterator[Case]]:
+    def cases(rng: np.random.Generator) -> Iterator[Case]:
+        shapes = [(16, 64, 32), (48, 96, 32), (64, 128, 64), (80, 256, 128), (160, 192, 64),
+                  (32, 512, 256), (112, 64, 32), (208, 128, 32)]
+        for nx, (rows, cols, group) in enumerate(shapes):
+            codes = rng.integers(0, 16, (rows, cols), dtype=np.uint8)  # [rows, cols]
+            scale = rng.uniform(0.001, 0.05, (cols // group, rows))  # [groups, rows]
+            zero = rng.uniform(-0.1, 0.1, (cols // group, rows))
+            x = rng.standard_normal((nx % MAX_BATCH + 1, cols), dtype=np.float32)
+            if nx % 3 == 2:
+                x = with_inf_row(x)
+            one = int4_case("", codes, scale, zero, x[0], group, f32_pairs)
+            packed, pairs_in = one.inputs[0], one.inputs[1]
+            values = pairs_in.astype(np.float64) if f32_pairs else bf16_value(pairs_in)
+            reference = quantized_reference(
+                lambda row, codes=codes, values=values, group=group: int4_reference(
+                    codes, values[..., 0], values[..., 1], row, group))
+            yield batch_case(f"{rows}x{cols} group {group}", [packed, pairs_in], x, reference,
+                             [rows, cols, group], rows)
+        packed = pack_int4(torch.zeros(16, 64, dtype=torch.uint8), int4_tiled(16, 32)).numpy()
+        pairs = np.ones((2, 16, 2), np.float32) if f32_pairs else bf16(np.ones((2, 16, 2)))
+        yield from refused_batches("16x64", [packed, pairs], 64, [16, 64, 32], 16)
+    return cases
+
+
 KERNELS: dict[str, Kernel] = {
     "et_matvec_f32": Kernel("WXY_VOID", "f32", f32_cases),
     "et_matvec_bf16": Kernel("WXY", "bf16", bf16_cases(f32_out=False)),
@@ -253,6 +391,13 @@ KERNELS: dict[str, Kernel] = {
     "et_matvec_i8_b32": Kernel("WSXY", "i8_b32", i8_b32_cases),
     "et_matvec_i4": Kernel("WSXY_GROUP", "i4", int4_cases(f32_pairs=False)),
     "et_matvec_i4_f32": Kernel("WSXY_GROUP", "i4", int4_cases(f32_pairs=True)),
+    "et_matvec_f32_rows": Kernel("WXY_N", "f32", f32_rows_cases),
+    "et_matvec_bf16_rows": Kernel("WXY_N", "bf16", bf16_rows_cases(f32_out=False)),
+    "et_matvec_bf16_f32_rows": Kernel("WXY_N", "bf16", bf16_rows_cases(f32_out=True)),
+    "et_matvec_i8_rows": Kernel("WSXY_N", "i8", i8_rows_cases),
+    "et_matvec_i8_b32_rows": Kernel("WSXY_N", "i8_b32", i8_b32_rows_cases),
+    "et_matvec_i4_rows": Kernel("WSXY_GROUP_N", "i4", i4_rows_cases(f32_pairs=False)),
+    "et_matvec_i4_f32_rows": Kernel("WSXY_GROUP_N", "i4", i4_rows_cases(f32_pairs=True)),
 }
 
 EXPORT = re.compile(r"^(?:int|void)\s+(et_matvec_\w+)\s*\(", re.MULTILINE)

@@ -39,7 +39,12 @@ def test_the_native_build_passes(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("wrong, right", [
     ("for (; r < rows; r++) {\n        const float *wr", "for (; r + 1 < rows; r++) {\n"
      "        const float *wr"),  # the float32 row tail skipped
-    ("y[r] = sum * bf16_to_f32(scale[r]);", "y[r] = sum * bf16_to_f32(scale[r]) * 1.0001f;"),
+    ("return sum * bf16_to_f32(scale);", "return sum * bf16_to_f32(scale) * 1.0001f;"),
+    # a batched row one float32 step off its one-row product: within the reference's
+    # tolerance, caught by the bitwise comparison with the one-row kernel
+    ("x + t * cols, y + t * rows + r, min64(step, to - r), cols);\n",
+     "x + t * cols, y + t * rows + r, min64(step, to - r), cols),\n"
+     "            y[t * rows + r] = t ? nextafterf(y[t * rows + r], INFINITY) : y[r];\n"),
 ])
 def test_a_wrong_kernel_fails(tmp_path: Path, wrong: str, right: str,
                               capsys: pytest.CaptureFixture[str]) -> None:

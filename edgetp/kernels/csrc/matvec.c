@@ -8,9 +8,18 @@
  * product where the target has it), chosen at build time from the compiler's feature macros;
  * the plain C loops serve any other target.
  *
+ * Every product also comes batched (et_matvec_*_rows: x [nx, cols], 1 <= nx <= ET_MAX_BATCH,
+ * y [nx, rows]), reading the weight once for all x rows, and y[t] is bitwise the one-row
+ * product of x[t] (what lets a continuously batched sequence decode the same tokens as alone):
+ * either the weights widened once in registers feed every x row's accumulators with the
+ * one-row call's steps (the one-row function is the nx = 1 instance), or the one-row code runs
+ * for each x row on a cache-sized chunk of weight rows that starts at a multiple of the path's
+ * row block (a row's sum depends only on the kind of pass it falls in, never on its neighbours).
+ *
  * Every function is single-threaded (one thread per node) and allocation-free, except for
  * growing thread-local scratch areas holding x converted (float32 for bfloat16, int16 codes
- * for the integer products, and on AArch64 with the dot product those codes' bytes apart).
+ * for the integer products, and on AArch64 with the dot product those codes' bytes apart;
+ * et_quantize_rows, once per call for every x row).
  * All arrays are row-major and contiguous; bfloat16 travels as uint16_t.
  */
 #include <stdint.h>
@@ -30,6 +39,11 @@
 #endif
 
 #define ROWS 4
+#define ET_MAX_BATCH 8 /* x rows a batched product takes (the *_rows functions) */
+/* A batched product reads its weight in chunks of about this many bytes (a multiple of the
+ * kernel's row block), and runs the one-row code for every x row on a chunk while it is in
+ * the cache: each weight byte comes from memory once per product, whatever the x rows. */
+#define BATCH_CHUNK_BYTES (64 << 10)
 
 #if defined(ET_AVX2)
 static inline float sum256(__m256 v) { /* the sum of a vector's eight floats */
@@ -55,7 +69,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept
     return (uint16_t)(bits >> 16);
 }
 
-int et_abi_version(void) { return 1; }
+int et_abi_version(void) { return 2; }
 
 /* ---- float32 weights, float32 x -> float32 y ------------------------------------------------ */
 
@@ -107,8 +121,21 @@ static int64_t f32_rows_vec(const float *restrict w, const float *restrict x, fl
 }
 #endif
 
-void et_matvec_f32(const float *restrict w, const float *restrict x, float *restrict y,
-                   int64_t rows, int64_t cols) {
+/* Rows per chunk of a batched product over rows [from, to) of ``row_bytes`` each: a multiple
+ * of ``block`` (the row block of the kernel's passes, so that a chunk starting at a multiple of
+ * it puts every row in the same kind of pass as one call over all rows does), or the whole
+ * span for one x row. */
+static int64_t batch_step(int64_t nx, int64_t row_bytes, int64_t block, int64_t span) {
+    if (nx <= 1) return span > 0 ? span : 1;
+    int64_t n = BATCH_CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1) / block * block;
+    return n < block ? block : n;
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* One x row against rows [0, rows) of w. */
+static void f32_span(const float *restrict w, const float *restrict x, float *restrict y,
+                     int64_t rows, int64_t cols) {
     int64_t r = 0;
 #if defined(__AVX512F__) || defined(ET_AVX2) || defined(ET_NEON)
     r = f32_rows_vec(w, x, y, rows, cols);
@@ -134,6 +161,36 @@ void et_matvec_f32(const float *restrict w, const float *restrict x, float *rest
         for (int64_t i = 0; i < cols; i++) a += wr[i] * x[i];
         y[r] = a;
     }
+}
+
+#if defined(F32_ROWS)
+#define F32_BLOCK F32_ROWS /* 12 or 8, then four-row passes */
+#else
+#define F32_BLOCK ROWS
+#endif
+
+/* x [nx, cols] against rows [from, to) of w -> y [nx, rows] (those rows of each y row); the
+ * thread pool's part (csrc/pool.c), ``from`` a multiple of F32_BLOCK. */
+void et_f32_part(const float *restrict w, const float *restrict x, float *restrict y,
+                 int64_t rows, int64_t cols, int64_t nx, int64_t from, int64_t to) {
+    int64_t step = batch_step(nx, cols * (int64_t)sizeof(float), F32_BLOCK, to - from);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < nx; t++)
+            f32_span(w + r * cols, x + t * cols, y + t * rows + r, min64(step, to - r), cols);
+}
+
+void et_matvec_f32(const float *restrict w, const float *restrict x, float *restrict y,
+                   int64_t rows, int64_t cols) {
+    et_f32_part(w, x, y, rows, cols, 1, 0, rows);
+}
+
+/* x [nx, cols], 1 <= nx <= ET_MAX_BATCH, -> y [nx, rows]; y[t] is bitwise et_matvec_f32 of
+ * x[t]. Returns 0, or -3 for another nx. */
+int et_matvec_f32_rows(const float *restrict w, const float *restrict x, float *restrict y,
+                       int64_t rows, int64_t cols, int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    et_f32_part(w, x, y, rows, cols, nx, 0, rows);
+    return 0;
 }
 
 /* One growing thread-local scratch area (x converted for a product), never freed. */
@@ -281,14 +338,49 @@ static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, v
     return 0;
 }
 
+#if defined(BF16_ROWS)
+#define BF16_BLOCK BF16_ROWS /* 8 or 4, then four-row passes */
+#else
+#define BF16_BLOCK ROWS
+#endif
+
+/* x [nx, cols] against rows [from, to) of w -> y [nx, rows], bfloat16 or (``f32_out``) float32;
+ * the thread pool's part, ``from`` a multiple of BF16_BLOCK. Returns 0 or -1 (no memory). */
+int et_bf16_part(const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y,
+                 int64_t rows, int64_t cols, int64_t nx, int f32_out, int64_t from, int64_t to) {
+    int64_t step = batch_step(nx, cols * (int64_t)sizeof(uint16_t), BF16_BLOCK, to - from);
+    size_t out = f32_out ? sizeof(float) : sizeof(uint16_t);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < nx; t++) {
+            char *yt = (char *)y + (size_t)(t * rows + r) * out;
+            if (bf16_matvec(w + r * cols, x + t * cols, yt, min64(step, to - r), cols, f32_out))
+                return -1;
+        }
+    return 0;
+}
+
 int et_matvec_bf16(const uint16_t *restrict w, const uint16_t *restrict x, uint16_t *restrict y,
                    int64_t rows, int64_t cols) {
-    return bf16_matvec(w, x, y, rows, cols, 0);
+    return et_bf16_part(w, x, y, rows, cols, 1, 0, 0, rows);
 }
 
 int et_matvec_bf16_f32(const uint16_t *restrict w, const uint16_t *restrict x,
                        float *restrict y, int64_t rows, int64_t cols) {
-    return bf16_matvec(w, x, y, rows, cols, 1);
+    return et_bf16_part(w, x, y, rows, cols, 1, 1, 0, rows);
+}
+
+/* x [nx, cols] -> y [nx, rows] (bfloat16, or float32 sums); y[t] is bitwise the one-row
+ * product of x[t]. Returns 0, -1 (no memory) or -3 (nx not in 1..ET_MAX_BATCH). */
+int et_matvec_bf16_rows(const uint16_t *restrict w, const uint16_t *restrict x,
+                        uint16_t *restrict y, int64_t rows, int64_t cols, int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    return et_bf16_part(w, x, y, rows, cols, nx, 0, 0, rows);
+}
+
+int et_matvec_bf16_f32_rows(const uint16_t *restrict w, const uint16_t *restrict x,
+                            float *restrict y, int64_t rows, int64_t cols, int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    return et_bf16_part(w, x, y, rows, cols, nx, 1, 0, rows);
 }
 
 /* ---- int8 weights with a bfloat16 scale per row, float32 x -> float32 y ----------------------
@@ -330,38 +422,52 @@ static inline int32_t block_dot_tail(const int8_t *restrict w, const int16_t *re
     return acc;
 }
 
+#if defined(__AVX512BW__)
+#define ET_EVEN_ODD_X 1
+#endif
+
 /* x quantized: int16 codes per 64-column block and the blocks' scales; on AArch64 with the dot
- * product also each code's bytes apart (q = 256 hi + lo), for sdot / usdot. */
+ * product also each code's bytes apart (q = 256 hi + lo), for sdot / usdot; with AVX-512 also
+ * the codes of each full block with its even columns first, then its odd (for the int8 block
+ * product, which takes its weights' bytes apart by shifts). */
 struct qx {
     const int16_t *q;
     const float *scale;
     const int8_t *hi, *lo; /* lo: 0..255 (usdot) or lo - 128 (sdot only); NULL elsewhere */
+#if defined(ET_EVEN_ODD_X)
+    const int16_t *q_eo; /* NULL unless quantized with ``split`` */
+#endif
 };
 
 #if defined(ET_NEON) && defined(__ARM_FEATURE_DOTPROD)
 #define ET_SPLIT_X 1
-/* The code bytes of x into a second thread-local area: hi = q >> 8 (-128..127) and the low
- * byte, as 0..255 for usdot (int8 matrix multiply) or shifted to -128..127 for sdot. */
-static int split_x(const int16_t *restrict xq, int64_t n, int8_t **hi, int8_t **lo) {
-    static __thread int8_t *area = NULL;
-    static __thread int64_t capacity = 0;
-    if (2 * n > capacity) {
-        int8_t *grown = realloc(area, (size_t)(2 * n));
-        if (grown == NULL) return -1;
-        area = grown;
-        capacity = 2 * n;
-    }
-    *hi = area;
-    *lo = area + n;
+/* The code bytes of x: hi = q >> 8 (-128..127) and the low byte, as 0..255 for usdot (int8
+ * matrix multiply) or shifted to -128..127 for sdot. */
+static void split_x(const int16_t *restrict xq, int64_t n, int8_t *restrict hi,
+                    int8_t *restrict lo) {
     for (int64_t i = 0; i < n; i++) {
-        area[i] = (int8_t)(xq[i] >> 8);
+        hi[i] = (int8_t)(xq[i] >> 8);
 #if defined(__ARM_FEATURE_MATMUL_INT8)
-        area[n + i] = (int8_t)(uint8_t)(xq[i] & 0xff);
+        lo[i] = (int8_t)(uint8_t)(xq[i] & 0xff);
 #else
-        area[n + i] = (int8_t)((xq[i] & 0xff) - 128);
+        lo[i] = (int8_t)((xq[i] & 0xff) - 128);
 #endif
     }
-    return 0;
+}
+#endif
+
+#if defined(ET_EVEN_ODD_X)
+/* The full 64-column blocks' codes of x, each block's even columns then its odd. */
+static void even_odd_x(const int16_t *restrict xq, int64_t blocks, int16_t *restrict eo) {
+    static const int16_t evens[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                                      32, 34, 36, 38, 40, 42, 44, 46, 48, 50, 52, 54, 56, 58, 60, 62};
+    const __m512i even = _mm512_loadu_si512(evens);
+    const __m512i odd = _mm512_add_epi16(even, _mm512_set1_epi16(1));
+    for (int64_t b = 0; b < blocks; b++) {
+        __m512i x0 = _mm512_loadu_si512(xq + b * QBLOCK), x1 = _mm512_loadu_si512(xq + b * QBLOCK + 32);
+        _mm512_storeu_si512(eo + b * QBLOCK, _mm512_permutex2var_epi16(x0, even, x1));
+        _mm512_storeu_si512(eo + b * QBLOCK + 32, _mm512_permutex2var_epi16(x0, odd, x1));
+    }
 }
 #endif
 
@@ -472,39 +578,69 @@ static int64_t i8_rows_neon(const int8_t *restrict w, const uint16_t *restrict s
 #endif
 
 #if defined(__AVX512BW__)
-static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
-    const int16_t *xq = x->q;
-    const float *xs = x->scale;
-    __m512 acc = _mm512_setzero_ps();
+/* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
+ * inlined): the weights are loaded and widened once, each x row's sum taken with the steps
+ * of the one-row call (sums[n]). */
+#define I8_MULTI ET_MAX_BATCH
+static inline __attribute__((always_inline)) void i8_row_n(
+        const int8_t *restrict w, const struct qx *const *x, int64_t full_blocks,
+        float *restrict sums, const int nx) {
+    __m512 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm512_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+    }
     for (int64_t b = 0; b < full_blocks; b++) {
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
         __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
         __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
-        __m512i x0 = _mm512_loadu_si512(xq + b * QBLOCK);
-        __m512i x1 = _mm512_loadu_si512(xq + b * QBLOCK + 32);
+        for (int n = 0; n < nx; n++) {
+            __m512i x0 = _mm512_loadu_si512(xq[n] + b * QBLOCK);
+            __m512i x1 = _mm512_loadu_si512(xq[n] + b * QBLOCK + 32);
 #if defined(__AVX512VNNI__)
-        __m512i dot = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, x0), hi, x1);
+            __m512i dot = _mm512_dpwssd_epi32(_mm512_madd_epi16(lo, x0), hi, x1);
 #else
-        __m512i dot = _mm512_add_epi32(_mm512_madd_epi16(lo, x0), _mm512_madd_epi16(hi, x1));
+            __m512i dot = _mm512_add_epi32(_mm512_madd_epi16(lo, x0), _mm512_madd_epi16(hi, x1));
 #endif
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[b]), acc);
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[n][b]), acc[n]);
+        }
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
 }
+
 #elif defined(ET_AVX2)
-static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
-    __m256 acc = _mm256_setzero_ps();
+/* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
+ * inlined): the weights widened once, each x row's sum taken with the steps of the one-row
+ * call (sums[n]). */
+#define I8_MULTI ET_MAX_BATCH
+static inline __attribute__((always_inline)) void i8_row_n(
+        const int8_t *restrict w, const struct qx *const *x, int64_t full_blocks,
+        float *restrict sums, const int nx) {
+    __m256 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm256_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+    }
     for (int64_t b = 0; b < full_blocks; b++) {
         const int8_t *wb = w + b * QBLOCK;
-        const int16_t *xb = x->q + b * QBLOCK;
-        __m256i dot = dot32_avx2(wb, xb);
-        __m256i w2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 32)));
-        __m256i w3 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 48)));
-        dot = madd_acc(dot, w2, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-        dot = madd_acc(dot, w3, _mm256_loadu_si256((const __m256i *)(xb + 48)));
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(x->scale[b]), acc);
+        __m256i wv[4];
+        for (int k = 0; k < 4; k++)
+            wv[k] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wb + 16 * k)));
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            __m256i dot = _mm256_madd_epi16(wv[0], _mm256_loadu_si256((const __m256i *)xb));
+            for (int k = 1; k < 4; k++)
+                dot = madd_acc(dot, wv[k], _mm256_loadu_si256((const __m256i *)(xb + 16 * k)));
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[n][b]), acc[n]);
+        }
     }
-    return sum256(acc);
+    for (int n = 0; n < nx; n++) sums[n] = sum256(acc[n]);
 }
 #elif defined(ET_NEON)
 static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
@@ -525,69 +661,229 @@ static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_b
 }
 #endif
 
-/* x quantized into the thread's scratch area: int16 codes (padded to whole blocks), a scale per
- * block, and ``extra`` more floats for the caller; ``split``: the codes' bytes apart too where
- * the kernels use them (AArch64 dot product). Returns 0, -1 (no memory) or -2 (inf/NaN). */
-static int quantized_x(const float *restrict x, int64_t cols, int64_t extra, int split,
-                       struct qx *out, float **more) {
-    int64_t blocks = (cols + QBLOCK - 1) / QBLOCK;
-    char *area = scratch_bytes(blocks * QBLOCK * (int64_t)sizeof(int16_t)
-                               + (blocks + extra) * (int64_t)sizeof(float));
-    if (area == NULL) return -1;
-    int16_t *xq = (int16_t *)area;
-    float *xs = (float *)(area + blocks * QBLOCK * sizeof(int16_t));
-    *out = (struct qx){xq, xs, NULL, NULL};
-    *more = xs + blocks;
-    int status = quantize_x(x, cols, xq, xs);
-#if defined(ET_SPLIT_X)
-    if (status == 0 && split) {
-        int8_t *hi, *lo;
-        if (split_x(xq, blocks * QBLOCK, &hi, &lo) != 0) return -1;
-        out->hi = hi;
-        out->lo = lo;
+#if defined(I8_MULTI)
+/* x rows taken together over a chunk of weight rows: four int16 rows of a 4096-wide x (32
+ * KiB) stay in the L1 cache; more x rows go in further passes over the chunk (in L2). */
+#define I8_GROUP 4
+#define MULTI_CASES(call) \
+    switch (nx) { \
+    case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; \
+    case 4: call(4); break; case 5: call(5); break; case 6: call(6); break; \
+    case 7: call(7); break; default: call(8); break; \
     }
+
+/* i8_row_n for 1..I8_MULTI x rows */
+static void i8_rows_multi(const int8_t *restrict w, const struct qx *const *x,
+                          int64_t full_blocks, float *restrict sums, int nx) {
+#define I8_CALL(n) i8_row_n(w, x, full_blocks, sums, n)
+    MULTI_CASES(I8_CALL)
+#undef I8_CALL
+}
+
+static float i8_row(const int8_t *restrict w, const struct qx *x, int64_t full_blocks) {
+    float sum;
+    i8_rows_multi(w, &x, full_blocks, &sum, 1);
+    return sum;
+}
+#endif
+
+/* x rows quantized for one product (int8 and int4), each once per call: a row's codes, block
+ * scales and (int4) its groups' plain sums are what the one-row product of that row uses. */
+struct qbatch {
+    int64_t nx;
+    struct qx row[ET_MAX_BATCH];
+    const float *group_sum[ET_MAX_BATCH]; /* int4: each group's plain sum of x; else NULL */
+    int bad[ET_MAX_BATCH];                /* inf or NaN in the row: its outputs are NaN */
+};
+
+/* A second growing thread-local area (the quantized rows), apart from scratch_bytes' (which a
+ * bfloat16 product may grow while a batch is in use), never freed; aligned to 64 bytes, so
+ * that a 64-byte load of x codes never straddles two cache lines (malloc's 16-byte alignment
+ * cost the AVX-512 int8 products up to a quarter of their time, depending on the address). */
+static void *batch_bytes(int64_t n) {
+    static __thread void *area = NULL;
+    static __thread int64_t capacity = 0;
+    if (n > capacity) {
+        int64_t size = (n + 63) / 64 * 64;
+        void *grown = aligned_alloc(64, (size_t)size); /* the old contents are not kept */
+        if (grown == NULL) return NULL;
+        free(area);
+        area = grown;
+        capacity = size;
+    }
+    return area;
+}
+
+static inline int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+/* x [nx, cols] quantized into the calling thread's batch area: per row int16 codes (padded to
+ * whole blocks), a scale per block, with ``group`` > 0 each group's plain sum of x, and
+ * (``split``: for the int8 products) the codes' bytes apart where the kernels use them
+ * (AArch64 dot product), or with AVX-512 the codes' even and odd columns apart. The
+ * batch stays valid until this thread quantizes again (the thread pool's threads only read
+ * it). Returns NULL when out of memory. */
+const void *et_quantize_rows(const float *restrict x, int64_t nx, int64_t cols, int64_t group,
+                             int split) {
+    int64_t blocks = (cols + QBLOCK - 1) / QBLOCK, groups = group > 0 ? cols / group : 0;
+    int64_t codes = align64(blocks * QBLOCK * (int64_t)sizeof(int16_t));
+    int64_t floats = align64((blocks + groups) * (int64_t)sizeof(float));
+    int64_t bytes = 0;
+#if defined(ET_SPLIT_X)
+    if (split) bytes = align64(2 * blocks * QBLOCK);
+#elif defined(ET_EVEN_ODD_X)
+    if (split) bytes = codes;
 #else
     (void)split;
 #endif
-    return status;
+    int64_t per_row = codes + floats + bytes;
+    char *area = batch_bytes(align64((int64_t)sizeof(struct qbatch)) + nx * per_row);
+    if (area == NULL) return NULL;
+    struct qbatch *batch = (struct qbatch *)area;
+    batch->nx = nx;
+    for (int64_t t = 0; t < nx; t++) {
+        char *at = area + align64((int64_t)sizeof(struct qbatch)) + t * per_row;
+        int16_t *xq = (int16_t *)at;
+        float *xs = (float *)(at + codes), *sums = xs + blocks;
+        const float *xt = x + t * cols;
+        batch->row[t] = (struct qx){xq, xs, NULL, NULL};
+        batch->group_sum[t] = group > 0 ? sums : NULL;
+        batch->bad[t] = quantize_x(xt, cols, xq, xs) != 0;
+        if (batch->bad[t]) continue;
+        for (int64_t g = 0; g < groups; g++) {
+            float sum = 0.f;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) sum += xt[i];
+            sums[g] = sum;
+        }
+#if defined(ET_SPLIT_X)
+        if (split) {
+            int8_t *hi = (int8_t *)(at + codes + floats), *lo = hi + blocks * QBLOCK;
+            split_x(xq, blocks * QBLOCK, hi, lo);
+            batch->row[t].hi = hi;
+            batch->row[t].lo = lo;
+        }
+#elif defined(ET_EVEN_ODD_X)
+        if (split) {
+            int16_t *eo = (int16_t *)(at + codes + floats);
+            even_odd_x(xq, cols / QBLOCK, eo);
+            batch->row[t].q_eo = eo;
+        }
+#endif
+    }
+    return batch;
 }
 
 static void fill_nan(float *y, int64_t rows) {
     for (int64_t r = 0; r < rows; r++) y[r] = NAN;
 }
 
+/* A row's output from its full blocks' ``sum``: the last partial block, then the row scale
+ * (one compiled copy, whichever path took the sum). */
+static __attribute__((noinline)) float i8_finish(const int8_t *restrict wr, uint16_t scale,
+                                                 const struct qx *xb, int64_t cols, float sum) {
+    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
+    if (tail)
+        sum += (float)block_dot_tail(wr + full * QBLOCK, xb->q + full * QBLOCK, tail)
+               * xb->scale[full];
+    return sum * bf16_to_f32(scale);
+}
+
+/* One quantized x row against rows [0, rows) of w (scale: theirs). */
+static void i8_span(const int8_t *restrict w, const uint16_t *restrict scale,
+                    const struct qx *xb, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8_rows_neon(w, scale, xb, y, rows, cols);
+#endif
+    for (; r < rows; r++) {
+        float sum = i8_row(w + r * cols, xb, cols / QBLOCK);
+        y[r] = cols % QBLOCK ? i8_finish(w + r * cols, scale[r], xb, cols, sum)
+                             : sum * bf16_to_f32(scale[r]); /* one rounding: as i8_finish's */
+    }
+}
+
+/* The good (finite) rows of a batch, NaN written for the others over rows [from, to). */
+static int good_rows(const struct qbatch *b, float *restrict y, int64_t rows, int64_t from,
+                     int64_t to, const struct qx **xs, float **ys, const float **sums) {
+    int good = 0;
+    for (int64_t t = 0; t < b->nx; t++) {
+        if (b->bad[t]) {
+            fill_nan(y + t * rows + from, to - from);
+            continue;
+        }
+        xs[good] = &b->row[t];
+        if (sums) sums[good] = b->group_sum[t];
+        ys[good++] = y + t * rows;
+    }
+    return good;
+}
+
+#if defined(ET_NEON)
+#define I8_BLOCK NEON_ROWS /* four-row passes */
+#else
+#define I8_BLOCK 1
+#endif
+
+/* A quantized batch (et_quantize_rows) against rows [from, to) -> y [nx, rows]; the thread
+ * pool's part, ``from`` a multiple of I8_BLOCK. A row of x with inf or NaN gives NaN. */
+int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
+               float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
+    const struct qbatch *b = batch;
+#if defined(I8_MULTI)
+    /* every weight row once against all the x rows, in registers */
+    const struct qx *xs[ET_MAX_BATCH];
+    float *ys[ET_MAX_BATCH], sums[ET_MAX_BATCH];
+    int good = good_rows(b, y, rows, from, to, xs, ys, NULL);
+    int64_t step = batch_step(good > I8_GROUP ? good : 1, cols, 1, to - from);
+    for (int64_t r0 = from; r0 < to; r0 += step)
+        for (int g = 0; g < good; g += I8_GROUP) {
+            int nx = good - g < I8_GROUP ? good - g : I8_GROUP;
+            for (int64_t r = r0; r < min64(r0 + step, to); r++) {
+                i8_rows_multi(w + r * cols, xs + g, cols / QBLOCK, sums, nx);
+                for (int n = 0; n < nx; n++)
+                    ys[g + n][r] = cols % QBLOCK
+                                   ? i8_finish(w + r * cols, scale[r], xs[g + n], cols, sums[n])
+                                   : sums[n] * bf16_to_f32(scale[r]);
+            }
+        }
+#else
+    int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < b->nx; t++) {
+            float *yt = y + t * rows + r;
+            if (b->bad[t]) fill_nan(yt, min64(step, to - r));
+            else i8_span(w + r * cols, scale + r, &b->row[t], yt, min64(step, to - r), cols);
+        }
+#endif
+    return 0;
+}
+
+/* x [nx, cols] float32, 1 <= nx <= ET_MAX_BATCH -> y [nx, rows]; y[t] is bitwise the one-row
+ * product of x[t]. Returns 0; -1 when out of memory (the caller falls back); -3 for another
+ * nx. */
+int et_matvec_i8_rows(const int8_t *restrict w, const uint16_t *restrict scale,
+                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                      int64_t nx) {
+    if (nx < 1 || nx > ET_MAX_BATCH) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, 0, 1);
+    if (batch == NULL) return -1;
+    return et_i8_part(w, scale, batch, y, rows, cols, 0, rows);
+}
+
 /* Returns 0, or -1 when out of memory (the caller falls back). */
 int et_matvec_i8(const int8_t *restrict w, const uint16_t *restrict scale,
                  const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
-    int64_t full = cols / QBLOCK, tail = cols - full * QBLOCK;
-    struct qx xb;
-    float *unused;
-    int status = quantized_x(x, cols, 0, 1, &xb, &unused);
-    if (status == -1) return -1;
-    if (status != 0) { /* inf or NaN in x: every output is NaN */
-        fill_nan(y, rows);
-        return 0;
-    }
-    const int16_t *xq = xb.q;
-    const float *xs = xb.scale;
-    int64_t r = 0;
-#if defined(ET_NEON)
-    r = i8_rows_neon(w, scale, &xb, y, rows, cols);
-#endif
-    for (; r < rows; r++) {
-        const int8_t *wr = w + r * cols;
-        float sum = i8_row(wr, &xb, full);
-        if (tail) sum += (float)block_dot_tail(wr + full * QBLOCK, xq + full * QBLOCK, tail) * xs[full];
-        y[r] = sum * bf16_to_f32(scale[r]);
-    }
-    return 0;
+    return et_matvec_i8_rows(w, scale, x, y, rows, cols, 1);
 }
 
 /* ---- int8 weights with a float16 scale per 32 columns (a GGUF's Q8_0 blocks), float32 x ------
  *
  * As above, with x quantized to int16 per 64 columns; each 64-column block of a row holds two
  * weight blocks, whose 32 products are summed exactly in int32 apart and scaled by their own
- * weight scale. Columns must be a multiple of 32.
+ * weight scale. Columns must be a multiple of 32. On AVX-512 and AVX2 (with F16C) the exact
+ * sums of 16 or 8 weight blocks are gathered into one vector by a tree of shuffles and adds,
+ * converted to float once and scaled by their scales in one multiply-add (per-block converts
+ * and broadcasts cost more than the sums); AVX-512 reads x's codes reordered, even columns
+ * then odd per block (et_quantize_rows), so that shifts alone widen the weights.
  */
 
 #define WBLOCK 32
@@ -617,50 +913,207 @@ static inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
-static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
-                     const struct qx *x, int64_t cols) {
-    const int16_t *xq = x->q;
-    const float *xs = x->scale;
-    int64_t b = 0;
-    float sum = 0.f;
 #if defined(__AVX512BW__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; b < cols / QBLOCK; b++) {
+/* a + b lanes taken in pairs (a's, b's) by an unpack pair: within each 128-bit lane
+ * (a0 + a2, b0 + b2, a1 + a3, b1 + b3) for 32 bits, (a01 + a23, b01 + b23) for 64. */
+static inline __m512i sum_pairs32(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+}
+static inline __m512i sum_pairs64(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+}
+/* a's and b's 128-bit lanes summed in pairs: (a0 + a1, a2 + a3, b0 + b1, b2 + b3) */
+static inline __m512i sum_lanes128(__m512i a, __m512i b) {
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_i32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* d[j] holds weight block 2j's partial sums in lanes 0-7 and block 2j + 1's in lanes 8-15;
+ * the 16 blocks' sums, block ORDER16[k] in lane k, by a transpose-and-add tree. */
+static inline __m512i sum8x2(const __m512i *d) {
+    __m512i p[4], q[2];
+    for (int j = 0; j < 4; j++) p[j] = sum_pairs32(d[2 * j], d[2 * j + 1]);
+    /* q[k], per 128-bit lane: d[4k..4k+3]'s partial sums, lanes 0-1 of their first block */
+    for (int k = 0; k < 2; k++) q[k] = sum_pairs64(p[2 * k], p[2 * k + 1]);
+    return sum_lanes128(q[0], q[1]);
+}
+static const int32_t ORDER16[16] = {0, 2, 4, 6, 1, 3, 5, 7, 8, 10, 12, 14, 9, 11, 13, 15};
+
+/* ``blocks`` (8 or 4, a constant) x blocks from x block b on of one weight row against ``nx``
+ * x rows, into acc[n]: each block's 64 weight bytes split by shifts into even and odd
+ * columns' int16 (against x's codes in that order, q_eo), so that an int32 lane sums four
+ * adjacent columns (lanes 0-7 the first weight block, 8-15 the second); per x row the blocks'
+ * exact sums gathered into one vector by a transpose-and-add tree (zeros for missing blocks),
+ * converted once, and scaled by their scales (widened together) times their x blocks' scales,
+ * in one multiply-add. */
+static inline __attribute__((always_inline)) void i8b_round(
+        const int8_t *restrict w, const uint16_t *restrict scale, const int16_t *const *xeo,
+        const float *const *xs, int64_t b, __m512 *acc, const int nx, const int blocks) {
+    const __m512i order = _mm512_loadu_si512(ORDER16);
+    const __m512i x_order = _mm512_srli_epi32(order, 1); /* each weight block's x block */
+    __m512i even[8], odd[8]; /* x block j's weights in even and odd columns, int16 */
+    for (int j = 0; j < blocks; j++) {
+        /* two rounds ahead: without it one x row took 25% longer (the hardware's prefetch
+         * alone kept fewer lines in flight) */
+        _mm_prefetch((const char *)(w + (b + j) * QBLOCK + 1024), _MM_HINT_T0);
+        __m512i bytes = _mm512_loadu_si512(w + (b + j) * QBLOCK);
+        even[j] = _mm512_srai_epi16(_mm512_slli_epi16(bytes, 8), 8);
+        odd[j] = _mm512_srai_epi16(bytes, 8);
+    }
+    __mmask32 weight_blocks = blocks == 8 ? 0xffff : 0xff;
+    __m512i halves = _mm512_maskz_loadu_epi16(weight_blocks, scale + 2 * b);
+    __m512 scales = _mm512_permutexvar_ps(order, _mm512_cvtph_ps(_mm512_castsi512_si256(halves)));
+    for (int n = 0; n < nx; n++) {
+        const int16_t *xb = xeo[n] + b * QBLOCK;
+        __m512i d[8];
+        for (int j = 0; j < 8; j++) {
+            if (j >= blocks) {
+                d[j] = _mm512_setzero_si512();
+                continue;
+            }
+            __m512i x_even = _mm512_loadu_si512(xb + j * QBLOCK);
+            __m512i x_odd = _mm512_loadu_si512(xb + j * QBLOCK + 32);
+#if defined(__AVX512VNNI__)
+            d[j] = _mm512_dpwssd_epi32(_mm512_madd_epi16(even[j], x_even), odd[j], x_odd);
+#else
+            d[j] = _mm512_add_epi32(_mm512_madd_epi16(even[j], x_even),
+                                    _mm512_madd_epi16(odd[j], x_odd));
+#endif
+        }
+        __m512 x_scales = _mm512_permutexvar_ps(
+            x_order, _mm512_maskz_loadu_ps((__mmask16)((1u << blocks) - 1), xs[n] + b));
+        acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum8x2(d)), _mm512_mul_ps(scales, x_scales), acc[n]);
+    }
+}
+
+/* The full 64-column blocks of one weight row against ``nx`` x rows (a constant where it is
+ * inlined), each x row's sum taken with the steps of the one-row call (sums[n]): eight x
+ * blocks at a time (i8b_round), then four, then the last one at a time. */
+static inline __attribute__((always_inline)) void i8b_row_n(
+        const int8_t *restrict w, const uint16_t *restrict scale, const struct qx *const *x,
+        int64_t cols, float *restrict sums, const int nx) {
+    __m512 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI], *xeo[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm512_setzero_ps();
+        xq[n] = x[n]->q;
+        xeo[n] = x[n]->q_eo;
+        xs[n] = x[n]->scale;
+    }
+    int64_t b = 0;
+    for (; b + 8 <= cols / QBLOCK; b += 8) i8b_round(w, scale, xeo, xs, b, acc, nx, 8);
+    if (b + 4 <= cols / QBLOCK) {
+        i8b_round(w, scale, xeo, xs, b, acc, nx, 4);
+        b += 4;
+    }
+    for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
         __m512i bytes = _mm512_loadu_si512(w + b * QBLOCK);
         __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(bytes));
         __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(bytes, 1));
-        __m512i d0 = _mm512_madd_epi16(lo, _mm512_loadu_si512(xq + b * QBLOCK));
-        __m512i d1 = _mm512_madd_epi16(hi, _mm512_loadu_si512(xq + b * QBLOCK + 32));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0),
-                              _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b])), acc);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1),
-                              _mm512_set1_ps(xs[b] * f16_to_f32(scale[2 * b + 1])), acc);
+        float s0 = f16_to_f32(scale[2 * b]), s1 = f16_to_f32(scale[2 * b + 1]);
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            float x_scale = xs[n][b];
+            __m512i d0 = _mm512_madd_epi16(lo, _mm512_loadu_si512(xb));
+            __m512i d1 = _mm512_madd_epi16(hi, _mm512_loadu_si512(xb + 32));
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_set1_ps(x_scale * s0), acc[n]);
+            acc[n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(x_scale * s1), acc[n]);
+        }
     }
-    sum = _mm512_reduce_add_ps(acc);
-#elif defined(ET_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    /* Eight weight blocks (four x blocks) at a time: their exact int32 sums gathered into one
-     * vector by a tree of horizontal adds, converted once, and scaled by their eight scales
-     * (widened together) times their x blocks' scales, in one multiply-add. */
-#if defined(__F16C__)
+    for (int n = 0; n < nx; n++) sums[n] = _mm512_reduce_add_ps(acc[n]);
+}
+
+#elif defined(ET_AVX2) && defined(__F16C__)
+/* On AVX2: eight weight blocks (four x blocks) at a time, widened once; per x row
+ * their exact int32 sums gathered into one vector by a tree of horizontal adds, converted
+ * once, and scaled by their eight scales (widened together) times their x blocks' scales, in
+ * one multiply-add. */
+static inline __attribute__((always_inline)) void i8b_row_n(
+        const int8_t *restrict w, const uint16_t *restrict scale, const struct qx *const *x,
+        int64_t cols, float *restrict sums, const int nx) {
     const __m256i pairs = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    for (; b + 4 <= cols / QBLOCK; b += 4) {
-        __m256i d[8];
-        for (int j = 0; j < 8; j++) d[j] = dot32_avx2(w + b * QBLOCK + j * WBLOCK,
-                                                      xq + b * QBLOCK + j * WBLOCK);
-        __m256i h01 = _mm256_hadd_epi32(d[0], d[1]), h23 = _mm256_hadd_epi32(d[2], d[3]);
-        __m256i h45 = _mm256_hadd_epi32(d[4], d[5]), h67 = _mm256_hadd_epi32(d[6], d[7]);
-        __m256i h03 = _mm256_hadd_epi32(h01, h23), h47 = _mm256_hadd_epi32(h45, h67);
-        /* h03: blocks 0-3 over the low 128 bits, then over the high: add the halves */
-        __m128i s03 = _mm_add_epi32(_mm256_castsi256_si128(h03), _mm256_extracti128_si256(h03, 1));
-        __m128i s47 = _mm_add_epi32(_mm256_castsi256_si128(h47), _mm256_extracti128_si256(h47, 1));
-        __m256 sums = _mm256_cvtepi32_ps(_mm256_set_m128i(s47, s03)); /* blocks 0..7 */
-        __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 2 * b)));
-        __m256 x_scales = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(xs + b)),
-                                                   pairs);
-        acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(scales, x_scales), acc);
+    __m256 acc[I8_MULTI];
+    const int16_t *xq[I8_MULTI];
+    const float *xs[I8_MULTI];
+    for (int n = 0; n < nx; n++) {
+        acc[n] = _mm256_setzero_ps();
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
     }
+    int64_t b = 0;
+    for (; b + 4 <= cols / QBLOCK; b += 4) {
+        __m256i wv[16]; /* 16 weights each, int16 */
+        for (int j = 0; j < 16; j++)
+            wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * QBLOCK + 16 * j)));
+        __m256 scales = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + 2 * b)));
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            __m256i d[8];
+            for (int j = 0; j < 8; j++) /* as dot32_avx2 */
+                d[j] = madd_acc(_mm256_madd_epi16(wv[2 * j], _mm256_loadu_si256((const __m256i *)(xb + 32 * j))),
+                                wv[2 * j + 1], _mm256_loadu_si256((const __m256i *)(xb + 32 * j + 16)));
+            __m256i h01 = _mm256_hadd_epi32(d[0], d[1]), h23 = _mm256_hadd_epi32(d[2], d[3]);
+            __m256i h45 = _mm256_hadd_epi32(d[4], d[5]), h67 = _mm256_hadd_epi32(d[6], d[7]);
+            __m256i h03 = _mm256_hadd_epi32(h01, h23), h47 = _mm256_hadd_epi32(h45, h67);
+            /* h03: blocks 0-3 over the low 128 bits, then over the high: add the halves */
+            __m128i s03 = _mm_add_epi32(_mm256_castsi256_si128(h03), _mm256_extracti128_si256(h03, 1));
+            __m128i s47 = _mm_add_epi32(_mm256_castsi256_si128(h47), _mm256_extracti128_si256(h47, 1));
+            __m256 block_sums = _mm256_cvtepi32_ps(_mm256_set_m128i(s47, s03)); /* blocks 0..7 */
+            __m256 x_scales = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_loadu_ps(xs[n] + b)), pairs);
+            acc[n] = _mm256_fmadd_ps(block_sums, _mm256_mul_ps(scales, x_scales), acc[n]);
+        }
+    }
+    for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
+        float s0 = f16_to_f32(scale[2 * b]), s1 = f16_to_f32(scale[2 * b + 1]);
+        for (int n = 0; n < nx; n++) {
+            const int16_t *xb = xq[n] + b * QBLOCK;
+            __m256i d0 = dot32_avx2(w + b * QBLOCK, xb);
+            __m256i d1 = dot32_avx2(w + b * QBLOCK + WBLOCK, xb + WBLOCK);
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(xs[n][b] * s0), acc[n]);
+            acc[n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(xs[n][b] * s1), acc[n]);
+        }
+    }
+    for (int n = 0; n < nx; n++) sums[n] = sum256(acc[n]);
+}
 #endif
+
+#if defined(__AVX512BW__) || (defined(ET_AVX2) && defined(__F16C__))
+#define I8B_MULTI I8_MULTI
+/* i8b_row_n for 1..I8_MULTI x rows */
+static void i8b_rows_multi(const int8_t *restrict w, const uint16_t *restrict scale,
+                           const struct qx *const *x, int64_t cols, float *restrict sums,
+                           int nx) {
+#define I8B_CALL(n) i8b_row_n(w, scale, x, cols, sums, n)
+    MULTI_CASES(I8B_CALL)
+#undef I8B_CALL
+}
+#endif
+
+/* A row's output from ``sum`` over its first ``b`` 64-column blocks: what is left, 32
+ * columns at a time (one compiled copy, whichever path took the sum). */
+static __attribute__((noinline)) float i8b_finish(const int8_t *restrict w,
+                                                  const uint16_t *restrict scale,
+                                                  const struct qx *x, int64_t cols, int64_t b,
+                                                  float sum) {
+    for (int64_t k = 2 * b; k * WBLOCK < cols; k++)
+        sum += (float)block_dot_tail(w + k * WBLOCK, x->q + k * WBLOCK, WBLOCK)
+               * x->scale[k / 2] * f16_to_f32(scale[k]);
+    return sum;
+}
+
+static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
+                     const struct qx *x, int64_t cols) {
+    int64_t b = 0;
+    float sum = 0.f;
+#if defined(I8B_MULTI)
+    i8b_rows_multi(w, scale, &x, cols, &sum, 1);
+    b = cols / QBLOCK;
+#elif defined(ET_AVX2) /* without F16C */
+    const int16_t *xq = x->q;
+    const float *xs = x->scale;
+    __m256 acc = _mm256_setzero_ps();
     for (; b < cols / QBLOCK; b++) { /* the block's two weight blocks, each scaled apart */
         __m256i d0 = dot32_avx2(w + b * QBLOCK, xq + b * QBLOCK);
         __m256i d1 = dot32_avx2(w + b * QBLOCK + WBLOCK, xq + b * QBLOCK + WBLOCK);
@@ -674,14 +1127,11 @@ static float i8b_row(const int8_t *restrict w, const uint16_t *restrict scale,
     float32x4_t acc = vdupq_n_f32(0.f);
     for (int64_t k = 0; k < cols / WBLOCK; k++) /* every weight block, a last odd one too */
         acc = vfmaq_n_f32(acc, vcvtq_f32_s32(dot32_neon(w + k * WBLOCK, x, k * WBLOCK)),
-                          xs[k / 2] * f16_to_f32(scale[k]));
+                          x->scale[k / 2] * f16_to_f32(scale[k]));
     sum = vaddvq_f32(acc);
     b = (cols / WBLOCK + 1) / 2; /* nothing left */
 #endif
-    for (int64_t k = 2 * b; k * WBLOCK < cols; k++) /* what is left, 32 columns at a time */
-        sum += (float)block_dot_tail(w + k * WBLOCK, xq + k * WBLOCK, WBLOCK)
-               * xs[k / 2] * f16_to_f32(scale[k]);
-    return sum;
+    return 2 * b * WBLOCK < cols ? i8b_finish(w, scale, x, cols, b, sum) : sum;
 }
 
 #if defined(ET_NEON)
@@ -706,25 +1156,68 @@ static int64_t i8b_rows_neon(const int8_t *restrict w, const uint16_t *restrict 
 }
 #endif
 
+/* One quantized x row against rows [0, rows) of w (scale: theirs, [rows, cols / 32]). */
+static void i8b_span(const int8_t *restrict w, const uint16_t *restrict scale,
+                     const struct qx *xb, float *restrict y, int64_t rows, int64_t cols) {
+    int64_t r = 0;
+#if defined(ET_NEON)
+    r = i8b_rows_neon(w, scale, xb, y, rows, cols);
+#endif
+    for (; r < rows; r++)
+        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), xb, cols);
+}
+
+/* et_i8_part for 32-column weight blocks (columns a multiple of 32). */
+int et_i8b_part(const int8_t *restrict w, const uint16_t *restrict scale, const void *batch,
+                float *restrict y, int64_t rows, int64_t cols, int64_t from, int64_t to) {
+    const struct qbatch *b = batch;
+#if defined(I8B_MULTI)
+    /* every weight row once against all the x rows, in registers */
+    const struct qx *xs[ET_MAX_BATCH];
+    float *ys[ET_MAX_BATCH], sums[ET_MAX_BATCH];
+    int good = good_rows(b, y, rows, from, to, xs, ys, NULL);
+    int64_t step = batch_step(good > I8_GROUP ? good : 1, cols, 1, to - from);
+    for (int64_t r0 = from; r0 < to; r0 += step)
+        for (int g = 0; g < good; g += I8_GROUP) {
+            int nx = good - g < I8_GROUP ? good - g : I8_GROUP;
+            for (int64_t r = r0; r < min64(r0 + step, to); r++) {
+                const int8_t *wr = w + r * cols;
+                const uint16_t *sr = scale + r * (cols / WBLOCK);
+                i8b_rows_multi(wr, sr, xs + g, cols, sums, nx);
+                for (int n = 0; n < nx; n++) /* a last 32-column block: the one-row code's */
+                    ys[g + n][r] = cols % QBLOCK
+                                   ? i8b_finish(wr, sr, xs[g + n], cols, cols / QBLOCK, sums[n])
+                                   : sums[n];
+            }
+        }
+#else
+    int64_t step = batch_step(b->nx, cols, I8_BLOCK, to - from);
+    for (int64_t r = from; r < to; r += step)
+        for (int64_t t = 0; t < b->nx; t++) {
+            float *yt = y + t * rows + r;
+            if (b->bad[t]) fill_nan(yt, min64(step, to - r));
+            else i8b_span(w + r * cols, scale + r * (cols / WBLOCK), &b->row[t], yt,
+                          min64(step, to - r), cols);
+        }
+#endif
+    return 0;
+}
+
+/* x [nx, cols] -> y [nx, rows], y[t] bitwise the one-row product of x[t]. Returns 0; -1 when
+ * out of memory; -3 when the columns are not whole blocks or nx is not in 1..ET_MAX_BATCH. */
+int et_matvec_i8_b32_rows(const int8_t *restrict w, const uint16_t *restrict scale,
+                          const float *restrict x, float *restrict y, int64_t rows,
+                          int64_t cols, int64_t nx) {
+    if (cols % WBLOCK || nx < 1 || nx > ET_MAX_BATCH) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, 0, 1);
+    if (batch == NULL) return -1;
+    return et_i8b_part(w, scale, batch, y, rows, cols, 0, rows);
+}
+
 /* Returns 0; -1 when out of memory; -3 when the columns are not whole blocks. */
 int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols) {
-    if (cols % WBLOCK) return -3;
-    struct qx xb;
-    float *unused;
-    int status = quantized_x(x, cols, 0, 1, &xb, &unused);
-    if (status == -1) return -1;
-    if (status != 0) {
-        fill_nan(y, rows);
-        return 0;
-    }
-    int64_t r = 0;
-#if defined(ET_NEON)
-    r = i8b_rows_neon(w, scale, &xb, y, rows, cols);
-#endif
-    for (; r < rows; r++)
-        y[r] = i8b_row(w + r * cols, scale + r * (cols / WBLOCK), &xb, cols);
-    return 0;
+    return et_matvec_i8_b32_rows(w, scale, x, y, rows, cols, 1);
 }
 
 /* ---- the low ends of int8 with a scale and a low end per 32 columns ---------------------------
@@ -732,34 +1225,58 @@ int et_matvec_i8_b32(const int8_t *restrict w, const uint16_t *restrict scale,
  * w = (q + 128) * scale + low per row and block (edgetp.shard.quant), so
  *     sum_i w_i x_i = sum_b scale_b * sum(q x)_b + (low_b + 128 * scale_b) * sum(x)_b:
  * et_matvec_i8_b32 over the scales gives the first sum; this adds the second, from float16
- * scale and low planes [rows, nb] and x's block sums [nb]. 1/32 of the product's work. */
-void et_add_block_lows(const uint16_t *restrict scale, const uint16_t *restrict low,
-                       const float *restrict sums, float *restrict y, int64_t rows, int64_t nb) {
-    for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *s = scale + r * nb, *l = low + r * nb;
-        int64_t k = 0;
-        float acc = 0.f;
+ * scale and low planes [rows, nb] and x's block sums. 1/32 of the product's work. */
+static float block_lows_row(const uint16_t *restrict s, const uint16_t *restrict l,
+                            const float *restrict sums, int64_t nb) {
+    int64_t k = 0;
+    float acc = 0.f;
 #if defined(__F16C__) && defined(ET_AVX2)
-        __m256 vacc = _mm256_setzero_ps(), k128 = _mm256_set1_ps(128.f);
-        for (; k + 8 <= nb; k += 8) {
-            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + k)));
-            __m256 lv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(l + k)));
-            vacc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, k128, lv), _mm256_loadu_ps(sums + k), vacc);
-        }
-        acc = sum256(vacc);
-#elif defined(ET_NEON)
-        float32x4_t vacc = vdupq_n_f32(0.f);
-        for (; k + 4 <= nb; k += 4) {
-            float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + k)));
-            float32x4_t lv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(l + k)));
-            vacc = vfmaq_f32(vacc, vfmaq_n_f32(lv, sv, 128.f), vld1q_f32(sums + k));
-        }
-        acc = vaddvq_f32(vacc);
-#endif
-        for (; k < nb; k++)
-            acc += (f16_to_f32(l[k]) + 128.f * f16_to_f32(s[k])) * sums[k];
-        y[r] += acc;
+    __m256 vacc = _mm256_setzero_ps(), k128 = _mm256_set1_ps(128.f);
+    for (; k + 8 <= nb; k += 8) {
+        __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + k)));
+        __m256 lv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(l + k)));
+        vacc = _mm256_fmadd_ps(_mm256_fmadd_ps(sv, k128, lv), _mm256_loadu_ps(sums + k), vacc);
     }
+    acc = sum256(vacc);
+#elif defined(ET_NEON)
+    float32x4_t vacc = vdupq_n_f32(0.f);
+    for (; k + 4 <= nb; k += 4) {
+        float32x4_t sv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(s + k)));
+        float32x4_t lv = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(l + k)));
+        vacc = vfmaq_f32(vacc, vfmaq_n_f32(lv, sv, 128.f), vld1q_f32(sums + k));
+    }
+    acc = vaddvq_f32(vacc);
+#endif
+    for (; k < nb; k++)
+        acc += (f16_to_f32(l[k]) + 128.f * f16_to_f32(s[k])) * sums[k];
+    return acc;
+}
+
+/* The same for x [nx, nb * 32] float32 (its block sums taken here, in order, once per call;
+ * torch's sum over [nx, nb, 32] costs ~1000x the one-row [nb, 32] one): y [nx, rows], the
+ * planes read in cache-sized chunks once for all x rows; y[t] gets bitwise what the one-row
+ * call adds. Returns 0, or -1 when out of memory (y untouched). */
+int et_add_block_lows_rows(const uint16_t *restrict scale, const uint16_t *restrict low,
+                           const float *restrict x, float *restrict y, int64_t rows, int64_t nb,
+                           int64_t nx) {
+    float *sums = scratch_bytes(nx * nb * (int64_t)sizeof(float));
+    if (sums == NULL) return -1;
+    for (int64_t k = 0; k < nx * nb; k++) {
+        float sum = 0.f;
+        for (int i = 0; i < WBLOCK; i++) sum += x[k * WBLOCK + i];
+        sums[k] = sum;
+    }
+    int64_t step = batch_step(nx, 4 * nb, 1, rows);
+    for (int64_t from = 0; from < rows; from += step)
+        for (int64_t t = 0; t < nx; t++)
+            for (int64_t r = from; r < min64(from + step, rows); r++)
+                y[t * rows + r] += block_lows_row(scale + r * nb, low + r * nb, sums + t * nb, nb);
+    return 0;
+}
+
+int et_add_block_lows(const uint16_t *restrict scale, const uint16_t *restrict low,
+                      const float *restrict x, float *restrict y, int64_t rows, int64_t nb) {
+    return et_add_block_lows_rows(scale, low, x, y, rows, nb, 1);
 }
 
 /* ---- int4 weights in the tiled layout (edgetp.quant), float32 x -> float32 y ----------------
@@ -830,57 +1347,95 @@ static inline void load_pairs(const void *scale_zero, int f32, int64_t pair, __m
     *zero = _mm512_castsi512_ps(_mm512_and_si512(sz, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
-/* AVX-512 BW + VNNI: one block of 64 rows (bytes: cols x 32): y[0..63] = the block's products. */
-static void i4_block(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                     const struct qx *x, const float *restrict xg, int64_t rows, int64_t row0,
-                     int64_t cols, int64_t group, float *restrict y) {
-    const int16_t *xq = x->q;
-    const float *xs = x->scale;
+/* AVX-512 BW + VNNI: one block of 64 rows (bytes: cols x 32) against ``nx`` (1, 2 or 4, a
+ * constant where it is inlined) quantized x rows: y[n][0..63] = the block's products with x[n].
+ * The codes are loaded and widened once for all x rows; each x row's int32 sums are exact and
+ * its float steps those of the one-row call, so each y[n] is bitwise its one-row product. */
+#define I4_MULTI 4 /* x rows one pass over a block takes at most */
+static inline __attribute__((always_inline)) void i4_block_n(
+        const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+        const struct qx *const *x, const float *const *xg, int64_t rows, int64_t row0,
+        int64_t cols, int64_t group, float *const *y, const int nx) {
     const __m512i low_nibble = _mm512_set1_epi16(0x0f);
     /* lanes of the unpacked accumulators -> rows in order (see below) */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
     const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
     int64_t unit = group < QBLOCK ? group : QBLOCK;
-    __m512 total[4];
-    for (int k = 0; k < 4; k++) total[k] = _mm512_setzero_ps();
+    const int16_t *xq[I4_MULTI];
+    const float *xs[I4_MULTI];
+    __m512 total[I4_MULTI][4];
+    for (int n = 0; n < nx; n++) {
+        xq[n] = x[n]->q;
+        xs[n] = x[n]->scale;
+        for (int k = 0; k < 4; k++) total[n][k] = _mm512_setzero_ps();
+    }
     for (int64_t c = 0; c < cols; c += unit) {
-        /* acc[0]: rows 0-7,16-23; acc[1]: 8-15,24-31; acc[2], acc[3]: the same + 32 */
-        __m512i acc[4];
-        for (int k = 0; k < 4; k++) acc[k] = _mm512_setzero_si512();
+        /* acc[n][0]: rows 0-7,16-23; [1]: 8-15,24-31; [2], [3]: the same + 32 */
+        __m512i acc[I4_MULTI][4];
+        for (int n = 0; n < nx; n++)
+            for (int k = 0; k < 4; k++) acc[n][k] = _mm512_setzero_si512();
         for (int64_t i = c; i < c + unit; i += 2) {
             __m256i b0 = _mm256_loadu_si256((const __m256i *)(w + i * 32));
             __m256i b1 = _mm256_loadu_si256((const __m256i *)(w + (i + 1) * 32));
-            int32_t pair;
-            memcpy(&pair, xq + i, sizeof pair); /* x[i] low, x[i + 1] high */
-            __m512i xv = _mm512_set1_epi32(pair);
             __m512i p = _mm512_cvtepu8_epi16(_mm256_unpacklo_epi8(b0, b1));
             __m512i q = _mm512_cvtepu8_epi16(_mm256_unpackhi_epi8(b0, b1));
-            acc[0] = _mm512_dpwssd_epi32(acc[0], _mm512_and_si512(p, low_nibble), xv);
-            acc[1] = _mm512_dpwssd_epi32(acc[1], _mm512_and_si512(q, low_nibble), xv);
-            acc[2] = _mm512_dpwssd_epi32(acc[2], _mm512_srli_epi16(p, 4), xv);
-            acc[3] = _mm512_dpwssd_epi32(acc[3], _mm512_srli_epi16(q, 4), xv);
+            __m512i codes[4] = {_mm512_and_si512(p, low_nibble), _mm512_and_si512(q, low_nibble),
+                                _mm512_srli_epi16(p, 4), _mm512_srli_epi16(q, 4)};
+            for (int n = 0; n < nx; n++) {
+                int32_t pair;
+                memcpy(&pair, xq[n] + i, sizeof pair); /* x[i] low, x[i + 1] high */
+                __m512i xv = _mm512_set1_epi32(pair);
+                for (int k = 0; k < 4; k++) acc[n][k] = _mm512_dpwssd_epi32(acc[n][k], codes[k], xv);
+            }
         }
         int64_t g = c / group;
-        __m512 block_scale = _mm512_set1_ps(xs[c / QBLOCK]);
+        int ends = (c + unit) % group == 0;
+        __m512 block_scale[I4_MULTI];
+        for (int n = 0; n < nx; n++) block_scale[n] = _mm512_set1_ps(xs[n][c / QBLOCK]);
         for (int half = 0; half < 2; half++) {
-            __m512i lo = acc[2 * half], hi = acc[2 * half + 1];
-            __m512i ordered[2] = {_mm512_permutex2var_epi32(lo, first, hi),
-                                  _mm512_permutex2var_epi32(lo, second, hi)};
+            __m512i ordered[I4_MULTI][2];
+            for (int n = 0; n < nx; n++) {
+                __m512i lo = acc[n][2 * half], hi = acc[n][2 * half + 1];
+                ordered[n][0] = _mm512_permutex2var_epi32(lo, first, hi);
+                ordered[n][1] = _mm512_permutex2var_epi32(lo, second, hi);
+            }
             for (int k = 0; k < 2; k++) {
                 int64_t r = row0 + half * 32 + k * 16;
                 __m512 scale, zero;
                 load_pairs(scale_zero, f32, g * rows + r, &scale, &zero);
-                __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(ordered[k]), block_scale);
-                total[2 * half + k] = _mm512_fmadd_ps(sum, scale, total[2 * half + k]);
-                if ((c + unit) % group == 0) { /* the group ends: its zero-point term */
-                    __m512 offset = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero);
-                    total[2 * half + k] = _mm512_fmadd_ps(offset, _mm512_set1_ps(xg[g]),
-                                                          total[2 * half + k]);
+                __m512 offset = ends ? _mm512_fnmadd_ps(_mm512_set1_ps(8.f), scale, zero)
+                                     : scale;
+                for (int n = 0; n < nx; n++) {
+                    __m512 sum = _mm512_mul_ps(_mm512_cvtepi32_ps(ordered[n][k]), block_scale[n]);
+                    total[n][2 * half + k] = _mm512_fmadd_ps(sum, scale, total[n][2 * half + k]);
+                    if (ends) /* the group ends: its zero-point term */
+                        total[n][2 * half + k] = _mm512_fmadd_ps(
+                            offset, _mm512_set1_ps(xg[n][g]), total[n][2 * half + k]);
                 }
             }
         }
     }
-    for (int k = 0; k < 4; k++) _mm512_storeu_ps(y + k * 16, total[k]);
+    for (int n = 0; n < nx; n++)
+        for (int k = 0; k < 4; k++) _mm512_storeu_ps(y[n] + k * 16, total[n][k]);
+}
+
+static __attribute__((noinline)) void i4_block(
+        const uint8_t *restrict w, const void *restrict scale_zero, int f32, const struct qx *x,
+        const float *restrict xg, int64_t rows, int64_t row0, int64_t cols, int64_t group,
+        float *restrict y) {
+    const float *sums = xg;
+    float *out = y;
+    i4_block_n(w, scale_zero, f32, &x, &sums, rows, row0, cols, group, &out, 1);
+}
+
+/* The same block against several x rows at once (``nx`` <= I4_MULTI), one pass over it. */
+static void i4_blocks(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                      const struct qx *const *x, const float *const *xg, int64_t rows,
+                      int64_t row0, int64_t cols, int64_t group, float *const *y, int nx) {
+    if (nx == 4) i4_block_n(w, scale_zero, f32, x, xg, rows, row0, cols, group, y, 4);
+    else if (nx == 2) i4_block_n(w, scale_zero, f32, x, xg, rows, row0, cols, group, y, 2);
+    else for (int n = 0; n < nx; n++)
+        i4_block(w, scale_zero, f32, x[n], xg[n], rows, row0, cols, group, y[n]);
 }
 
 #elif defined(ET_AVX2)
@@ -1036,54 +1591,93 @@ static void i4_tail(const uint8_t *restrict w, const void *restrict scale_zero, 
     memcpy(y, total, (size_t)tail * sizeof(float));
 }
 
-/* Rows [from, to) of the product (the thread pool's parts; 0, rows for all of it). */
-static int matvec_i4(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-                     const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-                     int64_t group, int64_t from, int64_t to) {
-    if (rows % 16 || group % 32 || cols % group) return -3;
-    int64_t groups = cols / group, full = rows - rows % 64;
-    struct qx xb;
-    float *xg;
-    int status = quantized_x(x, cols, groups, 0, &xb, &xg);
-    if (status == -1) return -1;
-    if (status != 0) {
-        fill_nan(y + from, to - from);
-        return 0;
+static int i4_shape_ok(int64_t rows, int64_t cols, int64_t group) {
+    return !(rows % 16 || group % 32 || group <= 0 || cols % group);
+}
+
+/* A quantized batch (et_quantize_rows with ``group``) against rows [from, to) -> y [nx, rows],
+ * one 64-row block (in the cache) for every x row in turn; ``from`` a multiple of 64 and ``to``
+ * one too or ``rows`` (the thread pool's part); ``f32`` says the (scale, zero) pairs' dtype.
+ * Returns 0, or -3 for a shape the tiled layout does not have. */
+int et_i4_part(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+               const void *batch, float *restrict y, int64_t rows, int64_t cols, int64_t group,
+               int64_t from, int64_t to) {
+    const struct qbatch *b = batch;
+    if (!i4_shape_ok(rows, cols, group) || from < 0 || from > to || to > rows || from % 64
+        || (to % 64 && to != rows))
+        return -3;
+    int64_t full = rows - rows % 64;
+    for (int64_t r = from; r < full && r < to; r += 64) {
+#if defined(I4_MULTI)
+        /* the rows of x without inf or NaN, up to I4_MULTI per pass over the block */
+        const struct qx *xs[ET_MAX_BATCH];
+        const float *sums[ET_MAX_BATCH];
+        float *ys[ET_MAX_BATCH];
+        int good = 0;
+        for (int64_t t = 0; t < b->nx; t++) {
+            if (b->bad[t]) {
+                fill_nan(y + t * rows + r, 64);
+                continue;
+            }
+            xs[good] = &b->row[t];
+            sums[good] = b->group_sum[t];
+            ys[good++] = y + t * rows + r;
+        }
+        for (int n = 0; n < good; n += I4_MULTI)
+            i4_blocks(w + r * cols / 2, scale_zero, f32, xs + n, sums + n, rows, r, cols, group,
+                      ys + n, good - n < I4_MULTI ? good - n : I4_MULTI);
+#else
+        for (int64_t t = 0; t < b->nx; t++) {
+            if (b->bad[t]) fill_nan(y + t * rows + r, 64);
+            else i4_block(w + r * cols / 2, scale_zero, f32, &b->row[t], b->group_sum[t], rows,
+                          r, cols, group, y + t * rows + r);
+        }
+#endif
     }
-    for (int64_t g = 0; g < groups; g++) { /* each group's plain sum of x */
-        float sum = 0.f;
-        for (int64_t i = g * group; i < (g + 1) * group; i++) sum += x[i];
-        xg[g] = sum;
-    }
-    for (int64_t r = from; r < full && r < to; r += 64)
-        i4_block(w + r * cols / 2, scale_zero, f32, &xb, xg, rows, r, cols, group, y + r);
     if (to > full)
-        i4_tail(w + full * cols / 2, scale_zero, f32, &xb, xg, rows, full, rows - full, cols,
-                group, y + full);
+        for (int64_t t = 0; t < b->nx; t++) {
+            if (b->bad[t]) fill_nan(y + t * rows + full, rows - full);
+            else i4_tail(w + full * cols / 2, scale_zero, f32, &b->row[t], b->group_sum[t],
+                         rows, full, rows - full, cols, group, y + t * rows + full);
+        }
     return 0;
+}
+
+static int matvec_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
+                          const float *restrict x, float *restrict y, int64_t rows,
+                          int64_t cols, int64_t group, int64_t nx) {
+    if (!i4_shape_ok(rows, cols, group) || nx < 1 || nx > ET_MAX_BATCH) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, group, 0);
+    if (batch == NULL) return -1;
+    return et_i4_part(w, scale_zero, f32, batch, y, rows, cols, group, 0, rows);
 }
 
 /* Returns 0; -1 when out of memory; -3 when the shape is not one this kernel takes. */
 int et_matvec_i4(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
                  const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                  int64_t group) {
-    return matvec_i4(w, scale_zero, 0, x, y, rows, cols, group, 0, rows);
+    return matvec_i4_rows(w, scale_zero, 0, x, y, rows, cols, group, 1);
 }
 
 /* The same with float32 (scale, zero) pairs. */
 int et_matvec_i4_f32(const uint8_t *restrict w, const float *restrict scale_zero,
                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
                      int64_t group) {
-    return matvec_i4(w, scale_zero, 1, x, y, rows, cols, group, 0, rows);
+    return matvec_i4_rows(w, scale_zero, 1, x, y, rows, cols, group, 1);
 }
 
-/* Rows [from, to) only, from a multiple of 64 and to one too or ``rows`` (a thread pool's part,
- * csrc/pool.c); ``f32`` says the (scale, zero) pairs' dtype. */
-int et_i4_rows(const uint8_t *restrict w, const void *restrict scale_zero, int f32,
-               const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
-               int64_t group, int64_t from, int64_t to) {
-    if (from < 0 || from > to || to > rows || from % 64 || (to % 64 && to != rows)) return -3;
-    return matvec_i4(w, scale_zero, f32, x, y, rows, cols, group, from, to);
+/* x [nx, cols], 1 <= nx <= ET_MAX_BATCH -> y [nx, rows], y[t] bitwise the one-row product of
+ * x[t]; -3 also for another nx. */
+int et_matvec_i4_rows(const uint8_t *restrict w, const uint16_t *restrict scale_zero,
+                      const float *restrict x, float *restrict y, int64_t rows, int64_t cols,
+                      int64_t group, int64_t nx) {
+    return matvec_i4_rows(w, scale_zero, 0, x, y, rows, cols, group, nx);
+}
+
+int et_matvec_i4_f32_rows(const uint8_t *restrict w, const float *restrict scale_zero,
+                          const float *restrict x, float *restrict y, int64_t rows,
+                          int64_t cols, int64_t group, int64_t nx) {
+    return matvec_i4_rows(w, scale_zero, 1, x, y, rows, cols, group, nx);
 }
 
 /* ---- which paths this build compiled in (for `edgetp probe` and the kernel test harness) -----

@@ -2,7 +2,8 @@
  *
  * A product's output rows are cut into chunks, and the chunks shared out among the calling
  * thread and the pool's threads: each chunk is the single-thread kernel of csrc/matvec.c on a
- * sub-range of rows (the weight, its scales and y offset to the chunk's first row), so every
+ * sub-range of rows, for every x row of a batched product (int8 and int4 x quantized once, by
+ * the caller, for all chunks) (the weight, its scales and y offset to the chunk's first row), so every
  * row's sum is computed by one thread with the very code the one-thread call runs, and the
  * result is bitwise the same for any thread count. Chunks start at multiples of the kernel's
  * row block (SPLIT_*), so that a row falls in the same kind of block (e.g. the twelve-row
@@ -31,17 +32,19 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-/* the single-thread kernels (csrc/matvec.c) */
-void et_matvec_f32(const float *w, const float *x, float *y, int64_t rows, int64_t cols);
-int et_matvec_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
-                   int64_t cols);
-int et_matvec_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t rows,
-                       int64_t cols);
-int et_matvec_i8(const int8_t *w, const uint16_t *scale, const float *x, float *y,
-                 int64_t rows, int64_t cols);
-int et_matvec_i8_b32(const int8_t *w, const uint16_t *scale, const float *x, float *y,
-                     int64_t rows, int64_t cols);
-int et_i4_rows(const uint8_t *w, const void *scale_zero, int f32, const float *x, float *y,
+/* the single-thread kernels' parts (csrc/matvec.c): x [nx, cols] (int8 and int4: quantized
+ * once per product by et_quantize_rows) against rows [from, to) -> those rows of y [nx, rows] */
+#define ET_MAX_BATCH 8
+void et_f32_part(const float *w, const float *x, float *y, int64_t rows, int64_t cols,
+                 int64_t nx, int64_t from, int64_t to);
+int et_bf16_part(const uint16_t *w, const uint16_t *x, void *y, int64_t rows, int64_t cols,
+                 int64_t nx, int f32_out, int64_t from, int64_t to);
+const void *et_quantize_rows(const float *x, int64_t nx, int64_t cols, int64_t group, int split);
+int et_i8_part(const int8_t *w, const uint16_t *scale, const void *batch, float *y, int64_t rows,
+               int64_t cols, int64_t from, int64_t to);
+int et_i8b_part(const int8_t *w, const uint16_t *scale, const void *batch, float *y,
+                int64_t rows, int64_t cols, int64_t from, int64_t to);
+int et_i4_part(const uint8_t *w, const void *scale_zero, int f32, const void *batch, float *y,
                int64_t rows, int64_t cols, int64_t group, int64_t from, int64_t to);
 
 #define MAX_THREADS 256
@@ -58,9 +61,9 @@ enum kind { F32, BF16, BF16_F32, I8, I8_B32, I4_BF16, I4_F32 };
 
 struct product {
     enum kind kind;
-    const void *w, *scale, *x;
+    const void *w, *scale, *x; /* x: float32 or bfloat16 rows, or a quantized batch */
     void *y;
-    int64_t rows, cols, group;
+    int64_t rows, cols, group, nx;
 };
 
 /* The claim word: the job's number (low 32 bits) << 32 | its chunks << 16 | the next chunk. */
@@ -97,31 +100,24 @@ static int64_t now_ns(void) {
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* One part: the kernel on rows [from, to). */
+/* One part: the kernel on rows [from, to), for every x row. */
 static int run_part(const struct product *p, int64_t from, int64_t to) {
-    int64_t n = to - from, cols = p->cols;
     switch (p->kind) {
     case F32:
-        et_matvec_f32((const float *)p->w + from * cols, p->x, (float *)p->y + from, n, cols);
+        et_f32_part(p->w, p->x, p->y, p->rows, p->cols, p->nx, from, to);
         return 0;
     case BF16:
-        return et_matvec_bf16((const uint16_t *)p->w + from * cols, p->x,
-                              (uint16_t *)p->y + from, n, cols);
     case BF16_F32:
-        return et_matvec_bf16_f32((const uint16_t *)p->w + from * cols, p->x,
-                                  (float *)p->y + from, n, cols);
+        return et_bf16_part(p->w, p->x, p->y, p->rows, p->cols, p->nx, p->kind == BF16_F32, from,
+                            to);
     case I8:
-        return et_matvec_i8((const int8_t *)p->w + from * cols,
-                            (const uint16_t *)p->scale + from, p->x, (float *)p->y + from, n,
-                            cols);
+        return et_i8_part(p->w, p->scale, p->x, p->y, p->rows, p->cols, from, to);
     case I8_B32:
-        return et_matvec_i8_b32((const int8_t *)p->w + from * cols,
-                                (const uint16_t *)p->scale + from * (cols / 32), p->x,
-                                (float *)p->y + from, n, cols);
+        return et_i8b_part(p->w, p->scale, p->x, p->y, p->rows, p->cols, from, to);
     case I4_BF16:
     case I4_F32:
-        return et_i4_rows(p->w, p->scale, p->kind == I4_F32, p->x, p->y, p->rows, cols,
-                                 p->group, from, to);
+        return et_i4_part(p->w, p->scale, p->kind == I4_F32, p->x, p->y, p->rows, p->cols,
+                          p->group, from, to);
     }
     return -3;
 }
@@ -292,44 +288,103 @@ static int run(struct product p, int64_t weight_bytes) {
     return status;
 }
 
+static int bad_nx(int64_t nx) { return nx < 1 || nx > ET_MAX_BATCH; }
+
+/* The batched products (csrc/matvec.c's et_matvec_*_rows) over the pool: x [nx, cols],
+ * 1 <= nx <= ET_MAX_BATCH, -> y [nx, rows]; the int8 and int4 ones quantize x once, on the
+ * calling thread, for every part. The one-row et_par_* are their nx = 1 case. */
+int et_par_matvec_f32_rows(const float *w, const float *x, float *y, int64_t rows, int64_t cols,
+                           int64_t nx) {
+    if (bad_nx(nx)) return -3;
+    struct product p = {F32, w, NULL, x, y, rows, cols, 0, nx};
+    return run(p, rows * cols * 4 * nx);
+}
+
 void et_par_matvec_f32(const float *w, const float *x, float *y, int64_t rows, int64_t cols) {
-    struct product p = {F32, w, NULL, x, y, rows, cols, 0};
-    run(p, rows * cols * 4);
+    et_par_matvec_f32_rows(w, x, y, rows, cols, 1);
+}
+
+static int par_bf16(const uint16_t *w, const uint16_t *x, void *y, int64_t rows, int64_t cols,
+                    int64_t nx, enum kind kind) {
+    if (bad_nx(nx)) return -3;
+    struct product p = {kind, w, NULL, x, y, rows, cols, 0, nx};
+    return run(p, rows * cols * 2 * nx);
+}
+
+int et_par_matvec_bf16_rows(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
+                            int64_t cols, int64_t nx) {
+    return par_bf16(w, x, y, rows, cols, nx, BF16);
 }
 
 int et_par_matvec_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
                        int64_t cols) {
-    struct product p = {BF16, w, NULL, x, y, rows, cols, 0};
-    return run(p, rows * cols * 2);
+    return par_bf16(w, x, y, rows, cols, 1, BF16);
+}
+
+int et_par_matvec_bf16_f32_rows(const uint16_t *w, const uint16_t *x, float *y, int64_t rows,
+                                int64_t cols, int64_t nx) {
+    return par_bf16(w, x, y, rows, cols, nx, BF16_F32);
 }
 
 int et_par_matvec_bf16_f32(const uint16_t *w, const uint16_t *x, float *y, int64_t rows,
                            int64_t cols) {
-    struct product p = {BF16_F32, w, NULL, x, y, rows, cols, 0};
-    return run(p, rows * cols * 2);
+    return par_bf16(w, x, y, rows, cols, 1, BF16_F32);
+}
+
+static int par_i8(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                  int64_t rows, int64_t cols, int64_t nx, enum kind kind) {
+    if (bad_nx(nx) || (kind == I8_B32 && cols % 32)) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, 0, 1);
+    if (batch == NULL) return -1;
+    struct product p = {kind, w, scale, batch, y, rows, cols, 0, nx};
+    return run(p, rows * cols * nx);
+}
+
+int et_par_matvec_i8_rows(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                          int64_t rows, int64_t cols, int64_t nx) {
+    return par_i8(w, scale, x, y, rows, cols, nx, I8);
 }
 
 int et_par_matvec_i8(const int8_t *w, const uint16_t *scale, const float *x, float *y,
                      int64_t rows, int64_t cols) {
-    struct product p = {I8, w, scale, x, y, rows, cols, 0};
-    return run(p, rows * cols);
+    return par_i8(w, scale, x, y, rows, cols, 1, I8);
+}
+
+int et_par_matvec_i8_b32_rows(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                              int64_t rows, int64_t cols, int64_t nx) {
+    return par_i8(w, scale, x, y, rows, cols, nx, I8_B32);
 }
 
 int et_par_matvec_i8_b32(const int8_t *w, const uint16_t *scale, const float *x, float *y,
                          int64_t rows, int64_t cols) {
-    if (cols % 32) return et_matvec_i8_b32(w, scale, x, y, rows, cols); /* its own refusal */
-    struct product p = {I8_B32, w, scale, x, y, rows, cols, 0};
-    return run(p, rows * cols);
+    return par_i8(w, scale, x, y, rows, cols, 1, I8_B32);
+}
+
+static int par_i4(const uint8_t *w, const void *scale_zero, const float *x, float *y,
+                  int64_t rows, int64_t cols, int64_t group, int64_t nx, enum kind kind) {
+    if (bad_nx(nx) || rows % 16 || group % 32 || group <= 0 || cols % group) return -3;
+    const void *batch = et_quantize_rows(x, nx, cols, group, 0);
+    if (batch == NULL) return -1;
+    struct product p = {kind, w, scale_zero, batch, y, rows, cols, group, nx};
+    return run(p, rows * cols / 2 * nx);
+}
+
+int et_par_matvec_i4_rows(const uint8_t *w, const uint16_t *scale_zero, const float *x,
+                          float *y, int64_t rows, int64_t cols, int64_t group, int64_t nx) {
+    return par_i4(w, scale_zero, x, y, rows, cols, group, nx, I4_BF16);
 }
 
 int et_par_matvec_i4(const uint8_t *w, const uint16_t *scale_zero, const float *x, float *y,
                      int64_t rows, int64_t cols, int64_t group) {
-    struct product p = {I4_BF16, w, scale_zero, x, y, rows, cols, group};
-    return run(p, rows * cols / 2);
+    return par_i4(w, scale_zero, x, y, rows, cols, group, 1, I4_BF16);
+}
+
+int et_par_matvec_i4_f32_rows(const uint8_t *w, const float *scale_zero, const float *x,
+                              float *y, int64_t rows, int64_t cols, int64_t group, int64_t nx) {
+    return par_i4(w, scale_zero, x, y, rows, cols, group, nx, I4_F32);
 }
 
 int et_par_matvec_i4_f32(const uint8_t *w, const float *scale_zero, const float *x, float *y,
                          int64_t rows, int64_t cols, int64_t group) {
-    struct product p = {I4_F32, w, scale_zero, x, y, rows, cols, group};
-    return run(p, rows * cols / 2);
+    return par_i4(w, scale_zero, x, y, rows, cols, group, 1, I4_F32);
 }

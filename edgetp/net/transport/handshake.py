@@ -26,6 +26,7 @@ class NodeIdentity:
     fingerprint: str
     plan: str  # the plan's canonical JSON
     dtype: str
+    kv_slots: int = 1  # the sequences whose keys and values it can hold at once
 
     def hello_fields(self, data_port: int = 0, data_token: str = "", data_key: str = "",
                      data_ciphers: str = "") -> dict[str, Any]:
@@ -36,7 +37,8 @@ class NodeIdentity:
         return {"rank": self.rank, "fingerprint": self.fingerprint, "plan": self.plan,
                 "dtype": self.dtype, "pid": os.getpid(), "host": socket.gethostname(),
                 "version": __version__, "time": time.time(), "data_port": data_port,
-                "data_token": data_token, "data_key": data_key, "data_ciphers": data_ciphers}
+                "data_token": data_token, "data_key": data_key, "data_ciphers": data_ciphers,
+                "kv_slots": self.kv_slots}
 
 
 def refusal(expected: NodeIdentity, n_ranks: int, hello: dict[str, Any]) -> str | None:

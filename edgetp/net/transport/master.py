@@ -61,6 +61,7 @@ class Peer:
     ring_token: str = ""  # what its ring listener admits without keys (ring allreduce only)
     ring_address: str = ""  # where its ring PULL socket listens (ring allreduce only)
     weights_failure: str = ""  # why its weights fail to read, from its last "health" ("": fine)
+    kv_slots: int = 1  # the sequences it can hold at once (its hello)
 
 
 class MasterTransport:
@@ -318,7 +319,8 @@ class MasterTransport:
             return
         rank = fields["rank"]
         self.peers[rank] = Peer(rank, identity, fields["host"], fields["pid"], time.monotonic(),
-                                time.time() - fields["time"], public_key=public_key)
+                                time.time() - fields["time"], public_key=public_key,
+                                kv_slots=fields["kv_slots"])
         data = self._open_data_link(rank, peer_ip, fields, public_key)
         log.info("worker rank %d joined from %s (pid %d)%s", rank, fields["host"], fields["pid"],
                  "" if data["data"] else "; allreduce over ZeroMQ")

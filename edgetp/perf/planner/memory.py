@@ -46,7 +46,7 @@ class RankMemory:
     rank: int
     weight_bytes: int  # tensor data of its weight files (what its manifest's tensors span)
     file_bytes: int  # those files' sizes on disk (safetensors headers included)
-    cache_bytes: int  # the KV cache preallocated for max_seq_len
+    cache_bytes: int  # the KV cache of max_seq_len positions, for every KV slot
     norm_bytes: int
     needs: MemoryNeeds  # exactly as edgetp.parallel.loader.shard_memory_needs computes it
     block_names: tuple[str, ...]
@@ -64,8 +64,10 @@ def prefill_chunk(config: ModelConfig, rank: int, requested: int = 128) -> int:
 
 
 def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | Storage,
-                max_seq_len: int | None = None, chunk: int | None = None) -> RankMemory:
-    """Rank ``rank``'s bytes for a split stored as ``dtype`` (see RankMemory)."""
+                max_seq_len: int | None = None, chunk: int | None = None,
+                kv_slots: int = 1) -> RankMemory:
+    """Rank ``rank``'s bytes for a split stored as ``dtype`` (see RankMemory), holding the
+    keys and values of ``kv_slots`` sequences (serve's --max-batch, a worker's --kv-slots)."""
     storage = Storage.coerce(dtype)
     seq = max_seq_len or config.max_position_embeddings
     files = rank_files(config, plan, rank, storage)
@@ -82,7 +84,7 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | St
         names.append("lm_head")
     norms = sum(b for tensors in nbytes.values() for t, b in tensors.items()
                 if not t.startswith(BLOCK_PREFIXES))
-    cache = sum(part.kv_bytes_per_position for part in layers) * seq
+    cache = sum(part.kv_bytes_per_position for part in layers) * seq * kv_slots
     rope = 2 * seq * config.head_dim * 4  # cos and sin tables, float32
     work = work_bytes(config, seq, rank == 0, chunk or prefill_chunk(config, rank),
                       receiving_links(plan.n_ranks, rank))

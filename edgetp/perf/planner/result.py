@@ -149,15 +149,17 @@ def _node_dict(node: NodePlan) -> dict[str, Any]:
 
 def plan_cluster(config: ModelConfig, cluster: ClusterSpec, dtype: str | Storage = "float32",
                  prompt_tokens: int = 128, context: int | None = None, new_tokens: int = 128,
-                 model_name: str = "model") -> ClusterPlan:
-    """Predict memory per node and TTFT and ms/token for ``config`` on ``cluster``."""
+                 model_name: str = "model", kv_slots: int = 1) -> ClusterPlan:
+    """Predict memory per node and TTFT and ms/token for ``config`` on ``cluster``; every
+    node holds the KV cache of ``kv_slots`` sequences (decoding together: ``--max-batch``)."""
     storage = Storage.coerce(dtype)
     context = context or config.max_position_embeddings
     if prompt_tokens < 1 or prompt_tokens + new_tokens > context:
         raise ConfigError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit a "
                           f"context of {context}; raise --context or lower --prompt-tokens")
     plan = make_plan(config, len(cluster.nodes), cluster.shares, cluster.private_layers)
-    nodes = [node_plan(node, rank, plan, rank_memory(config, plan, rank, storage, context),
+    nodes = [node_plan(node, rank, plan, rank_memory(config, plan, rank, storage, context,
+                                                     kv_slots=kv_slots),
                        cluster.ring_slots) for rank, node in enumerate(cluster.nodes)]
     decode = step_time(cluster, nodes, config, storage, 1, prompt_tokens + new_tokens // 2)
     chunk = prefill_chunk(config, 0)

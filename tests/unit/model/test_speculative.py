@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from helpers.tiny import tiny_model
 
 from edgetp.config.generation import SamplingConfig
 from edgetp.model.demo import DEMO_MODEL_DIR
 from edgetp.model.drafting import LookupDrafter, ModelDrafter, tokenizer_mismatch
-from edgetp.model.llama import Transformer
 from edgetp.model.sampling import Sampler
 from edgetp.model.speculative import Draft, residual, verify
 from edgetp.model.tokenizer import Tokenizer
@@ -132,21 +132,6 @@ def test_lookup_continues_the_latest_occurrence_of_the_longest_suffix() -> None:
     assert drafter.propose([1, 2, 3], 4, sampler).tokens == []  # nothing repeats
     assert drafter.propose([4], 4, sampler).tokens == []
     assert drafter.propose([3, 4, 3], 5, sampler).tokens == [4, 3]  # as much as follows
-
-
-def tiny_model(seed: int) -> Transformer:
-    from edgetp.config.model import parse_hf_config
-
-    torch.manual_seed(seed)
-    config = parse_hf_config({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                              "num_hidden_layers": 2, "num_attention_heads": 4,
-                              "num_key_value_heads": 2, "vocab_size": 40,
-                              "max_position_embeddings": 64})
-    model = Transformer(config, max_seq_len=64)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.5)
-    model.allocate_cache()
-    return model.eval()
 
 
 def test_model_drafter_rolls_back_to_the_shared_prefix() -> None:

@@ -33,7 +33,7 @@ NICE_FIELDS: dict[str, dict[str, Any]] = {
     "welcome": {"session": "f00d", "wire_dtype": "f32", "time": 1.7e9},
     "refuse": {"reason": "the shard is of a different model"},
     "rejoin": {},
-    "step": {"seq": 3, "step": 7, "start": 12},
+    "step": {"seq": 3, "step": 7, "slots": [0], "starts": [12]},
     "partial": {"seq": 3, "step": 7, "index": 5},
     "sum": {"seq": 3, "step": 7, "index": 4},
     "abort": {"seq": 3},
@@ -43,7 +43,8 @@ NICE_FIELDS: dict[str, dict[str, Any]] = {
     "error": {"message": "rank 1: out of memory"},
     "shutdown": {},
 }
-_SAMPLE_VALUES: dict[type, Any] = {int: 3, str: "x", float: 1.5, dict: {"k": [1, "v"]}, bool: True}
+_SAMPLE_VALUES: dict[type, Any] = {int: 3, str: "x", float: 1.5, dict: {"k": [1, "v"]}, bool: True,
+                                   wire.IntList: [0, 2]}
 CORE_OPS = ["hello", "welcome", "refuse", "rejoin", "step", "partial", "sum", "abort", "ping",
             "pong", "stats", "error", "shutdown"]
 
@@ -245,7 +246,7 @@ def test_extra_field(op: str) -> None:
     [
         ("step", "seq", True),  # bool is not an int
         ("step", "seq", "3"),
-        ("step", "start", 1.0),
+        ("step", "starts", 1),
         ("step", "step", None),
         ("partial", "index", [0]),
         ("abort", "seq", False),
@@ -264,6 +265,11 @@ def test_extra_field(op: str) -> None:
 )
 def test_wrong_field_type(op: str, name: str, value: Any) -> None:
     rejects([header(op, {**VALID_FIELDS[op], name: value})], f"field '{name}' must be")
+
+
+@pytest.mark.parametrize("value", [[], [1.0], [True], [-1], [2**62], ["3"], [0] * 257, 5])
+def test_a_steps_slots_are_a_short_list_of_integers_in_range(value: Any) -> None:
+    rejects([header("step", {**VALID_FIELDS["step"], "slots": value})], "field 'slots'")
 
 
 @pytest.mark.parametrize("value", [-1, -(2**40), 2**62, 2**64 - 1])

@@ -8,29 +8,12 @@ from collections.abc import Sequence
 
 import pytest
 import torch
+from helpers.tiny import EOS, ByteCodec, codec_for
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.runtime.engine import Engine, GenerationResult, LocalRunner, TextStream
 
-EOS = 0
 GREEDY = SamplingConfig(temperature=0.0)
-
-
-class ByteCodec:
-    """Token i decodes to ``pieces[i]`` (bytes; partial UTF-8 decodes to U+FFFD); EOS to ""."""
-
-    def __init__(self, pieces: Sequence[bytes | str]) -> None:
-        self.pieces = [p.encode() if isinstance(p, str) else p for p in pieces]
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        eos = b"" if skip_special_tokens else b"<eos>"
-        data = b"".join(eos if i == EOS else self.pieces[i] for i in ids)
-        return data.decode("utf-8", errors="replace")
-
-
-def codec_for(*pieces: bytes | str) -> ByteCodec:
-    """A codec whose token 1.. are ``pieces`` (token 0 is EOS)."""
-    return ByteCodec([b"", *pieces])
 
 
 def stream_pieces(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny import codec_for, tiny_model
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
@@ -25,8 +26,6 @@ from edgetp.runtime.speculation import (
     Speculation,
     StepCosts,
 )
-from tests.unit.model.test_speculative import tiny_model
-from tests.unit.runtime.test_engine import codec_for
 
 CODEC = codec_for(*[f"t{i} " for i in range(40)])
 GREEDY = SamplingConfig()

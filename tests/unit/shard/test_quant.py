@@ -32,7 +32,13 @@ from edgetp.model.tokenizer import Tokenizer
 from edgetp.net.collectives import InProcessGroup
 from edgetp.parallel import qlinear
 from edgetp.parallel.loader import load_rank, shard_memory_needs
-from edgetp.parallel.qlinear import QuantLinear, QuantRowParallelLinear, int4_matmul, int8_matmul
+from edgetp.parallel.qlinear import (
+    QuantLinear,
+    QuantRowParallelLinear,
+    int4_matmul,
+    int8_matmul,
+    int8_product,
+)
 from edgetp.shard.layout import layer_file
 from edgetp.shard.manifest import read_manifest
 from edgetp.shard.plan import make_plan
@@ -205,7 +211,7 @@ def test_quant_linear_adds_the_bias_after_the_allreduce() -> None:
     for name, value in (("weight", q), ("weight_scale", scale), ("bias", torch.randn(32))):
         setattr(layer, name, torch.nn.Parameter(value, requires_grad=False))
     x = torch.randn(2, 64)
-    want = 2 * int8_matmul(x, q, scale) + layer.bias
+    want = 2 * int8_product(x, q, scale) + layer.bias
     assert torch.equal(layer(x), want)
 
 

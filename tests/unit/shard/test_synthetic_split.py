@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from edgetp.cli.main import main
 from edgetp.core.errors import ConfigError, ShardError
+from edgetp.model.demo import DEMO_MODEL_DIR
 from edgetp.model.synthetic import llama_config, write_model
 from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.loader import load_rank
@@ -161,3 +162,13 @@ def test_the_command(tmp_path: Path) -> None:
                                        "--out", str(tmp_path / "u")])
     assert unknown.exit_code == 1 and "presets:" in unknown.output
     shutil.rmtree(out)
+
+
+def test_a_synthetic_models_tokenizer_has_a_word_for_every_id(tmp_path: Path) -> None:
+    """Random weights pick any id: each decodes to text (a served model streams every token)."""
+    from edgetp.model.tokenizer import Tokenizer
+
+    config = llama_config(64, 128, 1, 4, 2, vocab=300)
+    tokenizer = Tokenizer.from_dir(write_model(tmp_path / "model", config))
+    assert tokenizer.decode([250]) == "w250" and tokenizer.decode([299]) == "w299"
+    assert tokenizer.decode([5]) == Tokenizer.from_dir(DEMO_MODEL_DIR).decode([5])  # kept
