@@ -439,7 +439,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config, full = model_configs(args, split)
     manifest = read_manifest(rank_dir(split, 0))
     storage = Storage.of(manifest.dtype, "bfloat16" if manifest.dtype in ("int4", "int8")
-                         else manifest.dtype, "float32", manifest.group_size or 32)
+                         else manifest.dtype, "float32", manifest.group_size or 32,
+                         head=manifest.head_format)  # synth-split's int4 head, not int8's
     raw = probe(split, work / "profile.json")
     context = args.prompt_tokens + args.new_tokens + 16
     limit = int(parse_bytes(args.memory_limit))

@@ -88,6 +88,32 @@ def _nbytes(layout: list[tuple[torch.dtype, tuple[int, ...]]]) -> int:
     return sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout)
 
 
+class ReusedBuffers:
+    """``count`` byte buffers used in turn, each as large as the largest message it held: a
+    message of any size takes a prefix of the next one.
+
+    One pair per message size instead (what the link kept before) grows with every prompt
+    length a node ever sees: two buffers per link per length, up to the 128-row prefill chunk
+    of 4 MiB in float32 at a 70B model's width, and on the star's master seven links.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._buffers = [bytearray(0) for _ in range(count)]
+        self._turn = 0
+
+    def take(self, size: int) -> memoryview:
+        """The next buffer's first ``size`` bytes (the buffer grows to ``size`` if smaller; a
+        result of an earlier call keeps the old one alive as long as it is used)."""
+        self._turn = (self._turn + 1) % len(self._buffers)
+        if len(self._buffers[self._turn]) < size:
+            self._buffers[self._turn] = bytearray(size)
+        return memoryview(self._buffers[self._turn])[:size]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self._buffers)
+
+
 class DataLink:
     """One end of a connected data link. Not thread-safe: the compute thread owns it."""
 
@@ -96,8 +122,8 @@ class DataLink:
         sock.settimeout(None)
         self.sock = sock
         self._header = bytearray(HEADER.size)
-        self._buffers: dict[int, list[bytearray]] = {}  # payload bytes -> two, used in turn
-        self._turn = 0
+        self._payloads = ReusedBuffers(2)  # used in turn: a result stays valid while the
+        # next message is read
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self.bytes_sent = 0
@@ -133,8 +159,8 @@ class DataLink:
         """
         layout = payload_layout(wire, shape)
         expected = _nbytes(layout)
-        buffer = self._buffer(expected)
-        header, payload = memoryview(self._header), memoryview(buffer)
+        buffer = self._payloads.take(expected)
+        header, payload = memoryview(self._header), buffer
         got = self._read_into([header, payload], deadline, stop_at=HEADER.size)
         magic, op, code, seq, step, index, size = HEADER.unpack(self._header)
         check_header((magic, op, code, size), (MAGIC, wire, expected), shape)
@@ -143,14 +169,10 @@ class DataLink:
         self.bytes_received += HEADER.size + size
         return Received(op, seq, step, index, _tensors(buffer, layout), HEADER.size + size)
 
-    def _buffer(self, size: int) -> bytearray:
-        """One of two reused buffers of ``size`` bytes, in turn (a result stays valid while the
-        next message is read)."""
-        pair = self._buffers.get(size)
-        if pair is None:
-            pair = self._buffers[size] = [bytearray(size), bytearray(size)]
-        self._turn ^= 1
-        return pair[self._turn]
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this end holds for the messages it receives."""
+        return self._payloads.nbytes
 
     def _read_into(self, views: list[memoryview], deadline: float, stop_at: int = 0) -> int:
         """Fill ``views`` in order, or only their first ``stop_at`` bytes (more may come in the
@@ -207,12 +229,12 @@ def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:
     return parts
 
 
-def _tensors(buffer: bytearray, layout: list[tuple[torch.dtype, tuple[int, ...]]]
+def _tensors(buffer: memoryview, layout: list[tuple[torch.dtype, tuple[int, ...]]]
              ) -> list[torch.Tensor]:
     out, offset = [], 0
     for dtype, shape in layout:
         size = _nbytes([(dtype, shape)])
-        raw = memoryview(buffer)[offset:offset + size]
+        raw = buffer[offset:offset + size]
         if dtype == torch.bfloat16:
             tensor = torch.frombuffer(raw, dtype=torch.int16).view(torch.bfloat16)
         else:

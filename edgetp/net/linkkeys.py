@@ -169,7 +169,7 @@ class LinkCipher:
         self.received = 0  # the counter the next message opened must carry
 
     def seal_into(self, counter: int, header: bytes, data: memoryview | bytes,
-                  out: bytearray) -> None:
+                  out: bytearray | memoryview) -> None:
         """Encrypt ``data`` into ``out`` (``len(data) + TAG_BYTES``) as message ``counter``
         (:attr:`sent`, which ``header`` carries), authenticating ``header`` too."""
         if self._send is None:

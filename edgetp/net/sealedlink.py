@@ -27,6 +27,7 @@ from edgetp.net.datalink import (
     DataLink,
     DataLinkError,
     Received,
+    ReusedBuffers,
     _nbytes,
     _tensors,
     check_header,
@@ -47,8 +48,8 @@ class SealedDataLink(DataLink):
         super().__init__(sock)
         self.cipher = cipher
         self._sealed_header = bytearray(SEALED_HEADER.size)
-        self._outgoing: dict[int, bytearray] = {}  # sealed bytes -> a reused buffer
-        self._incoming: dict[int, bytearray] = {}
+        self._outgoing = ReusedBuffers(1)  # sealed bytes
+        self._incoming = ReusedBuffers(1)
 
     @classmethod
     def over(cls, link: DataLink, cipher: LinkCipher) -> SealedDataLink:
@@ -60,7 +61,7 @@ class SealedDataLink(DataLink):
         """Seal and send one message; its bytes on the wire."""
         payload = [tensor_bytes(t) for t in tensors]
         data = payload[0] if len(payload) == 1 else memoryview(b"".join(payload))
-        sealed = _reused(self._outgoing, len(data) + TAG_BYTES)
+        sealed = self._outgoing.take(len(data) + TAG_BYTES)
         seq, step, index = (min(v, MAX_FIELD) for v in position)
         counter = self.cipher.sent
         header = SEALED_HEADER.pack(SEALED_MAGIC, op, WIRE_CODES[wire], seq, step, index,
@@ -86,7 +87,7 @@ class SealedDataLink(DataLink):
     def _receive(self, wire: str, shape: Sequence[int], deadline: float) -> Received:
         layout = payload_layout(wire, shape)
         plain_size = _nbytes(layout)
-        sealed = memoryview(_reused(self._incoming, plain_size + TAG_BYTES))
+        sealed = self._incoming.take(plain_size + TAG_BYTES)
         got = self._read_into([memoryview(self._sealed_header), sealed], deadline,
                               stop_at=SEALED_HEADER.size)
         magic, op, code, seq, step, index, size, counter = SEALED_HEADER.unpack(
@@ -94,8 +95,8 @@ class SealedDataLink(DataLink):
         check_header((magic, op, code, size), (SEALED_MAGIC, wire, len(sealed)), shape)
         if got < SEALED_HEADER.size + size:
             self._read_into([sealed[got - SEALED_HEADER.size:]], deadline)
-        plain = self._buffer(plain_size)
-        self.cipher.open_into(counter, self._sealed_header, sealed, memoryview(plain))
+        plain = self._payloads.take(plain_size)
+        self.cipher.open_into(counter, self._sealed_header, sealed, plain)
         self.bytes_received += SEALED_HEADER.size + size
         return Received(op, seq, step, index, _tensors(plain, layout), SEALED_HEADER.size + size)
 
@@ -103,10 +104,3 @@ class SealedDataLink(DataLink):
         self.cipher.forget()
         super().close()
 
-
-def _reused(buffers: dict[int, bytearray], size: int) -> bytearray:
-    """The buffer of ``size`` bytes in ``buffers``, made the first time."""
-    buffer = buffers.get(size)
-    if buffer is None:
-        buffer = buffers[size] = bytearray(size)
-    return buffer

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from edgetp.config.model import ModelConfig
+from edgetp.core.allocator import fix_mmap_threshold
 from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.metrics import instrument
 from edgetp.core.units import format_bytes
@@ -65,7 +66,9 @@ def load_rank(
 
     ``memory_budget`` (bytes) covers weights, the KV cache of ``kv_slots`` sequences and
     working buffers; when the share does not fit, blocks stream from disk through the window
-    (``model.window``).
+    (``model.window``). With a budget, malloc's mmap threshold is fixed first
+    (:mod:`edgetp.core.allocator`): freed activations go back to the kernel instead of growing
+    the heap outside the budget.
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
@@ -74,6 +77,8 @@ def load_rank(
             f"{shard_dir} holds rank {manifest.rank}'s shard but this node is rank {comm.rank}"
         )
     verify_directory(shard_dir, manifest, check_hash=verify)
+    if memory_budget is not None:
+        fix_mmap_threshold()
     kernels.library()  # build the decode kernels now, while no weights share the memory limit
     max_seq_len = rank_context(manifest, dtype, max_seq_len)
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)
@@ -159,7 +164,8 @@ def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec
     element = dtype.itemsize  # the KV cache is allocated in the compute dtype
     cache = sum(2 * layer.self_attn.n_kv_heads * model.max_seq_len * layer.self_attn.head_dim
                 for layer in model.local_layers()) * element * kv_slots
-    work = work_bytes(model.config, model.max_seq_len, model.lm_head is not None, prefill_chunk)
+    work = work_bytes(model.config, model.max_seq_len, model.lm_head is not None, prefill_chunk,
+                      receiving_links(manifest.plan.n_ranks, manifest.rank))
     fixed = cache + _small_bytes(model, manifest, blocks) + work
     return MemoryNeeds(fixed, tuple(b.nbytes for b in blocks), _embedding_bytes(manifest))
 
@@ -288,14 +294,23 @@ def _embedding_bytes(manifest: Manifest) -> int:
     return 0 if entry is None else entry.size
 
 
-def work_bytes(config: ModelConfig, max_seq_len: int, with_head: bool, prefill_chunk: int) -> int:
+def work_bytes(config: ModelConfig, max_seq_len: int, with_head: bool, prefill_chunk: int,
+               links: int = 0) -> int:
     """Activations of one prefill chunk: a generous bound of a few [T, width] float32 tensors
-    (``with_head``: the rank computes the head's [T, vocab] logits too). The planner asks this
-    as the loader does."""
+    (``with_head``: the rank computes the head's [T, vocab] logits too), and the two [T, d]
+    float32 receive buffers each of its ``links`` data links keeps
+    (:class:`~edgetp.net.datalink.ReusedBuffers`). The planner asks this as the loader does."""
     width = config.hidden_size * 4 + config.intermediate_size + config.num_attention_heads * (
         max_seq_len)
     head = config.vocab_size if with_head else 0
-    return 4 * prefill_chunk * (width + head) + (1 << 20)
+    received = 2 * links * config.hidden_size
+    return 4 * prefill_chunk * (width + head + received) + (1 << 20)
+
+
+def receiving_links(n_ranks: int, rank: int) -> int:
+    """The data links a rank receives allreduce messages on: the star's master one per worker
+    (every partial), a worker one (the sums)."""
+    return n_ranks - 1 if rank == 0 else min(1, n_ranks - 1)
 
 
 def _warn_if_unchecked(shard_dir: Path, manifest: Manifest) -> None:

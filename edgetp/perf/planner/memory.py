@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from edgetp.config.model import ModelConfig
 from edgetp.core.limits import master_prefill_chunk
 from edgetp.parallel.blocks import aligned_nbytes
-from edgetp.parallel.loader import MemoryNeeds, work_bytes
+from edgetp.parallel.loader import MemoryNeeds, receiving_links, work_bytes
 from edgetp.perf.planner.rank_files import Shapes, rank_files, safetensors_size, tensor_bytes
 from edgetp.perf.planner.storage import Storage
 from edgetp.shard.layout import layer_file
@@ -86,7 +86,8 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | St
                 if not t.startswith(BLOCK_PREFIXES))
     cache = sum(part.kv_bytes_per_position for part in layers) * seq * kv_slots
     rope = 2 * seq * config.head_dim * 4  # cos and sin tables, float32
-    work = work_bytes(config, seq, rank == 0, chunk or prefill_chunk(config, rank))
+    work = work_bytes(config, seq, rank == 0, chunk or prefill_chunk(config, rank),
+                      receiving_links(plan.n_ranks, rank))
     needs = MemoryNeeds(cache + norms + rope + work, tuple(blocks),
                         sizes.get("embed.safetensors", 0))
     weight = sum(sum(tensors.values()) for tensors in nbytes.values())

@@ -50,6 +50,24 @@ def test_a_message_arrives_whole_in_a_reused_buffer(wire):
         worker.close()
 
 
+def test_messages_of_every_length_share_two_buffers_of_the_largest():
+    """A node sees a prefill chunk of every prompt length and one-row decode steps: the link
+    holds two buffers of the largest message, not two per length (which grew a 70B master by
+    2 x 7 links x rows x 32 KiB for every prompt length it ever saw)."""
+    master, worker = data_link_pair()
+    try:
+        width, longest = 512, 24
+        for rows in [*range(1, longest + 1), 1, 7, 1]:
+            x = torch.randn(rows, width)
+            worker.send(OP_PARTIAL, "f32", (1, rows, 0), [x])
+            got = master.receive("f32", (rows, width), _soon())
+            assert got.tensors[0].shape == (rows, width) and torch.equal(got.tensors[0], x)
+        assert longest * width * 4 <= master.buffered_bytes <= 2 * longest * width * 4
+    finally:
+        master.close()
+        worker.close()
+
+
 def test_a_large_payload_is_sent_in_pieces():
     master, worker = data_link_pair()
     try:
