@@ -122,29 +122,31 @@ def test_requests_beyond_the_slots_wait_in_the_queue(server: APIServer,
                                                      cluster: TrackedCluster) -> None:
     runner = cluster.master.runner  # type: ignore[union-attr]
     batch_logits = runner.batch_logits
-    release = threading.Event()
+    fast = threading.Event()
 
-    def held(*args: Any, **kwargs: Any) -> Any:  # the batch steps wait for the test
-        release.wait(60)
+    def slow(*args: Any, **kwargs: Any) -> Any:  # decode steps at a pace the test can watch
+        fast.wait(0.25)
         return batch_logits(*args, **kwargs)
 
-    runner.batch_logits = held
+    def four_run_two_wait() -> bool:
+        health = server.health()
+        return health["batch"]["sequences"] == SLOTS and health["queue"]["length"] == 2
+
+    runner.batch_logits = slow
     try:
         with ThreadPoolExecutor(SLOTS + 2) as pool:
             futures = [pool.submit(complete, server, demo_prompt(2, n))
                        for n in range(SLOTS + 2)]
-            wait_for(lambda: server.health()["queue"]["length"] == 2, 30,
-                     "two requests to wait for a slot")
-            health = server.health()
-            assert health["batch"] == {"sequences": SLOTS, "kv_slots": SLOTS,
-                                       "waiting_for_a_slot": True}
+            wait_for(four_run_two_wait, 60, "four requests to run and two to wait for a slot")
+            assert server.health()["batch"]["waiting_for_a_slot"] is True
             metrics = server.metrics.render().decode()
             assert f"edgetp_kv_slots {SLOTS}.0" in metrics
             assert f"edgetp_kv_slots_in_use {SLOTS}.0" in metrics
-            release.set()
+            assert "edgetp_queue_length 2.0" in metrics
+            fast.set()
             texts = [f.result(timeout=120)[1] for f in futures]
     finally:
-        release.set()
+        fast.set()
         del runner.batch_logits
     assert [t.strip() for t in texts] == [expected_text(2, n) for n in range(SLOTS + 2)]
 
