@@ -161,7 +161,8 @@ class StarMaster:
     def _read_link(self, rank: int, link: DataLink, index: int, shape: torch.Size,
                    deadline: float, parts: dict[int, list[torch.Tensor]]) -> None:
         try:
-            got = link.receive(self.wire, shape, deadline)
+            got = link.receive(self.wire, shape, deadline, (self.position.seq,
+                                                            self.position.step))
         except DataLinkError as exc:
             self.transport.drop_data_link(rank)
             raise ClusterError(f"{self.transport.describe(rank)}: {exc}; the request was "

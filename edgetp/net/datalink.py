@@ -124,6 +124,7 @@ class DataLink:
         self._header = bytearray(HEADER.size)
         self._payloads = ReusedBuffers(2)  # used in turn: a result stays valid while the
         # next message is read
+        self._carry = bytearray()  # bytes read past a skipped message: the next one's start
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self.bytes_sent = 0
@@ -151,23 +152,48 @@ class DataLink:
         except OSError as exc:
             raise DataLinkError(f"the data link broke while sending ({exc})") from exc
 
-    def receive(self, wire: str, shape: Sequence[int], deadline: float) -> Received:
+    def receive(self, wire: str, shape: Sequence[int], deadline: float,
+                current: tuple[int, int] | None = None) -> Received:
         """The next message, whose payload must be a ``[T, d]`` of ``wire`` (``shape``).
 
         The header and the payload are read together (one ``recvmsg_into`` in the usual case)
         into the header buffer and one of the reused payload buffers of the expected size.
+        With ``current`` (the step's (seq, step)), a message of another step and another size
+        (a partial of a step the master abandoned, left in the link) is read past and skipped.
         """
         layout = payload_layout(wire, shape)
         expected = _nbytes(layout)
-        buffer = self._payloads.take(expected)
-        header, payload = memoryview(self._header), buffer
-        got = self._read_into([header, payload], deadline, stop_at=HEADER.size)
-        magic, op, code, seq, step, index, size = HEADER.unpack(self._header)
+        header = memoryview(self._header)
+        while True:
+            payload = self._payloads.take(expected)
+            got = self._read_into([header, payload], deadline, stop_at=HEADER.size)
+            magic, op, code, seq, step, index, size = HEADER.unpack(self._header)
+            if (size == expected or current is None or (seq, step) == current
+                    or not is_protocol(magic, op, code, wire)):
+                break
+            self._skip(size, payload[:got - HEADER.size], deadline)
         check_header((magic, op, code, size), (MAGIC, wire, expected), shape)
         if got < HEADER.size + size:
             self._read_into([payload[got - HEADER.size:]], deadline)
         self.bytes_received += HEADER.size + size
-        return Received(op, seq, step, index, _tensors(buffer, layout), HEADER.size + size)
+        return Received(op, seq, step, index, _tensors(payload, layout), HEADER.size + size)
+
+    def _skip(self, size: int, read: memoryview, deadline: float) -> None:
+        """Pass over a stale message of ``size`` payload bytes, of which ``read`` came with its
+        header: keep what was read past its end (the next message's start), drain the rest."""
+        if size > MAX_SKIPPED_BYTES:
+            raise DataLinkError(f"a message of {size} bytes announced: not the data-link "
+                                "protocol")
+        self.bytes_received += HEADER.size + size
+        if len(read) >= size:
+            self._carry[:0] = read[size:]
+            return
+        left = size - len(read)
+        scratch = memoryview(bytearray(min(left, 1 << 20)))
+        while left:
+            chunk = min(left, len(scratch))
+            self._read_into([scratch[:chunk]], deadline)
+            left -= chunk
 
     @property
     def buffered_bytes(self) -> int:
@@ -179,6 +205,11 @@ class DataLink:
         same read); returns the bytes read. Reads without blocking and waits with poll(2)."""
         total = sum(len(v) for v in views)
         want, got = (stop_at or total), 0
+        if self._carry:  # bytes read past a skipped message come first
+            got = min(len(self._carry), total)
+            _fill(views, self._carry[:got])
+            del self._carry[:got]
+            views = _advance(views, got)
         try:
             while got < want:
                 try:
@@ -203,6 +234,25 @@ class DataLink:
 
     def close(self) -> None:
         self.sock.close()
+
+
+MAX_SKIPPED_BYTES = 256 << 20  # a stale message larger than this is not one
+
+
+def is_protocol(magic: bytes, op: int, code: int, wire: str) -> bool:
+    """Whether a header is the data link's (a partial or a sum in the link's wire format)."""
+    return magic == MAGIC and op in (OP_PARTIAL, OP_SUM) and code == WIRE_CODES[wire]
+
+
+def _fill(views: list[memoryview], data: bytes | bytearray) -> None:
+    """Copy ``data`` into the start of ``views``, in order."""
+    offset = 0
+    for view in views:
+        n = min(len(view), len(data) - offset)
+        view[:n] = data[offset:offset + n]
+        offset += n
+        if offset == len(data):
+            return
 
 
 def check_header(got: tuple[bytes, int, int, int], expected: tuple[bytes, str, int],

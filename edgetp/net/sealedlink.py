@@ -75,9 +75,11 @@ class SealedDataLink(DataLink):
         self.bytes_sent += len(header) + len(sealed)
         return len(header) + len(sealed)
 
-    def receive(self, wire: str, shape: Sequence[int], deadline: float) -> Received:
+    def receive(self, wire: str, shape: Sequence[int], deadline: float,
+                current: tuple[int, int] | None = None) -> Received:
         """The next message, opened; it must carry a ``[T, d]`` of ``wire`` (``shape``).
-        Any fault closes the link (DataLinkError)."""
+        Any fault closes the link (DataLinkError), a stale message of another size too
+        (``current`` is not used: the worker rejoins on a fresh link)."""
         try:
             return self._receive(wire, shape, deadline)
         except (DataLinkError, LinkKeyError) as exc:

@@ -68,6 +68,31 @@ def test_messages_of_every_length_share_two_buffers_of_the_largest():
         worker.close()
 
 
+@pytest.mark.parametrize("stale_rows", [1, 2, 9, 40])
+def test_a_stale_message_of_another_size_is_skipped(stale_rows):
+    """A partial of an abandoned step (a decode row, or a longer prefill chunk) left in the
+    link before the current step's: read past, whether the read went beyond its end or not;
+    a message of the current step with a wrong size is still an error."""
+    master, worker = data_link_pair()
+    try:
+        width, rows = 96, 6
+        for step in (4, 5):
+            worker.send(OP_PARTIAL, "f32", (1, step, 0), [torch.randn(stale_rows, width)])
+        x = torch.randn(rows, width)
+        worker.send(OP_PARTIAL, "f32", (2, 1, 0), [x])
+        got = master.receive("f32", (rows, width), _soon(), current=(2, 1))
+        assert (got.seq, got.step) == (2, 1) and torch.equal(got.tensors[0], x)
+        y = torch.randn(rows, width)
+        worker.send(OP_PARTIAL, "f32", (2, 2, 0), [y])  # the link stays in step
+        assert torch.equal(master.receive("f32", (rows, width), _soon(), (2, 2)).tensors[0], y)
+        worker.send(OP_PARTIAL, "f32", (2, 3, 0), [torch.randn(1, width)])
+        with pytest.raises(DataLinkError, match="a payload of 384 bytes"):
+            master.receive("f32", (rows, width), _soon(), current=(2, 3))
+    finally:
+        master.close()
+        worker.close()
+
+
 def test_a_large_payload_is_sent_in_pieces():
     master, worker = data_link_pair()
     try:
