@@ -38,6 +38,8 @@ ENV_NATIVE_KERNELS = "EDGETP_NATIVE_KERNELS"
 ENV_KERNEL_TARGET = "EDGETP_KERNEL_TARGET"
 ENV_QUANT_KERNELS = "EDGETP_QUANT_KERNELS"
 ENV_DATA_LINK = "EDGETP_DATA_LINK"
+ENV_SPIN = "EDGETP_SPIN_US"
+DEFAULT_SPIN_US = 500
 ENV_LOG = "EDGETP_LOG"
 ENV_API_KEY = "EDGETP_API_KEY"
 ENV_DELAY = "EDGETP_LINK_DELAY_MS"
@@ -76,6 +78,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(ENV_DATA_LINK, "1",
              "`0` keeps the star allreduce on ZeroMQ instead of the raw-TCP data link "
              "(for comparisons)."),
+    Variable(ENV_SPIN, str(DEFAULT_SPIN_US),
+             "Microseconds an allreduce watches its data links without sleeping before it "
+             "blocks in poll(2) (a sleep and a wake-up cost 100-200 us a round trip); `0` "
+             "blocks at once, for devices whose cores other work needs."),
     Variable(ENV_LOG, "INFO",
              "Log level of `worker`, `master`, `serve` and the testbed's master (DEBUG, INFO, "
              "WARNING, ...)."),
@@ -149,6 +155,25 @@ def quant_kernels_enabled() -> bool:
 
 def data_link_enabled() -> bool:
     return _switch(ENV_DATA_LINK)
+
+
+def spin_seconds() -> float:
+    """``$EDGETP_SPIN_US`` in seconds (default :data:`DEFAULT_SPIN_US` us); ConfigError when it
+    is not a number of microseconds from 0 to 1,000,000."""
+    text = _read(ENV_SPIN).strip() or str(DEFAULT_SPIN_US)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e6:
+        raise ConfigError(f"{ENV_SPIN}={text!r} is not a number of microseconds from 0 to "
+                          "1000000: give e.g. 500, or 0 to block at once")
+    return value / 1e6
+
+
+def spin_given() -> bool:
+    """Whether ``$EDGETP_SPIN_US`` is set (a local cluster then leaves it as it is)."""
+    return bool(_read(ENV_SPIN).strip())
 
 
 def log_level() -> str:

@@ -34,12 +34,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -53,8 +55,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "matvec.c"  # the kernels (one thread each)
 POOL_SOURCE = SOURCE.parent / "pool.c"  # their thread pool
 STREAM_SOURCE = SOURCE.parent / "stream.c"  # the streaming reader
-SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE)  # compiled together into one library
-ABI_VERSION = 2
+SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait for a peer's bytes
+SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE)  # compiled into one library
+ABI_VERSION = 3
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
@@ -165,6 +168,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_stream_path.restype = ctypes.c_char_p
     library.et_stream_read.restype = ctypes.c_uint32
     library.et_stream_read.argtypes = [_P, _I64]
+    library.et_wait_readable.restype = ctypes.c_int
+    library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
     for name in ("et_pool_set_threads", "et_pool_threads", "et_has_int4",
                  "et_stream_vector_bytes"):
         getattr(library, name).restype = ctypes.c_int
@@ -252,6 +257,23 @@ def stream_read(buffer: torch.Tensor) -> int:
     if not buffer.is_contiguous() or buffer.device.type != "cpu":
         raise ValueError("stream_read takes a contiguous CPU tensor")
     return int(lib.et_stream_read(buffer.data_ptr(), buffer.numel() * buffer.element_size()))
+
+
+def wait_readable(fds: Sequence[int], spin_s: float, timeout_s: float = 0.0) -> int | None:
+    """The index of the first of ``fds`` that is readable (or hung up): checked without
+    blocking, pausing between checks, for up to ``spin_s``, then waited for in poll(2) for up
+    to ``timeout_s`` more, without the GIL (``csrc/spinwait.c``). None when none became readable
+    in time or a signal interrupted the wait. Raises ``RuntimeError`` when the kernels are off
+    or unavailable, ``OSError`` when poll fails."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are off or unavailable: no spinning wait")
+    array = (ctypes.c_int * len(fds))(*fds)
+    got = int(lib.et_wait_readable(array, len(fds), int(spin_s * 1e9),
+                                   max(0, math.ceil(timeout_s * 1000))))
+    if got <= -2:
+        raise OSError(-2 - got, os.strerror(-2 - got))
+    return None if got < 0 else got
 
 
 def stream_path() -> str:

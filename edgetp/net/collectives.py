@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from edgetp.core.metrics import RECORDER, now
+from edgetp.net import datalink
 from edgetp.net.codec import check_format, check_payload, decode, encode, payload_bytes, star_sum
 from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLink, DataLinkError
 from edgetp.net.transport import (
@@ -140,6 +141,8 @@ class StarMaster:
         deadline = time.monotonic() + self.timeout_s
         transport = self.transport
         while len(parts) < self.world_size - 1:
+            if self._read_first_ready(index, shape, deadline, parts):
+                continue  # a partial came while watching the links
             remaining = deadline - time.monotonic()
             ready = dict(transport.data_poller.poll(max(1, int(remaining * 1000)))
                          if remaining > 0 else ())
@@ -152,6 +155,18 @@ class StarMaster:
                 self._take_message(*got, index, shape, parts)  # ZeroMQ: errors, other ranks
         self.wait_s += time.perf_counter() - started
         return parts
+
+    def _read_first_ready(self, index: int, shape: torch.Size, deadline: float,
+                          parts: dict[int, list[torch.Tensor]]) -> bool:
+        """Read the partial of the first data link whose bytes come within the transport's
+        spin; False when none came by then (the caller blocks in its poller)."""
+        waiting = [(rank, link) for rank, link in self.transport.data_links.items()
+                   if rank not in parts]
+        ready = datalink.first_readable([link for _, link in waiting], self.transport.spin_s)
+        if ready is None:
+            return False
+        self._read_link(*waiting[ready], index, shape, deadline, parts)
+        return True
 
     def _timeout(self, parts: dict[int, list[torch.Tensor]]) -> ClusterError:
         late = [self._describe_late(r) for r in self.transport.worker_ranks if r not in parts]

@@ -135,10 +135,19 @@ class LocalCluster:
                                      memory_budget=self.memory_budget,
                                      allreduce=self.allreduce, security=security,
                                      max_batch=self.kv_slots)
+        if not self.spins:
+            self.master.set_spin(0.0)
         for rank in range(1, self.n_nodes):
             self.start_worker(rank)
         self.wait_until_joined()
         return self.master
+
+    @property
+    def spins(self) -> bool:
+        """Whether the nodes' allreduces watch their links before sleeping: unless the nodes
+        have more threads than the machine has cores (a spinning node would then hold a core
+        the node it waits for needs), or ``EDGETP_SPIN_US`` says."""
+        return settings.spin_given() or sum(self.threads) <= usable_cores()
 
     def _machine_context(self) -> int:
         """The default context of a cluster whose nodes all share this machine's memory."""
@@ -164,6 +173,8 @@ class LocalCluster:
     def start_worker(self, rank: int) -> None:
         command = self.worker_command(rank).local_argv() + self.worker_args
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads[rank])}
+        if not self.spins:
+            env[settings.ENV_SPIN] = "0"
         self.log_path(rank).parent.mkdir(parents=True, exist_ok=True)
         with self.log_path(rank).open("ab") as log_file:
             self.workers[rank] = spawn_tied(command, env=env, stdin=subprocess.DEVNULL,

@@ -306,6 +306,12 @@ class Master:
             transport.close()
             raise
 
+    def set_spin(self, spin_s: float) -> None:
+        """How long the allreduces watch the data links before they sleep (a local cluster
+        turns it off when its nodes have more threads than the machine has cores)."""
+        if self._cluster is not None:
+            self._cluster.transport.spin_s = spin_s
+
     def close(self, shutdown_workers: bool = False, wait_s: float | None = None) -> bool:
         """Close the cluster's sockets (telling the workers to exit if ``shutdown_workers``).
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import zmq
 
+from edgetp.core import settings
 from edgetp.net import datalink, wire
 from edgetp.net.datalink import DataLink, DataLinkError
 from edgetp.net.delay import LinkDelay  # EDGETP_LINK_DELAY_MS: send-side delay (testbeds)
@@ -79,6 +80,7 @@ class MasterTransport:
         self.wire_dtype = wire_dtype
         self.timeout_s = timeout_s
         self.link_delay = LinkDelay.from_env()  # link emulation hook, off unless set
+        self.spin_s = settings.spin_seconds()  # an allreduce's watch before it sleeps
         self.session = uuid.uuid4().hex
         self.allreduce = "star"  # or "ring": announced to workers in the welcome
         self.ring_port = 0

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import zmq
 
+from edgetp.core import settings
 from edgetp.net import datalink, wire
 from edgetp.net.codec import payload_bytes
 from edgetp.net.datalink import DataLink, DataLinkError, DataListener
@@ -63,6 +64,7 @@ class WorkerTransport:
         self.identity = identity
         self.timeout_s = timeout_s
         self.link_delay = LinkDelay.from_env()  # link emulation hook, off unless set
+        self.spin_s = settings.spin_seconds()  # an allreduce's watch before it sleeps
         self.frame_log = frame_log
         self.traffic = Traffic()
         self.wire_dtype = "f32"
@@ -211,6 +213,8 @@ class WorkerTransport:
         """Wait up to ``timeout_s`` for the data link or the socket; True if the link has data
         (the socket's messages are then read with :meth:`receive_now`)."""
         assert self.data_link is not None and self.data_poller is not None, "no data link"
+        if datalink.first_readable([self.data_link], self.spin_s) is not None:
+            return True
         ready = dict(self.data_poller.poll(max(1, int(timeout_s * 1000))))
         return self.data_link.fileno() in ready
 
