@@ -58,9 +58,11 @@ def test_decode_benchmark_tiny_json() -> None:
                                    else "torch-sum")
     assert report["cpu"]["kernel_paths"] == native.kernel_paths()
     points = {(p["nodes"], p["weights"], p["threads"]): p for p in report["results"]}
-    assert set(points) == {(n, w, None) for n in (1, 2)
-                           for w in ("float32", "bfloat16", "int8", "int4")} | {(1, "float32", 1)}
     cores = native.usable_cores()
+    device = max(1, cores // 2)  # what each node of a 2-node local cluster computes on
+    dtypes = ("float32", "bfloat16", "int8", "int4")
+    assert set(points) == ({(n, w, None) for n in (1, 2) for w in dtypes} | {(1, "float32", 1)}
+                           | ({(1, w, device) for w in dtypes} if device != cores else set()))
     assert points[(1, "float32", 1)]["node_threads"] == [1]  # --one-thread's default
     assert points[(1, "float32", None)]["node_threads"] == [cores]  # a user's default: every core
     assert sum(points[(2, "int8", None)]["node_threads"]) == max(cores, 2)
@@ -87,6 +89,19 @@ def test_decode_benchmark_tiny_json() -> None:
     for target in report["targets"]:
         assert target["status"] == "met" or target["status"].startswith(("missed by", "n/a"))
     assert len(report["reference"]) == 7
+    scaling = {r["weights"]: r for r in report["scaling"]}
+    assert set(scaling) == set(dtypes)
+    for weights, row in scaling.items():  # 2 nodes against one device alone and the machine
+        assert row["ms_per_token"] == points[(2, weights, None)]["ms_per_token"]
+        assert row["machine_ms_per_token"] == points[(1, weights, None)]["ms_per_token"]
+        alone = points[(1, weights, None if device == cores else device)]
+        assert row["device_ms_per_token"] == alone["ms_per_token"]
+    vs_device = next(t for t in report["targets"] if t["kind"] == "vs1"
+                     and t["weights"] == "int8")
+    if vs_device["value"] is not None:
+        assert abs(vs_device["value"] - scaling["int8"]["ms_per_token"]
+                   / scaling["int8"]["device_ms_per_token"]) < 1e-9
+    assert "2 nodes against 1: one device alone" in proc.stderr
     assert 0 <= report["others_cpu_share"] <= 1
     assert "ms/token" in proc.stderr and "targets:" in proc.stderr
 
