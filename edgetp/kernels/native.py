@@ -56,7 +56,9 @@ SOURCE = Path(__file__).parent / "csrc" / "matvec.c"  # the kernels (one thread 
 POOL_SOURCE = SOURCE.parent / "pool.c"  # their thread pool
 STREAM_SOURCE = SOURCE.parent / "stream.c"  # the streaming reader
 SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait for a peer's bytes
-SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE)  # compiled into one library
+OPS_SOURCE = SOURCE.parent / "decode_ops.c"  # a decode step's norm and attention
+SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE)  # one library
+ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
 ABI_VERSION = 3
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
@@ -169,6 +171,10 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_stream_read.restype = ctypes.c_uint32
     library.et_stream_read.argtypes = [_P, _I64]
     library.et_wait_readable.restype = ctypes.c_int
+    library.et_rmsnorm_f32.restype = None
+    library.et_rmsnorm_f32.argtypes = [_P, _P, _P, _I64, ctypes.c_float]
+    library.et_attend_one_f32.restype = None
+    library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
     for name in ("et_pool_set_threads", "et_pool_threads", "et_has_int4",
                  "et_stream_vector_bytes"):
@@ -199,14 +205,14 @@ def _declare(library: ctypes.CDLL) -> None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, building them on first use; None when off or unavailable."""
+    """The loaded kernels, building them on first use; None when off (``EDGETP_NATIVE_KERNELS``
+    at the first call: every product asks, so the environment is not read again) or
+    unavailable."""
     global _library, _tried
-    if not enabled():
-        return None
     if not _tried:
         with _lock:
             if not _tried:
-                _library = _load()
+                _library = _load() if enabled() else None
                 _tried = True
     return _library
 
@@ -274,6 +280,37 @@ def wait_readable(fds: Sequence[int], spin_s: float, timeout_s: float = 0.0) -> 
     if got <= -2:
         raise OSError(-2 - got, os.strerror(-2 - got))
     return None if got < 0 else got
+
+
+def rmsnorm_row(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
+    """``out`` = RMSNorm of one float32 row ``x`` [1, d] with ``weight`` [d] (``csrc/
+    decode_ops.c``); False (nothing done) when the C library is unavailable."""
+    lib = library()
+    if lib is None:
+        return False
+    lib.et_rmsnorm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[-1], eps)
+    return True
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               caches: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+               position: int, scale: float, scratch: torch.Tensor, out: torch.Tensor) -> bool:
+    """One float32 query position's attention in one call (``csrc/decode_ops.c``): RoPE on q
+    [1, H, hd] and k [1, KV, hd] in place, k and v into the ``caches`` ([KV, S, hd] each) at
+    ``position``, softmax(q . keys * scale) . values over positions 0..position into ``out``
+    [H * hd], each query head reading KV head ``h // (H // KV)``. ``cos``, ``sin``: [1, hd];
+    ``scratch``: at least position + 1 floats. False (nothing done) when the library is
+    unavailable, or ``position`` is past the cache or :data:`ATTEND_MAX_POSITIONS`."""
+    lib = library()
+    k_cache, v_cache = caches
+    if lib is None or not 0 <= position < min(ATTEND_MAX_POSITIONS, k_cache.shape[1]):
+        return False  # past the cache: the torch path's slice assignment says so
+    heads, kv_heads, hd = q.shape[-2], k.shape[-2], q.shape[-1]
+    lib.et_attend_one_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(),
+                          v_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(), heads, kv_heads,
+                          hd, position, k_cache.shape[1], scale, scratch.data_ptr(),
+                          out.data_ptr())
+    return True
 
 
 def stream_path() -> str:

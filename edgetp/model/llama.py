@@ -60,6 +60,8 @@ class RMSNorm(nn.Module):
 
     def _one_row(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, d] float32, kept buffers
         out = step_buffer(self, "_out", tuple(x.shape), x)  # [1, d]
+        if x.is_contiguous() and kernels.rmsnorm_row(x, self.weight, self.eps, out):
+            return out  # one C loop
         mean_square = step_buffer(self, "_mean_square", (1, 1), x)
         torch.matmul(x, x.T, out=mean_square)  # [1, 1]: the sum of squares
         mean_square.mul_(step_constant(self, "_inverse_dim", 1.0 / x.shape[1], x))
@@ -210,6 +212,9 @@ class Attention(nn.Module):
         k_cache, v_cache = self.cache_of(slot)
         t, hd = q.shape[0], self.head_dim
         end = start_pos + t
+        natively = self._attend_natively(q, k, v, start_pos, cos, sin, (k_cache, v_cache))
+        if natively is not None:
+            return natively
         q, k = q.view(t, self.n_heads, hd), k.view(t, self.n_kv_heads, hd)  # [T, H|KV, hd]
         if one_float_row(q):  # the projections' outputs are this step's own: rotate in place
             rope_q = step_buffer(self, "_rope_q", (1, self.n_heads, hd // 2), q)
@@ -236,6 +241,25 @@ class Attention(nn.Module):
             enable_gqa=self.uniform_groups and self.n_heads != self.n_kv_heads,
         )  # [H, T, hd]
         return out.transpose(0, 1).reshape(t, self.n_heads * hd)
+
+    def _attend_natively(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         position: int, cos: torch.Tensor, sin: torch.Tensor,
+                         caches: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """A float32 decode step's RoPE, cache write and attention in one C call (q [1, H*hd],
+        k and v [1, KV*hd]) -> [1, H*hd] in a kept buffer; None where it does not apply (more
+        rows, other dtypes, irregular head groups, a sliding window's mask, a long context,
+        no C library): the torch path then runs."""
+        if (not one_float_row(q) or not self.uniform_groups or caches[0].dtype != torch.float32
+                or self._mask(position, 1, position + 1) is not None
+                or not all(x.is_contiguous() for x in (q, k, v, cos, sin))):
+            return None
+        hd, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
+        out = step_buffer(self, "_native_out", (1, heads * hd), q)  # [1, H*hd]
+        scratch = step_buffer(self, "_native_scores", (caches[0].shape[1],), q)  # [S]
+        if not kernels.attend_one(q.view(1, heads, hd), k.view(1, kv_heads, hd), v, caches,
+                                  cos, sin, position, hd**-0.5, scratch, out):
+            return None
+        return out
 
     def _one_query(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
                    ) -> torch.Tensor:

@@ -1,0 +1,100 @@
+"""A decode step's norm and attention in C (csrc/decode_ops.c) against torch's formulas, and
+the model using them only where they apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetp.kernels import native
+from edgetp.model.llama import Attention, RMSNorm, apply_rope
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels")
+
+
+def test_the_norm_of_one_row_is_torchs() -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(1, 2048) * 3, torch.randn(2048)
+    out = torch.empty(1, 2048)
+    assert native.rmsnorm_row(x, weight, 1e-5, out)
+    expected = weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def reference_attention(q, k, v, k_cache, v_cache, cos, sin, position):
+    """torch's: RoPE, the cache write, SDPA with grouped heads (the copies' contents)."""
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # [1, H|KV, hd]
+    k_cache[:, position] = k[0]
+    v_cache[:, position] = v.view(k.shape)[0]
+    group = q.shape[1] // k.shape[1]
+    keys = k_cache[:, :position + 1].repeat_interleave(group, 0)  # [H, S, hd]
+    values = v_cache[:, :position + 1].repeat_interleave(group, 0)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values)  # [H, 1, hd]
+    return out.transpose(0, 1).reshape(1, -1)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "position"), [(4, 4, 0), (8, 2, 37), (6, 3, 100),
+                                                              (32, 4, 1023)])
+def test_one_querys_attention_is_torchs(heads: int, kv_heads: int, position: int) -> None:
+    torch.manual_seed(heads + position)
+    hd, capacity = 64, 1100
+    k_cache, v_cache = torch.randn(kv_heads, capacity, hd), torch.randn(kv_heads, capacity, hd)
+    q, k, v = torch.randn(1, heads, hd), torch.randn(1, kv_heads, hd), torch.randn(1, kv_heads * hd)
+    angles = torch.rand(1, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    expected_caches = (k_cache.clone(), v_cache.clone())
+    expected = reference_attention(q.clone(), k.clone(), v, *expected_caches, cos, sin, position)
+    out, scratch = torch.empty(1, heads * hd), torch.empty(capacity)
+    assert native.attend_one(q, k, v, (k_cache, v_cache), cos, sin, position, hd**-0.5,
+                             scratch, out)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k_cache, expected_caches[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(v_cache, expected_caches[1])
+
+
+def test_attention_past_the_cache_or_the_limit_is_left_to_torch() -> None:
+    hd, kv = 8, 1
+    caches = (torch.zeros(kv, 4, hd), torch.zeros(kv, 4, hd))
+    args = (torch.randn(1, 1, hd), torch.randn(1, 1, hd), torch.randn(1, hd), caches,
+            torch.ones(1, hd), torch.zeros(1, hd))
+    out, scratch = torch.empty(1, hd), torch.empty(8)
+    assert not native.attend_one(*args, 4, 1.0, scratch, out)  # the cache holds positions 0..3
+    assert not native.attend_one(*args, -1, 1.0, scratch, out)
+    assert torch.equal(caches[0], torch.zeros(kv, 4, hd))  # nothing written
+    big = (torch.zeros(kv, 2048, hd), torch.zeros(kv, 2048, hd))
+    assert not native.attend_one(*args[:3], big, *args[4:], native.ATTEND_MAX_POSITIONS, 1.0,
+                                 torch.empty(2048), out)
+
+
+def test_the_models_decode_step_takes_the_c_path_and_agrees_with_torchs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgetp.config.model import parse_hf_config
+
+    config = parse_hf_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                              "hidden_size": 128, "intermediate_size": 256,
+                              "num_attention_heads": 8, "num_key_value_heads": 2,
+                              "num_hidden_layers": 1, "vocab_size": 64,
+                              "max_position_embeddings": 64})
+    torch.manual_seed(3)
+    attention, norm = Attention(config).eval(), RMSNorm(128, 1e-5)
+    norm.weight.data.normal_()
+    attention.allocate_cache(64, torch.float32)
+    calls = {"attend": 0, "norm": 0}
+    for name in ("attend_one", "rmsnorm_row"):
+        real = getattr(native, name)
+
+        def counting(*args, _real=real, _name=name):
+            calls["attend" if _name == "attend_one" else "norm"] += 1
+            return _real(*args)
+        monkeypatch.setattr(native, name, counting)
+    with torch.no_grad():
+        x = torch.randn(1, 128)
+        cos, sin = torch.ones(1, 16), torch.zeros(1, 16)
+        natively = attention(norm(x), 0, cos, sin).clone()
+        assert calls == {"attend": 1, "norm": 1}
+        monkeypatch.setattr(native, "attend_one", lambda *args: False)  # the torch path
+        monkeypatch.setattr(native, "rmsnorm_row", lambda *args: False)
+        attention.allocate_cache(64, torch.float32)
+        torch.testing.assert_close(attention(norm(x), 0, cos, sin), natively, rtol=1e-5,
+                                   atol=1e-6)
