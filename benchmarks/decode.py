@@ -36,6 +36,8 @@ Run::
    on one thread, for the speedup of all cores over one. With 2 among ``--nodes``, every dtype
    also runs on one node with the threads each node of the 2-node cluster has (one on a 2-core
    machine): one device alone, against which the 2-node point is the second device's gain.
+   On the same cluster, after the decode runs: the time to first token of a
+   ``--prefill-tokens`` prompt (256; one warm-up, the median of two runs).
 4. **Floor.** Bytes a node reads per token: every tensor of its layer files (linear weights,
    their scales, norms) plus, on the master, ``head.safetensors`` (final norm, lm_head); not the
    embedding table, of which one row is read. Floor ms/token = the slowest node's bytes over
@@ -63,7 +65,9 @@ ms/token and their ratio against the target (keys within :data:`SECURE_TARGET` o
 It then prints the reference figures beside these, and the targets of issue 26 (1 node on
 every core at least 1.5x faster than on one thread in float32; 2 nodes at most 0.6x the
 ms/token of one node of the same device (one node alone with the threads each of the two has)
-in float32, 0.7x in the other dtypes; 2 nodes float32 within 1.15x of the floor), each
+in float32, 0.7x in the other dtypes; 2 nodes float32 within 1.15x of the floor; int4's time
+to first token no longer than int8's on one node, and 2 nodes' at most 0.65x one device's in
+every dtype), each
 met or missed by how much, the CPU's flags and kernel paths, and how much of the CPUs other
 processes used meanwhile (from ``/proc/stat``: on a shared machine that is what disturbs the
 timings). Progress goes to
@@ -105,7 +109,7 @@ from edgetp.model.synthetic import (  # noqa: E402
     model_bytes,
     write_model,
 )
-from edgetp.perf.bench import BenchSettings, bench_cluster, run_bench  # noqa: E402
+from edgetp.perf.bench import BenchSettings, bench_cluster, write_reports  # noqa: E402
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
 from edgetp.perf.streams import read_rates, reader_name, round_rate  # noqa: E402
 from edgetp.runtime.local import split_cache_dir  # noqa: E402
@@ -116,6 +120,8 @@ GB = 1e9
 MiB = 1 << 20
 SEED = 0
 PROMPT_TOKENS = 8
+PREFILL_NEW_TOKENS = 2  # the prefill runs: a first token and one more
+PREFILL_RUNS = 2
 GROUP_SIZE = 32
 DTYPES = ("float32", "bfloat16", "int8", "int4")
 OUTSIDE_METHOD = ("outside = time outside matmuls and allreduce waits, as far as edgetp's spans "
@@ -145,6 +151,9 @@ TARGETS = (
     ("2 nodes <= 0.7x 1 node of the same device, int8", 2, "int8", "vs1", 0.7),
     ("2 nodes <= 0.7x 1 node of the same device, int4", 2, "int4", "vs1", 0.7),
     ("2 nodes float32 <= 1.15x floor", 2, "float32", "ratio", 1.15),
+    ("int4 prefill <= int8 prefill (time to first token, 1 node)", 1, "int4", "ttft_int8", 1.0),
+    *((f"2 nodes time to first token <= 0.65x 1 node of the same device, {w}", 2, w,
+       "ttft_vs1", 0.65) for w in ("float32", "bfloat16", "int8", "int4")),
 )
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "avx_vnni", "amx_tile", "asimd", "asimddp", "sve", "i8mm", "bf16")
@@ -443,12 +452,14 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
     compute = "bfloat16" if weights == "bfloat16" else "float32"
     settings = BenchSettings(str(model_dir), nodes, None, PROMPT_TOKENS, args.new_tokens,
                              args.runs, 1, dtype=compute, timeout_s=120.0,
-                             weight_dtype=weights, group_size=GROUP_SIZE, threads=threads)
+                             weight_dtype=weights, group_size=GROUP_SIZE, threads=threads,
+                             max_seq_len=max(PROMPT_TOKENS + args.new_tokens,
+                                             args.prefill_tokens + PREFILL_NEW_TOKENS) + 8)
     per_node = node_threads(nodes, threads)
     label = f"{nodes} node(s) {weights} threads {'+'.join(map(str, per_node))}"
     progress(f"run {label}: load, 1 warm-up + {args.runs} run(s) of {args.new_tokens} tokens")
     rates = node_rates_now(per_node, args.tiny)  # this VM's bandwidth drifts: measure it here
-    report = run_bench(settings, out_dir)
+    report, ttft = run_decode_and_prefill(settings, out_dir, args.prefill_tokens)
     gc.collect()  # the master's shard goes before the next point loads its own
     runs = [run["ms_per_token"] for run in report["runs"]]
     ms = statistics.median(runs)
@@ -465,13 +476,32 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
              "node_breakdown": [breakdown(node, bytes_by_rank[node["rank"]],
                                           rates[node["rank"]])
                                 for node in report["nodes"]],
-             "report_dir": str(out_dir)}
+             "report_dir": str(out_dir), "prefill_tokens": args.prefill_tokens, **ttft}
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
     progress(f"run {label}: {ms:.1f} ms/token (runs "
              f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f}")
     if args.secure and nodes > 1:
         point["secure"] = run_secure(settings)
     return point
+
+
+def run_decode_and_prefill(settings: BenchSettings, out_dir: Path, prefill_tokens: int
+                           ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On one cluster: the decode workload (its report written to ``out_dir``, as
+    ``run_bench`` does), then time to first token of a ``prefill_tokens`` prompt (one warm-up,
+    PREFILL_RUNS runs, the median; 0: not measured)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with bench_cluster(settings) as master:
+        report, nodes = measure_on(master, settings, None)
+        write_reports(report, nodes, {n["rank"]: n["host"] for n in report["nodes"]}, out_dir)
+        if not prefill_tokens:
+            return report, {"ttft_ms": None, "run_ttft_ms": []}
+        progress(f"run {settings.nodes} node(s) {settings.weight_dtype}: time to first token "
+                 f"of a {prefill_tokens}-token prompt")
+        prefill = replace(settings, prompt_tokens=prefill_tokens,
+                          new_tokens=PREFILL_NEW_TOKENS, repeat=PREFILL_RUNS, warmup=1)
+        runs = [run["ttft_ms"] for run in measure_on(master, prefill, None)[0]["runs"]]
+    return report, {"ttft_ms": statistics.median(runs), "run_ttft_ms": runs}
 
 
 def run_secure(settings: BenchSettings) -> dict[str, Any]:
@@ -551,13 +581,20 @@ def target_value(kind: str, points: list[dict[str, Any]], nodes: int,
         return point["ratio"], point
     if kind == "ms":
         return point["ms_per_token"], point
+    if kind == "ttft_int8":
+        other = find(points, 1, "int8")
+        ttfts = (point.get("ttft_ms"), other and other.get("ttft_ms"))
+        return (ttfts[0] / ttfts[1] if ttfts[0] and ttfts[1] else None), point
     other = find(points, 1, weights, threads=1 if kind == "speedup" else
                  device_threads(point["node_threads"]))
     if other is None:
         return None, point
     if kind == "speedup":
         return other["ms_per_token"] / point["ms_per_token"], point
-    return point["ms_per_token"] / other["ms_per_token"], point
+    figure = "ttft_ms" if kind == "ttft_vs1" else "ms_per_token"
+    if not point.get(figure) or not other.get(figure):
+        return None, point
+    return point[figure] / other[figure], point
 
 
 def targets(points: list[dict[str, Any]], bw: dict[str, Any],
@@ -577,7 +614,7 @@ def targets(points: list[dict[str, Any]], bw: dict[str, Any],
             missed = 100 * (limit / value - 1 if kind == "speedup" else value / limit - 1)
             row["missed_by_pct"] = max(0.0, missed)
             row["status"] = "met" if missed <= 0 else f"missed by {missed:.0f}%"
-            row["why"] = None if missed <= 0 else why(point, bw)
+            row["why"] = None if missed <= 0 or kind.startswith("ttft") else why(point, bw)
         out.append(row)
     return out
 
@@ -722,6 +759,20 @@ def scaling(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def prefill_table(points: list[dict[str, Any]]) -> list[str]:
+    rows = [p for p in points if p.get("ttft_ms")]
+    if not rows:
+        return []
+    lines = ["", f"time to first token of a {rows[0]['prefill_tokens']}-token prompt (one "
+             f"warm-up, the median of {PREFILL_RUNS} runs)", "",
+             "| nodes | threads | weights | TTFT ms | runs |", "|---|---|---|---|---|"]
+    for p in rows:
+        lines.append(f"| {p['nodes']} | {'+'.join(map(str, p['node_threads']))} | "
+                     f"{p['weights']} | {p['ttft_ms']:.0f} | "
+                     f"{', '.join(f'{r:.0f}' for r in p['run_ttft_ms'])} |")
+    return lines
+
+
 def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return []
@@ -740,7 +791,8 @@ def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def human_report(data: dict[str, Any]) -> str:
     return "\n".join(describe(data) + results_table(data["results"])
-                     + scaling_table(data["scaling"]) + secure_table(data["results"])
+                     + scaling_table(data["scaling"]) + prefill_table(data["results"])
+                     + secure_table(data["results"])
                      + reference_table(data["reference"], data["model"]["tiny"])
                      + targets_table(data["targets"]))
 
@@ -760,6 +812,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a small model of the same family")
     parser.add_argument("--secure", action="store_true",
                         help="run each multi-node point again with CURVE keys and compare")
+    parser.add_argument("--prefill-tokens", type=int, default=256,
+                        help="prompt tokens of the time-to-first-token runs (default 256; 0: "
+                             "none)")
     parser.add_argument("--one-thread", default="float32",
                         help="dtypes also run on one node of one thread (default float32; "
                              "'' for none)")
@@ -768,9 +823,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.weight_dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.one_thread_dtypes = [d.strip() for d in args.one_thread.split(",") if d.strip()]
     unknown = sorted(set(args.weight_dtypes + args.one_thread_dtypes) - set(DTYPES))
-    if unknown or args.runs < 1 or args.new_tokens < 2 or not args.node_counts:
+    if (unknown or args.runs < 1 or args.new_tokens < 2 or not args.node_counts
+            or args.prefill_tokens < 0):
         parser.error(f"check --dtypes (unknown: {unknown}; choose from {', '.join(DTYPES)}), "
-                     "--runs >= 1, --new-tokens >= 2 and --nodes")
+                     "--runs >= 1, --new-tokens >= 2, --prefill-tokens >= 0 and --nodes")
     return args
 
 

@@ -127,7 +127,23 @@ def star_sum(own: torch.Tensor, parts: Sequence[Sequence[torch.Tensor]], wire: s
     ``own``: the master's partial [T, d]; ``parts``: the workers' frames in rank order.
     Returns (the sum every rank uses, float32 [T, d]; the frames that carry it to the workers).
     """
-    total = round_trip(own, wire)  # the master's partial rounded like everyone else's
+    return _sum_in_rank_order(round_trip(own, wire), parts, wire)  # the master's partial
+    # rounded like everyone else's
+
+
+def pair_sum(master: Sequence[torch.Tensor], own: Sequence[torch.Tensor], wire: str
+             ) -> torch.Tensor:
+    """The worker's side of a two-rank exchange: the master's partial (its frames as sent) plus
+    this worker's (its frames as sent), float32 [T, d]: bitwise the sum :func:`star_sum` gives
+    the master from the same two partials."""
+    return _sum_in_rank_order(decode(master, wire), [own], wire)[0]
+
+
+def _sum_in_rank_order(first: torch.Tensor, parts: Sequence[Sequence[torch.Tensor]], wire: str
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``first`` (rank 0's partial as received, a fresh float32 tensor) plus each later rank's
+    frames in rank order; returns the sum as the wire rounds it, and its frames."""
+    total = first
     for frames in parts:
         total += decode(frames, wire)
     frames = encode(total, wire)

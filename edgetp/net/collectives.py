@@ -16,7 +16,15 @@ import torch
 
 from edgetp.core.metrics import RECORDER, now
 from edgetp.net import datalink
-from edgetp.net.codec import check_format, check_payload, decode, encode, payload_bytes, star_sum
+from edgetp.net.codec import (
+    check_format,
+    check_payload,
+    decode,
+    encode,
+    pair_sum,
+    payload_bytes,
+    star_sum,
+)
 from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLink, DataLinkError
 from edgetp.net.transport import (
     ClusterError,
@@ -113,16 +121,27 @@ class StarMaster:
     def allreduce(self, x: torch.Tensor) -> torch.Tensor:  # x: [T, d] partial
         started = now()
         index, last = self.position.advance()
+        pos = self.position
+        fields = {"seq": pos.seq, "step": pos.step, "index": index}
+        exchange = self.exchanges()
+        nbytes = 0
+        if exchange and not last:  # sent before waiting: it travels while the worker computes
+            nbytes += self.transport.send_own_partial(1, fields, encode(x, self.wire))
         parts = self._gather(index, x.shape)
         # the master's partial is rounded like the workers'; rank order: independent of arrival
         total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks], self.wire)
-        nbytes = sum(payload_bytes(p) for p in parts.values())
-        if not last:
-            pos = self.position
-            nbytes += self.transport.send_sum({"seq": pos.seq, "step": pos.step, "index": index},
-                                              frames)
+        nbytes += sum(payload_bytes(p) for p in parts.values())
+        if not last and not exchange:
+            nbytes += self.transport.send_sum(fields, frames)
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
+
+    def exchanges(self) -> bool:
+        """Whether this allreduce is a two-rank exchange: with one worker on a data link, the
+        master sends its own partial instead of waiting to send the sum, and the worker adds
+        the two itself (:func:`~edgetp.net.codec.pair_sum`, bitwise the master's sum). The
+        worker then waits for a one-way trip instead of a round trip plus the master's sum."""
+        return self.world_size == 2 and 1 in self.transport.data_links
 
     def _describe_late(self, rank: int) -> str:
         """A late worker with its timings: when it was last heard from, which allreduce."""
@@ -231,16 +250,23 @@ class StarWorker:
         if last:  # a reduce: only the master needs the final sum
             RECORDER.add("allreduce", index, started, now(), sent)
             return x
-        tensors = self._wait_for_sum(index, x.shape, wire)
-        # f32 on the data link: the link's buffer itself, valid until the next sum but one
-        total = tensors[0] if wire == "f32" and self.transport.data_link else decode(tensors,
-                                                                                     wire)
+        op, tensors = self._wait_for_sum(index, x.shape, wire)
+        if op == OP_PARTIAL:  # a two-rank exchange: the master's partial, summed here
+            total = pair_sum(tensors, frames, wire)
+        elif wire == "f32" and self.transport.data_link:  # the link's buffer itself, valid
+            total = tensors[0]  # until the next sum but one
+        else:
+            total = decode(tensors, wire)
         self.wait_s += now() - started
         RECORDER.add("allreduce", index, started, now(), 2 * sent)
         return total.to(x.dtype)
 
-    def _wait_for_sum(self, index: int, shape: torch.Size, wire: str) -> list[torch.Tensor]:
+    def _wait_for_sum(self, index: int, shape: torch.Size, wire: str
+                      ) -> tuple[int, list[torch.Tensor]]:
+        """This allreduce's sum (OP_SUM), or in a two-rank exchange the master's partial
+        (OP_PARTIAL), with its tensors."""
         pos, transport = self.position, self.transport
+        op = OP_SUM
         deadline = time.monotonic() + self.timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
             if transport.data_link is None:
@@ -251,17 +277,16 @@ class StarWorker:
             else:
                 tensors = None
                 if transport.data_link_readable(remaining):
-                    got = transport.receive_sum(wire, shape, deadline)
-                    if got.op == OP_SUM and (got.seq, got.step, got.index) == (
-                            pos.seq, pos.step, index):
-                        tensors = got.tensors
+                    got = transport.receive_sum(wire, shape, deadline, (pos.seq, pos.step))
+                    if (got.seq, got.step, got.index) == (pos.seq, pos.step, index):
+                        op, tensors = got.op, got.tensors
                 while tensors is None and (message := transport.receive_now()) is not None:
                     self._sum_in(message, index)  # aborts and shutdowns raise; others: stale
             if tensors is not None:
                 problem = check_payload(tensors, wire, shape)
                 if problem:
                     raise ClusterError(f"the master sent a sum {problem}")
-                return tensors
+                return op, tensors
         raise ClusterError(f"no sum from the master within {self.timeout_s:g} s")
 
     def _sum_in(self, message: Message, index: int) -> list[torch.Tensor] | None:

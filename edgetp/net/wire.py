@@ -25,9 +25,10 @@ import torch
 from edgetp.core.errors import EdgetpError
 from edgetp.net.codec import scale_shape
 
-PROTOCOL_VERSION = 8  # bump whenever a schema or a tensor layout below changes (6: int8 on the
+PROTOCOL_VERSION = 9  # bump whenever a schema or a tensor layout below changes (6: int8 on the
 # wire in blocks of 64 with each block's largest value exact; 7: the data link's keys,
-# DATA_LINK_KEY_FIELDS below; 8: a step's KV slots and start positions, one per sequence)
+# DATA_LINK_KEY_FIELDS below; 8: a step's KV slots and start positions, one per sequence;
+# 9: with two ranks the master sends its own partial on the data link, not the sum)
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
 MAX_TENSORS = 4

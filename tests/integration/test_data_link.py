@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+import torch
 from helpers.cluster import (
     JOIN_TIMEOUT_S,
     TIMEOUT_S,
@@ -52,6 +53,33 @@ def test_the_cluster_allreduce_runs_over_the_link_with_the_same_tokens(monkeypat
     zmq_tokens, zmq_links = _generate(monkeypatch, tmp_path, "0")  # EDGETP_DATA_LINK=0
     assert zmq_links == {}
     assert tokens == zmq_tokens
+
+
+def test_two_nodes_exchange_partials_and_give_the_tokens_of_one(tmp_path):
+    """With one worker the master sends its own partial instead of the sum (both add the two
+    themselves): no sum crosses the data link, and greedy tokens and logits are those of the
+    whole model in one process, in float32 and through the int8 wire format's rounding."""
+    prompt = Prompt(demo_prompt(4, 7))
+    reference = Master.local(DEMO_MODEL_DIR)
+    expected = reference.generate(prompt, SamplingConfig(), GenerationConfig(max_new_tokens=12))
+    ids = torch.tensor(reference.encode_prompt(prompt))
+    for wire_dtype in ("f32", "int8"):
+        cluster = LocalCluster(DEMO_MODEL_DIR, 2, timeout_s=10.0, wire_dtype=wire_dtype,
+                               split_dir=tmp_path / "split")
+        with cluster as master:
+            result = master.generate(prompt, SamplingConfig(),
+                                     GenerationConfig(max_new_tokens=12))
+            logits = master.runner.logits(ids, 0)
+            traffic = master.runner.transport.traffic  # type: ignore[attr-defined]
+            sent, received = dict(traffic.sent), dict(traffic.received)
+        assert sent.get("partial", 0) > 0 and sent.get("sum", 0) == 0, sent
+        assert received.get("partial", 0) > 0
+        if wire_dtype == "f32":
+            assert result.token_ids == expected.token_ids
+            torch.testing.assert_close(logits, reference.runner.logits(ids, 0), rtol=1e-4,
+                                       atol=1e-4)
+        else:  # the wire's rounding: the same text, not necessarily the same logits
+            assert result.text == expected.text
 
 
 def listening(pid: int) -> list[tuple[str, int]]:

@@ -25,7 +25,7 @@ PROMPT = demo_prompt(7, 2)
 SAMPLING = SamplingConfig(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.1,
                           seed=4242)
 ALLOWED_OPS = {"welcome", "step", "sum", "abort", "shutdown", "pong", "rejoin", "collect",
-               "link"}
+               "link", "partial"}  # partial: the master's own, in a two-node exchange
 
 
 def captured_messages(path: Path) -> list[list[bytes]]:
@@ -34,15 +34,16 @@ def captured_messages(path: Path) -> list[list[bytes]]:
     return list(unpacker)
 
 
-def run_and_capture(tmp_path: Path, private_layers: int):
+def run_and_capture(tmp_path: Path, private_layers: int, nodes: int = 3):
     capture = tmp_path / "frames"
     capture.mkdir(parents=True)
-    cluster = LocalCluster(DEMO_MODEL_DIR, 3, private_layers=private_layers, timeout_s=5.0,
+    cluster = LocalCluster(DEMO_MODEL_DIR, nodes, private_layers=private_layers, timeout_s=5.0,
                            split_dir=tmp_path / "split", capture_dir=capture)
     with cluster as master:
         result = master.generate(Prompt(PROMPT), SAMPLING, GenerationConfig(max_new_tokens=12))
         prompt_ids = master.encode_prompt(Prompt(PROMPT))
-    messages = {rank: captured_messages(capture / f"rank-{rank}.frames") for rank in (1, 2)}
+    messages = {rank: captured_messages(capture / f"rank-{rank}.frames")
+                for rank in range(1, nodes)}
     return result, prompt_ids, messages
 
 
@@ -82,15 +83,19 @@ def reference():
     return load_model(DEMO_MODEL_DIR)
 
 
-@pytest.mark.parametrize("private_layers", [0, 1])
+@pytest.mark.parametrize(("private_layers", "nodes"), [(0, 3), (1, 3), (0, 2)])
 def test_worker_frames_hold_no_tokens_text_logits_or_sampling(
-    tmp_path: Path, reference, private_layers: int
+    tmp_path: Path, reference, private_layers: int, nodes: int
 ) -> None:
-    result, prompt_ids, messages = run_and_capture(tmp_path, private_layers)
+    """Three nodes: the workers get steps and sums; two: the master's partials instead of the
+    sums (the exchange), hidden-state-sized like them."""
+    result, prompt_ids, messages = run_and_capture(tmp_path, private_layers, nodes)
     config = reference.config
     for rank_messages in messages.values():
         ops = [wire.decode(f).op for f in rank_messages]
         assert ops.count("step") == len(result.token_ids)  # prefill + one per decoded token
+        assert ("partial" in ops, "sum" in ops) == ((True, False) if nodes == 2 else
+                                                    (False, True))
         check_frames_carry_no_private_data(rank_messages, result, prompt_ids,
                                            config.hidden_size, config.vocab_size)
 

@@ -185,6 +185,21 @@ class MasterTransport:
             nbytes += sum(len(memoryview(f)) for f in encoded)
         return nbytes
 
+    def send_own_partial(self, rank: int, fields: dict[str, Any],
+                         frames: Sequence[torch.Tensor]) -> int:
+        """The master's own partial to worker ``rank`` over its data link (a two-rank
+        exchange: the worker sums the two partials itself); the bytes sent."""
+        self.link_delay.before_send("partial")
+        link = self.data_links[rank]
+        try:
+            sent = link.send(datalink.OP_PARTIAL, self.wire_dtype,
+                             (fields["seq"], fields["step"], fields["index"]), frames)
+        except DataLinkError as exc:
+            self.drop_data_link(rank)
+            raise ClusterError(f"{self.describe(rank)}: {exc}") from exc
+        self.traffic.count_link("partial", sent, sent=True)
+        return sent
+
     def heard_from(self, rank: int) -> None:
         peer = self.peers.get(rank)
         if peer is not None:

@@ -218,19 +218,22 @@ class WorkerTransport:
         ready = dict(self.data_poller.poll(max(1, int(timeout_s * 1000))))
         return self.data_link.fileno() in ready
 
-    def receive_sum(self, wire_dtype: str, shape: Sequence[int], deadline: float
-                    ) -> datalink.Received:
-        """The next message on the data link (read within ``deadline``)."""
+    def receive_sum(self, wire_dtype: str, shape: Sequence[int], deadline: float,
+                    current: tuple[int, int] | None = None) -> datalink.Received:
+        """The next message on the data link (read within ``deadline``): a sum, or the master's
+        partial in a two-rank exchange; with ``current`` (seq, step), one of another step and
+        size (left by an abandoned step) is skipped."""
         assert self.data_link is not None
         try:
-            got = self.data_link.receive(wire_dtype, shape, deadline)
+            got = self.data_link.receive(wire_dtype, shape, deadline, current)
         except DataLinkError as exc:
             raise ClusterError(f"{exc}; rejoining the master") from exc
         self.last_heard = time.monotonic()
         self.traffic.count_link("sum", got.nbytes, sent=False)
         if self.frame_log is not None:  # as the same sum over ZeroMQ (--capture-frames)
             fields = {"seq": got.seq, "step": got.step, "index": got.index}
-            self.frame_log([bytes(f) for f in wire.encode("sum", fields, got.tensors)])
+            op = "partial" if got.op == datalink.OP_PARTIAL else "sum"
+            self.frame_log([bytes(f) for f in wire.encode(op, fields, got.tensors)])
         return got
 
     def _sync_clock(self) -> None:

@@ -9,7 +9,9 @@ bandwidth)``.
 
 A star allreduce is a gather to the master (``latency + k (overhead + bytes / bandwidth)``
 with k = N-1 messages through the master's link; the slowest worker's latency) and a
-broadcast of the sum (the master's latency); the step's last one is a reduce. A link profile
+broadcast of the sum (the master's latency); the step's last one is a reduce. Two nodes on the
+data link exchange partials instead (edgetp.net.collectives): one traversal each way at once,
+the slower of the two. A link profile
 shapes what its node sends, and every message of a traversal crosses the master's link at the
 slower of the two ends' bandwidth. The ring is 2(N-1) traversals of a 1/N chunk.
 """
@@ -109,10 +111,13 @@ def int4_rows_one_by_one(kernel_paths: dict[str, str] | None) -> bool:
 
 def _allreduces(cluster: ClusterSpec, nbytes: int, count: int) -> float:
     """``count`` allreduces of ``nbytes``: a gather to the master and a broadcast of the sum
-    each (the step's last one a reduce: no broadcast), or the ring's 2(N-1) traversals of a 1/N
+    each (the step's last one a reduce: no broadcast; two nodes on the data link: the two
+    partials' traversals at once), or the ring's 2(N-1) traversals of a 1/N
     chunk between neighbours."""
     if cluster.allreduce == "star":
         data = cluster.data_link
+        if data and len(cluster.nodes) == 2:  # the exchange: both partials cross at once
+            return count * max(_gather(cluster, nbytes, data), _broadcast(cluster, nbytes, data))
         return (count * _gather(cluster, nbytes, data)
                 + (count - 1) * _broadcast(cluster, nbytes, data))
     n = len(cluster.nodes)

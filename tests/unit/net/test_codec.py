@@ -23,6 +23,7 @@ from edgetp.net.codec import (
     check_payload,
     decode,
     encode,
+    pair_sum,
     quantize_blocks,
     round_trip,
     scale_shape,
@@ -106,6 +107,19 @@ def test_star_sum_is_the_float32_sum_of_the_decoded_partials(fmt: str) -> None:
     exact = round_trip(own, fmt) + decode(frames[0], fmt) + decode(frames[1], fmt)
     assert torch.equal(total, decode(encode(exact, fmt), fmt))
     assert torch.equal(decode(sent, fmt), total)  # workers decode exactly what the master uses
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8"])
+def test_a_workers_pair_sum_is_the_masters_star_sum_bitwise(fmt: str) -> None:
+    """Two ranks exchanging partials: the worker's sum of the master's frames and its own is
+    exactly the sum the master computes (a decode step's rows stay identical on both)."""
+    gen = torch.Generator().manual_seed(1)
+    master, worker = torch.randn(3, 200, generator=gen), torch.randn(3, 200, generator=gen) * 7
+    master_frames, worker_frames = encode(master, fmt), encode(worker, fmt)
+    masters_total, _ = star_sum(master.clone(), [worker_frames], fmt)
+    workers_total = pair_sum(master_frames, worker_frames, fmt)
+    assert torch.equal(workers_total, masters_total)
+    assert torch.equal(master_frames[0], encode(master, fmt)[0])  # the frames are left alone
 
 
 def test_ring_allreduce_with_the_int8_wire() -> None:

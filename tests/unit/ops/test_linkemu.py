@@ -134,7 +134,7 @@ def measure_allreduce_ms(monkeypatch: pytest.MonkeyPatch, delay_ms: float,
         master_t.close()
 
 
-def test_allreduce_over_a_5ms_link_takes_two_traversals(
+def test_a_two_rank_allreduce_over_a_5ms_link_takes_one_traversal(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     baseline = statistics.median(measure_allreduce_ms(monkeypatch, 0))
     delayed = measure_allreduce_ms(monkeypatch, 5.0)
@@ -144,8 +144,10 @@ def test_allreduce_over_a_5ms_link_takes_two_traversals(
               f"{median:.2f} ms median (min {min(delayed):.2f}, max {max(delayed):.2f}) "
               "with a 5 ms link profile (transport delay)")
     assert baseline < 5.0
-    assert min(delayed) >= 10.0, "each allreduce crosses the link twice (partial, then sum)"
-    assert median < 25.0
+    # two ranks on the data link exchange partials: both cross the link at once, so one
+    # traversal (the star's partial-then-sum took two, >= 10 ms)
+    assert min(delayed) >= 5.0, "each partial crosses the emulated link"
+    assert median < 10.0, "the two partials cross at once, not one after the other"
 
 
 def test_profile_summary() -> None:

@@ -362,6 +362,24 @@ def test_per_node_links_set_gather_and_broadcast_latencies():
     assert comm_ms(slow, [fast, fast]) - base == pytest.approx(2 * 16 * 10, rel=1e-6)
 
 
+def test_two_nodes_on_the_data_link_pay_one_traversal_per_allreduce():
+    """Two nodes exchange partials (both cross at once); three keep the star's gather and
+    broadcast one after the other."""
+    config = preset_config("llama3.2-1b")
+
+    def comm_ms(workers: int, data_link: bool) -> float:
+        nodes = [{"name": f"n{i}", "profile": LAPTOP, "link": {"latency_ms": 10}}
+                 for i in range(workers + 1)]
+        spec = replace(_spec({"nodes": nodes}), data_link=data_link)
+        return plan_cluster(config, spec, "bfloat16", context=1024).decode.comm_s * 1e3
+
+    # 2 x 16 allreduces: one 10 ms traversal each with the exchange, a gather and (but the
+    # last) a broadcast without it; plus the step's broadcast
+    assert comm_ms(1, True) == pytest.approx(32 * 10 + 10, rel=0.05)
+    assert comm_ms(1, False) == pytest.approx(63 * 10 + 10, rel=0.05)
+    assert comm_ms(2, True) == pytest.approx(63 * 10 + 10, rel=0.05)
+
+
 def test_allreduces_over_the_data_link_cost_its_own_message_figure():
     config = preset_config("llama3.2-1b")
     profile = {**LAPTOP, "msg_overhead_us": 400, "data_msg_overhead_us": 40}
