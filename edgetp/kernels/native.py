@@ -174,6 +174,8 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_rmsnorm_f32.restype = None
     library.et_rmsnorm_f32.argtypes = [_P, _P, _P, _I64, ctypes.c_float]
     library.et_attend_one_f32.restype = None
+    library.et_dequant_i4_bf16_t.restype = None
+    library.et_dequant_i4_bf16_t.argtypes = [_P] * 4 + [_I64] * 3 + [ctypes.c_int]
     library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
     for name in ("et_pool_set_threads", "et_pool_threads", "et_has_int4",
@@ -311,6 +313,25 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           hd, position, k_cache.shape[1], scale, scratch.data_ptr(),
                           out.data_ptr())
     return True
+
+
+def int4_bfloat16_transposed(packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
+                             tiled: bool) -> torch.Tensor | None:
+    """int4 rows ``packed`` [rows, in / 2] (whole 64-row blocks of the tiled layout from the
+    tensor's start, or its tail; or the rows layout) with ``scale_zero`` [in / group, rows, 2]
+    -> bfloat16 [in, rows], the weight transposed ((code - 8) * scale + zero, rounded once;
+    ``csrc/decode_ops.c``), for a prefill chunk's ``x @ W^T``. None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    pairs = scale_zero.float()  # [ng, rows, 2]
+    scale, zero = pairs[..., 0].contiguous(), pairs[..., 1].contiguous()  # [ng, rows] each
+    packed = packed.contiguous()
+    out = torch.empty(cols, rows, dtype=torch.bfloat16)  # [in, rows]
+    lib.et_dequant_i4_bf16_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                             out.data_ptr(), rows, cols, group, int(tiled))
+    return out
 
 
 def stream_path() -> str:

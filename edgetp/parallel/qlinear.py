@@ -74,7 +74,7 @@ from edgetp.shard.quant import (
 
 KERNEL_DTYPE = torch.bfloat16
 GEMM_ROWS = 16  # from this many rows on, dequantize + bf16 matmul beats the int8 kernel
-INT4_GEMM_ROWS = 96  # ... and the int4 kernel (int4 dequantization costs more)
+INT4_GEMM_ROWS = 96  # ... and the int4 kernel (int4 dequantization, in C, costs more)
 WIDEN_CHUNK_ELEMENTS = 1 << 22  # weights widened at a time by the fallback: 8 MiB of bfloat16
 INT8_KERNEL_COLUMNS = 16  # _weight_int8pack_mm returns garbage (or crashes) for other widths
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -143,7 +143,7 @@ def int4_product(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor
         y = None
         if rows <= kernels.MAX_BATCH_ROWS:
             y = kernels.int4_linear(x, packed, scale_zero, group, out)
-        elif not kernel_layout:
+        elif not kernel_layout and rows < INT4_GEMM_ROWS:
             y = int4_rows(x, packed, scale_zero, group)
         if y is not None:
             return y
@@ -178,9 +178,17 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
         return y.to(x.dtype)
     dtype = KERNEL_DTYPE if x.dtype == torch.float32 and kernels_enabled() else x.dtype
     tiled = int4_tiled(packed.shape[0], x.shape[-1] // scale_zero.shape[0])
-    y = chunked_product(x.to(dtype), packed.shape[0], lambda rows: dequantize_int4(
-        packed[rows], scale_zero[:, rows], dtype, tiled))
-    return y.to(x.dtype)
+    group = x.shape[-1] // scale_zero.shape[0]
+
+    def widen(rows: slice) -> torch.Tensor:  # [rows, in] in dtype
+        if dtype == torch.bfloat16:  # in C, transposed: [in, rows] unpacks in runs
+            wide = kernels.int4_bfloat16_transposed(packed[rows], scale_zero[:, rows], group,
+                                                    tiled)
+            if wide is not None:
+                return wide.t()
+        return dequantize_int4(packed[rows], scale_zero[:, rows], dtype, tiled)
+
+    return chunked_product(x.to(dtype), packed.shape[0], widen).to(x.dtype)
 
 
 class QuantLinear(kernels.StepOutput, nn.Module):

@@ -18,13 +18,14 @@ from typing import Any
 import openai
 import pytest
 from helpers.cluster import TrackedCluster, call_with_deadline, running_cluster, wait_for
+from helpers.serving import DEMO_MODEL_NAME, openai_client, serving
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.runtime.master import Master, Prompt
 from edgetp.serve.server import APIServer, RequestRecord, ServerSettings
 
-MODEL = "edgetp-demo"
+MODEL = DEMO_MODEL_NAME
 SLOTS = 4
 PROMPTS = [(1, 1), (2, 3), (3, 7), (5, 2), (7, 4), (1, 50)]  # answers of 14 to 98 numbers
 LONG_PROMPT = " ".join(f"count by {n % 7 + 1} : {n}" for n in range(40))  # two chunks
@@ -39,12 +40,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedCluster
 
 @pytest.fixture(scope="module")
 def server(cluster: TrackedCluster) -> Iterator[APIServer]:
-    srv = APIServer(cluster.master, ServerSettings(MODEL, default_max_tokens=128),
-                    port=0).start()
-    try:
+    with serving(cluster.master, default_max_tokens=128) as srv:
         yield srv
-    finally:
-        call_with_deadline(srv.stop, 30, "stopping the server")
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +60,7 @@ def alone() -> Callable[[str], str]:
 
 
 def client(server: APIServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0,
-                         timeout=120)
+    return openai_client(server, timeout_s=120)
 
 
 def complete(server: APIServer, prompt: str) -> tuple[str, str]:

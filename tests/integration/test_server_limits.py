@@ -29,15 +29,17 @@ from typing import Any
 
 import openai
 import pytest
-from helpers.cluster import TrackedCluster, call_with_deadline, running_cluster, wait_for
+from helpers.cluster import TrackedCluster, running_cluster, wait_for
+from helpers.serving import DEMO_MODEL_NAME, openai_client
+from helpers.serving import serving as serving_with
 
 from edgetp.core.metrics import MAX_SPANS, RECORDER
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.runtime.master import Master
 from edgetp.serve.app import MAX_BODY_BYTES
-from edgetp.serve.server import APIServer, ServerSettings
+from edgetp.serve.server import APIServer
 
-MODEL = "edgetp-demo"
+MODEL = DEMO_MODEL_NAME
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +48,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedCluster
         yield c
 
 
-@contextlib.contextmanager
-def serving(master: Master, **settings: Any) -> Iterator[APIServer]:
-    server = APIServer(master, ServerSettings(MODEL, default_max_tokens=64, **settings),
-                       port=0).start()
-    try:
-        yield server
-    finally:
-        call_with_deadline(server.stop, 30, "stopping the server")
+def serving(master: Master, **settings: Any) -> contextlib.AbstractContextManager[APIServer]:
+    """The shared server helper with this module's default of 64 new tokens."""
+    return serving_with(master, **{"default_max_tokens": 64, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +60,7 @@ def server(cluster: TrackedCluster) -> Iterator[APIServer]:
 
 
 def client(server: APIServer, timeout_s: float = 60) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                         timeout=timeout_s)
+    return openai_client(server, timeout_s)
 
 
 def post(server: APIServer, path: str, body: bytes | dict[str, Any],

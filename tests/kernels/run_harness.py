@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from kernel_cases import write_cases  # noqa: E402
 
-from edgetp.kernels.native import COMMON_FLAGS, SOURCE  # noqa: E402
+from edgetp.kernels.native import COMMON_FLAGS, LIBRARY_FLAGS, SOURCE, SOURCES  # noqa: E402
 
 AARCH64_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
@@ -68,6 +68,7 @@ def harness_flags() -> list[str]:
 
 
 def build(target: Target, cases: Path, source_dir: Path) -> Path:
+    compile_library_sources(target, cases, source_dir)
     binary = cases / f"harness-{target.name}"
     command = [target.compiler, *harness_flags(), *target.flags, "-I", str(source_dir),
                "-I", str(cases), str(HERE / "harness.c"), "-o", str(binary), "-lm"]
@@ -75,6 +76,23 @@ def build(target: Target, cases: Path, source_dir: Path) -> Path:
     if result.returncode != 0:
         raise SystemExit(f"{target.name}: build failed: {' '.join(command)}\n{result.stderr}")
     return binary
+
+
+def compile_library_sources(target: Target, cases: Path, source_dir: Path) -> None:
+    """The library's other sources (the pool, the streaming reader, the spinning wait, the
+    decode step's ops), compiled for ``target`` with the runtime's flags: what the harness
+    does not run must still build on every target. A source in ``source_dir`` replaces the
+    runtime's own."""
+    for source in SOURCES:
+        if source == SOURCE:
+            continue
+        path = source_dir / source.name if (source_dir / source.name).exists() else source
+        command = [target.compiler, *harness_flags(), *LIBRARY_FLAGS, *target.flags, "-c",
+                   str(path), "-o", str(cases / f"{source.stem}.o")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise SystemExit(f"{target.name}: {source.name} does not build: "
+                             f"{' '.join(command)}\n{result.stderr}")
 
 
 def run(target: Target, binary: Path, case_files: list[Path]) -> bool:

@@ -56,6 +56,16 @@ def test_a_wrong_kernel_fails(tmp_path: Path, wrong: str, right: str,
         assert "FAIL" in capsys.readouterr().out
 
 
+@needs_cc
+def test_a_library_source_that_does_not_build_fails_the_run(tmp_path: Path) -> None:
+    """The library's other sources are compiled for each target too."""
+    (tmp_path / "matvec.c").write_text(SOURCE.read_text())
+    spin = SOURCE.parent / "spinwait.c"
+    (tmp_path / "spinwait.c").write_text(spin.read_text() + "\nint broken( {\n")
+    with pytest.raises(SystemExit, match="spinwait.c does not build"):
+        run_harness.main(["--target", "native", "--source-dir", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_every_target_passes_under_emulation() -> None:
     tools = ["cc", run_harness.AARCH64_CC, run_harness.QEMU]

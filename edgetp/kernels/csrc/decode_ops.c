@@ -7,6 +7,7 @@
  * batch's rows, computed one by one, equal their one-row steps bitwise).
  */
 #include <math.h>
+#include <string.h>
 #include <stdint.h>
 
 /* y = x / sqrt(mean(x^2) + eps) * w over n values (the model's RMSNorm of one row). */
@@ -71,6 +72,53 @@ void et_attend_one_f32(float *q, float *k, const float *v, float *k_cache, float
         for (int64_t t = 0; t < seen; t++) {
             float p = scores[t] / total;
             for (int64_t i = 0; i < hd; i++) o[i] += p * values[t * hd + i];
+        }
+    }
+}
+
+/* float -> bfloat16 bits, rounded to nearest even (as torch's conversion; finite values). */
+static inline uint16_t bf16_bits(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* int4 weights of `rows` rows (a multiple of 64 from the tensor's start, or the tensor's
+ * tail) -> bfloat16, TRANSPOSED: out [cols, rows], so that x [T, cols] @ out is the product a
+ * prefill chunk needs, and the tiled layout's 64-row blocks unpack into contiguous runs.
+ * value = (code - 8) * scale + zero, rounded once; scale and zero: float32 [cols / group,
+ * rows]. Layouts (edgetp.shard.quant.pack_int4): tiled, each 64-row block as [cols, 32] bytes
+ * (low nibble row i, high nibble row 32 + i), rows past the last whole block as [cols,
+ * tail / 2] bytes (low nibble row 2p, high 2p + 1); or rows, [rows, cols / 2] bytes (low
+ * nibble the even column). */
+static void dequant_block_column(const uint8_t *restrict b, const float *restrict s,
+                                 const float *restrict z, uint16_t *restrict o) {
+    for (int64_t i = 0; i < 32; i++) {
+        o[i] = bf16_bits((float)((int)(b[i] & 15) - 8) * s[i] + z[i]);
+        o[32 + i] = bf16_bits((float)((int)(b[i] >> 4) - 8) * s[32 + i] + z[32 + i]);
+    }
+}
+
+void et_dequant_i4_bf16_t(const uint8_t *packed, const float *scale, const float *zero,
+                          uint16_t *out, int64_t rows, int64_t cols, int64_t group, int tiled) {
+    int64_t full = tiled ? rows / 64 * 64 : 0;
+    for (int64_t block = 0; block < full; block += 64) {
+        const uint8_t *bytes = packed + block * (cols / 2);  /* [cols, 32] */
+        for (int64_t c = 0; c < cols; c++) {
+            int64_t at = (c / group) * rows + block;
+            dequant_block_column(bytes + c * 32, scale + at, zero + at, out + c * rows + block);
+        }
+    }
+    int64_t tail = rows - full;
+    if (tail == 0) return;
+    const uint8_t *bytes = packed + full * (cols / 2);
+    for (int64_t c = 0; c < cols; c++) {
+        const float *s = scale + (c / group) * rows, *z = zero + (c / group) * rows;
+        for (int64_t r = full; r < rows; r++) {
+            uint8_t byte = tiled ? bytes[c * (tail / 2) + (r - full) / 2]
+                                 : packed[r * (cols / 2) + c / 2];
+            int odd = tiled ? (int)((r - full) & 1) : (int)(c & 1);
+            int code = odd ? byte >> 4 : byte & 15;
+            out[c * rows + r] = bf16_bits((float)(code - 8) * s[r] + z[r]);
         }
     }
 }

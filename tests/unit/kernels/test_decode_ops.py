@@ -98,3 +98,49 @@ def test_the_models_decode_step_takes_the_c_path_and_agrees_with_torchs(
         attention.allocate_cache(64, torch.float32)
         torch.testing.assert_close(attention(norm(x), 0, cos, sin), natively, rtol=1e-5,
                                    atol=1e-6)
+
+
+@pytest.mark.parametrize(("rows", "group"), [(128, 32), (64 + 48, 32), (80, 64), (96, 48)])
+def test_int4_weights_widen_to_bfloat16_transposed_in_c(rows: int, group: int) -> None:
+    """Whole 64-row blocks and a tail of the tiled layout (and the rows layout where the group
+    is not the kernel's): the weight's exact values rounded once to bfloat16, transposed."""
+    from edgetp.shard.quant import dequantize_int4, int4_tiled, quantize_int4
+
+    torch.manual_seed(rows + group)
+    packed, scale_zero = quantize_int4(torch.randn(rows, 192) / 10, group)
+    tiled = int4_tiled(rows, group)
+    got = native.int4_bfloat16_transposed(packed, scale_zero, group, tiled)  # [in, rows]
+    exact = dequantize_int4(packed, scale_zero, torch.float32)  # [rows, in]
+    assert got is not None and got.shape == (192, rows) and got.dtype == torch.bfloat16
+    # rounded once to bfloat16 (its step is 2^-8 of the value; a fused multiply-add may land
+    # a value at a rounding tie on the other side)
+    torch.testing.assert_close(got.t().float(), exact, rtol=2**-8, atol=1e-7)
+    # a slice of whole blocks from the start, as a prefill chunk widens it
+    if tiled and rows >= 128:
+        part = native.int4_bfloat16_transposed(packed[64:128], scale_zero[:, 64:128], group,
+                                               True)
+        assert torch.equal(part, got[:, 64:128])
+
+
+def test_a_prefill_chunk_of_int4_rows_uses_the_widened_weight() -> None:
+    """From INT4_GEMM_ROWS rows on, an int4 product widens its weight in C and multiplies in
+    bfloat16; the result is the float product within bfloat16's rounding."""
+    from edgetp.parallel import qlinear
+    from edgetp.shard.quant import dequantize_int4, quantize_int4
+
+    torch.manual_seed(5)
+    packed, scale_zero = quantize_int4(torch.randn(256, 128) / 10, 32)
+    x = torch.randn(qlinear.INT4_GEMM_ROWS, 128)
+    calls: list[int] = []
+    real = native.int4_bfloat16_transposed
+
+    def counting(*args):  # noqa: ANN002, ANN202
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, "int4_bfloat16_transposed", counting)
+        got = qlinear.int4_product(x, packed, scale_zero, 32, kernel_layout=False)
+    assert sum(calls) == 256  # every row widened once
+    exact = x.double() @ dequantize_int4(packed, scale_zero).double().T
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-2
