@@ -59,6 +59,7 @@ SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait for a peer's 
 OPS_SOURCE = SOURCE.parent / "decode_ops.c"  # a decode step's norm and attention
 SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE)  # one library
 ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
+WAIT_MAX_FDS = 64  # sockets one spinning wait watches (SPIN_FDS_MAX in csrc/spinwait.c)
 ABI_VERSION = 3
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)

@@ -254,8 +254,8 @@ def first_readable(links: Sequence[DataLink], spin_s: float) -> int | None:
     for index, link in enumerate(links):
         if link.holds_bytes:
             return index
-    if spin_s <= 0 or not links or not native.available():
-        return None
+    if spin_s <= 0 or not 0 < len(links) <= native.WAIT_MAX_FDS or not native.available():
+        return None  # (a star of more workers than one wait watches: the poller at once)
     return native.wait_readable([link.fileno() for link in links], spin_s)
 
 

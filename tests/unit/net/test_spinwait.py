@@ -97,6 +97,20 @@ def test_first_readable_finds_a_links_message_and_bytes_it_already_holds() -> No
         worker.close()
 
 
+def test_more_links_than_one_wait_watches_go_to_the_poller_at_once() -> None:
+    pairs = [data_link_pair() for _ in range(native.WAIT_MAX_FDS + 1)]
+    try:
+        masters = [master for master, _ in pairs]
+        pairs[0][1].send(OP_PARTIAL, "f32", (1, 1, 0), [torch.ones(1, 8)])
+        started = time.perf_counter()
+        assert datalink.first_readable(masters, spin_s=1.0) is None  # no error, no spin
+        assert time.perf_counter() - started < 0.5
+    finally:
+        for master, worker in pairs:
+            master.close()
+            worker.close()
+
+
 def test_first_readable_without_the_native_library_leaves_the_wait_to_the_poller(
         monkeypatch: pytest.MonkeyPatch) -> None:
     master, worker = data_link_pair()
