@@ -123,16 +123,21 @@ class StarMaster:
         index, last = self.position.advance()
         pos = self.position
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
-        exchange = self.exchanges()
         nbytes = 0
-        if exchange and not last:  # sent before waiting: it travels while the worker computes
-            nbytes += self.transport.send_own_partial(1, fields, encode(x, self.wire))
-        parts = self._gather(index, x.shape)
-        # the master's partial is rounded like the workers'; rank order: independent of arrival
-        total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks], self.wire)
+        if self.exchanges():
+            own = encode(x, self.wire)  # what the worker gets, and adds as the master does
+            if not last:  # sent before waiting: it travels while the worker computes
+                nbytes += self.transport.send_own_partial(1, fields, own)
+            parts = self._gather(index, x.shape)
+            total = pair_sum(own, parts[1], self.wire)  # bitwise the worker's sum
+        else:
+            parts = self._gather(index, x.shape)
+            # the master's partial rounded like the workers'; rank order: not arrival order
+            total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks],
+                                     self.wire)
+            if not last:
+                nbytes += self.transport.send_sum(fields, frames)
         nbytes += sum(payload_bytes(p) for p in parts.values())
-        if not last and not exchange:
-            nbytes += self.transport.send_sum(fields, frames)
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
 

@@ -1,9 +1,9 @@
 /* A decode step's small float32 operations, each one call instead of a handful of torch ops.
  *
  * One token through a layer is seven matrix-vector products (csrc/matvec.c) and, between them,
- * a norm, RoPE, the KV cache write and attention over the cached positions: small work whose cost in torch is per operation, not per byte (each op a few microseconds of
- * dispatch; 30-40 of them a layer, 0.3-0.6 ms a layer on the development machine). Here each is
- * one loop. Every function is deterministic: a row's result depends on that row alone (a decode
+ * a norm, RoPE, the KV cache write and attention over the cached positions: small work whose
+ * cost in torch is per operation, not per byte (each op a few microseconds of dispatch; 30-40
+ * of them a layer, 0.3-0.6 ms a layer on the development machine). Here each is one loop. Every function is deterministic: a row's result depends on that row alone (a decode
  * batch's rows, computed one by one, equal their one-row steps bitwise).
  */
 #include <math.h>
