@@ -55,12 +55,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "matvec.c"  # the kernels (one thread each)
 POOL_SOURCE = SOURCE.parent / "pool.c"  # their thread pool
 STREAM_SOURCE = SOURCE.parent / "stream.c"  # the streaming reader
-SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait for a peer's bytes
+SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait, and the 2-rank exchange
 OPS_SOURCE = SOURCE.parent / "decode_ops.c"  # a decode step's norm and attention
 SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE)  # one library
 ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
 WAIT_MAX_FDS = 64  # sockets one spinning wait watches (SPIN_FDS_MAX in csrc/spinwait.c)
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
@@ -179,6 +179,9 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_dequant_i4_bf16_t.argtypes = [_P] * 4 + [_I64] * 3 + [ctypes.c_int]
     library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
+    library.et_exchange_f32.restype = _I64
+    library.et_exchange_f32.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _P, _I64,
+                                        ctypes.POINTER(ctypes.c_int)]
     for name in ("et_pool_set_threads", "et_pool_threads", "et_has_int4",
                  "et_stream_vector_bytes"):
         getattr(library, name).restype = ctypes.c_int
@@ -285,6 +288,26 @@ def wait_readable(fds: Sequence[int], spin_s: float, timeout_s: float = 0.0) -> 
     return None if got < 0 else got
 
 
+def exchange_f32(fd: int, header: bytes, own: torch.Tensor, into: torch.Tensor,
+                 spin_s: float) -> tuple[int, bool]:
+    """One end of a two-rank exchange on the connected socket ``fd`` (``csrc/spinwait.c``),
+    without the GIL: send ``header`` and ``own`` (float32, contiguous) as one message, then
+    read the peer's message into ``into`` (uint8, header and payload: ``len(header) +
+    4 * own.numel()`` bytes) for up to ``spin_s``. Returns (bytes read into ``into``, whether
+    the whole message came with a header equal to ``header``: its payload then holds the sum).
+    Raises ``RuntimeError`` when the library is unavailable, ``OSError`` when the socket
+    failed (``ECONNRESET``: the peer closed it)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native kernels are off or unavailable: no native exchange")
+    summed = ctypes.c_int(0)
+    got = int(lib.et_exchange_f32(fd, header, len(header), own.data_ptr(), own.numel(),
+                                  into.data_ptr(), int(spin_s * 1e9), ctypes.byref(summed)))
+    if got < 0:
+        raise OSError(-got, os.strerror(-got))
+    return got, bool(summed.value)
+
+
 def rmsnorm_row(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
     """``out`` = RMSNorm of one float32 row ``x`` [1, d] with ``weight`` [d] (``csrc/
     decode_ops.c``); False (nothing done) when the C library is unavailable."""
@@ -365,6 +388,19 @@ def _kernel_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.device.type == "cpu" and x.shape[1] == weight.shape[1])
 
 
+def _one_float_row(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> bool:
+    """Whether ``linear`` is a float32 decode step's product into a kept buffer (the library
+    loaded already): x [1, in], weight [out, in] and ``out`` [1, out], all float32, contiguous
+    and on the CPU, checked in as few calls as the hot path can afford (each costs
+    microseconds with the caches full of weights)."""
+    return (_library is not None and out is not None and x.dtype is torch.float32
+            and weight.dtype is torch.float32 and out.dtype is torch.float32
+            and x.shape[0] == 1 and x.dim() == 2 and weight.dim() == 2
+            and out.shape == (1, weight.shape[0]) and x.shape[1] == weight.shape[1]
+            and x.is_contiguous() and weight.is_contiguous() and not weight.is_meta
+            and weight.device.type == "cpu")
+
+
 def output(buffer: torch.Tensor | None, rows: int, dtype: torch.dtype, batch: int = 1
            ) -> torch.Tensor:
     """``buffer`` if it is a [batch, rows] tensor of ``dtype``, else a new one."""
@@ -381,6 +417,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = Non
     ``out`` (reused when it fits, see :func:`output`), each row bitwise its one-row product;
     anything else is ``F.linear``.
     """
+    if _one_float_row(x, weight, out):  # a float32 decode step's: the fewest checks
+        assert _library is not None and out is not None
+        _library.et_par_matvec_f32_rows(weight.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                        out.shape[1], x.shape[1], 1)
+        return out
     lib = library()
     if lib is None or not _kernel_rows(x, weight) or x.dtype != weight.dtype:
         return F.linear(x, weight)

@@ -25,7 +25,7 @@ from edgetp.net.codec import (
     payload_bytes,
     star_sum,
 )
-from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLink, DataLinkError
+from edgetp.net.datalink import OP_PARTIAL, OP_SUM, DataLink, DataLinkError, message_bytes
 from edgetp.net.transport import (
     ClusterError,
     MasterTransport,
@@ -123,23 +123,40 @@ class StarMaster:
         index, last = self.position.advance()
         pos = self.position
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
-        nbytes = 0
         if self.exchanges():
-            own = encode(x, self.wire)  # what the worker gets, and adds as the master does
-            if not last:  # sent before waiting: it travels while the worker computes
-                nbytes += self.transport.send_own_partial(1, fields, own)
-            parts = self._gather(index, x.shape)
-            total = pair_sum(own, parts[1], self.wire)  # bitwise the worker's sum
+            total, nbytes = self._exchange(index, fields, x, last)
         else:
             parts = self._gather(index, x.shape)
             # the master's partial rounded like the workers'; rank order: not arrival order
             total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks],
                                      self.wire)
-            if not last:
-                nbytes += self.transport.send_sum(fields, frames)
-        nbytes += sum(payload_bytes(p) for p in parts.values())
+            nbytes = self.transport.send_sum(fields, frames) if not last else 0
+            nbytes += sum(payload_bytes(p) for p in parts.values())
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
+
+    def _exchange(self, index: int, fields: dict[str, int], x: torch.Tensor, last: bool
+                  ) -> tuple[torch.Tensor, int]:
+        """A two-rank exchange (see :meth:`exchanges`): the sum and the bytes moved. The
+        master's partial is sent before waiting, so it travels while the worker computes; on
+        a plain float32 link with a decode-sized partial, send, wait, read and sum are one
+        native call (:meth:`MasterTransport.exchange`) when the worker's partial comes within
+        the spin, else its partial is gathered as usual. Bitwise the worker's sum either way
+        (:func:`~edgetp.net.codec.pair_sum`)."""
+        transport = self.transport
+        if not last and transport.exchanges_natively(1, x, self.wire):
+            started = time.perf_counter()
+            total = transport.exchange(1, fields, x)
+            self.wait_s += time.perf_counter() - started
+            nbytes = message_bytes(x)
+            if total is not None:
+                return total, 2 * nbytes
+            own = [x]  # what was sent: the f32 wire's frame
+        else:
+            own = encode(x, self.wire)  # what the worker gets, and adds as the master does
+            nbytes = transport.send_own_partial(1, fields, own) if not last else 0
+        parts = self._gather(index, x.shape)
+        return pair_sum(own, parts[1], self.wire), nbytes + payload_bytes(parts[1])
 
     def exchanges(self) -> bool:
         """Whether this allreduce is a two-rank exchange: with one worker on a data link, the
@@ -249,9 +266,17 @@ class StarWorker:
         index, last = self.position.advance()
         pos = self.position
         wire = self.transport.wire_dtype  # as the master announced in the welcome
-        frames = encode(x, wire)
-        sent = self.transport.send_partial({"seq": pos.seq, "step": pos.step, "index": index},
-                                           frames)
+        fields = {"seq": pos.seq, "step": pos.step, "index": index}
+        if not last and self.world_size == 2 and self.transport.exchanges_natively(x):
+            total = self.transport.exchange(fields, x)  # sent; the sum if the master's
+            sent, frames = message_bytes(x), [x]  # partial came within the spin
+            if total is not None:
+                self.wait_s += now() - started
+                RECORDER.add("allreduce", index, started, now(), 2 * sent)
+                return total
+        else:
+            frames = encode(x, wire)
+            sent = self.transport.send_partial(fields, frames)
         if last:  # a reduce: only the master needs the final sum
             RECORDER.add("allreduce", index, started, now(), sent)
             return x

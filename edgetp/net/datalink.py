@@ -57,6 +57,9 @@ PENDING_MAX = 16  # connections read at once while joining; beyond that the olde
 LISTEN_BACKLOG = 64
 ENV_SWITCH = settings.ENV_DATA_LINK  # "0": keep the allreduce on ZeroMQ (for comparisons)
 MAX_FIELD = 2**32 - 1
+EXCHANGE_MAX_BYTES = 64 << 10  # the largest payload a native exchange sends (a decode batch's
+# partial of 8 rows at width 2048): both ends send before they read, so a message must fit the
+# sockets' buffers (a prefill chunk's partial takes the usual path)
 
 
 class DataLinkError(EdgetpError, ConnectionError):
@@ -115,6 +118,31 @@ class ReusedBuffers:
         return sum(len(b) for b in self._buffers)
 
 
+class ExchangeBuffers:
+    """The native exchange's messages: ``count`` uint8 tensors used in turn (a result stays
+    valid while the next is read), each as large as the largest message it held, with the
+    float32 view of a payload of each shape kept (made anew when its buffer grows): viewing
+    costs tensor calls an allreduce would make 44 times a token."""
+
+    def __init__(self, count: int) -> None:
+        self._buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(count)]
+        self._views: list[dict[tuple[int, ...], torch.Tensor]] = [{} for _ in range(count)]
+        self._turn = 0
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next buffer (header and a float32 payload of ``shape``) and its payload view."""
+        self._turn = turn = (self._turn + 1) % len(self._buffers)
+        view = self._views[turn].get(shape)
+        if view is None:
+            size = HEADER.size + 4 * math.prod(shape)
+            if self._buffers[turn].numel() < size:
+                self._buffers[turn] = torch.empty(size, dtype=torch.uint8)
+                self._views[turn] = {}
+            view = self._buffers[turn][HEADER.size:size].view(torch.float32).view(shape)
+            self._views[turn][shape] = view
+        return self._buffers[turn], view
+
+
 class DataLink:
     """One end of a connected data link. Not thread-safe: the compute thread owns it."""
 
@@ -126,6 +154,7 @@ class DataLink:
         self._payloads = ReusedBuffers(2)  # used in turn: a result stays valid while the
         # next message is read
         self._carry = bytearray()  # bytes read past a skipped message: the next one's start
+        self._exchange_buffers = ExchangeBuffers(2)  # native exchanges' messages, used in turn
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN)
         self.bytes_sent = 0
@@ -133,6 +162,35 @@ class DataLink:
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    @property
+    def exchanges_natively(self) -> bool:
+        """Whether :meth:`exchange` can run here (a plain link, the C library loaded)."""
+        return native.available()
+
+    def exchange(self, position: tuple[int, int, int], own: torch.Tensor, spin_s: float
+                 ) -> torch.Tensor | None:
+        """One end of a two-rank exchange in one native call (``csrc/spinwait.c``): send
+        ``own`` (a float32 ``[T, d]`` partial, contiguous) as this allreduce's OP_PARTIAL and,
+        when the peer's partial of the same allreduce comes within ``spin_s``, return the sum
+        (float32 ``[T, d]`` in a reused buffer: valid until the next receive but one), the
+        same bits :func:`~edgetp.net.codec.pair_sum` gives. None when it did not come in time
+        or another message came first: the bytes read so far stay the start of the link's
+        next message, for :meth:`receive`. Raises DataLinkError when the link broke."""
+        seq, step, index = (min(v, MAX_FIELD) for v in position)
+        size = own.numel() * 4
+        header = HEADER.pack(MAGIC, OP_PARTIAL, WIRE_CODES["f32"], seq, step, index, size)
+        into, total = self._exchange_buffers.take(tuple(own.shape))
+        try:
+            got, summed = native.exchange_f32(self.sock.fileno(), header, own, into, spin_s)
+        except OSError as exc:
+            raise DataLinkError(f"the data link broke ({exc.strerror})") from exc
+        self.bytes_sent += HEADER.size + size
+        if not summed:
+            self._carry += into[:got].numpy().tobytes()  # the next message's first bytes
+            return None
+        self.bytes_received += HEADER.size + size
+        return total
 
     def send(self, op: int, wire: str, position: tuple[int, int, int],
              tensors: Sequence[torch.Tensor]) -> int:
@@ -243,6 +301,18 @@ class DataLink:
 
 
 MAX_SKIPPED_BYTES = 256 << 20  # a stale message larger than this is not one
+
+
+def fits_native_exchange(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a partial :meth:`DataLink.exchange` sends: float32, contiguous, at
+    most :data:`EXCHANGE_MAX_BYTES`."""
+    return (x.dtype == torch.float32 and x.is_contiguous()
+            and x.numel() * 4 <= EXCHANGE_MAX_BYTES)
+
+
+def message_bytes(x: torch.Tensor) -> int:
+    """The bytes on the wire of a float32 message carrying ``x``, header included."""
+    return HEADER.size + x.numel() * 4
 
 
 def first_readable(links: Sequence[DataLink], spin_s: float) -> int | None:

@@ -51,6 +51,11 @@ class SealedDataLink(DataLink):
         self._outgoing = ReusedBuffers(1)  # sealed bytes
         self._incoming = ReusedBuffers(1)
 
+    @property
+    def exchanges_natively(self) -> bool:
+        """No: every message is sealed in Python (:meth:`send`, :meth:`receive`)."""
+        return False
+
     @classmethod
     def over(cls, link: DataLink, cipher: LinkCipher) -> SealedDataLink:
         """Seal a link just joined (its socket is taken over)."""

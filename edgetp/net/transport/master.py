@@ -200,6 +200,34 @@ class MasterTransport:
         self.traffic.count_link("partial", sent, sent=True)
         return sent
 
+    def exchanges_natively(self, rank: int, x: torch.Tensor, wire_dtype: str) -> bool:
+        """Whether worker ``rank``'s two-rank exchange of ``x`` can take the native path
+        (:meth:`exchange`): a float32 wire, a plain data link, a decode-sized float32 partial,
+        no emulated link delay."""
+        link = self.data_links.get(rank)
+        return (link is not None and link.exchanges_natively and wire_dtype == "f32"
+                and datalink.fits_native_exchange(x) and not self.link_delay.active)
+
+    def exchange(self, rank: int, fields: dict[str, Any], x: torch.Tensor
+                 ) -> torch.Tensor | None:
+        """Send this allreduce's own partial ``x`` to worker ``rank`` and, if the worker's
+        comes within the spin, return the two's sum (see :meth:`DataLink.exchange`); None
+        when it did not: the caller gathers it as usual."""
+        link = self.data_links[rank]
+        try:
+            total = link.exchange((fields["seq"], fields["step"], fields["index"]), x,
+                                  self.spin_s)
+        except DataLinkError as exc:
+            self.drop_data_link(rank)
+            raise ClusterError(f"{self.describe(rank)}: {exc}; the request was abandoned (the "
+                               "worker rejoins)") from exc
+        size = datalink.message_bytes(x)
+        self.traffic.count_link("partial", size, sent=True)
+        if total is not None:
+            self.heard_from(rank)
+            self.traffic.count_link("partial", size, sent=False)
+        return total
+
     def heard_from(self, rank: int) -> None:
         peer = self.peers.get(rank)
         if peer is not None:

@@ -209,6 +209,32 @@ class WorkerTransport:
         self.traffic.count_link("partial", sent, sent=True)
         return sent
 
+    def exchanges_natively(self, x: torch.Tensor) -> bool:
+        """Whether this allreduce's two-rank exchange of ``x`` can take the native path
+        (:meth:`exchange`): a float32 wire, a plain data link, a decode-sized float32 partial,
+        no emulated link delay, no frame capture."""
+        link = self.data_link
+        return (link is not None and link.exchanges_natively and self.wire_dtype == "f32"
+                and datalink.fits_native_exchange(x) and not self.link_delay.active
+                and self.frame_log is None)
+
+    def exchange(self, fields: dict[str, Any], x: torch.Tensor) -> torch.Tensor | None:
+        """Send this allreduce's partial ``x`` and, if the master's comes within the spin,
+        return the two's sum (see :meth:`DataLink.exchange`); None when it did not: the
+        caller waits for it as usual."""
+        assert self.data_link is not None
+        try:
+            total = self.data_link.exchange((fields["seq"], fields["step"], fields["index"]),
+                                            x, self.spin_s)
+        except DataLinkError as exc:
+            raise ClusterError(f"{exc}; rejoining the master") from exc
+        size = datalink.message_bytes(x)
+        self.traffic.count_link("partial", size, sent=True)
+        if total is not None:
+            self.last_heard = time.monotonic()
+            self.traffic.count_link("sum", size, sent=False)
+        return total
+
     def data_link_readable(self, timeout_s: float) -> bool:
         """Wait up to ``timeout_s`` for the data link or the socket; True if the link has data
         (the socket's messages are then read with :meth:`receive_now`)."""

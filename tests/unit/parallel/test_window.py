@@ -632,14 +632,14 @@ class Boom(Exception):
 
 
 def raise_once(module: torch.nn.Module) -> None:
-    """Make ``module``'s next forward raise :class:`Boom` (after the window's own pre-hook)."""
-    handle = None
+    """Make ``module``'s next forward raise :class:`Boom` (after the window's own pre-hook, for
+    a module called with hooks; a layer's norms and projections are called by ``forward``)."""
 
-    def hook(_module: torch.nn.Module, _args: object) -> None:
-        handle.remove()
+    def forward(*_args: object, **_kwargs: object) -> None:
+        del module.forward  # the class's forward again
         raise Boom
 
-    handle = module.register_forward_pre_hook(hook)
+    module.forward = forward  # type: ignore[method-assign]
 
 
 INTERRUPTIONS: dict[str, Callable[[Transformer, torch.Tensor], None]] = {}
