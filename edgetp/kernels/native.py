@@ -176,7 +176,10 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_rmsnorm_f32.argtypes = [_P, _P, _P, _I64, ctypes.c_float]
     library.et_attend_one_f32.restype = None
     library.et_dequant_i4_bf16_t.restype = None
-    library.et_dequant_i4_bf16_t.argtypes = [_P] * 4 + [_I64] * 3 + [ctypes.c_int]
+    library.et_dequant_i4_bf16_t.argtypes = [_P, _P, _I64, _P, _I64, _I64, _I64,
+                                             ctypes.c_int]
+    library.et_dequant_i8_blocks_bf16.restype = None
+    library.et_dequant_i8_blocks_bf16.argtypes = [_P] * 4 + [_I64] * 2
     library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
     library.et_exchange_f32.restype = _I64
@@ -340,21 +343,45 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def int4_bfloat16_transposed(packed: torch.Tensor, scale_zero: torch.Tensor, group: int,
-                             tiled: bool) -> torch.Tensor | None:
+                             tiled: bool, out: torch.Tensor | None = None
+                             ) -> torch.Tensor | None:
     """int4 rows ``packed`` [rows, in / 2] (whole 64-row blocks of the tiled layout from the
     tensor's start, or its tail; or the rows layout) with ``scale_zero`` [in / group, rows, 2]
     -> bfloat16 [in, rows], the weight transposed ((code - 8) * scale + zero, rounded once;
-    ``csrc/decode_ops.c``), for a prefill chunk's ``x @ W^T``. None without the library."""
+    ``csrc/decode_ops.c``), into ``out`` (contiguous [in, rows]) if given, for a prefill
+    chunk's ``x @ W^T``. None without the library."""
     lib = library()
     if lib is None:
         return None
     rows, cols = packed.shape[0], packed.shape[1] * 2
-    pairs = scale_zero.float()  # [ng, rows, 2]
-    scale, zero = pairs[..., 0].contiguous(), pairs[..., 1].contiguous()  # [ng, rows] each
+    pairs = scale_zero.to(torch.bfloat16)  # [ng, rows, 2]: a slice of rows keeps its strides
+    if pairs.stride(1) != 2 or pairs.stride(2) != 1:
+        pairs = pairs.contiguous()
     packed = packed.contiguous()
-    out = torch.empty(cols, rows, dtype=torch.bfloat16)  # [in, rows]
-    lib.et_dequant_i4_bf16_t(packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+    out = torch.empty(cols, rows, dtype=torch.bfloat16) if out is None else out  # [in, rows]
+    lib.et_dequant_i4_bf16_t(packed.data_ptr(), pairs.data_ptr(), pairs.stride(0),
                              out.data_ptr(), rows, cols, group, int(tiled))
+    return out
+
+
+def int8_blocks_bfloat16(codes: torch.Tensor, scales: torch.Tensor,
+                         out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """int8 ``codes`` [rows, in] with block scales (``edgetp.shard.quant``'s layouts: [2, rows,
+    in / 32] scale and low, or [rows, in / 32] symmetric) -> bfloat16 [rows, in], computed in
+    float32 and rounded once (``csrc/decode_ops.c``), into ``out`` (contiguous) if given, for
+    a prefill chunk's ``x @ W^T``. None without the library."""
+    lib = library()
+    if lib is None:
+        return None
+    pairs = scales.float()
+    scale, low = (pairs[0], pairs[1]) if scales.dim() == 3 else (pairs, None)
+    scale = scale.contiguous()  # [rows, in / 32]
+    low = None if low is None else low.contiguous()
+    codes = codes.contiguous()
+    out = torch.empty(codes.shape, dtype=torch.bfloat16) if out is None else out  # [rows, in]
+    lib.et_dequant_i8_blocks_bf16(codes.data_ptr(), scale.data_ptr(),
+                                  None if low is None else low.data_ptr(), out.data_ptr(),
+                                  codes.shape[0], codes.shape[1])
     return out
 
 

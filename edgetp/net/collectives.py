@@ -81,6 +81,18 @@ class InProcessCommunicator:
         return self.group.allreduce(self.rank, x)
 
 
+def summed_pair(x: torch.Tensor, master: list[torch.Tensor], worker: list[torch.Tensor],
+                rank: int, wire: str) -> torch.Tensor:
+    """A two-rank exchange's sum on rank ``rank``, whose partial is ``x``: the master's frames
+    plus the worker's, bitwise :func:`~edgetp.net.codec.pair_sum` on both ends. A float32
+    partial on the f32 wire takes the peer's frame in place (a Communicator's partial is its
+    to sum into; addition commutes, so these are the peer's bits too): a prefill chunk's
+    allreduce then allocates and copies no 1 MiB."""
+    if wire == "f32" and x.dtype == torch.float32 and x.is_contiguous():
+        return x.add_((worker if rank == 0 else master)[0])
+    return pair_sum(master, worker, wire)
+
+
 # -- the star over ZeroMQ ----------------------------------------------------------------------
 
 
@@ -156,7 +168,7 @@ class StarMaster:
             own = encode(x, self.wire)  # what the worker gets, and adds as the master does
             nbytes = transport.send_own_partial(1, fields, own) if not last else 0
         parts = self._gather(index, x.shape)
-        return pair_sum(own, parts[1], self.wire), nbytes + payload_bytes(parts[1])
+        return summed_pair(x, own, parts[1], 0, self.wire), nbytes + payload_bytes(parts[1])
 
     def exchanges(self) -> bool:
         """Whether this allreduce is a two-rank exchange: with one worker on a data link, the
@@ -282,7 +294,7 @@ class StarWorker:
             return x
         op, tensors = self._wait_for_sum(index, x.shape, wire)
         if op == OP_PARTIAL:  # a two-rank exchange: the master's partial, summed here
-            total = pair_sum(tensors, frames, wire)
+            total = summed_pair(x, tensors, frames, self.rank, wire)
         elif wire == "f32" and self.transport.data_link:  # the link's buffer itself, valid
             total = tensors[0]  # until the next sum but one
         else:

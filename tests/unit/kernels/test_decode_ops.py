@@ -3,6 +3,9 @@ the model using them only where they apply."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +125,21 @@ def test_int4_weights_widen_to_bfloat16_transposed_in_c(rows: int, group: int) -
         assert torch.equal(part, got[:, 64:128])
 
 
+@contextmanager
+def rows_widened(function: str) -> Iterator[list[int]]:
+    """The row counts of every call of the native widening ``function`` made inside."""
+    calls: list[int] = []
+    real = getattr(native, function)
+
+    def counting(*args):  # noqa: ANN002, ANN202
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(native, function, counting)
+        yield calls
+
+
 def test_a_prefill_chunk_of_int4_rows_uses_the_widened_weight() -> None:
     """From INT4_GEMM_ROWS rows on, an int4 product widens its weight in C and multiplies in
     bfloat16; the result is the float product within bfloat16's rounding."""
@@ -131,16 +149,41 @@ def test_a_prefill_chunk_of_int4_rows_uses_the_widened_weight() -> None:
     torch.manual_seed(5)
     packed, scale_zero = quantize_int4(torch.randn(256, 128) / 10, 32)
     x = torch.randn(qlinear.INT4_GEMM_ROWS, 128)
-    calls: list[int] = []
-    real = native.int4_bfloat16_transposed
-
-    def counting(*args):  # noqa: ANN002, ANN202
-        calls.append(args[0].shape[0])
-        return real(*args)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(native, "int4_bfloat16_transposed", counting)
+    with rows_widened("int4_bfloat16_transposed") as calls:
         got = qlinear.int4_product(x, packed, scale_zero, 32, kernel_layout=False)
     assert sum(calls) == 256  # every row widened once
     exact = x.double() @ dequantize_int4(packed, scale_zero).double().T
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_block_scaled_int8_weights_widen_to_bfloat16_in_c(symmetric: bool) -> None:
+    """Both block layouts (scale and low end; a GGUF Q8_0's scale alone): the exact float32
+    values rounded once to bfloat16, into a given buffer too."""
+    from edgetp.shard.quant import dequantize_int8, quantize_int8_blocks
+
+    torch.manual_seed(3)
+    codes, scales = quantize_int8_blocks(torch.randn(70, 96) / 10)
+    if symmetric:
+        scales = scales[0]  # [rows, in / 32]: value = code * scale
+    exact = dequantize_int8(codes, scales, torch.float32)  # [rows, in]
+    got = native.int8_blocks_bfloat16(codes, scales)
+    assert got is not None and got.dtype == torch.bfloat16
+    assert torch.equal(got, exact.to(torch.bfloat16))
+    out = torch.empty(20, 96, dtype=torch.bfloat16)
+    assert native.int8_blocks_bfloat16(codes[10:30], scales[..., 10:30, :], out) is out
+    assert torch.equal(out, got[10:30])
+
+
+def test_a_prefill_chunk_of_block_scaled_int8_uses_the_widened_weight() -> None:
+    from edgetp.parallel import qlinear
+    from edgetp.shard.quant import dequantize_int8, quantize_int8_blocks
+
+    torch.manual_seed(6)
+    codes, scales = quantize_int8_blocks(torch.randn(200, 128) / 10)
+    x = torch.randn(qlinear.GEMM_ROWS, 128)
+    with rows_widened("int8_blocks_bfloat16") as calls:
+        got = qlinear.int8_matmul(x, codes, scales, kernel=True)
+    assert sum(calls) == 200  # every row widened once
+    exact = x.double() @ dequantize_int8(codes, scales).double().T
     assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-2

@@ -371,6 +371,9 @@ def test_demo_known_answer_holds_quantized(splits, dtype: str) -> None:
         assert demo_answer(models, step, start) == expected_text(step, start)
 
 
+NEAR_TIE = 0.1  # logits: top two closer than this may swap between rank counts
+
+
 def test_int8_one_and_three_ranks_give_identical_tokens(splits) -> None:
     tokenizer = Tokenizer.from_dir(DEMO_MODEL_DIR)
     eos = set(tokenizer.eos_token_ids)  # after EOS the demo model is off its rule: stop there
@@ -378,10 +381,21 @@ def test_int8_one_and_three_ranks_give_identical_tokens(splits) -> None:
     for step, start in CASES:
         prompt = tokenizer.encode(demo_prompt(step, start))
         assert greedy(one, prompt, 50, eos)[0] == greedy(three, prompt, 50, eos)[0]
+    # a random model: the same tokens up to a near tie (a step whose top two logits are closer
+    # than the ranks' bfloat16 prefill products can differ), and close logits until then
     random_prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(3))
     one, three = load_all(splits("llama3", 1, "int8")), load_all(splits("llama3", 3, "int8"))
-    assert greedy(one, random_prompt.tolist(), 12)[0] == greedy(three, random_prompt.tolist(),
-                                                                12)[0]
+    (tokens_one, logits_one), (tokens_three, logits_three) = (
+        greedy(models, random_prompt.tolist(), 12) for models in (one, three))
+    checked = 0
+    for a, b, want, got in zip(tokens_one, tokens_three, logits_one, logits_three, strict=True):
+        torch.testing.assert_close(got, want, atol=0.05, rtol=0)
+        first, second = want.topk(2).values.tolist()
+        if first - second < NEAR_TIE:
+            break
+        assert a == b
+        checked += 1
+    assert checked >= 4
 
 
 def budgets(dirs: list[Path], fraction: float) -> list[int]:
