@@ -40,6 +40,16 @@ def check_format(wire: str) -> str:
     return wire
 
 
+def carried_format(wire: str, dtype: torch.dtype | str) -> str:
+    """The format a partial of ``dtype`` travels in on a ``wire`` cluster: a bfloat16 partial
+    (bfloat16 compute) goes as ``bf16`` where the wire is ``f32``. Its values are exactly
+    bfloat16 already, so that is half the bytes and no conversion for the same numbers, and
+    the sum is the same bits: added in float32 in rank order, then rounded once to bfloat16,
+    by the encoding here as by the caller's cast of an ``f32`` sum."""
+    bfloat16 = dtype in (torch.bfloat16, "bfloat16")  # a dtype or its name (the planner's)
+    return "bf16" if wire == "f32" and bfloat16 else wire
+
+
 def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:
     """The shape of the int8 scales for codes of ``shape`` [..., d]: [..., ceil(d / 64), 2]."""
     return (*shape[:-1], -(-shape[-1] // INT8_BLOCK), 2)

@@ -17,6 +17,7 @@ import torch
 from edgetp.core.metrics import RECORDER, now
 from edgetp.net import datalink
 from edgetp.net.codec import (
+    carried_format,
     check_format,
     check_payload,
     decode,
@@ -126,6 +127,7 @@ class StarMaster:
         self.transport = transport
         self.world_size = transport.n_ranks
         self.wire = check_format(wire_dtype)  # f32, bf16 or int8 (edgetp.net.codec)
+        self.carried = self.wire  # the current allreduce's (codec.carried_format)
         self.timeout_s = timeout_s
         self.position = StepPosition()
         self.wait_s = 0.0  # time spent waiting for partials (for the reports)
@@ -135,14 +137,15 @@ class StarMaster:
         index, last = self.position.advance()
         pos = self.position
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
+        self.carried = carried_format(self.wire, x.dtype)  # as every worker's
         if self.exchanges():
             total, nbytes = self._exchange(index, fields, x, last)
         else:
             parts = self._gather(index, x.shape)
             # the master's partial rounded like the workers'; rank order: not arrival order
             total, frames = star_sum(x, [parts[r] for r in self.transport.worker_ranks],
-                                     self.wire)
-            nbytes = self.transport.send_sum(fields, frames) if not last else 0
+                                     self.carried)
+            nbytes = self.transport.send_sum(fields, frames, self.carried) if not last else 0
             nbytes += sum(payload_bytes(p) for p in parts.values())
         RECORDER.add("allreduce", index, started, now(), nbytes)
         return total.to(x.dtype)
@@ -156,7 +159,7 @@ class StarMaster:
         the spin, else its partial is gathered as usual. Bitwise the worker's sum either way
         (:func:`~edgetp.net.codec.pair_sum`)."""
         transport = self.transport
-        if not last and transport.exchanges_natively(1, x, self.wire):
+        if not last and transport.exchanges_natively(1, x, self.carried):
             started = time.perf_counter()
             total = transport.exchange(1, fields, x)
             self.wait_s += time.perf_counter() - started
@@ -165,10 +168,11 @@ class StarMaster:
                 return total, 2 * nbytes
             own = [x]  # what was sent: the f32 wire's frame
         else:
-            own = encode(x, self.wire)  # what the worker gets, and adds as the master does
-            nbytes = transport.send_own_partial(1, fields, own) if not last else 0
+            own = encode(x, self.carried)  # what the worker gets, and adds as the master does
+            nbytes = transport.send_own_partial(1, fields, own, self.carried) if not last else 0
         parts = self._gather(index, x.shape)
-        return summed_pair(x, own, parts[1], 0, self.wire), nbytes + payload_bytes(parts[1])
+        return (summed_pair(x, own, parts[1], 0, self.carried),
+                nbytes + payload_bytes(parts[1]))
 
     def exchanges(self) -> bool:
         """Whether this allreduce is a two-rank exchange: with one worker on a data link, the
@@ -229,7 +233,7 @@ class StarMaster:
     def _read_link(self, rank: int, link: DataLink, index: int, shape: torch.Size,
                    deadline: float, parts: dict[int, list[torch.Tensor]]) -> None:
         try:
-            got = link.receive(self.wire, shape, deadline, (self.position.seq,
+            got = link.receive(self.carried, shape, deadline, (self.position.seq,
                                                             self.position.step))
         except DataLinkError as exc:
             self.transport.drop_data_link(rank)
@@ -255,7 +259,7 @@ class StarMaster:
 
     def _accept(self, rank: int, tensors: list[torch.Tensor], shape: torch.Size,
                 parts: dict[int, list[torch.Tensor]]) -> None:
-        problem = check_payload(tensors, self.wire, shape)
+        problem = check_payload(tensors, self.carried, shape)
         if problem:
             raise ClusterError(f"{self.transport.describe(rank)} sent a partial {problem}")
         parts[rank] = tensors
@@ -277,9 +281,11 @@ class StarWorker:
         started = now()
         index, last = self.position.advance()
         pos = self.position
-        wire = self.transport.wire_dtype  # as the master announced in the welcome
+        # as the master announced in the welcome; a bfloat16 partial on the f32 wire as bf16
+        wire = carried_format(self.transport.wire_dtype, x.dtype)
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
-        if not last and self.world_size == 2 and self.transport.exchanges_natively(x):
+        if (not last and self.world_size == 2 and wire == "f32"
+                and self.transport.exchanges_natively(x)):
             total = self.transport.exchange(fields, x)  # sent; the sum if the master's
             sent, frames = message_bytes(x), [x]  # partial came within the spin
             if total is not None:
@@ -288,7 +294,7 @@ class StarWorker:
                 return total
         else:
             frames = encode(x, wire)
-            sent = self.transport.send_partial(fields, frames)
+            sent = self.transport.send_partial(fields, frames, wire)
         if last:  # a reduce: only the master needs the final sum
             RECORDER.add("allreduce", index, started, now(), sent)
             return x

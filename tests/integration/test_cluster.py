@@ -39,9 +39,11 @@ from helpers.hf_models import VOCAB
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.config.model import load_model_config
 from edgetp.model.checkpoint import load_model
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.net import wire
+from edgetp.net.datalink import HEADER
 from edgetp.net.transport import ClusterError
 from edgetp.net.wire import PROTOCOL_VERSION as V
 from edgetp.runtime.engine import GenerationResult, LocalRunner
@@ -543,3 +545,22 @@ def test_workers_rejoin_a_restarted_master(demo_cluster: TrackedCluster) -> None
     assert {rank: peer.pid for rank, peer in transport.peers.items()} == pids
     assert all(proc.poll() is None for proc in demo_cluster.workers.values())
     assert_demo_answer(master)
+
+
+def test_bfloat16_partials_travel_as_bfloat16(tiny_model: Path, tmp_path: Path) -> None:
+    """bfloat16 compute on the default f32 wire: every partial crosses the data link as its
+    own bfloat16 values (half the bytes), and the answer is one device's (the sums are added
+    in float32 and rounded once, as the f32 wire's)."""
+    steps = 6
+    local = generate_ids(Master.local(tiny_model, dtype="bfloat16"), TINY_PROMPT, steps + 1)
+    with running_cluster(tiny_model, 2, tmp_path, dtype="bfloat16") as cluster:
+        master = master_of(cluster)
+        link = master.runner.transport.data_links[1]  # type: ignore[attr-defined]
+        before = link.bytes_received
+        result = generate_ids(master, TINY_PROMPT, steps + 1)
+        received = link.bytes_received - before
+    assert result.token_ids == local.token_ids
+    layers = len(master.runner.plan.shared_layers)  # type: ignore[attr-defined]
+    hidden = load_model_config(tiny_model).hidden_size
+    rows = len(TINY_PROMPT) + steps  # the prompt's rows, then one a step
+    assert received == 2 * layers * ((steps + 1) * HEADER.size + 2 * hidden * rows)

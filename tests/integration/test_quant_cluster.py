@@ -86,10 +86,10 @@ def record_star_sums(comm, transport) -> dict[str, int]:  # noqa: ANN001 - test 
         seen["parts"] = gather(index, shape)
         return seen["parts"]
 
-    def spy_send_sum(fields, tensors):  # noqa: ANN001, ANN202
+    def spy_send_sum(fields, tensors, wire=None):  # noqa: ANN001, ANN202
         seen["sent"] = [t.clone() for t in tensors]
         counts["broadcast"] += 1
-        return send_sum(fields, tensors)
+        return send_sum(fields, tensors, wire)
 
     def spy_allreduce(x: torch.Tensor) -> torch.Tensor:
         seen.pop("sent", None)

@@ -159,9 +159,10 @@ class MasterTransport:
                 raise ClusterError(f"{self.describe(rank)} left the cluster")
             self._send_frames(peer.identity, op, frames, rank)
 
-    def send_sum(self, fields: dict[str, Any], frames: Sequence[torch.Tensor]) -> int:
-        """An allreduce's sum to every worker: over its data link if it has one, else ZeroMQ.
-        Returns the bytes sent."""
+    def send_sum(self, fields: dict[str, Any], frames: Sequence[torch.Tensor],
+                 wire_dtype: str | None = None) -> int:
+        """An allreduce's sum to every worker, in ``wire_dtype`` (default: the cluster's
+        wire): over its data link if it has one, else ZeroMQ. Returns the bytes sent."""
         self.link_delay.before_send("sum")  # one traversal: the links are parallel
         encoded: list[Any] | None = None
         nbytes = 0
@@ -170,7 +171,8 @@ class MasterTransport:
             link = self.data_links.get(rank)
             if link is not None:
                 try:
-                    sent = link.send(datalink.OP_SUM, self.wire_dtype, position, frames)
+                    sent = link.send(datalink.OP_SUM, wire_dtype or self.wire_dtype, position,
+                                     frames)
                 except DataLinkError as exc:
                     self.drop_data_link(rank)
                     raise ClusterError(f"{self.describe(rank)}: {exc}") from exc
@@ -186,13 +188,14 @@ class MasterTransport:
         return nbytes
 
     def send_own_partial(self, rank: int, fields: dict[str, Any],
-                         frames: Sequence[torch.Tensor]) -> int:
-        """The master's own partial to worker ``rank`` over its data link (a two-rank
-        exchange: the worker sums the two partials itself); the bytes sent."""
+                         frames: Sequence[torch.Tensor], wire_dtype: str | None = None) -> int:
+        """The master's own partial to worker ``rank`` over its data link, in ``wire_dtype``
+        (default: the cluster's wire; a two-rank exchange: the worker sums the two partials
+        itself); the bytes sent."""
         self.link_delay.before_send("partial")
         link = self.data_links[rank]
         try:
-            sent = link.send(datalink.OP_PARTIAL, self.wire_dtype,
+            sent = link.send(datalink.OP_PARTIAL, wire_dtype or self.wire_dtype,
                              (fields["seq"], fields["step"], fields["index"]), frames)
         except DataLinkError as exc:
             self.drop_data_link(rank)

@@ -195,14 +195,16 @@ class WorkerTransport:
             self.data_link.close()
         self.data_link, self.data_poller = None, None
 
-    def send_partial(self, fields: dict[str, Any], frames: Sequence[torch.Tensor]) -> int:
-        """An allreduce's partial to the master, over the data link if there is one; bytes."""
+    def send_partial(self, fields: dict[str, Any], frames: Sequence[torch.Tensor],
+                     wire_dtype: str | None = None) -> int:
+        """An allreduce's partial to the master, in ``wire_dtype`` (default: the cluster's
+        wire), over the data link if there is one; bytes."""
         if self.data_link is None:
             self.send("partial", fields, frames)
             return payload_bytes(frames)
         self.link_delay.before_send("partial")
         try:
-            sent = self.data_link.send(datalink.OP_PARTIAL, self.wire_dtype,
+            sent = self.data_link.send(datalink.OP_PARTIAL, wire_dtype or self.wire_dtype,
                                        (fields["seq"], fields["step"], fields["index"]), frames)
         except DataLinkError as exc:
             raise ClusterError(str(exc)) from exc

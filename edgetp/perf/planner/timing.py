@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from edgetp.config.device import DeviceProfile
 from edgetp.config.model import ModelConfig
-from edgetp.net.codec import scale_shape
+from edgetp.net.codec import carried_format, scale_shape
 from edgetp.perf.planner.residency import NodePlan
 from edgetp.perf.planner.spec import ClusterSpec
 from edgetp.perf.planner.storage import Storage
@@ -65,7 +65,8 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig,
         compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.head_format)
     comm = 0.0
     if n > 1:
-        wire = tokens * wire_bytes(cluster.wire_dtype, config.hidden_size)
+        carried = carried_format(cluster.wire_dtype, storage.compute)  # bf16 compute: bf16
+        wire = tokens * wire_bytes(carried, config.hidden_size)
         step_msg = tokens * config.hidden_size * 4  # the residual stream is float32
         comm = _broadcast(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))
     node_compute = tuple(sum(a + m for a, m in t.values()) for t in per_rank)

@@ -20,6 +20,7 @@ from edgetp.net import wire
 from edgetp.net.codec import (
     INT8_BLOCK,
     OUTLIER_CODE,
+    carried_format,
     check_payload,
     decode,
     encode,
@@ -132,3 +133,22 @@ def test_ring_allreduce_with_the_int8_wire() -> None:
         assert torch.equal(outputs[rank], outputs[0])
     largest = float(sum(x.abs() for x in inputs).max())  # no partial sum exceeds it
     assert float((outputs[0] - exact).abs().max()) <= 3 * largest / 127 / 2  # 3 roundings
+
+
+def test_bfloat16_partials_on_the_f32_wire_carry_the_same_sums_in_half_the_bytes() -> None:
+    """A bfloat16 partial goes as bf16 on an f32 cluster: the star's and the exchange's sums,
+    cast to bfloat16 as the layers use them, are the f32 wire's bits."""
+    assert carried_format("f32", torch.bfloat16) == "bf16"
+    assert carried_format("f32", torch.float32) == "f32"
+    assert carried_format("int8", torch.bfloat16) == "int8"
+    generator = torch.Generator().manual_seed(4)
+    parts = [(torch.randn(3, 512, generator=generator) * 50).to(torch.bfloat16)
+             for _ in range(3)]
+    own, workers = parts[0], parts[1:]
+    as_f32 = star_sum(own, [encode(w, "f32") for w in workers], "f32")[0]
+    as_bf16, frames = star_sum(own, [encode(w, "bf16") for w in workers], "bf16")
+    assert torch.equal(as_bf16.to(torch.bfloat16), as_f32.to(torch.bfloat16))
+    assert frames[0].dtype == torch.bfloat16
+    pair_f32 = pair_sum(encode(own, "f32"), encode(workers[0], "f32"), "f32")
+    pair_bf16 = pair_sum(encode(own, "bf16"), encode(workers[0], "bf16"), "bf16")
+    assert torch.equal(pair_bf16.to(torch.bfloat16), pair_f32.to(torch.bfloat16))

@@ -222,14 +222,16 @@ def test_more_budget_streams_less_and_is_not_slower():
 def test_wire_dtype_and_allreduce_change_only_communication():
     config = preset_config("llama2-70b")
 
-    def plan(**extra):
+    def plan(dtype="float32", **extra):
         data = {"link": {"latency_ms": 1, "bandwidth_mbit": 300}, **extra,
                 "nodes": [{"profile": LAPTOP, "count": 8, "memory_budget": "64GiB"}]}
-        return plan_cluster(config, _spec(data), "bfloat16", context=1024)
+        return plan_cluster(config, _spec(data), dtype, context=1024)
 
     f32, bf16, int8 = plan(), plan(wire_dtype="bf16"), plan(wire_dtype="int8")
     assert f32.decode.comm_s > bf16.decode.comm_s > int8.decode.comm_s > 0
     assert f32.decode.compute_s == bf16.decode.compute_s == int8.decode.compute_s
+    # bfloat16 compute: its partials cross an f32 wire as bf16 (codec.carried_format)
+    assert plan("bfloat16").decode.comm_s == plan("bfloat16", wire_dtype="bf16").decode.comm_s
     # 1 ms links: the ring's 14 traversals per allreduce cost more than the star's 2
     ring = plan(allreduce="ring")
     assert ring.decode.comm_s > f32.decode.comm_s
