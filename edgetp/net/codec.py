@@ -40,14 +40,20 @@ def check_format(wire: str) -> str:
     return wire
 
 
-def carried_format(wire: str, dtype: torch.dtype | str) -> str:
-    """The format a partial of ``dtype`` travels in on a ``wire`` cluster: a bfloat16 partial
-    (bfloat16 compute) goes as ``bf16`` where the wire is ``f32``. Its values are exactly
+BF16_CARRY_MIN_VALUES = 16 << 10  # a bfloat16 partial this large or larger goes as bf16
+
+
+def carried_format(wire: str, dtype: torch.dtype | str, values: int) -> str:
+    """The format a partial of ``values`` values in ``dtype`` travels in on a ``wire``
+    cluster: a bfloat16 partial (bfloat16 compute) of at least :data:`BF16_CARRY_MIN_VALUES`
+    (a prefill chunk's) goes as ``bf16`` where the wire is ``f32``. Its values are exactly
     bfloat16 already, so that is half the bytes and no conversion for the same numbers, and
     the sum is the same bits: added in float32 in rank order, then rounded once to bfloat16,
-    by the encoding here as by the caller's cast of an ``f32`` sum."""
+    by the encoding here as by the caller's cast of an ``f32`` sum. A decode step's smaller
+    partial stays float32, which two nodes exchange in one native call (faster than half the
+    bytes through Python). Every rank decides alike: it depends on the shape alone."""
     bfloat16 = dtype in (torch.bfloat16, "bfloat16")  # a dtype or its name (the planner's)
-    return "bf16" if wire == "f32" and bfloat16 else wire
+    return "bf16" if wire == "f32" and bfloat16 and values >= BF16_CARRY_MIN_VALUES else wire
 
 
 def scale_shape(shape: Sequence[int]) -> tuple[int, ...]:

@@ -137,7 +137,7 @@ class StarMaster:
         index, last = self.position.advance()
         pos = self.position
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
-        self.carried = carried_format(self.wire, x.dtype)  # as every worker's
+        self.carried = carried_format(self.wire, x.dtype, x.numel())  # as every worker's
         if self.exchanges():
             total, nbytes = self._exchange(index, fields, x, last)
         else:
@@ -282,7 +282,7 @@ class StarWorker:
         index, last = self.position.advance()
         pos = self.position
         # as the master announced in the welcome; a bfloat16 partial on the f32 wire as bf16
-        wire = carried_format(self.transport.wire_dtype, x.dtype)
+        wire = carried_format(self.transport.wire_dtype, x.dtype, x.numel())
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
         if (not last and self.world_size == 2 and wire == "f32"
                 and self.transport.exchanges_natively(x)):

@@ -39,10 +39,10 @@ from helpers.hf_models import VOCAB
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
-from edgetp.config.model import load_model_config
 from edgetp.model.checkpoint import load_model
 from edgetp.model.demo import DEMO_MODEL_DIR, demo_prompt, expected_text
 from edgetp.net import wire
+from edgetp.net.codec import BF16_CARRY_MIN_VALUES
 from edgetp.net.datalink import HEADER
 from edgetp.net.transport import ClusterError
 from edgetp.net.wire import PROTOCOL_VERSION as V
@@ -547,20 +547,30 @@ def test_workers_rejoin_a_restarted_master(demo_cluster: TrackedCluster) -> None
     assert_demo_answer(master)
 
 
-def test_bfloat16_partials_travel_as_bfloat16(tiny_model: Path, tmp_path: Path) -> None:
-    """bfloat16 compute on the default f32 wire: every partial crosses the data link as its
-    own bfloat16 values (half the bytes), and the answer is one device's (the sums are added
-    in float32 and rounded once, as the f32 wire's)."""
-    steps = 6
-    local = generate_ids(Master.local(tiny_model, dtype="bfloat16"), TINY_PROMPT, steps + 1)
-    with running_cluster(tiny_model, 2, tmp_path, dtype="bfloat16") as cluster:
+def test_bfloat16_prefill_partials_travel_as_bfloat16(tiny_model_dir, tmp_path: Path) -> None:
+    """bfloat16 compute on the default f32 wire: a prefill chunk's partials cross the data link
+    as their own bfloat16 values (half the bytes), a decode step's as float32 (the native
+    exchange's), and the answer is one device's (the sums are added in float32 and rounded
+    once, as the f32 wire's)."""
+    source, _ = tiny_model_dir("llama3", hidden_size=256, intermediate_size=384)
+    model_dir = tmp_path / "wide"
+    shutil.copytree(source, model_dir)
+    write_wordlevel_tokenizer(model_dir, VOCAB)
+    rows = BF16_CARRY_MIN_VALUES // 256  # the shortest prompt whose partials go as bf16
+    prompt = [int(t) for t in torch.randint(4, VOCAB, (rows,),
+                                            generator=torch.Generator().manual_seed(2))]
+    steps = 4
+    local = generate_ids(Master.local(model_dir, dtype="bfloat16", max_seq_len=120), prompt,
+                         steps + 1)
+    with running_cluster(model_dir, 2, tmp_path / "c", dtype="bfloat16",
+                         max_seq_len=120) as cluster:
         master = master_of(cluster)
+        assert master.prefill_chunk >= rows
         link = master.runner.transport.data_links[1]  # type: ignore[attr-defined]
         before = link.bytes_received
-        result = generate_ids(master, TINY_PROMPT, steps + 1)
+        result = generate_ids(master, prompt, steps + 1)
         received = link.bytes_received - before
     assert result.token_ids == local.token_ids
     layers = len(master.runner.plan.shared_layers)  # type: ignore[attr-defined]
-    hidden = load_model_config(tiny_model).hidden_size
-    rows = len(TINY_PROMPT) + steps  # the prompt's rows, then one a step
-    assert received == 2 * layers * ((steps + 1) * HEADER.size + 2 * hidden * rows)
+    prefill, decode = HEADER.size + 2 * 256 * rows, HEADER.size + 4 * 256
+    assert received == 2 * layers * (prefill + steps * decode)

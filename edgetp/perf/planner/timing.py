@@ -65,7 +65,8 @@ def step_time(cluster: ClusterSpec, nodes: list[NodePlan], config: ModelConfig,
         compute += nodes[0].memory.head_bytes / master.matvec_bytes_per_s(storage.head_format)
     comm = 0.0
     if n > 1:
-        carried = carried_format(cluster.wire_dtype, storage.compute)  # bf16 compute: bf16
+        carried = carried_format(cluster.wire_dtype, storage.compute,
+                                 tokens * config.hidden_size)  # a prefill's bf16: bf16
         wire = tokens * wire_bytes(carried, config.hidden_size)
         step_msg = tokens * config.hidden_size * 4  # the residual stream is float32
         comm = _broadcast(cluster, step_msg) + _allreduces(cluster, wire, 2 * len(shared))

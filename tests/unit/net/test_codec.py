@@ -18,6 +18,7 @@ from helpers.ring import ring_sums
 
 from edgetp.net import wire
 from edgetp.net.codec import (
+    BF16_CARRY_MIN_VALUES,
     INT8_BLOCK,
     OUTLIER_CODE,
     carried_format,
@@ -138,9 +139,11 @@ def test_ring_allreduce_with_the_int8_wire() -> None:
 def test_bfloat16_partials_on_the_f32_wire_carry_the_same_sums_in_half_the_bytes() -> None:
     """A bfloat16 partial goes as bf16 on an f32 cluster: the star's and the exchange's sums,
     cast to bfloat16 as the layers use them, are the f32 wire's bits."""
-    assert carried_format("f32", torch.bfloat16) == "bf16"
-    assert carried_format("f32", torch.float32) == "f32"
-    assert carried_format("int8", torch.bfloat16) == "int8"
+    chunk = BF16_CARRY_MIN_VALUES
+    assert carried_format("f32", torch.bfloat16, chunk) == "bf16"
+    assert carried_format("f32", torch.bfloat16, chunk - 1) == "f32"  # a decode step's
+    assert carried_format("f32", torch.float32, chunk) == "f32"
+    assert carried_format("int8", torch.bfloat16, chunk) == "int8"
     generator = torch.Generator().manual_seed(4)
     parts = [(torch.randn(3, 512, generator=generator) * 50).to(torch.bfloat16)
              for _ in range(3)]

@@ -230,8 +230,11 @@ def test_wire_dtype_and_allreduce_change_only_communication():
     f32, bf16, int8 = plan(), plan(wire_dtype="bf16"), plan(wire_dtype="int8")
     assert f32.decode.comm_s > bf16.decode.comm_s > int8.decode.comm_s > 0
     assert f32.decode.compute_s == bf16.decode.compute_s == int8.decode.compute_s
-    # bfloat16 compute: its partials cross an f32 wire as bf16 (codec.carried_format)
-    assert plan("bfloat16").decode.comm_s == plan("bfloat16", wire_dtype="bf16").decode.comm_s
+    # bfloat16 compute: a prefill's partials cross an f32 wire as bf16, a decode step's as f32
+    # (codec.carried_format)
+    f32_wire, bf16_wire = plan("bfloat16"), plan("bfloat16", wire_dtype="bf16")
+    assert f32_wire.ttft_s == bf16_wire.ttft_s
+    assert f32_wire.decode.comm_s == f32.decode.comm_s > bf16_wire.decode.comm_s
     # 1 ms links: the ring's 14 traversals per allreduce cost more than the star's 2
     ring = plan(allreduce="ring")
     assert ring.decode.comm_s > f32.decode.comm_s
