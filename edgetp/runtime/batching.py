@@ -180,19 +180,20 @@ class BatchScheduler:
         tokens: list[int] = []
         slots: list[int] = []
         positions: list[int] = []
+        counts: list[int] = []  # each sequence's rows: its pending token and its drafts
         for sequence in batch:
             assert sequence.pending is not None
             row_tokens = [sequence.pending, *self._draft_tokens(sequence)]
             tokens += row_tokens
             slots += [sequence.slot] * len(row_tokens)
             positions += range(sequence.position, sequence.position + len(row_tokens))
+            counts.append(len(row_tokens))
         logits = self.runner.batch_logits(torch.tensor(tokens, dtype=torch.int64), slots,
                                           positions)  # [R, V]: a sequence's rows together
         now = time.perf_counter()
         ended: list[Ended] = []
         row = 0
-        for sequence in batch:
-            count = 1 + len(self._draft_tokens(sequence))
+        for sequence, count in zip(batch, counts, strict=True):
             out = self._next_tokens(sequence, logits[row : row + count])
             row += count
             per_token_ms = (now - sequence.last_token_at) * 1000 / len(out)
@@ -215,8 +216,9 @@ class BatchScheduler:
                     self.runner.max_seq_len - sequence.position - 1)
             history = sequence.prompt + sequence.generated
             drafts.draft = drafts.drafter.propose(history, k, sequence.sampler) if k > 0 else None
-            room -= len(self._draft_tokens(sequence))
-            drafted += len(self._draft_tokens(sequence))
+            count = len(self._draft_tokens(sequence))
+            room -= count
+            drafted += count
         return drafted
 
     @staticmethod
