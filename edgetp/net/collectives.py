@@ -284,8 +284,7 @@ class StarWorker:
         # as the master announced in the welcome; a bfloat16 partial on the f32 wire as bf16
         wire = carried_format(self.transport.wire_dtype, x.dtype, x.numel())
         fields = {"seq": pos.seq, "step": pos.step, "index": index}
-        if (not last and self.world_size == 2 and wire == "f32"
-                and self.transport.exchanges_natively(x)):
+        if not last and self.world_size == 2 and self.transport.exchanges_natively(x, wire):
             total = self.transport.exchange(fields, x)  # sent; the sum if the master's
             sent, frames = message_bytes(x), [x]  # partial came within the spin
             if total is not None:

@@ -88,11 +88,7 @@ static inline uint16_t bf16_bits(float f) {
 /* n floats -> bfloat16 bits, rounded to nearest even: bf16_bits over a run, in a form the
  * compiler vectorizes. */
 static inline void bf16_run(const float *restrict values, uint16_t *restrict out, int n) {
-    for (int i = 0; i < n; i++) {
-        uint32_t bits;
-        memcpy(&bits, &values[i], sizeof bits);
-        out[i] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-    }
+    for (int i = 0; i < n; i++) out[i] = bf16_bits(values[i]);
 }
 
 /* int4 weights of `rows` rows (a multiple of 64 from the tensor's start, or the tensor's

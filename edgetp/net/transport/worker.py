@@ -211,12 +211,12 @@ class WorkerTransport:
         self.traffic.count_link("partial", sent, sent=True)
         return sent
 
-    def exchanges_natively(self, x: torch.Tensor) -> bool:
-        """Whether this allreduce's two-rank exchange of ``x`` can take the native path
-        (:meth:`exchange`): a float32 wire, a plain data link, a decode-sized float32 partial,
-        no emulated link delay, no frame capture."""
+    def exchanges_natively(self, x: torch.Tensor, wire_dtype: str) -> bool:
+        """Whether this allreduce's two-rank exchange of ``x`` in ``wire_dtype`` (the format
+        it travels in) can take the native path (:meth:`exchange`): a float32 wire, a plain
+        data link, a decode-sized float32 partial, no emulated link delay, no frame capture."""
         link = self.data_link
-        return (link is not None and link.exchanges_natively and self.wire_dtype == "f32"
+        return (link is not None and link.exchanges_natively and wire_dtype == "f32"
                 and datalink.fits_native_exchange(x) and not self.link_delay.active
                 and self.frame_log is None)
 
