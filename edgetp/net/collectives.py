@@ -88,9 +88,13 @@ def summed_pair(x: torch.Tensor, master: list[torch.Tensor], worker: list[torch.
     plus the worker's, bitwise :func:`~edgetp.net.codec.pair_sum` on both ends. A float32
     partial on the f32 wire takes the peer's frame in place (a Communicator's partial is its
     to sum into; addition commutes, so these are the peer's bits too): a prefill chunk's
-    allreduce then allocates and copies no 1 MiB."""
+    allreduce then allocates and copies no 1 MiB. A bfloat16 partial carried as bf16 is
+    summed in bfloat16 (each element's float32 sum rounded once: the bits pair_sum's float32
+    sum has once cast to the partial's dtype, as the caller does), four copies fewer."""
     if wire == "f32" and x.dtype == torch.float32 and x.is_contiguous():
         return x.add_((worker if rank == 0 else master)[0])
+    if wire == "bf16" and x.dtype == torch.bfloat16:
+        return torch.add(master[0], worker[0])  # [T, d] bfloat16
     return pair_sum(master, worker, wire)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from edgetp.config.model import ModelConfig
 from edgetp.core.allocator import fix_mmap_threshold
 from edgetp.core.errors import ConfigError, ShardError
+from edgetp.core.limits import PREFILL_CHUNK, master_prefill_chunk
 from edgetp.core.metrics import instrument
 from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
@@ -58,7 +59,7 @@ def load_rank(
     verify: bool = True,
     memory_budget: int | None = None,
     ring_slots: int = DEFAULT_RING_SLOTS,
-    prefill_chunk: int = 128,
+    prefill_chunk: int = PREFILL_CHUNK,
     kv_slots: int = 1,
 ) -> Transformer:
     """Rank ``manifest.rank``'s share, ready to run with ``comm``; KV cache allocated (slot 0;
@@ -117,7 +118,7 @@ class MemoryNeeds:
 
 
 def shard_memory_needs(shard_dir: str | Path, dtype: torch.dtype = torch.float32,
-                       max_seq_len: int | None = None, prefill_chunk: int = 128,
+                       max_seq_len: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
                        kv_slots: int = 1) -> MemoryNeeds:
     """A rank's memory needs, computed from its manifest without loading any weight."""
     from edgetp.parallel.comm import SoloCommunicator
@@ -164,7 +165,8 @@ def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec
     element = dtype.itemsize  # the KV cache is allocated in the compute dtype
     cache = sum(2 * layer.self_attn.n_kv_heads * model.max_seq_len * layer.self_attn.head_dim
                 for layer in model.local_layers()) * element * kv_slots
-    work = work_bytes(model.config, model.max_seq_len, model.lm_head is not None, prefill_chunk,
+    chunk = master_prefill_chunk(prefill_chunk, model.config.hidden_size)  # what steps carry
+    work = work_bytes(model.config, model.max_seq_len, model.lm_head is not None, chunk,
                       receiving_links(manifest.plan.n_ranks, manifest.rank))
     fixed = cache + _small_bytes(model, manifest, blocks) + work
     return MemoryNeeds(fixed, tuple(b.nbytes for b in blocks), _embedding_bytes(manifest))

@@ -16,6 +16,7 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError
+from edgetp.core.limits import PREFILL_CHUNK
 from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
 from edgetp.model.sampling import Sampler
@@ -67,7 +68,8 @@ class LocalRunner:
     """A whole model in this process; prompts are fed in chunks of ``prefill_chunk`` tokens.
     ``kv_slots``: the sequences it holds at once (each slot allocated when first used)."""
 
-    def __init__(self, model: Transformer, prefill_chunk: int = 256, kv_slots: int = 1) -> None:
+    def __init__(self, model: Transformer, prefill_chunk: int = PREFILL_CHUNK,
+                 kv_slots: int = 1) -> None:
         self.model = model
         self.max_seq_len = model.max_seq_len
         self.prefill_chunk = prefill_chunk

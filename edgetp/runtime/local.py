@@ -24,6 +24,7 @@ import torch
 from edgetp.config.model import load_model_config
 from edgetp.core import settings
 from edgetp.core.errors import ClusterError
+from edgetp.core.limits import PREFILL_CHUNK
 from edgetp.kernels.native import usable_cores
 from edgetp.kernels.threads import local_cluster_threads, use_threads
 from edgetp.model.context import default_context, whole_model_bytes_per_position
@@ -78,7 +79,7 @@ class LocalCluster:
                  allreduce: str = "star", secure: bool = False,
                  weight_dtype: str | None = None, group_size: int = 32,
                  head_dtype: str | None = None, threads: int | None = None,
-                 kv_slots: int = 1) -> None:
+                 kv_slots: int = 1, prefill_chunk: int = PREFILL_CHUNK) -> None:
         self.model_dir = Path(model_dir)
         self.n_nodes = n_nodes
         self.shares = shares
@@ -102,6 +103,8 @@ class LocalCluster:
         self.memory_budget = memory_budget  # per node, bytes
         self.allreduce = allreduce
         self.kv_slots = kv_slots  # sequences every node holds (the master's --max-batch)
+        self.prefill_chunk = prefill_chunk  # prompt tokens a step carries at most (tests: fewer,
+        # to see a prompt of the tiny models' contexts go in several chunks)
         self.secure = secure  # CURVE on loopback too (keys made in split_dir/keys)
         self.worker_address = ""  # tests: where workers connect, if not the master itself
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
@@ -134,7 +137,7 @@ class LocalCluster:
                                      self.max_seq_len, self.wire_dtype, self.timeout_s,
                                      memory_budget=self.memory_budget,
                                      allreduce=self.allreduce, security=security,
-                                     max_batch=self.kv_slots)
+                                     max_batch=self.kv_slots, prefill_chunk=self.prefill_chunk)
         if not self.spins:
             self.master.set_spin(0.0)
         for rank in range(1, self.n_nodes):

@@ -17,7 +17,12 @@ import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
 from edgetp.core.errors import ConfigError, ShardError
-from edgetp.core.limits import DEFAULT_MAX_BATCH, check_max_batch, master_prefill_chunk
+from edgetp.core.limits import (
+    DEFAULT_MAX_BATCH,
+    PREFILL_CHUNK,
+    check_max_batch,
+    master_prefill_chunk,
+)
 from edgetp.core.metrics import RECORDER, now, spans_from_tensor
 from edgetp.kernels import native as kernels
 from edgetp.model.llama import Transformer
@@ -91,7 +96,7 @@ class ClusterRunner:
     """
 
     def __init__(self, model: Transformer, transport: MasterTransport, comm: MasterCommunicator,
-                 position: StepPosition, plan: ShardPlan, prefill_chunk: int = 128,
+                 position: StepPosition, plan: ShardPlan, prefill_chunk: int = PREFILL_CHUNK,
                  join_timeout_s: float = 10.0, kv_slots: int = 1) -> None:
         self.model = model
         self.transport = transport
@@ -272,7 +277,7 @@ class Master:
     @classmethod
     def cluster(cls, shard_dir: str | Path, bind: str, dtype: str = "float32",
                 max_seq_len: int | None = None, wire_dtype: str = "f32",
-                timeout_s: float = 10.0, prefill_chunk: int = 128,
+                timeout_s: float = 10.0, prefill_chunk: int = PREFILL_CHUNK,
                 memory_budget: int | None = None, allreduce: str = "star",
                 security: MasterSecurity | None = None,
                 max_batch: int = DEFAULT_MAX_BATCH) -> Master:

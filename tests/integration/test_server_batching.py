@@ -28,13 +28,14 @@ from edgetp.serve.server import APIServer, RequestRecord, ServerSettings
 MODEL = DEMO_MODEL_NAME
 SLOTS = 4
 PROMPTS = [(1, 1), (2, 3), (3, 7), (5, 2), (7, 4), (1, 50)]  # answers of 14 to 98 numbers
-LONG_PROMPT = " ".join(f"count by {n % 7 + 1} : {n}" for n in range(40))  # two chunks
+LONG_PROMPT = " ".join(f"count by {n % 7 + 1} : {n}" for n in range(40))  # 201 tokens
+PREFILL_CHUNK = 64  # the cluster's: the long prompt goes in four chunks
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedCluster]:
     with running_cluster(DEMO_MODEL_DIR, 2, tmp_path_factory.mktemp("batch-cluster"),
-                         kv_slots=SLOTS) as c:
+                         kv_slots=SLOTS, prefill_chunk=PREFILL_CHUNK) as c:
         yield c
 
 
@@ -103,7 +104,7 @@ def test_a_long_prompt_joins_a_running_batch_in_chunks(
         server: APIServer, alone: Callable[[str], str]) -> None:
     prefill_chunk = server.master.prefill_chunk
     prompt_tokens = len(server.master.tokenizer.encode(LONG_PROMPT))
-    assert prompt_tokens > prefill_chunk  # two chunks, each a step of its own
+    assert prefill_chunk == PREFILL_CHUNK < prompt_tokens  # chunks, each a step of its own
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(complete, server, demo_prompt(1, 1))
         wait_for(lambda: server.health()["batch"]["sequences"] == 1, 30,

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from edgetp.config.model import ModelConfig
-from edgetp.core.limits import master_prefill_chunk
+from edgetp.core.limits import PREFILL_CHUNK, master_prefill_chunk
 from edgetp.parallel.blocks import aligned_nbytes
 from edgetp.parallel.loader import MemoryNeeds, receiving_links, work_bytes
 from edgetp.perf.planner.rank_files import Shapes, rank_files, safetensors_size, tensor_bytes
@@ -21,7 +21,6 @@ from edgetp.shard.layout import layer_file
 from edgetp.shard.plan import ShardPlan
 from edgetp.shard.quant import SCALE_SUFFIX
 
-WORKER_PREFILL_CHUNK = 128  # load_rank's default, which workers use
 BLOCK_PREFIXES = ("self_attn.", "mlp.", "lm_head.", "embed_tokens.")  # all else: small tensors
 
 TensorBytes = dict[str, dict[str, int]]  # file name -> tensor -> bytes of data
@@ -56,10 +55,9 @@ class RankMemory:
     file_sizes: dict[str, int] = field(default_factory=dict)
 
 
-def prefill_chunk(config: ModelConfig, rank: int, requested: int = 128) -> int:
-    """The prefill chunk the rank's loader is given (the master caps its own by the wire)."""
-    if rank != 0:
-        return WORKER_PREFILL_CHUNK
+def prefill_chunk(config: ModelConfig, requested: int = PREFILL_CHUNK) -> int:
+    """The prefill chunk a rank's loader counts working memory for: the master's steps, which
+    the wire caps."""
     return master_prefill_chunk(requested, config.hidden_size)
 
 
@@ -86,7 +84,7 @@ def rank_memory(config: ModelConfig, plan: ShardPlan, rank: int, dtype: str | St
                 if not t.startswith(BLOCK_PREFIXES))
     cache = sum(part.kv_bytes_per_position for part in layers) * seq * kv_slots
     rope = 2 * seq * config.head_dim * 4  # cos and sin tables, float32
-    work = work_bytes(config, seq, rank == 0, chunk or prefill_chunk(config, rank),
+    work = work_bytes(config, seq, rank == 0, chunk or prefill_chunk(config),
                       receiving_links(plan.n_ranks, rank))
     needs = MemoryNeeds(cache + norms + rope + work, tuple(blocks),
                         sizes.get("embed.safetensors", 0))

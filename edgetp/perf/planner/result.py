@@ -162,7 +162,7 @@ def plan_cluster(config: ModelConfig, cluster: ClusterSpec, dtype: str | Storage
                                                      kv_slots=kv_slots),
                        cluster.ring_slots) for rank, node in enumerate(cluster.nodes)]
     decode = step_time(cluster, nodes, config, storage, 1, prompt_tokens + new_tokens // 2)
-    chunk = prefill_chunk(config, 0)
+    chunk = prefill_chunk(config)
     ttft = sum(step_time(cluster, nodes, config, storage, min(chunk, prompt_tokens - start),
                          start, with_head=start + chunk >= prompt_tokens).total_s
                for start in range(0, prompt_tokens, chunk))

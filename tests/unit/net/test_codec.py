@@ -31,6 +31,7 @@ from edgetp.net.codec import (
     scale_shape,
     star_sum,
 )
+from edgetp.net.collectives import summed_pair
 from edgetp.net.wire import WireError
 
 PARTIAL = {"seq": 1, "step": 1, "index": 0}
@@ -155,3 +156,25 @@ def test_bfloat16_partials_on_the_f32_wire_carry_the_same_sums_in_half_the_bytes
     pair_f32 = pair_sum(encode(own, "f32"), encode(workers[0], "f32"), "f32")
     pair_bf16 = pair_sum(encode(own, "bf16"), encode(workers[0], "bf16"), "bf16")
     assert torch.equal(pair_bf16.to(torch.bfloat16), pair_f32.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("wire_format", ["f32", "bf16"])
+def test_the_exchanges_short_cut_sums_are_pair_sums_bits(wire_format: str) -> None:
+    """summed_pair's short cuts (an f32 partial summed in place; a bfloat16 one summed in
+    bfloat16) give, on both ranks, the bits of pair_sum cast to the partial's dtype, over
+    magnitudes far apart (where a float32 sum rounds before the bfloat16 rounding)."""
+    dtype = torch.float32 if wire_format == "f32" else torch.bfloat16
+    generator = torch.Generator().manual_seed(5)
+
+    def partial() -> torch.Tensor:  # [64, 512], magnitudes e^-24 .. e^24
+        spread = torch.exp(torch.randn(64, 512, generator=generator) * 8)
+        return (torch.randn(64, 512, generator=generator) * spread).to(dtype)
+
+    master, worker = partial(), partial()
+    expected = pair_sum(encode(master, wire_format), encode(worker, wire_format),
+                        wire_format).to(dtype)
+    for rank, own in ((0, master), (1, worker)):
+        frames = encode(master, wire_format), encode(worker, wire_format)
+        total = summed_pair(own.clone(), *frames, rank, wire_format).to(dtype)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+        assert torch.equal(total.view(bits), expected.view(bits))

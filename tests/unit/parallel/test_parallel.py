@@ -32,7 +32,8 @@ from edgetp.parallel.comm import SoloCommunicator
 from edgetp.parallel.linears import ColumnParallelLinear, RowParallelLinear, shard_model
 from edgetp.shard.plan import make_plan
 
-ATOL = 1e-5
+ATOL = 1e-5  # logits of magnitude ~3; the larger models' (~25) also get RTOL of their largest:
+RTOL = 1e-6  # a few float32 ulps either way (a different summation order, not a wrong one)
 PROMPT_LEN = 12
 DECODE_STEPS = 32
 MAX_SEQ_LEN = 64
@@ -133,14 +134,15 @@ def test_sharded_matches_unsharded(full_model, n, shares):
     ref = unsharded_logits(full_model, tokens)
     ours = sharded_logits(ranks, n, tokens)
     assert ours.shape == ref.shape == (PROMPT_LEN, VOCAB) and ours.dtype == torch.float32
+    tolerance = ATOL + RTOL * ref.abs().max().item()
     diff = (ours - ref).abs().max().item()
-    assert diff <= ATOL, f"prompt logits differ by {diff:.3g}"
+    assert diff <= tolerance, f"prompt logits differ by {diff:.3g}"
 
     ref_tokens, ref_logits = unsharded_greedy(full_model, tokens, DECODE_STEPS)
     our_tokens, our_logits = sharded_greedy(ranks, n, tokens, DECODE_STEPS)
     assert our_tokens == ref_tokens
     step_diff = max((a - b).abs().max().item() for a, b in zip(our_logits, ref_logits, strict=True))
-    assert step_diff <= ATOL, f"decode logits differ by {step_diff:.3g}"
+    assert step_diff <= tolerance, f"decode logits differ by {step_diff:.3g}"
 
 
 @torch.no_grad()

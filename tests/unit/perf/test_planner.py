@@ -117,13 +117,13 @@ def test_memory_equals_the_split_and_the_loader(splits, case):
         assert predicted.file_sizes == {name: (directory / name).stat().st_size
                                         for name in manifest.files}
         assert predicted.needs == shard_memory_needs(directory, _compute(dtype),
-                                                     MAX_SEQ_LEN, prefill_chunk=128)
+                                                     MAX_SEQ_LEN)
         model = load_rank(directory, _comm(rank, ranks), _compute(dtype), MAX_SEQ_LEN)
         assert predicted.cache_bytes == model.cache_bytes()
         batched = rank_memory(config, plan, rank, _storage(dtype), MAX_SEQ_LEN, kv_slots=3)
         assert batched.cache_bytes == 3 * predicted.cache_bytes == 3 * model.slot_bytes()
         assert batched.needs == shard_memory_needs(directory, _compute(dtype), MAX_SEQ_LEN,
-                                                   prefill_chunk=128, kv_slots=3)
+                                                   kv_slots=3)
 
 
 @pytest.mark.parametrize("case", [SPLITS[3], SPLITS[5], SPLITS[7], *QUANT_SPLITS[1:3]],
