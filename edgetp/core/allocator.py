@@ -14,8 +14,16 @@ its 3.1 GB cgroup. With the threshold fixed the same run peaks at 2792 MiB (the 
 figure + 1%).
 
 :func:`fix_mmap_threshold` sets the threshold (which also stops glibc adjusting it, and its
-trim threshold); the loader calls it for every node given a memory budget. Elsewhere (musl,
-macOS, Windows: no ``mallopt``) it does nothing.
+trim threshold); the loader calls it for every node given a memory budget.
+
+A node without a budget wants the opposite: :func:`keep_freed_memory` serves every activation
+(up to 32 MiB) from the heap and lets the heap keep up to 64 MiB free at its top, so a prefill
+chunk's tensors reuse the pages the last layer's freed. With glibc's own dynamic thresholds
+they did not: a 256-token prefill of the 1.1B benchmark model faulted in 170-330 MB of fresh
+pages (40-80 thousand minor faults, ~0.1 s of system time, 8-10% of its time to first token).
+The memory a node holds then stays at its peak, which is what it must have anyway.
+
+Elsewhere (musl, macOS, Windows: no ``mallopt``) both do nothing.
 """
 
 from __future__ import annotations
@@ -24,21 +32,37 @@ import ctypes
 import ctypes.util
 import sys
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 MMAP_THRESHOLD = 128 << 10  # glibc's own starting value: anything larger is a mapping of its own
+TRIM_THRESHOLD = 128 << 10  # glibc's own: free memory above this at the heap's top goes back
+KEPT_MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
+KEPT_TRIM_THRESHOLD = 64 << 20
 
 _applied: list[int] = []  # the threshold set in this process, if any
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes for this process; whether it was set
-    (False where the C library has no ``mallopt``, or refuses)."""
-    if _applied and _applied[-1] == threshold:
+    """Fix glibc's mmap threshold at ``threshold`` bytes for this process (and its trim
+    threshold at glibc's default); whether it was set (False where the C library has no
+    ``mallopt``, or refuses)."""
+    return _set_thresholds(threshold, TRIM_THRESHOLD)
+
+
+def keep_freed_memory() -> bool:
+    """Serve allocations up to :data:`KEPT_MMAP_THRESHOLD` from the heap and keep up to
+    :data:`KEPT_TRIM_THRESHOLD` of freed memory there (for a node without a memory budget);
+    whether it was set."""
+    return _set_thresholds(KEPT_MMAP_THRESHOLD, KEPT_TRIM_THRESHOLD)
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    if _applied and _applied[-1] == mmap_threshold:
         return True
     mallopt = _mallopt()
-    if mallopt is None or mallopt(M_MMAP_THRESHOLD, threshold) != 1:
+    if (mallopt is None or mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1
+            or mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1):
         return False
-    _applied.append(threshold)
+    _applied.append(mmap_threshold)
     return True
 
 

@@ -60,7 +60,7 @@ OPS_SOURCE = SOURCE.parent / "decode_ops.c"  # a decode step's norm and attentio
 SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE)  # one library
 ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
 WAIT_MAX_FDS = 64  # sockets one spinning wait watches (SPIN_FDS_MAX in csrc/spinwait.c)
-ABI_VERSION = 4
+ABI_VERSION = 5
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
@@ -174,6 +174,9 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_wait_readable.restype = ctypes.c_int
     library.et_rmsnorm_f32.restype = None
     library.et_rmsnorm_f32.argtypes = [_P, _P, _P, _I64, ctypes.c_float]
+    library.et_rmsnorm_rows.restype = None
+    library.et_rmsnorm_rows.argtypes = [_P, _I64, _P, ctypes.c_int, _P, ctypes.c_int, _I64,
+                                        _I64, ctypes.c_float]
     library.et_attend_one_f32.restype = None
     library.et_dequant_i4_bf16_t.restype = None
     library.et_dequant_i4_bf16_t.argtypes = [_P, _P, _I64, _P, _I64, _I64, _I64,
@@ -318,6 +321,23 @@ def rmsnorm_row(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Te
     if lib is None:
         return False
     lib.et_rmsnorm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[-1], eps)
+    return True
+
+
+def rmsnorm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
+    """``out`` [T, d] = RMSNorm of float32 rows ``x`` [T, d] (rows contiguous, any row
+    stride) with ``weight`` [d], each of ``weight`` and ``out`` float32 or bfloat16 (``out``
+    contiguous; ``csrc/decode_ops.c``: a float32 row's values are :func:`rmsnorm_row`'s);
+    False (nothing done) when the C library is unavailable or the dtypes are others."""
+    lib = library()
+    pair = (torch.float32, torch.bfloat16)
+    if (lib is None or x.dtype != torch.float32 or weight.dtype not in pair
+            or out.dtype not in pair or x.stride(-1) != 1 or not weight.is_contiguous()
+            or not out.is_contiguous()):
+        return False
+    lib.et_rmsnorm_rows(x.data_ptr(), x.stride(0), weight.data_ptr(),
+                        int(weight.dtype == torch.bfloat16), out.data_ptr(),
+                        int(out.dtype == torch.bfloat16), x.shape[0], x.shape[-1], eps)
     return True
 
 

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from edgetp.config.model import ModelConfig
-from edgetp.core.allocator import fix_mmap_threshold
+from edgetp.core.allocator import fix_mmap_threshold, keep_freed_memory
 from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.limits import PREFILL_CHUNK, master_prefill_chunk
 from edgetp.core.metrics import instrument
@@ -69,7 +69,7 @@ def load_rank(
     working buffers; when the share does not fit, blocks stream from disk through the window
     (``model.window``). With a budget, malloc's mmap threshold is fixed first
     (:mod:`edgetp.core.allocator`): freed activations go back to the kernel instead of growing
-    the heap outside the budget.
+    the heap outside the budget; without one, they stay in the heap for the next layer's.
     """
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
@@ -80,6 +80,8 @@ def load_rank(
     verify_directory(shard_dir, manifest, check_hash=verify)
     if memory_budget is not None:
         fix_mmap_threshold()
+    else:
+        keep_freed_memory()
     kernels.library()  # build the decode kernels now, while no weights share the memory limit
     max_seq_len = rank_context(manifest, dtype, max_seq_len)
     model, blocks = _skeleton(manifest, shard_dir, comm, dtype, max_seq_len)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from edgetp.config.generation import GenerationConfig, SamplingConfig
+from edgetp.core.allocator import keep_freed_memory
 from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.limits import (
     DEFAULT_MAX_BATCH,
@@ -270,6 +271,7 @@ class Master:
         from edgetp.model.checkpoint import load_model
         from edgetp.parallel.linears import on_kernels
 
+        keep_freed_memory()  # as a node without a memory budget (edgetp.core.allocator)
         model = on_kernels(load_model(model_dir, parse_dtype(dtype), max_seq_len))
         return cls(Tokenizer.from_dir(model_dir),
                    LocalRunner(model, kv_slots=check_max_batch(max_batch)))

@@ -13,11 +13,16 @@
 #include <immintrin.h>
 #endif
 
-/* y = x / sqrt(mean(x^2) + eps) * w over n values (the model's RMSNorm of one row). */
-void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps) {
+/* 1 / sqrt(mean(x^2) + eps) over n values. */
+static inline float rms_scale(const float *x, int64_t n, float eps) {
     float sum = 0.0f;
     for (int64_t i = 0; i < n; i++) sum += x[i] * x[i];
-    float scale = 1.0f / sqrtf(sum / (float)n + eps);
+    return 1.0f / sqrtf(sum / (float)n + eps);
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over n values (the model's RMSNorm of one row). */
+void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps) {
+    float scale = rms_scale(x, n, eps);
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * w[i];
 }
 
@@ -141,6 +146,32 @@ static void dequant_block_column(const uint8_t *restrict b, const float *restric
 static inline float bf16_value(uint16_t bits) {
     union { uint32_t u; float f; } v = {(uint32_t)bits << 16};
     return v.f;
+}
+
+/* RMSNorm of `rows` float32 rows of n values (a prefill chunk's; row r at x + r * x_stride)
+ * into y [rows, n], with weights w [n]: each a float32 or, where its flag says so, bfloat16
+ * bits (the bfloat16 compute dtype: the output rounded once to nearest even). A float32 row
+ * gives exactly et_rmsnorm_f32's values. One pass over each row instead of torch's six
+ * operations and their four [rows, n] temporaries. */
+void et_rmsnorm_rows(const float *x, int64_t x_stride, const void *w, int w_bf16, void *y,
+                     int y_bf16, int64_t rows, int64_t n, float eps) {
+    const float *wf = (const float *)w;
+    const uint16_t *wb = (const uint16_t *)w;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * x_stride;
+        float scale = rms_scale(row, n, eps);
+        float *yf = (float *)y + r * n;
+        uint16_t *yb = (uint16_t *)y + r * n;
+        if (!w_bf16 && !y_bf16) {
+            for (int64_t i = 0; i < n; i++) yf[i] = row[i] * scale * wf[i];
+        } else if (!y_bf16) {
+            for (int64_t i = 0; i < n; i++) yf[i] = row[i] * scale * bf16_value(wb[i]);
+        } else if (w_bf16) {
+            for (int64_t i = 0; i < n; i++) yb[i] = bf16_bits(row[i] * scale * bf16_value(wb[i]));
+        } else {
+            for (int64_t i = 0; i < n; i++) yb[i] = bf16_bits(row[i] * scale * wf[i]);
+        }
+    }
 }
 
 void et_dequant_i4_bf16_t(const uint8_t *packed, const uint16_t *scale_zero,

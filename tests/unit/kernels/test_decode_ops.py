@@ -187,3 +187,43 @@ def test_a_prefill_chunk_of_block_scaled_int8_uses_the_widened_weight() -> None:
     assert sum(calls) == 200  # every row widened once
     exact = x.double() @ dequantize_int8(codes, scales).double().T
     assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_the_norm_of_a_chunks_rows_is_torchs_and_a_float32_rows_is_the_one_row_norms(
+        weight_dtype: torch.dtype) -> None:
+    """RMSNorm of a prefill chunk in one C pass (rows of a wider tensor included): torch's
+    formula within float32 rounding, rounded once to a bfloat16 weight's dtype; each float32
+    row exactly the one-row norm a decode step computes."""
+    torch.manual_seed(1)
+    wide = torch.randn(37, 2 * 2000) * 4  # rows strided: x is a column slice of it
+    x, weight = wide[:, :2000], (torch.randn(2000) * 2).to(weight_dtype)
+    out = torch.empty(37, 2000, dtype=weight_dtype)
+    assert native.rmsnorm_rows(x, weight, 1e-5, out)
+    x32 = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    expected = (weight.float() * x32).to(weight_dtype)
+    bf16 = weight_dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=8e-3 if bf16 else 1e-5, atol=1e-6)
+    if not bf16:
+        for i in (0, 17, 36):
+            row = torch.empty(1, 2000)
+            assert native.rmsnorm_row(x[i:i + 1].contiguous(), weight, 1e-5, row)
+            assert torch.equal(out[i:i + 1], row)
+
+
+def test_a_chunks_norm_takes_the_c_pass_and_falls_back_to_torch_alike(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(2)
+    norm = RMSNorm(512, 1e-5)
+    norm.weight.data = torch.randn(512).to(torch.bfloat16)
+    x = torch.randn(9, 512)
+    calls = []
+    real = native.rmsnorm_rows
+    monkeypatch.setattr(native, "rmsnorm_rows", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        native_out = norm(x)
+        assert calls == [1]
+        monkeypatch.setattr(native, "rmsnorm_rows", lambda *args: False)  # the torch path
+        torch_out = norm(x)
+    assert native_out.dtype == torch_out.dtype == torch.bfloat16
+    torch.testing.assert_close(native_out, torch_out, rtol=8e-3, atol=1e-6)

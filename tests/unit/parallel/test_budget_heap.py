@@ -1,4 +1,5 @@
-"""A node under a memory budget gives freed activations back to the kernel.
+"""A node under a memory budget gives freed activations back to the kernel; a node without
+one keeps them for the next layer's.
 
 The 80-layer Llama 2 70B benchmark's master was killed by its 3.1 GB cgroup during its first
 prefill: glibc raised its mmap threshold after the first freed activation, and from then on
@@ -12,7 +13,9 @@ split through ``load_rank``, then frees 1 MiB tensors (the size of a 32-row acti
 head chunk) was freed, and prints how much its anonymous memory grew: with a budget it must
 not grow. Without one (glibc's default) it grows by about the tensors' bytes in some heap
 layouts and not in others, so the control checks the cause instead: where glibc places such an
-activation (its own mapping, or the heap).
+activation (its own mapping, or the heap). Without a budget, the loader keeps freed memory in
+the heap (``keep_freed_memory``): a layer's worth of activations allocated and freed again
+faults in few fresh pages, where glibc's own thresholds fault in most of them every layer.
 """
 
 from __future__ import annotations
@@ -111,9 +114,8 @@ def activation_placement(rank_dir: Path, budget: int | None) -> str:
 @glibc_linux
 def test_without_a_budget_glibc_puts_activations_on_the_heap(tiny_rank):
     """The control, deterministic where the growth itself is not (whether freed heap chunks
-    are reused depends on the heap's layout): glibc's dynamic threshold, raised by the freed
-    head chunk, puts the next activations on the heap, where they can be kept; with a budget
-    they get mappings of their own (if glibc ever stops doing so, the fix can go)."""
+    are reused depends on the heap's layout): without a budget the next activations go on the
+    heap, where they can be kept; with a budget they get mappings of their own."""
     assert activation_placement(tiny_rank, budget=None) == "heap"
     assert activation_placement(tiny_rank, budget=1 << 30) == "mmap"
 
@@ -122,3 +124,41 @@ def test_without_a_budget_glibc_puts_activations_on_the_heap(tiny_rank):
 def test_fixing_the_threshold_is_idempotent_and_remembered():
     assert fix_mmap_threshold() and fix_mmap_threshold()
     assert mmap_threshold_fixed() == 128 << 10
+
+
+FAULTS = r"""
+import resource, sys, torch
+from edgetp.parallel.comm import SoloCommunicator
+from edgetp.parallel.loader import load_rank
+
+if sys.argv[1] != "glibc":
+    load_rank(sys.argv[1], SoloCommunicator(), torch.float32, 32)
+
+def layer():  # a prefill layer's activations: several MiB each, two alive at a time
+    alive = []
+    for size in (2 << 20, 3 << 20, 6 << 20, 1 << 20, 6 << 20, 2 << 20):
+        alive = [*alive[-1:], torch.empty(size, dtype=torch.uint8).fill_(1)]
+
+for _ in range(3):
+    layer()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    layer()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults(rank_dir: Path | None) -> int:
+    """Minor page faults of 10 layer-like rounds of allocations, after a node without a budget
+    loaded ``rank_dir`` (None: a process on glibc's own thresholds)."""
+    done = processes.run([sys.executable, "-c", FAULTS, str(rank_dir or "glibc")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+@glibc_linux
+def test_without_a_budget_freed_activations_are_reused_not_faulted_in_again(tiny_rank):
+    kept, glibc = page_faults(tiny_rank), page_faults(None)
+    pages = 10 * (20 << 20) // 4096  # what the rounds allocate
+    assert glibc > pages // 4, f"glibc's own thresholds faulted {glibc} pages only: the control"
+    assert kept < glibc // 3, f"{kept} page faults with freed memory kept, {glibc} without"
