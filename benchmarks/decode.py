@@ -80,10 +80,8 @@ import argparse
 import contextlib
 import gc
 import json
-import multiprocessing as mp
 import os
 import platform
-import queue
 import shutil
 import statistics
 import sys
@@ -111,7 +109,13 @@ from edgetp.model.synthetic import (  # noqa: E402
 )
 from edgetp.perf.bench import BenchSettings, bench_cluster, write_reports  # noqa: E402
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
-from edgetp.perf.streams import read_rates, reader_name, round_rate  # noqa: E402
+from edgetp.perf.streams import (  # noqa: E402
+    read_rates,
+    reader_name,
+    round_rate,
+    run_streams,
+    timed_span,
+)
 from edgetp.runtime.local import split_cache_dir  # noqa: E402
 from edgetp.shard.manifest import read_manifest  # noqa: E402
 from edgetp.shard.split import expected_files, split_checkpoint  # noqa: E402
@@ -311,16 +315,6 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     return out
 
 
-def _time_kernel(kernel: Callable[[int], object], size: int, seconds: float
-                 ) -> tuple[float, float, int]:
-    """(start, end, bytes) of calling ``kernel`` for ``seconds``."""
-    start, calls = time.monotonic(), 0
-    while calls == 0 or time.monotonic() - start < seconds:
-        kernel(calls)
-        calls += 1
-    return start, time.monotonic(), calls * size
-
-
 def _stream_child(index: int, counts: list[int], dtypes: list[str], nbytes: int,
                   shape: tuple[int, int], seconds: float, rounds: int, barrier: Any,
                   out: Any) -> None:
@@ -339,7 +333,7 @@ def _stream_child(index: int, counts: list[int], dtypes: list[str], nbytes: int,
                 barrier.wait()  # the streams of a round start together
                 if index < streams:
                     spans.setdefault(f"{name}/{streams}", []).append(
-                        _time_kernel(kernel, size, seconds))
+                        timed_span(kernel, size, seconds))
     native.set_threads(None)
     for name, (kernel, size) in kernels.items():
         if name == "read":
@@ -347,7 +341,7 @@ def _stream_child(index: int, counts: list[int], dtypes: list[str], nbytes: int,
         for _ in range(rounds):
             barrier.wait()
             if index == 0:
-                spans.setdefault(f"{name}/all", []).append(_time_kernel(kernel, size, seconds))
+                spans.setdefault(f"{name}/all", []).append(timed_span(kernel, size, seconds))
     out.put(spans)
 
 
@@ -356,30 +350,9 @@ def measure_rates(counts: list[int], dtypes: list[str], nbytes: int, shape: tupl
     """Total bytes/s of each kernel: ``"read/N"`` with N streams at once (N processes, one
     thread each; the best round's :func:`round_rate`), ``"float32/all"`` in one process on
     every core."""
-    ctx = mp.get_context("spawn")
-    n = max(counts)
-    barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_stream_child, args=(i, counts, dtypes, nbytes, shape, seconds,
-                                                      rounds, barrier, out), daemon=True)
-             for i in range(n)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 300 + 4 * (len(dtypes) + 1) * len(counts) * rounds * seconds
-    results: list[dict[str, list[tuple[float, float, int]]]] = []
-    try:
-        while len(results) < len(procs):
-            try:
-                results.append(out.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"bandwidth stream process failed (exit codes {dead}; "
-                                       "its traceback is above)") from None
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
+    results = run_streams(_stream_child, max(counts),
+                          (counts, dtypes, nbytes, shape, seconds, rounds),
+                          300 + 4 * (len(dtypes) + 1) * len(counts) * rounds * seconds)
     keys = {key for r in results for key in r}
     return {key: max(round_rate([r[key][i] for r in results if key in r])
                      for i in range(rounds)) for key in keys}

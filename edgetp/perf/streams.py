@@ -54,12 +54,19 @@ def _stream_child(index: int, counts: Sequence[int], nbytes: int, seconds: float
         for _ in range(rounds):
             barrier.wait()
             if index < count:
-                start, passes = time.monotonic(), 0
-                while passes == 0 or time.monotonic() - start < seconds:
-                    read()
-                    passes += 1
-                spans.setdefault(count, []).append((start, time.monotonic(), passes * nbytes))
+                spans.setdefault(count, []).append(timed_span(lambda _i: read(), nbytes,
+                                                              seconds))
     out.put(spans)
+
+
+def timed_span(call: Callable[[int], object], nbytes: int, seconds: float) -> Span:
+    """(start, end, bytes) of calling ``call(i)`` (the i-th call, each reading ``nbytes``)
+    again and again for ``seconds``, at least once."""
+    start, calls = time.monotonic(), 0
+    while calls == 0 or time.monotonic() - start < seconds:
+        call(calls)
+        calls += 1
+    return start, time.monotonic(), calls * nbytes
 
 
 def round_rate(spans: list[Span]) -> float:
@@ -72,16 +79,25 @@ def read_rates(counts: Sequence[int], nbytes: int = DEFAULT_BYTES, seconds: floa
     """count of concurrent streams -> their total read bytes/s (the best round's)."""
     if not counts or min(counts) < 1:
         raise ValueError(f"stream counts must be >= 1, got {list(counts)}")
+    results = run_streams(_stream_child, max(counts), (list(counts), nbytes, seconds, rounds),
+                          120 + 4 * len(counts) * rounds * seconds)
+    return {count: max(round_rate([r[count][i] for r in results if count in r])
+                       for i in range(rounds)) for count in counts}
+
+
+def run_streams(child: Callable[..., None], n: int, args: tuple[Any, ...], timeout_s: float
+                ) -> list[Any]:
+    """Run ``child(index, *args, barrier, out)`` in ``n`` spawned processes (a barrier they
+    share, a queue each puts its one result on) and return the results as they came; a
+    process that dies, or ``timeout_s`` passing, raises RuntimeError. Every process ends."""
     ctx = mp.get_context("spawn")
-    n = max(counts)
     barrier, out = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_stream_child, args=(i, list(counts), nbytes, seconds, rounds,
-                                                      barrier, out), daemon=True)
+    procs = [ctx.Process(target=child, args=(i, *args, barrier, out), daemon=True)
              for i in range(n)]
     for proc in procs:
         proc.start()
-    deadline = time.monotonic() + 120 + 4 * len(counts) * rounds * seconds
-    results: list[dict[int, list[Span]]] = []
+    deadline = time.monotonic() + timeout_s
+    results: list[Any] = []
     try:
         while len(results) < n:
             try:
@@ -97,5 +113,4 @@ def read_rates(counts: Sequence[int], nbytes: int = DEFAULT_BYTES, seconds: floa
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-    return {count: max(round_rate([r[count][i] for r in results if count in r])
-                       for i in range(rounds)) for count in counts}
+    return results
