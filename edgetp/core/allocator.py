@@ -38,7 +38,7 @@ TRIM_THRESHOLD = 128 << 10  # glibc's own: free memory above this at the heap's 
 KEPT_MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit (HEAP_MAX_SIZE / 2)
 KEPT_TRIM_THRESHOLD = 64 << 20
 
-_applied: list[int] = []  # the threshold set in this process, if any
+_applied: list[tuple[int, int]] = []  # the (mmap, trim) thresholds set in this process
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
@@ -56,19 +56,19 @@ def keep_freed_memory() -> bool:
 
 
 def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
-    if _applied and _applied[-1] == mmap_threshold:
+    if _applied and _applied[-1] == (mmap_threshold, trim_threshold):
         return True
     mallopt = _mallopt()
     if (mallopt is None or mallopt(M_TRIM_THRESHOLD, trim_threshold) != 1
             or mallopt(M_MMAP_THRESHOLD, mmap_threshold) != 1):
         return False
-    _applied.append(mmap_threshold)
+    _applied.append((mmap_threshold, trim_threshold))
     return True
 
 
 def mmap_threshold_fixed() -> int | None:
     """The threshold :func:`fix_mmap_threshold` set in this process (None: never set)."""
-    return _applied[-1] if _applied else None
+    return _applied[-1][0] if _applied else None
 
 
 def _mallopt():  # noqa: ANN202 - a ctypes function or None

@@ -20,11 +20,6 @@ static inline float rms_scale(const float *x, int64_t n, float eps) {
     return 1.0f / sqrtf(sum / (float)n + eps);
 }
 
-/* y = x / sqrt(mean(x^2) + eps) * w over n values (the model's RMSNorm of one row). */
-void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps) {
-    float scale = rms_scale(x, n, eps);
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * scale * w[i];
-}
 
 /* Rotate-half RoPE of `heads` vectors of `hd` values in place; cos, sin: [hd] (their halves
  * repeat, so the first half's c, s serve both): x1' = x1 c - x2 s, x2' = x2 c + x1 s. */
@@ -151,8 +146,8 @@ static inline float bf16_value(uint16_t bits) {
 /* RMSNorm of `rows` float32 rows of n values (a prefill chunk's; row r at x + r * x_stride)
  * into y [rows, n], with weights w [n]: each a float32 or, where its flag says so, bfloat16
  * bits (the bfloat16 compute dtype: the output rounded once to nearest even). A float32 row
- * gives exactly et_rmsnorm_f32's values. One pass over each row instead of torch's six
- * operations and their four [rows, n] temporaries. */
+ * gives exactly what a one-row step computes (et_rmsnorm_f32 is this for one row). One pass
+ * over each row instead of torch's six operations and their four [rows, n] temporaries. */
 void et_rmsnorm_rows(const float *x, int64_t x_stride, const void *w, int w_bf16, void *y,
                      int y_bf16, int64_t rows, int64_t n, float eps) {
     const float *wf = (const float *)w;
@@ -172,6 +167,11 @@ void et_rmsnorm_rows(const float *x, int64_t x_stride, const void *w, int w_bf16
             for (int64_t i = 0; i < n; i++) yb[i] = bf16_bits(row[i] * scale * wf[i]);
         }
     }
+}
+
+/* y = x / sqrt(mean(x^2) + eps) * w over n float32 values (the model's RMSNorm of one row). */
+void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps) {
+    et_rmsnorm_rows(x, n, w, 0, y, 0, 1, n, eps);
 }
 
 void et_dequant_i4_bf16_t(const uint8_t *packed, const uint16_t *scale_zero,
