@@ -111,6 +111,7 @@ class GenerationQueue:
                 raise APIError(429, f"the server is busy: its request queue is full "
                                f"({len(self._pending)} waiting); retry later",
                                "rate_limit_error", None, "queue_full")
+            job.record.queued_at = time.monotonic()  # the queue's order (preparing runs apart)
             self._pending.append(job)
             self.stats["accepted"] += 1
             self.records.append(job.record)

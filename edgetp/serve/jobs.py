@@ -66,7 +66,7 @@ class RequestRecord:
     stream: bool
     max_tokens: int
     prompt_tokens: int
-    queued_at: float
+    queued_at: float  # when it entered the queue (set again by the queue's submit)
     started_at: float | None = None
     finished_at: float | None = None
     outcome: str = "queued"  # queued|running|completed|cancelled|skipped|failed|shutdown
