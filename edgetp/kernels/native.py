@@ -57,10 +57,11 @@ POOL_SOURCE = SOURCE.parent / "pool.c"  # their thread pool
 STREAM_SOURCE = SOURCE.parent / "stream.c"  # the streaming reader
 SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait, and the 2-rank exchange
 OPS_SOURCE = SOURCE.parent / "decode_ops.c"  # a decode step's norm and attention
-SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE)  # one library
+STEP_SOURCE = SOURCE.parent / "step.c"  # a layer half's step in one call (kernels.step)
+SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE, STEP_SOURCE)
 ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
 WAIT_MAX_FDS = 64  # sockets one spinning wait watches (SPIN_FDS_MAX in csrc/spinwait.c)
-ABI_VERSION = 5
+ABI_VERSION = 6
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
@@ -185,6 +186,10 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_dequant_i8_blocks_bf16.argtypes = [_P] * 4 + [_I64] * 2
     library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
+    library.et_silu_mul_f32.restype = None
+    library.et_silu_mul_f32.argtypes = [_P, _P, _I64]
+    library.et_step_run.restype = _I64
+    library.et_step_run.argtypes = [_P, _I64, _P, _I64, _P, _P, _P, _P]
     library.et_exchange_f32.restype = _I64
     library.et_exchange_f32.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _P, _I64,
                                         ctypes.POINTER(ctypes.c_int)]
@@ -338,6 +343,18 @@ def rmsnorm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
     lib.et_rmsnorm_rows(x.data_ptr(), x.stride(0), weight.data_ptr(),
                         int(weight.dtype == torch.bfloat16), out.data_ptr(),
                         int(out.dtype == torch.bfloat16), x.shape[0], x.shape[-1], eps)
+    return True
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    """``gate`` = silu(gate) * up in place, float32 rows [T, n] (contiguous), every element by
+    the same scalar code (``csrc/step.c``), so a row's values do not depend on the rows beside
+    it; False (nothing done) when the C library is unavailable or the tensors are others."""
+    lib = library()
+    if (lib is None or gate.dtype != torch.float32 or up.dtype != torch.float32
+            or gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous()):
+        return False
+    lib.et_silu_mul_f32(gate.data_ptr(), up.data_ptr(), gate.numel())
     return True
 
 

@@ -24,6 +24,7 @@ from edgetp.core.errors import ConfigError
 from edgetp.kernels import native as kernels
 from edgetp.kernels.buffers import step_buffer, step_constant
 from edgetp.kernels.threads import step_threads
+from edgetp.model.layer_step import LayerStep
 
 
 def one_float_row(x: torch.Tensor) -> bool:
@@ -319,13 +320,17 @@ class MLP(nn.Module):
         self.down_proj: nn.Module = nn.Linear(inner, d, bias=bias)  # or a row-parallel one
 
     def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        """x: [T, d] -> [T, d]. ``per_row`` (a decode batch): the activation row by row, as
-        a one-row step computes it (silu's vector loop and its scalar tail compute exp
-        differently, so on [B, inner] an element could land in the other one)."""
-        if not per_row:  # gate and up are this call's own temporaries: activate in place
+        """x: [T, d] -> [T, d]. ``per_row`` (a decode batch) and a float32 one-row step: the
+        activation as a decode step's program computes it (``kernels.silu_mul``: one scalar
+        loop, so a row's values do not depend on the rows beside it); without the C library
+        row by row in torch (silu's vector loop and its scalar tail compute exp differently,
+        so on [B, inner] an element could land in the other one)."""
+        if not per_row and not one_float_row(x):  # gate and up are this call's own
             gated = F.silu(self.gate_proj.forward(x), inplace=True).mul_(self.up_proj.forward(x))
             return self.down_proj.forward(gated)  # gated: [T, inner]
         gate, up = self.gate_proj.forward(x), self.up_proj.forward(x)  # [B, inner] each
+        if kernels.silu_mul(gate, up):  # the C loop: every element alike, the step program's
+            return self.down_proj.forward(gate)
         for i in range(x.shape[0]):
             row = aligned_row(gate, i)
             F.silu(row, inplace=True)
@@ -343,10 +348,26 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
+    def decode_step(self) -> LayerStep | None:
+        """The layer's float32 one-row step in C (:class:`LayerStep`), built on first use and
+        again when its weights or cache moved; None where some piece has no C form."""
+        kept = self.__dict__.get("_decode_step")
+        cache = self.self_attn.k_cache
+        if kept is not None and kept[1] is cache and (kept[0] is None or kept[0].current(self)):
+            return kept[0]
+        step = LayerStep.build(self)
+        self.__dict__["_decode_step"] = (step, cache)
+        return step
+
     def forward(
         self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
         slot: int = 0, batch: DecodeBatch | None = None,
     ) -> torch.Tensor:  # h: [T, d], one sequence; or [B, d], a decode batch
+        if batch is None and one_float_row(h):
+            step = self.decode_step()
+            out = None if step is None else step(h, start_pos, cos, sin, slot)
+            if out is not None:  # the two step programs ran (edgetp.model.layer_step)
+                return out
         if batch is not None:
             normed = norm_rows(self.input_layernorm, h)
             mid = h + self.self_attn(normed, 0, cos, sin, 0, batch)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from edgetp.kernels import native as kernels
+from edgetp.kernels.step import StepProduct, float_product
 from edgetp.model.llama import DecoderLayer, Transformer
 from edgetp.parallel.comm import Communicator
 from edgetp.shard.plan import ShardPlan, TensorSlice, layer_slices
@@ -39,6 +40,15 @@ class ColumnParallelLinear(kernels.StepOutput, nn.Linear):
         y = kernels.linear(x, self.weight, self.output_buffer(x, self.out_features))  # [T, out]
         return y if self.bias is None else y + self.bias
 
+    def step_product(self) -> StepProduct | None:
+        """Its one-row product for a decode step program (``edgetp.kernels.step``), bias
+        included; None when the C loops would not take it."""
+        return float_product(self.weight, self.bias)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The output of :meth:`step_product`'s result: already whole. y: [1, out]."""
+        return y
+
 
 class RowParallelLinear(kernels.StepOutput, nn.Module):
     """y = allreduce(x_local @ W[:, cols]^T) + b.   x_local: [T, in_local] -> y: [T, out].
@@ -54,8 +64,16 @@ class RowParallelLinear(kernels.StepOutput, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buffer = self.output_buffer(x, self.weight.shape[0])
-        partial = kernels.linear(x, self.weight, buffer)  # [T, out], this rank's share
-        total = self.comm.allreduce(partial)  # [T, out], identical on every rank
+        return self.finish(kernels.linear(x, self.weight, buffer))  # [T, out]
+
+    def step_product(self) -> StepProduct | None:
+        """Its one-row partial product for a decode step program (the bias comes after the
+        sum, in :meth:`finish`); None when the C loops would not take it."""
+        return float_product(self.weight, None)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's share [T, out] -> the output: allreduced, identical on every rank."""
+        total = self.comm.allreduce(partial)  # [T, out]
         return total if self.bias is None else total + self.bias
 
 

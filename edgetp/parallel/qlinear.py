@@ -57,6 +57,7 @@ from torch import nn
 
 from edgetp.core import settings
 from edgetp.kernels import native as kernels
+from edgetp.kernels.step import ProductKind, StepProduct, good_bias
 from edgetp.model.llama import Transformer
 from edgetp.parallel.blocks import BlockSpec
 from edgetp.parallel.comm import Communicator
@@ -299,6 +300,45 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.add_bias(self.matmul(x))
 
+    def step_product(self) -> StepProduct | None:
+        """Its one-row product for a decode step program (``edgetp.kernels.step``), bias
+        included; None where :meth:`matmul` would not take the C kernels for a float32 row."""
+        return self.quantized_step_product(self.bias)
+
+    def quantized_step_product(self, bias: torch.Tensor | None) -> StepProduct | None:
+        """The C kernel :meth:`matmul` runs on one float32 row, as a program's product."""
+        codes, scale = self.weight, self.weight_scale
+        if (not kernels_enabled() or self.float_output or self.streamed or codes.is_meta
+                or not kernels.available() or not codes.is_contiguous()
+                or not scale.is_contiguous() or not good_bias(bias, codes)):
+            return None
+        rows, cols = self.out_features, self.in_features
+        if self.fmt == "int8":
+            return _int8_step_product(codes, scale, bias, rows, cols)
+        if not (self.tiled and not self.repacked and kernels.has_int4()
+                and tuple(scale.shape) == (cols // self.group, rows, 2)):
+            return None
+        kind = {torch.bfloat16: ProductKind.I4_BF16, torch.float32: ProductKind.I4_F32}.get(
+            scale.dtype)
+        return None if kind is None else StepProduct(kind, codes, rows, cols, scale, None, bias,
+                                                     self.group)
+
+
+def _int8_step_product(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                       rows: int, cols: int) -> StepProduct | None:
+    """int8 codes with a scale per row, per 32-column block, or a block's scale and low end
+    (``kernels.int8_linear``'s three kernels)."""
+    blocks = (rows, cols // 32)
+    if scale.dtype == torch.bfloat16 and scale.numel() == rows:
+        return StepProduct(ProductKind.I8, codes, rows, cols, scale, bias=bias)
+    if scale.dtype != torch.float16 or cols % 32:
+        return None
+    if tuple(scale.shape) == blocks:
+        return StepProduct(ProductKind.I8_B32, codes, rows, cols, scale, bias=bias)
+    if tuple(scale.shape) == (2, *blocks):
+        return StepProduct(ProductKind.I8_LOWS, codes, rows, cols, scale[0], scale[1], bias)
+    return None
+
 
 # nn.Linear (the column-parallel parent) declares a float Tensor weight and a bias that is never
 # None; QuantLinear's (first in the method order) are a Parameter of codes and an optional bias
@@ -315,9 +355,15 @@ class QuantRowParallelLinear(QuantLinear, RowParallelLinear):
         self.comm = comm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = self.matmul(x)  # [T, out], this rank's share of the sum
-        total = self.comm.allreduce(partial)  # [T, out], identical on every rank
-        return self.add_bias(total)
+        return self.finish(self.matmul(x))  # [T, out]
+
+    def step_product(self) -> StepProduct | None:
+        """The one-row partial product (the bias comes after the sum, in :meth:`finish`)."""
+        return self.quantized_step_product(None)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's share [T, out] -> the output: allreduced, identical on every rank."""
+        return self.add_bias(self.comm.allreduce(partial))
 
 
 def is_quantized(manifest: Manifest) -> bool:

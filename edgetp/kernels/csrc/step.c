@@ -1,0 +1,127 @@
+/* A float32 decode step's layer half in one call: a short program of operations.
+ *
+ * Between the allreduces a layer's one-token step is a fixed sequence: the attention half is
+ * norm, the q, k and v products, RoPE + cache write + attention, the o product; the MLP half
+ * is norm, the gate and up products, the activation, the down product. Called op by op from
+ * Python each costs its checks and its call (tens of microseconds a layer, and about twice as
+ * much with another node streaming weights through the same caches). Here the Python side
+ * describes each half once, as an array of et_step_op whose pointers are kept buffers and
+ * weights, and runs it with one call per step (edgetp/kernels/step.py). Every operation is the
+ * very function the op-by-op path calls (same products, same norm, same attention), so a
+ * program's results are bitwise the op-by-op ones.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stddef.h>
+
+/* csrc/pool.c, csrc/matvec.c and csrc/decode_ops.c */
+int et_par_matvec_f32_rows(const float *w, const float *x, float *y, int64_t rows, int64_t cols,
+                           int64_t nx);
+int et_par_matvec_i8_rows(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                          int64_t rows, int64_t cols, int64_t nx);
+int et_par_matvec_i8_b32_rows(const int8_t *w, const uint16_t *scale, const float *x, float *y,
+                              int64_t rows, int64_t cols, int64_t nx);
+int et_add_block_lows_rows(const uint16_t *scale, const uint16_t *low, const float *x, float *y,
+                           int64_t rows, int64_t nb, int64_t nx);
+int et_par_matvec_i4_rows(const uint8_t *w, const uint16_t *scale_zero, const float *x,
+                          float *y, int64_t rows, int64_t cols, int64_t group, int64_t nx);
+int et_par_matvec_i4_f32_rows(const uint8_t *w, const float *scale_zero, const float *x,
+                              float *y, int64_t rows, int64_t cols, int64_t group, int64_t nx);
+void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps);
+void et_attend_one_f32(float *q, float *k, const float *v, float *k_cache, float *v_cache,
+                       const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
+                       int64_t hd, int64_t pos, int64_t capacity, float scale, float *scores,
+                       float *out);
+
+enum step_code { STEP_NORM = 1, STEP_PRODUCT = 2, STEP_ATTEND = 3, STEP_SILU_MUL = 4 };
+/* a product's weight format: edgetp/kernels/step.py's ProductKind */
+enum step_kind { W_F32 = 0, W_I8 = 1, W_I8_B32 = 2, W_I8_LOWS = 3, W_I4_BF16 = 4, W_I4_F32 = 5 };
+
+#define STEP_POINTERS 9
+#define STEP_SIZES 6
+
+/* One operation. A NULL first pointer is the run's input row. Fields by code:
+ *   NORM      p0 x [n0], p1 weight [n0], p2 y [n0]; f eps
+ *   PRODUCT   p0 x [n1], p1 weight, p2 scale (or scale_zero), p3 low, p4 y [n0], p5 bias or
+ *             NULL; n0 rows, n1 cols, n2 group; kind the weight's format
+ *   ATTEND    p0 q [n0 * n2], p1 k [n1 * n2], p2 v, p3 scores [n3], p4 out [n0 * n2];
+ *             n0 heads, n1 kv heads, n2 head dim, n3 cache capacity, n4 positions it takes
+ *             (the run is refused beyond); f scale. The caches, cos and sin come with the run.
+ *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0] */
+typedef struct {
+    int64_t code;
+    int64_t kind;
+    void *p[STEP_POINTERS];
+    int64_t n[STEP_SIZES];
+    double f;
+} et_step_op;
+
+/* gate[i] = silu(gate[i]) * up[i], each element by the same scalar code (so a value's result
+ * never depends on where it sits in the row: a decode batch's rows equal their one-row steps). */
+__attribute__((optimize("no-tree-vectorize")))
+void et_silu_mul_f32(float *gate, const float *up, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+static int product(const et_step_op *op, const float *x) {
+    const void *w = op->p[1], *scale = op->p[2];
+    float *y = op->p[4];
+    int64_t rows = op->n[0], cols = op->n[1], group = op->n[2];
+    int status;
+    switch (op->kind) {
+    case W_F32: status = et_par_matvec_f32_rows(w, x, y, rows, cols, 1); break;
+    case W_I8: status = et_par_matvec_i8_rows(w, scale, x, y, rows, cols, 1); break;
+    case W_I8_B32: status = et_par_matvec_i8_b32_rows(w, scale, x, y, rows, cols, 1); break;
+    case W_I8_LOWS:
+        status = et_par_matvec_i8_b32_rows(w, scale, x, y, rows, cols, 1);
+        if (status == 0) status = et_add_block_lows_rows(scale, op->p[3], x, y, rows, cols / 32, 1);
+        break;
+    case W_I4_BF16: status = et_par_matvec_i4_rows(w, scale, x, y, rows, cols, group, 1); break;
+    case W_I4_F32: status = et_par_matvec_i4_f32_rows(w, scale, x, y, rows, cols, group, 1); break;
+    default: return -3;
+    }
+    const float *bias = op->p[5];
+    if (status == 0 && bias != NULL)
+        for (int64_t i = 0; i < rows; i++) y[i] = y[i] + bias[i];
+    return status;
+}
+
+static int run_op(const et_step_op *op, const float *input, int64_t position, float *k_cache,
+                  float *v_cache, const float *cos, const float *sin) {
+    const float *x = op->p[0] != NULL ? op->p[0] : input;
+    switch (op->code) {
+    case STEP_NORM:
+        et_rmsnorm_f32(x, op->p[1], op->p[2], op->n[0], (float)op->f);
+        return 0;
+    case STEP_PRODUCT:
+        return product(op, x);
+    case STEP_ATTEND:
+        et_attend_one_f32(op->p[0], op->p[1], op->p[2], k_cache, v_cache, cos, sin, op->n[0],
+                          op->n[1], op->n[2], position, op->n[3], (float)op->f, op->p[3],
+                          op->p[4]);
+        return 0;
+    case STEP_SILU_MUL:
+        et_silu_mul_f32(op->p[0], op->p[1], op->n[0]);
+        return 0;
+    default:
+        return -3;
+    }
+}
+
+/* Run `count` ops on the input row `input` at `position` (an attention op's caches, cos and
+ * sin rows given here: they change with the sequence and the position). Returns 0; -1 with
+ * nothing done when an attention op does not take `position`; i + 1 when op i failed (a
+ * product without memory for its quantized input): the caller computes the half its usual way,
+ * which writes everything this run wrote. */
+int64_t et_step_run(const et_step_op *ops, int64_t count, const float *input, int64_t position,
+                    float *k_cache, float *v_cache, const float *cos, const float *sin) {
+    for (int64_t i = 0; i < count; i++)
+        if (ops[i].code == STEP_ATTEND && (position < 0 || position >= ops[i].n[4]))
+            return -1;
+    for (int64_t i = 0; i < count; i++)
+        if (run_op(&ops[i], input, position, k_cache, v_cache, cos, sin) != 0) return i + 1;
+    return 0;
+}

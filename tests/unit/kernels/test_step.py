@@ -1,0 +1,154 @@
+"""Step programs (csrc/step.c through edgetp.kernels.step): each op gives bitwise what the
+op-by-op C call gives, a position the attention does not take leaves everything untouched,
+a failing op is reported, and the activation is silu(gate) * up whatever the row's length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgetp.kernels import native
+from edgetp.kernels.step import (
+    AttentionShape,
+    ProductKind,
+    StepOp,
+    StepProduct,
+    StepProgram,
+    attend_op,
+    float_product,
+    norm_op,
+    product_op,
+    silu_mul_op,
+)
+from edgetp.shard.quant import quantize_int4, quantize_int8, quantize_int8_blocks
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels")
+
+ROWS, COLS = 96, 256
+
+
+def weight() -> torch.Tensor:
+    return torch.randn(ROWS, COLS) / COLS**0.5
+
+
+def products() -> list[tuple[str, StepProduct, Callable[[torch.Tensor], torch.Tensor | None]]]:
+    """(name, the program's product, the op-by-op call it must equal) for every format."""
+    w, bias = weight(), torch.randn(ROWS)
+    q8, scale8 = quantize_int8(w)
+    qb, scale_low = quantize_int8_blocks(w)
+    scale_low = scale_low.contiguous()
+    packed, pairs = quantize_int4(w, 32)
+    pairs32 = pairs.float()
+    found = float_product(w, bias)
+    assert found is not None
+    return [
+        ("float32 + bias", found, lambda x: native.linear(x, w) + bias),
+        ("int8", StepProduct(ProductKind.I8, q8, ROWS, COLS, scale8),
+         lambda x: native.int8_linear(x, q8, scale8)),
+        ("int8 blocks", StepProduct(ProductKind.I8_B32, qb, ROWS, COLS, scale_low[0]),
+         lambda x: native.int8_linear(x, qb, scale_low[0])),
+        ("int8 blocks + lows", StepProduct(ProductKind.I8_LOWS, qb, ROWS, COLS, scale_low[0],
+                                           scale_low[1]),
+         lambda x: native.int8_linear(x, qb, scale_low)),
+        ("int4 bf16 pairs", StepProduct(ProductKind.I4_BF16, packed, ROWS, COLS, pairs,
+                                        group=32),
+         lambda x: native.int4_linear(x, packed, pairs, 32)),
+        ("int4 f32 pairs", StepProduct(ProductKind.I4_F32, packed, ROWS, COLS, pairs32,
+                                       group=32),
+         lambda x: native.int4_linear(x, packed, pairs32, 32)),
+    ]
+
+
+def test_every_products_format_gives_the_op_by_op_bits() -> None:
+    for name, product, op_by_op in products():
+        x, out = torch.randn(1, COLS), torch.full((1, ROWS), float("nan"))
+        assert StepProgram([product_op(product, None, out)], product.tensors()).run(x), name
+        expected = op_by_op(x)
+        assert expected is not None, name
+        assert torch.equal(out, expected), name
+
+
+def test_a_chain_reads_each_ops_output_and_the_runs_input() -> None:
+    """norm -> two products -> silu(gate) * up -> a product: what the MLP half runs."""
+    norm_w, gate_w, up_w = torch.randn(COLS), weight(), weight()
+    down_w = torch.randn(COLS, ROWS) / ROWS**0.5
+    gate, up, down = (float_product(w, None) for w in (gate_w, up_w, down_w))
+    assert gate is not None and up is not None and down is not None
+    normed, g, u, out = torch.empty(1, COLS), torch.empty(1, ROWS), torch.empty(1, ROWS), \
+        torch.empty(1, COLS)
+    program = StepProgram([norm_op(None, norm_w, normed, 1e-5), product_op(gate, normed, g),
+                           product_op(up, normed, u), silu_mul_op(g, u),
+                           product_op(down, g, out)], [normed, g, u, out])
+    for _ in range(2):  # a second input through the same program
+        x = torch.randn(1, COLS)
+        assert program.run(x)
+        expected_norm = torch.empty(1, COLS)
+        assert native.rmsnorm_row(x, norm_w, 1e-5, expected_norm)
+        gated, upped = native.linear(expected_norm, gate_w), native.linear(expected_norm, up_w)
+        assert native.silu_mul(gated, upped)
+        assert torch.equal(out, native.linear(gated, down_w))
+
+
+def attention_case(position: int) -> tuple[list[torch.Tensor], AttentionShape]:
+    heads, kv_heads, hd, capacity = 4, 2, 16, 40
+    q, k, v = torch.randn(1, heads * hd), torch.randn(1, kv_heads * hd), \
+        torch.randn(1, kv_heads * hd)
+    caches = [torch.randn(kv_heads, capacity, hd), torch.randn(kv_heads, capacity, hd)]
+    angles = torch.rand(1, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    return [q, k, v, *caches, cos, sin], AttentionShape(heads, kv_heads, hd, capacity, 32)
+
+
+def test_attention_gives_attend_ones_bits_and_refuses_past_its_limit() -> None:
+    (q, k, v, k_cache, v_cache, cos, sin), shape = attention_case(5)
+    expected_caches = (k_cache.clone(), v_cache.clone())
+    expected, scratch = torch.empty(1, q.numel()), torch.empty(shape.capacity)
+    assert native.attend_one(q.clone().view(1, 4, 16), k.clone().view(1, 2, 16), v,
+                             expected_caches, cos, sin, 5, 16**-0.5, scratch, expected)
+    out, scores = torch.empty(1, q.numel()), torch.empty(shape.capacity)
+    program = StepProgram([attend_op(q, k, v, scores, out, shape)], [q, k, v, scores, out])
+    dummy = torch.empty(1, 1)
+    assert program.run(dummy, 5, (k_cache, v_cache), cos, sin)
+    assert torch.equal(out, expected)
+    assert torch.equal(k_cache, expected_caches[0]) and torch.equal(v_cache, expected_caches[1])
+    # position 32 is past the op's limit: refused, nothing written (q not even rotated)
+    q_before, caches_before, out_before = q.clone(), (k_cache.clone(), v_cache.clone()), \
+        out.clone()
+    assert not program.run(dummy, shape.limit, (k_cache, v_cache), cos, sin)
+    assert torch.equal(q, q_before) and torch.equal(out, out_before)
+    assert torch.equal(k_cache, caches_before[0]) and torch.equal(v_cache, caches_before[1])
+
+
+def test_a_failing_op_is_reported() -> None:
+    """An op the C side does not know (here: a product of format 99) fails the run."""
+    w = weight()
+    product = float_product(w, None)
+    assert product is not None
+    bad = product_op(product, None, torch.empty(1, ROWS))
+    bad.kind = 99
+    assert not StepProgram([bad], [w]).run(torch.randn(1, COLS))
+    assert not StepProgram([StepOp(code=42)], []).run(torch.randn(1, COLS))
+
+
+def test_silu_mul_is_torchs_activation_and_each_value_its_own() -> None:
+    gate, up = torch.randn(3, 1001) * 4, torch.randn(3, 1001)
+    expected = F.silu(gate) * up
+    out = gate.clone()
+    assert native.silu_mul(out, up)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    for i in (0, 17, 1000):  # one value alone: the same bits as inside the rows
+        alone = gate[1, i:i + 1].clone()
+        assert native.silu_mul(alone, up[1, i:i + 1].clone())
+        assert torch.equal(alone, out[1, i:i + 1])
+    assert not native.silu_mul(gate.double(), up.double())  # float32 only
+
+
+def test_float_product_refuses_what_the_c_loops_do_not_take() -> None:
+    w = weight()
+    assert float_product(w.t(), None) is None  # not contiguous
+    assert float_product(w.bfloat16(), None) is None
+    assert float_product(w, torch.randn(ROWS).double()) is None
+    assert float_product(w, torch.randn(ROWS + 1)) is None
