@@ -187,9 +187,11 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
     library.et_silu_mul_f32.restype = None
+    library.et_add_f32.restype = None
+    library.et_add_f32.argtypes = [_P, _P, _P, _I64]
     library.et_silu_mul_f32.argtypes = [_P, _P, _I64]
     library.et_step_run.restype = _I64
-    library.et_step_run.argtypes = [_P, _I64, _P, _I64, _P, _P, _P, _P]
+    library.et_step_run.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _P]
     library.et_exchange_f32.restype = _I64
     library.et_exchange_f32.argtypes = [ctypes.c_int, _P, _I64, _P, _I64, _P, _I64,
                                         ctypes.POINTER(ctypes.c_int)]
@@ -356,6 +358,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> bool:
         return False
     lib.et_silu_mul_f32(gate.data_ptr(), up.data_ptr(), gate.numel())
     return True
+
+
+def add_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` = a + b, float32 tensors of one shape, contiguous (``csrc/step.c``: a loop and
+    a ctypes call, where torch's dispatch costs tens of microseconds with its code out of the
+    caches between two decode products); torch.add (the same bits) without the library."""
+    lib = _library
+    if lib is None or not (a.is_contiguous() and b.is_contiguous() and out.is_contiguous()):
+        return torch.add(a, b, out=out)
+    lib.et_add_f32(a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel())
+    return out
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -36,6 +36,7 @@ class Code(IntEnum):
     PRODUCT = 2
     ATTEND = 3
     SILU_MUL = 4
+    ADD = 5
 
 
 class ProductKind(IntEnum):
@@ -53,8 +54,9 @@ class ProductKind(IntEnum):
 class StepProduct:
     """A linear's one-row product as a program runs it: x [cols] -> y [rows] (+ bias).
 
-    The tensors are the linear's own (contiguous, on the CPU, checked by whoever builds it);
-    ``scale`` and ``low`` as the format's C kernel reads them, ``group`` int4's."""
+    The tensors are the linear's own (contiguous, on the CPU, checked by whoever builds it),
+    held as detached views, so their memory outlives a parameter bound anew; ``scale`` and
+    ``low`` as the format's C kernel reads them, ``group`` int4's."""
 
     kind: ProductKind
     weight: torch.Tensor
@@ -64,6 +66,12 @@ class StepProduct:
     low: torch.Tensor | None = None
     bias: torch.Tensor | None = None  # float32 [rows], added to the product
     group: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "scale", "low", "bias"):
+            tensor = getattr(self, name)
+            if tensor is not None:  # the memory, not the parameter that names it now
+                object.__setattr__(self, name, tensor.detach())
 
     def tensors(self) -> list[torch.Tensor]:
         """What a program must keep alive while it points at this product's memory."""
@@ -134,6 +142,12 @@ def attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.T
     return _op(Code.ATTEND, pointers, sizes, shape.head_dim**-0.5)
 
 
+def add_op(a: torch.Tensor | None, b: torch.Tensor | None, out: torch.Tensor) -> StepOp:
+    """out = a + b, float32 [1, n] each (:func:`native.add_rows`'s bits); a None: the run's
+    input, b None: its second input."""
+    return _op(Code.ADD, [_address(a), _address(b), out.data_ptr()], [out.numel()])
+
+
 def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> StepOp:
     """gate = silu(gate) * up, float32 [1, n] each (:func:`native.silu_mul`'s code)."""
     return _op(Code.SILU_MUL, [gate.data_ptr(), up.data_ptr()], [gate.numel()])
@@ -150,9 +164,11 @@ class StepProgram:
 
     def run(self, x: torch.Tensor, position: int = 0,
             caches: tuple[torch.Tensor, torch.Tensor] | None = None,
-            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None) -> bool:
-        """Run on the input row ``x`` (float32, contiguous) at ``position`` (an attention op's
-        KV slot ``caches``, and the position's ``cos`` and ``sin`` rows [1, hd], contiguous).
+            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+            second: torch.Tensor | None = None) -> bool:
+        """Run on the input row ``x`` (float32, contiguous; and a ``second`` for an add's)
+        at ``position`` (an attention op's KV slot ``caches``, and the position's ``cos`` and
+        ``sin`` rows [1, hd], contiguous).
         False when the library is gone, an attention op refused the position (nothing done)
         or an op failed part way: the caller then computes the half its usual way."""
         lib = native.library()
@@ -160,6 +176,6 @@ class StepProgram:
             return False
         k_cache, v_cache = caches if caches is not None else (None, None)
         status = lib.et_step_run(self._address, self._count, x.data_ptr(),
-                                 position, _address(k_cache), _address(v_cache),
+                                 _address(second), position, _address(k_cache), _address(v_cache),
                                  _address(cos), _address(sin))
         return int(status) == 0

@@ -4,12 +4,13 @@ A decode step's layer is two halves, each ending in a product whose output may n
 allreduce (the row-parallel o and down projections of a tensor-parallel rank):
 
 - attention: norm -> q, k, v products -> RoPE, cache write, attention -> o product
-- MLP: norm -> gate, up products -> silu(gate) * up -> down product
+- MLP: the residual (h + attention's output) -> norm -> gate, up products -> silu(gate) * up
+  -> down product
 
 Each half runs as one :class:`~edgetp.kernels.step.StepProgram` (the same C functions the
 op-by-op path calls, so the same bits); between them the layer's own linears finish their
 products (``finish``: the allreduce of a row-parallel rank, nothing for a whole linear) and
-the residual additions run in torch. A layer gets a step only when every piece has its C
+the last residual addition is one C call. A layer gets a step only when every piece has its C
 form: float32 norms and cache, uniform head groups, linears that describe their product
 (``step_product``) and no hooks on the attention or MLP modules (the window's, which swap
 weights in per use). Otherwise, and for a position the C attention does not take, the layer
@@ -28,6 +29,7 @@ from edgetp.kernels.step import (
     AttentionShape,
     StepProduct,
     StepProgram,
+    add_op,
     attend_op,
     norm_op,
     product_op,
@@ -69,7 +71,8 @@ def _buffer(*shape: int) -> torch.Tensor:
 class LayerStep:
     """A layer's two step programs, with the buffers they write (their own)."""
 
-    def __init__(self, layer: DecoderLayer, products: list[StepProduct], limit: int) -> None:
+    def __init__(self, layer: DecoderLayer, stepped: list[nn.Module], products: list[StepProduct],
+                 limit: int) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         q, k, v, o, gate, up, down = products
         d, inner = o.rows, gate.rows
@@ -92,20 +95,23 @@ class LayerStep:
             [normed, qo, ko, vo, attended, scores, partial, norm.weight,
              *(t for p in products[:4] for t in p.tensors())])
         self.attention_partial = partial
-        # MLP half: mid [1, d] -> normed [1, d] -> gate, up [1, inner] -> partial [1, d]
+        # MLP half: h, attended [1, d] -> mid [1, d] -> normed [1, d] -> gate, up [1, inner]
+        # -> partial [1, d]
         self.mid, self.out = _buffer(1, d), _buffer(1, d)
         normed2, gated, upped, partial2 = _buffer(1, d), _buffer(1, inner), _buffer(1, inner), \
             _buffer(1, d)
         norm2 = layer.post_attention_layernorm
         self.mlp = StepProgram(
-            [norm_op(None, norm2.weight, normed2, norm2.eps), product_op(gate, normed2, gated),
+            [add_op(None, None, self.mid), norm_op(self.mid, norm2.weight, normed2, norm2.eps),
+             product_op(gate, normed2, gated),
              product_op(up, normed2, upped), silu_mul_op(gated, upped),
              product_op(down, gated, partial2)],
-            [normed2, gated, upped, partial2, norm2.weight,
+            [self.mid, normed2, gated, upped, partial2, norm2.weight,
              *(t for p in products[4:] for t in p.tensors())])
         self.mlp_partial = partial2
-        self.weights = [p.weight for p in products]
-        self.pointers = [w.data_ptr() for w in self.weights]
+        # what a loader would bind anew
+        self.parameters = [m.get_parameter("weight") for m in stepped]
+        self.pointers = [p.weight.data_ptr() for p in products]
 
     @classmethod
     def build(cls, layer: DecoderLayer) -> LayerStep | None:
@@ -118,19 +124,17 @@ class LayerStep:
                 or any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms)
                 or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))):
             return None
-        products = _products([attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                              mlp.gate_proj, mlp.up_proj, mlp.down_proj])
+        stepped = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                   mlp.up_proj, mlp.down_proj]
+        products = _products(stepped)
         if products is None:
             return None
-        return cls(layer, products, attention_limit(attn))
+        return cls(layer, stepped, products, attention_limit(attn))
 
-    def current(self, layer: DecoderLayer) -> bool:
-        """Whether the step still describes ``layer`` (its weights and cache where they were)."""
-        k_cache = layer.self_attn.k_cache
-        return (layer is self.layer and k_cache is not None
-                and k_cache.shape[1] == self.capacity
-                and all(w.data_ptr() == p for w, p in zip(self.weights, self.pointers,
-                                                          strict=True)))
+    def current(self) -> bool:
+        """Whether the layer's weights are still where the programs point (a loader or a test
+        may bind new memory to a parameter; the programs keep the old memory alive)."""
+        return [w.data_ptr() for w in self.parameters] == self.pointers
 
     def __call__(self, h: torch.Tensor, position: int, cos: torch.Tensor, sin: torch.Tensor,
                  slot: int) -> torch.Tensor | None:
@@ -141,12 +145,12 @@ class LayerStep:
                 and self.attention.run(h, position, caches, cos, sin)):
             return None
         attended = self.o_proj.finish(self.attention_partial)  # [1, d]
-        mid = torch.add(h, attended, out=self.mid)
-        if self.mlp.run(mid):
+        if self.mlp.run(h, second=attended):  # mid = h + attended first
             ffn = self.down_proj.finish(self.mlp_partial)  # [1, d]
         else:  # an op failed part way (no memory): the module computes it as usual
-            ffn = self.layer.mlp(self.layer.post_attention_layernorm(mid))
-        return torch.add(mid, ffn, out=self.out)
+            native.add_rows(h, attended, self.mid)
+            ffn = self.layer.mlp(self.layer.post_attention_layernorm(self.mid))
+        return native.add_rows(self.mid, ffn, self.out)
 
 
 def attention_limit(attn: Attention) -> int:

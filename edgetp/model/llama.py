@@ -353,7 +353,7 @@ class DecoderLayer(nn.Module):
         again when its weights or cache moved; None where some piece has no C form."""
         kept = self.__dict__.get("_decode_step")
         cache = self.self_attn.k_cache
-        if kept is not None and kept[1] is cache and (kept[0] is None or kept[0].current(self)):
+        if kept is not None and kept[1] is cache and (kept[0] is None or kept[0].current()):
             return kept[0]
         step = LayerStep.build(self)
         self.__dict__["_decode_step"] = (step, cache)

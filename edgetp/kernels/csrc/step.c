@@ -33,21 +33,23 @@ void et_attend_one_f32(float *q, float *k, const float *v, float *k_cache, float
                        int64_t hd, int64_t pos, int64_t capacity, float scale, float *scores,
                        float *out);
 
-enum step_code { STEP_NORM = 1, STEP_PRODUCT = 2, STEP_ATTEND = 3, STEP_SILU_MUL = 4 };
+enum step_code { STEP_NORM = 1, STEP_PRODUCT = 2, STEP_ATTEND = 3, STEP_SILU_MUL = 4, STEP_ADD = 5 };
 /* a product's weight format: edgetp/kernels/step.py's ProductKind */
 enum step_kind { W_F32 = 0, W_I8 = 1, W_I8_B32 = 2, W_I8_LOWS = 3, W_I4_BF16 = 4, W_I4_F32 = 5 };
 
 #define STEP_POINTERS 9
 #define STEP_SIZES 6
 
-/* One operation. A NULL first pointer is the run's input row. Fields by code:
+/* One operation. A NULL first pointer is the run's input row; an ADD's NULL second pointer
+ * its second input. Fields by code:
  *   NORM      p0 x [n0], p1 weight [n0], p2 y [n0]; f eps
  *   PRODUCT   p0 x [n1], p1 weight, p2 scale (or scale_zero), p3 low, p4 y [n0], p5 bias or
  *             NULL; n0 rows, n1 cols, n2 group; kind the weight's format
  *   ATTEND    p0 q [n0 * n2], p1 k [n1 * n2], p2 v, p3 scores [n3], p4 out [n0 * n2];
  *             n0 heads, n1 kv heads, n2 head dim, n3 cache capacity, n4 positions it takes
  *             (the run is refused beyond); f scale. The caches, cos and sin come with the run.
- *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0] */
+ *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0]
+ *   ADD       p0 a [n0], p1 b [n0], p2 y [n0]: y = a + b */
 typedef struct {
     int64_t code;
     int64_t kind;
@@ -64,6 +66,11 @@ void et_silu_mul_f32(float *gate, const float *up, int64_t n) {
         float g = gate[i];
         gate[i] = g / (1.0f + expf(-g)) * up[i];
     }
+}
+
+/* y = a + b over n floats (torch.add's bits: one rounding per element). */
+void et_add_f32(const float *a, const float *b, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
 static int product(const et_step_op *op, const float *x) {
@@ -89,10 +96,14 @@ static int product(const et_step_op *op, const float *x) {
     return status;
 }
 
-static int run_op(const et_step_op *op, const float *input, int64_t position, float *k_cache,
-                  float *v_cache, const float *cos, const float *sin) {
+static int run_op(const et_step_op *op, const float *input, const float *second,
+                  int64_t position, float *k_cache, float *v_cache, const float *cos,
+                  const float *sin) {
     const float *x = op->p[0] != NULL ? op->p[0] : input;
     switch (op->code) {
+    case STEP_ADD:
+        et_add_f32(x, op->p[1] != NULL ? op->p[1] : second, op->p[2], op->n[0]);
+        return 0;
     case STEP_NORM:
         et_rmsnorm_f32(x, op->p[1], op->p[2], op->n[0], (float)op->f);
         return 0;
@@ -111,17 +122,19 @@ static int run_op(const et_step_op *op, const float *input, int64_t position, fl
     }
 }
 
-/* Run `count` ops on the input row `input` at `position` (an attention op's caches, cos and
- * sin rows given here: they change with the sequence and the position). Returns 0; -1 with
- * nothing done when an attention op does not take `position`; i + 1 when op i failed (a
- * product without memory for its quantized input): the caller computes the half its usual way,
- * which writes everything this run wrote. */
-int64_t et_step_run(const et_step_op *ops, int64_t count, const float *input, int64_t position,
-                    float *k_cache, float *v_cache, const float *cos, const float *sin) {
+/* Run `count` ops on the input rows `input` and `second` at `position` (an attention op's
+ * caches, cos and sin rows given here: they change with the sequence and the position).
+ * Returns 0; -1 with nothing done when an attention op does not take `position`; i + 1 when
+ * op i failed (a product without memory for its quantized input): the caller computes the half
+ * its usual way, which writes everything this run wrote. */
+int64_t et_step_run(const et_step_op *ops, int64_t count, const float *input,
+                    const float *second, int64_t position, float *k_cache, float *v_cache,
+                    const float *cos, const float *sin) {
     for (int64_t i = 0; i < count; i++)
         if (ops[i].code == STEP_ATTEND && (position < 0 || position >= ops[i].n[4]))
             return -1;
     for (int64_t i = 0; i < count; i++)
-        if (run_op(&ops[i], input, position, k_cache, v_cache, cos, sin) != 0) return i + 1;
+        if (run_op(&ops[i], input, second, position, k_cache, v_cache, cos, sin) != 0)
+            return i + 1;
     return 0;
 }

@@ -17,6 +17,7 @@ from edgetp.kernels.step import (
     StepOp,
     StepProduct,
     StepProgram,
+    add_op,
     attend_op,
     float_product,
     norm_op,
@@ -71,22 +72,24 @@ def test_every_products_format_gives_the_op_by_op_bits() -> None:
         assert torch.equal(out, expected), name
 
 
-def test_a_chain_reads_each_ops_output_and_the_runs_input() -> None:
-    """norm -> two products -> silu(gate) * up -> a product: what the MLP half runs."""
+def test_a_chain_reads_each_ops_output_and_the_runs_inputs() -> None:
+    """x + second -> norm -> two products -> silu(gate) * up -> a product: the MLP half."""
     norm_w, gate_w, up_w = torch.randn(COLS), weight(), weight()
     down_w = torch.randn(COLS, ROWS) / ROWS**0.5
     gate, up, down = (float_product(w, None) for w in (gate_w, up_w, down_w))
     assert gate is not None and up is not None and down is not None
-    normed, g, u, out = torch.empty(1, COLS), torch.empty(1, ROWS), torch.empty(1, ROWS), \
-        torch.empty(1, COLS)
-    program = StepProgram([norm_op(None, norm_w, normed, 1e-5), product_op(gate, normed, g),
-                           product_op(up, normed, u), silu_mul_op(g, u),
-                           product_op(down, g, out)], [normed, g, u, out])
-    for _ in range(2):  # a second input through the same program
-        x = torch.randn(1, COLS)
-        assert program.run(x)
+    mid, normed, g, u, out = torch.empty(1, COLS), torch.empty(1, COLS), torch.empty(1, ROWS), \
+        torch.empty(1, ROWS), torch.empty(1, COLS)
+    program = StepProgram([add_op(None, None, mid), norm_op(mid, norm_w, normed, 1e-5),
+                           product_op(gate, normed, g), product_op(up, normed, u),
+                           silu_mul_op(g, u), product_op(down, g, out)], [mid, normed, g, u, out])
+    for _ in range(2):  # other inputs through the same program
+        x, second = torch.randn(1, COLS), torch.randn(1, COLS)
+        assert program.run(x, second=second)
+        assert torch.equal(mid, x + second)
+        assert torch.equal(native.add_rows(x, second, torch.empty(1, COLS)), x + second)
         expected_norm = torch.empty(1, COLS)
-        assert native.rmsnorm_row(x, norm_w, 1e-5, expected_norm)
+        assert native.rmsnorm_row(x + second, norm_w, 1e-5, expected_norm)
         gated, upped = native.linear(expected_norm, gate_w), native.linear(expected_norm, up_w)
         assert native.silu_mul(gated, upped)
         assert torch.equal(out, native.linear(gated, down_w))

@@ -137,7 +137,7 @@ def test_a_step_follows_its_weights_when_they_move(tiny_model_dir) -> None:
     proj = layer.mlp.up_proj
     proj.weight.data = proj.weight.data * 2  # new memory, other values
     new = layer.decode_step()
-    assert new is not None and new is not old and new.current(layer)
+    assert new is not None and new is not old and new.current()
     moved = [layer.self_attn.k_cache]
     model.allocate_cache()  # a new cache: built again too
     assert layer.decode_step() is not new and layer.self_attn.k_cache is not moved[0]
