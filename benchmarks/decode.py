@@ -43,10 +43,10 @@ Run::
    embedding table, of which one row is read. Floor ms/token = the slowest node's bytes over
    its read bandwidth: S streams at once, S the threads of all the nodes together, each node
    getting its threads' share of their total rate (one node on every core: all of it; two nodes
-   of one thread each: half of two streams' rate), measured again just before the point's runs:
-   on the development VM the rate of two concurrent streams flips between about 16 and 26 GB/s
-   each over minutes, so a rate from minutes earlier can be off by half. Ratio = measured /
-   floor.
+   of one thread each: half of two streams' rate), measured again just before and just after
+   the point's runs, the floor taking the mean of the two: on the development VMs the rate of
+   two concurrent streams moves by 10% (on some, between about 16 and 26 GB/s each) over
+   minutes, so a rate from minutes earlier can be far off. Ratio = measured / floor.
 5. **Outside matmuls and allreduce waits.** edgetp's spans time whole decoder layers, the head
    and each allreduce, not single matmuls. So *outside* = the master's (rank 0's) ms/token -
    (layer + head time) - allreduce wait, from the bench report's breakdown (embedding row,
@@ -399,8 +399,8 @@ def device_threads(cluster_threads: list[int]) -> int | None:
 
 
 def node_rates_now(threads: list[int], tiny: bool) -> list[float]:
-    """Each node's read rate (GB/s) for a point's floor, measured just before its runs: as
-    many streams at once as the nodes' threads together, each node its threads' share."""
+    """Each node's read rate (GB/s) now: as many streams at once as the nodes' threads
+    together, each node its threads' share (the best of three rounds)."""
     nbytes, seconds = (128 * MiB, 0.1) if tiny else (256 * MiB, 0.5)
     streams = sum(threads)
     total = read_rates([streams], nbytes, seconds)[streams] / GB
@@ -431,8 +431,10 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
     per_node = node_threads(nodes, threads)
     label = f"{nodes} node(s) {weights} threads {'+'.join(map(str, per_node))}"
     progress(f"run {label}: load, 1 warm-up + {args.runs} run(s) of {args.new_tokens} tokens")
-    rates = node_rates_now(per_node, args.tiny)  # this VM's bandwidth drifts: measure it here
+    before = node_rates_now(per_node, args.tiny)  # this VM's bandwidth drifts by 10% within
     report, ttft = run_decode_and_prefill(settings, out_dir, args.prefill_tokens)
+    after = node_rates_now(per_node, args.tiny)  # minutes: the floor takes the mean of the two
+    rates = [(b + a) / 2 for b, a in zip(before, after, strict=True)]
     gc.collect()  # the master's shard goes before the next point loads its own
     runs = [run["ms_per_token"] for run in report["runs"]]
     ms = statistics.median(runs)
@@ -444,6 +446,7 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
              "threads": threads, "node_threads": per_node,
              "ms_per_token": ms, "run_ms_per_token": runs, "floor_ms": floor_ms,
              "ratio": ms / floor_ms, "bandwidth_gbps": gbps, "node_read_gbps": rates,
+             "node_read_gbps_before": before, "node_read_gbps_after": after,
              "kernel_floor_ms": kernel_floor_ms, "kernel_ratio": ms / kernel_floor_ms,
              "read_bytes_per_token": bytes_by_rank,
              "node_breakdown": [breakdown(node, bytes_by_rank[node["rank"]],
@@ -452,7 +455,8 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
              "report_dir": str(out_dir), "prefill_tokens": args.prefill_tokens, **ttft}
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
     progress(f"run {label}: {ms:.1f} ms/token (runs "
-             f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f}")
+             f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f} (read GB/s per "
+             f"node before {before[0]:.1f}, after {after[0]:.1f})")
     if args.secure and nodes > 1:
         point["secure"] = run_secure(settings)
     return point

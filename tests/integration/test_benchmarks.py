@@ -73,10 +73,13 @@ def test_decode_benchmark_tiny_json() -> None:
         assert len(point["run_ms_per_token"]) == 1
         assert len(point["read_bytes_per_token"]) == nodes
         assert all(b > 0 for b in point["read_bytes_per_token"])
-        assert point["bandwidth_gbps"] > 0  # measured again just before the point's runs
+        assert point["bandwidth_gbps"] > 0  # measured again around the point's runs
         floor_s = max(point["read_bytes_per_token"]) / (point["bandwidth_gbps"] * 1e9)
         assert abs(point["floor_ms"] - floor_s * 1000) < 1e-6
         assert len(point["node_read_gbps"]) == nodes
+        for rate, before, after in zip(point["node_read_gbps"], point["node_read_gbps_before"],
+                                       point["node_read_gbps_after"], strict=True):
+            assert before > 0 and after > 0 and abs(rate - (before + after) / 2) < 1e-9
         assert [n["rank"] for n in point["node_breakdown"]] == list(range(nodes))
         for node in point["node_breakdown"]:
             assert node["compute_ms"] > 0 and node["floor_ms"] > 0 and node["other_ms"] >= 0
