@@ -364,8 +364,9 @@ def add_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     """``out`` = a + b, float32 tensors of one shape, contiguous (``csrc/step.c``: a loop and
     a ctypes call, where torch's dispatch costs tens of microseconds with its code out of the
     caches between two decode products); torch.add (the same bits) without the library."""
-    lib = _library
-    if lib is None or not (a.is_contiguous() and b.is_contiguous() and out.is_contiguous()):
+    lib = library()
+    if (lib is None or not all(t.dtype == torch.float32 and t.is_contiguous()
+                               and t.numel() == out.numel() for t in (a, b, out))):
         return torch.add(a, b, out=out)
     lib.et_add_f32(a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel())
     return out

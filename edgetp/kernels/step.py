@@ -4,8 +4,9 @@ Between two allreduces, a layer's one-token step is a fixed run of small work: a
 matrix-vector products, attention or the activation. Op by op from Python each costs its
 checks and its ctypes call; :class:`StepProgram` describes the run once (an array of C
 structs whose pointers are the program's own buffers and the layer's weights) and runs it
-with one call, GIL released. Every op calls the same C function the op-by-op path does, so a
-program gives bitwise the op-by-op results. The layer that builds its programs is
+with one call, GIL released. Every op calls the same C function the op-by-op path does (the
+bias and residual additions are plain float adds, torch.add's bits), so a program gives
+bitwise the op-by-op results. The layer that builds its programs is
 ``edgetp.model.layer_step``; each linear describes its own product (:class:`StepProduct`).
 """
 
@@ -54,7 +55,7 @@ class ProductKind(IntEnum):
 class StepProduct:
     """A linear's one-row product as a program runs it: x [cols] -> y [rows] (+ bias).
 
-    The tensors are the linear's own (contiguous, on the CPU, checked by whoever builds it),
+    The tensors are the linear's own (contiguous, in CPU memory: whoever builds it checks),
     held as detached views, so their memory outlives a parameter bound anew; ``scale`` and
     ``low`` as the format's C kernel reads them, ``group`` int4's."""
 
@@ -89,6 +90,7 @@ def float_product(weight: torch.Tensor, bias: torch.Tensor | None) -> StepProduc
 def good_bias(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
     """None, or a float32 [rows] contiguous bias a program can add in C."""
     return bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
+                            and bias.device.type == "cpu"
                             and tuple(bias.shape) == (weight.shape[0],))
 
 

@@ -24,7 +24,7 @@ from edgetp.core.errors import ConfigError
 from edgetp.kernels import native as kernels
 from edgetp.kernels.buffers import step_buffer, step_constant
 from edgetp.kernels.threads import step_threads
-from edgetp.model.layer_step import LayerStep
+from edgetp.model.layer_step import LayerStep, decode_step_of
 
 
 def one_float_row(x: torch.Tensor) -> bool:
@@ -350,14 +350,9 @@ class DecoderLayer(nn.Module):
 
     def decode_step(self) -> LayerStep | None:
         """The layer's float32 one-row step in C (:class:`LayerStep`), built on first use and
-        again when its weights or cache moved; None where some piece has no C form."""
-        kept = self.__dict__.get("_decode_step")
-        cache = self.self_attn.k_cache
-        if kept is not None and kept[1] is cache and (kept[0] is None or kept[0].current()):
-            return kept[0]
-        step = LayerStep.build(self)
-        self.__dict__["_decode_step"] = (step, cache)
-        return step
+        again when its pieces, their tensors or its cache changed; None where some piece has
+        no C form or hooks are on (:func:`decode_step_of`)."""
+        return decode_step_of(self)
 
     def forward(
         self, h: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -365,7 +360,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:  # h: [T, d], one sequence; or [B, d], a decode batch
         if batch is None and one_float_row(h):
             step = self.decode_step()
-            out = None if step is None else step(h, start_pos, cos, sin, slot)
+            out = None if step is None else step(self, h, start_pos, cos, sin, slot)
             if out is not None:  # the two step programs ran (edgetp.model.layer_step)
                 return out
         if batch is not None:

@@ -308,7 +308,8 @@ class QuantLinear(kernels.StepOutput, nn.Module):
     def quantized_step_product(self, bias: torch.Tensor | None) -> StepProduct | None:
         """The C kernel :meth:`matmul` runs on one float32 row, as a program's product."""
         codes, scale = self.weight, self.weight_scale
-        if (not kernels_enabled() or self.float_output or self.streamed or codes.is_meta
+        if (not kernels_enabled() or self.float_output or self.streamed
+                or codes.device.type != "cpu" or scale.device.type != "cpu"
                 or not kernels.available() or not codes.is_contiguous()
                 or not scale.is_contiguous() or not good_bias(bias, codes)):
             return None

@@ -7,8 +7,9 @@
  * much with another node streaming weights through the same caches). Here the Python side
  * describes each half once, as an array of et_step_op whose pointers are kept buffers and
  * weights, and runs it with one call per step (edgetp/kernels/step.py). Every operation is the
- * very function the op-by-op path calls (same products, same norm, same attention), so a
- * program's results are bitwise the op-by-op ones.
+ * very function the op-by-op path calls (same products, same norm, same attention; the bias
+ * and residual additions are plain float adds, torch.add's bits), so a program's results are
+ * bitwise the op-by-op ones.
  */
 #include <math.h>
 #include <stdint.h>
@@ -124,15 +125,23 @@ static int run_op(const et_step_op *op, const float *input, const float *second,
 
 /* Run `count` ops on the input rows `input` and `second` at `position` (an attention op's
  * caches, cos and sin rows given here: they change with the sequence and the position).
- * Returns 0; -1 with nothing done when an attention op does not take `position`; i + 1 when
+ * Returns 0; -1 with nothing done when an attention op does not take `position` or an input
+ * an op reads was not given (NULL); i + 1 when
  * op i failed (a product without memory for its quantized input): the caller computes the half
  * its usual way, which writes everything this run wrote. */
 int64_t et_step_run(const et_step_op *ops, int64_t count, const float *input,
                     const float *second, int64_t position, float *k_cache, float *v_cache,
                     const float *cos, const float *sin) {
-    for (int64_t i = 0; i < count; i++)
-        if (ops[i].code == STEP_ATTEND && (position < 0 || position >= ops[i].n[4]))
+    for (int64_t i = 0; i < count; i++) {
+        const et_step_op *op = &ops[i];
+        if ((op->p[0] == NULL && input == NULL)
+            || (op->code == STEP_ADD && op->p[1] == NULL && second == NULL))
+            return -1; /* an input the run did not give */
+        if (op->code == STEP_ATTEND
+            && (position < 0 || position >= op->n[4] || k_cache == NULL || v_cache == NULL
+                || cos == NULL || sin == NULL))
             return -1;
+    }
     for (int64_t i = 0; i < count; i++)
         if (run_op(&ops[i], input, second, position, k_cache, v_cache, cos, sin) != 0)
             return i + 1;

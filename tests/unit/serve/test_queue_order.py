@@ -34,5 +34,5 @@ def test_queued_at_follows_the_order_jobs_enter_the_queue() -> None:
     queue.submit(built_first)
     records = list(queue.records)
     assert [r.id for r in records] == [built_second.id, built_first.id]
-    assert records[0].queued_at < records[1].queued_at
+    assert records[0].queued_at <= records[1].queued_at
     assert queue.snapshot()[0] == 2
