@@ -190,8 +190,10 @@ def measure_overheads(iterations: int) -> tuple[float, float]:
 
     from edgetp.core.metrics import instrument
     from edgetp.model.llama import Transformer
+    from edgetp.parallel.linears import on_kernels
 
-    model = Transformer(tiny_config()).eval()
+    model = on_kernels(Transformer(tiny_config()).eval())  # a node's path: the C kernels and,
+    # in float32, a layer's step programs (edgetp.model.layer_step)
     instrument(model)  # the loader's per-layer timing hooks are part of the overhead
     model.allocate_cache()
     token = torch.tensor([3])
