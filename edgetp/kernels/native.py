@@ -558,19 +558,39 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
             or q.dtype != torch.int8 or not scale.is_contiguous()):
         return None
     rows, cols = q.shape
-    if scale.dim() == 3:
-        return _int8_low_blocks(x, q, scale, out)
-    if scale.dtype == torch.bfloat16 and scale.numel() == rows:
-        kernel = lib.et_par_matvec_i8_rows
-    elif scale.dtype == torch.float16 and tuple(scale.shape) == (rows, cols // 32):
-        kernel = lib.et_par_matvec_i8_b32_rows
-    else:
+    form = int8_scale_form(scale, rows, cols)
+    if form is None:
         return None
+    if form == "lows":
+        return _int8_low_blocks(x, q, scale, out)
+    kernel = lib.et_par_matvec_i8_rows if form == "rows" else lib.et_par_matvec_i8_b32_rows
     y = output(out, rows, torch.float32, x.shape[0])  # [T, out]
     if kernel(q.data_ptr(), scale.data_ptr(), x.data_ptr(), y.data_ptr(), rows, cols,
               x.shape[0]) != 0:
         return None  # no memory for x's int16 copy, or columns not whole blocks
     return y
+
+
+def int8_scale_form(scale: torch.Tensor, rows: int, cols: int) -> str | None:
+    """Which kernel takes an int8 [rows, cols] weight with ``scale``: ``"rows"`` (bfloat16
+    [rows]), ``"blocks"`` (float16 [rows, cols / 32]) or ``"lows"`` (float16 [2, rows, cols /
+    32]: scales and low ends); None when none does. The one rule :func:`int8_linear` and the
+    step programs (``edgetp.parallel.qlinear``) both follow."""
+    if scale.dtype == torch.bfloat16 and scale.numel() == rows:
+        return "rows"
+    if scale.dtype != torch.float16 or cols % 32:
+        return None
+    blocks = (rows, cols // 32)
+    if tuple(scale.shape) == blocks:
+        return "blocks"
+    return "lows" if tuple(scale.shape) == (2, *blocks) else None
+
+
+def int4_pairs_fit(scale_zero: torch.Tensor, rows: int, cols: int, group: int) -> bool:
+    """Whether :func:`int4_linear`'s kernels take ``scale_zero`` for an int4 [rows, cols]
+    weight: bfloat16 or float32 (scale, zero) pairs [cols / group, rows, 2], contiguous."""
+    return (scale_zero.dtype in (torch.bfloat16, torch.float32) and scale_zero.is_contiguous()
+            and tuple(scale_zero.shape) == (cols // group, rows, 2))
 
 
 def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
@@ -580,8 +600,6 @@ def _int8_low_blocks(x: torch.Tensor, q: torch.Tensor, scale_low: torch.Tensor,
     times the block's sum of x (et_add_block_lows_rows, 1/32 of the work; x's block sums
     taken there too)."""
     rows, cols = q.shape
-    if scale_low.dtype != torch.float16 or tuple(scale_low.shape) != (2, rows, cols // 32):
-        return None
     y = int8_linear(x, q, scale_low[0], out)  # [T, out]
     lib = library()
     if y is None or lib is None:
@@ -622,9 +640,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor,
     kernels = {torch.bfloat16: "et_par_matvec_i4_rows", torch.float32: "et_par_matvec_i4_f32_rows"}
     if (lib is None or not has_int4() or not batch_rows(x) or x.dtype != torch.float32
             or packed.dtype != torch.uint8 or not packed.is_contiguous()
-            or scale_zero.dtype not in kernels or not scale_zero.is_contiguous()
             or packed.dim() != 2 or x.shape[1] != 2 * packed.shape[1]
-            or tuple(scale_zero.shape) != (x.shape[1] // group, packed.shape[0], 2)):
+            or not int4_pairs_fit(scale_zero, packed.shape[0], x.shape[1], group)):
         return None
     rows, cols = packed.shape[0], x.shape[1]
     y = output(out, rows, torch.float32, x.shape[0])  # [T, out]

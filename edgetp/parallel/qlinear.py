@@ -317,28 +317,21 @@ class QuantLinear(kernels.StepOutput, nn.Module):
         if self.fmt == "int8":
             return _int8_step_product(codes, scale, bias, rows, cols)
         if not (self.tiled and not self.repacked and kernels.has_int4()
-                and tuple(scale.shape) == (cols // self.group, rows, 2)):
+                and kernels.int4_pairs_fit(scale, rows, cols, self.group)):
             return None
-        kind = {torch.bfloat16: ProductKind.I4_BF16, torch.float32: ProductKind.I4_F32}.get(
-            scale.dtype)
-        return None if kind is None else StepProduct(kind, codes, rows, cols, scale, None, bias,
-                                                     self.group)
+        kind = ProductKind.I4_BF16 if scale.dtype == torch.bfloat16 else ProductKind.I4_F32
+        return StepProduct(kind, codes, rows, cols, scale, None, bias, self.group)
 
 
 def _int8_step_product(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                        rows: int, cols: int) -> StepProduct | None:
     """int8 codes with a scale per row, per 32-column block, or a block's scale and low end
     (``kernels.int8_linear``'s three kernels)."""
-    blocks = (rows, cols // 32)
-    if scale.dtype == torch.bfloat16 and scale.numel() == rows:
-        return StepProduct(ProductKind.I8, codes, rows, cols, scale, bias=bias)
-    if scale.dtype != torch.float16 or cols % 32:
-        return None
-    if tuple(scale.shape) == blocks:
-        return StepProduct(ProductKind.I8_B32, codes, rows, cols, scale, bias=bias)
-    if tuple(scale.shape) == (2, *blocks):
+    form = kernels.int8_scale_form(scale, rows, cols)
+    if form == "lows":
         return StepProduct(ProductKind.I8_LOWS, codes, rows, cols, scale[0], scale[1], bias)
-    return None
+    kind = {"rows": ProductKind.I8, "blocks": ProductKind.I8_B32}.get(form or "")
+    return None if kind is None else StepProduct(kind, codes, rows, cols, scale, bias=bias)
 
 
 # nn.Linear (the column-parallel parent) declares a float Tensor weight and a bias that is never
