@@ -98,6 +98,7 @@ sys.path.insert(0, ROOT)  # the repository's own edgetp (as benchmarks/allreduce
 import torch  # noqa: E402
 
 from edgetp.config.model import load_model_config  # noqa: E402
+from edgetp.core.pages import huge_page_bytes, pack  # noqa: E402
 from edgetp.kernels import native  # noqa: E402
 from edgetp.kernels.threads import local_cluster_threads  # noqa: E402
 from edgetp.model.synthetic import (  # noqa: E402
@@ -293,7 +294,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
     x = torch.randn(1, shape[1])  # [1, in]
-    buffer = torch.ones(nbytes // 4)  # [N] float32
+    buffer = huge_page_bytes(nbytes // 4 * 4).view(torch.float32).fill_(1.0)  # [N], as weights
     def read(_i: int) -> object:
         return native.stream_read(buffer) if native.available() else buffer.sum()
 
@@ -310,7 +311,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     for dtype in dtypes:
         weight = stored[dtype]()
         size = sum(t.numel() * t.element_size() for t in weight)
-        copies = [tuple(t.clone() for t in weight) for _ in range(max(1, nbytes // size))]
+        copies = [tuple(pack(weight)) for _ in range(max(1, nbytes // size))]  # as loaded
         out[dtype] = (lambda i, c=copies, f=calls[dtype]: f(x, *c[i % len(c)]), size)
     return out
 

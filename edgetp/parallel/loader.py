@@ -25,6 +25,7 @@ from edgetp.core.allocator import fix_mmap_threshold, keep_freed_memory
 from edgetp.core.errors import ConfigError, ShardError
 from edgetp.core.limits import PREFILL_CHUNK, master_prefill_chunk
 from edgetp.core.metrics import instrument
+from edgetp.core.pages import pack
 from edgetp.core.units import format_bytes
 from edgetp.kernels import native as kernels
 from edgetp.model.checkpoint import set_tensor
@@ -176,14 +177,17 @@ def _memory_needs(model: Transformer, manifest: Manifest, blocks: list[BlockSpec
 
 def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
                      dtype: torch.dtype) -> None:
+    """Every tensor of the rank's files, each file's copied into memory of its own backed by
+    huge pages (:mod:`edgetp.core.pages`), not left as views of the file's mapping."""
     for file_name, prefix in _files_with_prefixes(manifest):
         with safe_open(shard_dir / file_name, framework="pt") as handle:
-            for name in manifest.files[file_name].tensors:
-                tensor = handle.get_tensor(name)
-                if not keeps_stored_dtype(name, tensor):
-                    tensor = tensor.to(dtype)
-                set_tensor(model, prefix + name, _aligned_copy(tensor),
-                           f" in {shard_dir / file_name}")
+            names = list(manifest.files[file_name].tensors)
+            stored = [handle.get_tensor(name) for name in names]
+            loaded = pack([tensor if keeps_stored_dtype(name, tensor) else tensor.to(dtype)
+                           for name, tensor in zip(names, stored, strict=True)])
+            del stored  # the file's mapping goes with the last view
+            for name, tensor in zip(names, loaded, strict=True):
+                set_tensor(model, prefix + name, tensor, f" in {shard_dir / file_name}")
     if (manifest.rank == 0 and manifest.model_config.tie_word_embeddings
             and not head_quantized(manifest)):
         model.tie_head_to_embedding()

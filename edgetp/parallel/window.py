@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from edgetp.core.metrics import RECORDER, now
+from edgetp.core.pages import huge_page_bytes
 from edgetp.parallel.blocks import BlockSpec, WindowError, bind_block, clear_block, read_block
 
 DEFAULT_RING_SLOTS = 2
@@ -57,7 +57,7 @@ class WindowStats:
 
 class _Slot:
     def __init__(self, nbytes: int) -> None:
-        self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        self.raw = huge_page_bytes(nbytes)
         self.block: int | None = None  # index into the streamed list
         self.ready = False  # read (or failed: ``error``)
         self.in_use = False
@@ -149,7 +149,7 @@ class WeightWindow:
     # -- pinned blocks ----------------------------------------------------------------------
 
     def _load_pinned(self, block: BlockSpec) -> int:
-        storage = torch.empty(block.nbytes, dtype=torch.uint8)
+        storage = huge_page_bytes(block.nbytes)
         read_block(block, storage)
         bind_block(block, storage)
         return block.nbytes

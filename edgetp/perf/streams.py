@@ -34,10 +34,11 @@ def _reader(nbytes: int) -> Callable[[], object]:
     """One pass over a fresh buffer of ``nbytes`` (every page touched), on this thread only."""
     import torch
 
+    from edgetp.core.pages import huge_page_bytes
     from edgetp.kernels import native
 
     torch.set_num_threads(1)
-    buffer = torch.ones(max(nbytes // 4, 1024))  # [N] float32
+    buffer = huge_page_bytes(max(nbytes // 4, 1024) * 4).view(torch.float32).fill_(1.0)  # [N]
     if native.available():
         return lambda: native.stream_read(buffer)
     return buffer.sum

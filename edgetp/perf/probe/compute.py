@@ -52,9 +52,10 @@ def measure_memory_bandwidth(nbytes: int) -> float:
     streaming reader (:func:`edgetp.kernels.native.stream_read`), else torch's float32 sum."""
     import torch
 
+    from edgetp.core.pages import huge_page_bytes
     from edgetp.kernels import native
 
-    data = torch.full((max(nbytes // 4, 1024),), 1.0)
+    data = huge_page_bytes(max(nbytes // 4, 1024) * 4).view(torch.float32).fill_(1.0)  # [N]
     read = (lambda: native.stream_read(data)) if native.available() else data.sum
     best = math.inf
     for _ in range(5):
@@ -109,6 +110,7 @@ def _matvec_product(dtype: str, shape: tuple[int, int]) -> Product:
     """A ``[1, in] @ W.T`` product for weights of ``shape`` (in, out) in ``dtype``."""
     import torch
 
+    from edgetp.core.pages import pack
     from edgetp.kernels import native as kernels
 
     n_in, n_out = shape
@@ -117,13 +119,13 @@ def _matvec_product(dtype: str, shape: tuple[int, int]) -> Product:
     if dtype == "int8":
         from edgetp.parallel.qlinear import int8_product
 
-        q = torch.ones((n_out, n_in), dtype=torch.int8)  # [out, in]
+        q = pack([torch.ones((n_out, n_in), dtype=torch.int8)])[0]  # [out, in], as loaded
         scale = (torch.full((2, n_out, n_in // 32), 0.01, dtype=torch.float16)
                  if n_in % 32 == 0 else torch.full((n_out,), 0.01, dtype=torch.bfloat16))
         return lambda: int8_product(x, q, scale, out=step)  # the split's format for n_in
     if dtype == "int4":
         return _int4_product(x, n_out, step)
-    w = torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))  # [out, in]
+    w = pack([torch.full((n_out, n_in), 0.01, dtype=getattr(torch, dtype))])[0]  # [out, in]
     xd, step = x.to(w.dtype), step.to(w.dtype)
     return lambda: kernels.linear(xd, w, step)  # the C decode kernels, or torch
 
