@@ -74,50 +74,56 @@ int et_abi_version(void) { return 6; }
 /* ---- float32 weights, float32 x -> float32 y ------------------------------------------------ */
 
 #if defined(__AVX512F__) || defined(ET_AVX2) || defined(ET_NEON)
-/* F32_ROWS weight streams per pass over x, one vector accumulator each. */
 #if defined(__AVX512F__)
-#define F32_ROWS 12 /* 12 measured ~15% ahead of 4, 5% of 8 */
 #define F32_LANES 16
 typedef __m512 f32_vec;
 #define f32_zero() _mm512_setzero_ps()
 #define f32_load(p) _mm512_loadu_ps(p)
 #define f32_fma(a, b, acc) _mm512_fmadd_ps(a, b, acc)
+#define f32_add(a, b) _mm512_add_ps(a, b)
 #define f32_sum(v) _mm512_reduce_add_ps(v)
 #elif defined(ET_AVX2)
-#define F32_ROWS 8
 #define F32_LANES 8
 typedef __m256 f32_vec;
 #define f32_zero() _mm256_setzero_ps()
 #define f32_load(p) _mm256_loadu_ps(p)
 #define f32_fma(a, b, acc) _mm256_fmadd_ps(a, b, acc)
+#define f32_add(a, b) _mm256_add_ps(a, b)
 #define f32_sum(v) sum256(v)
 #else
-#define F32_ROWS 8
 #define F32_LANES 4
 typedef float32x4_t f32_vec;
 #define f32_zero() vdupq_n_f32(0.f)
 #define f32_load(p) vld1q_f32(p)
 #define f32_fma(a, b, acc) vfmaq_f32(acc, a, b)
+#define f32_add(a, b) vaddq_f32(a, b)
 #define f32_sum(v) vaddvq_f32(v)
 #endif
+/* Each row in one pass of four vector accumulators over consecutive vectors, so the weights
+ * are read as one sequential stream, as the streaming reader reads them. Over weights in huge
+ * pages (how edgetp.core.pages holds them) one EPYC core streamed 34 GB/s this way against 28
+ * with twelve rows at a time (twelve streams, one accumulator each), the reader 32.6; over
+ * 4 KiB pages the twelve streams led, 25 against 22.5 (docs/performance.md, item 24). */
+#define F32_ACC 4
 static int64_t f32_rows_vec(const float *restrict w, const float *restrict x, float *restrict y,
                             int64_t rows, int64_t cols) {
-    int64_t vec_cols = cols - cols % F32_LANES, r = 0;
-    for (; r + F32_ROWS <= rows; r += F32_ROWS) {
-        f32_vec acc[F32_ROWS];
-        for (int k = 0; k < F32_ROWS; k++) acc[k] = f32_zero();
-        for (int64_t i = 0; i < vec_cols; i += F32_LANES) {
-            f32_vec xv = f32_load(x + i);
-            for (int k = 0; k < F32_ROWS; k++)
-                acc[k] = f32_fma(f32_load(w + (r + k) * cols + i), xv, acc[k]);
-        }
-        for (int k = 0; k < F32_ROWS; k++) {
-            float a = f32_sum(acc[k]);
-            for (int64_t i = vec_cols; i < cols; i++) a += w[(r + k) * cols + i] * x[i];
-            y[r + k] = a;
-        }
+    const int64_t wide = F32_ACC * F32_LANES;
+    int64_t wide_cols = cols - cols % wide, vec_cols = cols - cols % F32_LANES;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *wr = w + r * cols;
+        f32_vec acc[F32_ACC];
+        for (int k = 0; k < F32_ACC; k++) acc[k] = f32_zero();
+        int64_t i = 0;
+        for (; i < wide_cols; i += wide)
+            for (int k = 0; k < F32_ACC; k++)
+                acc[k] = f32_fma(f32_load(wr + i + k * F32_LANES), f32_load(x + i + k * F32_LANES),
+                                 acc[k]);
+        for (; i < vec_cols; i += F32_LANES) acc[0] = f32_fma(f32_load(wr + i), f32_load(x + i), acc[0]);
+        float a = f32_sum(f32_add(f32_add(acc[0], acc[1]), f32_add(acc[2], acc[3])));
+        for (; i < cols; i++) a += wr[i] * x[i];
+        y[r] = a;
     }
-    return r; /* rows done */
+    return rows;
 }
 #endif
 
@@ -163,8 +169,8 @@ static void f32_span(const float *restrict w, const float *restrict x, float *re
     }
 }
 
-#if defined(F32_ROWS)
-#define F32_BLOCK F32_ROWS /* 12 or 8, then four-row passes */
+#if defined(F32_LANES)
+#define F32_BLOCK 16 /* any split gives each row the same bits: a cache-friendly chunk */
 #else
 #define F32_BLOCK ROWS
 #endif
@@ -219,36 +225,38 @@ static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 /* vdpbf16ps multiplies pairs of bfloat16 and adds them into float32: one instruction per 32
- * weights, where widening each weight to float32 first costs three. Rows go eight at a time. */
-#define BF16_ROWS 8
+ * weights, where widening each weight to float32 first costs three. Each row in one pass of
+ * four accumulators over consecutive vectors: one sequential stream, as for float32. */
+#define BF16_ONE_ROW 1
 static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *restrict x,
                                 void *restrict y, int64_t rows, int64_t cols, int f32_out) {
-    int64_t vec_cols = cols - cols % 32, r = 0;
-    for (; r + BF16_ROWS <= rows; r += BF16_ROWS) {
-        __m512 acc[BF16_ROWS];
-        for (int k = 0; k < BF16_ROWS; k++) acc[k] = _mm512_setzero_ps();
-        for (int64_t i = 0; i < vec_cols; i += 32) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
-            for (int k = 0; k < BF16_ROWS; k++)
-                acc[k] = _mm512_dpbf16_ps(
-                    acc[k], (__m512bh)_mm512_loadu_si512(w + (r + k) * cols + i), xv);
-        }
-        for (int k = 0; k < BF16_ROWS; k++) {
-            float a = _mm512_reduce_add_ps(acc[k]);
-            for (int64_t i = vec_cols; i < cols; i++)
-                a += bf16_to_f32(w[(r + k) * cols + i]) * bf16_to_f32(x[i]);
-            put_row(y, r + k, a, f32_out);
-        }
+    int64_t wide_cols = cols - cols % 128, vec_cols = cols - cols % 32;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *wr = w + r * cols;
+        __m512 acc[4];
+        for (int k = 0; k < 4; k++) acc[k] = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i < wide_cols; i += 128)
+            for (int k = 0; k < 4; k++)
+                acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)_mm512_loadu_si512(wr + i + 32 * k),
+                                          (__m512bh)_mm512_loadu_si512(x + i + 32 * k));
+        for (; i < vec_cols; i += 32)
+            acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(wr + i),
+                                      (__m512bh)_mm512_loadu_si512(x + i));
+        float a = _mm512_reduce_add_ps(
+            _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+        for (; i < cols; i++) a += bf16_to_f32(wr[i]) * bf16_to_f32(x[i]);
+        put_row(y, r, a, f32_out);
     }
-    return r; /* rows done */
+    return rows;
 }
 #endif
 
 #if !(defined(__AVX512BF16__) && defined(__AVX512BW__)) && (defined(ET_AVX2) || defined(ET_NEON))
-/* A bfloat16 is the high half of a float32: widening is one shift (or mask) per vector. Four
- * rows per pass over x, two float32 accumulators each (the even and odd columns on AVX2, the
- * low and high four of eight on NEON). */
-#define BF16_ROWS 4
+/* A bfloat16 is the high half of a float32: widening is one shift (or mask) per vector. Each
+ * row in one pass (one sequential stream), two pairs of float32 accumulators (the even and odd
+ * columns on AVX2, the low and high four of eight on NEON) over consecutive vectors. */
+#define BF16_ONE_ROW 1
 #if defined(ET_AVX2)
 #define BF16_STEP 16
 typedef __m256 bf16_acc;
@@ -260,6 +268,7 @@ static inline void bf16_widen(const uint16_t *p, __m256 *even, __m256 *odd) {
 }
 #define bf16_zero() _mm256_setzero_ps()
 #define bf16_fma(a, b, acc) _mm256_fmadd_ps(a, b, acc)
+#define bf16_add(a, b) _mm256_add_ps(a, b)
 #define bf16_sum(a, b) sum256(_mm256_add_ps(a, b))
 #else
 #define BF16_STEP 8
@@ -272,32 +281,35 @@ static inline void bf16_widen(const uint16_t *p, float32x4_t *even, float32x4_t 
 }
 #define bf16_zero() vdupq_n_f32(0.f)
 #define bf16_fma(a, b, acc) vfmaq_f32(acc, a, b)
+#define bf16_add(a, b) vaddq_f32(a, b)
 #define bf16_sum(a, b) vaddvq_f32(vaddq_f32(a, b))
 #endif
+/* acc[0..1] += the products of BF16_STEP weights at w and x (even/low, odd/high) */
+static inline void bf16_step(const uint16_t *w, const uint16_t *x, bf16_acc *acc) {
+    bf16_acc x_lo, x_hi, w_lo, w_hi;
+    bf16_widen(x, &x_lo, &x_hi);
+    bf16_widen(w, &w_lo, &w_hi);
+    acc[0] = bf16_fma(w_lo, x_lo, acc[0]);
+    acc[1] = bf16_fma(w_hi, x_hi, acc[1]);
+}
 static int64_t bf16_rows_vec(const uint16_t *restrict w, const uint16_t *restrict x,
                              void *restrict y, int64_t rows, int64_t cols, int f32_out) {
-    int64_t vec_cols = cols - cols % BF16_STEP, r = 0;
-    for (; r + BF16_ROWS <= rows; r += BF16_ROWS) {
-        bf16_acc lo[BF16_ROWS], hi[BF16_ROWS];
-        for (int k = 0; k < BF16_ROWS; k++) lo[k] = hi[k] = bf16_zero();
-        for (int64_t i = 0; i < vec_cols; i += BF16_STEP) {
-            bf16_acc x_lo, x_hi;
-            bf16_widen(x + i, &x_lo, &x_hi);
-            for (int k = 0; k < BF16_ROWS; k++) {
-                bf16_acc w_lo, w_hi;
-                bf16_widen(w + (r + k) * cols + i, &w_lo, &w_hi);
-                lo[k] = bf16_fma(w_lo, x_lo, lo[k]);
-                hi[k] = bf16_fma(w_hi, x_hi, hi[k]);
-            }
+    int64_t wide_cols = cols - cols % (2 * BF16_STEP), vec_cols = cols - cols % BF16_STEP;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *wr = w + r * cols;
+        bf16_acc acc[4];
+        for (int k = 0; k < 4; k++) acc[k] = bf16_zero();
+        int64_t i = 0;
+        for (; i < wide_cols; i += 2 * BF16_STEP) {
+            bf16_step(wr + i, x + i, acc);
+            bf16_step(wr + i + BF16_STEP, x + i + BF16_STEP, acc + 2);
         }
-        for (int k = 0; k < BF16_ROWS; k++) {
-            float a = bf16_sum(lo[k], hi[k]);
-            for (int64_t i = vec_cols; i < cols; i++)
-                a += bf16_to_f32(w[(r + k) * cols + i]) * bf16_to_f32(x[i]);
-            put_row(y, r + k, a, f32_out);
-        }
+        for (; i < vec_cols; i += BF16_STEP) bf16_step(wr + i, x + i, acc);
+        float a = bf16_sum(bf16_add(acc[0], acc[2]), bf16_add(acc[1], acc[3]));
+        for (; i < cols; i++) a += bf16_to_f32(wr[i]) * bf16_to_f32(x[i]);
+        put_row(y, r, a, f32_out);
     }
-    return r; /* rows done */
+    return rows;
 }
 #endif
 
@@ -338,8 +350,8 @@ static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, v
     return 0;
 }
 
-#if defined(BF16_ROWS)
-#define BF16_BLOCK BF16_ROWS /* 8 or 4, then four-row passes */
+#if defined(BF16_ONE_ROW)
+#define BF16_BLOCK 16 /* any split gives each row the same bits: a cache-friendly chunk */
 #else
 #define BF16_BLOCK ROWS
 #endif
