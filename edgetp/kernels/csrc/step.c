@@ -59,10 +59,24 @@ typedef struct {
     double f;
 } et_step_op;
 
+/* A loop the compiler must not vectorize: GCC takes a function attribute, clang a loop pragma
+ * (it ignores GCC's attribute, with a warning). */
+#if defined(__clang__)
+#define SCALAR_FUNCTION
+#define SCALAR_LOOP _Pragma("clang loop vectorize(disable) interleave(disable)")
+#elif defined(__GNUC__)
+#define SCALAR_FUNCTION __attribute__((optimize("no-tree-vectorize")))
+#define SCALAR_LOOP
+#else
+#define SCALAR_FUNCTION
+#define SCALAR_LOOP
+#endif
+
 /* gate[i] = silu(gate[i]) * up[i], each element by the same scalar code (so a value's result
  * never depends on where it sits in the row: a decode batch's rows equal their one-row steps). */
-__attribute__((optimize("no-tree-vectorize")))
+SCALAR_FUNCTION
 void et_silu_mul_f32(float *gate, const float *up, int64_t n) {
+    SCALAR_LOOP
     for (int64_t i = 0; i < n; i++) {
         float g = gate[i];
         gate[i] = g / (1.0f + expf(-g)) * up[i];
