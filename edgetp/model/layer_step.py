@@ -40,7 +40,7 @@ from edgetp.kernels.step import (
 )
 
 if TYPE_CHECKING:
-    from edgetp.model.llama import Attention, DecoderLayer
+    from edgetp.model.llama import DecoderLayer
 
 
 class SteppedLinear(Protocol):
@@ -175,7 +175,7 @@ class LayerStep:
         products = _products(linears)
         if products is None or not shapes_agree(layer, products):
             return None
-        return cls(layer, products, attention_limit(attn))
+        return cls(layer, products, attn.native_positions(attn.k_cache.shape[1]))
 
     def __call__(self, layer: DecoderLayer, h: torch.Tensor, position: int, cos: torch.Tensor,
                  sin: torch.Tensor, slot: int) -> torch.Tensor | None:
@@ -210,11 +210,3 @@ def shapes_agree(layer: DecoderLayer, products: list[StepProduct]) -> bool:
             and q.rows == attn.n_heads * hd and k.rows == v.rows == attn.n_kv_heads * hd
             and o.cols == q.rows and o.rows == d and gate.rows == up.rows == down.cols
             and down.rows == d)
-
-
-def attention_limit(attn: Attention) -> int:
-    """Positions the C attention takes for this module: within the cache and
-    :data:`~edgetp.kernels.native.ATTEND_MAX_POSITIONS`, and where a sliding window masks
-    nothing yet."""
-    limit = min(native.ATTEND_MAX_POSITIONS, attn.k_cache.shape[1])  # type: ignore[union-attr]
-    return limit if attn.sliding_window is None else min(limit, attn.sliding_window)

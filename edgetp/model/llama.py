@@ -260,7 +260,7 @@ class Attention(nn.Module):
         rows, other dtypes, irregular head groups, a sliding window's mask, a long context,
         no C library): the torch path then runs."""
         if (not one_float_row(q) or not self.uniform_groups or caches[0].dtype != torch.float32
-                or self._mask(position, 1, position + 1) is not None
+                or position >= self.native_positions(caches[0].shape[1])
                 or not all(x.is_contiguous() for x in (q, k, v, cos, sin))):
             return None
         hd, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
@@ -295,6 +295,14 @@ class Attention(nn.Module):
         out = step_buffer(self, "_attended", (kv, group, hd), q)
         torch.matmul(scores.div_(peak), values, out=out)  # [KV, G, hd]
         return out.view(1, self.n_heads * hd)
+
+    def native_positions(self, cache_positions: int) -> int:
+        """How many positions (from 0) a one-row step's attention runs in C for with a cache of
+        ``cache_positions``: within the cache, :data:`~edgetp.kernels.native.ATTEND_MAX_POSITIONS`
+        and, with a sliding window, the positions its mask leaves whole (see :meth:`_mask`). The
+        one rule for the op-by-op step and the step programs (``edgetp.model.layer_step``)."""
+        limit = min(kernels.ATTEND_MAX_POSITIONS, cache_positions)
+        return limit if self.sliding_window is None else min(limit, self.sliding_window)
 
     def _mask(self, start_pos: int, t: int, end: int) -> torch.Tensor | None:
         """Boolean [T, S] mask (True = attend), or None when every key is visible."""
