@@ -19,6 +19,7 @@ from torch import nn
 from edgetp.config.model import ModelConfig, load_model_config
 from edgetp.core.errors import ModelError
 from edgetp.core.files import read_json
+from edgetp.core.pages import pack
 from edgetp.model.context import default_context, whole_model_bytes_per_position
 from edgetp.model.llama import Transformer
 
@@ -195,8 +196,9 @@ def load_model(
         max_seq_len = default_context(config, per_position)
     with torch.device("meta"):
         model = Transformer(config, max_seq_len=max_seq_len)
-    for name in _param_names(config):
-        set_tensor(model, name, checkpoint.get(hf_name(name)).to(dtype), f" in {model_dir}")
+    for name in _param_names(config):  # each copied out of the file's mapping, in huge pages
+        weight = pack([checkpoint.get(hf_name(name)).to(dtype)])[0]
+        set_tensor(model, name, weight, f" in {model_dir}")
     if config.tie_word_embeddings:
         model.tie_head_to_embedding()
     model.allocate_cache(dtype)
