@@ -98,7 +98,7 @@ sys.path.insert(0, ROOT)  # the repository's own edgetp (as benchmarks/allreduce
 import torch  # noqa: E402
 
 from edgetp.config.model import load_model_config  # noqa: E402
-from edgetp.core.pages import huge_page_bytes, pack  # noqa: E402
+from edgetp.core.pages import pack  # noqa: E402
 from edgetp.kernels import native  # noqa: E402
 from edgetp.kernels.threads import local_cluster_threads  # noqa: E402
 from edgetp.model.synthetic import (  # noqa: E402
@@ -111,6 +111,7 @@ from edgetp.model.synthetic import (  # noqa: E402
 from edgetp.perf.bench import BenchSettings, bench_cluster, write_reports  # noqa: E402
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
 from edgetp.perf.streams import (  # noqa: E402
+    read_buffer,
     read_rates,
     reader_name,
     round_rate,
@@ -294,7 +295,7 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
 
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
     x = torch.randn(1, shape[1])  # [1, in]
-    buffer = huge_page_bytes(nbytes // 4 * 4).view(torch.float32).fill_(1.0)  # [N], as weights
+    buffer = read_buffer(nbytes)  # [N] float32
     def read(_i: int) -> object:
         return native.stream_read(buffer) if native.available() else buffer.sum()
 

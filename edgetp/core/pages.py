@@ -20,7 +20,11 @@ from collections.abc import Sequence
 import torch
 
 HUGE_PAGE = 2 << 20
-ALIGNMENT = 64  # each packed tensor's start: what the C kernels and torch's vector paths want
+# Where each tensor starts in a buffer. CPU kernels pick their code path by alignment, so a
+# decode step's products would round differently in the last bits if a tensor started at, say,
+# 16 or 56 mod 64 (as safetensors hands them out): resident, pinned and streamed weights all
+# start 64-byte aligned, so a memory budget never changes the output.
+ALIGNMENT = 64
 
 
 def huge_pages_supported() -> bool:
@@ -46,23 +50,20 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
     return whole[start:start + nbytes]
 
 
-def packed_offsets(tensors: Sequence[torch.Tensor]) -> tuple[list[int], int]:
-    """Each tensor's byte offset in a packed buffer (each ``ALIGNMENT``-aligned), and its size."""
-    offsets, end = [], 0
-    for tensor in tensors:
-        offsets.append(end)
-        end += -(-tensor.numel() * tensor.element_size() // ALIGNMENT) * ALIGNMENT
-    return offsets, end
+def aligned_nbytes(nbytes: int, alignment: int = ALIGNMENT) -> int:
+    """``nbytes`` rounded up to a multiple of ``alignment`` (a tensor's room in a buffer)."""
+    return -(-nbytes // alignment) * alignment
 
 
 def pack(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous copies of ``tensors`` (same shapes, dtypes and values) in one
-    :func:`huge_page_bytes` buffer; they keep it alive together."""
-    offsets, total = packed_offsets(tensors)
-    buffer = huge_page_bytes(total)
-    copies = []
-    for tensor, offset in zip(tensors, offsets, strict=True):
-        nbytes = tensor.numel() * tensor.element_size()
+    """Contiguous copies of ``tensors`` (same shapes, dtypes and values), one after another in
+    one :func:`huge_page_bytes` buffer, each ``ALIGNMENT``-aligned; they keep it alive
+    together."""
+    sizes = [tensor.numel() * tensor.element_size() for tensor in tensors]
+    buffer = huge_page_bytes(sum(aligned_nbytes(n) for n in sizes))
+    copies, offset = [], 0
+    for tensor, nbytes in zip(tensors, sizes, strict=True):
         copy = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
         copies.append(copy.copy_(tensor))
+        offset += aligned_nbytes(nbytes)
     return copies

@@ -25,12 +25,12 @@ import torch
 from torch import nn
 
 from edgetp.core.errors import EdgetpError
+from edgetp.core.pages import aligned_nbytes
 from edgetp.shard.checksums import chunk_bytes, first_mismatch
 from edgetp.shard.manifest import TensorEntry
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "I8": torch.int8, "U8": torch.uint8}
-ALIGNMENT = 64  # bytes: where each tensor of a block starts in its buffer
 
 
 class WindowError(EdgetpError, RuntimeError):
@@ -58,11 +58,6 @@ class BlockSpec:
             out.append((name, entry, cursor))
             cursor += aligned_nbytes(entry.offsets[1] - entry.offsets[0])
         return out
-
-
-def aligned_nbytes(nbytes: int, alignment: int = ALIGNMENT) -> int:
-    """``nbytes`` rounded up to a multiple of ``alignment`` (a tensor's room in a buffer)."""
-    return -(-nbytes // alignment) * alignment
 
 
 def read_block(block: BlockSpec, storage: torch.Tensor, checker: Executor | None = None) -> float:

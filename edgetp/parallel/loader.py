@@ -31,7 +31,7 @@ from edgetp.kernels import native as kernels
 from edgetp.model.checkpoint import set_tensor
 from edgetp.model.context import bytes_per_position, default_context
 from edgetp.model.llama import Transformer
-from edgetp.parallel.blocks import ALIGNMENT, BlockSpec, DiskEmbedding, WindowError
+from edgetp.parallel.blocks import BlockSpec, DiskEmbedding, WindowError
 from edgetp.parallel.comm import Communicator
 from edgetp.parallel.linears import shard_model
 from edgetp.parallel.pinning import choose_pinned
@@ -193,17 +193,6 @@ def _load_everything(model: Transformer, manifest: Manifest, shard_dir: Path,
         model.tie_head_to_embedding()
 
 
-def _aligned_copy(tensor: torch.Tensor, alignment: int = ALIGNMENT) -> torch.Tensor:
-    """``tensor``, copied to an allocation of its own if it does not start ``alignment``-aligned.
-
-    safetensors hands out tensors at arbitrary addresses (e.g. 16 or 56 mod 64), and CPU
-    kernels pick their code path by alignment: a decode step's matrix-vector products then
-    round differently in the last bits. The window's buffers are 64-byte aligned, so resident
-    weights must be too for a memory budget never to change the output.
-    """
-    return tensor if tensor.data_ptr() % alignment == 0 else tensor.clone()
-
-
 def _files_with_prefixes(manifest: Manifest) -> list[tuple[str, str]]:
     out = []
     for index in range(manifest.model_config.num_hidden_layers):
@@ -264,7 +253,7 @@ def _load_small_tensors(model: Transformer, manifest: Manifest, shard_dir: Path,
                 if name == "embed_tokens.weight":
                     model.embed_tokens = DiskEmbedding(shard_dir / file_name, entry, dtype)
                     continue
-                set_tensor(model, prefix + name, _aligned_copy(handle.get_tensor(name).to(dtype)))
+                set_tensor(model, prefix + name, pack([handle.get_tensor(name).to(dtype)])[0])
 
 
 def _disk_names(block: BlockSpec) -> list[str]:

@@ -30,15 +30,24 @@ def reader_name() -> str:
     return f"native-{native.stream_path()}" if native.available() else "torch-sum"
 
 
+def read_buffer(nbytes: int) -> Any:
+    """float32 ones [nbytes / 4] (at least 1024) in the memory weights are held in (huge
+    pages, :mod:`edgetp.core.pages`): what a read-rate measurement reads."""
+    import torch
+
+    from edgetp.core.pages import huge_page_bytes
+
+    return huge_page_bytes(max(nbytes // 4, 1024) * 4).view(torch.float32).fill_(1.0)
+
+
 def _reader(nbytes: int) -> Callable[[], object]:
     """One pass over a fresh buffer of ``nbytes`` (every page touched), on this thread only."""
     import torch
 
-    from edgetp.core.pages import huge_page_bytes
     from edgetp.kernels import native
 
     torch.set_num_threads(1)
-    buffer = huge_page_bytes(max(nbytes // 4, 1024) * 4).view(torch.float32).fill_(1.0)  # [N]
+    buffer = read_buffer(nbytes)  # [N]
     if native.available():
         return lambda: native.stream_read(buffer)
     return buffer.sum

@@ -3,7 +3,7 @@
 Nothing is estimated: the tensors come from :mod:`~edgetp.perf.planner.rank_files` (the
 splitter's own slicing), the blocks, fixed bytes and work buffers follow the loader's rules
 (:class:`~edgetp.parallel.loader.MemoryNeeds`, :func:`~edgetp.parallel.loader.work_bytes`,
-:func:`~edgetp.parallel.blocks.aligned_nbytes`), so the figures equal a real split's (tested).
+:func:`~edgetp.core.pages.aligned_nbytes`), so the figures equal a real split's (tested).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from edgetp.config.model import ModelConfig
 from edgetp.core.limits import PREFILL_CHUNK, master_prefill_chunk
-from edgetp.parallel.blocks import aligned_nbytes
+from edgetp.core.pages import aligned_nbytes
 from edgetp.parallel.loader import MemoryNeeds, receiving_links, work_bytes
 from edgetp.perf.planner.rank_files import Shapes, rank_files, safetensors_size, tensor_bytes
 from edgetp.perf.planner.storage import Storage

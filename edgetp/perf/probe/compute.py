@@ -50,12 +50,10 @@ def matvec_shapes(shard_dir: str | Path | None) -> list[tuple[int, int]]:
 def measure_memory_bandwidth(nbytes: int) -> float:
     """GB/s of one streaming read of ``nbytes`` (best of five) on this thread: the native
     streaming reader (:func:`edgetp.kernels.native.stream_read`), else torch's float32 sum."""
-    import torch
-
-    from edgetp.core.pages import huge_page_bytes
     from edgetp.kernels import native
+    from edgetp.perf.streams import read_buffer
 
-    data = huge_page_bytes(max(nbytes // 4, 1024) * 4).view(torch.float32).fill_(1.0)  # [N]
+    data = read_buffer(nbytes)  # [N] float32
     read = (lambda: native.stream_read(data)) if native.available() else data.sum
     best = math.inf
     for _ in range(5):
