@@ -72,7 +72,7 @@ for line in open("/proc/self/status"):
 # PROMPT by calling the cluster runner (token ids in, logits out: no tokenizer involved), write
 # the result, then wait for the test to read the worker's figures before shutting it down.
 MASTER_SCRIPT = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 import torch
 from edgetp.runtime.master import Master
@@ -95,11 +95,14 @@ try:
     window = runner.model.window
     peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status")
             if l.startswith("VmHWM:")][0]
-    Path(out).write_text(json.dumps({
+    # Written whole, then renamed: the test polls for the file, and a process at its cgroup's
+    # limit can stall between creating a file and writing it (the test once read it empty).
+    Path(out + ".part").write_text(json.dumps({
         "tokens": generated, "tops": tops, "peak_rss": peak,
         "streamed": 0 if window is None else len(window.streamed),
         "pinned": 0 if window is None else len(window.pinned),
     }))
+    os.replace(out + ".part", out)
     deadline = time.monotonic() + 120
     while not Path(release).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
