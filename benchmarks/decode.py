@@ -5,6 +5,7 @@ Run::
     .venv/bin/python benchmarks/decode.py [--nodes 1,2] [--dtypes float32,bfloat16,int8,int4]
                                           [--runs N] [--new-tokens N] [--keep DIR] [--json]
                                           [--tiny] [--secure] [--one-thread float32]
+                                          [--dllama DISTRIBUTED_LLAMA_CHECKOUT]
 
 1. **Model.** A TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, MLP 5632, 22
    layers, 32 query / 4 KV heads, vocab 32000, untied head; float32, 4.4 GB), written seeded
@@ -57,6 +58,10 @@ Run::
    bandwidth. A missed target's "why" line adds up rank 0's parts and gives the kernel's own
    rate next to the plain read's.
 
+``--dllama DIR``: after each float32 and int4 point, distributed-llama (a checkout the
+user built in ``DIR``) runs the same model with the same nodes and threads per node, and a
+table sets the two side by side (:mod:`distributed_llama`, beside this script).
+
 ``--secure``: after each point of more than one node, the same cluster with CURVE keys (the
 allreduce over the sealed data link, edgetp.net.sealedlink) and without run side by side,
 their runs alternating, so load that comes and goes hits both alike; a table gives both
@@ -96,6 +101,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's own edgetp (as benchmarks/allreduce.py does)
 
 import torch  # noqa: E402
+from distributed_llama import (  # noqa: E402
+    WEIGHT_TYPES,
+    DistributedLlama,
+    PeerFailed,
+    check_checkout,
+)
 
 from edgetp.config.model import load_model_config  # noqa: E402
 from edgetp.core.pages import pack  # noqa: E402
@@ -508,6 +519,65 @@ def run_secure(settings: BenchSettings) -> dict[str, Any]:
             "plain_allreduce_ms": statistics.median(waits[False])}
 
 
+def run_peer(peer: DistributedLlama, model_dir: Path, point: dict[str, Any],
+             args: argparse.Namespace) -> dict[str, Any]:
+    """distributed-llama on ``point``'s model, nodes and threads per node, ``--runs`` times."""
+    weights, threads = point["weights"], point["node_threads"]
+    label = f"distributed-llama {point['nodes']} node(s) {WEIGHT_TYPES[weights][0]} threads " \
+            f"{'+'.join(map(str, threads))}"
+    row: dict[str, Any] = {"nodes": point["nodes"], "node_threads": threads, "weights": weights,
+                           "dllama_weights": WEIGHT_TYPES[weights][0],
+                           "edgetp_ms_per_token": point["ms_per_token"],
+                           "ms_per_token": None, "run_ms_per_token": [], "error": None}
+    try:
+        progress(f"run {label}: {args.runs} run(s) of {args.new_tokens} tokens")
+        for _ in range(args.runs):
+            row["run_ms_per_token"].append(
+                peer.ms_per_token(model_dir, weights, threads, args.new_tokens))
+        row["ms_per_token"] = statistics.median(row["run_ms_per_token"])
+        progress(f"run {label}: {row['ms_per_token']:.1f} ms/token")
+    except PeerFailed as exc:
+        row["error"] = str(exc)
+        progress(f"run {label}: failed: {exc}")
+    return row
+
+
+def dllama_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "distributed-llama beside edgetp (this run, the same model; each right after "
+             "edgetp's point, with its nodes and threads per node)", "",
+             "| nodes | threads | weights (edgetp / dllama) | edgetp ms/token | dllama ms/token "
+             "| runs | edgetp / dllama |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ours, theirs = r["edgetp_ms_per_token"], r["ms_per_token"]
+        lines.append(
+            f"| {r['nodes']} | {'+'.join(map(str, r['node_threads']))} | {r['weights']} / "
+            f"{r['dllama_weights']} | {ours:.1f} | "
+            + (f"{theirs:.1f} | {', '.join(f'{x:.1f}' for x in r['run_ms_per_token'])} | "
+               f"{ours / theirs:.2f} |" if theirs else "failed | - | - |"))
+    lines += [f"  {r['nodes']} node(s) {r['dllama_weights']}: {r['error']}"
+              for r in rows if r["error"]]
+    for w, one, two in peer_scaling(rows):
+        ours = two["edgetp_ms_per_token"] / one["edgetp_ms_per_token"]
+        lines.append(f"  2 nodes vs 1 device, {w}: edgetp {ours:.2f}x, distributed-llama "
+                     f"{two['ms_per_token'] / one['ms_per_token']:.2f}x")
+    return lines
+
+
+def peer_scaling(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(weights, 1-device row, 2-node row) where both ran: one node with a 2-node cluster's
+    threads per node, against that cluster."""
+    out = []
+    for two in (r for r in rows if r["nodes"] == 2 and r["ms_per_token"]):
+        one = next((r for r in rows if r["nodes"] == 1 and r["weights"] == two["weights"]
+                    and r["node_threads"] == two["node_threads"][:1] and r["ms_per_token"]),
+                   None)
+        if one is not None:
+            out.append((two["weights"], one, two))
+    return out
+
+
 def secure_table(points: list[dict[str, Any]]) -> list[str]:
     """Plain against keyed runs (--secure): ms/token, ratio, the target."""
     rows = [p for p in points if "secure" in p]
@@ -771,7 +841,7 @@ def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
 def human_report(data: dict[str, Any]) -> str:
     return "\n".join(describe(data) + results_table(data["results"])
                      + scaling_table(data["scaling"]) + prefill_table(data["results"])
-                     + secure_table(data["results"])
+                     + secure_table(data["results"]) + dllama_table(data["dllama"])
                      + reference_table(data["reference"], data["model"]["tiny"])
                      + targets_table(data["targets"]))
 
@@ -797,7 +867,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--one-thread", default="float32",
                         help="dtypes also run on one node of one thread (default float32; "
                              "'' for none)")
+    parser.add_argument("--dllama", type=Path, metavar="DIR",
+                        help="a distributed-llama checkout with dllama built: run it beside "
+                             "each float32 and int4 point")
     args = parser.parse_args(argv)
+    if args.dllama is not None and (missing := check_checkout(args.dllama)):
+        parser.error(f"--dllama: {missing}")
     args.node_counts = [int(n) for n in args.nodes.split(",") if n.strip()]
     args.weight_dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.one_thread_dtypes = [d.strip() for d in args.one_thread.split(",") if d.strip()]
@@ -814,15 +889,23 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     model_dir = ensure_model(root, config)
     load_before, cpu_before, started = os.getloadavg()[0], cpu_seconds(), time.perf_counter()
     bw = bandwidth(config, args.weight_dtypes, args.tiny)  # before any node loads
-    points = []
+    peer = (None if args.dllama is None else
+            DistributedLlama(args.dllama, root / "dllama", progress=progress))
+    points: list[dict[str, Any]] = []
+    peers: list[dict[str, Any]] = []
+
+    def run(nodes: int, weights: str, out: Path, threads: int | None = None) -> None:
+        points.append(run_point(model_dir, nodes, weights, args, bw, out, threads))
+        if peer is not None and weights in WEIGHT_TYPES:
+            peers.append(run_peer(peer, model_dir, points[-1], args))
+
     for nodes in args.node_counts:
         for weights in args.weight_dtypes:
-            out = root / "reports" / f"nodes{nodes}-{weights}"
-            points.append(run_point(model_dir, nodes, weights, args, bw, out))
+            run(nodes, weights, root / "reports" / f"nodes{nodes}-{weights}")
             if nodes == 1:
                 for threads in one_node_threads(weights, args):
-                    points.append(run_point(model_dir, 1, weights, args, bw, root / "reports"
-                                            / f"nodes1-{weights}-{threads}thread", threads))
+                    run(1, weights, root / "reports" / f"nodes1-{weights}-{threads}thread",
+                        threads)
     return {"model": {"config": config, "checkpoint_bytes": model_bytes(config),
                       "dir": str(model_dir), "tiny": args.tiny},
             "workload": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": args.new_tokens,
@@ -832,7 +915,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             "bandwidth": bw, "load_average": [load_before, os.getloadavg()[0]],
             "others_cpu_share": others_share(cpu_before, time.perf_counter() - started),
             "outside_method": OUTSIDE_METHOD, "results": points,
-            "reference": reference(points), "scaling": scaling(points),
+            "reference": reference(points), "scaling": scaling(points), "dllama": peers,
             "targets": targets(points, bw, args.tiny)}
 
 

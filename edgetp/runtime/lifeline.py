@@ -89,13 +89,31 @@ def follow_parent(parent_pid: int) -> None:
 
 def _ask_for_death_signal(signum: int) -> bool:
     """``prctl(PR_SET_PDEATHSIG, signum)``; False where there is no such call (not Linux)."""
+    prctl = _prctl()
+    return prctl is not None and int(prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
+
+
+def death_signal_preexec(signum: int) -> Callable[[], None]:
+    """A ``preexec_fn`` for a child that is not edgetp's (it cannot follow its parent itself):
+    Linux sends it ``signum`` when this process ends. libc is looked up here, in the parent,
+    so the forked child only makes the call."""
+    prctl = _prctl()
+
+    def ask() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    return ask
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, or None where there is none (not Linux)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return int(libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
+        return libc.prctl  # type: ignore[no-any-return]
     except (OSError, AttributeError):
-        return False
+        return None
 
 
 def _end_this_process(parent_pid: int) -> None:

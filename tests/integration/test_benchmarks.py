@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import processes
@@ -206,3 +208,119 @@ def test_serving_benchmark_quick_tiny_json() -> None:
                                    / points[1]["aggregate_tokens_per_s"])
     assert throughput["status"] == "met" or throughput["status"].startswith("missed by")
     assert "targets (issue 21):" in proc.stderr and "| N | requests |" in proc.stderr
+
+
+# A stand-in for a built distributed-llama checkout: the benchmark's side of the exchange (the
+# converter's and tokenizer writer's arguments, the processes it starts, the figure it reads)
+# is what these tests check; the real program's figures are in docs/performance.md.
+FAKE_DLLAMA = r'''#!{python}
+import json, os, signal, sys, time
+log = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.jsonl")
+with open(log, "a") as f:
+    f.write(json.dumps({{"pid": os.getpid(), "argv": sys.argv[1:]}}) + "\n")
+args = sys.argv[1:]
+if args[0] == "worker":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(0.1)
+value = lambda name: args[args.index(name) + 1]
+assert os.path.getsize(value("--model")) > 0 and os.path.getsize(value("--tokenizer")) > 0
+if "q40" in value("--model"):
+    print("segmentation fault, somewhere", file=sys.stderr)
+    sys.exit(3)
+nodes = 1 + (len(args) - args.index("--workers") - 1 if "--workers" in args else 0)
+print("Prediction\n    nTokens: 33\n   tokens/s: 1.00 (%.2f ms/tok)" % (100.0 / nodes))
+'''
+FAKE_CONVERTER = r'''import json, pathlib, sys
+source, kind, name = sys.argv[1:4]
+config = json.loads((pathlib.Path(source) / "config.json").read_text())
+assert config["hidden_act"] == "silu" and list(pathlib.Path(source).glob("*.safetensors"))
+pathlib.Path(f"dllama_model_{name}_{kind}.m").write_bytes(b"model")
+'''
+FAKE_TOKENIZER_WRITER = r'''import json
+def writeTokenizer(file, tokens, scores, chatTemplate, bosId, addBos, eosTokens):
+    assert all(isinstance(t, bytes) for t in tokens) and len(scores) == len(tokens)
+    file.write(json.dumps({"n": len(tokens), "bos": bosId, "eos": eosTokens}).encode())
+'''
+
+
+def fake_dllama_checkout(directory: Path) -> Path:
+    (directory / "converter").mkdir(parents=True)
+    binary = directory / "dllama"
+    binary.write_text(FAKE_DLLAMA.format(python=sys.executable))
+    binary.chmod(0o755)
+    (directory / "converter" / "convert-hf.py").write_text(FAKE_CONVERTER)
+    (directory / "converter" / "tokenizer-writer.py").write_text(FAKE_TOKENIZER_WRITER)
+    return directory
+
+
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
+def test_decode_benchmark_runs_distributed_llama_beside_each_point(tmp_path: Path) -> None:
+    checkout = fake_dllama_checkout(tmp_path / "dllama")
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--runs", "2",
+         "--new-tokens", "4", "--dtypes", "float32,bfloat16,int4", "--prefill-tokens", "0",
+         "--one-thread", "", "--dllama", str(checkout), "--keep", str(tmp_path / "work"),
+         "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    points = [p for p in report["results"] if p["weights"] != "bfloat16"]  # dllama has none
+    rows = report["dllama"]
+    assert [(r["nodes"], r["weights"], r["node_threads"]) for r in rows] == [
+        (p["nodes"], p["weights"], p["node_threads"]) for p in points]
+    for row, point in zip(rows, points, strict=True):
+        assert row["edgetp_ms_per_token"] == point["ms_per_token"]
+        if row["weights"] == "int4":  # the fake fails on q40: reported, the benchmark goes on
+            assert row["ms_per_token"] is None and "exited with 3" in row["error"]
+            assert "segmentation fault" in row["error"]
+        else:
+            assert row["error"] is None
+            assert row["run_ms_per_token"] == [100.0 / row["nodes"]] * 2
+            assert row["ms_per_token"] == 100.0 / row["nodes"]
+    calls = [json.loads(line) for line in (checkout / "calls.jsonl").read_text().splitlines()]
+    workers = [c for c in calls if c["argv"][0] == "worker"]
+    inferences = [c for c in calls if c["argv"][0] == "inference"]
+    failing = sum(r["weights"] == "int4" for r in rows)  # a failed run is not repeated
+    assert len(inferences) == 2 * (len(rows) - failing) + failing
+    two_node = [c["argv"] for c in inferences if "--workers" in c["argv"]]
+    assert len(workers) == len(two_node) == 3  # float32's two runs and int4's failed one
+    for worker, argv in zip(workers, two_node, strict=True):  # the root gets its worker's port
+        port = worker["argv"][worker["argv"].index("--port") + 1]
+        assert argv[argv.index("--workers") + 1] == f"127.0.0.1:{port}"
+    threads = {r["nodes"]: r["node_threads"] for r in rows}
+    assert all(w["argv"][w["argv"].index("--nthreads") + 1] == str(threads[2][1])
+               for w in workers)
+    for worker in workers:  # every worker started was ended
+        assert not Path(f"/proc/{worker['pid']}").exists() or \
+            Path(f"/proc/{worker['pid']}/stat").read_text().split()[2] == "Z"
+    assert "distributed-llama beside edgetp" in proc.stderr
+    assert "2 nodes vs 1 device, float32: edgetp" in proc.stderr
+    assert "distributed-llama 0.50x" in proc.stderr
+
+
+def test_decode_benchmark_names_what_a_dllama_checkout_lacks(tmp_path: Path) -> None:
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--dllama",
+         str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"--dllama: no dllama binary in {tmp_path}" in proc.stderr
+    assert "make dllama" in proc.stderr
+
+
+def test_distributed_llama_figure_is_its_prediction_not_its_evaluation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "distributed_llama", ROOT / "benchmarks" / "distributed_llama.py")
+    assert spec is not None and spec.loader is not None
+    peer = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, peer)  # its dataclasses look themselves up
+    spec.loader.exec_module(peer)
+    output = ("🔶 Pred  120 ms Sync    3 ms | Sent   360 kB Recv   414 kB | w14874\n\n"
+              "Evaluation\n   nBatches: 32\n    nTokens: 7\n   tokens/s: 16.17 (61.84 ms/tok)\n"
+              "Prediction\n    nTokens: 33\n   tokens/s: 5.79 (172.82 ms/tok)\n"
+              "⭕ Network is closed\n")  # as distributed-llama 8d624a7 prints it
+    assert peer.parse_prediction(output) == (33, 172.82)
+    with pytest.raises(peer.PeerFailed, match="no 'Prediction' figure"):
+        peer.parse_prediction(output.split("Prediction")[0])
