@@ -536,7 +536,7 @@ def run_peer(peer: DistributedLlama, model_dir: Path, point: dict[str, Any],
                 peer.ms_per_token(model_dir, weights, threads, args.new_tokens))
         row["ms_per_token"] = statistics.median(row["run_ms_per_token"])
         progress(f"run {label}: {row['ms_per_token']:.1f} ms/token")
-    except PeerFailed as exc:
+    except (PeerFailed, OSError) as exc:  # OSError: its programs would not start
         row["error"] = str(exc)
         progress(f"run {label}: failed: {exc}")
     return row

@@ -131,15 +131,16 @@ class DistributedLlama:
         config = json.loads((model_dir / "config.json").read_text())
         tokens = [text for text, _ in sorted(vocab.items(), key=lambda item: item[1])]
         script = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
-                  "w = __import__('tokenizer-writer'); a = json.loads(sys.argv[3]); "
+                  "w = __import__('tokenizer-writer'); a = json.load(sys.stdin); "
                   "f = open(sys.argv[2], 'wb'); "
                   "w.writeTokenizer(f, [t.encode() for t in a['tokens']], "
                   "[-float(i) for i in range(len(a['tokens']))], None, a['bos'], True, "
                   "[a['eos']]); f.close()")
-        args = json.dumps({"tokens": tokens, "bos": config.get("bos_token_id", 1),
-                           "eos": config.get("eos_token_id", 2)})
+        vocabulary = json.dumps({"tokens": tokens, "bos": config.get("bos_token_id", 1),
+                                 "eos": config.get("eos_token_id", 2)})  # too long for argv
         proc = subprocess.run([self.python, "-c", script, str(self.checkout / "converter"),
-                               str(out), args], capture_output=True, text=True, timeout=120)
+                               str(out)], input=vocabulary, capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0 or not out.exists():
             out.unlink(missing_ok=True)
             raise PeerFailed(f"tokenizer-writer.py failed (exit {proc.returncode}):\n"
