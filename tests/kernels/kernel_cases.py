@@ -77,7 +77,8 @@ def float32_bound(terms: float, magnitude: np.ndarray) -> np.ndarray:
 # ---- float32 and bfloat16 ------------------------------------------------------------------
 
 DENSE_SHAPES = [(1, 1), (3, 7), (4, 16), (5, 33), (8, 32), (9, 65), (12, 64), (13, 100),
-                (17, 257), (25, 31), (33, 1000)]
+                (17, 257), (25, 31), (33, 1000),
+                (7, 4127), (6, 8256)]  # x over 16 KiB: float32 rows go several to a pass
 
 
 def f32_cases(rng: np.random.Generator) -> Iterator[Case]:

@@ -39,6 +39,8 @@ def test_the_native_build_passes(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("wrong, right", [
     ("for (int64_t r = 0; r < rows; r++) {\n        const float *wr",
      "for (int64_t r = 0; r + 1 < rows; r++) {\n        const float *wr"),  # a float32 row skipped
+    ("xv[k] = f32_load(x + i + k * F32_LANES);",
+     "xv[k] = f32_load(x + i);"),  # long float32 rows: the wrong part of x
     ("return sum * bf16_to_f32(scale);", "return sum * bf16_to_f32(scale) * 1.0001f;"),
     # a batched row one float32 step off its one-row product: within the reference's
     # tolerance, caught by the bitwise comparison with the one-row kernel

@@ -30,7 +30,8 @@ from edgetp.shard.quant import (
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="no C compiler: the torch path is all there is")
 
-SHAPES = [(1, 1), (3, 16), (7, 37), (96, 160), (130, 64), (64, 1000)]  # tails of rows and cols
+# tails of rows and cols; the last, an x over 16 KiB (float32 rows several to a pass)
+SHAPES = [(1, 1), (3, 16), (7, 37), (96, 160), (130, 64), (64, 1000), (11, 4200)]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

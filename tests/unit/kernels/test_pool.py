@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="no C compiler: the torch path is all there is")
 
 # rows with tails of every row block (48, 64, 12, 8, 4); big enough to be split 3 ways
-SHAPES = [(517, 1024), (1003, 384), (4099, 256)]
+SHAPES = [(517, 1024), (1003, 384), (4099, 256), (203, 5024)]  # the last: rows of long x
 THREADS = (2, 3, 5)
 
 
