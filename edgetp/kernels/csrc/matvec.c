@@ -281,10 +281,47 @@ static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
  * weights, where widening each weight to float32 first costs three. Each row in one pass of
  * four accumulators over consecutive vectors: one sequential stream, as for float32. */
 #define BF16_ONE_ROW 1
-static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *restrict x,
-                                void *restrict y, int64_t rows, int64_t cols, int f32_out) {
+/* Rows of an x over 16 KiB (8192 columns: a 70B model's every product, its down projection's
+ * 28672 columns most) four to a pass, as for float32 (F32_LONG_X_BYTES): one EPYC core
+ * streamed such rows at 21 GB/s one by one against 27-31 for shorter ones. */
+#define BF16_LONG_ROWS 4
+__attribute__((noinline)) static void bf16_long_rows_avx512(const uint16_t *restrict w,
+                                                            const uint16_t *restrict x,
+                                                            void *restrict y, int64_t r0,
+                                                            int64_t cols, int f32_out) {
     int64_t wide_cols = cols - cols % 128, vec_cols = cols - cols % 32;
-    for (int64_t r = 0; r < rows; r++) {
+    __m512 acc[BF16_LONG_ROWS][4];
+    for (int j = 0; j < BF16_LONG_ROWS; j++)
+        for (int k = 0; k < 4; k++) acc[j][k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i < wide_cols; i += 128) {
+        __m512bh xv[4];
+        for (int k = 0; k < 4; k++) xv[k] = (__m512bh)_mm512_loadu_si512(x + i + 32 * k);
+        for (int j = 0; j < BF16_LONG_ROWS; j++) /* a row's 256 bytes at a time */
+            for (int k = 0; k < 4; k++)
+                acc[j][k] = _mm512_dpbf16_ps(
+                    acc[j][k], (__m512bh)_mm512_loadu_si512(w + j * cols + i + 32 * k), xv[k]);
+    }
+    for (; i < vec_cols; i += 32) {
+        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i);
+        for (int j = 0; j < BF16_LONG_ROWS; j++)
+            acc[j][0] = _mm512_dpbf16_ps(acc[j][0], (__m512bh)_mm512_loadu_si512(w + j * cols + i),
+                                         xv);
+    }
+    for (int j = 0; j < BF16_LONG_ROWS; j++) {
+        const uint16_t *wr = w + j * cols;
+        float a = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]),
+                                                     _mm512_add_ps(acc[j][2], acc[j][3])));
+        for (int64_t t = i; t < cols; t++) a += bf16_to_f32(wr[t]) * bf16_to_f32(x[t]);
+        put_row(y, r0 + j, a, f32_out);
+    }
+}
+
+__attribute__((noinline)) static void bf16_rows_one_by_one_avx512(
+    const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y, int64_t from,
+    int64_t rows, int64_t cols, int f32_out) {
+    int64_t wide_cols = cols - cols % 128, vec_cols = cols - cols % 32;
+    for (int64_t r = from; r < rows; r++) {
         const uint16_t *wr = w + r * cols;
         __m512 acc[4];
         for (int k = 0; k < 4; k++) acc[k] = _mm512_setzero_ps();
@@ -301,6 +338,15 @@ static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *rest
         for (; i < cols; i++) a += bf16_to_f32(wr[i]) * bf16_to_f32(x[i]);
         put_row(y, r, a, f32_out);
     }
+}
+
+static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *restrict x,
+                                void *restrict y, int64_t rows, int64_t cols, int f32_out) {
+    int64_t r = 0;
+    if (cols * (int64_t)sizeof(uint16_t) > F32_LONG_X_BYTES)
+        for (; r + BF16_LONG_ROWS <= rows; r += BF16_LONG_ROWS)
+            bf16_long_rows_avx512(w + r * cols, x, y, r, cols, f32_out);
+    bf16_rows_one_by_one_avx512(w, x, y, r, rows, cols, f32_out);
     return rows;
 }
 #endif
@@ -405,6 +451,9 @@ static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, v
 
 #if defined(BF16_ONE_ROW)
 #define BF16_BLOCK 16 /* any split gives each row the same bits: a cache-friendly chunk */
+#if defined(BF16_LONG_ROWS)
+_Static_assert(BF16_BLOCK % BF16_LONG_ROWS == 0, "a chunk starts a pass of long rows");
+#endif
 #else
 #define BF16_BLOCK ROWS
 #endif

@@ -30,8 +30,9 @@ from edgetp.shard.quant import (
 pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="no C compiler: the torch path is all there is")
 
-# tails of rows and cols; the last, an x over 16 KiB (float32 rows several to a pass)
-SHAPES = [(1, 1), (3, 16), (7, 37), (96, 160), (130, 64), (64, 1000), (11, 4200)]
+# tails of rows and cols; the last two: x over 16 KiB in float32, and in bfloat16 too (rows
+# several to a pass)
+SHAPES = [(1, 1), (3, 16), (7, 37), (96, 160), (130, 64), (64, 1000), (11, 4200), (5, 8230)]
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not kernels.available(),
                                 reason="no C compiler: the torch path is all there is")
 
 # rows with tails of every row block (48, 64, 12, 8, 4); big enough to be split 3 ways
-SHAPES = [(517, 1024), (1003, 384), (4099, 256), (203, 5024)]  # the last: rows of long x
+# the last two: x over 16 KiB in float32, then in bfloat16 too (rows several to a pass)
+SHAPES = [(517, 1024), (1003, 384), (4099, 256), (203, 5024), (133, 8320)]
 THREADS = (2, 3, 5)
 
 
