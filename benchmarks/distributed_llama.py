@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgetp.ops.testbed.resources import stop_process
 from edgetp.runtime.lifeline import death_signal_preexec, spawn_tied
 from edgetp.runtime.local import free_port
 
@@ -175,8 +176,8 @@ class DistributedLlama:
         except subprocess.TimeoutExpired as exc:
             raise PeerFailed(f"dllama inference took over {RUN_TIMEOUT_S:g} s") from exc
         finally:
-            for worker in workers:
-                end(worker)
+            for worker in workers:  # it serves one root, then waits for the next forever
+                stop_process(worker)
 
     def _start_worker(self, port: int, threads: int) -> subprocess.Popen[bytes]:
         worker = spawn_tied([str(self.binary), "worker", "--port", str(port), "--nthreads",
@@ -188,14 +189,3 @@ class DistributedLlama:
         except subprocess.TimeoutExpired:
             return worker  # listening
         raise PeerFailed(f"dllama worker on port {port} exited at once ({worker.returncode})")
-
-
-def end(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a worker (it serves one root and then waits for the next, forever)."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
