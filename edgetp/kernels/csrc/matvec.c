@@ -285,10 +285,11 @@ static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
  * 28672 columns most) four to a pass, as for float32 (F32_LONG_X_BYTES): one EPYC core
  * streamed such rows at 21 GB/s one by one against 27-31 for shorter ones. */
 #define BF16_LONG_ROWS 4
-__attribute__((noinline)) static void bf16_long_rows_avx512(const uint16_t *restrict w,
-                                                            const uint16_t *restrict x,
-                                                            void *restrict y, int64_t r0,
-                                                            int64_t cols, int f32_out) {
+#define BF16_LONG_X_BYTES F32_LONG_X_BYTES
+__attribute__((noinline)) static void bf16_long_rows(const uint16_t *restrict w,
+                                                     const uint16_t *restrict x,
+                                                     void *restrict y, int64_t r0,
+                                                     int64_t cols, int f32_out) {
     int64_t wide_cols = cols - cols % 128, vec_cols = cols - cols % 32;
     __m512 acc[BF16_LONG_ROWS][4];
     for (int j = 0; j < BF16_LONG_ROWS; j++)
@@ -317,7 +318,7 @@ __attribute__((noinline)) static void bf16_long_rows_avx512(const uint16_t *rest
     }
 }
 
-__attribute__((noinline)) static void bf16_rows_one_by_one_avx512(
+__attribute__((noinline)) static void bf16_rows_one_by_one(
     const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y, int64_t from,
     int64_t rows, int64_t cols, int f32_out) {
     int64_t wide_cols = cols - cols % 128, vec_cols = cols - cols % 32;
@@ -340,15 +341,6 @@ __attribute__((noinline)) static void bf16_rows_one_by_one_avx512(
     }
 }
 
-static int64_t bf16_rows_avx512(const uint16_t *restrict w, const uint16_t *restrict x,
-                                void *restrict y, int64_t rows, int64_t cols, int f32_out) {
-    int64_t r = 0;
-    if (cols * (int64_t)sizeof(uint16_t) > F32_LONG_X_BYTES)
-        for (; r + BF16_LONG_ROWS <= rows; r += BF16_LONG_ROWS)
-            bf16_long_rows_avx512(w + r * cols, x, y, r, cols, f32_out);
-    bf16_rows_one_by_one_avx512(w, x, y, r, rows, cols, f32_out);
-    return rows;
-}
 #endif
 
 #if !(defined(__AVX512BF16__) && defined(__AVX512BW__)) && (defined(ET_AVX2) || defined(ET_NEON))
@@ -383,6 +375,12 @@ static inline void bf16_widen(const uint16_t *p, float32x4_t *even, float32x4_t 
 #define bf16_add(a, b) vaddq_f32(a, b)
 #define bf16_sum(a, b) vaddvq_f32(vaddq_f32(a, b))
 #endif
+/* Rows of an x of 16 KiB (8192 columns) and more go four to a pass (bf16_long_rows): on
+ * an EPYC core the AVX2 build streamed 14 GB/s of a 70B down projection's rows (28672
+ * columns) and 16-19 of 8192-column ones one by one, 23-26 and 20-22 four to a pass; shorter
+ * rows keep the one-row pass (30 GB/s; four to a pass, their sixteen accumulators spilled out
+ * of AVX2's sixteen registers: 19). */
+#define BF16_LONG_X_BYTES 12288
 /* acc[0..1] += the products of BF16_STEP weights at w and x (even/low, odd/high) */
 static inline void bf16_step(const uint16_t *w, const uint16_t *x, bf16_acc *acc) {
     bf16_acc x_lo, x_hi, w_lo, w_hi;
@@ -391,10 +389,55 @@ static inline void bf16_step(const uint16_t *w, const uint16_t *x, bf16_acc *acc
     acc[0] = bf16_fma(w_lo, x_lo, acc[0]);
     acc[1] = bf16_fma(w_hi, x_hi, acc[1]);
 }
-static int64_t bf16_rows_vec(const uint16_t *restrict w, const uint16_t *restrict x,
-                             void *restrict y, int64_t rows, int64_t cols, int f32_out) {
+/* Four rows of a long x in one pass, each x vector loaded and widened once for the four, each
+ * row with its own four accumulators. A chunk of rows starts at a multiple of BF16_BLOCK, a
+ * multiple of four, so a row takes the same pass (and gets the same bits) however the rows
+ * are split. */
+#define BF16_LONG_ROWS 4
+__attribute__((noinline)) static void bf16_long_rows(const uint16_t *restrict w,
+                                                     const uint16_t *restrict x,
+                                                     void *restrict y, int64_t r0,
+                                                     int64_t cols, int f32_out) {
     int64_t wide_cols = cols - cols % (2 * BF16_STEP), vec_cols = cols - cols % BF16_STEP;
-    for (int64_t r = 0; r < rows; r++) {
+    bf16_acc acc[BF16_LONG_ROWS][4], w_lo, w_hi;
+    for (int j = 0; j < BF16_LONG_ROWS; j++)
+        for (int k = 0; k < 4; k++) acc[j][k] = bf16_zero();
+    int64_t i = 0;
+    for (; i < wide_cols; i += 2 * BF16_STEP) {
+        bf16_acc x_lo[2], x_hi[2]; /* two steps of x, each widened once for the four rows */
+        bf16_widen(x + i, &x_lo[0], &x_hi[0]);
+        bf16_widen(x + i + BF16_STEP, &x_lo[1], &x_hi[1]);
+        for (int j = 0; j < BF16_LONG_ROWS; j++)
+            for (int k = 0; k < 2; k++) {
+                bf16_widen(w + j * cols + i + k * BF16_STEP, &w_lo, &w_hi);
+                acc[j][2 * k] = bf16_fma(w_lo, x_lo[k], acc[j][2 * k]);
+                acc[j][2 * k + 1] = bf16_fma(w_hi, x_hi[k], acc[j][2 * k + 1]);
+            }
+    }
+    for (; i < vec_cols; i += BF16_STEP) {
+        bf16_acc x_lo, x_hi;
+        bf16_widen(x + i, &x_lo, &x_hi);
+        for (int j = 0; j < BF16_LONG_ROWS; j++) {
+            bf16_widen(w + j * cols + i, &w_lo, &w_hi);
+            acc[j][0] = bf16_fma(w_lo, x_lo, acc[j][0]);
+            acc[j][1] = bf16_fma(w_hi, x_hi, acc[j][1]);
+        }
+    }
+    for (int j = 0; j < BF16_LONG_ROWS; j++) {
+        const uint16_t *wr = w + j * cols;
+        float a = bf16_sum(bf16_add(acc[j][0], acc[j][2]), bf16_add(acc[j][1], acc[j][3]));
+        for (int64_t t = i; t < cols; t++) a += bf16_to_f32(wr[t]) * bf16_to_f32(x[t]);
+        put_row(y, r0 + j, a, f32_out);
+    }
+}
+
+__attribute__((noinline)) static void bf16_rows_one_by_one(const uint16_t *restrict w,
+                                                           const uint16_t *restrict x,
+                                                           void *restrict y, int64_t from,
+                                                           int64_t rows, int64_t cols,
+                                                           int f32_out) {
+    int64_t wide_cols = cols - cols % (2 * BF16_STEP), vec_cols = cols - cols % BF16_STEP;
+    for (int64_t r = from; r < rows; r++) {
         const uint16_t *wr = w + r * cols;
         bf16_acc acc[4];
         for (int k = 0; k < 4; k++) acc[k] = bf16_zero();
@@ -408,6 +451,19 @@ static int64_t bf16_rows_vec(const uint16_t *restrict w, const uint16_t *restric
         for (; i < cols; i++) a += bf16_to_f32(wr[i]) * bf16_to_f32(x[i]);
         put_row(y, r, a, f32_out);
     }
+}
+
+#endif
+
+#if defined(BF16_ONE_ROW)
+/* Every row of a bfloat16 product, one by one or (a long x) BF16_LONG_ROWS to a pass. */
+static int64_t bf16_rows(const uint16_t *restrict w, const uint16_t *restrict x,
+                         void *restrict y, int64_t rows, int64_t cols, int f32_out) {
+    int64_t r = 0;
+    if (cols * (int64_t)sizeof(uint16_t) > BF16_LONG_X_BYTES)
+        for (; r + BF16_LONG_ROWS <= rows; r += BF16_LONG_ROWS)
+            bf16_long_rows(w + r * cols, x, y, r, cols, f32_out);
+    bf16_rows_one_by_one(w, x, y, r, rows, cols, f32_out);
     return rows;
 }
 #endif
@@ -415,11 +471,8 @@ static int64_t bf16_rows_vec(const uint16_t *restrict w, const uint16_t *restric
 static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, void *restrict y,
                        int64_t rows, int64_t cols, int f32_out) {
     int64_t r = 0;
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
-    r = bf16_rows_avx512(w, x, y, rows, cols, f32_out);
-    if (r == rows) return 0;
-#elif defined(ET_AVX2) || defined(ET_NEON)
-    r = bf16_rows_vec(w, x, y, rows, cols, f32_out);
+#if defined(BF16_ONE_ROW)
+    r = bf16_rows(w, x, y, rows, cols, f32_out);
     if (r == rows) return 0;
 #endif
     float *restrict xf = scratch_bytes(cols * (int64_t)sizeof(float));
