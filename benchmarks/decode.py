@@ -4,7 +4,8 @@ Run::
 
     .venv/bin/python benchmarks/decode.py [--nodes 1,2] [--dtypes float32,bfloat16,int8,int4]
                                           [--runs N] [--new-tokens N] [--keep DIR] [--json]
-                                          [--tiny] [--secure] [--one-thread float32]
+                                          [--tiny] [--secure] [--paired]
+                                          [--one-thread float32]
                                           [--dllama DISTRIBUTED_LLAMA_CHECKOUT]
 
 1. **Model.** A TinyLlama-1.1B-shaped Llama with random weights (hidden 2048, MLP 5632, 22
@@ -61,6 +62,15 @@ Run::
 ``--dllama DIR``: after each float32 and int4 point, distributed-llama (a checkout the
 user built in ``DIR``) runs the same model with the same nodes and threads per node, and a
 table sets the two side by side (:mod:`distributed_llama`, beside this script).
+
+``--paired``: after each 2-node point, one device alone (one node with the threads each of
+the two nodes has) and the 2 nodes again, both loaded at once and their runs alternating
+(device, 2 nodes, device, ...), with the memory bus measured before each round: the read rate
+of one device's streams and of both nodes' together. On one machine the two nodes share that
+bus, so a round's 2-vs-1 ratio can only beat one device by as much as the bus gives two
+streams over one; runs minutes apart may fall in different phases of a host whose memory rate
+moves. The 2-vs-1 targets then take the median of the rounds' ratios. Both clusters' weights
+are in memory at once (twice the model).
 
 ``--secure``: after each point of more than one node, the same cluster with CURVE keys (the
 allreduce over the sealed data link, edgetp.net.sealedlink) and without run side by side,
@@ -411,12 +421,16 @@ def device_threads(cluster_threads: list[int]) -> int | None:
     return None if share == native.usable_cores() else share
 
 
+def probe_size(tiny: bool) -> tuple[int, float]:
+    """Bytes per stream and seconds per round of a read-rate probe between runs."""
+    return (128 * MiB, 0.1) if tiny else (256 * MiB, 0.5)
+
+
 def node_rates_now(threads: list[int], tiny: bool) -> list[float]:
     """Each node's read rate (GB/s) now: as many streams at once as the nodes' threads
     together, each node its threads' share (the best of three rounds)."""
-    nbytes, seconds = (128 * MiB, 0.1) if tiny else (256 * MiB, 0.5)
     streams = sum(threads)
-    total = read_rates([streams], nbytes, seconds)[streams] / GB
+    total = read_rates([streams], *probe_size(tiny))[streams] / GB
     return [total * t / streams for t in threads]
 
 
@@ -430,17 +444,25 @@ def kernel_rate(bw: dict[str, Any], weights: str, threads: list[int]) -> float:
     return bw["kernel_gbps_2_per_stream"][weights]  # nodes of one thread each (this machine)
 
 
+def point_settings(model_dir: Path, nodes: int, weights: str, args: argparse.Namespace,
+                   threads: int | None) -> BenchSettings:
+    """The bench settings of one point: the workload, weights in bfloat16 computed in bfloat16
+    and every other dtype in float32, ``threads`` per node (None: the defaults)."""
+    compute = "bfloat16" if weights == "bfloat16" else "float32"
+    return BenchSettings(str(model_dir), nodes, None, PROMPT_TOKENS, args.new_tokens,
+                         args.runs, 1, dtype=compute, timeout_s=120.0,
+                         weight_dtype=weights, group_size=GROUP_SIZE, threads=threads,
+                         max_seq_len=max(PROMPT_TOKENS + args.new_tokens,
+                                         args.prefill_tokens + PREFILL_NEW_TOKENS) + 8)
+
+
 def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespace,
               bw: dict[str, Any], out_dir: Path, threads: int | None = None) -> dict[str, Any]:
     """One node count and weight dtype (``threads`` per node, None: the defaults): the bench,
     its floor and its breakdown."""
     rank_dirs = split_for(model_dir, nodes, weights)
-    compute = "bfloat16" if weights == "bfloat16" else "float32"
-    settings = BenchSettings(str(model_dir), nodes, None, PROMPT_TOKENS, args.new_tokens,
-                             args.runs, 1, dtype=compute, timeout_s=120.0,
-                             weight_dtype=weights, group_size=GROUP_SIZE, threads=threads,
-                             max_seq_len=max(PROMPT_TOKENS + args.new_tokens,
-                                             args.prefill_tokens + PREFILL_NEW_TOKENS) + 8)
+    settings = point_settings(model_dir, nodes, weights, args, threads)
+    compute = settings.dtype
     per_node = node_threads(nodes, threads)
     label = f"{nodes} node(s) {weights} threads {'+'.join(map(str, per_node))}"
     progress(f"run {label}: load, 1 warm-up + {args.runs} run(s) of {args.new_tokens} tokens")
@@ -472,6 +494,8 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
              f"node before {before[0]:.1f}, after {after[0]:.1f})")
     if args.secure and nodes > 1:
         point["secure"] = run_secure(settings)
+    if args.paired and nodes == 2 and threads is None:
+        point["paired"] = run_paired(model_dir, weights, args)
     return point
 
 
@@ -494,29 +518,78 @@ def run_decode_and_prefill(settings: BenchSettings, out_dir: Path, prefill_token
     return report, {"ttft_ms": statistics.median(runs), "run_ttft_ms": runs}
 
 
+def alternating_runs(first: BenchSettings, second: BenchSettings, rounds: int,
+                     before_round: Callable[[], dict[str, Any]] | None = None
+                     ) -> list[dict[str, Any]]:
+    """Both clusters up at once and one run of each per round (first, second, first, ...; a
+    warm-up of each before the first round), so load and memory phases that come and go hit
+    both alike. Per round: each run's ms/token and rank 0's allreduce wait (``first_ms``,
+    ``first_allreduce_ms``, ``second_...``), after what ``before_round`` measured."""
+    out = []
+    with bench_cluster(first) as one, bench_cluster(second) as two:
+        for round_ in range(rounds):
+            row = dict(before_round()) if before_round else {}
+            for key, master, settings in (("first", one, first), ("second", two, second)):
+                report, _ = measure_on(master, replace(settings, repeat=1,
+                                                       warmup=1 if round_ == 0 else 0), None)
+                row[f"{key}_ms"] = report["runs"][0]["ms_per_token"]
+                row[f"{key}_allreduce_ms"] = \
+                    report["nodes"][0]["breakdown_ms_per_token"]["allreduce"]
+            out.append(row)
+    gc.collect()
+    return out
+
+
 def run_secure(settings: BenchSettings) -> dict[str, Any]:
-    """The point with CURVE keys against the same without, both clusters up at once and their
-    runs alternating (plain, keys, plain, ...), so load that comes and goes hits both alike:
-    the medians, their ratio and rank 0's allreduce wait."""
+    """The point with CURVE keys against the same without, their runs alternating
+    (:func:`alternating_runs`): the medians, their ratio and rank 0's allreduce wait."""
     progress(f"run {settings.nodes} node(s) {settings.weight_dtype}, plain and with keys "
              f"alternating: load both, 1 warm-up + {settings.repeat} run(s) each")
-    runs: dict[bool, list[float]] = {False: [], True: []}
-    waits: dict[bool, list[float]] = {False: [], True: []}
-    with bench_cluster(settings) as plain, bench_cluster(replace(settings, secure=True)) as keyed:
-        for round_ in range(settings.repeat):
-            for secure, master in ((False, plain), (True, keyed)):
-                one = replace(settings, repeat=1, warmup=1 if round_ == 0 else 0)
-                report, _ = measure_on(master, one, None)
-                runs[secure].append(report["runs"][0]["ms_per_token"])
-                waits[secure].append(report["nodes"][0]["breakdown_ms_per_token"]["allreduce"])
-    gc.collect()
-    plain_ms, ms = statistics.median(runs[False]), statistics.median(runs[True])
+    rounds = alternating_runs(settings, replace(settings, secure=True), settings.repeat)
+    plain = [r["first_ms"] for r in rounds]
+    keyed = [r["second_ms"] for r in rounds]
+    plain_ms, ms = statistics.median(plain), statistics.median(keyed)
     progress(f"run {settings.nodes} node(s) {settings.weight_dtype}: {plain_ms:.1f} ms/token "
              f"plain, {ms:.1f} with keys ({ms / plain_ms:.3f}x)")
-    return {"ms_per_token": ms, "run_ms_per_token": runs[True], "plain_ms_per_token": plain_ms,
-            "plain_run_ms_per_token": runs[False], "ratio": ms / plain_ms,
-            "allreduce_ms": statistics.median(waits[True]),
-            "plain_allreduce_ms": statistics.median(waits[False])}
+    return {"ms_per_token": ms, "run_ms_per_token": keyed, "plain_ms_per_token": plain_ms,
+            "plain_run_ms_per_token": plain, "ratio": ms / plain_ms,
+            "allreduce_ms": statistics.median(r["second_allreduce_ms"] for r in rounds),
+            "plain_allreduce_ms": statistics.median(r["first_allreduce_ms"] for r in rounds)}
+
+
+def bus_rates(device: int, cluster: int, tiny: bool) -> dict[str, float]:
+    """The memory bus now: the total read rate (GB/s) of one device's streams (its threads)
+    and of the cluster's (every node's threads at once), and their quotient, the most a second
+    device on the same bus can add (the best of three rounds each)."""
+    rates = read_rates(sorted({device, cluster}), *probe_size(tiny))
+    one, every = rates[device] / GB, rates[cluster] / GB
+    return {"device_streams_gbps": one, "cluster_streams_gbps": every, "bus_factor": every / one}
+
+
+def run_paired(model_dir: Path, weights: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--paired``: one device alone (one node with a 2-node cluster's threads per node)
+    against the 2-node cluster, both up at once and their runs alternating, the bus measured
+    before each round. None where one node of a cluster's threads is the whole machine."""
+    cluster = node_threads(2, None)
+    device = device_threads(cluster)
+    if device is None:
+        return None
+    progress(f"run 1 device ({device} thread(s)) and 2 nodes of {weights}, alternating: load "
+             f"both, 1 warm-up + {args.runs} run(s) each")
+    rounds = alternating_runs(point_settings(model_dir, 1, weights, args, device),
+                              point_settings(model_dir, 2, weights, args, None), args.runs,
+                              lambda: bus_rates(device, sum(cluster), args.tiny))
+    for r in rounds:
+        r["ratio"] = r["second_ms"] / r["first_ms"]
+    result = {"device_threads": device,
+              "device_ms_per_token": statistics.median(r["first_ms"] for r in rounds),
+              "ms_per_token": statistics.median(r["second_ms"] for r in rounds),
+              "ratio": statistics.median(r["ratio"] for r in rounds), "rounds": rounds}
+    each = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
+    progress(f"run 1 device and 2 nodes of {weights}: {result['device_ms_per_token']:.1f} and "
+             f"{result['ms_per_token']:.1f} ms/token, 2 vs 1 {result['ratio']:.2f}x (rounds "
+             f"{each})")
+    return result
 
 
 def run_peer(peer: DistributedLlama, model_dir: Path, point: dict[str, Any],
@@ -613,6 +686,28 @@ def breakdown(node: dict[str, Any], nbytes: int, gbps: float) -> dict[str, Any]:
 # -- targets and reference ----------------------------------------------------------------------
 
 
+def paired_table(points: list[dict[str, Any]]) -> list[str]:
+    """--paired: each round's bus and the two runs; the 2-vs-1 targets take the median ratio."""
+    rows = [p for p in points if p.get("paired")]
+    if not rows:
+        return []
+    lines = ["", "2 nodes against one device, both up at once and their runs alternating "
+             "(--paired; the 2-vs-1 targets use the median of these rounds' ratios). Bus: the "
+             "read rate of one device's streams and of both nodes' at once, measured before "
+             "each round; on one machine a second node gains at most their quotient", "",
+             "| weights | round | bus: 1 device GB/s | 2 nodes GB/s | bus factor | 1 device "
+             "ms/token | 2 nodes ms/token | 2 vs 1 |", "|---|---|---|---|---|---|---|---|"]
+    for p in rows:
+        paired = p["paired"]
+        for i, r in enumerate(paired["rounds"], 1):
+            lines.append(f"| {p['weights']} | {i} | {r['device_streams_gbps']:.1f} | "
+                         f"{r['cluster_streams_gbps']:.1f} | {r['bus_factor']:.2f}x | "
+                         f"{r['first_ms']:.1f} | {r['second_ms']:.1f} | {r['ratio']:.2f}x |")
+        lines.append(f"| {p['weights']} | median | | | | {paired['device_ms_per_token']:.1f} | "
+                     f"{paired['ms_per_token']:.1f} | {paired['ratio']:.2f}x |")
+    return lines
+
+
 def find(points: list[dict[str, Any]], nodes: int, weights: str,
          threads: int | None = None) -> dict[str, Any] | None:
     """The point of ``nodes`` and ``weights`` run with ``threads`` (None: the defaults)."""
@@ -634,6 +729,8 @@ def target_value(kind: str, points: list[dict[str, Any]], nodes: int,
         other = find(points, 1, "int8")
         ttfts = (point.get("ttft_ms"), other and other.get("ttft_ms"))
         return (ttfts[0] / ttfts[1] if ttfts[0] and ttfts[1] else None), point
+    if kind == "vs1" and point.get("paired"):
+        return point["paired"]["ratio"], point  # the alternating runs: the same bus phases
     other = find(points, 1, weights, threads=1 if kind == "speedup" else
                  device_threads(point["node_threads"]))
     if other is None:
@@ -840,7 +937,8 @@ def scaling_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def human_report(data: dict[str, Any]) -> str:
     return "\n".join(describe(data) + results_table(data["results"])
-                     + scaling_table(data["scaling"]) + prefill_table(data["results"])
+                     + scaling_table(data["scaling"]) + paired_table(data["results"])
+                     + prefill_table(data["results"])
                      + secure_table(data["results"]) + dllama_table(data["dllama"])
                      + reference_table(data["reference"], data["model"]["tiny"])
                      + targets_table(data["targets"]))
@@ -867,6 +965,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--one-thread", default="float32",
                         help="dtypes also run on one node of one thread (default float32; "
                              "'' for none)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run each dtype's one device and 2 nodes again, both loaded and "
+                             "their runs alternating, the memory bus measured each round")
     parser.add_argument("--dllama", type=Path, metavar="DIR",
                         help="a distributed-llama checkout with dllama built: run it beside "
                              "each float32 and int4 point")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -148,6 +149,36 @@ def test_decode_benchmark_secure_table() -> None:
     assert len(keyed["plain_run_ms_per_token"]) == 1  # the plain runs alternate with these
     assert abs(keyed["ratio"] - keyed["ms_per_token"] / keyed["plain_ms_per_token"]) < 1e-9
     assert "with keys (CURVE, the sealed data link)" in proc.stderr
+
+
+@pytest.mark.slow  # tens of seconds: CI runs it with the slow tests
+def test_decode_benchmark_pairs_one_device_with_two_nodes() -> None:
+    """--paired: one device and the 2 nodes loaded at once, their runs alternating, the bus
+    measured before each round; the 2-vs-1 target takes the rounds' median ratio."""
+    if native.usable_cores() < 2:
+        pytest.skip("one core: one node of a 2-node cluster's threads is the whole machine")
+    proc = processes.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--tiny", "--dtypes", "int8",
+         "--runs", "2", "--new-tokens", "4", "--prefill-tokens", "0", "--one-thread", "",
+         "--paired", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(proc.stdout)
+    (two,) = [p for p in data["results"] if p["nodes"] == 2]
+    paired = two["paired"]
+    assert paired["device_threads"] == local_cluster_threads(native.usable_cores(), 2)[-1]
+    assert len(paired["rounds"]) == 2
+    for r in paired["rounds"]:
+        assert r["first_ms"] > 0 and r["second_ms"] > 0
+        assert r["ratio"] == r["second_ms"] / r["first_ms"]
+        assert r["device_streams_gbps"] > 0 and r["cluster_streams_gbps"] > 0
+        assert r["bus_factor"] == r["cluster_streams_gbps"] / r["device_streams_gbps"]
+    assert paired["ratio"] == statistics.median(r["ratio"] for r in paired["rounds"])
+    (target,) = [t for t in data["targets"] if t["kind"] == "vs1" and t["weights"] == "int8"]
+    assert target["value"] == paired["ratio"]
+    assert "2 nodes against one device, both up at once and their runs alternating" \
+        in proc.stderr
 
 
 @pytest.mark.slow

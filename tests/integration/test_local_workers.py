@@ -170,6 +170,7 @@ def test_generate_from_a_directory_holding_a_folder_named_edgetp(
 # -- a worker waiting for its master -------------------------------------------------------------
 
 
+@pytest.mark.slow  # two waiting reports are 10 s apart: CI runs it with the slow tests
 def test_a_worker_without_its_master_says_where_it_waits(tmp_path: Path) -> None:
     [_, rank1] = split_checkpoint(DEMO_MODEL_DIR, tmp_path / "split", 2).rank_dirs
     address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there

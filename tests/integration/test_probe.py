@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from edgetp.cli.main import main
@@ -13,6 +14,7 @@ from edgetp.kernels import native as kernels
 from edgetp.shard.split import split_checkpoint
 
 
+@pytest.mark.slow  # 20 s of measuring: CI runs it with the slow tests
 def test_probe_quick_writes_a_loadable_profile(tiny_model_dir, tmp_path):
     model_dir, _ = tiny_model_dir("llama3")
     split = split_checkpoint(model_dir, tmp_path / "split", 2).out_dir

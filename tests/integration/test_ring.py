@@ -17,7 +17,7 @@ def generate(master: Master, prompt: str, tokens: int = 32) -> list[int]:
     return master.generate(Prompt(prompt), SamplingConfig(), gen).token_ids
 
 
-@pytest.mark.parametrize("nodes", [2, 4])
+@pytest.mark.parametrize("nodes", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_ring_and_star_give_identical_generations(tmp_path: Path, nodes: int) -> None:
     prompts = [demo_prompt(3, 5), demo_prompt(7, 1)]
     results = {}

@@ -98,7 +98,8 @@ def test_sigterm_stops_an_idle_server_and_its_workers(tmp_path: Path) -> None:
     assert_exits_on_sigterm(proc, workers)
 
 
-@pytest.mark.parametrize("worker_state", ["running", "stuck"])
+@pytest.mark.parametrize("worker_state", ["running",
+                                          pytest.param("stuck", marks=pytest.mark.slow)])
 def test_sigterm_stops_a_server_in_the_middle_of_a_request(tmp_path: Path,
                                                            worker_state: str) -> None:
     """Also when the worker is stuck in the step (stopped here by SIGSTOP): the step would
