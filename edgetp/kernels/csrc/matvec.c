@@ -279,7 +279,7 @@ static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 /* vdpbf16ps multiplies pairs of bfloat16 and adds them into float32: one instruction per 32
  * weights, where widening each weight to float32 first costs three. Each row in one pass of
- * accumulators over consecutive vectors: one sequential stream, as for float32. */
+ * two accumulators over consecutive vectors (bf16_rows_one_by_one): one sequential stream. */
 #define BF16_ONE_ROW 1
 /* Rows of an x over 16 KiB (8192 columns: a 70B model's every product, its down projection's
  * 28672 columns most) four to a pass, as for float32 (F32_LONG_X_BYTES): one EPYC core
