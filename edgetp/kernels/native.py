@@ -61,7 +61,7 @@ STEP_SOURCE = SOURCE.parent / "step.c"  # a layer half's step in one call (kerne
 SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE, STEP_SOURCE)
 ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
 WAIT_MAX_FDS = 64  # sockets one spinning wait watches (SPIN_FDS_MAX in csrc/spinwait.c)
-ABI_VERSION = 6
+ABI_VERSION = 7
 MAX_BATCH_ROWS = 8  # x rows a batched C product takes at once (ET_MAX_BATCH in csrc)
 # reassociation lets the compiler vectorize the dot products' sums (rounding like a BLAS)
 COMMON_FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fassociative-math",
@@ -178,18 +178,18 @@ def _declare(library: ctypes.CDLL) -> None:
     library.et_rmsnorm_rows.restype = None
     library.et_rmsnorm_rows.argtypes = [_P, _I64, _P, ctypes.c_int, _P, ctypes.c_int, _I64,
                                         _I64, ctypes.c_float]
-    library.et_attend_one_f32.restype = None
     library.et_dequant_i4_bf16_t.restype = None
     library.et_dequant_i4_bf16_t.argtypes = [_P, _P, _I64, _P, _I64, _I64, _I64,
                                              ctypes.c_int]
     library.et_dequant_i8_blocks_bf16.restype = None
     library.et_dequant_i8_blocks_bf16.argtypes = [_P] * 4 + [_I64] * 2
-    library.et_attend_one_f32.argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
+    for name in ("et_attend_one_f32", "et_attend_one_bf16"):
+        getattr(library, name).restype = None
+        getattr(library, name).argtypes = [_P] * 7 + [_I64] * 5 + [ctypes.c_float, _P, _P]
     library.et_wait_readable.argtypes = [_P, ctypes.c_int, _I64, ctypes.c_int]
-    library.et_silu_mul_f32.restype = None
-    library.et_add_f32.restype = None
-    library.et_add_f32.argtypes = [_P, _P, _P, _I64]
-    library.et_silu_mul_f32.argtypes = [_P, _P, _I64]
+    for name in ("et_silu_mul_f32", "et_silu_mul_bf16", "et_add_f32", "et_add_f32_bf16"):
+        getattr(library, name).restype = None
+        getattr(library, name).argtypes = [_P, _P, _P, _I64] if "add" in name else [_P, _P, _I64]
     library.et_step_run.restype = _I64
     library.et_step_run.argtypes = [_P, _I64, _P, _P, _I64, _P, _P, _P, _P]
     library.et_exchange_f32.restype = _I64
@@ -348,48 +348,63 @@ def rmsnorm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.T
     return True
 
 
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16)  # the dtypes of the decode step's C ops
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    """``gate`` = silu(gate) * up in place, float32 rows [T, n] (contiguous), every element by
-    the same scalar code (``csrc/step.c``), so a row's values do not depend on the rows beside
-    it; False (nothing done) when the C library is unavailable or the tensors are others."""
+    """``gate`` = silu(gate) * up in place, float32 or bfloat16 rows [T, n] (contiguous, one
+    dtype; bfloat16 rounded where torch's bfloat16 ops round), every element by the same
+    scalar code (``csrc/step.c``), so a row's values do not depend on the rows beside it;
+    False (nothing done) when the C library is unavailable or the tensors are others."""
     lib = library()
-    if (lib is None or gate.dtype != torch.float32 or up.dtype != torch.float32
+    if (lib is None or gate.dtype not in COMPUTE_DTYPES or up.dtype != gate.dtype
             or gate.shape != up.shape or not gate.is_contiguous() or not up.is_contiguous()):
         return False
-    lib.et_silu_mul_f32(gate.data_ptr(), up.data_ptr(), gate.numel())
+    kernel = lib.et_silu_mul_f32 if gate.dtype == torch.float32 else lib.et_silu_mul_bf16
+    kernel(gate.data_ptr(), up.data_ptr(), gate.numel())
     return True
 
 
 def add_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``out`` = a + b, float32 tensors of one shape, contiguous (``csrc/step.c``: a loop and
-    a ctypes call, where torch's dispatch costs tens of microseconds with its code out of the
-    caches between two decode products); torch.add (the same bits) without the library."""
+    """``out`` = a + b, float32 ``a`` and ``out`` and a float32 or bfloat16 ``b`` of one shape,
+    contiguous (``csrc/step.c``: a loop and a ctypes call, where torch's dispatch costs tens of
+    microseconds with its code out of the caches between two decode products); torch.add (the
+    same bits) without the library."""
     lib = library()
-    if (lib is None or not all(t.dtype == torch.float32 and t.is_contiguous()
-                               and t.numel() == out.numel() for t in (a, b, out))):
+    if (lib is None or b.dtype not in COMPUTE_DTYPES
+            or not all(t.is_contiguous() and t.numel() == out.numel() for t in (a, b, out))
+            or a.dtype != torch.float32 or out.dtype != torch.float32):
         return torch.add(a, b, out=out)
-    lib.et_add_f32(a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel())
+    kernel = lib.et_add_f32 if b.dtype == torch.float32 else lib.et_add_f32_bf16
+    kernel(a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel())
     return out
 
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                caches: tuple[torch.Tensor, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
                position: int, scale: float, scratch: torch.Tensor, out: torch.Tensor) -> bool:
-    """One float32 query position's attention in one call (``csrc/decode_ops.c``): RoPE on q
-    [1, H, hd] and k [1, KV, hd] in place, k and v into the ``caches`` ([KV, S, hd] each) at
-    ``position``, softmax(q . keys * scale) . values over positions 0..position into ``out``
-    [H * hd], each query head reading KV head ``h // (H // KV)``. ``cos``, ``sin``: [1, hd];
-    ``scratch``: at least position + 1 floats. False (nothing done) when the library is
-    unavailable, or ``position`` is past the cache or :data:`ATTEND_MAX_POSITIONS`."""
+    """One query position's attention in one call (``csrc/decode_ops.c``): RoPE on q [1, H, hd]
+    and k [1, KV, hd] in place, k and v into the ``caches`` ([KV, S, hd] each) at ``position``,
+    softmax(q . keys * scale) . values over positions 0..position into ``out`` [H * hd], each
+    query head reading KV head ``h // (H // KV)``. q, k, v, the caches and ``out`` are all
+    float32 or all bfloat16 (RoPE rounded as the model's bfloat16 :func:`apply_rope`, the
+    attention in float32, ``out`` rounded once); ``cos``, ``sin``: float32 [1, hd];
+    ``scratch``: float32, at least position + 1 values. False (nothing done) when the library
+    is unavailable, the dtypes are others, or ``position`` is past the cache or
+    :data:`ATTEND_MAX_POSITIONS`."""
     lib = library()
     k_cache, v_cache = caches
     if lib is None or not 0 <= position < min(ATTEND_MAX_POSITIONS, k_cache.shape[1]):
         return False  # past the cache: the torch path's slice assignment says so
+    dtype = q.dtype
+    if (dtype not in COMPUTE_DTYPES or any(t.dtype != dtype for t in (k, v, k_cache, v_cache, out))
+            or scratch.dtype != torch.float32):
+        return False
     heads, kv_heads, hd = q.shape[-2], k.shape[-2], q.shape[-1]
-    lib.et_attend_one_f32(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(),
-                          v_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(), heads, kv_heads,
-                          hd, position, k_cache.shape[1], scale, scratch.data_ptr(),
-                          out.data_ptr())
+    kernel = lib.et_attend_one_f32 if dtype == torch.float32 else lib.et_attend_one_bf16
+    kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+           cos.data_ptr(), sin.data_ptr(), heads, kv_heads, hd, position, k_cache.shape[1],
+           scale, scratch.data_ptr(), out.data_ptr())
     return True
 
 

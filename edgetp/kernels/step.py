@@ -1,8 +1,9 @@
-"""A float32 decode step's layer half as one C call: programs of operations (``csrc/step.c``).
+"""A decode step's layer half as one C call: programs of operations (``csrc/step.c``).
 
 Between two allreduces, a layer's one-token step is a fixed run of small work: a norm, a few
-matrix-vector products, attention or the activation. Op by op from Python each costs its
-checks and its ctypes call; :class:`StepProgram` describes the run once (an array of C
+matrix-vector products, attention or the activation, in float32 or in the bfloat16 compute
+dtype (bfloat16 activations and cache, float32 residual stream). Op by op from Python each
+costs its checks and its ctypes call; :class:`StepProgram` describes the run once (an array of C
 structs whose pointers are the program's own buffers and the layer's weights) and runs it
 with one call, GIL released. Every op calls the same C function the op-by-op path does (the
 bias and residual additions are plain float adds, torch.add's bits), so a program gives
@@ -49,6 +50,17 @@ class ProductKind(IntEnum):
     I8_LOWS = 3  # I8_B32 plus a float16 low end per block
     I4_BF16 = 4  # int4 tiled codes, bfloat16 (scale, zero) pairs per group
     I4_F32 = 5  # ... float32 pairs
+    BF16 = 6  # bfloat16 [rows, cols], bfloat16 x, y and bias (the bfloat16 compute dtype)
+
+
+BF16_KIND = 1  # an op's kind for bfloat16 arrays (NORM, ATTEND, SILU_MUL, ADD's second input)
+
+
+def dtype_kind(dtype: torch.dtype) -> int:
+    """An op's kind for arrays of ``dtype``: 0 float32, BF16_KIND bfloat16."""
+    if dtype not in native.COMPUTE_DTYPES:
+        raise ValueError(f"a step program computes in float32 or bfloat16, not {dtype}")
+    return BF16_KIND if dtype == torch.bfloat16 else 0
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class StepProduct:
     cols: int
     scale: torch.Tensor | None = None
     low: torch.Tensor | None = None
-    bias: torch.Tensor | None = None  # float32 [rows], added to the product
+    bias: torch.Tensor | None = None  # [rows] in the activations' dtype, added to the product
     group: int = 0
 
     def __post_init__(self) -> None:
@@ -78,18 +90,28 @@ class StepProduct:
         """What a program must keep alive while it points at this product's memory."""
         return [t for t in (self.weight, self.scale, self.low, self.bias) if t is not None]
 
+    @property
+    def activation(self) -> torch.dtype:
+        """The dtype of x and y: bfloat16 for a bfloat16 weight, float32 for every other."""
+        return torch.bfloat16 if self.kind == ProductKind.BF16 else torch.float32
+
 
 def float_product(weight: torch.Tensor, bias: torch.Tensor | None) -> StepProduct | None:
-    """A float32 linear's product, or None when the C loops would not take it."""
-    if not (weight.dtype == torch.float32 and weight.dim() == 2 and weight.is_contiguous()
-            and weight.device.type == "cpu" and not weight.is_meta and good_bias(bias, weight)):
+    """A float32 or bfloat16 linear's product (its activations in the weight's dtype), or None
+    when the C loops would not take it."""
+    if not (weight.dtype in native.COMPUTE_DTYPES and weight.dim() == 2
+            and weight.is_contiguous() and weight.device.type == "cpu" and not weight.is_meta
+            and good_bias(bias, weight)):
         return None
-    return StepProduct(ProductKind.F32, weight, weight.shape[0], weight.shape[1], bias=bias)
+    kind = ProductKind.F32 if weight.dtype == torch.float32 else ProductKind.BF16
+    return StepProduct(kind, weight, weight.shape[0], weight.shape[1], bias=bias)
 
 
 def good_bias(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
-    """None, or a float32 [rows] contiguous bias a program can add in C."""
-    return bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()
+    """None, or a [rows] contiguous bias of the weight's dtype a program can add in C (a
+    quantized weight's: float32)."""
+    dtype = weight.dtype if weight.dtype in native.COMPUTE_DTYPES else torch.float32
+    return bias is None or (bias.dtype == dtype and bias.is_contiguous()
                             and bias.device.type == "cpu"
                             and tuple(bias.shape) == (weight.shape[0],))
 
@@ -111,8 +133,13 @@ def _op(code: Code, pointers: Sequence[int | None], sizes: Sequence[int], f: flo
 
 def norm_op(x: torch.Tensor | None, weight: torch.Tensor, out: torch.Tensor, eps: float
             ) -> StepOp:
-    """out [1, d] = RMSNorm(x [1, d]) with float32 ``weight`` [d]; x None: the run's input."""
-    return _op(Code.NORM, [_address(x), weight.data_ptr(), out.data_ptr()], [out.numel()], eps)
+    """out [1, d] = RMSNorm(float32 x [1, d]) with ``weight`` [d], ``out`` in the weight's
+    dtype (float32 or bfloat16, :func:`native.rmsnorm_rows`'s bits); x None: the run's input."""
+    if out.dtype != weight.dtype:
+        raise ValueError(f"a norm's output is in its weight's dtype ({weight.dtype}), "
+                         f"not {out.dtype}")
+    return _op(Code.NORM, [_address(x), weight.data_ptr(), out.data_ptr()], [out.numel()], eps,
+               dtype_kind(weight.dtype))
 
 
 def product_op(product: StepProduct, x: torch.Tensor | None, out: torch.Tensor) -> StepOp:
@@ -141,18 +168,23 @@ def attend_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: torch.T
     ``shape.capacity`` floats."""
     pointers = [q.data_ptr(), k.data_ptr(), v.data_ptr(), scores.data_ptr(), out.data_ptr()]
     sizes = [shape.heads, shape.kv_heads, shape.head_dim, shape.capacity, shape.limit]
-    return _op(Code.ATTEND, pointers, sizes, shape.head_dim**-0.5)
+    return _op(Code.ATTEND, pointers, sizes, shape.head_dim**-0.5, dtype_kind(q.dtype))
 
 
-def add_op(a: torch.Tensor | None, b: torch.Tensor | None, out: torch.Tensor) -> StepOp:
-    """out = a + b, float32 [1, n] each (:func:`native.add_rows`'s bits); a None: the run's
-    input, b None: its second input."""
-    return _op(Code.ADD, [_address(a), _address(b), out.data_ptr()], [out.numel()])
+def add_op(a: torch.Tensor | None, b: torch.Tensor | None, out: torch.Tensor,
+           b_dtype: torch.dtype = torch.float32) -> StepOp:
+    """out = a + b [1, n] (:func:`native.add_rows`'s bits): float32 ``a`` and ``out``, ``b``
+    float32 or bfloat16 (``b_dtype``, b's own when given); a None: the run's input, b None:
+    its second input."""
+    kind = dtype_kind(b.dtype if b is not None else b_dtype)
+    return _op(Code.ADD, [_address(a), _address(b), out.data_ptr()], [out.numel()], kind=kind)
 
 
 def silu_mul_op(gate: torch.Tensor, up: torch.Tensor) -> StepOp:
-    """gate = silu(gate) * up, float32 [1, n] each (:func:`native.silu_mul`'s code)."""
-    return _op(Code.SILU_MUL, [gate.data_ptr(), up.data_ptr()], [gate.numel()])
+    """gate = silu(gate) * up, [1, n] each, float32 or bfloat16 (:func:`native.silu_mul`'s
+    code)."""
+    return _op(Code.SILU_MUL, [gate.data_ptr(), up.data_ptr()], [gate.numel()],
+               kind=dtype_kind(gate.dtype))
 
 
 class StepProgram:

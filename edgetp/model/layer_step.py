@@ -1,4 +1,4 @@
-"""A decoder layer's float32 one-token step in two C calls: :class:`LayerStep`.
+"""A decoder layer's one-token step in two C calls: :class:`LayerStep`.
 
 A decode step's layer is two halves, each ending in a product whose output may need an
 allreduce (the row-parallel o and down projections of a tensor-parallel rank):
@@ -11,7 +11,9 @@ Each half runs as one :class:`~edgetp.kernels.step.StepProgram` (the same C func
 op-by-op path calls, so the same bits); between them the layer's own linears finish their
 products (``finish``: the allreduce of a row-parallel rank, nothing for a whole linear) and
 the last residual addition is one C call. A layer gets a step only when every piece has its C
-form: float32 norms and cache, uniform head groups, linears that describe their product
+form: norms, cache and every product's activations in one compute dtype (float32, or
+bfloat16: then the products, attention and cache are bfloat16 and the residual stream stays
+float32, as op by op), uniform head groups, linears that describe their product
 (``step_product``) and no hooks on the attention or MLP modules (the window's, which swap
 weights in per use). Otherwise, and for a position the C attention does not take, the layer
 runs op by op as before.
@@ -91,9 +93,9 @@ def _signature(layer: DecoderLayer) -> tuple[tuple[nn.Module | None, ...], list[
                     for m in pieces if m is not None for name in HELD]
 
 
-def _buffer(*shape: int) -> torch.Tensor:
+def _buffer(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     with torch.inference_mode(False):  # usable in and out of inference mode
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,8 @@ class _Kept:
 
 
 def decode_step_of(layer: DecoderLayer) -> LayerStep | None:
-    """The layer's float32 one-row step, built on first use and again when its pieces, their
-    tensors or its cache changed; None where some piece has no C form or hooks are on."""
+    """The layer's one-row step, built on first use and again when its pieces, their tensors
+    or its cache changed; None where some piece has no C form or hooks are on."""
     if hooked(layer):
         return None
     kept: _Kept | None = layer.__dict__.get("_decode_step")
@@ -129,14 +131,18 @@ class LayerStep:
         q, k, v, o, gate, up, down = products
         d, inner = o.rows, gate.rows
         self.width = d
+        self.compute = compute = q.activation  # the products', norms' and cache's dtype
         self.capacity = attn.k_cache.shape[1]  # type: ignore[union-attr]
         shape = AttentionShape(attn.n_heads, attn.n_kv_heads, attn.head_dim, self.capacity,
                                limit)
+
+        def row(width: int) -> torch.Tensor:  # [1, width], an activation of the compute dtype
+            return _buffer(1, width, dtype=compute)
+
         # attention half: x [1, d] -> normed [1, d] -> q [1, H*hd], k, v [1, KV*hd]
-        # -> attended [1, H*hd] -> partial [1, d]
-        normed, qo, ko, vo = _buffer(1, d), _buffer(1, q.rows), _buffer(1, k.rows), _buffer(
-            1, v.rows)
-        attended, scores, partial = _buffer(1, q.rows), _buffer(self.capacity), _buffer(1, d)
+        # -> attended [1, H*hd] -> partial [1, d]; x float32, the others of the compute dtype
+        normed, qo, ko, vo = row(d), row(q.rows), row(k.rows), row(v.rows)
+        attended, scores, partial = row(q.rows), _buffer(self.capacity), row(d)
         norm_w = layer.input_layernorm.weight.detach()  # its memory, whatever is bound later
         self.attention = StepProgram(
             [norm_op(None, norm_w, normed, layer.input_layernorm.eps), product_op(q, normed, qo),
@@ -146,13 +152,13 @@ class LayerStep:
              *(t for p in products[:4] for t in p.tensors())])
         self.attention_partial = partial
         # MLP half: h, attended [1, d] -> mid [1, d] -> normed [1, d] -> gate, up [1, inner]
-        # -> partial [1, d]
+        # -> partial [1, d]; h, mid and out float32 (the residual stream), the others of the
+        # compute dtype
         self.mid, self.out = _buffer(1, d), _buffer(1, d)
-        normed2, gated, upped, partial2 = _buffer(1, d), _buffer(1, inner), _buffer(1, inner), \
-            _buffer(1, d)
+        normed2, gated, upped, partial2 = row(d), row(inner), row(inner), row(d)
         norm2_w = layer.post_attention_layernorm.weight.detach()
         self.mlp = StepProgram(
-            [add_op(None, None, self.mid),
+            [add_op(None, None, self.mid, compute),
              norm_op(self.mid, norm2_w, normed2, layer.post_attention_layernorm.eps),
              product_op(gate, normed2, gated), product_op(up, normed2, upped),
              silu_mul_op(gated, upped), product_op(down, gated, partial2)],
@@ -166,30 +172,32 @@ class LayerStep:
         attn = layer.self_attn
         norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         pieces = _pieces(layer)
+        compute = norms[0].dtype  # a norm's output is in its weight's dtype
         if (not native.available() or hooked(layer) or any(p is None for p in pieces)
                 or not attn.uniform_groups or attn.k_cache is None
-                or attn.k_cache.dtype != torch.float32
-                or any(w.dtype != torch.float32 or not w.is_contiguous() for w in norms)):
+                or compute not in native.COMPUTE_DTYPES or attn.k_cache.dtype != compute
+                or any(w.dtype != compute or not w.is_contiguous() for w in norms)):
             return None
         linears = [p for p in (*pieces[1:5], *pieces[6:]) if p is not None]
         products = _products(linears)
-        if products is None or not shapes_agree(layer, products):
+        if (products is None or any(p.activation != compute for p in products)
+                or not shapes_agree(layer, products)):
             return None
         return cls(layer, products, attn.native_positions(attn.k_cache.shape[1]))
 
     def __call__(self, layer: DecoderLayer, h: torch.Tensor, position: int, cos: torch.Tensor,
                  sin: torch.Tensor, slot: int) -> torch.Tensor | None:
-        """One float32 row h [1, d] through ``layer`` (the one it was built for) -> [1, d] (a
-        buffer of this step's); None before any allreduce when the C attention does not take
-        ``position`` or a product failed part way (the layer then runs op by op, writing the
-        same cache entries again)."""
+        """One float32 row h [1, d] (the residual stream) through ``layer`` (the one it was
+        built for) -> float32 [1, d] (a buffer of this step's); None before any allreduce
+        when the C attention does not take ``position`` or a product failed part way (the
+        layer then runs op by op, writing the same cache entries again)."""
         attn, mlp = layer.self_attn, layer.mlp
         caches = attn.cache_of(slot)
         if not (h.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
                 and self.attention.run(h, position, caches, cos, sin)):
             return None
         attended = cast(SteppedLinear, attn.o_proj).finish(self.attention_partial)  # [1, d]
-        if (attended.dtype == torch.float32 and attended.is_contiguous()
+        if (attended.dtype == self.compute and attended.is_contiguous()
                 and attended.numel() == self.width and self.mlp.run(h, second=attended)):
             ffn = cast(SteppedLinear, mlp.down_proj).finish(self.mlp_partial)  # mid came first
         else:  # an op failed part way (no memory): the module computes it as usual

@@ -33,6 +33,13 @@ def one_float_row(x: torch.Tensor) -> bool:
     return x.shape[0] == 1 and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
+def one_compute_row(x: torch.Tensor) -> bool:
+    """A decode step's activations in a dtype the C decode ops compute in (float32 or
+    bfloat16; one row, no autograd): the attention and the activation then run in C."""
+    return (x.shape[0] == 1 and x.dtype in kernels.COMPUTE_DTYPES
+            and not torch.is_grad_enabled())
+
+
 @dataclass(frozen=True)
 class DecodeBatch:
     """The sequences of a decode batch's rows: row i is the newest token of the sequence whose
@@ -255,17 +262,18 @@ class Attention(nn.Module):
     def _attend_natively(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          position: int, cos: torch.Tensor, sin: torch.Tensor,
                          caches: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
-        """A float32 decode step's RoPE, cache write and attention in one C call (q [1, H*hd],
-        k and v [1, KV*hd]) -> [1, H*hd] in a kept buffer; None where it does not apply (more
-        rows, other dtypes, irregular head groups, a sliding window's mask, a long context,
-        no C library): the torch path then runs."""
-        if (not one_float_row(q) or not self.uniform_groups or caches[0].dtype != torch.float32
+        """A decode step's RoPE, cache write and attention in one C call (q [1, H*hd], k and
+        v [1, KV*hd], float32 or bfloat16 as the cache) -> [1, H*hd] in a kept buffer; None
+        where it does not apply (more rows, other dtypes, irregular head groups, a sliding
+        window's mask, a long context, no C library): the torch path then runs."""
+        if (not one_compute_row(q) or not self.uniform_groups or caches[0].dtype != q.dtype
                 or position >= self.native_positions(caches[0].shape[1])
                 or not all(x.is_contiguous() for x in (q, k, v, cos, sin))):
             return None
         hd, heads, kv_heads = self.head_dim, self.n_heads, self.n_kv_heads
         out = step_buffer(self, "_native_out", (1, heads * hd), q)  # [1, H*hd]
-        scratch = step_buffer(self, "_native_scores", (caches[0].shape[1],), q)  # [S]
+        # [S] float32 scores whatever the compute dtype (cos is a float32 table's row)
+        scratch = step_buffer(self, "_native_scores", (caches[0].shape[1],), cos)
         if not kernels.attend_one(q.view(1, heads, hd), k.view(1, kv_heads, hd), v, caches,
                                   cos, sin, position, hd**-0.5, scratch, out):
             return None
@@ -328,12 +336,13 @@ class MLP(nn.Module):
         self.down_proj: nn.Module = nn.Linear(inner, d, bias=bias)  # or a row-parallel one
 
     def forward(self, x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-        """x: [T, d] -> [T, d]. ``per_row`` (a decode batch) and a float32 one-row step: the
-        activation as a decode step's program computes it (``kernels.silu_mul``: one scalar
-        loop, so a row's values do not depend on the rows beside it); without the C library
-        row by row in torch (silu's vector loop and its scalar tail compute exp differently,
-        so on [B, inner] an element could land in the other one)."""
-        if not per_row and not one_float_row(x):  # gate and up are this call's own
+        """x: [T, d] -> [T, d]. ``per_row`` (a decode batch) and a one-row step (float32 or
+        bfloat16): the activation as a decode step's program computes it
+        (``kernels.silu_mul``: one scalar loop, so a row's values do not depend on the rows
+        beside it); without the C library row by row in torch (silu's vector loop and its
+        scalar tail compute exp differently, so on [B, inner] an element could land in the
+        other one)."""
+        if not per_row and not one_compute_row(x):  # gate and up are this call's own
             gated = F.silu(self.gate_proj.forward(x), inplace=True).mul_(self.up_proj.forward(x))
             return self.down_proj.forward(gated)  # gated: [T, inner]
         gate, up = self.gate_proj.forward(x), self.up_proj.forward(x)  # [B, inner] each

@@ -1,10 +1,13 @@
-/* A decode step's small float32 operations, each one call instead of a handful of torch ops.
+/* A decode step's small operations, each one call instead of a handful of torch ops.
  *
  * One token through a layer is seven matrix-vector products (csrc/matvec.c) and, between them,
  * a norm, RoPE, the KV cache write and attention over the cached positions: small work whose
  * cost in torch is per operation, not per byte (each op a few microseconds of dispatch; 30-40
- * of them a layer, 0.3-0.6 ms a layer on the development machine). Here each is one loop. Every function is deterministic: a row's result depends on that row alone (a decode
- * batch's rows, computed one by one, equal their one-row steps bitwise).
+ * of them a layer, 0.3-0.6 ms a layer on the development machine). Here each is one loop, in
+ * float32 or in the bfloat16 compute dtype (bfloat16 arrays, float32 arithmetic, rounded where
+ * the model's bfloat16 torch ops round). Every function is deterministic: a row's result
+ * depends on that row alone (a decode batch's rows, computed one by one, equal their one-row
+ * steps bitwise).
  */
 #include <math.h>
 #include <string.h>
@@ -31,50 +34,6 @@ static void rope(float *x, int64_t heads, int64_t hd, const float *cos, const fl
             float a = x1[i], b = x2[i];
             x1[i] = a * cos[i] - b * sin[i];
             x2[i] = b * cos[i] + a * sin[i];
-        }
-    }
-}
-
-static float dot(const float *a, const float *b, int64_t n) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-/* One query position's attention, grouped (query head h reads KV head h / (heads / kv_heads)):
- * RoPE on q [heads, hd] and k [kv_heads, hd] in place, k and v [kv_heads, hd] written to the
- * caches [kv_heads, capacity, hd] at position `pos`, then softmax(q . keys * scale) . values
- * over positions 0..pos into out [heads, hd]. `scores` holds pos + 1 floats. */
-void et_attend_one_f32(float *q, float *k, const float *v, float *k_cache, float *v_cache,
-                       const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
-                       int64_t hd, int64_t pos, int64_t capacity, float scale, float *scores,
-                       float *out) {
-    rope(q, heads, hd, cos, sin);
-    rope(k, kv_heads, hd, cos, sin);
-    for (int64_t g = 0; g < kv_heads; g++)
-        for (int64_t i = 0; i < hd; i++) {
-            k_cache[(g * capacity + pos) * hd + i] = k[g * hd + i];
-            v_cache[(g * capacity + pos) * hd + i] = v[g * hd + i];
-        }
-    int64_t group = heads / kv_heads, seen = pos + 1;
-    for (int64_t h = 0; h < heads; h++) {
-        const float *query = q + h * hd;
-        const float *keys = k_cache + (h / group) * capacity * hd;
-        const float *values = v_cache + (h / group) * capacity * hd;
-        float peak = -INFINITY, total = 0.0f;
-        for (int64_t t = 0; t < seen; t++) {
-            scores[t] = dot(query, keys + t * hd, hd) * scale;
-            if (scores[t] > peak) peak = scores[t];
-        }
-        for (int64_t t = 0; t < seen; t++) {
-            scores[t] = expf(scores[t] - peak);
-            total += scores[t];
-        }
-        float *o = out + h * hd;
-        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-        for (int64_t t = 0; t < seen; t++) {
-            float p = scores[t] / total;
-            for (int64_t i = 0; i < hd; i++) o[i] += p * values[t * hd + i];
         }
     }
 }
@@ -172,6 +131,116 @@ void et_rmsnorm_rows(const float *x, int64_t x_stride, const void *w, int w_bf16
 /* y = x / sqrt(mean(x^2) + eps) * w over n float32 values (the model's RMSNorm of one row). */
 void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps) {
     et_rmsnorm_rows(x, n, w, 0, y, 0, 1, n, eps);
+}
+
+/* An element of a float32 (bf16 == 0) or bfloat16 (bf16 == 1) array, as float32. Called with
+ * a constant flag from functions the compiler specializes, so each dtype gets its own loops. */
+static inline float load(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_value(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float value, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = bf16_bits(value);
+    else
+        ((float *)p)[i] = value;
+}
+
+/* A bfloat16 value's product with another, rounded to bfloat16 (torch's bfloat16 mul: the
+ * float32 product of two bfloat16 values is exact, then one rounding). */
+static inline float bf16_mul(float a, float b) { return bf16_value(bf16_bits(a * b)); }
+
+/* Rotate-half RoPE of `heads` bfloat16 vectors of `hd` values in place, as the model's
+ * apply_rope computes it in bfloat16 (x * cos + rotate_half(x) * sin, the tables rounded to
+ * bfloat16, each product and the sum rounded): x1' = x1 c - x2 s, x2' = x2 c + x1 s. */
+static void rope_bf16(uint16_t *x, int64_t heads, int64_t hd, const float *cos,
+                      const float *sin) {
+    int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        uint16_t *x1 = x + h * hd, *x2 = x1 + half;
+        for (int64_t i = 0; i < half; i++) {
+            float a = bf16_value(x1[i]), b = bf16_value(x2[i]);
+            float c1 = bf16_value(bf16_bits(cos[i])), s1 = bf16_value(bf16_bits(sin[i]));
+            float c2 = bf16_value(bf16_bits(cos[half + i]));
+            float s2 = bf16_value(bf16_bits(sin[half + i]));
+            x1[i] = bf16_bits(bf16_mul(a, c1) + bf16_mul(-b, s1));
+            x2[i] = bf16_bits(bf16_mul(b, c2) + bf16_mul(a, s2));
+        }
+    }
+}
+
+/* Attention of one query position over positions 0..seen-1, grouped (query head h reads KV
+ * head h / (heads / kv_heads)): softmax(q . keys * scale) . values into out [heads, hd], in
+ * float32 whatever the arrays' dtype (bf16: q, the caches and out are bfloat16, out rounded
+ * once). `scores` holds `seen` floats. */
+static inline void attend_heads(const void *q, const void *k_cache, const void *v_cache,
+                                int64_t heads, int64_t kv_heads, int64_t hd, int64_t seen,
+                                int64_t capacity, float scale, float *scores, void *out,
+                                int bf16) {
+    int64_t group = heads / kv_heads;
+    float query[hd], o[hd];
+    for (int64_t h = 0; h < heads; h++) {
+        int64_t kv = (h / group) * capacity * hd; /* the head's KV rows start here */
+        float peak = -INFINITY, total = 0.0f;
+        for (int64_t i = 0; i < hd; i++) query[i] = load(q, h * hd + i, bf16);
+        for (int64_t t = 0; t < seen; t++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < hd; i++) sum += query[i] * load(k_cache, kv + t * hd + i, bf16);
+            scores[t] = sum * scale;
+            if (scores[t] > peak) peak = scores[t];
+        }
+        for (int64_t t = 0; t < seen; t++) {
+            scores[t] = expf(scores[t] - peak);
+            total += scores[t];
+        }
+        for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+        for (int64_t t = 0; t < seen; t++) {
+            float p = scores[t] / total;
+            for (int64_t i = 0; i < hd; i++) o[i] += p * load(v_cache, kv + t * hd + i, bf16);
+        }
+        for (int64_t i = 0; i < hd; i++) store(out, h * hd + i, o[i], bf16);
+    }
+}
+
+/* k and v [kv_heads, hd] into the caches [kv_heads, capacity, hd] at position `pos`
+ * (`size` bytes a value). */
+static void cache_write(const void *k, const void *v, void *k_cache, void *v_cache,
+                        int64_t kv_heads, int64_t hd, int64_t pos, int64_t capacity,
+                        size_t size) {
+    for (int64_t g = 0; g < kv_heads; g++) {
+        size_t row = (size_t)(g * capacity + pos) * hd * size, own = (size_t)g * hd * size;
+        memcpy((char *)k_cache + row, (const char *)k + own, hd * size);
+        memcpy((char *)v_cache + row, (const char *)v + own, hd * size);
+    }
+}
+
+/* One query position's attention, grouped (query head h reads KV head h / (heads / kv_heads)):
+ * RoPE on q [heads, hd] and k [kv_heads, hd] in place, k and v [kv_heads, hd] written to the
+ * caches [kv_heads, capacity, hd] at position `pos`, then softmax(q . keys * scale) . values
+ * over positions 0..pos into out [heads, hd]. `scores` holds pos + 1 floats. */
+void et_attend_one_f32(float *q, float *k, const float *v, float *k_cache, float *v_cache,
+                       const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
+                       int64_t hd, int64_t pos, int64_t capacity, float scale, float *scores,
+                       float *out) {
+    rope(q, heads, hd, cos, sin);
+    rope(k, kv_heads, hd, cos, sin);
+    cache_write(k, v, k_cache, v_cache, kv_heads, hd, pos, capacity, sizeof(float));
+    attend_heads(q, k_cache, v_cache, heads, kv_heads, hd, pos + 1, capacity, scale, scores,
+                 out, 0);
+}
+
+/* et_attend_one_f32 in the bfloat16 compute dtype: q, k, v, the caches and out bfloat16 (cos,
+ * sin float32 tables); RoPE rounds as the model's bfloat16 apply_rope does, the attention
+ * itself runs in float32 and out is rounded once. */
+void et_attend_one_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, uint16_t *k_cache,
+                        uint16_t *v_cache, const float *cos, const float *sin, int64_t heads,
+                        int64_t kv_heads, int64_t hd, int64_t pos, int64_t capacity,
+                        float scale, float *scores, uint16_t *out) {
+    rope_bf16(q, heads, hd, cos, sin);
+    rope_bf16(k, kv_heads, hd, cos, sin);
+    cache_write(k, v, k_cache, v_cache, kv_heads, hd, pos, capacity, sizeof(uint16_t));
+    attend_heads(q, k_cache, v_cache, heads, kv_heads, hd, pos + 1, capacity, scale, scores,
+                 out, 1);
 }
 
 void et_dequant_i4_bf16_t(const uint8_t *packed, const uint16_t *scale_zero,

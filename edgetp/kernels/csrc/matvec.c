@@ -69,7 +69,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept
     return (uint16_t)(bits >> 16);
 }
 
-int et_abi_version(void) { return 6; }
+int et_abi_version(void) { return 7; }
 
 /* ---- float32 weights, float32 x -> float32 y ------------------------------------------------ */
 

@@ -1,4 +1,4 @@
-/* A float32 decode step's layer half in one call: a short program of operations.
+/* A decode step's layer half in one call: a short program of operations.
  *
  * Between the allreduces a layer's one-token step is a fixed sequence: the attention half is
  * norm, the q, k and v products, RoPE + cache write + attention, the o product; the MLP half
@@ -28,29 +28,41 @@ int et_par_matvec_i4_rows(const uint8_t *w, const uint16_t *scale_zero, const fl
                           float *y, int64_t rows, int64_t cols, int64_t group, int64_t nx);
 int et_par_matvec_i4_f32_rows(const uint8_t *w, const float *scale_zero, const float *x,
                               float *y, int64_t rows, int64_t cols, int64_t group, int64_t nx);
-void et_rmsnorm_f32(const float *x, const float *w, float *y, int64_t n, float eps);
+int et_par_matvec_bf16_rows(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows,
+                            int64_t cols, int64_t nx);
+void et_rmsnorm_rows(const float *x, int64_t x_stride, const void *w, int w_bf16, void *y,
+                     int y_bf16, int64_t rows, int64_t n, float eps);
 void et_attend_one_f32(float *q, float *k, const float *v, float *k_cache, float *v_cache,
                        const float *cos, const float *sin, int64_t heads, int64_t kv_heads,
                        int64_t hd, int64_t pos, int64_t capacity, float scale, float *scores,
                        float *out);
+void et_attend_one_bf16(uint16_t *q, uint16_t *k, const uint16_t *v, uint16_t *k_cache,
+                        uint16_t *v_cache, const float *cos, const float *sin, int64_t heads,
+                        int64_t kv_heads, int64_t hd, int64_t pos, int64_t capacity,
+                        float scale, float *scores, uint16_t *out);
 
 enum step_code { STEP_NORM = 1, STEP_PRODUCT = 2, STEP_ATTEND = 3, STEP_SILU_MUL = 4, STEP_ADD = 5 };
 /* a product's weight format: edgetp/kernels/step.py's ProductKind */
-enum step_kind { W_F32 = 0, W_I8 = 1, W_I8_B32 = 2, W_I8_LOWS = 3, W_I4_BF16 = 4, W_I4_F32 = 5 };
+enum step_kind { W_F32 = 0, W_I8 = 1, W_I8_B32 = 2, W_I8_LOWS = 3, W_I4_BF16 = 4, W_I4_F32 = 5,
+                 W_BF16 = 6 };
 
 #define STEP_POINTERS 9
 #define STEP_SIZES 6
 
-/* One operation. A NULL first pointer is the run's input row; an ADD's NULL second pointer
- * its second input. Fields by code:
- *   NORM      p0 x [n0], p1 weight [n0], p2 y [n0]; f eps
+/* One operation. A NULL first pointer is the run's input row (float32); an ADD's NULL second
+ * pointer its second input. Every array is float32, or bfloat16 where the kind says so (the
+ * bfloat16 compute dtype: kind 1, or a product's W_BF16). Fields by code:
+ *   NORM      p0 x [n0] (float32), p1 weight [n0], p2 y [n0]; f eps; kind 1: weight and y
+ *             bfloat16
  *   PRODUCT   p0 x [n1], p1 weight, p2 scale (or scale_zero), p3 low, p4 y [n0], p5 bias or
- *             NULL; n0 rows, n1 cols, n2 group; kind the weight's format
- *   ATTEND    p0 q [n0 * n2], p1 k [n1 * n2], p2 v, p3 scores [n3], p4 out [n0 * n2];
- *             n0 heads, n1 kv heads, n2 head dim, n3 cache capacity, n4 positions it takes
- *             (the run is refused beyond); f scale. The caches, cos and sin come with the run.
- *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0]
- *   ADD       p0 a [n0], p1 b [n0], p2 y [n0]: y = a + b */
+ *             NULL; n0 rows, n1 cols, n2 group; kind the weight's format (W_BF16: x, y and
+ *             bias bfloat16, every other float32)
+ *   ATTEND    p0 q [n0 * n2], p1 k [n1 * n2], p2 v, p3 scores [n3] (float32), p4 out
+ *             [n0 * n2]; n0 heads, n1 kv heads, n2 head dim, n3 cache capacity, n4 positions
+ *             it takes (the run is refused beyond); f scale. The caches, cos and sin (float32)
+ *             come with the run. kind 1: q, k, v, out and the caches bfloat16
+ *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0]; kind 1: bfloat16
+ *   ADD       p0 a [n0], p1 b [n0], p2 y [n0]: y = a + b; kind 1: b bfloat16 (a, y float32) */
 typedef struct {
     int64_t code;
     int64_t kind;
@@ -88,7 +100,48 @@ void et_add_f32(const float *a, const float *b, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
-static int product(const et_step_op *op, const float *x) {
+static inline float bf16_value(uint16_t bits) {
+    union { uint32_t u; float f; } v = {(uint32_t)bits << 16};
+    return v.f;
+}
+
+/* float -> bfloat16 bits, rounded to nearest even (as torch's conversion; finite values). */
+static inline uint16_t bf16_bits(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* et_silu_mul_f32 over bfloat16 values, rounded as torch's bfloat16 ops round: silu in
+ * float32, rounded; the product rounded. */
+SCALAR_FUNCTION
+void et_silu_mul_bf16(uint16_t *gate, const uint16_t *up, int64_t n) {
+    SCALAR_LOOP
+    for (int64_t i = 0; i < n; i++) {
+        float g = bf16_value(gate[i]);
+        float silu = bf16_value(bf16_bits(g / (1.0f + expf(-g))));
+        gate[i] = bf16_bits(silu * bf16_value(up[i]));
+    }
+}
+
+/* y = a + b over n values, a and y float32, b bfloat16 (torch.add's bits for a float32 and a
+ * bfloat16 tensor: one float32 rounding). */
+void et_add_f32_bf16(const float *a, const uint16_t *b, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = a[i] + bf16_value(b[i]);
+}
+
+/* A bfloat16 product (x, y and the bias bfloat16): the bias added as torch adds two bfloat16
+ * tensors (in float32, rounded). */
+static int bf16_product(const et_step_op *op, const uint16_t *x) {
+    uint16_t *y = op->p[4];
+    const uint16_t *bias = op->p[5];
+    int64_t rows = op->n[0];
+    int status = et_par_matvec_bf16_rows(op->p[1], x, y, rows, op->n[1], 1);
+    if (status == 0 && bias != NULL)
+        for (int64_t i = 0; i < rows; i++) y[i] = bf16_bits(bf16_value(y[i]) + bf16_value(bias[i]));
+    return status;
+}
+
+static int product(const et_step_op *op, const void *x) {
     const void *w = op->p[1], *scale = op->p[2];
     float *y = op->p[4];
     int64_t rows = op->n[0], cols = op->n[1], group = op->n[2];
@@ -103,6 +156,7 @@ static int product(const et_step_op *op, const float *x) {
         break;
     case W_I4_BF16: status = et_par_matvec_i4_rows(w, scale, x, y, rows, cols, group, 1); break;
     case W_I4_F32: status = et_par_matvec_i4_f32_rows(w, scale, x, y, rows, cols, group, 1); break;
+    case W_BF16: return bf16_product(op, (const uint16_t *)x);
     default: return -3;
     }
     const float *bias = op->p[5];
@@ -111,26 +165,44 @@ static int product(const et_step_op *op, const float *x) {
     return status;
 }
 
-static int run_op(const et_step_op *op, const float *input, const float *second,
-                  int64_t position, float *k_cache, float *v_cache, const float *cos,
+static void attend(const et_step_op *op, int64_t position, void *k_cache, void *v_cache,
+                   const float *cos, const float *sin) {
+    if (op->kind == 1)
+        et_attend_one_bf16(op->p[0], op->p[1], op->p[2], k_cache, v_cache, cos, sin, op->n[0],
+                           op->n[1], op->n[2], position, op->n[3], (float)op->f, op->p[3],
+                           op->p[4]);
+    else
+        et_attend_one_f32(op->p[0], op->p[1], op->p[2], k_cache, v_cache, cos, sin, op->n[0],
+                          op->n[1], op->n[2], position, op->n[3], (float)op->f, op->p[3],
+                          op->p[4]);
+}
+
+static int run_op(const et_step_op *op, const float *input, const void *second,
+                  int64_t position, void *k_cache, void *v_cache, const float *cos,
                   const float *sin) {
-    const float *x = op->p[0] != NULL ? op->p[0] : input;
+    const void *x = op->p[0] != NULL ? op->p[0] : input;
+    const void *b = op->p[1] != NULL ? op->p[1] : second;
     switch (op->code) {
     case STEP_ADD:
-        et_add_f32(x, op->p[1] != NULL ? op->p[1] : second, op->p[2], op->n[0]);
+        if (op->kind == 1)
+            et_add_f32_bf16(x, b, op->p[2], op->n[0]);
+        else
+            et_add_f32(x, b, op->p[2], op->n[0]);
         return 0;
     case STEP_NORM:
-        et_rmsnorm_f32(x, op->p[1], op->p[2], op->n[0], (float)op->f);
+        et_rmsnorm_rows(x, op->n[0], op->p[1], (int)op->kind, op->p[2], (int)op->kind, 1,
+                        op->n[0], (float)op->f);
         return 0;
     case STEP_PRODUCT:
         return product(op, x);
     case STEP_ATTEND:
-        et_attend_one_f32(op->p[0], op->p[1], op->p[2], k_cache, v_cache, cos, sin, op->n[0],
-                          op->n[1], op->n[2], position, op->n[3], (float)op->f, op->p[3],
-                          op->p[4]);
+        attend(op, position, k_cache, v_cache, cos, sin);
         return 0;
     case STEP_SILU_MUL:
-        et_silu_mul_f32(op->p[0], op->p[1], op->n[0]);
+        if (op->kind == 1)
+            et_silu_mul_bf16(op->p[0], op->p[1], op->n[0]);
+        else
+            et_silu_mul_f32(op->p[0], op->p[1], op->n[0]);
         return 0;
     default:
         return -3;
@@ -144,7 +216,7 @@ static int run_op(const et_step_op *op, const float *input, const float *second,
  * op i failed (a product without memory for its quantized input): the caller computes the half
  * its usual way, which writes everything this run wrote. */
 int64_t et_step_run(const et_step_op *ops, int64_t count, const float *input,
-                    const float *second, int64_t position, float *k_cache, float *v_cache,
+                    const void *second, int64_t position, void *k_cache, void *v_cache,
                     const float *cos, const float *sin) {
     for (int64_t i = 0; i < count; i++) {
         const et_step_op *op = &ops[i];

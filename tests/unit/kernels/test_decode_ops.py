@@ -56,6 +56,50 @@ def test_one_querys_attention_is_torchs(heads: int, kv_heads: int, position: int
     assert torch.equal(v_cache, expected_caches[1])
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "position"), [(4, 4, 0), (8, 2, 37),
+                                                              (32, 4, 1023)])
+def test_one_bfloat16_querys_attention_rotates_as_torch_and_attends_in_float32(
+        heads: int, kv_heads: int, position: int) -> None:
+    """The bfloat16 compute dtype: RoPE gives apply_rope's bfloat16 bits (the cached keys),
+    v is cached as given, and the output is float32 attention over those bfloat16 values,
+    rounded once."""
+    torch.manual_seed(heads + position)
+    hd, capacity = 64, 1100
+    k_cache = torch.randn(kv_heads, capacity, hd).bfloat16()
+    v_cache = torch.randn(kv_heads, capacity, hd).bfloat16()
+    q, k = torch.randn(1, heads, hd).bfloat16(), torch.randn(1, kv_heads, hd).bfloat16()
+    v = torch.randn(1, kv_heads * hd).bfloat16()
+    angles = torch.rand(1, hd // 2) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    rotated_q, rotated_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # bfloat16
+    expected_keys, expected_values = k_cache.clone(), v_cache.clone()
+    expected_keys[:, position], expected_values[:, position] = rotated_k[0], v.view(k.shape)[0]
+    out, scratch = torch.empty(1, heads * hd, dtype=torch.bfloat16), torch.empty(capacity)
+    assert native.attend_one(q, k, v, (k_cache, v_cache), cos, sin, position, hd**-0.5,
+                             scratch, out)
+    assert torch.equal(q, rotated_q) and torch.equal(k, rotated_k)  # rotated in place
+    assert torch.equal(k_cache, expected_keys) and torch.equal(v_cache, expected_values)
+    group = heads // kv_heads
+    keys = k_cache[:, :position + 1].double().repeat_interleave(group, 0)  # [H, S, hd]
+    values = v_cache[:, :position + 1].double().repeat_interleave(group, 0)
+    scores = (rotated_q.double().transpose(0, 1) @ keys.transpose(1, 2)) * hd**-0.5
+    exact = (scores.softmax(-1) @ values).transpose(0, 1).reshape(1, -1)  # [1, H*hd]
+    torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5)
+
+
+def test_attention_refuses_mixed_dtypes() -> None:
+    hd = 8
+    caches = (torch.zeros(1, 4, hd, dtype=torch.bfloat16),) * 2
+    out = torch.empty(1, hd)
+    assert not native.attend_one(torch.randn(1, 1, hd), torch.randn(1, 1, hd),
+                                 torch.randn(1, hd), caches, torch.ones(1, hd),
+                                 torch.zeros(1, hd), 0, 1.0, torch.empty(4), out)
+    assert not native.attend_one(*(torch.randn(1, 1, hd).half() for _ in range(2)),
+                                 torch.randn(1, hd).half(),
+                                 (torch.zeros(1, 4, hd).half(),) * 2, torch.ones(1, hd),
+                                 torch.zeros(1, hd), 0, 1.0, torch.empty(4), out.half())
+
+
 def test_attention_past_the_cache_or_the_limit_is_left_to_torch() -> None:
     hd, kv = 8, 1
     caches = (torch.zeros(kv, 4, hd), torch.zeros(kv, 4, hd))
@@ -70,8 +114,12 @@ def test_attention_past_the_cache_or_the_limit_is_left_to_torch() -> None:
                                  torch.empty(2048), out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_models_decode_step_takes_the_c_path_and_agrees_with_torchs(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
+    """A float32 or bfloat16 one-row step: RMSNorm and attention in C (once each), within
+    rounding of the torch path (bfloat16: torch's SDPA rounds its probabilities to bfloat16,
+    the C attention keeps them float32)."""
     from edgetp.config.model import parse_hf_config
 
     config = parse_hf_config({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -80,27 +128,31 @@ def test_the_models_decode_step_takes_the_c_path_and_agrees_with_torchs(
                               "num_hidden_layers": 1, "vocab_size": 64,
                               "max_position_embeddings": 64})
     torch.manual_seed(3)
-    attention, norm = Attention(config).eval(), RMSNorm(128, 1e-5)
-    norm.weight.data.normal_()
-    attention.allocate_cache(64, torch.float32)
+    attention, norm = Attention(config).eval().to(dtype), RMSNorm(128, 1e-5)
+    norm.weight.data = torch.randn(128).to(dtype)
+    attention.allocate_cache(64, dtype)
+    norm_name = "rmsnorm_row" if dtype == torch.float32 else "rmsnorm_rows"
     calls = {"attend": 0, "norm": 0}
-    for name in ("attend_one", "rmsnorm_row"):
+    for name in ("attend_one", norm_name):
         real = getattr(native, name)
 
         def counting(*args, _real=real, _name=name):
             calls["attend" if _name == "attend_one" else "norm"] += 1
             return _real(*args)
         monkeypatch.setattr(native, name, counting)
+    close = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else \
+        {"rtol": 2e-2, "atol": 2e-2}
     with torch.no_grad():
-        x = torch.randn(1, 128)
-        cos, sin = torch.ones(1, 16), torch.zeros(1, 16)
-        natively = attention(norm(x), 0, cos, sin).clone()
-        assert calls == {"attend": 1, "norm": 1}
+        x = torch.randn(1, 128)  # the residual stream: float32 in every mode
+        angles = torch.rand(1, 8) * 6
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        steps = [attention(norm(x), p, cos, sin).clone() for p in range(3)]
+        assert calls == {"attend": 3, "norm": 3}
         monkeypatch.setattr(native, "attend_one", lambda *args: False)  # the torch path
-        monkeypatch.setattr(native, "rmsnorm_row", lambda *args: False)
-        attention.allocate_cache(64, torch.float32)
-        torch.testing.assert_close(attention(norm(x), 0, cos, sin), natively, rtol=1e-5,
-                                   atol=1e-6)
+        monkeypatch.setattr(native, norm_name, lambda *args: False)
+        attention.allocate_cache(64, dtype)
+        for p, natively in enumerate(steps):
+            torch.testing.assert_close(attention(norm(x), p, cos, sin), natively, **close)
 
 
 @pytest.mark.parametrize(("rows", "group"), [(128, 32), (64 + 48, 32), (80, 64), (96, 48)])

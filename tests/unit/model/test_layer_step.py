@@ -1,7 +1,8 @@
-"""A decoder layer's float32 one-row step as two C programs (edgetp.model.layer_step) gives
-bitwise the op-by-op step's logits and KV cache: whole models of every family (biases, grouped
-heads, a sliding window that the decoding crosses), and two ranks of float32, int8 and int4
-splits; where a piece has no C form the layer runs op by op."""
+"""A decoder layer's one-row step as two C programs (edgetp.model.layer_step) gives bitwise
+the op-by-op step's logits and KV cache, in float32 and in the bfloat16 compute dtype: whole
+models of every family (biases, grouped heads, a sliding window that the decoding crosses),
+and two ranks of float32, bfloat16, int8 and int4 splits; where a piece has no C form the
+layer runs op by op."""
 
 from __future__ import annotations
 
@@ -83,14 +84,18 @@ def caches(model: Transformer) -> list[torch.Tensor]:
             for c in (layer.self_attn.k_cache, layer.self_attn.v_cache) if c is not None]
 
 
-@pytest.mark.parametrize("family", ["llama32", "qwen2", "attn_bias", "mlp_bias", "gqa1",
-                                    "head_dim", "sliding"])
+FAMILIES = ["llama32", "qwen2", "attn_bias", "mlp_bias", "gqa1", "head_dim", "sliding"]
+
+
+@pytest.mark.parametrize(("family", "dtype"),
+                         [(f, torch.float32) for f in FAMILIES]
+                         + [(f, torch.bfloat16) for f in ("llama32", "qwen2", "sliding")])
 def test_a_whole_models_steps_are_the_op_by_op_bits(tiny_model_dir, monkeypatch, runs,
-                                                    family: str) -> None:
+                                                    family: str, dtype: torch.dtype) -> None:
     model_dir, _ = tiny_model_dir(family)
 
     def run() -> tuple[list[torch.Tensor], Transformer]:
-        model = on_kernels(load_model(model_dir, torch.float32, MAX_SEQ_LEN))
+        model = on_kernels(load_model(model_dir, dtype, MAX_SEQ_LEN))
         model.allocate_cache()
         return greedy_logits(model), model
 
@@ -109,17 +114,19 @@ def test_a_whole_models_steps_are_the_op_by_op_bits(tiny_model_dir, monkeypatch,
     assert all(torch.equal(a, b) for a, b in zip(caches(model), caches(plain_model), strict=True))
 
 
-@pytest.mark.parametrize("split", ["float32", "int8", "int4"])
+@pytest.mark.parametrize("split", ["float32", "bfloat16", "int8", "int4"])
 def test_two_ranks_steps_are_the_op_by_op_bits(tiny_model_dir, tmp_path: Path, monkeypatch,
                                                runs, split: str) -> None:
     """Each rank's halves end in its share of o and down; ``finish`` allreduces them. (Wide
-    enough that every int4 slice has whole 16-row tiles and 32-column groups.)"""
+    enough that every int4 slice has whole 16-row tiles and 32-column groups.) A bfloat16
+    split computes in bfloat16, every other in float32."""
     model_dir, _ = tiny_model_dir("llama3", hidden_size=128, intermediate_size=256)
     dirs = split_checkpoint(model_dir, tmp_path, 2, dtype=split).rank_dirs
+    compute = torch.bfloat16 if split == "bfloat16" else torch.float32
 
     def run() -> tuple[list[torch.Tensor], list[Transformer]]:
         group = InProcessGroup(2)
-        models = [load_rank(d, group.communicator(r), torch.float32, MAX_SEQ_LEN)
+        models = [load_rank(d, group.communicator(r), compute, MAX_SEQ_LEN)
                   for r, d in enumerate(dirs)]
         return run_sharded(models, 2, greedy_logits), models
 
@@ -143,7 +150,12 @@ def test_no_step_where_a_hook_or_a_dtype_has_no_c_form(tiny_model_dir) -> None:
     assert second.decode_step() is not None
     bf16 = on_kernels(load_model(model_dir, torch.bfloat16, MAX_SEQ_LEN))
     bf16.allocate_cache()
+    assert bf16.local_layers()[0].decode_step() is not None
+    bf16.allocate_cache(torch.float32)  # a cache of another dtype than the products'
     assert bf16.local_layers()[0].decode_step() is None
+    half = on_kernels(load_model(model_dir, torch.float16, MAX_SEQ_LEN))  # no C float16 ops
+    half.allocate_cache()
+    assert half.local_layers()[0].decode_step() is None
     unsplit_torch = load_model(model_dir, torch.float32, MAX_SEQ_LEN)  # nn.Linear: no C form
     unsplit_torch.allocate_cache()
     assert unsplit_torch.local_layers()[0].decode_step() is None
