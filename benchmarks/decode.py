@@ -58,6 +58,13 @@ Run::
    than the stream) shows as *above floor* = rank 0's layer + head time - its own bytes /
    bandwidth. A missed target's "why" line adds up rank 0's parts and gives the kernel's own
    rate next to the plain read's.
+6. **Reading, for the scaling targets.** The 2 nodes against one device (``--paired``: the
+   median round) and every core against one thread: the ratio split into rank 0's computing
+   and its waiting, and each side's read rate while computing (each rank's bytes over its
+   compute time; the ranks of a cluster added up). Their quotient is what the memory bus
+   gave the many streams over the one in those very runs, so a missed target says whether
+   its bus gain fell short (two streams on one machine share one memory bus) or its waiting
+   grew, and what gain the target needs with that waiting.
 
 ``--dllama DIR``: after each float32 and int4 point, distributed-llama (a checkout the
 user built in ``DIR``) runs the same model with the same nodes and threads per node, and a
@@ -103,7 +110,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -489,6 +496,7 @@ def run_point(model_dir: Path, nodes: int, weights: str, args: argparse.Namespac
                                 for node in report["nodes"]],
              "report_dir": str(out_dir), "prefill_tokens": args.prefill_tokens, **ttft}
     point["outside_ms"] = point["node_breakdown"][0]["other_ms"]
+    point["compute_read_gbps"] = point_side(point).read_gbps()
     progress(f"run {label}: {ms:.1f} ms/token (runs "
              f"{', '.join(f'{r:.1f}' for r in runs)}), floor {floor_ms:.1f} (read GB/s per "
              f"node before {before[0]:.1f}, after {after[0]:.1f})")
@@ -523,8 +531,9 @@ def alternating_runs(first: BenchSettings, second: BenchSettings, rounds: int,
                      ) -> list[dict[str, Any]]:
     """Both clusters up at once and one run of each per round (first, second, first, ...; a
     warm-up of each before the first round), so load and memory phases that come and go hit
-    both alike. Per round: each run's ms/token and rank 0's allreduce wait (``first_ms``,
-    ``first_allreduce_ms``, ``second_...``), after what ``before_round`` measured."""
+    both alike. Per round: each run's ms/token, rank 0's allreduce wait and every rank's
+    compute (``first_ms``, ``first_allreduce_ms``, ``first_compute_ms``, ``second_...``),
+    after what ``before_round`` measured."""
     out = []
     with bench_cluster(first) as one, bench_cluster(second) as two:
         for round_ in range(rounds):
@@ -535,6 +544,8 @@ def alternating_runs(first: BenchSettings, second: BenchSettings, rounds: int,
                 row[f"{key}_ms"] = report["runs"][0]["ms_per_token"]
                 row[f"{key}_allreduce_ms"] = \
                     report["nodes"][0]["breakdown_ms_per_token"]["allreduce"]
+                row[f"{key}_compute_ms"] = [n["breakdown_ms_per_token"]["compute"] for n in
+                                            sorted(report["nodes"], key=lambda n: n["rank"])]
             out.append(row)
     gc.collect()
     return out
@@ -579,8 +590,12 @@ def run_paired(model_dir: Path, weights: str, args: argparse.Namespace) -> dict[
     rounds = alternating_runs(point_settings(model_dir, 1, weights, args, device),
                               point_settings(model_dir, 2, weights, args, None), args.runs,
                               lambda: bus_rates(device, sum(cluster), args.tiny))
+    device_bytes = [read_bytes_per_token(d) for d in split_for(model_dir, 1, weights)]
+    cluster_bytes = [read_bytes_per_token(d) for d in split_for(model_dir, 2, weights)]
     for r in rounds:
         r["ratio"] = r["second_ms"] / r["first_ms"]
+        r["reading"] = scaling_parts(Side(r["second_ms"], r["second_compute_ms"], cluster_bytes),
+                                     Side(r["first_ms"], r["first_compute_ms"], device_bytes))
     result = {"device_threads": device,
               "device_ms_per_token": statistics.median(r["first_ms"] for r in rounds),
               "ms_per_token": statistics.median(r["second_ms"] for r in rounds),
@@ -696,15 +711,17 @@ def paired_table(points: list[dict[str, Any]]) -> list[str]:
              "read rate of one device's streams and of both nodes' at once, measured before "
              "each round; on one machine a second node gains at most their quotient", "",
              "| weights | round | bus: 1 device GB/s | 2 nodes GB/s | bus factor | 1 device "
-             "ms/token | 2 nodes ms/token | 2 vs 1 |", "|---|---|---|---|---|---|---|---|"]
+             "ms/token | 2 nodes ms/token | 2 vs 1 | read gain while computing |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in rows:
         paired = p["paired"]
         for i, r in enumerate(paired["rounds"], 1):
             lines.append(f"| {p['weights']} | {i} | {r['device_streams_gbps']:.1f} | "
                          f"{r['cluster_streams_gbps']:.1f} | {r['bus_factor']:.2f}x | "
-                         f"{r['first_ms']:.1f} | {r['second_ms']:.1f} | {r['ratio']:.2f}x |")
+                         f"{r['first_ms']:.1f} | {r['second_ms']:.1f} | {r['ratio']:.2f}x | "
+                         f"{r['reading']['gain']:.2f}x |")
         lines.append(f"| {p['weights']} | median | | | | {paired['device_ms_per_token']:.1f} | "
-                     f"{paired['ms_per_token']:.1f} | {paired['ratio']:.2f}x |")
+                     f"{paired['ms_per_token']:.1f} | {paired['ratio']:.2f}x | |")
     return lines
 
 
@@ -761,8 +778,77 @@ def targets(points: list[dict[str, Any]], bw: dict[str, Any],
             row["missed_by_pct"] = max(0.0, missed)
             row["status"] = "met" if missed <= 0 else f"missed by {missed:.0f}%"
             row["why"] = None if missed <= 0 or kind.startswith("ttft") else why(point, bw)
+            reading = scaling_reading(kind, points, point)
+            if reading is not None:
+                row["reading"] = reading
+                row["bus"] = bus_reason(reading, kind, limit)
         out.append(row)
     return out
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side of a scaling comparison: its ms/token, each rank's compute ms/token (the
+    products and the small ops between them, the master's head included) and bytes read."""
+
+    ms_per_token: float
+    compute_ms: list[float]
+    read_bytes: list[int]
+
+    def read_gbps(self) -> list[float]:
+        """Each rank's read rate while computing: its bytes over its compute time."""
+        return [b / GB / (ms / 1000) if ms > 0 else 0.0
+                for b, ms in zip(self.read_bytes, self.compute_ms, strict=True)]
+
+
+def point_side(point: dict[str, Any]) -> Side:
+    return Side(point["ms_per_token"], [n["compute_ms"] for n in point["node_breakdown"]],
+                point["read_bytes_per_token"])
+
+
+def scaling_parts(many: Side, one: Side) -> dict[str, float]:
+    """Where ``many`` (the 2 nodes, or every core) stands against ``one`` (one device, or one
+    thread): their ratio split into rank 0's computing and its waiting (allreduce, read,
+    outside), as fractions of one's ms/token, and the read rates while computing: one's
+    rank, many's ranks together, and their quotient, the gain the memory bus gave."""
+    one_gbps, many_gbps = sum(one.read_gbps()), sum(many.read_gbps())
+    return {"ratio": many.ms_per_token / one.ms_per_token,
+            "computing": many.compute_ms[0] / one.ms_per_token,
+            "waiting": (many.ms_per_token - many.compute_ms[0]) / one.ms_per_token,
+            "one_gbps": one_gbps, "many_gbps": many_gbps,
+            "gain": many_gbps / one_gbps if one_gbps else 0.0}
+
+
+def scaling_reading(kind: str, points: list[dict[str, Any]], point: dict[str, Any]
+                    ) -> dict[str, float] | None:
+    """A scaling target's :func:`scaling_parts`: ``vs1`` the 2 nodes against one device (the
+    median round of ``--paired``'s, where it ran), ``speedup`` every core against one thread;
+    None for the other targets or without the point compared with."""
+    if kind == "vs1" and point.get("paired"):
+        rounds = sorted(point["paired"]["rounds"], key=lambda r: r["ratio"])
+        return rounds[(len(rounds) - 1) // 2].get("reading")
+    if kind not in ("vs1", "speedup"):
+        return None
+    threads = 1 if kind == "speedup" else device_threads(point["node_threads"])
+    other = find(points, 1, point["weights"], threads=threads)
+    return None if other is None else scaling_parts(point_side(point), point_side(other))
+
+
+def bus_reason(reading: dict[str, float], kind: str, limit: float) -> str:
+    """The measured reason a scaling figure is what it is: how much more the memory bus gave
+    the many streams than the one while they computed, and what the target needs of it."""
+    target = 1 / limit if kind == "speedup" else limit  # as a ratio many / one
+    many = "every core" if kind == "speedup" else "the 2 nodes"
+    one = "one thread" if kind == "speedup" else "one device"
+    text = (f"{reading['ratio']:.2f}x = {reading['computing']:.2f}x computing + "
+            f"{reading['waiting']:.2f}x waiting (rank 0's allreduce, read and outside time); "
+            f"while computing {many} read {reading['many_gbps']:.1f} GB/s together, "
+            f"{reading['gain']:.2f}x the {reading['one_gbps']:.1f} GB/s of {one} alone")
+    room = target - reading["waiting"]
+    if room <= 0:
+        return text + f"; the waiting alone is past {target:.2f}x"
+    needed = reading["gain"] * reading["computing"] / room
+    return text + f"; {target:.2f}x with this waiting needs a bus gain of {needed:.2f}x"
 
 
 def why(point: dict[str, Any], bw: dict[str, Any]) -> str:
@@ -885,6 +971,8 @@ def targets_table(rows: list[dict[str, Any]]) -> list[str]:
                  f" (measured {t['value']:.1f} ms)" if t["kind"] == "ms"
                  else f" (measured {t['value']:.2f}x)")
         lines.append(f"  {t['name']}: {t['status']}{value}")
+        if t.get("bus"):
+            lines.append(f"      reading: {t['bus']}")
         if t.get("why"):
             lines.append(f"      why: {t['why']}")
     return lines

@@ -108,6 +108,17 @@ def test_decode_benchmark_tiny_json() -> None:
         assert abs(vs_device["value"] - scaling["int8"]["ms_per_token"]
                    / scaling["int8"]["device_ms_per_token"]) < 1e-9
     assert "2 nodes against 1: one device alone" in proc.stderr
+    for target in (t for t in report["targets"] if t["kind"] in ("vs1", "speedup")):
+        reading = target["reading"]  # the ratio as computing + waiting, the bus gain
+        assert reading["ratio"] == pytest.approx(reading["computing"] + reading["waiting"])
+        many = points[(target["nodes"], target["weights"], None)]
+        assert reading["many_gbps"] == pytest.approx(sum(many["compute_read_gbps"]))
+        assert reading["gain"] == pytest.approx(reading["many_gbps"] / reading["one_gbps"])
+        assert f"{reading['ratio']:.2f}x = " in target["bus"]
+        speedup = target["kind"] == "speedup"
+        assert reading["ratio"] == pytest.approx(1 / target["value"] if speedup
+                                                 else target["value"])
+    assert "reading: " in proc.stderr
     assert 0 <= report["others_cpu_share"] <= 1
     assert "ms/token" in proc.stderr and "targets:" in proc.stderr
 
@@ -174,9 +185,13 @@ def test_decode_benchmark_pairs_one_device_with_two_nodes() -> None:
         assert r["ratio"] == r["second_ms"] / r["first_ms"]
         assert r["device_streams_gbps"] > 0 and r["cluster_streams_gbps"] > 0
         assert r["bus_factor"] == r["cluster_streams_gbps"] / r["device_streams_gbps"]
+        assert r["reading"]["ratio"] == pytest.approx(r["ratio"])
+        assert r["reading"]["gain"] > 0
     assert paired["ratio"] == statistics.median(r["ratio"] for r in paired["rounds"])
     (target,) = [t for t in data["targets"] if t["kind"] == "vs1" and t["weights"] == "int8"]
     assert target["value"] == paired["ratio"]
+    lower = min(paired["rounds"], key=lambda r: r["ratio"])  # of two rounds, the lower median
+    assert target["reading"] == lower["reading"]
     assert "2 nodes against one device, both up at once and their runs alternating" \
         in proc.stderr
 
