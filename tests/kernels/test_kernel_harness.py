@@ -1,6 +1,7 @@
 """The kernel harness itself (tests/kernels/run_harness.py, ``make test-kernels``): its table
-covers every exported product, it passes on this CPU's build, and it fails on a broken kernel.
-All targets, AArch64 under qemu included, run in the slow test."""
+covers every exported product, it passes on this CPU's build, and it fails on a broken kernel
+(the slow set: each broken kernel is built for two targets). All targets, AArch64 under qemu
+included, run in the slow test."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ BOTH = ("native", "x86-64-v3")
 
 
 @needs_cc
+@pytest.mark.slow  # two builds each, ~7 s a case: CI runs them with the slow tests
 @pytest.mark.parametrize("wrong, right, targets", [
     ("for (int64_t r = 0; r < rows; r++) {\n        const float *wr",
      "for (int64_t r = 0; r + 1 < rows; r++) {\n        const float *wr", BOTH),  # a row skipped
