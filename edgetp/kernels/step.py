@@ -53,7 +53,8 @@ class ProductKind(IntEnum):
     BF16 = 6  # bfloat16 [rows, cols], bfloat16 x, y and bias (the bfloat16 compute dtype)
 
 
-BF16_KIND = 1  # an op's kind for bfloat16 arrays (NORM, ATTEND, SILU_MUL, ADD's second input)
+# an op's kind for bfloat16 arrays (NORM, ATTEND, SILU_MUL, ADD's second input), as in csrc/step.c
+BF16_KIND = 1
 
 
 def dtype_kind(dtype: torch.dtype) -> int:
@@ -200,9 +201,9 @@ class StepProgram:
             caches: tuple[torch.Tensor, torch.Tensor] | None = None,
             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
             second: torch.Tensor | None = None) -> bool:
-        """Run on the input row ``x`` (float32, contiguous; and a ``second`` for an add's)
-        at ``position`` (an attention op's KV slot ``caches``, and the position's ``cos`` and
-        ``sin`` rows [1, hd], contiguous).
+        """Run on the input row ``x`` (contiguous, in the dtype its first op reads: float32 for
+        a layer's programs; and a ``second`` for an add's) at ``position`` (an attention op's
+        KV slot ``caches``, and the position's ``cos`` and ``sin`` rows [1, hd], contiguous).
         False when the library is gone, an attention op refused the position (nothing done)
         or an op failed part way: the caller then computes the half its usual way."""
         lib = native.library()

@@ -45,14 +45,17 @@ enum step_code { STEP_NORM = 1, STEP_PRODUCT = 2, STEP_ATTEND = 3, STEP_SILU_MUL
 /* a product's weight format: edgetp/kernels/step.py's ProductKind */
 enum step_kind { W_F32 = 0, W_I8 = 1, W_I8_B32 = 2, W_I8_LOWS = 3, W_I4_BF16 = 4, W_I4_F32 = 5,
                  W_BF16 = 6 };
+/* the kind of a NORM, ATTEND, SILU_MUL or ADD over bfloat16 arrays (step.py's BF16_KIND) */
+#define BF16_KIND 1
 
 #define STEP_POINTERS 9
 #define STEP_SIZES 6
 
-/* One operation. A NULL first pointer is the run's input row (float32); an ADD's NULL second
- * pointer its second input. Every array is float32, or bfloat16 where the kind says so (the
- * bfloat16 compute dtype: kind 1, or a product's W_BF16). Fields by code:
- *   NORM      p0 x [n0] (float32), p1 weight [n0], p2 y [n0]; f eps; kind 1: weight and y
+/* One operation. A NULL first pointer is the run's input row (read in the op's input dtype:
+ * a layer's programs start with a norm or an addition, whose x is float32); an ADD's NULL
+ * second pointer its second input. Every array is float32, or bfloat16 where the kind says so
+ * (the bfloat16 compute dtype: BF16_KIND, or a product's W_BF16). Fields by code:
+ *   NORM      p0 x [n0] (float32), p1 weight [n0], p2 y [n0]; f eps; BF16_KIND: weight and y
  *             bfloat16
  *   PRODUCT   p0 x [n1], p1 weight, p2 scale (or scale_zero), p3 low, p4 y [n0], p5 bias or
  *             NULL; n0 rows, n1 cols, n2 group; kind the weight's format (W_BF16: x, y and
@@ -60,9 +63,9 @@ enum step_kind { W_F32 = 0, W_I8 = 1, W_I8_B32 = 2, W_I8_LOWS = 3, W_I4_BF16 = 4
  *   ATTEND    p0 q [n0 * n2], p1 k [n1 * n2], p2 v, p3 scores [n3] (float32), p4 out
  *             [n0 * n2]; n0 heads, n1 kv heads, n2 head dim, n3 cache capacity, n4 positions
  *             it takes (the run is refused beyond); f scale. The caches, cos and sin (float32)
- *             come with the run. kind 1: q, k, v, out and the caches bfloat16
- *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0]; kind 1: bfloat16
- *   ADD       p0 a [n0], p1 b [n0], p2 y [n0]: y = a + b; kind 1: b bfloat16 (a, y float32) */
+ *             come with the run. BF16_KIND: q, k, v, out and the caches bfloat16
+ *   SILU_MUL  p0 gate [n0] (overwritten with silu(gate) * up), p1 up [n0]; BF16_KIND: bfloat16
+ *   ADD       p0 a [n0], p1 b [n0], p2 y [n0]: y = a + b; BF16_KIND: b bfloat16 (a, y float32) */
 typedef struct {
     int64_t code;
     int64_t kind;
@@ -167,7 +170,7 @@ static int product(const et_step_op *op, const void *x) {
 
 static void attend(const et_step_op *op, int64_t position, void *k_cache, void *v_cache,
                    const float *cos, const float *sin) {
-    if (op->kind == 1)
+    if (op->kind == BF16_KIND)
         et_attend_one_bf16(op->p[0], op->p[1], op->p[2], k_cache, v_cache, cos, sin, op->n[0],
                            op->n[1], op->n[2], position, op->n[3], (float)op->f, op->p[3],
                            op->p[4]);
@@ -184,14 +187,14 @@ static int run_op(const et_step_op *op, const float *input, const void *second,
     const void *b = op->p[1] != NULL ? op->p[1] : second;
     switch (op->code) {
     case STEP_ADD:
-        if (op->kind == 1)
+        if (op->kind == BF16_KIND)
             et_add_f32_bf16(x, b, op->p[2], op->n[0]);
         else
             et_add_f32(x, b, op->p[2], op->n[0]);
         return 0;
     case STEP_NORM:
-        et_rmsnorm_rows(x, op->n[0], op->p[1], (int)op->kind, op->p[2], (int)op->kind, 1,
-                        op->n[0], (float)op->f);
+        et_rmsnorm_rows(x, op->n[0], op->p[1], op->kind == BF16_KIND, op->p[2],
+                        op->kind == BF16_KIND, 1, op->n[0], (float)op->f);
         return 0;
     case STEP_PRODUCT:
         return product(op, x);
@@ -199,7 +202,7 @@ static int run_op(const et_step_op *op, const float *input, const void *second,
         attend(op, position, k_cache, v_cache, cos, sin);
         return 0;
     case STEP_SILU_MUL:
-        if (op->kind == 1)
+        if (op->kind == BF16_KIND)
             et_silu_mul_bf16(op->p[0], op->p[1], op->n[0]);
         else
             et_silu_mul_f32(op->p[0], op->p[1], op->n[0]);
