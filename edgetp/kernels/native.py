@@ -59,6 +59,7 @@ SPIN_SOURCE = SOURCE.parent / "spinwait.c"  # the allreduce's wait, and the 2-ra
 OPS_SOURCE = SOURCE.parent / "decode_ops.c"  # a decode step's norm and attention
 STEP_SOURCE = SOURCE.parent / "step.c"  # a layer half's step in one call (kernels.step)
 SOURCES = (SOURCE, POOL_SOURCE, STREAM_SOURCE, SPIN_SOURCE, OPS_SOURCE, STEP_SOURCE)
+HEADERS = (SOURCE.parent / "bf16.h",)  # included by the sources: part of the build's cache key
 ATTEND_MAX_POSITIONS = 1024  # beyond, torch's vectorized exp beats the C loop's expf
 WAIT_MAX_FDS = 64  # sockets one spinning wait watches (SPIN_FDS_MAX in csrc/spinwait.c)
 ABI_VERSION = 7
@@ -145,7 +146,7 @@ def _load(cpu_target: str | None = None) -> ctypes.CDLL | None:
         return None
     try:
         arch = " | ".join(" ".join(flags) for flags in arch_flags(cpu_target))
-        texts = [source.read_text() for source in SOURCES]
+        texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
         key = hashlib.sha256("\n".join([*texts, compiler, " ".join(COMMON_FLAGS + LIBRARY_FLAGS),
                                         arch, _cpu_identity()]).encode()).hexdigest()[:16]
         target = cache_dir() / f"matvec-{key}.so"

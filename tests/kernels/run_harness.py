@@ -71,7 +71,8 @@ def build(target: Target, cases: Path, source_dir: Path) -> Path:
     compile_library_sources(target, cases, source_dir)
     binary = cases / f"harness-{target.name}"
     command = [target.compiler, *harness_flags(), *target.flags, "-I", str(source_dir),
-               "-I", str(cases), str(HERE / "harness.c"), "-o", str(binary), "-lm"]
+               "-I", str(SOURCE.parent), "-I", str(cases), str(HERE / "harness.c"),
+               "-o", str(binary), "-lm"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise SystemExit(f"{target.name}: build failed: {' '.join(command)}\n{result.stderr}")
@@ -82,13 +83,13 @@ def compile_library_sources(target: Target, cases: Path, source_dir: Path) -> No
     """The library's other sources (the pool, the streaming reader, the spinning wait, the
     decode step's ops), compiled for ``target`` with the runtime's flags: what the harness
     does not run must still build on every target. A source in ``source_dir`` replaces the
-    runtime's own."""
+    runtime's own; their shared header (``bf16.h``) comes from ``source_dir`` when it has one."""
     for source in SOURCES:
         if source == SOURCE:
             continue
         path = source_dir / source.name if (source_dir / source.name).exists() else source
-        command = [target.compiler, *harness_flags(), *LIBRARY_FLAGS, *target.flags, "-c",
-                   str(path), "-o", str(cases / f"{source.stem}.o")]
+        command = [target.compiler, *harness_flags(), *LIBRARY_FLAGS, *target.flags,
+                   "-I", str(SOURCE.parent), "-c", str(path), "-o", str(cases / f"{source.stem}.o")]
         result = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise SystemExit(f"{target.name}: {source.name} does not build: "

@@ -49,7 +49,7 @@ BOTH = ("native", "x86-64-v3")
     # long bfloat16 rows without AVX-512 BF16 (the AVX2 and NEON pass): the wrong part of x
     ("bf16_fma(w_hi, x_hi[k], acc[j][2 * k + 1]);", "bf16_fma(w_hi, x_hi[0], acc[j][2 * k + 1]);",
      ("x86-64-v3",)),
-    ("return sum * bf16_to_f32(scale);", "return sum * bf16_to_f32(scale) * 1.0001f;", BOTH),
+    ("return sum * bf16_value(scale);", "return sum * bf16_value(scale) * 1.0001f;", BOTH),
     # a batched row one float32 step off its one-row product: within the reference's
     # tolerance, caught by the bitwise comparison with the one-row kernel
     ("x + t * cols, y + t * rows + r, min64(step, to - r), cols);\n",

@@ -12,6 +12,7 @@
 #include <math.h>
 #include <string.h>
 #include <stdint.h>
+#include "bf16.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -36,12 +37,6 @@ static void rope(float *x, int64_t heads, int64_t hd, const float *cos, const fl
             x2[i] = b * cos[i] + a * sin[i];
         }
     }
-}
-
-/* float -> bfloat16 bits, rounded to nearest even (as torch's conversion; finite values). */
-static inline uint16_t bf16_bits(float f) {
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
 /* n floats -> bfloat16 bits, rounded to nearest even: bf16_bits over a run, in a form the
@@ -97,10 +92,6 @@ static void dequant_block_column(const uint8_t *restrict b, const float *restric
 #endif
 }
 
-static inline float bf16_value(uint16_t bits) {
-    union { uint32_t u; float f; } v = {(uint32_t)bits << 16};
-    return v.f;
-}
 
 /* RMSNorm of `rows` float32 rows of n values (a prefill chunk's; row r at x + r * x_stride)
  * into y [rows, n], with weights w [n]: each a float32 or, where its flag says so, bfloat16

@@ -27,6 +27,7 @@
 #include <string.h>
 #include <float.h>
 #include <math.h>
+#include "bf16.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -53,21 +54,6 @@ static inline float sum256(__m256 v) { /* the sum of a vector's eight floats */
     return _mm_cvtss_f32(s);
 }
 #endif
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 int et_abi_version(void) { return 7; }
 
@@ -273,7 +259,7 @@ static void *scratch_bytes(int64_t n) {
 
 static inline void put_row(void *restrict y, int64_t r, float a, int f32_out) {
     if (f32_out) ((float *)y)[r] = a;
-    else ((uint16_t *)y)[r] = f32_to_bf16(a);
+    else ((uint16_t *)y)[r] = bf16_bits(a);
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -313,7 +299,7 @@ __attribute__((noinline)) static void bf16_long_rows(const uint16_t *restrict w,
         const uint16_t *wr = w + j * cols;
         float a = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]),
                                                      _mm512_add_ps(acc[j][2], acc[j][3])));
-        for (int64_t t = i; t < cols; t++) a += bf16_to_f32(wr[t]) * bf16_to_f32(x[t]);
+        for (int64_t t = i; t < cols; t++) a += bf16_value(wr[t]) * bf16_value(x[t]);
         put_row(y, r0 + j, a, f32_out);
     }
 }
@@ -337,7 +323,7 @@ __attribute__((noinline)) static void bf16_rows_one_by_one(
             acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_loadu_si512(wr + i),
                                       (__m512bh)_mm512_loadu_si512(x + i));
         float a = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
-        for (; i < cols; i++) a += bf16_to_f32(wr[i]) * bf16_to_f32(x[i]);
+        for (; i < cols; i++) a += bf16_value(wr[i]) * bf16_value(x[i]);
         put_row(y, r, a, f32_out);
     }
 }
@@ -427,7 +413,7 @@ __attribute__((noinline)) static void bf16_long_rows(const uint16_t *restrict w,
     for (int j = 0; j < BF16_LONG_ROWS; j++) {
         const uint16_t *wr = w + j * cols;
         float a = bf16_sum(bf16_add(acc[j][0], acc[j][2]), bf16_add(acc[j][1], acc[j][3]));
-        for (int64_t t = i; t < cols; t++) a += bf16_to_f32(wr[t]) * bf16_to_f32(x[t]);
+        for (int64_t t = i; t < cols; t++) a += bf16_value(wr[t]) * bf16_value(x[t]);
         put_row(y, r0 + j, a, f32_out);
     }
 }
@@ -449,7 +435,7 @@ __attribute__((noinline)) static void bf16_rows_one_by_one(const uint16_t *restr
         }
         for (; i < vec_cols; i += BF16_STEP) bf16_step(wr + i, x + i, acc);
         float a = bf16_sum(bf16_add(acc[0], acc[2]), bf16_add(acc[1], acc[3]));
-        for (; i < cols; i++) a += bf16_to_f32(wr[i]) * bf16_to_f32(x[i]);
+        for (; i < cols; i++) a += bf16_value(wr[i]) * bf16_value(x[i]);
         put_row(y, r, a, f32_out);
     }
 }
@@ -478,16 +464,16 @@ static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, v
 #endif
     float *restrict xf = scratch_bytes(cols * (int64_t)sizeof(float));
     if (xf == NULL) return -1;
-    for (int64_t i = 0; i < cols; i++) xf[i] = bf16_to_f32(x[i]);
+    for (int64_t i = 0; i < cols; i++) xf[i] = bf16_value(x[i]);
     for (; r + ROWS <= rows; r += ROWS) {
         const uint16_t *w0 = w + r * cols, *w1 = w0 + cols, *w2 = w1 + cols, *w3 = w2 + cols;
         float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
         for (int64_t i = 0; i < cols; i++) {
             float xi = xf[i];
-            a0 += bf16_to_f32(w0[i]) * xi;
-            a1 += bf16_to_f32(w1[i]) * xi;
-            a2 += bf16_to_f32(w2[i]) * xi;
-            a3 += bf16_to_f32(w3[i]) * xi;
+            a0 += bf16_value(w0[i]) * xi;
+            a1 += bf16_value(w1[i]) * xi;
+            a2 += bf16_value(w2[i]) * xi;
+            a3 += bf16_value(w3[i]) * xi;
         }
         put_row(y, r, a0, f32_out);
         put_row(y, r + 1, a1, f32_out);
@@ -497,7 +483,7 @@ static int bf16_matvec(const uint16_t *restrict w, const uint16_t *restrict x, v
     for (; r < rows; r++) {
         const uint16_t *wr = w + r * cols;
         float a = 0.f;
-        for (int64_t i = 0; i < cols; i++) a += bf16_to_f32(wr[i]) * xf[i];
+        for (int64_t i = 0; i < cols; i++) a += bf16_value(wr[i]) * xf[i];
         put_row(y, r, a, f32_out);
     }
     return 0;
@@ -738,7 +724,7 @@ static int64_t i8_rows_neon(const int8_t *restrict w, const uint16_t *restrict s
             if (tail)
                 sum += (float)block_dot_tail(wr + k * cols + full * QBLOCK, x->q + full * QBLOCK,
                                              tail) * x->scale[full];
-            y[r + k] = sum * bf16_to_f32(scale[r + k]);
+            y[r + k] = sum * bf16_value(scale[r + k]);
         }
     }
     return r;
@@ -952,7 +938,7 @@ static __attribute__((noinline)) float i8_finish(const int8_t *restrict wr, uint
     if (tail)
         sum += (float)block_dot_tail(wr + full * QBLOCK, xb->q + full * QBLOCK, tail)
                * xb->scale[full];
-    return sum * bf16_to_f32(scale);
+    return sum * bf16_value(scale);
 }
 
 /* One quantized x row against rows [0, rows) of w (scale: theirs). */
@@ -965,7 +951,7 @@ static void i8_span(const int8_t *restrict w, const uint16_t *restrict scale,
     for (; r < rows; r++) {
         float sum = i8_row(w + r * cols, xb, cols / QBLOCK);
         y[r] = cols % QBLOCK ? i8_finish(w + r * cols, scale[r], xb, cols, sum)
-                             : sum * bf16_to_f32(scale[r]); /* one rounding: as i8_finish's */
+                             : sum * bf16_value(scale[r]); /* one rounding: as i8_finish's */
     }
 }
 
@@ -1010,7 +996,7 @@ int et_i8_part(const int8_t *restrict w, const uint16_t *restrict scale, const v
                 for (int n = 0; n < nx; n++)
                     ys[g + n][r] = cols % QBLOCK
                                    ? i8_finish(w + r * cols, scale[r], xs[g + n], cols, sums[n])
-                                   : sums[n] * bf16_to_f32(scale[r]);
+                                   : sums[n] * bf16_value(scale[r]);
             }
         }
 #else
@@ -1471,13 +1457,13 @@ int et_has_int4(void) { return 1; }
  * float16 blocks, whose zero point m + 8 d bfloat16 would round). ``pair`` = g * rows + r. */
 static inline float scale_of(const void *scale_zero, int f32, int64_t pair) {
     return f32 ? ((const float *)scale_zero)[pair * 2]
-               : bf16_to_f32(((const uint16_t *)scale_zero)[pair * 2]);
+               : bf16_value(((const uint16_t *)scale_zero)[pair * 2]);
 }
 
 static inline float offset_of(const void *scale_zero, int f32, int64_t pair) {
     /* zero - 8 * scale, the value of code 0 */
     float zero = f32 ? ((const float *)scale_zero)[pair * 2 + 1]
-                     : bf16_to_f32(((const uint16_t *)scale_zero)[pair * 2 + 1]);
+                     : bf16_value(((const uint16_t *)scale_zero)[pair * 2 + 1]);
     return zero - 8.f * scale_of(scale_zero, f32, pair);
 }
 

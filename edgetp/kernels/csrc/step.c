@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stddef.h>
+#include "bf16.h"
 
 /* csrc/pool.c, csrc/matvec.c and csrc/decode_ops.c */
 int et_par_matvec_f32_rows(const float *w, const float *x, float *y, int64_t rows, int64_t cols,
@@ -103,16 +104,7 @@ void et_add_f32(const float *a, const float *b, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
-static inline float bf16_value(uint16_t bits) {
-    union { uint32_t u; float f; } v = {(uint32_t)bits << 16};
-    return v.f;
-}
 
-/* float -> bfloat16 bits, rounded to nearest even (as torch's conversion; finite values). */
-static inline uint16_t bf16_bits(float f) {
-    union { float f; uint32_t u; } v = {f};
-    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
-}
 
 /* et_silu_mul_f32 over bfloat16 values, rounded as torch's bfloat16 ops round: silu in
  * float32, rounded; the product rounded. */

@@ -279,3 +279,16 @@ def test_a_chunks_norm_takes_the_c_pass_and_falls_back_to_torch_alike(
         torch_out = norm(x)
     assert native_out.dtype == torch_out.dtype == torch.bfloat16
     torch.testing.assert_close(native_out, torch_out, rtol=8e-3, atol=1e-6)
+
+
+def test_a_nan_stays_a_nan_when_rounded_to_bfloat16() -> None:
+    """A NaN whose low bits are all set (0x7FFFFFFF) must not round like a number: adding the
+    rounding bias carries into the sign and gives -0, a silent zero where the NaN should show
+    (csrc/bf16.h); and every finite value rounds as torch's conversion does."""
+    x = torch.randn(3, 64)
+    x[1, 5] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    weight, out = torch.ones(64), torch.empty(3, 64, dtype=torch.bfloat16)
+    assert native.rmsnorm_rows(x, weight, 1e-5, out)
+    assert bool(torch.isnan(out[1]).all())
+    expected = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+    torch.testing.assert_close(out[[0, 2]], expected[[0, 2]], rtol=1e-2, atol=1e-2)
