@@ -77,7 +77,13 @@ of one device's streams and of both nodes' together. On one machine the two node
 bus, so a round's 2-vs-1 ratio can only beat one device by as much as the bus gives two
 streams over one; runs minutes apart may fall in different phases of a host whose memory rate
 moves. The 2-vs-1 targets then take the median of the rounds' ratios. Both clusters' weights
-are in memory at once (twice the model).
+are in memory at once (twice the model). Then, in the same minute, the *bare split*
+(:mod:`edgetp.perf.split_probe`): the same model's layer products and head, random weights in
+the same dtype, computed by one process against two processes holding a rank's slices each,
+meeting at a spinning barrier after each layer half, in alternating rounds; no runtime (no
+messages, norms, attention or Python but a loop). Its ratio is what splitting the products
+gains on this machine's memory bus, the ceiling of the 2-vs-1 ratio here; the 2-vs-1 target's
+reading gives it beside the cluster's.
 
 ``--secure``: after each point of more than one node, the same cluster with CURVE keys (the
 allreduce over the sealed data link, edgetp.net.sealedlink) and without run side by side,
@@ -138,6 +144,13 @@ from edgetp.model.synthetic import (  # noqa: E402
 )
 from edgetp.perf.bench import BenchSettings, bench_cluster, write_reports  # noqa: E402
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
+from edgetp.perf.split_probe import (  # noqa: E402
+    LayerShape,
+    product,
+    split_probe,
+    step_rows,
+    stored,
+)
 from edgetp.perf.streams import (  # noqa: E402
     read_buffer,
     read_rates,
@@ -318,30 +331,18 @@ def _kernels(dtypes: list[str], nbytes: int, shape: tuple[int, int]
     weight dtype the matrix-vector product decode runs (``[1, in] x [out, in]^T`` as edgetp's
     linears compute it) cycling over copies of one weight, ``nbytes`` in all (beyond the cache).
     """
-    from edgetp.parallel.qlinear import int4_product, int8_product
-    from edgetp.shard.quant import native_int4_tiled, quantize_int4, quantize_int8
-
     w = torch.randn(shape, generator=torch.Generator().manual_seed(SEED)).mul_(0.02)
-    x = torch.randn(1, shape[1])  # [1, in]
     buffer = read_buffer(nbytes)  # [N] float32
     def read(_i: int) -> object:
         return native.stream_read(buffer) if native.available() else buffer.sum()
 
     out: dict[str, tuple[Callable[[int], object], int]] = {"read": (read, buffer.numel() * 4)}
-    stored = {"float32": lambda: (w,), "bfloat16": lambda: (w.to(torch.bfloat16),),
-              "int8": lambda: quantize_int8(w), "int4": lambda: quantize_int4(w, GROUP_SIZE)}
-    step = torch.empty(1, shape[0])  # [1, out]: the step buffer a decode linear keeps
-    x16, step16 = x.to(torch.bfloat16), step.to(torch.bfloat16)  # a bfloat16 model's
-    calls = {"float32": lambda x, w: native.linear(x, w, step),
-             "bfloat16": lambda x, w: native.linear(x16, w, step16),
-             "int8": lambda x, q, s: int8_product(x, q, s, out=step),
-             "int4": lambda x, q, sz: int4_product(x, q, sz, GROUP_SIZE, native_int4_tiled(),
-                                                   out=step)}
     for dtype in dtypes:
-        weight = stored[dtype]()
+        weight = stored(dtype, w, GROUP_SIZE)
         size = sum(t.numel() * t.element_size() for t in weight)
-        copies = [tuple(pack(weight)) for _ in range(max(1, nbytes // size))]  # as loaded
-        out[dtype] = (lambda i, c=copies, f=calls[dtype]: f(x, *c[i % len(c)]), size)
+        copies = [product(dtype, tuple(pack(weight)), *step_rows(dtype, *shape), GROUP_SIZE)
+                  for _ in range(max(1, nbytes // size))]
+        out[dtype] = (lambda i, c=copies: c[i % len(c)](), size)
     return out
 
 
@@ -604,7 +605,20 @@ def run_paired(model_dir: Path, weights: str, args: argparse.Namespace) -> dict[
     progress(f"run 1 device and 2 nodes of {weights}: {result['device_ms_per_token']:.1f} and "
              f"{result['ms_per_token']:.1f} ms/token, 2 vs 1 {result['ratio']:.2f}x (rounds "
              f"{each})")
+    result["bare_split"] = bare_split(weights, device, args)
     return result
+
+
+def bare_split(weights: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same products split bare (:mod:`edgetp.perf.split_probe`), 2 ways, ``threads``
+    per process, in as many alternating rounds as the paired runs."""
+    progress(f"bare split of {weights}: one process against two, the products only, "
+             f"{max(args.runs, 2)} alternating rounds")
+    probe = split_probe(LayerShape.of(model_config(args.tiny)), weights, 2, threads,
+                        GROUP_SIZE, rounds=max(args.runs, 2))
+    progress(f"bare split of {weights}: {statistics.median(probe['device_ms']):.1f} and "
+             f"{statistics.median(probe['split_ms']):.1f} ms/token, {probe['ratio']:.2f}x")
+    return probe
 
 
 def run_peer(peer: DistributedLlama, model_dir: Path, point: dict[str, Any],
@@ -722,6 +736,11 @@ def paired_table(points: list[dict[str, Any]]) -> list[str]:
                          f"{r['reading']['gain']:.2f}x |")
         lines.append(f"| {p['weights']} | median | | | | {paired['device_ms_per_token']:.1f} | "
                      f"{paired['ms_per_token']:.1f} | {paired['ratio']:.2f}x | |")
+        bare = paired.get("bare_split")
+        if bare:
+            lines.append(f"| {p['weights']} | bare split, median | | | | "
+                         f"{statistics.median(bare['device_ms']):.1f} | "
+                         f"{statistics.median(bare['split_ms']):.1f} | {bare['ratio']:.2f}x | |")
     return lines
 
 
@@ -782,6 +801,10 @@ def targets(points: list[dict[str, Any]], bw: dict[str, Any],
             if reading is not None:
                 row["reading"] = reading
                 row["bus"] = bus_reason(reading, kind, limit)
+            bare = (point.get("paired") or {}).get("bare_split") if kind == "vs1" else None
+            if bare is not None:
+                row["bare_split_ratio"] = bare["ratio"]
+                row["bus"] = row.get("bus", "") + "; " + bare_reason(bare)
         out.append(row)
     return out
 
@@ -849,6 +872,14 @@ def bus_reason(reading: dict[str, float], kind: str, limit: float) -> str:
         return text + f"; the waiting alone is past {target:.2f}x"
     needed = reading["gain"] * reading["computing"] / room
     return text + f"; {target:.2f}x with this waiting needs a bus gain of {needed:.2f}x"
+
+
+def bare_reason(probe: dict[str, Any]) -> str:
+    """The ceiling of a 2-vs-1 ratio on this machine, from the same run's bare split."""
+    device, split = statistics.median(probe["device_ms"]), statistics.median(probe["split_ms"])
+    return (f"the same products split bare in this run (no runtime: two processes, a barrier "
+            f"per layer half, the head on the first) gave {probe['ratio']:.2f}x ({device:.1f} "
+            f"-> {split:.1f} ms/token): what splitting gains on this machine's bus")
 
 
 def why(point: dict[str, Any], bw: dict[str, Any]) -> str:

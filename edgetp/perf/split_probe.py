@@ -1,0 +1,207 @@
+"""What splitting a model's layer products over several processes gains on this machine, with
+nothing of the runtime around them: the most tensor parallelism can gain on one memory bus.
+
+One device is one process computing every layer's seven decode products (q, k, v, o; gate, up,
+down) on its threads, then the lm_head's; the split is ``parts`` processes, each with the
+slices a rank of ``edgetp split`` holds (q, k, v, gate and up by output rows, o and down by
+input columns), meeting at a spinning barrier after each layer half, where a cluster's ranks
+meet at their allreduce, and after the head, which the first rank computes whole as the master
+does while the others wait. No messages, no Python between the products but a loop, no norms or
+attention: so the split's ms/token over the device's is what the products alone get from the
+split here, the ceiling for a cluster whose nodes share this machine's memory bus. On separate
+devices each rank has a bus of its own; on one machine both halves stream through one.
+
+The device and the split's ranks are loaded at once (twice the layers' bytes) and run in
+alternating rounds (device, split, device, ...), so a host whose memory rate moves over minutes
+moves both alike. Weights are random, each dtype in the form a node loads (bfloat16, int8 with
+row scales, int4 in groups of ``group``; the head as a split stores it), one layer made and
+then copied to every layer's place in huge-page memory, so every token streams them all from
+memory.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgetp.core.pages import pack
+from edgetp.kernels import native
+from edgetp.parallel.qlinear import int4_product, int8_product
+from edgetp.perf.streams import run_streams
+from edgetp.shard.quant import head_format, native_int4_tiled, quantize_int4, quantize_int8
+
+DTYPES = ("float32", "bfloat16", "int8", "int4")
+Product = Callable[[], object]  # one decode product, into its step buffer
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """A decoder layer's product sizes: hidden, the k/v projections' rows (KV heads x head
+    size), the MLP's width; the number of layers and the vocabulary (the head's rows)."""
+
+    hidden: int
+    kv: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> LayerShape:
+        """From a Hugging Face ``config.json``'s fields."""
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        head_dim = config.get("head_dim") or hidden // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        return cls(hidden, kv_heads * head_dim, config["intermediate_size"],
+                   config["num_hidden_layers"], config["vocab_size"])
+
+    def halves(self, parts: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """One rank's [out, in] weight shapes of the attention half and of the MLP half."""
+        h, kv, f = self.hidden, self.kv, self.intermediate
+        for size in (h, kv, f):
+            if size % parts:
+                raise ValueError(f"{size} does not split into {parts} parts")
+        attention = [(h // parts, h), (kv // parts, h), (kv // parts, h), (h, h // parts)]
+        mlp = [(f // parts, h), (f // parts, h), (h, f // parts)]
+        return attention, mlp
+
+
+def stored(dtype: str, w: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
+    """w [out, in] float32 -> the tensors a node holds of it in ``dtype``."""
+    if dtype == "float32":
+        return (w,)
+    if dtype == "bfloat16":
+        return (w.to(torch.bfloat16),)
+    if dtype == "int8":
+        return quantize_int8(w)
+    if dtype == "int4":
+        return quantize_int4(w, group)
+    raise ValueError(f"unknown weight dtype {dtype!r}; one of {', '.join(DTYPES)}")
+
+
+def product(dtype: str, weight: tuple[torch.Tensor, ...], x: torch.Tensor, out: torch.Tensor,
+            group: int) -> Product:
+    """One decode product of ``weight`` (as :func:`stored`) as a node's linear computes it:
+    ``out`` [1, rows] = x [1, cols] @ weight^T (``x`` and ``out`` as :func:`step_rows` makes
+    them; the quantized dtypes through the native kernels where they exist)."""
+    if dtype in ("float32", "bfloat16"):
+        return lambda: native.linear(x, weight[0], out)
+    codes, scales = weight  # int8: (q, scale); int4: (packed, scale_zero)
+    if dtype == "int8":
+        return lambda: int8_product(x, codes, scales, out=out)
+    tiled = native_int4_tiled()
+    return lambda: int4_product(x, codes, scales, group, tiled, out=out)
+
+
+def step_rows(dtype: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product's input row x [1, cols] (random) and step buffer [1, rows]: bfloat16 for a
+    bfloat16 weight (computed in bfloat16), float32 for the others."""
+    compute = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    return torch.randn(1, cols).to(compute), torch.empty(1, rows, dtype=compute)
+
+
+def layer_products(shape: LayerShape, parts: int, dtype: str, group: int
+                   ) -> list[tuple[list[Product], list[Product]]]:
+    """Every layer's (attention half, MLP half) products of one rank of ``parts``: one layer's
+    weights made and quantized, copied into each layer's own huge-page memory."""
+    generator = torch.Generator().manual_seed(parts)
+    layer = []
+    for half in shape.halves(parts):
+        layer.append([(rows, cols, stored(dtype, torch.randn(rows, cols, generator=generator)
+                                          .mul_(0.02), group)) for rows, cols in half])
+
+    def copy(half: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> list[Product]:
+        return [product(dtype, tuple(pack(weight)), *step_rows(dtype, rows, cols), group)
+                for rows, cols, weight in half]
+
+    return [(copy(layer[0]), copy(layer[1])) for _ in range(shape.layers)]
+
+
+def head_product(shape: LayerShape, dtype: str, group: int) -> Product:
+    """The lm_head's product, stored as a split of ``dtype`` stores it."""
+    fmt = head_format(dtype, None, "float32")
+    w = torch.randn(shape.vocab, shape.hidden, generator=torch.Generator().manual_seed(0))
+    weight = tuple(pack(stored(fmt, w.mul_(0.02), group)))
+    return product(fmt, weight, *step_rows(fmt, shape.vocab, shape.hidden), group)
+
+
+class SpinBarrier:
+    """The split's ranks meeting after a layer half: each raises its own count in shared memory
+    and spins until every rank's count reaches it (as a rank spins on its allreduce)."""
+
+    def __init__(self, counts: Any, rank: int) -> None:
+        self.counts, self.rank, self.meetings = counts, rank, 0
+
+    def wait(self) -> None:
+        self.meetings += 1
+        self.counts[self.rank] = self.meetings
+        while min(self.counts) < self.meetings:
+            pass
+
+
+def token_ms(layers: list[tuple[list[Product], list[Product]]], head: Product | None,
+             meet: Callable[[], None], tokens: int) -> float:
+    """Median ms of a token: every layer's products, ``meet`` after each half; the head (on
+    the rank that has one) and ``meet`` once more."""
+    times = []
+    for _ in range(tokens):
+        start = time.perf_counter()
+        for attention, mlp in layers:
+            for call in attention:
+                call()
+            meet()
+            for call in mlp:
+                call()
+            meet()
+        if head is not None:
+            head()
+        meet()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _probe_child(index: int, shape: LayerShape, parts: int, dtype: str, group: int,
+                 threads: int, tokens: int, rounds: int, counts: Any, barrier: Any,
+                 out: Any) -> None:
+    """Process ``index``: 0 the device (every product whole), 1..parts the split's ranks.
+    Per round: the device's tokens while the ranks wait, then the ranks' while it waits."""
+    torch.set_num_threads(threads)
+    native.set_threads(threads)
+    rank = index - 1
+    layers = layer_products(shape, 1 if index == 0 else parts, dtype, group)
+    head = head_product(shape, dtype, group) if index <= 1 else None  # the master's
+    meet = (lambda: None) if index == 0 else SpinBarrier(counts, rank).wait
+    token_ms(layers, head, meet, 1)  # warm: pages touched, kernels loaded
+    times = []
+    for _ in range(rounds):
+        for side in (0, 1):
+            barrier.wait()
+            if (index == 0) == (side == 0):
+                times.append(token_ms(layers, head, meet, tokens))
+    barrier.wait()  # none exits (freeing its memory, a core's work) while another runs
+    out.put((index, times))
+
+
+def split_probe(shape: LayerShape, dtype: str, parts: int = 2, threads: int = 1,
+                group: int = 32, tokens: int = 6, rounds: int = 3) -> dict[str, Any]:
+    """The device (one process of ``threads`` threads) against ``parts`` processes of
+    ``threads`` threads each holding a rank's slices, in ``rounds`` alternating rounds of
+    ``tokens`` tokens: each side's ms/token (the split's: its slowest rank's) per round, and
+    the median round's ratio split / device."""
+    import multiprocessing as mp
+
+    counts = mp.get_context("spawn").RawArray("q", parts)
+    timeout = 300 + rounds * tokens * shape.layers * 2.0
+    results = dict(run_streams(_probe_child, parts + 1,
+                               (shape, parts, dtype, group, threads, tokens, rounds, counts),
+                               timeout))
+    device = results[0]
+    split = [max(results[rank][r] for rank in range(1, parts + 1)) for r in range(rounds)]
+    ratios = [s / d for s, d in zip(split, device, strict=True)]
+    return {"dtype": dtype, "parts": parts, "threads": threads, "tokens": tokens,
+            "device_ms": device, "split_ms": split, "ratios": ratios,
+            "ratio": statistics.median(ratios)}
