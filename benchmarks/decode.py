@@ -77,13 +77,14 @@ of one device's streams and of both nodes' together. On one machine the two node
 bus, so a round's 2-vs-1 ratio can only beat one device by as much as the bus gives two
 streams over one; runs minutes apart may fall in different phases of a host whose memory rate
 moves. The 2-vs-1 targets then take the median of the rounds' ratios. Both clusters' weights
-are in memory at once (twice the model). Then, in the same minute, the *bare split*
-(:mod:`edgetp.perf.split_probe`): the same model's layer products and head, random weights in
-the same dtype, computed by one process against two processes holding a rank's slices each,
-meeting at a spinning barrier after each layer half, in alternating rounds; no runtime (no
-messages, norms, attention or Python but a loop). Its ratio is what splitting the products
-gains on this machine's memory bus, the ceiling of the 2-vs-1 ratio here; the 2-vs-1 target's
-reading gives it beside the cluster's.
+are in memory at once (twice the model), and so is the *bare split*
+(:mod:`edgetp.perf.split_probe`, twice the layers again): the same model's layer products and
+head, random weights in the same dtype, computed by one process against two processes holding
+a rank's slices each, meeting at a spinning barrier after each layer half; no runtime (no
+messages, norms, attention or Python but a loop). One bare round (6 tokens each side) runs
+before each round of the clusters, after the bus is measured. Its ratio is what splitting the
+products gains on this machine's memory bus at that moment, the ceiling of the 2-vs-1 ratio
+here; the 2-vs-1 target's reading gives it beside the cluster's.
 
 ``--secure``: after each point of more than one node, the same cluster with CURVE keys (the
 allreduce over the sealed data link, edgetp.net.sealedlink) and without run side by side,
@@ -146,10 +147,11 @@ from edgetp.perf.bench import BenchSettings, bench_cluster, write_reports  # noq
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
 from edgetp.perf.split_probe import (  # noqa: E402
     LayerShape,
+    SplitProbe,
     product,
-    split_probe,
     step_rows,
     stored,
+    summary,
 )
 from edgetp.perf.streams import (  # noqa: E402
     read_buffer,
@@ -587,38 +589,35 @@ def run_paired(model_dir: Path, weights: str, args: argparse.Namespace) -> dict[
     if device is None:
         return None
     progress(f"run 1 device ({device} thread(s)) and 2 nodes of {weights}, alternating: load "
-             f"both, 1 warm-up + {args.runs} run(s) each")
-    rounds = alternating_runs(point_settings(model_dir, 1, weights, args, device),
-                              point_settings(model_dir, 2, weights, args, None), args.runs,
-                              lambda: bus_rates(device, sum(cluster), args.tiny))
+             f"both and the bare split, 1 warm-up + {args.runs} run(s) each, a bare round "
+             "before each")
+    shape = LayerShape.of(model_config(args.tiny))
+    with SplitProbe(shape, weights, 2, device, GROUP_SIZE) as bare:
+        def before_round() -> dict[str, Any]:
+            row = dict(bus_rates(device, sum(cluster), args.tiny))
+            row["bare_device_ms"], row["bare_split_ms"] = bare.round()
+            return row
+
+        rounds = alternating_runs(point_settings(model_dir, 1, weights, args, device),
+                                  point_settings(model_dir, 2, weights, args, None), args.runs,
+                                  before_round)
     device_bytes = [read_bytes_per_token(d) for d in split_for(model_dir, 1, weights)]
     cluster_bytes = [read_bytes_per_token(d) for d in split_for(model_dir, 2, weights)]
     for r in rounds:
         r["ratio"] = r["second_ms"] / r["first_ms"]
+        r["bare_ratio"] = r["bare_split_ms"] / r["bare_device_ms"]
         r["reading"] = scaling_parts(Side(r["second_ms"], r["second_compute_ms"], cluster_bytes),
                                      Side(r["first_ms"], r["first_compute_ms"], device_bytes))
     result = {"device_threads": device,
               "device_ms_per_token": statistics.median(r["first_ms"] for r in rounds),
               "ms_per_token": statistics.median(r["second_ms"] for r in rounds),
-              "ratio": statistics.median(r["ratio"] for r in rounds), "rounds": rounds}
-    each = ", ".join(f"{r['ratio']:.2f}" for r in rounds)
+              "ratio": statistics.median(r["ratio"] for r in rounds), "rounds": rounds,
+              "bare_split": summary([(r["bare_device_ms"], r["bare_split_ms"]) for r in rounds])}
+    each = ", ".join(f"{r['ratio']:.2f} (bare {r['bare_ratio']:.2f})" for r in rounds)
     progress(f"run 1 device and 2 nodes of {weights}: {result['device_ms_per_token']:.1f} and "
              f"{result['ms_per_token']:.1f} ms/token, 2 vs 1 {result['ratio']:.2f}x (rounds "
              f"{each})")
-    result["bare_split"] = bare_split(weights, device, args)
     return result
-
-
-def bare_split(weights: str, threads: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The same products split bare (:mod:`edgetp.perf.split_probe`), 2 ways, ``threads``
-    per process, in as many alternating rounds as the paired runs."""
-    progress(f"bare split of {weights}: one process against two, the products only, "
-             f"{max(args.runs, 2)} alternating rounds")
-    probe = split_probe(LayerShape.of(model_config(args.tiny)), weights, 2, threads,
-                        GROUP_SIZE, rounds=max(args.runs, 2))
-    progress(f"bare split of {weights}: {statistics.median(probe['device_ms']):.1f} and "
-             f"{statistics.median(probe['split_ms']):.1f} ms/token, {probe['ratio']:.2f}x")
-    return probe
 
 
 def run_peer(peer: DistributedLlama, model_dir: Path, point: dict[str, Any],
@@ -723,24 +722,26 @@ def paired_table(points: list[dict[str, Any]]) -> list[str]:
     lines = ["", "2 nodes against one device, both up at once and their runs alternating "
              "(--paired; the 2-vs-1 targets use the median of these rounds' ratios). Bus: the "
              "read rate of one device's streams and of both nodes' at once, measured before "
-             "each round; on one machine a second node gains at most their quotient", "",
+             "each round; on one machine a second node gains at most their quotient. Bare "
+             "split: the same products alone, one process against two, right before the "
+             "round (edgetp.perf.split_probe)", "",
              "| weights | round | bus: 1 device GB/s | 2 nodes GB/s | bus factor | 1 device "
-             "ms/token | 2 nodes ms/token | 2 vs 1 | read gain while computing |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ms/token | 2 nodes ms/token | 2 vs 1 | read gain while computing | bare split: "
+             "1 / 2 ms/token | bare 2 vs 1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in rows:
         paired = p["paired"]
         for i, r in enumerate(paired["rounds"], 1):
             lines.append(f"| {p['weights']} | {i} | {r['device_streams_gbps']:.1f} | "
                          f"{r['cluster_streams_gbps']:.1f} | {r['bus_factor']:.2f}x | "
                          f"{r['first_ms']:.1f} | {r['second_ms']:.1f} | {r['ratio']:.2f}x | "
-                         f"{r['reading']['gain']:.2f}x |")
+                         f"{r['reading']['gain']:.2f}x | {r['bare_device_ms']:.1f} / "
+                         f"{r['bare_split_ms']:.1f} | {r['bare_ratio']:.2f}x |")
+        bare = paired["bare_split"]
         lines.append(f"| {p['weights']} | median | | | | {paired['device_ms_per_token']:.1f} | "
-                     f"{paired['ms_per_token']:.1f} | {paired['ratio']:.2f}x | |")
-        bare = paired.get("bare_split")
-        if bare:
-            lines.append(f"| {p['weights']} | bare split, median | | | | "
-                         f"{statistics.median(bare['device_ms']):.1f} | "
-                         f"{statistics.median(bare['split_ms']):.1f} | {bare['ratio']:.2f}x | |")
+                     f"{paired['ms_per_token']:.1f} | {paired['ratio']:.2f}x | | "
+                     f"{statistics.median(bare['device_ms']):.1f} / "
+                     f"{statistics.median(bare['split_ms']):.1f} | {bare['ratio']:.2f}x |")
     return lines
 
 
@@ -877,9 +878,11 @@ def bus_reason(reading: dict[str, float], kind: str, limit: float) -> str:
 def bare_reason(probe: dict[str, Any]) -> str:
     """The ceiling of a 2-vs-1 ratio on this machine, from the same run's bare split."""
     device, split = statistics.median(probe["device_ms"]), statistics.median(probe["split_ms"])
+    rounds = ", ".join(f"{r:.2f}" for r in probe["ratios"])
     return (f"the same products split bare in this run (no runtime: two processes, a barrier "
-            f"per layer half, the head on the first) gave {probe['ratio']:.2f}x ({device:.1f} "
-            f"-> {split:.1f} ms/token): what splitting gains on this machine's bus")
+            f"per layer half, the head on the first; a round before each paired round) gave "
+            f"{probe['ratio']:.2f}x ({device:.1f} -> {split:.1f} ms/token; rounds {rounds}): "
+            f"what splitting gains on this machine's bus")
 
 
 def why(point: dict[str, Any], bw: dict[str, Any]) -> str:

@@ -21,6 +21,8 @@ memory.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Callable
@@ -32,7 +34,6 @@ import torch
 from edgetp.core.pages import pack
 from edgetp.kernels import native
 from edgetp.parallel.qlinear import int4_product, int8_product
-from edgetp.perf.streams import run_streams
 from edgetp.shard.quant import head_format, native_int4_tiled, quantize_int4, quantize_int8
 
 DTYPES = ("float32", "bfloat16", "int8", "int4")
@@ -165,43 +166,117 @@ def token_ms(layers: list[tuple[list[Product], list[Product]]], head: Product | 
 
 
 def _probe_child(index: int, shape: LayerShape, parts: int, dtype: str, group: int,
-                 threads: int, tokens: int, rounds: int, counts: Any, barrier: Any,
-                 out: Any) -> None:
+                 threads: int, tokens: int, counts: Any, conn: Any) -> None:
     """Process ``index``: 0 the device (every product whole), 1..parts the split's ranks.
-    Per round: the device's tokens while the ranks wait, then the ranks' while it waits."""
+    Loads, warms up and says so on ``conn``; then for each "run" the parent sends, times
+    ``tokens`` tokens and sends their median ms, until "stop"."""
     torch.set_num_threads(threads)
     native.set_threads(threads)
-    rank = index - 1
     layers = layer_products(shape, 1 if index == 0 else parts, dtype, group)
     head = head_product(shape, dtype, group) if index <= 1 else None  # the master's
-    meet = (lambda: None) if index == 0 else SpinBarrier(counts, rank).wait
-    token_ms(layers, head, meet, 1)  # warm: pages touched, kernels loaded
-    times = []
-    for _ in range(rounds):
-        for side in (0, 1):
-            barrier.wait()
-            if (index == 0) == (side == 0):
-                times.append(token_ms(layers, head, meet, tokens))
-    barrier.wait()  # none exits (freeing its memory, a core's work) while another runs
-    out.put((index, times))
+    token_ms(layers, head, lambda: None, 1)  # warm: pages touched, kernels loaded
+    meet = (lambda: None) if index == 0 else SpinBarrier(counts, index - 1).wait
+    conn.send(None)
+    while conn.recv() == "run":
+        conn.send(token_ms(layers, head, meet, tokens))
+
+
+class SplitProbe:
+    """The device's process and the split's ranks, loaded once and kept, timed one round at a
+    time (:meth:`round`), so a caller can interleave the rounds with its own runs. A process
+    that dies or hangs ends the session with a RuntimeError; every process ends with it."""
+
+    def __init__(self, shape: LayerShape, dtype: str, parts: int = 2, threads: int = 1,
+                 group: int = 32, tokens: int = 6, timeout_s: float | None = None) -> None:
+        args = (shape, parts, dtype, group, threads, tokens)
+        self.timeout_s = timeout_s or 120 + 4.0 * tokens * shape.layers
+        ctx = mp.get_context("spawn")
+        counts = ctx.RawArray("q", parts)
+        pipes = [ctx.Pipe() for _ in range(parts + 1)]
+        self.conns = [ours for ours, _ in pipes]
+        self.failed = False
+        self.procs = [ctx.Process(target=_probe_child, daemon=True,
+                                  args=(i, *args, counts, theirs))
+                      for i, (_, theirs) in enumerate(pipes)]
+
+    def __enter__(self) -> SplitProbe:
+        try:
+            for proc in self.procs:
+                proc.start()
+            self._replies(range(len(self.procs)), 300 + self.timeout_s)  # loaded and warm
+        except BaseException:
+            self._end()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end()
+
+    def round(self) -> tuple[float, float]:
+        """One round: (device ms/token, the split's: its slowest rank's)."""
+        device = self._run([0])
+        split = self._run(range(1, len(self.procs)))
+        return device[0], max(split)
+
+    def _run(self, indices: range | list[int]) -> list[float]:
+        for i in indices:
+            self._send(i, "run")
+        return self._replies(indices, self.timeout_s)
+
+    def _send(self, index: int, message: str) -> None:
+        try:
+            self.conns[index].send(message)
+        except OSError:  # its process is gone
+            raise RuntimeError(self._failure()) from None
+
+    def _replies(self, indices: range | list[int], timeout_s: float) -> list[float]:
+        """Each process's next message, in order; a dead process or the deadline raises."""
+        deadline, out = time.monotonic() + timeout_s, []
+        for i in indices:
+            while not self.conns[i].poll(0.5):
+                if time.monotonic() > deadline or self.procs[i].exitcode is not None:
+                    raise RuntimeError(self._failure())
+            try:
+                out.append(self.conns[i].recv())
+            except (EOFError, OSError):
+                raise RuntimeError(self._failure()) from None
+        return out
+
+    def _failure(self) -> str:
+        self.failed = True  # the others may spin for a dead rank: end them at once
+        codes = [p.exitcode for p in self.procs]
+        return (f"a bare-split process failed or hung (exit codes {codes}; a traceback, if "
+                "any, is above): check the machine's free memory")
+
+    def _end(self) -> None:
+        for conn, proc in zip(self.conns, self.procs, strict=True):
+            with contextlib.suppress(OSError):
+                if proc.is_alive():
+                    conn.send("stop")
+        for proc in self.procs:
+            if proc.pid is None:
+                continue
+            proc.join(timeout=0 if self.failed else 10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
 
 
 def split_probe(shape: LayerShape, dtype: str, parts: int = 2, threads: int = 1,
                 group: int = 32, tokens: int = 6, rounds: int = 3) -> dict[str, Any]:
     """The device (one process of ``threads`` threads) against ``parts`` processes of
     ``threads`` threads each holding a rank's slices, in ``rounds`` alternating rounds of
-    ``tokens`` tokens: each side's ms/token (the split's: its slowest rank's) per round, and
-    the median round's ratio split / device."""
-    import multiprocessing as mp
+    ``tokens`` tokens (:class:`SplitProbe`): see :func:`summary`."""
+    with SplitProbe(shape, dtype, parts, threads, group, tokens) as probe:
+        times = [probe.round() for _ in range(rounds)]
+    return summary(times)
 
-    counts = mp.get_context("spawn").RawArray("q", parts)
-    timeout = 300 + rounds * tokens * shape.layers * 2.0
-    results = dict(run_streams(_probe_child, parts + 1,
-                               (shape, parts, dtype, group, threads, tokens, rounds, counts),
-                               timeout))
-    device = results[0]
-    split = [max(results[rank][r] for rank in range(1, parts + 1)) for r in range(rounds)]
-    ratios = [s / d for s, d in zip(split, device, strict=True)]
-    return {"dtype": dtype, "parts": parts, "threads": threads, "tokens": tokens,
-            "device_ms": device, "split_ms": split, "ratios": ratios,
-            "ratio": statistics.median(ratios)}
+
+def summary(times: list[tuple[float, float]]) -> dict[str, Any]:
+    """Rounds' (device, split) ms/token -> each side's per round, the ratios split / device
+    and the median round's ratio."""
+    ratios = [split / device for device, split in times]
+    return {"device_ms": [d for d, _ in times], "split_ms": [s for _, s in times],
+            "ratios": ratios, "ratio": statistics.median(ratios)}

@@ -4,6 +4,7 @@ dtype's product is the real product, and the probe times both sides in real proc
 from __future__ import annotations
 
 import statistics
+from multiprocessing import resource_tracker
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from edgetp.model.synthetic import llama_config
 from edgetp.perf.split_probe import (
     DTYPES,
     LayerShape,
+    SplitProbe,
     head_product,
     product,
     split_probe,
@@ -20,6 +22,13 @@ from edgetp.perf.split_probe import (
 )
 
 TINY = LayerShape(hidden=64, kv=32, intermediate=128, layers=2, vocab=96)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_resource_tracker() -> None:
+    """Spawned processes need multiprocessing's resource tracker, which ignores SIGTERM: started
+    once for the module, it is ended once at the module's end, not after every test."""
+    resource_tracker.ensure_running()
 
 
 def test_the_shape_comes_from_a_models_config() -> None:
@@ -70,3 +79,13 @@ def test_the_probe_times_one_device_against_the_split_in_real_processes() -> Non
     assert probe["ratios"] == [s / d for s, d in zip(probe["split_ms"], probe["device_ms"],
                                                        strict=True)]
     assert probe["ratio"] == statistics.median(probe["ratios"])
+
+
+def test_a_dead_probe_process_ends_the_session_with_a_message() -> None:
+    with SplitProbe(TINY, "float32", tokens=1, timeout_s=5.0) as probe:
+        assert all(ms > 0 for ms in probe.round())
+        probe.procs[2].kill()  # a rank of the split
+        probe.procs[2].join()
+        with pytest.raises(RuntimeError, match="a bare-split process failed or hung"):
+            probe.round()
+    assert all(not p.is_alive() for p in probe.procs)
