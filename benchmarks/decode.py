@@ -146,7 +146,6 @@ from edgetp.model.synthetic import (  # noqa: E402
 from edgetp.perf.bench import BenchSettings, bench_cluster, write_reports  # noqa: E402
 from edgetp.perf.bench import measure as measure_on  # noqa: E402
 from edgetp.perf.split_probe import (  # noqa: E402
-    LayerShape,
     SplitProbe,
     product,
     step_rows,
@@ -591,8 +590,8 @@ def run_paired(model_dir: Path, weights: str, args: argparse.Namespace) -> dict[
     progress(f"run 1 device ({device} thread(s)) and 2 nodes of {weights}, alternating: load "
              f"both and the bare split, 1 warm-up + {args.runs} run(s) each, a bare round "
              "before each")
-    shape = LayerShape.of(model_config(args.tiny))
-    with SplitProbe(shape, weights, 2, device, GROUP_SIZE) as bare:
+    config = load_model_config(model_dir)
+    with SplitProbe(config, weights, 2, device, GROUP_SIZE) as bare:
         def before_round() -> dict[str, Any]:
             row = dict(bus_rates(device, sum(cluster), args.tiny))
             row["bare_device_ms"], row["bare_split_ms"] = bare.round()
@@ -805,7 +804,7 @@ def targets(points: list[dict[str, Any]], bw: dict[str, Any],
             bare = (point.get("paired") or {}).get("bare_split") if kind == "vs1" else None
             if bare is not None:
                 row["bare_split_ratio"] = bare["ratio"]
-                row["bus"] = row.get("bus", "") + "; " + bare_reason(bare)
+                row["bus"] = "; ".join(filter(None, (row.get("bus"), bare_reason(bare))))
         out.append(row)
     return out
 

@@ -3,20 +3,21 @@ nothing of the runtime around them: the most tensor parallelism can gain on one 
 
 One device is one process computing every layer's seven decode products (q, k, v, o; gate, up,
 down) on its threads, then the lm_head's; the split is ``parts`` processes, each with the
-slices a rank of ``edgetp split`` holds (q, k, v, gate and up by output rows, o and down by
-input columns), meeting at a spinning barrier after each layer half, where a cluster's ranks
-meet at their allreduce, and after the head, which the first rank computes whole as the master
-does while the others wait. No messages, no Python between the products but a loop, no norms or
-attention: so the split's ms/token over the device's is what the products alone get from the
-split here, the ceiling for a cluster whose nodes share this machine's memory bus. On separate
-devices each rank has a bus of its own; on one machine both halves stream through one.
+slices a rank of ``edgetp split`` holds (its own plan: q, k, v, gate and up by output rows, o
+and down by input columns), meeting at a spinning barrier after each layer half, where a
+cluster's ranks meet at their allreduce, and after the head, which the first rank computes
+whole as the master does while the others wait. No messages, no Python between the products but
+a loop, no norms or attention: so the split's ms/token over the device's is what the products
+alone get from the split here, the ceiling for a cluster whose nodes share this machine's
+memory bus. On separate devices each rank has a bus of its own; on one machine both halves
+stream through one.
 
 The device and the split's ranks are loaded at once (twice the layers' bytes) and run in
 alternating rounds (device, split, device, ...), so a host whose memory rate moves over minutes
-moves both alike. Weights are random, each dtype in the form a node loads (bfloat16, int8 with
-row scales, int4 in groups of ``group``; the head as a split stores it), one layer made and
-then copied to every layer's place in huge-page memory, so every token streams them all from
-memory.
+moves both alike. Weights are random, each dtype in the form a node loads (bfloat16, int8 in
+32-column blocks where the width allows, int4 in groups of ``group``; the head as a split
+stores it), one layer made and then copied to every layer's place in huge-page memory, so every
+token streams them all from memory.
 """
 
 from __future__ import annotations
@@ -31,44 +32,57 @@ from typing import Any
 
 import torch
 
+from edgetp.config.model import ModelConfig
 from edgetp.core.pages import pack
 from edgetp.kernels import native
 from edgetp.parallel.qlinear import int4_product, int8_product
-from edgetp.shard.quant import head_format, native_int4_tiled, quantize_int4, quantize_int8
+from edgetp.shard.plan import layer_slices, make_plan
+from edgetp.shard.quant import (
+    INT8_BLOCK,
+    head_format,
+    native_int4_tiled,
+    quantize_int4,
+    quantize_int8,
+    quantize_int8_blocks,
+)
 
 DTYPES = ("float32", "bfloat16", "int8", "int4")
 Product = Callable[[], object]  # one decode product, into its step buffer
 
 
+Shape = tuple[int, int]  # a weight's [out, in]
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
-class LayerShape:
-    """A decoder layer's product sizes: hidden, the k/v projections' rows (KV heads x head
-    size), the MLP's width; the number of layers and the vocabulary (the head's rows)."""
+class RankWork:
+    """One process's weights: a layer's attention-half and MLP-half products as the rank's
+    slices ([out, in] each), the number of layers, and the head's shape on the master."""
 
-    hidden: int
-    kv: int
-    intermediate: int
+    attention: tuple[Shape, ...]
+    mlp: tuple[Shape, ...]
     layers: int
-    vocab: int
+    head: Shape | None
 
-    @classmethod
-    def of(cls, config: dict[str, Any]) -> LayerShape:
-        """From a Hugging Face ``config.json``'s fields."""
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        head_dim = config.get("head_dim") or hidden // heads
-        kv_heads = config.get("num_key_value_heads") or heads
-        return cls(hidden, kv_heads * head_dim, config["intermediate_size"],
-                   config["num_hidden_layers"], config["vocab_size"])
 
-    def halves(self, parts: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-        """One rank's [out, in] weight shapes of the attention half and of the MLP half."""
-        h, kv, f = self.hidden, self.kv, self.intermediate
-        for size in (h, kv, f):
-            if size % parts:
-                raise ValueError(f"{size} does not split into {parts} parts")
-        attention = [(h // parts, h), (kv // parts, h), (kv // parts, h), (h, h // parts)]
-        mlp = [(f // parts, h), (f // parts, h), (h, f // parts)]
-        return attention, mlp
+def rank_work(config: ModelConfig, parts: int, rank: int) -> RankWork:
+    """What rank ``rank`` of a ``parts``-way split holds, sliced by ``edgetp split``'s own plan
+    (:func:`~edgetp.shard.plan.make_plan`, even shares): a PlanError where it cannot split."""
+    slices = layer_slices(make_plan(config, parts), rank, config)
+    h, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * \
+        config.head_dim
+    full = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+
+    def sliced(names: tuple[str, ...], prefix: str) -> tuple[Shape, ...]:
+        shapes = (slices[f"{prefix}.{n}.weight"].shape_of(full[n]) for n in names)
+        return tuple((out, inp) for out, inp in shapes)
+
+    head = (config.vocab_size, h) if rank == 0 else None
+    return RankWork(sliced(ATTENTION, "self_attn"), sliced(MLP, "mlp"),
+                    config.num_hidden_layers, head)
 
 
 def stored(dtype: str, w: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
@@ -77,8 +91,8 @@ def stored(dtype: str, w: torch.Tensor, group: int) -> tuple[torch.Tensor, ...]:
         return (w,)
     if dtype == "bfloat16":
         return (w.to(torch.bfloat16),)
-    if dtype == "int8":
-        return quantize_int8(w)
+    if dtype == "int8":  # in 32-column blocks where the width allows, as a split stores it
+        return quantize_int8_blocks(w) if w.shape[1] % INT8_BLOCK == 0 else quantize_int8(w)
     if dtype == "int4":
         return quantize_int4(w, group)
     raise ValueError(f"unknown weight dtype {dtype!r}; one of {', '.join(DTYPES)}")
@@ -105,29 +119,28 @@ def step_rows(dtype: str, rows: int, cols: int) -> tuple[torch.Tensor, torch.Ten
     return torch.randn(1, cols).to(compute), torch.empty(1, rows, dtype=compute)
 
 
-def layer_products(shape: LayerShape, parts: int, dtype: str, group: int
+def layer_products(work: RankWork, dtype: str, group: int
                    ) -> list[tuple[list[Product], list[Product]]]:
-    """Every layer's (attention half, MLP half) products of one rank of ``parts``: one layer's
-    weights made and quantized, copied into each layer's own huge-page memory."""
-    generator = torch.Generator().manual_seed(parts)
-    layer = []
-    for half in shape.halves(parts):
-        layer.append([(rows, cols, stored(dtype, torch.randn(rows, cols, generator=generator)
-                                          .mul_(0.02), group)) for rows, cols in half])
+    """Every layer's (attention half, MLP half) products of one process: one layer's weights
+    made and quantized, copied into each layer's own huge-page memory."""
+    generator = torch.Generator().manual_seed(len(work.attention) + work.attention[0][0])
+    layer = [[(rows, cols, stored(dtype, torch.randn(rows, cols, generator=generator)
+                                  .mul_(0.02), group)) for rows, cols in half]
+             for half in (work.attention, work.mlp)]
 
     def copy(half: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> list[Product]:
         return [product(dtype, tuple(pack(weight)), *step_rows(dtype, rows, cols), group)
                 for rows, cols, weight in half]
 
-    return [(copy(layer[0]), copy(layer[1])) for _ in range(shape.layers)]
+    return [(copy(layer[0]), copy(layer[1])) for _ in range(work.layers)]
 
 
-def head_product(shape: LayerShape, dtype: str, group: int) -> Product:
-    """The lm_head's product, stored as a split of ``dtype`` stores it."""
+def head_product(head: Shape, dtype: str, group: int) -> Product:
+    """The lm_head's product ([vocab, hidden]), stored as a split of ``dtype`` stores it."""
     fmt = head_format(dtype, None, "float32")
-    w = torch.randn(shape.vocab, shape.hidden, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(*head, generator=torch.Generator().manual_seed(0))
     weight = tuple(pack(stored(fmt, w.mul_(0.02), group)))
-    return product(fmt, weight, *step_rows(fmt, shape.vocab, shape.hidden), group)
+    return product(fmt, weight, *step_rows(fmt, *head), group)
 
 
 class SpinBarrier:
@@ -165,15 +178,15 @@ def token_ms(layers: list[tuple[list[Product], list[Product]]], head: Product | 
     return statistics.median(times)
 
 
-def _probe_child(index: int, shape: LayerShape, parts: int, dtype: str, group: int,
-                 threads: int, tokens: int, counts: Any, conn: Any) -> None:
+def _probe_child(index: int, work: RankWork, dtype: str, group: int, threads: int,
+                 tokens: int, counts: Any, conn: Any) -> None:
     """Process ``index``: 0 the device (every product whole), 1..parts the split's ranks.
     Loads, warms up and says so on ``conn``; then for each "run" the parent sends, times
     ``tokens`` tokens and sends their median ms, until "stop"."""
     torch.set_num_threads(threads)
     native.set_threads(threads)
-    layers = layer_products(shape, 1 if index == 0 else parts, dtype, group)
-    head = head_product(shape, dtype, group) if index <= 1 else None  # the master's
+    layers = layer_products(work, dtype, group)
+    head = None if work.head is None else head_product(work.head, dtype, group)
     token_ms(layers, head, lambda: None, 1)  # warm: pages touched, kernels loaded
     meet = (lambda: None) if index == 0 else SpinBarrier(counts, index - 1).wait
     conn.send(None)
@@ -186,23 +199,27 @@ class SplitProbe:
     time (:meth:`round`), so a caller can interleave the rounds with its own runs. A process
     that dies or hangs ends the session with a RuntimeError; every process ends with it."""
 
-    def __init__(self, shape: LayerShape, dtype: str, parts: int = 2, threads: int = 1,
+    def __init__(self, config: ModelConfig, dtype: str, parts: int = 2, threads: int = 1,
                  group: int = 32, tokens: int = 6, timeout_s: float | None = None) -> None:
-        args = (shape, parts, dtype, group, threads, tokens)
-        self.timeout_s = timeout_s or 120 + 4.0 * tokens * shape.layers
+        if dtype not in DTYPES:  # here, not in each process
+            raise ValueError(f"unknown weight dtype {dtype!r}; one of {', '.join(DTYPES)}")
+        works = [rank_work(config, 1, 0), *(rank_work(config, parts, r) for r in range(parts))]
+        self.timeout_s = timeout_s or 120 + 4.0 * tokens * config.num_hidden_layers
         ctx = mp.get_context("spawn")
         counts = ctx.RawArray("q", parts)
-        pipes = [ctx.Pipe() for _ in range(parts + 1)]
+        pipes = [ctx.Pipe() for _ in works]
         self.conns = [ours for ours, _ in pipes]
+        self.theirs = [theirs for _, theirs in pipes]
         self.failed = False
         self.procs = [ctx.Process(target=_probe_child, daemon=True,
-                                  args=(i, *args, counts, theirs))
-                      for i, (_, theirs) in enumerate(pipes)]
+                                  args=(i, work, dtype, group, threads, tokens, counts, theirs))
+                      for i, (work, theirs) in enumerate(zip(works, self.theirs, strict=True))]
 
     def __enter__(self) -> SplitProbe:
         try:
-            for proc in self.procs:
+            for proc, theirs in zip(self.procs, self.theirs, strict=True):
                 proc.start()
+                theirs.close()  # the child's end is the child's: a dead child reads as EOF
             self._replies(range(len(self.procs)), 300 + self.timeout_s)  # loaded and warm
         except BaseException:
             self._end()
@@ -233,8 +250,9 @@ class SplitProbe:
         """Each process's next message, in order; a dead process or the deadline raises."""
         deadline, out = time.monotonic() + timeout_s, []
         for i in indices:
-            while not self.conns[i].poll(0.5):
-                if time.monotonic() > deadline or self.procs[i].exitcode is not None:
+            while not self.conns[i].poll(0.5):  # a dead rank leaves the others spinning:
+                if (time.monotonic() > deadline  # any death ends the wait
+                        or any(p.exitcode is not None for p in self.procs)):
                     raise RuntimeError(self._failure())
             try:
                 out.append(self.conns[i].recv())
@@ -260,16 +278,16 @@ class SplitProbe:
             if proc.is_alive():
                 proc.terminate()
                 proc.join()
-        for conn in self.conns:
+        for conn in (*self.conns, *self.theirs):  # a child's end too, if it never started
             conn.close()
 
 
-def split_probe(shape: LayerShape, dtype: str, parts: int = 2, threads: int = 1,
+def split_probe(config: ModelConfig, dtype: str, parts: int = 2, threads: int = 1,
                 group: int = 32, tokens: int = 6, rounds: int = 3) -> dict[str, Any]:
     """The device (one process of ``threads`` threads) against ``parts`` processes of
     ``threads`` threads each holding a rank's slices, in ``rounds`` alternating rounds of
     ``tokens`` tokens (:class:`SplitProbe`): see :func:`summary`."""
-    with SplitProbe(shape, dtype, parts, threads, group, tokens) as probe:
+    with SplitProbe(config, dtype, parts, threads, group, tokens) as probe:
         times = [probe.round() for _ in range(rounds)]
     return summary(times)
 

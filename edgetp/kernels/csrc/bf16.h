@@ -1,4 +1,6 @@
-/* bfloat16 <-> float32 for every kernel source: one definition, so that every op rounds alike.
+/* bfloat16 <-> float32 for every kernel source: one definition, so that every op rounds alike
+ * (decode_ops.c's int4 widening rounds the same way in vectors, for the finite values weights
+ * have).
  *
  * A bfloat16 value is the top half of a float32's bits. Widening is exact; narrowing rounds to
  * nearest, ties to even, as torch's conversion does, and a NaN stays a NaN (torch's 0x7FC0):

@@ -24,7 +24,6 @@ static inline float rms_scale(const float *x, int64_t n, float eps) {
     return 1.0f / sqrtf(sum / (float)n + eps);
 }
 
-
 /* Rotate-half RoPE of `heads` vectors of `hd` values in place; cos, sin: [hd] (their halves
  * repeat, so the first half's c, s serve both): x1' = x1 c - x2 s, x2' = x2 c + x1 s. */
 static void rope(float *x, int64_t heads, int64_t hd, const float *cos, const float *sin) {
@@ -56,7 +55,8 @@ static inline void bf16_run(const float *restrict values, uint16_t *restrict out
  * tail / 2] bytes (low nibble row 2p, high 2p + 1); or rows, [rows, cols / 2] bytes (low
  * nibble the even column). */
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-/* 16 codes (0..15, bytes) -> (code - 8) * s + z as bfloat16 bits, rounded to nearest even. */
+/* 16 codes (0..15, bytes) -> (code - 8) * s + z as bfloat16 bits, rounded to nearest even:
+ * bf16.h's rounding in vectors, without its NaN case (a weight's values are finite). */
 static inline void dequant16(__m128i codes, const float *s, const float *z, uint16_t *o) {
     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(codes),
                                                    _mm512_set1_epi32(8)));
@@ -91,7 +91,6 @@ static void dequant_block_column(const uint8_t *restrict b, const float *restric
     bf16_run(values, o, 64);
 #endif
 }
-
 
 /* RMSNorm of `rows` float32 rows of n values (a prefill chunk's; row r at x + r * x_stride)
  * into y [rows, n], with weights w [n]: each a float32 or, where its flag says so, bfloat16

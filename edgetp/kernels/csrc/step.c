@@ -104,8 +104,6 @@ void et_add_f32(const float *a, const float *b, float *y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = a[i] + b[i];
 }
 
-
-
 /* et_silu_mul_f32 over bfloat16 values, rounded as torch's bfloat16 ops round: silu in
  * float32, rounded; the product rounded. */
 SCALAR_FUNCTION

@@ -4,24 +4,34 @@ dtype's product is the real product, and the probe times both sides in real proc
 from __future__ import annotations
 
 import statistics
+import time
 from multiprocessing import resource_tracker
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from edgetp.model.synthetic import llama_config
+from edgetp.config.model import parse_hf_config
+from edgetp.model.synthetic import llama_config, write_model
 from edgetp.perf.split_probe import (
+    ATTENTION,
     DTYPES,
-    LayerShape,
+    MLP,
     SplitProbe,
     head_product,
     product,
+    rank_work,
     split_probe,
     step_rows,
     stored,
 )
+from edgetp.shard.layout import layer_file
+from edgetp.shard.plan import PlanError
+from edgetp.shard.split import split_checkpoint
 
-TINY = LayerShape(hidden=64, kv=32, intermediate=128, layers=2, vocab=96)
+TINY = parse_hf_config(llama_config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2,
+                                    vocab=96))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -31,25 +41,31 @@ def _one_resource_tracker() -> None:
     resource_tracker.ensure_running()
 
 
-def test_the_shape_comes_from_a_models_config() -> None:
-    config = llama_config(hidden=256, intermediate=704, layers=3, heads=8, kv_heads=2, vocab=512)
-    assert LayerShape.of(config) == LayerShape(256, 2 * 32, 704, 3, 512)
-    assert LayerShape.of({**config, "head_dim": 16}).kv == 2 * 16
-
-
 @pytest.mark.parametrize("parts", [1, 2, 4])
-def test_the_ranks_slices_add_up_to_the_whole_layer(parts: int) -> None:
-    whole = [sum(r * c for r, c in half) for half in TINY.halves(1)]
-    attention, mlp = TINY.halves(parts)
-    assert [parts * sum(r * c for r, c in attention), parts * sum(r * c for r, c in mlp)] == whole
-    h, kv, f = TINY.hidden, TINY.kv, TINY.intermediate
-    assert attention == [(h // parts, h), (kv // parts, h), (kv // parts, h), (h, h // parts)]
-    assert mlp == [(f // parts, h), (f // parts, h), (h, f // parts)]
+def test_each_rank_holds_what_its_split_files_hold(parts: int, tmp_path: Path) -> None:
+    """A rank's products have the shapes of the weights ``edgetp split`` writes for it (here a
+    model whose heads are not hidden / heads wide, and with 4 ranks over 2 KV heads, where each
+    rank keeps a whole KV head), and the master alone has the head."""
+    config = llama_config(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=96)
+    config["head_dim"] = 24  # q is 96 rows, not 64
+    model = tmp_path / "model"
+    write_model(model, config, seed=0)
+    ranks = split_checkpoint(model, tmp_path / "split", parts).rank_dirs
+    for rank, rank_dir in enumerate(ranks):
+        work = rank_work(parse_hf_config(config), parts, rank)
+        layer = load_file(str(rank_dir / layer_file(0)))
+        written = [tuple(layer[f"self_attn.{n}.weight"].shape) for n in ATTENTION]
+        assert list(work.attention) == written
+        assert list(work.mlp) == [tuple(layer[f"mlp.{n}.weight"].shape) for n in MLP]
+        assert work.layers == 2
+        assert work.head == ((96, 64) if rank == 0 else None)
 
 
-def test_a_layer_that_does_not_split_is_refused() -> None:
-    with pytest.raises(ValueError, match="does not split into 3 parts"):
-        TINY.halves(3)
+def test_a_split_the_plan_refuses_is_refused_before_any_process_starts() -> None:
+    with pytest.raises(PlanError, match="every node needs at least one head"):
+        SplitProbe(TINY, "float32", parts=8)
+    with pytest.raises(ValueError, match="unknown weight dtype 'int3'"):
+        SplitProbe(TINY, "int3")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -63,8 +79,15 @@ def test_each_dtypes_product_is_the_product(dtype: str) -> None:
     torch.testing.assert_close(out.float(), expected, rtol=tolerance, atol=tolerance)
 
 
+def test_int8_is_stored_in_blocks_where_the_width_allows_as_a_split_stores_it() -> None:
+    q, scale = stored("int8", torch.randn(8, 64), 32)
+    assert q.dtype == torch.int8 and scale.dim() == 3  # [2, out, in / 32]: a scale and a low
+    q, scale = stored("int8", torch.randn(8, 48), 32)
+    assert scale.shape == (8,)  # one scale a row
+
+
 def test_the_head_is_stored_as_a_split_stores_it() -> None:
-    assert head_product(TINY, "int4", 32)() is not None  # int4 splits keep an int8 head
+    assert head_product((96, 64), "int4", 32)() is not None  # int4 splits keep an int8 head
 
 
 def test_an_unknown_dtype_is_refused() -> None:
@@ -81,11 +104,16 @@ def test_the_probe_times_one_device_against_the_split_in_real_processes() -> Non
     assert probe["ratio"] == statistics.median(probe["ratios"])
 
 
-def test_a_dead_probe_process_ends_the_session_with_a_message() -> None:
-    with SplitProbe(TINY, "float32", tokens=1, timeout_s=5.0) as probe:
+@pytest.mark.parametrize("dead", [1, 2])
+def test_a_dead_probe_process_ends_the_session_at_once_with_a_message(dead: int) -> None:
+    """Either rank of the split dying ends the round at once (the other spins at the barrier
+    for it), long before the round's timeout, and every process ends."""
+    with SplitProbe(TINY, "float32", tokens=1, timeout_s=300.0) as probe:
         assert all(ms > 0 for ms in probe.round())
-        probe.procs[2].kill()  # a rank of the split
-        probe.procs[2].join()
+        probe.procs[dead].kill()
+        probe.procs[dead].join()
+        started = time.monotonic()
         with pytest.raises(RuntimeError, match="a bare-split process failed or hung"):
             probe.round()
+        assert time.monotonic() - started < 30
     assert all(not p.is_alive() for p in probe.procs)
