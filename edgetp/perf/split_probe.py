@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from edgetp.config.model import ModelConfig
 from edgetp.core.pages import pack
 from edgetp.kernels import native
 from edgetp.parallel.qlinear import int4_product, int8_product
+from edgetp.runtime.lifeline import follow_parent
 from edgetp.shard.plan import layer_slices, make_plan
 from edgetp.shard.quant import (
     INT8_BLOCK,
@@ -179,10 +181,12 @@ def token_ms(layers: list[tuple[list[Product], list[Product]]], head: Product | 
 
 
 def _probe_child(index: int, work: RankWork, dtype: str, group: int, threads: int,
-                 tokens: int, counts: Any, conn: Any) -> None:
+                 tokens: int, counts: Any, parent_pid: int, conn: Any) -> None:
     """Process ``index``: 0 the device (every product whole), 1..parts the split's ranks.
-    Loads, warms up and says so on ``conn``; then for each "run" the parent sends, times
-    ``tokens`` tokens and sends their median ms, until "stop"."""
+    Ends with its parent, even a SIGKILLed one (a rank may be spinning for a dead peer). Loads,
+    warms up and says so on ``conn``; then for each "run" the parent sends, times ``tokens``
+    tokens and sends their median ms, until "stop"."""
+    follow_parent(parent_pid)
     torch.set_num_threads(threads)
     native.set_threads(threads)
     layers = layer_products(work, dtype, group)
@@ -212,7 +216,8 @@ class SplitProbe:
         self.theirs = [theirs for _, theirs in pipes]
         self.failed = False
         self.procs = [ctx.Process(target=_probe_child, daemon=True,
-                                  args=(i, work, dtype, group, threads, tokens, counts, theirs))
+                                  args=(i, work, dtype, group, threads, tokens, counts,
+                                        os.getpid(), theirs))
                       for i, (work, theirs) in enumerate(zip(works, self.theirs, strict=True))]
 
     def __enter__(self) -> SplitProbe:

@@ -4,12 +4,17 @@ dtype's product is the real product, and the probe times both sides in real proc
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from multiprocessing import resource_tracker
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from helpers import processes
+from helpers.paths import REPO
 from safetensors.torch import load_file
 
 from edgetp.config.model import parse_hf_config
@@ -117,3 +122,33 @@ def test_a_dead_probe_process_ends_the_session_at_once_with_a_message(dead: int)
             probe.round()
         assert time.monotonic() - started < 30
     assert all(not p.is_alive() for p in probe.procs)
+
+
+PARENT = """
+import sys
+from edgetp.config.model import parse_hf_config
+from edgetp.model.synthetic import llama_config
+from edgetp.perf.split_probe import SplitProbe
+if __name__ == "__main__":
+    config = parse_hf_config(llama_config(hidden=64, intermediate=128, layers=2, heads=4,
+                                          kv_heads=2, vocab=96))
+    with SplitProbe(config, "float32", tokens=1) as probe:
+        probe.conns[1].send("run")  # rank 0 of the split alone: it spins for its peer
+        print(*(p.pid for p in probe.procs), flush=True)
+        sys.stdin.read()  # until killed
+"""
+
+
+def test_the_probe_processes_end_with_a_sigkilled_parent(tmp_path: Path) -> None:
+    """Even a rank spinning at the barrier for a peer that never comes (it reads no pipe)."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = processes.spawn([sys.executable, str(script)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, cwd=REPO, text=True)
+    assert parent.stdout is not None
+    children = [psutil.Process(int(pid)) for pid in parent.stdout.readline().split()]
+    assert len(children) == 3
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert not alive, f"still running after their parent's SIGKILL: {[p.pid for p in alive]}"
